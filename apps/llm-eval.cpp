@@ -1,0 +1,55 @@
+// llm-eval --checkpoint DIR --data FILE: perplexity of a checkpoint (HF or libllm folder) on a
+// text file. The last line of stdout is one JSON object: documents, tokens, loss, ppl.
+#include <fmt/core.h>
+
+#include <libllm/cli.h>
+#include <libllm/error.h>
+#include <libllm/eval.h>
+#include <libllm/hf.h>
+
+using namespace libllm;
+
+int main(int argc, char** argv) {
+  return cli::run("llm-eval", [&] {
+    cli::Args args(argc, argv, "llm-eval --checkpoint DIR --data FILE [options]",
+                   {{"--checkpoint", "model folder: Hugging Face (config.json) or libllm (recipe.yaml)"},
+                    {"--data", ".txt (one document per non-empty line) or .jsonl (field \"text\")"},
+                    {"--dtype", "compute dtype: fp32 or bf16", true, "fp32"},
+                    {"--batch-size", "windows per forward pass", true, "8"},
+                    {"--window", "tokens of context per forward; 0 = the model's max_position_embeddings", true, "0"},
+                    {"--stride", "targets per window after the first; 1 = full context for every token", true, "1"},
+                    {"--tokenizer", "tokenizer.model (default: the one in the checkpoint folder)"}},
+                   0);
+    if (args.help()) return fmt::print("{}", args.usage()), 0;
+    for (const char* required : {"--checkpoint", "--data"})
+      if (!args.has(required)) throw Error(required, "is required", "see llm-eval --help");
+
+    const torch::Dtype dtype = dtype_from_name(args.get("--dtype"), "--dtype");
+    const auto docs = read_documents(args.get("--data"));
+    if (docs.empty()) throw Error(args.get("--data"), "no documents (every line is empty)");
+    Pretrained pre = load_pretrained(args.get("--checkpoint"), dtype);
+    const std::string tok_path = args.has("--tokenizer") ? args.get("--tokenizer") : pre.tokenizer_path;
+    if (tok_path.empty())
+      throw Error(args.get("--checkpoint"), "no tokenizer.model in the checkpoint folder", "pass --tokenizer PATH");
+    const Tokenizer tokenizer = Tokenizer::load(tok_path);
+    tokenizer.check_fits(pre.model->config(), args.get("--checkpoint"));
+
+    EvalOptions opts;
+    opts.batch_size = args.get_int("--batch-size");
+    opts.window = args.get_int("--window");
+    opts.stride = args.get_int("--stride");
+    opts.bos_id = tokenizer.bos_id() >= 0 ? tokenizer.bos_id() : pre.bos_id;
+    const ModelConfig& m = pre.model->config();
+    fmt::print("checkpoint: {} ({}, {}, {:.1f} M parameters, {})\n", args.get("--checkpoint"), pre.format,
+               m.hf_architecture(), count_parameters(m).total / 1e6, dtype_name(dtype));
+    fmt::print("data: {} ({} documents), tokenizer: {} ({} tokens)\n", args.get("--data"), docs.size(), tok_path,
+               tokenizer.vocab_size());
+    const EvalResult r = evaluate_perplexity(pre.model, tokenizer, docs, opts);
+    fmt::print("scored {} tokens of {} documents in {:.2f} s ({:.1f} ms per 1k tokens)\n", r.tokens, r.documents,
+               r.seconds, r.tokens ? 1e6 * r.seconds / r.tokens : 0.0);
+    fmt::print("mean NLL {:.6f} nats, perplexity {:.4f}\n", r.loss, r.ppl);
+    fmt::print("{{\"documents\": {}, \"tokens\": {}, \"loss\": {:.10g}, \"ppl\": {:.10g}}}\n", r.documents, r.tokens,
+               r.loss, r.ppl);
+    return 0;
+  });
+}

@@ -1,0 +1,32 @@
+// The one place where LibTorch versions differ (1.13 on Debian, 2.x with CUDA from pip).
+// Everything else in libllm calls these helpers and never tests TORCH_VERSION_* itself.
+#pragma once
+
+#include <torch/torch.h>
+#include <torch/version.h>
+
+#define LIBLLM_TORCH_AT_LEAST(major, minor) \
+  (TORCH_VERSION_MAJOR > (major) ||         \
+   (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
+
+namespace libllm::compat {
+
+// Causal scaled-dot-product attention. q: (B, H, T, D); k, v: (B, Hkv, S, D) with H % Hkv == 0.
+// mask: optional additive float mask broadcastable to (B, H, T, S) (used for sliding windows);
+// when absent the attention is causal with query i seeing keys <= i + (S - T).
+// Uses at::scaled_dot_product_attention (flash / memory-efficient / cuDNN kernels) on 2.x;
+// on 1.13 a plain matmul-softmax-matmul that autograd differentiates.
+torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                        const c10::optional<torch::Tensor>& mask);
+
+// RMSNorm y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and cast back to x's dtype
+// before the weight multiply (the Hugging Face LLaMA convention). Fused kernel where available.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+
+// Number of intra-op threads to use: the machine's core count (LibTorch may start at 1).
+void set_default_num_threads();
+
+// Human-readable LibTorch version, e.g. "1.13.1".
+std::string torch_version();
+
+}  // namespace libllm::compat

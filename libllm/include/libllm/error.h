@@ -1,0 +1,30 @@
+// libllm's one error type. Every failure a user can cause (a bad recipe key, a missing or
+// corrupt file, a tokenizer that does not fit the model) is thrown as libllm::Error with the
+// place (file, key or tensor), what is wrong, and a hint. Apps print what() on one line and
+// exit non-zero.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace libllm {
+
+class Error : public std::runtime_error {
+ public:
+  // where: the file, recipe key or tensor name; what: the problem; hint: how to fix it ("" = none).
+  Error(const std::string& where, const std::string& what, const std::string& hint = "")
+      : std::runtime_error(compose(where, what, hint)), where_(where), hint_(hint) {}
+  const std::string& where() const { return where_; }
+  const std::string& hint() const { return hint_; }
+
+ private:
+  static std::string compose(const std::string& where, const std::string& what,
+                             const std::string& hint) {
+    std::string s = where.empty() ? what : where + ": " + what;
+    if (!hint.empty()) s += " (hint: " + hint + ")";
+    return s;
+  }
+  std::string where_, hint_;
+};
+
+}  // namespace libllm

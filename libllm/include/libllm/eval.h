@@ -1,0 +1,42 @@
+// Perplexity of a model on documents: each document is scored as BOS + its tokens (no EOS);
+// every token after BOS is predicted exactly once with as much preceding context as the
+// window allows (stride 1), or with at least window - stride + 1 tokens of context (stride > 1).
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "libllm/model.h"
+#include "libllm/tokenizer.h"
+
+namespace libllm {
+
+// Documents of a .txt (each non-blank line, trimmed) or .jsonl (field "text") file.
+// A malformed JSONL line is an error naming the file and line number.
+std::vector<std::string> read_documents(const std::string& path);
+
+struct EvalOptions {
+  int64_t batch_size = 8;  // windows scored per forward pass
+  int64_t window = 0;      // input tokens per forward; 0 = the model's max_seq_len
+  int64_t stride = 1;      // targets scored per window past the first; 1 = full context for every token
+  int64_t bos_id = 1;      // prepended to every document
+};
+
+struct EvalResult {
+  int64_t documents = 0;  // documents with at least one predicted token
+  int64_t tokens = 0;     // predicted tokens
+  double loss = 0;        // mean negative log-likelihood, nats
+  double ppl = 0;         // exp(loss)
+  double seconds = 0;     // wall time of the forward passes
+};
+
+// `progress(done_windows, total_windows)` is called after each batch when given.
+EvalResult evaluate_perplexity(Transformer& model, const Tokenizer& tokenizer,
+                               const std::vector<std::string>& documents, const EvalOptions& opts,
+                               const std::function<void(int64_t, int64_t)>& progress = {});
+// Same on already tokenized documents (without BOS).
+EvalResult evaluate_tokens(Transformer& model, const std::vector<std::vector<int64_t>>& documents,
+                           const EvalOptions& opts, const std::function<void(int64_t, int64_t)>& progress = {});
+
+}  // namespace libllm

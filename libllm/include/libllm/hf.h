@@ -1,0 +1,59 @@
+// Hugging Face checkpoint folders: config.json (LlamaForCausalLM, MistralForCausalLM,
+// MixtralForCausalLM) and model.safetensors or sharded model-0000N-of-0000M.safetensors with
+// model.safetensors.index.json. Tensor names are transformers' own, which are also libllm's
+// parameter names, so import and export are plain copies (bit-exact at the same dtype).
+#pragma once
+
+#include <map>
+#include <string>
+
+#include "libllm/model.h"
+
+namespace libllm {
+
+// What a config.json says: the model shape plus the facts libllm keeps for export.
+struct HfConfig {
+  ModelConfig model;
+  std::string architecture;             // e.g. "LlamaForCausalLM"
+  std::string torch_dtype = "float32";  // dtype the weights were saved in
+  int64_t bos_id = 1, eos_id = 2;
+};
+
+// Parses DIR/config.json. Unknown architectures, unsupported features (rope_scaling, biases,
+// activations other than silu), missing keys and wrong JSON types are errors naming the key.
+HfConfig read_hf_config(const std::string& dir);
+// The config.json text transformers expects for `cfg`.
+std::string hf_config_json(const ModelConfig& cfg, const std::string& torch_dtype, int64_t bos_id = 1,
+                           int64_t eos_id = 2);
+
+// Every tensor of a checkpoint folder (single file or sharded via the index), copied out in the
+// dtype it is stored in. A weights folder is HF's or libllm's (same file names).
+std::map<std::string, torch::Tensor> read_weights(const std::string& dir);
+// Copies a folder's weights into `model` (converting dtype): every parameter must be present with
+// its exact shape; unknown tensors are errors (stale rotary inv_freq buffers are ignored).
+void load_weights(Transformer& model, const std::string& dir);
+
+struct ExportOptions {
+  std::string dtype = "bfloat16";               // float32, bfloat16 or float16
+  int64_t max_shard_bytes = 5LL * 1000 * 1000 * 1000;  // start a new shard past this size (transformers' 5GB)
+  std::string tokenizer_path = "";              // tokenizer.model copied into the folder ("" = none)
+  int64_t bos_id = 1, eos_id = 2;
+};
+// Writes `model` as an HF folder at `dir`: built under a temporary name and renamed into place
+// when complete (an existing `dir` is replaced only then).
+void export_hf(Transformer& model, const std::string& dir, const ExportOptions& opts);
+
+// A model folder loaded for use: HF (config.json) or libllm (recipe.yaml) plus safetensors.
+struct Pretrained {
+  Transformer model{nullptr};
+  std::string format;          // "hf" or "libllm"
+  std::string tokenizer_path;  // DIR/tokenizer.model, "" when absent
+  int64_t bos_id = 1, eos_id = 2;
+};
+Pretrained load_pretrained(const std::string& dir, torch::Dtype dtype = torch::kFloat32);
+
+// "float32" / "bfloat16" / "float16" <-> torch dtype; unknown names are errors naming `where`.
+torch::Dtype dtype_from_name(const std::string& name, const std::string& where);
+std::string dtype_name(torch::Dtype dtype);
+
+}  // namespace libllm

@@ -1,0 +1,144 @@
+// A LLaMA-style decoder: token embedding, N blocks of (RMSNorm -> causal self-attention with
+// rotary embeddings and grouped-query attention -> residual, RMSNorm -> SwiGLU MLP or
+// mixture-of-experts -> residual), final RMSNorm, LM head (tied or untied).
+// Module and parameter names follow Hugging Face transformers (model.layers.0.self_attn.q_proj.weight),
+// so named_parameters() is the HF checkpoint layout.
+#pragma once
+
+#include <torch/torch.h>
+
+#include "libllm/model_config.h"
+
+namespace libllm {
+
+// y = x / sqrt(mean(x^2) + eps) * weight, in fp32 internally.
+class RMSNormImpl : public torch::nn::Module {
+ public:
+  RMSNormImpl(int64_t dim, double eps);
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor weight;
+
+ private:
+  double eps_;
+};
+TORCH_MODULE(RMSNorm);
+
+// Rotary position embedding tables (HF rotate-half convention), computed in fp32.
+class Rotary {
+ public:
+  Rotary(int64_t head_dim, double theta);
+  // cos and sin for positions [start, start + T): each (T, head_dim), in `dtype` on `device`.
+  std::pair<torch::Tensor, torch::Tensor> table(int64_t start, int64_t T, torch::Device device,
+                                                torch::Dtype dtype);
+
+ private:
+  int64_t head_dim_;
+  double theta_;
+};
+
+// x * cos + rotate_half(x) * sin, x: (B, H, T, D), cos/sin: (T, D).
+torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+
+class AttentionImpl : public torch::nn::Module {
+ public:
+  explicit AttentionImpl(const ModelConfig& cfg);
+  // x: (B, T, D) at positions [start, start + T); cos/sin: (T, head_dim).
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+
+ private:
+  int64_t n_heads_, n_kv_heads_, head_dim_, window_;
+};
+TORCH_MODULE(Attention);
+
+// down(silu(gate(x)) * up(x)).
+class MLPImpl : public torch::nn::Module {
+ public:
+  MLPImpl(int64_t dim, int64_t hidden, const char* gate = "gate_proj", const char* up = "up_proj",
+          const char* down = "down_proj");
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::nn::Linear gate{nullptr}, up{nullptr}, down{nullptr};
+};
+TORCH_MODULE(MLP);
+
+// Dropless top-k mixture of experts (Mixtral): softmax router over all experts, top-k,
+// weights renormalised to sum 1; every token reaches its k experts (no capacity limit).
+class MoEImpl : public torch::nn::Module {
+ public:
+  explicit MoEImpl(const ModelConfig& cfg);
+  // x: (B, T, D) -> (B, T, D); appends this layer's router logits (B*T, E) to `router_logits`.
+  torch::Tensor forward(const torch::Tensor& x, std::vector<torch::Tensor>& router_logits);
+  torch::nn::Linear gate{nullptr};
+  torch::nn::ModuleList experts;
+
+ private:
+  int64_t n_experts_, top_k_;
+};
+TORCH_MODULE(MoE);
+
+class BlockImpl : public torch::nn::Module {
+ public:
+  explicit BlockImpl(const ModelConfig& cfg);
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                        std::vector<torch::Tensor>& router_logits);
+  RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+  Attention self_attn{nullptr};
+  MLP mlp{nullptr};              // dense models
+  MoE block_sparse_moe{nullptr};  // mixture-of-experts models
+};
+TORCH_MODULE(Block);
+
+// Switch-Transformer load-balancing loss over router logits of all layers, (N, E), exactly as
+// transformers' load_balancing_loss_func: E * sum_e f_e * P_e, with f the mean top-k one-hot
+// assignment (per k slot) and P the mean router probability.
+torch::Tensor load_balancing_loss(const torch::Tensor& router_logits, int64_t top_k);
+// ST-MoE router z-loss: mean over rows of logsumexp(router_logits)^2.
+torch::Tensor router_z_loss(const torch::Tensor& router_logits);
+
+// The decoder body: HF's `model.` prefix.
+class DecoderImpl : public torch::nn::Module {
+ public:
+  explicit DecoderImpl(const ModelConfig& cfg);
+  torch::nn::Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers;
+  RMSNorm norm{nullptr};
+};
+TORCH_MODULE(Decoder);
+
+class TransformerImpl : public torch::nn::Module {
+ public:
+  struct Output {
+    torch::Tensor logits;    // (B, T, vocab_size)
+    torch::Tensor aux_loss;  // scalar: moe_aux_loss_coef * balance + moe_z_loss_coef * z (0 when dense)
+    torch::Tensor balance_loss, z_loss;  // unweighted MoE losses (undefined when dense)
+  };
+
+  explicit TransformerImpl(const ModelConfig& cfg);
+  // tokens: (B, T) int64 at positions [start_pos, start_pos + T).
+  Output forward(const torch::Tensor& tokens, int64_t start_pos = 0);
+  // Final hidden states (B, T, D) after the last norm, and the router logits of every MoE layer.
+  torch::Tensor hidden(const torch::Tensor& tokens, int64_t start_pos,
+                       std::vector<torch::Tensor>* router_logits);
+  // hidden (.., D) -> logits (.., vocab_size).
+  torch::Tensor project(const torch::Tensor& hidden);
+
+  // normal(0, init_std) for weight matrices and embeddings (depth-scaled for o_proj and the
+  // MLP's down projection when init_depth_scaled), ones for norms. Uses torch's global RNG.
+  void init_weights();
+  const ModelConfig& config() const { return cfg_; }
+
+  Decoder model{nullptr};
+  torch::nn::Linear lm_head{nullptr};  // null when tie_embeddings
+
+ private:
+  ModelConfig cfg_;
+  Rotary rotary_;
+};
+TORCH_MODULE(Transformer);
+
+// Mean next-token cross-entropy of logits (B, T, V) against targets (B, T); targets equal to
+// `ignore_index` do not count. Computed in fp32.
+torch::Tensor cross_entropy(const torch::Tensor& logits, const torch::Tensor& targets,
+                            int64_t ignore_index = -100);
+
+}  // namespace libllm

@@ -1,0 +1,30 @@
+// A recipe: the YAML file that drives every app. One section per component config; all
+// sections are optional in the file (defaults apply) and unknown sections or keys are errors.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "libllm/config.h"
+#include "libllm/model_config.h"
+#include "libllm/tokenizer.h"
+
+namespace libllm {
+
+struct Recipe {
+  ModelConfig model;          // section `model`
+  TokenizerConfig tokenizer;  // section `tokenizer`
+
+  // Reads `path` strictly, applies `--set section.key=value` overrides in order, resolves
+  // derived defaults and validates. Errors name the file and key.
+  static Recipe load(const std::string& path, const std::vector<std::string>& overrides = {});
+  // Same, from YAML text (`source` names it in errors).
+  static Recipe parse(const std::string& yaml, const std::string& source,
+                      const std::vector<std::string>& overrides = {});
+  // The resolved recipe as YAML: every key of every section, defaults included.
+  std::string to_yaml() const;
+  // Binds every section's fields to `s` (what load/parse/to_yaml use).
+  void bind(Schema& s);
+};
+
+}  // namespace libllm

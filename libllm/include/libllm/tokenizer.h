@@ -1,0 +1,53 @@
+// A sentencepiece tokenizer.model (LLaMA/Mistral style: unk 0, BOS 1, EOS 2, byte fallback).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace sentencepiece {
+class SentencePieceProcessor;
+}
+
+namespace libllm {
+
+class Fields;
+struct ModelConfig;
+
+struct TokenizerConfig {
+  std::string path = "";  // sentencepiece tokenizer.model file; "" = the one beside the checkpoint
+
+  void fields(Fields& f);
+};
+
+class Tokenizer {
+ public:
+  // Loads a tokenizer.model; a missing or corrupt file is a libllm::Error naming it.
+  static Tokenizer load(const std::string& path);
+  Tokenizer(Tokenizer&&) noexcept;
+  Tokenizer& operator=(Tokenizer&&) noexcept;
+  ~Tokenizer();
+
+  // Token ids of `text`, without BOS/EOS.
+  std::vector<int64_t> encode(const std::string& text) const;
+  std::string decode(const std::vector<int64_t>& ids) const;
+  std::string piece(int64_t id) const;
+
+  int64_t vocab_size() const;
+  int64_t bos_id() const;  // -1 when the model defines none
+  int64_t eos_id() const;
+  int64_t unk_id() const;
+  const std::string& path() const { return path_; }
+
+  // Errors (naming the tokenizer file and the model key) unless every token id fits the
+  // model's embedding (vocab_size <= model.vocab_size; a larger, padded model vocabulary is fine).
+  void check_fits(const ModelConfig& model, const std::string& model_where) const;
+
+ private:
+  Tokenizer() = default;
+  std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
+  std::string path_;
+};
+
+}  // namespace libllm

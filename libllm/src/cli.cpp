@@ -1,0 +1,101 @@
+#include "libllm/cli.h"
+
+#include <c10/util/Exception.h>
+#include <fmt/core.h>
+
+#include <filesystem>
+
+#include "libllm/compat.h"
+#include "libllm/config.h"
+#include "libllm/error.h"
+
+namespace libllm::cli {
+
+Args::Args(int argc, char** argv, std::string usage, std::vector<Option> options, int n_positional)
+    : prog_(std::filesystem::path(argv[0]).filename().string()), usage_(std::move(usage)), options_(std::move(options)) {
+  options_.push_back({"--set", "override a recipe key, e.g. --set model.n_layers=4 (repeatable)", true});
+  options_.push_back({"--help", "print this help", false});
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a.rfind("--", 0) != 0 || a == "--") {
+      positional_.push_back(a);
+      continue;
+    }
+    std::string name = a, value;
+    bool inline_value = false;
+    if (auto eq = a.find('='); eq != std::string::npos) name = a.substr(0, eq), value = a.substr(eq + 1), inline_value = true;
+    const Option* opt = nullptr;
+    for (const auto& o : options_)
+      if (o.name == name) opt = &o;
+    if (!opt) {
+      std::vector<std::string> names;
+      for (const auto& o : options_) names.push_back(o.name);
+      const std::string near = nearest_key(name, names);
+      throw Error(prog_, "unknown option '" + name + "'", near.empty() ? "see --help" : "did you mean '" + near + "'?");
+    }
+    if (!opt->takes_value) {
+      if (name == "--help") help_ = true;
+      values_[name] = "true";
+      continue;
+    }
+    if (!inline_value) {
+      if (i + 1 >= argc) throw Error(prog_, "option " + name + " needs a value", "see --help");
+      value = argv[++i];
+    }
+    if (name == "--set") sets_.push_back(value);
+    else values_[name] = value;
+  }
+  if (!help_ && static_cast<int>(positional_.size()) != n_positional)
+    throw Error(prog_, "expected " + std::to_string(n_positional) + " positional argument(s), got " +
+                           std::to_string(positional_.size()),
+                "usage: " + usage_);
+}
+
+std::string Args::usage() const {
+  std::string s = "usage: " + usage_ + "\n\noptions:\n";
+  for (const auto& o : options_) {
+    std::string left = o.name + (o.takes_value ? " VALUE" : "");
+    s += fmt::format("  {:<22} {}{}\n", left, o.help, o.fallback.empty() ? "" : " (default " + o.fallback + ")");
+  }
+  return s;
+}
+
+bool Args::has(const std::string& name) const { return values_.count(name) > 0; }
+
+std::string Args::get(const std::string& name) const {
+  if (auto it = values_.find(name); it != values_.end()) return it->second;
+  for (const auto& o : options_)
+    if (o.name == name) return o.fallback;
+  return "";
+}
+
+int64_t Args::get_int(const std::string& name) const {
+  const std::string v = get(name);
+  try {
+    size_t pos = 0;
+    int64_t x = std::stoll(v, &pos);
+    if (pos == v.size()) return x;
+  } catch (...) {
+  }
+  throw Error(name, "expected an integer, got '" + v + "'");
+}
+
+namespace {
+std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+}  // namespace
+
+int run(const char* prog, const std::function<int()>& body) {
+  try {
+    compat::set_default_num_threads();
+    return body();
+  } catch (const Error& e) {
+    fmt::print(stderr, "{}: error: {}\n", prog, e.what());
+  } catch (const c10::Error& e) {
+    fmt::print(stderr, "{}: error: {}\n", prog, first_line(e.what_without_backtrace()));
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "{}: error: {}\n", prog, first_line(e.what()));
+  }
+  return 1;
+}
+
+}  // namespace libllm::cli

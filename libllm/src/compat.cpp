@@ -1,0 +1,52 @@
+#include "libllm/compat.h"
+
+#include <thread>
+
+namespace libllm::compat {
+
+torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                        const c10::optional<torch::Tensor>& mask) {
+  const int64_t H = q.size(1), Hkv = k.size(1), T = q.size(2), S = k.size(2);
+  // Keys/values serve H / Hkv consecutive query heads (transformers' repeat_kv).
+  auto expand_kv = [&](const torch::Tensor& t) {
+    return H == Hkv ? t : t.repeat_interleave(H / Hkv, 1);                   // (B, H, S, D)
+  };
+  // Bottom-right aligned causal mask for T != S (queries are the last T positions).
+  c10::optional<torch::Tensor> m = mask;
+  if (!m && T != S) {
+    auto i = torch::arange(T, torch::dtype(torch::kInt64).device(q.device())).unsqueeze(1) + (S - T);
+    m = torch::arange(S, torch::dtype(torch::kInt64).device(q.device())).unsqueeze(0) <= i;
+  }
+#if LIBLLM_TORCH_AT_LEAST(2, 5)
+  if (m) return at::scaled_dot_product_attention(q, k, v, *m, 0.0, false, c10::nullopt, H != Hkv);
+  return at::scaled_dot_product_attention(q, k, v, c10::nullopt, 0.0, true, c10::nullopt, H != Hkv);
+#elif LIBLLM_TORCH_AT_LEAST(2, 0)
+  if (m) return at::scaled_dot_product_attention(q, expand_kv(k), expand_kv(v), *m, 0.0, false);
+  return at::scaled_dot_product_attention(q, expand_kv(k), expand_kv(v), c10::nullopt, 0.0, true);
+#else
+  // softmax(q k^T / sqrt(D) + mask) v, with the softmax in fp32 (transformers' eager path).
+  auto scores = torch::matmul(q, expand_kv(k).transpose(-2, -1)) / std::sqrt(static_cast<double>(q.size(-1)));
+  auto allowed = m ? *m : torch::ones({T, S}, torch::dtype(torch::kBool).device(q.device())).tril();
+  scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
+  auto probs = torch::softmax(scores, -1, torch::kFloat32).to(q.scalar_type());   // (B, H, T, S)
+  return torch::matmul(probs, expand_kv(v));                                       // (B, H, T, D)
+#endif
+}
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  auto xf = x.to(torch::kFloat32);
+  auto normed = xf * torch::rsqrt(xf.pow(2).mean(-1, true) + eps);
+  return weight * normed.to(x.scalar_type());
+}
+
+void set_default_num_threads() {
+  const unsigned n = std::thread::hardware_concurrency();
+  if (n > 0) at::set_num_threads(static_cast<int>(n));
+}
+
+std::string torch_version() {
+  return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+         std::to_string(TORCH_VERSION_PATCH);
+}
+
+}  // namespace libllm::compat

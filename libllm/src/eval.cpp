@@ -1,0 +1,139 @@
+#include "libllm/eval.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "libllm/error.h"
+
+namespace libllm {
+namespace {
+
+std::string trim(const std::string& s) {
+  const char* ws = " \t\r\n\f\v";
+  const size_t b = s.find_first_not_of(ws);
+  if (b == std::string::npos) return "";
+  return s.substr(b, s.find_last_not_of(ws) - b + 1);
+}
+
+// One forward pass: inputs tokens[begin, end) of a document; the last `scored` positions'
+// next-token predictions count.
+struct Window {
+  const std::vector<int64_t>* tokens;
+  int64_t begin, end, scored;
+};
+
+std::vector<Window> plan_windows(const std::vector<int64_t>& t, int64_t W, int64_t stride) {
+  std::vector<Window> out;
+  const int64_t n = static_cast<int64_t>(t.size());  // BOS + document tokens
+  if (n < 2) return out;
+  // First window: inputs [0, c) predict targets 1..c, each with all preceding tokens.
+  const int64_t c = std::min(n - 1, W);
+  out.push_back({&t, 0, c, c});
+  // Then windows ending right before the last target they score.
+  for (int64_t last = c; last < n - 1;) {
+    const int64_t next = std::min(last + stride, n - 1);
+    out.push_back({&t, next - W, next, next - last});
+    last = next;
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<std::string> read_documents(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw Error(path, "cannot open data file", "give a .txt (one document per line) or .jsonl file");
+  const bool jsonl = std::filesystem::path(path).extension() == ".jsonl";
+  std::vector<std::string> docs;
+  std::string line;
+  for (int64_t lineno = 1; std::getline(in, line); ++lineno) {
+    if (trim(line).empty()) continue;
+    if (!jsonl) {
+      docs.push_back(trim(line));
+      continue;
+    }
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::exception& e) {
+      throw Error(path + ":" + std::to_string(lineno), std::string("invalid JSON: ") + e.what());
+    }
+    if (!j.is_object() || !j.contains("text") || !j["text"].is_string())
+      throw Error(path + ":" + std::to_string(lineno), "expected an object with a string field \"text\"");
+    std::string text = trim(j["text"].get<std::string>());
+    if (!text.empty()) docs.push_back(text);
+  }
+  return docs;
+}
+
+EvalResult evaluate_perplexity(Transformer& model, const Tokenizer& tokenizer,
+                               const std::vector<std::string>& documents, const EvalOptions& opts,
+                               const std::function<void(int64_t, int64_t)>& progress) {
+  std::vector<std::vector<int64_t>> tokens;
+  tokens.reserve(documents.size());
+  for (const auto& d : documents) tokens.push_back(tokenizer.encode(d));
+  return evaluate_tokens(model, tokens, opts, progress);
+}
+
+EvalResult evaluate_tokens(Transformer& model, const std::vector<std::vector<int64_t>>& documents,
+                           const EvalOptions& opts, const std::function<void(int64_t, int64_t)>& progress) {
+  const int64_t W = opts.window > 0 ? opts.window : model->config().max_seq_len;
+  if (opts.stride < 1 || opts.stride > W) throw Error("--stride", "must be in [1, window=" + std::to_string(W) + "]");
+  if (opts.batch_size < 1) throw Error("--batch-size", "must be >= 1");
+  std::vector<std::vector<int64_t>> seqs;
+  seqs.reserve(documents.size());
+  for (const auto& d : documents) {
+    seqs.push_back({opts.bos_id});
+    seqs.back().insert(seqs.back().end(), d.begin(), d.end());
+  }
+  std::vector<Window> windows;
+  EvalResult r;
+  for (const auto& s : seqs) {
+    auto w = plan_windows(s, W, opts.stride);
+    r.documents += !w.empty();
+    windows.insert(windows.end(), w.begin(), w.end());
+  }
+  // Similar lengths together: less padding.
+  std::stable_sort(windows.begin(), windows.end(),
+                   [](const Window& a, const Window& b) { return a.end - a.begin > b.end - b.begin; });
+
+  torch::NoGradGuard no_grad;
+  model->eval();
+  const auto device = model->parameters().front().device();
+  const auto start = std::chrono::steady_clock::now();
+  double nll = 0;
+  for (size_t b = 0; b < windows.size(); b += opts.batch_size) {
+    const size_t e = std::min(windows.size(), b + static_cast<size_t>(opts.batch_size));
+    const int64_t B = static_cast<int64_t>(e - b), T = windows[b].end - windows[b].begin;
+    // Right-padded inputs: causal attention keeps padding out of every scored position.
+    auto inputs = torch::zeros({B, T}, torch::kInt64);
+    auto targets = torch::full({B, T}, int64_t{-100}, torch::kInt64);
+    auto in_a = inputs.accessor<int64_t, 2>();
+    auto tg_a = targets.accessor<int64_t, 2>();
+    for (int64_t i = 0; i < B; ++i) {
+      const Window& w = windows[b + i];
+      const auto& t = *w.tokens;
+      const int64_t len = w.end - w.begin;
+      for (int64_t j = 0; j < len; ++j) in_a[i][j] = t[w.begin + j];
+      for (int64_t j = len - w.scored; j < len; ++j) tg_a[i][j] = t[w.begin + j + 1];
+    }
+    auto logits = model->forward(inputs.to(device)).logits.to(torch::kFloat32);          // (B, T, V)
+    auto logp = torch::log_softmax(logits, -1);
+    auto tg = targets.to(device);
+    auto valid = tg.ne(-100);
+    auto picked = logp.gather(-1, tg.clamp_min(0).unsqueeze(-1)).squeeze(-1);           // (B, T)
+    nll -= picked.masked_select(valid).to(torch::kFloat64).sum().item<double>();
+    r.tokens += valid.sum().item<int64_t>();
+    if (progress) progress(static_cast<int64_t>(e), static_cast<int64_t>(windows.size()));
+  }
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  r.loss = r.tokens > 0 ? nll / r.tokens : 0.0;
+  r.ppl = std::exp(r.loss);
+  return r;
+}
+
+}  // namespace libllm

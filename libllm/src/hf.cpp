@@ -1,0 +1,427 @@
+#include "libllm/hf.h"
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "libllm/error.h"
+#include "libllm/recipe.h"
+#include "libllm/safetensors.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace libllm {
+namespace {
+
+json read_json(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw Error(path, "cannot open file");
+  try {
+    return json::parse(in);
+  } catch (const json::exception& e) {
+    throw Error(path, std::string("invalid JSON: ") + e.what());
+  }
+}
+
+void write_text(const std::string& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary);
+  out << text;
+  out.close();
+  if (!out) throw Error(path, "cannot write file", "check free disk space and permissions");
+}
+
+// Typed access to config.json keys with errors that name the key.
+struct ConfigReader {
+  const json& j;
+  std::string file;
+
+  const json* get(const char* key) const {
+    auto it = j.find(key);
+    return it == j.end() || it->is_null() ? nullptr : &*it;
+  }
+  int64_t integer(const char* key, c10::optional<int64_t> fallback = c10::nullopt) const {
+    const json* v = get(key);
+    if (!v) {
+      if (fallback) return *fallback;
+      throw Error(file + ": " + key, "missing key", "a transformers config.json for LLaMA has it");
+    }
+    if (!v->is_number_integer()) throw Error(file + ": " + key, "expected an integer, got " + v->dump());
+    return v->get<int64_t>();
+  }
+  double number(const char* key, double fallback) const {
+    const json* v = get(key);
+    if (!v) return fallback;
+    if (!v->is_number()) throw Error(file + ": " + key, "expected a number, got " + v->dump());
+    return v->get<double>();
+  }
+  bool boolean(const char* key, bool fallback) const {
+    const json* v = get(key);
+    if (!v) return fallback;
+    if (!v->is_boolean()) throw Error(file + ": " + key, "expected true or false, got " + v->dump());
+    return v->get<bool>();
+  }
+  std::string string(const char* key, const std::string& fallback) const {
+    const json* v = get(key);
+    if (!v) return fallback;
+    if (!v->is_string()) throw Error(file + ": " + key, "expected a string, got " + v->dump());
+    return v->get<std::string>();
+  }
+};
+
+torch::Dtype torch_dtype_of(safetensors::DType d) {
+  using D = safetensors::DType;
+  switch (d) {
+    case D::F32: return torch::kFloat32;
+    case D::F16: return torch::kFloat16;
+    case D::BF16: return torch::kBFloat16;
+    case D::F64: return torch::kFloat64;
+    case D::I64: return torch::kInt64;
+    case D::I32: return torch::kInt32;
+    case D::I16: return torch::kInt16;
+    case D::I8: return torch::kInt8;
+    case D::U8: return torch::kUInt8;
+    case D::BOOL: return torch::kBool;
+  }
+  return torch::kFloat32;
+}
+
+safetensors::DType st_dtype_of(torch::Dtype d) {
+  using D = safetensors::DType;
+  switch (d) {
+    case torch::kFloat32: return D::F32;
+    case torch::kFloat16: return D::F16;
+    case torch::kBFloat16: return D::BF16;
+    case torch::kFloat64: return D::F64;
+    case torch::kInt64: return D::I64;
+    case torch::kInt32: return D::I32;
+    default: throw Error("", std::string("cannot store dtype ") + c10::toString(d) + " in safetensors");
+  }
+}
+
+// The tensors of a weights folder: name -> (file, entry). Files stay mapped while this lives.
+struct WeightIndex {
+  std::vector<std::shared_ptr<safetensors::File>> files;
+  std::map<std::string, std::pair<const safetensors::File*, const safetensors::TensorInfo*>> tensors;
+  std::string dir;
+
+  // A zero-copy view of a stored tensor (valid while this index lives).
+  torch::Tensor view(const std::string& name) const {
+    const auto& [file, info] = tensors.at(name);
+    return torch::from_blob(const_cast<uint8_t*>(file->data(*info)), info->shape,
+                            torch::dtype(torch_dtype_of(info->dtype)));
+  }
+};
+
+WeightIndex open_weights(const std::string& dir) {
+  WeightIndex idx;
+  idx.dir = dir;
+  const fs::path single = fs::path(dir) / "model.safetensors";
+  const fs::path index = fs::path(dir) / "model.safetensors.index.json";
+  if (fs::exists(index)) {
+    json j = read_json(index.string());
+    if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
+      throw Error(index.string(), "missing object 'weight_map'");
+    std::map<std::string, std::shared_ptr<safetensors::File>> by_file;
+    for (auto& [name, file] : j["weight_map"].items()) {
+      if (!file.is_string()) throw Error(index.string() + ": weight_map." + name, "expected a file name");
+      const std::string fname = file.get<std::string>();
+      if (fname.find('/') != std::string::npos || fname.find("..") != std::string::npos)
+        throw Error(index.string() + ": weight_map." + name, "file name '" + fname + "' leaves the folder");
+      auto& f = by_file[fname];
+      if (!f) {
+        const fs::path p = fs::path(dir) / fname;
+        if (!fs::exists(p)) throw Error(p.string(), "shard listed in the index is missing");
+        f = safetensors::File::open(p.string());
+        idx.files.push_back(f);
+      }
+      const auto* info = f->find(name);
+      if (!info) throw Error(f->path() + ": tensor '" + name + "'", "listed in the index but not in the shard");
+      idx.tensors[name] = {f.get(), info};
+    }
+  } else if (fs::exists(single)) {
+    auto f = safetensors::File::open(single.string());
+    idx.files.push_back(f);
+    for (const auto& t : f->tensors()) idx.tensors[t.name] = {f.get(), &t};
+  } else {
+    throw Error(dir, "no model.safetensors or model.safetensors.index.json",
+                "only safetensors weights are read; re-save with save_pretrained(safe_serialization=True)");
+  }
+  return idx;
+}
+
+std::string model_type_of(const std::string& arch) {
+  if (arch == "MixtralForCausalLM") return "mixtral";
+  if (arch == "MistralForCausalLM") return "mistral";
+  return "llama";
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream os;
+  os << s;
+  return os.str();
+}
+
+}  // namespace
+
+torch::Dtype dtype_from_name(const std::string& name, const std::string& where) {
+  if (name == "float32" || name == "fp32") return torch::kFloat32;
+  if (name == "bfloat16" || name == "bf16") return torch::kBFloat16;
+  if (name == "float16" || name == "fp16") return torch::kFloat16;
+  throw Error(where, "unknown dtype '" + name + "'", "use float32, bfloat16 or float16");
+}
+
+std::string dtype_name(torch::Dtype dtype) {
+  switch (dtype) {
+    case torch::kFloat32: return "float32";
+    case torch::kBFloat16: return "bfloat16";
+    case torch::kFloat16: return "float16";
+    default: return c10::toString(dtype);
+  }
+}
+
+HfConfig read_hf_config(const std::string& dir) {
+  const std::string file = (fs::path(dir) / "config.json").string();
+  const json j = read_json(file);
+  if (!j.is_object()) throw Error(file, "expected a JSON object");
+  ConfigReader r{j, file};
+  HfConfig out;
+  const json* archs = r.get("architectures");
+  if (archs && archs->is_array() && !archs->empty() && (*archs)[0].is_string())
+    out.architecture = (*archs)[0].get<std::string>();
+  else {
+    const std::string mt = r.string("model_type", "");
+    out.architecture = mt == "llama" ? "LlamaForCausalLM" : mt == "mistral" ? "MistralForCausalLM"
+                     : mt == "mixtral" ? "MixtralForCausalLM" : "";
+  }
+  static const std::set<std::string> known = {"LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM"};
+  if (!known.count(out.architecture))
+    throw Error(file + ": architectures", "unsupported architecture '" + out.architecture + "'",
+                "libllm reads LlamaForCausalLM, MistralForCausalLM and MixtralForCausalLM");
+  if (r.get("rope_scaling"))
+    throw Error(file + ": rope_scaling", "rope scaling is not supported", "use a checkpoint without rope_scaling");
+  if (r.boolean("attention_bias", false) || r.boolean("mlp_bias", false))
+    throw Error(file + ": attention_bias", "attention/MLP biases are not supported");
+  const std::string act = r.string("hidden_act", "silu");
+  if (act != "silu") throw Error(file + ": hidden_act", "only 'silu' (SwiGLU) is supported, got '" + act + "'");
+
+  ModelConfig& m = out.model;
+  m.vocab_size = r.integer("vocab_size");
+  m.dim = r.integer("hidden_size");
+  m.ffn_dim = r.integer("intermediate_size");
+  m.n_layers = r.integer("num_hidden_layers");
+  m.n_heads = r.integer("num_attention_heads");
+  m.n_kv_heads = r.integer("num_key_value_heads", m.n_heads);
+  m.head_dim = r.integer("head_dim", 0);
+  m.norm_eps = r.number("rms_norm_eps", 1e-6);
+  m.rope_theta = r.number("rope_theta", 10000.0);
+  m.max_seq_len = r.integer("max_position_embeddings", 2048);
+  m.tie_embeddings = r.boolean("tie_word_embeddings", false);
+  m.init_std = r.number("initializer_range", 0.02);
+  if (out.architecture != "LlamaForCausalLM") m.sliding_window = r.integer("sliding_window", 0);
+  if (out.architecture == "MixtralForCausalLM") {
+    m.n_experts = r.integer("num_local_experts");
+    m.n_experts_per_token = r.integer("num_experts_per_tok", 2);
+    m.moe_aux_loss_coef = r.number("router_aux_loss_coef", 0.001);
+  }
+  out.torch_dtype = r.string("torch_dtype", "float32");
+  out.bos_id = r.integer("bos_token_id", 1);
+  out.eos_id = j.contains("eos_token_id") && j["eos_token_id"].is_array() && !j["eos_token_id"].empty()
+                   ? j["eos_token_id"][0].get<int64_t>()
+                   : r.integer("eos_token_id", 2);
+  for (auto [key, v] : {std::pair{"vocab_size", m.vocab_size}, {"hidden_size", m.dim},
+                        {"intermediate_size", m.ffn_dim}, {"num_hidden_layers", m.n_layers},
+                        {"num_attention_heads", m.n_heads}, {"num_key_value_heads", m.n_kv_heads},
+                        {"max_position_embeddings", m.max_seq_len}})
+    if (v <= 0) throw Error(file + ": " + key, "must be positive, got " + std::to_string(v));
+  m.validate(file);
+  m.resolve();
+  return out;
+}
+
+std::string hf_config_json(const ModelConfig& cfg, const std::string& torch_dtype, int64_t bos_id, int64_t eos_id) {
+  const std::string arch = cfg.hf_architecture();
+  json j;
+  j["architectures"] = {arch};
+  j["model_type"] = model_type_of(arch);
+  j["vocab_size"] = cfg.vocab_size;
+  j["hidden_size"] = cfg.dim;
+  j["intermediate_size"] = cfg.ffn_dim;
+  j["num_hidden_layers"] = cfg.n_layers;
+  j["num_attention_heads"] = cfg.n_heads;
+  j["num_key_value_heads"] = cfg.kv_heads();
+  j["head_dim"] = cfg.hdim();
+  j["hidden_act"] = "silu";
+  j["max_position_embeddings"] = cfg.max_seq_len;
+  j["rms_norm_eps"] = cfg.norm_eps;
+  j["rope_theta"] = cfg.rope_theta;
+  j["rope_scaling"] = nullptr;
+  j["tie_word_embeddings"] = cfg.tie_embeddings;
+  j["attention_dropout"] = 0.0;
+  j["initializer_range"] = cfg.init_std;
+  j["bos_token_id"] = bos_id;
+  j["eos_token_id"] = eos_id;
+  j["torch_dtype"] = torch_dtype;
+  j["use_cache"] = true;
+  if (arch == "LlamaForCausalLM") {
+    j["attention_bias"] = false;
+    j["mlp_bias"] = false;
+  } else {
+    j["sliding_window"] = cfg.sliding_window > 0 ? json(cfg.sliding_window) : json(nullptr);
+  }
+  if (arch == "MixtralForCausalLM") {
+    j["num_local_experts"] = cfg.n_experts;
+    j["num_experts_per_tok"] = cfg.n_experts_per_token;
+    j["router_aux_loss_coef"] = cfg.moe_aux_loss_coef;
+    j["output_router_logits"] = false;
+  }
+  return j.dump(2) + "\n";
+}
+
+std::map<std::string, torch::Tensor> read_weights(const std::string& dir) {
+  WeightIndex idx = open_weights(dir);
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& [name, entry] : idx.tensors) out[name] = idx.view(name).clone();
+  return out;
+}
+
+void load_weights(Transformer& model, const std::string& dir) {
+  WeightIndex idx = open_weights(dir);
+  torch::NoGradGuard no_grad;
+  std::set<std::string> used;
+  for (auto& p : model->named_parameters()) {
+    const std::string& name = p.key();
+    if (!idx.tensors.count(name))
+      throw Error(dir + ": tensor '" + name + "'", "missing from the checkpoint",
+                  "the checkpoint does not match its config (layers, experts or tied embeddings)");
+    auto src = idx.view(name);
+    if (src.sizes() != p.value().sizes())
+      throw Error(dir + ": tensor '" + name + "'", "has shape " + shape_str(src.sizes()) +
+                                                       " but the config implies " + shape_str(p.value().sizes()));
+    p.value().copy_(src);
+    used.insert(name);
+  }
+  const bool tied = !model->lm_head;
+  for (const auto& [name, entry] : idx.tensors) {
+    if (used.count(name) || ends_with(name, "rotary_emb.inv_freq") || (tied && name == "lm_head.weight")) continue;
+    throw Error(dir + ": tensor '" + name + "'", "is not a parameter of this model",
+                "the checkpoint does not match its config");
+  }
+}
+
+void export_hf(Transformer& model, const std::string& dir, const ExportOptions& opts) {
+  const torch::Dtype dtype = dtype_from_name(opts.dtype, "export dtype");
+  const fs::path final_dir = fs::path(dir).lexically_normal();
+  const fs::path parent = final_dir.has_parent_path() ? final_dir.parent_path() : fs::path(".");
+  const std::string suffix = "." + std::to_string(::getpid());
+  const fs::path tmp = parent / (final_dir.filename().string() + ".partial" + suffix);
+  std::error_code ec;
+  fs::create_directories(parent, ec);
+  fs::remove_all(tmp, ec);
+  if (!fs::create_directories(tmp, ec) || ec) throw Error(tmp.string(), "cannot create export folder: " + ec.message());
+  try {
+    // Group tensors into shards of at most max_shard_bytes (a larger tensor gets its own shard).
+    std::vector<std::vector<std::pair<std::string, torch::Tensor>>> shards(1);
+    int64_t shard_bytes = 0, total_bytes = 0;
+    for (auto& p : model->named_parameters()) {
+      auto t = p.value().detach().to(torch::kCPU, dtype).contiguous();
+      const int64_t bytes = t.numel() * t.element_size();
+      if (shard_bytes > 0 && shard_bytes + bytes > opts.max_shard_bytes) {
+        shards.emplace_back();
+        shard_bytes = 0;
+      }
+      shards.back().emplace_back(p.key(), t);
+      shard_bytes += bytes;
+      total_bytes += bytes;
+    }
+    json weight_map = json::object();
+    const size_t n = shards.size();
+    for (size_t s = 0; s < n; ++s) {
+      char name[64];
+      std::snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", s + 1, n);
+      const std::string fname = n == 1 ? "model.safetensors" : name;
+      std::vector<safetensors::TensorView> views;
+      for (auto& [tname, t] : shards[s]) {
+        views.push_back({tname, st_dtype_of(t.scalar_type()), t.sizes().vec(), t.data_ptr()});
+        weight_map[tname] = fname;
+      }
+      safetensors::write((tmp / fname).string(), views);
+    }
+    if (n > 1) {
+      json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};
+      write_text((tmp / "model.safetensors.index.json").string(), index.dump(2) + "\n");
+    }
+    write_text((tmp / "config.json").string(),
+               hf_config_json(model->config(), dtype_name(dtype), opts.bos_id, opts.eos_id));
+    write_text((tmp / "generation_config.json").string(),
+               json({{"bos_token_id", opts.bos_id}, {"eos_token_id", opts.eos_id}}).dump(2) + "\n");
+    if (!opts.tokenizer_path.empty()) {
+      fs::copy_file(opts.tokenizer_path, tmp / "tokenizer.model", ec);
+      if (ec) throw Error(opts.tokenizer_path, "cannot copy tokenizer: " + ec.message());
+      json tc = {{"tokenizer_class", "LlamaTokenizer"}, {"bos_token", "<s>"}, {"eos_token", "</s>"},
+                 {"unk_token", "<unk>"}, {"add_bos_token", true}, {"add_eos_token", false},
+                 {"model_max_length", model->config().max_seq_len}, {"legacy", true}};
+      write_text((tmp / "tokenizer_config.json").string(), tc.dump(2) + "\n");
+    }
+    // Swap into place: the old folder (if any) is removed only after the new one is complete.
+    const fs::path old = parent / (final_dir.filename().string() + ".old" + suffix);
+    const bool replace = fs::exists(final_dir);
+    if (replace) fs::rename(final_dir, old);
+    fs::rename(tmp, final_dir);
+    if (replace) fs::remove_all(old, ec);
+  } catch (const fs::filesystem_error& e) {
+    fs::remove_all(tmp, ec);
+    throw Error(dir, std::string("export failed: ") + e.what());
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+}
+
+Pretrained load_pretrained(const std::string& dir, torch::Dtype dtype) {
+  if (!fs::is_directory(dir))
+    throw Error(dir, "checkpoint folder not found", "give an HF folder (config.json) or a libllm one (recipe.yaml)");
+  Pretrained out;
+  ModelConfig cfg;
+  if (fs::exists(fs::path(dir) / "config.json")) {
+    HfConfig hf = read_hf_config(dir);
+    cfg = hf.model;
+    out.format = "hf";
+    out.bos_id = hf.bos_id;
+    out.eos_id = hf.eos_id;
+  } else if (fs::exists(fs::path(dir) / "recipe.yaml")) {
+    cfg = Recipe::load((fs::path(dir) / "recipe.yaml").string()).model;
+    out.format = "libllm";
+  } else {
+    throw Error(dir, "neither config.json (Hugging Face) nor recipe.yaml (libllm) found",
+                "point --checkpoint at a model folder");
+  }
+  cfg.init_std = 0.0;  // weights come from the file; skip a pointless random init
+  {
+    // Build the model directly in `dtype` (a 7B model in fp32 would not fit beside a bf16 copy).
+    const auto saved = c10::get_default_dtype();
+    c10::set_default_dtype(c10::scalarTypeToTypeMeta(dtype));
+    try {
+      out.model = Transformer(cfg);
+    } catch (...) {
+      c10::set_default_dtype(saved);
+      throw;
+    }
+    c10::set_default_dtype(saved);
+  }
+  load_weights(out.model, dir);
+  const fs::path tok = fs::path(dir) / "tokenizer.model";
+  if (fs::exists(tok)) out.tokenizer_path = tok.string();
+  return out;
+}
+
+}  // namespace libllm

@@ -1,0 +1,226 @@
+#include "libllm/model.h"
+
+#include <cmath>
+
+#include "libllm/compat.h"
+
+namespace libllm {
+namespace {
+
+torch::nn::Linear linear(int64_t in, int64_t out) {
+  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false));
+}
+
+// Which keys each query may see: (T, T) bool, true = attend. Causal, and within `window`
+// tokens (itself included) when window > 0.
+torch::Tensor sliding_window_mask(int64_t T, int64_t window, torch::Device device) {
+  auto i = torch::arange(T, torch::dtype(torch::kInt64).device(device)).unsqueeze(1);
+  auto j = torch::arange(T, torch::dtype(torch::kInt64).device(device)).unsqueeze(0);
+  return (j <= i).logical_and(i - j < window);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- RMSNorm
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
+  weight = register_parameter("weight", torch::ones({dim}));
+}
+
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) { return compat::rms_norm(x, weight, eps_); }
+
+// ---------------------------------------------------------------- Rotary
+Rotary::Rotary(int64_t head_dim, double theta) : head_dim_(head_dim), theta_(theta) {}
+
+std::pair<torch::Tensor, torch::Tensor> Rotary::table(int64_t start, int64_t T, torch::Device device,
+                                                      torch::Dtype dtype) {
+  // Same fp32 arithmetic as transformers' LlamaRotaryEmbedding, so logits match bit-for-bit
+  // in the rotary part: inv_freq = 1 / theta^(2i/d), angle = pos * inv_freq.
+  auto f32 = torch::dtype(torch::kFloat32).device(device);
+  auto exponent = torch::arange(0, head_dim_, 2, torch::dtype(torch::kInt64).device(device)).to(torch::kFloat32) /
+                  static_cast<double>(head_dim_);
+  auto inv_freq = 1.0 / torch::pow(theta_, exponent);                       // (D/2)
+  auto pos = torch::arange(start, start + T, f32);                           // (T)
+  auto freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0);                     // (T, D/2)
+  auto emb = torch::cat({freqs, freqs}, -1);                                 // (T, D)
+  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
+torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  auto x1 = x.narrow(-1, 0, half), x2 = x.narrow(-1, half, half);
+  auto rotated = torch::cat({-x2, x1}, -1);  // rotate_half
+  return x * cos + rotated * sin;
+}
+
+// ---------------------------------------------------------------- Attention
+AttentionImpl::AttentionImpl(const ModelConfig& cfg)
+    : n_heads_(cfg.n_heads), n_kv_heads_(cfg.kv_heads()), head_dim_(cfg.hdim()), window_(cfg.sliding_window) {
+  q_proj = register_module("q_proj", linear(cfg.dim, n_heads_ * head_dim_));
+  k_proj = register_module("k_proj", linear(cfg.dim, n_kv_heads_ * head_dim_));
+  v_proj = register_module("v_proj", linear(cfg.dim, n_kv_heads_ * head_dim_));
+  o_proj = register_module("o_proj", linear(n_heads_ * head_dim_, cfg.dim));
+}
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  const int64_t B = x.size(0), T = x.size(1);
+  auto q = q_proj(x).view({B, T, n_heads_, head_dim_}).transpose(1, 2);     // (B, H, T, D)
+  auto k = k_proj(x).view({B, T, n_kv_heads_, head_dim_}).transpose(1, 2);  // (B, Hkv, T, D)
+  auto v = v_proj(x).view({B, T, n_kv_heads_, head_dim_}).transpose(1, 2);  // (B, Hkv, T, D)
+  q = apply_rotary(q, cos, sin);
+  k = apply_rotary(k, cos, sin);
+  c10::optional<torch::Tensor> mask;
+  if (window_ > 0 && window_ < T) mask = sliding_window_mask(T, window_, x.device());
+  auto y = compat::attention(q, k, v, mask);                                 // (B, H, T, D)
+  y = y.transpose(1, 2).reshape({B, T, n_heads_ * head_dim_});               // (B, T, H*D)
+  return o_proj(y);
+}
+
+// ---------------------------------------------------------------- MLP
+MLPImpl::MLPImpl(int64_t dim, int64_t hidden, const char* g, const char* u, const char* d) {
+  gate = register_module(g, linear(dim, hidden));
+  up = register_module(u, linear(dim, hidden));
+  down = register_module(d, linear(hidden, dim));
+}
+
+torch::Tensor MLPImpl::forward(const torch::Tensor& x) { return down(torch::silu(gate(x)) * up(x)); }
+
+// ---------------------------------------------------------------- MoE
+MoEImpl::MoEImpl(const ModelConfig& cfg) : n_experts_(cfg.n_experts), top_k_(cfg.n_experts_per_token) {
+  gate = register_module("gate", linear(cfg.dim, n_experts_));
+  experts = register_module("experts", torch::nn::ModuleList());
+  for (int64_t e = 0; e < n_experts_; ++e) experts->push_back(MLP(cfg.dim, cfg.ffn_dim, "w1", "w3", "w2"));
+}
+
+torch::Tensor MoEImpl::forward(const torch::Tensor& x, std::vector<torch::Tensor>& router_logits) {
+  const auto shape = x.sizes().vec();
+  auto xf = x.reshape({-1, shape.back()});                            // (N, D)
+  auto logits = gate(xf);                                             // (N, E)
+  router_logits.push_back(logits);
+  auto probs = torch::softmax(logits, -1, torch::kFloat32);
+  auto [weights, chosen] = probs.topk(top_k_, -1);                    // (N, k)
+  weights = (weights / weights.sum(-1, true)).to(x.scalar_type());
+  // Group the N*k (token, expert) assignments by expert; every assignment is computed (dropless).
+  auto flat_expert = chosen.reshape({-1});                            // (N*k)
+  auto order = std::get<1>(flat_expert.sort(/*stable=*/true, 0, false));
+  auto token = torch::div(order, top_k_, "floor");
+  auto slot_weight = weights.reshape({-1}).index_select(0, order).unsqueeze(1);  // (N*k, 1)
+  auto counts = torch::bincount(flat_expert, {}, n_experts_).cpu();
+  const int64_t* count = counts.data_ptr<int64_t>();
+  auto out = torch::zeros_like(xf);
+  int64_t offset = 0;
+  for (int64_t e = 0; e < n_experts_; ++e) {
+    if (count[e] == 0) continue;
+    auto tok = token.narrow(0, offset, count[e]);
+    auto y = experts[e]->as<MLPImpl>()->forward(xf.index_select(0, tok)) * slot_weight.narrow(0, offset, count[e]);
+    out = out.index_add(0, tok, y);
+    offset += count[e];
+  }
+  return out.view(shape);
+}
+
+torch::Tensor load_balancing_loss(const torch::Tensor& router_logits, int64_t top_k) {
+  const int64_t E = router_logits.size(-1);
+  auto probs = torch::softmax(router_logits.to(torch::kFloat32), -1);           // (N, E)
+  auto chosen = std::get<1>(probs.topk(top_k, -1));                             // (N, k)
+  auto mask = torch::one_hot(chosen, E).to(torch::kFloat32);                    // (N, k, E)
+  auto tokens_per_expert = mask.mean(0);                                        // (k, E)
+  auto prob_per_expert = probs.mean(0);                                         // (E)
+  return (tokens_per_expert * prob_per_expert.unsqueeze(0)).sum() * static_cast<double>(E);
+}
+
+torch::Tensor router_z_loss(const torch::Tensor& router_logits) {
+  return torch::logsumexp(router_logits.to(torch::kFloat32), -1).pow(2).mean();
+}
+
+// ---------------------------------------------------------------- Block
+BlockImpl::BlockImpl(const ModelConfig& cfg) {
+  input_layernorm = register_module("input_layernorm", RMSNorm(cfg.dim, cfg.norm_eps));
+  self_attn = register_module("self_attn", Attention(cfg));
+  post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(cfg.dim, cfg.norm_eps));
+  if (cfg.n_experts > 0)
+    block_sparse_moe = register_module("block_sparse_moe", MoE(cfg));
+  else
+    mlp = register_module("mlp", MLP(cfg.dim, cfg.ffn_dim));
+}
+
+torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                                 std::vector<torch::Tensor>& router_logits) {
+  auto h = x + self_attn(input_layernorm(x), cos, sin);
+  auto n = post_attention_layernorm(h);
+  return h + (mlp ? mlp(n) : block_sparse_moe(n, router_logits));
+}
+
+// ---------------------------------------------------------------- Transformer
+DecoderImpl::DecoderImpl(const ModelConfig& cfg) {
+  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(cfg.vocab_size, cfg.dim));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int64_t l = 0; l < cfg.n_layers; ++l) layers->push_back(Block(cfg));
+  norm = register_module("norm", RMSNorm(cfg.dim, cfg.norm_eps));
+}
+
+static ModelConfig resolved(ModelConfig cfg) {
+  cfg.resolve();
+  cfg.validate("model");
+  return cfg;
+}
+
+TransformerImpl::TransformerImpl(const ModelConfig& cfg)
+    : cfg_(resolved(cfg)), rotary_(cfg_.hdim(), cfg_.rope_theta) {
+  model = register_module("model", Decoder(cfg_));
+  if (!cfg_.tie_embeddings) lm_head = register_module("lm_head", linear(cfg_.dim, cfg_.vocab_size));
+  init_weights();
+}
+
+torch::Tensor TransformerImpl::hidden(const torch::Tensor& tokens, int64_t start_pos,
+                                      std::vector<torch::Tensor>* router_logits) {
+  std::vector<torch::Tensor> local;
+  auto& rl = router_logits ? *router_logits : local;
+  auto x = model->embed_tokens(tokens);                                      // (B, T, D)
+  auto [cos, sin] = rotary_.table(start_pos, tokens.size(1), x.device(), x.scalar_type());
+  for (auto& layer : *model->layers) x = layer->as<BlockImpl>()->forward(x, cos, sin, rl);
+  return model->norm(x);
+}
+
+torch::Tensor TransformerImpl::project(const torch::Tensor& h) {
+  return lm_head ? lm_head(h) : torch::nn::functional::linear(h, model->embed_tokens->weight);
+}
+
+TransformerImpl::Output TransformerImpl::forward(const torch::Tensor& tokens, int64_t start_pos) {
+  std::vector<torch::Tensor> router_logits;
+  Output out;
+  out.logits = project(hidden(tokens, start_pos, &router_logits));
+  if (router_logits.empty()) {
+    out.aux_loss = torch::zeros({}, out.logits.options().dtype(torch::kFloat32));
+  } else {
+    auto all = torch::cat(router_logits, 0);                                 // (L*N, E)
+    out.balance_loss = load_balancing_loss(all, cfg_.n_experts_per_token);
+    out.z_loss = router_z_loss(all);
+    out.aux_loss = cfg_.moe_aux_loss_coef * out.balance_loss + cfg_.moe_z_loss_coef * out.z_loss;
+  }
+  return out;
+}
+
+void TransformerImpl::init_weights() {
+  torch::NoGradGuard no_grad;
+  const double out_std = cfg_.init_depth_scaled ? cfg_.init_std / std::sqrt(2.0 * cfg_.n_layers) : cfg_.init_std;
+  auto ends_with = [](const std::string& s, const std::string& suffix) {
+    return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  };
+  for (auto& p : named_parameters()) {
+    const std::string& name = p.key();
+    if (ends_with(name, "norm.weight"))
+      p.value().fill_(1.0);
+    else if (ends_with(name, "o_proj.weight") || ends_with(name, "down_proj.weight") || ends_with(name, "w2.weight"))
+      p.value().normal_(0.0, out_std);
+    else
+      p.value().normal_(0.0, cfg_.init_std);
+  }
+}
+
+torch::Tensor cross_entropy(const torch::Tensor& logits, const torch::Tensor& targets, int64_t ignore_index) {
+  auto flat = logits.reshape({-1, logits.size(-1)}).to(torch::kFloat32);   // (B*T, V)
+  return torch::nn::functional::cross_entropy(
+      flat, targets.reshape({-1}), torch::nn::functional::CrossEntropyFuncOptions().ignore_index(ignore_index));
+}
+
+}  // namespace libllm

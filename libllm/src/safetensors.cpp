@@ -1,0 +1,486 @@
+// safetensors reading (mmap + header validation) and atomic writing. See safetensors.h.
+// Deliberately torch-free so that it compiles fast and can be tested on its own.
+#include "libllm/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <tuple>
+
+#include "libllm/error.h"
+
+namespace libllm::safetensors {
+namespace {
+
+using nlohmann::json;
+
+constexpr uint64_t kMaxHeaderBytes = 100ull * 1000 * 1000;  // 100 MB, as in the reference reader
+constexpr int kMaxJsonDepth = 16;                            // a valid header needs 3 levels
+constexpr size_t kMaxWriteChunk = size_t{1} << 30;           // bytes per write() call
+
+struct DTypeEntry {
+  DType dtype;
+  const char* name;
+  size_t size;
+};
+
+constexpr DTypeEntry kDTypes[] = {
+    {DType::F32, "F32", 4}, {DType::F16, "F16", 2}, {DType::BF16, "BF16", 2},
+    {DType::F64, "F64", 8}, {DType::I64, "I64", 8}, {DType::I32, "I32", 4},
+    {DType::I16, "I16", 2}, {DType::I8, "I8", 1},   {DType::U8, "U8", 1},
+    {DType::BOOL, "BOOL", 1},
+};
+
+const DTypeEntry& entry_of(DType dtype) {
+  for (const DTypeEntry& e : kDTypes) {
+    if (e.dtype == dtype) return e;
+  }
+  throw Error("", "invalid DType value " + std::to_string(static_cast<int>(dtype)));
+}
+
+std::string tensor_where(const std::string& path, const std::string& name) {
+  return path + ": tensor '" + name + "'";
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+std::string errno_text(int err) { return std::strerror(err); }
+
+// Number of elements of `shape`; throws if a dimension is negative or the count overflows int64.
+uint64_t checked_numel(const std::vector<int64_t>& shape, const std::string& where) {
+  for (int64_t d : shape) {
+    if (d < 0) throw Error(where, "shape " + shape_text(shape) + " has a negative dimension");
+  }
+  if (std::find(shape.begin(), shape.end(), 0) != shape.end()) return 0;
+  uint64_t n = 1;
+  for (int64_t d : shape) {
+    if (__builtin_mul_overflow(n, static_cast<uint64_t>(d), &n) ||
+        n > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+      throw Error(where, "shape " + shape_text(shape) + " has too many elements");
+    }
+  }
+  return n;
+}
+
+// numel * dtype_size, overflow-checked.
+uint64_t checked_nbytes(const std::vector<int64_t>& shape, DType dtype, const std::string& where) {
+  uint64_t bytes = 0;
+  if (__builtin_mul_overflow(checked_numel(shape, where), uint64_t{dtype_size(dtype)}, &bytes)) {
+    throw Error(where, "shape " + shape_text(shape) + " is too large for dtype " +
+                           dtype_name(dtype));
+  }
+  return bytes;
+}
+
+uint64_t read_le64(const uint8_t* p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+std::string le64_bytes(uint64_t v) {
+  std::string s(8, '\0');
+  for (int i = 0; i < 8; ++i) s[i] = static_cast<char>((v >> (8 * i)) & 0xff);
+  return s;
+}
+
+// Closes a file descriptor on scope exit.
+struct FdCloser {
+  int fd;
+  ~FdCloser() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+// ---- Reading ------------------------------------------------------------------------------
+
+// Thrown from the JSON parser callback; converted to libllm::Error by parse_json().
+struct HeaderProblem {
+  int depth;
+  std::string key;  // the duplicate key, or empty when nesting is too deep
+};
+
+// Parses the header text. nlohmann::json silently keeps the last of duplicate keys, so a parser
+// callback tracks the keys of every open object; it also bounds the nesting depth.
+json parse_json(const std::string& path, const uint8_t* text, size_t size) {
+  std::vector<std::set<std::string>> open_objects;
+  auto callback = [&](int depth, json::parse_event_t event, json& value) {
+    switch (event) {
+      case json::parse_event_t::object_start:
+        open_objects.emplace_back();
+        [[fallthrough]];
+      case json::parse_event_t::array_start:
+        if (depth >= kMaxJsonDepth) throw HeaderProblem{depth, ""};
+        break;
+      case json::parse_event_t::key:
+        if (!open_objects.back().insert(value.get_ref<const std::string&>()).second) {
+          throw HeaderProblem{depth, value.get<std::string>()};
+        }
+        break;
+      case json::parse_event_t::object_end:
+        open_objects.pop_back();
+        break;
+      default:
+        break;
+    }
+    return true;
+  };
+  const char* hint = "the file is corrupt or not a safetensors file";
+  try {
+    return json::parse(text, text + size, callback);
+  } catch (const json::exception& e) {
+    throw Error(path, std::string("header is not valid JSON: ") + e.what(), hint);
+  } catch (const HeaderProblem& p) {
+    if (p.key.empty()) throw Error(path, "header JSON is nested too deeply", hint);
+    if (p.depth == 1) throw Error(tensor_where(path, p.key), "name appears twice in the header", hint);
+    throw Error(path, "header has a duplicate key '" + p.key + "'", hint);
+  }
+}
+
+std::map<std::string, std::string> parse_metadata(const std::string& path, const json& value) {
+  const std::string where = path + ": __metadata__";
+  if (!value.is_object()) throw Error(where, "is not a JSON object");
+  std::map<std::string, std::string> metadata;
+  for (const auto& [key, v] : value.items()) {
+    if (!v.is_string()) throw Error(where, "value of '" + key + "' is not a string");
+    metadata[key] = v.get<std::string>();
+  }
+  return metadata;
+}
+
+const json& require(const json& entry, const char* key, const std::string& where) {
+  auto it = entry.find(key);
+  if (it == entry.end()) throw Error(where, std::string("header entry has no \"") + key + "\"");
+  return *it;
+}
+
+std::vector<int64_t> parse_shape(const json& value, const std::string& where) {
+  if (!value.is_array()) throw Error(where, "\"shape\" is not a JSON array");
+  std::vector<int64_t> shape;
+  for (const json& d : value) {
+    if (!d.is_number_integer()) throw Error(where, "\"shape\" has a non-integer entry");
+    if (d.is_number_unsigned() &&
+        d.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+      throw Error(where, "\"shape\" has a dimension that does not fit in int64");
+    }
+    shape.push_back(d.get<int64_t>());
+  }
+  return shape;
+}
+
+void parse_offsets(const json& value, const std::string& where, TensorInfo* info) {
+  if (!value.is_array() || value.size() != 2 || !value[0].is_number_unsigned() ||
+      !value[1].is_number_unsigned()) {
+    throw Error(where, "\"data_offsets\" is not a pair of non-negative integers");
+  }
+  info->begin = value[0].get<uint64_t>();
+  info->end = value[1].get<uint64_t>();
+}
+
+// Parses and checks one tensor entry against the data section size.
+TensorInfo parse_entry(const std::string& path, const std::string& name, const json& value,
+                       uint64_t data_size) {
+  const std::string where = tensor_where(path, name);
+  const char* hint = "the file is corrupt or was written by an incompatible tool";
+  if (!value.is_object()) throw Error(where, "header entry is not a JSON object", hint);
+  TensorInfo info;
+  info.name = name;
+  const json& dtype = require(value, "dtype", where);
+  if (!dtype.is_string()) throw Error(where, "\"dtype\" is not a string", hint);
+  info.dtype = dtype_from_name(dtype.get<std::string>(), where);
+  info.shape = parse_shape(require(value, "shape", where), where);
+  parse_offsets(require(value, "data_offsets", where), where, &info);
+  const uint64_t nbytes = checked_nbytes(info.shape, info.dtype, where);
+  const std::string range = "[" + std::to_string(info.begin) + ", " + std::to_string(info.end) + ")";
+  if (info.begin > info.end) {
+    throw Error(where, "data_offsets " + range + " begin after they end", hint);
+  }
+  if (info.end > data_size) {
+    throw Error(where,
+                "data_offsets " + range + " run past the end of the data section (" +
+                    std::to_string(data_size) + " bytes)",
+                "the file may be truncated; download or convert it again");
+  }
+  if (info.end - info.begin != nbytes) {
+    throw Error(where,
+                "data_offsets " + range + " cover " + std::to_string(info.end - info.begin) +
+                    " bytes but dtype " + dtype_name(info.dtype) + " and shape " +
+                    shape_text(info.shape) + " need " + std::to_string(nbytes),
+                hint);
+  }
+  return info;
+}
+
+// Sorts by data offset and rejects overlapping byte ranges (empty tensors overlap nothing).
+void sort_and_check_overlap(const std::string& path, std::vector<TensorInfo>* tensors) {
+  std::sort(tensors->begin(), tensors->end(), [](const TensorInfo& a, const TensorInfo& b) {
+    return std::tie(a.begin, a.end, a.name) < std::tie(b.begin, b.end, b.name);
+  });
+  const TensorInfo* prev = nullptr;  // the non-empty tensor that ends last so far
+  for (const TensorInfo& t : *tensors) {
+    if (t.begin == t.end) continue;
+    if (prev != nullptr && t.begin < prev->end) {
+      throw Error(tensor_where(path, t.name),
+                  "data overlaps the data of tensor '" + prev->name + "'",
+                  "the file is corrupt");
+    }
+    prev = &t;
+  }
+}
+
+// ---- Writing ------------------------------------------------------------------------------
+
+// The temporary file of write(): removed on destruction unless committed.
+class TempFile {
+ public:
+  TempFile(const std::string& path, const std::string& tmp) : path_(path), tmp_(tmp) {
+    fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd_ < 0) {
+      throw Error(path_, "cannot create temporary file '" + tmp_ + "': " + errno_text(errno),
+                  "check that the directory exists and is writable");
+    }
+  }
+  TempFile(const TempFile&) = delete;
+  TempFile& operator=(const TempFile&) = delete;
+  ~TempFile() {
+    if (fd_ >= 0) ::close(fd_);
+    if (!committed_) ::unlink(tmp_.c_str());
+  }
+
+  void write_all(const void* data, uint64_t size);
+  void commit();
+
+ private:
+  [[noreturn]] void fail(const std::string& action, int err) const;
+
+  std::string path_, tmp_;
+  int fd_ = -1;
+  bool committed_ = false;
+};
+
+void TempFile::fail(const std::string& action, int err) const {
+  if (err == ENOSPC || err == EDQUOT) {
+    throw Error(path_, "disk full while writing '" + tmp_ + "'", "free some disk space");
+  }
+  throw Error(path_, "cannot " + action + " '" + tmp_ + "': " + errno_text(err));
+}
+
+void TempFile::write_all(const void* data, uint64_t size) {
+  const char* p = static_cast<const char*>(data);
+  while (size > 0) {
+    const size_t chunk = static_cast<size_t>(std::min<uint64_t>(size, kMaxWriteChunk));
+    const ssize_t n = ::write(fd_, p, chunk);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) fail("write", errno);
+    if (n == 0) fail("write", EIO);  // no progress and no error: do not spin
+    p += n;
+    size -= static_cast<uint64_t>(n);
+  }
+}
+
+// Best effort: makes the rename durable. Errors are ignored (the data itself is already synced).
+void fsync_parent_dir(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash + 1);
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return;
+  ::fsync(fd);
+  ::close(fd);
+}
+
+void TempFile::commit() {
+  while (::fsync(fd_) != 0) {
+    if (errno != EINTR) fail("fsync", errno);
+  }
+  const int fd = fd_;
+  fd_ = -1;
+  if (::close(fd) != 0 && errno != EINTR) fail("close", errno);
+  if (::rename(tmp_.c_str(), path_.c_str()) != 0) {
+    const int err = errno;
+    throw Error(path_, "cannot rename '" + tmp_ + "' over the target: " + errno_text(err));
+  }
+  committed_ = true;
+  fsync_parent_dir(path_);
+}
+
+// Checks the tensors to write and returns them sorted by name.
+std::vector<const TensorView*> sorted_views(const std::string& path,
+                                            const std::vector<TensorView>& tensors) {
+  std::vector<const TensorView*> views;
+  for (const TensorView& t : tensors) {
+    const std::string where = tensor_where(path, t.name);
+    if (t.name.empty()) throw Error(path, "a tensor has an empty name");
+    if (t.name == "__metadata__") throw Error(where, "name is reserved for the metadata");
+    if (checked_nbytes(t.shape, t.dtype, where) > 0 && t.data == nullptr) {
+      throw Error(where, "data pointer is null");
+    }
+    views.push_back(&t);
+  }
+  std::sort(views.begin(), views.end(),
+            [](const TensorView* a, const TensorView* b) { return a->name < b->name; });
+  for (size_t i = 1; i < views.size(); ++i) {
+    if (views[i]->name == views[i - 1]->name) {
+      throw Error(tensor_where(path, views[i]->name), "name is given twice");
+    }
+  }
+  return views;
+}
+
+// The header JSON for `views` (sorted), padded with spaces to a multiple of 8 bytes.
+std::string build_header(const std::string& path, const std::vector<const TensorView*>& views,
+                         const std::map<std::string, std::string>& metadata) {
+  // Text is assembled by hand: a json object would sort "__metadata__" among the tensor names.
+  std::string header = "{";
+  uint64_t offset = 0;
+  try {
+    if (!metadata.empty()) header += "\"__metadata__\":" + json(metadata).dump();
+    for (const TensorView* t : views) {
+      const uint64_t nbytes = checked_nbytes(t->shape, t->dtype, tensor_where(path, t->name));
+      if (__builtin_add_overflow(offset, nbytes, &offset)) {
+        throw Error(path, "total tensor size overflows 64 bits");
+      }
+      nlohmann::ordered_json entry;
+      entry["dtype"] = dtype_name(t->dtype);
+      entry["shape"] = t->shape;
+      entry["data_offsets"] = {offset - nbytes, offset};
+      if (header.size() > 1) header += ",";
+      header += json(t->name).dump() + ":" + entry.dump();
+    }
+  } catch (const json::exception& e) {
+    throw Error(path, std::string("cannot encode the header: ") + e.what(),
+                "tensor names and metadata must be valid UTF-8");
+  }
+  header += "}";
+  header.append((8 - header.size() % 8) % 8, ' ');
+  return header;
+}
+
+}  // namespace
+
+// ---- Public API ---------------------------------------------------------------------------
+
+size_t dtype_size(DType dtype) { return entry_of(dtype).size; }
+
+const char* dtype_name(DType dtype) { return entry_of(dtype).name; }
+
+DType dtype_from_name(const std::string& name, const std::string& where) {
+  for (const DTypeEntry& e : kDTypes) {
+    if (name == e.name) return e.dtype;
+  }
+  throw Error(where, "unsupported dtype '" + name + "'",
+              "libllm reads F32, F16, BF16, F64, I64, I32, I16, I8, U8 and BOOL");
+}
+
+int64_t TensorInfo::numel() const {
+  uint64_t n = 1;  // unsigned: wraps instead of undefined behaviour on unvalidated shapes
+  for (int64_t d : shape) n *= static_cast<uint64_t>(d);
+  return static_cast<int64_t>(n);
+}
+
+std::shared_ptr<File> File::open(const std::string& path) {
+  std::shared_ptr<File> file(new File(path));
+  file->map_file();
+  file->parse_header();
+  return file;
+}
+
+File::~File() {
+  if (base_ != nullptr) ::munmap(const_cast<uint8_t*>(base_), size_);
+}
+
+void File::map_file() {
+  const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    const int err = errno;
+    throw Error(path_, "cannot open file: " + errno_text(err),
+                err == ENOENT ? "check the path" : "");
+  }
+  FdCloser closer{fd};
+  struct stat st;
+  if (::fstat(fd, &st) != 0) throw Error(path_, "cannot stat file: " + errno_text(errno));
+  if (!S_ISREG(st.st_mode)) throw Error(path_, "is not a regular file");
+  if (st.st_size < 8) {
+    throw Error(path_,
+                "file has " + std::to_string(st.st_size) +
+                    " bytes, too few for a safetensors header (at least 8)",
+                "the file may be truncated; download or convert it again");
+  }
+  void* p = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE, fd, 0);
+  if (p == MAP_FAILED) throw Error(path_, "cannot memory-map file: " + errno_text(errno));
+  base_ = static_cast<const uint8_t*>(p);
+  size_ = static_cast<size_t>(st.st_size);
+}
+
+void File::parse_header() {
+  const uint64_t header_size = read_le64(base_);
+  const char* hint = "the file is corrupt, truncated or not a safetensors file";
+  if (header_size > kMaxHeaderBytes) {
+    throw Error(path_, "header length " + std::to_string(header_size) + " exceeds the 100 MB limit",
+                hint);
+  }
+  if (header_size > size_ - 8) {
+    throw Error(path_,
+                "header length " + std::to_string(header_size) + " runs past the end of the file (" +
+                    std::to_string(size_) + " bytes)",
+                hint);
+  }
+  data_offset_ = 8 + header_size;
+  const json header = parse_json(path_, base_ + 8, static_cast<size_t>(header_size));
+  if (!header.is_object()) throw Error(path_, "header is not a JSON object", hint);
+  for (const auto& [key, value] : header.items()) {
+    if (key == "__metadata__") {
+      metadata_ = parse_metadata(path_, value);
+    } else {
+      tensors_.push_back(parse_entry(path_, key, value, size_ - data_offset_));
+    }
+  }
+  sort_and_check_overlap(path_, &tensors_);
+  for (size_t i = 0; i < tensors_.size(); ++i) index_[tensors_[i].name] = i;
+}
+
+const TensorInfo* File::find(const std::string& name) const {
+  auto it = index_.find(name);
+  return it == index_.end() ? nullptr : &tensors_[it->second];
+}
+
+const TensorInfo& File::at(const std::string& name) const {
+  const TensorInfo* t = find(name);
+  if (t == nullptr) throw Error(path_, "no tensor '" + name + "'");
+  return *t;
+}
+
+const uint8_t* File::data(const TensorInfo& t) const {
+  if (t.begin > t.end || t.end > size_ - data_offset_) {
+    throw Error(tensor_where(path_, t.name), "byte range lies outside the data section",
+                "use a TensorInfo obtained from this file");
+  }
+  return base_ + data_offset_ + t.begin;
+}
+
+void write(const std::string& path, const std::vector<TensorView>& tensors,
+           const std::map<std::string, std::string>& metadata) {
+  const std::vector<const TensorView*> views = sorted_views(path, tensors);
+  const std::string header = build_header(path, views, metadata);
+  TempFile file(path, path + ".tmp-" + std::to_string(::getpid()));
+  const std::string prefix = le64_bytes(header.size());
+  file.write_all(prefix.data(), prefix.size());
+  file.write_all(header.data(), header.size());
+  for (const TensorView* t : views) {
+    file.write_all(t->data, checked_nbytes(t->shape, t->dtype, tensor_where(path, t->name)));
+  }
+  file.commit();
+}
+
+}  // namespace libllm::safetensors
