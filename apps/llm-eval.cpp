@@ -27,12 +27,13 @@ int main(int argc, char** argv) {
     const torch::Dtype dtype = dtype_from_name(args.get("--dtype"), "--dtype");
     const auto docs = read_documents(args.get("--data"));
     if (docs.empty()) throw Error(args.get("--data"), "no documents (every line is empty)");
-    Pretrained pre = load_pretrained(args.get("--checkpoint"), dtype);
+    Pretrained pre = inspect_pretrained(args.get("--checkpoint"));
     const std::string tok_path = args.has("--tokenizer") ? args.get("--tokenizer") : pre.tokenizer_path;
     if (tok_path.empty())
       throw Error(args.get("--checkpoint"), "no tokenizer.model in the checkpoint folder", "pass --tokenizer PATH");
     const Tokenizer tokenizer = Tokenizer::load(tok_path);
-    tokenizer.check_fits(pre.model->config(), args.get("--checkpoint"));
+    tokenizer.check_fits(pre.config, args.get("--checkpoint"));
+    load_pretrained(pre, dtype);
 
     EvalOptions opts;
     opts.batch_size = args.get_int("--batch-size");

@@ -387,41 +387,49 @@ void export_hf(Transformer& model, const std::string& dir, const ExportOptions& 
   }
 }
 
-Pretrained load_pretrained(const std::string& dir, torch::Dtype dtype) {
+Pretrained inspect_pretrained(const std::string& dir) {
   if (!fs::is_directory(dir))
     throw Error(dir, "checkpoint folder not found", "give an HF folder (config.json) or a libllm one (recipe.yaml)");
   Pretrained out;
-  ModelConfig cfg;
+  out.dir = dir;
   if (fs::exists(fs::path(dir) / "config.json")) {
     HfConfig hf = read_hf_config(dir);
-    cfg = hf.model;
+    out.config = hf.model;
     out.format = "hf";
     out.bos_id = hf.bos_id;
     out.eos_id = hf.eos_id;
   } else if (fs::exists(fs::path(dir) / "recipe.yaml")) {
-    cfg = Recipe::load((fs::path(dir) / "recipe.yaml").string()).model;
+    out.config = Recipe::load((fs::path(dir) / "recipe.yaml").string()).model;
     out.format = "libllm";
   } else {
     throw Error(dir, "neither config.json (Hugging Face) nor recipe.yaml (libllm) found",
                 "point --checkpoint at a model folder");
   }
-  cfg.init_std = 0.0;  // weights come from the file; skip a pointless random init
-  {
-    // Build the model directly in `dtype` (a 7B model in fp32 would not fit beside a bf16 copy).
-    const auto saved = c10::get_default_dtype();
-    c10::set_default_dtype(c10::scalarTypeToTypeMeta(dtype));
-    try {
-      out.model = Transformer(cfg);
-    } catch (...) {
-      c10::set_default_dtype(saved);
-      throw;
-    }
-    c10::set_default_dtype(saved);
-  }
-  load_weights(out.model, dir);
   const fs::path tok = fs::path(dir) / "tokenizer.model";
   if (fs::exists(tok)) out.tokenizer_path = tok.string();
   return out;
+}
+
+void load_pretrained(Pretrained& info, torch::Dtype dtype) {
+  ModelConfig cfg = info.config;
+  cfg.init_std = 0.0;  // weights come from the file; skip a pointless random init
+  // Build the model directly in `dtype` (a 7B model in fp32 would not fit beside a bf16 copy).
+  const auto saved = c10::get_default_dtype();
+  c10::set_default_dtype(c10::scalarTypeToTypeMeta(dtype));
+  try {
+    info.model = Transformer(cfg);
+  } catch (...) {
+    c10::set_default_dtype(saved);
+    throw;
+  }
+  c10::set_default_dtype(saved);
+  load_weights(info.model, info.dir);
+}
+
+Pretrained load_pretrained(const std::string& dir, torch::Dtype dtype) {
+  Pretrained p = inspect_pretrained(dir);
+  load_pretrained(p, dtype);
+  return p;
 }
 
 }  // namespace libllm

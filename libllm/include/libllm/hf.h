@@ -43,14 +43,20 @@ struct ExportOptions {
 // when complete (an existing `dir` is replaced only then).
 void export_hf(Transformer& model, const std::string& dir, const ExportOptions& opts);
 
-// A model folder loaded for use: HF (config.json) or libllm (recipe.yaml) plus safetensors.
+// A model folder: HF (config.json) or libllm (recipe.yaml), plus safetensors weights.
 struct Pretrained {
-  Transformer model{nullptr};
+  std::string dir;
   std::string format;          // "hf" or "libllm"
+  ModelConfig config;
   std::string tokenizer_path;  // DIR/tokenizer.model, "" when absent
   int64_t bos_id = 1, eos_id = 2;
+  Transformer model{nullptr};  // set by load_pretrained
 };
+// Reads the folder's config only (cheap: check a tokenizer against it before loading weights).
+Pretrained inspect_pretrained(const std::string& dir);
+// Builds the model directly in `dtype` and loads its weights.
 Pretrained load_pretrained(const std::string& dir, torch::Dtype dtype = torch::kFloat32);
+void load_pretrained(Pretrained& info, torch::Dtype dtype);
 
 // "float32" / "bfloat16" / "float16" <-> torch dtype; unknown names are errors naming `where`.
 torch::Dtype dtype_from_name(const std::string& name, const std::string& where);

@@ -1,0 +1,53 @@
+# Program-level tests: real runs on the fixtures, and bad input giving one error line.
+set(_bin ${CMAKE_BINARY_DIR}/bin)
+set(_fx ${CMAKE_CURRENT_SOURCE_DIR}/fixtures)
+set(_bad ${CMAKE_CURRENT_SOURCE_DIR}/apps/bad)
+set(_src ${PROJECT_SOURCE_DIR})
+
+# expect_error(NAME REGEX COMMAND...)
+function(expect_error name regex)
+  string(REPLACE ";" "\\;" _cmd "${ARGN}")
+  add_test(NAME apps.error.${name}
+           COMMAND ${CMAKE_COMMAND} "-DCMD=${_cmd}" "-DREGEX=${regex}" -P ${CMAKE_CURRENT_SOURCE_DIR}/apps/expect_error.cmake)
+endfunction()
+
+# llm-plan prints the published exact counts.
+add_test(NAME apps.plan.llama-7b COMMAND ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml)
+set_tests_properties(apps.plan.llama-7b PROPERTIES PASS_REGULAR_EXPRESSION "total +6,738,415,616")
+add_test(NAME apps.plan.llama-65b COMMAND ${_bin}/llm-plan ${_src}/recipes/llama-65b.yaml)
+set_tests_properties(apps.plan.llama-65b PROPERTIES PASS_REGULAR_EXPRESSION "total +65,285,660,672")
+add_test(NAME apps.plan.k2-65b COMMAND ${_bin}/llm-plan ${_src}/recipes/k2-65b.yaml)
+set_tests_properties(apps.plan.k2-65b PROPERTIES PASS_REGULAR_EXPRESSION "total +65,286,184,960")
+add_test(NAME apps.plan.override COMMAND ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml --set model.n_layers=1)
+set_tests_properties(apps.plan.override PROPERTIES PASS_REGULAR_EXPRESSION "\"total\": 464531456")
+
+# llm-eval's last stdout line is the JSON summary (its numbers are checked in tests/eval).
+add_test(NAME apps.eval.tiny-llama COMMAND ${_bin}/llm-eval --checkpoint ${_fx}/tiny-llama --data ${_fx}/eval.jsonl)
+set_tests_properties(apps.eval.tiny-llama PROPERTIES
+  PASS_REGULAR_EXPRESSION "\n{\"documents\": 6, \"tokens\": [0-9]+, \"loss\": [0-9.]+, \"ppl\": [0-9.]+}\n$")
+
+# Bad input: one clear line, non-zero exit.
+expect_error(plan.missing-recipe "no-such.yaml: cannot open recipe" ${_bin}/llm-plan no-such.yaml)
+expect_error(plan.unknown-key "unknown-key.yaml:3: model.n_layer: unknown key.*did you mean 'n_layers'"
+             ${_bin}/llm-plan ${_bad}/unknown-key.yaml)
+expect_error(plan.wrong-type "model.dim: expected an integer >= 1, got 'big'" ${_bin}/llm-plan ${_bad}/wrong-type.yaml)
+expect_error(plan.bad-heads "model.n_kv_heads: n_heads \\(32\\) must be a multiple of n_kv_heads \\(5\\)"
+             ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml --set model.n_kv_heads=5)
+expect_error(plan.bad-set "unknown key 'model.layers'.*did you mean 'n_layers'"
+             ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml --set model.layers=4)
+expect_error(plan.unknown-option "unknown option '--sett'.*did you mean '--set'"
+             ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml --sett model.dim=4)
+expect_error(eval.missing-checkpoint "no-such-dir: checkpoint folder not found"
+             ${_bin}/llm-eval --checkpoint no-such-dir --data ${_fx}/eval.txt)
+expect_error(eval.missing-data "no-such.txt: cannot open data file"
+             ${_bin}/llm-eval --checkpoint ${_fx}/tiny-llama --data no-such.txt)
+expect_error(eval.bad-dtype "--dtype: unknown dtype 'fp8'"
+             ${_bin}/llm-eval --checkpoint ${_fx}/tiny-llama --data ${_fx}/eval.txt --dtype fp8)
+expect_error(eval.corrupt-safetensors "model.safetensors: .*header"
+             ${_bin}/llm-eval --checkpoint ${_bad}/corrupt-weights --data ${_fx}/eval.txt --tokenizer ${_fx}/tokenizer.model)
+expect_error(eval.tokenizer-mismatch "tokenizer has 384 tokens but the model .* has vocab_size 256"
+             ${_bin}/llm-eval --checkpoint ${_bad}/small-vocab --data ${_fx}/eval.txt --tokenizer ${_fx}/tokenizer.model)
+expect_error(eval.bad-jsonl "bad.jsonl:2: expected an object with a string field"
+             ${_bin}/llm-eval --checkpoint ${_fx}/tiny-llama --data ${_bad}/bad.jsonl)
+expect_error(eval.bad-config-json "config.json: invalid JSON"
+             ${_bin}/llm-eval --checkpoint ${_bad}/bad-config --data ${_fx}/eval.txt --tokenizer ${_fx}/tokenizer.model)

@@ -1,0 +1,17 @@
+# Runs CMD (a ;-list) and passes when it exits non-zero (not by a signal) having printed exactly
+# one line on stderr that matches REGEX.
+execute_process(COMMAND ${CMD} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+string(STRIP "${err}" err_stripped)
+if(NOT rc MATCHES "^[0-9]+$")
+  message(FATAL_ERROR "crashed (${rc}); stderr:\n${err}")
+endif()
+if(rc EQUAL 0)
+  message(FATAL_ERROR "exited 0; expected an error. stdout:\n${out}")
+endif()
+if(err_stripped MATCHES "\n")
+  message(FATAL_ERROR "expected one error line, got:\n${err}")
+endif()
+if(NOT err_stripped MATCHES "${REGEX}")
+  message(FATAL_ERROR "error line does not match '${REGEX}':\n${err}")
+endif()
+message(STATUS "ok: exit ${rc}: ${err_stripped}")

@@ -1,0 +1,115 @@
+// Recipes: strict parsing, overrides, printing, and the shipped recipes' exact parameter counts.
+#include <catch2/catch.hpp>
+
+#include "libllm/error.h"
+#include "libllm/model.h"
+#include "libllm/recipe.h"
+
+using namespace libllm;
+
+namespace {
+std::string error_of(const std::string& yaml, const std::vector<std::string>& overrides = {}) {
+  try {
+    Recipe::parse(yaml, "r.yaml", overrides);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+std::string recipe(const char* name) { return std::string(LIBLLM_SOURCE_DIR) + "/recipes/" + name; }
+}  // namespace
+
+TEST_CASE("recipe values are read into the config structs", "[config]") {
+  const Recipe r = Recipe::parse("model:\n  dim: 128\n  n_heads: 8\n  norm_eps: 1e-6\n  tie_embeddings: yes\n"
+                                 "tokenizer:\n  path: t.model\n",
+                                 "r.yaml");
+  CHECK(r.model.dim == 128);
+  CHECK(r.model.n_heads == 8);
+  CHECK(r.model.n_kv_heads == 8);  // resolved from n_heads
+  CHECK(r.model.head_dim == 16);   // resolved from dim / n_heads
+  CHECK(r.model.norm_eps == Approx(1e-6));
+  CHECK(r.model.tie_embeddings);
+  CHECK(r.tokenizer.path == "t.model");
+  CHECK(r.model.n_layers == 32);  // default kept
+}
+
+TEST_CASE("unknown keys name the file, line, key path and the nearest valid key", "[config]") {
+  const std::string e = error_of("model:\n  dim: 64\n  n_layer: 4\n");
+  CHECK_THAT(e, Catch::Contains("r.yaml:3: model.n_layer: unknown key"));
+  CHECK_THAT(e, Catch::Contains("did you mean 'n_layers'?"));
+  CHECK_THAT(error_of("modle:\n  dim: 4\n"), Catch::Contains("unknown section 'modle'") &&
+                                                 Catch::Contains("did you mean 'model'?"));
+}
+
+TEST_CASE("wrong types and out-of-range values name the key and what is allowed", "[config]") {
+  CHECK_THAT(error_of("model:\n  dim: wide\n"),
+             Catch::Contains("model.dim: expected an integer >= 1, got 'wide'"));
+  CHECK_THAT(error_of("model:\n  n_layers: 2.5\n"), Catch::Contains("model.n_layers: expected an integer"));
+  CHECK_THAT(error_of("model:\n  n_heads: 0\n"), Catch::Contains("model.n_heads: expected an integer >= 1, got 0"));
+  CHECK_THAT(error_of("model:\n  tie_embeddings: maybe\n"), Catch::Contains("expected true or false"));
+  CHECK_THAT(error_of("model:\n  dim: [1, 2]\n"), Catch::Contains("got a list"));
+  CHECK_THAT(error_of("model:\n  dim: 64\n  n_heads: 4\n  n_kv_heads: 3\n"),
+             Catch::Contains("must be a multiple of n_kv_heads"));
+  CHECK_THAT(error_of("model:\n  dim: 60\n  n_heads: 8\n"), Catch::Contains("not divisible"));
+  CHECK_THAT(error_of("model: [1]\n"), Catch::Contains("must be a mapping"));
+  CHECK_THAT(error_of("model:\n  dim: 4\n dim: 3\n"), Catch::Contains("invalid YAML"));
+  CHECK_THAT(error_of("model:\n  n_experts: 2\n  n_experts_per_token: 3\n"), Catch::Contains("exceeds n_experts"));
+}
+
+TEST_CASE("--set overrides are typed and checked like the file", "[config]") {
+  const Recipe r = Recipe::parse("model:\n  dim: 64\n  n_heads: 4\n", "r.yaml", {"model.n_layers=3", "model.dim=128"});
+  CHECK(r.model.n_layers == 3);
+  CHECK(r.model.dim == 128);
+  CHECK(r.model.head_dim == 32);
+  CHECK_THAT(error_of("", {"model.n_layerz=3"}), Catch::Contains("did you mean 'n_layers'"));
+  CHECK_THAT(error_of("", {"model.n_layers=three"}), Catch::Contains("--set model.n_layers=three: expected an integer"));
+  CHECK_THAT(error_of("", {"n_layers=3"}), Catch::Contains("expected section.key=value"));
+}
+
+TEST_CASE("the resolved recipe prints as YAML that parses back to the same values", "[config]") {
+  const Recipe a = Recipe::load(recipe("mixtral-8x7b.yaml"), {"model.norm_eps=2.5e-6"});
+  const std::string yaml = a.to_yaml();
+  CHECK_THAT(yaml, Catch::Contains("  n_experts: 8\n"));
+  CHECK_THAT(yaml, Catch::Contains("  rope_theta: 1000000.0\n"));
+  const Recipe b = Recipe::parse(yaml, "printed");
+  CHECK(b.to_yaml() == yaml);
+  CHECK(b.model.norm_eps == a.model.norm_eps);
+}
+
+TEST_CASE("shipped recipes have the published exact parameter counts", "[config]") {
+  // Published shapes' exact counts (LLaMA paper Table 2 shapes; K2 = LLaMA-65B with vocab 32032).
+  CHECK(count_parameters(Recipe::load(recipe("llama-7b.yaml")).model).total == 6738415616LL);
+  CHECK(count_parameters(Recipe::load(recipe("amber-7b.yaml")).model).total == 6738415616LL);
+  CHECK(count_parameters(Recipe::load(recipe("llama-65b.yaml")).model).total == 65285660672LL);
+  CHECK(count_parameters(Recipe::load(recipe("k2-65b.yaml")).model).total == 65286184960LL);
+  // Mixtral 8x7B: 46.7 B total, 12.9 B active (Mixtral paper).
+  const ParamCount mx = count_parameters(Recipe::load(recipe("mixtral-8x7b.yaml")).model);
+  CHECK(mx.total == 46702792704LL);
+  CHECK(mx.active == 12879925248LL);
+  const Recipe moxin = Recipe::load(recipe("moxin-7b.yaml"));
+  CHECK(moxin.model.n_layers == 36);
+  CHECK(moxin.model.kv_heads() == 8);
+  CHECK(moxin.model.sliding_window == 4096);
+}
+
+TEST_CASE("the analytic parameter count equals the instantiated model's", "[config][model]") {
+  for (const char* yaml : {"model: {vocab_size: 50, dim: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, ffn_dim: 48}",
+                           "model: {vocab_size: 50, dim: 32, n_layers: 3, n_heads: 4, ffn_dim: 40, tie_embeddings: true}",
+                           "model: {vocab_size: 50, dim: 32, n_layers: 2, n_heads: 2, n_kv_heads: 1, head_dim: 8, "
+                           "ffn_dim: 24, n_experts: 3, n_experts_per_token: 2}"}) {
+    const Recipe r = Recipe::parse(yaml, "inline");
+    Transformer m(r.model);
+    int64_t n = 0;
+    for (const auto& p : m->parameters()) n += p.numel();
+    CHECK(n == count_parameters(r.model).total);
+    size_t i = 0;
+    const auto shapes = weight_shapes(r.model);
+    auto params = m->named_parameters();
+    REQUIRE(params.size() == shapes.size());
+    for (const auto& w : shapes) {
+      CHECK(params.contains(w.name));
+      if (params.contains(w.name)) CHECK(params[w.name].sizes().vec() == w.shape);
+      ++i;
+    }
+  }
+}

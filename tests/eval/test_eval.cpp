@@ -1,0 +1,81 @@
+// Perplexity protocol against the float64 reference's numbers for the same documents.
+#include <catch2/catch.hpp>
+
+#include "../common.h"
+#include "libllm/error.h"
+#include "libllm/eval.h"
+#include "libllm/hf.h"
+
+using namespace libllm;
+using libllm::test::expected;
+using libllm::test::fixture;
+
+TEST_CASE("llm-eval's numbers match the reference within 1e-4 nats (fp32)", "[eval]") {
+  const Tokenizer tok = Tokenizer::load(fixture("tokenizer.model"));
+  const auto docs = read_documents(fixture("eval.txt"));
+  for (const std::string name : {"tiny-llama", "tiny-mistral", "tiny-mixtral"}) {
+    INFO(name);
+    const auto& e = expected()[name]["eval"];
+    Pretrained p = load_pretrained(fixture(name));
+    EvalOptions opts;
+    opts.batch_size = 3;
+    const EvalResult r = evaluate_perplexity(p.model, tok, docs, opts);
+    CHECK(r.documents == e["documents"].get<int64_t>());
+    CHECK(r.tokens == e["tokens"].get<int64_t>());
+    CHECK(r.loss == Approx(e["loss"].get<double>()).margin(1e-4));
+    CHECK(r.ppl == Approx(std::exp(r.loss)));
+  }
+}
+
+TEST_CASE("documents come from .txt lines or .jsonl text fields alike", "[eval]") {
+  const auto txt = read_documents(fixture("eval.txt"));
+  const auto jsonl = read_documents(fixture("eval.jsonl"));
+  CHECK(txt == jsonl);
+  CHECK(txt.size() == 6);
+  test::TempDir tmp;
+  std::ofstream(tmp / "bad.jsonl") << "{\"text\": \"a\"}\n\n{\"text\": 3}\n";
+  std::ofstream(tmp / "broken.jsonl") << "{\"text\": \"a\"}\n{\"text\": \n";
+  auto err = [](const std::string& path) {
+    try {
+      read_documents(path);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  CHECK_THAT(err(tmp / "bad.jsonl"), Catch::Contains("bad.jsonl:3: expected an object with a string field"));
+  CHECK_THAT(err(tmp / "broken.jsonl"), Catch::Contains("broken.jsonl:2: invalid JSON"));
+  CHECK_THAT(err(tmp / "absent.txt"), Catch::Contains("absent.txt: cannot open data file"));
+}
+
+TEST_CASE("every token is predicted once, whatever the batch size and stride", "[eval]") {
+  Pretrained p = load_pretrained(fixture("tiny-llama"));
+  // Documents of 1, 10, 47, 48, 49 and 130 tokens around the 48-token window.
+  std::vector<std::vector<int64_t>> docs;
+  for (int64_t n : {1, 10, 47, 48, 49, 130}) {
+    std::vector<int64_t> d;
+    for (int64_t i = 0; i < n; ++i) d.push_back(3 + (i * 37 + n) % 380);
+    docs.push_back(d);
+  }
+  EvalOptions opts;
+  opts.batch_size = 1;
+  const EvalResult one = evaluate_tokens(p.model, docs, opts);
+  CHECK(one.tokens == 1 + 10 + 47 + 48 + 49 + 130);
+  CHECK(one.documents == 6);
+  opts.batch_size = 16;
+  const EvalResult many = evaluate_tokens(p.model, docs, opts);
+  CHECK(many.tokens == one.tokens);
+  CHECK(many.loss == Approx(one.loss).margin(1e-6));
+  for (int64_t stride : {7, 24, 48}) {
+    opts.stride = stride;
+    const EvalResult s = evaluate_tokens(p.model, docs, opts);
+    CHECK(s.tokens == one.tokens);
+    CHECK(s.loss == Approx(one.loss).margin(0.05));  // less context for some tokens, same tokens
+  }
+  // Documents that fit the window are unaffected by the stride.
+  std::vector<std::vector<int64_t>> short_docs(docs.begin(), docs.begin() + 4);
+  opts.stride = 1;
+  const double exact = evaluate_tokens(p.model, short_docs, opts).loss;
+  opts.stride = 48;
+  CHECK(evaluate_tokens(p.model, short_docs, opts).loss == Approx(exact).margin(1e-6));
+}

@@ -1,0 +1,193 @@
+// The decoder against the independent float64 reference (tests/fixtures/make_fixtures.py,
+// transformers' LLaMA/Mistral/Mixtral semantics), plus properties and gradient checks.
+#include <catch2/catch.hpp>
+
+#include "../common.h"
+#include "libllm/hf.h"
+#include "libllm/model.h"
+#include "libllm/recipe.h"
+#include "libllm/safetensors.h"
+
+using namespace libllm;
+using libllm::test::expected;
+using libllm::test::fixture;
+
+namespace {
+
+torch::Tensor reference_logits(const std::string& name) {
+  auto f = safetensors::File::open(fixture(name + "/ref_logits.safetensors"));
+  const auto& info = f->at("logits");
+  return torch::from_blob(const_cast<uint8_t*>(f->data(info)), info.shape, torch::kFloat32).clone();
+}
+
+ModelConfig small_config(const std::string& extra = "") {
+  return Recipe::parse("model: {vocab_size: 37, dim: 16, n_layers: 2, n_heads: 4, n_kv_heads: 2, ffn_dim: 24, "
+                       "max_seq_len: 32" + extra + "}",
+                       "inline")
+      .model;
+}
+
+}  // namespace
+
+TEST_CASE("fp32 logits and losses match the float64 reference", "[model]") {
+  for (const std::string name : {"tiny-llama", "tiny-mistral", "tiny-mixtral"}) {
+    INFO(name);
+    const auto& e = expected()[name];
+    Pretrained p = load_pretrained(fixture(name), torch::kFloat32);
+    auto ids = test::tokens_from_json(e["input_ids"]);
+    torch::NoGradGuard no_grad;
+    auto out = p.model->forward(ids);
+    auto ref = reference_logits(name);
+    REQUIRE(out.logits.sizes() == ref.sizes());
+    // fp32 against float64: logits are O(1); 1e-4 absolute is ~100x the observed error.
+    CHECK(test::max_abs_diff(out.logits, ref) < 1e-4);
+    for (const auto& s : e["logits_sample"])
+      CHECK(out.logits[s[0].get<int64_t>()][s[1].get<int64_t>()][s[2].get<int64_t>()].item<double>() ==
+            Approx(s[3].get<double>()).margin(1e-4));
+    auto loss = cross_entropy(out.logits.slice(1, 0, -1), ids.slice(1, 1));
+    CHECK(loss.item<double>() == Approx(e["loss"].get<double>()).margin(1e-5));
+    if (e.contains("aux_loss")) {
+      CHECK(out.balance_loss.item<double>() == Approx(e["aux_loss"].get<double>()).margin(1e-5));
+      CHECK(out.z_loss.item<double>() == Approx(e["z_loss"].get<double>()).margin(1e-4));
+      CHECK(out.aux_loss.item<double>() ==
+            Approx(0.02 * e["aux_loss"].get<double>()).margin(1e-6));  // router_aux_loss_coef from config.json
+    }
+  }
+}
+
+TEST_CASE("bf16 logits stay within bf16 rounding of the reference", "[model]") {
+  for (const std::string name : {"tiny-llama", "tiny-mixtral"}) {
+    INFO(name);
+    Pretrained p = load_pretrained(fixture(name), torch::kBFloat16);
+    torch::NoGradGuard no_grad;
+    auto logits = p.model->forward(test::tokens_from_json(expected()[name]["input_ids"])).logits;
+    CHECK(logits.scalar_type() == torch::kBFloat16);
+    auto ref = reference_logits(name);
+    // bf16 keeps 8 significant bits (relative step 2^-8 = 0.0039); errors compound over 2 blocks.
+    CHECK(test::max_abs_diff(logits, ref) < 0.04 * ref.abs().max().item<double>() + 0.02);
+  }
+}
+
+TEST_CASE("attention is causal, and a sliding window hides tokens further back", "[model]") {
+  torch::manual_seed(0);
+  Transformer full(small_config(", n_layers: 1"));
+  Transformer windowed(small_config(", n_layers: 1, sliding_window: 4"));
+  torch::NoGradGuard no_grad;
+  auto a = torch::randint(0, 37, {1, 12});
+  auto b = a.clone();
+  b[0][0] = (a[0][0].item<int64_t>() + 1) % 37;  // change only the first token
+  auto fa = full->forward(a).logits, fb = full->forward(b).logits;
+  CHECK(test::max_abs_diff(fa.slice(1, 0, 1), fb.slice(1, 0, 1)) > 1e-4);  // position 0 sees it
+  CHECK(test::max_abs_diff(fa.slice(1, 11), fb.slice(1, 11)) > 1e-6);       // so does the last, with full attention
+  auto c = a.clone();
+  c[0][11] = (a[0][11].item<int64_t>() + 1) % 37;  // change only the last token
+  CHECK(test::max_abs_diff(full->forward(c).logits.slice(1, 0, 11), fa.slice(1, 0, 11)) == 0.0);
+  auto wa = windowed->forward(a).logits, wb = windowed->forward(b).logits;
+  // Window 4: positions 0..3 see token 0, positions >= 4 do not.
+  CHECK(test::max_abs_diff(wa.slice(1, 3, 4), wb.slice(1, 3, 4)) > 1e-6);
+  CHECK(test::max_abs_diff(wa.slice(1, 4), wb.slice(1, 4)) == 0.0);
+}
+
+TEST_CASE("rotary embeddings make attention scores depend only on relative position", "[model]") {
+  torch::manual_seed(1);
+  Rotary rope(8, 10000.0);
+  auto q = torch::randn({1, 1, 1, 8}, torch::kFloat64), k = torch::randn({1, 1, 1, 8}, torch::kFloat64);
+  auto score = [&](int64_t qpos, int64_t kpos) {
+    auto [cq, sq] = rope.table(qpos, 1, torch::kCPU, torch::kFloat64);
+    auto [ck, sk] = rope.table(kpos, 1, torch::kCPU, torch::kFloat64);
+    return (apply_rotary(q, cq, sq) * apply_rotary(k, ck, sk)).sum().item<double>();
+  };
+  CHECK(score(7, 3) == Approx(score(107, 103)).epsilon(1e-5));
+  CHECK(score(7, 3) != Approx(score(7, 4)).epsilon(1e-3));
+  // Position 0 is the identity.
+  auto [c0, s0] = rope.table(0, 1, torch::kCPU, torch::kFloat64);
+  CHECK(test::max_abs_diff(apply_rotary(q, c0, s0), q) == 0.0);
+}
+
+TEST_CASE("dropless MoE equals the dense sum over each token's top-k experts", "[model]") {
+  torch::manual_seed(2);
+  ModelConfig cfg = small_config(", n_experts: 4, n_experts_per_token: 2, init_std: 0.3");
+  cfg.resolve();
+  MoE moe(cfg);
+  auto x = torch::randn({2, 5, 16});
+  std::vector<torch::Tensor> logits;
+  auto y = moe->forward(x, logits);
+  auto xf = x.view({10, 16});
+  auto probs = torch::softmax(moe->gate(xf), -1);
+  auto expected_y = torch::zeros_like(xf);
+  for (int64_t n = 0; n < 10; ++n) {
+    auto [w, idx] = probs[n].topk(2);
+    w = w / w.sum();
+    for (int64_t j = 0; j < 2; ++j)
+      expected_y[n] += w[j] * moe->experts[idx[j].item<int64_t>()]->as<MLPImpl>()->forward(xf[n].unsqueeze(0))[0];
+  }
+  CHECK(test::max_abs_diff(y.view({10, 16}), expected_y) < 1e-5);
+  REQUIRE(logits.size() == 1);
+  CHECK(logits[0].sizes() == torch::IntArrayRef({10, 4}));
+}
+
+TEST_CASE("gradients match central finite differences in float64", "[model]") {
+  // Covers what libllm writes itself: RMSNorm, rotary, GQA with a sliding window, MoE routing
+  // and its auxiliary losses, tied embeddings.
+  torch::manual_seed(3);
+  ModelConfig cfg = small_config(", sliding_window: 3, n_experts: 3, n_experts_per_token: 2, moe_z_loss_coef: 0.01, "
+                                 "tie_embeddings: true, init_std: 0.2");
+  Transformer m(cfg);
+  m->to(torch::kFloat64);
+  auto ids = torch::randint(0, 37, {2, 7});
+  auto loss_fn = [&] {
+    auto out = m->forward(ids);
+    return cross_entropy(out.logits.slice(1, 0, -1), ids.slice(1, 1)) + out.aux_loss;
+  };
+  m->zero_grad();
+  loss_fn().backward();
+  torch::NoGradGuard no_grad;
+  std::mt19937 rng(0);
+  int checked = 0;
+  for (auto& p : m->named_parameters()) {
+    auto flat = p.value().view({-1});
+    auto grad = p.value().grad().view({-1});
+    for (int rep = 0; rep < 2; ++rep) {
+      const int64_t i = static_cast<int64_t>(rng() % flat.numel());
+      const double h = 1e-6, old = flat[i].item<double>();
+      flat[i] = old + h;
+      const double up = loss_fn().item<double>();
+      flat[i] = old - h;
+      const double down = loss_fn().item<double>();
+      flat[i] = old;
+      const double numeric = (up - down) / (2 * h);
+      INFO(p.key() << "[" << i << "]");
+      CHECK(grad[i].item<double>() == Approx(numeric).margin(1e-7).epsilon(1e-5));
+      ++checked;
+    }
+  }
+  CHECK(checked > 20);
+}
+
+TEST_CASE("initialisation: normal(init_std), depth-scaled output projections, unit norms", "[model]") {
+  torch::manual_seed(4);
+  ModelConfig cfg = Recipe::parse("model: {vocab_size: 300, dim: 256, n_layers: 8, n_heads: 4, ffn_dim: 512, "
+                                  "init_std: 0.02, init_depth_scaled: true}",
+                                  "inline")
+                        .model;
+  Transformer m(cfg);
+  auto params = m->named_parameters();
+  const double scaled = 0.02 / std::sqrt(16.0);
+  CHECK(params["model.layers.3.self_attn.q_proj.weight"].std().item<double>() == Approx(0.02).epsilon(0.03));
+  CHECK(params["model.layers.3.self_attn.o_proj.weight"].std().item<double>() == Approx(scaled).epsilon(0.03));
+  CHECK(params["model.layers.3.mlp.down_proj.weight"].std().item<double>() == Approx(scaled).epsilon(0.03));
+  CHECK(params["model.embed_tokens.weight"].std().item<double>() == Approx(0.02).epsilon(0.03));
+  CHECK(params["model.layers.3.input_layernorm.weight"].eq(1).all().item<bool>());
+  CHECK(params["model.layers.3.mlp.up_proj.weight"].mean().abs().item<double>() < 1e-3);
+}
+
+TEST_CASE("tied embeddings: one matrix serves as embedding and LM head", "[model]") {
+  torch::manual_seed(5);
+  Transformer m(small_config(", tie_embeddings: true"));
+  CHECK(!m->lm_head);
+  CHECK(!m->named_parameters().contains("lm_head.weight"));
+  torch::NoGradGuard no_grad;
+  auto ids = torch::randint(0, 37, {1, 5});
+  auto h = m->hidden(ids, 0, nullptr);
+  CHECK(test::max_abs_diff(m->forward(ids).logits, torch::matmul(h, m->model->embed_tokens->weight.t())) < 1e-6);
+}

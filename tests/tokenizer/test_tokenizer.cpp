@@ -1,0 +1,49 @@
+// The sentencepiece tokenizer: ids as the Python sentencepiece library gives them, and errors.
+#include <catch2/catch.hpp>
+
+#include "../common.h"
+#include "libllm/error.h"
+#include "libllm/model_config.h"
+#include "libllm/tokenizer.h"
+
+using namespace libllm;
+using libllm::test::expected;
+using libllm::test::fixture;
+
+TEST_CASE("encodes like the Python sentencepiece library, LLaMA special ids", "[tokenizer]") {
+  const Tokenizer tok = Tokenizer::load(fixture("tokenizer.model"));
+  const auto& e = expected()["tokenizer"];
+  CHECK(tok.vocab_size() == e["vocab_size"].get<int64_t>());
+  CHECK(tok.unk_id() == 0);
+  CHECK(tok.bos_id() == 1);
+  CHECK(tok.eos_id() == 2);
+  for (auto& [text, ids] : e["encodings"].items()) {
+    INFO(text);
+    CHECK(tok.encode(text) == ids.get<std::vector<int64_t>>());
+    CHECK(tok.decode(tok.encode(text)) == text);  // byte fallback: lossless for any UTF-8
+  }
+}
+
+TEST_CASE("missing or corrupt tokenizer files and a vocabulary larger than the model are errors",
+          "[tokenizer]") {
+  auto err = [](const std::function<void()>& fn) {
+    try {
+      fn();
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  CHECK_THAT(err([] { Tokenizer::load("/nonexistent/tokenizer.model"); }), Catch::Contains("tokenizer file not found"));
+  test::TempDir tmp;
+  std::ofstream(tmp / "junk.model") << "this is not a protobuf";
+  CHECK_THAT(err([&] { Tokenizer::load(tmp / "junk.model"); }), Catch::Contains("not a valid sentencepiece model"));
+  const Tokenizer tok = Tokenizer::load(fixture("tokenizer.model"));
+  ModelConfig small;
+  small.vocab_size = 100;
+  CHECK_THAT(err([&] { tok.check_fits(small, "m"); }),
+             Catch::Contains("tokenizer has 384 tokens but the model (m) has vocab_size 100"));
+  ModelConfig padded;
+  padded.vocab_size = 512;  // a padded embedding is fine
+  CHECK_NOTHROW(tok.check_fits(padded, "m"));
+}
