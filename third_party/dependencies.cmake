@@ -10,12 +10,3 @@ if(LIBLLM_BUILD_TESTS)
   find_package(Catch2 2 REQUIRED)
 endif()
 
-# Debian's libsentencepiece embeds (and exports) protobuf-lite, while Debian's LibTorch loads the
-# full libprotobuf. Whichever comes first in the process's symbol lookup order wins, and if it is
-# sentencepiece's copy, libprotobuf crashes in its static initialisers. Linking libprotobuf
-# before sentencepiece makes the full (compatible, same-version) library win.
-find_library(LIBLLM_PROTOBUF_LIBRARY NAMES libprotobuf.so.32 protobuf)
-set(LIBLLM_EARLY_LIBS "")
-if(LIBLLM_PROTOBUF_LIBRARY)
-  set(LIBLLM_EARLY_LIBS "-Wl,--no-as-needed,${LIBLLM_PROTOBUF_LIBRARY}")
-endif()

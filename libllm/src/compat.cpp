@@ -28,13 +28,13 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
   auto scores = torch::matmul(q, expand_kv(k).transpose(-2, -1)) / std::sqrt(static_cast<double>(q.size(-1)));
   auto allowed = m ? *m : torch::ones({T, S}, torch::dtype(torch::kBool).device(q.device())).tril();
   scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
-  auto probs = torch::softmax(scores, -1, torch::kFloat32).to(q.scalar_type());   // (B, H, T, S)
+  auto probs = torch::softmax(scores, -1, compute_dtype(q)).to(q.scalar_type());   // (B, H, T, S)
   return torch::matmul(probs, expand_kv(v));                                       // (B, H, T, D)
 #endif
 }
 
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  auto xf = x.to(torch::kFloat32);
+  auto xf = x.to(compute_dtype(x));
   auto normed = xf * torch::rsqrt(xf.pow(2).mean(-1, true) + eps);
   return weight * normed.to(x.scalar_type());
 }

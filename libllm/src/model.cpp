@@ -96,7 +96,7 @@ torch::Tensor MoEImpl::forward(const torch::Tensor& x, std::vector<torch::Tensor
   auto xf = x.reshape({-1, shape.back()});                            // (N, D)
   auto logits = gate(xf);                                             // (N, E)
   router_logits.push_back(logits);
-  auto probs = torch::softmax(logits, -1, torch::kFloat32);
+  auto probs = torch::softmax(logits, -1, compat::compute_dtype(logits));
   auto [weights, chosen] = probs.topk(top_k_, -1);                    // (N, k)
   weights = (weights / weights.sum(-1, true)).to(x.scalar_type());
   // Group the N*k (token, expert) assignments by expert; every assignment is computed (dropless).
@@ -120,16 +120,16 @@ torch::Tensor MoEImpl::forward(const torch::Tensor& x, std::vector<torch::Tensor
 
 torch::Tensor load_balancing_loss(const torch::Tensor& router_logits, int64_t top_k) {
   const int64_t E = router_logits.size(-1);
-  auto probs = torch::softmax(router_logits.to(torch::kFloat32), -1);           // (N, E)
+  auto probs = torch::softmax(router_logits.to(compat::compute_dtype(router_logits)), -1);  // (N, E)
   auto chosen = std::get<1>(probs.topk(top_k, -1));                             // (N, k)
-  auto mask = torch::one_hot(chosen, E).to(torch::kFloat32);                    // (N, k, E)
+  auto mask = torch::one_hot(chosen, E).to(probs.scalar_type());                // (N, k, E)
   auto tokens_per_expert = mask.mean(0);                                        // (k, E)
   auto prob_per_expert = probs.mean(0);                                         // (E)
   return (tokens_per_expert * prob_per_expert.unsqueeze(0)).sum() * static_cast<double>(E);
 }
 
 torch::Tensor router_z_loss(const torch::Tensor& router_logits) {
-  return torch::logsumexp(router_logits.to(torch::kFloat32), -1).pow(2).mean();
+  return torch::logsumexp(router_logits.to(compat::compute_dtype(router_logits)), -1).pow(2).mean();
 }
 
 // ---------------------------------------------------------------- Block
@@ -190,7 +190,7 @@ TransformerImpl::Output TransformerImpl::forward(const torch::Tensor& tokens, in
   Output out;
   out.logits = project(hidden(tokens, start_pos, &router_logits));
   if (router_logits.empty()) {
-    out.aux_loss = torch::zeros({}, out.logits.options().dtype(torch::kFloat32));
+    out.aux_loss = torch::zeros({}, out.logits.options().dtype(compat::compute_dtype(out.logits)));
   } else {
     auto all = torch::cat(router_logits, 0);                                 // (L*N, E)
     out.balance_loss = load_balancing_loss(all, cfg_.n_experts_per_token);
@@ -218,7 +218,7 @@ void TransformerImpl::init_weights() {
 }
 
 torch::Tensor cross_entropy(const torch::Tensor& logits, const torch::Tensor& targets, int64_t ignore_index) {
-  auto flat = logits.reshape({-1, logits.size(-1)}).to(torch::kFloat32);   // (B*T, V)
+  auto flat = logits.reshape({-1, logits.size(-1)}).to(compat::compute_dtype(logits));  // (B*T, V)
   return torch::nn::functional::cross_entropy(
       flat, targets.reshape({-1}), torch::nn::functional::CrossEntropyFuncOptions().ignore_index(ignore_index));
 }

@@ -23,8 +23,8 @@ namespace {
 using nlohmann::json;
 
 constexpr uint64_t kMaxHeaderBytes = 100ull * 1000 * 1000;  // 100 MB, as in the reference reader
-constexpr int kMaxJsonDepth = 16;                            // a valid header needs 3 levels
-constexpr size_t kMaxWriteChunk = size_t{1} << 30;           // bytes per write() call
+constexpr int kMaxJsonDepth = 16;                           // a valid header needs 3 levels
+constexpr size_t kMaxWriteChunk = size_t{1} << 30;          // bytes per write() call
 
 struct DTypeEntry {
   DType dtype;
@@ -33,10 +33,9 @@ struct DTypeEntry {
 };
 
 constexpr DTypeEntry kDTypes[] = {
-    {DType::F32, "F32", 4}, {DType::F16, "F16", 2}, {DType::BF16, "BF16", 2},
-    {DType::F64, "F64", 8}, {DType::I64, "I64", 8}, {DType::I32, "I32", 4},
-    {DType::I16, "I16", 2}, {DType::I8, "I8", 1},   {DType::U8, "U8", 1},
-    {DType::BOOL, "BOOL", 1},
+    {DType::F32, "F32", 4}, {DType::F16, "F16", 2},   {DType::BF16, "BF16", 2}, {DType::F64, "F64", 8},
+    {DType::I64, "I64", 8}, {DType::I32, "I32", 4},   {DType::I16, "I16", 2},   {DType::I8, "I8", 1},
+    {DType::U8, "U8", 1},   {DType::BOOL, "BOOL", 1},
 };
 
 const DTypeEntry& entry_of(DType dtype) {
@@ -46,9 +45,7 @@ const DTypeEntry& entry_of(DType dtype) {
   throw Error("", "invalid DType value " + std::to_string(static_cast<int>(dtype)));
 }
 
-std::string tensor_where(const std::string& path, const std::string& name) {
-  return path + ": tensor '" + name + "'";
-}
+std::string tensor_where(const std::string& path, const std::string& name) { return path + ": tensor '" + name + "'"; }
 
 std::string shape_text(const std::vector<int64_t>& shape) {
   std::string s = "[";
@@ -78,8 +75,7 @@ uint64_t checked_numel(const std::vector<int64_t>& shape, const std::string& whe
 uint64_t checked_nbytes(const std::vector<int64_t>& shape, DType dtype, const std::string& where) {
   uint64_t bytes = 0;
   if (__builtin_mul_overflow(checked_numel(shape, where), uint64_t{dtype_size(dtype)}, &bytes)) {
-    throw Error(where, "shape " + shape_text(shape) + " is too large for dtype " +
-                           dtype_name(dtype));
+    throw Error(where, "shape " + shape_text(shape) + " is too large for dtype " + dtype_name(dtype));
   }
   return bytes;
 }
@@ -171,8 +167,7 @@ std::vector<int64_t> parse_shape(const json& value, const std::string& where) {
   std::vector<int64_t> shape;
   for (const json& d : value) {
     if (!d.is_number_integer()) throw Error(where, "\"shape\" has a non-integer entry");
-    if (d.is_number_unsigned() &&
-        d.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+    if (d.is_number_unsigned() && d.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
       throw Error(where, "\"shape\" has a dimension that does not fit in int64");
     }
     shape.push_back(d.get<int64_t>());
@@ -181,8 +176,7 @@ std::vector<int64_t> parse_shape(const json& value, const std::string& where) {
 }
 
 void parse_offsets(const json& value, const std::string& where, TensorInfo* info) {
-  if (!value.is_array() || value.size() != 2 || !value[0].is_number_unsigned() ||
-      !value[1].is_number_unsigned()) {
+  if (!value.is_array() || value.size() != 2 || !value[0].is_number_unsigned() || !value[1].is_number_unsigned()) {
     throw Error(where, "\"data_offsets\" is not a pair of non-negative integers");
   }
   info->begin = value[0].get<uint64_t>();
@@ -190,8 +184,7 @@ void parse_offsets(const json& value, const std::string& where, TensorInfo* info
 }
 
 // Parses and checks one tensor entry against the data section size.
-TensorInfo parse_entry(const std::string& path, const std::string& name, const json& value,
-                       uint64_t data_size) {
+TensorInfo parse_entry(const std::string& path, const std::string& name, const json& value, uint64_t data_size) {
   const std::string where = tensor_where(path, name);
   const char* hint = "the file is corrupt or was written by an incompatible tool";
   if (!value.is_object()) throw Error(where, "header entry is not a JSON object", hint);
@@ -208,16 +201,15 @@ TensorInfo parse_entry(const std::string& path, const std::string& name, const j
     throw Error(where, "data_offsets " + range + " begin after they end", hint);
   }
   if (info.end > data_size) {
-    throw Error(where,
-                "data_offsets " + range + " run past the end of the data section (" +
-                    std::to_string(data_size) + " bytes)",
-                "the file may be truncated; download or convert it again");
+    throw Error(
+        where,
+        "data_offsets " + range + " run past the end of the data section (" + std::to_string(data_size) + " bytes)",
+        "the file may be truncated; download or convert it again");
   }
   if (info.end - info.begin != nbytes) {
     throw Error(where,
-                "data_offsets " + range + " cover " + std::to_string(info.end - info.begin) +
-                    " bytes but dtype " + dtype_name(info.dtype) + " and shape " +
-                    shape_text(info.shape) + " need " + std::to_string(nbytes),
+                "data_offsets " + range + " cover " + std::to_string(info.end - info.begin) + " bytes but dtype " +
+                    dtype_name(info.dtype) + " and shape " + shape_text(info.shape) + " need " + std::to_string(nbytes),
                 hint);
   }
   return info;
@@ -232,8 +224,7 @@ void sort_and_check_overlap(const std::string& path, std::vector<TensorInfo>* te
   for (const TensorInfo& t : *tensors) {
     if (t.begin == t.end) continue;
     if (prev != nullptr && t.begin < prev->end) {
-      throw Error(tensor_where(path, t.name),
-                  "data overlaps the data of tensor '" + prev->name + "'",
+      throw Error(tensor_where(path, t.name), "data overlaps the data of tensor '" + prev->name + "'",
                   "the file is corrupt");
     }
     prev = &t;
@@ -316,8 +307,7 @@ void TempFile::commit() {
 }
 
 // Checks the tensors to write and returns them sorted by name.
-std::vector<const TensorView*> sorted_views(const std::string& path,
-                                            const std::vector<TensorView>& tensors) {
+std::vector<const TensorView*> sorted_views(const std::string& path, const std::vector<TensorView>& tensors) {
   std::vector<const TensorView*> views;
   for (const TensorView& t : tensors) {
     const std::string where = tensor_where(path, t.name);
@@ -328,8 +318,7 @@ std::vector<const TensorView*> sorted_views(const std::string& path,
     }
     views.push_back(&t);
   }
-  std::sort(views.begin(), views.end(),
-            [](const TensorView* a, const TensorView* b) { return a->name < b->name; });
+  std::sort(views.begin(), views.end(), [](const TensorView* a, const TensorView* b) { return a->name < b->name; });
   for (size_t i = 1; i < views.size(); ++i) {
     if (views[i]->name == views[i - 1]->name) {
       throw Error(tensor_where(path, views[i]->name), "name is given twice");
@@ -404,8 +393,7 @@ void File::map_file() {
   const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     const int err = errno;
-    throw Error(path_, "cannot open file: " + errno_text(err),
-                err == ENOENT ? "check the path" : "");
+    throw Error(path_, "cannot open file: " + errno_text(err), err == ENOENT ? "check the path" : "");
   }
   FdCloser closer{fd};
   struct stat st;
@@ -413,8 +401,7 @@ void File::map_file() {
   if (!S_ISREG(st.st_mode)) throw Error(path_, "is not a regular file");
   if (st.st_size < 8) {
     throw Error(path_,
-                "file has " + std::to_string(st.st_size) +
-                    " bytes, too few for a safetensors header (at least 8)",
+                "file has " + std::to_string(st.st_size) + " bytes, too few for a safetensors header (at least 8)",
                 "the file may be truncated; download or convert it again");
   }
   void* p = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE, fd, 0);
@@ -427,8 +414,7 @@ void File::parse_header() {
   const uint64_t header_size = read_le64(base_);
   const char* hint = "the file is corrupt, truncated or not a safetensors file";
   if (header_size > kMaxHeaderBytes) {
-    throw Error(path_, "header length " + std::to_string(header_size) + " exceeds the 100 MB limit",
-                hint);
+    throw Error(path_, "header length " + std::to_string(header_size) + " exceeds the 100 MB limit", hint);
   }
   if (header_size > size_ - 8) {
     throw Error(path_,

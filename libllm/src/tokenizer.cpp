@@ -1,14 +1,79 @@
 #include "libllm/tokenizer.h"
 
-#include <sentencepiece_processor.h>
+#include <dlfcn.h>
 
 #include <filesystem>
+#include <mutex>
 
 #include "libllm/config.h"
 #include "libllm/error.h"
 #include "libllm/model_config.h"
 
 namespace libllm {
+namespace {
+
+// The sentencepiece shim (sentencepiece_shim.cpp), loaded privately; see the comment there.
+struct Shim {
+  void* (*load)(const std::string*, std::string*);
+  void (*free)(void*);
+  int64_t (*info)(void*, int);
+  bool (*encode)(void*, const std::string*, std::vector<int>*, std::string*);
+  bool (*decode)(void*, const std::vector<int>*, std::string*, std::string*);
+  void (*piece)(void*, int, std::string*);
+  bool (*train)(const std::string*, std::string*);
+};
+
+template <class F>
+void bind(void* lib, const char* name, F& fn, const std::string& path) {
+  fn = reinterpret_cast<F>(dlsym(lib, name));
+  if (!fn) throw Error(path, std::string("sentencepiece shim lacks ") + name, "rebuild libllm");
+}
+
+const Shim& shim() {
+  static Shim s;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    std::vector<std::string> candidates;
+    if (const char* env = std::getenv("LIBLLM_SENTENCEPIECE_SHIM")) candidates.push_back(env);
+    candidates.push_back(LIBLLM_SPM_BUILD_PATH);
+    candidates.push_back(LIBLLM_SPM_INSTALL_PATH);
+    std::string errors;
+    for (const auto& path : candidates) {
+      if (!std::filesystem::exists(path)) continue;
+      void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+      if (!lib) {
+        errors += std::string(" ") + dlerror();
+        continue;
+      }
+      bind(lib, "llm_spm_load", s.load, path);
+      bind(lib, "llm_spm_free", s.free, path);
+      bind(lib, "llm_spm_info", s.info, path);
+      bind(lib, "llm_spm_encode", s.encode, path);
+      bind(lib, "llm_spm_decode", s.decode, path);
+      bind(lib, "llm_spm_piece", s.piece, path);
+      bind(lib, "llm_spm_train", s.train, path);
+      return;
+    }
+    throw Error(LIBLLM_SPM_INSTALL_PATH, "cannot load libllm's sentencepiece module" + errors,
+                "reinstall libllm or set LIBLLM_SENTENCEPIECE_SHIM to its path");
+  });
+  if (!s.load) throw Error(LIBLLM_SPM_INSTALL_PATH, "libllm's sentencepiece module failed to load earlier");
+  return s;
+}
+
+}  // namespace
+
+struct Tokenizer::Impl {
+  void* handle = nullptr;
+  ~Impl() {
+    if (handle) shim().free(handle);
+  }
+};
+
+void train_sentencepiece(const std::string& args) {
+  std::string error;
+  if (!shim().train(&args, &error)) throw Error("sentencepiece trainer", error, "check the tokenizer training options");
+}
 
 void TokenizerConfig::fields(Fields& f) { f.add("path", path); }
 
@@ -17,12 +82,17 @@ Tokenizer Tokenizer::load(const std::string& path) {
     throw Error(path, "tokenizer file not found",
                 "give a sentencepiece tokenizer.model (tokenizer.path in the recipe)");
   Tokenizer t;
-  t.sp_ = std::make_unique<sentencepiece::SentencePieceProcessor>();
-  const auto status = t.sp_->Load(path);
-  if (!status.ok())
-    throw Error(path, "not a valid sentencepiece model: " + status.ToString(),
+  std::string error;
+  t.impl_ = std::make_unique<Impl>();
+  t.impl_->handle = shim().load(&path, &error);
+  if (!t.impl_->handle)
+    throw Error(path, "not a valid sentencepiece model: " + error,
                 "HF folders with only tokenizer.json are not supported; use the tokenizer.model");
   t.path_ = path;
+  t.vocab_size_ = shim().info(t.impl_->handle, 0);
+  t.unk_id_ = shim().info(t.impl_->handle, 1);
+  t.bos_id_ = shim().info(t.impl_->handle, 2);
+  t.eos_id_ = shim().info(t.impl_->handle, 3);
   return t;
 }
 
@@ -32,8 +102,8 @@ Tokenizer::~Tokenizer() = default;
 
 std::vector<int64_t> Tokenizer::encode(const std::string& text) const {
   std::vector<int> ids;
-  const auto status = sp_->Encode(text, &ids);
-  if (!status.ok()) throw Error(path_, "encoding failed: " + status.ToString());
+  std::string error;
+  if (!shim().encode(impl_->handle, &text, &ids, &error)) throw Error(path_, "encoding failed: " + error);
   return {ids.begin(), ids.end()};
 }
 
@@ -42,21 +112,17 @@ std::string Tokenizer::decode(const std::vector<int64_t>& ids) const {
   v.reserve(ids.size());
   for (int64_t id : ids)
     if (id >= 0 && id < vocab_size()) v.push_back(static_cast<int>(id));
-  std::string out;
-  const auto status = sp_->Decode(v, &out);
-  if (!status.ok()) throw Error(path_, "decoding failed: " + status.ToString());
+  std::string out, error;
+  if (!shim().decode(impl_->handle, &v, &out, &error)) throw Error(path_, "decoding failed: " + error);
   return out;
 }
 
 std::string Tokenizer::piece(int64_t id) const {
   if (id < 0 || id >= vocab_size()) return "<out of range " + std::to_string(id) + ">";
-  return sp_->IdToPiece(static_cast<int>(id));
+  std::string piece;
+  shim().piece(impl_->handle, static_cast<int>(id), &piece);
+  return piece;
 }
-
-int64_t Tokenizer::vocab_size() const { return sp_->GetPieceSize(); }
-int64_t Tokenizer::bos_id() const { return sp_->bos_id(); }
-int64_t Tokenizer::eos_id() const { return sp_->eos_id(); }
-int64_t Tokenizer::unk_id() const { return sp_->unk_id(); }
 
 void Tokenizer::check_fits(const ModelConfig& model, const std::string& model_where) const {
   if (vocab_size() > model.vocab_size)

@@ -6,7 +6,7 @@ set(_src ${PROJECT_SOURCE_DIR})
 
 # expect_error(NAME REGEX COMMAND...)
 function(expect_error name regex)
-  string(REPLACE ";" "\\;" _cmd "${ARGN}")
+  string(REPLACE ";" "@@" _cmd "${ARGN}")
   add_test(NAME apps.error.${name}
            COMMAND ${CMAKE_COMMAND} "-DCMD=${_cmd}" "-DREGEX=${regex}" -P ${CMAKE_CURRENT_SOURCE_DIR}/apps/expect_error.cmake)
 endfunction()

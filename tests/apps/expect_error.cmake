@@ -1,5 +1,6 @@
-# Runs CMD (a ;-list) and passes when it exits non-zero (not by a signal) having printed exactly
+# Runs CMD (arguments joined by @@) and passes when it exits non-zero (not by a signal) having printed exactly
 # one line on stderr that matches REGEX.
+string(REPLACE "@@" ";" CMD "${CMD}")
 execute_process(COMMAND ${CMD} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
 string(STRIP "${err}" err_stripped)
 if(NOT rc MATCHES "^[0-9]+$")

@@ -56,7 +56,7 @@ TEST_CASE("wrong types and out-of-range values name the key and what is allowed"
   CHECK_THAT(error_of("model:\n  n_experts: 2\n  n_experts_per_token: 3\n"), Catch::Contains("exceeds n_experts"));
 }
 
-TEST_CASE("--set overrides are typed and checked like the file", "[config]") {
+TEST_CASE("set overrides are typed and checked like the file", "[config]") {
   const Recipe r = Recipe::parse("model:\n  dim: 64\n  n_heads: 4\n", "r.yaml", {"model.n_layers=3", "model.dim=128"});
   CHECK(r.model.n_layers == 3);
   CHECK(r.model.dim == 128);

@@ -28,8 +28,8 @@ class TempDir {
  public:
   TempDir() {
     static std::atomic<int> counter{0};
-    path_ = fs::temp_directory_path() /
-            ("libllm_st_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    path_ =
+        fs::temp_directory_path() / ("libllm_st_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
     fs::remove_all(path_);
     fs::create_directories(path_);
   }
@@ -132,9 +132,8 @@ void check_corrupt(const std::vector<Corrupt>& cases) {
 
 TEST_CASE("safetensors dtype names and sizes", "[io]") {
   const std::vector<std::pair<st::DType, size_t>> all = {
-      {st::DType::F32, 4}, {st::DType::F16, 2}, {st::DType::BF16, 2}, {st::DType::F64, 8},
-      {st::DType::I64, 8}, {st::DType::I32, 4}, {st::DType::I16, 2}, {st::DType::I8, 1},
-      {st::DType::U8, 1},  {st::DType::BOOL, 1}};
+      {st::DType::F32, 4}, {st::DType::F16, 2}, {st::DType::BF16, 2}, {st::DType::F64, 8}, {st::DType::I64, 8},
+      {st::DType::I32, 4}, {st::DType::I16, 2}, {st::DType::I8, 1},   {st::DType::U8, 1},  {st::DType::BOOL, 1}};
   for (const auto& [dtype, size] : all) {
     CHECK(st::dtype_size(dtype) == size);
     CHECK(st::dtype_from_name(st::dtype_name(dtype), "x") == dtype);
@@ -142,8 +141,7 @@ TEST_CASE("safetensors dtype names and sizes", "[io]") {
   CHECK(std::string(st::dtype_name(st::DType::BF16)) == "BF16");
   CHECK(std::string(st::dtype_name(st::DType::BOOL)) == "BOOL");
   CHECK_THROWS_AS(st::dtype_from_name("f32", "x"), libllm::Error);
-  CHECK_THROWS_WITH(st::dtype_from_name("F8_E4M3", "m.safetensors"),
-                    Contains("m.safetensors") && Contains("F8_E4M3"));
+  CHECK_THROWS_WITH(st::dtype_from_name("F8_E4M3", "m.safetensors"), Contains("m.safetensors") && Contains("F8_E4M3"));
 }
 
 TEST_CASE("safetensors write/read round trip keeps dtypes, shapes and bytes", "[io]") {
@@ -153,12 +151,18 @@ TEST_CASE("safetensors write/read round trip keeps dtypes, shapes and bytes", "[
     std::vector<int64_t> shape;
   };
   const std::vector<Spec> specs = {
-      {"layers.0.w", st::DType::F32, {2, 3}}, {"h", st::DType::F16, {5}},
-      {"bf", st::DType::BF16, {2, 2, 1}},     {"d", st::DType::F64, {1}},
-      {"i64", st::DType::I64, {3}},           {"i32", st::DType::I32, {2, 2, 2}},
-      {"i16", st::DType::I16, {7}},           {"i8", st::DType::I8, {3, 1}},
-      {"u8", st::DType::U8, {9}},             {"mask", st::DType::BOOL, {4}},
-      {"scalar", st::DType::F32, {}},         {"empty", st::DType::I32, {0, 3}},
+      {"layers.0.w", st::DType::F32, {2, 3}},
+      {"h", st::DType::F16, {5}},
+      {"bf", st::DType::BF16, {2, 2, 1}},
+      {"d", st::DType::F64, {1}},
+      {"i64", st::DType::I64, {3}},
+      {"i32", st::DType::I32, {2, 2, 2}},
+      {"i16", st::DType::I16, {7}},
+      {"i8", st::DType::I8, {3, 1}},
+      {"u8", st::DType::U8, {9}},
+      {"mask", st::DType::BOOL, {4}},
+      {"scalar", st::DType::F32, {}},
+      {"empty", st::DType::I32, {0, 3}},
   };
   std::vector<std::vector<uint8_t>> bytes;
   std::vector<st::TensorView> views;
@@ -220,8 +224,7 @@ TEST_CASE("safetensors header is 8-byte aligned, metadata first, tensors sorted"
   REQUIRE(close != std::string::npos);
   CHECK(header.find_first_not_of(' ', close + 1) == std::string::npos);
   CHECK(header.rfind(R"({"__metadata__":)", 0) == 0);
-  const size_t pa = header.find(R"("A":)"), pm = header.find(R"("mid.x":)"),
-               pz = header.find(R"("zeta":)");
+  const size_t pa = header.find(R"("A":)"), pm = header.find(R"("mid.x":)"), pz = header.find(R"("zeta":)");
   REQUIRE(pa != std::string::npos);
   CHECK(pa < pm);
   CHECK(pm < pz);
@@ -283,8 +286,8 @@ TEST_CASE("safetensors write is atomic and replaces an existing file", "[io]") {
 
   SECTION("a failed write keeps the previous file") {
     const std::string before = read_bytes(path);
-    const std::string msg = write_error(path, {{"a", st::DType::U8, {4}, one.data()},
-                                               {"a", st::DType::U8, {4}, one.data()}});
+    const std::string msg =
+        write_error(path, {{"a", st::DType::U8, {4}, one.data()}, {"a", st::DType::U8, {4}, one.data()}});
     CHECK_THAT(msg, Contains(path) && Contains("'a'"));
     CHECK(read_bytes(path) == before);
     CHECK(dir.list() == std::vector<std::string>{"w.safetensors"});
@@ -329,15 +332,14 @@ TEST_CASE("safetensors write rejects bad tensors", "[io]") {
 }
 
 TEST_CASE("safetensors golden file built by hand parses to the expected values", "[io]") {
-  const std::string header =
-      R"({"__metadata__":{"format":"pt"},)"
-      R"("w":{"dtype":"I16","shape":[2],"data_offsets":[4,8]},)"
-      R"("s":{"dtype":"F32","shape":[],"data_offsets":[0,4]},)"
-      R"("e":{"dtype":"U8","shape":[0,3],"data_offsets":[8,8]}})";
+  const std::string header = R"({"__metadata__":{"format":"pt"},)"
+                             R"("w":{"dtype":"I16","shape":[2],"data_offsets":[4,8]},)"
+                             R"("s":{"dtype":"F32","shape":[],"data_offsets":[0,4]},)"
+                             R"("e":{"dtype":"U8","shape":[0,3],"data_offsets":[8,8]}})";
   REQUIRE(header.size() == 191);
   // 191 = 0xbf little-endian; s = 1.5f = 0x3fc00000; w = [1, -2] as int16.
-  const std::string bytes = std::string("\xbf\0\0\0\0\0\0\0", 8) + header +
-                            std::string("\x00\x00\xc0\x3f", 4) + std::string("\x01\x00\xfe\xff", 4);
+  const std::string bytes = std::string("\xbf\0\0\0\0\0\0\0", 8) + header + std::string("\x00\x00\xc0\x3f", 4) +
+                            std::string("\x01\x00\xfe\xff", 4);
   TempDir dir;
   const std::string path = dir.file("golden.safetensors");
   write_bytes(path, bytes);
@@ -388,8 +390,7 @@ TEST_CASE("safetensors lookup of absent tensors and foreign ranges", "[io]") {
 
 TEST_CASE("safetensors accepts gaps, padding and zero-size tensors inside others", "[io]") {
   // "z" is empty and sits inside "a"; bytes 4..7 are an unused gap; the header has padding.
-  const std::string header = "{\"a\":" + entry("U8", "[4]", "[0,4]") +
-                             ",\"z\":" + entry("F32", "[0]", "[2,2]") +
+  const std::string header = "{\"a\":" + entry("U8", "[4]", "[0,4]") + ",\"z\":" + entry("F32", "[0]", "[2,2]") +
                              ",\"b\":" + entry("U8", "[2]", "[8,10]") + "}   ";
   TempDir dir;
   const std::string path = dir.file("ok.safetensors");
@@ -465,8 +466,7 @@ TEST_CASE("safetensors rejects bad data offsets, overlaps and duplicates", "[io]
       {"size_mismatch", two(a_ok, entry("F32", "[2]", "[4,8]")), "need 8"},
       {"overlap", two(a_ok, entry("U8", "[4]", "[2,6]")), "overlaps"},
       {"same_range", two(a_ok, a_ok), "overlaps"},
-      {"duplicate_name", raw_file("{\"a\":" + a_ok + ",\"a\":" + entry("U8", "[4]", "[4,8]") + "}", data),
-       "twice"},
+      {"duplicate_name", raw_file("{\"a\":" + a_ok + ",\"a\":" + entry("U8", "[4]", "[4,8]") + "}", data), "twice"},
       {"duplicate_field", raw_file(R"({"a":{"dtype":"U8","dtype":"U8","shape":[4],"data_offsets":[0,4]}})", data),
        "duplicate key 'dtype'"},
   });

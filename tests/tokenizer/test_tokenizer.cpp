@@ -17,7 +17,7 @@ TEST_CASE("encodes like the Python sentencepiece library, LLaMA special ids", "[
   CHECK(tok.unk_id() == 0);
   CHECK(tok.bos_id() == 1);
   CHECK(tok.eos_id() == 2);
-  for (auto& [text, ids] : e["encodings"].items()) {
+  for (auto& [text, ids] : e["encode"].items()) {
     INFO(text);
     CHECK(tok.encode(text) == ids.get<std::vector<int64_t>>());
     CHECK(tok.decode(tok.encode(text)) == text);  // byte fallback: lossless for any UTF-8

@@ -11,6 +11,12 @@
 
 namespace libllm::compat {
 
+// The dtype reductions (norms, softmax, losses) run in: fp32 for fp32/bf16/fp16 tensors,
+// float64 for float64 ones (so double-precision gradient checks stay double).
+inline torch::ScalarType compute_dtype(const torch::Tensor& x) {
+  return x.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+}
+
 // Causal scaled-dot-product attention. q: (B, H, T, D); k, v: (B, Hkv, S, D) with H % Hkv == 0.
 // mask: optional additive float mask broadcastable to (B, H, T, S) (used for sliding windows);
 // when absent the attention is causal with query i seeing keys <= i + (S - T).
@@ -19,8 +25,8 @@ namespace libllm::compat {
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                         const c10::optional<torch::Tensor>& mask);
 
-// RMSNorm y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and cast back to x's dtype
-// before the weight multiply (the Hugging Face LLaMA convention). Fused kernel where available.
+// RMSNorm y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (compute_dtype) and cast back
+// to x's dtype before the weight multiply (the Hugging Face LLaMA convention).
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 
 // Number of intra-op threads to use: the machine's core count (LibTorch may start at 1).

@@ -6,10 +6,6 @@
 #include <string>
 #include <vector>
 
-namespace sentencepiece {
-class SentencePieceProcessor;
-}
-
 namespace libllm {
 
 class Fields;
@@ -34,10 +30,10 @@ class Tokenizer {
   std::string decode(const std::vector<int64_t>& ids) const;
   std::string piece(int64_t id) const;
 
-  int64_t vocab_size() const;
-  int64_t bos_id() const;  // -1 when the model defines none
-  int64_t eos_id() const;
-  int64_t unk_id() const;
+  int64_t vocab_size() const { return vocab_size_; }
+  int64_t bos_id() const { return bos_id_; }  // -1 when the model defines none
+  int64_t eos_id() const { return eos_id_; }
+  int64_t unk_id() const { return unk_id_; }
   const std::string& path() const { return path_; }
 
   // Errors (naming the tokenizer file and the model key) unless every token id fits the
@@ -46,8 +42,14 @@ class Tokenizer {
 
  private:
   Tokenizer() = default;
-  std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
   std::string path_;
+  int64_t vocab_size_ = 0, bos_id_ = -1, eos_id_ = -1, unk_id_ = -1;
 };
+
+// Trains a sentencepiece model; `args` is spm_train's flag string
+// ("--input=corpus.txt --model_prefix=out/tokenizer --vocab_size=8000 --model_type=bpe ...").
+void train_sentencepiece(const std::string& args);
 
 }  // namespace libllm

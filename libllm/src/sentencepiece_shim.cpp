@@ -1,0 +1,71 @@
+// A tiny shared module between libllm and libsentencepiece, loaded at run time with
+// dlopen(RTLD_LOCAL | RTLD_DEEPBIND) by tokenizer.cpp.
+//
+// Why: Debian's libsentencepiece embeds and exports its own protobuf-lite (3.14) while Debian's
+// LibTorch loads the system libprotobuf (3.21). Linked into one process, one library's protobuf
+// symbols interpose the other's and the process crashes in static initialisers or fails
+// protobuf's version check. Loaded privately and deep-bound, sentencepiece keeps its own
+// protobuf and never meets LibTorch's. The functions take C++ types by pointer: both sides share
+// the one libstdc++ of the process.
+#include <sentencepiece_processor.h>
+#include <sentencepiece_trainer.h>
+
+#include <string>
+#include <vector>
+
+using sentencepiece::SentencePieceProcessor;
+
+extern "C" {
+
+int llm_spm_abi_version() { return 1; }
+
+void* llm_spm_load(const std::string* path, std::string* error) {
+  auto* sp = new SentencePieceProcessor();
+  const auto status = sp->Load(*path);
+  if (!status.ok()) {
+    *error = status.ToString();
+    delete sp;
+    return nullptr;
+  }
+  return sp;
+}
+
+void llm_spm_free(void* sp) { delete static_cast<SentencePieceProcessor*>(sp); }
+
+// which: 0 = vocabulary size, 1 = unk id, 2 = bos id, 3 = eos id, 4 = pad id.
+int64_t llm_spm_info(void* handle, int which) {
+  auto* sp = static_cast<SentencePieceProcessor*>(handle);
+  switch (which) {
+    case 0: return sp->GetPieceSize();
+    case 1: return sp->unk_id();
+    case 2: return sp->bos_id();
+    case 3: return sp->eos_id();
+    case 4: return sp->pad_id();
+  }
+  return -1;
+}
+
+bool llm_spm_encode(void* handle, const std::string* text, std::vector<int>* ids, std::string* error) {
+  const auto status = static_cast<SentencePieceProcessor*>(handle)->Encode(*text, ids);
+  if (!status.ok()) *error = status.ToString();
+  return status.ok();
+}
+
+bool llm_spm_decode(void* handle, const std::vector<int>* ids, std::string* text, std::string* error) {
+  const auto status = static_cast<SentencePieceProcessor*>(handle)->Decode(*ids, text);
+  if (!status.ok()) *error = status.ToString();
+  return status.ok();
+}
+
+void llm_spm_piece(void* handle, int id, std::string* piece) {
+  *piece = static_cast<SentencePieceProcessor*>(handle)->IdToPiece(id);
+}
+
+// sentencepiece's trainer with spm_train's flag string ("--input=... --vocab_size=...").
+bool llm_spm_train(const std::string* args, std::string* error) {
+  const auto status = sentencepiece::SentencePieceTrainer::Train(*args);
+  if (!status.ok()) *error = status.ToString();
+  return status.ok();
+}
+
+}  // extern "C"
