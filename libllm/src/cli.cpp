@@ -31,7 +31,7 @@ Args::Args(int argc, char** argv, std::string usage, std::vector<Option> options
       std::vector<std::string> names;
       for (const auto& o : options_) names.push_back(o.name);
       const std::string near = nearest_key(name, names);
-      throw Error(prog_, "unknown option '" + name + "'", near.empty() ? "see --help" : "did you mean '" + near + "'?");
+      throw Error("", "unknown option '" + name + "'", near.empty() ? "see --help" : "did you mean '" + near + "'?");
     }
     if (!opt->takes_value) {
       if (name == "--help") help_ = true;
@@ -39,14 +39,14 @@ Args::Args(int argc, char** argv, std::string usage, std::vector<Option> options
       continue;
     }
     if (!inline_value) {
-      if (i + 1 >= argc) throw Error(prog_, "option " + name + " needs a value", "see --help");
+      if (i + 1 >= argc) throw Error("", "option " + name + " needs a value", "see --help");
       value = argv[++i];
     }
     if (name == "--set") sets_.push_back(value);
     else values_[name] = value;
   }
   if (!help_ && static_cast<int>(positional_.size()) != n_positional)
-    throw Error(prog_, "expected " + std::to_string(n_positional) + " positional argument(s), got " +
+    throw Error("", "expected " + std::to_string(n_positional) + " positional argument(s), got " +
                            std::to_string(positional_.size()),
                 "usage: " + usage_);
 }

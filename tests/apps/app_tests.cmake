@@ -35,7 +35,7 @@ expect_error(plan.bad-heads "model.n_kv_heads: n_heads \\(32\\) must be a multip
              ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml --set model.n_kv_heads=5)
 expect_error(plan.bad-set "unknown key 'model.layers'.*did you mean 'n_layers'"
              ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml --set model.layers=4)
-expect_error(plan.unknown-option "unknown option '--sett'.*did you mean '--set'"
+expect_error(plan.unknown-option "llm-plan: error: unknown option '--sett'.*did you mean '--set'"
              ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml --sett model.dim=4)
 expect_error(eval.missing-checkpoint "no-such-dir: checkpoint folder not found"
              ${_bin}/llm-eval --checkpoint no-such-dir --data ${_fx}/eval.txt)
