@@ -5,6 +5,12 @@ namespace libllm {
 void Recipe::bind(Schema& s) {
   model.fields(s.section("model"));
   tokenizer.fields(s.section("tokenizer"));
+  data_prep.fields(s.section("data_prep"));
+  data.fields(s.section("data"));
+  optim.fields(s.section("optim"));
+  schedule.fields(s.section("schedule"));
+  train.fields(s.section("train"));
+  checkpoint.fields(s.section("checkpoint"));
 }
 
 namespace {

@@ -75,7 +75,13 @@ void train_sentencepiece(const std::string& args) {
   if (!shim().train(&args, &error)) throw Error("sentencepiece trainer", error, "check the tokenizer training options");
 }
 
-void TokenizerConfig::fields(Fields& f) { f.add("path", path); }
+void TokenizerConfig::fields(Fields& f) {
+  f.add("path", path);
+  f.add("vocab_size", vocab_size).min(0);
+  f.add("model_type", model_type).one_of({"bpe", "unigram"});
+  f.add("character_coverage", character_coverage).min(0.5).max(1.0);
+  f.add("input_sentence_size", input_sentence_size).min(1);
+}
 
 Tokenizer Tokenizer::load(const std::string& path) {
   if (!std::filesystem::is_regular_file(path))

@@ -1,5 +1,5 @@
 // Recipes: strict parsing, overrides, printing, and the shipped recipes' exact parameter counts.
-#include <catch2/catch.hpp>
+#include "../catch_torch.h"
 
 #include "libllm/error.h"
 #include "libllm/model.h"

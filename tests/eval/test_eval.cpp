@@ -1,5 +1,5 @@
 // Perplexity protocol against the float64 reference's numbers for the same documents.
-#include <catch2/catch.hpp>
+#include "../catch_torch.h"
 
 #include "../common.h"
 #include "libllm/error.h"

@@ -1,6 +1,6 @@
 // Hugging Face folders: config.json mapping, bit-exact import -> export, sharding, atomic
 // export, and every kind of bad checkpoint giving a clear error.
-#include <catch2/catch.hpp>
+#include "../catch_torch.h"
 
 #include <filesystem>
 

@@ -3,7 +3,7 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <catch2/catch.hpp>
+#include "../catch_torch.h"
 #include <cstdint>
 #include <cstring>
 #include <filesystem>

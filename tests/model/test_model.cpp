@@ -1,6 +1,6 @@
 // The decoder against the independent float64 reference (tests/fixtures/make_fixtures.py,
 // transformers' LLaMA/Mistral/Mixtral semantics), plus properties and gradient checks.
-#include <catch2/catch.hpp>
+#include "../catch_torch.h"
 
 #include "../common.h"
 #include "libllm/hf.h"

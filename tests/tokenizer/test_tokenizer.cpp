@@ -1,5 +1,5 @@
 // The sentencepiece tokenizer: ids as the Python sentencepiece library gives them, and errors.
-#include <catch2/catch.hpp>
+#include "../catch_torch.h"
 
 #include "../common.h"
 #include "libllm/error.h"

@@ -5,15 +5,25 @@
 #include <string>
 #include <vector>
 
+#include "libllm/checkpoint.h"
 #include "libllm/config.h"
+#include "libllm/data.h"
 #include "libllm/model_config.h"
+#include "libllm/optim.h"
 #include "libllm/tokenizer.h"
+#include "libllm/train.h"
 
 namespace libllm {
 
 struct Recipe {
-  ModelConfig model;          // section `model`
-  TokenizerConfig tokenizer;  // section `tokenizer`
+  ModelConfig model;            // section `model`
+  TokenizerConfig tokenizer;    // section `tokenizer`
+  DataPrepConfig data_prep;     // section `data_prep` (llm-data)
+  DataConfig data;              // section `data`
+  OptimConfig optim;            // section `optim`
+  ScheduleConfig schedule;      // section `schedule`
+  TrainConfig train;            // section `train`
+  CheckpointConfig checkpoint;  // section `checkpoint`
 
   // Reads `path` strictly, applies `--set section.key=value` overrides in order, resolves
   // derived defaults and validates. Errors name the file and key.

@@ -11,8 +11,13 @@ namespace libllm {
 class Fields;
 struct ModelConfig;
 
-struct TokenizerConfig {
-  std::string path = "";  // sentencepiece tokenizer.model file; "" = the one beside the checkpoint
+struct TokenizerConfig {    // recipe section `tokenizer`
+  std::string path = "";    // sentencepiece tokenizer.model file; "" = the one beside the checkpoint
+  // Training (llm-data), used when `path` does not exist yet:
+  int64_t vocab_size = 0;             // pieces in a newly trained tokenizer; 0 = never train, `path` must exist
+  std::string model_type = "bpe";     // bpe or unigram
+  double character_coverage = 1.0;    // fraction of characters covered by pieces (rest: byte fallback)
+  int64_t input_sentence_size = 2000000;  // documents sampled for training at most
 
   void fields(Fields& f);
 };

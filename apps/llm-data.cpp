@@ -1,0 +1,88 @@
+// llm-data RECIPE [--set section.key=value]...: trains the recipe's tokenizer (when
+// tokenizer.path does not exist yet and tokenizer.vocab_size > 0), then tokenizes
+// data_prep.inputs into memory-mappable token shards (and a held-out set when asked).
+#include <fmt/core.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include <libllm/cli.h>
+#include <libllm/data.h>
+#include <libllm/error.h>
+#include <libllm/recipe.h>
+#include <libllm/tokenizer.h>
+
+using namespace libllm;
+namespace fs = std::filesystem;
+
+// Trains a sentencepiece model with LLaMA's conventions (unk 0, BOS 1, EOS 2, byte fallback,
+// whitespace kept, digits split) into cfg.path, written under a temporary name first.
+static void train_tokenizer(const Recipe& r) {
+  const TokenizerConfig& t = r.tokenizer;
+  const fs::path out = t.path;
+  if (out.extension() != ".model") throw Error("tokenizer.path", "must end in .model, got '" + t.path + "'");
+  fs::create_directories(out.parent_path().empty() ? fs::path(".") : out.parent_path());
+  const std::string tmp_prefix = (out.parent_path() / (out.stem().string() + ".tmp-" + std::to_string(::getpid()))).string();
+  const std::string corpus = tmp_prefix + ".txt";
+  int64_t docs = 0;
+  {
+    std::ofstream text(corpus);
+    for_each_document(r.data_prep, [&](const std::string& d) {
+      text << d << "\n";
+      return ++docs < t.input_sentence_size;
+    });
+    if (!text) throw Error(corpus, "cannot write the tokenizer training text", "check free disk space");
+  }
+  fmt::print("training a {} tokenizer of {} pieces on {} documents\n", t.model_type, t.vocab_size, docs);
+  const std::string args = fmt::format(
+      "--input={} --model_prefix={} --vocab_size={} --model_type={} --character_coverage={} --byte_fallback=true "
+      "--unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1 --normalization_rule_name=identity "
+      "--remove_extra_whitespaces=false --split_digits=true --allow_whitespace_only_pieces=true "
+      "--input_sentence_size={} --shuffle_input_sentence=false --num_threads={} --minloglevel=2",
+      corpus, tmp_prefix, t.vocab_size, t.model_type, t.character_coverage, t.input_sentence_size,
+      std::max(1u, std::thread::hardware_concurrency()));
+  try {
+    train_sentencepiece(args);
+  } catch (...) {
+    fs::remove(corpus);
+    throw;
+  }
+  fs::remove(corpus);
+  fs::rename(tmp_prefix + ".vocab", out.parent_path() / (out.stem().string() + ".vocab"));
+  fs::rename(tmp_prefix + ".model", out);
+  fmt::print("tokenizer: {}\n", t.path);
+}
+
+int main(int argc, char** argv) {
+  return cli::run("llm-data", [&] {
+    cli::Args args(argc, argv, "llm-data RECIPE [--set section.key=value]...", {}, 1);
+    if (args.help()) return fmt::print("{}", args.usage()), 0;
+    const Recipe recipe = Recipe::load(args.positional()[0], args.overrides());
+    if (recipe.tokenizer.path.empty()) throw Error("tokenizer.path", "is empty", "name the tokenizer.model to use or train");
+    if (!fs::exists(recipe.tokenizer.path)) {
+      if (recipe.tokenizer.vocab_size <= 0)
+        throw Error(recipe.tokenizer.path, "tokenizer not found",
+                    "give an existing tokenizer.model, or set tokenizer.vocab_size to train one");
+      train_tokenizer(recipe);
+    } else {
+      fmt::print("tokenizer: {} (exists; not retrained)\n", recipe.tokenizer.path);
+    }
+    const Tokenizer tok = Tokenizer::load(recipe.tokenizer.path);
+    tok.check_fits(recipe.model, "model.vocab_size");
+    int last = -1;
+    const ShardSetInfo info = write_shards(recipe.data_prep, tok, [&](int64_t done, int64_t total) {
+      const int pct = total > 0 ? static_cast<int>(100 * done / total) : 100;
+      if (pct != last) fmt::print(stderr, "\rtokenizing: {:3d}% of {:.1f} MB", pct, total / 1e6), last = pct;
+    });
+    fmt::print(stderr, "\n");
+    fmt::print("shards: {} ({} documents, {} tokens)\n", info.dir, info.total_documents, info.total_tokens);
+    if (!recipe.data_prep.valid_output.empty()) {
+      const ShardSet v = ShardSet::open(recipe.data_prep.valid_output);
+      fmt::print("held-out: {} ({} documents, {} tokens)\n", recipe.data_prep.valid_output, v.info().total_documents,
+                 v.n_tokens());
+    }
+    return 0;
+  });
+}

@@ -1,0 +1,18 @@
+// llm-pretrain RECIPE [--set section.key=value]...: pretrains (or resumes) the recipe's model.
+#include <fmt/core.h>
+
+#include <libllm/cli.h>
+#include <libllm/recipe.h>
+#include <libllm/train.h>
+
+using namespace libllm;
+
+int main(int argc, char** argv) {
+  return cli::run("llm-pretrain", [&] {
+    cli::Args args(argc, argv, "llm-pretrain RECIPE [--set section.key=value]...", {}, 1);
+    if (args.help()) return fmt::print("{}", args.usage()), 0;
+    const Recipe recipe = Recipe::load(args.positional()[0], args.overrides());
+    pretrain(recipe);
+    return 0;
+  });
+}

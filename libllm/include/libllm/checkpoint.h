@@ -1,0 +1,51 @@
+// Training checkpoints: model, optimizer state, RNG state, step, data cursor and the resolved
+// recipe, in one folder per step (run_dir/checkpoints/step-00000100). A folder is built under a
+// temporary name and renamed when complete, so a kill -9 mid-save leaves the previous
+// checkpoints intact and never a folder that looks complete but is not. A checkpoint folder
+// is also a libllm model folder (recipe.yaml + model.safetensors + tokenizer.model): llm-eval
+// and export read it directly.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "libllm/model.h"
+
+namespace libllm {
+
+class Fields;
+class AdamW;
+
+struct CheckpointConfig {      // recipe section `checkpoint`
+  int64_t every = 1000;        // save every this many optimizer steps (and at the end); 0 = only at the end
+  int64_t keep_last = 3;       // regular checkpoints kept (older ones deleted); >= 1
+  int64_t milestone_every = 0; // steps that are multiples of this are milestones, never deleted (LLM360); 0 = none
+  std::string resume = "auto"; // auto = newest complete checkpoint in the run folder, none = start fresh, or a folder path
+
+  void fields(Fields& f);
+};
+
+// What the training loop needs to continue exactly, besides model and optimizer.
+struct TrainState {
+  int64_t step = 0;          // optimizer steps completed
+  std::string data_cursor;   // the dataset's cursor (JSON)
+  std::string extra;         // trainer-owned JSON (metrics so far, stability guard state)
+};
+
+// Saves into root/step-XXXXXXXX and returns that path. Throws libllm::Error (e.g. disk full)
+// after removing the partial folder.
+std::string save_checkpoint(const std::string& root, Transformer& model, const AdamW& optim,
+                            const TrainState& state, const std::string& recipe_yaml,
+                            const std::string& tokenizer_path);
+// The newest complete checkpoint folder under root ("" when none). Partial folders are ignored.
+std::string latest_checkpoint(const std::string& root);
+// All complete checkpoint steps under root, ascending.
+std::vector<int64_t> checkpoint_steps(const std::string& root);
+// Restores model, optimizer, torch's CPU RNG and returns the state. A checkpoint of another model
+// shape is an error naming the tensor.
+TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& optim);
+// Deletes regular checkpoints beyond keep_last (milestones stay) and leftover partial folders.
+void prune_checkpoints(const std::string& root, const CheckpointConfig& cfg);
+std::string checkpoint_name(int64_t step);
+
+}  // namespace libllm

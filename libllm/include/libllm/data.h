@@ -1,0 +1,213 @@
+// Pretraining data: text corpora tokenized once into binary shard sets, and a packed,
+// mixed, deterministic, resumable stream of fixed-length training windows over them.
+// Plain C++ (no LibTorch): tokens come out as int64 buffers the trainer wraps in tensors.
+//
+// A shard set is a folder:
+//   shard-00000.bin, shard-00001.bin, ...  tokens, little-endian uint16 (vocab_size <= 65536)
+//                                          or uint32; documents concatenated, each followed by EOS;
+//                                          a document never spans two shards
+//   shard-00000.idx, ...                   uint64 little-endian token offset of each document start
+//   meta.json                              {"format": "libllm-tokens-v1", "dtype", "vocab_size", "eos_id",
+//                                           "tokenizer_sha256", "tokenizer_path", "shards": [{"file",
+//                                           "tokens", "documents", "doc_offsets_file"}], "total_tokens",
+//                                           "total_documents", "inputs", "txt_documents"}
+// Every file is written as `<name>.tmp-<pid>` and renamed when complete; meta.json is written
+// last, so a folder without it (an interrupted run) is never taken for a complete shard set.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace libllm {
+
+class Fields;
+class Tokenizer;
+
+// ---------------------------------------------------------------------------------------------
+// Tokenizing a corpus into a shard set.
+
+// Recipe section `data_prep`.
+struct DataPrepConfig {
+  // Text to tokenize: files or folders, in this order. Folders are walked recursively and their
+  // .txt, .md and .jsonl files taken in byte order of their paths (names starting with '.' are
+  // skipped). Files named directly must also be .txt, .md or .jsonl. Required.
+  std::vector<std::string> inputs;
+  // The shard-set folder to write (created if missing; an old shard set there is replaced). Required.
+  std::string output = "";
+  // How .txt/.md files split into documents: "line" (default) = each non-blank line, trimmed;
+  // "paragraph" = blocks separated by blank lines, inner newlines kept, the block trimmed;
+  // "fortune" = blocks separated by lines holding only "%" (fortune(6) files; files without an
+  // extension are then taken too, e.g. /usr/share/games/fortunes).
+  // .jsonl files always give one document per line: the string field "text", trimmed
+  // (the same rule as llm-eval's read_documents); blank documents are skipped in every format.
+  std::string txt_documents = "line";
+  // Tokens (EOS included) per shard file; a shard is closed before the document that would
+  // overflow it, so a document longer than this gets a shard of its own. Default 100,000,000; >= 1.
+  int64_t shard_tokens = 100000000;
+  // Tokenizer threads; 0 (default) = std::thread::hardware_concurrency(). The output is
+  // byte-identical for any thread count.
+  int64_t threads = 0;
+  // Held-out split: every valid_every-th document (indices n-1, 2n-1, ... in corpus order) goes
+  // to the shard set `valid_output` instead of `output`. 0 (default) = no split.
+  std::string valid_output = "";
+  int64_t valid_every = 0;
+
+  void fields(Fields& f);
+};
+
+// Calls fn on every document of the inputs in corpus order (the documents write_shards
+// tokenizes, before any held-out split) until fn returns false.
+void for_each_document(const DataPrepConfig& cfg, const std::function<bool(const std::string&)>& fn);
+
+// A shard set's summary (meta.json).
+struct ShardSetInfo {
+  std::string dir;               // the shard-set folder
+  int64_t total_tokens = 0;      // tokens in all shards, the EOS after each document included
+  int64_t total_documents = 0;   // documents in all shards
+  int64_t vocab_size = 0;        // the tokenizer's vocabulary size
+  int64_t eos_id = 0;            // the token that ends every document
+  std::string tokenizer_sha256;  // SHA-256 (hex) of the tokenizer.model file bytes
+  std::string tokenizer_path;    // the tokenizer file the set was made with (absolute, as it was then)
+};
+
+// Tokenizes every input document in order (inputs in listed order, folder contents sorted) into
+// shards under cfg.output; calls progress(done_bytes, total_bytes) of input text as it goes.
+// Errors (libllm::Error) name the file and the `data_prep.*` key: no inputs, an unreadable or
+// unsupported file, a malformed JSONL line (file:line), a tokenizer without EOS.
+ShardSetInfo write_shards(const DataPrepConfig& cfg, const Tokenizer& tok,
+                          const std::function<void(int64_t, int64_t)>& progress = {});
+
+// A complete shard set, memory-mapped read-only. Cheap to copy (shares the mappings).
+class ShardSet {
+ public:
+  // Opens and checks a shard set: meta.json present and well-formed, every shard and index
+  // file present with exactly the size meta.json implies. Errors say to re-run data preparation.
+  static ShardSet open(const std::string& dir);
+
+  const ShardSetInfo& info() const;
+  int64_t n_tokens() const;
+  int64_t n_shards() const;
+  // Copies tokens [begin, begin + n) of the concatenated stream of all shards into out (as int64);
+  // a range outside [0, n_tokens()) is an Error.
+  void read(int64_t begin, int64_t n, int64_t* out) const;
+
+ private:
+  struct Impl;
+  std::shared_ptr<const Impl> impl_;
+};
+
+// Errors unless the shard set was made with this tokenizer (SHA-256 of the tokenizer file bytes);
+// the message names both tokenizer paths and the shard set.
+void check_tokenizer(const ShardSet& s, const Tokenizer& tok);
+
+// SHA-256 (lowercase hex) of a file's bytes; an unreadable file is an Error naming it.
+std::string sha256_file(const std::string& path);
+// SHA-256 (lowercase hex) of a byte string.
+std::string sha256_hex(const std::string& bytes);
+
+// ---------------------------------------------------------------------------------------------
+// Packed, mixed, deterministic training windows.
+
+// Recipe section `data`.
+struct DataConfig {
+  // Training shard-set folders (made by write_shards / llm-data). Required for training.
+  std::vector<std::string> train;
+  // Mixture weights, one per `train` folder, as numbers >= 0 (at least one > 0), relative
+  // (["3", "1"] = 75% / 25% of samples). Empty (default) = proportional to each set's windows.
+  std::vector<std::string> weights;
+  // Held-out shard-set folder for validation loss; "" (default) = none.
+  std::string valid = "";
+  // Seed of the data order (mixture draws and per-set shuffles). Default 1234.
+  int64_t seed = 1234;
+
+  void fields(Fields& f);
+};
+
+// One training window: window `window` (tokens [window * (seq_len + 1), +seq_len + 1)) of shard set `set`.
+struct WindowRef {
+  int32_t set = 0;
+  int64_t window = 0;
+  bool operator==(const WindowRef& o) const { return set == o.set && window == o.window; }
+  bool operator!=(const WindowRef& o) const { return !(*this == o); }
+};
+
+// Each shard set's token stream is cut into non-overlapping windows of seq_len + 1 tokens
+// (documents packed across window boundaries, EOS-separated; the last partial window dropped).
+//
+// The global sample order is a pure function of the seed and the sets: global sample i comes from
+// set s chosen by weight with a counter-based draw (SplitMix64 of (seed, i) mapped to [0, 1) and
+// compared with the cumulative weights: no std:: distributions, so it is the same with every
+// standard library), and is that set's next window in its own Fisher-Yates permutation (a
+// std::mt19937_64 seeded from (seed, set, epoch), bounded by rejection sampling). When a set's
+// windows are used up it starts its next epoch with a new permutation.
+// Ranks: global sample i goes to rank i % world_size (counted from the start, or from the cursor's
+// global index after restore()). Every rank walks all global samples, so all agree on the order.
+class PackedDataset {
+ public:
+  // Opens every cfg.train shard set. Errors (naming `data.*`): no train sets, a weight count that
+  // differs from the set count, a set shorter than one window, sets made with different tokenizers.
+  PackedDataset(const DataConfig& cfg, int64_t seq_len, int64_t rank, int64_t world_size);
+
+  // The next `batch` samples of this rank: tokens (batch, seq_len + 1) int64, row-major, in `out`
+  // (resized), and which window each row is in `refs` (resized), for the data-sequence log.
+  void next(int64_t batch, std::vector<int64_t>& out, std::vector<WindowRef>& refs);
+
+  // Everything needed to continue exactly where this rank is (global index, per-set epoch and
+  // position, deferred windows, the planned end), as a JSON string. restore() takes a cursor from
+  // a dataset with the same seed, seq_len and sets (checked: an Error says what differs), or a
+  // malformed cursor is an Error. Each rank saves and restores its own cursor.
+  std::string cursor() const;
+  void restore(const std::string& cursor);
+
+  // Deferral (loss-spike handling): these windows (usually this rank's last batch) are served by
+  // this rank again after the planned data, i.e. once the global index reaches planned_samples(),
+  // in the order deferred, before the stream goes on; deferred after that point, they come next.
+  void defer(const std::vector<WindowRef>& refs);
+  // The planned number of global samples (the run's steps * global batch); default windows_per_epoch().
+  void set_planned_samples(int64_t n);
+  int64_t planned_samples() const;
+  // Windows deferred and not yet served again.
+  int64_t deferred_count() const;
+
+  // Windows of all sets together (one pass over each set when weights are proportional).
+  int64_t windows_per_epoch() const;
+  int64_t windows(int32_t set) const;  // windows of one set
+  int32_t n_sets() const;
+  const ShardSet& shard_set(int32_t set) const;
+  int64_t seq_len() const { return seq_len_; }
+  // The next global sample index this rank will consider.
+  int64_t global_index() const { return global_; }
+  // The mixture weights in use, normalized to sum 1.
+  const std::vector<double>& weights() const { return probs_; }
+
+  // "set 0 (path) window 123 tokens [x, y)"
+  std::string describe(const WindowRef& r) const;
+
+ private:
+  struct SetState {
+    ShardSet shards;
+    std::string dir;
+    int64_t windows = 0;
+    int64_t epoch = 0, pos = 0;      // the next window is perm[pos] of epoch `epoch`
+    std::vector<uint32_t> perm;      // Fisher-Yates permutation of epoch `perm_epoch`
+    int64_t perm_epoch = -1;
+  };
+  int32_t draw_set(int64_t global) const;
+  WindowRef take(int32_t set);
+  void read_window(const WindowRef& r, int64_t* out) const;
+  void check_ref(const WindowRef& r, const std::string& where) const;
+
+  std::vector<SetState> sets_;
+  std::vector<double> probs_, cumulative_;
+  uint64_t seed_ = 0;
+  int64_t seq_len_ = 0, rank_ = 0, world_ = 1;
+  int64_t global_ = 0;     // next global index (a block of world_size starts here)
+  int64_t planned_ = 0;
+  std::deque<WindowRef> deferred_;  // this rank's deferred windows, served front first
+};
+
+}  // namespace libllm

@@ -1,0 +1,39 @@
+// The pretraining loop: data -> forward/backward with gradient accumulation -> clip -> AdamW,
+// with a learning-rate schedule, periodic held-out evaluation, a console progress line, JSONL
+// metrics and data-sequence logs, and atomic checkpoints with exact resume.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace libllm {
+
+class Fields;
+struct Recipe;
+
+struct TrainConfig {                 // recipe section `train`
+  std::string run_dir = "runs/default";  // checkpoints/, metrics.jsonl, data_sequence.jsonl, loss.html go here
+  int64_t seq_len = 2048;            // tokens per training sequence (<= model.max_seq_len)
+  int64_t micro_batch = 8;           // sequences per forward/backward pass on each rank
+  int64_t global_batch_tokens = 0;   // tokens per optimizer step over all ranks and accumulation; 0 = one micro batch per rank
+  int64_t steps = 1000;              // optimizer steps of the whole run
+  std::string dtype = "fp32";        // fp32, or bf16 (bf16 weights/activations, fp32 master weights in AdamW)
+  int64_t seed = 0;                  // seed of the weight initialisation and of sampling
+  int64_t threads = 0;               // intra-op CPU threads; 0 = all cores
+  int64_t log_every = 10;            // console progress line every this many steps (metrics.jsonl gets every step)
+  int64_t eval_every = 0;            // held-out evaluation every this many steps (data.valid); 0 = off
+  int64_t eval_batches = 4;          // micro batches of held-out windows per evaluation (always the same windows)
+  double peak_tflops = 0.0;          // the device's peak TFLOP/s for MFU (e.g. 989 for an H100 in bf16); 0 = do not report MFU
+  std::vector<std::string> sample_prompts;  // after training, print a continuation of each prompt
+  int64_t sample_tokens = 48;        // tokens generated per prompt
+  double sample_temperature = 0.8;   // sampling temperature; 0 = greedy
+  bool plot = true;                  // write run_dir/loss.html (a self-contained loss-curve plot) at the end
+
+  void fields(Fields& f);
+};
+
+// Runs (or resumes) the recipe's pretraining; returns the final training loss.
+// `recipe_yaml` is the resolved recipe, saved in every checkpoint.
+double pretrain(const Recipe& recipe);
+
+}  // namespace libllm

@@ -1,0 +1,951 @@
+#include "libllm/data.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <numeric>
+#include <random>
+#include <regex>
+#include <thread>
+#include <tuple>
+
+#include "libllm/config.h"
+#include "libllm/error.h"
+#include "libllm/tokenizer.h"
+
+namespace libllm {
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using ojson = nlohmann::ordered_json;
+
+namespace {
+
+constexpr const char* kFormat = "libllm-tokens-v1";
+constexpr const char* kCursorFormat = "libllm-data-cursor-v1";
+constexpr const char* kRerun = "re-run data preparation (llm-data / write_shards) into this folder";
+
+// ---- SHA-256 (FIPS 180-4) ---------------------------------------------------------------------
+
+class Sha256 {
+ public:
+  void update(const unsigned char* p, size_t n) {
+    total_ += n;
+    while (n > 0) {
+      const size_t take = std::min(n, sizeof(buf_) - len_);
+      std::memcpy(buf_ + len_, p, take);
+      len_ += take, p += take, n -= take;
+      if (len_ == sizeof(buf_)) block(buf_), len_ = 0;
+    }
+  }
+  std::string hex() {
+    const uint64_t bits = total_ * 8;
+    const unsigned char pad = 0x80, zero = 0;
+    update(&pad, 1);
+    while (len_ != 56) update(&zero, 1);
+    unsigned char be[8];
+    for (int i = 0; i < 8; ++i) be[i] = static_cast<unsigned char>(bits >> (56 - 8 * i));
+    update(be, 8);
+    static const char* digits = "0123456789abcdef";
+    std::string out;
+    for (uint32_t v : h_)
+      for (int s = 28; s >= 0; s -= 4) out += digits[(v >> s) & 0xf];
+    return out;
+  }
+
+ private:
+  static uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
+  void block(const unsigned char* p) {
+    static const uint32_t k[64] = {
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+        0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+        0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+        0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+        0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+        0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+        0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
+    uint32_t w[64];
+    for (int i = 0; i < 16; ++i)
+      w[i] = uint32_t(p[4 * i]) << 24 | uint32_t(p[4 * i + 1]) << 16 | uint32_t(p[4 * i + 2]) << 8 | p[4 * i + 3];
+    for (int i = 16; i < 64; ++i) {
+      const uint32_t s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
+      const uint32_t s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
+      w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    uint32_t a = h_[0], b = h_[1], c = h_[2], d = h_[3], e = h_[4], f = h_[5], g = h_[6], h = h_[7];
+    for (int i = 0; i < 64; ++i) {
+      const uint32_t t1 = h + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + k[i] + w[i];
+      const uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+      h = g, g = f, f = e, e = d + t1, d = c, c = b, b = a, a = t1 + t2;
+    }
+    h_[0] += a, h_[1] += b, h_[2] += c, h_[3] += d, h_[4] += e, h_[5] += f, h_[6] += g, h_[7] += h;
+  }
+
+  uint32_t h_[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                    0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+  unsigned char buf_[64];
+  size_t len_ = 0;
+  uint64_t total_ = 0;
+};
+
+// ---- small helpers ----------------------------------------------------------------------------
+
+std::string trim(const std::string& s) {
+  const char* ws = " \t\r\n\f\v";
+  const size_t b = s.find_first_not_of(ws);
+  if (b == std::string::npos) return "";
+  return s.substr(b, s.find_last_not_of(ws) - b + 1);
+}
+
+std::string errno_text() { return std::strerror(errno); }
+
+std::string tmp_name(const std::string& path) { return path + ".tmp-" + std::to_string(::getpid()); }
+
+// Writes all of `n` bytes to fd; an Error naming `path` on failure.
+void write_all(int fd, const unsigned char* p, size_t n, const std::string& path) {
+  while (n > 0) {
+    const ssize_t w = ::write(fd, p, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) throw Error(path, "cannot write: " + errno_text(), "check free disk space and permissions");
+    p += w, n -= static_cast<size_t>(w);
+  }
+}
+
+// Makes a finished `<path>.tmp-<pid>` durable and gives it its final name.
+void sync_close_rename(int fd, const std::string& tmp, const std::string& path) {
+  if (::fsync(fd) != 0 || ::close(fd) != 0)
+    throw Error(tmp, "cannot flush: " + errno_text(), "check free disk space");
+  if (::rename(tmp.c_str(), path.c_str()) != 0) throw Error(path, "cannot rename from " + tmp + ": " + errno_text());
+}
+
+int open_tmp(const std::string& tmp) {
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw Error(tmp, "cannot create: " + errno_text(), "check that data_prep.output is writable");
+  return fd;
+}
+
+// Writes a whole file as <path>.tmp-<pid>, then renames it to path.
+void write_file_atomic(const std::string& path, const std::string& bytes) {
+  const std::string tmp = tmp_name(path);
+  const int fd = open_tmp(tmp);
+  write_all(fd, reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size(), tmp);
+  sync_close_rename(fd, tmp, path);
+}
+
+void put_le(std::vector<unsigned char>& buf, uint64_t v, int width) {
+  for (int i = 0; i < width; ++i) buf.push_back(static_cast<unsigned char>(v >> (8 * i)));
+}
+
+uint64_t get_le(const unsigned char* p, int width) {
+  uint64_t v = 0;
+  for (int i = width - 1; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+std::string shard_name(int64_t i, const char* ext) {
+  char name[32];
+  std::snprintf(name, sizeof(name), "shard-%05lld.%s", static_cast<long long>(i), ext);
+  return name;
+}
+
+// ---- input documents --------------------------------------------------------------------------
+
+std::string lower_ext(const fs::path& p) {
+  std::string e = p.extension().string();
+  std::transform(e.begin(), e.end(), e.begin(), [](unsigned char c) { return std::tolower(c); });
+  return e;
+}
+
+// fortune mode also takes files without an extension (fortune(6) databases; their .dat/.u8
+// companions are skipped by extension).
+bool supported(const fs::path& p, bool fortune) {
+  const std::string e = lower_ext(p);
+  return e == ".txt" || e == ".md" || e == ".jsonl" || (fortune && e.empty());
+}
+
+// The input files in order: listed order, folder contents recursively in byte order of their
+// paths, hidden entries (names starting with '.') skipped.
+std::vector<std::string> list_input_files(const std::vector<std::string>& inputs, bool fortune) {
+  const std::string hint = "data_prep.inputs lists .txt, .md or .jsonl files, or folders holding them";
+  std::vector<std::string> files;
+  for (const auto& in : inputs) {
+    std::error_code ec;
+    if (fs::is_regular_file(in, ec)) {
+      if (!supported(in, fortune)) throw Error(in, "unsupported input file type '" + lower_ext(in) + "'", hint);
+      files.push_back(in);
+      continue;
+    }
+    if (!fs::is_directory(in, ec)) throw Error(in, "input not found", hint);
+    std::vector<std::string> found;
+    for (auto it = fs::recursive_directory_iterator(in, ec); !ec && it != fs::recursive_directory_iterator();
+         it.increment(ec)) {
+      const std::string name = it->path().filename().string();
+      if (!name.empty() && name[0] == '.') {
+        if (it->is_directory()) it.disable_recursion_pending();
+        continue;
+      }
+      if (it->is_regular_file() && supported(it->path(), fortune)) found.push_back(it->path().generic_string());
+    }
+    if (ec) throw Error(in, "cannot list folder: " + ec.message());
+    if (found.empty()) throw Error(in, "folder has no .txt, .md or .jsonl files", hint);
+    std::sort(found.begin(), found.end());
+    files.insert(files.end(), found.begin(), found.end());
+  }
+  return files;
+}
+
+// Streams the documents of one input file (rules in DataPrepConfig's comments).
+class DocReader {
+ public:
+  // mode: "line", "paragraph" (blank-line separated) or "fortune" ("%"-line separated).
+  DocReader(const std::string& path, const std::string& mode)
+      : in_(path, std::ios::binary), path_(path), jsonl_(lower_ext(path) == ".jsonl"), paragraph_(mode != "line"),
+        fortune_(mode == "fortune") {
+    if (!in_) throw Error(path, "cannot open input file", "check data_prep.inputs");
+  }
+
+  // The next document; false at the end of the file.
+  bool next(std::string& doc) {
+    if (jsonl_) return next_jsonl(doc);
+    if (!paragraph_) {
+      while (getline()) {
+        doc = trim(line_);
+        if (!doc.empty()) return true;
+      }
+      return false;
+    }
+    std::string block;
+    while (getline()) {
+      if (!line_.empty() && line_.back() == '\r') line_.pop_back();
+      const bool separator = fortune_ ? trim(line_) == "%" : trim(line_).empty();
+      if (separator) {
+        if (!block.empty()) break;
+        continue;
+      }
+      if (!block.empty()) block += '\n';
+      block += line_;
+    }
+    doc = trim(block);
+    return !doc.empty();
+  }
+
+  int64_t bytes() const { return bytes_; }  // bytes read so far (may pass the size by one at the end)
+
+ private:
+  bool getline() {
+    if (!std::getline(in_, line_)) {
+      if (in_.bad()) throw Error(path_, "read error", "check the file");
+      return false;
+    }
+    ++lineno_;
+    bytes_ += static_cast<int64_t>(line_.size()) + 1;
+    return true;
+  }
+
+  bool next_jsonl(std::string& doc) {
+    while (getline()) {
+      if (trim(line_).empty()) continue;
+      const std::string where = path_ + ":" + std::to_string(lineno_);
+      json j;
+      try {
+        j = json::parse(line_);
+      } catch (const json::exception& e) {
+        throw Error(where, std::string("invalid JSON: ") + e.what(), "each line must be one JSON object");
+      }
+      if (!j.is_object() || !j.contains("text") || !j["text"].is_string())
+        throw Error(where, "expected an object with a string field \"text\"");
+      doc = trim(j["text"].get<std::string>());
+      if (!doc.empty()) return true;
+    }
+    return false;
+  }
+
+  std::ifstream in_;
+  std::string path_, line_;
+  bool jsonl_, paragraph_, fortune_;
+  int64_t lineno_ = 0, bytes_ = 0;
+};
+
+// Token ids of every document, in document order, whatever the thread count.
+std::vector<std::vector<int64_t>> tokenize_all(const Tokenizer& tok, const std::vector<std::string>& docs,
+                                               int64_t threads) {
+  std::vector<std::vector<int64_t>> out(docs.size());
+  std::atomic<size_t> next{0};
+  std::exception_ptr error;
+  std::mutex mu;
+  auto work = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < docs.size();) {
+      try {
+        out[i] = tok.encode(docs[i]);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!error) error = std::current_exception();
+        next = docs.size();
+      }
+    }
+  };
+  const int64_t n = std::min<int64_t>(threads, static_cast<int64_t>(docs.size()));
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < n; ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
+  return out;
+}
+
+// ---- shard writing ----------------------------------------------------------------------------
+
+struct ShardRecord {
+  std::string file, idx;
+  int64_t tokens = 0, documents = 0;
+};
+
+// Appends documents to shard files, starting a new shard before a document that would overflow.
+class ShardWriter {
+ public:
+  ShardWriter(std::string dir, int width, int64_t shard_tokens, int64_t vocab, int64_t eos, std::string tok_path)
+      : dir_(std::move(dir)), width_(width), limit_(shard_tokens), vocab_(vocab), eos_(eos),
+        tok_path_(std::move(tok_path)) {}
+  ~ShardWriter() {  // an unfinished shard (an error part-way) leaves no file behind
+    if (fd_ >= 0) ::close(fd_), ::unlink(tmp_.c_str());
+  }
+
+  void add(const std::vector<int64_t>& ids) {
+    const int64_t len = static_cast<int64_t>(ids.size()) + 1;
+    if (fd_ >= 0 && tokens_ > 0 && tokens_ + len > limit_) close_shard();
+    if (fd_ < 0) open_shard();
+    offsets_.push_back(static_cast<uint64_t>(tokens_));
+    for (int64_t id : ids) {
+      if (id < 0 || id >= vocab_)
+        throw Error(tok_path_, "token id " + std::to_string(id) + " outside the vocabulary of " +
+                                   std::to_string(vocab_));
+      put_le(buf_, static_cast<uint64_t>(id), width_);
+    }
+    put_le(buf_, static_cast<uint64_t>(eos_), width_);
+    tokens_ += len;
+    if (buf_.size() >= (4u << 20)) flush();
+  }
+
+  std::vector<ShardRecord> finish() {
+    if (fd_ >= 0) close_shard();
+    return std::move(done_);
+  }
+
+ private:
+  std::string path(const std::string& name) const { return (fs::path(dir_) / name).string(); }
+
+  void open_shard() {
+    const int64_t i = static_cast<int64_t>(done_.size());
+    record_ = {shard_name(i, "bin"), shard_name(i, "idx"), 0, 0};
+    tmp_ = tmp_name(path(record_.file));
+    fd_ = open_tmp(tmp_);
+    tokens_ = 0;
+    offsets_.clear();
+  }
+
+  void flush() {
+    write_all(fd_, buf_.data(), buf_.size(), tmp_);
+    buf_.clear();
+  }
+
+  void close_shard() {
+    flush();
+    const int fd = fd_;
+    fd_ = -1;
+    std::vector<unsigned char> idx;
+    idx.reserve(offsets_.size() * 8);
+    for (uint64_t o : offsets_) put_le(idx, o, 8);
+    write_file_atomic(path(record_.idx), std::string(idx.begin(), idx.end()));
+    sync_close_rename(fd, tmp_, path(record_.file));
+    record_.tokens = tokens_;
+    record_.documents = static_cast<int64_t>(offsets_.size());
+    done_.push_back(record_);
+  }
+
+  std::string dir_;
+  int width_;
+  int64_t limit_, vocab_, eos_;
+  std::string tok_path_, tmp_;
+  int fd_ = -1;
+  int64_t tokens_ = 0;
+  ShardRecord record_;
+  std::vector<uint64_t> offsets_;
+  std::vector<unsigned char> buf_;
+  std::vector<ShardRecord> done_;
+};
+
+// Removes a previous shard set's files (meta.json first, so a half-replaced set is never complete).
+void remove_old_shards(const std::string& dir) {
+  static const std::regex ours(R"((shard-\d+\.(bin|idx)|meta\.json)(\.tmp-\d+)?)");
+  std::error_code ec;
+  fs::remove(fs::path(dir) / "meta.json", ec);
+  if (ec) throw Error(dir + "/meta.json", "cannot remove the old meta.json: " + ec.message());
+  for (const auto& e : fs::directory_iterator(dir)) {
+    if (!std::regex_match(e.path().filename().string(), ours)) continue;
+    fs::remove(e.path(), ec);
+    if (ec) throw Error(e.path().string(), "cannot remove an old shard file: " + ec.message());
+  }
+}
+
+void check_prep_config(const DataPrepConfig& cfg) {
+  if (cfg.inputs.empty())
+    throw Error("data_prep.inputs", "no inputs", "list .txt, .md or .jsonl files or folders to tokenize");
+  if (cfg.output.empty()) throw Error("data_prep.output", "no output folder", "set the shard-set folder to write");
+  if (cfg.txt_documents != "line" && cfg.txt_documents != "paragraph" && cfg.txt_documents != "fortune")
+    throw Error("data_prep.txt_documents",
+                "expected one of: line, paragraph, fortune, got '" + cfg.txt_documents + "'");
+  if (cfg.valid_every > 0 && cfg.valid_output.empty())
+    throw Error("data_prep.valid_output", "valid_every is set but valid_output is empty", "name the held-out folder");
+  if (cfg.shard_tokens < 1) throw Error("data_prep.shard_tokens", "must be >= 1");
+  if (cfg.threads < 0) throw Error("data_prep.threads", "must be >= 0 (0 = all cores)");
+}
+
+// ---- reading ----------------------------------------------------------------------------------
+
+// A read-only memory mapping of a whole file.
+struct Mapping {
+  const unsigned char* data = nullptr;
+  size_t size = 0;
+  Mapping(const std::string& path, size_t expected) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw Error(path, "cannot open shard: " + errno_text(), kRerun);
+    size = expected;
+    if (size > 0) {
+      void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+      ::close(fd);
+      if (p == MAP_FAILED) throw Error(path, "cannot map shard: " + errno_text());
+      data = static_cast<const unsigned char*>(p);
+    } else {
+      ::close(fd);
+    }
+  }
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  ~Mapping() {
+    if (data) ::munmap(const_cast<unsigned char*>(data), size);
+  }
+};
+
+template <class T>
+T meta_get(const json& j, const std::string& key, const std::string& where) {
+  if (!j.is_object() || !j.contains(key)) throw Error(where, "missing key \"" + key + "\"", kRerun);
+  try {
+    return j.at(key).get<T>();
+  } catch (const json::exception&) {
+    throw Error(where, "key \"" + key + "\" has the wrong type", kRerun);
+  }
+}
+
+// ---- ordering ---------------------------------------------------------------------------------
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+uint64_t mix(uint64_t a, uint64_t b) { return splitmix64(splitmix64(a) ^ b); }
+
+constexpr uint64_t kMixtureStream = 0x6d69787475726531ull;  // "mixture1"
+constexpr uint64_t kShuffleStream = 0x73687566666c6531ull;  // "shuffle1"
+
+// Uniform integer in [0, n) from a 64-bit engine by rejection (same on every standard library).
+uint64_t bounded(std::mt19937_64& rng, uint64_t n) {
+  const uint64_t threshold = (0 - n) % n;  // 2^64 mod n: values below it would bias the modulo
+  for (;;) {
+    const uint64_t x = rng();
+    if (x >= threshold) return x % n;
+  }
+}
+
+std::vector<double> parse_weights(const DataConfig& cfg, const std::string& where) {
+  std::vector<double> w;
+  if (cfg.weights.empty()) return w;
+  if (cfg.weights.size() != cfg.train.size())
+    throw Error(where + ".weights", std::to_string(cfg.weights.size()) + " weights for " +
+                                        std::to_string(cfg.train.size()) + " train folders",
+                "give one weight per data.train folder, or none for weights proportional to size");
+  double sum = 0;
+  for (const auto& s : cfg.weights) {
+    size_t used = 0;
+    double v = 0;
+    try {
+      v = std::stod(s, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || trim(s.substr(used)) != "" || !std::isfinite(v) || v < 0)
+      throw Error(where + ".weights", "expected a number >= 0, got '" + s + "'", "e.g. weights: [\"3\", \"1\"]");
+    w.push_back(v);
+    sum += v;
+  }
+  if (!(sum > 0)) throw Error(where + ".weights", "all weights are 0", "give at least one set a weight > 0");
+  return w;
+}
+
+}  // namespace
+
+// ---- public: hashing, config ------------------------------------------------------------------
+
+std::string sha256_hex(const std::string& bytes) {
+  Sha256 h;
+  h.update(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size());
+  return h.hex();
+}
+
+std::string sha256_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path, "cannot open file to hash", "check the path");
+  Sha256 h;
+  std::vector<char> buf(1 << 20);
+  while (in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    h.update(reinterpret_cast<const unsigned char*>(buf.data()), static_cast<size_t>(in.gcount()));
+  }
+  if (in.bad()) throw Error(path, "read error while hashing");
+  return h.hex();
+}
+
+void DataPrepConfig::fields(Fields& f) {
+  f.add("inputs", inputs);
+  f.add("output", output);
+  f.add("txt_documents", txt_documents).one_of({"line", "paragraph", "fortune"});
+  f.add("shard_tokens", shard_tokens).min(1);
+  f.add("threads", threads).min(0);
+  f.add("valid_output", valid_output);
+  f.add("valid_every", valid_every).min(0);
+}
+
+void DataConfig::fields(Fields& f) {
+  f.add("train", train);
+  f.add("weights", weights);
+  f.add("valid", valid);
+  f.add("seed", seed);
+  f.validate_with([this](const std::string& where) { parse_weights(*this, where); });
+}
+
+// ---- public: writing --------------------------------------------------------------------------
+
+void for_each_document(const DataPrepConfig& cfg, const std::function<bool(const std::string&)>& fn) {
+  for (const auto& file : list_input_files(cfg.inputs, cfg.txt_documents == "fortune")) {
+    DocReader reader(file, cfg.txt_documents);
+    std::string doc;
+    while (reader.next(doc))
+      if (!fn(doc)) return;
+  }
+}
+
+namespace {
+
+// Writes the documents whose index (0-based, corpus order) `keep` accepts into `output`.
+ShardSetInfo write_shard_set(const DataPrepConfig& cfg, const std::string& output, const Tokenizer& tok,
+                             const std::function<void(int64_t, int64_t)>& progress,
+                             const std::function<bool(int64_t)>& keep) {
+  DataPrepConfig c = cfg;
+  c.output = output;
+  const std::vector<std::string> files = list_input_files(cfg.inputs, cfg.txt_documents == "fortune");
+  int64_t total_bytes = 0;
+  for (const auto& f : files) total_bytes += static_cast<int64_t>(fs::file_size(f));
+
+  ShardSetInfo info;
+  info.dir = output;
+  info.vocab_size = tok.vocab_size();
+  info.eos_id = tok.eos_id();
+  info.tokenizer_sha256 = sha256_file(tok.path());
+  info.tokenizer_path = fs::absolute(tok.path()).lexically_normal().string();
+  const int width = info.vocab_size <= 65536 ? 2 : 4;
+  const int64_t threads =
+      cfg.threads > 0 ? cfg.threads : std::max<int64_t>(1, std::thread::hardware_concurrency());
+
+  std::error_code ec;
+  fs::create_directories(output, ec);
+  if (ec || !fs::is_directory(output))
+    throw Error("data_prep.output", "cannot create folder " + output + (ec ? ": " + ec.message() : ""));
+  remove_old_shards(output);
+
+  ShardWriter writer(output, width, cfg.shard_tokens, info.vocab_size, info.eos_id, tok.path());
+  std::vector<std::string> pending;
+  int64_t pending_bytes = 0, done_bytes = 0, doc_index = 0;
+  const int64_t batch_bytes = std::max<int64_t>(1, threads) * (4 << 20);
+  auto flush = [&](int64_t done_at) {
+    for (const auto& ids : tokenize_all(tok, pending, threads)) writer.add(ids);
+    info.total_documents += static_cast<int64_t>(pending.size());
+    pending.clear();
+    pending_bytes = 0;
+    if (progress) progress(std::min(done_at, total_bytes), total_bytes);
+  };
+  for (const auto& file : files) {
+    DocReader reader(file, cfg.txt_documents);
+    std::string doc;
+    while (reader.next(doc)) {
+      if (!keep(doc_index++)) continue;
+      pending_bytes += static_cast<int64_t>(doc.size());
+      pending.push_back(std::move(doc));
+      if (pending_bytes >= batch_bytes) flush(done_bytes + reader.bytes());
+    }
+    done_bytes += static_cast<int64_t>(fs::file_size(file));
+  }
+  flush(done_bytes);
+  if (info.total_documents == 0)
+    throw Error("data_prep.inputs", "the inputs hold no documents (every line is blank)", "check the input files");
+
+  ojson shards = ojson::array();
+  for (const auto& r : writer.finish()) {
+    shards.push_back({{"file", r.file}, {"tokens", r.tokens}, {"documents", r.documents}, {"doc_offsets_file", r.idx}});
+    info.total_tokens += r.tokens;
+  }
+  ojson meta;
+  meta["format"] = kFormat;
+  meta["dtype"] = width == 2 ? "uint16" : "uint32";
+  meta["vocab_size"] = info.vocab_size;
+  meta["eos_id"] = info.eos_id;
+  meta["tokenizer_sha256"] = info.tokenizer_sha256;
+  meta["tokenizer_path"] = info.tokenizer_path;
+  meta["shards"] = shards;
+  meta["total_tokens"] = info.total_tokens;
+  meta["total_documents"] = info.total_documents;
+  meta["inputs"] = cfg.inputs;
+  meta["txt_documents"] = cfg.txt_documents;
+  write_file_atomic((fs::path(output) / "meta.json").string(), meta.dump(2) + "\n");
+  return info;
+}
+
+}  // namespace
+
+ShardSetInfo write_shards(const DataPrepConfig& cfg, const Tokenizer& tok,
+                          const std::function<void(int64_t, int64_t)>& progress) {
+  check_prep_config(cfg);
+  if (tok.eos_id() < 0)
+    throw Error(tok.path(), "the tokenizer defines no EOS token", "documents are separated by EOS; use a tokenizer with one");
+  const int64_t n = cfg.valid_every;
+  ShardSetInfo train = write_shard_set(cfg, cfg.output, tok, progress,
+                                       [n](int64_t i) { return n <= 0 || i % n != n - 1; });
+  if (n > 0)
+    write_shard_set(cfg, cfg.valid_output, tok, {}, [n](int64_t i) { return i % n == n - 1; });
+  return train;
+}
+
+// ---- public: reading --------------------------------------------------------------------------
+
+struct ShardSet::Impl {
+  ShardSetInfo info;
+  int width = 2;
+  std::vector<std::string> files;
+  std::vector<int64_t> starts;  // token offset of each shard in the stream; starts.back() = total
+  std::vector<std::unique_ptr<Mapping>> maps;
+};
+
+ShardSet ShardSet::open(const std::string& dir) {
+  if (!fs::is_directory(dir))
+    throw Error(dir, "shard-set folder not found", "make it with data preparation (llm-data / write_shards)");
+  const std::string meta_path = (fs::path(dir) / "meta.json").string();
+  if (!fs::is_regular_file(meta_path))
+    throw Error(dir, "no meta.json: the shard set is incomplete (data preparation was interrupted or never run)",
+                kRerun);
+  json meta;
+  try {
+    std::ifstream in(meta_path);
+    meta = json::parse(in);
+  } catch (const json::exception& e) {
+    throw Error(meta_path, std::string("invalid JSON: ") + e.what(), kRerun);
+  }
+  const std::string format = meta_get<std::string>(meta, "format", meta_path);
+  if (format != kFormat)
+    throw Error(meta_path, "unknown format '" + format + "' (expected " + kFormat + ")", kRerun);
+  auto impl = std::make_shared<Impl>();
+  ShardSetInfo& info = impl->info;
+  info.dir = dir;
+  const std::string dtype = meta_get<std::string>(meta, "dtype", meta_path);
+  if (dtype != "uint16" && dtype != "uint32")
+    throw Error(meta_path, "unknown dtype '" + dtype + "' (expected uint16 or uint32)", kRerun);
+  impl->width = dtype == "uint16" ? 2 : 4;
+  info.vocab_size = meta_get<int64_t>(meta, "vocab_size", meta_path);
+  info.eos_id = meta_get<int64_t>(meta, "eos_id", meta_path);
+  info.tokenizer_sha256 = meta_get<std::string>(meta, "tokenizer_sha256", meta_path);
+  info.tokenizer_path = meta_get<std::string>(meta, "tokenizer_path", meta_path);
+  info.total_tokens = meta_get<int64_t>(meta, "total_tokens", meta_path);
+  info.total_documents = meta_get<int64_t>(meta, "total_documents", meta_path);
+  const json shards = meta_get<json>(meta, "shards", meta_path);
+  if (!shards.is_array()) throw Error(meta_path, "\"shards\" is not a list", kRerun);
+
+  int64_t tokens = 0, documents = 0;
+  impl->starts.push_back(0);
+  for (size_t i = 0; i < shards.size(); ++i) {
+    const std::string where = meta_path + ": shards[" + std::to_string(i) + "]";
+    const std::string file = meta_get<std::string>(shards[i], "file", where);
+    const std::string idx = meta_get<std::string>(shards[i], "doc_offsets_file", where);
+    const int64_t n = meta_get<int64_t>(shards[i], "tokens", where);
+    const int64_t d = meta_get<int64_t>(shards[i], "documents", where);
+    if (file.find('/') != std::string::npos || idx.find('/') != std::string::npos || n < 0 || d < 0)
+      throw Error(where, "invalid shard entry", kRerun);
+    const std::string path = (fs::path(dir) / file).string(), idx_path = (fs::path(dir) / idx).string();
+    auto size_of = [&](const std::string& p) {
+      std::error_code ec;
+      const auto s = fs::file_size(p, ec);
+      if (ec) throw Error(p, "shard file missing (" + ec.message() + ")", kRerun);
+      return static_cast<int64_t>(s);
+    };
+    if (size_of(path) != n * impl->width)
+      throw Error(path, "has " + std::to_string(size_of(path)) + " bytes but meta.json says " + std::to_string(n) +
+                            " " + dtype + " tokens (" + std::to_string(n * impl->width) +
+                            " bytes): truncated or modified",
+                  kRerun);
+    if (size_of(idx_path) != d * 8)
+      throw Error(idx_path, "has " + std::to_string(size_of(idx_path)) + " bytes but meta.json says " +
+                                std::to_string(d) + " documents (" + std::to_string(d * 8) + " bytes)",
+                  kRerun);
+    impl->maps.push_back(std::make_unique<Mapping>(path, static_cast<size_t>(n * impl->width)));
+    impl->files.push_back(path);
+    tokens += n, documents += d;
+    impl->starts.push_back(tokens);
+  }
+  if (tokens != info.total_tokens || documents != info.total_documents)
+    throw Error(meta_path, "total_tokens/total_documents do not match the shards' sums", kRerun);
+  ShardSet s;
+  s.impl_ = std::move(impl);
+  return s;
+}
+
+const ShardSetInfo& ShardSet::info() const { return impl_->info; }
+int64_t ShardSet::n_tokens() const { return impl_->info.total_tokens; }
+int64_t ShardSet::n_shards() const { return static_cast<int64_t>(impl_->maps.size()); }
+
+void ShardSet::read(int64_t begin, int64_t n, int64_t* out) const {
+  const Impl& m = *impl_;
+  if (begin < 0 || n < 0 || begin + n > m.info.total_tokens)
+    throw Error(m.info.dir, "token range [" + std::to_string(begin) + ", " + std::to_string(begin + n) +
+                                ") outside the shard set's " + std::to_string(m.info.total_tokens) + " tokens");
+  size_t shard = static_cast<size_t>(std::upper_bound(m.starts.begin(), m.starts.end(), begin) - m.starts.begin()) - 1;
+  while (n > 0) {
+    const int64_t local = begin - m.starts[shard];
+    const int64_t take = std::min(n, m.starts[shard + 1] - begin);
+    const unsigned char* p = m.maps[shard]->data + local * m.width;
+    if (m.width == 2)
+      for (int64_t i = 0; i < take; ++i) out[i] = static_cast<int64_t>(p[2 * i] | (p[2 * i + 1] << 8));
+    else
+      for (int64_t i = 0; i < take; ++i) out[i] = static_cast<int64_t>(get_le(p + 4 * i, 4));
+    out += take, begin += take, n -= take;
+    ++shard;
+  }
+}
+
+void check_tokenizer(const ShardSet& s, const Tokenizer& tok) {
+  const std::string sha = sha256_file(tok.path());
+  const ShardSetInfo& info = s.info();
+  if (sha == info.tokenizer_sha256) return;
+  throw Error(info.dir, "the shard set was made with tokenizer " + info.tokenizer_path + " (sha256 " +
+                            info.tokenizer_sha256.substr(0, 12) + "...) but this run's tokenizer is " + tok.path() +
+                            " (sha256 " + sha.substr(0, 12) + "...)",
+              "use the tokenizer the data was made with (tokenizer.path), or re-run data preparation with this one");
+}
+
+// ---- public: the packed dataset ---------------------------------------------------------------
+
+PackedDataset::PackedDataset(const DataConfig& cfg, int64_t seq_len, int64_t rank, int64_t world_size)
+    : seed_(static_cast<uint64_t>(cfg.seed)), seq_len_(seq_len), rank_(rank), world_(world_size) {
+  if (seq_len < 1) throw Error("data", "seq_len must be >= 1, got " + std::to_string(seq_len));
+  if (world_size < 1 || rank < 0 || rank >= world_size)
+    throw Error("data", "rank " + std::to_string(rank) + " outside world size " + std::to_string(world_size));
+  if (cfg.train.empty())
+    throw Error("data.train", "no training shard sets", "list shard-set folders made by data preparation");
+  std::vector<double> w = parse_weights(cfg, "data");
+  for (const auto& dir : cfg.train) {
+    SetState st;
+    st.shards = ShardSet::open(dir);
+    st.dir = dir;
+    st.windows = st.shards.n_tokens() / (seq_len + 1);
+    if (st.windows == 0)
+      throw Error(dir, "has " + std::to_string(st.shards.n_tokens()) + " tokens, less than one window of seq_len + 1 = " +
+                           std::to_string(seq_len + 1),
+                  "use a shorter seq_len or more data");
+    if (st.windows > static_cast<int64_t>(UINT32_MAX))
+      throw Error(dir, "more than 2^32 windows in one shard set", "split the data into several shard sets");
+    if (!sets_.empty() && st.shards.info().tokenizer_sha256 != sets_[0].shards.info().tokenizer_sha256)
+      throw Error(dir, "made with tokenizer " + st.shards.info().tokenizer_path + " but " + sets_[0].dir +
+                           " with " + sets_[0].shards.info().tokenizer_path + " (different sha256)",
+                  "every data.train set must be tokenized with the same tokenizer");
+    sets_.push_back(std::move(st));
+  }
+  if (w.empty())
+    for (const auto& s : sets_) w.push_back(static_cast<double>(s.windows));
+  const double sum = std::accumulate(w.begin(), w.end(), 0.0);
+  double c = 0;
+  for (double x : w) {
+    probs_.push_back(x / sum);
+    c += x / sum;
+    cumulative_.push_back(c);
+  }
+  planned_ = windows_per_epoch();
+}
+
+int32_t PackedDataset::draw_set(int64_t global) const {
+  const uint64_t bits = splitmix64(mix(seed_, kMixtureStream) ^ static_cast<uint64_t>(global));
+  const double u = static_cast<double>(bits >> 11) * 0x1.0p-53;  // [0, 1), 53 exact bits
+  for (size_t s = 0; s < cumulative_.size(); ++s)
+    if (u < cumulative_[s]) return static_cast<int32_t>(s);
+  for (size_t s = probs_.size(); s-- > 0;)  // rounding left u above the last sum
+    if (probs_[s] > 0) return static_cast<int32_t>(s);
+  return 0;
+}
+
+WindowRef PackedDataset::take(int32_t set) {
+  SetState& s = sets_[static_cast<size_t>(set)];
+  if (s.perm_epoch != s.epoch) {
+    s.perm.resize(static_cast<size_t>(s.windows));
+    std::iota(s.perm.begin(), s.perm.end(), 0u);
+    std::mt19937_64 rng(mix(mix(mix(seed_, kShuffleStream), static_cast<uint64_t>(set)), static_cast<uint64_t>(s.epoch)));
+    for (size_t i = s.perm.size() - 1; i > 0; --i) std::swap(s.perm[i], s.perm[bounded(rng, i + 1)]);
+    s.perm_epoch = s.epoch;
+  }
+  const WindowRef r{set, static_cast<int64_t>(s.perm[static_cast<size_t>(s.pos)])};
+  if (++s.pos == s.windows) s.pos = 0, ++s.epoch;
+  return r;
+}
+
+void PackedDataset::read_window(const WindowRef& r, int64_t* out) const {
+  sets_[static_cast<size_t>(r.set)].shards.read(r.window * (seq_len_ + 1), seq_len_ + 1, out);
+}
+
+void PackedDataset::next(int64_t batch, std::vector<int64_t>& out, std::vector<WindowRef>& refs) {
+  if (batch < 0) throw Error("data", "batch must be >= 0");
+  out.resize(static_cast<size_t>(batch * (seq_len_ + 1)));
+  refs.resize(static_cast<size_t>(batch));
+  for (int64_t b = 0; b < batch; ++b) {
+    WindowRef mine;
+    if (global_ >= planned_ && !deferred_.empty()) {
+      mine = deferred_.front();
+      deferred_.pop_front();
+    } else {
+      for (int64_t k = 0; k < world_; ++k) {  // every rank advances every set alike
+        const WindowRef r = take(draw_set(global_ + k));
+        if (k == rank_) mine = r;
+      }
+      global_ += world_;
+    }
+    refs[static_cast<size_t>(b)] = mine;
+    read_window(mine, out.data() + b * (seq_len_ + 1));
+  }
+}
+
+void PackedDataset::check_ref(const WindowRef& r, const std::string& where) const {
+  if (r.set < 0 || r.set >= n_sets() || r.window < 0 || r.window >= windows(r.set))
+    throw Error(where, "no window " + std::to_string(r.window) + " in set " + std::to_string(r.set));
+}
+
+void PackedDataset::defer(const std::vector<WindowRef>& refs) {
+  for (const auto& r : refs) check_ref(r, "PackedDataset::defer");
+  deferred_.insert(deferred_.end(), refs.begin(), refs.end());
+}
+
+void PackedDataset::set_planned_samples(int64_t n) {
+  if (n < 0) throw Error("data", "planned samples must be >= 0");
+  planned_ = n;
+}
+int64_t PackedDataset::planned_samples() const { return planned_; }
+int64_t PackedDataset::deferred_count() const { return static_cast<int64_t>(deferred_.size()); }
+
+int64_t PackedDataset::windows_per_epoch() const {
+  int64_t n = 0;
+  for (const auto& s : sets_) n += s.windows;
+  return n;
+}
+int64_t PackedDataset::windows(int32_t set) const { return sets_.at(static_cast<size_t>(set)).windows; }
+int32_t PackedDataset::n_sets() const { return static_cast<int32_t>(sets_.size()); }
+const ShardSet& PackedDataset::shard_set(int32_t set) const { return sets_.at(static_cast<size_t>(set)).shards; }
+
+std::string PackedDataset::describe(const WindowRef& r) const {
+  const int64_t begin = r.window * (seq_len_ + 1);
+  const std::string dir = r.set >= 0 && r.set < n_sets() ? sets_[static_cast<size_t>(r.set)].dir : "?";
+  return "set " + std::to_string(r.set) + " (" + dir + ") window " + std::to_string(r.window) + " tokens [" +
+         std::to_string(begin) + ", " + std::to_string(begin + seq_len_ + 1) + ")";
+}
+
+std::string PackedDataset::cursor() const {
+  ojson j;
+  j["format"] = kCursorFormat;
+  j["seed"] = seed_;
+  j["seq_len"] = seq_len_;
+  j["rank"] = rank_;
+  j["world_size"] = world_;
+  j["global"] = global_;
+  j["planned"] = planned_;
+  j["sets"] = ojson::array();
+  for (const auto& s : sets_)
+    j["sets"].push_back({{"dir", s.dir}, {"tokens", s.shards.n_tokens()}, {"windows", s.windows},
+                         {"epoch", s.epoch}, {"pos", s.pos}});
+  j["deferred"] = ojson::array();
+  for (const auto& r : deferred_) j["deferred"].push_back({r.set, r.window});
+  return j.dump();
+}
+
+void PackedDataset::restore(const std::string& text) {
+  const std::string where = "data cursor";
+  const std::string fresh = "resume with the data settings the run was saved with, or start without the cursor";
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    throw Error(where, std::string("invalid JSON: ") + e.what(), "the checkpoint's data cursor is corrupt");
+  }
+  auto get = [&](const json& o, const std::string& key) -> int64_t {
+    if (!o.is_object() || !o.contains(key) || !o[key].is_number_integer())
+      throw Error(where, "missing or non-integer \"" + key + "\"", "the checkpoint's data cursor is corrupt");
+    return o[key].get<int64_t>();
+  };
+  if (!j.is_object() || !j.contains("format") || j["format"] != kCursorFormat)
+    throw Error(where, std::string("not a ") + kCursorFormat + " cursor", "the checkpoint's data cursor is corrupt");
+  if (static_cast<uint64_t>(get(j, "seed")) != seed_)
+    throw Error(where, "saved with data.seed " + std::to_string(get(j, "seed")) + ", this run uses " +
+                           std::to_string(static_cast<int64_t>(seed_)), fresh);
+  if (get(j, "seq_len") != seq_len_)
+    throw Error(where, "saved with seq_len " + std::to_string(get(j, "seq_len")) + ", this run uses " +
+                           std::to_string(seq_len_), fresh);
+  const json& sets = j.contains("sets") ? j["sets"] : json();
+  if (!sets.is_array() || sets.size() != sets_.size())
+    throw Error(where, "saved with " + std::to_string(sets.is_array() ? sets.size() : 0) + " train sets, this run has " +
+                           std::to_string(sets_.size()), fresh);
+  std::vector<std::pair<int64_t, int64_t>> state;
+  for (size_t i = 0; i < sets.size(); ++i) {
+    const SetState& s = sets_[i];
+    if (get(sets[i], "tokens") != s.shards.n_tokens() || get(sets[i], "windows") != s.windows)
+      throw Error(where, "train set " + std::to_string(i) + " (" + s.dir + ") has changed since the cursor was saved (" +
+                             std::to_string(get(sets[i], "tokens")) + " tokens then, " +
+                             std::to_string(s.shards.n_tokens()) + " now)", fresh);
+    const int64_t epoch = get(sets[i], "epoch"), pos = get(sets[i], "pos");
+    if (epoch < 0 || pos < 0 || pos >= s.windows)
+      throw Error(where, "invalid position of train set " + std::to_string(i), "the checkpoint's data cursor is corrupt");
+    state.emplace_back(epoch, pos);
+  }
+  const int64_t global = get(j, "global"), planned = get(j, "planned");
+  if (global < 0 || planned < 0) throw Error(where, "negative global index", "the checkpoint's data cursor is corrupt");
+  std::deque<WindowRef> deferred;
+  if (!j.contains("deferred") || !j["deferred"].is_array())
+    throw Error(where, "missing \"deferred\"", "the checkpoint's data cursor is corrupt");
+  for (const auto& r : j["deferred"]) {
+    if (!r.is_array() || r.size() != 2 || !r[0].is_number_integer() || !r[1].is_number_integer())
+      throw Error(where, "invalid deferred window", "the checkpoint's data cursor is corrupt");
+    const WindowRef ref{r[0].get<int32_t>(), r[1].get<int64_t>()};
+    check_ref(ref, where);
+    deferred.push_back(ref);
+  }
+  for (size_t i = 0; i < sets_.size(); ++i) std::tie(sets_[i].epoch, sets_[i].pos) = state[i];
+  global_ = global;
+  planned_ = planned;
+  deferred_ = std::move(deferred);
+}
+
+}  // namespace libllm

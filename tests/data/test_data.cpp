@@ -1,0 +1,658 @@
+// Data preparation and the packed dataset: SHA-256, token shard sets (format, atomicity,
+// determinism), and the mixed, resumable, rank-split window stream.
+#include "../catch_torch.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <numeric>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "libllm/config.h"
+#include "libllm/data.h"
+#include "libllm/error.h"
+#include "libllm/tokenizer.h"
+
+#ifndef LIBLLM_FIXTURES
+#define LIBLLM_FIXTURES "/work/main/tests/fixtures"
+#endif
+
+using namespace libllm;
+namespace fs = std::filesystem;
+
+namespace libllm {
+// How Catch prints a WindowRef in a failed check.
+inline std::ostream& operator<<(std::ostream& os, const WindowRef& r) { return os << "{" << r.set << ", " << r.window << "}"; }
+}  // namespace libllm
+
+namespace {
+
+std::string fixture(const std::string& rel) { return std::string(LIBLLM_FIXTURES) + "/" + rel; }
+
+// A fresh empty folder under the system temp dir, removed when the object dies.
+struct Scratch {
+  fs::path path;
+  Scratch() {
+    std::random_device rd;
+    path = fs::temp_directory_path() / ("libllm-data-test-" + std::to_string(rd()) + std::to_string(rd()));
+    fs::create_directories(path);
+  }
+  ~Scratch() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+  std::string operator/(const std::string& rel) const { return (path / rel).string(); }
+};
+
+void write_text(const std::string& path, const std::string& text) {
+  fs::create_directories(fs::path(path).parent_path());
+  std::ofstream(path, std::ios::binary) << text;
+}
+
+std::string read_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+const Tokenizer& tokenizer() {
+  static const Tokenizer tok = Tokenizer::load(fixture("tokenizer.model"));
+  return tok;
+}
+
+// encode(doc) + EOS for each document, concatenated.
+std::vector<int64_t> expected_stream(const std::vector<std::string>& docs) {
+  std::vector<int64_t> out;
+  for (const auto& d : docs) {
+    const auto ids = tokenizer().encode(d);
+    out.insert(out.end(), ids.begin(), ids.end());
+    out.push_back(tokenizer().eos_id());
+  }
+  return out;
+}
+
+std::vector<int64_t> all_tokens(const ShardSet& s) {
+  std::vector<int64_t> out(static_cast<size_t>(s.n_tokens()));
+  s.read(0, s.n_tokens(), out.data());
+  return out;
+}
+
+std::vector<uint64_t> read_u64(const std::string& path) {
+  const std::string b = read_bytes(path);
+  std::vector<uint64_t> out;
+  for (size_t i = 0; i + 8 <= b.size(); i += 8) {
+    uint64_t v = 0;
+    for (int k = 7; k >= 0; --k) v = (v << 8) | static_cast<unsigned char>(b[i + k]);
+    out.push_back(v);
+  }
+  return out;
+}
+
+// `n` distinct synthetic documents of varying length.
+std::vector<std::string> synthetic_docs(int n, int salt = 0) {
+  static const char* words[] = {"the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "runs", "far"};
+  std::vector<std::string> docs;
+  std::mt19937 rng(static_cast<unsigned>(1000 + salt));
+  for (int i = 0; i < n; ++i) {
+    std::string d = "doc " + std::to_string(salt) + "-" + std::to_string(i) + ":";
+    const int len = 1 + static_cast<int>(rng() % 12);
+    for (int w = 0; w < len; ++w) d += std::string(" ") + words[rng() % 11];
+    docs.push_back(d);
+  }
+  return docs;
+}
+
+// A shard set in `dir` from one .txt file of `docs`, one per line.
+ShardSetInfo make_set(const Scratch& tmp, const std::string& name, const std::vector<std::string>& docs,
+                      int64_t shard_tokens = 100000000, int64_t threads = 1) {
+  std::string text;
+  for (const auto& d : docs) text += d + "\n";
+  write_text(tmp / (name + "-src/corpus.txt"), text);
+  DataPrepConfig cfg;
+  cfg.inputs = {tmp / (name + "-src")};
+  cfg.output = tmp / name;
+  cfg.shard_tokens = shard_tokens;
+  cfg.threads = threads;
+  return write_shards(cfg, tokenizer());
+}
+
+struct Drawn {
+  std::vector<int64_t> tokens;
+  std::vector<WindowRef> refs;
+};
+
+Drawn draw(PackedDataset& ds, int64_t batches, int64_t batch) {
+  Drawn d;
+  std::vector<int64_t> out;
+  std::vector<WindowRef> refs;
+  for (int64_t i = 0; i < batches; ++i) {
+    ds.next(batch, out, refs);
+    d.tokens.insert(d.tokens.end(), out.begin(), out.end());
+    d.refs.insert(d.refs.end(), refs.begin(), refs.end());
+  }
+  return d;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("SHA-256 matches the FIPS 180-4 vectors and sha256sum", "[data]") {
+  CHECK(sha256_hex("") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  CHECK(sha256_hex("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  CHECK(sha256_hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq") ==
+        "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  // Padding edge cases: 55 bytes (length fits the block), 56 (it does not), 64 (one full block).
+  CHECK(sha256_hex(std::string(55, 'a')) == "9f4390f8d30c2dd92ec9f095b65e2b9ae9b0a925a5258e241c9f1e910f734318");
+  CHECK(sha256_hex(std::string(56, 'a')) == "b35439a4ac6f0948b6d6f9e3c6af0f5f590ce20f1bde7090ef7970686ec6738a");
+  CHECK(sha256_hex(std::string(64, 'a')) == "ffe054fe7ae0cb6dc65c3af9b61d5209f439851db43d0ba5997337df154668eb");
+  CHECK(sha256_hex(std::string(1000000, 'a')) == "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+
+  // 1 MiB of bytes (i * 7 + 3) mod 256, hashed from a file (read in chunks); digest from sha256sum.
+  Scratch tmp;
+  std::string mib(1 << 20, '\0');
+  for (size_t i = 0; i < mib.size(); ++i) mib[i] = static_cast<char>((i * 7 + 3) % 256);
+  write_text(tmp / "mib.bin", mib);
+  CHECK(sha256_file(tmp / "mib.bin") == "172c15dc2e12b50e523d8e657cbe7fbb11c1053252bbf1e1431077d57d8128fd");
+  CHECK(sha256_hex(mib) == sha256_file(tmp / "mib.bin"));
+  CHECK_THAT(error_of([&] { sha256_file(tmp / "missing"); }), Catch::Contains("missing"));
+}
+
+TEST_CASE("write_shards: encode(doc) + EOS per document, inputs in sorted order, meta and index", "[data]") {
+  Scratch tmp;
+  write_text(tmp / "corpus/b.txt", "  second file, first line  \n\n\t\nsecond line\r\n");
+  write_text(tmp / "corpus/a.jsonl", "{\"text\": \"from jsonl\\nwith a newline\"}\n\n{\"text\": \"   \"}\n"
+                                     "{\"text\": \" padded \", \"id\": 7}\n");
+  write_text(tmp / "corpus/sub/c.md", "# Markdown title\nbody text\n");
+  write_text(tmp / "corpus/.hidden.txt", "never read\n");
+  write_text(tmp / "corpus/.git/x.txt", "never read\n");
+  write_text(tmp / "corpus/notes.csv", "never,read\n");
+  write_text(tmp / "extra.txt", "explicit file last\n");
+
+  DataPrepConfig cfg;
+  cfg.inputs = {tmp / "corpus", tmp / "extra.txt"};
+  cfg.output = tmp / "shards";
+  cfg.threads = 2;
+  std::vector<std::pair<int64_t, int64_t>> calls;
+  const ShardSetInfo info = write_shards(cfg, tokenizer(), [&](int64_t d, int64_t t) { calls.emplace_back(d, t); });
+
+  const std::vector<std::string> docs = {"from jsonl\nwith a newline", "padded", "second file, first line",
+                                         "second line", "# Markdown title", "body text", "explicit file last"};
+  const auto want = expected_stream(docs);
+  CHECK(info.total_documents == 7);
+  CHECK(info.total_tokens == static_cast<int64_t>(want.size()));
+  CHECK(info.eos_id == tokenizer().eos_id());
+  CHECK(info.vocab_size == tokenizer().vocab_size());
+  CHECK(info.tokenizer_sha256 == sha256_file(fixture("tokenizer.model")));
+  REQUIRE_FALSE(calls.empty());
+  CHECK(calls.back().first == calls.back().second);
+  CHECK(calls.back().second == static_cast<int64_t>(fs::file_size(tmp / "corpus/b.txt") + fs::file_size(tmp / "corpus/a.jsonl") +
+                                                    fs::file_size(tmp / "corpus/sub/c.md") +
+                                                    fs::file_size(tmp / "extra.txt")));
+
+  const ShardSet set = ShardSet::open(cfg.output);
+  CHECK(set.n_tokens() == info.total_tokens);
+  CHECK(all_tokens(set) == want);
+  std::vector<int64_t> mid(3);
+  set.read(2, 3, mid.data());
+  CHECK(mid == std::vector<int64_t>(want.begin() + 2, want.begin() + 5));
+  CHECK_THAT(error_of([&] { set.read(set.n_tokens() - 1, 2, mid.data()); }), Catch::Contains("outside"));
+
+  // The raw format: uint16 little-endian tokens, uint64 document starts, meta.json fields.
+  const std::string bin = read_bytes(tmp / "shards/shard-00000.bin");
+  REQUIRE(bin.size() == want.size() * 2);
+  for (size_t i = 0; i < want.size(); ++i)
+    CHECK((static_cast<unsigned char>(bin[2 * i]) | static_cast<unsigned char>(bin[2 * i + 1]) << 8) == want[i]);
+  std::vector<uint64_t> starts{0};
+  for (size_t i = 0; i + 1 < docs.size(); ++i) starts.push_back(starts.back() + tokenizer().encode(docs[i]).size() + 1);
+  CHECK(read_u64(tmp / "shards/shard-00000.idx") == starts);
+  const auto meta = nlohmann::json::parse(read_bytes(tmp / "shards/meta.json"));
+  CHECK(meta["format"] == "libllm-tokens-v1");
+  CHECK(meta["dtype"] == "uint16");
+  CHECK(meta["vocab_size"] == tokenizer().vocab_size());
+  CHECK(meta["eos_id"] == tokenizer().eos_id());
+  CHECK(meta["tokenizer_sha256"] == info.tokenizer_sha256);
+  CHECK(meta["total_tokens"] == info.total_tokens);
+  CHECK(meta["total_documents"] == 7);
+  REQUIRE(meta["shards"].size() == 1);
+  CHECK(meta["shards"][0]["file"] == "shard-00000.bin");
+  CHECK(meta["shards"][0]["doc_offsets_file"] == "shard-00000.idx");
+  CHECK(meta["shards"][0]["documents"] == 7);
+  for (const auto& e : fs::directory_iterator(cfg.output))  // no temporary files left behind
+    CHECK(e.path().filename().string().find(".tmp-") == std::string::npos);
+}
+
+TEST_CASE("write_shards: shards respect shard_tokens and never split a document", "[data]") {
+  Scratch tmp;
+  std::vector<std::string> docs = synthetic_docs(40);
+  docs.insert(docs.begin() + 20, std::string(300, 'x'));  // longer than a shard: a shard of its own
+  const int64_t limit = 120;
+  const ShardSetInfo info = make_set(tmp, "set", docs, limit);
+  const auto meta = nlohmann::json::parse(read_bytes(tmp / "set/meta.json"));
+  REQUIRE(meta["shards"].size() > 3);
+
+  const auto want = expected_stream(docs);
+  const ShardSet set = ShardSet::open(tmp / "set");
+  CHECK(set.n_shards() == static_cast<int64_t>(meta["shards"].size()));
+  CHECK(all_tokens(set) == want);
+
+  // Document starts in the stream: each shard begins at one and holds whole documents.
+  std::set<int64_t> doc_starts;
+  for (int64_t o = 0, i = 0; i < static_cast<int64_t>(docs.size()); ++i) {
+    doc_starts.insert(o);
+    o += static_cast<int64_t>(tokenizer().encode(docs[static_cast<size_t>(i)]).size()) + 1;
+  }
+  int64_t offset = 0, documents = 0;
+  for (size_t s = 0; s < meta["shards"].size(); ++s) {
+    const auto& sh = meta["shards"][s];
+    const int64_t n = sh["tokens"];
+    INFO("shard " << s << " tokens " << n);
+    CHECK(doc_starts.count(offset) == 1);
+    const auto idx = read_u64(tmp / ("set/" + sh["doc_offsets_file"].get<std::string>()));
+    CHECK(static_cast<int64_t>(idx.size()) == sh["documents"].get<int64_t>());
+    REQUIRE_FALSE(idx.empty());
+    CHECK(idx[0] == 0);
+    for (uint64_t o : idx) CHECK(doc_starts.count(offset + static_cast<int64_t>(o)) == 1);
+    if (sh["documents"] == 1)
+      CHECK(n >= 1);  // a single document may exceed the limit
+    else
+      CHECK(n <= limit);
+    if (s + 1 < meta["shards"].size()) {  // closed only because the next document did not fit
+      const int64_t next_doc_len = static_cast<int64_t>(
+          tokenizer().encode(docs[static_cast<size_t>(documents + sh["documents"].get<int64_t>())]).size() + 1);
+      CHECK(n + next_doc_len > limit);
+    }
+    CHECK(want[static_cast<size_t>(offset + n - 1)] == tokenizer().eos_id());
+    offset += n;
+    documents += sh["documents"].get<int64_t>();
+  }
+  CHECK(offset == info.total_tokens);
+  CHECK(documents == static_cast<int64_t>(docs.size()));
+}
+
+TEST_CASE("write_shards: 1 and 4 threads write byte-identical files", "[data]") {
+  Scratch tmp;
+  const auto docs = synthetic_docs(3000, 1);
+  make_set(tmp, "one", docs, 5000, 1);
+  DataPrepConfig cfg;
+  cfg.inputs = {tmp / "one-src"};  // the same input file
+  cfg.output = tmp / "four";
+  cfg.shard_tokens = 5000;
+  cfg.threads = 4;
+  write_shards(cfg, tokenizer());
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(tmp / "one")) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  REQUIRE(names.size() > 5);
+  for (const auto& n : names) {
+    INFO(n);
+    CHECK(read_bytes(tmp / ("one/" + n)) == read_bytes(tmp / ("four/" + n)));
+  }
+  CHECK(static_cast<size_t>(std::distance(fs::directory_iterator(tmp / "four"), fs::directory_iterator())) ==
+        names.size());
+}
+
+TEST_CASE("write_shards: paragraph and line documents of .txt/.md", "[data]") {
+  Scratch tmp;
+  write_text(tmp / "in/p.md", "\n\nFirst para line one\r\n  line two indented\n\n\n  \nSecond para\n   \nThird\nend  \n");
+  DataPrepConfig cfg;
+  cfg.inputs = {tmp / "in"};
+  cfg.output = tmp / "lines";
+  cfg.threads = 1;
+  write_shards(cfg, tokenizer());
+  CHECK(all_tokens(ShardSet::open(tmp / "lines")) ==
+        expected_stream({"First para line one", "line two indented", "Second para", "Third", "end"}));
+  cfg.output = tmp / "paras";
+  cfg.txt_documents = "paragraph";
+  const auto info = write_shards(cfg, tokenizer());
+  CHECK(info.total_documents == 3);
+  CHECK(all_tokens(ShardSet::open(tmp / "paras")) ==
+        expected_stream({"First para line one\n  line two indented", "Second para", "Third\nend"}));
+}
+
+TEST_CASE("write_shards: bad inputs and config are errors naming the file or key", "[data]") {
+  Scratch tmp;
+  DataPrepConfig cfg;
+  cfg.output = tmp / "out";
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("data_prep.inputs"));
+  cfg.inputs = {tmp / "nope.txt"};
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("nope.txt") && Catch::Contains("not found"));
+  write_text(tmp / "data.csv", "a,b\n");
+  cfg.inputs = {tmp / "data.csv"};
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("unsupported"));
+  write_text(tmp / "bad.jsonl", "{\"text\": \"ok\"}\n{\"text\": 5}\n");
+  cfg.inputs = {tmp / "bad.jsonl"};
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("bad.jsonl:2"));
+  write_text(tmp / "broken.jsonl", "{\"text\": \"ok\"}\n\n{\"text\": \"unterminated}\n");
+  cfg.inputs = {tmp / "broken.jsonl"};
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("broken.jsonl:3") && Catch::Contains("invalid JSON"));
+  write_text(tmp / "blank.txt", "\n  \n");
+  cfg.inputs = {tmp / "blank.txt"};
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("no documents"));
+  CHECK_FALSE(fs::exists(tmp / "out/meta.json"));
+}
+
+TEST_CASE("write_shards: a failure part-way leaves no meta.json and no temporary files", "[data]") {
+  Scratch tmp;
+  // More than one tokenizer batch (4 MiB per thread) of good lines, so a shard is open when the bad line comes.
+  std::string text;
+  const std::string line = "{\"text\": \"" + std::string(100, 'a') + "\"}\n";
+  while (text.size() < (5u << 20)) text += line;
+  write_text(tmp / "big.jsonl", text + "{\"no_text\": 1}\n");
+  DataPrepConfig cfg;
+  cfg.inputs = {tmp / "big.jsonl"};
+  cfg.output = tmp / "out";
+  cfg.threads = 1;
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("big.jsonl:"));
+  CHECK_FALSE(fs::exists(tmp / "out/meta.json"));
+  for (const auto& e : fs::directory_iterator(tmp / "out"))
+    CHECK(e.path().filename().string().find(".tmp-") == std::string::npos);
+  CHECK_THAT(error_of([&] { ShardSet::open(tmp / "out"); }), Catch::Contains("no meta.json"));
+}
+
+TEST_CASE("incomplete or damaged shard sets are errors that say to re-run", "[data]") {
+  Scratch tmp;
+  make_set(tmp, "set", synthetic_docs(50), 200);
+  REQUIRE_NOTHROW(ShardSet::open(tmp / "set"));
+  CHECK_THAT(error_of([&] { ShardSet::open(tmp / "absent"); }), Catch::Contains("not found"));
+
+  SECTION("no meta.json: an interrupted run") {
+    fs::remove(tmp / "set/meta.json");
+    const std::string e = error_of([&] { ShardSet::open(tmp / "set"); });
+    CHECK_THAT(e, Catch::Contains("meta.json") && Catch::Contains("re-run"));
+  }
+  SECTION("a truncated shard") {
+    fs::resize_file(tmp / "set/shard-00001.bin", fs::file_size(tmp / "set/shard-00001.bin") - 2);
+    const std::string e = error_of([&] { ShardSet::open(tmp / "set"); });
+    CHECK_THAT(e, Catch::Contains("shard-00001.bin") && Catch::Contains("truncated") && Catch::Contains("re-run"));
+  }
+  SECTION("a missing index") {
+    fs::remove(tmp / "set/shard-00000.idx");
+    CHECK_THAT(error_of([&] { ShardSet::open(tmp / "set"); }), Catch::Contains("shard-00000.idx"));
+  }
+  SECTION("garbage meta.json") {
+    write_text(tmp / "set/meta.json", "{\"format\": \"libllm-tokens-v1\"");
+    CHECK_THAT(error_of([&] { ShardSet::open(tmp / "set"); }), Catch::Contains("invalid JSON"));
+  }
+  SECTION("re-writing a folder replaces the old shard set, stale shards included") {
+    const auto docs = synthetic_docs(5, 9);
+    write_text(tmp / "set/shard-00099.bin", "stale");
+    make_set(tmp, "set", docs);  // same output folder, one shard now
+    CHECK_FALSE(fs::exists(tmp / "set/shard-00001.bin"));
+    CHECK_FALSE(fs::exists(tmp / "set/shard-00099.bin"));
+    CHECK(all_tokens(ShardSet::open(tmp / "set")) == expected_stream(docs));
+  }
+}
+
+TEST_CASE("uint32 shard sets (vocabularies above 65536) read back", "[data]") {
+  Scratch tmp;
+  const std::vector<uint32_t> tokens = {70000, 5, 2, 65536, 123456, 2};
+  std::string bin;
+  for (uint32_t t : tokens)
+    for (int k = 0; k < 4; ++k) bin += static_cast<char>((t >> (8 * k)) & 0xff);
+  write_text(tmp / "s/shard-00000.bin", bin);
+  write_text(tmp / "s/shard-00000.idx", std::string("\0\0\0\0\0\0\0\0\3\0\0\0\0\0\0\0", 16));
+  nlohmann::json meta = {{"format", "libllm-tokens-v1"}, {"dtype", "uint32"}, {"vocab_size", 200000}, {"eos_id", 2},
+                         {"tokenizer_sha256", "x"}, {"tokenizer_path", "t.model"},
+                         {"shards", {{{"file", "shard-00000.bin"}, {"tokens", 6}, {"documents", 2},
+                                      {"doc_offsets_file", "shard-00000.idx"}}}},
+                         {"total_tokens", 6}, {"total_documents", 2}};
+  write_text(tmp / "s/meta.json", meta.dump());
+  const auto got = all_tokens(ShardSet::open(tmp / "s"));
+  CHECK(got == std::vector<int64_t>(tokens.begin(), tokens.end()));
+}
+
+TEST_CASE("check_tokenizer: another tokenizer file is an error naming both", "[data]") {
+  Scratch tmp;
+  make_set(tmp, "set", synthetic_docs(5));
+  const ShardSet set = ShardSet::open(tmp / "set");
+  CHECK_NOTHROW(check_tokenizer(set, tokenizer()));
+  fs::copy_file(fixture("tokenizer.model"), tmp / "same.model");
+  CHECK_NOTHROW(check_tokenizer(set, Tokenizer::load(tmp / "same.model")));
+
+  // Change one letter of a piece (keeps the file a valid model); try positions until one loads.
+  const std::string bytes = read_bytes(fixture("tokenizer.model"));
+  std::unique_ptr<Tokenizer> other;
+  for (size_t i = bytes.size() / 2; i < bytes.size() && !other; ++i) {
+    if (bytes[i] < 'a' || bytes[i] > 'z') continue;
+    std::string changed = bytes;
+    changed[i] = 'Q';
+    write_text(tmp / "other.model", changed);
+    try {
+      other = std::make_unique<Tokenizer>(Tokenizer::load(tmp / "other.model"));
+    } catch (const Error&) {
+    }
+  }
+  REQUIRE(other);
+  const std::string e = error_of([&] { check_tokenizer(set, *other); });
+  CHECK_THAT(e, Catch::Contains(tmp / "other.model") && Catch::Contains("tokenizer.model") &&
+                    Catch::Contains(tmp / "set"));
+}
+
+TEST_CASE("data recipe sections: fields and weight checks", "[data]") {
+  Schema schema;
+  DataConfig data;
+  DataPrepConfig prep;
+  data.fields(schema.section("data"));
+  prep.fields(schema.section("data_prep"));
+  schema.load_string("data:\n  train: [a, b]\n  weights: ['3', '1']\n  seed: 7\n"
+                     "data_prep:\n  inputs: [x.txt]\n  output: out\n  txt_documents: paragraph\n  threads: 2\n",
+                     "r.yaml");
+  schema.validate();
+  CHECK(data.train == std::vector<std::string>{"a", "b"});
+  CHECK(data.weights == std::vector<std::string>{"3", "1"});
+  CHECK(data.seed == 7);
+  CHECK(prep.txt_documents == "paragraph");
+  CHECK(prep.threads == 2);
+  CHECK_THAT(error_of([&] { schema.apply_override("data_prep.txt_documents=sentence"); }),
+             Catch::Contains("line") && Catch::Contains("paragraph"));
+  CHECK_THAT(error_of([&] { schema.apply_override("data_prep.shard_tokens=0"); }), Catch::Contains("shard_tokens"));
+  schema.apply_override("data.weights=[3]");
+  CHECK_THAT(error_of([&] { schema.validate(); }), Catch::Contains("data.weights") && Catch::Contains("1 weights for 2"));
+  schema.apply_override("data.weights=[3, x]");
+  CHECK_THAT(error_of([&] { schema.validate(); }), Catch::Contains("data.weights") && Catch::Contains("'x'"));
+  schema.apply_override("data.weights=[0, -1]");
+  CHECK_THAT(error_of([&] { schema.validate(); }), Catch::Contains("data.weights"));
+  schema.apply_override("data.weights=[0, 0]");
+  CHECK_THAT(error_of([&] { schema.validate(); }), Catch::Contains("all weights are 0"));
+}
+
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("PackedDataset: windows are exact seq_len+1 slices: an epoch is a permutation", "[data]") {
+  Scratch tmp;
+  make_set(tmp, "set", synthetic_docs(200), 700);
+  const ShardSet set = ShardSet::open(tmp / "set");
+  const auto stream = all_tokens(set);
+  DataConfig cfg;
+  cfg.train = {tmp / "set"};
+  const int64_t L = 16;
+  PackedDataset ds(cfg, L, 0, 1);
+  const int64_t W = static_cast<int64_t>(stream.size()) / (L + 1);
+  REQUIRE(ds.windows_per_epoch() == W);
+  REQUIRE(W > 50);
+
+  const Drawn d = draw(ds, 2, W);  // two epochs (2W samples)
+  REQUIRE(d.refs.size() == static_cast<size_t>(2 * W));
+  for (size_t i = 0; i < d.refs.size(); ++i) {
+    const WindowRef r = d.refs[i];
+    REQUIRE(r.set == 0);
+    const auto* row = &d.tokens[i * static_cast<size_t>(L + 1)];
+    CHECK(std::vector<int64_t>(row, row + L + 1) ==
+          std::vector<int64_t>(stream.begin() + r.window * (L + 1), stream.begin() + (r.window + 1) * (L + 1)));
+  }
+  std::vector<int64_t> e0, e1;
+  for (int64_t i = 0; i < W; ++i) e0.push_back(d.refs[static_cast<size_t>(i)].window);
+  for (int64_t i = W; i < 2 * W; ++i) e1.push_back(d.refs[static_cast<size_t>(i)].window);
+  CHECK(e0 != e1);  // reshuffled for the second epoch
+  std::vector<int64_t> ids(static_cast<size_t>(W));
+  std::iota(ids.begin(), ids.end(), 0);
+  std::vector<int64_t> s0 = e0, s1 = e1;
+  std::sort(s0.begin(), s0.end());
+  std::sort(s1.begin(), s1.end());
+  CHECK(s0 == ids);
+  CHECK(s1 == ids);
+  CHECK(e0 != ids);  // shuffled at all
+  CHECK(ds.describe(d.refs[0]) == "set 0 (" + cfg.train[0] + ") window " + std::to_string(d.refs[0].window) +
+                                      " tokens [" + std::to_string(d.refs[0].window * 17) + ", " +
+                                      std::to_string(d.refs[0].window * 17 + 17) + ")");
+}
+
+TEST_CASE("PackedDataset: the order depends only on the seed: ranks split it exactly", "[data]") {
+  Scratch tmp;
+  make_set(tmp, "a", synthetic_docs(150, 1));
+  make_set(tmp, "b", synthetic_docs(100, 2));
+  DataConfig cfg;
+  cfg.train = {tmp / "a", tmp / "b"};
+  const int64_t L = 12;
+  PackedDataset one(cfg, L, 0, 1), again(cfg, L, 0, 1);
+  const Drawn d1 = draw(one, 30, 4), d2 = draw(again, 20, 6);  // batch size does not matter
+  CHECK(d1.refs == d2.refs);
+  CHECK(d1.tokens == d2.tokens);
+  std::set<int32_t> sets_seen;
+  for (const auto& r : d1.refs) sets_seen.insert(r.set);
+  CHECK(sets_seen.size() == 2);
+
+  DataConfig other = cfg;
+  other.seed = cfg.seed + 1;
+  PackedDataset reseeded(other, L, 0, 1);
+  CHECK(draw(reseeded, 30, 4).refs != d1.refs);
+
+  PackedDataset r0(cfg, L, 0, 2), r1(cfg, L, 1, 2);
+  const Drawn a = draw(r0, 15, 4), b = draw(r1, 15, 4);
+  REQUIRE(a.refs.size() == 60);
+  for (size_t i = 0; i < 60; ++i) {
+    CHECK(a.refs[i] == d1.refs[2 * i]);
+    CHECK(b.refs[i] == d1.refs[2 * i + 1]);
+  }
+  const size_t row = L + 1;
+  CHECK(std::equal(b.tokens.begin() + 7 * row, b.tokens.begin() + 8 * row, d1.tokens.begin() + 15 * row));
+}
+
+TEST_CASE("PackedDataset: a cursor continues exactly in a fresh dataset: bad cursors are errors", "[data]") {
+  Scratch tmp;
+  make_set(tmp, "a", synthetic_docs(60, 3));  // small: several epochs within the test
+  make_set(tmp, "b", synthetic_docs(100, 4));
+  DataConfig cfg;
+  cfg.train = {tmp / "a", tmp / "b"};
+  cfg.weights = {"1", "1"};
+  const int64_t L = 10;
+  for (int64_t world : {1, 2}) {
+    INFO("world size " << world);
+    PackedDataset ref(cfg, L, world - 1, world);
+    const Drawn all = draw(ref, 40, 8);
+
+    PackedDataset first(cfg, L, world - 1, world);
+    draw(first, 13, 8);
+    const std::string cursor = first.cursor();
+    PackedDataset resumed(cfg, L, world - 1, world);
+    resumed.restore(cursor);
+    const Drawn rest = draw(resumed, 27, 8);
+    CHECK(std::vector<WindowRef>(all.refs.begin() + 13 * 8, all.refs.end()) == rest.refs);
+    CHECK(std::vector<int64_t>(all.tokens.begin() + 13 * 8 * (L + 1), all.tokens.end()) == rest.tokens);
+    CHECK(resumed.cursor() == ref.cursor());
+  }
+
+  PackedDataset ds(cfg, L, 0, 1);
+  draw(ds, 3, 8);
+  const std::string good = ds.cursor();
+  CHECK_THAT(error_of([&] { ds.restore("not json"); }), Catch::Contains("data cursor"));
+  CHECK_THAT(error_of([&] { ds.restore("{}"); }), Catch::Contains("data cursor"));
+  auto j = nlohmann::json::parse(good);
+  j["sets"][0].erase("pos");
+  CHECK_THAT(error_of([&] { ds.restore(j.dump()); }), Catch::Contains("pos"));
+  PackedDataset longer(cfg, L + 1, 0, 1);
+  CHECK_THAT(error_of([&] { longer.restore(good); }), Catch::Contains("seq_len"));
+  DataConfig reseeded = cfg;
+  reseeded.seed = 99;
+  PackedDataset other_seed(reseeded, L, 0, 1);
+  CHECK_THAT(error_of([&] { other_seed.restore(good); }), Catch::Contains("seed"));
+  DataConfig fewer = cfg;
+  fewer.train = {tmp / "a"};
+  fewer.weights.clear();
+  PackedDataset one_set(fewer, L, 0, 1);
+  CHECK_THAT(error_of([&] { one_set.restore(good); }), Catch::Contains("train sets"));
+  CHECK(ds.cursor() == good);  // failed restores change nothing
+}
+
+TEST_CASE("PackedDataset: mixture weights 3:1 give ~75% from set 0: default is proportional", "[data]") {
+  Scratch tmp;
+  make_set(tmp, "a", synthetic_docs(100, 5));
+  make_set(tmp, "b", synthetic_docs(100, 6));
+  DataConfig cfg;
+  cfg.train = {tmp / "a", tmp / "b"};
+  cfg.weights = {"3", "1"};
+  PackedDataset ds(cfg, 8, 0, 1);
+  const Drawn d = draw(ds, 40, 100);
+  REQUIRE(d.refs.size() == 4000);
+  const auto from0 = std::count_if(d.refs.begin(), d.refs.end(), [](const WindowRef& r) { return r.set == 0; });
+  CHECK(std::abs(static_cast<double>(from0) / 4000.0 - 0.75) < 0.05);
+
+  cfg.weights = {};
+  PackedDataset prop(cfg, 8, 0, 1);
+  const double w0 = static_cast<double>(prop.windows(0)) / static_cast<double>(prop.windows_per_epoch());
+  CHECK(prop.weights()[0] == Approx(w0));
+  cfg.weights = {"0", "1"};
+  PackedDataset only_b(cfg, 8, 0, 1);
+  for (const auto& r : draw(only_b, 5, 100).refs) CHECK(r.set == 1);
+  cfg.weights = {"1"};
+  CHECK_THAT(error_of([&] { PackedDataset bad(cfg, 8, 0, 1); }), Catch::Contains("data.weights"));
+}
+
+TEST_CASE("PackedDataset: deferred windows come back after the planned samples", "[data]") {
+  Scratch tmp;
+  make_set(tmp, "a", synthetic_docs(200, 7));
+  DataConfig cfg;
+  cfg.train = {tmp / "a"};
+  const int64_t L = 8;
+  PackedDataset plain(cfg, L, 0, 1), ds(cfg, L, 0, 1);
+  CHECK(ds.planned_samples() == ds.windows_per_epoch());
+  ds.set_planned_samples(40);
+  const Drawn p = draw(plain, 15, 4);  // 60 planned samples, no deferral
+
+  std::vector<int64_t> out;
+  std::vector<WindowRef> refs, served;
+  ds.next(4, out, refs);  // samples 0..3 "spiked": deferred
+  const std::vector<WindowRef> spiked = refs;
+  const std::vector<int64_t> spiked_tokens = out;
+  ds.defer(spiked);
+  CHECK(ds.deferred_count() == 4);
+  for (int i = 0; i < 14; ++i) {
+    ds.next(4, out, refs);
+    served.insert(served.end(), refs.begin(), refs.end());
+  }
+  // Planned samples 4..39, then the 4 deferred, then planned 40.. as without deferral.
+  std::vector<WindowRef> want(p.refs.begin() + 4, p.refs.begin() + 40);
+  want.insert(want.end(), spiked.begin(), spiked.end());
+  want.insert(want.end(), p.refs.begin() + 40, p.refs.begin() + 56);
+  CHECK(served == want);
+  CHECK(ds.deferred_count() == 0);
+
+  // A cursor carries deferred windows; tokens of a deferred window are the same on re-serving.
+  PackedDataset a(cfg, L, 0, 1);
+  a.set_planned_samples(4);
+  a.next(4, out, refs);
+  const WindowRef deferred_ref = refs[1];
+  a.defer({deferred_ref});
+  const std::vector<int64_t> row(out.begin() + (L + 1), out.begin() + 2 * (L + 1));
+  PackedDataset b(cfg, L, 0, 1);
+  b.restore(a.cursor());
+  b.next(1, out, refs);
+  CHECK(refs[0] == deferred_ref);
+  CHECK(out == row);
+  CHECK_THAT(error_of([&] { a.defer({WindowRef{3, 0}}); }), Catch::Contains("set 3"));
+}
