@@ -37,10 +37,15 @@ std::string unknown_key_hint(const std::string& key, const std::vector<std::stri
 }
 
 std::string format_double(double v) {
-  std::ostringstream os;
-  os.precision(17);
-  os << v;
-  std::string s = os.str();
+  // The shortest of 15..17 significant digits that reads back as exactly v.
+  std::string s;
+  for (int precision = 15; precision <= 17; ++precision) {
+    std::ostringstream os;
+    os.precision(precision);
+    os << v;
+    s = os.str();
+    if (std::stod(s) == v) break;
+  }
   // Keep floats recognisable as floats in YAML (1 -> 1.0).
   if (s.find_first_of(".eEn") == std::string::npos) s += ".0";
   return s;

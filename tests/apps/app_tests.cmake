@@ -8,7 +8,8 @@ set(_src ${PROJECT_SOURCE_DIR})
 function(expect_error name regex)
   string(REPLACE ";" "@@" _cmd "${ARGN}")
   add_test(NAME apps.error.${name}
-           COMMAND ${CMAKE_COMMAND} "-DCMD=${_cmd}" "-DREGEX=${regex}" -P ${CMAKE_CURRENT_SOURCE_DIR}/apps/expect_error.cmake)
+           COMMAND ${CMAKE_COMMAND} "-DCMD=${_cmd}" "-DREGEX=${regex}" -P ${CMAKE_CURRENT_SOURCE_DIR}/apps/expect_error.cmake
+           WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
 endfunction()
 
 # llm-plan prints the published exact counts.
@@ -51,3 +52,19 @@ expect_error(eval.bad-jsonl "bad.jsonl:2: expected an object with a string field
              ${_bin}/llm-eval --checkpoint ${_fx}/tiny-llama --data ${_bad}/bad.jsonl)
 expect_error(eval.bad-config-json "config.json: invalid JSON"
              ${_bin}/llm-eval --checkpoint ${_bad}/bad-config --data ${_fx}/eval.txt --tokenizer ${_fx}/tokenizer.model)
+
+# llm-data -> llm-pretrain on the fixture documents (seconds).
+set(_run ${CMAKE_BINARY_DIR}/app-test-run)
+set(_sets --set data_prep.output=${_run}/train --set data_prep.valid_output=${_run}/valid
+          --set data.train=[${_run}/train] --set data.valid=${_run}/valid --set train.run_dir=${_run}/run
+          --set checkpoint.resume=none)
+add_test(NAME apps.data.tiny COMMAND ${_bin}/llm-data ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml ${_sets}
+         WORKING_DIRECTORY ${_src})
+set_tests_properties(apps.data.tiny PROPERTIES FIXTURES_SETUP tiny_shards
+                     PASS_REGULAR_EXPRESSION "held-out: .*valid \\(2 documents")
+add_test(NAME apps.pretrain.tiny COMMAND ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml ${_sets}
+         WORKING_DIRECTORY ${_src})
+set_tests_properties(apps.pretrain.tiny PROPERTIES FIXTURES_REQUIRED tiny_shards
+                     PASS_REGULAR_EXPRESSION "step +4/4 .*eval [0-9.]+.*saved checkpoint .*step-00000004.*sample: Hello")
+expect_error(pretrain.missing-shards "data.train: no training shard folders|shard-set folder not found"
+             ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set data.train=[/nonexistent])

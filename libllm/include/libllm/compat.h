@@ -29,7 +29,8 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
 // to x's dtype before the weight multiply (the Hugging Face LLaMA convention).
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 
-// Number of intra-op threads to use: the machine's core count (LibTorch may start at 1).
+// Sets LibTorch's intra-op threads: $LIBLLM_THREADS if set; 1 when LibTorch has no MKL (its
+// BLAS, OpenBLAS, then runs its own pool on every core); else the machine's core count.
 void set_default_num_threads();
 
 // Human-readable LibTorch version, e.g. "1.13.1".

@@ -19,7 +19,7 @@ struct TrainConfig {                 // recipe section `train`
   int64_t steps = 1000;              // optimizer steps of the whole run
   std::string dtype = "fp32";        // fp32, or bf16 (bf16 weights/activations, fp32 master weights in AdamW)
   int64_t seed = 0;                  // seed of the weight initialisation and of sampling
-  int64_t threads = 0;               // intra-op CPU threads; 0 = all cores
+  int64_t threads = 0;               // LibTorch intra-op CPU threads; 0 = automatic (compat::set_default_num_threads)
   int64_t log_every = 10;            // console progress line every this many steps (metrics.jsonl gets every step)
   int64_t eval_every = 0;            // held-out evaluation every this many steps (data.valid); 0 = off
   int64_t eval_batches = 4;          // micro batches of held-out windows per evaluation (always the same windows)
