@@ -12,6 +12,7 @@
 #include "libllm/compat.h"
 #include "libllm/config.h"
 #include "libllm/data.h"
+#include "libllm/distributed.h"
 #include "libllm/error.h"
 #include "libllm/generate.h"
 #include "libllm/model.h"
@@ -121,12 +122,14 @@ double pretrain(const Recipe& recipe) {
   if (tc.threads > 0) at::set_num_threads(static_cast<int>(tc.threads));
   else compat::set_default_num_threads();
 
+  Distributed dist = Distributed::from_env();
+  const bool main_rank = dist.is_main();
   Run run(recipe, tc);
-  const int64_t per_pass = tc.micro_batch * tc.seq_len;
+  const int64_t per_pass = tc.micro_batch * tc.seq_len * dist.world_size();
   const int64_t global = tc.global_batch_tokens > 0 ? tc.global_batch_tokens : per_pass;
   if (global % per_pass != 0)
     throw Error("train.global_batch_tokens",
-                fmt::format("{} is not a multiple of micro_batch * seq_len = {}", global, per_pass));
+                fmt::format("{} is not a multiple of micro_batch * seq_len * world_size = {}", global, per_pass));
   run.accum = global / per_pass;
 
   // Tokenizer and shards must agree; the tokenizer must fit the model.
@@ -141,7 +144,7 @@ double pretrain(const Recipe& recipe) {
   std::vector<std::pair<std::string, torch::Tensor>> named;
   for (auto& p : run.model->named_parameters()) named.emplace_back(p.key(), p.value());
   run.optim = std::make_unique<AdamW>(named, recipe.optim);
-  run.data = std::make_unique<PackedDataset>(recipe.data, tc.seq_len, 0, 1);
+  run.data = std::make_unique<PackedDataset>(recipe.data, tc.seq_len, dist.rank(), dist.world_size());
 
   const ParamCount pc = count_parameters(mc);
   // Training FLOPs per token: 6 N (non-embedding weights, forward + backward) + 12 L H Q T (attention).
@@ -150,10 +153,13 @@ double pretrain(const Recipe& recipe) {
   const std::string recipe_yaml = recipe.to_yaml();
   const fs::path run_dir = tc.run_dir;
   const std::string ckpt_root = (run_dir / "checkpoints").string();
-  fs::create_directories(run_dir);
-  fmt::print("resolved recipe:\n{}\n", recipe_yaml);
-  fmt::print("model: {:.2f} M parameters | {} steps x {} tokens ({} x {} x {} accumulation) | {} threads\n",
-             pc.total / 1e6, tc.steps, global, tc.micro_batch, tc.seq_len, run.accum, at::get_num_threads());
+  if (main_rank) {
+    fs::create_directories(run_dir);
+    fmt::print("resolved recipe:\n{}\n", recipe_yaml);
+    fmt::print("model: {:.2f} M parameters | {} steps x {} tokens ({} x {} x {} accumulation x {} ranks) | {} threads | {}\n",
+               pc.total / 1e6, tc.steps, global, tc.micro_batch, tc.seq_len, run.accum, dist.world_size(),
+               at::get_num_threads(), dist.describe());
+  }
 
   // Resume.
   TrainState state;
@@ -165,14 +171,19 @@ double pretrain(const Recipe& recipe) {
     state = load_checkpoint(resume_from, run.model, *run.optim);
     run.data->restore(state.data_cursor);
     if (!state.extra.empty()) history = json::parse(state.extra).value("eval_history", json::array());
-    fmt::print("resumed from {} (step {})\n", resume_from, state.step);
+    if (main_rank) fmt::print("resumed from {} (step {})\n", resume_from, state.step);
   }
   const std::string metrics_path = (run_dir / "metrics.jsonl").string();
   const std::string sequence_path = (run_dir / "data_sequence.jsonl").string();
-  truncate_log(metrics_path, state.step);
-  truncate_log(sequence_path, state.step);
-  std::ofstream metrics(metrics_path, std::ios::app), sequence(sequence_path, std::ios::app);
-  std::ofstream(run_dir / "recipe.yaml") << recipe_yaml;
+  // Only rank 0 writes shared files.
+  std::ofstream metrics, sequence;
+  if (main_rank) {
+    truncate_log(metrics_path, state.step);
+    truncate_log(sequence_path, state.step);
+    metrics.open(metrics_path, std::ios::app);
+    sequence.open(sequence_path, std::ios::app);
+    std::ofstream(run_dir / "recipe.yaml") << recipe_yaml;
+  }
 
   auto params = run.model->parameters();
   const double peak_lr = recipe.optim.lr;
@@ -186,10 +197,14 @@ double pretrain(const Recipe& recipe) {
     const auto ts = std::chrono::steady_clock::now();
     const double lr = peak_lr * lr_factor(recipe.schedule, step, tc.steps);
     double loss_sum = 0, aux_sum = 0;
-    json windows = json::array();
+    // (world, accum * micro_batch, 2): every rank's windows, gathered for the data-sequence log.
+    auto step_refs = torch::zeros({dist.world_size(), run.accum * tc.micro_batch, 2}, torch::kInt64);
     for (int64_t m = 0; m < run.accum; ++m) {
       run.data->next(tc.micro_batch, buf, refs);
-      for (const auto& r : refs) windows.push_back({r.set, r.window});
+      for (int64_t b = 0; b < tc.micro_batch; ++b) {
+        step_refs[dist.rank()][m * tc.micro_batch + b][0] = refs[b].set;
+        step_refs[dist.rank()][m * tc.micro_batch + b][1] = refs[b].window;
+      }
       auto [x, y] = split_batch(buf, tc.micro_batch, tc.seq_len);
       auto out = run.model->forward(x);
       auto ce = cross_entropy(out.logits, y);
@@ -197,7 +212,10 @@ double pretrain(const Recipe& recipe) {
       loss_sum += ce.item<double>();
       aux_sum += out.aux_loss.item<double>();
     }
-    const double loss = loss_sum / run.accum;
+    dist.average_gradients(params);
+    dist.sum(step_refs);
+    const double loss = dist.mean(loss_sum / run.accum);
+    aux_sum = dist.mean(aux_sum);
     const double grad_norm = clip_grad_norm(params, recipe.optim.grad_clip);
     run.optim->step(lr);
     run.optim->zero_grad();
@@ -216,8 +234,18 @@ double pretrain(const Recipe& recipe) {
       line["eval_loss"] = run.evaluate();
       history.push_back({{"step", step + 1}, {"eval_loss", line["eval_loss"]}});
     }
+    if (!main_rank) {
+      // Same checkpoint cadence below; nothing else to write.
+    } else {
     metrics << line.dump() << "\n" << std::flush;
-    sequence << json({{"step", step + 1}, {"rank", 0}, {"windows", windows}}).dump() << "\n" << std::flush;
+    json windows = json::array();  // per rank: [[set, window], ...] in the order the rank used them
+    for (int64_t r = 0; r < dist.world_size(); ++r) {
+      json mine = json::array();
+      for (int64_t i = 0; i < step_refs.size(1); ++i)
+        mine.push_back({step_refs[r][i][0].item<int64_t>(), step_refs[r][i][1].item<int64_t>()});
+      windows.push_back(mine);
+    }
+    sequence << json({{"step", step + 1}, {"windows", windows}}).dump() << "\n" << std::flush;
     if ((step + 1) % tc.log_every == 0 || step == state.step || step + 1 == tc.steps) {
       std::string s = fmt::format("step {:>6}/{} | loss {:.4f} | lr {:.2e} | grad {:.3f} | {:.0f} tok/s", step + 1,
                                   tc.steps, loss, lr, grad_norm, tok_s);
@@ -227,10 +255,12 @@ double pretrain(const Recipe& recipe) {
       fmt::print("{}\n", s);
       std::fflush(stdout);
     }
+    }
     const int64_t done = step + 1;
     const CheckpointConfig& cc = recipe.checkpoint;
     if ((cc.every > 0 && done % cc.every == 0) || (cc.milestone_every > 0 && done % cc.milestone_every == 0) ||
         done == tc.steps) {
+      if (!main_rank) continue;
       TrainState st{done, run.data->cursor(), json({{"eval_history", history}}).dump()};
       const std::string path = save_checkpoint(ckpt_root, run.model, *run.optim, st, recipe_yaml, recipe.tokenizer.path);
       prune_checkpoints(ckpt_root, cc);
@@ -238,6 +268,7 @@ double pretrain(const Recipe& recipe) {
     }
   }
 
+  if (!main_rank) return last_loss;
   if (tc.plot) {
     const std::string plot_path = (run_dir / "loss.html").string();
     write_loss_plot(metrics_path, plot_path, "libllm: " + tc.run_dir);

@@ -68,3 +68,10 @@ set_tests_properties(apps.pretrain.tiny PROPERTIES FIXTURES_REQUIRED tiny_shards
                      PASS_REGULAR_EXPRESSION "step +4/4 .*eval [0-9.]+.*saved checkpoint .*step-00000004.*sample: Hello")
 expect_error(pretrain.missing-shards "data.train: no training shard folders|shard-set folder not found"
              ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set data.train=[/nonexistent])
+
+# Data parallel over Gloo: 2 processes == 1 process with doubled accumulation (1e-6).
+add_test(NAME apps.pretrain.ddp-gloo
+         COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/apps/ddp_equivalence.sh ${_bin} ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml
+                 ${CMAKE_BINARY_DIR}/ddp-test -- ${_sets}
+         WORKING_DIRECTORY ${_src})
+set_tests_properties(apps.pretrain.ddp-gloo PROPERTIES FIXTURES_REQUIRED tiny_shards TIMEOUT 300)

@@ -1,0 +1,46 @@
+// Data-parallel training over c10d: one process per device, launched the way torchrun or
+// Slurm launches (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, or SLURM_PROCID /
+// SLURM_NTASKS / SLURM_LOCALID). Gloo on CPUs (NCCL on GPUs comes with the GPU issue). Gradients
+// are averaged with bucketed all-reduces; every collective has a timeout, so a dead peer makes
+// every rank fail with an error instead of hanging.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+namespace libllm {
+
+class Distributed {
+ public:
+  // Reads the launcher's environment. Without one (no WORLD_SIZE / SLURM_NTASKS, or a world of
+  // 1) this is a single process and every collective is a no-op.
+  static Distributed from_env(double timeout_s = 300);
+  ~Distributed();
+  Distributed(Distributed&&) noexcept;
+
+  int rank() const { return rank_; }
+  int world_size() const { return world_; }
+  int local_rank() const { return local_rank_; }
+  bool is_main() const { return rank_ == 0; }
+  std::string describe() const;  // "rank 1/2 (gloo via 127.0.0.1:29500)"
+
+  // Averages the gradients of `params` across ranks, flattening them into buckets of about
+  // bucket_bytes per all-reduce.
+  void average_gradients(const std::vector<torch::Tensor>& params, int64_t bucket_bytes = 25 << 20);
+  // The mean of a scalar over ranks.
+  double mean(double value);
+  // Element-wise sum of `t` over ranks, in place (a cheap gather: each rank fills its own slot).
+  void sum(torch::Tensor& t);
+  void barrier();
+
+ private:
+  Distributed() = default;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  int rank_ = 0, world_ = 1, local_rank_ = 0;
+};
+
+}  // namespace libllm

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# 2 processes over Gloo (torchrun-style environment) must give the same per-step losses (1e-6)
+# as 1 process with twice the gradient accumulation, on the same global batch.
+# usage: ddp_equivalence.sh BIN_DIR RECIPE WORK_DIR -- [--set ...]
+set -euo pipefail
+bin=$1 recipe=$2 work=$3; shift 4
+rm -rf "$work" && mkdir -p "$work"
+common=(--set train.steps=6 --set train.micro_batch=2 --set train.seq_len=16 --set train.global_batch_tokens=64
+        --set train.eval_every=0 --set train.sample_tokens=0 --set checkpoint.resume=none --set train.plot=false "$@")
+"$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/one" > "$work/one.log" 2>&1
+port=$((20000 + $$ % 20000))
+for r in 0 1; do
+  WORLD_SIZE=2 RANK=$r LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+    timeout 120 "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/two" > "$work/two.$r.log" 2>&1 &
+done
+wait %1 && wait %2 || { cat "$work"/two.*.log; exit 1; }
+grep -q "rank 0/2 (gloo" "$work/two.0.log" || { echo "rank 0 did not run distributed"; cat "$work/two.0.log"; exit 1; }
+losses() { sed -E 's/.*"loss":([^,}]*).*/\1/' "$1/metrics.jsonl"; }
+paste <(losses "$work/one") <(losses "$work/two") | awk '
+  { n++; d = $1 - $2; if (d < 0) d = -d; if (d > max) max = d; printf "step %d: 1 process %s, 2 processes %s\n", n, $1, $2 }
+  END { if (n != 6) { print "expected 6 steps, got " n; exit 1 }
+        printf "max |difference| %.3g\n", max; exit (max <= 1e-6 ? 0 : 1) }'
