@@ -3,13 +3,26 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 
 #include <torch/torch.h>
 
+#include "libllm/error.h"
+
 namespace libllm::test {
+
+// The message of the libllm::Error that fn throws ("" when it throws none).
+inline std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
 
 inline std::string fixture(const std::string& rel) { return std::string(LIBLLM_FIXTURES) + "/" + rel; }
 inline std::string source(const std::string& rel) { return std::string(LIBLLM_SOURCE_DIR) + "/" + rel; }

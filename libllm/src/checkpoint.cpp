@@ -19,37 +19,13 @@ using json = nlohmann::json;
 namespace libllm {
 namespace {
 
-safetensors::DType st_dtype(torch::ScalarType t) {
-  switch (t) {
-    case torch::kFloat32: return safetensors::DType::F32;
-    case torch::kBFloat16: return safetensors::DType::BF16;
-    case torch::kFloat16: return safetensors::DType::F16;
-    case torch::kFloat64: return safetensors::DType::F64;
-    case torch::kInt64: return safetensors::DType::I64;
-    case torch::kUInt8: return safetensors::DType::U8;
-    default: throw Error("checkpoint", std::string("cannot store dtype ") + c10::toString(t));
-  }
-}
-
-torch::ScalarType torch_dtype(safetensors::DType d) {
-  switch (d) {
-    case safetensors::DType::F32: return torch::kFloat32;
-    case safetensors::DType::BF16: return torch::kBFloat16;
-    case safetensors::DType::F16: return torch::kFloat16;
-    case safetensors::DType::F64: return torch::kFloat64;
-    case safetensors::DType::I64: return torch::kInt64;
-    case safetensors::DType::U8: return torch::kUInt8;
-    default: throw Error("checkpoint", std::string("unexpected dtype ") + safetensors::dtype_name(d));
-  }
-}
-
 void write_tensors(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& named) {
   std::vector<torch::Tensor> keep;
   std::vector<safetensors::TensorView> views;
   keep.reserve(named.size());
   for (const auto& [name, t] : named) {
     keep.push_back(t.detach().to(torch::kCPU).contiguous());
-    views.push_back({name, st_dtype(keep.back().scalar_type()), keep.back().sizes().vec(), keep.back().data_ptr()});
+    views.push_back({name, st_dtype_of(keep.back().scalar_type()), keep.back().sizes().vec(), keep.back().data_ptr()});
   }
   safetensors::write(path, views);
 }
@@ -58,7 +34,7 @@ std::map<std::string, torch::Tensor> read_tensors(const std::string& path) {
   auto f = safetensors::File::open(path);
   std::map<std::string, torch::Tensor> out;
   for (const auto& t : f->tensors())
-    out[t.name] = torch::from_blob(const_cast<uint8_t*>(f->data(t)), t.shape, torch_dtype(t.dtype)).clone();
+    out[t.name] = torch::from_blob(const_cast<uint8_t*>(f->data(t)), t.shape, torch_dtype_of(t.dtype)).clone();
   return out;
 }
 

@@ -74,36 +74,6 @@ struct ConfigReader {
   }
 };
 
-torch::Dtype torch_dtype_of(safetensors::DType d) {
-  using D = safetensors::DType;
-  switch (d) {
-    case D::F32: return torch::kFloat32;
-    case D::F16: return torch::kFloat16;
-    case D::BF16: return torch::kBFloat16;
-    case D::F64: return torch::kFloat64;
-    case D::I64: return torch::kInt64;
-    case D::I32: return torch::kInt32;
-    case D::I16: return torch::kInt16;
-    case D::I8: return torch::kInt8;
-    case D::U8: return torch::kUInt8;
-    case D::BOOL: return torch::kBool;
-  }
-  return torch::kFloat32;
-}
-
-safetensors::DType st_dtype_of(torch::Dtype d) {
-  using D = safetensors::DType;
-  switch (d) {
-    case torch::kFloat32: return D::F32;
-    case torch::kFloat16: return D::F16;
-    case torch::kBFloat16: return D::BF16;
-    case torch::kFloat64: return D::F64;
-    case torch::kInt64: return D::I64;
-    case torch::kInt32: return D::I32;
-    default: throw Error("", std::string("cannot store dtype ") + c10::toString(d) + " in safetensors");
-  }
-}
-
 // The tensors of a weights folder: name -> (file, entry). Files stay mapped while this lives.
 struct WeightIndex {
   std::vector<std::shared_ptr<safetensors::File>> files;
@@ -172,6 +142,37 @@ std::string shape_str(at::IntArrayRef s) {
 }
 
 }  // namespace
+
+torch::Dtype torch_dtype_of(safetensors::DType d) {
+  using D = safetensors::DType;
+  switch (d) {
+    case D::F32: return torch::kFloat32;
+    case D::F16: return torch::kFloat16;
+    case D::BF16: return torch::kBFloat16;
+    case D::F64: return torch::kFloat64;
+    case D::I64: return torch::kInt64;
+    case D::I32: return torch::kInt32;
+    case D::I16: return torch::kInt16;
+    case D::I8: return torch::kInt8;
+    case D::U8: return torch::kUInt8;
+    case D::BOOL: return torch::kBool;
+  }
+  return torch::kFloat32;
+}
+
+safetensors::DType st_dtype_of(torch::Dtype d) {
+  using D = safetensors::DType;
+  switch (d) {
+    case torch::kFloat32: return D::F32;
+    case torch::kFloat16: return D::F16;
+    case torch::kBFloat16: return D::BF16;
+    case torch::kFloat64: return D::F64;
+    case torch::kInt64: return D::I64;
+    case torch::kInt32: return D::I32;
+    case torch::kUInt8: return D::U8;
+    default: throw Error("", std::string("cannot store dtype ") + c10::toString(d) + " in safetensors");
+  }
+}
 
 torch::Dtype dtype_from_name(const std::string& name, const std::string& where) {
   if (name == "float32" || name == "fp32") return torch::kFloat32;

@@ -2,6 +2,8 @@
 // determinism), and the mixed, resumable, rank-split window stream.
 #include "../catch_torch.h"
 
+#include "../common.h"
+
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -24,6 +26,7 @@
 #endif
 
 using namespace libllm;
+using libllm::test::error_of;
 namespace fs = std::filesystem;
 
 namespace libllm {
@@ -58,15 +61,6 @@ void write_text(const std::string& path, const std::string& text) {
 std::string read_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
 }
 
 const Tokenizer& tokenizer() {

@@ -10,19 +10,11 @@
 #include "libllm/safetensors.h"
 
 using namespace libllm;
+using libllm::test::error_of;
 using libllm::test::fixture;
 namespace fs = std::filesystem;
 
 namespace {
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 void write_file(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
 

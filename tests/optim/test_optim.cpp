@@ -5,6 +5,8 @@
 
 #include "../catch_torch.h"
 
+#include "../common.h"
+
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -14,6 +16,7 @@
 #include "libllm/optim.h"
 
 using namespace libllm;
+using libllm::test::error_of;
 
 namespace {
 
@@ -57,15 +60,6 @@ std::map<std::string, torch::Tensor> snapshot(const AdamW& opt) {
   std::map<std::string, torch::Tensor> m;
   for (const auto& [n, t] : opt.state()) m[n] = t.clone();
   return m;
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
 }
 
 OptimConfig test_config() {

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "libllm/model.h"
+#include "libllm/safetensors.h"
 
 namespace libllm {
 
@@ -58,6 +59,9 @@ Pretrained inspect_pretrained(const std::string& dir);
 Pretrained load_pretrained(const std::string& dir, torch::Dtype dtype = torch::kFloat32);
 void load_pretrained(Pretrained& info, torch::Dtype dtype);
 
+// safetensors <-> torch element types (st_dtype_of throws for types safetensors cannot hold).
+torch::Dtype torch_dtype_of(safetensors::DType d);
+safetensors::DType st_dtype_of(torch::Dtype d);
 // "float32" / "bfloat16" / "float16" <-> torch dtype; unknown names are errors naming `where`.
 torch::Dtype dtype_from_name(const std::string& name, const std::string& where);
 std::string dtype_name(torch::Dtype dtype);
