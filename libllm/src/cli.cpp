@@ -12,7 +12,7 @@
 namespace libllm::cli {
 
 Args::Args(int argc, char** argv, std::string usage, std::vector<Option> options, int n_positional)
-    : prog_(std::filesystem::path(argv[0]).filename().string()), usage_(std::move(usage)), options_(std::move(options)) {
+    : usage_(std::move(usage)), options_(std::move(options)) {
   options_.push_back({"--set", "override a recipe key, e.g. --set model.n_layers=4 (repeatable)", true});
   options_.push_back({"--help", "print this help", false});
   for (int i = 1; i < argc; ++i) {

@@ -32,7 +32,7 @@ struct TrainState {
   std::string extra;         // trainer-owned JSON (metrics so far, stability guard state)
 };
 
-// Saves into root/step-XXXXXXXX and returns that path. Throws libllm::Error (e.g. disk full)
+// Saves into root/step-NNNNNNNN (8 digits) and returns that path. Throws libllm::Error (e.g. disk full)
 // after removing the partial folder.
 std::string save_checkpoint(const std::string& root, Transformer& model, const AdamW& optim,
                             const TrainState& state, const std::string& recipe_yaml,

@@ -30,7 +30,7 @@ class Args {
   const std::vector<std::string>& overrides() const { return sets_; }  // --set values in order
 
  private:
-  std::string prog_, usage_;
+  std::string usage_;
   std::vector<Option> options_;
   std::map<std::string, std::string> values_;
   std::vector<std::string> positional_, sets_;
