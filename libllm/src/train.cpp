@@ -201,9 +201,10 @@ double pretrain(const Recipe& recipe) {
     auto step_refs = torch::zeros({dist.world_size(), run.accum * tc.micro_batch, 2}, torch::kInt64);
     for (int64_t m = 0; m < run.accum; ++m) {
       run.data->next(tc.micro_batch, buf, refs);
+      auto acc = step_refs.accessor<int64_t, 3>();
       for (int64_t b = 0; b < tc.micro_batch; ++b) {
-        step_refs[dist.rank()][m * tc.micro_batch + b][0] = refs[b].set;
-        step_refs[dist.rank()][m * tc.micro_batch + b][1] = refs[b].window;
+        acc[dist.rank()][m * tc.micro_batch + b][0] = refs[b].set;
+        acc[dist.rank()][m * tc.micro_batch + b][1] = refs[b].window;
       }
       auto [x, y] = split_batch(buf, tc.micro_batch, tc.seq_len);
       auto out = run.model->forward(x);
@@ -239,10 +240,10 @@ double pretrain(const Recipe& recipe) {
     } else {
     metrics << line.dump() << "\n" << std::flush;
     json windows = json::array();  // per rank: [[set, window], ...] in the order the rank used them
+    auto acc = step_refs.accessor<int64_t, 3>();
     for (int64_t r = 0; r < dist.world_size(); ++r) {
       json mine = json::array();
-      for (int64_t i = 0; i < step_refs.size(1); ++i)
-        mine.push_back({step_refs[r][i][0].item<int64_t>(), step_refs[r][i][1].item<int64_t>()});
+      for (int64_t i = 0; i < step_refs.size(1); ++i) mine.push_back({acc[r][i][0], acc[r][i][1]});
       windows.push_back(mine);
     }
     sequence << json({{"step", step + 1}, {"windows", windows}}).dump() << "\n" << std::flush;
