@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "libllm/compat.h"
+#include "libllm/error.h"
 
 namespace libllm {
 namespace {
@@ -150,6 +151,48 @@ torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& co
   return h + (mlp ? mlp(n) : block_sparse_moe(n, router_logits));
 }
 
+// ---------------------------------------------------------------- activation checkpointing
+namespace {
+
+// A block whose forward runs without recording a graph and whose backward recomputes it
+// (reentrant checkpointing). The block's parameter gradients are accumulated into .grad here;
+// the block input's gradient flows back through the graph. The input must require grad (true
+// whenever the embedding or an earlier block is trained).
+struct BlockRecompute : torch::autograd::Function<BlockRecompute> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, int64_t block_ptr, const torch::Tensor& x,
+                               const torch::Tensor& cos, const torch::Tensor& sin) {
+    ctx->saved_data["block"] = block_ptr;
+    ctx->save_for_backward({x, cos, sin});
+    std::vector<torch::Tensor> router_logits;
+    return reinterpret_cast<BlockImpl*>(block_ptr)->forward(x, cos, sin, router_logits);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    auto* block = reinterpret_cast<BlockImpl*>(ctx->saved_data["block"].toInt());
+    const auto saved = ctx->get_saved_variables();
+    auto x = saved[0].detach().requires_grad_(true);
+    std::vector<torch::Tensor> router_logits;
+    torch::Tensor y;
+    {
+      torch::AutoGradMode enable(true);
+      y = block->forward(x, saved[1], saved[2], router_logits);
+    }
+    std::vector<torch::Tensor> inputs{x};
+    for (auto& p : block->parameters()) inputs.push_back(p);
+    auto grads = torch::autograd::grad({y}, inputs, {grad_out[0]}, /*retain_graph=*/false, /*create_graph=*/false,
+                                       /*allow_unused=*/true);
+    for (size_t i = 1; i < inputs.size(); ++i) {
+      if (!grads[i].defined()) continue;
+      auto& g = inputs[i].mutable_grad();
+      g = g.defined() ? g + grads[i] : grads[i];
+    }
+    return {torch::Tensor(), grads[0], torch::Tensor(), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
 // ---------------------------------------------------------------- Transformer
 DecoderImpl::DecoderImpl(const ModelConfig& cfg) {
   embed_tokens = register_module("embed_tokens", torch::nn::Embedding(cfg.vocab_size, cfg.dim));
@@ -177,7 +220,14 @@ torch::Tensor TransformerImpl::hidden(const torch::Tensor& tokens, int64_t start
   auto& rl = router_logits ? *router_logits : local;
   auto x = model->embed_tokens(tokens);                                      // (B, T, D)
   auto [cos, sin] = rotary_.table(start_pos, tokens.size(1), x.device(), x.scalar_type());
-  for (auto& layer : *model->layers) x = layer->as<BlockImpl>()->forward(x, cos, sin, rl);
+  const bool recompute = checkpointing_ && is_training() && torch::GradMode::is_enabled();
+  for (auto& layer : *model->layers) {
+    auto* block = layer->as<BlockImpl>();
+    if (recompute)
+      x = BlockRecompute::apply(reinterpret_cast<int64_t>(block), x, cos, sin);
+    else
+      x = block->forward(x, cos, sin, rl);
+  }
   return model->norm(x);
 }
 
@@ -198,6 +248,13 @@ TransformerImpl::Output TransformerImpl::forward(const torch::Tensor& tokens, in
     out.aux_loss = cfg_.moe_aux_loss_coef * out.balance_loss + cfg_.moe_z_loss_coef * out.z_loss;
   }
   return out;
+}
+
+void TransformerImpl::set_activation_checkpointing(bool on) {
+  if (on && cfg_.n_experts > 0)
+    throw Error("train.activation_checkpointing", "not supported with mixture-of-experts models yet",
+                "set it to false for n_experts > 0");
+  checkpointing_ = on;
 }
 
 void TransformerImpl::init_weights() {

@@ -33,6 +33,7 @@ void TrainConfig::fields(Fields& f) {
   f.add("global_batch_tokens", global_batch_tokens).min(0);
   f.add("steps", steps).min(1);
   f.add("dtype", dtype).one_of({"fp32", "bf16"});
+  f.add("activation_checkpointing", activation_checkpointing);
   f.add("seed", seed).min(0);
   f.add("threads", threads).min(0);
   f.add("log_every", log_every).min(1);
@@ -141,6 +142,7 @@ double pretrain(const Recipe& recipe) {
   torch::manual_seed(static_cast<uint64_t>(tc.seed));
   run.model = Transformer(mc);
   if (tc.dtype == "bf16") run.model->to(torch::kBFloat16);
+  run.model->set_activation_checkpointing(tc.activation_checkpointing);
   std::vector<std::pair<std::string, torch::Tensor>> named;
   for (auto& p : run.model->named_parameters()) named.emplace_back(p.key(), p.value());
   run.optim = std::make_unique<AdamW>(named, recipe.optim);

@@ -191,3 +191,26 @@ TEST_CASE("tied embeddings: one matrix serves as embedding and LM head", "[model
   auto h = m->hidden(ids, 0, nullptr);
   CHECK(test::max_abs_diff(m->forward(ids).logits, torch::matmul(h, m->model->embed_tokens->weight.t())) < 1e-6);
 }
+
+TEST_CASE("activation checkpointing gives the same loss and gradients", "[model]") {
+  torch::manual_seed(6);
+  Transformer m(small_config(", sliding_window: 5, init_std: 0.2"));
+  m->to(torch::kFloat64);
+  auto ids = torch::randint(0, 37, {2, 9});
+  auto grads = [&](bool on) {
+    m->set_activation_checkpointing(on);
+    m->zero_grad();
+    auto loss = cross_entropy(m->forward(ids).logits.slice(1, 0, -1), ids.slice(1, 1));
+    loss.backward();
+    std::vector<torch::Tensor> g;
+    for (auto& p : m->parameters()) g.push_back(p.grad().clone());
+    return std::make_pair(loss.item<double>(), g);
+  };
+  auto [plain_loss, plain] = grads(false);
+  auto [ckpt_loss, ckpt] = grads(true);
+  CHECK(plain_loss == ckpt_loss);
+  REQUIRE(plain.size() == ckpt.size());
+  for (size_t i = 0; i < plain.size(); ++i) CHECK(test::max_abs_diff(plain[i], ckpt[i]) < 1e-12);
+  Transformer moe(small_config(", n_experts: 2, n_experts_per_token: 1"));
+  CHECK_THROWS_AS(moe->set_activation_checkpointing(true), libllm::Error);
+}

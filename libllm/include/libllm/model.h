@@ -126,6 +126,10 @@ class TransformerImpl : public torch::nn::Module {
   // MLP's down projection when init_depth_scaled), ones for norms. Uses torch's global RNG.
   void init_weights();
   const ModelConfig& config() const { return cfg_; }
+  // Activation checkpointing per block: in training, each block keeps only its input and
+  // recomputes its activations during backward (less memory, ~1/3 more compute). Dense models only.
+  void set_activation_checkpointing(bool on);
+  bool activation_checkpointing() const { return checkpointing_; }
 
   Decoder model{nullptr};
   torch::nn::Linear lm_head{nullptr};  // null when tie_embeddings
@@ -133,6 +137,7 @@ class TransformerImpl : public torch::nn::Module {
  private:
   ModelConfig cfg_;
   Rotary rotary_;
+  bool checkpointing_ = false;
 };
 TORCH_MODULE(Transformer);
 
