@@ -2,6 +2,8 @@
 
 #include <fmt/core.h>
 
+#include <unistd.h>
+
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -184,7 +186,9 @@ double pretrain(const Recipe& recipe) {
     truncate_log(sequence_path, state.step);
     metrics.open(metrics_path, std::ios::app);
     sequence.open(sequence_path, std::ios::app);
-    std::ofstream(run_dir / "recipe.yaml") << recipe_yaml;
+    const fs::path tmp = run_dir / ("recipe.yaml.tmp-" + std::to_string(::getpid()));
+    std::ofstream(tmp) << recipe_yaml;
+    fs::rename(tmp, run_dir / "recipe.yaml");  // never a half-written recipe beside the run
   }
 
   auto params = run.model->parameters();

@@ -35,14 +35,7 @@ TEST_CASE("documents come from .txt lines or .jsonl text fields alike", "[eval]"
   test::TempDir tmp;
   std::ofstream(tmp / "bad.jsonl") << "{\"text\": \"a\"}\n\n{\"text\": 3}\n";
   std::ofstream(tmp / "broken.jsonl") << "{\"text\": \"a\"}\n{\"text\": \n";
-  auto err = [](const std::string& path) {
-    try {
-      read_documents(path);
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string();
-  };
+  auto err = [](const std::string& path) { return test::error_of([&] { read_documents(path); }); };
   CHECK_THAT(err(tmp / "bad.jsonl"), Catch::Contains("bad.jsonl:3: expected an object with a string field"));
   CHECK_THAT(err(tmp / "broken.jsonl"), Catch::Contains("broken.jsonl:2: invalid JSON"));
   CHECK_THAT(err(tmp / "absent.txt"), Catch::Contains("absent.txt: cannot open data file"));

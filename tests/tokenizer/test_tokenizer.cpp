@@ -26,14 +26,7 @@ TEST_CASE("encodes like the Python sentencepiece library, LLaMA special ids", "[
 
 TEST_CASE("missing or corrupt tokenizer files and a vocabulary larger than the model are errors",
           "[tokenizer]") {
-  auto err = [](const std::function<void()>& fn) {
-    try {
-      fn();
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string();
-  };
+  const auto err = test::error_of;
   CHECK_THAT(err([] { Tokenizer::load("/nonexistent/tokenizer.model"); }), Catch::Contains("tokenizer file not found"));
   test::TempDir tmp;
   std::ofstream(tmp / "junk.model") << "this is not a protobuf";

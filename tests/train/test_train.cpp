@@ -120,12 +120,7 @@ TEST_CASE("training refuses shards made with another tokenizer and a sequence lo
     f.put('\x7f');
   }
   auto err = [&](const std::vector<std::string>& o) {
-    try {
-      pretrain(tiny_recipe(shards, tmp / "e", o));
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string();
+    return test::error_of([&] { pretrain(tiny_recipe(shards, tmp / "e", o)); });
   };
   CHECK_THAT(err({"tokenizer.path=" + (tmp / "other.model")}), Catch::Contains("other.model"));
   CHECK_THAT(err({"train.seq_len=64"}), Catch::Contains("train.seq_len: 64 exceeds model.max_seq_len 32"));
