@@ -62,7 +62,7 @@ std::string format_bound(double v) {
 std::string node_text(const YAML::Node& node, const std::string& where, const Field& f) {
   if (node.IsScalar()) return node.Scalar();
   if (node.IsNull()) return "";
-  if (node.IsSequence() && f.kind() == Field::Kind::StringList) {
+  if (node.IsSequence() && (f.kind() == Field::Kind::StringList || f.kind() == Field::Kind::IntList)) {
     YAML::Emitter out;
     out << YAML::Flow << node;
     return out.c_str();
@@ -98,6 +98,12 @@ std::string Field::allowed() const {
     case Kind::Bool: return "true or false";
     case Kind::String: return choices_.empty() ? "a string" : "one of: " + join(choices_, ", ");
     case Kind::StringList: return "a list of strings";
+    case Kind::IntList: {
+      std::string s = "a list of integers";
+      if (has_min_) s += " >= " + format_bound(min_);
+      if (has_max_) s += " <= " + format_bound(max_);
+      return s;
+    }
   }
   return "";
 }
@@ -173,6 +179,34 @@ void Field::set_from_text(const std::string& text, const std::string& where) {
       *static_cast<std::vector<std::string>*>(target_) = out;
       break;
     }
+    case Kind::IntList: {
+      std::vector<int64_t> out;
+      YAML::Node n;
+      try {
+        n = YAML::Load(text);
+      } catch (...) {
+        throw bad();
+      }
+      std::vector<std::string> items;
+      if (n.IsScalar()) items.push_back(n.Scalar());
+      else if (n.IsSequence())
+        for (const auto& e : n) {
+          if (!e.IsScalar()) throw bad();
+          items.push_back(e.Scalar());
+        }
+      else if (!n.IsNull()) throw bad();
+      for (const auto& item : items) {
+        size_t pos = 0;
+        try {
+          out.push_back(std::stoll(item, &pos, 10));
+        } catch (...) {
+          throw bad();
+        }
+        if (pos != item.size()) throw bad();
+      }
+      *static_cast<std::vector<int64_t>*>(target_) = out;
+      break;
+    }
   }
   check(where);
 }
@@ -184,6 +218,10 @@ void Field::check(const std::string& where) const {
     if ((has_min_ && v < min_) || (has_max_ && v > max_))
       throw Error(where, "expected " + allowed() + ", got " + to_text());
   }
+  if (kind_ == Kind::IntList)
+    for (int64_t v : *static_cast<const std::vector<int64_t>*>(target_))
+      if ((has_min_ && v < min_) || (has_max_ && v > max_))
+        throw Error(where, "expected " + allowed() + ", got " + to_text());
   if (kind_ == Kind::String && !choices_.empty()) {
     const auto& v = *static_cast<const std::string*>(target_);
     if (std::find(choices_.begin(), choices_.end(), v) == choices_.end())
@@ -205,6 +243,11 @@ std::string Field::to_text() const {
     case Kind::StringList: {
       YAML::Emitter out;
       out << YAML::Flow << *static_cast<const std::vector<std::string>*>(target_);
+      return out.c_str();
+    }
+    case Kind::IntList: {
+      YAML::Emitter out;
+      out << YAML::Flow << *static_cast<const std::vector<int64_t>*>(target_);
       return out.c_str();
     }
   }

@@ -35,7 +35,7 @@ using ojson = nlohmann::ordered_json;
 namespace {
 
 constexpr const char* kFormat = "libllm-tokens-v1";
-constexpr const char* kCursorFormat = "libllm-data-cursor-v1";
+constexpr const char* kCursorFormat = "libllm-data-cursor-v2";
 constexpr const char* kRerun = "re-run data preparation (llm-data / write_shards) into this folder";
 
 // ---- SHA-256 (FIPS 180-4) ---------------------------------------------------------------------
@@ -790,6 +790,7 @@ PackedDataset::PackedDataset(const DataConfig& cfg, int64_t seq_len, int64_t ran
     cumulative_.push_back(c);
   }
   planned_ = windows_per_epoch();
+  deferred_.resize(static_cast<size_t>(world_));
 }
 
 int32_t PackedDataset::draw_set(int64_t global) const {
@@ -820,25 +821,44 @@ void PackedDataset::read_window(const WindowRef& r, int64_t* out) const {
   sets_[static_cast<size_t>(r.set)].shards.read(r.window * (seq_len_ + 1), seq_len_ + 1, out);
 }
 
+void PackedDataset::advance(std::vector<WindowRef>& slot) {
+  slot.resize(static_cast<size_t>(world_));
+  const auto pending = static_cast<int64_t>(deferred_[0].size());  // the same on every rank
+  if (pending > 0 && planned_ - global_ <= pending * world_) {
+    for (int64_t k = 0; k < world_; ++k) {
+      auto& q = deferred_[static_cast<size_t>(k)];
+      slot[static_cast<size_t>(k)] = q.front();
+      q.pop_front();
+    }
+  } else {
+    for (int64_t k = 0; k < world_; ++k)  // every rank advances every set alike
+      slot[static_cast<size_t>(k)] = take(draw_set(global_ + k));
+  }
+  global_ += world_;
+}
+
 void PackedDataset::next(int64_t batch, std::vector<int64_t>& out, std::vector<WindowRef>& refs) {
   if (batch < 0) throw Error("data", "batch must be >= 0");
   out.resize(static_cast<size_t>(batch * (seq_len_ + 1)));
   refs.resize(static_cast<size_t>(batch));
   for (int64_t b = 0; b < batch; ++b) {
-    WindowRef mine;
-    if (global_ >= planned_ && !deferred_.empty()) {
-      mine = deferred_.front();
-      deferred_.pop_front();
-    } else {
-      for (int64_t k = 0; k < world_; ++k) {  // every rank advances every set alike
-        const WindowRef r = take(draw_set(global_ + k));
-        if (k == rank_) mine = r;
-      }
-      global_ += world_;
-    }
+    advance(slot_);
+    const WindowRef mine = slot_[static_cast<size_t>(rank_)];
     refs[static_cast<size_t>(b)] = mine;
     read_window(mine, out.data() + b * (seq_len_ + 1));
   }
+}
+
+void PackedDataset::pass_over(int64_t samples, bool defer) {
+  if (samples < 0) throw Error("data", "samples must be >= 0");
+  // The windows are used up, but not the plan's slots: the steps that consumed them run again.
+  const int64_t slot = global_;
+  for (int64_t i = 0; i < samples; ++i) {
+    advance(slot_);
+    if (defer)
+      for (int64_t k = 0; k < world_; ++k) deferred_[static_cast<size_t>(k)].push_back(slot_[static_cast<size_t>(k)]);
+  }
+  global_ = slot;
 }
 
 void PackedDataset::check_ref(const WindowRef& r, const std::string& where) const {
@@ -846,17 +866,12 @@ void PackedDataset::check_ref(const WindowRef& r, const std::string& where) cons
     throw Error(where, "no window " + std::to_string(r.window) + " in set " + std::to_string(r.set));
 }
 
-void PackedDataset::defer(const std::vector<WindowRef>& refs) {
-  for (const auto& r : refs) check_ref(r, "PackedDataset::defer");
-  deferred_.insert(deferred_.end(), refs.begin(), refs.end());
-}
-
 void PackedDataset::set_planned_samples(int64_t n) {
   if (n < 0) throw Error("data", "planned samples must be >= 0");
   planned_ = n;
 }
 int64_t PackedDataset::planned_samples() const { return planned_; }
-int64_t PackedDataset::deferred_count() const { return static_cast<int64_t>(deferred_.size()); }
+int64_t PackedDataset::deferred_count() const { return static_cast<int64_t>(deferred_[static_cast<size_t>(rank_)].size()); }
 
 int64_t PackedDataset::windows_per_epoch() const {
   int64_t n = 0;
@@ -887,8 +902,12 @@ std::string PackedDataset::cursor() const {
   for (const auto& s : sets_)
     j["sets"].push_back({{"dir", s.dir}, {"tokens", s.shards.n_tokens()}, {"windows", s.windows},
                          {"epoch", s.epoch}, {"pos", s.pos}});
-  j["deferred"] = ojson::array();
-  for (const auto& r : deferred_) j["deferred"].push_back({r.set, r.window});
+  j["deferred"] = ojson::array();  // per rank: [[set, window], ...]
+  for (const auto& q : deferred_) {
+    ojson mine = ojson::array();
+    for (const auto& r : q) mine.push_back({r.set, r.window});
+    j["deferred"].push_back(mine);
+  }
   return j.dump();
 }
 
@@ -932,15 +951,27 @@ void PackedDataset::restore(const std::string& text) {
   }
   const int64_t global = get(j, "global"), planned = get(j, "planned");
   if (global < 0 || planned < 0) throw Error(where, "negative global index", "the checkpoint's data cursor is corrupt");
-  std::deque<WindowRef> deferred;
   if (!j.contains("deferred") || !j["deferred"].is_array())
     throw Error(where, "missing \"deferred\"", "the checkpoint's data cursor is corrupt");
-  for (const auto& r : j["deferred"]) {
-    if (!r.is_array() || r.size() != 2 || !r[0].is_number_integer() || !r[1].is_number_integer())
-      throw Error(where, "invalid deferred window", "the checkpoint's data cursor is corrupt");
-    const WindowRef ref{r[0].get<int32_t>(), r[1].get<int64_t>()};
-    check_ref(ref, where);
-    deferred.push_back(ref);
+  std::vector<std::deque<WindowRef>> deferred(static_cast<size_t>(world_));
+  size_t pending = 0;
+  for (const auto& q : j["deferred"]) {
+    if (!q.is_array()) throw Error(where, "invalid deferred windows", "the checkpoint's data cursor is corrupt");
+    pending += q.size();
+  }
+  if (pending > 0 && j["deferred"].size() != static_cast<size_t>(world_))
+    throw Error(where, "has deferred windows of " + std::to_string(j["deferred"].size()) + " ranks, this run has " +
+                           std::to_string(world_), "resume with the world size the deferral was made with");
+  for (size_t k = 0; pending > 0 && k < deferred.size(); ++k) {
+    for (const auto& r : j["deferred"][k]) {
+      if (!r.is_array() || r.size() != 2 || !r[0].is_number_integer() || !r[1].is_number_integer())
+        throw Error(where, "invalid deferred window", "the checkpoint's data cursor is corrupt");
+      const WindowRef ref{r[0].get<int32_t>(), r[1].get<int64_t>()};
+      check_ref(ref, where);
+      deferred[k].push_back(ref);
+    }
+    if (deferred[k].size() != deferred[0].size())
+      throw Error(where, "ranks have different numbers of deferred windows", "the checkpoint's data cursor is corrupt");
   }
   for (size_t i = 0; i < sets_.size(); ++i) std::tie(sets_[i].epoch, sets_[i].pos) = state[i];
   global_ = global;

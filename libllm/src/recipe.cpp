@@ -11,6 +11,7 @@ void Recipe::bind(Schema& s) {
   schedule.fields(s.section("schedule"));
   train.fields(s.section("train"));
   checkpoint.fields(s.section("checkpoint"));
+  guard.fields(s.section("guard"));
 }
 
 namespace {

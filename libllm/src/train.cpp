@@ -8,6 +8,8 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <random>
+#include <thread>
 #include <nlohmann/json.hpp>
 
 #include "libllm/checkpoint.h"
@@ -17,6 +19,7 @@
 #include "libllm/distributed.h"
 #include "libllm/error.h"
 #include "libllm/generate.h"
+#include "libllm/guard.h"
 #include "libllm/model.h"
 #include "libllm/optim.h"
 #include "libllm/plot.h"
@@ -83,15 +86,111 @@ std::pair<torch::Tensor, torch::Tensor> split_batch(std::vector<int64_t>& buf, i
   return {all.slice(1, 0, T), all.slice(1, 1, T + 1)};
 }
 
+// Moves checkpoints newer than `step` into root/rolled-back/ (kept for study, as LLM360 published
+// K2's spike checkpoints), so that `resume: auto` never picks them.
+void set_aside_checkpoints(const std::string& root, int64_t step) {
+  for (int64_t s : checkpoint_steps(root)) {
+    if (s <= step) continue;
+    const fs::path aside = fs::path(root) / "rolled-back";
+    fs::create_directories(aside);
+    fs::path dst = aside / checkpoint_name(s);
+    for (int k = 1; fs::exists(dst); ++k) dst = aside / (checkpoint_name(s) + "-" + std::to_string(k));
+    fs::rename(fs::path(root) / checkpoint_name(s), dst);
+  }
+}
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  try {
+    return std::stoll(v);
+  } catch (...) {
+    throw Error(name, std::string("expected an integer, got '") + v + "'");
+  }
+}
+
+json parse_extra(const std::string& extra) {
+  if (extra.empty()) return json::object();
+  try {
+    return json::parse(extra);
+  } catch (const json::exception& e) {
+    throw Error("trainer.json", std::string("invalid \"extra\": ") + e.what(), "the checkpoint is corrupt");
+  }
+}
+
 struct Run {
-  Run(const Recipe& r, const TrainConfig& t) : recipe(r), tc(t) {}
+  Run(const Recipe& r, const TrainConfig& t, const TrainHooks& h) : recipe(r), tc(t), hooks(h), guard(r.guard) {}
   const Recipe& recipe;
   const TrainConfig& tc;
+  const TrainHooks& hooks;
+  Distributed dist = Distributed::from_env();
   Transformer model{nullptr};
   std::unique_ptr<AdamW> optim;
   std::unique_ptr<PackedDataset> data;
-  int64_t accum = 1;
+  Guard guard;
+  json history = json::array();  // held-out evaluations so far
+  int64_t accum = 1, global = 0, planned = 0;
   double flops_per_token = 0;
+  std::string recipe_yaml, ckpt_root, sequence_path;
+  std::ofstream sequence, events;
+
+  bool main() const { return dist.is_main(); }
+
+  void event(json e) {
+    if (!main()) return;
+    e["time"] = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+    events << e.dump() << "\n" << std::flush;
+  }
+
+  std::string extra() const { return json({{"eval_history", history}, {"guard", guard.state()}}).dump(); }
+
+  std::string save(int64_t step) {
+    TrainState st{step, data->cursor(), extra()};
+    return save_checkpoint(ckpt_root, model, *optim, st, recipe_yaml, recipe.tokenizer.path);
+  }
+
+  // Loads a checkpoint: model, optimizer, RNG, data cursor, guard state, eval history.
+  TrainState load(const std::string& dir) {
+    TrainState st = load_checkpoint(dir, model, *optim);
+    data->restore(st.data_cursor);
+    data->set_planned_samples(planned);
+    const json x = parse_extra(st.extra);
+    history = x.value("eval_history", json::array());
+    guard = Guard(recipe.guard);
+    if (x.contains("guard")) guard.load_state(x["guard"].get<std::string>());
+    return st;
+  }
+
+  // Continues from the loaded checkpoint of step `to` as if the steps (to, through] had not
+  // happened: their data windows are moved to the end of the run (or dropped), the LR re-warms.
+  // The result is saved again as the checkpoint of `to`, so a crash after this keeps the plan.
+  // `saved` is the guard state stored in that checkpoint.
+  void replan(int64_t to, int64_t through, double lr_factor, bool in_loop, const std::string& dir,
+              const std::string& saved) {
+    const int64_t samples = (through - to) * accum * tc.micro_batch;
+    data->pass_over(samples, recipe.guard.defer == "end");
+    guard.rolled_back(saved, to, lr_factor, in_loop);
+    if (main()) {
+      sequence.close();
+      truncate_log(sequence_path, to);  // the data sequence lists what the final model saw
+      sequence.open(sequence_path, std::ios::app);
+      save(to);
+    }
+    dist.barrier();
+    if (hooks.after_rollback) hooks.after_rollback(to, dir, model, *optim);
+    event({{"event", in_loop ? "rollback" : "restart_plan"}, {"step", through}, {"to_step", to},
+           {"windows", samples * dist.world_size()}, {"data", recipe.guard.defer == "end" ? "deferred" : "dropped"},
+           {"lr_scale", guard.lr_scale()}, {"checkpoint", dir}});
+  }
+
+  // The newest checkpoint at or before step `limit` ("" if none), and its step.
+  std::pair<std::string, int64_t> target_before(int64_t limit) const {
+    int64_t best = -1;
+    for (int64_t s : checkpoint_steps(ckpt_root))
+      if (s <= limit) best = s;
+    if (best < 0) return {"", -1};
+    return {(fs::path(ckpt_root) / checkpoint_name(best)).string(), best};
+  }
 
   // Mean loss of the fixed held-out windows.
   double evaluate() {
@@ -114,26 +213,34 @@ struct Run {
   }
 };
 
+bool contains(const std::vector<int64_t>& v, int64_t x) { return std::find(v.begin(), v.end(), x) != v.end(); }
+
 }  // namespace
 
-double pretrain(const Recipe& recipe) {
+double pretrain(const Recipe& recipe, const TrainHooks& hooks) {
   const TrainConfig& tc = recipe.train;
   const ModelConfig& mc = recipe.model;
+  const GuardConfig& gc = recipe.guard;
   if (tc.seq_len > mc.max_seq_len)
     throw Error("train.seq_len", fmt::format("{} exceeds model.max_seq_len {}", tc.seq_len, mc.max_seq_len));
   if (recipe.data.train.empty()) throw Error("data.train", "no training shard folders", "run llm-data first and list its output");
+  if (gc.enabled && recipe.checkpoint.keep_last < 2)
+    throw Error("checkpoint.keep_last", "must be >= 2 with guard.enabled",
+                "the newest checkpoint may already hold a spike's weights; the guard rolls back past it");
   if (tc.threads > 0) at::set_num_threads(static_cast<int>(tc.threads));
   else compat::set_default_num_threads();
 
-  Distributed dist = Distributed::from_env();
+  Run run(recipe, tc, hooks);
+  Distributed& dist = run.dist;
   const bool main_rank = dist.is_main();
-  Run run(recipe, tc);
   const int64_t per_pass = tc.micro_batch * tc.seq_len * dist.world_size();
   const int64_t global = tc.global_batch_tokens > 0 ? tc.global_batch_tokens : per_pass;
   if (global % per_pass != 0)
     throw Error("train.global_batch_tokens",
                 fmt::format("{} is not a multiple of micro_batch * seq_len * world_size = {}", global, per_pass));
   run.accum = global / per_pass;
+  run.global = global;
+  run.planned = tc.steps * run.accum * tc.micro_batch * dist.world_size();
 
   // Tokenizer and shards must agree; the tokenizer must fit the model.
   const Tokenizer tok = Tokenizer::load(recipe.tokenizer.path);
@@ -149,17 +256,18 @@ double pretrain(const Recipe& recipe) {
   for (auto& p : run.model->named_parameters()) named.emplace_back(p.key(), p.value());
   run.optim = std::make_unique<AdamW>(named, recipe.optim);
   run.data = std::make_unique<PackedDataset>(recipe.data, tc.seq_len, dist.rank(), dist.world_size());
+  run.data->set_planned_samples(run.planned);
 
   const ParamCount pc = count_parameters(mc);
   // Training FLOPs per token: 6 N (non-embedding weights, forward + backward) + 12 L H Q T (attention).
   run.flops_per_token = 6.0 * (pc.active - pc.embedding) + 12.0 * mc.n_layers * mc.n_heads * mc.hdim() * tc.seq_len;
 
-  const std::string recipe_yaml = recipe.to_yaml();
+  run.recipe_yaml = recipe.to_yaml();
   const fs::path run_dir = tc.run_dir;
-  const std::string ckpt_root = (run_dir / "checkpoints").string();
+  run.ckpt_root = (run_dir / "checkpoints").string();
   if (main_rank) {
     fs::create_directories(run_dir);
-    fmt::print("resolved recipe:\n{}\n", recipe_yaml);
+    fmt::print("resolved recipe:\n{}\n", run.recipe_yaml);
     fmt::print("model: {:.2f} M parameters | {} steps x {} tokens ({} x {} x {} accumulation x {} ranks) | {} threads | {}\n",
                pc.total / 1e6, tc.steps, global, tc.micro_batch, tc.seq_len, run.accum, dist.world_size(),
                at::get_num_threads(), dist.describe());
@@ -168,40 +276,70 @@ double pretrain(const Recipe& recipe) {
   // Resume.
   TrainState state;
   std::string resume_from;
-  if (recipe.checkpoint.resume == "auto") resume_from = latest_checkpoint(ckpt_root);
+  if (recipe.checkpoint.resume == "auto") resume_from = latest_checkpoint(run.ckpt_root);
   else if (recipe.checkpoint.resume != "none") resume_from = recipe.checkpoint.resume;
-  json history = json::array();
   if (!resume_from.empty()) {
-    state = load_checkpoint(resume_from, run.model, *run.optim);
-    run.data->restore(state.data_cursor);
-    if (!state.extra.empty()) history = json::parse(state.extra).value("eval_history", json::array());
+    state = run.load(resume_from);
     if (main_rank) fmt::print("resumed from {} (step {})\n", resume_from, state.step);
   }
   const std::string metrics_path = (run_dir / "metrics.jsonl").string();
-  const std::string sequence_path = (run_dir / "data_sequence.jsonl").string();
+  run.sequence_path = (run_dir / "data_sequence.jsonl").string();
   // Only rank 0 writes shared files.
-  std::ofstream metrics, sequence;
+  std::ofstream metrics;
   if (main_rank) {
     truncate_log(metrics_path, state.step);
-    truncate_log(sequence_path, state.step);
+    truncate_log(run.sequence_path, state.step);
     metrics.open(metrics_path, std::ios::app);
-    sequence.open(sequence_path, std::ios::app);
+    run.sequence.open(run.sequence_path, std::ios::app);
+    run.events.open((run_dir / "events.jsonl").string(), std::ios::app);
     const fs::path tmp = run_dir / ("recipe.yaml.tmp-" + std::to_string(::getpid()));
-    std::ofstream(tmp) << recipe_yaml;
+    std::ofstream(tmp) << run.recipe_yaml;
     fs::rename(tmp, run_dir / "recipe.yaml");  // never a half-written recipe beside the run
   }
+  // A supervisor's restart (llm-spike supervise): the attempt number, and a plan after a stop.
+  const int64_t restart = env_int("LIBLLM_RESTART", 0);
+  if (const char* plan_path = std::getenv("LIBLLM_RESTART_PLAN"); plan_path && *plan_path && fs::exists(plan_path)) {
+    json plan;
+    try {
+      plan = json::parse(std::ifstream(plan_path));
+    } catch (const json::exception& e) {
+      throw Error(plan_path, std::string("invalid restart plan: ") + e.what());
+    }
+    const int64_t to = plan.value("to_step", int64_t{-1}), through = plan.value("from_step", int64_t{-1});
+    if (!resume_from.empty() && state.step == to && through > to) {
+      const double f = plan.value("lr_factor", 1.0);
+      if (main_rank)
+        fmt::print("restart plan: continuing from step {} without the data of steps {}..{} ({}), LR x{:.3g}\n", to,
+                   to + 1, through, gc.defer == "end" ? "deferred to the end" : "dropped", f);
+      run.replan(to, through, f, /*in_loop=*/false, resume_from, run.guard.state());
+    } else if (main_rank) {
+      fmt::print("restart plan {} does not apply (resumed at step {}, plan is for step {})\n", plan_path, state.step, to);
+    }
+  }
+  run.event({{"event", resume_from.empty() ? "start" : "resume"}, {"step", state.step}, {"restart", restart},
+             {"pid", ::getpid()}});
+  // The guard can always roll back to the start.
+  if (gc.enabled && resume_from.empty() && main_rank) run.save(0);
 
   auto params = run.model->parameters();
   const double peak_lr = recipe.optim.lr;
   const auto t0 = std::chrono::steady_clock::now();
-  int64_t tokens_this_run = 0;
+  int64_t tokens_this_run = 0, steps_this_run = 0;
   double last_loss = 0;
   std::vector<int64_t> buf;
   std::vector<WindowRef> refs;
   run.model->train();
   for (int64_t step = state.step; step < tc.steps; ++step) {
+    const int64_t n = step + 1;  // 1-based number of this step
     const auto ts = std::chrono::steady_clock::now();
-    const double lr = peak_lr * lr_factor(recipe.schedule, step, tc.steps);
+    const bool armed = run.guard.injection_armed();
+    if (gc.inject_hang_step == n && restart == 0) {
+      if (main_rank) fmt::print("step {}: injected hang (guard.inject_hang_step)\n", n), std::fflush(stdout);
+      for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
+    }
+    double lr = peak_lr * lr_factor(recipe.schedule, step, tc.steps) * run.guard.lr_multiplier(n);
+    if (armed && contains(gc.inject_lr_steps, n)) lr *= gc.inject_lr_factor;
+    const bool noise = armed && contains(gc.inject_noise_steps, n);
     double loss_sum = 0, aux_sum = 0;
     // (world, accum * micro_batch, 2): every rank's windows, gathered for the data-sequence log.
     auto step_refs = torch::zeros({dist.world_size(), run.accum * tc.micro_batch, 2}, torch::kInt64);
@@ -211,6 +349,11 @@ double pretrain(const Recipe& recipe) {
       for (int64_t b = 0; b < tc.micro_batch; ++b) {
         acc[dist.rank()][m * tc.micro_batch + b][0] = refs[b].set;
         acc[dist.rank()][m * tc.micro_batch + b][1] = refs[b].window;
+      }
+      if (noise) {  // injected data spike: uniform random tokens, the same on every attempt
+        std::mt19937_64 rng(static_cast<uint64_t>(tc.seed) * 1000003u + static_cast<uint64_t>(n) * 7919u +
+                            static_cast<uint64_t>(m * dist.world_size() + dist.rank()));
+        for (auto& t : buf) t = static_cast<int64_t>(rng() % static_cast<uint64_t>(mc.vocab_size));
       }
       auto [x, y] = split_batch(buf, tc.micro_batch, tc.seq_len);
       auto out = run.model->forward(x);
@@ -224,53 +367,101 @@ double pretrain(const Recipe& recipe) {
     const double loss = dist.mean(loss_sum / run.accum);
     aux_sum = dist.mean(aux_sum);
     const double grad_norm = clip_grad_norm(params, recipe.optim.grad_clip);
-    run.optim->step(lr);
+    const GuardDecision d = run.guard.observe(n, loss, grad_norm);
+    if (d.action == GuardAction::Apply) run.optim->step(lr);
     run.optim->zero_grad();
-    last_loss = loss;
+    if (d.action == GuardAction::Apply) last_loss = loss;
+    ++steps_this_run;
 
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
     tokens_this_run += global;
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const double tok_s = tokens_this_run / elapsed;
     const double mfu = tc.peak_tflops > 0 ? tok_s * run.flops_per_token / (tc.peak_tflops * 1e12) : 0.0;
-    json line = {{"step", step + 1}, {"loss", loss}, {"lr", lr}, {"grad_norm", grad_norm},
-                 {"tokens", (step + 1) * global}, {"tokens_per_s", global / dt}, {"step_s", dt}};
+    json line = {{"step", n}, {"loss", loss}, {"lr", lr}, {"grad_norm", grad_norm},
+                 {"tokens", n * global}, {"tokens_per_s", global / dt}, {"step_s", dt}};
     if (mc.n_experts > 0) line["aux_loss"] = aux_sum / run.accum;
     if (tc.peak_tflops > 0) line["mfu"] = mfu;
-    if (tc.eval_every > 0 && !recipe.data.valid.empty() && ((step + 1) % tc.eval_every == 0 || step + 1 == tc.steps)) {
+    if (gc.enabled || d.action != GuardAction::Apply) {
+      line["action"] = to_string(d.action);
+      line["z_loss"] = d.z_loss;
+      line["z_grad"] = d.z_grad;
+      line["branch"] = run.guard.rollbacks_total();
+    }
+    const bool eval_now = tc.eval_every > 0 && !recipe.data.valid.empty() && (n % tc.eval_every == 0 || n == tc.steps);
+    if (eval_now && d.action == GuardAction::Apply) {
       line["eval_loss"] = run.evaluate();
-      history.push_back({{"step", step + 1}, {"eval_loss", line["eval_loss"]}});
+      run.history.push_back({{"step", n}, {"eval_loss", line["eval_loss"]}});
     }
-    if (!main_rank) {
-      // Same checkpoint cadence below; nothing else to write.
-    } else {
-    metrics << line.dump() << "\n" << std::flush;
-    json windows = json::array();  // per rank: [[set, window], ...] in the order the rank used them
-    auto acc = step_refs.accessor<int64_t, 3>();
-    for (int64_t r = 0; r < dist.world_size(); ++r) {
-      json mine = json::array();
-      for (int64_t i = 0; i < step_refs.size(1); ++i) mine.push_back({acc[r][i][0], acc[r][i][1]});
-      windows.push_back(mine);
+    if (main_rank) {
+      metrics << line.dump() << "\n" << std::flush;
+      json windows = json::array();  // per rank: [[set, window], ...] in the order the rank used them
+      auto acc = step_refs.accessor<int64_t, 3>();
+      for (int64_t r = 0; r < dist.world_size(); ++r) {
+        json mine = json::array();
+        for (int64_t i = 0; i < step_refs.size(1); ++i) mine.push_back({acc[r][i][0], acc[r][i][1]});
+        windows.push_back(mine);
+      }
+      json seq = {{"step", n}, {"windows", windows}};
+      if (d.action != GuardAction::Apply) seq["skipped"] = true;
+      run.sequence << seq.dump() << "\n" << std::flush;
+      if (n % tc.log_every == 0 || step == state.step || n == tc.steps) {
+        std::string s = fmt::format("step {:>6}/{} | loss {:.4f} | lr {:.2e} | grad {:.3f} | {:.0f} tok/s", n,
+                                    tc.steps, loss, lr, grad_norm, tok_s);
+        if (tc.peak_tflops > 0) s += fmt::format(" | mfu {:.1f}%", 100 * mfu);
+        if (line.contains("eval_loss")) s += fmt::format(" | eval {:.4f}", line["eval_loss"].get<double>());
+        s += " | eta " + human_time((tc.steps - n) * elapsed / static_cast<double>(steps_this_run));
+        fmt::print("{}\n", s);
+        std::fflush(stdout);
+      }
     }
-    sequence << json({{"step", step + 1}, {"windows", windows}}).dump() << "\n" << std::flush;
-    if ((step + 1) % tc.log_every == 0 || step == state.step || step + 1 == tc.steps) {
-      std::string s = fmt::format("step {:>6}/{} | loss {:.4f} | lr {:.2e} | grad {:.3f} | {:.0f} tok/s", step + 1,
-                                  tc.steps, loss, lr, grad_norm, tok_s);
-      if (tc.peak_tflops > 0) s += fmt::format(" | mfu {:.1f}%", 100 * mfu);
-      if (line.contains("eval_loss")) s += fmt::format(" | eval {:.4f}", line["eval_loss"].get<double>());
-      s += " | eta " + human_time((tc.steps - step - 1) * elapsed / (step + 1 - state.step));
-      fmt::print("{}\n", s);
-      std::fflush(stdout);
+
+    // The guard's decision, loudly.
+    if (d.action == GuardAction::Skip) {
+      if (main_rank) fmt::print("step {}: skipping update: {} (loss {:.4f}, grad norm {:.3f})\n", n, d.reason, loss, grad_norm);
+      run.event({{"event", "skip"}, {"step", n}, {"reason", d.reason}, {"loss", loss}, {"grad_norm", grad_norm},
+                 {"z_loss", d.z_loss}, {"z_grad", d.z_grad}});
+    } else if (d.action == GuardAction::Rollback || d.action == GuardAction::Stop) {
+      const int64_t limit = d.spike_start - 2 - gc.rollback_margin;
+      auto [dir, to] = run.target_before(limit);
+      if (dir.empty() || d.action == GuardAction::Stop) {
+        const std::string why = dir.empty() ? fmt::format("{}; no checkpoint at or before step {} to roll back to", d.reason, limit)
+                                            : d.reason;
+        dist.barrier();
+        if (main_rank && !dir.empty()) set_aside_checkpoints(run.ckpt_root, to);
+        run.event({{"event", "stop"}, {"step", n}, {"reason", why}, {"spike_start", d.spike_start},
+                   {"from_step", n}, {"to_step", to}, {"checkpoint", dir}, {"rollbacks", run.guard.rollbacks()},
+                   {"skips", run.guard.skips_total()}});
+        if (main_rank)
+          fmt::print("step {}: stopping: {}\nguard report: {} rollbacks and {} skipped updates in this run; spike from "
+                     "step {}; {}; events in {}, analysis: llm-spike analyze {}\n",
+                     n, why, run.guard.rollbacks(), run.guard.skips_total(), d.spike_start,
+                     dir.empty() ? "no healthy checkpoint" : fmt::format("newest healthy checkpoint: step {}", to),
+                     (run_dir / "events.jsonl").string(), tc.run_dir);
+        throw SpikeStop(tc.run_dir, fmt::format("stopped by the loss-spike guard at step {}: {}", n, why),
+                        "llm-spike supervise restarts such a run with a lowered LR");
+      }
+      if (main_rank)
+        fmt::print("step {}: rolling back to step {}: {} | {} the data of steps {}..{} | LR x{:.3g}, re-warmed over {} steps\n",
+                   n, to, d.reason, gc.defer == "end" ? "deferring to the end of the run" : "dropping", to + 1, n,
+                   run.guard.lr_scale() * gc.rollback_lr_factor, gc.rewarm_steps);
+      dist.barrier();
+      if (main_rank) set_aside_checkpoints(run.ckpt_root, to);
+      dist.barrier();
+      const Guard before = run.guard;
+      run.load(dir);
+      const std::string saved = run.guard.state();  // the checkpoint's statistics
+      run.guard = before;                            // this run's counters
+      run.replan(to, n, gc.rollback_lr_factor, /*in_loop=*/true, dir, saved);
+      step = to - 1;  // the loop's ++step continues at step `to` (0-based)
+      continue;
     }
-    }
-    const int64_t done = step + 1;
+
     const CheckpointConfig& cc = recipe.checkpoint;
-    if ((cc.every > 0 && done % cc.every == 0) || (cc.milestone_every > 0 && done % cc.milestone_every == 0) ||
-        done == tc.steps) {
+    if ((cc.every > 0 && n % cc.every == 0) || (cc.milestone_every > 0 && n % cc.milestone_every == 0) || n == tc.steps) {
       if (!main_rank) continue;
-      TrainState st{done, run.data->cursor(), json({{"eval_history", history}}).dump()};
-      const std::string path = save_checkpoint(ckpt_root, run.model, *run.optim, st, recipe_yaml, recipe.tokenizer.path);
-      prune_checkpoints(ckpt_root, cc);
+      const std::string path = run.save(n);
+      prune_checkpoints(run.ckpt_root, cc);
       fmt::print("saved checkpoint {}\n", path);
     }
   }

@@ -607,7 +607,7 @@ TEST_CASE("PackedDataset: mixture weights 3:1 give ~75% from set 0: default is p
   CHECK_THAT(error_of([&] { PackedDataset bad(cfg, 8, 0, 1); }), Catch::Contains("data.weights"));
 }
 
-TEST_CASE("PackedDataset: deferred windows come back after the planned samples", "[data]") {
+TEST_CASE("PackedDataset: deferred windows are the last samples of the plan, dropped ones never come", "[data]") {
   Scratch tmp;
   make_set(tmp, "a", synthetic_docs(200, 7));
   DataConfig cfg;
@@ -616,37 +616,54 @@ TEST_CASE("PackedDataset: deferred windows come back after the planned samples",
   PackedDataset plain(cfg, L, 0, 1), ds(cfg, L, 0, 1);
   CHECK(ds.planned_samples() == ds.windows_per_epoch());
   ds.set_planned_samples(40);
-  const Drawn p = draw(plain, 15, 4);  // 60 planned samples, no deferral
+  const Drawn p = draw(plain, 15, 4);  // 60 samples, no deferral
 
+  // A rollback to sample 0: the 4 samples that followed are moved to the end of the plan.
+  ds.pass_over(4, /*defer=*/true);
+  CHECK(ds.deferred_count() == 4);
   std::vector<int64_t> out;
   std::vector<WindowRef> refs, served;
-  ds.next(4, out, refs);  // samples 0..3 "spiked": deferred
-  const std::vector<WindowRef> spiked = refs;
-  const std::vector<int64_t> spiked_tokens = out;
-  ds.defer(spiked);
-  CHECK(ds.deferred_count() == 4);
   for (int i = 0; i < 14; ++i) {
     ds.next(4, out, refs);
     served.insert(served.end(), refs.begin(), refs.end());
   }
-  // Planned samples 4..39, then the 4 deferred, then planned 40.. as without deferral.
+  // The rolled-back steps run again on new data: plan slots 0..35 from the stream (its windows 4..39),
+  // slots 36..39 (the plan's last 4) the deferred windows 0..3, then the stream goes on (its tail
+  // pushed past the plan).
   std::vector<WindowRef> want(p.refs.begin() + 4, p.refs.begin() + 40);
-  want.insert(want.end(), spiked.begin(), spiked.end());
+  want.insert(want.end(), p.refs.begin(), p.refs.begin() + 4);
   want.insert(want.end(), p.refs.begin() + 40, p.refs.begin() + 56);
   CHECK(served == want);
   CHECK(ds.deferred_count() == 0);
 
-  // A cursor carries deferred windows; tokens of a deferred window are the same on re-serving.
-  PackedDataset a(cfg, L, 0, 1);
-  a.set_planned_samples(4);
-  a.next(4, out, refs);
-  const WindowRef deferred_ref = refs[1];
-  a.defer({deferred_ref});
-  const std::vector<int64_t> row(out.begin() + (L + 1), out.begin() + 2 * (L + 1));
-  PackedDataset b(cfg, L, 0, 1);
-  b.restore(a.cursor());
-  b.next(1, out, refs);
-  CHECK(refs[0] == deferred_ref);
-  CHECK(out == row);
-  CHECK_THAT(error_of([&] { a.defer({WindowRef{3, 0}}); }), Catch::Contains("set 3"));
+  // Dropped: the stream simply goes on after them.
+  PackedDataset dropped(cfg, L, 0, 1);
+  dropped.set_planned_samples(40);
+  dropped.pass_over(4, /*defer=*/false);
+  CHECK(dropped.deferred_count() == 0);
+  dropped.next(8, out, refs);
+  CHECK(refs == std::vector<WindowRef>(p.refs.begin() + 4, p.refs.begin() + 12));
+
+  // Two ranks: each defers its own windows and serves them in the same slots; a cursor carries them.
+  PackedDataset r0(cfg, L, 0, 2), r1(cfg, L, 1, 2), one(cfg, L, 0, 1);
+  for (auto* d : {&r0, &r1}) d->set_planned_samples(20), d->pass_over(2, true);
+  one.next(4, out, refs);  // global samples 0..3: rank 0 had 0 and 2, rank 1 had 1 and 3
+  const std::vector<WindowRef> first4 = refs;
+  PackedDataset r1b(cfg, L, 1, 2);
+  r1b.restore(r1.cursor());
+  CHECK(r1b.deferred_count() == 2);
+  r0.next(10, out, refs);  // the 10 slots of rank 0: 8 from the stream, then its deferred 0 and 2
+  CHECK(refs[8] == first4[0]);
+  CHECK(refs[9] == first4[2]);
+  const std::vector<WindowRef> rank0_tail = refs;
+  r1b.next(10, out, refs);
+  CHECK(refs[8] == first4[1]);
+  CHECK(refs[9] == first4[3]);
+  for (size_t i = 0; i < 8; ++i) CHECK(refs[i] != rank0_tail[i]);  // ranks never share a window
+  // A cursor with deferred windows does not load into another world size.
+  PackedDataset w1(cfg, L, 0, 1);
+  PackedDataset r0c(cfg, L, 0, 2);
+  r0c.set_planned_samples(20);
+  r0c.pass_over(1, true);
+  CHECK_THAT(error_of([&] { w1.restore(r0c.cursor()); }), Catch::Contains("deferred windows of 2 ranks"));
 }

@@ -2,7 +2,9 @@
 // retention, and a loss that falls.
 #include "../catch_torch.h"
 
+#include <cmath>
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "../common.h"
@@ -10,6 +12,8 @@
 #include "libllm/error.h"
 #include "libllm/data.h"
 #include "libllm/hf.h"
+#include "libllm/optim.h"
+#include "libllm/safetensors.h"
 #include "libllm/recipe.h"
 #include "libllm/tokenizer.h"
 #include "libllm/train.h"
@@ -125,4 +129,108 @@ TEST_CASE("training refuses shards made with another tokenizer and a sequence lo
   CHECK_THAT(err({"tokenizer.path=" + (tmp / "other.model")}), Catch::Contains("other.model"));
   CHECK_THAT(err({"train.seq_len=64"}), Catch::Contains("train.seq_len: 64 exceeds model.max_seq_len 32"));
   CHECK_THAT(err({"train.global_batch_tokens=50"}), Catch::Contains("not a multiple of micro_batch * seq_len"));
+}
+
+// ---- the loss-spike guard in the loop (injected spikes) ----
+
+namespace {
+
+// kSteps steps with the guard on, evaluated at the end on 8 fixed batches.
+constexpr int kSteps = 60;
+
+std::vector<std::string> guarded(const std::string& shards, std::vector<std::string> extra) {
+  std::vector<std::string> o = {"train.steps=" + std::to_string(kSteps), "checkpoint.every=5", "checkpoint.keep_last=4", "guard.enabled=true",
+                                "guard.window=16", "guard.min_history=8", "guard.grad_z=0", "guard.persist_steps=3",
+                                "guard.rewarm_steps=5", "train.eval_every=" + std::to_string(kSteps), "train.eval_batches=8",
+                                "data.valid=" + shards, "optim.lr=0.004"};
+  o.insert(o.end(), extra.begin(), extra.end());
+  return o;
+}
+
+std::vector<nlohmann::json> jsonl(const std::string& path) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line));
+  return out;
+}
+
+double final_eval(const std::string& run_dir) { return jsonl(run_dir + "/metrics.jsonl").back()["eval_loss"].get<double>(); }
+
+}  // namespace
+
+TEST_CASE("guard: a one-step injected spike is skipped and the run ends within 2% of a clean one", "[train][guard]") {
+  test::TempDir tmp;
+  const std::string shards = make_shards(tmp);
+  const std::string clean = tmp / "clean", spiked = tmp / "spiked";
+  pretrain(tiny_recipe(shards, clean, guarded(shards, {})));
+  pretrain(tiny_recipe(shards, spiked, guarded(shards, {"guard.inject_noise_steps=[25]"})));
+  const auto m = jsonl(spiked + "/metrics.jsonl");
+  REQUIRE(m.size() == kSteps);
+  for (const auto& line : m) CHECK(line["action"] == (line["step"] == 25 ? "skip" : "apply"));
+  CHECK(m[24]["z_loss"].get<double>() > 6.0);
+  const auto events = jsonl(spiked + "/events.jsonl");
+  int skips = 0;
+  for (const auto& e : events) skips += e["event"] == "skip" && e["step"] == 25;
+  CHECK(skips == 1);
+  // The update was not applied: one optimizer step fewer.
+  auto opt = safetensors::File::open(spiked + "/checkpoints/" + checkpoint_name(kSteps) + "/optimizer.safetensors");
+  for (const auto& t : opt->tensors())
+    if (t.name == "step") CHECK(*reinterpret_cast<const int64_t*>(opt->data(t)) == kSteps - 1);
+  // The skipped step's data is logged as such.
+  CHECK(jsonl(spiked + "/data_sequence.jsonl")[24].value("skipped", false));
+  const double a = final_eval(clean), b = final_eval(spiked);
+  INFO("final held-out loss: clean " << a << ", guarded " << b);
+  CHECK(std::fabs(b - a) / a < 0.02);
+}
+
+TEST_CASE("guard: a persistent spike rolls back to an exact checkpoint, defers its data, and ends within 2%",
+          "[train][guard]") {
+  test::TempDir tmp;
+  const std::string shards = make_shards(tmp);
+  const std::string clean = tmp / "clean", spiked = tmp / "spiked";
+  pretrain(tiny_recipe(shards, clean, guarded(shards, {})));
+  int rollbacks = 0;
+  TrainHooks hooks;
+  hooks.after_rollback = [&](int64_t to, const std::string& dir, Transformer& model, const AdamW& optim) {
+    ++rollbacks;
+    CHECK(to == 25);  // the LR blow-up is update 30: the loss spikes from step 31, the last healthy checkpoint is 25
+    auto saved = read_weights(dir);
+    for (auto& p : model->named_parameters()) CHECK(torch::equal(p.value(), saved.at(p.key())));
+    auto f = safetensors::File::open(dir + "/optimizer.safetensors");
+    std::map<std::string, const safetensors::TensorInfo*> by_name;
+    for (const auto& t : f->tensors()) by_name[t.name] = &t;
+    for (const auto& [name, t] : optim.state()) {
+      REQUIRE(by_name.count(name));
+      const auto& info = *by_name[name];
+      auto file_t = torch::from_blob(const_cast<uint8_t*>(f->data(info)), info.shape, torch_dtype_of(info.dtype));
+      CHECK(torch::equal(t, file_t));
+    }
+  };
+  pretrain(tiny_recipe(shards, spiked, guarded(shards, {"guard.inject_lr_steps=[30]", "guard.inject_lr_factor=1000"})),
+           hooks);
+  CHECK(rollbacks == 1);
+  const auto m = jsonl(spiked + "/metrics.jsonl");
+  // Steps 1..30 applied, 31..33 skipped, 34 rolled back, then steps 26..60 again.
+  REQUIRE(m.size() == kSteps + 34 - 25);
+  CHECK(m[30]["action"] == "skip");
+  CHECK(m[33]["action"] == "rollback");
+  CHECK(m[34]["step"] == 26);
+  CHECK(m[34]["branch"] == 1);
+  CHECK(m[34]["lr"].get<double>() < m[24]["lr"].get<double>() / 4);  // re-warming
+  // The windows of steps 26..34 (the same as the clean run's) are the last ones of the run.
+  const auto seq_clean = jsonl(clean + "/data_sequence.jsonl"), seq = jsonl(spiked + "/data_sequence.jsonl");
+  REQUIRE(seq.size() == kSteps);
+  nlohmann::json deferred = nlohmann::json::array(), tail = nlohmann::json::array();
+  for (int s = 26; s <= 34; ++s)
+    for (const auto& w : seq_clean[s - 1]["windows"][0]) deferred.push_back(w);
+  for (int s = kSteps - 8; s <= kSteps; ++s)
+    for (const auto& w : seq[s - 1]["windows"][0]) tail.push_back(w);
+  CHECK(tail == deferred);
+  CHECK(seq[25]["windows"] != seq_clean[25]["windows"]);  // step 26 got fresh data
+  // The spiked checkpoint is kept aside; resume would never pick it.
+  CHECK(fs::exists(spiked + "/checkpoints/rolled-back/step-00000030"));
+  const double a = final_eval(clean), b = final_eval(spiked);
+  INFO("final held-out loss: clean " << a << ", guarded " << b);
+  CHECK(std::fabs(b - a) / a < 0.02);
 }

@@ -15,10 +15,10 @@ namespace libllm {
 // One field of a config struct: a key bound to a member, plus its allowed values.
 class Field {
  public:
-  enum class Kind { Int, Float, Bool, String, StringList };
+  enum class Kind { Int, Float, Bool, String, StringList, IntList };
 
   Field(std::string key, Kind kind, void* target) : key_(std::move(key)), kind_(kind), target_(target) {}
-  // Numeric bounds (inclusive). Apply to Int and Float fields.
+  // Numeric bounds (inclusive). Apply to Int and Float fields and to each IntList element.
   Field& min(double lo) { min_ = lo; has_min_ = true; return *this; }
   Field& max(double hi) { max_ = hi; has_max_ = true; return *this; }
   // Allowed values of a String field.
@@ -55,6 +55,7 @@ class Fields {
   Field& add(const std::string& key, std::vector<std::string>& v) {
     return push(key, Field::Kind::StringList, &v);
   }
+  Field& add(const std::string& key, std::vector<int64_t>& v) { return push(key, Field::Kind::IntList, &v); }
   // A cross-field check run after loading and after overrides; throws libllm::Error.
   void validate_with(std::function<void(const std::string& where)> fn) { validators_.push_back(std::move(fn)); }
 

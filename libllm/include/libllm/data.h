@@ -163,14 +163,19 @@ class PackedDataset {
   std::string cursor() const;
   void restore(const std::string& cursor);
 
-  // Deferral (loss-spike handling): these windows (usually this rank's last batch) are served by
-  // this rank again after the planned data, i.e. once the global index reaches planned_samples(),
-  // in the order deferred, before the stream goes on; deferred after that point, they come next.
-  void defer(const std::vector<WindowRef>& refs);
+  // Deferral (loss-spike handling). pass_over() moves past the next `samples` samples of every
+  // rank (what the steps after a rollback's checkpoint consumed): their windows are used up but
+  // the global index stays, since those steps run again on new data. With defer = true they are
+  // served again as the last samples of the plan, as LLM360's K2 moved the data after a spike to
+  // the end of training: once a rank has no more planned slots left than deferred windows, its
+  // slots serve the deferred windows in order (every rank alike, each its own), pushing the
+  // stream's tail past the plan. Deferred windows still pending when the plan is over come next.
+  // With defer = false they are dropped. Every rank must make the same calls (the trainer does).
+  void pass_over(int64_t samples, bool defer);
   // The planned number of global samples (the run's steps * global batch); default windows_per_epoch().
   void set_planned_samples(int64_t n);
   int64_t planned_samples() const;
-  // Windows deferred and not yet served again.
+  // Windows of this rank deferred and not yet served again.
   int64_t deferred_count() const;
 
   // Windows of all sets together (one pass over each set when weights are proportional).
@@ -198,6 +203,7 @@ class PackedDataset {
   };
   int32_t draw_set(int64_t global) const;
   WindowRef take(int32_t set);
+  void advance(std::vector<WindowRef>& slot);  // the next global slot: one window per rank
   void read_window(const WindowRef& r, int64_t* out) const;
   void check_ref(const WindowRef& r, const std::string& where) const;
 
@@ -207,7 +213,8 @@ class PackedDataset {
   int64_t seq_len_ = 0, rank_ = 0, world_ = 1;
   int64_t global_ = 0;     // next global index (a block of world_size starts here)
   int64_t planned_ = 0;
-  std::deque<WindowRef> deferred_;  // this rank's deferred windows, served front first
+  std::vector<std::deque<WindowRef>> deferred_;  // per rank: deferred windows, served front first
+  std::vector<WindowRef> slot_;
 };
 
 }  // namespace libllm

@@ -8,6 +8,7 @@
 #include "libllm/checkpoint.h"
 #include "libllm/config.h"
 #include "libllm/data.h"
+#include "libllm/guard.h"
 #include "libllm/model_config.h"
 #include "libllm/optim.h"
 #include "libllm/tokenizer.h"
@@ -24,6 +25,7 @@ struct Recipe {
   ScheduleConfig schedule;      // section `schedule`
   TrainConfig train;            // section `train`
   CheckpointConfig checkpoint;  // section `checkpoint`
+  GuardConfig guard;            // section `guard` (loss spikes)
 
   // Reads `path` strictly, applies `--set section.key=value` overrides in order, resolves
   // derived defaults and validates. Errors name the file and key.

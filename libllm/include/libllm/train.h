@@ -3,11 +3,15 @@
 // metrics and data-sequence logs, and atomic checkpoints with exact resume.
 #pragma once
 
+#include <functional>
 #include <string>
 #include <vector>
 
+#include "libllm/model.h"
+
 namespace libllm {
 
+class AdamW;
 class Fields;
 struct Recipe;
 
@@ -33,8 +37,29 @@ struct TrainConfig {                 // recipe section `train`
   void fields(Fields& f);
 };
 
-// Runs (or resumes) the recipe's pretraining; returns the final training loss.
-// `recipe_yaml` is the resolved recipe, saved in every checkpoint.
-double pretrain(const Recipe& recipe);
+// Callbacks into the loop, for tests and tools.
+struct TrainHooks {
+  // On every rank, right after a rollback (or a supervisor's restart plan) restored the
+  // checkpoint `dir` of step `to_step`, before any further update.
+  std::function<void(int64_t to_step, const std::string& dir, Transformer& model, const AdamW& optim)> after_rollback;
+};
+
+// Runs (or resumes) the recipe's pretraining; returns the final training loss (of the last
+// applied update). The resolved recipe is printed and saved in every checkpoint.
+//
+// Files in train.run_dir (rank 0 writes them): metrics.jsonl (a line per step: loss, lr,
+// grad_norm, tokens/s, ...; with the guard also action, z_loss, z_grad and branch = rollbacks so
+// far), data_sequence.jsonl (per step, every rank's windows: what the final model saw),
+// events.jsonl (start/resume, skip, rollback, stop, restart plans), checkpoints/, loss.html.
+//
+// The loss-spike guard (recipe section `guard`, libllm/guard.h) judges every step: a skipped
+// update leaves weights and optimizer untouched; a rollback reloads the newest checkpoint before
+// the spike, moves the checkpoints after it to checkpoints/rolled-back/, defers or drops the data
+// of the rolled-back steps and re-warms the LR; a stop throws SpikeStop (exit code 3).
+// A supervisor (llm-spike supervise) sets LIBLLM_RESTART (attempt number) and
+// LIBLLM_RESTART_PLAN (a JSON file {"to_step", "from_step", "lr_factor"}): when the resumed
+// checkpoint is the plan's to_step, the data of steps to_step+1..from_step is deferred and the
+// LR lowered and re-warmed, as for an in-loop rollback.
+double pretrain(const Recipe& recipe, const TrainHooks& hooks = {});
 
 }  // namespace libllm

@@ -1,0 +1,83 @@
+// llm-spike analyze RUN_DIR | llm-spike supervise RECIPE [--set k=v]... [-- LAUNCH COMMAND...]
+// Loss spikes after the fact (a table and a plot) and around the process (restart a training
+// job that crashed, hung or was stopped by the guard).
+#include <fmt/core.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <libllm/cli.h>
+#include <libllm/error.h>
+#include <libllm/recipe.h>
+#include <libllm/spike.h>
+
+using namespace libllm;
+namespace fs = std::filesystem;
+
+namespace {
+
+const char* kUsage =
+    "llm-spike analyze RUN_DIR [--plot FILE]\n"
+    "llm-spike supervise RECIPE [--set section.key=value]... [--max-restarts N] [--hang-seconds S]\n"
+    "                    [--lr-factor F] [-- LAUNCH COMMAND...]\n"
+    "  supervise runs `llm-pretrain RECIPE --set...` (next to this program) unless a launch command\n"
+    "  (e.g. torchrun --nproc-per-node 8 llm-pretrain RECIPE) follows `--`.";
+
+int analyze(int argc, char** argv) {
+  cli::Args args(argc, argv, kUsage, {{"--plot", "plot file (default RUN_DIR/spikes.html)"}}, 1);
+  if (args.help()) return fmt::print("{}\n", args.usage()), 0;
+  const std::string run_dir = args.positional()[0];
+  if (!fs::is_directory(run_dir)) throw Error(run_dir, "run folder not found", "pass a recipe's train.run_dir");
+  const RunAnalysis a = analyze_run(run_dir);
+  fmt::print("{}", format_spikes(a));
+  const std::string plot = args.has("--plot") ? args.get("--plot") : (fs::path(run_dir) / "spikes.html").string();
+  write_spike_plot(a, plot);
+  fmt::print("plot: {}\n", plot);
+  return 0;
+}
+
+int supervise(int argc, char** argv) {
+  // Everything after "--" is the launch command.
+  int split = argc;
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--") split = i;
+  cli::Args args(split, argv, kUsage,
+                 {{"--max-restarts", "restarts before giving up", true, "5"},
+                  {"--hang-seconds", "no new metrics line for this long = hung", true, "900"},
+                  {"--lr-factor", "LR multiplier for a restart after a guard stop", true, "0.5"}},
+                 1);
+  if (args.help()) return fmt::print("{}\n", args.usage()), 0;
+  const std::string recipe_path = args.positional()[0];
+  const Recipe recipe = Recipe::load(recipe_path, args.overrides());
+  SuperviseOptions opt;
+  opt.run_dir = recipe.train.run_dir;
+  opt.max_restarts = args.get_int("--max-restarts");
+  try {
+    opt.hang_seconds = std::stod(args.get("--hang-seconds"));
+    opt.lr_factor = std::stod(args.get("--lr-factor"));
+  } catch (...) {
+    throw Error("--hang-seconds/--lr-factor", "expected a number");
+  }
+  if (opt.lr_factor <= 0 || opt.lr_factor > 1) throw Error("--lr-factor", "expected a number in (0, 1]");
+  if (split < argc) {
+    for (int i = split + 1; i < argc; ++i) opt.command.emplace_back(argv[i]);
+    if (opt.command.empty()) throw Error("llm-spike supervise", "nothing after '--'", "give the launch command");
+  } else {
+    const fs::path self = fs::read_symlink("/proc/self/exe");
+    opt.command = {(self.parent_path() / "llm-pretrain").string(), recipe_path};
+    for (const auto& o : args.overrides()) opt.command.insert(opt.command.end(), {"--set", o});
+  }
+  return libllm::supervise(opt);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  return cli::run("llm-spike", [&] {
+    const std::string cmd = argc > 1 ? argv[1] : "";
+    if (cmd == "analyze") return analyze(argc - 1, argv + 1);
+    if (cmd == "supervise") return supervise(argc - 1, argv + 1);
+    if (cmd == "--help" || cmd == "-h") return fmt::print("{}\n", kUsage), 0;
+    throw Error("llm-spike", cmd.empty() ? "missing command" : "unknown command '" + cmd + "'",
+                "use `llm-spike analyze RUN_DIR` or `llm-spike supervise RECIPE`");
+  });
+}

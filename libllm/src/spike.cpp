@@ -1,0 +1,371 @@
+#include "libllm/spike.h"
+
+#include <fmt/core.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <cmath>
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "libllm/config.h"
+#include "libllm/error.h"
+#include "libllm/guard.h"
+#include "libllm/plot.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace libllm {
+namespace {
+
+std::vector<json> read_jsonl(const std::string& path, bool required) {
+  std::vector<json> out;
+  std::ifstream in(path);
+  if (!in) {
+    if (required) throw Error(path, "cannot open", "is this a run folder (train.run_dir)?");
+    return out;
+  }
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    try {
+      out.push_back(json::parse(line));
+    } catch (const json::exception&) {
+      // A line cut by a kill -9 is ignored.
+    }
+  }
+  return out;
+}
+
+double num(const json& j, const char* key) {
+  if (!j.contains(key) || !j[key].is_number()) return j.contains(key) && j[key].is_null() ? INFINITY : 0.0;
+  return j[key].get<double>();
+}
+
+// The run's guard settings (its recipe.yaml's `guard` section), enabled for analysis.
+GuardConfig guard_config_of(const std::string& run_dir) {
+  GuardConfig g;
+  const std::string path = (fs::path(run_dir) / "recipe.yaml").string();
+  if (fs::exists(path)) {
+    YAML::Node root;
+    try {
+      root = YAML::LoadFile(path);
+    } catch (const YAML::Exception& e) {
+      throw Error(path, std::string("invalid YAML: ") + e.what());
+    }
+    if (root["guard"]) {
+      YAML::Node only;
+      only["guard"] = root["guard"];
+      Schema s;
+      g.fields(s.section("guard"));
+      s.load_string(YAML::Dump(only), path);
+    }
+  }
+  g.enabled = true;
+  return g;
+}
+
+}  // namespace
+
+RunAnalysis analyze_run(const std::string& run_dir) {
+  RunAnalysis a;
+  a.run_dir = run_dir;
+  const auto metrics = read_jsonl((fs::path(run_dir) / "metrics.jsonl").string(), true);
+  const auto events = read_jsonl((fs::path(run_dir) / "events.jsonl").string(), false);
+  for (const auto& e : events) {
+    const std::string ev = e.value("event", "");
+    a.rollbacks += ev == "rollback";
+    a.restarts += ev == "restart";
+  }
+  a.guarded = std::any_of(metrics.begin(), metrics.end(), [](const json& m) { return m.contains("action"); });
+  const GuardConfig cfg = guard_config_of(run_dir);
+  Guard detector(cfg);
+
+  Spike cur;
+  bool open = false;
+  std::string last_action;
+  auto close = [&] {
+    if (!open) return;
+    open = false;
+    bool stopped = last_action == "stop";
+    for (const auto& e : events)
+      stopped = stopped || (e.value("event", "") == "stop" && e.value("step", int64_t{-1}) == cur.last_step);
+    if (stopped) {
+      cur.kind = "malignant";
+      cur.outcome = "the guard stopped the run (for a supervisor restart)";
+    } else if (last_action == "rollback") {
+      cur.kind = "malignant";
+      cur.outcome = "rolled back";
+      for (const auto& e : events)
+        if (e.value("event", "") == "rollback" && e.value("step", int64_t{-1}) == cur.last_step)
+          cur.outcome = fmt::format("rolled back to step {}, {} windows {}, LR x{:.3g}", e.value("to_step", int64_t{0}),
+                                    e.value("windows", int64_t{0}), e.value("data", std::string("deferred")),
+                                    e.value("lr_scale", 1.0));
+    } else if (!a.guarded && cur.last_step - cur.first_step + 1 > cfg.persist_steps) {
+      cur.kind = "malignant";
+      cur.outcome = fmt::format("persisted {} steps (no guard)", cur.last_step - cur.first_step + 1);
+    } else {
+      cur.kind = "benign";
+      cur.outcome = cur.skipped > 0 ? fmt::format("recovered; {} update{} skipped", cur.skipped, cur.skipped > 1 ? "s" : "")
+                                    : "recovered by itself (no guard)";
+    }
+    a.spikes.push_back(cur);
+  };
+  for (const auto& m : metrics) {
+    const int64_t step = m.value("step", int64_t{0});
+    const double loss = num(m, "loss"), grad = num(m, "grad_norm");
+    ++a.steps_run;
+    a.last_step = step;
+    bool spike = false;
+    double zl = 0, zg = 0;
+    std::string action = "apply";
+    if (a.guarded) {
+      action = m.value("action", std::string("apply"));
+      spike = action != "apply";
+      zl = num(m, "z_loss"), zg = num(m, "z_grad");
+      a.skips += action == "skip";
+    } else {
+      const GuardDecision d = detector.observe(step, loss, grad);
+      spike = d.spike;
+      zl = d.z_loss, zg = d.z_grad;
+    }
+    if (!spike) {
+      close();
+      continue;
+    }
+    if (!open) {
+      cur = Spike{};
+      cur.first_step = step;
+      cur.branch = m.value("branch", int64_t{0});
+      open = true;
+    }
+    cur.last_step = step;
+    cur.peak_loss = std::max(cur.peak_loss, loss);
+    cur.peak_z_loss = std::max(cur.peak_z_loss, zl);
+    cur.peak_z_grad = std::max(cur.peak_z_grad, zg);
+    cur.max_grad_norm = std::max(cur.max_grad_norm, grad);
+    cur.skipped += action == "skip";
+    last_action = action;
+    if (action == "rollback" || action == "stop") close();
+  }
+  close();
+  return a;
+}
+
+std::string format_spikes(const RunAnalysis& a) {
+  int64_t benign = 0;
+  for (const auto& s : a.spikes) benign += s.kind == "benign";
+  std::string out = fmt::format("run {}: {} steps run (last step {}), {} spike{} ({} benign, {} malignant), {} rollback{}, "
+                                "{} restart{}, {} skipped update{}{}\n",
+                                a.run_dir, a.steps_run, a.last_step, a.spikes.size(), a.spikes.size() == 1 ? "" : "s",
+                                benign, a.spikes.size() - benign, a.rollbacks, a.rollbacks == 1 ? "" : "s", a.restarts,
+                                a.restarts == 1 ? "" : "s", a.skips, a.skips == 1 ? "" : "s",
+                                a.guarded ? "" : " (run without the guard: spikes found with its thresholds)");
+  if (a.spikes.empty()) return out;
+  out += fmt::format("{:>5}  {:<11}  {:<9}  {:>9}  {:>11}  {:>11}  {:>13}  {}\n", "spike", "steps", "kind", "peak loss",
+                     "peak loss z", "peak grad z", "max grad norm", "outcome");
+  for (size_t i = 0; i < a.spikes.size(); ++i) {
+    const Spike& s = a.spikes[i];
+    const std::string range = s.first_step == s.last_step ? std::to_string(s.first_step)
+                                                          : fmt::format("{}-{}", s.first_step, s.last_step);
+    out += fmt::format("{:>5}  {:<11}  {:<9}  {:>9.4f}  {:>11.1f}  {:>11.1f}  {:>13.3f}  {}\n", i + 1, range, s.kind,
+                       s.peak_loss, s.peak_z_loss, s.peak_z_grad, s.max_grad_norm, s.outcome);
+  }
+  return out;
+}
+
+void write_spike_plot(const RunAnalysis& a, const std::string& html_path) {
+  const auto metrics = read_jsonl((fs::path(a.run_dir) / "metrics.jsonl").string(), true);
+  // The last attempt at each step is the run's curve; earlier attempts were rolled back.
+  std::map<int64_t, size_t> final_line;
+  for (size_t i = 0; i < metrics.size(); ++i) final_line[metrics[i].value("step", int64_t{0})] = i;
+  PlotSeries loss{"training loss", "#1f77b4"}, grad{"grad norm (before clipping)", "#2ca02c"};
+  PlotSeries loss_rb{"rolled-back steps", "#aaaaaa"}, grad_rb{"rolled-back steps", "#aaaaaa"};
+  PlotSeries loss_skip{"skipped updates", "#d62728"}, grad_skip{"skipped updates", "#d62728"};
+  loss_rb.line = grad_rb.line = loss_skip.line = grad_skip.line = false;
+  loss_skip.marker = grad_skip.marker = "cross";
+  for (size_t i = 0; i < metrics.size(); ++i) {
+    const auto& m = metrics[i];
+    const double step = static_cast<double>(m.value("step", int64_t{0}));
+    const double l = num(m, "loss"), g = num(m, "grad_norm");
+    const bool kept = final_line[m.value("step", int64_t{0})] == i;
+    if (m.value("action", std::string("apply")) == "skip") loss_skip.points.emplace_back(step, l), grad_skip.points.emplace_back(step, g);
+    if (kept) loss.points.emplace_back(step, l), grad.points.emplace_back(step, g);
+    else loss_rb.points.emplace_back(step, l), grad_rb.points.emplace_back(step, g);
+  }
+  std::vector<PlotBand> bands;
+  for (const auto& s : a.spikes)
+    bands.push_back({static_cast<double>(s.first_step), static_cast<double>(s.last_step), s.kind == "benign" ? "#ff9900" : "#d62728"});
+  std::vector<PlotMark> marks;
+  for (const auto& e : read_jsonl((fs::path(a.run_dir) / "events.jsonl").string(), false)) {
+    const std::string ev = e.value("event", "");
+    if (ev == "rollback" || ev == "restart_plan")
+      marks.push_back({static_cast<double>(e.value("step", int64_t{0})),
+                       fmt::format("{} to {}", ev == "rollback" ? "rollback" : "restart", e.value("to_step", int64_t{0})), "#9467bd"});
+  }
+  std::string body = "<pre>" + format_spikes(a) + "</pre>\n";
+  body += svg_chart("loss (nats)", {loss, loss_rb, loss_skip}, bands, marks);
+  body += svg_chart("grad norm", {grad, grad_rb, grad_skip}, bands, marks);
+  body += "<p>Shaded: spikes (orange benign, red malignant). Dashed: rollbacks and restarts.</p>";
+  write_html(html_path, "libllm spikes: " + a.run_dir, body);
+}
+
+// ---------------------------------------------------------------------------------------------
+// supervise
+
+namespace {
+
+volatile std::sig_atomic_t g_signal = 0;
+void on_signal(int sig) { g_signal = sig; }
+
+void append_event(const std::string& run_dir, json e) {
+  e["time"] = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  fs::create_directories(run_dir);
+  std::ofstream((fs::path(run_dir) / "events.jsonl").string(), std::ios::app) << e.dump() << "\n";
+}
+
+// (size, mtime) of the metrics log: any change is progress.
+std::pair<int64_t, int64_t> progress_mark(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return {-1, 0};
+  return {static_cast<int64_t>(st.st_size), static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec};
+}
+
+pid_t launch(const std::vector<std::string>& cmd, int64_t attempt, const std::string& plan) {
+  const pid_t pid = ::fork();
+  if (pid < 0) throw Error("llm-spike", "fork failed");
+  if (pid == 0) {
+    ::setpgid(0, 0);
+    ::setenv("LIBLLM_RESTART", std::to_string(attempt).c_str(), 1);
+    if (!plan.empty()) ::setenv("LIBLLM_RESTART_PLAN", plan.c_str(), 1);
+    else ::unsetenv("LIBLLM_RESTART_PLAN");
+    std::vector<char*> argv;
+    for (const auto& a : cmd) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execvp(argv[0], argv.data());
+    std::fprintf(stderr, "llm-spike: cannot run '%s': %s\n", argv[0], std::strerror(errno));
+    std::_Exit(127);
+  }
+  ::setpgid(pid, pid);
+  return pid;
+}
+
+// SIGTERM to the job's process group, SIGKILL after 10 s; returns the wait status.
+int terminate_group(pid_t pid) {
+  ::kill(-pid, SIGTERM);
+  int status = 0;
+  for (int i = 0; i < 100; ++i) {
+    if (::waitpid(pid, &status, WNOHANG) == pid) return status;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ::kill(-pid, SIGKILL);
+  ::waitpid(pid, &status, 0);
+  return status;
+}
+
+}  // namespace
+
+int supervise(const SuperviseOptions& opt) {
+  if (opt.command.empty()) throw Error("llm-spike supervise", "no command to run");
+  const std::string metrics = (fs::path(opt.run_dir) / "metrics.jsonl").string();
+  const std::string plan_path = (fs::path(opt.run_dir) / "restart_plan.json").string();
+  fs::create_directories(opt.run_dir);
+  fs::remove(plan_path);
+  std::signal(SIGINT, on_signal);
+  std::signal(SIGTERM, on_signal);
+  std::string cmdline;
+  for (const auto& c : opt.command) cmdline += (cmdline.empty() ? "" : " ") + c;
+  append_event(opt.run_dir, {{"event", "supervise"}, {"command", cmdline}, {"max_restarts", opt.max_restarts},
+                             {"hang_seconds", opt.hang_seconds}});
+  double lr_factor = 1.0;
+  for (int64_t attempt = 0;; ++attempt) {
+    fmt::print("llm-spike: starting (attempt {}): {}\n", attempt, cmdline);
+    std::fflush(stdout);
+    const pid_t pid = launch(opt.command, attempt, fs::exists(plan_path) ? plan_path : "");
+    auto mark = progress_mark(metrics);
+    const auto started = mark;
+    auto last = std::chrono::steady_clock::now();
+    int status = 0;
+    bool hung = false;
+    for (;;) {
+      const pid_t r = ::waitpid(pid, &status, WNOHANG);
+      if (r == pid) break;
+      if (g_signal) {
+        fmt::print("llm-spike: signal {}: stopping the job\n", static_cast<int>(g_signal));
+        terminate_group(pid);
+        append_event(opt.run_dir, {{"event", "interrupted"}, {"signal", static_cast<int>(g_signal)}});
+        return 128 + g_signal;
+      }
+      std::this_thread::sleep_for(std::chrono::duration<double>(opt.poll_seconds));
+      const auto now_mark = progress_mark(metrics);
+      if (now_mark != mark) mark = now_mark, last = std::chrono::steady_clock::now();
+      if (std::chrono::duration<double>(std::chrono::steady_clock::now() - last).count() > opt.hang_seconds) {
+        hung = true;
+        status = terminate_group(pid);
+        break;
+      }
+    }
+    const bool progressed = progress_mark(metrics) != started;
+    std::string reason;
+    bool with_plan = false;
+    if (hung) {
+      reason = fmt::format("hang: no new metrics line for {:.0f} s", opt.hang_seconds);
+    } else if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+      fmt::print("llm-spike: the job finished (attempt {})\n", attempt);
+      append_event(opt.run_dir, {{"event", "finished"}, {"attempt", attempt}});
+      return 0;
+    } else if (WIFEXITED(status) && WEXITSTATUS(status) == kSpikeStopExit) {
+      // The guard gave up in-loop: restart from its healthy checkpoint with a plan.
+      json stop;
+      for (const auto& e : read_jsonl((fs::path(opt.run_dir) / "events.jsonl").string(), false))
+        if (e.value("event", "") == "stop") stop = e;
+      const int64_t to = stop.is_null() ? -1 : stop.value("to_step", int64_t{-1});
+      if (to < 0) {
+        fmt::print(stderr, "llm-spike: the guard stopped the job and there is no healthy checkpoint to restart from\n");
+        append_event(opt.run_dir, {{"event", "give_up"}, {"reason", "guard stop without a healthy checkpoint"}});
+        return kSpikeStopExit;
+      }
+      lr_factor *= opt.lr_factor;
+      const json plan = {{"to_step", to}, {"from_step", stop.value("from_step", to)}, {"lr_factor", opt.lr_factor},
+                         {"cumulative_lr_factor", lr_factor}, {"reason", stop.value("reason", "")}};
+      const std::string tmp = plan_path + ".tmp";
+      std::ofstream(tmp) << plan.dump(1) << "\n";
+      fs::rename(tmp, plan_path);
+      with_plan = true;
+      reason = fmt::format("unresolved spike ({}); restart from step {} without the data of steps {}..{}, LR x{:.3g}",
+                           stop.value("reason", "?"), to, to + 1, stop.value("from_step", to), opt.lr_factor);
+    } else if (WIFSIGNALED(status)) {
+      reason = fmt::format("crash: killed by signal {} ({})", WTERMSIG(status), strsignal(WTERMSIG(status)));
+    } else {
+      const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+      if (!progressed) {
+        fmt::print(stderr, "llm-spike: the job failed with exit code {} before making progress: not restarting\n", code);
+        append_event(opt.run_dir, {{"event", "give_up"}, {"reason", fmt::format("exit code {} without progress", code)}});
+        return code;
+      }
+      reason = fmt::format("crash: exit code {}", code);
+    }
+    if (!with_plan) fs::remove(plan_path);
+    if (attempt + 1 > opt.max_restarts) {
+      fmt::print(stderr, "llm-spike: {}; giving up after {} restarts\n", reason, opt.max_restarts);
+      append_event(opt.run_dir, {{"event", "give_up"}, {"reason", reason}, {"restarts", attempt}});
+      return 1;
+    }
+    fmt::print("llm-spike: {}; restarting ({}/{})\n", reason, attempt + 1, opt.max_restarts);
+    std::fflush(stdout);
+    append_event(opt.run_dir, {{"event", "restart"}, {"attempt", attempt + 1}, {"reason", reason}, {"plan", with_plan}});
+  }
+}
+
+}  // namespace libllm
