@@ -94,12 +94,13 @@ GuardDecision Guard::observe(int64_t step, double loss, double grad_norm) {
   d.spike_start = spike_start_;
   if (cfg_.enabled) {
     std::string why;
-    if (consecutive_ > cfg_.persist_steps)
+    if (consecutive_ > cfg_.persist_steps) {
       why = fmt::format("{} consecutive spikes > {}", consecutive_, cfg_.persist_steps);
-    else if (static_cast<int64_t>(skipped_.size()) + 1 >= cfg_.max_skips)
+    } else if (static_cast<int64_t>(skipped_.size()) + 1 >= cfg_.max_skips) {
       why = fmt::format("{} spikes within {} steps", skipped_.size() + 1, cfg_.skip_window);
+      d.spike_start = std::min(d.spike_start, skipped_.front());  // back to before the first of them
+    }
     if (!why.empty()) {
-      if (!skipped_.empty()) d.spike_start = std::min(d.spike_start, skipped_.front());
       d.action = rollbacks_ < cfg_.max_rollbacks ? GuardAction::Rollback : GuardAction::Stop;
       d.reason += "; " + why;
       if (d.action == GuardAction::Stop)

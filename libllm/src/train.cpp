@@ -273,21 +273,38 @@ double pretrain(const Recipe& recipe, const TrainHooks& hooks) {
                at::get_num_threads(), dist.describe());
   }
 
-  // Resume.
+  // Resume. A supervisor's restart (LIBLLM_RESTART > 0) always continues from the newest checkpoint.
+  const int64_t restart = env_int("LIBLLM_RESTART", 0);
   TrainState state;
   std::string resume_from;
-  if (recipe.checkpoint.resume == "auto") resume_from = latest_checkpoint(run.ckpt_root);
+  if (recipe.checkpoint.resume == "auto" || restart > 0) resume_from = latest_checkpoint(run.ckpt_root);
   else if (recipe.checkpoint.resume != "none") resume_from = recipe.checkpoint.resume;
   if (!resume_from.empty()) {
     state = run.load(resume_from);
     if (main_rank) fmt::print("resumed from {} (step {})\n", resume_from, state.step);
+  }
+  // A supervisor's plan after a guard stop (llm-spike supervise): applies when the resumed
+  // checkpoint is its to_step (the steps after it are then a discarded branch, kept in the metrics).
+  json plan;
+  bool plan_applies = false;
+  if (const char* plan_path = std::getenv("LIBLLM_RESTART_PLAN"); plan_path && *plan_path && fs::exists(plan_path)) {
+    try {
+      plan = json::parse(std::ifstream(plan_path));
+    } catch (const json::exception& e) {
+      throw Error(plan_path, std::string("invalid restart plan: ") + e.what());
+    }
+    plan_applies = !resume_from.empty() && state.step == plan.value("to_step", int64_t{-1}) &&
+                   plan.value("from_step", int64_t{-1}) > state.step;
+    if (!plan_applies && main_rank)
+      fmt::print("restart plan {} does not apply (resumed at step {}, the plan is for step {})\n", plan_path, state.step,
+                 plan.value("to_step", int64_t{-1}));
   }
   const std::string metrics_path = (run_dir / "metrics.jsonl").string();
   run.sequence_path = (run_dir / "data_sequence.jsonl").string();
   // Only rank 0 writes shared files.
   std::ofstream metrics;
   if (main_rank) {
-    truncate_log(metrics_path, state.step);
+    truncate_log(metrics_path, plan_applies ? plan.value("from_step", state.step) : state.step);
     truncate_log(run.sequence_path, state.step);
     metrics.open(metrics_path, std::ios::app);
     run.sequence.open(run.sequence_path, std::ios::app);
@@ -296,25 +313,13 @@ double pretrain(const Recipe& recipe, const TrainHooks& hooks) {
     std::ofstream(tmp) << run.recipe_yaml;
     fs::rename(tmp, run_dir / "recipe.yaml");  // never a half-written recipe beside the run
   }
-  // A supervisor's restart (llm-spike supervise): the attempt number, and a plan after a stop.
-  const int64_t restart = env_int("LIBLLM_RESTART", 0);
-  if (const char* plan_path = std::getenv("LIBLLM_RESTART_PLAN"); plan_path && *plan_path && fs::exists(plan_path)) {
-    json plan;
-    try {
-      plan = json::parse(std::ifstream(plan_path));
-    } catch (const json::exception& e) {
-      throw Error(plan_path, std::string("invalid restart plan: ") + e.what());
-    }
-    const int64_t to = plan.value("to_step", int64_t{-1}), through = plan.value("from_step", int64_t{-1});
-    if (!resume_from.empty() && state.step == to && through > to) {
-      const double f = plan.value("lr_factor", 1.0);
-      if (main_rank)
-        fmt::print("restart plan: continuing from step {} without the data of steps {}..{} ({}), LR x{:.3g}\n", to,
-                   to + 1, through, gc.defer == "end" ? "deferred to the end" : "dropped", f);
-      run.replan(to, through, f, /*in_loop=*/false, resume_from, run.guard.state());
-    } else if (main_rank) {
-      fmt::print("restart plan {} does not apply (resumed at step {}, plan is for step {})\n", plan_path, state.step, to);
-    }
+  if (plan_applies) {
+    const int64_t to = state.step, through = plan.value("from_step", to);
+    const double f = plan.value("lr_factor", 1.0);
+    if (main_rank)
+      fmt::print("restart plan: continuing from step {} without the data of steps {}..{} ({}), LR x{:.3g}\n", to, to + 1,
+                 through, gc.defer == "end" ? "deferred to the end" : "dropped", f);
+    run.replan(to, through, f, /*in_loop=*/false, resume_from, run.guard.state());
   }
   run.event({{"event", resume_from.empty() ? "start" : "resume"}, {"step", state.step}, {"restart", restart},
              {"pid", ::getpid()}});

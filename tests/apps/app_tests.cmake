@@ -75,3 +75,20 @@ add_test(NAME apps.pretrain.ddp-gloo
                  ${CMAKE_BINARY_DIR}/ddp-test -- ${_sets}
          WORKING_DIRECTORY ${_src})
 set_tests_properties(apps.pretrain.ddp-gloo PROPERTIES FIXTURES_REQUIRED tiny_shards TIMEOUT 300)
+
+# Loss spikes: supervisor restarts (kill -9, hang, guard stop) and analysis of injected spikes.
+foreach(_mode kill hang stop analyze)
+  add_test(NAME apps.spike.${_mode}
+           COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/apps/spike_tests.sh ${_bin} ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml
+                   ${CMAKE_BINARY_DIR}/spike-test-${_mode} ${_mode} -- ${_sets}
+           WORKING_DIRECTORY ${_src})
+  set_tests_properties(apps.spike.${_mode} PROPERTIES FIXTURES_REQUIRED tiny_shards TIMEOUT 300)
+endforeach()
+expect_error(spike.bad-command "llm-spike: error: llm-spike: unknown command 'analyse'.*llm-spike analyze RUN_DIR"
+             ${_bin}/llm-spike analyse x)
+expect_error(spike.no-run "no-such-run: run folder not found" ${_bin}/llm-spike analyze no-such-run)
+expect_error(pretrain.guard-keep-last "checkpoint.keep_last: must be >= 2 with guard.enabled"
+             ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set guard.enabled=true
+             --set checkpoint.keep_last=1 ${_sets})
+expect_error(pretrain.guard-bad-defer "guard.defer=later: expected one of: end, drop, got 'later'"
+             ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set guard.defer=later)

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# llm-spike end to end on the tiny recipe.
+# usage: spike_tests.sh BIN_DIR RECIPE WORK_DIR MODE -- [--set ...]
+#   kill     kill -9 of the trainer under `llm-spike supervise`: restarted, same final weights as an uninterrupted run
+#   hang     an injected hang: the supervisor kills and restarts the job, which finishes
+#   stop     the guard gives up in-loop (max_rollbacks 0): the supervisor restarts with a plan, the job finishes
+#   analyze  a run with a one-step and a persistent injected spike: analyze lists both with their step ranges
+set -euo pipefail
+bin=$1 recipe=$2 work=$3 mode=$4; shift 5
+rm -rf "$work" && mkdir -p "$work"
+common=(--set train.steps=300 --set train.log_every=1000 --set train.eval_every=0 --set train.sample_prompts=[]
+        --set checkpoint.every=25 --set checkpoint.resume=auto --set train.plot=false "$@")
+guard=(--set guard.enabled=true --set guard.window=16 --set guard.min_history=8 --set guard.grad_z=0
+       --set guard.persist_steps=3 --set guard.rewarm_steps=5 --set checkpoint.every=5 --set checkpoint.keep_last=4)
+fail() { echo "FAILED: $*"; for f in "$work"/*.log; do echo "--- $f"; tail -20 "$f"; done; exit 1; }
+
+case $mode in
+kill)
+  "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/straight" > "$work/straight.log" 2>&1
+  "$bin/llm-spike" supervise "$recipe" "${common[@]}" --set train.run_dir="$work/supervised" --hang-seconds 60 \
+    > "$work/supervise.log" 2>&1 &
+  sup=$!
+  for _ in $(seq 1 600); do  # until the trainer is past step 60, then kill -9 it
+    n=$(wc -l < "$work/supervised/metrics.jsonl" 2>/dev/null || echo 0)
+    [ "$n" -ge 60 ] && break
+    sleep 0.05
+  done
+  child=$(pgrep -P "$sup" | head -1)
+  [ -n "$child" ] || fail "no trainer under the supervisor"
+  kill -9 "$child"
+  echo "killed trainer $child at step $n"
+  wait "$sup" || fail "supervisor exit code $?"
+  grep -q "killed by signal 9" "$work/supervise.log" || fail "no restart after kill -9"
+  grep -q "resumed from" "$work/supervise.log" || fail "the restarted trainer did not resume"
+  for f in model.safetensors optimizer.safetensors; do
+    cmp "$work/straight/checkpoints/step-00000300/$f" "$work/supervised/checkpoints/step-00000300/$f" || fail "$f differs"
+  done
+  echo "same final weights and optimizer state as the uninterrupted run"
+  ;;
+hang)
+  "$bin/llm-spike" supervise "$recipe" "${common[@]}" --set train.steps=60 --set guard.inject_hang_step=30 \
+    --set train.run_dir="$work/run" --hang-seconds 3 > "$work/supervise.log" 2>&1 || fail "supervisor failed"
+  grep -q "hang: no new metrics line for 3 s; restarting (1/5)" "$work/supervise.log" || fail "no hang restart"
+  grep -q '"event":"finished"' "$work/run/events.jsonl" || fail "did not finish"
+  cat "$work/supervise.log" | grep "llm-spike"
+  ;;
+stop)
+  "$bin/llm-spike" supervise "$recipe" "${common[@]}" "${guard[@]}" --set train.steps=60 --set guard.max_rollbacks=0 \
+    --set guard.inject_lr_steps=[30] --set guard.inject_lr_factor=1000 --set train.run_dir="$work/run" \
+    > "$work/supervise.log" 2>&1 || fail "supervisor failed"
+  grep -q "unresolved spike .*restart from step 25 without the data of steps 26..34" "$work/supervise.log" || fail "no plan"
+  grep -q "restart plan: continuing from step 25" "$work/supervise.log" || fail "plan not applied"
+  grep -q '"event":"finished"' "$work/run/events.jsonl" || fail "did not finish"
+  "$bin/llm-spike" analyze "$work/run" | tee "$work/analyze.log"
+  grep -Eq "^ +1  31-34 +malignant .*stopped the run" "$work/analyze.log" || fail "analyze"
+  ;;
+analyze)
+  "$bin/llm-pretrain" "$recipe" "${common[@]}" "${guard[@]}" --set train.steps=60 --set guard.inject_noise_steps=[20] \
+    --set guard.inject_lr_steps=[40] --set guard.inject_lr_factor=1000 --set train.run_dir="$work/run" \
+    > "$work/train.log" 2>&1 || fail "training failed"
+  "$bin/llm-spike" analyze "$work/run" | tee "$work/analyze.log"
+  grep -Eq "2 spikes \(1 benign, 1 malignant\), 1 rollback" "$work/analyze.log" || fail "summary"
+  grep -Eq "^ +1  20 +benign .*recovered; 1 update skipped" "$work/analyze.log" || fail "benign spike at step 20"
+  grep -Eq "^ +2  41-44 +malignant .*rolled back to step 35, 18 windows deferred" "$work/analyze.log" || fail "malignant 41-44"
+  grep -q "<svg" "$work/run/spikes.html" || fail "no plot"
+  ;;
+*) echo "unknown mode $mode"; exit 2 ;;
+esac
