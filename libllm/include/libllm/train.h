@@ -56,7 +56,8 @@ struct TrainHooks {
 // update leaves weights and optimizer untouched; a rollback reloads the newest checkpoint before
 // the spike, moves the checkpoints after it to checkpoints/rolled-back/, defers or drops the data
 // of the rolled-back steps and re-warms the LR; a stop throws SpikeStop (exit code 3).
-// A supervisor (llm-spike supervise) sets LIBLLM_RESTART (attempt number) and
+// A supervisor (llm-spike supervise) sets LIBLLM_RESTART (attempt number; > 0 always resumes from
+// the newest checkpoint, whatever checkpoint.resume says) and
 // LIBLLM_RESTART_PLAN (a JSON file {"to_step", "from_step", "lr_factor"}): when the resumed
 // checkpoint is the plan's to_step, the data of steps to_step+1..from_step is deferred and the
 // LR lowered and re-warmed, as for an in-loop rollback.
