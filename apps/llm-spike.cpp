@@ -51,13 +51,21 @@ int supervise(int argc, char** argv) {
   SuperviseOptions opt;
   opt.run_dir = recipe.train.run_dir;
   opt.max_restarts = args.get_int("--max-restarts");
-  try {
-    opt.hang_seconds = std::stod(args.get("--hang-seconds"));
-    opt.lr_factor = std::stod(args.get("--lr-factor"));
-  } catch (...) {
-    throw Error("--hang-seconds/--lr-factor", "expected a number");
-  }
-  if (opt.lr_factor <= 0 || opt.lr_factor > 1) throw Error("--lr-factor", "expected a number in (0, 1]");
+  auto number = [&](const std::string& name, double lo, double hi) {
+    const std::string v = args.get(name);
+    size_t pos = 0;
+    double x = 0;
+    try {
+      x = std::stod(v, &pos);
+    } catch (...) {
+      pos = 0;
+    }
+    if (pos == 0 || pos != v.size() || !(x > lo && x <= hi))
+      throw Error(name, fmt::format("expected a number in ({}, {}], got '{}'", lo, hi, v));
+    return x;
+  };
+  opt.hang_seconds = number("--hang-seconds", 0, 1e9);
+  opt.lr_factor = number("--lr-factor", 0, 1);
   if (split < argc) {
     for (int i = split + 1; i < argc; ++i) opt.command.emplace_back(argv[i]);
     if (opt.command.empty()) throw Error("llm-spike supervise", "nothing after '--'", "give the launch command");

@@ -1,5 +1,7 @@
 #include "libllm/checkpoint.h"
 
+#include <fcntl.h>
+#include <stdio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -89,7 +91,15 @@ std::string save_checkpoint(const std::string& root, Transformer& model, const A
     json trainer = {{"step", state.step}, {"data_cursor", state.data_cursor}, {"extra", state.extra},
                     {"format", "libllm-checkpoint-v1"}};
     write_text((tmp / "trainer.json").string(), trainer.dump(1) + "\n");
-    if (fs::exists(final_dir)) fs::remove_all(final_dir);  // same step saved again (e.g. after a rollback)
+    if (fs::exists(final_dir)) {
+      // The same step saved again (after a rollback): swap atomically, so a kill at any moment
+      // leaves one complete folder under the name; the old one is then under the partial name.
+      if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
+        fs::remove_all(tmp, ec);
+        return final_dir.string();
+      }
+      fs::remove_all(final_dir);  // a filesystem without RENAME_EXCHANGE
+    }
     fs::rename(tmp, final_dir);
   } catch (const fs::filesystem_error& e) {
     fs::remove_all(tmp, ec);

@@ -98,10 +98,7 @@ RunAnalysis analyze_run(const std::string& run_dir) {
   auto close = [&] {
     if (!open) return;
     open = false;
-    bool stopped = last_action == "stop";
-    for (const auto& e : events)
-      stopped = stopped || (e.value("event", "") == "stop" && e.value("step", int64_t{-1}) == cur.last_step);
-    if (stopped) {
+    if (last_action == "stop") {
       cur.kind = "malignant";
       cur.outcome = "the guard stopped the run (for a supervisor restart)";
     } else if (last_action == "rollback") {

@@ -10,6 +10,7 @@
 #include <fstream>
 #include <random>
 #include <thread>
+#include <tuple>
 #include <nlohmann/json.hpp>
 
 #include "libllm/checkpoint.h"
@@ -372,7 +373,18 @@ double pretrain(const Recipe& recipe, const TrainHooks& hooks) {
     const double loss = dist.mean(loss_sum / run.accum);
     aux_sum = dist.mean(aux_sum);
     const double grad_norm = clip_grad_norm(params, recipe.optim.grad_clip);
-    const GuardDecision d = run.guard.observe(n, loss, grad_norm);
+    GuardDecision d = run.guard.observe(n, loss, grad_norm);
+    // Where a rollback (or, after a stop, the supervisor) would continue from; without one, stop.
+    std::string target_dir;
+    int64_t target = -1;
+    if (d.action == GuardAction::Rollback || d.action == GuardAction::Stop) {
+      const int64_t limit = d.spike_start - 2 - gc.rollback_margin;
+      std::tie(target_dir, target) = run.target_before(limit);
+      if (target_dir.empty()) {
+        d.action = GuardAction::Stop;
+        d.reason += fmt::format("; no checkpoint at or before step {} to roll back to", limit);
+      }
+    }
     if (d.action == GuardAction::Apply) run.optim->step(lr);
     run.optim->zero_grad();
     if (d.action == GuardAction::Apply) last_loss = loss;
@@ -426,26 +438,23 @@ double pretrain(const Recipe& recipe, const TrainHooks& hooks) {
       if (main_rank) fmt::print("step {}: skipping update: {} (loss {:.4f}, grad norm {:.3f})\n", n, d.reason, loss, grad_norm);
       run.event({{"event", "skip"}, {"step", n}, {"reason", d.reason}, {"loss", loss}, {"grad_norm", grad_norm},
                  {"z_loss", d.z_loss}, {"z_grad", d.z_grad}});
-    } else if (d.action == GuardAction::Rollback || d.action == GuardAction::Stop) {
-      const int64_t limit = d.spike_start - 2 - gc.rollback_margin;
-      auto [dir, to] = run.target_before(limit);
-      if (dir.empty() || d.action == GuardAction::Stop) {
-        const std::string why = dir.empty() ? fmt::format("{}; no checkpoint at or before step {} to roll back to", d.reason, limit)
-                                            : d.reason;
-        dist.barrier();
-        if (main_rank && !dir.empty()) set_aside_checkpoints(run.ckpt_root, to);
-        run.event({{"event", "stop"}, {"step", n}, {"reason", why}, {"spike_start", d.spike_start},
-                   {"from_step", n}, {"to_step", to}, {"checkpoint", dir}, {"rollbacks", run.guard.rollbacks()},
-                   {"skips", run.guard.skips_total()}});
-        if (main_rank)
-          fmt::print("step {}: stopping: {}\nguard report: {} rollbacks and {} skipped updates in this run; spike from "
-                     "step {}; {}; events in {}, analysis: llm-spike analyze {}\n",
-                     n, why, run.guard.rollbacks(), run.guard.skips_total(), d.spike_start,
-                     dir.empty() ? "no healthy checkpoint" : fmt::format("newest healthy checkpoint: step {}", to),
-                     (run_dir / "events.jsonl").string(), tc.run_dir);
-        throw SpikeStop(tc.run_dir, fmt::format("stopped by the loss-spike guard at step {}: {}", n, why),
-                        "llm-spike supervise restarts such a run with a lowered LR");
-      }
+    } else if (d.action == GuardAction::Stop) {
+      dist.barrier();
+      if (main_rank && target >= 0) set_aside_checkpoints(run.ckpt_root, target);
+      run.event({{"event", "stop"}, {"step", n}, {"reason", d.reason}, {"spike_start", d.spike_start}, {"from_step", n},
+                 {"to_step", target}, {"checkpoint", target_dir}, {"rollbacks", run.guard.rollbacks()},
+                 {"skips", run.guard.skips_total()}});
+      if (main_rank)
+        fmt::print("step {}: stopping: {}\nguard report: {} rollbacks and {} skipped updates in this run; spike from "
+                   "step {}; {}; events in {}, analysis: llm-spike analyze {}\n",
+                   n, d.reason, run.guard.rollbacks(), run.guard.skips_total(), d.spike_start,
+                   target < 0 ? "no healthy checkpoint" : fmt::format("newest healthy checkpoint: step {}", target),
+                   (run_dir / "events.jsonl").string(), tc.run_dir);
+      throw SpikeStop(tc.run_dir, fmt::format("stopped by the loss-spike guard at step {}: {}", n, d.reason),
+                      "llm-spike supervise restarts such a run with a lowered LR");
+    } else if (d.action == GuardAction::Rollback) {
+      const std::string& dir = target_dir;
+      const int64_t to = target;
       if (main_rank)
         fmt::print("step {}: rolling back to step {}: {} | {} the data of steps {}..{} | LR x{:.3g}, re-warmed over {} steps\n",
                    n, to, d.reason, gc.defer == "end" ? "deferring to the end of the run" : "dropping", to + 1, n,

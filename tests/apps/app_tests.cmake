@@ -86,6 +86,8 @@ foreach(_mode kill hang stop analyze)
 endforeach()
 expect_error(spike.bad-command "llm-spike: error: llm-spike: unknown command 'analyse'.*llm-spike analyze RUN_DIR"
              ${_bin}/llm-spike analyse x)
+expect_error(spike.bad-lr-factor "--lr-factor: expected a number in \\(0, 1\\], got '2'"
+             ${_bin}/llm-spike supervise ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --lr-factor 2)
 expect_error(spike.no-run "no-such-run: run folder not found" ${_bin}/llm-spike analyze no-such-run)
 expect_error(pretrain.guard-keep-last "checkpoint.keep_last: must be >= 2 with guard.enabled"
              ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set guard.enabled=true
