@@ -11,6 +11,7 @@ PACKAGES=(
   libyaml-cpp-dev libfmt-dev nlohmann-json3-dev catch2
   libgloo-dev                         # headers c10d's Gloo process group needs
   fortunes                            # the demo corpus (/usr/share/games/fortunes)
+  dict-jargon                         # the fine-tuning demo's Q&A source (/usr/share/dictd/jargon.*)
 )
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq

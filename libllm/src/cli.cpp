@@ -3,6 +3,8 @@
 #include <c10/util/Exception.h>
 #include <fmt/core.h>
 
+#include <cmath>
+
 #include <filesystem>
 
 #include "libllm/compat.h"
@@ -78,6 +80,17 @@ int64_t Args::get_int(const std::string& name) const {
   } catch (...) {
   }
   throw Error(name, "expected an integer, got '" + v + "'");
+}
+
+double Args::get_double(const std::string& name) const {
+  const std::string v = get(name);
+  try {
+    size_t pos = 0;
+    double x = std::stod(v, &pos);
+    if (pos == v.size() && std::isfinite(x)) return x;
+  } catch (...) {
+  }
+  throw Error(name, "expected a number, got '" + v + "'");
 }
 
 namespace {

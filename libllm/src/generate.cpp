@@ -3,33 +3,56 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 namespace libllm {
+namespace {
+
+int64_t choose(const torch::Tensor& logits_in, const GenerateOptions& opts, at::Generator& gen) {
+  auto logits = logits_in.to(torch::kCPU, torch::kFloat32);  // (V)
+  if (opts.temperature <= 0) return logits.argmax().item<int64_t>();
+  auto probs = torch::softmax(logits / opts.temperature, -1);
+  auto [sorted, idx] = probs.sort(-1, /*descending=*/true);
+  auto keep = torch::ones_like(sorted, torch::kBool);
+  if (opts.top_k > 0 && opts.top_k < sorted.size(0)) keep.slice(0, opts.top_k).fill_(false);
+  if (opts.top_p < 1.0) keep &= (sorted.cumsum(0) - sorted) < opts.top_p;  // always keeps the top token
+  sorted = sorted * keep;
+  return idx[torch::multinomial(sorted, 1, false, gen).item<int64_t>()].item<int64_t>();
+}
+
+torch::Tensor as_batch(const std::vector<int64_t>& ids, size_t from, torch::Device device) {
+  return torch::tensor(std::vector<int64_t>(ids.begin() + static_cast<std::ptrdiff_t>(from), ids.end()), torch::kInt64)
+      .unsqueeze(0)
+      .to(device);  // (1, T)
+}
+
+}  // namespace
 
 std::vector<int64_t> generate(Transformer& model, const std::vector<int64_t>& prompt, const GenerateOptions& opts) {
   torch::NoGradGuard no_grad;
   const bool was_training = model->is_training();
   model->eval();
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(opts.seed);
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(opts.seed);
   const auto device = model->parameters().front().device();
   const int64_t window = model->config().max_seq_len;
   std::vector<int64_t> seq = prompt, out;
-  for (int64_t i = 0; i < opts.max_new_tokens; ++i) {
-    const int64_t start = std::max<int64_t>(0, static_cast<int64_t>(seq.size()) - window);
-    auto ctx = torch::tensor(std::vector<int64_t>(seq.begin() + start, seq.end()), torch::kInt64).unsqueeze(0);
-    auto logits = model->forward(ctx.to(device)).logits[0][-1].to(torch::kCPU, torch::kFloat32);  // (V)
-    int64_t next;
-    if (opts.temperature <= 0) {
-      next = logits.argmax().item<int64_t>();
+  KVCache cache;
+  if (opts.use_cache) cache = model->new_cache(1);
+  for (int64_t i = 0; i < opts.max_new_tokens && !seq.empty(); ++i) {
+    torch::Tensor logits;
+    if (opts.use_cache) {
+      const int64_t n = static_cast<int64_t>(seq.size());
+      if (n > cache.capacity) {  // full: rebuild from the last half window
+        cache.length = 0;
+        logits = model->forward_cached(as_batch(seq, static_cast<size_t>(n - window / 2), device), cache).logits;
+      } else {
+        logits = model->forward_cached(as_batch(seq, static_cast<size_t>(cache.length), device), cache).logits;
+      }
     } else {
-      auto probs = torch::softmax(logits / opts.temperature, -1);
-      auto [sorted, idx] = probs.sort(-1, /*descending=*/true);
-      auto keep = torch::ones_like(sorted, torch::kBool);
-      if (opts.top_k > 0 && opts.top_k < sorted.size(0)) keep.slice(0, opts.top_k).fill_(false);
-      if (opts.top_p < 1.0) keep &= (sorted.cumsum(0) - sorted) < opts.top_p;  // always keeps the top token
-      sorted = sorted * keep;
-      next = idx[torch::multinomial(sorted, 1, false, gen).item<int64_t>()].item<int64_t>();
+      const int64_t start = std::max<int64_t>(0, static_cast<int64_t>(seq.size()) - window);
+      logits = model->forward(as_batch(seq, static_cast<size_t>(start), device)).logits;
     }
+    const int64_t next = choose(logits[0][-1], opts, gen);
     seq.push_back(next);
     out.push_back(next);
+    if (opts.on_token && !opts.on_token(next)) break;
     if (next == opts.eos_id) break;
   }
   if (was_training) model->train();
@@ -47,6 +70,27 @@ std::string generate_text(Transformer& model, const Tokenizer& tok, const std::s
   std::vector<int64_t> all(p);
   all.insert(all.end(), out.begin(), out.end());
   return tok.decode(all);
+}
+
+TextStream::TextStream(const Tokenizer& tok, std::vector<int64_t> context) : tok_(tok), ids_(std::move(context)) {
+  text_ = ids_.empty() ? "" : tok_.decode(ids_);
+  context_chars_ = text_.size();
+}
+
+std::string TextStream::push(int64_t id) {
+  ids_.push_back(id);
+  std::string full = tok_.decode(ids_);
+  // A partial UTF-8 character decodes to U+FFFD until its last byte arrives: hold it back.
+  size_t keep = full.size();
+  if (keep >= 3 && full.compare(keep - 3, 3, "\xEF\xBF\xBD") == 0) return "";
+  if (full.size() < text_.size() || full.compare(0, text_.size(), text_) != 0) {
+    // The decoded prefix changed (rare; e.g. a leading space dropped): emit nothing old again.
+    text_ = full;
+    return "";
+  }
+  std::string delta = full.substr(text_.size());
+  text_ = full;
+  return delta;
 }
 
 }  // namespace libllm

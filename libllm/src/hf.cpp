@@ -333,14 +333,14 @@ void export_hf(Transformer& model, const std::string& dir, const ExportOptions& 
     // Group tensors into shards of at most max_shard_bytes (a larger tensor gets its own shard).
     std::vector<std::vector<std::pair<std::string, torch::Tensor>>> shards(1);
     int64_t shard_bytes = 0, total_bytes = 0;
-    for (auto& p : model->named_parameters()) {
-      auto t = p.value().detach().to(torch::kCPU, dtype).contiguous();
+    for (auto& [name, w] : merged_weights(model)) {  // LoRA adapters merged: W + scale B A
+      auto t = w.detach().to(torch::kCPU, dtype).contiguous();
       const int64_t bytes = t.numel() * t.element_size();
       if (shard_bytes > 0 && shard_bytes + bytes > opts.max_shard_bytes) {
         shards.emplace_back();
         shard_bytes = 0;
       }
-      shards.back().emplace_back(p.key(), t);
+      shards.back().emplace_back(name, t);
       shard_bytes += bytes;
       total_bytes += bytes;
     }
@@ -400,8 +400,13 @@ Pretrained inspect_pretrained(const std::string& dir) {
     out.bos_id = hf.bos_id;
     out.eos_id = hf.eos_id;
   } else if (fs::exists(fs::path(dir) / "recipe.yaml")) {
-    out.config = Recipe::load((fs::path(dir) / "recipe.yaml").string()).model;
+    const Recipe r = Recipe::load((fs::path(dir) / "recipe.yaml").string());
+    out.config = r.model;
     out.format = "libllm";
+    if (r.finetune.method == "lora") {  // a LoRA fine-tuning checkpoint: base + adapters
+      out.lora = r.lora;
+      out.has_lora = true;
+    }
   } else {
     throw Error(dir, "neither config.json (Hugging Face) nor recipe.yaml (libllm) found",
                 "point --checkpoint at a model folder");
@@ -424,6 +429,7 @@ void load_pretrained(Pretrained& info, torch::Dtype dtype) {
     throw;
   }
   c10::set_default_dtype(saved);
+  if (info.has_lora) apply_lora(info.model, info.lora);
   load_weights(info.model, info.dir);
 }
 

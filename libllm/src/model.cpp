@@ -8,15 +8,13 @@
 namespace libllm {
 namespace {
 
-torch::nn::Linear linear(int64_t in, int64_t out) {
-  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false));
-}
+Linear linear(int64_t in, int64_t out) { return Linear(in, out); }
 
-// Which keys each query may see: (T, T) bool, true = attend. Causal, and within `window`
-// tokens (itself included) when window > 0.
-torch::Tensor sliding_window_mask(int64_t T, int64_t window, torch::Device device) {
-  auto i = torch::arange(T, torch::dtype(torch::kInt64).device(device)).unsqueeze(1);
-  auto j = torch::arange(T, torch::dtype(torch::kInt64).device(device)).unsqueeze(0);
+// Which keys each of the last T of S positions may see: (T, S) bool, true = attend. Causal, and
+// within `window` tokens (itself included) when window > 0.
+torch::Tensor sliding_window_mask(int64_t T, int64_t S, int64_t window, torch::Device device) {
+  auto i = torch::arange(T, torch::dtype(torch::kInt64).device(device)).unsqueeze(1) + (S - T);
+  auto j = torch::arange(S, torch::dtype(torch::kInt64).device(device)).unsqueeze(0);
   return (j <= i).logical_and(i - j < window);
 }
 
@@ -53,6 +51,54 @@ torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, con
   return x * cos + rotated * sin;
 }
 
+// ---------------------------------------------------------------- Linear (+ LoRA)
+LinearImpl::LinearImpl(int64_t in, int64_t out) : in_(in), out_(out) {
+  // torch::nn::Linear's default init (kaiming-uniform, a = sqrt(5)); the model re-initialises it.
+  weight = register_parameter("weight", torch::empty({out, in}));
+  torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
+}
+
+void LinearImpl::add_lora(int64_t rank, double alpha, double dropout) {
+  if (has_lora()) throw Error("lora", "a layer got a second LoRA adapter");
+  auto opts = torch::nn::LinearOptions(in_, rank).bias(false);
+  const auto saved = c10::get_default_dtype();
+  c10::set_default_dtype(caffe2::TypeMeta::Make<float>());  // adapters are fp32 whatever the base
+  lora_A = register_module("lora_A", torch::nn::Linear(opts));  // kaiming-uniform(a = sqrt(5)), as PEFT
+  lora_B = register_module("lora_B", torch::nn::Linear(torch::nn::LinearOptions(rank, out_).bias(false)));
+  c10::set_default_dtype(saved);
+  torch::NoGradGuard no_grad;
+  lora_A->weight.set_data(lora_A->weight.to(weight.device()));
+  lora_B->weight.set_data(torch::zeros({out_, rank}, torch::dtype(torch::kFloat32).device(weight.device())));
+  lora_scale_ = alpha / static_cast<double>(rank);
+  lora_dropout_ = dropout;
+}
+
+torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
+  auto y = torch::nn::functional::linear(x.scalar_type() == weight.scalar_type() ? x : x.to(weight.scalar_type()), weight);
+  if (!has_lora()) return y;
+  auto h = x.to(lora_A->weight.scalar_type());
+  if (lora_dropout_ > 0) h = torch::dropout(h, lora_dropout_, is_training());
+  return y + (lora_B(lora_A(h)) * lora_scale_).to(y.scalar_type());
+}
+
+torch::Tensor LinearImpl::merged_weight() const {
+  if (!has_lora()) return weight;
+  torch::NoGradGuard no_grad;
+  auto delta = torch::matmul(lora_B->weight.to(torch::kFloat32), lora_A->weight.to(torch::kFloat32)) * lora_scale_;
+  return (weight.to(torch::kFloat32) + delta).to(weight.scalar_type());  // (out, in)
+}
+
+void LinearImpl::merge_lora() {
+  if (!has_lora()) return;
+  torch::NoGradGuard no_grad;
+  weight.set_data(merged_weight());
+  unregister_module("lora_A");
+  unregister_module("lora_B");
+  lora_A = nullptr;
+  lora_B = nullptr;
+  lora_scale_ = 0;
+}
+
 // ---------------------------------------------------------------- Attention
 AttentionImpl::AttentionImpl(const ModelConfig& cfg)
     : n_heads_(cfg.n_heads), n_kv_heads_(cfg.kv_heads()), head_dim_(cfg.hdim()), window_(cfg.sliding_window) {
@@ -62,15 +108,26 @@ AttentionImpl::AttentionImpl(const ModelConfig& cfg)
   o_proj = register_module("o_proj", linear(n_heads_ * head_dim_, cfg.dim));
 }
 
-torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                                     KVCache* cache, int64_t layer) {
   const int64_t B = x.size(0), T = x.size(1);
   auto q = q_proj(x).view({B, T, n_heads_, head_dim_}).transpose(1, 2);     // (B, H, T, D)
   auto k = k_proj(x).view({B, T, n_kv_heads_, head_dim_}).transpose(1, 2);  // (B, Hkv, T, D)
   auto v = v_proj(x).view({B, T, n_kv_heads_, head_dim_}).transpose(1, 2);  // (B, Hkv, T, D)
   q = apply_rotary(q, cos, sin);
   k = apply_rotary(k, cos, sin);
+  if (cache) {  // append this step's keys/values; attend to all S = length + T positions
+    const int64_t S = cache->length + T;
+    if (S > cache->capacity)
+      throw Error("kv cache", "holds " + std::to_string(cache->capacity) + " positions, " + std::to_string(S) + " needed");
+    cache->k[layer].narrow(2, cache->length, T).copy_(k);
+    cache->v[layer].narrow(2, cache->length, T).copy_(v);
+    k = cache->k[layer].narrow(2, 0, S);                                     // (B, Hkv, S, D)
+    v = cache->v[layer].narrow(2, 0, S);                                     // (B, Hkv, S, D)
+  }
+  const int64_t S = k.size(2);
   c10::optional<torch::Tensor> mask;
-  if (window_ > 0 && window_ < T) mask = sliding_window_mask(T, window_, x.device());
+  if (window_ > 0 && window_ < S) mask = sliding_window_mask(T, S, window_, x.device());
   auto y = compat::attention(q, k, v, mask);                                 // (B, H, T, D)
   y = y.transpose(1, 2).reshape({B, T, n_heads_ * head_dim_});               // (B, T, H*D)
   return o_proj(y);
@@ -145,8 +202,8 @@ BlockImpl::BlockImpl(const ModelConfig& cfg) {
 }
 
 torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                                 std::vector<torch::Tensor>& router_logits) {
-  auto h = x + self_attn(input_layernorm(x), cos, sin);
+                                 std::vector<torch::Tensor>& router_logits, KVCache* cache, int64_t layer) {
+  auto h = x + self_attn(input_layernorm(x), cos, sin, cache, layer);
   auto n = post_attention_layernorm(h);
   return h + (mlp ? mlp(n) : block_sparse_moe(n, router_logits));
 }
@@ -179,7 +236,8 @@ struct BlockRecompute : torch::autograd::Function<BlockRecompute> {
       y = block->forward(x, saved[1], saved[2], router_logits);
     }
     std::vector<torch::Tensor> inputs{x};
-    for (auto& p : block->parameters()) inputs.push_back(p);
+    for (auto& p : block->parameters())
+      if (p.requires_grad()) inputs.push_back(p);  // a frozen (LoRA base) weight gets no gradient
     auto grads = torch::autograd::grad({y}, inputs, {grad_out[0]}, /*retain_graph=*/false, /*create_graph=*/false,
                                        /*allow_unused=*/true);
     for (size_t i = 1; i < inputs.size(); ++i) {
@@ -215,20 +273,44 @@ TransformerImpl::TransformerImpl(const ModelConfig& cfg)
 }
 
 torch::Tensor TransformerImpl::hidden(const torch::Tensor& tokens, int64_t start_pos,
-                                      std::vector<torch::Tensor>* router_logits) {
+                                      std::vector<torch::Tensor>* router_logits, KVCache* cache) {
   std::vector<torch::Tensor> local;
   auto& rl = router_logits ? *router_logits : local;
   auto x = model->embed_tokens(tokens);                                      // (B, T, D)
   auto [cos, sin] = rotary_.table(start_pos, tokens.size(1), x.device(), x.scalar_type());
-  const bool recompute = checkpointing_ && is_training() && torch::GradMode::is_enabled();
+  const bool recompute = checkpointing_ && is_training() && torch::GradMode::is_enabled() && !cache;
+  // A frozen embedding (LoRA) gives an input that needs no gradient; the recomputing function
+  // then needs one to be called in backward at all.
+  if (recompute && !x.requires_grad()) x = x.detach().requires_grad_(true);
+  int64_t l = 0;
   for (auto& layer : *model->layers) {
     auto* block = layer->as<BlockImpl>();
     if (recompute)
       x = BlockRecompute::apply(reinterpret_cast<int64_t>(block), x, cos, sin);
     else
-      x = block->forward(x, cos, sin, rl);
+      x = block->forward(x, cos, sin, rl, cache, l);
+    ++l;
   }
   return model->norm(x);
+}
+
+KVCache TransformerImpl::new_cache(int64_t batch, int64_t capacity) {
+  KVCache c;
+  c.capacity = capacity > 0 ? capacity : cfg_.max_seq_len;
+  auto w = model->embed_tokens->weight;
+  for (int64_t l = 0; l < cfg_.n_layers; ++l) {
+    c.k.push_back(torch::zeros({batch, cfg_.kv_heads(), c.capacity, cfg_.hdim()}, w.options()));  // (B, Hkv, S, D)
+    c.v.push_back(torch::zeros({batch, cfg_.kv_heads(), c.capacity, cfg_.hdim()}, w.options()));  // (B, Hkv, S, D)
+  }
+  return c;
+}
+
+TransformerImpl::Output TransformerImpl::forward_cached(const torch::Tensor& tokens, KVCache& cache) {
+  torch::NoGradGuard no_grad;
+  Output out;
+  out.logits = project(hidden(tokens, cache.length, nullptr, &cache));
+  cache.length += tokens.size(1);
+  return out;
 }
 
 torch::Tensor TransformerImpl::project(const torch::Tensor& h) {

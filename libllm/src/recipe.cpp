@@ -12,6 +12,9 @@ void Recipe::bind(Schema& s) {
   train.fields(s.section("train"));
   checkpoint.fields(s.section("checkpoint"));
   guard.fields(s.section("guard"));
+  finetune.fields(s.section("finetune"));
+  lora.fields(s.section("lora"));
+  chat.fields(s.section("chat"));
 }
 
 namespace {

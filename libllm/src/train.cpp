@@ -13,6 +13,7 @@
 #include <tuple>
 #include <nlohmann/json.hpp>
 
+#include "libllm/chat.h"
 #include "libllm/checkpoint.h"
 #include "libllm/compat.h"
 #include "libllm/config.h"
@@ -20,7 +21,9 @@
 #include "libllm/distributed.h"
 #include "libllm/error.h"
 #include "libllm/generate.h"
+#include "libllm/finetune.h"
 #include "libllm/guard.h"
+#include "libllm/hf.h"
 #include "libllm/model.h"
 #include "libllm/optim.h"
 #include "libllm/plot.h"
@@ -127,7 +130,9 @@ struct Run {
   Distributed dist = Distributed::from_env();
   Transformer model{nullptr};
   std::unique_ptr<AdamW> optim;
-  std::unique_ptr<PackedDataset> data;
+  std::unique_ptr<PackedDataset> data;  // packed documents (pretraining, continued pretraining)
+  std::unique_ptr<ChatDataset> chat;    // or chat / instruction examples (fine-tuning)
+  std::vector<int64_t> buf;
   Guard guard;
   json history = json::array();  // held-out evaluations so far
   int64_t accum = 1, global = 0, planned = 0;
@@ -145,16 +150,31 @@ struct Run {
 
   std::string extra() const { return json({{"eval_history", history}, {"guard", guard.state()}}).dump(); }
 
+  std::string cursor() const { return chat ? chat->cursor() : data->cursor(); }
+
+  // The next micro batch of this rank: inputs (B, T), targets (B, T) (-100 = not a target).
+  void next_batch(int64_t B, torch::Tensor& x, torch::Tensor& y, std::vector<WindowRef>& refs) {
+    if (chat) return chat->next(B, x, y, refs);
+    data->next(B, buf, refs);
+    std::tie(x, y) = split_batch(buf, B, tc.seq_len);
+  }
+
+  bool has_valid() const { return chat ? !chat->valid_examples().empty() : !recipe.data.valid.empty(); }
+
   std::string save(int64_t step) {
-    TrainState st{step, data->cursor(), extra()};
+    TrainState st{step, cursor(), extra()};
     return save_checkpoint(ckpt_root, model, *optim, st, recipe_yaml, recipe.tokenizer.path);
   }
 
   // Loads a checkpoint: model, optimizer, RNG, data cursor, guard state, eval history.
   TrainState load(const std::string& dir) {
     TrainState st = load_checkpoint(dir, model, *optim);
-    data->restore(st.data_cursor);
-    data->set_planned_samples(planned);
+    if (chat) {
+      chat->restore(st.data_cursor);
+    } else {
+      data->restore(st.data_cursor);
+      data->set_planned_samples(planned);
+    }
     const json x = parse_extra(st.extra);
     history = x.value("eval_history", json::array());
     guard = Guard(recipe.guard);
@@ -169,7 +189,8 @@ struct Run {
   void replan(int64_t to, int64_t through, double lr_factor, bool in_loop, const std::string& dir,
               const std::string& saved) {
     const int64_t samples = (through - to) * accum * tc.micro_batch;
-    data->pass_over(samples, recipe.guard.defer == "end");
+    if (chat) chat->pass_over(samples);  // chat data is dropped (guard.defer: drop is required)
+    else data->pass_over(samples, recipe.guard.defer == "end");
     guard.rolled_back(saved, to, lr_factor, in_loop);
     if (main()) {
       sequence.close();
@@ -193,8 +214,9 @@ struct Run {
     return {(fs::path(ckpt_root) / checkpoint_name(best)).string(), best};
   }
 
-  // Mean loss of the fixed held-out windows.
+  // Mean loss of the fixed held-out windows (chat: per target token of the first held-out examples).
   double evaluate() {
+    if (chat) return chat->evaluate(model, tc.micro_batch, tc.eval_batches * tc.micro_batch);
     DataConfig vc = recipe.data;
     vc.train = {recipe.data.valid};
     vc.weights.clear();
@@ -216,15 +238,21 @@ struct Run {
 
 bool contains(const std::vector<int64_t>& v, int64_t x) { return std::find(v.begin(), v.end(), x) != v.end(); }
 
-}  // namespace
-
-double pretrain(const Recipe& recipe, const TrainHooks& hooks) {
+// The loop behind pretrain() and finetune(); `base` is the model to start from (fine-tuning) or null.
+double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* base) {
   const TrainConfig& tc = recipe.train;
   const ModelConfig& mc = recipe.model;
   const GuardConfig& gc = recipe.guard;
   if (tc.seq_len > mc.max_seq_len)
     throw Error("train.seq_len", fmt::format("{} exceeds model.max_seq_len {}", tc.seq_len, mc.max_seq_len));
-  if (recipe.data.train.empty()) throw Error("data.train", "no training shard folders", "run llm-data first and list its output");
+  const bool chat_data = !recipe.chat.files.empty();
+  if (chat_data && !recipe.data.train.empty())
+    throw Error("chat.files", "and data.train are both set", "train on chat examples or on packed documents, not both");
+  if (!chat_data && recipe.data.train.empty())
+    throw Error("data.train", "no training shard folders",
+                base ? "list llm-data's output, or chat JSONL files in chat.files" : "run llm-data first and list its output");
+  if (chat_data && gc.enabled && gc.defer == "end")
+    throw Error("guard.defer", "'end' needs packed data; chat examples cannot be deferred", "set guard.defer: drop");
   if (gc.enabled && recipe.checkpoint.keep_last < 2)
     throw Error("checkpoint.keep_last", "must be >= 2 with guard.enabled",
                 "the newest checkpoint may already hold a spike's weights; the guard rolls back past it");
@@ -250,18 +278,34 @@ double pretrain(const Recipe& recipe, const TrainHooks& hooks) {
   if (!recipe.data.valid.empty()) check_tokenizer(ShardSet::open(recipe.data.valid), tok);
 
   torch::manual_seed(static_cast<uint64_t>(tc.seed));
-  run.model = Transformer(mc);
-  if (tc.dtype == "bf16") run.model->to(torch::kBFloat16);
+  const torch::Dtype dtype = tc.dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
+  if (base) {
+    load_pretrained(*base, dtype);
+    run.model = base->model;
+    if (has_lora(run.model)) merge_lora(run.model);  // the base is itself a LoRA fine-tune: fold it in
+    for (auto& p : run.model->parameters()) p.set_requires_grad(true);
+    torch::manual_seed(static_cast<uint64_t>(tc.seed));
+    if (recipe.finetune.method == "lora") apply_lora(run.model, recipe.lora);
+  } else {
+    run.model = Transformer(mc);
+    if (tc.dtype == "bf16") run.model->to(torch::kBFloat16);
+  }
   run.model->set_activation_checkpointing(tc.activation_checkpointing);
-  std::vector<std::pair<std::string, torch::Tensor>> named;
-  for (auto& p : run.model->named_parameters()) named.emplace_back(p.key(), p.value());
-  run.optim = std::make_unique<AdamW>(named, recipe.optim);
-  run.data = std::make_unique<PackedDataset>(recipe.data, tc.seq_len, dist.rank(), dist.world_size());
-  run.data->set_planned_samples(run.planned);
+  run.optim = std::make_unique<AdamW>(trainable_parameters(run.model), recipe.optim);
+  if (chat_data) {
+    run.chat = std::make_unique<ChatDataset>(recipe.chat, tok, tc.seq_len, static_cast<uint64_t>(recipe.data.seed),
+                                             dist.rank(), dist.world_size());
+  } else {
+    run.data = std::make_unique<PackedDataset>(recipe.data, tc.seq_len, dist.rank(), dist.world_size());
+    run.data->set_planned_samples(run.planned);
+  }
 
   const ParamCount pc = count_parameters(mc);
-  // Training FLOPs per token: 6 N (non-embedding weights, forward + backward) + 12 L H Q T (attention).
-  run.flops_per_token = 6.0 * (pc.active - pc.embedding) + 12.0 * mc.n_layers * mc.n_heads * mc.hdim() * tc.seq_len;
+  const ParamSummary ps = summarize_parameters(run.model);
+  // Training FLOPs per token: 6 N (non-embedding weights, forward + backward) + 12 L H Q T (attention);
+  // with frozen weights (LoRA) their weight gradients are not computed: 4 N.
+  const double per_weight = ps.trainable < ps.total ? 4.0 : 6.0;
+  run.flops_per_token = per_weight * (pc.active - pc.embedding) + 12.0 * mc.n_layers * mc.n_heads * mc.hdim() * tc.seq_len;
 
   run.recipe_yaml = recipe.to_yaml();
   const fs::path run_dir = tc.run_dir;
@@ -272,6 +316,17 @@ double pretrain(const Recipe& recipe, const TrainHooks& hooks) {
     fmt::print("model: {:.2f} M parameters | {} steps x {} tokens ({} x {} x {} accumulation x {} ranks) | {} threads | {}\n",
                pc.total / 1e6, tc.steps, global, tc.micro_batch, tc.seq_len, run.accum, dist.world_size(),
                at::get_num_threads(), dist.describe());
+    if (base)
+      fmt::print("fine-tuning {} ({}), method {}: {} of {} parameters train ({:.3f}%)\n", base->dir, base->format,
+                 recipe.finetune.method, ps.trainable, ps.total, 100.0 * ps.trainable / ps.total);
+    if (run.chat) {
+      const ChatStats& c = run.chat->stats();
+      fmt::print("chat data: {} lines, {} examples: {} train, {} held out | {} truncated, {} dropped as too long, {} "
+                 "dropped without answer tokens, {} malformed lines skipped | {} tokens, {} targets ({:.1f}%)\n",
+                 c.lines, c.examples, c.train, c.valid, c.truncated, c.dropped_long, c.dropped_empty, c.malformed,
+                 c.tokens, c.target_tokens, 100.0 * c.target_tokens / std::max<int64_t>(1, c.tokens));
+      for (const auto& m : c.malformed_samples) fmt::print("  skipped: {}\n", m);
+    }
   }
 
   // Resume. A supervisor's restart (LIBLLM_RESTART > 0) always continues from the newest checkpoint.
@@ -324,15 +379,22 @@ double pretrain(const Recipe& recipe, const TrainHooks& hooks) {
   }
   run.event({{"event", resume_from.empty() ? "start" : "resume"}, {"step", state.step}, {"restart", restart},
              {"pid", ::getpid()}});
+  // A fine-tune's starting point on the held-out data, to compare the later evaluations with.
+  if (base && resume_from.empty() && tc.eval_every > 0 && run.has_valid()) {
+    const double e = run.evaluate();
+    run.history.push_back({{"step", 0}, {"eval_loss", e}});
+    run.event({{"event", "eval"}, {"step", 0}, {"eval_loss", e}});
+    if (main_rank) fmt::print("eval before fine-tuning: {:.4f}\n", e);
+  }
   // The guard can always roll back to the start.
   if (gc.enabled && resume_from.empty() && main_rank) run.save(0);
 
-  auto params = run.model->parameters();
+  std::vector<torch::Tensor> params;  // the trainable ones
+  for (auto& [name, p] : trainable_parameters(run.model)) params.push_back(p);
   const double peak_lr = recipe.optim.lr;
   const auto t0 = std::chrono::steady_clock::now();
   int64_t tokens_this_run = 0, steps_this_run = 0;
   double last_loss = 0;
-  std::vector<int64_t> buf;
   std::vector<WindowRef> refs;
   run.model->train();
   for (int64_t step = state.step; step < tc.steps; ++step) {
@@ -350,7 +412,8 @@ double pretrain(const Recipe& recipe, const TrainHooks& hooks) {
     // (world, accum * micro_batch, 2): every rank's windows, gathered for the data-sequence log.
     auto step_refs = torch::zeros({dist.world_size(), run.accum * tc.micro_batch, 2}, torch::kInt64);
     for (int64_t m = 0; m < run.accum; ++m) {
-      run.data->next(tc.micro_batch, buf, refs);
+      torch::Tensor x, y;
+      run.next_batch(tc.micro_batch, x, y, refs);
       auto acc = step_refs.accessor<int64_t, 3>();
       for (int64_t b = 0; b < tc.micro_batch; ++b) {
         acc[dist.rank()][m * tc.micro_batch + b][0] = refs[b].set;
@@ -359,9 +422,10 @@ double pretrain(const Recipe& recipe, const TrainHooks& hooks) {
       if (noise) {  // injected data spike: uniform random tokens, the same on every attempt
         std::mt19937_64 rng(static_cast<uint64_t>(tc.seed) * 1000003u + static_cast<uint64_t>(n) * 7919u +
                             static_cast<uint64_t>(m * dist.world_size() + dist.rank()));
-        for (auto& t : buf) t = static_cast<int64_t>(rng() % static_cast<uint64_t>(mc.vocab_size));
+        std::vector<int64_t> noisy(static_cast<size_t>(tc.micro_batch * (x.size(1) + 1)));
+        for (auto& t : noisy) t = static_cast<int64_t>(rng() % static_cast<uint64_t>(mc.vocab_size));
+        std::tie(x, y) = split_batch(noisy, tc.micro_batch, x.size(1));
       }
-      auto [x, y] = split_batch(buf, tc.micro_batch, tc.seq_len);
       auto out = run.model->forward(x);
       auto ce = cross_entropy(out.logits, y);
       ((ce + out.aux_loss) / static_cast<double>(run.accum)).backward();
@@ -405,7 +469,7 @@ double pretrain(const Recipe& recipe, const TrainHooks& hooks) {
       line["z_grad"] = d.z_grad;
       line["branch"] = run.guard.rollbacks_total();
     }
-    const bool eval_now = tc.eval_every > 0 && !recipe.data.valid.empty() && (n % tc.eval_every == 0 || n == tc.steps);
+    const bool eval_now = tc.eval_every > 0 && run.has_valid() && (n % tc.eval_every == 0 || n == tc.steps);
     if (eval_now && d.action == GuardAction::Apply) {
       line["eval_loss"] = run.evaluate();
       run.history.push_back({{"step", n}, {"eval_loss", line["eval_loss"]}});
@@ -491,10 +555,50 @@ double pretrain(const Recipe& recipe, const TrainHooks& hooks) {
     g.max_new_tokens = tc.sample_tokens;
     g.temperature = tc.sample_temperature;
     g.seed = static_cast<uint64_t>(tc.seed);
-    for (const auto& prompt : tc.sample_prompts)
-      fmt::print("sample: {}\n", generate_text(run.model, tok, prompt, g));
+    for (const auto& prompt : tc.sample_prompts) {
+      if (!run.chat) {
+        fmt::print("sample: {}\n", generate_text(run.model, tok, prompt, g));
+        continue;
+      }
+      g.eos_id = tok.eos_id();
+      auto ids = generate(run.model, render_prompt({{"user", prompt}}, tok, recipe.chat.chat_template,
+                                                   recipe.chat.system_prompt), g);
+      if (!ids.empty() && ids.back() == tok.eos_id()) ids.pop_back();
+      std::string answer = tok.decode(ids);
+      const std::string eot = end_of_turn(recipe.chat.chat_template);
+      if (!eot.empty() && answer.find(eot) != std::string::npos) answer.resize(answer.find(eot));
+      fmt::print("sample: {}\n  -> {}\n", prompt, answer);
+    }
   }
   return last_loss;
+}
+
+}  // namespace
+
+double pretrain(const Recipe& recipe, const TrainHooks& hooks) {
+  if (!recipe.finetune.base.empty())
+    throw Error("finetune.base", "is set in a pretraining run", "fine-tune with llm-finetune (libllm::finetune)");
+  if (recipe.finetune.method != "full")
+    throw Error("finetune.method", "'" + recipe.finetune.method + "' needs a base model", "set finetune.base and use llm-finetune");
+  if (!recipe.chat.files.empty())
+    throw Error("chat.files", "chat data is for fine-tuning", "set finetune.base and use llm-finetune");
+  return run_training(recipe, hooks, nullptr);
+}
+
+double finetune(const Recipe& recipe, const TrainHooks& hooks) {
+  if (recipe.finetune.base.empty())
+    throw Error("finetune.base", "is required for fine-tuning",
+                "a Hugging Face model folder (config.json) or a libllm checkpoint (recipe.yaml)");
+  Recipe r = recipe;
+  Pretrained base = inspect_pretrained(r.finetune.base);
+  r.model = base.config;  // the base decides the model
+  if (r.tokenizer.path.empty()) {
+    if (base.tokenizer_path.empty())
+      throw Error("tokenizer.path", "is empty and the base folder " + base.dir + " has no tokenizer.model",
+                  "set tokenizer.path");
+    r.tokenizer.path = base.tokenizer_path;
+  }
+  return run_training(r, hooks, &base);
 }
 
 }  // namespace libllm

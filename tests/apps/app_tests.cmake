@@ -94,3 +94,25 @@ expect_error(pretrain.guard-keep-last "checkpoint.keep_last: must be >= 2 with g
              --set checkpoint.keep_last=1 ${_sets})
 expect_error(pretrain.guard-bad-defer "guard.defer=later: expected one of: end, drop, got 'later'"
              ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set guard.defer=later)
+
+# Fine-tuning: llm-finetune (LoRA, chat data) -> llm-export (merged + PEFT) -> llm-eval -> llm-generate.
+add_test(NAME apps.finetune.pipeline
+         COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/apps/finetune_tests.sh ${_bin} ${_src} ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml
+                 ${CMAKE_BINARY_DIR}/finetune-test -- ${_sets}
+         WORKING_DIRECTORY ${_src})
+set_tests_properties(apps.finetune.pipeline PROPERTIES FIXTURES_REQUIRED tiny_shards TIMEOUT 300
+                     PASS_REGULAR_EXPRESSION "finetune pipeline ok")
+expect_error(finetune.no-base "finetune.base: is required for fine-tuning"
+             ${_bin}/llm-finetune ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml)
+expect_error(finetune.malformed-chat "bad-chat.jsonl:2: invalid JSON.*chat.malformed: skip"
+             ${_bin}/llm-finetune ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set finetune.base=${_fx}/tiny-llama
+             --set data.train=[] --set data.valid= --set chat.files=[${_bad}/bad-chat.jsonl] --set train.seq_len=47)
+expect_error(finetune.bad-target "lora.targets: 'qkv' names no projection"
+             ${_bin}/llm-finetune ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set finetune.base=${_fx}/tiny-llama
+             --set finetune.method=lora --set lora.targets=[qkv] ${_sets})
+expect_error(finetune.bad-method "finetune.method=qlora: expected one of: full, lora"
+             ${_bin}/llm-finetune ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set finetune.method=qlora)
+expect_error(generate.no-prompt "--prompt: is required without --chat"
+             ${_bin}/llm-generate --checkpoint ${_fx}/tiny-llama)
+expect_error(export.adapter-of-plain "--adapter: .* is not a LoRA fine-tuning checkpoint"
+             ${_bin}/llm-export --checkpoint ${_fx}/tiny-llama --out ${CMAKE_BINARY_DIR}/x-export --adapter ${CMAKE_BINARY_DIR}/x-adapter)

@@ -26,6 +26,7 @@ class Args {
   bool has(const std::string& name) const;
   std::string get(const std::string& name) const;  // the value or the option's fallback
   int64_t get_int(const std::string& name) const;
+  double get_double(const std::string& name) const;
   const std::vector<std::string>& positional() const { return positional_; }
   const std::vector<std::string>& overrides() const { return sets_; }  // --set values in order
 

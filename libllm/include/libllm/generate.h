@@ -1,9 +1,9 @@
-// Autoregressive sampling from a model: greedy, temperature, top-k and top-p.
-// (This version re-runs the model over the whole context at each token; a KV cache comes with
-// the fine-tuning issue's llm-generate.)
+// Autoregressive generation: greedy, temperature, top-k and top-p sampling, with a KV cache
+// (each new token costs one forward of one position), chat templates and streaming.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -19,11 +19,33 @@ struct GenerateOptions {
   double top_p = 1.0;           // nucleus: smallest set of tokens with this much probability; 1 = off
   uint64_t seed = 0;            // sampling RNG seed (results repeat for the same seed)
   int64_t eos_id = 2;           // generation stops after this token; -1 = never
+  bool use_cache = true;        // KV cache; false re-runs the model over the whole context per token
+  // Called with each new token as it is chosen (streaming); return false to stop early.
+  std::function<bool(int64_t)> on_token;
 };
 
-// The generated token ids (prompt excluded).
+// The generated token ids (prompt excluded; the EOS that stopped it included). The context is at
+// most the model's max_seq_len tokens: without the cache, the last max_seq_len tokens at
+// positions 0..; with it, when the cache is full it is rebuilt from the last half window.
 std::vector<int64_t> generate(Transformer& model, const std::vector<int64_t>& prompt, const GenerateOptions& opts);
 // BOS + prompt tokens in, prompt + continuation text out.
 std::string generate_text(Transformer& model, const Tokenizer& tok, const std::string& prompt, GenerateOptions opts);
+
+// Streams decoded text: feed token ids one at a time; returns the text they add (sentencepiece
+// joins pieces, so a token's text is known only from the decoded whole).
+class TextStream {
+ public:
+  // `context`: tokens before the stream (e.g. the prompt), so the first piece's space is kept.
+  explicit TextStream(const Tokenizer& tok, std::vector<int64_t> context = {});
+  std::string push(int64_t id);
+  // The streamed text so far (the context's text excluded).
+  std::string text() const { return text_.substr(std::min(text_.size(), context_chars_)); }
+
+ private:
+  const Tokenizer& tok_;
+  std::vector<int64_t> ids_;
+  std::string text_;
+  size_t context_chars_ = 0;
+};
 
 }  // namespace libllm

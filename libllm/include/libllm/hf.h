@@ -7,6 +7,7 @@
 #include <map>
 #include <string>
 
+#include "libllm/finetune.h"
 #include "libllm/model.h"
 #include "libllm/safetensors.h"
 
@@ -40,7 +41,7 @@ struct ExportOptions {
   std::string tokenizer_path = "";              // tokenizer.model copied into the folder ("" = none)
   int64_t bos_id = 1, eos_id = 2;
 };
-// Writes `model` as an HF folder at `dir`: built under a temporary name and renamed into place
+// Writes `model` as an HF folder at `dir` (LoRA adapters merged into their weights): built under a temporary name and renamed into place
 // when complete (an existing `dir` is replaced only then).
 void export_hf(Transformer& model, const std::string& dir, const ExportOptions& opts);
 
@@ -51,6 +52,8 @@ struct Pretrained {
   ModelConfig config;
   std::string tokenizer_path;  // DIR/tokenizer.model, "" when absent
   int64_t bos_id = 1, eos_id = 2;
+  bool has_lora = false;       // a libllm LoRA fine-tuning checkpoint: adapters are attached on load
+  LoraConfig lora;             // their settings (recipe section `lora`)
   Transformer model{nullptr};  // set by load_pretrained
 };
 // Reads the folder's config only (cheap: check a tokenizer against it before loading weights).

@@ -39,12 +39,50 @@ class Rotary {
 // x * cos + rotate_half(x) * sin, x: (B, H, T, D), cos/sin: (T, D).
 torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 
+// A bias-free linear layer y = x W^T (parameter `weight`, (out, in)), with an optional LoRA
+// update (Hu et al. 2021): y = x W^T + (alpha / r) * B(A(dropout(x))). The adapter's submodules
+// are named as PEFT names them (lora_A.weight (r, in), lora_B.weight (out, r)); they are created
+// in fp32 whatever W's dtype (a bf16 base stays bf16), computed in fp32 and added in y's dtype.
+class LinearImpl : public torch::nn::Module {
+ public:
+  LinearImpl(int64_t in, int64_t out);
+  torch::Tensor forward(const torch::Tensor& x);
+  // Adds the adapter: A ~ kaiming-uniform(a=sqrt(5)) like PEFT (torch's global RNG), B = 0, so
+  // the layer's output is unchanged until B is trained. Once per layer.
+  void add_lora(int64_t rank, double alpha, double dropout);
+  bool has_lora() const { return !lora_A.is_empty(); }
+  double lora_scale() const { return lora_scale_; }
+  // W + (alpha / r) B A, computed in fp32 and returned in W's dtype (W itself when no adapter).
+  torch::Tensor merged_weight() const;
+  // Folds the adapter into W (merged_weight()) and removes it.
+  void merge_lora();
+
+  torch::Tensor weight;
+  torch::nn::Linear lora_A{nullptr}, lora_B{nullptr};
+
+ private:
+  int64_t in_, out_;
+  double lora_scale_ = 0, lora_dropout_ = 0;
+};
+TORCH_MODULE(Linear);
+
+// Keys and values of past positions for incremental decoding (generation). Each layer's k/v is
+// preallocated (B, Hkv, capacity, D); `length` positions are filled.
+struct KVCache {
+  std::vector<torch::Tensor> k, v;  // per layer, (B, Hkv, capacity, D)
+  int64_t length = 0;               // positions cached so far (the next token's position)
+  int64_t capacity = 0;             // positions the cache holds (the model's max_seq_len)
+};
+
 class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const ModelConfig& cfg);
-  // x: (B, T, D) at positions [start, start + T); cos/sin: (T, head_dim).
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
-  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  // x: (B, T, D) at positions [start, start + T); cos/sin: (T, head_dim). With a cache layer
+  // (k, v of `cache`'s length past positions), the new keys/values are written into it and the
+  // queries attend to every cached position.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                        KVCache* cache = nullptr, int64_t layer = 0);
+  Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
 
  private:
   int64_t n_heads_, n_kv_heads_, head_dim_, window_;
@@ -57,7 +95,7 @@ class MLPImpl : public torch::nn::Module {
   MLPImpl(int64_t dim, int64_t hidden, const char* gate = "gate_proj", const char* up = "up_proj",
           const char* down = "down_proj");
   torch::Tensor forward(const torch::Tensor& x);
-  torch::nn::Linear gate{nullptr}, up{nullptr}, down{nullptr};
+  Linear gate{nullptr}, up{nullptr}, down{nullptr};
 };
 TORCH_MODULE(MLP);
 
@@ -68,7 +106,7 @@ class MoEImpl : public torch::nn::Module {
   explicit MoEImpl(const ModelConfig& cfg);
   // x: (B, T, D) -> (B, T, D); appends this layer's router logits (B*T, E) to `router_logits`.
   torch::Tensor forward(const torch::Tensor& x, std::vector<torch::Tensor>& router_logits);
-  torch::nn::Linear gate{nullptr};
+  Linear gate{nullptr};
   torch::nn::ModuleList experts;
 
  private:
@@ -80,7 +118,7 @@ class BlockImpl : public torch::nn::Module {
  public:
   explicit BlockImpl(const ModelConfig& cfg);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                        std::vector<torch::Tensor>& router_logits);
+                        std::vector<torch::Tensor>& router_logits, KVCache* cache = nullptr, int64_t layer = 0);
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   Attention self_attn{nullptr};
   MLP mlp{nullptr};              // dense models
@@ -116,9 +154,14 @@ class TransformerImpl : public torch::nn::Module {
   explicit TransformerImpl(const ModelConfig& cfg);
   // tokens: (B, T) int64 at positions [start_pos, start_pos + T).
   Output forward(const torch::Tensor& tokens, int64_t start_pos = 0);
+  // Incremental decoding: tokens (B, T) at positions [cache.length, cache.length + T) attend to the
+  // cached positions too; their keys/values are appended (cache.length += T). Inference only.
+  Output forward_cached(const torch::Tensor& tokens, KVCache& cache);
+  // An empty cache for batch size B and up to `capacity` positions (0 = max_seq_len).
+  KVCache new_cache(int64_t batch, int64_t capacity = 0);
   // Final hidden states (B, T, D) after the last norm, and the router logits of every MoE layer.
   torch::Tensor hidden(const torch::Tensor& tokens, int64_t start_pos,
-                       std::vector<torch::Tensor>* router_logits);
+                       std::vector<torch::Tensor>* router_logits, KVCache* cache = nullptr);
   // hidden (.., D) -> logits (.., vocab_size).
   torch::Tensor project(const torch::Tensor& hidden);
 
@@ -132,7 +175,7 @@ class TransformerImpl : public torch::nn::Module {
   bool activation_checkpointing() const { return checkpointing_; }
 
   Decoder model{nullptr};
-  torch::nn::Linear lm_head{nullptr};  // null when tie_embeddings
+  Linear lm_head{nullptr};  // null when tie_embeddings
 
  private:
   ModelConfig cfg_;

@@ -5,9 +5,11 @@
 #include <string>
 #include <vector>
 
+#include "libllm/chat.h"
 #include "libllm/checkpoint.h"
 #include "libllm/config.h"
 #include "libllm/data.h"
+#include "libllm/finetune.h"
 #include "libllm/guard.h"
 #include "libllm/model_config.h"
 #include "libllm/optim.h"
@@ -26,6 +28,9 @@ struct Recipe {
   TrainConfig train;            // section `train`
   CheckpointConfig checkpoint;  // section `checkpoint`
   GuardConfig guard;            // section `guard` (loss spikes)
+  FinetuneConfig finetune;      // section `finetune` (llm-finetune: base model, full or LoRA)
+  LoraConfig lora;              // section `lora` (finetune.method: lora)
+  ChatConfig chat;              // section `chat` (instruction / chat data for fine-tuning)
 
   // Reads `path` strictly, applies `--set section.key=value` overrides in order, resolves
   // derived defaults and validates. Errors name the file and key.

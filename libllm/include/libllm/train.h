@@ -63,4 +63,13 @@ struct TrainHooks {
 // LR lowered and re-warmed, as for an in-loop rollback.
 double pretrain(const Recipe& recipe, const TrainHooks& hooks = {});
 
+// Fine-tunes the model in recipe.finetune.base (a Hugging Face or libllm folder; its config
+// replaces the recipe's `model` section, its tokenizer.model is used when tokenizer.path is "")
+// with the same loop, checkpoints, exact resume and logs as pretrain(). Data: chat examples
+// (section `chat`: loss on the assistant's tokens only, held-out split evaluated every
+// train.eval_every steps) or packed documents (data.train: continued pretraining). Method:
+// full, or LoRA (section `lora`: only the adapters train; checkpoints hold base + adapters, and
+// load anywhere a libllm model folder is read).
+double finetune(const Recipe& recipe, const TrainHooks& hooks = {});
+
 }  // namespace libllm

@@ -1,0 +1,67 @@
+// llm-export --checkpoint DIR --out DIR [--adapter DIR]: writes a model folder (libllm checkpoint
+// or HF folder) as a Hugging Face folder (sharded safetensors, config.json, tokenizer) with any
+// LoRA adapters merged; --adapter also writes the adapters alone in PEFT's layout.
+#include <fmt/core.h>
+
+#include <filesystem>
+
+#include <libllm/cli.h>
+#include <libllm/error.h>
+#include <libllm/finetune.h>
+#include <libllm/hf.h>
+#include <libllm/recipe.h>
+#include <libllm/tokenizer.h>
+
+using namespace libllm;
+
+int main(int argc, char** argv) {
+  return cli::run("llm-export", [&] {
+    cli::Args args(argc, argv, "llm-export --checkpoint DIR --out DIR [options]",
+                   {{"--checkpoint", "model folder: libllm checkpoint (recipe.yaml) or Hugging Face (config.json)"},
+                    {"--out", "the Hugging Face folder to write (LoRA adapters merged)"},
+                    {"--adapter", "also write the LoRA adapters alone here, in PEFT's layout"},
+                    {"--dtype", "weights dtype: float32, bfloat16 or float16", true, "bfloat16"},
+                    {"--max-shard-mb", "start a new safetensors shard past this size (MB)", true, "5000"},
+                    {"--tokenizer", "tokenizer.model to include (default: the one in the checkpoint folder)"}},
+                   0);
+    if (args.help()) return fmt::print("{}", args.usage()), 0;
+    for (const char* required : {"--checkpoint", "--out"})
+      if (!args.has(required)) throw Error(required, "is required", "see llm-export --help");
+    const std::string dir = args.get("--checkpoint");
+    Pretrained pre = inspect_pretrained(dir);
+    if (args.has("--adapter") && !pre.has_lora)
+      throw Error("--adapter", dir + " is not a LoRA fine-tuning checkpoint", "export the merged model with --out only");
+    const std::string tok_path = args.has("--tokenizer") ? args.get("--tokenizer") : pre.tokenizer_path;
+    int64_t bos = pre.bos_id, eos = pre.eos_id;
+    if (!tok_path.empty()) {
+      const Tokenizer tok = Tokenizer::load(tok_path);
+      tok.check_fits(pre.config, dir);
+      if (tok.bos_id() >= 0) bos = tok.bos_id();
+      if (tok.eos_id() >= 0) eos = tok.eos_id();
+    }
+    const int64_t shard_mb = args.get_int("--max-shard-mb");
+    if (shard_mb < 1) throw Error("--max-shard-mb", "must be >= 1");
+    load_pretrained(pre, torch::kFloat32);
+
+    if (args.has("--adapter")) {
+      std::string base = dir;
+      if (pre.format == "libllm")
+        base = Recipe::load((std::filesystem::path(dir) / "recipe.yaml").string()).finetune.base;
+      export_peft_adapter(pre.model, pre.lora, args.get("--adapter"), base);
+      std::string targets;
+      for (const auto& t : pre.lora.targets) targets += (targets.empty() ? "" : ",") + t;
+      fmt::print("wrote PEFT adapter {} (r={}, alpha={}, targets {})\n", args.get("--adapter"), pre.lora.rank,
+                 pre.lora.alpha, targets);
+    }
+    ExportOptions opts;
+    opts.dtype = args.get("--dtype");
+    opts.max_shard_bytes = shard_mb * 1000 * 1000;
+    opts.tokenizer_path = tok_path;
+    opts.bos_id = bos;
+    opts.eos_id = eos;
+    export_hf(pre.model, args.get("--out"), opts);
+    fmt::print("wrote {} ({}, {}{})\n", args.get("--out"), pre.model->config().hf_architecture(), opts.dtype,
+               pre.has_lora ? ", LoRA merged" : "");
+    return 0;
+  });
+}

@@ -1,0 +1,112 @@
+// Instruction and chat data for fine-tuning: JSON Lines of {"prompt", "response"} (optionally
+// "system") or {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}, rendered
+// with a chat template into tokens, where only the assistant's tokens (and the EOS ending each
+// answer) are training targets. One example per row, padded to the longest row of the batch.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "libllm/data.h"
+#include "libllm/model.h"
+
+namespace libllm {
+
+class Fields;
+class Tokenizer;
+
+struct ChatConfig {                  // recipe section `chat`
+  // JSONL files, or folders whose .jsonl files are taken in path order. Empty (default) = the run
+  // trains on packed documents from data.train instead (continued pretraining).
+  std::vector<std::string> files;
+  // llama2: <s>[INST] <<SYS>>\nsystem\n<</SYS>>\n\nuser [/INST] answer</s> (each turn BOS-led);
+  // chatml: <s><|im_start|>system\n...<|im_end|>\n<|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n answer<|im_end|></s>
+  std::string chat_template = "chatml";
+  std::string system_prompt = "";    // system message for examples that have none; "" = none
+  // Held-out split: every valid_every-th example (indices n-1, 2n-1, ... in file order) is kept
+  // for validation (train.eval_every) instead of training. 0 = none. Default 20.
+  int64_t valid_every = 20;
+  // An example longer than train.seq_len + 1 tokens: truncate (keep its first seq_len + 1 tokens;
+  // it is dropped if no answer token is left) or drop.
+  std::string overlong = "truncate";
+  // A malformed line (bad JSON, missing/mistyped fields, unknown role, no assistant turn):
+  // fail (an error naming file:line) or skip (counted and the first few printed).
+  std::string malformed = "fail";
+
+  void fields(Fields& f);
+};
+
+struct ChatMessage {
+  std::string role;     // system, user or assistant
+  std::string content;
+};
+
+// A rendered example: tokens and, per token, whether it is a training target.
+struct ChatExample {
+  std::vector<int64_t> tokens;
+  std::vector<uint8_t> target;  // 1 = the model learns to predict this token (assistant text, EOS)
+};
+
+// Renders messages with `chat_template` (llama2 or chatml). Each segment is encoded on its own:
+// prompts and template text are not targets; each assistant answer and the EOS after it are.
+ChatExample render_chat(const std::vector<ChatMessage>& messages, const Tokenizer& tok,
+                        const std::string& chat_template, const std::string& system_prompt = "");
+// The prompt tokens of a conversation whose last message is the user's, up to where the
+// assistant's answer starts (what llm-generate --chat feeds the model).
+std::vector<int64_t> render_prompt(const std::vector<ChatMessage>& messages, const Tokenizer& tok,
+                                   const std::string& chat_template, const std::string& system_prompt = "");
+// The text that ends an assistant turn besides EOS ("<|im_end|>" for chatml, "" for llama2).
+std::string end_of_turn(const std::string& chat_template);
+
+// Parses one JSONL line into messages; throws libllm::Error naming `where` (file:line).
+std::vector<ChatMessage> parse_chat_line(const std::string& line, const std::string& where);
+
+// What loading found, printed by the trainer.
+struct ChatStats {
+  int64_t lines = 0, examples = 0, train = 0, valid = 0;
+  int64_t truncated = 0, dropped_long = 0, dropped_empty = 0, malformed = 0;
+  int64_t tokens = 0, target_tokens = 0;  // over training examples
+  std::vector<std::string> malformed_samples;  // "file:line: what" of the first few skipped lines
+};
+
+// The examples of cfg.files rendered and split; a deterministic, resumable order of training
+// examples (a Fisher-Yates permutation per epoch from the seed, global sample i to rank
+// i % world_size), batches of (B, T) inputs and targets (-100 = not a target / padding).
+class ChatDataset {
+ public:
+  ChatDataset(const ChatConfig& cfg, const Tokenizer& tok, int64_t seq_len, uint64_t seed, int64_t rank,
+              int64_t world_size);
+  const ChatStats& stats() const { return stats_; }
+
+  // The next `batch` training examples of this rank: inputs (B, T) int64 and targets (B, T)
+  // (next tokens, -100 where not a target or padding), T = the longest row - 1; refs name the
+  // examples (set 0, window = example number in file order) for the data-sequence log.
+  void next(int64_t batch, torch::Tensor& inputs, torch::Tensor& targets, std::vector<WindowRef>& refs);
+  // Mean loss per target token over the first `max_examples` held-out examples (0 = all).
+  double evaluate(Transformer& model, int64_t micro_batch, int64_t max_examples) const;
+  // The held-out examples' rows, for tests and tools.
+  void batch_of(const std::vector<const ChatExample*>& rows, torch::Tensor& inputs, torch::Tensor& targets) const;
+  const std::vector<ChatExample>& train_examples() const { return train_; }
+  const std::vector<ChatExample>& valid_examples() const { return valid_; }
+
+  // {"format": "libllm-chat-cursor-v1", "global", "examples", "seed"}; restore() checks the rest.
+  std::string cursor() const;
+  void restore(const std::string& cursor);
+  // Moves past the next `samples` samples of every rank (a loss-spike rollback's data, dropped).
+  void pass_over(int64_t samples);
+
+ private:
+  int64_t example_at(int64_t global);  // training example index of global sample i
+
+  std::vector<ChatExample> train_, valid_;
+  std::vector<int64_t> train_index_;  // example number (file order) of each training example
+  ChatStats stats_;
+  uint64_t seed_;
+  int64_t seq_len_, rank_, world_, global_ = 0, pad_id_ = 0;
+  int64_t perm_epoch_ = -1;
+  std::vector<uint32_t> perm_;
+};
+
+}  // namespace libllm

@@ -1,0 +1,331 @@
+#include "libllm/chat.h"
+
+#include <fmt/core.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <nlohmann/json.hpp>
+
+#include "libllm/config.h"
+#include "libllm/error.h"
+#include "libllm/tokenizer.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace libllm {
+
+void ChatConfig::fields(Fields& f) {
+  f.add("files", files);
+  f.add("chat_template", chat_template).one_of({"llama2", "chatml"});
+  f.add("system_prompt", system_prompt);
+  f.add("valid_every", valid_every).min(0);
+  f.add("overlong", overlong).one_of({"truncate", "drop"});
+  f.add("malformed", malformed).one_of({"fail", "skip"});
+}
+
+namespace {
+
+void append(ChatExample& ex, const std::vector<int64_t>& ids, bool target) {
+  ex.tokens.insert(ex.tokens.end(), ids.begin(), ids.end());
+  ex.target.insert(ex.target.end(), ids.size(), target ? 1 : 0);
+}
+
+void append_token(ChatExample& ex, int64_t id, bool target) {
+  if (id < 0) return;
+  ex.tokens.push_back(id);
+  ex.target.push_back(target ? 1 : 0);
+}
+
+// Renders messages; when `open_assistant` the rendering stops where the next answer would begin.
+ChatExample render(const std::vector<ChatMessage>& messages, const Tokenizer& tok, const std::string& tmpl,
+                   const std::string& default_system, bool open_assistant) {
+  ChatExample ex;
+  std::string system = default_system;
+  size_t first = 0;
+  if (!messages.empty() && messages[0].role == "system") {
+    system = messages[0].content;
+    first = 1;
+  }
+  if (tmpl == "llama2") {
+    bool first_user = true;
+    for (size_t i = first; i < messages.size(); ++i) {
+      const auto& m = messages[i];
+      if (m.role == "user") {
+        std::string text = "[INST] ";
+        if (first_user && !system.empty()) text += "<<SYS>>\n" + system + "\n<</SYS>>\n\n";
+        text += m.content + " [/INST]";
+        append_token(ex, tok.bos_id(), false);
+        append(ex, tok.encode(text), false);
+        first_user = false;
+      } else if (m.role == "assistant") {
+        append(ex, tok.encode(m.content), true);
+        append_token(ex, tok.eos_id(), true);
+      }
+    }
+    return ex;
+  }
+  // chatml
+  append_token(ex, tok.bos_id(), false);
+  if (!system.empty()) append(ex, tok.encode("<|im_start|>system\n" + system + "<|im_end|>\n"), false);
+  for (size_t i = first; i < messages.size(); ++i) {
+    const auto& m = messages[i];
+    if (m.role == "user") {
+      append(ex, tok.encode("<|im_start|>user\n" + m.content + "<|im_end|>\n<|im_start|>assistant\n"), false);
+    } else if (m.role == "assistant") {
+      append(ex, tok.encode(m.content + "<|im_end|>"), true);
+      append_token(ex, tok.eos_id(), true);
+    }
+  }
+  (void)open_assistant;
+  return ex;
+}
+
+std::vector<std::string> jsonl_files(const std::vector<std::string>& inputs) {
+  std::vector<std::string> out;
+  for (const auto& in : inputs) {
+    if (fs::is_directory(in)) {
+      std::vector<std::string> found;
+      for (auto& e : fs::recursive_directory_iterator(in))
+        if (e.is_regular_file() && e.path().extension() == ".jsonl" && e.path().filename().string()[0] != '.')
+          found.push_back(e.path().string());
+      std::sort(found.begin(), found.end());
+      if (found.empty()) throw Error("chat.files: " + in, "folder has no .jsonl files");
+      out.insert(out.end(), found.begin(), found.end());
+    } else if (fs::is_regular_file(in)) {
+      out.push_back(in);
+    } else {
+      throw Error("chat.files: " + in, "no such file or folder", "list JSONL files of {prompt, response} or {messages}");
+    }
+  }
+  if (out.empty()) throw Error("chat.files", "is empty");
+  return out;
+}
+
+// A uniform draw in [0, n) by rejection (same result with every standard library).
+uint64_t bounded(std::mt19937_64& rng, uint64_t n) {
+  const uint64_t limit = UINT64_MAX - UINT64_MAX % n;
+  uint64_t x;
+  do x = rng();
+  while (x >= limit);
+  return x % n;
+}
+
+}  // namespace
+
+ChatExample render_chat(const std::vector<ChatMessage>& messages, const Tokenizer& tok, const std::string& tmpl,
+                        const std::string& system_prompt) {
+  return render(messages, tok, tmpl, system_prompt, false);
+}
+
+std::vector<int64_t> render_prompt(const std::vector<ChatMessage>& messages, const Tokenizer& tok,
+                                   const std::string& tmpl, const std::string& system_prompt) {
+  return render(messages, tok, tmpl, system_prompt, true).tokens;
+}
+
+std::string end_of_turn(const std::string& tmpl) { return tmpl == "chatml" ? "<|im_end|>" : ""; }
+
+std::vector<ChatMessage> parse_chat_line(const std::string& line, const std::string& where) {
+  json j;
+  try {
+    j = json::parse(line);
+  } catch (const json::exception& e) {
+    throw Error(where, std::string("invalid JSON: ") + e.what());
+  }
+  if (!j.is_object()) throw Error(where, "expected a JSON object", R"(e.g. {"prompt": "...", "response": "..."})");
+  auto str = [&](const json& obj, const char* key) -> std::string {
+    auto it = obj.find(key);
+    if (it == obj.end()) throw Error(where, std::string("missing \"") + key + "\"");
+    if (!it->is_string()) throw Error(where, std::string("\"") + key + "\" must be a string");
+    return it->get<std::string>();
+  };
+  std::vector<ChatMessage> msgs;
+  if (j.contains("messages")) {
+    const json& m = j["messages"];
+    if (!m.is_array() || m.empty()) throw Error(where, "\"messages\" must be a non-empty array");
+    for (const auto& e : m) {
+      if (!e.is_object()) throw Error(where, "each message must be an object with \"role\" and \"content\"");
+      ChatMessage msg{str(e, "role"), str(e, "content")};
+      if (msg.role != "system" && msg.role != "user" && msg.role != "assistant")
+        throw Error(where, "unknown role '" + msg.role + "'", "roles are system, user and assistant");
+      if (msg.role == "system" && !msgs.empty()) throw Error(where, "a system message may only come first");
+      msgs.push_back(std::move(msg));
+    }
+  } else if (j.contains("prompt") || j.contains("response")) {
+    if (j.contains("system")) msgs.push_back({"system", str(j, "system")});
+    msgs.push_back({"user", str(j, "prompt")});
+    msgs.push_back({"assistant", str(j, "response")});
+  } else {
+    throw Error(where, "neither \"messages\" nor \"prompt\"/\"response\"",
+                R"(each line: {"prompt": ..., "response": ...} or {"messages": [{"role", "content"}, ...]})");
+  }
+  bool answered = false;
+  for (const auto& m : msgs) answered |= m.role == "assistant";
+  if (!answered) throw Error(where, "no assistant message: nothing to learn from this example");
+  return msgs;
+}
+
+ChatDataset::ChatDataset(const ChatConfig& cfg, const Tokenizer& tok, int64_t seq_len, uint64_t seed, int64_t rank,
+                         int64_t world_size)
+    : seed_(seed), seq_len_(seq_len), rank_(rank), world_(world_size) {
+  pad_id_ = tok.eos_id() >= 0 ? tok.eos_id() : 0;
+  int64_t number = 0;  // example number in file order (held-out ones included)
+  for (const auto& file : jsonl_files(cfg.files)) {
+    std::ifstream in(file);
+    if (!in) throw Error("chat.files: " + file, "cannot open file");
+    std::string line;
+    int64_t lineno = 0;
+    while (std::getline(in, line)) {
+      ++lineno;
+      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+      ++stats_.lines;
+      std::vector<ChatMessage> msgs;
+      try {
+        msgs = parse_chat_line(line, file + ":" + std::to_string(lineno));
+      } catch (const Error& e) {
+        if (cfg.malformed == "fail")
+          throw Error(e.where(), std::string(e.what()).substr(e.where().size() + 2),
+                      "fix the line, or set chat.malformed: skip to skip such lines");
+        ++stats_.malformed;
+        if (stats_.malformed_samples.size() < 5) stats_.malformed_samples.push_back(e.what());
+        continue;
+      }
+      ChatExample ex = render_chat(msgs, tok, cfg.chat_template, cfg.system_prompt);
+      const int64_t n = number++;
+      ++stats_.examples;
+      const bool held_out = cfg.valid_every > 0 && (n + 1) % cfg.valid_every == 0;
+      if (static_cast<int64_t>(ex.tokens.size()) > seq_len + 1) {
+        if (cfg.overlong == "drop") {
+          ++stats_.dropped_long;
+          continue;
+        }
+        ex.tokens.resize(static_cast<size_t>(seq_len + 1));
+        ex.target.resize(static_cast<size_t>(seq_len + 1));
+        ++stats_.truncated;
+      }
+      // Position 0 is never predicted; an example needs a target after it.
+      if (std::count(ex.target.begin() + 1, ex.target.end(), uint8_t{1}) == 0) {
+        ++stats_.dropped_empty;
+        continue;
+      }
+      if (held_out) {
+        valid_.push_back(std::move(ex));
+        continue;
+      }
+      stats_.tokens += static_cast<int64_t>(ex.tokens.size());
+      stats_.target_tokens += std::count(ex.target.begin() + 1, ex.target.end(), uint8_t{1});
+      train_.push_back(std::move(ex));
+      train_index_.push_back(n);
+    }
+  }
+  stats_.train = static_cast<int64_t>(train_.size());
+  stats_.valid = static_cast<int64_t>(valid_.size());
+  if (train_.empty())
+    throw Error("chat.files", "no training examples left",
+                fmt::format("{} lines, {} malformed, {} too long, {} without answer tokens, {} held out", stats_.lines,
+                            stats_.malformed, stats_.dropped_long, stats_.dropped_empty, stats_.valid));
+}
+
+int64_t ChatDataset::example_at(int64_t global) {
+  const int64_t n = static_cast<int64_t>(train_.size());
+  const int64_t epoch = global / n;
+  if (epoch != perm_epoch_) {
+    perm_.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) perm_[static_cast<size_t>(i)] = static_cast<uint32_t>(i);
+    std::mt19937_64 rng(seed_ * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(epoch) * 0xBF58476D1CE4E5B9ull + 17);
+    for (int64_t i = n - 1; i > 0; --i)
+      std::swap(perm_[static_cast<size_t>(i)], perm_[bounded(rng, static_cast<uint64_t>(i + 1))]);
+    perm_epoch_ = epoch;
+  }
+  return perm_[static_cast<size_t>(global % n)];
+}
+
+void ChatDataset::batch_of(const std::vector<const ChatExample*>& rows, torch::Tensor& inputs,
+                           torch::Tensor& targets) const {
+  int64_t T = 1;
+  for (const auto* ex : rows) T = std::max<int64_t>(T, static_cast<int64_t>(ex->tokens.size()) - 1);
+  const int64_t B = static_cast<int64_t>(rows.size());
+  inputs = torch::full({B, T}, pad_id_, torch::kInt64);   // (B, T)
+  targets = torch::full({B, T}, -100, torch::kInt64);     // (B, T)
+  auto in = inputs.accessor<int64_t, 2>();
+  auto tg = targets.accessor<int64_t, 2>();
+  for (int64_t b = 0; b < B; ++b) {
+    const auto& ex = *rows[static_cast<size_t>(b)];
+    const int64_t L = static_cast<int64_t>(ex.tokens.size());
+    for (int64_t t = 0; t + 1 < L; ++t) {
+      in[b][t] = ex.tokens[static_cast<size_t>(t)];
+      if (ex.target[static_cast<size_t>(t + 1)]) tg[b][t] = ex.tokens[static_cast<size_t>(t + 1)];
+    }
+  }
+}
+
+void ChatDataset::next(int64_t batch, torch::Tensor& inputs, torch::Tensor& targets, std::vector<WindowRef>& refs) {
+  std::vector<const ChatExample*> rows;
+  refs.assign(static_cast<size_t>(batch), WindowRef{});
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t e = example_at(global_ + rank_);
+    global_ += world_;
+    rows.push_back(&train_[static_cast<size_t>(e)]);
+    refs[static_cast<size_t>(b)] = WindowRef{0, train_index_[static_cast<size_t>(e)]};
+  }
+  batch_of(rows, inputs, targets);
+}
+
+double ChatDataset::evaluate(Transformer& model, int64_t micro_batch, int64_t max_examples) const {
+  if (valid_.empty()) return std::nan("");
+  const int64_t n = max_examples > 0 ? std::min<int64_t>(max_examples, static_cast<int64_t>(valid_.size()))
+                                     : static_cast<int64_t>(valid_.size());
+  torch::NoGradGuard no_grad;
+  const bool was_training = model->is_training();
+  model->eval();
+  const auto device = model->parameters().front().device();
+  double sum = 0;
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; i += micro_batch) {
+    std::vector<const ChatExample*> rows;
+    for (int64_t j = i; j < std::min(n, i + micro_batch); ++j) rows.push_back(&valid_[static_cast<size_t>(j)]);
+    torch::Tensor x, y;
+    batch_of(rows, x, y);
+    auto logits = model->forward(x.to(device)).logits;                   // (B, T, V)
+    auto flat = logits.reshape({-1, logits.size(-1)}).to(torch::kFloat32);  // (B*T, V)
+    sum += torch::nn::functional::cross_entropy(
+               flat, y.reshape({-1}).to(device),
+               torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum))
+               .item<double>();
+    count += (y != -100).sum().item<int64_t>();
+  }
+  if (was_training) model->train();
+  return count > 0 ? sum / static_cast<double>(count) : std::nan("");
+}
+
+std::string ChatDataset::cursor() const {
+  return json({{"format", "libllm-chat-cursor-v1"}, {"global", global_}, {"examples", train_.size()}, {"seed", seed_},
+               {"world_size", world_}})
+      .dump();
+}
+
+void ChatDataset::restore(const std::string& cursor) {
+  json j;
+  try {
+    j = json::parse(cursor);
+  } catch (const json::exception& e) {
+    throw Error("data cursor", std::string("invalid JSON: ") + e.what(), "the checkpoint is corrupt");
+  }
+  if (j.value("format", "") != "libllm-chat-cursor-v1")
+    throw Error("data cursor", "not a chat data cursor", "the checkpoint was trained on other data (chat.files / data.train)");
+  if (j.value("examples", int64_t{-1}) != static_cast<int64_t>(train_.size()) || j.value("seed", uint64_t{0}) != seed_)
+    throw Error("data cursor",
+                fmt::format("the checkpoint's data had {} training examples and seed {}, now {} and {}",
+                            j.value("examples", int64_t{-1}), j.value("seed", uint64_t{0}), train_.size(), seed_),
+                "resume with the same chat.files, chat settings, train.seq_len and data.seed");
+  if (j.value("world_size", int64_t{-1}) != world_)
+    throw Error("data cursor", "saved with world size " + std::to_string(j.value("world_size", int64_t{-1})),
+                "resume chat fine-tuning with the same number of ranks");
+  global_ = j.at("global").get<int64_t>();
+}
+
+void ChatDataset::pass_over(int64_t samples) { global_ += samples * world_; }
+
+}  // namespace libllm

@@ -1,0 +1,174 @@
+#include "libllm/finetune.h"
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <nlohmann/json.hpp>
+
+#include "libllm/config.h"
+#include "libllm/error.h"
+#include "libllm/hf.h"
+#include "libllm/safetensors.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace libllm {
+
+void FinetuneConfig::fields(Fields& f) {
+  f.add("base", base);
+  f.add("method", method).one_of({"full", "lora"});
+}
+
+void LoraConfig::fields(Fields& f) {
+  f.add("rank", rank).min(1);
+  f.add("alpha", alpha).min(1e-12);
+  f.add("dropout", dropout).min(0).max(0.999);
+  f.add("targets", targets);
+  f.validate_with([this](const std::string& where) {
+    if (targets.empty()) throw Error(where + ".targets", "is empty", "e.g. [q_proj, k_proj, v_proj, o_proj]");
+  });
+}
+
+namespace {
+
+// The module name's last component ("model.layers.0.self_attn.q_proj" -> "q_proj").
+std::string leaf(const std::string& name) {
+  const auto dot = name.rfind('.');
+  return dot == std::string::npos ? name : name.substr(dot + 1);
+}
+
+std::vector<std::pair<std::string, LinearImpl*>> linears(Transformer& model) {
+  std::vector<std::pair<std::string, LinearImpl*>> out;
+  for (auto& m : model->named_modules("", /*include_self=*/false))
+    if (auto* lin = m.value()->as<LinearImpl>()) out.emplace_back(m.key(), lin);
+  return out;
+}
+
+}  // namespace
+
+void apply_lora(Transformer& model, const LoraConfig& cfg) {
+  std::set<std::string> wanted(cfg.targets.begin(), cfg.targets.end()), found;
+  for (auto& p : model->parameters()) p.set_requires_grad(false);
+  for (auto& [name, lin] : linears(model)) {
+    if (!wanted.count(leaf(name))) continue;
+    lin->add_lora(cfg.rank, cfg.alpha, cfg.dropout);
+    found.insert(leaf(name));
+  }
+  for (const auto& t : wanted) {
+    if (found.count(t)) continue;
+    std::set<std::string> names;
+    for (auto& [name, lin] : linears(model)) names.insert(leaf(name));
+    std::string list;
+    for (const auto& n : names) list += (list.empty() ? "" : ", ") + n;
+    throw Error("lora.targets", "'" + t + "' names no projection of this model", "its projections: " + list);
+  }
+}
+
+void merge_lora(Transformer& model) {
+  for (auto& [name, lin] : linears(model)) lin->merge_lora();
+}
+
+bool has_lora(Transformer& model) {
+  for (auto& [name, lin] : linears(model))
+    if (lin->has_lora()) return true;
+  return false;
+}
+
+ParamSummary summarize_parameters(Transformer& model) {
+  ParamSummary s;
+  for (auto& p : model->parameters()) {
+    s.total += p.numel();
+    if (p.requires_grad()) s.trainable += p.numel();
+  }
+  return s;
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> trainable_parameters(Transformer& model) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (auto& p : model->named_parameters())
+    if (p.value().requires_grad()) out.emplace_back(p.key(), p.value());
+  return out;
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> merged_weights(Transformer& model) {
+  std::map<std::string, LinearImpl*> adapted;  // "<module>.weight" -> its layer
+  for (auto& [name, lin] : linears(model))
+    if (lin->has_lora()) adapted[name + ".weight"] = lin;
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (auto& p : model->named_parameters()) {
+    const std::string& name = p.key();
+    if (name.find(".lora_A.") != std::string::npos || name.find(".lora_B.") != std::string::npos) continue;
+    auto it = adapted.find(name);
+    out.emplace_back(name, it == adapted.end() ? p.value().detach() : it->second->merged_weight());
+  }
+  return out;
+}
+
+void export_peft_adapter(Transformer& model, const LoraConfig& cfg, const std::string& dir,
+                         const std::string& base_model_name_or_path) {
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  std::set<std::string> targets;
+  for (auto& [name, lin] : linears(model)) {
+    if (!lin->has_lora()) continue;
+    targets.insert(leaf(name));
+    // PEFT's saved names drop the adapter name: base_model.model.<module>.lora_A.weight
+    tensors.emplace_back("base_model.model." + name + ".lora_A.weight",
+                         lin->lora_A->weight.detach().to(torch::kCPU, torch::kFloat32).contiguous());
+    tensors.emplace_back("base_model.model." + name + ".lora_B.weight",
+                         lin->lora_B->weight.detach().to(torch::kCPU, torch::kFloat32).contiguous());
+  }
+  if (tensors.empty()) throw Error(dir, "the model has no LoRA adapters to export", "export the merged model instead");
+
+  const fs::path final_dir = fs::path(dir).lexically_normal();
+  const fs::path parent = final_dir.has_parent_path() ? final_dir.parent_path() : fs::path(".");
+  const std::string suffix = "." + std::to_string(::getpid());
+  const fs::path tmp = parent / (final_dir.filename().string() + ".partial" + suffix);
+  std::error_code ec;
+  fs::create_directories(parent, ec);
+  fs::remove_all(tmp, ec);
+  if (!fs::create_directories(tmp, ec) || ec) throw Error(tmp.string(), "cannot create adapter folder: " + ec.message());
+  try {
+    std::vector<safetensors::TensorView> views;
+    for (auto& [name, t] : tensors) views.push_back({name, safetensors::DType::F32, t.sizes().vec(), t.data_ptr()});
+    safetensors::write((tmp / "adapter_model.safetensors").string(), views);
+    json c = {{"peft_type", "LORA"},
+              {"task_type", "CAUSAL_LM"},
+              {"base_model_name_or_path", base_model_name_or_path},
+              {"r", cfg.rank},
+              {"lora_alpha", cfg.alpha},
+              {"lora_dropout", cfg.dropout},
+              {"target_modules", std::vector<std::string>(targets.begin(), targets.end())},
+              {"bias", "none"},
+              {"fan_in_fan_out", false},
+              {"inference_mode", true},
+              {"init_lora_weights", true},
+              {"modules_to_save", nullptr},
+              {"layers_to_transform", nullptr},
+              {"layers_pattern", nullptr},
+              {"rank_pattern", json::object()},
+              {"alpha_pattern", json::object()},
+              {"use_rslora", false},
+              {"use_dora", false},
+              {"revision", nullptr}};
+    std::ofstream out(tmp / "adapter_config.json");
+    out << c.dump(2) << "\n";
+    out.close();
+    if (!out) throw Error((tmp / "adapter_config.json").string(), "cannot write file", "check free disk space");
+    const fs::path old = parent / (final_dir.filename().string() + ".old" + suffix);
+    const bool replace = fs::exists(final_dir);
+    if (replace) fs::rename(final_dir, old);
+    fs::rename(tmp, final_dir);
+    if (replace) fs::remove_all(old, ec);
+  } catch (const fs::filesystem_error& e) {
+    fs::remove_all(tmp, ec);
+    throw Error(dir, std::string("adapter export failed: ") + e.what());
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+}
+
+}  // namespace libllm

@@ -1,0 +1,314 @@
+// Fine-tuning: LoRA adapters (identity at init, frozen base, exact merge), HF export and PEFT
+// adapter export, and the fine-tuning loop (exact resume, held-out loss falls).
+#include "../catch_torch.h"
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "../common.h"
+#include "libllm/checkpoint.h"
+#include "libllm/eval.h"
+#include "libllm/finetune.h"
+#include "libllm/hf.h"
+#include "libllm/recipe.h"
+#include "libllm/safetensors.h"
+#include "libllm/tokenizer.h"
+#include "libllm/train.h"
+
+using namespace libllm;
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+const std::vector<std::string> kAll = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+
+LoraConfig lora(int64_t rank, double alpha, double dropout, std::vector<std::string> targets = kAll) {
+  LoraConfig c;
+  c.rank = rank;
+  c.alpha = alpha;
+  c.dropout = dropout;
+  c.targets = std::move(targets);
+  return c;
+}
+
+// Random B so that adapters change the output.
+void randomize_adapters(Transformer& m) {
+  torch::NoGradGuard ng;
+  for (auto& p : m->named_parameters())
+    if (p.key().find("lora_B") != std::string::npos) p.value().normal_(0.0, 0.05);
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+// A chat set where each answer follows from its question: "Spell the word W." -> "W is spelled w-o-r-d."
+std::string make_chat(const test::TempDir& tmp, int n) {
+  const std::vector<std::string> words = {"time", "model", "data", "train", "word", "language", "text", "token",
+                                          "loss", "value", "small", "large", "first", "every", "world", "order"};
+  const std::string path = tmp / "chat.jsonl";
+  std::ofstream out(path);
+  for (int i = 0; i < n; ++i) {
+    const std::string& w = words[static_cast<size_t>(i) % words.size()];
+    std::string spelled;
+    for (char c : w) spelled += (spelled.empty() ? "" : "-") + std::string(1, c);
+    if (i % 2 == 0)
+      out << json({{"prompt", "Spell the word " + w + "."}, {"response", w + " is spelled " + spelled + "."}}).dump() << "\n";
+    else
+      out << json({{"messages", {{{"role", "user"}, {"content", "How is " + w + " spelled?"}},
+                                 {{"role", "assistant"}, {"content", "It is " + spelled + "."}}}}}).dump() << "\n";
+  }
+  return path;
+}
+
+// A random-weights HF base with the fixture tokenizer and room for chat examples (160 positions).
+std::string make_base(const test::TempDir& tmp) {
+  ModelConfig mc;
+  mc.vocab_size = 384, mc.dim = 32, mc.n_layers = 2, mc.n_heads = 4, mc.n_kv_heads = 2, mc.ffn_dim = 64;
+  mc.max_seq_len = 160;
+  torch::manual_seed(11);
+  Transformer m(mc);
+  ExportOptions opts;
+  opts.dtype = "float32";
+  opts.tokenizer_path = test::fixture("tokenizer.model");
+  export_hf(m, tmp / "base", opts);
+  return tmp / "base";
+}
+
+Recipe ft_recipe(const std::string& base, const std::string& chat, const std::string& run_dir,
+                 const std::vector<std::string>& extra = {}) {
+  const std::string yaml = R"(
+finetune: {base: )" + base + R"(, method: lora}
+lora: {rank: 4, alpha: 8, dropout: 0.1, targets: [q_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}
+chat: {files: [)" + chat + R"(], valid_every: 5, chat_template: llama2}
+data: {seed: 3}
+optim: {lr: 0.02, weight_decay: 0.0, grad_clip: 1.0}
+schedule: {kind: cosine, warmup_steps: 2}
+train: {run_dir: )" + run_dir + R"(, seq_len: 150, micro_batch: 4, steps: 8, eval_every: 4, eval_batches: 4, log_every: 100, plot: false, threads: 1}
+checkpoint: {every: 3, keep_last: 5}
+)";
+  return Recipe::parse(yaml, "test-recipe", extra);
+}
+
+std::vector<json> jsonl(const std::string& path) {
+  std::vector<json> out;
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line))
+    if (!line.empty()) out.push_back(json::parse(line));
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("LoRA with its initial zero B leaves the outputs unchanged; the frozen base gets no gradient", "[finetune]") {
+  Pretrained base = load_pretrained(test::fixture("tiny-llama"));
+  Transformer m = base.model;
+  torch::manual_seed(5);
+  auto ids = torch::randint(0, 384, {2, 12}, torch::kInt64);
+  m->eval();
+  auto before = m->forward(ids).logits.clone();
+  apply_lora(m, lora(4, 8, 0.2));
+  CHECK(has_lora(m));
+  CHECK(torch::equal(m->forward(ids).logits, before));  // eval: bit for bit
+  m->train();
+  CHECK(torch::equal(m->forward(ids).logits, before));  // dropout on A's input, B = 0: still exact
+
+  // Trainable: r * (in + out) per adapted projection; tiny-llama: dim 64, 4 heads x 16, 2 kv heads, ffn 160.
+  const int64_t per_layer = 4 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64) + 3 * (64 + 160));
+  const ParamSummary ps = summarize_parameters(m);
+  CHECK(ps.trainable == 2 * per_layer);
+  CHECK(static_cast<int64_t>(trainable_parameters(m).size()) == 2 * 7 * 2);
+
+  auto y = torch::randint(0, 384, {2, 12}, torch::kInt64);
+  cross_entropy(m->forward(ids).logits, y).backward();
+  int64_t base_params = 0;
+  for (auto& p : m->named_parameters()) {
+    const bool adapter = p.key().find(".lora_") != std::string::npos;
+    if (!adapter) {
+      ++base_params;
+      INFO(p.key());
+      CHECK_FALSE(p.value().requires_grad());
+      CHECK_FALSE(p.value().grad().defined());
+    } else if (p.key().find("lora_B") != std::string::npos) {
+      CHECK(p.value().grad().abs().sum().item<double>() > 0);  // B learns first
+    } else {
+      CHECK(p.value().grad().abs().sum().item<double>() == 0);  // dL/dA = scale B^T ... = 0 while B = 0
+    }
+  }
+  CHECK(base_params == 2 * 9 + 3);
+
+}
+
+TEST_CASE("activation checkpointing gives the same adapter gradients with a frozen embedding", "[finetune]") {
+  Pretrained base = load_pretrained(test::fixture("tiny-llama"));
+  Transformer m = base.model;
+  torch::manual_seed(1);
+  apply_lora(m, lora(4, 8, 0.0));  // no dropout: both passes compute the same function
+  randomize_adapters(m);
+  m->train();
+  auto ids = torch::randint(0, 384, {2, 12}, torch::kInt64), y = torch::randint(0, 384, {2, 12}, torch::kInt64);
+  auto grads = [&](bool ckpt) {
+    m->set_activation_checkpointing(ckpt);
+    for (auto& p : m->parameters()) p.mutable_grad() = torch::Tensor();
+    cross_entropy(m->forward(ids).logits, y).backward();
+    std::vector<torch::Tensor> g;
+    for (auto& [n, p] : trainable_parameters(m)) g.push_back(p.grad().clone());
+    return g;
+  };
+  auto plain = grads(false), recomputed = grads(true);
+  REQUIRE(plain.size() == recomputed.size());
+  for (size_t i = 0; i < plain.size(); ++i) CHECK(test::max_abs_diff(plain[i], recomputed[i]) < 1e-6);
+  for (auto& p : m->parameters())
+    if (!p.requires_grad()) CHECK_FALSE(p.grad().defined());
+}
+
+TEST_CASE("lora.targets naming no projection is an error listing the model's projections", "[finetune]") {
+  Pretrained base = load_pretrained(test::fixture("tiny-llama"));
+  const std::string err = test::error_of([&] { apply_lora(base.model, lora(4, 8, 0, {"q_proj", "qkv_proj"})); });
+  CHECK_THAT(err, Catch::Contains("lora.targets: 'qkv_proj' names no projection"));
+  CHECK_THAT(err, Catch::Contains("gate_proj"));
+}
+
+TEST_CASE("a merged export equals base + (alpha/r) B A and scores exactly like the in-memory model", "[finetune]") {
+  test::TempDir tmp;
+  Pretrained base = load_pretrained(test::fixture("tiny-llama"));
+  Transformer m = base.model;
+  const auto W = m->model->layers[0]->as<BlockImpl>()->self_attn->q_proj->weight.clone();
+  torch::manual_seed(2);
+  apply_lora(m, lora(8, 4, 0.0));
+  randomize_adapters(m);
+  m->eval();
+  auto* q = m->model->layers[0]->as<BlockImpl>()->self_attn->q_proj.get();
+  const auto A = q->lora_A->weight.detach(), B = q->lora_B->weight.detach();
+  // Independent reference in float64, then the same sum in fp32: (alpha / r) = 0.5.
+  const auto ref64 = W.to(torch::kFloat64) + 0.5 * torch::matmul(B.to(torch::kFloat64), A.to(torch::kFloat64));
+  std::map<std::string, torch::Tensor> merged;
+  for (auto& [n, t] : merged_weights(m)) merged[n] = t;
+  const auto& Wm = merged.at("model.layers.0.self_attn.q_proj.weight");
+  CHECK(test::max_abs_diff(Wm.to(torch::kFloat64), ref64) < 1e-6);
+  CHECK(torch::equal(Wm, W + torch::matmul(B, A) * 0.5));
+  CHECK(merged.size() == 2 * 9 + 3);  // no adapter tensors
+
+  ExportOptions opts;
+  opts.dtype = "float32";
+  opts.tokenizer_path = test::fixture("tokenizer.model");
+  export_hf(m, tmp / "merged", opts);
+  auto files = read_weights(tmp / "merged");
+  CHECK(files.size() == merged.size());
+  for (auto& [n, t] : merged) {
+    INFO(n);
+    REQUIRE(files.count(n));
+    CHECK(torch::equal(files.at(n), t));
+  }
+  // llm-eval's computation on the exported folder == on the in-memory LoRA model.
+  const Tokenizer tok = Tokenizer::load(test::fixture("tokenizer.model"));
+  std::vector<std::vector<int64_t>> docs;
+  for (const auto& d : read_documents(test::fixture("eval.txt"))) docs.push_back(tok.encode(d));
+  EvalOptions eo;
+  const EvalResult in_memory = evaluate_tokens(m, docs, eo);
+  Pretrained exported = load_pretrained(tmp / "merged");
+  CHECK_FALSE(has_lora(exported.model));
+  const EvalResult from_disk = evaluate_tokens(exported.model, docs, eo);
+  CHECK(from_disk.tokens == in_memory.tokens);
+  CHECK(std::abs(from_disk.loss - in_memory.loss) < 1e-5);
+  Pretrained fresh = load_pretrained(test::fixture("tiny-llama"));
+  CHECK(std::abs(from_disk.loss - evaluate_tokens(fresh.model, docs, eo).loss) > 1e-3);  // the adapters mattered
+}
+
+TEST_CASE("the PEFT adapter has the files, tensor names and config keys PEFT reads", "[finetune]") {
+  test::TempDir tmp;
+  Pretrained base = load_pretrained(test::fixture("tiny-llama"));
+  torch::manual_seed(3);
+  const LoraConfig cfg = lora(4, 16, 0.05, {"q_proj", "v_proj"});
+  apply_lora(base.model, cfg);
+  randomize_adapters(base.model);
+  export_peft_adapter(base.model, cfg, tmp / "adapter", "org/base-7b");
+  const json c = json::parse(read_file(tmp / "adapter/adapter_config.json"));
+  // The keys peft.LoraConfig.from_pretrained reads (PeftConfig + LoraConfig fields).
+  for (const char* key : {"peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout",
+                          "target_modules", "bias", "fan_in_fan_out", "inference_mode", "modules_to_save",
+                          "init_lora_weights", "use_rslora", "use_dora"})
+    CHECK(c.contains(key));
+  CHECK(c["peft_type"] == "LORA");
+  CHECK(c["task_type"] == "CAUSAL_LM");
+  CHECK(c["r"] == 4);
+  CHECK(c["lora_alpha"].get<double>() == 16.0);
+  CHECK(c["target_modules"] == json({"q_proj", "v_proj"}));
+  CHECK(c["bias"] == "none");
+  CHECK(c["base_model_name_or_path"] == "org/base-7b");
+  auto f = safetensors::File::open(tmp / "adapter/adapter_model.safetensors");
+  CHECK(f->tensors().size() == 2 * 2 * 2);
+  const std::string a0 = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+  const std::string b1 = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight";
+  REQUIRE(f->find(a0));
+  REQUIRE(f->find(b1));
+  CHECK(f->at(a0).shape == std::vector<int64_t>{4, 64});
+  CHECK(f->at(b1).shape == std::vector<int64_t>{32, 4});
+  CHECK(f->at(b1).dtype == safetensors::DType::F32);
+  auto* v1 = base.model->model->layers[1]->as<BlockImpl>()->self_attn->v_proj.get();
+  auto stored = torch::from_blob(const_cast<uint8_t*>(f->data(f->at(b1))), {32, 4}, torch::kFloat32);
+  CHECK(torch::equal(stored, v1->lora_B->weight));
+  // A model without adapters has nothing to export.
+  Pretrained plain = load_pretrained(test::fixture("tiny-llama"));
+  CHECK_THAT(test::error_of([&] { export_peft_adapter(plain.model, cfg, tmp / "x", "b"); }),
+             Catch::Contains("no LoRA adapters"));
+}
+
+TEST_CASE("fine-tuning resumes exactly (LoRA and full) and lowers the held-out loss", "[finetune][train]") {
+  test::TempDir tmp;
+  const std::string chat = make_chat(tmp, 80), base = make_base(tmp);
+  for (const std::string method : {"lora", "full"}) {
+    DYNAMIC_SECTION("method " << method) {
+      const std::string a = tmp / (method + "-a"), b = tmp / (method + "-b");
+      const std::vector<std::string> set = {"finetune.method=" + method};
+      finetune(ft_recipe(base, chat, a, set));
+      finetune(ft_recipe(base, chat, b, set));
+      fs::remove_all(b + "/checkpoints/step-00000006");
+      fs::remove_all(b + "/checkpoints/step-00000008");
+      REQUIRE(latest_checkpoint(b + "/checkpoints") == b + "/checkpoints/step-00000003");
+      finetune(ft_recipe(base, chat, b, set));  // resume: auto from step 3
+      const auto ma = jsonl(a + "/metrics.jsonl"), mb = jsonl(b + "/metrics.jsonl");
+      REQUIRE(ma.size() == 8);
+      REQUIRE(mb.size() == 8);
+      for (size_t i = 0; i < 8; ++i) CHECK(ma[i]["loss"].get<double>() == mb[i]["loss"].get<double>());
+      CHECK(read_file(a + "/checkpoints/step-00000008/model.safetensors") ==
+            read_file(b + "/checkpoints/step-00000008/model.safetensors"));
+      CHECK(read_file(a + "/checkpoints/step-00000008/optimizer.safetensors") ==
+            read_file(b + "/checkpoints/step-00000008/optimizer.safetensors"));
+      CHECK(read_file(a + "/data_sequence.jsonl") == read_file(b + "/data_sequence.jsonl"));
+
+      // Held-out loss: before fine-tuning (events.jsonl, step 0) vs after 8 steps.
+      double before = -1;
+      for (const auto& e : jsonl(a + "/events.jsonl"))
+        if (e["event"] == "eval") before = e["eval_loss"].get<double>();
+      const double after = ma.back()["eval_loss"].get<double>();
+      INFO("held-out loss " << before << " -> " << after);
+      CHECK(before > 0);
+      CHECK(after < before - (method == "full" ? 1.0 : 0.1));  // observed: full 5.96 -> 3.28, LoRA 5.96 -> 5.77
+
+      // The checkpoint is a model folder: a LoRA one loads with its adapters.
+      Pretrained ck = load_pretrained(a + "/checkpoints/step-00000008");
+      CHECK(ck.has_lora == (method == "lora"));
+      CHECK(has_lora(ck.model) == (method == "lora"));
+    }
+  }
+}
+
+TEST_CASE("fine-tuning errors: no base, LoRA in pretraining, chat data with deferral", "[finetune]") {
+  test::TempDir tmp;
+  const std::string chat = make_chat(tmp, 20), base = make_base(tmp);
+  CHECK_THAT(test::error_of([&] { finetune(ft_recipe(base, chat, tmp / "r", {"finetune.base="})); }),
+             Catch::Contains("finetune.base: is required"));
+  CHECK_THAT(test::error_of([&] { pretrain(ft_recipe(base, chat, tmp / "r")); }),
+             Catch::Contains("finetune.base: is set in a pretraining run"));
+  CHECK_THAT(test::error_of([&] {
+               finetune(ft_recipe(base, chat, tmp / "r", {"guard.enabled=true", "guard.defer=end"}));
+             }),
+             Catch::Contains("guard.defer: 'end' needs packed data"));
+  CHECK_THAT(test::error_of([&] { finetune(ft_recipe(base, chat, tmp / "r", {"train.seq_len=200"})); }),
+             Catch::Contains("exceeds model.max_seq_len 160"));
+}
