@@ -265,6 +265,8 @@ void TempFile::fail(const std::string& action, int err) const {
   if (err == ENOSPC || err == EDQUOT) {
     throw Error(path_, "disk full while writing '" + tmp_ + "'", "free some disk space");
   }
+  if (err == EFBIG)
+    throw Error(path_, "file too large while writing '" + tmp_ + "'", "raise the file-size limit (ulimit -f) or free disk space");
   throw Error(path_, "cannot " + action + " '" + tmp_ + "': " + errno_text(err));
 }
 

@@ -116,3 +116,13 @@ expect_error(generate.no-prompt "--prompt: is required without --chat"
              ${_bin}/llm-generate --checkpoint ${_fx}/tiny-llama)
 expect_error(export.adapter-of-plain "--adapter: .* is not a LoRA fine-tuning checkpoint"
              ${_bin}/llm-export --checkpoint ${_fx}/tiny-llama --out ${CMAKE_BINARY_DIR}/x-export --adapter ${CMAKE_BINARY_DIR}/x-adapter)
+
+# Failures: a full disk while saving (previous checkpoint intact), a dead data-parallel peer (no hang).
+foreach(_mode full-disk dead-peer)
+  add_test(NAME apps.failure.${_mode}
+           COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/apps/failure_tests.sh ${_bin} ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml
+                   ${CMAKE_BINARY_DIR}/failure-test-${_mode} ${_mode} -- ${_sets}
+           WORKING_DIRECTORY ${_src})
+  set_tests_properties(apps.failure.${_mode} PROPERTIES FIXTURES_REQUIRED tiny_shards TIMEOUT 200
+                       PASS_REGULAR_EXPRESSION "${_mode} ok")
+endforeach()

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Failures while training: one clear error, a non-zero exit, nothing already written lost.
+# usage: failure_tests.sh BIN_DIR RECIPE WORK_DIR MODE -- [--set ...]
+#   full-disk  a checkpoint save hits the file-size limit (ulimit -f, as a full disk would): the
+#              run fails naming the checkpoint, the previous checkpoint is intact, no partial folder stays
+#   dead-peer  one of 2 Gloo ranks is killed (-9): the other fails with an error within 60 s (no hang)
+set -euo pipefail
+bin=$1 recipe=$2 work=$3 mode=$4; shift 5
+rm -rf "$work" && mkdir -p "$work"
+common=(--set train.sample_prompts=[] --set train.plot=false --set train.eval_every=0 "$@")
+fail() { echo "FAILED: $*"; for f in "$work"/*.log; do echo "--- $f"; tail -20 "$f"; done; exit 1; }
+
+case $mode in
+full-disk)
+  run="$work/run"
+  "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$run" --set train.steps=4 \
+    --set checkpoint.every=2 --set checkpoint.resume=none > "$work/first.log" 2>&1 || fail "first run"
+  cp -r "$run/checkpoints/step-00000004" "$work/copy"
+  size=$(stat -c %s "$run/checkpoints/step-00000004/model.safetensors")
+  # A limit below one weights file: logs still grow, the next checkpoint cannot be written.
+  limit_kb=$(( size / 1024 / 2 ))
+  set +e
+  ( trap '' XFSZ; ulimit -f "$limit_kb"; exec "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$run" \
+      --set train.steps=6 --set checkpoint.every=2 --set checkpoint.resume=auto ) > "$work/second.log" 2>&1
+  rc=$?
+  set -e
+  [ "$rc" -ne 0 ] || fail "the run with a full disk exited 0"
+  err=$(grep "error:" "$work/second.log" | tail -n 1)
+  echo "exit $rc: $err"
+  [ "$(grep -c "error:" "$work/second.log")" -eq 1 ] || fail "expected one error line"
+  echo "$err" | grep -q "step-00000006" || fail "the error does not name the checkpoint being written"
+  for f in "$work"/copy/*; do cmp -s "$f" "$run/checkpoints/step-00000004/$(basename "$f")" || fail "step 4 changed: $f"; done
+  leftovers=$(find "$run/checkpoints" -mindepth 1 -maxdepth 1 ! -name 'step-00000002' ! -name 'step-00000004')
+  [ -z "$leftovers" ] || fail "left behind: $leftovers"
+  echo "full-disk ok"
+  ;;
+dead-peer)
+  port=$((20000 + $$ % 20000))
+  for r in 0 1; do
+    WORLD_SIZE=2 RANK=$r LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+      timeout 120 "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/run" --set train.steps=100000 \
+      --set checkpoint.every=0 --set checkpoint.resume=none > "$work/rank$r.log" 2>&1 &
+    pids[$r]=$!
+  done
+  for _ in $(seq 600); do [ -s "$work/run/metrics.jsonl" ] && break; sleep 0.1; done
+  [ -s "$work/run/metrics.jsonl" ] || fail "the 2-rank run did not start"
+  pkill -9 -P "${pids[1]}" llm-pretrain || kill -9 "${pids[1]}"
+  start=$(date +%s)
+  set +e
+  wait "${pids[0]}"
+  rc=$?
+  set -e
+  took=$(( $(date +%s) - start ))
+  err=$(grep "error:" "$work/rank0.log" | tail -n 1)
+  echo "rank 0: exit $rc after ${took}s: $err"
+  [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "rank 0 exited $rc (124 = hung until timeout)"
+  [ "$took" -le 60 ] || fail "rank 0 took ${took}s to notice"
+  [ -n "$err" ] || fail "rank 0 printed no error line"
+  echo "dead-peer ok"
+  ;;
+*) echo "unknown mode $mode"; exit 2 ;;
+esac
