@@ -47,6 +47,15 @@ int main(int argc, char** argv) {
       std::string base = dir;
       if (pre.format == "libllm")
         base = Recipe::load((std::filesystem::path(dir) / "recipe.yaml").string()).finetune.base;
+      if (std::filesystem::is_directory(base)) {
+        const Pretrained b = inspect_pretrained(base);
+        if (b.has_lora)
+          throw Error("--adapter", "the base " + base + " is itself a LoRA fine-tune, merged before this adapter was trained",
+                      "export the merged model (--out) and use that");
+        if (b.format != "hf")
+          fmt::print("note: the adapter's base_model_name_or_path {} is a libllm folder; peft needs it in Hugging Face "
+                     "form: llm-export --checkpoint {} --out DIR\n", base, base);
+      }
       export_peft_adapter(pre.model, pre.lora, args.get("--adapter"), base);
       std::string targets;
       for (const auto& t : pre.lora.targets) targets += (targets.empty() ? "" : ",") + t;

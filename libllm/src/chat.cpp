@@ -132,7 +132,9 @@ std::vector<ChatMessage> parse_chat_line(const std::string& line, const std::str
   try {
     j = json::parse(line);
   } catch (const json::exception& e) {
-    throw Error(where, std::string("invalid JSON: ") + e.what());
+    std::string msg = e.what();  // "[json.exception.parse_error.101] parse error at line 1, column 9: ..."
+    const auto col = msg.find("column ");
+    throw Error(where, "invalid JSON at " + (col == std::string::npos ? msg : msg.substr(col)));
   }
   if (!j.is_object()) throw Error(where, "expected a JSON object", R"(e.g. {"prompt": "...", "response": "..."})");
   auto str = [&](const json& obj, const char* key) -> std::string {
@@ -185,9 +187,12 @@ ChatDataset::ChatDataset(const ChatConfig& cfg, const Tokenizer& tok, int64_t se
       try {
         msgs = parse_chat_line(line, file + ":" + std::to_string(lineno));
       } catch (const Error& e) {
-        if (cfg.malformed == "fail")
-          throw Error(e.where(), std::string(e.what()).substr(e.where().size() + 2),
-                      "fix the line, or set chat.malformed: skip to skip such lines");
+        if (cfg.malformed == "fail") {
+          std::string what = std::string(e.what()).substr(e.where().size() + 2);
+          if (!e.hint().empty()) what = what.substr(0, what.size() - e.hint().size() - 9);  // drop " (hint: ...)"
+          throw Error(e.where(), what,
+                      (e.hint().empty() ? "" : e.hint() + "; ") + "fix the line, or set chat.malformed: skip to skip such lines");
+        }
         ++stats_.malformed;
         if (stats_.malformed_samples.size() < 5) stats_.malformed_samples.push_back(e.what());
         continue;

@@ -34,17 +34,17 @@ std::vector<int64_t> generate(Transformer& model, const std::vector<int64_t>& pr
   const int64_t window = model->config().max_seq_len;
   std::vector<int64_t> seq = prompt, out;
   KVCache cache;
+  size_t offset = 0;  // the index in seq of cache position 0
   if (opts.use_cache) cache = model->new_cache(1);
   for (int64_t i = 0; i < opts.max_new_tokens && !seq.empty(); ++i) {
     torch::Tensor logits;
     if (opts.use_cache) {
       const int64_t n = static_cast<int64_t>(seq.size());
-      if (n > cache.capacity) {  // full: rebuild from the last half window
+      if (n - static_cast<int64_t>(offset) > cache.capacity) {  // full: rebuild from the last half window
         cache.length = 0;
-        logits = model->forward_cached(as_batch(seq, static_cast<size_t>(n - window / 2), device), cache).logits;
-      } else {
-        logits = model->forward_cached(as_batch(seq, static_cast<size_t>(cache.length), device), cache).logits;
+        offset = static_cast<size_t>(n - std::max<int64_t>(1, window / 2));
       }
+      logits = model->forward_cached(as_batch(seq, offset + static_cast<size_t>(cache.length), device), cache).logits;
     } else {
       const int64_t start = std::max<int64_t>(0, static_cast<int64_t>(seq.size()) - window);
       logits = model->forward(as_batch(seq, static_cast<size_t>(start), device)).logits;

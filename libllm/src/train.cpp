@@ -280,9 +280,14 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   torch::manual_seed(static_cast<uint64_t>(tc.seed));
   const torch::Dtype dtype = tc.dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
   if (base) {
-    load_pretrained(*base, dtype);
+    // A base that is itself a LoRA fine-tune is loaded in fp32 and its adapters folded in there
+    // (in bf16 most of their small update would round away), then cast.
+    load_pretrained(*base, base->has_lora ? torch::kFloat32 : dtype);
     run.model = base->model;
-    if (has_lora(run.model)) merge_lora(run.model);  // the base is itself a LoRA fine-tune: fold it in
+    if (has_lora(run.model)) {
+      merge_lora(run.model);
+      run.model->to(dtype);
+    }
     for (auto& p : run.model->parameters()) p.set_requires_grad(true);
     torch::manual_seed(static_cast<uint64_t>(tc.seed));
     if (recipe.finetune.method == "lora") apply_lora(run.model, recipe.lora);
@@ -409,6 +414,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     if (armed && contains(gc.inject_lr_steps, n)) lr *= gc.inject_lr_factor;
     const bool noise = armed && contains(gc.inject_noise_steps, n);
     double loss_sum = 0, aux_sum = 0;
+    int64_t step_tokens = 0;  // input positions computed on this rank
     // (world, accum * micro_batch, 2): every rank's windows, gathered for the data-sequence log.
     auto step_refs = torch::zeros({dist.world_size(), run.accum * tc.micro_batch, 2}, torch::kInt64);
     for (int64_t m = 0; m < run.accum; ++m) {
@@ -426,6 +432,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
         for (auto& t : noisy) t = static_cast<int64_t>(rng() % static_cast<uint64_t>(mc.vocab_size));
         std::tie(x, y) = split_batch(noisy, tc.micro_batch, x.size(1));
       }
+      step_tokens += x.numel();
       auto out = run.model->forward(x);
       auto ce = cross_entropy(out.logits, y);
       ((ce + out.aux_loss) / static_cast<double>(run.accum)).backward();
@@ -455,12 +462,13 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     ++steps_this_run;
 
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
-    tokens_this_run += global;
+    const double computed = run.chat ? step_tokens * static_cast<double>(dist.world_size()) : static_cast<double>(global);
+    tokens_this_run += static_cast<int64_t>(computed);
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const double tok_s = tokens_this_run / elapsed;
     const double mfu = tc.peak_tflops > 0 ? tok_s * run.flops_per_token / (tc.peak_tflops * 1e12) : 0.0;
     json line = {{"step", n}, {"loss", loss}, {"lr", lr}, {"grad_norm", grad_norm},
-                 {"tokens", n * global}, {"tokens_per_s", global / dt}, {"step_s", dt}};
+                 {"tokens", n * global}, {"tokens_per_s", computed / dt}, {"step_s", dt}};
     if (mc.n_experts > 0) line["aux_loss"] = aux_sum / run.accum;
     if (tc.peak_tflops > 0) line["mfu"] = mfu;
     if (gc.enabled || d.action != GuardAction::Apply) {

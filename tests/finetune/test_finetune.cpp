@@ -143,17 +143,18 @@ TEST_CASE("LoRA with its initial zero B leaves the outputs unchanged; the frozen
 
 }
 
-TEST_CASE("activation checkpointing gives the same adapter gradients with a frozen embedding", "[finetune]") {
+TEST_CASE("activation checkpointing gives the same adapter gradients (frozen embedding, LoRA dropout)", "[finetune]") {
   Pretrained base = load_pretrained(test::fixture("tiny-llama"));
   Transformer m = base.model;
   torch::manual_seed(1);
-  apply_lora(m, lora(4, 8, 0.0));  // no dropout: both passes compute the same function
+  apply_lora(m, lora(4, 8, 0.3));  // the recompute must draw the same dropout masks
   randomize_adapters(m);
   m->train();
   auto ids = torch::randint(0, 384, {2, 12}, torch::kInt64), y = torch::randint(0, 384, {2, 12}, torch::kInt64);
   auto grads = [&](bool ckpt) {
     m->set_activation_checkpointing(ckpt);
     for (auto& p : m->parameters()) p.mutable_grad() = torch::Tensor();
+    torch::manual_seed(7);
     cross_entropy(m->forward(ids).logits, y).backward();
     std::vector<torch::Tensor> g;
     for (auto& [n, p] : trainable_parameters(m)) g.push_back(p.grad().clone());

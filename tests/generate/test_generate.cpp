@@ -31,6 +31,12 @@ TEST_CASE("greedy generation with the KV cache gives the same tokens as without 
       const auto plain = generate(p.model, prompt, g);
       CHECK(cached.size() == 30);
       CHECK(cached == plain);
+      // Past max_seq_len (48) the cache is rebuilt from the last half window and goes on incrementally.
+      g.use_cache = true;
+      g.max_new_tokens = 100;
+      const auto longer = generate(p.model, prompt, g);
+      CHECK(longer.size() == 100);
+      CHECK(std::vector<int64_t>(longer.begin(), longer.begin() + 30) == cached);
 
       // Logits: a prefill of 5 then one token at a time == one full forward.
       auto ids = torch::tensor(std::vector<int64_t>{1, 17, 250, 33, 99, 5, 140, 8, 64, 3, 77, 12}).unsqueeze(0);
