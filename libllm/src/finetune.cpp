@@ -1,7 +1,5 @@
 #include "libllm/finetune.h"
 
-#include <unistd.h>
-
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -122,15 +120,8 @@ void export_peft_adapter(Transformer& model, const LoraConfig& cfg, const std::s
   }
   if (tensors.empty()) throw Error(dir, "the model has no LoRA adapters to export", "export the merged model instead");
 
-  const fs::path final_dir = fs::path(dir).lexically_normal();
-  const fs::path parent = final_dir.has_parent_path() ? final_dir.parent_path() : fs::path(".");
-  const std::string suffix = "." + std::to_string(::getpid());
-  const fs::path tmp = parent / (final_dir.filename().string() + ".partial" + suffix);
-  std::error_code ec;
-  fs::create_directories(parent, ec);
-  fs::remove_all(tmp, ec);
-  if (!fs::create_directories(tmp, ec) || ec) throw Error(tmp.string(), "cannot create adapter folder: " + ec.message());
-  try {
+  write_folder_atomically(dir, [&](const std::string& tmp_dir) {
+    const fs::path tmp = tmp_dir;
     std::vector<safetensors::TensorView> views;
     for (auto& [name, t] : tensors) views.push_back({name, safetensors::DType::F32, t.sizes().vec(), t.data_ptr()});
     safetensors::write((tmp / "adapter_model.safetensors").string(), views);
@@ -157,18 +148,7 @@ void export_peft_adapter(Transformer& model, const LoraConfig& cfg, const std::s
     out << c.dump(2) << "\n";
     out.close();
     if (!out) throw Error((tmp / "adapter_config.json").string(), "cannot write file", "check free disk space");
-    const fs::path old = parent / (final_dir.filename().string() + ".old" + suffix);
-    const bool replace = fs::exists(final_dir);
-    if (replace) fs::rename(final_dir, old);
-    fs::rename(tmp, final_dir);
-    if (replace) fs::remove_all(old, ec);
-  } catch (const fs::filesystem_error& e) {
-    fs::remove_all(tmp, ec);
-    throw Error(dir, std::string("adapter export failed: ") + e.what());
-  } catch (...) {
-    fs::remove_all(tmp, ec);
-    throw;
-  }
+  });
 }
 
 }  // namespace libllm

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -319,8 +320,7 @@ void load_weights(Transformer& model, const std::string& dir) {
   }
 }
 
-void export_hf(Transformer& model, const std::string& dir, const ExportOptions& opts) {
-  const torch::Dtype dtype = dtype_from_name(opts.dtype, "export dtype");
+void write_folder_atomically(const std::string& dir, const std::function<void(const std::string& tmp)>& fill) {
   const fs::path final_dir = fs::path(dir).lexically_normal();
   const fs::path parent = final_dir.has_parent_path() ? final_dir.parent_path() : fs::path(".");
   const std::string suffix = "." + std::to_string(::getpid());
@@ -328,8 +328,29 @@ void export_hf(Transformer& model, const std::string& dir, const ExportOptions& 
   std::error_code ec;
   fs::create_directories(parent, ec);
   fs::remove_all(tmp, ec);
-  if (!fs::create_directories(tmp, ec) || ec) throw Error(tmp.string(), "cannot create export folder: " + ec.message());
+  if (!fs::create_directories(tmp, ec) || ec) throw Error(tmp.string(), "cannot create folder: " + ec.message());
   try {
+    fill(tmp.string());
+    // Swap into place: the old folder (if any) is removed only after the new one is complete.
+    const fs::path old = parent / (final_dir.filename().string() + ".old" + suffix);
+    const bool replace = fs::exists(final_dir);
+    if (replace) fs::rename(final_dir, old);
+    fs::rename(tmp, final_dir);
+    if (replace) fs::remove_all(old, ec);
+  } catch (const fs::filesystem_error& e) {
+    fs::remove_all(tmp, ec);
+    throw Error(dir, std::string("writing failed: ") + e.what(), "check free disk space and permissions");
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+}
+
+void export_hf(Transformer& model, const std::string& dir, const ExportOptions& opts) {
+  const torch::Dtype dtype = dtype_from_name(opts.dtype, "export dtype");
+  write_folder_atomically(dir, [&](const std::string& tmp_dir) {
+    const fs::path tmp = tmp_dir;
+    std::error_code ec;
     // Group tensors into shards of at most max_shard_bytes (a larger tensor gets its own shard).
     std::vector<std::vector<std::pair<std::string, torch::Tensor>>> shards(1);
     int64_t shard_bytes = 0, total_bytes = 0;
@@ -373,19 +394,7 @@ void export_hf(Transformer& model, const std::string& dir, const ExportOptions& 
                  {"model_max_length", model->config().max_seq_len}, {"legacy", true}};
       write_text((tmp / "tokenizer_config.json").string(), tc.dump(2) + "\n");
     }
-    // Swap into place: the old folder (if any) is removed only after the new one is complete.
-    const fs::path old = parent / (final_dir.filename().string() + ".old" + suffix);
-    const bool replace = fs::exists(final_dir);
-    if (replace) fs::rename(final_dir, old);
-    fs::rename(tmp, final_dir);
-    if (replace) fs::remove_all(old, ec);
-  } catch (const fs::filesystem_error& e) {
-    fs::remove_all(tmp, ec);
-    throw Error(dir, std::string("export failed: ") + e.what());
-  } catch (...) {
-    fs::remove_all(tmp, ec);
-    throw;
-  }
+  });
 }
 
 Pretrained inspect_pretrained(const std::string& dir) {

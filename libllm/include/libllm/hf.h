@@ -4,6 +4,7 @@
 // parameter names, so import and export are plain copies (bit-exact at the same dtype).
 #pragma once
 
+#include <functional>
 #include <map>
 #include <string>
 
@@ -34,6 +35,11 @@ std::map<std::string, torch::Tensor> read_weights(const std::string& dir);
 // Copies a folder's weights into `model` (converting dtype): every parameter must be present with
 // its exact shape; unknown tensors are errors (stale rotary inv_freq buffers are ignored).
 void load_weights(Transformer& model, const std::string& dir);
+
+// Builds a folder under a temporary name beside `dir` (fill() writes into it), then swaps it into
+// place; an existing `dir` is removed only after that. On any error the temporary folder is removed
+// and `dir` is left as it was.
+void write_folder_atomically(const std::string& dir, const std::function<void(const std::string& tmp)>& fill);
 
 struct ExportOptions {
   std::string dtype = "bfloat16";               // float32, bfloat16 or float16
