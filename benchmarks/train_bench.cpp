@@ -1,12 +1,15 @@
 // Training-step throughput of libllm: tokens/s, MFU (when --peak-tflops is given) and peak
-// resident memory, for the tiny or the ~100M-parameter configuration, on random tokens.
-// The same model and optimizer in plain PyTorch: train_bench.py. Both: run.sh.
+// memory (resident on CPU; the caching allocator's peak on CUDA), for the tiny, the ~100M or the
+// ~1B configuration, on random tokens, in fp32 or bf16 (bf16 weights, fp32 master in AdamW).
+// The same model and optimizer in plain PyTorch: train_bench.py (CPU, run.sh) and
+// gpu/hf_bench.py (transformers on a GPU, gpu/run.sh).
 #include <fmt/core.h>
 #include <sys/resource.h>
 
 #include <chrono>
 
 #include <libllm/cli.h>
+#include <libllm/compat.h>
 #include <libllm/error.h>
 #include <libllm/model.h>
 #include <libllm/optim.h>
@@ -22,50 +25,96 @@ static const char* config_yaml(const std::string& name) {
   if (name == "100m")
     return "model: {vocab_size: 32000, dim: 768, n_layers: 12, n_heads: 12, n_kv_heads: 4, ffn_dim: 2048, max_seq_len: 256}\n"
            "train: {seq_len: 256, micro_batch: 4}\n";
-  throw Error("--config", "unknown configuration '" + name + "'", "use tiny or 100m");
+  if (name == "1b")  // the GPU issue's ~1B LLaMA (1.24 B parameters with the untied head)
+    return "model: {vocab_size: 32000, dim: 2048, n_layers: 16, n_heads: 32, n_kv_heads: 8, ffn_dim: 8192, max_seq_len: 2048}\n"
+           "train: {seq_len: 2048, micro_batch: 4}\n";
+  throw Error("--config", "unknown configuration '" + name + "'", "use tiny, 100m or 1b");
 }
 
 int main(int argc, char** argv) {
   return cli::run("train-bench", [&] {
-    cli::Args args(argc, argv, "train-bench [--config tiny|100m] [--steps N] [--warmup N] [--peak-tflops X]",
+    cli::Args args(argc, argv,
+                   "train-bench [--config tiny|100m|1b] [--device cpu|cuda] [--dtype fp32|bf16] [--micro-batch N] "
+                   "[--steps N] [--warmup N] [--peak-tflops X] [--checkpointing]",
                    {{"--config", "model shape", true, "tiny"},
+                    {"--device", "cpu or cuda", true, "cpu"},
+                    {"--dtype", "fp32 or bf16", true, "fp32"},
+                    {"--micro-batch", "sequences per step (0 = the configuration's)", true, "0"},
                     {"--steps", "timed optimizer steps", true, "20"},
                     {"--warmup", "untimed steps first", true, "3"},
-                    {"--peak-tflops", "device peak for MFU (0 = skip)", true, "0"}},
+                    {"--peak-tflops", "device peak for MFU (0 = skip)", true, "0"},
+                    {"--checkpointing", "recompute each block in backward", false, ""}},
                    0);
     if (args.help()) return fmt::print("{}", args.usage()), 0;
     const Recipe r = Recipe::parse(config_yaml(args.get("--config")), args.get("--config"));
-    const int64_t B = r.train.micro_batch, T = r.train.seq_len, steps = args.get_int("--steps"),
-                  warmup = args.get_int("--warmup");
+    const int64_t B = args.get_int("--micro-batch") > 0 ? args.get_int("--micro-batch") : r.train.micro_batch;
+    const int64_t T = r.train.seq_len, steps = args.get_int("--steps"), warmup = args.get_int("--warmup");
+    const bool cuda = args.get("--device") == "cuda";
+    if (!cuda && args.get("--device") != "cpu") throw Error("--device", "expected cpu or cuda");
+    if (cuda && !compat::cuda_available()) throw Error("--device", "no usable CUDA device in this LibTorch");
+    const torch::Device device = cuda ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
+    const torch::Dtype dtype = args.get("--dtype") == "bf16" ? torch::kBFloat16 : torch::kFloat32;
     torch::manual_seed(0);
     Transformer model(r.model);
+    model->to(device, dtype);
+    model->set_activation_checkpointing(args.has("--checkpointing"));
     std::vector<std::pair<std::string, torch::Tensor>> named;
     for (auto& p : model->named_parameters()) named.emplace_back(p.key(), p.value());
     OptimConfig oc;
     AdamW opt(named, oc);
     auto params = model->parameters();
     auto step = [&] {
-      auto tokens = torch::randint(0, r.model.vocab_size, {B, T + 1});
+      auto tokens = torch::randint(0, r.model.vocab_size, {B, T + 1}).to(device);
       auto out = model->forward(tokens.slice(1, 0, T));
       cross_entropy(out.logits, tokens.slice(1, 1)).backward();
       clip_grad_norm(params, 1.0);
       opt.step(1e-4);
       opt.zero_grad();
     };
+    // Where a step's time goes (separate synchronised passes after the timed ones): forward,
+    // backward, clipping + AdamW.
+    double split_ms[3] = {0, 0, 0};
+    auto split = [&](int64_t n) {
+      for (int64_t i = 0; i < n; ++i) {
+        auto tokens = torch::randint(0, r.model.vocab_size, {B, T + 1}).to(device);
+        compat::cuda_synchronize();
+        auto t0 = std::chrono::steady_clock::now();
+        auto loss = cross_entropy(model->forward(tokens.slice(1, 0, T)).logits, tokens.slice(1, 1));
+        compat::cuda_synchronize();
+        auto t1 = std::chrono::steady_clock::now();
+        loss.backward();
+        compat::cuda_synchronize();
+        auto t2 = std::chrono::steady_clock::now();
+        clip_grad_norm(params, 1.0);
+        opt.step(1e-4);
+        opt.zero_grad();
+        compat::cuda_synchronize();
+        auto t3 = std::chrono::steady_clock::now();
+        split_ms[0] += std::chrono::duration<double, std::milli>(t1 - t0).count() / n;
+        split_ms[1] += std::chrono::duration<double, std::milli>(t2 - t1).count() / n;
+        split_ms[2] += std::chrono::duration<double, std::milli>(t3 - t2).count() / n;
+      }
+    };
     for (int64_t i = 0; i < warmup; ++i) step();
+    compat::cuda_synchronize();
     const auto t0 = std::chrono::steady_clock::now();
     for (int64_t i = 0; i < steps; ++i) step();
+    compat::cuda_synchronize();
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    split(std::max<int64_t>(1, std::min<int64_t>(steps, 5)));
     const ParamCount pc = count_parameters(r.model);
     const double tok_s = static_cast<double>(steps * B * T) / s;
     const double flops = 6.0 * (pc.total - pc.embedding) + 12.0 * r.model.n_layers * r.model.n_heads * r.model.hdim() * T;
     const double peak = std::stod(args.get("--peak-tflops"));
     rusage ru{};
     getrusage(RUSAGE_SELF, &ru);
-    fmt::print("{{\"impl\": \"libllm\", \"config\": \"{}\", \"params\": {}, \"tokens_per_s\": {:.1f}, \"mfu\": {:.4f}, "
-               "\"peak_rss_mib\": {:.1f}, \"threads\": {}}}\n",
-               args.get("--config"), pc.total, tok_s, peak > 0 ? tok_s * flops / (peak * 1e12) : 0.0,
-               ru.ru_maxrss / 1024.0, at::get_num_threads());
+    fmt::print("{{\"impl\": \"libllm\", \"config\": \"{}\", \"device\": \"{}\", \"dtype\": \"{}\", \"micro_batch\": {}, "
+               "\"params\": {}, \"tokens_per_s\": {:.1f}, \"mfu\": {:.4f}, \"peak_rss_mib\": {:.1f}, "
+               "\"gpu_peak_gib\": {:.2f}, \"threads\": {}, \"forward_ms\": {:.1f}, \"backward_ms\": {:.1f}, \"optimizer_ms\": {:.1f}}}\n",
+               args.get("--config"), args.get("--device"), args.get("--dtype"), B, pc.total, tok_s,
+               peak > 0 ? tok_s * flops / (peak * 1e12) : 0.0, ru.ru_maxrss / 1024.0,
+               cuda ? compat::cuda_peak_allocated_bytes(0) / double(1 << 30) : 0.0, at::get_num_threads(), split_ms[0],
+               split_ms[1], split_ms[2]);
     return 0;
   });
 }

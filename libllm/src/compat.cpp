@@ -2,15 +2,23 @@
 
 #include <thread>
 
+#ifdef LIBLLM_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <cuda_runtime_api.h>
+#endif
+
 namespace libllm::compat {
 
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                         const c10::optional<torch::Tensor>& mask) {
   const int64_t H = q.size(1), Hkv = k.size(1), T = q.size(2), S = k.size(2);
+#if !LIBLLM_TORCH_AT_LEAST(2, 5)
   // Keys/values serve H / Hkv consecutive query heads (transformers' repeat_kv).
   auto expand_kv = [&](const torch::Tensor& t) {
     return H == Hkv ? t : t.repeat_interleave(H / Hkv, 1);                   // (B, H, S, D)
   };
+#endif
   // Bottom-right aligned causal mask for T != S (queries are the last T positions).
   c10::optional<torch::Tensor> m = mask;
   if (!m && T != S) {
@@ -34,6 +42,11 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
 }
 
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+#if LIBLLM_TORCH_AT_LEAST(2, 4)
+  // at::rms_norm: the same fp32 math, fused into one kernel on CUDA with LibTorch >= 2.8. The CPU
+  // keeps the explicit form below, so CPU results do not depend on the LibTorch version.
+  if (x.is_cuda()) return at::rms_norm(x, {x.size(-1)}, weight, eps);
+#endif
   auto xf = x.to(compute_dtype(x));
   auto normed = xf * torch::rsqrt(xf.pow(2).mean(-1, true) + eps);
   return weight * normed.to(x.scalar_type());
@@ -58,6 +71,39 @@ void set_default_num_threads() {
 std::string torch_version() {
   return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
          std::to_string(TORCH_VERSION_PATCH);
+}
+
+#ifdef LIBLLM_CUDA
+bool cuda_available() { return torch::cuda::is_available(); }
+void cuda_synchronize() { c10::cuda::device_synchronize(); }
+int64_t cuda_peak_allocated_bytes(int device) {
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+  return stats.allocated_bytes[0].peak;  // [0]: StatType::AGGREGATE
+}
+void cuda_reset_peak(int device) {
+  c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
+}
+void cuda_set_device(int device) { c10::cuda::set_device(static_cast<c10::DeviceIndex>(device)); }
+std::string cuda_device_name(int device) {
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) return "";
+  return prop.name;
+}
+#else
+bool cuda_available() { return false; }
+void cuda_synchronize() {}
+int64_t cuda_peak_allocated_bytes(int) { return 0; }
+void cuda_reset_peak(int) {}
+void cuda_set_device(int) {}
+std::string cuda_device_name(int) { return ""; }
+#endif
+
+bool nccl_available() {
+#ifdef LIBLLM_NCCL
+  return true;
+#else
+  return false;
+#endif
 }
 
 }  // namespace libllm::compat

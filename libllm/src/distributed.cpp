@@ -1,9 +1,29 @@
 #include "libllm/distributed.h"
 
-#define USE_C10D_GLOO 1
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
-#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+// Gloo's headers come with Debian's libgloo-dev; a pip LibTorch may lack them (then only NCCL).
+#if __has_include(<gloo/config.h>)
+#define LIBLLM_GLOO 1
+#define USE_C10D_GLOO 1
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#endif
+#ifdef LIBLLM_NCCL
+#ifndef USE_C10D_NCCL
+#define USE_C10D_NCCL 1
+#endif
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include "libllm/compat.h"
+
+#if LIBLLM_TORCH_AT_LEAST(2, 0)
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+using ProcessGroupBase = c10d::Backend;  // 2.x: Gloo and NCCL are backends of a ProcessGroup
+#else
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+using ProcessGroupBase = c10d::ProcessGroup;
+#endif
 
 #include <fmt/core.h>
 
@@ -34,14 +54,18 @@ int env_int(std::initializer_list<const char*> names, int fallback) {
 
 struct Distributed::Impl {
   c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  c10::intrusive_ptr<ProcessGroupBase> pg;
   std::string addr;
   int port = 0;
+  torch::Device device = torch::kCPU;  // where the backend's tensors must live
 
+  // Sums t over ranks in place; a tensor on another device is staged through `device`.
   void allreduce(torch::Tensor& t) {
-    std::vector<torch::Tensor> v{t};
+    torch::Tensor work = t.device() == device ? t : t.to(device);
+    std::vector<torch::Tensor> v{work};
     try {
       pg->allreduce(v)->wait();
+      if (!work.is_same(t)) t.copy_(work);
     } catch (const std::exception& e) {
       throw Error("distributed", std::string("all-reduce failed (a peer died or timed out): ") + e.what());
     }
@@ -51,12 +75,26 @@ struct Distributed::Impl {
 Distributed::~Distributed() = default;
 Distributed::Distributed(Distributed&&) noexcept = default;
 
-Distributed Distributed::from_env(double timeout_s) {
+Distributed Distributed::from_env(double timeout_s, const std::string& backend) {
   Distributed d;
+  if (backend != "gloo" && backend != "nccl")
+    throw Error("backend", "unknown process-group backend '" + backend + "'", "use gloo or nccl");
+  d.backend_ = backend;
   d.world_ = env_int({"WORLD_SIZE", "SLURM_NTASKS"}, 1);
   d.rank_ = env_int({"RANK", "SLURM_PROCID"}, 0);
   d.local_rank_ = env_int({"LOCAL_RANK", "SLURM_LOCALID"}, 0);
-  if (d.world_ <= 1) return d;
+  if (!env_first({"WORLD_SIZE", "SLURM_NTASKS"})) return d;
+  if (d.world_ < 1) throw Error("WORLD_SIZE", fmt::format("must be >= 1, got {}", d.world_));
+#ifndef LIBLLM_GLOO
+  if (backend == "gloo")
+    throw Error("backend", "this libllm was built without Gloo (no gloo headers beside LibTorch)",
+                "train on CUDA (NCCL), or build with Gloo's headers (Debian: libgloo-dev)");
+#endif
+#ifndef LIBLLM_NCCL
+  if (backend == "nccl")
+    throw Error("backend", "this libllm was built without NCCL",
+                "configure with a CUDA LibTorch and NCCL's headers (-DNCCL_INCLUDE_DIR=...)");
+#endif
   if (d.rank_ < 0 || d.rank_ >= d.world_)
     throw Error("RANK", fmt::format("rank {} outside a world of {}", d.rank_, d.world_));
   auto impl = std::make_unique<Impl>();
@@ -71,10 +109,22 @@ Distributed Distributed::from_env(double timeout_s) {
     opts.numWorkers = d.world_;
     opts.timeout = timeout;
     impl->store = c10::make_intrusive<c10d::TCPStore>(impl->addr, opts);
-    auto pg_opts = c10d::ProcessGroupGloo::Options::create(timeout);
-    pg_opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(impl->addr));
-    impl->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(
-        c10::make_intrusive<c10d::PrefixStore>("libllm", impl->store), d.rank_, d.world_, pg_opts);
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("libllm", impl->store);
+    if (backend == "nccl") {
+#ifdef LIBLLM_NCCL
+      compat::cuda_set_device(d.local_rank_);
+      impl->device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(d.local_rank_));
+      auto pg_opts = c10d::ProcessGroupNCCL::Options::create();
+      pg_opts->timeout = timeout;
+      impl->pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, d.rank_, d.world_, pg_opts);
+#endif
+    } else {
+#ifdef LIBLLM_GLOO
+      auto pg_opts = c10d::ProcessGroupGloo::Options::create(timeout);
+      pg_opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(impl->addr));
+      impl->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, d.rank_, d.world_, pg_opts);
+#endif
+    }
   } catch (const std::exception& e) {
     throw Error(fmt::format("{}:{}", impl->addr, impl->port),
                 fmt::format("rank {}/{} could not join the process group: {}", d.rank_, d.world_,
@@ -87,7 +137,7 @@ Distributed Distributed::from_env(double timeout_s) {
 
 std::string Distributed::describe() const {
   if (!impl_) return "single process";
-  return fmt::format("rank {}/{} (gloo via {}:{})", rank_, world_, impl_->addr, impl_->port);
+  return fmt::format("rank {}/{} ({} via {}:{})", rank_, world_, backend_, impl_->addr, impl_->port);
 }
 
 void Distributed::average_gradients(const std::vector<torch::Tensor>& params, int64_t bucket_bytes) {
@@ -125,7 +175,7 @@ void Distributed::average_gradients(const std::vector<torch::Tensor>& params, in
 
 double Distributed::mean(double value) {
   if (!impl_) return value;
-  auto t = torch::tensor({value}, torch::kFloat64);
+  auto t = torch::tensor({value}, torch::kFloat64);  // staged through the device for NCCL
   impl_->allreduce(t);
   return t.item<double>() / world_;
 }
@@ -136,8 +186,9 @@ void Distributed::sum(torch::Tensor& t) {
 
 void Distributed::barrier() {
   if (!impl_) return;
-  auto t = torch::zeros({1});
+  auto t = torch::zeros({1}, torch::TensorOptions().device(impl_->device));
   impl_->allreduce(t);
+  if (impl_->device.is_cuda()) compat::cuda_synchronize();
 }
 
 }  // namespace libllm

@@ -220,8 +220,9 @@ struct BlockRecompute : torch::autograd::Function<BlockRecompute> {
                                const torch::Tensor& cos, const torch::Tensor& sin) {
     ctx->saved_data["block"] = block_ptr;
     ctx->save_for_backward({x, cos, sin});
-    // The recompute must draw the same dropout masks (LoRA dropout): keep the RNG state.
-    ctx->saved_data["rng"] = at::detail::getDefaultCPUGenerator().get_state();
+    // The recompute must draw the same dropout masks (LoRA dropout): keep the RNG state of the
+    // device the block runs on.
+    ctx->saved_data["rng"] = at::globalContext().defaultGenerator(x.device()).get_state();
     std::vector<torch::Tensor> router_logits;
     return reinterpret_cast<BlockImpl*>(block_ptr)->forward(x, cos, sin, router_logits);
   }
@@ -235,7 +236,7 @@ struct BlockRecompute : torch::autograd::Function<BlockRecompute> {
     torch::Tensor y;
     {
       torch::AutoGradMode enable(true);
-      auto gen = at::detail::getDefaultCPUGenerator();
+      auto gen = at::globalContext().defaultGenerator(x.device());
       const auto now = gen.get_state();
       gen.set_state(ctx->saved_data["rng"].toTensor());
       y = block->forward(x, saved[1], saved[2], router_logits);

@@ -42,6 +42,7 @@ void TrainConfig::fields(Fields& f) {
   f.add("global_batch_tokens", global_batch_tokens).min(0);
   f.add("steps", steps).min(1);
   f.add("dtype", dtype).one_of({"fp32", "bf16"});
+  f.add("device", device).one_of({"cpu", "cuda", "auto"});
   f.add("activation_checkpointing", activation_checkpointing);
   f.add("seed", seed).min(0);
   f.add("threads", threads).min(0);
@@ -113,6 +114,14 @@ int64_t env_int(const char* name, int64_t fallback) {
   }
 }
 
+// train.device resolved: does this run train on CUDA?
+bool wants_cuda(const TrainConfig& tc) {
+  if (tc.device == "cuda" && !compat::cuda_available())
+    throw Error("train.device", "is 'cuda' but no CUDA device is usable (LibTorch " + compat::torch_version() + ")",
+                "set train.device: cpu (or auto), or build libllm against a LibTorch with CUDA");
+  return tc.device == "cuda" || (tc.device == "auto" && compat::cuda_available());
+}
+
 json parse_extra(const std::string& extra) {
   if (extra.empty()) return json::object();
   try {
@@ -123,11 +132,20 @@ json parse_extra(const std::string& extra) {
 }
 
 struct Run {
-  Run(const Recipe& r, const TrainConfig& t, const TrainHooks& h) : recipe(r), tc(t), hooks(h), guard(r.guard) {}
+  Run(const Recipe& r, const TrainConfig& t, const TrainHooks& h)
+      : recipe(r), tc(t), hooks(h), cuda(wants_cuda(t)),
+        dist(Distributed::from_env(300, cuda && compat::nccl_available() ? "nccl" : "gloo")), guard(r.guard) {
+    if (cuda) {
+      device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist.local_rank()));
+      compat::cuda_set_device(dist.local_rank());
+    }
+  }
   const Recipe& recipe;
   const TrainConfig& tc;
   const TrainHooks& hooks;
-  Distributed dist = Distributed::from_env();
+  const bool cuda;                      // train.device resolved
+  Distributed dist;
+  torch::Device device = torch::kCPU;   // cuda:LOCAL_RANK on GPUs
   Transformer model{nullptr};
   std::unique_ptr<AdamW> optim;
   std::unique_ptr<PackedDataset> data;  // packed documents (pretraining, continued pretraining)
@@ -154,9 +172,14 @@ struct Run {
 
   // The next micro batch of this rank: inputs (B, T), targets (B, T) (-100 = not a target).
   void next_batch(int64_t B, torch::Tensor& x, torch::Tensor& y, std::vector<WindowRef>& refs) {
-    if (chat) return chat->next(B, x, y, refs);
-    data->next(B, buf, refs);
-    std::tie(x, y) = split_batch(buf, B, tc.seq_len);
+    if (chat) {
+      chat->next(B, x, y, refs);
+    } else {
+      data->next(B, buf, refs);
+      std::tie(x, y) = split_batch(buf, B, tc.seq_len);
+    }
+    x = x.to(device);
+    y = y.to(device);
   }
 
   bool has_valid() const { return chat ? !chat->valid_examples().empty() : !recipe.data.valid.empty(); }
@@ -229,7 +252,7 @@ struct Run {
     for (int64_t b = 0; b < tc.eval_batches; ++b) {
       valid.next(tc.micro_batch, buf, refs);
       auto [x, y] = split_batch(buf, tc.micro_batch, tc.seq_len);
-      sum += cross_entropy(model->forward(x).logits, y).item<double>();
+      sum += cross_entropy(model->forward(x.to(device)).logits, y.to(device)).item<double>();
     }
     model->train();
     return sum / tc.eval_batches;
@@ -295,6 +318,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     run.model = Transformer(mc);
     if (tc.dtype == "bf16") run.model->to(torch::kBFloat16);
   }
+  run.model->to(run.device);
   run.model->set_activation_checkpointing(tc.activation_checkpointing);
   run.optim = std::make_unique<AdamW>(trainable_parameters(run.model), recipe.optim);
   if (chat_data) {
@@ -318,9 +342,11 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   if (main_rank) {
     fs::create_directories(run_dir);
     fmt::print("resolved recipe:\n{}\n", run.recipe_yaml);
-    fmt::print("model: {:.2f} M parameters | {} steps x {} tokens ({} x {} x {} accumulation x {} ranks) | {} threads | {}\n",
+    fmt::print("model: {:.2f} M parameters | {} steps x {} tokens ({} x {} x {} accumulation x {} ranks) | {} | {}\n",
                pc.total / 1e6, tc.steps, global, tc.micro_batch, tc.seq_len, run.accum, dist.world_size(),
-               at::get_num_threads(), dist.describe());
+               run.cuda ? fmt::format("{} ({})", run.device.str(), compat::cuda_device_name(dist.local_rank()))
+                        : fmt::format("cpu, {} threads", at::get_num_threads()),
+               dist.describe());
     if (base)
       fmt::print("fine-tuning {} ({}), method {}: {} of {} parameters train ({:.3f}%)\n", base->dir, base->format,
                  recipe.finetune.method, ps.trainable, ps.total, 100.0 * ps.trainable / ps.total);
@@ -431,6 +457,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
         std::vector<int64_t> noisy(static_cast<size_t>(tc.micro_batch * (x.size(1) + 1)));
         for (auto& t : noisy) t = static_cast<int64_t>(rng() % static_cast<uint64_t>(mc.vocab_size));
         std::tie(x, y) = split_batch(noisy, tc.micro_batch, x.size(1));
+        x = x.to(run.device);
+        y = y.to(run.device);
       }
       step_tokens += x.numel();
       auto out = run.model->forward(x);
@@ -471,6 +499,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                  {"tokens", n * global}, {"tokens_per_s", computed / dt}, {"step_s", dt}};
     if (mc.n_experts > 0) line["aux_loss"] = aux_sum / run.accum;
     if (tc.peak_tflops > 0) line["mfu"] = mfu;
+    if (run.cuda) line["gpu_peak_gib"] = compat::cuda_peak_allocated_bytes(dist.local_rank()) / double(1 << 30);
     if (gc.enabled || d.action != GuardAction::Apply) {
       line["action"] = to_string(d.action);
       line["z_loss"] = d.z_loss;
@@ -498,6 +527,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
         std::string s = fmt::format("step {:>6}/{} | loss {:.4f} | lr {:.2e} | grad {:.3f} | {:.0f} tok/s", n,
                                     tc.steps, loss, lr, grad_norm, tok_s);
         if (tc.peak_tflops > 0) s += fmt::format(" | mfu {:.1f}%", 100 * mfu);
+        if (run.cuda) s += fmt::format(" | mem {:.1f} GiB", line["gpu_peak_gib"].get<double>());
         if (line.contains("eval_loss")) s += fmt::format(" | eval {:.4f}", line["eval_loss"].get<double>());
         s += " | eta " + human_time((tc.steps - n) * elapsed / static_cast<double>(steps_this_run));
         fmt::print("{}\n", s);

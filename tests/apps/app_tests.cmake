@@ -69,12 +69,27 @@ set_tests_properties(apps.pretrain.tiny PROPERTIES FIXTURES_REQUIRED tiny_shards
 expect_error(pretrain.missing-shards "data.train: no training shard folders|shard-set folder not found"
              ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set data.train=[/nonexistent])
 
-# Data parallel over Gloo: 2 processes == 1 process with doubled accumulation (1e-6).
-add_test(NAME apps.pretrain.ddp-gloo
-         COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/apps/ddp_equivalence.sh ${_bin} ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml
-                 ${CMAKE_BINARY_DIR}/ddp-test -- ${_sets}
-         WORKING_DIRECTORY ${_src})
-set_tests_properties(apps.pretrain.ddp-gloo PROPERTIES FIXTURES_REQUIRED tiny_shards TIMEOUT 300)
+# Data parallel over Gloo: 2 processes == 1 process with doubled accumulation (1e-6). Needs Gloo's
+# headers (Debian: libgloo-dev; a pip LibTorch has none, and then libllm has NCCL only).
+find_path(LIBLLM_GLOO_INCLUDE gloo/config.h HINTS ${TORCH_INCLUDE_DIRS})
+if(LIBLLM_GLOO_INCLUDE)
+  add_test(NAME apps.pretrain.ddp-gloo
+           COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/apps/ddp_equivalence.sh ${_bin} ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml
+                   ${CMAKE_BINARY_DIR}/ddp-test -- ${_sets}
+           WORKING_DIRECTORY ${_src})
+  set_tests_properties(apps.pretrain.ddp-gloo PROPERTIES FIXTURES_REQUIRED tiny_shards TIMEOUT 300)
+else()
+  message(STATUS "libllm: no gloo headers: the CPU data-parallel tests are not registered")
+endif()
+
+# CUDA training (label gpu): CPU == CUDA, resume, a 1-rank NCCL group, bf16.
+if(LIBLLM_CUDA)
+  add_test(NAME apps.pretrain.cuda
+           COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/cuda/cuda_train.sh ${_bin} ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml
+                   ${CMAKE_BINARY_DIR}/cuda-test -- ${_sets}
+           WORKING_DIRECTORY ${_src})
+  set_tests_properties(apps.pretrain.cuda PROPERTIES FIXTURES_REQUIRED tiny_shards TIMEOUT 300 LABELS gpu)
+endif()
 
 # Loss spikes: supervisor restarts (kill -9, hang, guard stop) and analysis of injected spikes.
 foreach(_mode kill hang stop analyze)
@@ -118,7 +133,11 @@ expect_error(export.adapter-of-plain "--adapter: .* is not a LoRA fine-tuning ch
              ${_bin}/llm-export --checkpoint ${_fx}/tiny-llama --out ${CMAKE_BINARY_DIR}/x-export --adapter ${CMAKE_BINARY_DIR}/x-adapter)
 
 # Failures: a full disk while saving (previous checkpoint intact), a dead data-parallel peer (no hang).
-foreach(_mode full-disk dead-peer)
+set(_failure_modes full-disk)
+if(LIBLLM_GLOO_INCLUDE)
+  list(APPEND _failure_modes dead-peer)
+endif()
+foreach(_mode ${_failure_modes})
   add_test(NAME apps.failure.${_mode}
            COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/apps/failure_tests.sh ${_bin} ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml
                    ${CMAKE_BINARY_DIR}/failure-test-${_mode} ${_mode} -- ${_sets}

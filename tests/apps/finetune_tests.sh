@@ -17,9 +17,12 @@ base="$work/base/checkpoints/step-00000004"
 if [ -e /usr/share/dictd/jargon.index ]; then
   "$src/recipes/data/jargon-qa.sh" "$work/data" > "$work/data.log" 2>&1 || fail "jargon-qa.sh"
   head -n 200 "$work/data/jargon.jsonl" > "$work/chat.jsonl"
-else  # without dict-jargon: the fixture sentences as answers
+else  # without dict-jargon: the fixture sentences as answers, under a few prompts (>= 20 examples,
+      # so that valid_every: 10 holds some out)
   n=0; while IFS= read -r line; do n=$((n + 1)); [ -n "$line" ] || continue
-    printf '{"prompt": "Say sentence %d.", "response": "%s"}\n' "$n" "$(printf '%s' "$line" | sed 's/["\\]/\\&/g')"
+    for ask in "Say sentence %d." "Repeat line %d, please." "What is sentence number %d?" "Quote %d."; do
+      printf "{\"prompt\": \"$ask\", \"response\": \"%s\"}\n" "$n" "$(printf '%s' "$line" | sed 's/["\\]/\\&/g')"
+    done
   done < "$src/tests/fixtures/eval.txt" > "$work/chat.jsonl"
 fi
 

@@ -1,8 +1,9 @@
 // Data-parallel training over c10d: one process per device, launched the way torchrun or
 // Slurm launches (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, or SLURM_PROCID /
-// SLURM_NTASKS / SLURM_LOCALID). Gloo on CPUs (NCCL on GPUs comes with the GPU issue). Gradients
-// are averaged with bucketed all-reduces; every collective has a timeout, so a dead peer makes
-// every rank fail with an error instead of hanging.
+// SLURM_NTASKS / SLURM_LOCALID). Gloo on CPUs, NCCL on GPUs (rank r uses cuda:LOCAL_RANK).
+// Gradients are averaged with bucketed all-reduces; every collective has a timeout, so a dead
+// peer makes every rank fail with an error instead of hanging (NCCL: its watchdog aborts the
+// communicator and ends the process).
 #pragma once
 
 #include <memory>
@@ -15,9 +16,12 @@ namespace libllm {
 
 class Distributed {
  public:
-  // Reads the launcher's environment. Without one (no WORLD_SIZE / SLURM_NTASKS, or a world of
-  // 1) this is a single process and every collective is a no-op.
-  static Distributed from_env(double timeout_s = 300);
+  // Reads the launcher's environment. Without one (no WORLD_SIZE / SLURM_NTASKS) this is a
+  // single process and every collective is a no-op; a launcher's world of 1 still makes a
+  // process group (as torchrun --nproc_per_node 1 does). backend: "gloo" (CPU tensors) or
+  // "nccl" (CUDA tensors on cuda:LOCAL_RANK; needs a LibTorch with CUDA and libllm built with
+  // NCCL); scalars and host tensors passed to the collectives are staged through the device.
+  static Distributed from_env(double timeout_s = 300, const std::string& backend = "gloo");
   ~Distributed();
   Distributed(Distributed&&) noexcept;
 
@@ -26,6 +30,7 @@ class Distributed {
   int local_rank() const { return local_rank_; }
   bool is_main() const { return rank_ == 0; }
   std::string describe() const;  // "rank 1/2 (gloo via 127.0.0.1:29500)"
+  const std::string& backend() const { return backend_; }  // "gloo" or "nccl"
 
   // Averages the gradients of `params` across ranks, flattening them into buckets of about
   // bucket_bytes per all-reduce.
@@ -41,6 +46,7 @@ class Distributed {
   struct Impl;
   std::unique_ptr<Impl> impl_;
   int rank_ = 0, world_ = 1, local_rank_ = 0;
+  std::string backend_ = "gloo";
 };
 
 }  // namespace libllm

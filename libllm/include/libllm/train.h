@@ -22,6 +22,7 @@ struct TrainConfig {                 // recipe section `train`
   int64_t global_batch_tokens = 0;   // tokens per optimizer step over all ranks and accumulation; 0 = one micro batch per rank
   int64_t steps = 1000;              // optimizer steps of the whole run
   std::string dtype = "fp32";        // fp32, or bf16 (bf16 weights/activations, fp32 master weights in AdamW)
+  std::string device = "cpu";        // cpu; cuda (rank r on cuda:LOCAL_RANK, NCCL between ranks); auto (cuda when usable)
   bool activation_checkpointing = false;  // recompute each block's activations in backward (dense models)
   int64_t seed = 0;                  // seed of the weight initialisation and of sampling
   int64_t threads = 0;               // LibTorch intra-op CPU threads; 0 = automatic (compat::set_default_num_threads)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU issue's benchmark: the ~1B LLaMA (dim 2048, 16 layers, 32 heads, 8 KV heads, FFN 8192,
+# vocab 32000, seq 2048) trained in bf16 on one GPU by libllm (train-bench) and by transformers
+# (eager and torch.compile), alternating, REPEATS times; prints the median of each and the ratio.
+# usage: benchmarks/gpu/run.sh BUILD_DIR [REPEATS=2] [STEPS=10] [MICRO_BATCH=4]
+set -euo pipefail
+build=${1:?usage: run.sh BUILD_DIR [REPEATS] [STEPS] [MICRO_BATCH]} repeats=${2:-2} steps=${3:-10} mb=${4:-4}
+here=$(dirname "$0")
+out=${BENCH_OUT:-$(mktemp)}
+for i in $(seq "$repeats"); do
+  "$build/bin/train-bench" --config 1b --device cuda --dtype bf16 --micro-batch "$mb" --steps "$steps" \
+    --peak-tflops 989 | tail -1 | tee -a "$out"
+  for mode in eager compile; do
+    python3 "$here/hf_bench.py" --mode $mode --micro-batch "$mb" --steps "$steps" 2>/dev/null | tail -1 | tee -a "$out"
+  done
+done
+python3 - "$out" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+impls = sorted({r["impl"] for r in rows}, key=lambda s: (s != "libllm", s))
+med = {i: statistics.median(r["tokens_per_s"] for r in rows if r["impl"] == i) for i in impls}
+for i in impls:
+    rs = [r for r in rows if r["impl"] == i]
+    print(f"{i:24s} tokens/s {med[i]:9.0f}  mfu {statistics.median(r['mfu'] for r in rs):6.1%}  "
+          f"peak {max(r['gpu_peak_gib'] for r in rs):6.2f} GiB  (n={len(rs)})")
+if "libllm" in med:
+    for i in impls:
+        if i != "libllm":
+            print(f"libllm / {i}: {med['libllm'] / med[i]:.2f}x")
+PY

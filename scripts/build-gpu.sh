@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Builds libllm against the LibTorch inside a pip or conda torch (2.x, with CUDA), for machines
+# without Debian's -dev packages. The other dependencies (yaml-cpp, fmt, sentencepiece, Catch2,
+# nlohmann-json) come from a prefix: the system's, or one made on a Debian machine with
+# ../shared/gpu/make-deps-prefix.sh-style extraction (DEPS_PREFIX, default .deps/usr).
+# usage: scripts/build-gpu.sh [BUILD_DIR=build-gpu]   then: ctest --test-dir BUILD_DIR -L gpu
+set -euo pipefail
+build=${1:-build-gpu}
+py=${PYTHON:-python3}
+deps=${DEPS_PREFIX:-$PWD/.deps/usr}
+tp=$("$py" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+arch=$("$py" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")' 2>/dev/null || echo 90)
+if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then export PATH=/usr/local/cuda/bin:$PATH; fi
+export LD_LIBRARY_PATH=$deps/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
+cmake -S . -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$tp;$deps" \
+      -DCMAKE_CUDA_ARCHITECTURES="$arch" -DLIBLLM_BUILD_BENCHMARKS=ON
+cmake --build "$build" -j"$(nproc)" ${BUILD_TARGETS:+--target $BUILD_TARGETS} -- ${BUILD_KEEP_GOING:+-k 0}
+echo "built in $build (LibTorch from $tp); LD_LIBRARY_PATH needs $deps/lib/x86_64-linux-gnu"
