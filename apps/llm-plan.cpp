@@ -1,7 +1,13 @@
-// llm-plan RECIPE: the model a recipe describes: exact parameter counts and layer shapes.
+// llm-plan RECIPE [--gpus N --gpu-memory 80GiB --mfu 0.4 --peak-tflops 312]: the model a recipe
+// describes (exact parameter counts and layer shapes) and, with --gpus, per-GPU memory under each
+// sharding choice, what fits, and tokens/s and days for the recipe's token budget.
 #include <fmt/core.h>
 
+#include <cmath>
+
 #include <libllm/cli.h>
+#include <libllm/error.h>
+#include <libllm/plan.h>
 #include <libllm/recipe.h>
 
 using namespace libllm;
@@ -20,7 +26,15 @@ static std::string shape(const std::vector<int64_t>& s) {
 
 int main(int argc, char** argv) {
   return cli::run("llm-plan", [&] {
-    cli::Args args(argc, argv, "llm-plan RECIPE [--set section.key=value]...", {}, 1);
+    cli::Args args(argc, argv,
+                   "llm-plan RECIPE [--gpus N] [--gpu-memory 80GiB] [--mfu 0.4] [--peak-tflops 312] "
+                   "[--gpus-per-node 8] [--set section.key=value]...",
+                   {{"--gpus", "plan training on this many GPUs (data parallel)", true, "0"},
+                    {"--gpu-memory", "memory of one GPU, e.g. 80GiB or 40", true, "80GiB"},
+                    {"--mfu", "model FLOPs utilisation assumed for tokens/s", true, "0.4"},
+                    {"--peak-tflops", "the GPU's dense bf16 peak (A100 312, H100 989)", true, "312"},
+                    {"--gpus-per-node", "GPUs per node (hybrid sharding)", true, "8"}},
+                   1);
     if (args.help()) return fmt::print("{}", args.usage()), 0;
     const Recipe recipe = Recipe::load(args.positional()[0], args.overrides());
     const ModelConfig& m = recipe.model;
@@ -54,6 +68,51 @@ int main(int argc, char** argv) {
     }
     fmt::print("{{\"total\": {}, \"embedding\": {}, \"per_block\": {}, \"lm_head\": {}, \"active\": {}}}\n", c.total,
                c.embedding, c.per_block, c.lm_head, c.active);
+    if (args.get_int("--gpus") <= 0) return 0;
+
+    ClusterSpec cs;
+    cs.gpus = args.get_int("--gpus");
+    cs.gpus_per_node = args.get_int("--gpus-per-node");
+    cs.mfu = args.get_double("--mfu");
+    cs.peak_tflops = args.get_double("--peak-tflops");
+    std::string mem = args.get("--gpu-memory");
+    for (const char* unit : {"GiB", "GB", "G"})
+      if (mem.size() > std::string(unit).size() && mem.compare(mem.size() - std::string(unit).size(), std::string::npos, unit) == 0) {
+        mem.resize(mem.size() - std::string(unit).size());
+        break;
+      }
+    try {
+      size_t used = 0;
+      cs.gpu_memory_gib = std::stod(mem, &used);
+      if (used != mem.size()) throw std::invalid_argument(mem);
+    } catch (const std::exception&) {
+      throw Error("--gpu-memory", "expected a size like 80GiB, got '" + args.get("--gpu-memory") + "'");
+    }
+    const TrainingPlan p = plan_training(recipe, cs);
+    const double gib = 1024.0 * 1024 * 1024;
+    fmt::print("\ntraining on {} GPUs ({} per node, {:.0f} GiB, peak {:.0f} TFLOP/s, MFU {:.0f}%), {}\n", cs.gpus,
+               cs.gpus_per_node, cs.gpu_memory_gib, cs.peak_tflops, 100 * cs.mfu, recipe.train.dtype);
+    fmt::print("  batch: {} tokens/step = {} seq x {} tokens x {} GPUs x {} accumulation{}\n", p.global_batch_tokens,
+               p.micro_batch, p.seq_len, cs.gpus, p.accumulation,
+               p.batch_divides ? "" : " (not exact: train.global_batch_tokens does not divide)");
+    fmt::print("  per-GPU memory, GiB (activations for one micro batch of {} x {}):\n", p.micro_batch, p.seq_len);
+    fmt::print("  {:<8} {:>8} {:>9} {:>9} {:>10} {:>12} {:>9} {:>9} {:>11}\n", "sharding", "weights", "grads",
+               "optimizer", "activation", "act (ckpt)", "buffers", "total", "total ckpt");
+    for (const MemoryRow& x : p.rows)
+      fmt::print("  {:<8} {:>8.1f} {:>9.1f} {:>9.1f} {:>10.1f} {:>12.1f} {:>9.1f} {:>9.1f}{} {:>10.1f}{}\n", x.sharding,
+                 x.weights / gib, x.grads / gib, x.optimizer / gib, x.activations / gib, x.activations_ckpt / gib,
+                 x.buffers / gib, x.total(false) / gib, x.total(false) <= cs.gpu_memory_gib * gib ? " " : "!",
+                 x.total(true) / gib, x.total(true) <= cs.gpu_memory_gib * gib ? " " : "!");
+    fmt::print("  (! = does not fit)  fits: {}\n", p.recommendation);
+    fmt::print("  libllm's trainer today: none (replicated data parallel); the zero/hybrid rows estimate sharded "
+               "data parallelism, not yet in libllm\n");
+    fmt::print("  compute: {:.1f} GFLOP/token -> {} tokens/s ({} per GPU); {} steps x {} tokens = {:.3g} tokens "
+               "-> {:.1f} days\n",
+               p.flops_per_token / 1e9, commas(std::llround(p.tokens_per_s)), commas(std::llround(p.tokens_per_s / cs.gpus)),
+               recipe.train.steps,
+               p.global_batch_tokens, static_cast<double>(p.total_tokens), p.days);
+    fmt::print("{{\"gpus\": {}, \"flops_per_token\": {:.6e}, \"tokens_per_s\": {:.1f}, \"days\": {:.3f}, \"fits\": \"{}\"}}\n",
+               cs.gpus, p.flops_per_token, p.tokens_per_s, p.days, p.recommendation);
     return 0;
   });
 }

@@ -1,0 +1,54 @@
+// The cluster planner behind `llm-plan --gpus N`: per-GPU memory of a recipe's training under
+// each data-parallel sharding choice, whether it fits, and tokens/s and days for the recipe's
+// token budget at a given MFU. Estimates from counted bytes (see plan.cpp for every term).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "libllm/recipe.h"
+
+namespace libllm {
+
+struct ClusterSpec {
+  int64_t gpus = 8;              // data-parallel ranks (one per GPU)
+  int64_t gpus_per_node = 8;     // GPUs sharing a node (hybrid sharding shards inside a node)
+  double gpu_memory_gib = 80;    // memory of one GPU, GiB
+  double peak_tflops = 312;      // the GPU's dense bf16 peak, TFLOP/s (A100: 312, H100 SXM: 989)
+  double mfu = 0.4;              // model FLOPs utilisation assumed for the throughput estimate, (0, 1]
+};
+
+// Bytes one GPU holds under one sharding choice.
+struct MemoryRow {
+  std::string sharding;          // none | zero1 | zero2 | zero3 | hybrid
+  int64_t shard_ranks = 1;       // ranks the sharded states are divided over
+  double weights = 0;            // the training-dtype weights (ZeRO-3: this rank's shard)
+  double grads = 0;              // gradients in the weights' dtype
+  double optimizer = 0;          // AdamW moments (+ fp32 master weights with bf16)
+  double activations = 0;        // saved for backward, one micro batch, no recomputation
+  double activations_ckpt = 0;   // the same with activation checkpointing per block
+  double buffers = 0;            // runtime, communication buckets, ZeRO-3 gathered blocks, logits' gradient
+  double total(bool checkpointing) const {
+    return weights + grads + optimizer + (checkpointing ? activations_ckpt : activations) + buffers;
+  }
+};
+
+struct TrainingPlan {
+  ClusterSpec cluster;
+  int64_t params = 0;             // total parameters
+  double flops_per_token = 0;     // 6 N (non-embedding, active) + 12 L H Q T
+  int64_t micro_batch = 0;        // sequences per GPU per forward/backward (train.micro_batch)
+  int64_t seq_len = 0;
+  int64_t global_batch_tokens = 0;
+  int64_t accumulation = 0;       // micro batches per step on each GPU (rounded up when not exact)
+  bool batch_divides = true;      // global batch = micro_batch * seq_len * gpus * accumulation exactly
+  int64_t total_tokens = 0;       // train.steps * global_batch_tokens
+  double tokens_per_s = 0;        // gpus * mfu * peak / flops_per_token
+  double days = 0;                // total_tokens / tokens_per_s
+  std::vector<MemoryRow> rows;    // none, zero1, zero2, zero3, hybrid (when gpus > gpus_per_node)
+  std::string recommendation;     // the least sharding that fits, preferring no recomputation
+};
+
+TrainingPlan plan_training(const Recipe& recipe, const ClusterSpec& cluster);
+
+}  // namespace libllm

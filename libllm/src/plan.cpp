@@ -1,0 +1,103 @@
+#include "libllm/plan.h"
+
+#include <fmt/core.h>
+
+#include <cmath>
+
+#include "libllm/error.h"
+
+namespace libllm {
+
+// Every term, per GPU, with Ψ parameters, w bytes per weight (2 for bf16, 4 for fp32):
+//   weights w·Ψ, gradients w·Ψ (libllm keeps them in the weights' dtype), AdamW 8Ψ for the two
+//   fp32 moments plus 4Ψ for the fp32 master copy when the weights are bf16.
+//   none: all three whole; zero1: optimizer / N; zero2: gradients and optimizer / N; zero3: all
+//   three / N; hybrid: all three / gpus_per_node (sharded inside a node, replicated across).
+// Activations kept for backward (libllm's eager block, flash attention so no T x T scores), per
+// token and layer, in elements of the training dtype: block input and the attention norm's output
+// (2h), q (h), k and v (2 kv), the attention output (h), the residual (h), the MLP norm's output
+// (h), and per routed expert gate, up, silu(gate) and their product (4 f): 6h + 2kv + 4fk.
+// Outside the blocks: the embedding output and the final norm's input (2h elements) and the
+// logits: bf16 logits + their fp32 copy + fp32 log-softmax (10 bytes per vocabulary entry; fp32
+// training 8). With checkpointing each block keeps only its input (h) and one block at a time is
+// recomputed (its full 6h + 2kv + 4fk).
+// Buffers: 1 GiB of runtime (CUDA context, cuBLAS workspaces, NCCL channels), 2 gradient buckets
+// of 25 MiB, the fp32 gradient of the logits (4 bytes per vocabulary entry per token), and for
+// ZeRO-3 / hybrid two gathered blocks (the one in use and the prefetched next) in the weights' dtype.
+TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
+  if (c.gpus < 1) throw Error("--gpus", "must be >= 1");
+  if (c.gpus_per_node < 1) throw Error("--gpus-per-node", "must be >= 1");
+  if (!(c.mfu > 0 && c.mfu <= 1)) throw Error("--mfu", "must be in (0, 1]");
+  if (!(c.peak_tflops > 0)) throw Error("--peak-tflops", "must be > 0");
+  if (!(c.gpu_memory_gib > 0)) throw Error("--gpu-memory", "must be > 0");
+  const ModelConfig& m = r.model;
+  const TrainConfig& t = r.train;
+  const ParamCount pc = count_parameters(m);
+  TrainingPlan p;
+  p.cluster = c;
+  p.params = pc.total;
+  p.micro_batch = t.micro_batch;
+  p.seq_len = t.seq_len;
+  p.flops_per_token = 6.0 * static_cast<double>(pc.active - pc.embedding) +
+                      12.0 * m.n_layers * m.n_heads * m.hdim() * static_cast<double>(t.seq_len);
+  const int64_t per_pass = t.micro_batch * t.seq_len * c.gpus;
+  p.global_batch_tokens = t.global_batch_tokens > 0 ? t.global_batch_tokens : per_pass;
+  p.accumulation = (p.global_batch_tokens + per_pass - 1) / per_pass;
+  p.batch_divides = p.global_batch_tokens % per_pass == 0;
+  p.total_tokens = t.steps * p.global_batch_tokens;
+  p.tokens_per_s = c.gpus * c.mfu * c.peak_tflops * 1e12 / p.flops_per_token;
+  p.days = static_cast<double>(p.total_tokens) / p.tokens_per_s / 86400.0;
+
+  const double psi = static_cast<double>(pc.total);
+  const bool bf16 = t.dtype == "bf16";
+  const double w = bf16 ? 2.0 : 4.0;
+  const double weights = w * psi, grads = w * psi, optim = (bf16 ? 12.0 : 8.0) * psi;
+  const double h = static_cast<double>(m.dim), kv = static_cast<double>(m.kv_heads() * m.hdim());
+  const double f = static_cast<double>(m.ffn_dim), k = m.n_experts > 0 ? static_cast<double>(m.n_experts_per_token) : 1.0;
+  const double V = static_cast<double>(m.vocab_size), L = static_cast<double>(m.n_layers);
+  const double tokens = static_cast<double>(t.micro_batch * t.seq_len);
+  const double block = w * (6 * h + 2 * kv + 4 * f * k);          // bytes per token, one block
+  const double outside = w * 2 * h + (bf16 ? 10.0 : 8.0) * V;     // bytes per token
+  const double act = tokens * (L * block + outside);
+  const double act_ckpt = tokens * (L * w * h + block + outside);
+  const double runtime = std::pow(2.0, 30) + 2 * 25 * std::pow(2.0, 20) + tokens * 4 * V;
+  const double gathered = 2 * w * static_cast<double>(pc.per_block);
+
+  auto row = [&](const std::string& name, int64_t n, double wd, double gd, double od, bool gather) {
+    MemoryRow x;
+    x.sharding = name;
+    x.shard_ranks = n;
+    x.weights = weights / wd;
+    x.grads = grads / gd;
+    x.optimizer = optim / od;
+    x.activations = act;
+    x.activations_ckpt = act_ckpt;
+    x.buffers = runtime + (gather ? gathered : 0.0);
+    p.rows.push_back(x);
+  };
+  const double N = static_cast<double>(c.gpus);
+  row("none", 1, 1, 1, 1, false);
+  row("zero1", c.gpus, 1, 1, N, false);
+  row("zero2", c.gpus, 1, N, N, false);
+  row("zero3", c.gpus, N, N, N, true);
+  if (c.gpus > c.gpus_per_node) {
+    const double g = static_cast<double>(c.gpus_per_node);
+    row("hybrid", c.gpus_per_node, g, g, g, true);
+  }
+  const double capacity = c.gpu_memory_gib * std::pow(2.0, 30);
+  for (bool ckpt : {false, true}) {
+    for (const MemoryRow& x : p.rows) {
+      if (x.total(ckpt) <= capacity) {
+        p.recommendation = fmt::format("{}{} ({:.1f} of {:.0f} GiB per GPU)", x.sharding,
+                                       ckpt ? " with activation checkpointing" : "",
+                                       x.total(ckpt) / std::pow(2.0, 30), c.gpu_memory_gib);
+        return p;
+      }
+    }
+  }
+  p.recommendation = "nothing fits: lower train.micro_batch, add GPUs, or shard further (tensor/pipeline "
+                     "parallelism is not in libllm)";
+  return p;
+}
+
+}  // namespace libllm

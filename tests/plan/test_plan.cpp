@@ -1,0 +1,111 @@
+// llm-plan's figures (libllm::plan_training) against values computed by hand from the formulas
+// in libllm/src/plan.cpp, for the llama-7b and llama-65b recipes. Ψ: parameters.
+#include "../catch_torch.h"
+
+#include "libllm/plan.h"
+
+using namespace libllm;
+using Catch::Detail::Approx;
+
+namespace {
+
+Recipe recipe(const std::string& name, std::vector<std::string> sets) {
+  return Recipe::load(std::string(LIBLLM_SOURCE_DIR) + "/recipes/" + name + ".yaml", sets);
+}
+
+const MemoryRow& row(const TrainingPlan& p, const std::string& name) {
+  for (const auto& r : p.rows)
+    if (r.sharding == name) return r;
+  FAIL("no row " << name);
+  throw;
+}
+
+}  // namespace
+
+TEST_CASE("llm-plan: llama-7b on 8 x A100-80GB, hand-computed", "[plan]") {
+  // Ψ = 6,738,415,616; embedding 32000 x 4096 = 131,072,000; bf16, 1 x 2048 tokens per GPU.
+  const Recipe r = recipe("llama-7b", {"train.dtype=bf16", "train.micro_batch=1", "train.seq_len=2048",
+                                       "train.global_batch_tokens=0"});
+  ClusterSpec c;
+  c.gpus = 8;
+  c.gpu_memory_gib = 80;
+  c.peak_tflops = 312;
+  c.mfu = 0.4;
+  const TrainingPlan p = plan_training(r, c);
+  // FLOPs/token = 6 (Ψ - 131,072,000) + 12 L H Q T = 39,644,061,696 + 12*32*32*128*2048 (3,221,225,472)
+  CHECK(p.flops_per_token == Approx(42865287168.0).epsilon(1e-12));
+  // tokens/s = 8 * 0.4 * 312e12 / 42,865,287,168 = 23,291.56
+  CHECK(p.tokens_per_s == Approx(998.4e12 / 42865287168.0).epsilon(1e-12));
+  CHECK(p.tokens_per_s == Approx(23291.56).epsilon(1e-6));
+  const MemoryRow& none = row(p, "none");
+  CHECK(none.weights == Approx(13476831232.0));    // 2 Ψ
+  CHECK(none.grads == Approx(13476831232.0));      // 2 Ψ
+  CHECK(none.optimizer == Approx(80860987392.0));  // 12 Ψ: fp32 master + two fp32 moments
+  // Activations per token and layer: 2 bytes x (6*4096 + 2*4096 + 4*11008) = 153,600; outside the
+  // blocks 2*2*4096 + 10*32000 = 336,384; one micro batch: 2048 x (32*153,600 + 336,384).
+  CHECK(none.activations == Approx(10755244032.0));
+  // Checkpointing: 2048 x (32 * 2*4096 + 153,600 + 336,384) = 2048 x 752,128.
+  CHECK(none.activations_ckpt == Approx(1540358144.0));
+  // Buffers: 2^30 + 2 * 25 MiB + 2048 x 4 x 32000 (the logits' fp32 gradient).
+  CHECK(none.buffers == Approx(1388314624.0));
+  CHECK(row(p, "zero1").optimizer == Approx(80860987392.0 / 8));
+  CHECK(row(p, "zero2").grads == Approx(13476831232.0 / 8));
+  CHECK(row(p, "zero3").weights == Approx(13476831232.0 / 8));
+  // ZeRO-3 also holds two gathered blocks: 2 x 2 bytes x 202,383,360.
+  CHECK(row(p, "zero3").buffers == Approx(1388314624.0 + 809533440.0));
+  // none: 12.55 + 12.55 + 75.31 + 10.02 + 1.29 = 111.7 GiB (no fit even with checkpointing: 103.1);
+  // zero1: 2Ψ + 2Ψ + 1.5Ψ = 34.5 GiB + 10.02 + 1.29 = 45.8 GiB: the least sharding that fits.
+  CHECK(none.total(false) / (1 << 30) == Approx(111.7).margin(0.05));
+  CHECK(row(p, "zero1").total(false) / (1 << 30) == Approx(45.8).margin(0.05));
+  CHECK(p.recommendation.rfind("zero1 (45.8 of 80 GiB", 0) == 0);
+  CHECK(p.rows.size() == 4);  // no hybrid row on a single node
+}
+
+TEST_CASE("llm-plan: llama-65b on 64 x A100-80GB at 50% MFU, hand-computed; its published speed", "[plan]") {
+  // Ψ = 65,285,660,672; per block 4*8192^2 + 3*8192*22016 + 2*8192 = 809,517,056.
+  const Recipe r = recipe("llama-65b", {"train.dtype=bf16", "train.micro_batch=1", "train.seq_len=2048",
+                                        "train.global_batch_tokens=4194304", "train.steps=333786"});
+  ClusterSpec c;
+  c.gpus = 64;
+  c.gpus_per_node = 8;
+  c.peak_tflops = 312;
+  c.mfu = 0.5;
+  const TrainingPlan p = plan_training(r, c);
+  // 6 (Ψ - 262,144,000) + 12*80*64*128*2048 = 390,141,100,032 + 16,106,127,360
+  CHECK(p.flops_per_token == Approx(406247227392.0).epsilon(1e-12));
+  // 64 * 0.5 * 312e12 / 406,247,227,392 = 24,576.2 tokens/s (384 per GPU)
+  CHECK(p.tokens_per_s == Approx(24576.17).epsilon(1e-6));
+  // 4,194,304 / (1 * 2048 * 64) = 32 micro batches per step, exact.
+  CHECK(p.accumulation == 32);
+  CHECK(p.batch_divides);
+  // 333,786 steps x 4,194,304 tokens = 1.40e12 tokens -> 1.4e12 / 24,576.17 / 86400 = 659.3 days.
+  CHECK(p.days == Approx(333786.0 * 4194304.0 / 24576.17 / 86400.0).epsilon(1e-6));
+  const MemoryRow& z3 = row(p, "zero3");
+  // 16 Ψ / 64 = Ψ / 4 = 16,321,415,168 bytes of states.
+  CHECK(z3.weights + z3.grads + z3.optimizer == Approx(16321415168.0));
+  // Per token: 80 layers x 2 x (6*8192 + 2*8192 + 4*22016) = 24,576,000 + outside 352,768.
+  CHECK(z3.activations == Approx(2048.0 * 24928768.0));
+  CHECK(z3.activations_ckpt == Approx(2048.0 * (80.0 * 2 * 8192 + 307200 + 352768)));
+  // 2^30 + 50 MiB + 2048*4*32000 + two gathered blocks 2 * 2 * 809,517,056.
+  CHECK(z3.buffers == Approx(1388314624.0 + 3238068224.0));
+  // 65B does not fit replicated, nor ZeRO-1/2 (2Ψ weights alone are 121.6 GiB); ZeRO-3 without
+  // recomputation needs 15.20 + 47.55 + 4.31 = 67.06 GiB.
+  CHECK(row(p, "zero2").total(true) > 80.0 * (1 << 30));
+  CHECK(z3.total(false) / (1 << 30) == Approx(67.06).margin(0.005));
+  CHECK(p.recommendation.rfind("zero3 (67.1 of 80 GiB", 0) == 0);
+  // Hybrid: shard inside a node of 8, replicate across the 8 nodes: 16 Ψ / 8 = 121.6 GiB: no fit.
+  CHECK(row(p, "hybrid").weights == Approx(2.0 * 65285660672.0 / 8));
+  CHECK(row(p, "hybrid").total(true) > 80.0 * (1 << 30));
+  // LLaMA's paper: ~380 tokens/s/GPU on 2048 A100-80GB for 65B = 380 * 406.2e9 / 312e12 = 49.5% MFU.
+  CHECK(380.0 * p.flops_per_token / 312e12 == Approx(0.4948).margin(1e-4));
+}
+
+TEST_CASE("llm-plan: bad cluster figures are errors naming the option", "[plan]") {
+  const Recipe r = recipe("llama-7b", {});
+  ClusterSpec c;
+  c.mfu = 1.5;
+  CHECK_THROWS_WITH(plan_training(r, c), Catch::Matchers::Contains("--mfu"));
+  c = ClusterSpec{};
+  c.gpus = 0;
+  CHECK_THROWS_WITH(plan_training(r, c), Catch::Matchers::Contains("--gpus"));
+}
