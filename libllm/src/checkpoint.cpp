@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "libllm/config.h"
+#include "libllm/distributed.h"
 #include "libllm/error.h"
 #include "libllm/hf.h"
 #include "libllm/optim.h"
@@ -32,14 +33,6 @@ void write_tensors(const std::string& path, const std::vector<std::pair<std::str
   safetensors::write(path, views);
 }
 
-std::map<std::string, torch::Tensor> read_tensors(const std::string& path) {
-  auto f = safetensors::File::open(path);
-  std::map<std::string, torch::Tensor> out;
-  for (const auto& t : f->tensors())
-    out[t.name] = torch::from_blob(const_cast<uint8_t*>(f->data(t)), t.shape, torch_dtype_of(t.dtype)).clone();
-  return out;
-}
-
 void write_text(const std::string& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary);
   out << text;
@@ -54,6 +47,106 @@ int64_t step_of(const std::string& name) {
     if (!isdigit(static_cast<unsigned char>(name[i]))) return -1;
   return std::stoll(name.substr(5));
 }
+
+// The optimizer state of a checkpoint, whole ("<param>.exp_avg" in optimizer.safetensors) or in
+// ZeRO-1 shards ("<param>@<offset>.exp_avg" in optimizer-shard-<r>-of-<W>.safetensors), read
+// piece by piece into whatever slots the loading optimizer has.
+class OptimizerFiles {
+ public:
+  OptimizerFiles(const std::string& dir, int64_t shards) : dir_(dir) {
+    main_ = safetensors::File::open((fs::path(dir) / "optimizer.safetensors").string());
+    if (shards <= 0) {
+      index(main_);
+      return;
+    }
+    for (int64_t r = 0; r < shards; ++r) {
+      const std::string path =
+          (fs::path(dir) / ("optimizer-shard-" + std::to_string(r) + "-of-" + std::to_string(shards) + ".safetensors")).string();
+      if (!fs::exists(path)) throw Error(path, "missing optimizer shard", "the checkpoint is incomplete");
+      shards_.push_back(safetensors::File::open(path));
+      index(shards_.back());
+    }
+  }
+
+  torch::Tensor rng(int rank) const {
+    const auto& f = shards_.empty() ? main_ : shards_[static_cast<size_t>(rank) < shards_.size() ? rank : 0];
+    const auto* t = f->find("rng.cpu");
+    if (!t) throw Error(f->path(), "missing tensor 'rng.cpu'", "the checkpoint is corrupt");
+    return copy(*f, *t);
+  }
+
+  // Entries for every key `optim.state()` has, assembled from the pieces that cover them.
+  std::map<std::string, torch::Tensor> state_for(const AdamW& optim) const {
+    std::map<std::string, torch::Tensor> out;
+    for (const auto& [key, like] : optim.state()) {
+      if (key == "step") {
+        const auto* t = main_->find("step");
+        if (t) out[key] = copy(*main_, *t);
+        continue;
+      }
+      const auto [slot, kind] = split_kind(key);
+      const auto [param, offset] = split_offset(slot);
+      auto it = pieces_.find(param + "." + kind);
+      if (it == pieces_.end()) continue;  // AdamW::load_state names what is missing
+      if (kind == "step") {
+        out[key] = copy(*it->second.front().file, *it->second.front().info);
+        continue;
+      }
+      auto dst = torch::empty({like.numel()}, torch::dtype(like.scalar_type()));
+      int64_t covered = 0;
+      for (const Piece& pc : it->second) {
+        const int64_t n = pc.info->numel();
+        const int64_t lo = std::max(offset, pc.offset), hi = std::min(offset + like.numel(), pc.offset + n);
+        if (lo >= hi) continue;
+        dst.narrow(0, lo - offset, hi - lo).copy_(copy(*pc.file, *pc.info).reshape({-1}).narrow(0, lo - pc.offset, hi - lo));
+        covered += hi - lo;
+      }
+      if (covered != like.numel())
+        throw Error(dir_, "the optimizer state of '" + param + "' does not cover elements " + std::to_string(offset) +
+                              ".." + std::to_string(offset + like.numel()), "the checkpoint is of another model");
+      out[key] = dst.view(like.sizes());
+    }
+    return out;
+  }
+
+ private:
+  struct Piece {
+    const safetensors::File* file;
+    const safetensors::TensorInfo* info;
+    int64_t offset;
+  };
+
+  static std::pair<std::string, std::string> split_kind(const std::string& key) {
+    for (const char* k : {".exp_avg_sq", ".exp_avg", ".master", ".step"}) {
+      const std::string suffix = k;
+      if (key.size() > suffix.size() && key.compare(key.size() - suffix.size(), suffix.size(), suffix) == 0)
+        return {key.substr(0, key.size() - suffix.size()), suffix.substr(1)};
+    }
+    return {key, ""};
+  }
+  static std::pair<std::string, int64_t> split_offset(const std::string& slot) {
+    const size_t at = slot.rfind('@');
+    if (at == std::string::npos) return {slot, 0};
+    return {slot.substr(0, at), std::stoll(slot.substr(at + 1))};
+  }
+  static torch::Tensor copy(const safetensors::File& f, const safetensors::TensorInfo& t) {
+    return torch::from_blob(const_cast<uint8_t*>(f.data(t)), t.shape, torch_dtype_of(t.dtype)).clone();
+  }
+  void index(const std::shared_ptr<safetensors::File>& f) {
+    for (const auto& t : f->tensors()) {
+      if (t.name == "step" || t.name == "rng.cpu") continue;
+      const auto [slot, kind] = split_kind(t.name);
+      if (kind.empty()) continue;
+      const auto [param, offset] = split_offset(slot);
+      pieces_[param + "." + kind].push_back({f.get(), &t, offset});
+    }
+  }
+
+  std::string dir_;
+  std::shared_ptr<safetensors::File> main_;
+  std::vector<std::shared_ptr<safetensors::File>> shards_;
+  std::map<std::string, std::vector<Piece>> pieces_;  // "<param>.<kind>" -> pieces
+};
 
 }  // namespace
 
@@ -111,6 +204,65 @@ std::string save_checkpoint(const std::string& root, Transformer& model, const A
   return final_dir.string();
 }
 
+std::string save_checkpoint_sharded(const std::string& root, Transformer& model, const AdamW& local,
+                                    const TrainState& state, const std::string& recipe_yaml,
+                                    const std::string& tokenizer_path, Distributed& dist) {
+  const int world = dist.world_size(), rank = dist.rank();
+  const fs::path final_dir = fs::path(root) / checkpoint_name(state.step);
+  const fs::path tmp = fs::path(root) / (checkpoint_name(state.step) + ".tmp-sharded");  // one name on every rank
+  std::error_code ec;
+  if (dist.is_main()) {
+    fs::create_directories(root, ec);
+    fs::remove_all(tmp, ec);
+    fs::create_directories(tmp, ec);
+  }
+  dist.barrier();
+  if (!fs::is_directory(tmp))
+    throw Error(tmp.string(), "cannot create (or, on rank " + std::to_string(rank) + ", see) the checkpoint folder",
+                "every rank must see the run folder (a shared filesystem)");
+  auto fail = [&](const std::string& what) {
+    if (dist.is_main()) fs::remove_all(tmp, ec);
+    throw Error(final_dir.string(), "saving checkpoint failed: " + what, "check free disk space");
+  };
+  try {
+    auto mine = local.state();
+    mine.erase(std::remove_if(mine.begin(), mine.end(), [](const auto& kv) { return kv.first == "step"; }), mine.end());
+    mine.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
+    write_tensors((tmp / ("optimizer-shard-" + std::to_string(rank) + "-of-" + std::to_string(world) + ".safetensors")).string(),
+                  mine);
+  } catch (const std::exception& e) {
+    fail(e.what());
+  }
+  dist.barrier();
+  if (dist.is_main()) {
+    try {
+      std::vector<std::pair<std::string, torch::Tensor>> params;
+      for (auto& p : model->named_parameters()) params.emplace_back(p.key(), p.value());
+      write_tensors((tmp / "model.safetensors").string(), params);
+      write_tensors((tmp / "optimizer.safetensors").string(),
+                    {{"step", torch::scalar_tensor(local.steps(), torch::kInt64)}});
+      write_text((tmp / "recipe.yaml").string(), recipe_yaml);
+      if (!tokenizer_path.empty() && fs::exists(tokenizer_path)) fs::copy_file(tokenizer_path, tmp / "tokenizer.model");
+      json trainer = {{"step", state.step}, {"data_cursor", state.data_cursor}, {"extra", state.extra},
+                      {"optimizer_shards", world}, {"format", "libllm-checkpoint-v1"}};
+      write_text((tmp / "trainer.json").string(), trainer.dump(1) + "\n");
+      if (fs::exists(final_dir) &&
+          ::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
+        fs::remove_all(tmp, ec);
+      } else {
+        if (fs::exists(final_dir)) fs::remove_all(final_dir);
+        fs::rename(tmp, final_dir);
+      }
+    } catch (const std::exception& e) {
+      fs::remove_all(tmp, ec);
+      dist.barrier();
+      throw Error(final_dir.string(), std::string("saving checkpoint failed: ") + e.what(), "check free disk space");
+    }
+  }
+  dist.barrier();
+  return final_dir.string();
+}
+
 std::vector<int64_t> checkpoint_steps(const std::string& root) {
   std::vector<int64_t> steps;
   std::error_code ec;
@@ -128,7 +280,7 @@ std::string latest_checkpoint(const std::string& root) {
   return steps.empty() ? "" : (fs::path(root) / checkpoint_name(steps.back())).string();
 }
 
-TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& optim) {
+TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& optim, int rank) {
   const std::string trainer_path = (fs::path(dir) / "trainer.json").string();
   std::ifstream in(trainer_path);
   if (!in) throw Error(dir, "not a libllm checkpoint (no trainer.json)", "point checkpoint.resume at a step-N folder");
@@ -141,13 +293,10 @@ TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& op
   for (const char* key : {"step", "data_cursor", "extra"})
     if (!j.contains(key)) throw Error(trainer_path, std::string("missing key '") + key + "'");
   load_weights(model, dir);
-  auto opt = read_tensors((fs::path(dir) / "optimizer.safetensors").string());
-  auto rng = opt.find("rng.cpu");
-  if (rng == opt.end()) throw Error(dir + "/optimizer.safetensors", "missing tensor 'rng.cpu'");
+  OptimizerFiles files(dir, j.value("optimizer_shards", int64_t{0}));
   at::Generator gen = at::detail::getDefaultCPUGenerator();  // shares the default generator
-  gen.set_state(rng->second);
-  opt.erase(rng);
-  optim.load_state(opt);
+  gen.set_state(files.rng(rank));
+  optim.load_state(files.state_for(optim));
   TrainState s;
   s.step = j["step"].get<int64_t>();
   s.data_cursor = j["data_cursor"].get<std::string>();

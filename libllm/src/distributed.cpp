@@ -58,10 +58,13 @@ struct Distributed::Impl {
   std::string addr;
   int port = 0;
   torch::Device device = torch::kCPU;  // where the backend's tensors must live
+  bool gloo = true;                    // Gloo cannot reduce bf16/fp16: they go through fp32
 
   // Sums t over ranks in place; a tensor on another device is staged through `device`.
   void allreduce(torch::Tensor& t) {
     torch::Tensor work = t.device() == device ? t : t.to(device);
+    if (gloo && (work.scalar_type() == torch::kBFloat16 || work.scalar_type() == torch::kHalf))
+      work = work.to(torch::kFloat32);
     std::vector<torch::Tensor> v{work};
     try {
       pg->allreduce(v)->wait();
@@ -113,6 +116,7 @@ Distributed Distributed::from_env(double timeout_s, const std::string& backend) 
     if (backend == "nccl") {
 #ifdef LIBLLM_NCCL
       compat::cuda_set_device(d.local_rank_);
+      impl->gloo = false;
       impl->device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(d.local_rank_));
       auto pg_opts = c10d::ProcessGroupNCCL::Options::create();
       pg_opts->timeout = timeout;
@@ -140,37 +144,43 @@ std::string Distributed::describe() const {
   return fmt::format("rank {}/{} ({} via {}:{})", rank_, world_, backend_, impl_->addr, impl_->port);
 }
 
-void Distributed::average_gradients(const std::vector<torch::Tensor>& params, int64_t bucket_bytes) {
+void Distributed::sum_buckets(const std::vector<torch::Tensor>& tensors, int64_t bucket_bytes) {
   if (!impl_) return;
-  // Buckets of same-dtype gradients, flattened, reduced, divided and copied back.
+  torch::NoGradGuard no_grad;
+  // Buckets of same-dtype tensors, flattened, reduced and copied back.
   std::vector<torch::Tensor> bucket;
   int64_t bytes = 0;
   auto flush = [&] {
     if (bucket.empty()) return;
     std::vector<torch::Tensor> flat_parts;
-    for (auto& g : bucket) flat_parts.push_back(g.reshape({-1}));
+    for (auto& t : bucket) flat_parts.push_back(t.reshape({-1}));
     auto flat = torch::cat(flat_parts);
     impl_->allreduce(flat);
-    flat.div_(world_);
     int64_t off = 0;
-    for (auto& g : bucket) {
-      g.copy_(flat.narrow(0, off, g.numel()).view_as(g));
-      off += g.numel();
+    for (auto& t : bucket) {
+      t.copy_(flat.narrow(0, off, t.numel()).view_as(t));
+      off += t.numel();
     }
     bucket.clear();
     bytes = 0;
   };
-  for (const auto& p : params) {
-    torch::Tensor g = p.grad();
-    if (!g.defined()) {  // every rank must reduce the same tensors: a missing gradient is zero
-      p.mutable_grad() = torch::zeros_like(p);
-      g = p.grad();
-    }
-    if (!bucket.empty() && (g.scalar_type() != bucket.front().scalar_type() || bytes >= bucket_bytes)) flush();
-    bucket.push_back(g);
-    bytes += g.numel() * g.element_size();
+  for (const auto& t : tensors) {
+    if (!bucket.empty() && (t.scalar_type() != bucket.front().scalar_type() || bytes >= bucket_bytes)) flush();
+    bucket.push_back(t);
+    bytes += t.numel() * t.element_size();
   }
   flush();
+}
+
+void Distributed::average_gradients(const std::vector<torch::Tensor>& params, int64_t bucket_bytes) {
+  if (!impl_) return;
+  std::vector<torch::Tensor> grads;
+  for (const auto& p : params) {
+    if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);  // every rank reduces the same tensors
+    grads.push_back(p.grad());
+  }
+  sum_buckets(grads, bucket_bytes);
+  for (auto& g : grads) g.div_(world_);
 }
 
 double Distributed::mean(double value) {

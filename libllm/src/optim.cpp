@@ -139,6 +139,34 @@ AdamW::AdamW(std::vector<std::pair<std::string, torch::Tensor>> named_params, co
     slots_[i].decay = slots_[i].param.dim() >= 2 && (cfg_.decay_embeddings || !embedding[i]);
 }
 
+AdamW::AdamW(std::vector<std::pair<std::string, torch::Tensor>> named_params, const std::vector<bool>& decay,
+             const OptimConfig& cfg)
+    : cfg_(cfg) {
+  torch::NoGradGuard no_grad;
+  if (decay.size() != named_params.size())
+    throw Error("AdamW", "one decay flag per parameter expected");
+  for (size_t i = 0; i < named_params.size(); ++i) {
+    auto& [name, p] = named_params[i];
+    if (!p.defined()) throw Error(name, "parameter tensor is undefined");
+    if (!p.is_floating_point())
+      throw Error(name, std::string("AdamW needs a floating-point parameter, got ") + c10::toString(p.scalar_type()));
+    for (const Slot& s : slots_)
+      if (s.name == name) throw Error(name, "parameter name listed twice");
+    Slot s;
+    s.name = name;
+    s.param = p;
+    if (is_low_precision(p.scalar_type())) s.master = p.detach().to(torch::kFloat32, false, true);
+    s.exp_avg = torch::zeros_like(s.target(), torch::MemoryFormat::Contiguous);
+    s.exp_avg_sq = torch::zeros_like(s.target(), torch::MemoryFormat::Contiguous);
+    s.decay = decay[i];
+    slots_.push_back(std::move(s));
+  }
+}
+
+bool AdamW::decays(const std::string& name, const torch::Tensor& param, const OptimConfig& cfg) {
+  return param.dim() >= 2 && (cfg.decay_embeddings || name.find("embed_tokens") == std::string::npos);
+}
+
 void AdamW::step(double lr) {
   torch::NoGradGuard no_grad;
   std::vector<Group> groups;

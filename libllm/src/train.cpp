@@ -28,6 +28,7 @@
 #include "libllm/optim.h"
 #include "libllm/plot.h"
 #include "libllm/recipe.h"
+#include "libllm/shard.h"
 #include "libllm/tokenizer.h"
 
 namespace fs = std::filesystem;
@@ -44,6 +45,7 @@ void TrainConfig::fields(Fields& f) {
   f.add("dtype", dtype).one_of({"fp32", "bf16"});
   f.add("device", device).one_of({"cpu", "cuda", "auto"});
   f.add("activation_checkpointing", activation_checkpointing);
+  f.add("sharding", sharding).one_of({"none", "zero1"});
   f.add("seed", seed).min(0);
   f.add("threads", threads).min(0);
   f.add("log_every", log_every).min(1);
@@ -147,7 +149,12 @@ struct Run {
   Distributed dist;
   torch::Device device = torch::kCPU;   // cuda:LOCAL_RANK on GPUs
   Transformer model{nullptr};
-  std::unique_ptr<AdamW> optim;
+  std::unique_ptr<AdamW> optim;          // replicated: every rank updates everything
+  std::unique_ptr<ShardedAdamW> sharded;  // or ZeRO-1: each rank its slice
+  AdamW& adamw() { return sharded ? sharded->local() : *optim; }
+  const AdamW& adamw() const { return sharded ? sharded->local() : *optim; }
+  void step(double lr) { sharded ? sharded->step(lr) : optim->step(lr); }
+  void zero_grad() { sharded ? sharded->zero_grad() : optim->zero_grad(); }
   std::unique_ptr<PackedDataset> data;  // packed documents (pretraining, continued pretraining)
   std::unique_ptr<ChatDataset> chat;    // or chat / instruction examples (fine-tuning)
   std::vector<int64_t> buf;
@@ -186,12 +193,15 @@ struct Run {
 
   std::string save(int64_t step) {
     TrainState st{step, cursor(), extra()};
+    // Every rank calls this; replicated, only rank 0 writes.
+    if (sharded) return save_checkpoint_sharded(ckpt_root, model, adamw(), st, recipe_yaml, recipe.tokenizer.path, dist);
+    if (!main()) return "";
     return save_checkpoint(ckpt_root, model, *optim, st, recipe_yaml, recipe.tokenizer.path);
   }
 
   // Loads a checkpoint: model, optimizer, RNG, data cursor, guard state, eval history.
   TrainState load(const std::string& dir) {
-    TrainState st = load_checkpoint(dir, model, *optim);
+    TrainState st = load_checkpoint(dir, model, adamw(), dist.rank());
     if (chat) {
       chat->restore(st.data_cursor);
     } else {
@@ -219,10 +229,10 @@ struct Run {
       sequence.close();
       truncate_log(sequence_path, to);  // the data sequence lists what the final model saw
       sequence.open(sequence_path, std::ios::app);
-      save(to);
     }
+    save(to);
     dist.barrier();
-    if (hooks.after_rollback) hooks.after_rollback(to, dir, model, *optim);
+    if (hooks.after_rollback) hooks.after_rollback(to, dir, model, adamw());
     event({{"event", in_loop ? "rollback" : "restart_plan"}, {"step", through}, {"to_step", to},
            {"windows", samples * dist.world_size()}, {"data", recipe.guard.defer == "end" ? "deferred" : "dropped"},
            {"lr_scale", guard.lr_scale()}, {"checkpoint", dir}});
@@ -320,7 +330,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   }
   run.model->to(run.device);
   run.model->set_activation_checkpointing(tc.activation_checkpointing);
-  run.optim = std::make_unique<AdamW>(trainable_parameters(run.model), recipe.optim);
+  if (tc.sharding == "zero1") run.sharded = std::make_unique<ShardedAdamW>(trainable_parameters(run.model), recipe.optim, dist);
+  else run.optim = std::make_unique<AdamW>(trainable_parameters(run.model), recipe.optim);
   if (chat_data) {
     run.chat = std::make_unique<ChatDataset>(recipe.chat, tok, tc.seq_len, static_cast<uint64_t>(recipe.data.seed),
                                              dist.rank(), dist.world_size());
@@ -347,6 +358,10 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                run.cuda ? fmt::format("{} ({})", run.device.str(), compat::cuda_device_name(dist.local_rank()))
                         : fmt::format("cpu, {} threads", at::get_num_threads()),
                dist.describe());
+    if (run.sharded)
+      fmt::print("sharding zero1: rank 0 holds {:.1f} MiB of AdamW state, {:.1f}% of the unsharded {:.1f} MiB\n",
+                 run.sharded->state_bytes() / 1048576.0, 100.0 * run.sharded->state_bytes() / run.sharded->unsharded_state_bytes(),
+                 run.sharded->unsharded_state_bytes() / 1048576.0);
     if (base)
       fmt::print("fine-tuning {} ({}), method {}: {} of {} parameters train ({:.3f}%)\n", base->dir, base->format,
                  recipe.finetune.method, ps.trainable, ps.total, 100.0 * ps.trainable / ps.total);
@@ -418,7 +433,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     if (main_rank) fmt::print("eval before fine-tuning: {:.4f}\n", e);
   }
   // The guard can always roll back to the start.
-  if (gc.enabled && resume_from.empty() && main_rank) run.save(0);
+  if (gc.enabled && resume_from.empty()) run.save(0);
 
   std::vector<torch::Tensor> params;  // the trainable ones
   for (auto& [name, p] : trainable_parameters(run.model)) params.push_back(p);
@@ -484,8 +499,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
         d.reason += fmt::format("; no checkpoint at or before step {} to roll back to", limit);
       }
     }
-    if (d.action == GuardAction::Apply) run.optim->step(lr);
-    run.optim->zero_grad();
+    if (d.action == GuardAction::Apply) run.step(lr);
+    run.zero_grad();
     if (d.action == GuardAction::Apply) last_loss = loss;
     ++steps_this_run;
 
@@ -575,8 +590,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
 
     const CheckpointConfig& cc = recipe.checkpoint;
     if ((cc.every > 0 && n % cc.every == 0) || (cc.milestone_every > 0 && n % cc.milestone_every == 0) || n == tc.steps) {
-      if (!main_rank) continue;
       const std::string path = run.save(n);
+      if (!main_rank) continue;
       prune_checkpoints(run.ckpt_root, cc);
       fmt::print("saved checkpoint {}\n", path);
     }

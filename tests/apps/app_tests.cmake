@@ -83,6 +83,13 @@ if(LIBLLM_GLOO_INCLUDE)
                    ${CMAKE_BINARY_DIR}/ddp-test -- ${_sets}
            WORKING_DIRECTORY ${_src})
   set_tests_properties(apps.pretrain.ddp-gloo PROPERTIES FIXTURES_REQUIRED tiny_shards TIMEOUT 300)
+  # ZeRO-1: 2 and 3 sharded ranks == 1 unsharded process; a 3-rank checkpoint resumes on 2 and 1.
+  add_test(NAME apps.pretrain.zero1
+           COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/apps/zero_tests.sh ${_bin} ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml
+                   ${CMAKE_BINARY_DIR}/zero-test -- ${_sets}
+           WORKING_DIRECTORY ${_src})
+  set_tests_properties(apps.pretrain.zero1 PROPERTIES FIXTURES_REQUIRED tiny_shards TIMEOUT 600
+                       PASS_REGULAR_EXPRESSION "zero1 ok")
 else()
   message(STATUS "libllm: no gloo headers: the CPU data-parallel tests are not registered")
 endif()

@@ -13,7 +13,9 @@
 
 #include "libllm/config.h"
 #include "libllm/error.h"
+#include "libllm/distributed.h"
 #include "libllm/optim.h"
+#include "libllm/shard.h"
 
 using namespace libllm;
 using libllm::test::error_of;
@@ -401,4 +403,57 @@ TEST_CASE("optim and schedule recipe sections are strict", "[optim]") {
   CHECK_THAT(load_recipe("optim:\n  weight_decay: -0.1\n", o2, s2), Catch::Contains("optim.weight_decay"));
   CHECK_THAT(load_recipe("schedule:\n  min_lr_ratio: 1.5\n", o2, s2), Catch::Contains("schedule.min_lr_ratio"));
   CHECK_THAT(load_recipe("schedule:\n  warmup_steps: 1.5\n", o2, s2), Catch::Contains("expected an integer"));
+}
+
+TEST_CASE("ZeRO-1 pieces: each element of the concatenated parameters on exactly one rank, balanced", "[optim][shard]") {
+  const std::vector<int64_t> numels{7, 1, 10, 3, 0, 5};  // 26 elements
+  for (int world : {1, 2, 3, 4, 7}) {
+    std::vector<int> owner(26, -1);
+    for (int r = 0; r < world; ++r) {
+      int64_t mine = 0;
+      for (const ShardPiece& pc : shard_pieces(numels, r, world)) {
+        int64_t start = 0;
+        for (size_t i = 0; i < pc.param; ++i) start += numels[i];
+        REQUIRE(pc.length > 0);
+        REQUIRE(pc.offset + pc.length <= numels[pc.param]);
+        for (int64_t e = 0; e < pc.length; ++e) {
+          CHECK(owner[static_cast<size_t>(start + pc.offset + e)] == -1);
+          owner[static_cast<size_t>(start + pc.offset + e)] = r;
+        }
+        mine += pc.length;
+      }
+      CHECK(std::abs(mine - 26.0 / world) < 1.0);  // floor or ceil of the even share
+    }
+    CHECK(std::count(owner.begin(), owner.end(), -1) == 0);
+    CHECK(std::is_sorted(owner.begin(), owner.end()));  // contiguous ranges in rank order
+  }
+  CHECK_THROWS(shard_pieces(numels, 2, 2));
+}
+
+TEST_CASE("ZeRO-1 on one rank equals AdamW bit for bit, with slice-named state", "[optim][shard]") {
+  Distributed single = Distributed::from_env();
+  REQUIRE(single.world_size() == 1);
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    torch::manual_seed(11);
+    auto w = torch::randn({6, 5}).to(dtype), b = torch::randn({5}).to(dtype), e = torch::randn({9, 5}).to(dtype);
+    std::vector<std::pair<std::string, torch::Tensor>> plain{{"w", w.clone()}, {"b", b.clone()}, {"model.embed_tokens.weight", e.clone()}};
+    std::vector<std::pair<std::string, torch::Tensor>> sharded{{"w", w.clone()}, {"b", b.clone()}, {"model.embed_tokens.weight", e.clone()}};
+    OptimConfig oc;
+    AdamW a(plain, oc);
+    ShardedAdamW z(sharded, oc, single);
+    for (int step = 0; step < 4; ++step) {
+      for (size_t i = 0; i < plain.size(); ++i) {
+        auto g = torch::randn(plain[i].second.sizes()).to(dtype);
+        plain[i].second.mutable_grad() = g.clone();
+        sharded[i].second.mutable_grad() = g.clone();
+      }
+      a.step(1e-2);
+      z.step(1e-2);
+      a.zero_grad();
+      z.zero_grad();
+    }
+    for (size_t i = 0; i < plain.size(); ++i) CHECK(torch::equal(plain[i].second, sharded[i].second));
+    const auto names = z.local().decayed();
+    CHECK(names == std::vector<std::string>{"w@0"});  // the bias and the embedding do not decay
+  }
 }

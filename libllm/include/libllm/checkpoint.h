@@ -13,6 +13,8 @@
 
 namespace libllm {
 
+class Distributed;
+
 class Fields;
 class AdamW;
 
@@ -37,13 +39,23 @@ struct TrainState {
 std::string save_checkpoint(const std::string& root, Transformer& model, const AdamW& optim,
                             const TrainState& state, const std::string& recipe_yaml,
                             const std::string& tokenizer_path);
+// ZeRO-1 (libllm/shard.h): called on every rank with that rank's AdamW over its slices. Rank r
+// writes optimizer-shard-<r>-of-<W>.safetensors (its slices' state, "<param>@<offset>.exp_avg"
+// ..., and its CPU RNG); rank 0 writes the model, recipe, trainer.json ("optimizer_shards": W) and
+// the rank-independent optimizer.safetensors ("step"), then renames the folder into place.
+std::string save_checkpoint_sharded(const std::string& root, Transformer& model, const AdamW& local,
+                                    const TrainState& state, const std::string& recipe_yaml,
+                                    const std::string& tokenizer_path, Distributed& dist);
 // The newest complete checkpoint folder under root ("" when none). Partial folders are ignored.
 std::string latest_checkpoint(const std::string& root);
 // All complete checkpoint steps under root, ascending.
 std::vector<int64_t> checkpoint_steps(const std::string& root);
 // Restores model, optimizer, torch's CPU RNG and returns the state. A checkpoint of another model
-// shape is an error naming the tensor.
-TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& optim);
+// shape is an error naming the tensor. The optimizer state is resharded as needed: a checkpoint
+// written unsharded or by any number of ZeRO-1 ranks loads into a whole-parameter AdamW or into
+// one over slices "<param>@<offset>" (each slot takes its elements from whichever files hold them);
+// `rank` picks the RNG of that rank's shard when there is one.
+TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& optim, int rank = 0);
 // Deletes regular checkpoints beyond keep_last (milestones stay) and leftover partial folders.
 void prune_checkpoints(const std::string& root, const CheckpointConfig& cfg);
 std::string checkpoint_name(int64_t step);

@@ -35,6 +35,9 @@ class Distributed {
   // Averages the gradients of `params` across ranks, flattening them into buckets of about
   // bucket_bytes per all-reduce.
   void average_gradients(const std::vector<torch::Tensor>& params, int64_t bucket_bytes = 25 << 20);
+  // Element-wise sum over ranks of each tensor, in place, flattened into buckets of about
+  // bucket_bytes per all-reduce (tensors of one dtype per bucket).
+  void sum_buckets(const std::vector<torch::Tensor>& tensors, int64_t bucket_bytes = 25 << 20);
   // The mean of a scalar over ranks.
   double mean(double value);
   // Element-wise sum of `t` over ranks, in place (a cheap gather: each rank fills its own slot).

@@ -75,6 +75,12 @@ class AdamW {
  public:
   // Throws libllm::Error for an undefined, non-floating or duplicate-named parameter.
   AdamW(std::vector<std::pair<std::string, torch::Tensor>> named_params, const OptimConfig& cfg);
+  // With the decay decided by the caller, one flag per entry (a sharded optimizer's slices of
+  // parameters: a 1-D slice of a matrix still decays). Tied tensors are not merged here.
+  AdamW(std::vector<std::pair<std::string, torch::Tensor>> named_params, const std::vector<bool>& decay,
+        const OptimConfig& cfg);
+  // The decay rule above for one parameter of this name and shape.
+  static bool decays(const std::string& name, const torch::Tensor& param, const OptimConfig& cfg);
 
   // Applies one update with learning rate `lr` (already scheduled); skips params whose grad is
   // undefined. Does not clip: call clip_grad_norm first.
