@@ -111,28 +111,34 @@ struct AdamW::Group {
   std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs;  // compute dtype (master or param)
 };
 
+// Checks one parameter and appends its slot (fresh moments, an fp32 master for bf16/fp16).
+void AdamW::add_slot(const std::string& name, const torch::Tensor& p, bool decay) {
+  if (!p.defined()) throw Error(name, "parameter tensor is undefined");
+  if (!p.is_floating_point())
+    throw Error(name, std::string("AdamW needs a floating-point parameter, got ") + c10::toString(p.scalar_type()));
+  for (const Slot& s : slots_)
+    if (s.name == name) throw Error(name, "parameter name listed twice");
+  Slot s;
+  s.name = name;
+  s.param = p;
+  if (is_low_precision(p.scalar_type())) s.master = p.detach().to(torch::kFloat32, false, true);
+  s.exp_avg = torch::zeros_like(s.target(), torch::MemoryFormat::Contiguous);
+  s.exp_avg_sq = torch::zeros_like(s.target(), torch::MemoryFormat::Contiguous);
+  s.decay = decay;
+  slots_.push_back(std::move(s));
+}
+
 AdamW::AdamW(std::vector<std::pair<std::string, torch::Tensor>> named_params, const OptimConfig& cfg) : cfg_(cfg) {
   torch::NoGradGuard no_grad;
   std::vector<bool> embedding;  // per slot: some name of it contains "embed_tokens"
   for (auto& [name, p] : named_params) {
-    if (!p.defined()) throw Error(name, "parameter tensor is undefined");
-    if (!p.is_floating_point())
-      throw Error(name, std::string("AdamW needs a floating-point parameter, got ") + c10::toString(p.scalar_type()));
     const bool embed = name.find("embed_tokens") != std::string::npos;
-    const auto same = std::find_if(slots_.begin(), slots_.end(), [&](const Slot& s) { return s.param.is_same(p); });
+    const auto same = std::find_if(slots_.begin(), slots_.end(), [&](const Slot& s) { return p.defined() && s.param.is_same(p); });
     if (same != slots_.end()) {  // a tied tensor: one slot, under its first name
       if (embed) embedding[same - slots_.begin()] = true;
       continue;
     }
-    for (const Slot& s : slots_)
-      if (s.name == name) throw Error(name, "parameter name listed twice");
-    Slot s;
-    s.name = name;
-    s.param = p;
-    if (is_low_precision(p.scalar_type())) s.master = p.detach().to(torch::kFloat32, false, true);
-    s.exp_avg = torch::zeros_like(s.target(), torch::MemoryFormat::Contiguous);
-    s.exp_avg_sq = torch::zeros_like(s.target(), torch::MemoryFormat::Contiguous);
-    slots_.push_back(std::move(s));
+    add_slot(name, p, false);
     embedding.push_back(embed);
   }
   for (size_t i = 0; i < slots_.size(); ++i)
@@ -143,29 +149,10 @@ AdamW::AdamW(std::vector<std::pair<std::string, torch::Tensor>> named_params, co
              const OptimConfig& cfg)
     : cfg_(cfg) {
   torch::NoGradGuard no_grad;
-  if (decay.size() != named_params.size())
-    throw Error("AdamW", "one decay flag per parameter expected");
-  for (size_t i = 0; i < named_params.size(); ++i) {
-    auto& [name, p] = named_params[i];
-    if (!p.defined()) throw Error(name, "parameter tensor is undefined");
-    if (!p.is_floating_point())
-      throw Error(name, std::string("AdamW needs a floating-point parameter, got ") + c10::toString(p.scalar_type()));
-    for (const Slot& s : slots_)
-      if (s.name == name) throw Error(name, "parameter name listed twice");
-    Slot s;
-    s.name = name;
-    s.param = p;
-    if (is_low_precision(p.scalar_type())) s.master = p.detach().to(torch::kFloat32, false, true);
-    s.exp_avg = torch::zeros_like(s.target(), torch::MemoryFormat::Contiguous);
-    s.exp_avg_sq = torch::zeros_like(s.target(), torch::MemoryFormat::Contiguous);
-    s.decay = decay[i];
-    slots_.push_back(std::move(s));
-  }
+  if (decay.size() != named_params.size()) throw Error("AdamW", "one decay flag per parameter expected");
+  for (size_t i = 0; i < named_params.size(); ++i) add_slot(named_params[i].first, named_params[i].second, decay[i]);
 }
 
-bool AdamW::decays(const std::string& name, const torch::Tensor& param, const OptimConfig& cfg) {
-  return param.dim() >= 2 && (cfg.decay_embeddings || name.find("embed_tokens") == std::string::npos);
-}
 
 void AdamW::step(double lr) {
   torch::NoGradGuard no_grad;

@@ -79,8 +79,6 @@ class AdamW {
   // parameters: a 1-D slice of a matrix still decays). Tied tensors are not merged here.
   AdamW(std::vector<std::pair<std::string, torch::Tensor>> named_params, const std::vector<bool>& decay,
         const OptimConfig& cfg);
-  // The decay rule above for one parameter of this name and shape.
-  static bool decays(const std::string& name, const torch::Tensor& param, const OptimConfig& cfg);
 
   // Applies one update with learning rate `lr` (already scheduled); skips params whose grad is
   // undefined. Does not clip: call clip_grad_norm first.
@@ -117,6 +115,7 @@ class AdamW {
   };
   struct Group;
 
+  void add_slot(const std::string& name, const torch::Tensor& p, bool decay);
   void update_group(Group& g, double lr);
   void foreach_update(Group& g, double lr);
   bool fused_update(Group& g, double lr);
