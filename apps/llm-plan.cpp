@@ -75,18 +75,21 @@ int main(int argc, char** argv) {
     cs.gpus_per_node = args.get_int("--gpus-per-node");
     cs.mfu = args.get_double("--mfu");
     cs.peak_tflops = args.get_double("--peak-tflops");
+    // 80GiB (or a bare 80) is GiB; 80GB is 80e9 bytes (74.5 GiB).
     std::string mem = args.get("--gpu-memory");
-    for (const char* unit : {"GiB", "GB", "G"})
-      if (mem.size() > std::string(unit).size() && mem.compare(mem.size() - std::string(unit).size(), std::string::npos, unit) == 0) {
-        mem.resize(mem.size() - std::string(unit).size());
+    double scale = 1.0;
+    for (const auto& [unit, factor] : {std::pair<std::string, double>{"GiB", 1.0}, {"GB", 1e9 / (1 << 30)}})
+      if (mem.size() > unit.size() && mem.compare(mem.size() - unit.size(), std::string::npos, unit) == 0) {
+        mem.resize(mem.size() - unit.size());
+        scale = factor;
         break;
       }
     try {
       size_t used = 0;
-      cs.gpu_memory_gib = std::stod(mem, &used);
+      cs.gpu_memory_gib = std::stod(mem, &used) * scale;
       if (used != mem.size()) throw std::invalid_argument(mem);
     } catch (const std::exception&) {
-      throw Error("--gpu-memory", "expected a size like 80GiB, got '" + args.get("--gpu-memory") + "'");
+      throw Error("--gpu-memory", "expected a size like 80GiB or 80GB, got '" + args.get("--gpu-memory") + "'");
     }
     const TrainingPlan p = plan_training(recipe, cs);
     const double gib = 1024.0 * 1024 * 1024;

@@ -98,7 +98,7 @@ class OptimizerFiles {
         const int64_t n = pc.info->numel();
         const int64_t lo = std::max(offset, pc.offset), hi = std::min(offset + like.numel(), pc.offset + n);
         if (lo >= hi) continue;
-        dst.narrow(0, lo - offset, hi - lo).copy_(copy(*pc.file, *pc.info).reshape({-1}).narrow(0, lo - pc.offset, hi - lo));
+        dst.narrow(0, lo - offset, hi - lo).copy_(view(*pc.file, *pc.info).reshape({-1}).narrow(0, lo - pc.offset, hi - lo));
         covered += hi - lo;
       }
       if (covered != like.numel())
@@ -124,20 +124,25 @@ class OptimizerFiles {
     }
     return {key, ""};
   }
+  // "<param>@<offset>" (ZeRO-1 slices) -> (param, offset); anything else is a whole parameter.
   static std::pair<std::string, int64_t> split_offset(const std::string& slot) {
     const size_t at = slot.rfind('@');
-    if (at == std::string::npos) return {slot, 0};
+    if (at == std::string::npos || at + 1 == slot.size() ||
+        slot.find_first_not_of("0123456789", at + 1) != std::string::npos)
+      return {slot, 0};
     return {slot.substr(0, at), std::stoll(slot.substr(at + 1))};
   }
-  static torch::Tensor copy(const safetensors::File& f, const safetensors::TensorInfo& t) {
-    return torch::from_blob(const_cast<uint8_t*>(f.data(t)), t.shape, torch_dtype_of(t.dtype)).clone();
+  // The stored tensor in place (read-only use: the file is mapped), or a copy of it.
+  static torch::Tensor view(const safetensors::File& f, const safetensors::TensorInfo& t) {
+    return torch::from_blob(const_cast<uint8_t*>(f.data(t)), t.shape, torch_dtype_of(t.dtype));
   }
+  static torch::Tensor copy(const safetensors::File& f, const safetensors::TensorInfo& t) { return view(f, t).clone(); }
   void index(const std::shared_ptr<safetensors::File>& f) {
     for (const auto& t : f->tensors()) {
       if (t.name == "step" || t.name == "rng.cpu") continue;
       const auto [slot, kind] = split_kind(t.name);
       if (kind.empty()) continue;
-      const auto [param, offset] = split_offset(slot);
+      const auto [param, offset] = f == main_ ? std::pair<std::string, int64_t>{slot, 0} : split_offset(slot);
       pieces_[param + "." + kind].push_back({f.get(), &t, offset});
     }
   }
@@ -217,13 +222,13 @@ std::string save_checkpoint_sharded(const std::string& root, Transformer& model,
     fs::create_directories(tmp, ec);
   }
   dist.barrier();
-  if (!fs::is_directory(tmp))
-    throw Error(tmp.string(), "cannot create (or, on rank " + std::to_string(rank) + ", see) the checkpoint folder",
+  if (!dist.is_main()) fs::create_directories(tmp, ec);  // a no-op where rank 0's folder is visible
+  // All ranks agree before anything depends on it: one rank's failure fails every rank at once.
+  auto all_ok = [&](bool ok) { return dist.mean(ok ? 1.0 : 0.0) >= 1.0; };
+  if (!all_ok(fs::is_directory(tmp)))
+    throw Error(tmp.string(), "a rank cannot create or see the checkpoint folder",
                 "every rank must see the run folder (a shared filesystem)");
-  auto fail = [&](const std::string& what) {
-    if (dist.is_main()) fs::remove_all(tmp, ec);
-    throw Error(final_dir.string(), "saving checkpoint failed: " + what, "check free disk space");
-  };
+  std::string error;
   try {
     auto mine = local.state();
     mine.erase(std::remove_if(mine.begin(), mine.end(), [](const auto& kv) { return kv.first == "step"; }), mine.end());
@@ -231,9 +236,16 @@ std::string save_checkpoint_sharded(const std::string& root, Transformer& model,
     write_tensors((tmp / ("optimizer-shard-" + std::to_string(rank) + "-of-" + std::to_string(world) + ".safetensors")).string(),
                   mine);
   } catch (const std::exception& e) {
-    fail(e.what());
+    error = e.what();
   }
-  dist.barrier();
+  // Every rank learns whether every shard was written (this is also the barrier before rank 0
+  // completes the folder), so a failure on one rank fails all of them at once.
+  if (!all_ok(error.empty())) {
+    if (dist.is_main()) fs::remove_all(tmp, ec);
+    throw Error(final_dir.string(),
+                "saving checkpoint failed: " + (error.empty() ? std::string("another rank could not write its optimizer shard") : error),
+                "check free disk space");
+  }
   if (dist.is_main()) {
     try {
       std::vector<std::pair<std::string, torch::Tensor>> params;
@@ -255,11 +267,13 @@ std::string save_checkpoint_sharded(const std::string& root, Transformer& model,
       }
     } catch (const std::exception& e) {
       fs::remove_all(tmp, ec);
-      dist.barrier();
-      throw Error(final_dir.string(), std::string("saving checkpoint failed: ") + e.what(), "check free disk space");
+      error = e.what();
     }
   }
-  dist.barrier();
+  if (!all_ok(error.empty()))
+    throw Error(final_dir.string(),
+                "saving checkpoint failed: " + (error.empty() ? std::string("rank 0 could not complete the folder") : error),
+                "check free disk space");
   return final_dir.string();
 }
 

@@ -98,6 +98,11 @@ void cuda_set_device(int) {}
 std::string cuda_device_name(int) { return ""; }
 #endif
 
+int cuda_device_for(int local_rank) {
+  const int n = static_cast<int>(torch::cuda::device_count());
+  return n > 0 ? local_rank % n : 0;
+}
+
 bool nccl_available() {
 #ifdef LIBLLM_NCCL
   return true;

@@ -86,7 +86,9 @@ Distributed Distributed::from_env(double timeout_s, const std::string& backend) 
   d.world_ = env_int({"WORLD_SIZE", "SLURM_NTASKS"}, 1);
   d.rank_ = env_int({"RANK", "SLURM_PROCID"}, 0);
   d.local_rank_ = env_int({"LOCAL_RANK", "SLURM_LOCALID"}, 0);
-  if (!env_first({"WORLD_SIZE", "SLURM_NTASKS"})) return d;
+  // One process makes a group only when a launcher says WORLD_SIZE (torchrun does, even for 1);
+  // Slurm's SLURM_NTASKS=1 of every single-task job does not.
+  if (d.world_ <= 1 && !std::getenv("WORLD_SIZE")) return d;
   if (d.world_ < 1) throw Error("WORLD_SIZE", fmt::format("must be >= 1, got {}", d.world_));
 #ifndef LIBLLM_GLOO
   if (backend == "gloo")
@@ -115,9 +117,10 @@ Distributed Distributed::from_env(double timeout_s, const std::string& backend) 
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>("libllm", impl->store);
     if (backend == "nccl") {
 #ifdef LIBLLM_NCCL
-      compat::cuda_set_device(d.local_rank_);
+      const int gpu = compat::cuda_device_for(d.local_rank_);
+      compat::cuda_set_device(gpu);
       impl->gloo = false;
-      impl->device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(d.local_rank_));
+      impl->device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(gpu));
       auto pg_opts = c10d::ProcessGroupNCCL::Options::create();
       pg_opts->timeout = timeout;
       impl->pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, d.rank_, d.world_, pg_opts);
@@ -175,7 +178,10 @@ void Distributed::sum_buckets(const std::vector<torch::Tensor>& tensors, int64_t
 void Distributed::average_gradients(const std::vector<torch::Tensor>& params, int64_t bucket_bytes) {
   if (!impl_) return;
   std::vector<torch::Tensor> grads;
+  std::vector<const void*> seen;  // a tensor listed twice (a tied head) is reduced once
   for (const auto& p : params) {
+    if (std::find(seen.begin(), seen.end(), p.unsafeGetTensorImpl()) != seen.end()) continue;
+    seen.push_back(p.unsafeGetTensorImpl());
     if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);  // every rank reduces the same tensors
     grads.push_back(p.grad());
   }

@@ -109,7 +109,12 @@ struct AdamW::Group {
   torch::ScalarType dtype;
   std::vector<Slot*> slots;
   std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs;  // compute dtype (master or param)
+  int64_t bytes = 0;  // of the compute-dtype targets
 };
+
+// bf16/fp16 gradients are converted to fp32 for the update in chunks of about this many bytes,
+// so the step needs 256 MiB of scratch rather than 4 bytes per parameter.
+constexpr int64_t kChunkBytes = 256LL << 20;
 
 // Checks one parameter and appends its slot (fresh moments, an fp32 master for bf16/fp16).
 void AdamW::add_slot(const std::string& name, const torch::Tensor& p, bool decay) {
@@ -162,22 +167,31 @@ void AdamW::step(double lr) {
     if (!grad.defined()) continue;
     if (grad.is_sparse()) throw Error(s.name, "AdamW does not support sparse gradients");
     const torch::Tensor& t = s.target();
-    auto g = std::find_if(groups.begin(), groups.end(), [&](const Group& x) {
+    // The newest group with this key, unless its converted gradients would pass kChunkBytes.
+    auto g = std::find_if(groups.rbegin(), groups.rend(), [&](const Group& x) {
       return x.decay == s.decay && x.device == t.device() && x.dtype == t.scalar_type();
     });
-    if (g == groups.end())
-      g = groups.insert(groups.end(), Group{s.decay, t.device(), t.scalar_type(), {}, {}, {}, {}, {}});
+    const int64_t bytes = t.numel() * t.element_size();
+    if (g == groups.rend() || (g->bytes > 0 && g->bytes + bytes > kChunkBytes && grad.scalar_type() != t.scalar_type())) {
+      groups.push_back(Group{s.decay, t.device(), t.scalar_type(), {}, {}, {}, {}, {}, 0});
+      g = groups.rbegin();
+    }
     g->slots.push_back(&s);
     g->params.push_back(t);
-    g->grads.push_back(grad.to(t.scalar_type()));  // no copy when the dtypes agree
+    g->grads.push_back(grad);  // converted to the compute dtype in update_group, a chunk at a time
     g->exp_avgs.push_back(s.exp_avg);
     g->exp_avg_sqs.push_back(s.exp_avg_sq);
+    g->bytes += bytes;
   }
-  for (Group& g : groups) update_group(g, lr);
+  for (Group& g : groups) {
+    update_group(g, lr);
+    g.grads.clear();  // frees this chunk's converted gradients
+  }
   ++steps_;
 }
 
 void AdamW::update_group(Group& g, double lr) {
+  for (auto& grad : g.grads) grad = grad.to(g.dtype);  // no copy when the dtypes agree
   for (Slot* s : g.slots) ++s->step;
   if (!fused_update(g, lr)) foreach_update(g, lr);
   for (Slot* s : g.slots)

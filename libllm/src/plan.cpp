@@ -22,8 +22,9 @@ namespace libllm {
 // training 8). With checkpointing each block keeps only its input (h) and one block at a time is
 // recomputed (its full 6h + 2kv + 4fk).
 // Buffers: 1 GiB of runtime (CUDA context, cuBLAS workspaces, NCCL channels), 2 gradient buckets
-// of 25 MiB, the fp32 gradient of the logits (4 bytes per vocabulary entry per token), and for
-// ZeRO-3 / hybrid two gathered blocks (the one in use and the prefetched next) in the weights' dtype.
+// of 25 MiB, the fp32 gradient of the logits (4 bytes per vocabulary entry per token), with bf16
+// AdamW's 256 MiB chunk of fp32 gradients, and for ZeRO-3 / hybrid two gathered blocks (the one in
+// use and the prefetched next) in the weights' dtype.
 TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
   if (c.gpus < 1) throw Error("--gpus", "must be >= 1");
   if (c.gpus_per_node < 1) throw Error("--gpus-per-node", "must be >= 1");
@@ -60,7 +61,7 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
   const double outside = w * 2 * h + (bf16 ? 10.0 : 8.0) * V;     // bytes per token
   const double act = tokens * (L * block + outside);
   const double act_ckpt = tokens * (L * w * h + block + outside);
-  const double runtime = std::pow(2.0, 30) + 2 * 25 * std::pow(2.0, 20) + tokens * 4 * V;
+  const double runtime = std::pow(2.0, 30) + 2 * 25 * std::pow(2.0, 20) + tokens * 4 * V + (bf16 ? std::pow(2.0, 28) : 0.0);
   const double gathered = 2 * w * static_cast<double>(pc.per_block);
 
   auto row = [&](const std::string& name, int64_t n, double wd, double gd, double od, bool gather) {
@@ -79,18 +80,20 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
   row("none", 1, 1, 1, 1, false);
   row("zero1", c.gpus, 1, 1, N, false);
   row("zero2", c.gpus, 1, N, N, false);
-  row("zero3", c.gpus, N, N, N, true);
-  if (c.gpus > c.gpus_per_node) {
+  if (c.gpus > c.gpus_per_node) {  // shards less than zero3: preferred when both fit
     const double g = static_cast<double>(c.gpus_per_node);
     row("hybrid", c.gpus_per_node, g, g, g, true);
   }
+  row("zero3", c.gpus, N, N, N, true);
   const double capacity = c.gpu_memory_gib * std::pow(2.0, 30);
   for (bool ckpt : {false, true}) {
     for (const MemoryRow& x : p.rows) {
       if (x.total(ckpt) <= capacity) {
-        p.recommendation = fmt::format("{}{} ({:.1f} of {:.0f} GiB per GPU)", x.sharding,
+        const bool in_trainer = x.sharding == "none" || x.sharding == "zero1";  // train.sharding
+        p.recommendation = fmt::format("{}{} ({:.1f} of {:.0f} GiB per GPU){}", x.sharding,
                                        ckpt ? " with activation checkpointing" : "",
-                                       x.total(ckpt) / std::pow(2.0, 30), c.gpu_memory_gib);
+                                       x.total(ckpt) / std::pow(2.0, 30), c.gpu_memory_gib,
+                                       in_trainer ? "" : "; not yet in libllm's trainer");
         return p;
       }
     }

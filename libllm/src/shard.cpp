@@ -63,18 +63,12 @@ void ShardedAdamW::step(double lr) {
   local_->step(lr);
   if (dist_.world_size() <= 1) return;
   // Every element keeps its value on its owner and is zero elsewhere: the sum over ranks is the
-  // owner's value, exactly.
-  std::vector<torch::Tensor> keep(params_.size());
-  for (size_t i = 0; i < mine_.size(); ++i) {
-    const ShardPiece& pc = mine_[i];
-    if (!keep[pc.param].defined()) keep[pc.param] = torch::zeros({params_[pc.param].numel()}, params_[pc.param].options());
-    keep[pc.param].narrow(0, pc.offset, pc.length).copy_(slices_[i]);
-  }
-  for (size_t i = 0; i < params_.size(); ++i) {
-    if (keep[i].defined()) params_[i].view({-1}).copy_(keep[i]);
-    else params_[i].zero_();
-  }
-  dist_.sum_buckets(params_);
+  // owner's value, exactly. Reduced in separate buffers: a failed exchange leaves the weights.
+  std::vector<torch::Tensor> full;
+  for (const auto& p : params_) full.push_back(torch::zeros({p.numel()}, p.options()));
+  for (size_t i = 0; i < mine_.size(); ++i) full[mine_[i].param].narrow(0, mine_[i].offset, mine_[i].length).copy_(slices_[i]);
+  dist_.sum_buckets(full);
+  for (size_t i = 0; i < params_.size(); ++i) params_[i].view({-1}).copy_(full[i]);
 }
 
 void ShardedAdamW::zero_grad() {

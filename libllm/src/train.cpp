@@ -138,8 +138,8 @@ struct Run {
       : recipe(r), tc(t), hooks(h), cuda(wants_cuda(t)),
         dist(Distributed::from_env(300, cuda && compat::nccl_available() ? "nccl" : "gloo")), guard(r.guard) {
     if (cuda) {
-      device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist.local_rank()));
-      compat::cuda_set_device(dist.local_rank());
+      device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(compat::cuda_device_for(dist.local_rank())));
+      compat::cuda_set_device(device.index());
     }
   }
   const Recipe& recipe;
@@ -238,11 +238,15 @@ struct Run {
            {"lr_scale", guard.lr_scale()}, {"checkpoint", dir}});
   }
 
-  // The newest checkpoint at or before step `limit` ("" if none), and its step.
-  std::pair<std::string, int64_t> target_before(int64_t limit) const {
+  // The newest checkpoint at or before step `limit` ("" if none), and its step, as rank 0 sees
+  // the folder (every rank then loads the same one).
+  std::pair<std::string, int64_t> target_before(int64_t limit) {
     int64_t best = -1;
     for (int64_t s : checkpoint_steps(ckpt_root))
       if (s <= limit) best = s;
+    auto t = torch::full({1}, main() ? best + 1 : 0, torch::kInt64);
+    dist.sum(t);
+    best = t.item<int64_t>() - 1;
     if (best < 0) return {"", -1};
     return {(fs::path(ckpt_root) / checkpoint_name(best)).string(), best};
   }

@@ -45,7 +45,7 @@ struct TrainingPlan {
   int64_t total_tokens = 0;       // train.steps * global_batch_tokens
   double tokens_per_s = 0;        // gpus * mfu * peak / flops_per_token
   double days = 0;                // total_tokens / tokens_per_s
-  std::vector<MemoryRow> rows;    // none, zero1, zero2, zero3, hybrid (when gpus > gpus_per_node)
+  std::vector<MemoryRow> rows;    // none, zero1, zero2, hybrid (when gpus > gpus_per_node), zero3
   std::string recommendation;     // the least sharding that fits, preferring no recomputation
 };
 
