@@ -80,9 +80,6 @@ int64_t cuda_peak_allocated_bytes(int device) {
   const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
   return stats.allocated_bytes[0].peak;  // [0]: StatType::AGGREGATE
 }
-void cuda_reset_peak(int device) {
-  c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
-}
 void cuda_set_device(int device) { c10::cuda::set_device(static_cast<c10::DeviceIndex>(device)); }
 std::string cuda_device_name(int device) {
   cudaDeviceProp prop{};
@@ -93,7 +90,6 @@ std::string cuda_device_name(int device) {
 bool cuda_available() { return false; }
 void cuda_synchronize() {}
 int64_t cuda_peak_allocated_bytes(int) { return 0; }
-void cuda_reset_peak(int) {}
 void cuda_set_device(int) {}
 std::string cuda_device_name(int) { return ""; }
 #endif

@@ -40,10 +40,7 @@ const Shim& shim() {
     std::string errors;
     for (const auto& path : candidates) {
       if (!std::filesystem::exists(path)) continue;
-      // LIBLLM_SPM_DLOPEN=local drops RTLD_DEEPBIND (diagnosing symbol clashes on other systems).
-      const char* mode = std::getenv("LIBLLM_SPM_DLOPEN");
-      const int flags = RTLD_NOW | RTLD_LOCAL | (mode && std::string(mode) == "local" ? 0 : RTLD_DEEPBIND);
-      void* lib = dlopen(path.c_str(), flags);
+      void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
       if (!lib) {
         errors += std::string(" ") + dlerror();
         continue;

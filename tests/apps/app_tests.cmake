@@ -71,6 +71,12 @@ add_test(NAME apps.pretrain.tiny COMMAND ${_bin}/llm-pretrain ${CMAKE_CURRENT_SO
          WORKING_DIRECTORY ${_src})
 set_tests_properties(apps.pretrain.tiny PROPERTIES FIXTURES_REQUIRED tiny_shards
                      PASS_REGULAR_EXPRESSION "step +4/4 .*eval [0-9.]+.*saved checkpoint .*step-00000004.*sample: Hello")
+if(NOT LIBLLM_CUDA)
+  expect_error(pretrain.cuda-without-cuda "train.device: is 'cuda' but no CUDA device is usable"
+               ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set train.device=cuda ${_sets})
+endif()
+expect_error(pretrain.bad-sharding "train.sharding=zero3: expected one of: none, zero1"
+             ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set train.sharding=zero3)
 expect_error(pretrain.missing-shards "data.train: no training shard folders|shard-set folder not found"
              ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set data.train=[/nonexistent])
 

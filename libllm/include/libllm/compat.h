@@ -42,7 +42,6 @@ bool cuda_available();                           // a CUDA device can be used
 bool nccl_available();                           // libllm was built with c10d's NCCL process group
 void cuda_synchronize();                         // waits for the current device's queued work
 int64_t cuda_peak_allocated_bytes(int device);   // the caching allocator's peak since the last reset
-void cuda_reset_peak(int device);
 void cuda_set_device(int device);                // the device NCCL collectives and new tensors use
 int cuda_device_for(int local_rank);             // local_rank modulo the visible devices (one per task under Slurm)
 std::string cuda_device_name(int device);        // e.g. "NVIDIA H100 80GB HBM3" ("" without CUDA)
