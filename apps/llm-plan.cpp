@@ -107,8 +107,7 @@ int main(int argc, char** argv) {
                  x.buffers / gib, x.total(false) / gib, x.total(false) <= cs.gpu_memory_gib * gib ? " " : "!",
                  x.total(true) / gib, x.total(true) <= cs.gpu_memory_gib * gib ? " " : "!");
     fmt::print("  (! = does not fit)  fits: {}\n", p.recommendation);
-    fmt::print("  libllm's trainer today: none (replicated) and zero1 (train.sharding); zero2, zero3 and hybrid are "
-               "estimates, not yet in libllm\n");
+    fmt::print("  each row is a train.sharding value; zero3 and hybrid need train.activation_checkpointing: true\n");
     fmt::print("  compute: {:.1f} GFLOP/token -> {} tokens/s ({} per GPU); {} steps x {} tokens = {:.3g} tokens "
                "-> {:.1f} days\n",
                p.flops_per_token / 1e9, commas(std::llround(p.tokens_per_s)), commas(std::llround(p.tokens_per_s / cs.gpus)),

@@ -209,10 +209,11 @@ std::string save_checkpoint(const std::string& root, Transformer& model, const A
   return final_dir.string();
 }
 
-std::string save_checkpoint_sharded(const std::string& root, Transformer& model, const AdamW& local,
-                                    const TrainState& state, const std::string& recipe_yaml,
-                                    const std::string& tokenizer_path, Distributed& dist) {
-  const int world = dist.world_size(), rank = dist.rank();
+std::string save_checkpoint_sharded(const std::string& root, const std::vector<std::pair<std::string, torch::Tensor>>& weights,
+                                    const AdamW& local, const TrainState& state, const std::string& recipe_yaml,
+                                    const std::string& tokenizer_path, Distributed& dist, int shard, int shards,
+                                    bool write_shard) {
+  const int world = shards > 0 ? shards : dist.world_size(), rank = shard >= 0 ? shard : dist.rank();
   const fs::path final_dir = fs::path(root) / checkpoint_name(state.step);
   const fs::path tmp = fs::path(root) / (checkpoint_name(state.step) + ".tmp-sharded");  // one name on every rank
   std::error_code ec;
@@ -229,14 +230,16 @@ std::string save_checkpoint_sharded(const std::string& root, Transformer& model,
     throw Error(tmp.string(), "a rank cannot create or see the checkpoint folder",
                 "every rank must see the run folder (a shared filesystem)");
   std::string error;
-  try {
-    auto mine = local.state();
-    mine.erase(std::remove_if(mine.begin(), mine.end(), [](const auto& kv) { return kv.first == "step"; }), mine.end());
-    mine.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
-    write_tensors((tmp / ("optimizer-shard-" + std::to_string(rank) + "-of-" + std::to_string(world) + ".safetensors")).string(),
-                  mine);
-  } catch (const std::exception& e) {
-    error = e.what();
+  if (write_shard) {  // (hybrid sharding: another replica's rank writes the same shard)
+    try {
+      auto mine = local.state();
+      mine.erase(std::remove_if(mine.begin(), mine.end(), [](const auto& kv) { return kv.first == "step"; }), mine.end());
+      mine.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
+      write_tensors((tmp / ("optimizer-shard-" + std::to_string(rank) + "-of-" + std::to_string(world) + ".safetensors")).string(),
+                    mine);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
   }
   // Every rank learns whether every shard was written (this is also the barrier before rank 0
   // completes the folder), so a failure on one rank fails all of them at once.
@@ -248,9 +251,7 @@ std::string save_checkpoint_sharded(const std::string& root, Transformer& model,
   }
   if (dist.is_main()) {
     try {
-      std::vector<std::pair<std::string, torch::Tensor>> params;
-      for (auto& p : model->named_parameters()) params.emplace_back(p.key(), p.value());
-      write_tensors((tmp / "model.safetensors").string(), params);
+      write_tensors((tmp / "model.safetensors").string(), weights);
       write_tensors((tmp / "optimizer.safetensors").string(),
                     {{"step", torch::scalar_tensor(local.steps(), torch::kInt64)}});
       write_text((tmp / "recipe.yaml").string(), recipe_yaml);
@@ -294,6 +295,11 @@ std::string latest_checkpoint(const std::string& root) {
   return steps.empty() ? "" : (fs::path(root) / checkpoint_name(steps.back())).string();
 }
 
+TrainState load_checkpoint_state(const std::string& dir, AdamW& optim, int rank) {
+  Transformer none{nullptr};
+  return load_checkpoint(dir, none, optim, rank);
+}
+
 TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& optim, int rank) {
   const std::string trainer_path = (fs::path(dir) / "trainer.json").string();
   std::ifstream in(trainer_path);
@@ -306,7 +312,7 @@ TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& op
   }
   for (const char* key : {"step", "data_cursor", "extra"})
     if (!j.contains(key)) throw Error(trainer_path, std::string("missing key '") + key + "'");
-  load_weights(model, dir);
+  if (model) load_weights(model, dir);
   OptimizerFiles files(dir, j.value("optimizer_shards", int64_t{0}));
   at::Generator gen = at::detail::getDefaultCPUGenerator();  // shares the default generator
   gen.set_state(files.rng(rank));

@@ -46,7 +46,8 @@ int env_int(std::initializer_list<const char*> names, int fallback) {
   try {
     return std::stoi(v);
   } catch (...) {
-    throw Error(*names.begin(), std::string("expected an integer, got '") + v + "'", "check the launcher's environment");
+    throw Error(*names.begin(), std::string("expected an integer, got '") + v + "'",
+                "check the launcher's environment");
   }
 }
 
@@ -57,21 +58,44 @@ struct Distributed::Impl {
   c10::intrusive_ptr<ProcessGroupBase> pg;
   std::string addr;
   int port = 0;
-  torch::Device device = torch::kCPU;  // where the backend's tensors must live
-  bool gloo = true;                    // Gloo cannot reduce bf16/fp16: they go through fp32
+  torch::Device device = torch::kCPU;         // where the backend's tensors must live
+  bool gloo = true;                           // Gloo cannot reduce bf16/fp16: they go through fp32
+  std::chrono::milliseconds timeout{300000};  // of every collective (subgroups too)
 
   // Sums t over ranks in place; a tensor on another device is staged through `device`.
-  void allreduce(torch::Tensor& t) {
+  void allreduce(torch::Tensor& t) { allreduce_async(t).wait(); }
+
+  static Error failed(const char* what, const std::exception& e) {
+    return Error("distributed", std::string(what) + " failed (a peer died or timed out): " + e.what());
+  }
+
+  Pending allreduce_async(const torch::Tensor& t) {
     torch::Tensor work = t.device() == device ? t : t.to(device);
     if (gloo && (work.scalar_type() == torch::kBFloat16 || work.scalar_type() == torch::kHalf))
       work = work.to(torch::kFloat32);
     std::vector<torch::Tensor> v{work};
     try {
-      pg->allreduce(v)->wait();
-      if (!work.is_same(t)) t.copy_(work);
+      return pending(pg->allreduce(v), "all-reduce", [work, t]() mutable {
+        if (!work.is_same(t)) t.copy_(work);
+      });
+    } catch (const Error&) {
+      throw;
     } catch (const std::exception& e) {
-      throw Error("distributed", std::string("all-reduce failed (a peer died or timed out): ") + e.what());
+      throw failed("all-reduce", e);
     }
+  }
+
+  // A collective in flight: waiting rethrows its failure as one Error; then `after` runs.
+  template <typename Work>
+  static Pending pending(Work w, const char* what, std::function<void()> after) {
+    return Pending([w, what, after]() {
+      try {
+        w->wait();
+      } catch (const std::exception& e) {
+        throw failed(what, e);
+      }
+      after();
+    });
   }
 };
 
@@ -107,6 +131,7 @@ Distributed Distributed::from_env(double timeout_s, const std::string& backend) 
   impl->addr = addr ? addr : "127.0.0.1";
   impl->port = env_int({"MASTER_PORT"}, 29500);
   const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
+  impl->timeout = timeout;
   try {
     c10d::TCPStoreOptions opts;
     opts.port = static_cast<uint16_t>(impl->port);
@@ -140,6 +165,117 @@ Distributed Distributed::from_env(double timeout_s, const std::string& backend) 
   }
   d.impl_ = std::move(impl);
   return d;
+}
+
+Distributed Distributed::subgroup(const std::string& name, int rank, int size) const {
+  if (!impl_) throw Error("distributed", "a subgroup needs a process group");
+  if (rank < 0 || rank >= size) throw Error("distributed", fmt::format("rank {} outside a subgroup of {}", rank, size));
+  Distributed d;
+  d.backend_ = backend_;
+  d.rank_ = rank;
+  d.world_ = size;
+  d.local_rank_ = local_rank_;
+  auto impl = std::make_unique<Impl>();
+  impl->store = impl_->store;
+  impl->addr = impl_->addr;
+  impl->port = impl_->port;
+  impl->device = impl_->device;
+  impl->gloo = impl_->gloo;
+  auto prefixed = c10::make_intrusive<c10d::PrefixStore>("libllm/" + name, impl->store);
+  try {
+#ifdef LIBLLM_NCCL
+    if (backend_ == "nccl") {
+      auto pg_opts = c10d::ProcessGroupNCCL::Options::create();
+      pg_opts->timeout = impl_->timeout;
+      impl->pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, size, pg_opts);
+    }
+#endif
+#ifdef LIBLLM_GLOO
+    if (backend_ == "gloo") {
+      auto pg_opts = c10d::ProcessGroupGloo::Options::create(impl_->timeout);
+      pg_opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(impl->addr));
+      impl->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, pg_opts);
+    }
+#endif
+  } catch (const std::exception& e) {
+    throw Error("distributed", fmt::format("rank {}/{} could not join the group '{}': {}", rank, size, name,
+                                           std::string(e.what()).substr(0, std::string(e.what()).find('\n'))));
+  }
+  d.impl_ = std::move(impl);
+  return d;
+}
+
+void Pending::wait() {
+  if (!finish_) return;
+  auto f = std::move(finish_);
+  finish_ = nullptr;
+  f();
+}
+
+Pending Distributed::all_gather(const torch::Tensor& shard, const torch::Tensor& full) {
+  if (full.numel() != shard.numel() * world_)
+    throw Error("distributed",
+                fmt::format("all_gather: {} elements for {} ranks of {}", full.numel(), world_, shard.numel()));
+  if (!impl_) {
+    full.copy_(shard.reshape({-1}));
+    return {};
+  }
+  torch::Tensor in = shard.reshape({-1});
+  torch::Tensor out =
+      full.device() == impl_->device ? full : torch::empty({full.numel()}, full.options().device(impl_->device));
+  if (in.device() != impl_->device) in = in.to(impl_->device);
+  auto copy_back = [full, out]() mutable {
+    if (!out.is_same(full)) full.copy_(out);
+  };
+  try {
+    if (impl_->gloo) {
+      // Gloo's all-gather copies bytes; bf16 goes through it as fp16 (same size; no arithmetic).
+      const bool low = in.scalar_type() == torch::kBFloat16;
+      std::vector<std::vector<torch::Tensor>> outputs{(low ? out.view(torch::kHalf) : out).chunk(world_)};
+      std::vector<torch::Tensor> inputs{(low ? in.view(torch::kHalf) : in).contiguous()};
+      return Impl::pending(impl_->pg->allgather(outputs, inputs), "all-gather", copy_back);
+    }
+    torch::Tensor src = in.contiguous();
+    return Impl::pending(impl_->pg->_allgather_base(out, src), "all-gather",
+                         [copy_back, src]() mutable { copy_back(); });
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw Impl::failed("all-gather", e);
+  }
+}
+
+Pending Distributed::reduce_scatter(const torch::Tensor& full, const torch::Tensor& shard) {
+  const int64_t n = shard.numel();
+  if (full.numel() != n * world_)
+    throw Error("distributed", fmt::format("reduce_scatter: {} elements for {} ranks of {}", full.numel(), world_, n));
+  if (!impl_) {
+    shard.copy_(full.reshape({-1}));
+    return {};
+  }
+  if (impl_->gloo) {
+    torch::Tensor flat = full.reshape({-1});
+    Pending p = impl_->allreduce_async(flat);
+    const int64_t offset = rank_ * n;
+    auto holder = std::make_shared<Pending>(std::move(p));
+    return Pending([holder, flat, shard, offset, n]() {
+      holder->wait();
+      shard.view({-1}).copy_(flat.narrow(0, offset, n));
+    });
+  }
+  torch::Tensor in = full.device() == impl_->device ? full.reshape({-1}) : full.reshape({-1}).to(impl_->device);
+  torch::Tensor out = shard.device() == impl_->device && shard.is_contiguous()
+                          ? shard.view({-1})
+                          : torch::empty({n}, shard.options().device(impl_->device));
+  try {
+    return Impl::pending(impl_->pg->_reduce_scatter_base(out, in), "reduce-scatter", [in, out, shard]() mutable {
+      if (!out.is_same(shard)) shard.view({-1}).copy_(out);
+    });
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw Impl::failed("reduce-scatter", e);
+  }
 }
 
 std::string Distributed::describe() const {

@@ -296,28 +296,38 @@ std::map<std::string, torch::Tensor> read_weights(const std::string& dir) {
   return out;
 }
 
-void load_weights(Transformer& model, const std::string& dir) {
+void load_weights(const std::string& dir, const std::vector<std::pair<std::string, std::vector<int64_t>>>& params,
+                  bool tied, const std::function<void(const std::string&, const torch::Tensor&)>& store) {
   WeightIndex idx = open_weights(dir);
   torch::NoGradGuard no_grad;
   std::set<std::string> used;
-  for (auto& p : model->named_parameters()) {
-    const std::string& name = p.key();
+  for (const auto& [name, shape] : params) {
     if (!idx.tensors.count(name))
       throw Error(dir + ": tensor '" + name + "'", "missing from the checkpoint",
                   "the checkpoint does not match its config (layers, experts or tied embeddings)");
     auto src = idx.view(name);
-    if (src.sizes() != p.value().sizes())
+    if (src.sizes() != c10::IntArrayRef(shape))
       throw Error(dir + ": tensor '" + name + "'", "has shape " + shape_str(src.sizes()) +
-                                                       " but the config implies " + shape_str(p.value().sizes()));
-    p.value().copy_(src);
+                                                       " but the config implies " + shape_str(shape));
+    store(name, src);
     used.insert(name);
   }
-  const bool tied = !model->lm_head;
   for (const auto& [name, entry] : idx.tensors) {
     if (used.count(name) || ends_with(name, "rotary_emb.inv_freq") || (tied && name == "lm_head.weight")) continue;
     throw Error(dir + ": tensor '" + name + "'", "is not a parameter of this model",
                 "the checkpoint does not match its config");
   }
+}
+
+void load_weights(Transformer& model, const std::string& dir) {
+  std::vector<std::pair<std::string, std::vector<int64_t>>> params;
+  std::map<std::string, torch::Tensor> by_name;
+  for (auto& p : model->named_parameters()) {
+    params.emplace_back(p.key(), p.value().sizes().vec());
+    by_name[p.key()] = p.value();
+  }
+  load_weights(dir, params, !model->lm_head,
+               [&](const std::string& name, const torch::Tensor& src) { by_name.at(name).copy_(src); });
 }
 
 void write_folder_atomically(const std::string& dir, const std::function<void(const std::string& tmp)>& fill) {

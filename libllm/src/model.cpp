@@ -216,20 +216,29 @@ namespace {
 // the block input's gradient flows back through the graph. The input must require grad (true
 // whenever the embedding or an earlier block is trained).
 struct BlockRecompute : torch::autograd::Function<BlockRecompute> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, int64_t block_ptr, const torch::Tensor& x,
-                               const torch::Tensor& cos, const torch::Tensor& sin) {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, int64_t block_ptr, int64_t hooks_ptr,
+                               int64_t layer, const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
     ctx->saved_data["block"] = block_ptr;
+    ctx->saved_data["hooks"] = hooks_ptr;
+    ctx->saved_data["layer"] = layer;
     ctx->save_for_backward({x, cos, sin});
     // The recompute must draw the same dropout masks (LoRA dropout): keep the RNG state of the
     // device the block runs on.
     ctx->saved_data["rng"] = at::globalContext().defaultGenerator(x.device()).get_state();
     std::vector<torch::Tensor> router_logits;
-    return reinterpret_cast<BlockImpl*>(block_ptr)->forward(x, cos, sin, router_logits);
+    auto* hooks = reinterpret_cast<BlockHooks*>(hooks_ptr);
+    if (hooks) hooks->before_block(layer, false);
+    auto y = reinterpret_cast<BlockImpl*>(block_ptr)->forward(x, cos, sin, router_logits);
+    if (hooks) hooks->after_block(layer, false);
+    return y;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_out) {
     auto* block = reinterpret_cast<BlockImpl*>(ctx->saved_data["block"].toInt());
+    auto* hooks = reinterpret_cast<BlockHooks*>(ctx->saved_data["hooks"].toInt());
+    const int64_t layer = ctx->saved_data["layer"].toInt();
+    if (hooks) hooks->before_block(layer, true);
     const auto saved = ctx->get_saved_variables();
     auto x = saved[0].detach().requires_grad_(true);
     std::vector<torch::Tensor> router_logits;
@@ -250,9 +259,11 @@ struct BlockRecompute : torch::autograd::Function<BlockRecompute> {
     for (size_t i = 1; i < inputs.size(); ++i) {
       if (!grads[i].defined()) continue;
       auto& g = inputs[i].mutable_grad();
-      g = g.defined() ? g + grads[i] : grads[i];
+      if (g.defined()) g.add_(grads[i]);  // in place: a sharding engine may have made it a view of its buffer
+      else g = grads[i];
     }
-    return {torch::Tensor(), grads[0], torch::Tensor(), torch::Tensor()};
+    if (hooks) hooks->after_block(layer, true);
+    return {torch::Tensor(), torch::Tensor(), torch::Tensor(), grads[0], torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -283,6 +294,7 @@ torch::Tensor TransformerImpl::hidden(const torch::Tensor& tokens, int64_t start
                                       std::vector<torch::Tensor>* router_logits, KVCache* cache) {
   std::vector<torch::Tensor> local;
   auto& rl = router_logits ? *router_logits : local;
+  if (hooks_) hooks_->begin_forward();
   auto x = model->embed_tokens(tokens);                                      // (B, T, D)
   auto [cos, sin] = rotary_.table(start_pos, tokens.size(1), x.device(), x.scalar_type());
   const bool recompute = checkpointing_ && is_training() && torch::GradMode::is_enabled() && !cache;
@@ -292,10 +304,13 @@ torch::Tensor TransformerImpl::hidden(const torch::Tensor& tokens, int64_t start
   int64_t l = 0;
   for (auto& layer : *model->layers) {
     auto* block = layer->as<BlockImpl>();
-    if (recompute)
-      x = BlockRecompute::apply(reinterpret_cast<int64_t>(block), x, cos, sin);
-    else
+    if (recompute) {
+      x = BlockRecompute::apply(reinterpret_cast<int64_t>(block), reinterpret_cast<int64_t>(hooks_), l, x, cos, sin);
+    } else {
+      if (hooks_) hooks_->before_block(l, false);
       x = block->forward(x, cos, sin, rl, cache, l);
+      if (hooks_) hooks_->after_block(l, false);
+    }
     ++l;
   }
   return model->norm(x);

@@ -88,12 +88,12 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
   const double capacity = c.gpu_memory_gib * std::pow(2.0, 30);
   for (bool ckpt : {false, true}) {
     for (const MemoryRow& x : p.rows) {
-      if (x.total(ckpt) <= capacity) {
-        const bool in_trainer = x.sharding == "none" || x.sharding == "zero1";  // train.sharding
-        p.recommendation = fmt::format("{}{} ({:.1f} of {:.0f} GiB per GPU){}", x.sharding,
+      // libllm's ZeRO-3 (and hybrid) recompute every block: they need activation checkpointing.
+      const bool needs_ckpt = x.sharding == "zero3" || x.sharding == "hybrid";
+      if (x.total(ckpt) <= capacity && (ckpt || !needs_ckpt)) {
+        p.recommendation = fmt::format("{}{} ({:.1f} of {:.0f} GiB per GPU)", x.sharding,
                                        ckpt ? " with activation checkpointing" : "",
-                                       x.total(ckpt) / std::pow(2.0, 30), c.gpu_memory_gib,
-                                       in_trainer ? "" : "; not yet in libllm's trainer");
+                                       x.total(ckpt) / std::pow(2.0, 30), c.gpu_memory_gib);
         return p;
       }
     }

@@ -1,7 +1,13 @@
 #include "libllm/shard.h"
 
+#include <fmt/core.h>
+
+#include <cmath>
+#include <map>
+
 #include "libllm/distributed.h"
 #include "libllm/error.h"
+#include "libllm/hf.h"
 
 namespace libllm {
 
@@ -66,7 +72,8 @@ void ShardedAdamW::step(double lr) {
   // owner's value, exactly. Reduced in separate buffers: a failed exchange leaves the weights.
   std::vector<torch::Tensor> full;
   for (const auto& p : params_) full.push_back(torch::zeros({p.numel()}, p.options()));
-  for (size_t i = 0; i < mine_.size(); ++i) full[mine_[i].param].narrow(0, mine_[i].offset, mine_[i].length).copy_(slices_[i]);
+  for (size_t i = 0; i < mine_.size(); ++i)
+    full[mine_[i].param].narrow(0, mine_[i].offset, mine_[i].length).copy_(slices_[i]);
   dist_.sum_buckets(full);
   for (size_t i = 0; i < params_.size(); ++i) params_[i].view({-1}).copy_(full[i]);
 }
@@ -91,6 +98,332 @@ int64_t ShardedAdamW::unsharded_state_bytes() const {
     bytes += p.numel() * (2 * moment + (lp ? 4 : 0));
   }
   return bytes;
+}
+
+}  // namespace libllm
+
+// ---------------------------------------------------------------- ZeRO-2 / ZeRO-3 / hybrid
+
+namespace libllm {
+
+struct FullySharded::Unit {
+  std::vector<std::string> names;     // as model->named_parameters() names them
+  std::vector<torch::Tensor> params;  // the module's parameter tensors
+  std::vector<std::vector<int64_t>> shapes;
+  std::vector<int64_t> offsets, numels;      // of each parameter in the flat vector
+  int64_t numel = 0, padded = 0, chunk = 0;  // padded = chunk * group size
+  torch::TensorOptions options;              // dtype and device of weights and gradients
+  torch::Tensor shard;                       // (chunk) this rank's weights: stage 3 its own; stage 2 a view of flat
+  torch::Tensor grad;                        // (chunk) this rank's gradient, summed over micro batches and ranks
+  torch::Tensor flat;                        // (padded) the whole weights: stage 2 always; stage 3 while gathered
+  torch::Tensor flat_grad;                   // (padded) the gradient buffer of a backward (the params' grads view it)
+  torch::Tensor reduced;                     // (chunk) a reduce-scatter's output, added to grad when it completes
+  Pending gathering, reducing;
+  int64_t element = 0;  // bytes per element
+};
+
+FullySharded::~FullySharded() {
+  if (model_ && model_->block_hooks() == this) model_->set_block_hooks(nullptr);
+}
+
+int FullySharded::shard_rank() const { return shard_->rank(); }
+int FullySharded::shard_world() const { return shard_->world_size(); }
+bool FullySharded::writes_shards() const { return !replicas_ || replicas_->rank() == 0; }
+
+void FullySharded::track(int64_t delta) {
+  held_ += delta;
+  peak_ = std::max(peak_, held_);
+}
+
+FullySharded::FullySharded(Transformer model, int stage, int64_t group, const OptimConfig& cfg, Distributed& dist,
+                           torch::Device device)
+    : model_(model), stage_(stage), dist_(dist), device_(device) {
+  torch::NoGradGuard no_grad;
+  if (stage != 2 && stage != 3) throw Error("train.sharding", "FullySharded is ZeRO stage 2 or 3");
+  const int world = dist.world_size();
+  if (group < 1 || group > world || world % group != 0)
+    throw Error("train.shard_group", fmt::format("{} ranks per shard group do not divide the {} ranks", group, world),
+                "use a divisor of WORLD_SIZE (the ranks of one node, usually)");
+  shard_ = &dist;
+  if (group < world) {  // hybrid: shard inside groups of consecutive ranks, replicate across them
+    const int g = dist.rank() / static_cast<int>(group), r = dist.rank() % static_cast<int>(group);
+    shard_group_ =
+        std::make_unique<Distributed>(dist.subgroup("shard-" + std::to_string(g), r, static_cast<int>(group)));
+    replicas_ = std::make_unique<Distributed>(
+        dist.subgroup("replica-" + std::to_string(r), g, world / static_cast<int>(group)));
+    shard_ = shard_group_.get();
+  }
+  const int G = shard_->world_size(), rank = shard_->rank();
+
+  // Units: every block, then the root (embedding, final norm, LM head).
+  const int64_t L = model->config().n_layers;
+  for (int64_t l = 0; l <= L; ++l) units_.push_back(std::make_unique<Unit>());
+  std::vector<const void*> seen;
+  for (auto& item : model->named_parameters()) {
+    const std::string& name = item.key();
+    torch::Tensor p = item.value();
+    if (std::find(seen.begin(), seen.end(), p.unsafeGetTensorImpl()) != seen.end()) continue;
+    seen.push_back(p.unsafeGetTensorImpl());
+    if (!p.requires_grad())
+      throw Error("train.sharding", "zero2, zero3 and hybrid train every weight, but '" + name + "' is frozen",
+                  "with finetune.method lora use train.sharding none or zero1 (the adapters' state is small)");
+    int64_t l = L;
+    const std::string prefix = "model.layers.";
+    if (name.rfind(prefix, 0) == 0) l = std::stoll(name.substr(prefix.size()));
+    Unit& u = *units_[static_cast<size_t>(l)];
+    if (!u.params.empty() && p.scalar_type() != u.params[0].scalar_type())
+      throw Error(name, "a sharded unit needs one dtype for all its weights");
+    u.names.push_back(name);
+    u.params.push_back(p);
+    u.shapes.push_back(p.sizes().vec());
+    u.offsets.push_back(u.numel);
+    u.numels.push_back(p.numel());
+    u.numel += p.numel();
+  }
+
+  std::vector<std::pair<std::string, torch::Tensor>> slices;
+  std::vector<bool> decay;
+  for (auto& up : units_) {
+    Unit& u = *up;
+    u.chunk = (u.numel + G - 1) / G;
+    u.padded = u.chunk * G;
+    u.options = u.params.at(0).options().device(device);
+    u.element = u.params[0].element_size();
+    auto flat = torch::zeros({u.padded}, u.params[0].options());  // where the weights are now (the CPU)
+    for (size_t i = 0; i < u.params.size(); ++i)
+      flat.narrow(0, u.offsets[i], u.numels[i]).copy_(u.params[i].reshape({-1}));
+    if (stage == 2) {
+      u.flat = flat.to(device);
+      for (size_t i = 0; i < u.params.size(); ++i)
+        u.params[i].set_data(u.flat.narrow(0, u.offsets[i], u.numels[i]).view(u.shapes[i]));
+      u.shard = u.flat.narrow(0, rank * u.chunk, u.chunk);
+      track(u.padded * u.element);
+    } else {
+      u.shard = flat.narrow(0, rank * u.chunk, u.chunk).to(device).clone();
+      for (auto& p : u.params) p.set_data(torch::empty({0}, u.options));
+      track(u.chunk * u.element);
+    }
+    u.grad = torch::zeros({u.chunk}, u.options);
+    track(u.chunk * u.element);
+    // AdamW slices: this rank's part of each parameter, "<param>@<offset in the parameter>".
+    for (size_t i = 0; i < u.params.size(); ++i) {
+      const int64_t lo = std::max(u.offsets[i], rank * u.chunk);
+      const int64_t hi = std::min(u.offsets[i] + u.numels[i], (rank + 1) * u.chunk);
+      if (lo >= hi) continue;
+      slices_.push_back(u.shard.narrow(0, lo - rank * u.chunk, hi - lo));
+      slice_grads_.push_back(u.grad.narrow(0, lo - rank * u.chunk, hi - lo));
+      slices.emplace_back(u.names[i] + "@" + std::to_string(lo - u.offsets[i]), slices_.back());
+      decay.push_back(u.shapes[i].size() >= 2 &&
+                      (cfg.decay_embeddings || u.names[i].find("embed_tokens") == std::string::npos));
+    }
+  }
+  local_ = std::make_unique<AdamW>(std::move(slices), decay, cfg);
+  for (const auto& [name, t] : local_->state())
+    if (t.dim() > 0) track(t.numel() * t.element_size());
+  peak_ = held_;
+  model_->set_block_hooks(this);
+}
+
+void FullySharded::gather(Unit& u, bool wait) {
+  if (!u.flat.defined()) {  // stage 3: start gathering into a fresh buffer; the params view it
+    u.flat = torch::empty({u.padded}, u.options);
+    track(u.padded * u.element);
+    u.gathering = shard_->all_gather(u.shard, u.flat);
+    for (size_t i = 0; i < u.params.size(); ++i)
+      u.params[i].set_data(u.flat.narrow(0, u.offsets[i], u.numels[i]).view(u.shapes[i]));
+  }
+  if (wait) u.gathering.wait();
+}
+
+void FullySharded::release(Unit& u) {
+  if (stage_ != 3 || !u.flat.defined()) return;
+  u.gathering.wait();
+  for (auto& p : u.params) p.set_data(torch::empty({0}, u.options));
+  u.flat = torch::Tensor();
+  track(-u.padded * u.element);
+}
+
+void FullySharded::reduce(Unit& u) {
+  torch::NoGradGuard no_grad;
+  bool any = u.flat_grad.defined();
+  for (auto& p : u.params) any = any || p.grad().defined();
+  if (!any) return;
+  // At most two reductions in flight (each holds a unit's whole gradient): finish older ones first.
+  while (inflight_.size() >= 2) finish(*inflight_.front());
+  if (!u.flat_grad.defined()) {
+    u.flat_grad = torch::zeros({u.padded}, u.options);
+    track(u.padded * u.element);
+  }
+  for (size_t i = 0; i < u.params.size(); ++i) {
+    torch::Tensor& g = u.params[i].mutable_grad();
+    if (!g.defined()) continue;
+    auto dst = u.flat_grad.narrow(0, u.offsets[i], u.numels[i]);
+    if (g.data_ptr() != dst.data_ptr()) dst.copy_(g.reshape({-1}));  // a gradient autograd made itself
+    g.reset();
+  }
+  u.reduced = torch::empty({u.chunk}, u.options);
+  track(u.chunk * u.element);
+  u.reducing = shard_->reduce_scatter(u.flat_grad, u.reduced);  // keeps the buffer until done
+  inflight_.push_back(&u);
+  u.flat_grad = torch::Tensor();
+}
+
+void FullySharded::finish(Unit& u) {
+  torch::NoGradGuard no_grad;
+  u.reducing.wait();
+  inflight_.erase(std::find(inflight_.begin(), inflight_.end(), &u));
+  u.grad.add_(u.reduced);
+  u.reduced = torch::Tensor();
+  track(-(u.padded + u.chunk) * u.element);
+}
+
+void FullySharded::wait_reductions() {
+  while (!inflight_.empty()) finish(*inflight_.front());
+}
+
+void FullySharded::grad_buffer(Unit& u) {
+  if (u.flat_grad.defined()) return;
+  u.flat_grad = torch::zeros({u.padded}, u.options);
+  track(u.padded * u.element);
+  for (size_t i = 0; i < u.params.size(); ++i)
+    u.params[i].mutable_grad() = u.flat_grad.narrow(0, u.offsets[i], u.numels[i]).view(u.shapes[i]);
+}
+
+void FullySharded::begin_forward() {
+  Unit& root = *units_.back();
+  if (stage_ != 3) return;
+  gather(root, true);
+  if (torch::GradMode::is_enabled() && model_->is_training()) grad_buffer(root);
+}
+
+void FullySharded::before_block(int64_t layer, bool backward) {
+  Unit& u = *units_.at(static_cast<size_t>(layer));
+  if (stage_ == 3) {
+    gather(u, true);
+    const int64_t next = backward ? layer - 1 : layer + 1;  // prefetch: overlaps this block's compute
+    if (next >= 0 && next < static_cast<int64_t>(units_.size()) - 1) gather(*units_[static_cast<size_t>(next)], false);
+  }
+  if (backward) grad_buffer(u);
+}
+
+void FullySharded::after_block(int64_t layer, bool backward) {
+  Unit& u = *units_.at(static_cast<size_t>(layer));
+  if (backward) reduce(u);
+  release(u);
+}
+
+void FullySharded::reduce_gradients() {
+  // Gradients autograd made itself (no flat buffer) were all alive at the end of backward.
+  int64_t own = 0;
+  for (auto& up : units_)
+    for (size_t i = 0; i < up->params.size(); ++i) {
+      const auto& g = up->params[i].grad();
+      if (g.defined() && !up->flat_grad.defined()) own += g.numel() * g.element_size();
+    }
+  peak_ = std::max(peak_, held_ + own);
+  for (auto& up : units_) reduce(*up);
+  wait_reductions();
+  release(*units_.back());  // stage 3: the root is gathered again by the next forward
+}
+
+double FullySharded::clip_grad_norm(double max_norm) {
+  torch::NoGradGuard no_grad;
+  wait_reductions();
+  std::vector<torch::Tensor> grads;
+  for (auto& up : units_) grads.push_back(up->grad);
+  if (replicas_) replicas_->sum_buckets(grads);  // hybrid: the same shard's sum over the other groups
+  for (auto& g : grads) g.div_(dist_.world_size());
+  auto norms = torch::stack(at::_foreach_norm(grads)).to(torch::kFloat64);
+  auto sq = norms.square().sum().reshape({1});
+  shard_->sum(sq);
+  const double total = std::sqrt(sq.item<double>());
+  if (max_norm > 0 && std::isfinite(total) && total > max_norm) at::_foreach_mul_(grads, max_norm / total);
+  return total;
+}
+
+void FullySharded::step(double lr) {
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < slices_.size(); ++i) slices_[i].mutable_grad() = slice_grads_[i];
+  local_->step(lr);
+  for (auto& s : slices_) s.mutable_grad().reset();
+  if (stage_ == 2) {  // every rank gets the others' updated elements
+    std::vector<Pending> pending;
+    for (auto& up : units_) pending.push_back(shard_->all_gather(up->shard.clone(), up->flat));
+    for (auto& p : pending) p.wait();
+  } else {
+    for (auto& up : units_) release(*up);  // stale now
+  }
+}
+
+void FullySharded::zero_grad() {
+  torch::NoGradGuard no_grad;
+  wait_reductions();
+  for (auto& up : units_) {
+    up->grad.zero_();
+    for (auto& p : up->params) p.mutable_grad().reset();
+    if (up->flat_grad.defined()) {
+      track(-up->padded * up->element);
+      up->flat_grad = torch::Tensor();
+    }
+  }
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> FullySharded::gather_weights() {
+  torch::NoGradGuard no_grad;
+  std::map<std::string, torch::Tensor> got;
+  for (auto& up : units_) {
+    Unit& u = *up;
+    torch::Tensor full = u.flat;
+    if (stage_ == 3) {  // a fresh gather: a gathered copy may be stale (between step and release)
+      full = torch::empty({u.padded}, u.options);
+      shard_->all_gather(u.shard, full).wait();
+    }
+    if (!dist_.is_main()) continue;
+    for (size_t i = 0; i < u.params.size(); ++i)
+      got[u.names[i]] = full.narrow(0, u.offsets[i], u.numels[i]).view(u.shapes[i]).to(torch::kCPU).clone();
+  }
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  if (!dist_.is_main()) return out;
+  for (auto& item : model_->named_parameters())
+    if (got.count(item.key())) out.emplace_back(item.key(), got.at(item.key()));
+  return out;
+}
+
+void FullySharded::load_weights(const std::string& dir) {
+  torch::NoGradGuard no_grad;
+  std::vector<std::pair<std::string, std::vector<int64_t>>> params;
+  std::map<std::string, std::pair<Unit*, size_t>> where;
+  for (auto& up : units_)
+    for (size_t i = 0; i < up->params.size(); ++i) {
+      params.emplace_back(up->names[i], up->shapes[i]);
+      where[up->names[i]] = {up.get(), i};
+    }
+  const int64_t rank = shard_->rank();
+  libllm::load_weights(dir, params, !model_->lm_head, [&](const std::string& name, const torch::Tensor& src) {
+    auto [u, i] = where.at(name);
+    auto flat = src.reshape({-1});
+    if (stage_ == 2) {
+      u->flat.narrow(0, u->offsets[i], flat.numel()).copy_(flat);
+      return;
+    }
+    const int64_t lo = std::max(u->offsets[i], rank * u->chunk);
+    const int64_t hi = std::min(u->offsets[i] + u->numels[i], (rank + 1) * u->chunk);
+    if (lo < hi) u->shard.narrow(0, lo - rank * u->chunk, hi - lo).copy_(flat.narrow(0, lo - u->offsets[i], hi - lo));
+  });
+  for (auto& up : units_) release(*up);
+}
+
+void FullySharded::unshard() {
+  torch::NoGradGuard no_grad;
+  wait_reductions();
+  for (auto& up : units_) {
+    if (stage_ == 3) {
+      release(*up);
+      gather(*up, true);
+    }
+    for (auto& p : up->params) p.mutable_grad().reset();
+  }
+  model_->set_block_hooks(nullptr);
 }
 
 }  // namespace libllm

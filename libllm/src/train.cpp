@@ -45,7 +45,8 @@ void TrainConfig::fields(Fields& f) {
   f.add("dtype", dtype).one_of({"fp32", "bf16"});
   f.add("device", device).one_of({"cpu", "cuda", "auto"});
   f.add("activation_checkpointing", activation_checkpointing);
-  f.add("sharding", sharding).one_of({"none", "zero1"});
+  f.add("sharding", sharding).one_of({"none", "zero1", "zero2", "zero3", "hybrid"});
+  f.add("shard_group", shard_group).min(0);
   f.add("seed", seed).min(0);
   f.add("threads", threads).min(0);
   f.add("log_every", log_every).min(1);
@@ -151,10 +152,29 @@ struct Run {
   Transformer model{nullptr};
   std::unique_ptr<AdamW> optim;          // replicated: every rank updates everything
   std::unique_ptr<ShardedAdamW> sharded;  // or ZeRO-1: each rank its slice
-  AdamW& adamw() { return sharded ? sharded->local() : *optim; }
-  const AdamW& adamw() const { return sharded ? sharded->local() : *optim; }
-  void step(double lr) { sharded ? sharded->step(lr) : optim->step(lr); }
-  void zero_grad() { sharded ? sharded->zero_grad() : optim->zero_grad(); }
+  std::unique_ptr<FullySharded> fsdp;     // or ZeRO-2 / ZeRO-3 / hybrid
+  AdamW& adamw() { return fsdp ? fsdp->local() : sharded ? sharded->local() : *optim; }
+  const AdamW& adamw() const { return fsdp ? fsdp->local() : sharded ? sharded->local() : *optim; }
+  void step(double lr) { fsdp ? fsdp->step(lr) : sharded ? sharded->step(lr) : optim->step(lr); }
+  void zero_grad() { fsdp ? fsdp->zero_grad() : sharded ? sharded->zero_grad() : optim->zero_grad(); }
+  std::vector<torch::Tensor> params;      // the trainable parameters (unsharded and ZeRO-1)
+  // Gradients of a step averaged over the ranks, then clipped: the global norm before clipping.
+  double finish_gradients(double max_norm) {
+    if (fsdp) return fsdp->clip_grad_norm(max_norm);
+    dist.average_gradients(params);
+    return clip_grad_norm(params, max_norm);
+  }
+  // Bytes of parameters + gradients + optimizer state this rank holds now (unsharded and ZeRO-1).
+  int64_t state_bytes() {
+    int64_t bytes = 0;
+    for (const auto& p : model->parameters()) {
+      bytes += p.numel() * p.element_size();
+      if (p.grad().defined()) bytes += p.grad().numel() * p.grad().element_size();
+    }
+    for (const auto& [name, t] : adamw().state())
+      if (t.dim() > 0) bytes += t.numel() * t.element_size();
+    return bytes;
+  }
   std::unique_ptr<PackedDataset> data;  // packed documents (pretraining, continued pretraining)
   std::unique_ptr<ChatDataset> chat;    // or chat / instruction examples (fine-tuning)
   std::vector<int64_t> buf;
@@ -194,14 +214,30 @@ struct Run {
   std::string save(int64_t step) {
     TrainState st{step, cursor(), extra()};
     // Every rank calls this; replicated, only rank 0 writes.
-    if (sharded) return save_checkpoint_sharded(ckpt_root, model, adamw(), st, recipe_yaml, recipe.tokenizer.path, dist);
+    if (fsdp) {
+      const auto weights = fsdp->gather_weights();  // collective; rank 0 gets them
+      return save_checkpoint_sharded(ckpt_root, weights, adamw(), st, recipe_yaml, recipe.tokenizer.path, dist,
+                                     fsdp->shard_rank(), fsdp->shard_world(), fsdp->writes_shards());
+    }
+    if (sharded) {
+      std::vector<std::pair<std::string, torch::Tensor>> weights;
+      if (main())
+        for (auto& p : model->named_parameters()) weights.emplace_back(p.key(), p.value());
+      return save_checkpoint_sharded(ckpt_root, weights, adamw(), st, recipe_yaml, recipe.tokenizer.path, dist);
+    }
     if (!main()) return "";
     return save_checkpoint(ckpt_root, model, *optim, st, recipe_yaml, recipe.tokenizer.path);
   }
 
   // Loads a checkpoint: model, optimizer, RNG, data cursor, guard state, eval history.
   TrainState load(const std::string& dir) {
-    TrainState st = load_checkpoint(dir, model, adamw(), dist.rank());
+    TrainState st;
+    if (fsdp) {
+      fsdp->load_weights(dir);
+      st = load_checkpoint_state(dir, adamw(), fsdp->shard_rank());
+    } else {
+      st = load_checkpoint(dir, model, adamw(), dist.rank());
+    }
     if (chat) {
       chat->restore(st.data_cursor);
     } else {
@@ -332,10 +368,25 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     run.model = Transformer(mc);
     if (tc.dtype == "bf16") run.model->to(torch::kBFloat16);
   }
-  run.model->to(run.device);
+  const bool fully_sharded = tc.sharding == "zero2" || tc.sharding == "zero3" || tc.sharding == "hybrid";
+  if ((tc.sharding == "zero3" || tc.sharding == "hybrid") && !tc.activation_checkpointing)
+    throw Error("train.activation_checkpointing", "must be true with train.sharding " + tc.sharding,
+                "ZeRO-3 gathers a block's weights again for its backward, which recomputes the block");
   run.model->set_activation_checkpointing(tc.activation_checkpointing);
-  if (tc.sharding == "zero1") run.sharded = std::make_unique<ShardedAdamW>(trainable_parameters(run.model), recipe.optim, dist);
-  else run.optim = std::make_unique<AdamW>(trainable_parameters(run.model), recipe.optim);
+  const ParamSummary ps = summarize_parameters(run.model);  // before sharding empties the parameters
+  if (fully_sharded) {
+    int64_t group = dist.world_size();
+    if (tc.sharding == "hybrid") group = tc.shard_group > 0 ? tc.shard_group : env_int("LOCAL_WORLD_SIZE", group);
+    else if (tc.shard_group > 0 && tc.shard_group != group)
+      throw Error("train.shard_group", "is for train.sharding hybrid", "set train.sharding: hybrid, or remove shard_group");
+    run.fsdp = std::make_unique<FullySharded>(run.model, tc.sharding == "zero2" ? 2 : 3, group, recipe.optim, dist,
+                                              run.device);  // moves the weights to the device, sharded
+  } else {
+    run.model->to(run.device);
+    if (tc.sharding == "zero1") run.sharded = std::make_unique<ShardedAdamW>(trainable_parameters(run.model), recipe.optim, dist);
+    else run.optim = std::make_unique<AdamW>(trainable_parameters(run.model), recipe.optim);
+    for (auto& [name, p] : trainable_parameters(run.model)) run.params.push_back(p);
+  }
   if (chat_data) {
     run.chat = std::make_unique<ChatDataset>(recipe.chat, tok, tc.seq_len, static_cast<uint64_t>(recipe.data.seed),
                                              dist.rank(), dist.world_size());
@@ -345,7 +396,6 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   }
 
   const ParamCount pc = count_parameters(mc);
-  const ParamSummary ps = summarize_parameters(run.model);
   // Training FLOPs per token: 6 N (non-embedding weights, forward + backward) + 12 L H Q T (attention);
   // with frozen weights (LoRA) their weight gradients are not computed: 4 N.
   const double per_weight = ps.trainable < ps.total ? 4.0 : 6.0;
@@ -366,6 +416,12 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       fmt::print("sharding zero1: rank 0 holds {:.1f} MiB of AdamW state, {:.1f}% of the unsharded {:.1f} MiB\n",
                  run.sharded->state_bytes() / 1048576.0, 100.0 * run.sharded->state_bytes() / run.sharded->unsharded_state_bytes(),
                  run.sharded->unsharded_state_bytes() / 1048576.0);
+    if (run.fsdp)
+      fmt::print("sharding {}: weights{} divided over shard groups of {} ranks{}\n", tc.sharding,
+                 run.fsdp->stage() == 3 ? ", gradients and AdamW state" : " replicated; gradients and AdamW state",
+                 run.fsdp->shard_world(),
+                 run.fsdp->shard_world() < dist.world_size()
+                     ? fmt::format(", {} replicas", dist.world_size() / run.fsdp->shard_world()) : "");
     if (base)
       fmt::print("fine-tuning {} ({}), method {}: {} of {} parameters train ({:.3f}%)\n", base->dir, base->format,
                  recipe.finetune.method, ps.trainable, ps.total, 100.0 * ps.trainable / ps.total);
@@ -439,8 +495,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   // The guard can always roll back to the start.
   if (gc.enabled && resume_from.empty()) run.save(0);
 
-  std::vector<torch::Tensor> params;  // the trainable ones
-  for (auto& [name, p] : trainable_parameters(run.model)) params.push_back(p);
+  double state_peak = 0;  // of this run: bytes of parameters + gradients + optimizer state
   const double peak_lr = recipe.optim.lr;
   const auto t0 = std::chrono::steady_clock::now();
   int64_t tokens_this_run = 0, steps_this_run = 0;
@@ -459,7 +514,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     if (armed && contains(gc.inject_lr_steps, n)) lr *= gc.inject_lr_factor;
     const bool noise = armed && contains(gc.inject_noise_steps, n);
     double loss_sum = 0, aux_sum = 0;
-    int64_t step_tokens = 0;  // input positions computed on this rank
+    int64_t step_tokens = 0;
+    if (run.fsdp) run.fsdp->reset_peak();  // input positions computed on this rank
     // (world, accum * micro_batch, 2): every rank's windows, gathered for the data-sequence log.
     auto step_refs = torch::zeros({dist.world_size(), run.accum * tc.micro_batch, 2}, torch::kInt64);
     for (int64_t m = 0; m < run.accum; ++m) {
@@ -483,14 +539,15 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       auto out = run.model->forward(x);
       auto ce = cross_entropy(out.logits, y);
       ((ce + out.aux_loss) / static_cast<double>(run.accum)).backward();
+      if (run.fsdp) run.fsdp->reduce_gradients();
       loss_sum += ce.item<double>();
       aux_sum += out.aux_loss.item<double>();
     }
-    dist.average_gradients(params);
+    const double held = static_cast<double>(run.fsdp ? run.fsdp->peak_bytes() : run.state_bytes());
     dist.sum(step_refs);
     const double loss = dist.mean(loss_sum / run.accum);
     aux_sum = dist.mean(aux_sum);
-    const double grad_norm = clip_grad_norm(params, recipe.optim.grad_clip);
+    const double grad_norm = run.finish_gradients(recipe.optim.grad_clip);
     GuardDecision d = run.guard.observe(n, loss, grad_norm);
     // Where a rollback (or, after a stop, the supervisor) would continue from; without one, stop.
     std::string target_dir;
@@ -519,6 +576,11 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     if (mc.n_experts > 0) line["aux_loss"] = aux_sum / run.accum;
     if (tc.peak_tflops > 0) line["mfu"] = mfu;
     if (run.cuda) line["gpu_peak_gib"] = compat::cuda_peak_allocated_bytes(dist.local_rank()) / double(1 << 30);
+    line["state_mib"] = held / 1048576.0;  // rank 0's parameters + gradients + optimizer state, at most, this step
+    if (main_rank && held > state_peak && steps_this_run == 1)
+      fmt::print("memory: rank 0 holds at most {:.3f} MiB of parameters + gradients + optimizer state in a step\n",
+                 held / 1048576.0);
+    state_peak = std::max(state_peak, held);
     if (gc.enabled || d.action != GuardAction::Apply) {
       line["action"] = to_string(d.action);
       line["z_loss"] = d.z_loss;
@@ -601,6 +663,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     }
   }
 
+  if (run.fsdp) run.fsdp->unshard();  // every rank: whole weights for sampling (rank 0 only)
   if (!main_rank) return last_loss;
   if (tc.plot) {
     const std::string plot_path = (run_dir / "loss.html").string();

@@ -21,7 +21,7 @@ add_test(NAME apps.plan.k2-65b COMMAND ${_bin}/llm-plan ${_src}/recipes/k2-65b.y
 set_tests_properties(apps.plan.k2-65b PROPERTIES PASS_REGULAR_EXPRESSION "total +65,286,184,960")
 add_test(NAME apps.plan.k2-65b-cluster COMMAND ${_bin}/llm-plan ${_src}/recipes/k2-65b.yaml --gpus 480 --gpu-memory 80GiB --mfu 0.4)
 set_tests_properties(apps.plan.k2-65b-cluster PROPERTIES PASS_REGULAR_EXPRESSION
-  "fits: zero3 \\(54.1 of 80 GiB per GPU\\).*147,456 tokens/s.*111.1 days")
+  "fits: zero3 with activation checkpointing \\(10.3 of 80 GiB per GPU\\).*147,456 tokens/s.*111.1 days")
 expect_error(plan.bad-memory "--gpu-memory: expected a size like 80GiB or 80GB, got 'lots'"
              ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml --gpus 8 --gpu-memory lots)
 add_test(NAME apps.plan.override COMMAND ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml --set model.n_layers=1)
@@ -75,8 +75,15 @@ if(NOT LIBLLM_CUDA)
   expect_error(pretrain.cuda-without-cuda "train.device: is 'cuda' but no CUDA device is usable"
                ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set train.device=cuda ${_sets})
 endif()
-expect_error(pretrain.bad-sharding "train.sharding=zero3: expected one of: none, zero1"
-             ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set train.sharding=zero3)
+expect_error(pretrain.bad-sharding "train.sharding=zero4: expected one of: none, zero1, zero2, zero3, hybrid"
+             ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set train.sharding=zero4)
+expect_error(pretrain.zero3-needs-checkpointing "train.activation_checkpointing: must be true with train.sharding zero3"
+             ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set train.sharding=zero3 ${_sets})
+expect_error(pretrain.bad-shard-group "train.shard_group: 2 ranks per shard group do not divide the 1 ranks"
+             ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set train.sharding=hybrid
+             --set train.activation_checkpointing=true --set train.shard_group=2 ${_sets})
+set_tests_properties(apps.error.pretrain.zero3-needs-checkpointing apps.error.pretrain.bad-shard-group
+                     PROPERTIES FIXTURES_REQUIRED tiny_shards)
 expect_error(pretrain.missing-shards "data.train: no training shard folders|shard-set folder not found"
              ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set data.train=[/nonexistent])
 
@@ -89,13 +96,16 @@ if(LIBLLM_GLOO_INCLUDE)
                    ${CMAKE_BINARY_DIR}/ddp-test -- ${_sets}
            WORKING_DIRECTORY ${_src})
   set_tests_properties(apps.pretrain.ddp-gloo PROPERTIES FIXTURES_REQUIRED tiny_shards TIMEOUT 300)
-  # ZeRO-1: 2 and 3 sharded ranks == 1 unsharded process; a 3-rank checkpoint resumes on 2 and 1.
-  add_test(NAME apps.pretrain.zero1
-           COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/apps/zero_tests.sh ${_bin} ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml
-                   ${CMAKE_BINARY_DIR}/zero-test -- ${_sets}
-           WORKING_DIRECTORY ${_src})
-  set_tests_properties(apps.pretrain.zero1 PROPERTIES FIXTURES_REQUIRED tiny_shards TIMEOUT 600
-                       PASS_REGULAR_EXPRESSION "zero1 ok")
+  # ZeRO-1/2/3 (and hybrid, with zero3): 2 and 3 sharded ranks == 1 unsharded process; a 3-rank
+  # checkpoint resumes on 2 and 1; zero3's per-rank state memory on 2 ranks <= 60% of unsharded.
+  foreach(_stage zero1 zero2 zero3)
+    add_test(NAME apps.pretrain.${_stage}
+             COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/apps/zero_tests.sh ${_bin} ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml
+                     ${CMAKE_BINARY_DIR}/${_stage}-test ${_stage} -- ${_sets}
+             WORKING_DIRECTORY ${_src})
+    set_tests_properties(apps.pretrain.${_stage} PROPERTIES FIXTURES_REQUIRED tiny_shards TIMEOUT 900
+                         PASS_REGULAR_EXPRESSION "${_stage} ok")
+  endforeach()
 else()
   message(STATUS "libllm: no gloo headers: the CPU data-parallel tests are not registered")
 endif()

@@ -39,13 +39,17 @@ struct TrainState {
 std::string save_checkpoint(const std::string& root, Transformer& model, const AdamW& optim,
                             const TrainState& state, const std::string& recipe_yaml,
                             const std::string& tokenizer_path);
-// ZeRO-1 (libllm/shard.h): called on every rank with that rank's AdamW over its slices. Rank r
-// writes optimizer-shard-<r>-of-<W>.safetensors (its slices' state, "<param>@<offset>.exp_avg"
-// ..., and its CPU RNG); rank 0 writes the model, recipe, trainer.json ("optimizer_shards": W) and
-// the rank-independent optimizer.safetensors ("step"), then renames the folder into place.
-std::string save_checkpoint_sharded(const std::string& root, Transformer& model, const AdamW& local,
-                                    const TrainState& state, const std::string& recipe_yaml,
-                                    const std::string& tokenizer_path, Distributed& dist);
+// Sharded training (libllm/shard.h): called on every rank with that rank's AdamW over its slices.
+// Shard holders (`shard` = this rank's index among `shards`; -1 = rank and world size; hybrid
+// sharding: only the first replica's ranks, `write_shard`) write
+// optimizer-shard-<shard>-of-<shards>.safetensors (their slices' state, "<param>@<offset>.exp_avg"
+// ..., and their CPU RNG); rank 0 writes `weights` (the whole model, named as its parameters;
+// other ranks may pass none), the recipe, trainer.json ("optimizer_shards": shards) and the
+// rank-independent optimizer.safetensors ("step"), then renames the folder into place.
+std::string save_checkpoint_sharded(const std::string& root, const std::vector<std::pair<std::string, torch::Tensor>>& weights,
+                                    const AdamW& local, const TrainState& state, const std::string& recipe_yaml,
+                                    const std::string& tokenizer_path, Distributed& dist, int shard = -1,
+                                    int shards = -1, bool write_shard = true);
 // The newest complete checkpoint folder under root ("" when none). Partial folders are ignored.
 std::string latest_checkpoint(const std::string& root);
 // All complete checkpoint steps under root, ascending.
@@ -56,6 +60,9 @@ std::vector<int64_t> checkpoint_steps(const std::string& root);
 // one over slices "<param>@<offset>" (each slot takes its elements from whichever files hold them);
 // `rank` picks the RNG of that rank's shard when there is one.
 TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& optim, int rank = 0);
+// The same without the weights (a ZeRO-3 engine reads its own elements of them): optimizer, RNG
+// and state. Load the weights first: a bf16 slot's restored master is copied into its parameter.
+TrainState load_checkpoint_state(const std::string& dir, AdamW& optim, int rank = 0);
 // Deletes regular checkpoints beyond keep_last (milestones stay) and leftover partial folders.
 void prune_checkpoints(const std::string& root, const CheckpointConfig& cfg);
 std::string checkpoint_name(int64_t step);

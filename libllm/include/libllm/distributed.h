@@ -6,6 +6,7 @@
 // communicator and ends the process).
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -13,6 +14,19 @@
 #include <torch/torch.h>
 
 namespace libllm {
+
+// An asynchronous collective in flight: its outputs are valid after wait(). Collectives run in the
+// order they were started, on every rank alike.
+class Pending {
+ public:
+  Pending() = default;
+  explicit Pending(std::function<void()> finish) : finish_(std::move(finish)) {}
+  void wait();  // no-op when already waited or empty
+  bool active() const { return static_cast<bool>(finish_); }
+
+ private:
+  std::function<void()> finish_;
+};
 
 class Distributed {
  public:
@@ -29,7 +43,7 @@ class Distributed {
   int world_size() const { return world_; }
   int local_rank() const { return local_rank_; }
   bool is_main() const { return rank_ == 0; }
-  std::string describe() const;  // "rank 1/2 (gloo via 127.0.0.1:29500)"
+  std::string describe() const;                            // "rank 1/2 (gloo via 127.0.0.1:29500)"
   const std::string& backend() const { return backend_; }  // "gloo" or "nccl"
 
   // Averages the gradients of `params` across ranks, flattening them into buckets of about
@@ -43,6 +57,18 @@ class Distributed {
   // Element-wise sum of `t` over ranks, in place (a cheap gather: each rank fills its own slot).
   void sum(torch::Tensor& t);
   void barrier();
+
+  // full (world * n elements) <- every rank's `shard` (n elements) in rank order. Asynchronous.
+  Pending all_gather(const torch::Tensor& shard, const torch::Tensor& full);
+  // shard (n elements) <- the sum over ranks of elements [rank * n, (rank + 1) * n) of `full`
+  // (world * n elements; it may be overwritten). Asynchronous. NCCL reduce-scatters; LibTorch
+  // 1.13's Gloo has none, so there an all-reduce of `full` stands in (twice the traffic).
+  Pending reduce_scatter(const torch::Tensor& full, const torch::Tensor& shard);
+
+  // A process group of `size` of this world's ranks, on the same store and backend; called by
+  // its members only, each with its `rank` in it. `name` is the same on every member and unique
+  // per group (hybrid sharding: "shard-<node>", "replica-<local rank>").
+  Distributed subgroup(const std::string& name, int rank, int size) const;
 
  private:
   Distributed() = default;

@@ -35,6 +35,12 @@ std::map<std::string, torch::Tensor> read_weights(const std::string& dir);
 // Copies a folder's weights into `model` (converting dtype): every parameter must be present with
 // its exact shape; unknown tensors are errors (stale rotary inv_freq buffers are ignored).
 void load_weights(Transformer& model, const std::string& dir);
+// The same checks for parameters that are not materialized (ZeRO-3 keeps only a shard of each):
+// `params` lists every parameter's (name, shape); store(name, src) gets each stored tensor (a
+// read-only view of the file, in its stored dtype) once its shape is checked. `tied`: the model
+// has no lm_head (a stored one is ignored).
+void load_weights(const std::string& dir, const std::vector<std::pair<std::string, std::vector<int64_t>>>& params,
+                  bool tied, const std::function<void(const std::string&, const torch::Tensor&)>& store);
 
 // Builds a folder under a temporary name beside `dir` (fill() writes into it), then swaps it into
 // place; an existing `dir` is removed only after that. On any error the temporary folder is removed

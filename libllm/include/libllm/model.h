@@ -133,6 +133,18 @@ torch::Tensor load_balancing_loss(const torch::Tensor& router_logits, int64_t to
 // ST-MoE router z-loss: mean over rows of logsumexp(router_logits)^2.
 torch::Tensor router_z_loss(const torch::Tensor& router_logits);
 
+// Called around each block by a sharded data-parallel engine (ZeRO-3 gathers a block's weights
+// before the block runs and frees them after; its gradients are reduce-scattered as soon as its
+// backward is done; libllm/shard.h). `backward`: the block is recomputed for its backward (only
+// with activation checkpointing).
+class BlockHooks {
+ public:
+  virtual ~BlockHooks() = default;
+  virtual void begin_forward() {}  // before the embedding, on every forward
+  virtual void before_block(int64_t layer, bool backward) = 0;
+  virtual void after_block(int64_t layer, bool backward) = 0;
+};
+
 // The decoder body: HF's `model.` prefix.
 class DecoderImpl : public torch::nn::Module {
  public:
@@ -173,6 +185,9 @@ class TransformerImpl : public torch::nn::Module {
   // recomputes its activations during backward (less memory, ~1/3 more compute). Dense models only.
   void set_activation_checkpointing(bool on);
   bool activation_checkpointing() const { return checkpointing_; }
+  // Hooks called around every block (null = none); not owned.
+  void set_block_hooks(BlockHooks* hooks) { hooks_ = hooks; }
+  BlockHooks* block_hooks() const { return hooks_; }
 
   Decoder model{nullptr};
   Linear lm_head{nullptr};  // null when tie_embeddings
@@ -181,6 +196,7 @@ class TransformerImpl : public torch::nn::Module {
   ModelConfig cfg_;
   Rotary rotary_;
   bool checkpointing_ = false;
+  BlockHooks* hooks_ = nullptr;
 };
 TORCH_MODULE(Transformer);
 

@@ -4,21 +4,33 @@
 // weights) only for its range, updates only those elements after the gradient all-reduce, and
 // the ranks then exchange the updated elements so every rank holds the whole model again. The
 // update is elementwise, so the result equals unsharded AdamW exactly.
+//
+// ZeRO-2 / ZeRO-3 / hybrid (FullySharded below): the model is cut into units (each decoder block,
+// plus one "root" unit of the embedding, final norm and LM head). A unit's parameters are laid
+// out as one flat vector, padded to a multiple of the group size G, and rank r of the group owns
+// elements [r * n / G, (r + 1) * n / G) of it: their AdamW state, their gradient (reduce-scattered
+// from every rank's full gradient as soon as the unit's backward is done) and, at ZeRO-3, the
+// only persistent copy of those weights (a block's full weights are all-gathered just before it
+// runs, forward and recomputed backward, and freed right after; the next block's gather is
+// started first, so it overlaps this block's compute).
 #pragma once
 
+#include <deque>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "libllm/model.h"
 #include "libllm/optim.h"
 
 namespace libllm {
 
 class Distributed;
+class Pending;
 
 // A slice of one parameter's flattened elements: [offset, offset + length).
 struct ShardPiece {
-  size_t param = 0;     // index into the parameter list
+  size_t param = 0;  // index into the parameter list
   int64_t offset = 0;
   int64_t length = 0;
 };
@@ -40,18 +52,88 @@ class ShardedAdamW {
   void step(double lr);
   void zero_grad();
 
-  AdamW& local() { return *local_; }              // the AdamW over this rank's slices
+  AdamW& local() { return *local_; }  // the AdamW over this rank's slices
   const AdamW& local() const { return *local_; }
-  int64_t state_bytes() const;                     // bytes of moments + masters held by this rank
-  int64_t unsharded_state_bytes() const;           // what one unsharded AdamW would hold
+  int64_t state_bytes() const;            // bytes of moments + masters held by this rank
+  int64_t unsharded_state_bytes() const;  // what one unsharded AdamW would hold
 
  private:
-  std::vector<torch::Tensor> params_;   // unique trainable tensors, in order
+  std::vector<torch::Tensor> params_;  // unique trainable tensors, in order
   std::vector<ShardPiece> mine_;
-  std::vector<torch::Tensor> slices_;   // views of the parameters, one per piece
+  std::vector<torch::Tensor> slices_;  // views of the parameters, one per piece
   std::unique_ptr<AdamW> local_;
   Distributed& dist_;
   bool low_precision_ = false;
+};
+
+// ZeRO-2 (stage 2: gradients and optimizer state sharded, weights replicated and all-gathered after
+// each update), ZeRO-3 (stage 3: the weights too; needs activation checkpointing, because a block's
+// weights are gathered again for its recomputed backward) and hybrid sharding (stage 3 inside a
+// group of `group` ranks, e.g. a node; the groups are replicas whose gradient shards are
+// all-reduced across groups). The unsharded result is reproduced up to the order of summation.
+class FullySharded : public BlockHooks {
+ public:
+  // `model`: on the CPU, whole, every parameter trainable (no LoRA); its parameters move to
+  // `device` as shards (stage 3) or as views of per-unit flat buffers (stage 2). `dist`: all ranks;
+  // `group`: ranks per shard group (dist.world_size() but for hybrid; must divide it).
+  FullySharded(Transformer model, int stage, int64_t group, const OptimConfig& cfg, Distributed& dist,
+               torch::Device device);
+  ~FullySharded() override;
+
+  // The training step, around forward/backward of each micro batch:
+  void reduce_gradients();                 // after a micro batch's backward: the units' full gradients -> shards
+  double clip_grad_norm(double max_norm);  // averages the shards over ranks; the global norm before clipping
+  void step(double lr);                    // AdamW over this rank's shards (stage 2: then all-gathers the weights)
+  void zero_grad();
+
+  AdamW& local() { return *local_; }  // the AdamW over this rank's slices, named "<param>@<offset>"
+  const AdamW& local() const { return *local_; }
+  int stage() const { return stage_; }
+  int shard_rank() const;      // this rank's index in its shard group (which shard it holds)
+  int shard_world() const;     // the shard group's size
+  bool writes_shards() const;  // this rank saves its optimizer shard (the first replica's ranks)
+
+  // Checkpoints. Collective: the whole weights, gathered unit by unit to the CPU, on rank 0
+  // (other ranks get an empty list); named as model->named_parameters() names them.
+  std::vector<std::pair<std::string, torch::Tensor>> gather_weights();
+  // Each rank reads its elements of every parameter from dir's model.safetensors.
+  void load_weights(const std::string& dir);
+  // Collective: gives the model back its whole weights on every rank and detaches (after training:
+  // sampling, export). The engine must not be used afterwards.
+  void unshard();
+
+  // Bytes of parameters + gradients + optimizer state this rank holds now, and the most it held
+  // at any moment since reset_peak() (gathered weights and full gradients included).
+  int64_t held_bytes() const { return held_; }
+  int64_t peak_bytes() const { return peak_; }
+  void reset_peak() { peak_ = held_; }
+
+  // BlockHooks
+  void begin_forward() override;
+  void before_block(int64_t layer, bool backward) override;
+  void after_block(int64_t layer, bool backward) override;
+
+ private:
+  struct Unit;
+  void gather(Unit& u, bool wait);  // starts (or finishes) the gather of u's weights
+  void release(Unit& u);            // frees u's gathered weights (stage 3)
+  void grad_buffer(Unit& u);        // u's gradients accumulate in place into one flat buffer
+  void reduce(Unit& u);             // starts reduce-scattering u's full gradients into its shard
+  void finish(Unit& u);             // waits for u's reduce-scatter and adds it to u's gradient shard
+  void wait_reductions();
+  void track(int64_t delta);
+
+  Transformer model_;
+  int stage_;
+  Distributed& dist_;
+  std::unique_ptr<Distributed> shard_group_, replicas_;  // hybrid only
+  Distributed* shard_ = nullptr;                         // the group the shards are cut over
+  torch::Device device_;
+  std::vector<std::unique_ptr<Unit>> units_;  // blocks 0..L-1, then the root unit
+  std::deque<Unit*> inflight_;                // units whose reduce-scatter runs, oldest first
+  std::unique_ptr<AdamW> local_;
+  std::vector<torch::Tensor> slices_, slice_grads_;  // AdamW's slices and their gradients
+  int64_t held_ = 0, peak_ = 0;
 };
 
 }  // namespace libllm

@@ -24,7 +24,11 @@ struct TrainConfig {                 // recipe section `train`
   std::string dtype = "fp32";        // fp32, or bf16 (bf16 weights/activations, fp32 master weights in AdamW)
   std::string device = "cpu";        // cpu; cuda (rank r on cuda:LOCAL_RANK, NCCL between ranks); auto (cuda when usable)
   bool activation_checkpointing = false;  // recompute each block's activations in backward (dense models)
-  std::string sharding = "none";     // none (replicated data parallel) | zero1 (AdamW state divided over the ranks; libllm/shard.h)
+  std::string sharding = "none";     // none (replicated data parallel) | zero1 (AdamW state divided over the ranks) |
+                                     // zero2 (also the gradients) | zero3 (also the weights; needs activation_checkpointing) |
+                                     // hybrid (zero3 inside groups of shard_group ranks, replicated across them); libllm/shard.h
+  int64_t shard_group = 0;           // hybrid: ranks per shard group (a divisor of the world size); 0 = the launcher's
+                                     // LOCAL_WORLD_SIZE (one node), else the whole world
   int64_t seed = 0;                  // seed of the weight initialisation and of sampling
   int64_t threads = 0;               // LibTorch intra-op CPU threads; 0 = automatic (compat::set_default_num_threads)
   int64_t log_every = 10;            // console progress line every this many steps (metrics.jsonl gets every step)
