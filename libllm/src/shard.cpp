@@ -5,6 +5,7 @@
 #include <cmath>
 #include <map>
 
+#include "libllm/compat.h"
 #include "libllm/distributed.h"
 #include "libllm/error.h"
 #include "libllm/hf.h"
@@ -199,7 +200,8 @@ FullySharded::FullySharded(Transformer model, int stage, int64_t group, const Op
       u.shard = u.flat.narrow(0, rank * u.chunk, u.chunk);
       track(u.padded * u.element);
     } else {
-      u.shard = flat.narrow(0, rank * u.chunk, u.chunk).to(device).clone();
+      auto mine = flat.narrow(0, rank * u.chunk, u.chunk);
+      u.shard = device.is_cpu() ? mine.clone() : mine.to(device);
       for (auto& p : u.params) p.set_data(torch::empty({0}, u.options));
       track(u.chunk * u.element);
     }
@@ -271,6 +273,9 @@ void FullySharded::reduce(Unit& u) {
 void FullySharded::finish(Unit& u) {
   torch::NoGradGuard no_grad;
   u.reducing.wait();
+  // NCCL's wait only orders the streams: block the host too, or the caching allocator could not
+  // reuse the reduced buffer yet while backward keeps allocating (the two-in-flight cap).
+  if (device_.is_cuda()) compat::cuda_synchronize();
   inflight_.erase(std::find(inflight_.begin(), inflight_.end(), &u));
   u.grad.add_(u.reduced);
   u.reduced = torch::Tensor();
@@ -411,19 +416,6 @@ void FullySharded::load_weights(const std::string& dir) {
     if (lo < hi) u->shard.narrow(0, lo - rank * u->chunk, hi - lo).copy_(flat.narrow(0, lo - u->offsets[i], hi - lo));
   });
   for (auto& up : units_) release(*up);
-}
-
-void FullySharded::unshard() {
-  torch::NoGradGuard no_grad;
-  wait_reductions();
-  for (auto& up : units_) {
-    if (stage_ == 3) {
-      release(*up);
-      gather(*up, true);
-    }
-    for (auto& p : up->params) p.mutable_grad().reset();
-  }
-  model_->set_block_hooks(nullptr);
 }
 
 }  // namespace libllm

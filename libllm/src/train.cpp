@@ -663,14 +663,26 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     }
   }
 
-  if (run.fsdp) run.fsdp->unshard();  // every rank: whole weights for sampling (rank 0 only)
+  const bool sampling = !tc.sample_prompts.empty() && tc.sample_tokens > 0;
+  if (run.fsdp && sampling) {
+    // Sharded weights: rank 0 samples from a whole copy on its host (never all of it on a GPU).
+    auto weights = run.fsdp->gather_weights();  // collective; rank 0 gets them
+    if (main_rank) {
+      Transformer whole(mc);
+      torch::NoGradGuard no_grad;
+      std::map<std::string, torch::Tensor> by_name(weights.begin(), weights.end());
+      for (auto& p : whole->named_parameters()) p.value().set_data(by_name.at(p.key()));
+      whole->eval();
+      run.model = whole;
+    }
+  }
   if (!main_rank) return last_loss;
   if (tc.plot) {
     const std::string plot_path = (run_dir / "loss.html").string();
     write_loss_plot(metrics_path, plot_path, "libllm: " + tc.run_dir);
     fmt::print("loss curve: {}\n", plot_path);
   }
-  if (!tc.sample_prompts.empty() && tc.sample_tokens > 0) {
+  if (sampling) {
     GenerateOptions g;
     g.max_new_tokens = tc.sample_tokens;
     g.temperature = tc.sample_temperature;

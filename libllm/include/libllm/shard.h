@@ -98,9 +98,6 @@ class FullySharded : public BlockHooks {
   std::vector<std::pair<std::string, torch::Tensor>> gather_weights();
   // Each rank reads its elements of every parameter from dir's model.safetensors.
   void load_weights(const std::string& dir);
-  // Collective: gives the model back its whole weights on every rank and detaches (after training:
-  // sampling, export). The engine must not be used afterwards.
-  void unshard();
 
   // Bytes of parameters + gradients + optimizer state this rank holds now, and the most it held
   // at any moment since reset_peak() (gathered weights and full gradients included).

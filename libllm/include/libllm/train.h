@@ -46,7 +46,8 @@ struct TrainConfig {                 // recipe section `train`
 // Callbacks into the loop, for tests and tools.
 struct TrainHooks {
   // On every rank, right after a rollback (or a supervisor's restart plan) restored the
-  // checkpoint `dir` of step `to_step`, before any further update.
+  // checkpoint `dir` of step `to_step`, before any further update. Under train.sharding zero3 /
+  // hybrid the model's parameters are empty there (the weights live in the shards).
   std::function<void(int64_t to_step, const std::string& dir, Transformer& model, const AdamW& optim)> after_rollback;
 };
 
