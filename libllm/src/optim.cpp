@@ -287,6 +287,14 @@ void AdamW::load_state(const std::map<std::string, torch::Tensor>& state) {
   steps_ = steps;
 }
 
+int64_t AdamW::state_bytes() const {
+  int64_t bytes = 0;
+  for (const Slot& s : slots_)
+    for (const torch::Tensor* t : {&s.master, &s.exp_avg, &s.exp_avg_sq})
+      if (t->defined()) bytes += t->numel() * t->element_size();
+  return bytes;
+}
+
 std::vector<std::string> AdamW::decayed() const {
   std::vector<std::string> names;
   for (const Slot& s : slots_)

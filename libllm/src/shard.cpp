@@ -84,12 +84,7 @@ void ShardedAdamW::zero_grad() {
   for (auto& s : slices_) s.mutable_grad().reset();
 }
 
-int64_t ShardedAdamW::state_bytes() const {
-  int64_t bytes = 0;
-  for (const auto& [name, t] : local_->state())
-    if (t.dim() > 0) bytes += t.numel() * t.element_size();
-  return bytes;
-}
+int64_t ShardedAdamW::state_bytes() const { return local_->state_bytes(); }
 
 int64_t ShardedAdamW::unsharded_state_bytes() const {
   int64_t bytes = 0;
@@ -220,8 +215,7 @@ FullySharded::FullySharded(Transformer model, int stage, int64_t group, const Op
     }
   }
   local_ = std::make_unique<AdamW>(std::move(slices), decay, cfg);
-  for (const auto& [name, t] : local_->state())
-    if (t.dim() > 0) track(t.numel() * t.element_size());
+  track(local_->state_bytes());
   peak_ = held_;
   model_->set_block_hooks(this);
 }

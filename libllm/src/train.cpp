@@ -171,9 +171,7 @@ struct Run {
       bytes += p.numel() * p.element_size();
       if (p.grad().defined()) bytes += p.grad().numel() * p.grad().element_size();
     }
-    for (const auto& [name, t] : adamw().state())
-      if (t.dim() > 0) bytes += t.numel() * t.element_size();
-    return bytes;
+    return bytes + adamw().state_bytes();
   }
   std::unique_ptr<PackedDataset> data;  // packed documents (pretraining, continued pretraining)
   std::unique_ptr<ChatDataset> chat;    // or chat / instruction examples (fine-tuning)
@@ -495,7 +493,6 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   // The guard can always roll back to the start.
   if (gc.enabled && resume_from.empty()) run.save(0);
 
-  double state_peak = 0;  // of this run: bytes of parameters + gradients + optimizer state
   const double peak_lr = recipe.optim.lr;
   const auto t0 = std::chrono::steady_clock::now();
   int64_t tokens_this_run = 0, steps_this_run = 0;
@@ -577,10 +574,9 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     if (tc.peak_tflops > 0) line["mfu"] = mfu;
     if (run.cuda) line["gpu_peak_gib"] = compat::cuda_peak_allocated_bytes(dist.local_rank()) / double(1 << 30);
     line["state_mib"] = held / 1048576.0;  // rank 0's parameters + gradients + optimizer state, at most, this step
-    if (main_rank && held > state_peak && steps_this_run == 1)
+    if (main_rank && steps_this_run == 1)
       fmt::print("memory: rank 0 holds at most {:.3f} MiB of parameters + gradients + optimizer state in a step\n",
                  held / 1048576.0);
-    state_peak = std::max(state_peak, held);
     if (gc.enabled || d.action != GuardAction::Apply) {
       line["action"] = to_string(d.action);
       line["z_loss"] = d.z_loss;

@@ -99,6 +99,8 @@ class AdamW {
 
   // The names of the parameters that decay, in order (for printing).
   std::vector<std::string> decayed() const;
+  // Bytes of the state this optimizer holds (moments and fp32 masters).
+  int64_t state_bytes() const;
 
  private:
   struct Slot {
