@@ -3,7 +3,8 @@
 # data with a wider, deeper model (dim 256, 12 layers, 10.5 M parameters, fp32) under each
 # train.sharding, with and without activation checkpointing. Prints, per run, the median tokens/s
 # of the steps after the second and rank 0's peak parameters + gradients + optimizer state
-# (the trainer's "state_mib", counted from the live tensors).
+# (the trainer's "state_mib", counted from the live tensors), and rank 0's peak host memory once
+# the model is built (events.jsonl's built_rss_mib: ZeRO-2/3 build the model deferred).
 # usage: benchmarks/sharding.sh BUILD_DIR [STEPS=12]
 # Needs the demo's data: build/bin/llm-data recipes/tiny-fortunes.yaml
 set -euo pipefail
@@ -16,7 +17,7 @@ common=(--set model.dim=256 --set model.n_layers=12 --set model.ffn_dim=768 --se
         --set train.eval_every=0 --set train.sample_tokens=0 --set train.plot=false --set checkpoint.every=0
         --set checkpoint.resume=none --set schedule.warmup_steps=2)
 port=$((20000 + $$ % 20000))
-printf "%-8s %-5s %12s %12s\n" sharding ckpt "tokens/s" "state MiB"
+printf "%-8s %-5s %12s %12s %12s\n" sharding ckpt "tokens/s" "state MiB" "built MiB"
 for run in none:false zero1:false zero2:false none:true zero2:true zero3:true; do
   sharding=${run%:*} ckpt=${run#*:} port=$((port + 1))
   for r in 0 1; do
@@ -28,5 +29,6 @@ for run in none:false zero1:false zero2:false none:true zero2:true zero3:true; d
   m="$work/$sharding-$ckpt/metrics.jsonl"
   tps=$(tail -n +3 "$m" | sed -E 's/.*"tokens_per_s":([^,}]*).*/\1/' | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')
   mib=$(sed -E 's/.*"state_mib":([^,}]*).*/\1/' "$m" | sort -g | tail -n 1)
-  printf "%-8s %-5s %12.0f %12.1f\n" "$sharding" "$ckpt" "$tps" "$mib"
+  rss=$(sed -n -E 's/.*"built_rss_mib":([^,}]*).*/\1/p' "$work/$sharding-$ckpt/events.jsonl" | head -n 1)
+  printf "%-8s %-5s %12.0f %12.1f %12.0f\n" "$sharding" "$ckpt" "$tps" "$mib" "$rss"
 done

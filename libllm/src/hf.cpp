@@ -326,8 +326,16 @@ void load_weights(Transformer& model, const std::string& dir) {
     params.emplace_back(p.key(), p.value().sizes().vec());
     by_name[p.key()] = p.value();
   }
-  load_weights(dir, params, !model->lm_head,
-               [&](const std::string& name, const torch::Tensor& src) { by_name.at(name).copy_(src); });
+  load_weights(dir, params, !model->lm_head, [&](const std::string& name, const torch::Tensor& src) {
+    torch::Tensor& p = by_name.at(name);
+    if (!is_placeholder(p)) {
+      p.copy_(src);
+      return;
+    }
+    auto t = torch::empty(p.sizes(), p.options());  // a deferred model's weight, allocated as it is read
+    t.copy_(src);
+    p.set_data(t);
+  });
 }
 
 void write_folder_atomically(const std::string& dir, const std::function<void(const std::string& tmp)>& fill) {
@@ -437,17 +445,9 @@ Pretrained inspect_pretrained(const std::string& dir) {
 
 void load_pretrained(Pretrained& info, torch::Dtype dtype) {
   ModelConfig cfg = info.config;
-  cfg.init_std = 0.0;  // weights come from the file; skip a pointless random init
-  // Build the model directly in `dtype` (a 7B model in fp32 would not fit beside a bf16 copy).
-  const auto saved = c10::get_default_dtype();
-  c10::set_default_dtype(c10::scalarTypeToTypeMeta(dtype));
-  try {
-    info.model = Transformer(cfg);
-  } catch (...) {
-    c10::set_default_dtype(saved);
-    throw;
-  }
-  c10::set_default_dtype(saved);
+  cfg.init_std = 0.0;  // weights come from the file
+  // Deferred: no random init, and each weight is allocated once, in `dtype`, as it is read.
+  info.model = Transformer(cfg, TransformerImpl::Deferred{dtype});
   if (info.has_lora) apply_lora(info.model, info.lora);
   load_weights(info.model, info.dir);
 }

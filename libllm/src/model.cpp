@@ -1,6 +1,7 @@
 #include "libllm/model.h"
 
 #include <cmath>
+#include <limits>
 
 #include "libllm/compat.h"
 #include "libllm/error.h"
@@ -9,6 +10,25 @@ namespace libllm {
 namespace {
 
 Linear linear(int64_t in, int64_t out) { return Linear(in, out); }
+
+// Shape and dtype without values: zero strides over a one-element storage.
+torch::Tensor placeholder(c10::IntArrayRef shape, torch::Dtype dtype) {
+  return torch::empty({1}, dtype).as_strided(shape, std::vector<int64_t>(shape.size(), 0));
+}
+
+// While a deferred model is being built on this thread, its modules register placeholders.
+thread_local const torch::Dtype* deferred_dtype = nullptr;
+
+struct DeferredScope {
+  explicit DeferredScope(const torch::Dtype& dtype) { deferred_dtype = &dtype; }
+  ~DeferredScope() { deferred_dtype = nullptr; }
+};
+
+// A new module weight: a placeholder in a deferred model, else `value`'s result.
+template <typename F>
+torch::Tensor new_weight(c10::IntArrayRef shape, F value) {
+  return deferred_dtype ? placeholder(shape, *deferred_dtype) : value();
+}
 
 // Which keys each of the last T of S positions may see: (T, S) bool, true = attend. Causal, and
 // within `window` tokens (itself included) when window > 0.
@@ -22,7 +42,7 @@ torch::Tensor sliding_window_mask(int64_t T, int64_t S, int64_t window, torch::D
 
 // ---------------------------------------------------------------- RMSNorm
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
-  weight = register_parameter("weight", torch::ones({dim}));
+  weight = register_parameter("weight", new_weight({dim}, [&] { return torch::ones({dim}); }));
 }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) { return compat::rms_norm(x, weight, eps_); }
@@ -53,9 +73,7 @@ torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, con
 
 // ---------------------------------------------------------------- Linear (+ LoRA)
 LinearImpl::LinearImpl(int64_t in, int64_t out) : in_(in), out_(out) {
-  // torch::nn::Linear's default init (kaiming-uniform, a = sqrt(5)); the model re-initialises it.
-  weight = register_parameter("weight", torch::empty({out, in}));
-  torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
+  weight = register_parameter("weight", new_weight({out, in}, [&] { return torch::zeros({out, in}); }));
 }
 
 void LinearImpl::add_lora(int64_t rank, double alpha, double dropout) {
@@ -214,10 +232,13 @@ namespace {
 // A block whose forward runs without recording a graph and whose backward recomputes it
 // (reentrant checkpointing). The block's parameter gradients are accumulated into .grad here;
 // the block input's gradient flows back through the graph. The input must require grad (true
-// whenever the embedding or an earlier block is trained).
+// whenever the embedding or an earlier block is trained). Outputs: the block's output and, for a
+// mixture-of-experts block, its router logits (the load-balancing and z losses' gradients reach
+// the router through them).
 struct BlockRecompute : torch::autograd::Function<BlockRecompute> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, int64_t block_ptr, int64_t hooks_ptr,
-                               int64_t layer, const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, int64_t block_ptr,
+                                                int64_t hooks_ptr, int64_t layer, const torch::Tensor& x,
+                                                const torch::Tensor& cos, const torch::Tensor& sin) {
     ctx->saved_data["block"] = block_ptr;
     ctx->saved_data["hooks"] = hooks_ptr;
     ctx->saved_data["layer"] = layer;
@@ -230,7 +251,8 @@ struct BlockRecompute : torch::autograd::Function<BlockRecompute> {
     if (hooks) hooks->before_block(layer, false);
     auto y = reinterpret_cast<BlockImpl*>(block_ptr)->forward(x, cos, sin, router_logits);
     if (hooks) hooks->after_block(layer, false);
-    return y;
+    router_logits.insert(router_logits.begin(), y);
+    return router_logits;  // {y} or {y, (B*T, E)}
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -241,20 +263,27 @@ struct BlockRecompute : torch::autograd::Function<BlockRecompute> {
     if (hooks) hooks->before_block(layer, true);
     const auto saved = ctx->get_saved_variables();
     auto x = saved[0].detach().requires_grad_(true);
-    std::vector<torch::Tensor> router_logits;
-    torch::Tensor y;
+    std::vector<torch::Tensor> outputs;
     {
       torch::AutoGradMode enable(true);
       auto gen = at::globalContext().defaultGenerator(x.device());
       const auto now = gen.get_state();
       gen.set_state(ctx->saved_data["rng"].toTensor());
-      y = block->forward(x, saved[1], saved[2], router_logits);
+      std::vector<torch::Tensor> router_logits;
+      outputs.push_back(block->forward(x, saved[1], saved[2], router_logits));
+      outputs.insert(outputs.end(), router_logits.begin(), router_logits.end());
       gen.set_state(now);
     }
     std::vector<torch::Tensor> inputs{x};
     for (auto& p : block->parameters())
       if (p.requires_grad()) inputs.push_back(p);  // a frozen (LoRA base) weight gets no gradient
-    auto grads = torch::autograd::grad({y}, inputs, {grad_out[0]}, /*retain_graph=*/false, /*create_graph=*/false,
+    std::vector<torch::Tensor> ys, gys;  // outputs that received a gradient
+    for (size_t i = 0; i < outputs.size(); ++i)
+      if (grad_out[i].defined()) {
+        ys.push_back(outputs[i]);
+        gys.push_back(grad_out[i]);
+      }
+    auto grads = torch::autograd::grad(ys, inputs, gys, /*retain_graph=*/false, /*create_graph=*/false,
                                        /*allow_unused=*/true);
     for (size_t i = 1; i < inputs.size(); ++i) {
       if (!grads[i].defined()) continue;
@@ -270,8 +299,15 @@ struct BlockRecompute : torch::autograd::Function<BlockRecompute> {
 }  // namespace
 
 // ---------------------------------------------------------------- Transformer
+bool is_placeholder(const torch::Tensor& p) {
+  return p.defined() && p.numel() > 1 && p.storage().nbytes() < static_cast<size_t>(p.numel() * p.element_size());
+}
+
 DecoderImpl::DecoderImpl(const ModelConfig& cfg) {
-  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(cfg.vocab_size, cfg.dim));
+  // Zeros until the model initialises it (not torch::nn::Embedding's own normal_).
+  auto table = new_weight({cfg.vocab_size, cfg.dim}, [&] { return torch::zeros({cfg.vocab_size, cfg.dim}); });
+  embed_tokens = register_module("embed_tokens",
+                                 torch::nn::Embedding(torch::nn::EmbeddingOptions(cfg.vocab_size, cfg.dim)._weight(table)));
   layers = register_module("layers", torch::nn::ModuleList());
   for (int64_t l = 0; l < cfg.n_layers; ++l) layers->push_back(Block(cfg));
   norm = register_module("norm", RMSNorm(cfg.dim, cfg.norm_eps));
@@ -283,11 +319,38 @@ static ModelConfig resolved(ModelConfig cfg) {
   return cfg;
 }
 
+static uint64_t draw_seed() {
+  return static_cast<uint64_t>(torch::randint(std::numeric_limits<int64_t>::max(), {1}, torch::kLong).item<int64_t>());
+}
+
 TransformerImpl::TransformerImpl(const ModelConfig& cfg)
-    : cfg_(resolved(cfg)), rotary_(cfg_.hdim(), cfg_.rope_theta) {
+    : cfg_(resolved(cfg)), rotary_(cfg_.hdim(), cfg_.rope_theta), init_seed_(draw_seed()) {
   model = register_module("model", Decoder(cfg_));
   if (!cfg_.tie_embeddings) lm_head = register_module("lm_head", linear(cfg_.dim, cfg_.vocab_size));
   init_weights();
+}
+
+TransformerImpl::TransformerImpl(const ModelConfig& cfg, Deferred deferred)
+    : cfg_(resolved(cfg)), rotary_(cfg_.hdim(), cfg_.rope_theta), init_seed_(draw_seed()) {
+  DeferredScope scope(deferred.dtype);  // every weight is registered as a placeholder
+  model = register_module("model", Decoder(cfg_));
+  if (!cfg_.tie_embeddings) lm_head = register_module("lm_head", linear(cfg_.dim, cfg_.vocab_size));
+}
+
+bool TransformerImpl::deferred() const {
+  for (const auto& p : parameters())
+    if (is_placeholder(p)) return true;
+  return false;
+}
+
+void TransformerImpl::materialize() {
+  torch::NoGradGuard no_grad;
+  for (auto& p : named_parameters()) {
+    if (!is_placeholder(p.value())) continue;
+    auto t = torch::empty(p.value().sizes(), p.value().scalar_type());
+    init_parameter(p.key(), t);
+    p.value().set_data(t);
+  }
 }
 
 torch::Tensor TransformerImpl::hidden(const torch::Tensor& tokens, int64_t start_pos,
@@ -305,7 +368,9 @@ torch::Tensor TransformerImpl::hidden(const torch::Tensor& tokens, int64_t start
   for (auto& layer : *model->layers) {
     auto* block = layer->as<BlockImpl>();
     if (recompute) {
-      x = BlockRecompute::apply(reinterpret_cast<int64_t>(block), reinterpret_cast<int64_t>(hooks_), l, x, cos, sin);
+      auto outs = BlockRecompute::apply(reinterpret_cast<int64_t>(block), reinterpret_cast<int64_t>(hooks_), l, x, cos, sin);
+      x = outs[0];
+      rl.insert(rl.end(), outs.begin() + 1, outs.end());  // an MoE block's router logits
     } else {
       if (hooks_) hooks_->before_block(l, false);
       x = block->forward(x, cos, sin, rl, cache, l);
@@ -354,28 +419,62 @@ TransformerImpl::Output TransformerImpl::forward(const torch::Tensor& tokens, in
   return out;
 }
 
-void TransformerImpl::set_activation_checkpointing(bool on) {
-  if (on && cfg_.n_experts > 0)
-    throw Error("train.activation_checkpointing", "not supported with mixture-of-experts models yet",
-                "set it to false for n_experts > 0");
-  checkpointing_ = on;
+void TransformerImpl::set_activation_checkpointing(bool on) { checkpointing_ = on; }
+
+namespace {
+
+uint64_t splitmix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ULL;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+uint64_t fnv1a(const std::string& s) {
+  uint64_t h = 0xcbf29ce484222325ULL;
+  for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ULL;
+  return h;
+}
+
+// out[i] = std * z(first + i): element j of the stream is one of the two Box-Muller normals of
+// the (j / 2)-th SplitMix64 output after `key` (cosine for even j, sine for odd j).
+void fill_normal(float* out, int64_t n, int64_t first, uint64_t key, double std) {
+  constexpr double two_pi = 6.283185307179586, inv32 = 1.0 / 4294967296.0;
+  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const uint64_t j = static_cast<uint64_t>(first + i);
+      const uint64_t h = splitmix64(key + (j >> 1) * 0x9e3779b97f4a7c15ULL);
+      const double u1 = (static_cast<double>(h >> 32) + 0.5) * inv32;  // (0, 1)
+      const double angle = two_pi * static_cast<double>(h & 0xffffffffULL) * inv32;
+      const double r = std::sqrt(-2.0 * std::log(u1));
+      out[i] = static_cast<float>(std * r * ((j & 1) ? std::sin(angle) : std::cos(angle)));
+    }
+  });
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+}  // namespace
+
+void TransformerImpl::init_parameter(const std::string& name, torch::Tensor out, int64_t offset) const {
+  torch::NoGradGuard no_grad;
+  if (ends_with(name, "norm.weight")) {
+    out.fill_(1.0);
+    return;
+  }
+  const bool scaled = cfg_.init_depth_scaled && (ends_with(name, "o_proj.weight") || ends_with(name, "down_proj.weight") ||
+                                                 ends_with(name, "w2.weight"));
+  const double std = scaled ? cfg_.init_std / std::sqrt(2.0 * cfg_.n_layers) : cfg_.init_std;
+  const bool direct = out.device().is_cpu() && out.scalar_type() == torch::kFloat32 && out.is_contiguous();
+  torch::Tensor values = direct ? out : torch::empty({out.numel()}, torch::kFloat32);
+  fill_normal(values.data_ptr<float>(), out.numel(), offset, splitmix64(init_seed_ ^ fnv1a(name)), std);
+  if (!direct) out.copy_(values.view(out.sizes()));
 }
 
 void TransformerImpl::init_weights() {
-  torch::NoGradGuard no_grad;
-  const double out_std = cfg_.init_depth_scaled ? cfg_.init_std / std::sqrt(2.0 * cfg_.n_layers) : cfg_.init_std;
-  auto ends_with = [](const std::string& s, const std::string& suffix) {
-    return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-  };
-  for (auto& p : named_parameters()) {
-    const std::string& name = p.key();
-    if (ends_with(name, "norm.weight"))
-      p.value().fill_(1.0);
-    else if (ends_with(name, "o_proj.weight") || ends_with(name, "down_proj.weight") || ends_with(name, "w2.weight"))
-      p.value().normal_(0.0, out_std);
-    else
-      p.value().normal_(0.0, cfg_.init_std);
-  }
+  for (auto& p : named_parameters()) init_parameter(p.key(), p.value());
 }
 
 torch::Tensor cross_entropy(const torch::Tensor& logits, const torch::Tensor& targets, int64_t ignore_index) {

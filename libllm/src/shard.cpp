@@ -151,6 +151,7 @@ FullySharded::FullySharded(Transformer model, int stage, int64_t group, const Op
   }
   const int G = shard_->world_size(), rank = shard_->rank();
 
+  const bool deferred = model->deferred();  // initialise from init_parameter, not from the parameters
   // Units: every block, then the root (embedding, final norm, LM head).
   const int64_t L = model->config().n_layers;
   for (int64_t l = 0; l <= L; ++l) units_.push_back(std::make_unique<Unit>());
@@ -185,20 +186,37 @@ FullySharded::FullySharded(Transformer model, int stage, int64_t group, const Op
     u.padded = u.chunk * G;
     u.options = u.params.at(0).options().device(device);
     u.element = u.params[0].element_size();
-    auto flat = torch::zeros({u.padded}, u.params[0].options());  // where the weights are now (the CPU)
-    for (size_t i = 0; i < u.params.size(); ++i)
-      flat.narrow(0, u.offsets[i], u.numels[i]).copy_(u.params[i].reshape({-1}));
-    if (stage == 2) {
-      u.flat = flat.to(device);
-      for (size_t i = 0; i < u.params.size(); ++i)
-        u.params[i].set_data(u.flat.narrow(0, u.offsets[i], u.numels[i]).view(u.shapes[i]));
-      u.shard = u.flat.narrow(0, rank * u.chunk, u.chunk);
-      track(u.padded * u.element);
-    } else {
-      auto mine = flat.narrow(0, rank * u.chunk, u.chunk);
-      u.shard = device.is_cpu() ? mine.clone() : mine.to(device);
+    if (deferred && stage == 3) {  // compute this rank's elements only: the unit never exists whole here
+      auto mine = torch::zeros({u.chunk}, u.params[0].options());
+      for (size_t i = 0; i < u.params.size(); ++i) {
+        const int64_t lo = std::max(u.offsets[i], rank * u.chunk);
+        const int64_t hi = std::min(u.offsets[i] + u.numels[i], (rank + 1) * u.chunk);
+        if (lo < hi) model->init_parameter(u.names[i], mine.narrow(0, lo - rank * u.chunk, hi - lo), lo - u.offsets[i]);
+      }
+      u.shard = device.is_cpu() ? mine : mine.to(device);
       for (auto& p : u.params) p.set_data(torch::empty({0}, u.options));
       track(u.chunk * u.element);
+    } else {
+      auto flat = torch::zeros({u.padded}, u.params[0].options());  // where the weights are now (the CPU)
+      for (size_t i = 0; i < u.params.size(); ++i) {
+        auto dst = flat.narrow(0, u.offsets[i], u.numels[i]);
+        if (deferred)
+          model->init_parameter(u.names[i], dst);
+        else
+          dst.copy_(u.params[i].reshape({-1}));
+      }
+      if (stage == 2) {
+        u.flat = flat.to(device);
+        for (size_t i = 0; i < u.params.size(); ++i)
+          u.params[i].set_data(u.flat.narrow(0, u.offsets[i], u.numels[i]).view(u.shapes[i]));
+        u.shard = u.flat.narrow(0, rank * u.chunk, u.chunk);
+        track(u.padded * u.element);
+      } else {
+        auto mine = flat.narrow(0, rank * u.chunk, u.chunk);
+        u.shard = device.is_cpu() ? mine.clone() : mine.to(device);
+        for (auto& p : u.params) p.set_data(torch::empty({0}, u.options));
+        track(u.chunk * u.element);
+      }
     }
     u.grad = torch::zeros({u.chunk}, u.options);
     track(u.chunk * u.element);

@@ -2,6 +2,7 @@
 
 #include <fmt/core.h>
 
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -350,7 +351,15 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
 
   torch::manual_seed(static_cast<uint64_t>(tc.seed));
   const torch::Dtype dtype = tc.dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
-  if (base) {
+  const bool fully_sharded = tc.sharding == "zero2" || tc.sharding == "zero3" || tc.sharding == "hybrid";
+  // ZeRO-2/3 build the model deferred: the engine computes (stage 3: only this rank's part of)
+  // the initial weights, or reads them from the base's file, so no rank holds the whole model.
+  const bool base_sharded = base && fully_sharded && !base->has_lora && recipe.finetune.method == "full";
+  if (base_sharded) {
+    ModelConfig bc = base->config;
+    bc.init_std = 0.0;
+    run.model = Transformer(bc, TransformerImpl::Deferred{dtype});
+  } else if (base) {
     // A base that is itself a LoRA fine-tune is loaded in fp32 and its adapters folded in there
     // (in bf16 most of their small update would round away), then cast.
     load_pretrained(*base, base->has_lora ? torch::kFloat32 : dtype);
@@ -362,11 +371,12 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     for (auto& p : run.model->parameters()) p.set_requires_grad(true);
     torch::manual_seed(static_cast<uint64_t>(tc.seed));
     if (recipe.finetune.method == "lora") apply_lora(run.model, recipe.lora);
+  } else if (fully_sharded) {
+    run.model = Transformer(mc, TransformerImpl::Deferred{dtype});
   } else {
     run.model = Transformer(mc);
     if (tc.dtype == "bf16") run.model->to(torch::kBFloat16);
   }
-  const bool fully_sharded = tc.sharding == "zero2" || tc.sharding == "zero3" || tc.sharding == "hybrid";
   if ((tc.sharding == "zero3" || tc.sharding == "hybrid") && !tc.activation_checkpointing)
     throw Error("train.activation_checkpointing", "must be true with train.sharding " + tc.sharding,
                 "ZeRO-3 gathers a block's weights again for its backward, which recomputes the block");
@@ -379,12 +389,16 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       throw Error("train.shard_group", "is for train.sharding hybrid", "set train.sharding: hybrid, or remove shard_group");
     run.fsdp = std::make_unique<FullySharded>(run.model, tc.sharding == "zero2" ? 2 : 3, group, recipe.optim, dist,
                                               run.device);  // moves the weights to the device, sharded
+    if (base_sharded) run.fsdp->load_weights(base->dir);  // each rank reads its own elements
   } else {
     run.model->to(run.device);
     if (tc.sharding == "zero1") run.sharded = std::make_unique<ShardedAdamW>(trainable_parameters(run.model), recipe.optim, dist);
     else run.optim = std::make_unique<AdamW>(trainable_parameters(run.model), recipe.optim);
     for (auto& [name, p] : trainable_parameters(run.model)) run.params.push_back(p);
   }
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  const double built_rss_mib = usage.ru_maxrss / 1024.0;  // host memory to build (and shard) the model
   if (chat_data) {
     run.chat = std::make_unique<ChatDataset>(recipe.chat, tok, tc.seq_len, static_cast<uint64_t>(recipe.data.seed),
                                              dist.rank(), dist.world_size());
@@ -410,6 +424,9 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                run.cuda ? fmt::format("{} ({})", run.device.str(), compat::cuda_device_name(dist.local_rank()))
                         : fmt::format("cpu, {} threads", at::get_num_threads()),
                dist.describe());
+    fmt::print("host memory: peak {:.0f} MiB on rank 0 once the model was built{}\n", built_rss_mib,
+               !fully_sharded ? "" : tc.sharding == "zero2" ? " (ZeRO-2: built one unit at a time)"
+                                                             : " (ZeRO-3: each rank initialised or read only its own shards)");
     if (run.sharded)
       fmt::print("sharding zero1: rank 0 holds {:.1f} MiB of AdamW state, {:.1f}% of the unsharded {:.1f} MiB\n",
                  run.sharded->state_bytes() / 1048576.0, 100.0 * run.sharded->state_bytes() / run.sharded->unsharded_state_bytes(),
@@ -482,7 +499,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     run.replan(to, through, f, /*in_loop=*/false, resume_from, run.guard.state());
   }
   run.event({{"event", resume_from.empty() ? "start" : "resume"}, {"step", state.step}, {"restart", restart},
-             {"pid", ::getpid()}});
+             {"pid", ::getpid()}, {"built_rss_mib", built_rss_mib}});
   // A fine-tune's starting point on the held-out data, to compare the later evaluations with.
   if (base && resume_from.empty() && tc.eval_every > 0 && run.has_valid()) {
     const double e = run.evaluate();

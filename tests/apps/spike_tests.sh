@@ -52,7 +52,7 @@ stop)
   grep -q "restart plan: continuing from step 25" "$work/supervise.log" || fail "plan not applied"
   grep -q '"event":"finished"' "$work/run/events.jsonl" || fail "did not finish"
   "$bin/llm-spike" analyze "$work/run" | tee "$work/analyze.log"
-  grep -Eq "^ +1  31-34 +malignant .*stopped the run" "$work/analyze.log" || fail "analyze"
+  grep -Eq "^ +[0-9]+  31-34 +malignant .*stopped the run" "$work/analyze.log" || fail "analyze"
   ;;
 analyze)
   "$bin/llm-pretrain" "$recipe" "${common[@]}" "${guard[@]}" --set train.steps=60 --set guard.inject_noise_steps=[20] \

@@ -6,7 +6,9 @@
 #   unsharded process, and steps 11..20 give the straight run's losses (1e-6).
 # zero1 also: 2 sharded ranks give exactly the losses of 2 replicated ranks (the update is
 #   elementwise); rank 0 of 2 holds at most 55% of the unsharded AdamW state.
-# zero3 also: hybrid sharding over 4 ranks (2 shard groups of 2) gives the same losses (1e-6);
+# zero3 also: hybrid sharding over 4 ranks (2 shard groups of 2) gives the same losses (1e-6), and
+#   a mixture-of-experts model on 2 ZeRO-3 ranks (blocks checkpointed, routing recomputed) gives
+#   the losses of 2 replicated ranks, and so does a full fine-tune of the straight run's checkpoint;
 #   the 3-rank zero3 checkpoint resumes on 2 ZeRO-1 ranks (another stage); with 32 layers and a
 #   tied head, rank 0 of 2 holds at most 60% of the parameters + gradients + optimizer state an
 #   unsharded process holds, at the peak of a step (the trainer's measured "state_mib").
@@ -23,7 +25,7 @@ port=$((20000 + $$ % 20000))
 launch() {  # launch NAME WORLD [--set ...]
   local name=$1 world=$2; shift 2
   if [ "$world" = 1 ]; then
-    "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/$name" "$@" > "$work/$name.log" 2>&1 ||
+    "$bin/${program:-llm-pretrain}" "$recipe" "${common[@]}" --set train.run_dir="$work/$name" "$@" > "$work/$name.log" 2>&1 ||
       { cat "$work/$name.log"; exit 1; }
     return
   fi
@@ -31,7 +33,7 @@ launch() {  # launch NAME WORLD [--set ...]
   local pids=() r
   for r in $(seq 0 $((world - 1))); do
     WORLD_SIZE=$world RANK=$r LOCAL_RANK=$r LOCAL_WORLD_SIZE=$world MASTER_ADDR=127.0.0.1 MASTER_PORT=$port timeout 200 \
-      "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/$name" "$@" > "$work/$name.$r.log" 2>&1 &
+      "$bin/${program:-llm-pretrain}" "$recipe" "${common[@]}" --set train.run_dir="$work/$name" "$@" > "$work/$name.$r.log" 2>&1 &
     pids+=($!)
   done
   for r in "${pids[@]}"; do wait "$r" || { tail -n 15 "$work/$name".*.log; exit 1; }; done
@@ -77,6 +79,21 @@ if [ "$stage" = zero3 ]; then
   launch hybrid-4 4 --set train.sharding=hybrid --set train.shard_group=2 --set train.micro_batch=1
   grep -q "shard groups of 2 ranks, 2 replicas" "$work/hybrid-4.0.log" || { echo "not hybrid"; cat "$work/hybrid-4.0.log"; exit 1; }
   compare one hybrid-4
+  # Mixture of experts: the checkpointed blocks recompute their routing; router losses included.
+  # Against 2 replicated ranks: the load-balancing loss is a product of per-micro-batch means, so
+  # it depends on which sequences share a micro batch, which the world size decides.
+  moe=(--set model.n_experts=4 --set model.n_experts_per_token=2 --set model.moe_aux_loss_coef=0.05
+       --set model.moe_z_loss_coef=0.01)
+  launch moe-ddp 2 --set train.sharding=none "${moe[@]}"
+  launch moe-zero3 2 --set train.sharding=zero3 "${moe[@]}"
+  compare moe-ddp moe-zero3
+  # Full fine-tuning of the straight run's last checkpoint: ZeRO-3 ranks read only their own
+  # elements of the base's weights (the model is built deferred) and train as replicated ranks do.
+  ft=(--set finetune.base="$work/one/checkpoints/step-00000020" --set finetune.method=full --set checkpoint.every=0)
+  program=llm-finetune launch ft-ddp 2 --set train.sharding=none "${ft[@]}"
+  program=llm-finetune launch ft-zero3 2 --set train.sharding=zero3 "${ft[@]}"
+  grep -q "fine-tuning .*step-00000020" "$work/ft-zero3.0.log" || { echo "not a fine-tune"; exit 1; }
+  compare ft-ddp ft-zero3
   # Memory: a deeper model (32 blocks) with a tied head, 4 steps. What ZeRO-3 holds beyond its
   # shards is per block (two gathered blocks, one block's gradient, two reductions in flight)
   # plus the gathered root (embedding and its gradient): deeper models come closer to 50%.

@@ -109,6 +109,10 @@ TEST_CASE("dropless MoE equals the dense sum over each token's top-k experts", "
   ModelConfig cfg = small_config(", n_experts: 4, n_experts_per_token: 2, init_std: 0.3");
   cfg.resolve();
   MoE moe(cfg);
+  {
+    torch::NoGradGuard no_grad;  // a module's weights are zeros until a model initialises them
+    for (auto& p : moe->parameters()) p.normal_(0.0, cfg.init_std);
+  }
   auto x = torch::randn({2, 5, 16});
   std::vector<torch::Tensor> logits;
   auto y = moe->forward(x, logits);
@@ -181,6 +185,83 @@ TEST_CASE("initialisation: normal(init_std), depth-scaled output projections, un
   CHECK(params["model.layers.3.mlp.up_proj.weight"].mean().abs().item<double>() < 1e-3);
 }
 
+TEST_CASE("the initial normals have the normal distribution's moments and tails", "[model]") {
+  torch::manual_seed(7);
+  // 2,000,000 values: the sample mean's standard error is 0.02 / 1414 = 1.4e-5, the sample std's
+  // 0.05%, a tail fraction's at most 3.5e-4; each bound below is at least 6 of those.
+  ModelConfig cfg = Recipe::parse("model: {vocab_size: 31250, dim: 64, n_layers: 1, n_heads: 4, ffn_dim: 128}", "inline").model;
+  Transformer m(cfg);
+  auto params = m->named_parameters();
+  auto z = params["model.embed_tokens.weight"].to(torch::kFloat64).reshape({-1}) / cfg.init_std;
+  REQUIRE(z.numel() == 2000000);
+  CHECK(std::abs(z.mean().item<double>()) < 6 * 7e-4);
+  CHECK(z.std().item<double>() == Approx(1.0).epsilon(0.003));
+  auto frac = [&](double k) { return z.abs().lt(k).to(torch::kFloat64).mean().item<double>(); };
+  CHECK(frac(1.0) == Approx(0.682689).margin(0.002));
+  CHECK(frac(2.0) == Approx(0.954500).margin(0.0012));
+  CHECK(frac(3.0) == Approx(0.997300).margin(0.0003));
+  CHECK(z.pow(4).mean().item<double>() == Approx(3.0).epsilon(0.02));  // kurtosis
+  // Neighbours (the cosine and sine of one Box-Muller pair) and other parameters are uncorrelated.
+  auto even = z.slice(0, 0, z.numel(), 2), odd = z.slice(0, 1, z.numel(), 2);
+  CHECK(std::abs((even * odd).mean().item<double>()) < 0.005);
+  auto a = params["model.layers.0.mlp.gate_proj.weight"].reshape({-1}), b = params["model.layers.0.mlp.up_proj.weight"].reshape({-1});
+  CHECK(std::abs(torch::corrcoef(torch::stack({a, b})).index({0, 1}).item<double>()) < 0.02);
+}
+
+TEST_CASE("the initial weights are a function of the seed, the name and the index alone", "[model]") {
+  ModelConfig cfg = small_config(", init_std: 0.1");
+  torch::manual_seed(8);
+  Transformer a(cfg);
+  torch::manual_seed(8);
+  torch::randn({1000});  // other draws after the seed do not matter
+  Transformer b(cfg, TransformerImpl::Deferred{torch::kBFloat16});
+  CHECK(b->init_seed() != a->init_seed());
+  torch::manual_seed(8);
+  Transformer c(cfg, TransformerImpl::Deferred{torch::kBFloat16});
+  REQUIRE(c->init_seed() == a->init_seed());
+  // Deferred: shapes and dtype, no values.
+  CHECK(c->deferred());
+  int64_t bytes = 0;
+  for (const auto& p : c->named_parameters()) {
+    CHECK(p.value().sizes() == a->named_parameters()[p.key()].sizes());
+    CHECK(p.value().scalar_type() == torch::kBFloat16);
+    bytes += static_cast<int64_t>(p.value().storage().nbytes());
+  }
+  CHECK(bytes <= 2 * static_cast<int64_t>(c->named_parameters().size()));
+  // Any slice of any parameter, in any dtype, without the rest.
+  auto aw = a->named_parameters()["model.layers.1.self_attn.k_proj.weight"].reshape({-1});
+  for (int64_t offset : {0, 1, 7, 100}) {
+    auto part = torch::empty({17});
+    a->init_parameter("model.layers.1.self_attn.k_proj.weight", part, offset);
+    CHECK(torch::equal(part, aw.narrow(0, offset, 17)));
+    auto half = torch::empty({17}, torch::kBFloat16);
+    c->init_parameter("model.layers.1.self_attn.k_proj.weight", half, offset);
+    CHECK(torch::equal(half, aw.narrow(0, offset, 17).to(torch::kBFloat16)));
+  }
+  c->materialize();
+  CHECK(!c->deferred());
+  for (const auto& p : c->named_parameters())
+    CHECK(torch::equal(p.value(), a->named_parameters()[p.key()].to(torch::kBFloat16)));
+}
+
+TEST_CASE("a deferred LLaMA-65B is built without memory for its weights", "[model]") {
+  const Recipe r = Recipe::load(test::source("recipes/llama-65b.yaml"));
+  torch::manual_seed(9);
+  Transformer m(r.model, TransformerImpl::Deferred{torch::kBFloat16});
+  int64_t numel = 0, bytes = 0;
+  for (const auto& p : m->parameters()) {
+    numel += p.numel();
+    bytes += static_cast<int64_t>(p.storage().nbytes());
+  }
+  CHECK(numel > 65e9);
+  CHECK(bytes < 4096);
+  // A slice of the last block's up projection, as the rank that owns it computes it.
+  auto part = torch::empty({4}, torch::kBFloat16);
+  m->init_parameter("model.layers.79.mlp.up_proj.weight", part, 123456789);
+  CHECK(part.to(torch::kFloat32).abs().max().item<double>() > 0);
+  CHECK(part.to(torch::kFloat32).abs().max().item<double>() < 6 * r.model.init_std);
+}
+
 TEST_CASE("tied embeddings: one matrix serves as embedding and LM head", "[model]") {
   torch::manual_seed(5);
   Transformer m(small_config(", tie_embeddings: true"));
@@ -193,24 +274,34 @@ TEST_CASE("tied embeddings: one matrix serves as embedding and LM head", "[model
 }
 
 TEST_CASE("activation checkpointing gives the same loss and gradients", "[model]") {
-  torch::manual_seed(6);
-  Transformer m(small_config(", sliding_window: 5, init_std: 0.2"));
-  m->to(torch::kFloat64);
-  auto ids = torch::randint(0, 37, {2, 9});
-  auto grads = [&](bool on) {
-    m->set_activation_checkpointing(on);
-    m->zero_grad();
-    auto loss = cross_entropy(m->forward(ids).logits.slice(1, 0, -1), ids.slice(1, 1));
-    loss.backward();
-    std::vector<torch::Tensor> g;
-    for (auto& p : m->parameters()) g.push_back(p.grad().clone());
-    return std::make_pair(loss.item<double>(), g);
-  };
-  auto [plain_loss, plain] = grads(false);
-  auto [ckpt_loss, ckpt] = grads(true);
-  CHECK(plain_loss == ckpt_loss);
-  REQUIRE(plain.size() == ckpt.size());
-  for (size_t i = 0; i < plain.size(); ++i) CHECK(test::max_abs_diff(plain[i], ckpt[i]) < 1e-12);
-  Transformer moe(small_config(", n_experts: 2, n_experts_per_token: 1"));
-  CHECK_THROWS_AS(moe->set_activation_checkpointing(true), libllm::Error);
+  // Dense, and mixture-of-experts with both router losses (their gradients reach the router
+  // through the checkpointed block's router logits).
+  for (const std::string extra : {", sliding_window: 5, init_std: 0.2",
+                                  ", init_std: 0.2, n_experts: 4, n_experts_per_token: 2, moe_aux_loss_coef: 0.5, "
+                                  "moe_z_loss_coef: 0.1"}) {
+    INFO(extra);
+    torch::manual_seed(6);
+    Transformer m(small_config(extra));
+    m->to(torch::kFloat64);
+    auto ids = torch::randint(0, 37, {2, 9});
+    auto grads = [&](bool on) {
+      m->set_activation_checkpointing(on);
+      m->zero_grad();
+      auto out = m->forward(ids);
+      auto loss = cross_entropy(out.logits.slice(1, 0, -1), ids.slice(1, 1)) + out.aux_loss;
+      loss.backward();
+      std::vector<torch::Tensor> g;
+      for (auto& p : m->parameters()) g.push_back(p.grad().defined() ? p.grad().clone() : torch::zeros_like(p));
+      return std::make_pair(loss.item<double>(), g);
+    };
+    auto [plain_loss, plain] = grads(false);
+    auto [ckpt_loss, ckpt] = grads(true);
+    CHECK(plain_loss == ckpt_loss);
+    REQUIRE(plain.size() == ckpt.size());
+    double router = 0;
+    for (size_t i = 0; i < plain.size(); ++i) CHECK(test::max_abs_diff(plain[i], ckpt[i]) < 1e-12);
+    for (auto& p : m->named_parameters())
+      if (p.key().find(".gate.weight") != std::string::npos) router += p.value().grad().abs().sum().item<double>();
+    if (extra.find("n_experts") != std::string::npos) CHECK(router > 0);
+  }
 }

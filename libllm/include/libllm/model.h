@@ -45,6 +45,7 @@ torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, con
 // in fp32 whatever W's dtype (a bf16 base stays bf16), computed in fp32 and added in y's dtype.
 class LinearImpl : public torch::nn::Module {
  public:
+  // `weight` is zeros until the owning model initialises it (TransformerImpl::init_weights).
   LinearImpl(int64_t in, int64_t out);
   torch::Tensor forward(const torch::Tensor& x);
   // Adds the adapter: A ~ kaiming-uniform(a=sqrt(5)) like PEFT (torch's global RNG), B = 0, so
@@ -145,6 +146,9 @@ class BlockHooks {
   virtual void after_block(int64_t layer, bool backward) = 0;
 };
 
+// A parameter of a deferred model that holds no values yet (TransformerImpl::Deferred).
+bool is_placeholder(const torch::Tensor& p);
+
 // The decoder body: HF's `model.` prefix.
 class DecoderImpl : public torch::nn::Module {
  public:
@@ -164,6 +168,14 @@ class TransformerImpl : public torch::nn::Module {
   };
 
   explicit TransformerImpl(const ModelConfig& cfg);
+  // Deferred construction: the module tree without its weights. Every parameter is a placeholder
+  // (its shape and `dtype`, zero strides over one element of storage) until materialize() or a
+  // sharding engine (FullySharded) fills it from init_parameter(). Building a 65B model this way
+  // costs no host memory; moving or casting the model before then is an error.
+  struct Deferred {
+    torch::Dtype dtype = torch::kFloat32;  // of the weights once materialised
+  };
+  TransformerImpl(const ModelConfig& cfg, Deferred deferred);
   // tokens: (B, T) int64 at positions [start_pos, start_pos + T).
   Output forward(const torch::Tensor& tokens, int64_t start_pos = 0);
   // Incremental decoding: tokens (B, T) at positions [cache.length, cache.length + T) attend to the
@@ -177,12 +189,25 @@ class TransformerImpl : public torch::nn::Module {
   // hidden (.., D) -> logits (.., vocab_size).
   torch::Tensor project(const torch::Tensor& hidden);
 
-  // normal(0, init_std) for weight matrices and embeddings (depth-scaled for o_proj and the
-  // MLP's down projection when init_depth_scaled), ones for norms. Uses torch's global RNG.
+  // Initial weights, a pure function of (init_seed(), parameter name, element index):
+  // normal(0, init_std) for weight matrices and embeddings (init_std / sqrt(2 n_layers) for
+  // o_proj and the MLP's down projection when init_depth_scaled), ones for norms. So any rank
+  // can compute any slice of any parameter, and the initial model does not depend on the world
+  // size, the sharding or the device. The normals come from a counter-based generator
+  // (SplitMix64 of the element's index, Box-Muller), computed in fp32 and rounded to `out`'s dtype.
   void init_weights();
+  // Elements [offset, offset + out.numel()) of parameter `name`'s flattened initial values,
+  // written into `out` (any dtype or device).
+  void init_parameter(const std::string& name, torch::Tensor out, int64_t offset = 0) const;
+  // Drawn from torch's global RNG when the model is built, so train.seed fixes the init.
+  uint64_t init_seed() const { return init_seed_; }
+  // Allocates every placeholder parameter on the CPU and initialises it (deferred models).
+  void materialize();
+  bool deferred() const;  // some parameter is still a placeholder
   const ModelConfig& config() const { return cfg_; }
   // Activation checkpointing per block: in training, each block keeps only its input and
-  // recomputes its activations during backward (less memory, ~1/3 more compute). Dense models only.
+  // recomputes its activations during backward (less memory, ~1/3 more compute). Mixture-of-
+  // experts blocks recompute their routing too (the same top-k: same input, same weights).
   void set_activation_checkpointing(bool on);
   bool activation_checkpointing() const { return checkpointing_; }
   // Hooks called around every block (null = none); not owned.
@@ -195,6 +220,7 @@ class TransformerImpl : public torch::nn::Module {
  private:
   ModelConfig cfg_;
   Rotary rotary_;
+  uint64_t init_seed_ = 0;
   bool checkpointing_ = false;
   BlockHooks* hooks_ = nullptr;
 };

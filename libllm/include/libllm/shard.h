@@ -73,8 +73,10 @@ class ShardedAdamW {
 // all-reduced across groups). The unsharded result is reproduced up to the order of summation.
 class FullySharded : public BlockHooks {
  public:
-  // `model`: on the CPU, whole, every parameter trainable (no LoRA); its parameters move to
-  // `device` as shards (stage 3) or as views of per-unit flat buffers (stage 2). `dist`: all ranks;
+  // `model`: on the CPU, every parameter trainable (no LoRA); its parameters move to `device` as
+  // shards (stage 3) or as views of per-unit flat buffers (stage 2). A deferred model
+  // (TransformerImpl::Deferred) is initialised here from init_parameter(): at stage 3 each rank
+  // computes only its own elements, so no rank ever holds the whole model. `dist`: all ranks;
   // `group`: ranks per shard group (dist.world_size() but for hybrid; must divide it).
   FullySharded(Transformer model, int stage, int64_t group, const OptimConfig& cfg, Distributed& dist,
                torch::Device device);

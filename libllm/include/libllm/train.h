@@ -23,7 +23,7 @@ struct TrainConfig {                 // recipe section `train`
   int64_t steps = 1000;              // optimizer steps of the whole run
   std::string dtype = "fp32";        // fp32, or bf16 (bf16 weights/activations, fp32 master weights in AdamW)
   std::string device = "cpu";        // cpu; cuda (rank r on cuda:LOCAL_RANK, NCCL between ranks); auto (cuda when usable)
-  bool activation_checkpointing = false;  // recompute each block's activations in backward (dense models)
+  bool activation_checkpointing = false;  // recompute each block's activations in backward (dense and MoE)
   std::string sharding = "none";     // none (replicated data parallel) | zero1 (AdamW state divided over the ranks) |
                                      // zero2 (also the gradients) | zero3 (also the weights; needs activation_checkpointing) |
                                      // hybrid (zero3 inside groups of shard_group ranks, replicated across them); libllm/shard.h
