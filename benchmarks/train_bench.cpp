@@ -55,7 +55,20 @@ int main(int argc, char** argv) {
     const torch::Device device = cuda ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
     const torch::Dtype dtype = args.get("--dtype") == "bf16" ? torch::kBFloat16 : torch::kFloat32;
     torch::manual_seed(0);
+    auto t_init = std::chrono::steady_clock::now();
     Transformer model(r.model);
+    const double init_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_init).count();
+    {  // the same number of normals from torch's own CPU generator, for scale
+      torch::NoGradGuard no_grad;
+      t_init = std::chrono::steady_clock::now();
+      for (auto& p : model->parameters()) torch::empty_like(p).normal_(0.0, 0.02);
+    }
+    const double torch_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_init).count();
+    int64_t n_params = 0;
+    for (const auto& p : model->parameters()) n_params += p.numel();
+    fmt::print("init: {:.1f} M parameters in {:.2f} s ({:.0f} M/s; torch's normal_ over the same shapes: {:.0f} M/s), "
+               "{} threads\n", n_params / 1e6, init_s, n_params / 1e6 / init_s, n_params / 1e6 / torch_s,
+               at::get_num_threads());
     model->to(device, dtype);
     model->set_activation_checkpointing(args.has("--checkpointing"));
     std::vector<std::pair<std::string, torch::Tensor>> named;

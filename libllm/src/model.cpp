@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <limits>
+#include <thread>
 
 #include "libllm/compat.h"
 #include "libllm/error.h"
@@ -436,20 +437,42 @@ uint64_t fnv1a(const std::string& s) {
   return h;
 }
 
-// out[i] = std * z(first + i): element j of the stream is one of the two Box-Muller normals of
-// the (j / 2)-th SplitMix64 output after `key` (cosine for even j, sine for odd j).
+// out[i] = std * z(first + i), where z(2k) and z(2k + 1) are the Box-Muller pair (cosine, sine)
+// of the k-th SplitMix64 output after `key`: u1 from its high 32 bits (so |z| < 6.8), the angle
+// from its low 32 bits. Float libm (glibc's logf and sincosf are within 1 ulp).
 void fill_normal(float* out, int64_t n, int64_t first, uint64_t key, double std) {
-  constexpr double two_pi = 6.283185307179586, inv32 = 1.0 / 4294967296.0;
-  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const uint64_t j = static_cast<uint64_t>(first + i);
-      const uint64_t h = splitmix64(key + (j >> 1) * 0x9e3779b97f4a7c15ULL);
-      const double u1 = (static_cast<double>(h >> 32) + 0.5) * inv32;  // (0, 1)
-      const double angle = two_pi * static_cast<double>(h & 0xffffffffULL) * inv32;
-      const double r = std::sqrt(-2.0 * std::log(u1));
-      out[i] = static_cast<float>(std * r * ((j & 1) ? std::sin(angle) : std::cos(angle)));
+  constexpr double inv32 = 1.0 / 4294967296.0;
+  const float two_pi = 6.2831853f, scale = static_cast<float>(std);
+  auto pair = [&](int64_t k, float& c, float& s) {
+    const uint64_t h = splitmix64(key + static_cast<uint64_t>(k) * 0x9e3779b97f4a7c15ULL);
+    const float u1 = static_cast<float>((static_cast<double>(h >> 32) + 0.5) * inv32);  // (0, 1)
+    const float u2 = static_cast<float>(static_cast<double>(h & 0xffffffffULL) * inv32);
+    const float r = scale * std::sqrt(-2.0f * std::log(u1));
+    ::sincosf(two_pi * u2, &s, &c);
+    c *= r;
+    s *= r;
+  };
+  // Pairs k covering elements [first, first + n), split over the machine's cores (plain threads:
+  // at::parallel_for runs serially in code built without -fopenmp, and a LibTorch without MKL
+  // runs with one intra-op thread here). Every value depends on its index alone, so the split
+  // does not change the result.
+  const int64_t k0 = first / 2, k1 = (first + n + 1) / 2;
+  auto run = [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      float c, s;
+      pair(k, c, s);
+      const int64_t i = 2 * k - first;  // out index of element 2k
+      if (i >= 0) out[i] = c;
+      if (i + 1 < n) out[i + 1] = s;
     }
-  });
+  };
+  const int64_t pairs = k1 - k0;
+  const int64_t cores = std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()));
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(cores, pairs >> 16));
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(run, k0 + pairs * t / threads, k0 + pairs * (t + 1) / threads);
+  run(k0, k0 + pairs / threads);
+  for (auto& th : pool) th.join();
 }
 
 bool ends_with(const std::string& s, const std::string& suffix) {
