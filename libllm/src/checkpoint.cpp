@@ -9,6 +9,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "libllm/compat.h"
 #include "libllm/config.h"
 #include "libllm/distributed.h"
 #include "libllm/error.h"
@@ -21,6 +22,14 @@ using json = nlohmann::json;
 
 namespace libllm {
 namespace {
+
+// torch's CPU generator ("rng.cpu") and, where CUDA is here, the current device's ("rng.cuda":
+// LoRA dropout on the GPU draws from it), so a resumed run draws the same masks.
+void add_rng_state(std::vector<std::pair<std::string, torch::Tensor>>& out) {
+  out.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
+  if (compat::cuda_available())
+    out.emplace_back("rng.cuda", at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, -1)).get_state());
+}
 
 void write_tensors(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& named) {
   std::vector<torch::Tensor> keep;
@@ -68,11 +77,19 @@ class OptimizerFiles {
     }
   }
 
-  torch::Tensor rng(int rank) const {
+  // Restores torch's CPU generator and, where the checkpoint has it and CUDA is here, the current
+  // device's CUDA generator (dropout on the GPU), from `rank`'s file.
+  void restore_rng(int rank) const {
     const auto& f = shards_.empty() ? main_ : shards_[static_cast<size_t>(rank) < shards_.size() ? rank : 0];
     const auto* t = f->find("rng.cpu");
     if (!t) throw Error(f->path(), "missing tensor 'rng.cpu'", "the checkpoint is corrupt");
-    return copy(*f, *t);
+    at::Generator cpu = at::detail::getDefaultCPUGenerator();  // shares the default generator
+    cpu.set_state(copy(*f, *t));
+    const auto* c = f->find("rng.cuda");
+    if (c && compat::cuda_available()) {
+      at::Generator cuda = at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, -1));  // a handle
+      cuda.set_state(copy(*f, *c));
+    }
   }
 
   // Entries for every key `optim.state()` has, assembled from the pieces that cover them.
@@ -139,7 +156,7 @@ class OptimizerFiles {
   static torch::Tensor copy(const safetensors::File& f, const safetensors::TensorInfo& t) { return view(f, t).clone(); }
   void index(const std::shared_ptr<safetensors::File>& f) {
     for (const auto& t : f->tensors()) {
-      if (t.name == "step" || t.name == "rng.cpu") continue;
+      if (t.name == "step" || t.name == "rng.cpu" || t.name == "rng.cuda") continue;
       const auto [slot, kind] = split_kind(t.name);
       if (kind.empty()) continue;
       const auto [param, offset] = f == main_ ? std::pair<std::string, int64_t>{slot, 0} : split_offset(slot);
@@ -182,7 +199,7 @@ std::string save_checkpoint(const std::string& root, Transformer& model, const A
     for (auto& p : model->named_parameters()) params.emplace_back(p.key(), p.value());
     write_tensors((tmp / "model.safetensors").string(), params);
     auto opt_state = optim.state();
-    opt_state.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
+    add_rng_state(opt_state);
     write_tensors((tmp / "optimizer.safetensors").string(), opt_state);
     write_text((tmp / "recipe.yaml").string(), recipe_yaml);
     if (!tokenizer_path.empty() && fs::exists(tokenizer_path)) fs::copy_file(tokenizer_path, tmp / "tokenizer.model");
@@ -234,7 +251,7 @@ std::string save_checkpoint_sharded(const std::string& root, const std::vector<s
     try {
       auto mine = local.state();
       mine.erase(std::remove_if(mine.begin(), mine.end(), [](const auto& kv) { return kv.first == "step"; }), mine.end());
-      mine.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
+      add_rng_state(mine);
       write_tensors((tmp / ("optimizer-shard-" + std::to_string(rank) + "-of-" + std::to_string(world) + ".safetensors")).string(),
                     mine);
     } catch (const std::exception& e) {
@@ -314,8 +331,7 @@ TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& op
     if (!j.contains(key)) throw Error(trainer_path, std::string("missing key '") + key + "'");
   if (model) load_weights(model, dir);
   OptimizerFiles files(dir, j.value("optimizer_shards", int64_t{0}));
-  at::Generator gen = at::detail::getDefaultCPUGenerator();  // shares the default generator
-  gen.set_state(files.rng(rank));
+  files.restore_rng(rank);
   optim.load_state(files.state_for(optim));
   TrainState s;
   s.step = j["step"].get<int64_t>();

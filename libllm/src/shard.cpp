@@ -16,7 +16,8 @@ std::vector<ShardPiece> shard_pieces(const std::vector<int64_t>& numels, int ran
   if (world < 1 || rank < 0 || rank >= world) throw Error("shard", "rank outside the world");
   int64_t total = 0;
   for (int64_t n : numels) total += n;
-  const int64_t begin = total * rank / world, end = total * (rank + 1) / world;
+  const int64_t chunk = (total + world - 1) / world;
+  const int64_t begin = std::min(total, chunk * rank), end = std::min(total, chunk * (rank + 1));
   std::vector<ShardPiece> out;
   int64_t start = 0;  // first element of parameter i in the concatenation
   for (size_t i = 0; i < numels.size(); ++i) {
@@ -48,6 +49,8 @@ ShardedAdamW::ShardedAdamW(const std::vector<std::pair<std::string, torch::Tenso
   std::vector<int64_t> numels;
   for (const auto& p : params_) numels.push_back(p.numel());
   mine_ = shard_pieces(numels, dist.rank(), dist.world_size());
+  for (int64_t n : numels) total_ += n;
+  chunk_ = (total_ + dist.world_size() - 1) / dist.world_size();
   std::vector<std::pair<std::string, torch::Tensor>> slices;
   std::vector<bool> decay;
   for (const ShardPiece& pc : mine_) {
@@ -69,8 +72,28 @@ void ShardedAdamW::step(double lr) {
   }
   local_->step(lr);
   if (dist_.world_size() <= 1) return;
-  // Every element keeps its value on its owner and is zero elsewhere: the sum over ranks is the
-  // owner's value, exactly. Reduced in separate buffers: a failed exchange leaves the weights.
+  const bool one_dtype = std::all_of(params_.begin(), params_.end(), [&](const torch::Tensor& p) {
+    return p.scalar_type() == params_[0].scalar_type();
+  });
+  if (one_dtype) {
+    // Every rank's chunk, gathered into one flat buffer (so a failed exchange leaves the weights).
+    auto full = torch::zeros({chunk_ * dist_.world_size()}, params_[0].options());
+    auto mine = torch::zeros({chunk_}, params_[0].options());
+    int64_t at = 0;
+    for (size_t i = 0; i < mine_.size(); ++i) {
+      mine.narrow(0, at, mine_[i].length).copy_(slices_[i]);
+      at += mine_[i].length;
+    }
+    dist_.all_gather(mine, full).wait();
+    int64_t start = 0;
+    for (auto& p : params_) {
+      p.view({-1}).copy_(full.narrow(0, start, p.numel()));
+      start += p.numel();
+    }
+    return;
+  }
+  // Mixed dtypes: every element keeps its value on its owner and is zero elsewhere, so the sum
+  // over ranks is the owner's value, exactly. Reduced in separate buffers, as above.
   std::vector<torch::Tensor> full;
   for (const auto& p : params_) full.push_back(torch::zeros({p.numel()}, p.options()));
   for (size_t i = 0; i < mine_.size(); ++i)

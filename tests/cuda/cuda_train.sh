@@ -3,6 +3,7 @@
 #   CUDA fp32 losses == CPU fp32 losses (1e-4 per step);
 #   4 steps + resume + 4 steps == 8 steps straight on CUDA (1e-6);
 #   a 1-rank NCCL process group (WORLD_SIZE=1) == no process group (1e-6);
+#   a LoRA fine-tune with dropout: 4 steps + resume + 4 steps == 8 straight (1e-6);
 #   bf16 on CUDA trains (finite, falling loss).
 # usage: cuda_train.sh BIN_DIR RECIPE WORK_DIR -- [--set ...]
 set -euo pipefail
@@ -31,5 +32,16 @@ WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=$((20000 + $$
   run nccl --set checkpoint.resume=none --set train.device=cuda
 grep -q "rank 0/1 (nccl" "$work/nccl.log" || { echo "no NCCL process group"; cat "$work/nccl.log"; exit 1; }
 compare cuda nccl 1e-6
+# LoRA with dropout on the GPU: the masks come from the CUDA generator, which checkpoints keep
+# ("rng.cuda"), so 4 + resume + 4 steps == 8 straight.
+lora=(--set finetune.base="$work/cuda/checkpoints/step-00000008" --set finetune.method=lora --set lora.dropout=0.2
+      --set train.device=cuda)
+ft() { local name=$1; shift; "$bin/llm-finetune" "$recipe" "${common[@]}" --set train.run_dir="$work/$name" "$@" \
+         > "$work/$name.log" 2>&1 || { cat "$work/$name.log"; exit 1; }; }
+ft lora "${lora[@]}" --set checkpoint.resume=none
+ft lora-resumed "${lora[@]}" --set checkpoint.resume=none --set train.steps=4
+ft lora-resumed "${lora[@]}" --set checkpoint.resume=auto
+grep -q "resumed from" "$work/lora-resumed.log" || { echo "no LoRA resume"; exit 1; }
+compare lora lora-resumed 1e-6
 run bf16 --set checkpoint.resume=none --set train.device=cuda --set train.dtype=bf16
 losses bf16 | awk '{ v[NR] = $1 } END { printf "bf16: first %s last %s\n", v[1], v[NR]; exit (v[NR] < v[1] ? 0 : 1) }'

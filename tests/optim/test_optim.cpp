@@ -405,7 +405,7 @@ TEST_CASE("optim and schedule recipe sections are strict", "[optim]") {
   CHECK_THAT(load_recipe("schedule:\n  warmup_steps: 1.5\n", o2, s2), Catch::Contains("expected an integer"));
 }
 
-TEST_CASE("ZeRO-1 pieces: each element of the concatenated parameters on exactly one rank, balanced", "[optim][shard]") {
+TEST_CASE("ZeRO-1 pieces: each element of the concatenated parameters on exactly one rank, in equal chunks", "[optim][shard]") {
   const std::vector<int64_t> numels{7, 1, 10, 3, 0, 5};  // 26 elements
   for (int world : {1, 2, 3, 4, 7}) {
     std::vector<int> owner(26, -1);
@@ -422,7 +422,8 @@ TEST_CASE("ZeRO-1 pieces: each element of the concatenated parameters on exactly
         }
         mine += pc.length;
       }
-      CHECK(std::abs(mine - 26.0 / world) < 1.0);  // floor or ceil of the even share
+      const int64_t chunk = (26 + world - 1) / world;  // ceil: equal chunks for the all-gather
+      CHECK(mine == std::max<int64_t>(0, std::min<int64_t>(chunk, 26 - r * chunk)));
     }
     CHECK(std::count(owner.begin(), owner.end(), -1) == 0);
     CHECK(std::is_sorted(owner.begin(), owner.end()));  // contiguous ranges in rank order

@@ -43,7 +43,7 @@ std::string save_checkpoint(const std::string& root, Transformer& model, const A
 // Shard holders (`shard` = this rank's index among `shards`; -1 = rank and world size; hybrid
 // sharding: only the first replica's ranks, `write_shard`) write
 // optimizer-shard-<shard>-of-<shards>.safetensors (their slices' state, "<param>@<offset>.exp_avg"
-// ..., and their CPU RNG); rank 0 writes `weights` (the whole model, named as its parameters;
+// ..., and their RNG states); rank 0 writes `weights` (the whole model, named as its parameters;
 // other ranks may pass none), the recipe, trainer.json ("optimizer_shards": shards) and the
 // rank-independent optimizer.safetensors ("step"), then renames the folder into place.
 std::string save_checkpoint_sharded(const std::string& root, const std::vector<std::pair<std::string, torch::Tensor>>& weights,
@@ -54,7 +54,8 @@ std::string save_checkpoint_sharded(const std::string& root, const std::vector<s
 std::string latest_checkpoint(const std::string& root);
 // All complete checkpoint steps under root, ascending.
 std::vector<int64_t> checkpoint_steps(const std::string& root);
-// Restores model, optimizer, torch's CPU RNG and returns the state. A checkpoint of another model
+// Restores model, optimizer, the RNG states (torch's CPU generator, and the current device's
+// CUDA generator where saved and available) and returns the state. A checkpoint of another model
 // shape is an error naming the tensor. The optimizer state is resharded as needed: a checkpoint
 // written unsharded or by any number of ZeRO-1 ranks loads into a whole-parameter AdamW or into
 // one over slices "<param>@<offset>" (each slot takes its elements from whichever files hold them);

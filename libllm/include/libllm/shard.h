@@ -1,9 +1,10 @@
 // ZeRO-1 (Rajbhandari et al. 2020): the optimizer state is divided over the data-parallel ranks.
 // The trainable parameters, concatenated in order and flattened, are cut into `world` contiguous
-// ranges of (nearly) equal size; rank r keeps AdamW state (moments, and the fp32 master of bf16
-// weights) only for its range, updates only those elements after the gradient all-reduce, and
-// the ranks then exchange the updated elements so every rank holds the whole model again. The
-// update is elementwise, so the result equals unsharded AdamW exactly.
+// chunks of ceil(total / world) elements (the last ones shorter or empty); rank r keeps AdamW
+// state (moments, and the fp32 master of bf16 weights) only for its chunk, updates only those
+// elements after the gradient all-reduce, and the ranks then all-gather the updated chunks so
+// every rank holds the whole model again. The update is elementwise, so the result equals
+// unsharded AdamW exactly.
 //
 // ZeRO-2 / ZeRO-3 / hybrid (FullySharded below): the model is cut into units (each decoder block,
 // plus one "root" unit of the embedding, final norm and LM head). A unit's parameters are laid
@@ -36,7 +37,7 @@ struct ShardPiece {
 };
 
 // Rank r's pieces of parameters with these element counts: the concatenated range
-// [r * total / world, (r + 1) * total / world).
+// [r * chunk, (r + 1) * chunk) with chunk = ceil(total / world), clipped to total.
 std::vector<ShardPiece> shard_pieces(const std::vector<int64_t>& numels, int rank, int world);
 
 class ShardedAdamW {
@@ -48,7 +49,8 @@ class ShardedAdamW {
                Distributed& dist);
 
   // Updates this rank's slices (gradients must already be averaged over ranks and clipped), then
-  // gives every rank the whole updated parameters (one bucketed all-reduce of the weights).
+  // gives every rank the whole updated parameters (one all-gather of the chunks; an all-reduce
+  // when the parameters have several dtypes).
   void step(double lr);
   void zero_grad();
 
@@ -61,6 +63,7 @@ class ShardedAdamW {
   std::vector<torch::Tensor> params_;  // unique trainable tensors, in order
   std::vector<ShardPiece> mine_;
   std::vector<torch::Tensor> slices_;  // views of the parameters, one per piece
+  int64_t total_ = 0, chunk_ = 0;       // elements in all, and per rank
   std::unique_ptr<AdamW> local_;
   Distributed& dist_;
   bool low_precision_ = false;
