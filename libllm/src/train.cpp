@@ -681,7 +681,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     // Sharded weights: rank 0 samples from a whole copy on its host (never all of it on a GPU).
     auto weights = run.fsdp->gather_weights();  // collective; rank 0 gets them
     if (main_rank) {
-      Transformer whole(mc);
+      Transformer whole(mc, TransformerImpl::Deferred{dtype});  // no init: the gathered weights fill it
       torch::NoGradGuard no_grad;
       std::map<std::string, torch::Tensor> by_name(weights.begin(), weights.end());
       for (auto& p : whole->named_parameters()) p.value().set_data(by_name.at(p.key()));
