@@ -328,7 +328,7 @@ void load_weights(Transformer& model, const std::string& dir) {
   }
   load_weights(dir, params, !model->lm_head, [&](const std::string& name, const torch::Tensor& src) {
     torch::Tensor& p = by_name.at(name);
-    if (!is_placeholder(p)) {
+    if (!is_unallocated(p)) {
       p.copy_(src);
       return;
     }
@@ -444,10 +444,8 @@ Pretrained inspect_pretrained(const std::string& dir) {
 }
 
 void load_pretrained(Pretrained& info, torch::Dtype dtype) {
-  ModelConfig cfg = info.config;
-  cfg.init_std = 0.0;  // weights come from the file
   // Deferred: no random init, and each weight is allocated once, in `dtype`, as it is read.
-  info.model = Transformer(cfg, TransformerImpl::Deferred{dtype});
+  info.model = Transformer(info.config, TransformerImpl::Deferred{dtype});
   if (info.has_lora) apply_lora(info.model, info.lora);
   load_weights(info.model, info.dir);
 }

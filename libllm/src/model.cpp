@@ -13,11 +13,11 @@ namespace {
 Linear linear(int64_t in, int64_t out) { return Linear(in, out); }
 
 // Shape and dtype without values: zero strides over a one-element storage.
-torch::Tensor placeholder(c10::IntArrayRef shape, torch::Dtype dtype) {
+torch::Tensor unallocated(c10::IntArrayRef shape, torch::Dtype dtype) {
   return torch::empty({1}, dtype).as_strided(shape, std::vector<int64_t>(shape.size(), 0));
 }
 
-// While a deferred model is being built on this thread, its modules register placeholders.
+// While a deferred model is being built on this thread, its modules register unallocated weights.
 thread_local const torch::Dtype* deferred_dtype = nullptr;
 
 struct DeferredScope {
@@ -25,10 +25,10 @@ struct DeferredScope {
   ~DeferredScope() { deferred_dtype = nullptr; }
 };
 
-// A new module weight: a placeholder in a deferred model, else `value`'s result.
+// A new module weight: unallocated in a deferred model, else `value`'s result.
 template <typename F>
 torch::Tensor new_weight(c10::IntArrayRef shape, F value) {
-  return deferred_dtype ? placeholder(shape, *deferred_dtype) : value();
+  return deferred_dtype ? unallocated(shape, *deferred_dtype) : value();
 }
 
 // Which keys each of the last T of S positions may see: (T, S) bool, true = attend. Causal, and
@@ -300,7 +300,7 @@ struct BlockRecompute : torch::autograd::Function<BlockRecompute> {
 }  // namespace
 
 // ---------------------------------------------------------------- Transformer
-bool is_placeholder(const torch::Tensor& p) {
+bool is_unallocated(const torch::Tensor& p) {
   return p.defined() && p.numel() > 1 && p.storage().nbytes() < static_cast<size_t>(p.numel() * p.element_size());
 }
 
@@ -333,21 +333,21 @@ TransformerImpl::TransformerImpl(const ModelConfig& cfg)
 
 TransformerImpl::TransformerImpl(const ModelConfig& cfg, Deferred deferred)
     : cfg_(resolved(cfg)), rotary_(cfg_.hdim(), cfg_.rope_theta), init_seed_(draw_seed()) {
-  DeferredScope scope(deferred.dtype);  // every weight is registered as a placeholder
+  DeferredScope scope(deferred.dtype);  // every weight is registered unallocated
   model = register_module("model", Decoder(cfg_));
   if (!cfg_.tie_embeddings) lm_head = register_module("lm_head", linear(cfg_.dim, cfg_.vocab_size));
 }
 
 bool TransformerImpl::deferred() const {
   for (const auto& p : parameters())
-    if (is_placeholder(p)) return true;
+    if (is_unallocated(p)) return true;
   return false;
 }
 
 void TransformerImpl::materialize() {
   torch::NoGradGuard no_grad;
   for (auto& p : named_parameters()) {
-    if (!is_placeholder(p.value())) continue;
+    if (!is_unallocated(p.value())) continue;
     auto t = torch::empty(p.value().sizes(), p.value().scalar_type());
     init_parameter(p.key(), t);
     p.value().set_data(t);

@@ -356,9 +356,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   // the initial weights, or reads them from the base's file, so no rank holds the whole model.
   const bool base_sharded = base && fully_sharded && !base->has_lora && recipe.finetune.method == "full";
   if (base_sharded) {
-    ModelConfig bc = base->config;
-    bc.init_std = 0.0;
-    run.model = Transformer(bc, TransformerImpl::Deferred{dtype});
+    run.model = Transformer(base->config, TransformerImpl::Deferred{dtype});
   } else if (base) {
     // A base that is itself a LoRA fine-tune is loaded in fp32 and its adapters folded in there
     // (in bf16 most of their small update would round away), then cast.

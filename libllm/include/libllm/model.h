@@ -147,7 +147,7 @@ class BlockHooks {
 };
 
 // A parameter of a deferred model that holds no values yet (TransformerImpl::Deferred).
-bool is_placeholder(const torch::Tensor& p);
+bool is_unallocated(const torch::Tensor& p);
 
 // The decoder body: HF's `model.` prefix.
 class DecoderImpl : public torch::nn::Module {
@@ -168,10 +168,11 @@ class TransformerImpl : public torch::nn::Module {
   };
 
   explicit TransformerImpl(const ModelConfig& cfg);
-  // Deferred construction: the module tree without its weights. Every parameter is a placeholder
-  // (its shape and `dtype`, zero strides over one element of storage) until materialize() or a
-  // sharding engine (FullySharded) fills it from init_parameter(). Building a 65B model this way
-  // costs no host memory; moving or casting the model before then is an error.
+  // Deferred construction: the module tree without its weights. Every parameter is unallocated
+  // (its shape and `dtype`, zero strides over one element of storage: is_unallocated()) until
+  // materialize(), a weight file (load_weights) or a sharding engine (FullySharded) fills it.
+  // Building a 65B model this way costs no host memory. Do not move or cast the model before
+  // then: that would allocate every weight in full, each filled with one uninitialised value.
   struct Deferred {
     torch::Dtype dtype = torch::kFloat32;  // of the weights once materialised
   };
@@ -201,9 +202,9 @@ class TransformerImpl : public torch::nn::Module {
   void init_parameter(const std::string& name, torch::Tensor out, int64_t offset = 0) const;
   // Drawn from torch's global RNG when the model is built, so train.seed fixes the init.
   uint64_t init_seed() const { return init_seed_; }
-  // Allocates every placeholder parameter on the CPU and initialises it (deferred models).
+  // Allocates every unallocated parameter on the CPU and initialises it (deferred models).
   void materialize();
-  bool deferred() const;  // some parameter is still a placeholder
+  bool deferred() const;  // some parameter is still unallocated
   const ModelConfig& config() const { return cfg_; }
   // Activation checkpointing per block: in training, each block keeps only its input and
   // recomputes its activations during backward (less memory, ~1/3 more compute). Mixture-of-
