@@ -1,10 +1,12 @@
 // llm-export --checkpoint DIR --out DIR [--adapter DIR]: writes a model folder (libllm checkpoint
 // or HF folder) as a Hugging Face folder (sharded safetensors, config.json, tokenizer) with any
-// LoRA adapters merged; --adapter also writes the adapters alone in PEFT's layout.
+// LoRA adapters merged; --adapter also writes the adapters alone in PEFT's layout. A model
+// fine-tuned on chat data gets its chat template in tokenizer_config.json.
 #include <fmt/core.h>
 
 #include <filesystem>
 
+#include <libllm/chat.h>
 #include <libllm/cli.h>
 #include <libllm/error.h>
 #include <libllm/finetune.h>
@@ -22,7 +24,11 @@ int main(int argc, char** argv) {
                     {"--adapter", "also write the LoRA adapters alone here, in PEFT's layout"},
                     {"--dtype", "weights dtype: float32, bfloat16 or float16", true, "bfloat16"},
                     {"--max-shard-mb", "start a new safetensors shard past this size (MB)", true, "5000"},
-                    {"--tokenizer", "tokenizer.model to include (default: the one in the checkpoint folder)"}},
+                    {"--tokenizer", "tokenizer.model to include (default: the one in the checkpoint folder)"},
+                    {"--chat-template", "chat template for tokenizer_config.json: llama2, chatml or none (default: the "
+                                        "checkpoint's chat.chat_template if it was fine-tuned on chat data, else the "
+                                        "base's own)"},
+                    {"--system", "default system text of --chat-template (default: the recipe's chat.system_prompt)"}},
                    0);
     if (args.help()) return fmt::print("{}", args.usage()), 0;
     for (const char* required : {"--checkpoint", "--out"})
@@ -62,15 +68,45 @@ int main(int argc, char** argv) {
       fmt::print("wrote PEFT adapter {} (r={}, alpha={}, targets {})\n", args.get("--adapter"), pre.lora.rank,
                  pre.lora.alpha, targets);
     }
+    // The chat template that serving tools (transformers' apply_chat_template) should use: the one
+    // the checkpoint was fine-tuned with, else the one its base or source folder came with.
+    std::string chat_template, template_from;
+    std::string system;
+    if (pre.format == "libllm") {
+      const Recipe r = Recipe::load((std::filesystem::path(dir) / "recipe.yaml").string());
+      system = r.chat.system_prompt;
+      if (!r.chat.files.empty()) {
+        chat_template = chat_template_jinja(r.chat.chat_template, system);
+        template_from = "chat template " + r.chat.chat_template + " (as fine-tuned)";
+      } else if (!r.finetune.base.empty() && std::filesystem::is_directory(r.finetune.base)) {
+        chat_template = read_chat_template(r.finetune.base);
+        template_from = "the base's chat template";
+      }
+    } else {
+      chat_template = read_chat_template(dir);
+      template_from = "the source folder's chat template";
+    }
+    if (args.has("--system")) system = args.get("--system");
+    if (args.has("--chat-template")) {
+      const std::string name = args.get("--chat-template");
+      if (name != "none" && name != "llama2" && name != "chatml")
+        throw Error("--chat-template", "'" + name + "' is not llama2, chatml or none");
+      chat_template = name == "none" ? "" : chat_template_jinja(name, system);
+      template_from = "chat template " + name;
+    }
+    if (!chat_template.empty() && tok_path.empty())
+      throw Error(dir, "no tokenizer.model to export with the chat template", "pass --tokenizer PATH or --chat-template none");
+
     ExportOptions opts;
     opts.dtype = args.get("--dtype");
     opts.max_shard_bytes = shard_mb * 1000 * 1000;
     opts.tokenizer_path = tok_path;
     opts.bos_id = bos;
     opts.eos_id = eos;
+    opts.chat_template = chat_template;
     export_hf(pre.model, args.get("--out"), opts);
-    fmt::print("wrote {} ({}, {}{})\n", args.get("--out"), pre.model->config().hf_architecture(), opts.dtype,
-               pre.has_lora ? ", LoRA merged" : "");
+    fmt::print("wrote {} ({}, {}{}{})\n", args.get("--out"), pre.model->config().hf_architecture(), opts.dtype,
+               pre.has_lora ? ", LoRA merged" : "", chat_template.empty() ? "" : ", " + template_from);
     return 0;
   });
 }

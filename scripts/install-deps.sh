@@ -12,6 +12,7 @@ PACKAGES=(
   libgloo-dev                         # headers c10d's Gloo process group needs
   fortunes                            # the demo corpus (/usr/share/games/fortunes)
   dict-jargon                         # the fine-tuning demo's Q&A source (/usr/share/dictd/jargon.*)
+  python3-jinja2 python3-sentencepiece  # tests: the chat-template reference (tests/chat/hf_chat_reference.py)
 )
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq

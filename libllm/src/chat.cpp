@@ -28,59 +28,118 @@ void ChatConfig::fields(Fields& f) {
 
 namespace {
 
-void append(ChatExample& ex, const std::vector<int64_t>& ids, bool target) {
-  ex.tokens.insert(ex.tokens.end(), ids.begin(), ids.end());
-  ex.target.insert(ex.target.end(), ids.size(), target ? 1 : 0);
-}
-
-void append_token(ChatExample& ex, int64_t id, bool target) {
-  if (id < 0) return;
-  ex.tokens.push_back(id);
-  ex.target.push_back(target ? 1 : 0);
-}
-
-// Renders messages; when `open_assistant` the rendering stops where the next answer would begin.
-ChatExample render(const std::vector<ChatMessage>& messages, const Tokenizer& tok, const std::string& tmpl,
-                   const std::string& default_system, bool open_assistant) {
-  ChatExample ex;
-  std::string system = default_system;
-  size_t first = 0;
-  if (!messages.empty() && messages[0].role == "system") {
-    system = messages[0].content;
-    first = 1;
+// Python's str.strip(): removes leading and trailing characters for which str.isspace() is true.
+std::string py_strip(const std::string& s) {
+  auto space = [](uint32_t c) {
+    return (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20) || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+           (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+  };
+  // The code point of the UTF-8 sequence s[i, j) (invalid sequences are not whitespace).
+  auto decode = [&](size_t i, size_t j) -> uint32_t {
+    const auto b = [&](size_t k) { return static_cast<uint8_t>(s[k]); };
+    const size_t n = j - i;
+    if (n == 1) return b(i) < 0x80 ? b(i) : 0xFFFFFFFF;
+    if (n == 2 && (b(i) & 0xE0) == 0xC0) return ((b(i) & 0x1Fu) << 6) | (b(i + 1) & 0x3Fu);
+    if (n == 3 && (b(i) & 0xF0) == 0xE0) return ((b(i) & 0x0Fu) << 12) | ((b(i + 1) & 0x3Fu) << 6) | (b(i + 2) & 0x3Fu);
+    return 0xFFFFFFFF;
+  };
+  auto continuation = [&](size_t k) { return (static_cast<uint8_t>(s[k]) & 0xC0) == 0x80; };
+  size_t begin = 0, end = s.size();
+  while (begin < end) {
+    size_t next = begin + 1;
+    while (next < end && continuation(next)) ++next;
+    if (!space(decode(begin, next))) break;
+    begin = next;
   }
-  if (tmpl == "llama2") {
-    bool first_user = true;
+  while (end > begin) {
+    size_t prev = end - 1;
+    while (prev > begin && continuation(prev)) --prev;
+    if (!space(decode(prev, end))) break;
+    end = prev;
+  }
+  return s.substr(begin, end - begin);
+}
+
+// A conversation rendered to text exactly as chat_template_jinja()'s template renders it, and the
+// byte ranges of the text the model learns to produce (each answer through its EOS).
+struct Rendered {
+  std::string text;
+  std::vector<std::pair<size_t, size_t>> targets;
+};
+
+Rendered render(const std::vector<ChatMessage>& messages, const Tokenizer& tok, const std::string& tmpl,
+                const std::string& default_system, bool add_generation_prompt) {
+  const std::string bos = tok.bos_id() >= 0 ? tok.piece(tok.bos_id()) : "";
+  const std::string eos = tok.eos_id() >= 0 ? tok.piece(tok.eos_id()) : "";
+  Rendered r;
+  auto emit = [&](const std::string& text, bool target) {
+    if (target) r.targets.emplace_back(r.text.size(), r.text.size() + text.size());
+    r.text += text;
+  };
+  const bool first_is_system = !messages.empty() && messages[0].role == "system";
+  const size_t first = first_is_system ? 1 : 0;
+  const std::string system = first_is_system ? messages[0].content : default_system;
+  if (tmpl == "llama2") {  // Meta's Llama-2-chat template
+    const bool has_system = first_is_system || !default_system.empty();
     for (size_t i = first; i < messages.size(); ++i) {
       const auto& m = messages[i];
-      if (m.role == "user") {
-        std::string text = "[INST] ";
-        if (first_user && !system.empty()) text += "<<SYS>>\n" + system + "\n<</SYS>>\n\n";
-        text += m.content + " [/INST]";
-        append_token(ex, tok.bos_id(), false);
-        append(ex, tok.encode(text), false);
-        first_user = false;
-      } else if (m.role == "assistant") {
-        append(ex, tok.encode(m.content), true);
-        append_token(ex, tok.eos_id(), true);
-      }
+      const size_t k = i - first;
+      if ((m.role == "user") != (k % 2 == 0))
+        throw Error("chat_template llama2",
+                    fmt::format("conversation roles must alternate user/assistant/user/assistant/... (message {} is "
+                                "'{}')", i + 1, m.role),
+                    "fix the example, or use chat_template: chatml, which takes any order");
+      std::string content = m.content;
+      if (k == 0 && has_system) content = "<<SYS>>\n" + system + "\n<</SYS>>\n\n" + content;
+      if (m.role == "user") emit(bos + "[INST] " + py_strip(content) + " [/INST]", false);
+      else if (m.role == "assistant") emit(" " + py_strip(content) + " " + eos, true);
     }
-    return ex;
+    return r;
   }
   // chatml
-  append_token(ex, tok.bos_id(), false);
-  if (!system.empty()) append(ex, tok.encode("<|im_start|>system\n" + system + "<|im_end|>\n"), false);
+  emit(bos, false);
+  if (!system.empty()) emit("<|im_start|>system\n" + system + "<|im_end|>\n", false);
   for (size_t i = first; i < messages.size(); ++i) {
     const auto& m = messages[i];
-    if (m.role == "user") {
-      append(ex, tok.encode("<|im_start|>user\n" + m.content + "<|im_end|>\n<|im_start|>assistant\n"), false);
-    } else if (m.role == "assistant") {
-      append(ex, tok.encode(m.content + "<|im_end|>"), true);
-      append_token(ex, tok.eos_id(), true);
+    if (m.role == "assistant") {
+      emit("<|im_start|>assistant\n", false);
+      emit(m.content + "<|im_end|>" + eos, true);
+    } else {
+      emit("<|im_start|>" + m.role + "\n" + m.content + "<|im_end|>\n", false);
     }
   }
-  (void)open_assistant;
+  if (add_generation_prompt) emit("<|im_start|>assistant\n", false);
+  return r;
+}
+
+// The tokens of a rendering, tokenized as Hugging Face tokenizes the template's output; a token is
+// a target when it covers any byte of a target range (an empty-span byte-fallback token goes with
+// its character).
+ChatExample tokenize(const Rendered& r, const Tokenizer& tok) {
+  ChatExample ex;
+  std::vector<Tokenizer::TokenSpan> spans;
+  ex.tokens = tok.encode_with_specials(r.text, &spans);
+  ex.target.resize(ex.tokens.size(), 0);
+  for (size_t i = 0; i < spans.size(); ++i) {
+    const auto b = static_cast<size_t>(spans[i].begin), e = static_cast<size_t>(spans[i].end);
+    for (const auto& [tb, te] : r.targets)
+      if (e > b ? (b < te && e > tb) : (b >= tb && b < te)) ex.target[i] = 1;
+  }
   return ex;
+}
+
+// A Jinja string literal (single-quoted; Jinja decodes Python escapes in it).
+std::string jinja_literal(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) {
+    if (c == '\\') out += "\\\\";
+    else if (c == '\'') out += "\\'";
+    else if (c == '\n') out += "\\n";
+    else if (c == '\r') out += "\\r";
+    else if (c == '\t') out += "\\t";
+    else out += c;
+  }
+  return out + "'";
 }
 
 std::vector<std::string> jsonl_files(const std::vector<std::string>& inputs) {
@@ -117,12 +176,43 @@ uint64_t bounded(std::mt19937_64& rng, uint64_t n) {
 
 ChatExample render_chat(const std::vector<ChatMessage>& messages, const Tokenizer& tok, const std::string& tmpl,
                         const std::string& system_prompt) {
-  return render(messages, tok, tmpl, system_prompt, false);
+  return tokenize(render(messages, tok, tmpl, system_prompt, false), tok);
 }
 
 std::vector<int64_t> render_prompt(const std::vector<ChatMessage>& messages, const Tokenizer& tok,
                                    const std::string& tmpl, const std::string& system_prompt) {
-  return render(messages, tok, tmpl, system_prompt, true).tokens;
+  return tokenize(render(messages, tok, tmpl, system_prompt, true), tok).tokens;
+}
+
+std::string render_chat_text(const std::vector<ChatMessage>& messages, const Tokenizer& tok, const std::string& tmpl,
+                             const std::string& system_prompt, bool add_generation_prompt) {
+  return render(messages, tok, tmpl, system_prompt, add_generation_prompt).text;
+}
+
+std::string chat_template_jinja(const std::string& tmpl, const std::string& system_prompt) {
+  if (tmpl == "llama2")  // Meta's Llama-2-chat template; the recipe's system prompt is the default
+    return "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+           "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+           "{% set system_message = " + (system_prompt.empty() ? std::string("false") : jinja_literal(system_prompt)) +
+           " %}{% endif %}{% for message in loop_messages %}"
+           "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+           "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+           "{% if loop.index0 == 0 and system_message != false %}"
+           "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+           "{% else %}{% set content = message['content'] %}{% endif %}"
+           "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+           "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
+           "{% endfor %}";
+  if (tmpl == "chatml")
+    return "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
+           "{% set loop_messages = messages[1:] %}{% else %}{% set system_message = " + jinja_literal(system_prompt) +
+           " %}{% set loop_messages = messages %}{% endif %}"
+           "{% if system_message %}{{ '<|im_start|>system\\n' + system_message + '<|im_end|>\\n' }}{% endif %}"
+           "{% for message in loop_messages %}{% if message['role'] == 'assistant' %}"
+           "{{ '<|im_start|>assistant\\n' + message['content'] + '<|im_end|>' + eos_token }}"
+           "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
+           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+  throw Error("chat_template", "'" + tmpl + "' is not llama2 or chatml");
 }
 
 std::string end_of_turn(const std::string& tmpl) { return tmpl == "chatml" ? "<|im_end|>" : ""; }
@@ -183,21 +273,24 @@ ChatDataset::ChatDataset(const ChatConfig& cfg, const Tokenizer& tok, int64_t se
       ++lineno;
       if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
       ++stats_.lines;
-      std::vector<ChatMessage> msgs;
+      ChatExample ex;
       try {
-        msgs = parse_chat_line(line, file + ":" + std::to_string(lineno));
+        const std::string where = file + ":" + std::to_string(lineno);
+        const std::vector<ChatMessage> msgs = parse_chat_line(line, where);
+        try {
+          ex = render_chat(msgs, tok, cfg.chat_template, cfg.system_prompt);
+        } catch (const Error& e) {  // e.g. llama2's alternation rule
+          throw Error(where, e.problem(), e.hint());
+        }
       } catch (const Error& e) {
         if (cfg.malformed == "fail") {
-          std::string what = std::string(e.what()).substr(e.where().size() + 2);
-          if (!e.hint().empty()) what = what.substr(0, what.size() - e.hint().size() - 9);  // drop " (hint: ...)"
-          throw Error(e.where(), what,
+          throw Error(e.where(), e.problem(),
                       (e.hint().empty() ? "" : e.hint() + "; ") + "fix the line, or set chat.malformed: skip to skip such lines");
         }
         ++stats_.malformed;
         if (stats_.malformed_samples.size() < 5) stats_.malformed_samples.push_back(e.what());
         continue;
       }
-      ChatExample ex = render_chat(msgs, tok, cfg.chat_template, cfg.system_prompt);
       const int64_t n = number++;
       ++stats_.examples;
       const bool held_out = cfg.valid_every > 0 && (n + 1) % cfg.valid_every == 0;

@@ -13,6 +13,7 @@
 #include "libllm/error.h"
 #include "libllm/recipe.h"
 #include "libllm/safetensors.h"
+#include "libllm/tokenizer.h"
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -366,6 +367,9 @@ void write_folder_atomically(const std::string& dir, const std::function<void(co
 
 void export_hf(Transformer& model, const std::string& dir, const ExportOptions& opts) {
   const torch::Dtype dtype = dtype_from_name(opts.dtype, "export dtype");
+  if (!opts.chat_template.empty() && opts.tokenizer_path.empty())
+    throw Error(dir, "a chat template is written into tokenizer_config.json, but no tokenizer is exported",
+                "export with the tokenizer.model (--tokenizer)");
   write_folder_atomically(dir, [&](const std::string& tmp_dir) {
     const fs::path tmp = tmp_dir;
     std::error_code ec;
@@ -405,14 +409,39 @@ void export_hf(Transformer& model, const std::string& dir, const ExportOptions& 
     write_text((tmp / "generation_config.json").string(),
                json({{"bos_token_id", opts.bos_id}, {"eos_token_id", opts.eos_id}}).dump(2) + "\n");
     if (!opts.tokenizer_path.empty()) {
+      const Tokenizer tok = Tokenizer::load(opts.tokenizer_path);
       fs::copy_file(opts.tokenizer_path, tmp / "tokenizer.model", ec);
       if (ec) throw Error(opts.tokenizer_path, "cannot copy tokenizer: " + ec.message());
-      json tc = {{"tokenizer_class", "LlamaTokenizer"}, {"bos_token", "<s>"}, {"eos_token", "</s>"},
-                 {"unk_token", "<unk>"}, {"add_bos_token", true}, {"add_eos_token", false},
+      // LlamaTokenizer in legacy mode: Tokenizer::encode_with_specials tokenizes as it does.
+      json tc = {{"tokenizer_class", "LlamaTokenizer"}, {"add_bos_token", true}, {"add_eos_token", false},
                  {"model_max_length", model->config().max_seq_len}, {"legacy", true}};
+      if (tok.bos_id() >= 0) tc["bos_token"] = tok.piece(tok.bos_id());
+      if (tok.eos_id() >= 0) tc["eos_token"] = tok.piece(tok.eos_id());
+      if (tok.unk_id() >= 0) tc["unk_token"] = tok.piece(tok.unk_id());
+      if (!opts.chat_template.empty()) tc["chat_template"] = opts.chat_template;
       write_text((tmp / "tokenizer_config.json").string(), tc.dump(2) + "\n");
     }
   });
+}
+
+std::string read_chat_template(const std::string& dir) {
+  const fs::path path = fs::path(dir) / "tokenizer_config.json";
+  if (!fs::exists(path)) return "";
+  std::ifstream in(path);
+  json j;
+  try {
+    j = json::parse(in);
+  } catch (const json::exception& e) {
+    throw Error(path.string(), std::string("invalid JSON: ") + e.what());
+  }
+  if (!j.is_object() || !j.contains("chat_template")) return "";
+  const json& t = j["chat_template"];
+  if (t.is_string()) return t.get<std::string>();
+  if (t.is_array())
+    for (const auto& e : t)
+      if (e.is_object() && e.value("name", "") == "default" && e.contains("template") && e["template"].is_string())
+        return e["template"].get<std::string>();
+  return "";
 }
 
 Pretrained inspect_pretrained(const std::string& dir) {

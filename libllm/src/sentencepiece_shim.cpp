@@ -57,6 +57,22 @@ bool llm_spm_decode(void* handle, const std::vector<int>* ids, std::string* text
   return status.ok();
 }
 
+// Like llm_spm_encode, plus each token's [begin, end) byte span in `text` (the leading bytes of a
+// character that byte fallback splits get an empty span at the character's start).
+bool llm_spm_encode_spans(void* handle, const std::string* text, std::vector<int>* ids, std::vector<int64_t>* begins,
+                          std::vector<int64_t>* ends, std::string* error) {
+  sentencepiece::ImmutableSentencePieceText spt;
+  const auto status = static_cast<SentencePieceProcessor*>(handle)->Encode(*text, spt.mutable_proto());
+  if (!status.ok()) return *error = status.ToString(), false;
+  ids->clear(), begins->clear(), ends->clear();
+  for (const auto& p : spt.pieces()) {
+    ids->push_back(static_cast<int>(p.id()));
+    begins->push_back(p.begin());
+    ends->push_back(p.end());
+  }
+  return true;
+}
+
 void llm_spm_piece(void* handle, int id, std::string* piece) {
   *piece = static_cast<SentencePieceProcessor*>(handle)->IdToPiece(id);
 }

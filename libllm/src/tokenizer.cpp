@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <mutex>
 
@@ -18,6 +19,8 @@ struct Shim {
   void (*free)(void*);
   int64_t (*info)(void*, int);
   bool (*encode)(void*, const std::string*, std::vector<int>*, std::string*);
+  bool (*encode_spans)(void*, const std::string*, std::vector<int>*, std::vector<int64_t>*, std::vector<int64_t>*,
+                       std::string*);
   bool (*decode)(void*, const std::vector<int>*, std::string*, std::string*);
   void (*piece)(void*, int, std::string*);
   bool (*train)(const std::string*, std::string*);
@@ -49,6 +52,7 @@ const Shim& shim() {
       bind(lib, "llm_spm_free", s.free, path);
       bind(lib, "llm_spm_info", s.info, path);
       bind(lib, "llm_spm_encode", s.encode, path);
+      bind(lib, "llm_spm_encode_spans", s.encode_spans, path);
       bind(lib, "llm_spm_decode", s.decode, path);
       bind(lib, "llm_spm_piece", s.piece, path);
       bind(lib, "llm_spm_train", s.train, path);
@@ -111,6 +115,50 @@ std::vector<int64_t> Tokenizer::encode(const std::string& text) const {
   std::string error;
   if (!shim().encode(impl_->handle, &text, &ids, &error)) throw Error(path_, "encoding failed: " + error);
   return {ids.begin(), ids.end()};
+}
+
+std::vector<int64_t> Tokenizer::encode_with_specials(const std::string& text, std::vector<TokenSpan>* spans) const {
+  // The special pieces written out, longest first (so "</s>" is tried before a shorter one).
+  std::vector<std::pair<std::string, int64_t>> specials;
+  for (int64_t id : {unk_id_, bos_id_, eos_id_})
+    if (id >= 0) specials.emplace_back(piece(id), id);
+  std::sort(specials.begin(), specials.end(),
+            [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
+  std::vector<int64_t> ids;
+  if (spans) spans->clear();
+  std::vector<int> chunk_ids;
+  std::vector<int64_t> begins, ends;
+  std::string error;
+  auto flush = [&](size_t from, size_t to) {  // encodes text[from, to) on its own
+    if (to <= from) return;
+    const std::string chunk = text.substr(from, to - from);
+    if (!shim().encode_spans(impl_->handle, &chunk, &chunk_ids, &begins, &ends, &error))
+      throw Error(path_, "encoding failed: " + error);
+    for (size_t i = 0; i < chunk_ids.size(); ++i) {
+      ids.push_back(chunk_ids[i]);
+      if (spans) spans->push_back({static_cast<int64_t>(from) + begins[i], static_cast<int64_t>(from) + ends[i]});
+    }
+  };
+  size_t start = 0, pos = 0;
+  while (pos < text.size()) {
+    const std::pair<std::string, int64_t>* hit = nullptr;
+    for (const auto& sp : specials)
+      if (!sp.first.empty() && text.compare(pos, sp.first.size(), sp.first) == 0) {
+        hit = &sp;
+        break;
+      }
+    if (!hit) {
+      ++pos;
+      continue;
+    }
+    flush(start, pos);
+    ids.push_back(hit->second);
+    if (spans) spans->push_back({static_cast<int64_t>(pos), static_cast<int64_t>(pos + hit->first.size())});
+    pos += hit->first.size();
+    start = pos;
+  }
+  flush(start, text.size());
+  return ids;
 }
 
 std::string Tokenizer::decode(const std::vector<int64_t>& ids) const {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fine-tuning end to end: pretrain a tiny base -> llm-finetune (LoRA) on Jargon File Q&A (the
-# demo's data; dict-jargon) -> held-out loss falls -> llm-export (merged HF + PEFT adapter) ->
+# demo's data; dict-jargon) -> held-out loss falls -> llm-export (merged HF + PEFT adapter, with
+# the chat template) ->
 # llm-eval gives the same loss on the checkpoint and the export -> llm-generate with and without
 # the KV cache answers the same (greedy).
 # usage: finetune_tests.sh BIN_DIR SRC_DIR PRETRAIN_RECIPE WORK_DIR -- [--set ...] (the pretraining data sets)
@@ -50,6 +51,10 @@ ck="$work/ft/checkpoints/step-00000020"
 for f in merged/config.json merged/model.safetensors merged/tokenizer.model adapter/adapter_model.safetensors \
          adapter/adapter_config.json; do [ -s "$work/$f" ] || fail "missing $f"; done
 grep -q '"peft_type": "LORA"' "$work/adapter/adapter_config.json" || fail "adapter_config.json"
+# The chat template it was fine-tuned with goes with the export (what transformers' apply_chat_template uses).
+grep -q '"chat_template": "{{ bos_token }}.*<|im_start|>' "$work/merged/tokenizer_config.json" ||
+  fail "no chatml chat_template in tokenizer_config.json"
+grep -q "chat template chatml (as fine-tuned)" "$work/export.log" || fail "export did not report the chat template"
 
 "$bin/llm-eval" --checkpoint "$ck" --data "$src/tests/fixtures/eval.txt" > "$work/eval-ck.log" 2>&1 || fail "llm-eval checkpoint"
 "$bin/llm-eval" --checkpoint "$work/merged" --data "$src/tests/fixtures/eval.txt" > "$work/eval-merged.log" 2>&1 ||

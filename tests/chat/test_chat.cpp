@@ -1,5 +1,6 @@
 // Chat data: templates, which tokens are targets, malformed lines, length handling, the
-// deterministic resumable order, and zero loss/gradient from prompt tokens.
+// deterministic resumable order, zero loss/gradient from prompt tokens, and the exported Jinja
+// template against an independent rendering + tokenization (hf_chat_reference.py).
 #include "../catch_torch.h"
 
 #include <fstream>
@@ -7,6 +8,7 @@
 
 #include "../common.h"
 #include "libllm/chat.h"
+#include "libllm/hf.h"
 #include "libllm/model.h"
 #include "libllm/tokenizer.h"
 
@@ -51,44 +53,84 @@ ChatConfig config(const std::string& file) {
 
 }  // namespace
 
-TEST_CASE("llama2 template: [INST] prompts with the system block, answers + EOS are the only targets", "[chat]") {
+// The tokens of `chunk` that follow the tokens of its prefix `head` (sentencepiece splits at the
+// spaces and newlines where these tests cut, so the chunk's tokens start with the prefix's).
+std::vector<int64_t> after(const std::string& head, const std::string& chunk) {
+  const auto h = tok().encode(head), c = tok().encode(chunk);
+  REQUIRE(c.size() > h.size());
+  REQUIRE(std::equal(h.begin(), h.end(), c.begin()));
+  return std::vector<int64_t>(c.begin() + static_cast<std::ptrdiff_t>(h.size()), c.end());
+}
+
+TEST_CASE("llama2 template: Meta's Llama-2-chat text; each answer, its spaces and EOS are the targets", "[chat]") {
   const Tokenizer& t = tok();
   const std::vector<ChatMessage> msgs = {{"system", "Be brief."},
                                          {"user", "the first question"},
                                          {"assistant", "the first answer"},
                                          {"user", "a second one"},
-                                         {"assistant", "the second answer"}};
+                                         {"assistant", "  the second answer \n"}};
   const ChatExample ex = render_chat(msgs, t, "llama2");
-  std::vector<int64_t> want = {t.bos_id()};
-  want = concat(want, t.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nthe first question [/INST]"));
-  want = concat(want, t.encode("the first answer"));
+  // One sentencepiece encode per run of text between BOS/EOS, as transformers' LlamaTokenizer.
+  const std::string p1 = "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nthe first question [/INST]", p2 = "[INST] a second one [/INST]";
+  std::vector<int64_t> want = concat({t.bos_id()}, t.encode(p1 + " the first answer "));
   want.push_back(t.eos_id());
   want.push_back(t.bos_id());
-  want = concat(want, t.encode("[INST] a second one [/INST]"));
-  want = concat(want, t.encode("the second answer"));
+  want = concat(want, t.encode(p2 + " the second answer "));  // stripped
   want.push_back(t.eos_id());
   CHECK(ex.tokens == want);
-  std::vector<int64_t> answers = concat(t.encode("the first answer"), {t.eos_id()});
-  answers = concat(answers, concat(t.encode("the second answer"), {t.eos_id()}));
+  const auto answers = concat(concat(after(p1, p1 + " the first answer "), {t.eos_id()}),
+                              concat(after(p2, p2 + " the second answer "), {t.eos_id()}));
   CHECK(targets_of(ex) == answers);
   // The prompt for the next answer is the rendering up to the user's turn.
   const std::vector<ChatMessage> open(msgs.begin(), msgs.begin() + 2);
-  CHECK(render_prompt(open, t, "llama2") ==
-        concat({t.bos_id()}, t.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nthe first question [/INST]")));
+  CHECK(render_prompt(open, t, "llama2") == concat({t.bos_id()}, t.encode(p1)));
+  // Roles must alternate, as the template's raise_exception says.
+  CHECK_THAT(test::error_of([&] { render_chat({{"user", "a"}, {"user", "b"}, {"assistant", "c"}}, t, "llama2"); }),
+             Catch::Contains("roles must alternate") && Catch::Contains("message 2 is 'user'"));
+}
+
+TEST_CASE("llama2 template renders the text of Meta's template (a transformers-based project's golden)", "[chat]") {
+  // mistral.rs, mistralrs-core/src/pipeline/chat_template.rs: the test of Llama-2-13b-chat-hf's
+  // chat_template renders these messages to this text.
+  const std::vector<ChatMessage> msgs = {{"system", "You are a helpful assistant"}, {"user", "Hello"},
+                                         {"assistant", "Hi there"},                    {"user", "Who are you"},
+                                         {"assistant", "   I am an assistant   "},      {"user", "Another question"}};
+  CHECK(render_chat_text(msgs, tok(), "llama2", "", true) ==
+        "<s>[INST] <<SYS>>\nYou are a helpful assistant\n<</SYS>>\n\nHello [/INST] Hi there </s><s>[INST] Who are you "
+        "[/INST] I am an assistant </s><s>[INST] Another question [/INST]");
+  // Python's str.strip() takes Unicode spaces too (U+3000, U+00A0); a default system text is used
+  // when the conversation has none, and the strip applies to the system block + the text.
+  CHECK(render_chat_text({{"user", "\xe3\x80\x80hi\xc2\xa0"}}, tok(), "llama2", "", false) == "<s>[INST] hi [/INST]");
+  CHECK(render_chat_text({{"user", "\xe3\x80\x80hi\xc2\xa0"}}, tok(), "llama2", "Be kind.", false) ==
+        "<s>[INST] <<SYS>>\nBe kind.\n<</SYS>>\n\n\xe3\x80\x80hi [/INST]");
 }
 
 TEST_CASE("chatml template: im_start/im_end turns; the answer, its im_end and EOS are the targets", "[chat]") {
   const Tokenizer& t = tok();
   const ChatExample ex = render_chat({{"user", "a question"}, {"assistant", "an answer"}}, t, "chatml", "You help.");
-  std::vector<int64_t> want = {t.bos_id()};
-  want = concat(want, t.encode("<|im_start|>system\nYou help.<|im_end|>\n"));
-  want = concat(want, t.encode("<|im_start|>user\na question<|im_end|>\n<|im_start|>assistant\n"));
-  const auto answer = concat(t.encode("an answer<|im_end|>"), {t.eos_id()});
-  want = concat(want, answer);
+  const std::string head = "<|im_start|>system\nYou help.<|im_end|>\n<|im_start|>user\na question<|im_end|>\n"
+                           "<|im_start|>assistant\n";
+  CHECK(render_chat_text({{"user", "a question"}, {"assistant", "an answer"}}, t, "chatml", "You help.", false) ==
+        "<s>" + head + "an answer<|im_end|></s>");
+  const std::vector<int64_t> want = concat(concat({t.bos_id()}, t.encode(head + "an answer<|im_end|>")), {t.eos_id()});
   CHECK(ex.tokens == want);
-  CHECK(targets_of(ex) == answer);
+  CHECK(targets_of(ex) == concat(after(head, head + "an answer<|im_end|>"), {t.eos_id()}));
+  CHECK(render_prompt({{"user", "a question"}}, t, "chatml", "You help.") ==
+        concat({t.bos_id()}, t.encode(head)));
   CHECK(end_of_turn("chatml") == "<|im_end|>");
   CHECK(end_of_turn("llama2").empty());
+}
+
+TEST_CASE("a character that byte fallback splits is a target as a whole", "[chat]") {
+  const Tokenizer& t = tok();
+  // The fixture tokenizer has no piece for these characters: each becomes several byte tokens,
+  // all but the last with an empty span; every one of them belongs to the answer.
+  const ChatExample ex = render_chat({{"user", "q"}, {"assistant", "\xe6\xbc\xa2\xe5\xad\x97"}}, t, "chatml");
+  const auto head = t.encode("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n");
+  const auto full = t.encode("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n\xe6\xbc\xa2\xe5\xad\x97<|im_end|>");
+  std::vector<int64_t> answer(full.begin() + static_cast<std::ptrdiff_t>(head.size()), full.end());
+  CHECK(answer.size() >= 8);  // 6 bytes + the im_end pieces
+  CHECK(targets_of(ex) == concat(answer, {t.eos_id()}));
 }
 
 TEST_CASE("malformed lines name file:line; chat.malformed: skip counts them", "[chat]") {
@@ -221,4 +263,74 @@ TEST_CASE("prompt tokens contribute exactly zero to the loss and its gradients",
   CHECK(mask.sum().item<int64_t>() > 0);
   CHECK(logits.grad().index({mask}).abs().max().item<double>() == 0.0);
   CHECK(logits.grad().index({mask.logical_not()}).abs().max().item<double>() > 0.0);
+}
+
+TEST_CASE("an exported chat template renders and tokenizes as libllm trains (jinja2 + sentencepiece reference)",
+          "[chat][export]") {
+  // tests/chat/hf_chat_reference.py rebuilds transformers' apply_chat_template(tokenize=True) from
+  // jinja2 and sentencepiece; it reads the tokenizer_config.json and tokenizer.model that
+  // export_hf wrote. Text and ids must match exactly.
+  const std::string python = LIBLLM_TEST_PYTHON;
+  INFO("no python3 with jinja2 and sentencepiece: install python3-jinja2 python3-sentencepiece (scripts/install-deps.sh)");
+  REQUIRE(!python.empty());
+  const Tokenizer& t = tok();
+  ModelConfig mc;
+  mc.vocab_size = 384, mc.dim = 16, mc.n_layers = 1, mc.n_heads = 2, mc.n_kv_heads = 1, mc.ffn_dim = 32;
+  torch::manual_seed(0);
+  Transformer model(mc);
+  const std::string tricky = "Be \"brief\", it's fine.\nBack\\slash {{ not jinja }} \xc3\xa9 \xe6\xbc\xa2";
+  using Msgs = std::vector<ChatMessage>;
+  const std::vector<Msgs> conversations = {
+      {{"user", "What is a kludge?"}, {"assistant", "A clumsy but working fix."}},
+      {{"system", "Answer in one line."}, {"user", " spaced  question \n"}, {"assistant", "  spaced answer  "},
+       {"user", "and </s> inside<s>?"}, {"assistant", "\xe6\xbc\xa2\xe5\xad\x97 \xe3\x80\x80ok\xc2\xa0"}},
+      {{"user", "first"}, {"assistant", "one"}, {"user", "second"}},
+      {{"system", ""}, {"user", "empty system"}, {"assistant", "fine"}},
+      {{"user", "a"}, {"user", "b"}, {"assistant", "not alternating"}},
+  };
+  for (const auto& [tmpl, system] : std::vector<std::pair<std::string, std::string>>{
+           {"chatml", tricky}, {"chatml", ""}, {"llama2", ""}, {"llama2", tricky}}) {
+    DYNAMIC_SECTION(tmpl << " with system prompt '" << system.substr(0, 8) << "'") {
+      test::TempDir tmp;
+      ExportOptions opts;
+      opts.dtype = "float32";
+      opts.tokenizer_path = test::fixture("tokenizer.model");
+      opts.chat_template = chat_template_jinja(tmpl, system);
+      export_hf(model, tmp / "hf", opts);
+      std::ofstream cases(tmp / "cases.jsonl");
+      std::vector<std::pair<const Msgs*, bool>> order;
+      for (const auto& msgs : conversations)
+        for (bool gen : {false, true}) {
+          json m = json::array();
+          for (const auto& x : msgs) m.push_back({{"role", x.role}, {"content", x.content}});
+          cases << json({{"messages", m}, {"add_generation_prompt", gen}}).dump() << "\n";
+          order.emplace_back(&msgs, gen);
+        }
+      cases.close();
+      const std::string cmd = python + " " + test::source("tests/chat/hf_chat_reference.py") + " " + (tmp / "hf") +
+                              " " + (tmp / "cases.jsonl") + " " + (tmp / "out.jsonl");
+      REQUIRE(std::system(cmd.c_str()) == 0);
+      std::ifstream in(tmp / "out.jsonl");
+      std::string line;
+      size_t i = 0, errors = 0;
+      for (; std::getline(in, line); ++i) {
+        REQUIRE(i < order.size());
+        const json ref = json::parse(line);
+        const Msgs& msgs = *order[i].first;
+        const bool gen = order[i].second;
+        INFO("case " << i << ": " << json(line).dump());
+        if (ref.contains("error")) {  // the template refused: libllm must refuse too
+          ++errors;
+          CHECK(tmpl == "llama2");
+          CHECK_THAT(test::error_of([&] { render_chat(msgs, t, tmpl, system); }), Catch::Contains("alternate"));
+          continue;
+        }
+        CHECK(render_chat_text(msgs, t, tmpl, system, gen) == ref["text"].get<std::string>());
+        const auto want = ref["ids"].get<std::vector<int64_t>>();
+        CHECK((gen ? render_prompt(msgs, t, tmpl, system) : render_chat(msgs, t, tmpl, system).tokens) == want);
+      }
+      CHECK(i == order.size());
+      CHECK(errors == (tmpl == "llama2" ? 2u : 0u));
+    }
+  }
 }

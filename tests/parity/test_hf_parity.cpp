@@ -6,7 +6,8 @@
 //   bf16 logits (CUDA): libllm's error against the fp32 logits within 1.5x transformers' own bf16
 //     error (+1e-3), i.e. within bf16 rounding;
 //   training step: loss to 1e-5, gradient norm and post-step loss to 1e-4 relative.
-// It then exports a LoRA-adapted model (merged HF folder + PEFT adapter) for check_export.py.
+// It then exports a LoRA-adapted model (merged HF folder + PEFT adapter) and folders with chat
+// templates (with libllm's renderings of a few conversations) for check_export.py.
 // LIBLLM_PARITY_DIR names hf_reference.py's output folder.
 #include "../catch_torch.h"
 #include <nlohmann/json.hpp>
@@ -15,12 +16,14 @@
 #include <filesystem>
 #include <fstream>
 
+#include <libllm/chat.h>
 #include <libllm/compat.h>
 #include <libllm/finetune.h>
 #include <libllm/hf.h>
 #include <libllm/model.h>
 #include <libllm/optim.h>
 #include <libllm/safetensors.h>
+#include <libllm/tokenizer.h>
 
 using namespace libllm;
 namespace fs = std::filesystem;
@@ -167,4 +170,34 @@ TEST_CASE("a LoRA fine-tune exports to folders transformers and PEFT load (check
                       {"logits", safetensors::DType::F32, logits.sizes().vec(), logits.data_ptr()}});
   CHECK(fs::exists(out / "merged" / "config.json"));
   CHECK(fs::exists(out / "adapter" / "adapter_model.safetensors"));
+
+  // Chat templates: check_export.py renders and tokenizes these conversations with transformers'
+  // AutoTokenizer (slow and fast) from each exported folder; text and ids must equal libllm's.
+  const Tokenizer tok = Tokenizer::load(std::string(LIBLLM_FIXTURES) + "/tokenizer.model");
+  using Msgs = std::vector<ChatMessage>;
+  const std::vector<Msgs> conversations = {
+      {{"user", "What is a kludge?"}, {"assistant", "A clumsy but working fix."}},
+      {{"system", "Answer in one line."}, {"user", " spaced  question \n"}, {"assistant", "  spaced answer  "},
+       {"user", "and </s> inside<s>?"}, {"assistant", "\xe6\xbc\xa2\xe5\xad\x97 \xe3\x80\x80ok\xc2\xa0"}},
+      {{"user", "first"}, {"assistant", "one"}, {"user", "second"}},
+  };
+  nlohmann::json cases = nlohmann::json::array();
+  for (const auto& [tmpl, system] : std::vector<std::pair<std::string, std::string>>{
+           {"chatml", "Be \"brief\", it's fine.\nBack\\slash \xc3\xa9"}, {"llama2", ""}, {"llama2", "Be kind."}}) {
+    const std::string folder = "chat-" + tmpl + (system.empty() ? "" : "-system");
+    ExportOptions co;
+    co.dtype = "float32";
+    co.tokenizer_path = tok.path();
+    co.chat_template = chat_template_jinja(tmpl, system);
+    export_hf(p.model, (out / folder).string(), co);
+    for (const auto& msgs : conversations)
+      for (bool gen : {false, true}) {
+        nlohmann::json m = nlohmann::json::array();
+        for (const auto& x : msgs) m.push_back({{"role", x.role}, {"content", x.content}});
+        cases.push_back({{"folder", folder}, {"messages", m}, {"add_generation_prompt", gen},
+                         {"text", render_chat_text(msgs, tok, tmpl, system, gen)},
+                         {"ids", gen ? render_prompt(msgs, tok, tmpl, system) : render_chat(msgs, tok, tmpl, system).tokens}});
+      }
+  }
+  std::ofstream((out / "libllm_chat.json").string()) << cases.dump(1) << "\n";
 }

@@ -24,6 +24,35 @@ TEST_CASE("encodes like the Python sentencepiece library, LLaMA special ids", "[
   }
 }
 
+TEST_CASE("encode_with_specials: written-out special tokens become ids, each text run is encoded alone", "[tokenizer]") {
+  const Tokenizer tok = Tokenizer::load(fixture("tokenizer.model"));
+  auto cat = [](std::vector<int64_t> a, const std::vector<int64_t>& b) {
+    a.insert(a.end(), b.begin(), b.end());
+    return a;
+  };
+  const std::string text = "<s>one two</s>\nthree<unk><s></s>";
+  std::vector<Tokenizer::TokenSpan> spans;
+  const auto ids = tok.encode_with_specials(text, &spans);
+  std::vector<int64_t> want = cat({1}, tok.encode("one two"));
+  want = cat(cat(want, {2}), tok.encode("\nthree"));  // a run after a special token gets its own dummy prefix
+  want = cat(want, {0, 1, 2});
+  CHECK(ids == want);
+  REQUIRE(spans.size() == ids.size());
+  CHECK((spans.front().begin == 0 && spans.front().end == 3));  // "<s>"
+  CHECK((spans.back().begin == 28 && spans.back().end == 32));  // the last "</s>"
+  // Every token's span lies in the text, in order; the non-empty ones spell the text out.
+  std::string spelled;
+  for (size_t i = 0; i < spans.size(); ++i) {
+    CHECK(spans[i].begin <= spans[i].end);
+    CHECK(spans[i].end <= static_cast<int64_t>(text.size()));
+    if (i > 0) CHECK(spans[i].begin >= spans[i - 1].end);
+    spelled += text.substr(spans[i].begin, spans[i].end - spans[i].begin);
+  }
+  CHECK(spelled == text);
+  CHECK(tok.encode_with_specials("plain text") == tok.encode("plain text"));
+  CHECK(tok.encode_with_specials("").empty());
+}
+
 TEST_CASE("missing or corrupt tokenizer files and a vocabulary larger than the model are errors",
           "[tokenizer]") {
   const auto err = test::error_of;

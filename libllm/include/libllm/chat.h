@@ -2,6 +2,12 @@
 // "system") or {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}, rendered
 // with a chat template into tokens, where only the assistant's tokens (and the EOS ending each
 // answer) are training targets. One example per row, padded to the longest row of the batch.
+//
+// Training and serving see the same tokens: a conversation is rendered to exactly the text that
+// the Jinja template chat_template_jinja() renders (llm-export writes it into the exported
+// folder's tokenizer_config.json), and that text is tokenized as Hugging Face's LlamaTokenizer
+// tokenizes it (Tokenizer::encode_with_specials). So transformers' apply_chat_template, and the
+// servers built on it, feed a fine-tuned model the token ids it was trained on.
 #pragma once
 
 #include <cstdint>
@@ -21,8 +27,10 @@ struct ChatConfig {                  // recipe section `chat`
   // JSONL files, or folders whose .jsonl files are taken in path order. Empty (default) = the run
   // trains on packed documents from data.train instead (continued pretraining).
   std::vector<std::string> files;
-  // llama2: <s>[INST] <<SYS>>\nsystem\n<</SYS>>\n\nuser [/INST] answer</s> (each turn BOS-led);
-  // chatml: <s><|im_start|>system\n...<|im_end|>\n<|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n answer<|im_end|></s>
+  // llama2: Meta's Llama-2-chat format, "<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s>"
+  //   and "<s>[INST] {user} [/INST] {answer} </s>" for later turns (texts stripped; roles must alternate).
+  // chatml: "<s><|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+  //   "<|im_start|>assistant\n{answer}<|im_end|></s>" (the system turn only when there is a system text).
   std::string chat_template = "chatml";
   std::string system_prompt = "";    // system message for examples that have none; "" = none
   // Held-out split: every valid_every-th example (indices n-1, 2n-1, ... in file order) is kept
@@ -49,14 +57,25 @@ struct ChatExample {
   std::vector<uint8_t> target;  // 1 = the model learns to predict this token (assistant text, EOS)
 };
 
-// Renders messages with `chat_template` (llama2 or chatml). Each segment is encoded on its own:
-// prompts and template text are not targets; each assistant answer and the EOS after it are.
+// Renders messages with `chat_template` (llama2 or chatml) and tokenizes the text with
+// Tokenizer::encode_with_specials. Targets: the tokens that cover any byte of an answer as the
+// template writes it (llama2: " {answer} </s>"; chatml: "{answer}<|im_end|></s>"); the rest
+// (system, user, template text) are not. A llama2 conversation whose roles do not alternate is an
+// Error (as the template's raise_exception).
 ChatExample render_chat(const std::vector<ChatMessage>& messages, const Tokenizer& tok,
                         const std::string& chat_template, const std::string& system_prompt = "");
 // The prompt tokens of a conversation whose last message is the user's, up to where the
-// assistant's answer starts (what llm-generate --chat feeds the model).
+// assistant's answer starts (what llm-generate --chat feeds the model): the rendering with
+// add_generation_prompt (chatml appends "<|im_start|>assistant\n").
 std::vector<int64_t> render_prompt(const std::vector<ChatMessage>& messages, const Tokenizer& tok,
                                    const std::string& chat_template, const std::string& system_prompt = "");
+// The text of a rendering (what the Jinja template renders for the same messages).
+std::string render_chat_text(const std::vector<ChatMessage>& messages, const Tokenizer& tok,
+                             const std::string& chat_template, const std::string& system_prompt,
+                             bool add_generation_prompt);
+// The Jinja chat template (Hugging Face's tokenizer_config.json "chat_template") that renders
+// conversations as render_chat does, with `system_prompt` as the default system text.
+std::string chat_template_jinja(const std::string& chat_template, const std::string& system_prompt);
 // The text that ends an assistant turn besides EOS ("<|im_end|>" for chatml, "" for llama2).
 std::string end_of_turn(const std::string& chat_template);
 

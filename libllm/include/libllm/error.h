@@ -13,8 +13,9 @@ class Error : public std::runtime_error {
  public:
   // where: the file, recipe key or tensor name; what: the problem; hint: how to fix it ("" = none).
   Error(const std::string& where, const std::string& what, const std::string& hint = "")
-      : std::runtime_error(compose(where, what, hint)), where_(where), hint_(hint) {}
+      : std::runtime_error(compose(where, what, hint)), where_(where), problem_(what), hint_(hint) {}
   const std::string& where() const { return where_; }
+  const std::string& problem() const { return problem_; }  // `what` as given, without where and hint
   const std::string& hint() const { return hint_; }
 
  private:
@@ -24,7 +25,7 @@ class Error : public std::runtime_error {
     if (!hint.empty()) s += " (hint: " + hint + ")";
     return s;
   }
-  std::string where_, hint_;
+  std::string where_, problem_, hint_;
 };
 
 }  // namespace libllm

@@ -51,8 +51,14 @@ struct ExportOptions {
   std::string dtype = "bfloat16";               // float32, bfloat16 or float16
   int64_t max_shard_bytes = 5LL * 1000 * 1000 * 1000;  // start a new shard past this size (transformers' 5GB)
   std::string tokenizer_path = "";              // tokenizer.model copied into the folder ("" = none)
+  // Jinja chat template written into tokenizer_config.json ("" = none), e.g. chat_template_jinja()
+  // of the recipe a model was fine-tuned with. Needs tokenizer_path.
+  std::string chat_template = "";
   int64_t bos_id = 1, eos_id = 2;
 };
+// The "chat_template" of DIR/tokenizer_config.json: "" when the file or the key is absent; of a
+// list of named templates, the one named "default". A file that is not JSON is an Error.
+std::string read_chat_template(const std::string& dir);
 // Writes `model` as an HF folder at `dir` (LoRA adapters merged into their weights): built under a temporary name and renamed into place
 // when complete (an existing `dir` is replaced only then).
 void export_hf(Transformer& model, const std::string& dir, const ExportOptions& opts);

@@ -32,6 +32,16 @@ class Tokenizer {
 
   // Token ids of `text`, without BOS/EOS.
   std::vector<int64_t> encode(const std::string& text) const;
+  // Token ids of `text` as Hugging Face's LlamaTokenizer (legacy mode, the tokenizer_config.json
+  // that llm-export writes) tokenizes a rendered chat template: each special piece written out
+  // (unk, BOS, EOS: "<unk>", "<s>", "</s>") becomes its id, and each run of text between them is
+  // encoded on its own (so it starts with sentencepiece's dummy prefix). `spans`, if given, gets
+  // each token's [begin, end) byte range in `text`; the leading bytes of a character that byte
+  // fallback splits get an empty range at the character's start.
+  struct TokenSpan {
+    int64_t begin, end;
+  };
+  std::vector<int64_t> encode_with_specials(const std::string& text, std::vector<TokenSpan>* spans = nullptr) const;
   std::string decode(const std::vector<int64_t>& ids) const;
   std::string piece(int64_t id) const;
 
