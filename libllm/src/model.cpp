@@ -344,6 +344,28 @@ bool TransformerImpl::deferred() const {
   return false;
 }
 
+namespace {
+void refuse_if_deferred(const TransformerImpl& m) {
+  if (m.deferred())
+    throw Error("model", "cannot move or cast a deferred model: every weight would be allocated in full, filled with "
+                         "one uninitialised value",
+                "call materialize() or load its weights (load_weights) first, or let FullySharded place it");
+}
+}  // namespace
+
+void TransformerImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  refuse_if_deferred(*this);
+  torch::nn::Module::to(device, dtype, non_blocking);
+}
+void TransformerImpl::to(torch::Dtype dtype, bool non_blocking) {
+  refuse_if_deferred(*this);
+  torch::nn::Module::to(dtype, non_blocking);
+}
+void TransformerImpl::to(torch::Device device, bool non_blocking) {
+  refuse_if_deferred(*this);
+  torch::nn::Module::to(device, non_blocking);
+}
+
 void TransformerImpl::materialize() {
   torch::NoGradGuard no_grad;
   for (auto& p : named_parameters()) {

@@ -238,10 +238,16 @@ TEST_CASE("the initial weights are a function of the seed, the name and the inde
     c->init_parameter("model.layers.1.self_attn.k_proj.weight", half, offset);
     CHECK(torch::equal(half, aw.narrow(0, offset, 17).to(torch::kBFloat16)));
   }
+  // Moving or casting it now would allocate every weight filled with one value: refused.
+  CHECK_THAT(test::error_of([&] { c->to(torch::kFloat32); }), Catch::Contains("cannot move or cast a deferred model"));
+  CHECK_THAT(test::error_of([&] { c->to(torch::kCPU); }), Catch::Contains("materialize()"));
+  CHECK_THAT(test::error_of([&] { c->to(torch::kCPU, torch::kFloat32); }), Catch::Contains("deferred"));
   c->materialize();
   CHECK(!c->deferred());
   for (const auto& p : c->named_parameters())
     CHECK(torch::equal(p.value(), a->named_parameters()[p.key()].to(torch::kBFloat16)));
+  c->to(torch::kFloat32);  // allowed once materialised
+  CHECK(c->parameters().front().scalar_type() == torch::kFloat32);
 }
 
 TEST_CASE("a deferred LLaMA-65B is built without memory for its weights", "[model]") {

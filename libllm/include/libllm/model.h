@@ -171,8 +171,8 @@ class TransformerImpl : public torch::nn::Module {
   // Deferred construction: the module tree without its weights. Every parameter is unallocated
   // (its shape and `dtype`, zero strides over one element of storage: is_unallocated()) until
   // materialize(), a weight file (load_weights) or a sharding engine (FullySharded) fills it.
-  // Building a 65B model this way costs no host memory. Do not move or cast the model before
-  // then: that would allocate every weight in full, each filled with one uninitialised value.
+  // Building a 65B model this way costs no host memory. Moving or casting the model before then
+  // is an Error (it would allocate every weight in full, each filled with one uninitialised value).
   struct Deferred {
     torch::Dtype dtype = torch::kFloat32;  // of the weights once materialised
   };
@@ -205,6 +205,10 @@ class TransformerImpl : public torch::nn::Module {
   // Allocates every unallocated parameter on the CPU and initialises it (deferred models).
   void materialize();
   bool deferred() const;  // some parameter is still unallocated
+  // torch::nn::Module's moves and casts, refused (an Error) while the model is deferred().
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Device device, bool non_blocking = false) override;
   const ModelConfig& config() const { return cfg_; }
   // Activation checkpointing per block: in training, each block keeps only its input and
   // recomputes its activations during backward (less memory, ~1/3 more compute). Mixture-of-
