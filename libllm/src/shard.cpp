@@ -155,7 +155,7 @@ void FullySharded::track(int64_t delta) {
 }
 
 FullySharded::FullySharded(Transformer model, int stage, int64_t group, const OptimConfig& cfg, Distributed& dist,
-                           torch::Device device)
+                           torch::Device device, bool init_deferred)
     : model_(model), stage_(stage), dist_(dist), device_(device) {
   torch::NoGradGuard no_grad;
   if (stage != 2 && stage != 3) throw Error("train.sharding", "FullySharded is ZeRO stage 2 or 3");
@@ -175,6 +175,7 @@ FullySharded::FullySharded(Transformer model, int stage, int64_t group, const Op
   const int G = shard_->world_size(), rank = shard_->rank();
 
   const bool deferred = model->deferred();  // initialise from init_parameter, not from the parameters
+  const bool init = deferred && init_deferred;
   // Units: every block, then the root (embedding, final norm, LM head).
   const int64_t L = model->config().n_layers;
   for (int64_t l = 0; l <= L; ++l) units_.push_back(std::make_unique<Unit>());
@@ -214,7 +215,7 @@ FullySharded::FullySharded(Transformer model, int stage, int64_t group, const Op
       for (size_t i = 0; i < u.params.size(); ++i) {
         const int64_t lo = std::max(u.offsets[i], rank * u.chunk);
         const int64_t hi = std::min(u.offsets[i] + u.numels[i], (rank + 1) * u.chunk);
-        if (lo < hi) model->init_parameter(u.names[i], mine.narrow(0, lo - rank * u.chunk, hi - lo), lo - u.offsets[i]);
+        if (lo < hi && init) model->init_parameter(u.names[i], mine.narrow(0, lo - rank * u.chunk, hi - lo), lo - u.offsets[i]);
       }
       u.shard = device.is_cpu() ? mine : mine.to(device);
       for (auto& p : u.params) p.set_data(torch::empty({0}, u.options));
@@ -223,9 +224,9 @@ FullySharded::FullySharded(Transformer model, int stage, int64_t group, const Op
       auto flat = torch::zeros({u.padded}, u.params[0].options());  // where the weights are now (the CPU)
       for (size_t i = 0; i < u.params.size(); ++i) {
         auto dst = flat.narrow(0, u.offsets[i], u.numels[i]);
-        if (deferred)
+        if (init)
           model->init_parameter(u.names[i], dst);
-        else
+        else if (!deferred)
           dst.copy_(u.params[i].reshape({-1}));
       }
       if (stage == 2) {

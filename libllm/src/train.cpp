@@ -385,8 +385,9 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     if (tc.sharding == "hybrid") group = tc.shard_group > 0 ? tc.shard_group : env_int("LOCAL_WORLD_SIZE", group);
     else if (tc.shard_group > 0 && tc.shard_group != group)
       throw Error("train.shard_group", "is for train.sharding hybrid", "set train.sharding: hybrid, or remove shard_group");
+    // Moves the weights to the device, sharded; a base's weights are read, not initialised first.
     run.fsdp = std::make_unique<FullySharded>(run.model, tc.sharding == "zero2" ? 2 : 3, group, recipe.optim, dist,
-                                              run.device);  // moves the weights to the device, sharded
+                                              run.device, /*init_deferred=*/!base_sharded);
     if (base_sharded) run.fsdp->load_weights(base->dir);  // each rank reads its own elements
   } else {
     run.model->to(run.device);

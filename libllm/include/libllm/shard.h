@@ -81,8 +81,9 @@ class FullySharded : public BlockHooks {
   // (TransformerImpl::Deferred) is initialised here from init_parameter(): at stage 3 each rank
   // computes only its own elements, so no rank ever holds the whole model. `dist`: all ranks;
   // `group`: ranks per shard group (dist.world_size() but for hybrid; must divide it).
+  // `init_deferred` false: a deferred model's weights are left zero, for load_weights() to fill.
   FullySharded(Transformer model, int stage, int64_t group, const OptimConfig& cfg, Distributed& dist,
-               torch::Device device);
+               torch::Device device, bool init_deferred = true);
   ~FullySharded() override;
 
   // The training step, around forward/backward of each micro batch:
