@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "../common.h"
+#include "chat_cases.h"
 #include "libllm/chat.h"
 #include "libllm/hf.h"
 #include "libllm/model.h"
@@ -278,16 +279,9 @@ TEST_CASE("an exported chat template renders and tokenizes as libllm trains (jin
   mc.vocab_size = 384, mc.dim = 16, mc.n_layers = 1, mc.n_heads = 2, mc.n_kv_heads = 1, mc.ffn_dim = 32;
   torch::manual_seed(0);
   Transformer model(mc);
-  const std::string tricky = "Be \"brief\", it's fine.\nBack\\slash {{ not jinja }} \xc3\xa9 \xe6\xbc\xa2";
+  const std::string tricky = test::kTrickySystem;
   using Msgs = std::vector<ChatMessage>;
-  const std::vector<Msgs> conversations = {
-      {{"user", "What is a kludge?"}, {"assistant", "A clumsy but working fix."}},
-      {{"system", "Answer in one line."}, {"user", " spaced  question \n"}, {"assistant", "  spaced answer  "},
-       {"user", "and </s> inside<s>?"}, {"assistant", "\xe6\xbc\xa2\xe5\xad\x97 \xe3\x80\x80ok\xc2\xa0"}},
-      {{"user", "first"}, {"assistant", "one"}, {"user", "second"}},
-      {{"system", ""}, {"user", "empty system"}, {"assistant", "fine"}},
-      {{"user", "a"}, {"user", "b"}, {"assistant", "not alternating"}},
-  };
+  const std::vector<Msgs>& conversations = test::chat_cases();
   for (const auto& [tmpl, system] : std::vector<std::pair<std::string, std::string>>{
            {"chatml", tricky}, {"chatml", ""}, {"llama2", ""}, {"llama2", tricky}}) {
     DYNAMIC_SECTION(tmpl << " with system prompt '" << system.substr(0, 8) << "'") {

@@ -25,6 +25,8 @@
 #include <libllm/safetensors.h>
 #include <libllm/tokenizer.h>
 
+#include "../chat/chat_cases.h"
+
 using namespace libllm;
 namespace fs = std::filesystem;
 
@@ -174,24 +176,19 @@ TEST_CASE("a LoRA fine-tune exports to folders transformers and PEFT load (check
   // Chat templates: check_export.py renders and tokenizes these conversations with transformers'
   // AutoTokenizer (slow and fast) from each exported folder; text and ids must equal libllm's.
   const Tokenizer tok = Tokenizer::load(std::string(LIBLLM_FIXTURES) + "/tokenizer.model");
-  using Msgs = std::vector<ChatMessage>;
-  const std::vector<Msgs> conversations = {
-      {{"user", "What is a kludge?"}, {"assistant", "A clumsy but working fix."}},
-      {{"system", "Answer in one line."}, {"user", " spaced  question \n"}, {"assistant", "  spaced answer  "},
-       {"user", "and </s> inside<s>?"}, {"assistant", "\xe6\xbc\xa2\xe5\xad\x97 \xe3\x80\x80ok\xc2\xa0"}},
-      {{"user", "first"}, {"assistant", "one"}, {"user", "second"}},
-  };
+  const auto& conversations = test::chat_cases();  // llama2 refuses the last: it is left out
   nlohmann::json cases = nlohmann::json::array();
   for (const auto& [tmpl, system] : std::vector<std::pair<std::string, std::string>>{
-           {"chatml", "Be \"brief\", it's fine.\nBack\\slash \xc3\xa9"}, {"llama2", ""}, {"llama2", "Be kind."}}) {
+           {"chatml", test::kTrickySystem}, {"llama2", ""}, {"llama2", "Be kind."}}) {
     const std::string folder = "chat-" + tmpl + (system.empty() ? "" : "-system");
     ExportOptions co;
     co.dtype = "float32";
     co.tokenizer_path = tok.path();
     co.chat_template = chat_template_jinja(tmpl, system);
     export_hf(p.model, (out / folder).string(), co);
-    for (const auto& msgs : conversations)
+    for (size_t c = 0; c + 1 < conversations.size(); ++c)
       for (bool gen : {false, true}) {
+        const auto& msgs = conversations[c];
         nlohmann::json m = nlohmann::json::array();
         for (const auto& x : msgs) m.push_back({{"role", x.role}, {"content", x.content}});
         cases.push_back({{"folder", folder}, {"messages", m}, {"add_generation_prompt", gen},
