@@ -70,14 +70,13 @@ int main(int argc, char** argv) {
     }
     // The chat template that serving tools (transformers' apply_chat_template) should use: the one
     // the checkpoint was fine-tuned with, else the one its base or source folder came with.
-    std::string chat_template, template_from;
-    std::string system;
+    std::string ours, system, chat_template, template_from;  // ours: a libllm template name
     if (pre.format == "libllm") {
       const Recipe r = Recipe::load((std::filesystem::path(dir) / "recipe.yaml").string());
       system = r.chat.system_prompt;
       if (!r.chat.files.empty()) {
-        chat_template = chat_template_jinja(r.chat.chat_template, system);
-        template_from = "chat template " + r.chat.chat_template + " (as fine-tuned)";
+        ours = r.chat.chat_template;
+        template_from = "chat template " + ours + " (as fine-tuned)";
       } else if (!r.finetune.base.empty() && std::filesystem::is_directory(r.finetune.base)) {
         chat_template = read_chat_template(r.finetune.base);
         template_from = "the base's chat template";
@@ -86,14 +85,20 @@ int main(int argc, char** argv) {
       chat_template = read_chat_template(dir);
       template_from = "the source folder's chat template";
     }
-    if (args.has("--system")) system = args.get("--system");
     if (args.has("--chat-template")) {
-      const std::string name = args.get("--chat-template");
-      if (name != "none" && name != "llama2" && name != "chatml")
-        throw Error("--chat-template", "'" + name + "' is not llama2, chatml or none");
-      chat_template = name == "none" ? "" : chat_template_jinja(name, system);
-      template_from = "chat template " + name;
+      ours = args.get("--chat-template");
+      if (ours != "none" && ours != "llama2" && ours != "chatml")
+        throw Error("--chat-template", "'" + ours + "' is not llama2, chatml or none");
+      template_from = "chat template " + ours;
+      if (ours == "none") ours.clear(), chat_template.clear();
     }
+    if (args.has("--system")) {
+      if (ours.empty())
+        throw Error("--system", "sets the default system text of a libllm chat template, and none is exported",
+                    "add --chat-template llama2|chatml");
+      system = args.get("--system");
+    }
+    if (!ours.empty()) chat_template = chat_template_jinja(ours, system);
     if (!chat_template.empty() && tok_path.empty())
       throw Error(dir, "no tokenizer.model to export with the chat template", "pass --tokenizer PATH or --chat-template none");
 

@@ -157,6 +157,8 @@ expect_error(finetune.bad-method "finetune.method=qlora: expected one of: full, 
              ${_bin}/llm-finetune ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set finetune.method=qlora)
 expect_error(generate.no-prompt "--prompt: is required without --chat"
              ${_bin}/llm-generate --checkpoint ${_fx}/tiny-llama)
+expect_error(export.system-without-template "--system: sets the default system text of a libllm chat template.*--chat-template"
+             ${_bin}/llm-export --checkpoint ${_fx}/tiny-llama --out ${CMAKE_BINARY_DIR}/x-export --system hi)
 expect_error(export.adapter-of-plain "--adapter: .* is not a LoRA fine-tuning checkpoint"
              ${_bin}/llm-export --checkpoint ${_fx}/tiny-llama --out ${CMAKE_BINARY_DIR}/x-export --adapter ${CMAKE_BINARY_DIR}/x-adapter)
 

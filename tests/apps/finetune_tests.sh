@@ -55,6 +55,9 @@ grep -q '"peft_type": "LORA"' "$work/adapter/adapter_config.json" || fail "adapt
 grep -q '"chat_template": "{{ bos_token }}.*<|im_start|>' "$work/merged/tokenizer_config.json" ||
   fail "no chatml chat_template in tokenizer_config.json"
 grep -q "chat template chatml (as fine-tuned)" "$work/export.log" || fail "export did not report the chat template"
+"$bin/llm-export" --checkpoint "$ck" --out "$work/merged-system" --dtype float32 --system "Be terse." \
+  > "$work/export-system.log" 2>&1 || fail "llm-export --system"
+grep -q "set system_message = 'Be terse.'" "$work/merged-system/tokenizer_config.json" || fail "--system not in the template"
 
 "$bin/llm-eval" --checkpoint "$ck" --data "$src/tests/fixtures/eval.txt" > "$work/eval-ck.log" 2>&1 || fail "llm-eval checkpoint"
 "$bin/llm-eval" --checkpoint "$work/merged" --data "$src/tests/fixtures/eval.txt" > "$work/eval-merged.log" 2>&1 ||
