@@ -15,6 +15,39 @@
 #include <libllm/tokenizer.h>
 
 using namespace libllm;
+namespace fs = std::filesystem;
+
+namespace {
+
+// The folder `p` names, absolute, through symlinks where it exists, without trailing separators.
+fs::path folder_of(const std::string& p) {
+  fs::path a = fs::weakly_canonical(fs::absolute(p)).lexically_normal();
+  while (!a.has_filename() && a.has_relative_path()) a = a.parent_path();
+  return a;
+}
+
+// Whether folder `a` is folder `b` or inside it.
+bool within(const fs::path& a, const fs::path& b) {
+  auto ai = a.begin();
+  for (auto bi = b.begin(); bi != b.end(); ++bi, ++ai)
+    if (ai == a.end() || *ai != *bi) return false;
+  return true;
+}
+
+// An output folder must be apart from the checkpoint and from the other output: writing one
+// replaces the whole folder.
+void check_apart(const std::string& flag, const std::string& out, const std::string& other_flag,
+                 const std::string& other) {
+  if (out.empty()) throw Error(flag, "is empty", "give a folder name");
+  if (other.empty()) return;  // (an empty --checkpoint is inspect_pretrained's error)
+  const fs::path a = folder_of(out), b = folder_of(other);
+  const char* hint = "write the export to a folder of its own";
+  if (a == b) throw Error(flag, out + " is also the " + other_flag + " folder", hint);
+  if (within(a, b)) throw Error(flag, out + " is inside the " + other_flag + " folder " + other, hint);
+  if (within(b, a)) throw Error(flag, out + " contains the " + other_flag + " folder " + other, hint);
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   return cli::run("llm-export", [&] {
@@ -34,7 +67,22 @@ int main(int argc, char** argv) {
     for (const char* required : {"--checkpoint", "--out"})
       if (!args.has(required)) throw Error(required, "is required", "see llm-export --help");
     const std::string dir = args.get("--checkpoint");
+    // Before anything is read or written: an output folder is replaced as a whole.
+    check_apart("--out", args.get("--out"), "--checkpoint", dir);
+    if (args.has("--adapter")) {
+      check_apart("--adapter", args.get("--adapter"), "--checkpoint", dir);
+      check_apart("--adapter", args.get("--adapter"), "--out", args.get("--out"));
+      check_replaceable(args.get("--adapter"), FolderKind::peft_adapter);
+    }
+    check_replaceable(args.get("--out"), FolderKind::hf_model);
     Pretrained pre = inspect_pretrained(dir);
+    if (pre.format == "libllm") {  // nor the fine-tune's base (the adapter names it)
+      const std::string base = Recipe::load((fs::path(dir) / "recipe.yaml").string()).finetune.base;
+      if (!base.empty() && fs::is_directory(base)) {
+        check_apart("--out", args.get("--out"), "finetune.base", base);
+        if (args.has("--adapter")) check_apart("--adapter", args.get("--adapter"), "finetune.base", base);
+      }
+    }
     if (args.has("--adapter") && !pre.has_lora)
       throw Error("--adapter", dir + " is not a LoRA fine-tuning checkpoint", "export the merged model with --out only");
     const std::string tok_path = args.has("--tokenizer") ? args.get("--tokenizer") : pre.tokenizer_path;

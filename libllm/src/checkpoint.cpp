@@ -5,7 +5,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
 #include <filesystem>
+#include <system_error>
+#include <thread>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -49,12 +55,52 @@ void write_text(const std::string& path, const std::string& text) {
   if (!out) throw Error(path, "cannot write file", "check free disk space");
 }
 
-// "step-00000100" -> 100; -1 for anything else (partial folders end in .tmp-<pid>).
+// "step-00000100" -> 100, "step-100000000" -> 100000000 (checkpoint_name's 8 digits grow past
+// 99,999,999); -1 for anything else (partial folders end in .tmp-<pid>; a name that
+// checkpoint_name would not give, such as step-000000100, is not one of ours either).
 int64_t step_of(const std::string& name) {
-  if (name.size() != 13 || name.rfind("step-", 0) != 0) return -1;
+  if (name.size() < 13 || name.size() > 5 + 18 || name.rfind("step-", 0) != 0) return -1;
   for (size_t i = 5; i < name.size(); ++i)
     if (!isdigit(static_cast<unsigned char>(name[i]))) return -1;
-  return std::stoll(name.substr(5));
+  const int64_t step = std::stoll(name.substr(5));
+  return checkpoint_name(step) == name ? step : -1;
+}
+
+// Renames the complete folder `tmp` to `final_dir`. An existing `final_dir` (the same step saved
+// again, after a rollback) is swapped with it atomically (renameat2 RENAME_EXCHANGE), so a kill at
+// any moment leaves one complete folder under the name; `tmp` then holds the old one and is
+// removed. Only a filesystem without the exchange (EINVAL, ENOSYS) has the old folder removed
+// first; any other failure throws fs::filesystem_error with `final_dir` untouched.
+void move_into_place(const fs::path& tmp, const fs::path& final_dir) {
+  std::error_code ec;
+  if (fs::exists(final_dir)) {
+    if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
+      fs::remove_all(tmp, ec);
+      return;
+    }
+    const int err = errno;
+    if (err != EINVAL && err != ENOSYS)
+      throw fs::filesystem_error("cannot swap the new checkpoint folder into place", tmp, final_dir,
+                                 std::error_code(err, std::generic_category()));
+    fs::remove_all(final_dir);  // a filesystem without RENAME_EXCHANGE
+  }
+  fs::rename(tmp, final_dir);
+}
+
+// Reads trainer.json's `key`, which must be an integer >= 0 (2.5 or "2" are errors, not truncated).
+int64_t trainer_int(const json& j, const std::string& path, const char* key) {
+  const json& v = j.at(key);
+  if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)))
+    throw Error(path + ": " + key, "expected an integer, got " + v.dump(), "the checkpoint is corrupt");
+  const int64_t n = v.get<int64_t>();
+  if (n < 0) throw Error(path + ": " + key, "must be >= 0, got " + std::to_string(n), "the checkpoint is corrupt");
+  return n;
+}
+
+std::string trainer_string(const json& j, const std::string& path, const char* key) {
+  const json& v = j.at(key);
+  if (!v.is_string()) throw Error(path + ": " + key, "expected a string, got " + v.dump(), "the checkpoint is corrupt");
+  return v.get<std::string>();
 }
 
 // The optimizer state of a checkpoint, whole ("<param>.exp_avg" in optimizer.safetensors) or in
@@ -206,16 +252,7 @@ std::string save_checkpoint(const std::string& root, Transformer& model, const A
     json trainer = {{"step", state.step}, {"data_cursor", state.data_cursor}, {"extra", state.extra},
                     {"format", "libllm-checkpoint-v1"}};
     write_text((tmp / "trainer.json").string(), trainer.dump(1) + "\n");
-    if (fs::exists(final_dir)) {
-      // The same step saved again (after a rollback): swap atomically, so a kill at any moment
-      // leaves one complete folder under the name; the old one is then under the partial name.
-      if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
-        fs::remove_all(tmp, ec);
-        return final_dir.string();
-      }
-      fs::remove_all(final_dir);  // a filesystem without RENAME_EXCHANGE
-    }
-    fs::rename(tmp, final_dir);
+    move_into_place(tmp, final_dir);
   } catch (const fs::filesystem_error& e) {
     fs::remove_all(tmp, ec);
     throw Error(final_dir.string(), std::string("saving checkpoint failed: ") + e.what(), "check free disk space");
@@ -233,27 +270,48 @@ std::string save_checkpoint_sharded(const std::string& root, const std::vector<s
   const int world = shards > 0 ? shards : dist.world_size(), rank = shard >= 0 ? shard : dist.rank();
   const fs::path final_dir = fs::path(root) / checkpoint_name(state.step);
   const fs::path tmp = fs::path(root) / (checkpoint_name(state.step) + ".tmp-sharded");  // one name on every rank
+  auto shard_file = [&](int r) {
+    return tmp / ("optimizer-shard-" + std::to_string(r) + "-of-" + std::to_string(world) + ".safetensors");
+  };
+  const std::string shared_hint =
+      "every rank must see the same run folder: a shared filesystem, and an absolute train.run_dir (or the same "
+      "working directory on every rank)";
   std::error_code ec;
+  // Only rank 0 creates the folder. The other ranks must find that one: a folder they made
+  // themselves would be rank-local (a filesystem that is not shared, a relative run_dir under
+  // another working directory), and their shards would never reach rank 0's checkpoint.
   if (dist.is_main()) {
     fs::create_directories(root, ec);
     fs::remove_all(tmp, ec);
     fs::create_directories(tmp, ec);
   }
   dist.barrier();
-  if (!dist.is_main()) fs::create_directories(tmp, ec);  // a no-op where rank 0's folder is visible
+  bool visible = fs::is_directory(tmp, ec);
+  for (int i = 0; !visible && !dist.is_main() && i < 20; ++i) {
+    // A network filesystem may still cache the parent's old listing: look again for a while.
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    for (fs::directory_iterator it(root, ec), end; !ec && it != end; it.increment(ec)) {
+    }
+    visible = fs::is_directory(tmp, ec);
+  }
   // All ranks agree before anything depends on it: one rank's failure fails every rank at once.
   auto all_ok = [&](bool ok) { return dist.mean(ok ? 1.0 : 0.0) >= 1.0; };
-  if (!all_ok(fs::is_directory(tmp)))
-    throw Error(tmp.string(), "a rank cannot create or see the checkpoint folder",
-                "every rank must see the run folder (a shared filesystem)");
+  if (!all_ok(visible)) {
+    if (dist.is_main()) fs::remove_all(tmp, ec);
+    throw Error(tmp.string(),
+                !visible ? (dist.is_main() ? std::string("rank 0 cannot create the checkpoint folder")
+                                           : "rank " + std::to_string(dist.rank()) +
+                                                 " does not see the checkpoint folder rank 0 created")
+                         : std::string("another rank does not see the checkpoint folder rank 0 created"),
+                shared_hint);
+  }
   std::string error;
   if (write_shard) {  // (hybrid sharding: another replica's rank writes the same shard)
     try {
       auto mine = local.state();
       mine.erase(std::remove_if(mine.begin(), mine.end(), [](const auto& kv) { return kv.first == "step"; }), mine.end());
       add_rng_state(mine);
-      write_tensors((tmp / ("optimizer-shard-" + std::to_string(rank) + "-of-" + std::to_string(world) + ".safetensors")).string(),
-                    mine);
+      write_tensors(shard_file(rank).string(), mine);
     } catch (const std::exception& e) {
       error = e.what();
     }
@@ -266,6 +324,22 @@ std::string save_checkpoint_sharded(const std::string& root, const std::vector<s
                 "saving checkpoint failed: " + (error.empty() ? std::string("another rank could not write its optimizer shard") : error),
                 "check free disk space");
   }
+  // Rank 0 checks that every shard arrived in its folder (a rank that wrote into a folder of the
+  // same name elsewhere, e.g. a stale one under another working directory, reported success).
+  std::string missing;
+  if (dist.is_main())
+    for (int r = 0; r < world && missing.empty(); ++r) {
+      std::error_code fe;
+      const auto size = fs::file_size(shard_file(r), fe);
+      if (fe || size == 0) missing = shard_file(r).string();
+    }
+  if (!all_ok(missing.empty())) {
+    if (dist.is_main()) fs::remove_all(tmp, ec);
+    throw Error(final_dir.string(),
+                "saving checkpoint failed: " + (dist.is_main() ? "the optimizer shard " + missing + " is missing or empty"
+                                                               : std::string("rank 0 is missing an optimizer shard")),
+                shared_hint);
+  }
   if (dist.is_main()) {
     try {
       write_tensors((tmp / "model.safetensors").string(), weights);
@@ -276,13 +350,7 @@ std::string save_checkpoint_sharded(const std::string& root, const std::vector<s
       json trainer = {{"step", state.step}, {"data_cursor", state.data_cursor}, {"extra", state.extra},
                       {"optimizer_shards", world}, {"format", "libllm-checkpoint-v1"}};
       write_text((tmp / "trainer.json").string(), trainer.dump(1) + "\n");
-      if (fs::exists(final_dir) &&
-          ::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
-        fs::remove_all(tmp, ec);
-      } else {
-        if (fs::exists(final_dir)) fs::remove_all(final_dir);
-        fs::rename(tmp, final_dir);
-      }
+      move_into_place(tmp, final_dir);
     } catch (const std::exception& e) {
       fs::remove_all(tmp, ec);
       error = e.what();
@@ -327,16 +395,20 @@ TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& op
   } catch (const json::exception& e) {
     throw Error(trainer_path, std::string("invalid JSON: ") + e.what());
   }
+  if (!j.is_object()) throw Error(trainer_path, "expected a JSON object", "the checkpoint is corrupt");
   for (const char* key : {"step", "data_cursor", "extra"})
     if (!j.contains(key)) throw Error(trainer_path, std::string("missing key '") + key + "'");
+  // Every value is checked before anything is loaded.
+  TrainState s;
+  s.step = trainer_int(j, trainer_path, "step");
+  s.data_cursor = trainer_string(j, trainer_path, "data_cursor");
+  s.extra = trainer_string(j, trainer_path, "extra");
+  const int64_t shards = j.contains("optimizer_shards") && !j["optimizer_shards"].is_null()
+                             ? trainer_int(j, trainer_path, "optimizer_shards") : 0;
   if (model) load_weights(model, dir);
-  OptimizerFiles files(dir, j.value("optimizer_shards", int64_t{0}));
+  OptimizerFiles files(dir, shards);
   files.restore_rng(rank);
   optim.load_state(files.state_for(optim));
-  TrainState s;
-  s.step = j["step"].get<int64_t>();
-  s.data_cursor = j["data_cursor"].get<std::string>();
-  s.extra = j["extra"].get<std::string>();
   return s;
 }
 

@@ -120,7 +120,7 @@ void export_peft_adapter(Transformer& model, const LoraConfig& cfg, const std::s
   }
   if (tensors.empty()) throw Error(dir, "the model has no LoRA adapters to export", "export the merged model instead");
 
-  write_folder_atomically(dir, [&](const std::string& tmp_dir) {
+  write_folder_atomically(dir, FolderKind::peft_adapter, [&](const std::string& tmp_dir) {
     const fs::path tmp = tmp_dir;
     std::vector<safetensors::TensorView> views;
     for (auto& [name, t] : tensors) views.push_back({name, safetensors::DType::F32, t.sizes().vec(), t.data_ptr()});

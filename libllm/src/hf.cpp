@@ -1,7 +1,12 @@
 #include "libllm/hf.h"
 
+#include <fcntl.h>
+#include <stdio.h>
 #include <unistd.h>
 
+#include <cctype>
+#include <cerrno>
+#include <cstdint>
 #include <filesystem>
 #include <functional>
 #include <fstream>
@@ -38,6 +43,14 @@ void write_text(const std::string& path, const std::string& text) {
   if (!out) throw Error(path, "cannot write file", "check free disk space and permissions");
 }
 
+// A JSON integer as int64 (2.5 or "2" are errors, not truncated or converted).
+int64_t integer_value(const json& v, const std::string& where) {
+  if (!v.is_number_integer()) throw Error(where, "expected an integer, got " + v.dump());
+  if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))
+    throw Error(where, "is out of range: " + v.dump());
+  return v.get<int64_t>();
+}
+
 // Typed access to config.json keys with errors that name the key.
 struct ConfigReader {
   const json& j;
@@ -53,14 +66,30 @@ struct ConfigReader {
       if (fallback) return *fallback;
       throw Error(file + ": " + key, "missing key", "a transformers config.json for LLaMA has it");
     }
-    if (!v->is_number_integer()) throw Error(file + ": " + key, "expected an integer, got " + v->dump());
-    return v->get<int64_t>();
+    return integer_value(*v, file + ": " + key);
   }
   double number(const char* key, double fallback) const {
     const json* v = get(key);
     if (!v) return fallback;
     if (!v->is_number()) throw Error(file + ": " + key, "expected a number, got " + v->dump());
     return v->get<double>();
+  }
+  // The same with the lower limit ModelConfig sets for the recipe key it maps to (a present key
+  // below it is an error; the fallback is not checked).
+  int64_t integer_at_least(const char* key, int64_t min, c10::optional<int64_t> fallback = c10::nullopt) const {
+    const int64_t v = integer(key, fallback);
+    if (get(key) && v < min)
+      throw Error(file + ": " + key, "must be >= " + std::to_string(min) + ", got " + std::to_string(v));
+    return v;
+  }
+  double number_at_least(const char* key, double min, double fallback) const {
+    const double v = number(key, fallback);
+    if (get(key) && !(v >= min)) {
+      std::ostringstream m;
+      m << min;
+      throw Error(file + ": " + key, "must be >= " + m.str() + ", got " + get(key)->dump());
+    }
+    return v;
   }
   bool boolean(const char* key, bool fallback) const {
     const json* v = get(key);
@@ -199,7 +228,10 @@ HfConfig read_hf_config(const std::string& dir) {
   ConfigReader r{j, file};
   HfConfig out;
   const json* archs = r.get("architectures");
-  if (archs && archs->is_array() && !archs->empty() && (*archs)[0].is_string())
+  if (archs && (!archs->is_array() || (!archs->empty() && !(*archs)[0].is_string())))
+    throw Error(file + ": architectures", "expected a list of class names, got " + archs->dump(),
+                "e.g. [\"LlamaForCausalLM\"]");
+  if (archs && !archs->empty())
     out.architecture = (*archs)[0].get<std::string>();
   else {
     const std::string mt = r.string("model_type", "");
@@ -224,23 +256,33 @@ HfConfig read_hf_config(const std::string& dir) {
   m.n_layers = r.integer("num_hidden_layers");
   m.n_heads = r.integer("num_attention_heads");
   m.n_kv_heads = r.integer("num_key_value_heads", m.n_heads);
-  m.head_dim = r.integer("head_dim", 0);
-  m.norm_eps = r.number("rms_norm_eps", 1e-6);
-  m.rope_theta = r.number("rope_theta", 10000.0);
+  // The limits of the recipe keys these map to (ModelConfig::fields); head_dim 0 is libllm's
+  // "derived", which a present HF head_dim never means.
+  m.head_dim = r.integer_at_least("head_dim", 1, 0);
+  m.norm_eps = r.number_at_least("rms_norm_eps", 0, 1e-6);
+  m.rope_theta = r.number_at_least("rope_theta", 1, 10000.0);
   m.max_seq_len = r.integer("max_position_embeddings", 2048);
   m.tie_embeddings = r.boolean("tie_word_embeddings", false);
-  m.init_std = r.number("initializer_range", 0.02);
-  if (out.architecture != "LlamaForCausalLM") m.sliding_window = r.integer("sliding_window", 0);
+  m.init_std = r.number_at_least("initializer_range", 0, 0.02);
+  if (out.architecture != "LlamaForCausalLM") m.sliding_window = r.integer_at_least("sliding_window", 0, 0);
   if (out.architecture == "MixtralForCausalLM") {
-    m.n_experts = r.integer("num_local_experts");
-    m.n_experts_per_token = r.integer("num_experts_per_tok", 2);
-    m.moe_aux_loss_coef = r.number("router_aux_loss_coef", 0.001);
+    m.n_experts = r.integer_at_least("num_local_experts", 1);
+    m.n_experts_per_token = r.integer_at_least("num_experts_per_tok", 1, 2);
+    m.moe_aux_loss_coef = r.number_at_least("router_aux_loss_coef", 0, 0.001);
   }
   out.torch_dtype = r.string("torch_dtype", "float32");
   out.bos_id = r.integer("bos_token_id", 1);
-  out.eos_id = j.contains("eos_token_id") && j["eos_token_id"].is_array() && !j["eos_token_id"].empty()
-                   ? j["eos_token_id"][0].get<int64_t>()
-                   : r.integer("eos_token_id", 2);
+  // eos_token_id: one id, or a list of them (the first is the one libllm stops at and exports).
+  const json* eos = r.get("eos_token_id");
+  if (eos && eos->is_array()) {
+    for (const auto& e : *eos)
+      if (!e.is_number_integer())
+        throw Error(file + ": eos_token_id", "expected an integer or a list of integers, got " + eos->dump());
+    if (eos->empty()) throw Error(file + ": eos_token_id", "is an empty list", "give at least one token id");
+    out.eos_id = integer_value((*eos)[0], file + ": eos_token_id");
+  } else {
+    out.eos_id = r.integer("eos_token_id", 2);
+  }
   for (auto [key, v] : {std::pair{"vocab_size", m.vocab_size}, {"hidden_size", m.dim},
                         {"intermediate_size", m.ffn_dim}, {"num_hidden_layers", m.n_layers},
                         {"num_attention_heads", m.n_heads}, {"num_key_value_heads", m.n_kv_heads},
@@ -339,23 +381,133 @@ void load_weights(Transformer& model, const std::string& dir) {
   });
 }
 
-void write_folder_atomically(const std::string& dir, const std::function<void(const std::string& tmp)>& fill) {
-  const fs::path final_dir = fs::path(dir).lexically_normal();
-  const fs::path parent = final_dir.has_parent_path() ? final_dir.parent_path() : fs::path(".");
-  const std::string suffix = "." + std::to_string(::getpid());
-  const fs::path tmp = parent / (final_dir.filename().string() + ".partial" + suffix);
+namespace {
+
+// "model-00001-of-00003.safetensors": a shard export_hf writes.
+bool is_weight_shard(const std::string& name) {
+  const std::string a = "model-", b = "-of-", c = ".safetensors";
+  if (name.size() != a.size() + 5 + b.size() + 5 + c.size()) return false;
+  if (name.compare(0, a.size(), a) != 0 || name.compare(a.size() + 5, b.size(), b) != 0 ||
+      name.compare(name.size() - c.size(), c.size(), c) != 0)
+    return false;
+  for (size_t i : {a.size(), a.size() + 5 + b.size()})
+    for (size_t k = i; k < i + 5; ++k)
+      if (!isdigit(static_cast<unsigned char>(name[k]))) return false;
+  return true;
+}
+
+const char* kind_name(FolderKind kind) {
+  return kind == FolderKind::peft_adapter ? "PEFT adapter folder" : "Hugging Face export";
+}
+
+// Why an existing `dir` must not be replaced by a folder of `kind`; "" when it may be: it is
+// empty, or it holds only what such a folder holds (an earlier export). Anything else (a run
+// folder, a checkpoint, the other kind of export, a file of the user's) is never deleted.
+std::string not_replaceable(const fs::path& dir, FolderKind kind) {
   std::error_code ec;
+  const fs::file_status st = fs::symlink_status(dir, ec);
+  if (fs::is_symlink(st)) return "is a symbolic link";
+  if (!fs::is_directory(st)) return "exists and is not a folder";
+  static const std::set<std::string> hf_files = {"config.json",          "generation_config.json",
+                                                 "model.safetensors",    "model.safetensors.index.json",
+                                                 "tokenizer.model",      "tokenizer_config.json",
+                                                 "special_tokens_map.json"};
+  static const std::set<std::string> peft_files = {"adapter_config.json", "adapter_model.safetensors"};
+  const std::string not_ours = std::string("is not empty and not an earlier ") + kind_name(kind);
+  std::set<std::string> names;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    std::error_code ec2;
+    if (it->is_directory(ec2)) return not_ours + " (it holds the folder '" + name + "')";
+    const bool known = kind == FolderKind::peft_adapter ? peft_files.count(name) > 0
+                                                        : hf_files.count(name) > 0 || is_weight_shard(name);
+    if (!known) return not_ours + " (it holds '" + name + "')";
+    names.insert(name);
+  }
+  if (ec) return "cannot be listed: " + ec.message();
+  if (names.empty()) return "";
+  if (kind == FolderKind::peft_adapter) {
+    if (!names.count("adapter_config.json") || !names.count("adapter_model.safetensors"))
+      return not_ours + " (no adapter_config.json with adapter_model.safetensors)";
+  } else {
+    bool weights = names.count("model.safetensors") > 0;
+    for (const auto& n : names) weights = weights || is_weight_shard(n);
+    if (!names.count("config.json") || !weights) return not_ours + " (no config.json with model*.safetensors)";
+  }
+  return "";
+}
+
+// Puts the complete folder `tmp` in place of the existing `final_dir`, removing the old one: an
+// atomic exchange (renameat2 RENAME_EXCHANGE), after which `tmp` holds the old folder. Where the
+// filesystem has no exchange (EINVAL, ENOSYS), the old folder is moved aside and moved back if
+// the new one cannot take its name. Failures throw fs::filesystem_error; `final_dir` then still
+// holds the old folder.
+void replace_folder(const fs::path& tmp, const fs::path& final_dir, const fs::path& aside) {
+  std::error_code ec;
+  if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
+    fs::remove_all(tmp, ec);
+    return;
+  }
+  const int err = errno;
+  if (err != EINVAL && err != ENOSYS)
+    throw fs::filesystem_error("cannot swap the new folder into place", tmp, final_dir,
+                               std::error_code(err, std::generic_category()));
+  fs::rename(final_dir, aside);
+  fs::rename(tmp, final_dir, ec);
+  if (ec) {
+    std::error_code back;
+    fs::rename(aside, final_dir, back);  // the old folder keeps its name
+    throw fs::filesystem_error("cannot move the new folder into place", tmp, final_dir, ec);
+  }
+  fs::remove_all(aside, ec);
+}
+
+// The output folder `dir` names: absolute and without trailing separators ("out/", "out/."), so
+// that it has a name to build the temporary folder beside.
+fs::path output_folder(const std::string& dir) {
+  if (dir.empty()) throw Error("output folder", "is empty", "give a folder name");
+  std::error_code ec;
+  fs::path final_dir = fs::absolute(fs::path(dir), ec).lexically_normal();
+  if (ec) throw Error(dir, "cannot resolve the folder: " + ec.message());
+  while (!final_dir.has_filename() && final_dir.has_relative_path()) final_dir = final_dir.parent_path();
+  if (!final_dir.has_filename() || final_dir.filename() == "." || final_dir.filename() == "..")
+    throw Error(dir, "is not a folder that can be written", "give a folder name");
+  return final_dir;
+}
+
+// Whether `final_dir` exists; an Error naming `dir` when it does and may not be replaced.
+bool check_existing(const fs::path& final_dir, const std::string& dir, FolderKind kind) {
+  std::error_code ec;
+  if (!fs::exists(fs::symlink_status(final_dir, ec))) return false;
+  const std::string why = not_replaceable(final_dir, kind);
+  if (!why.empty()) throw Error(dir, why + ", so it is not replaced", "write to another folder, or remove this one first");
+  return true;
+}
+
+}  // namespace
+
+void check_replaceable(const std::string& dir, FolderKind kind) { check_existing(output_folder(dir), dir, kind); }
+
+void write_folder_atomically(const std::string& dir, FolderKind kind,
+                             const std::function<void(const std::string& tmp)>& fill) {
+  const fs::path final_dir = output_folder(dir);
+  const fs::path parent = final_dir.parent_path();
+  const std::string name = final_dir.filename().string();
+  const bool replace = check_existing(final_dir, dir, kind);
+  std::error_code ec;
+  const std::string suffix = "." + std::to_string(::getpid());
+  const fs::path tmp = parent / (name + ".partial" + suffix);
   fs::create_directories(parent, ec);
   fs::remove_all(tmp, ec);
+  ec.clear();
   if (!fs::create_directories(tmp, ec) || ec) throw Error(tmp.string(), "cannot create folder: " + ec.message());
   try {
     fill(tmp.string());
     // Swap into place: the old folder (if any) is removed only after the new one is complete.
-    const fs::path old = parent / (final_dir.filename().string() + ".old" + suffix);
-    const bool replace = fs::exists(final_dir);
-    if (replace) fs::rename(final_dir, old);
-    fs::rename(tmp, final_dir);
-    if (replace) fs::remove_all(old, ec);
+    if (replace && fs::exists(fs::symlink_status(final_dir, ec)))
+      replace_folder(tmp, final_dir, parent / (name + ".old" + suffix));
+    else
+      fs::rename(tmp, final_dir);
   } catch (const fs::filesystem_error& e) {
     fs::remove_all(tmp, ec);
     throw Error(dir, std::string("writing failed: ") + e.what(), "check free disk space and permissions");
@@ -370,7 +522,7 @@ void export_hf(Transformer& model, const std::string& dir, const ExportOptions& 
   if (!opts.chat_template.empty() && opts.tokenizer_path.empty())
     throw Error(dir, "a chat template is written into tokenizer_config.json, but no tokenizer is exported",
                 "export with the tokenizer.model (--tokenizer)");
-  write_folder_atomically(dir, [&](const std::string& tmp_dir) {
+  write_folder_atomically(dir, FolderKind::hf_model, [&](const std::string& tmp_dir) {
     const fs::path tmp = tmp_dir;
     std::error_code ec;
     // Group tensors into shards of at most max_shard_bytes (a larger tensor gets its own shard).

@@ -161,11 +161,18 @@ expect_error(export.system-without-template "--system: sets the default system t
              ${_bin}/llm-export --checkpoint ${_fx}/tiny-llama --out ${CMAKE_BINARY_DIR}/x-export --system hi)
 expect_error(export.adapter-of-plain "--adapter: .* is not a LoRA fine-tuning checkpoint"
              ${_bin}/llm-export --checkpoint ${_fx}/tiny-llama --out ${CMAKE_BINARY_DIR}/x-export --adapter ${CMAKE_BINARY_DIR}/x-adapter)
+# Output folders: never the checkpoint (or inside or around it), never each other, never a folder
+# that is not an earlier export (a run folder); "out/" names out; an earlier export is replaced.
+add_test(NAME apps.export.folders
+         COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/apps/export_tests.sh ${_bin} ${_src} ${CMAKE_BINARY_DIR}/export-test
+         WORKING_DIRECTORY ${_src})
+set_tests_properties(apps.export.folders PROPERTIES TIMEOUT 120 PASS_REGULAR_EXPRESSION "export folders ok")
 
-# Failures: a full disk while saving (previous checkpoint intact), a dead data-parallel peer (no hang).
+# Failures: a full disk while saving (previous checkpoint intact), a dead data-parallel peer (no hang),
+# sharded ranks whose run folders differ (an error on every rank, no incomplete checkpoint).
 set(_failure_modes full-disk)
 if(LIBLLM_GLOO_INCLUDE)
-  list(APPEND _failure_modes dead-peer)
+  list(APPEND _failure_modes dead-peer unshared-run-dir)
 endif()
 foreach(_mode ${_failure_modes})
   add_test(NAME apps.failure.${_mode}

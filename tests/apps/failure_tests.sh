@@ -4,6 +4,11 @@
 #   full-disk  a checkpoint save hits the file-size limit (ulimit -f, as a full disk would): the
 #              run fails naming the checkpoint, the previous checkpoint is intact, no partial folder stays
 #   dead-peer  one of 2 Gloo ranks is killed (-9): the other fails with an error within 60 s (no hang)
+#   unshared-run-dir  2 ZeRO-1 Gloo ranks, each in a working directory of its own with a relative
+#              train.run_dir, so that their run folders differ (as on a filesystem that is not shared):
+#              the first sharded checkpoint fails on both ranks with an error naming it (no hang), and
+#              rank 0 completes no folder without rank 1's optimizer shard; likewise when a stale
+#              folder of the checkpoint's partial name under rank 1's directory takes rank 1's shard
 set -euo pipefail
 bin=$1 recipe=$2 work=$3 mode=$4; shift 5
 rm -rf "$work" && mkdir -p "$work"
@@ -57,6 +62,37 @@ dead-peer)
   [ "$took" -le 60 ] || fail "rank 0 took ${took}s to notice"
   [ -n "$err" ] || fail "rank 0 printed no error line"
   echo "dead-peer ok"
+  ;;
+unshared-run-dir)
+  bin=$(cd "$bin" && pwd) work=$(cd "$work" && pwd) recipe="$(cd "$(dirname "$recipe")" && pwd)/$(basename "$recipe")"
+  tok="$(cd "$(dirname "$recipe")/../fixtures" && pwd)/tokenizer.model"
+  port=$((20000 + $$ % 20000))
+  for case in missing stale; do
+    mkdir -p "$work/$case/0" "$work/$case/1"
+    if [ "$case" = stale ]; then mkdir -p "$work/$case/1/run/checkpoints/step-00000002.tmp-sharded"; fi
+    port=$((port + 1))
+    for r in 0 1; do
+      ( cd "$work/$case/$r" && WORLD_SIZE=2 RANK=$r LOCAL_RANK=$r LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 \
+          MASTER_PORT=$port exec timeout 120 "$bin/llm-pretrain" "$recipe" "${common[@]}" --set tokenizer.path="$tok" \
+          --set train.run_dir=run --set train.sharding=zero1 --set train.steps=4 --set checkpoint.every=2 \
+          --set checkpoint.resume=none ) > "$work/$case-rank$r.log" 2>&1 &
+      pids[$r]=$!
+    done
+    for r in 0 1; do
+      set +e
+      wait "${pids[$r]}"
+      rc=$?
+      set -e
+      err=$(grep "error:" "$work/$case-rank$r.log" | tail -n 1 || true)
+      echo "$case: rank $r: exit $rc: $err"
+      [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "$case: rank $r exited $rc (0 = the checkpoint was completed, 124 = hung)"
+      echo "$err" | grep -q "step-00000002" || fail "$case: rank $r: the error does not name the checkpoint"
+      echo "$err" | grep -q "every rank must see the same run folder" || fail "$case: rank $r: no shared-filesystem hint"
+    done
+    left=$(ls -A "$work/$case/0/run/checkpoints" 2>/dev/null || true)
+    [ -z "$left" ] || fail "$case: rank 0's checkpoints folder holds: $left"
+  done
+  echo "unshared-run-dir ok"
   ;;
 *) echo "unknown mode $mode"; exit 2 ;;
 esac

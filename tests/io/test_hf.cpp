@@ -2,6 +2,7 @@
 // export, and every kind of bad checkpoint giving a clear error.
 #include "../catch_torch.h"
 
+#include <algorithm>
 #include <filesystem>
 
 #include "../common.h"
@@ -106,21 +107,113 @@ TEST_CASE("the shard index lists every tensor and the total size", "[io][hf]") {
   CHECK(static_cast<int64_t>(index["weight_map"].size()) == count);
 }
 
+namespace {
+
+// The names in a folder, sorted.
+std::vector<std::string> listing(const std::string& dir) {
+  std::vector<std::string> names;
+  for (auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+}  // namespace
+
 TEST_CASE("export replaces an existing folder only when complete", "[io][hf]") {
   test::TempDir tmp;
   Pretrained p = load_pretrained(fixture("tiny-llama"));
   const std::string out = tmp / "model";
-  fs::create_directories(out);
-  write_file(out + "/marker", "old");
+  ExportOptions f32;
+  f32.dtype = "float32";
+  export_hf(p.model, out, f32);
+  const std::string before = read_file(out + "/config.json");
   ExportOptions bad;
   bad.tokenizer_path = tmp / "missing.model";  // fails after the weights are written
   CHECK_THAT(error_of([&] { export_hf(p.model, out, bad); }), Catch::Contains("missing.model"));
-  CHECK(read_file(out + "/marker") == "old");  // the previous export is intact
-  for (auto& e : fs::directory_iterator(tmp.path)) CHECK(e.path().filename().string().find(".partial") == std::string::npos);
-  export_hf(p.model, out, ExportOptions{});
-  CHECK(!fs::exists(out + "/marker"));
+  CHECK(read_file(out + "/config.json") == before);  // the previous export is intact
+  CHECK(listing(tmp.path.string()) == std::vector<std::string>{"model"});  // no .partial or .old folder beside it
+  export_hf(p.model, out, ExportOptions{});  // bfloat16: replaces the float32 export
+  CHECK(read_hf_config(out).torch_dtype == "bfloat16");
   CHECK(fs::exists(out + "/model.safetensors"));
-  CHECK(fs::exists(out + "/config.json"));
+  CHECK(listing(tmp.path.string()) == std::vector<std::string>{"model"});
+  // An empty folder is replaced too.
+  fs::create_directories(tmp / "empty");
+  export_hf(p.model, tmp / "empty", f32);
+  CHECK(fs::exists(tmp / "empty/config.json"));
+}
+
+TEST_CASE("export never replaces a folder that is not an earlier export of its kind", "[io][hf]") {
+  test::TempDir tmp;
+  Pretrained p = load_pretrained(fixture("tiny-llama"));
+  const std::string not_replaced = "so it is not replaced (hint: write to another folder, or remove this one first)";
+  // A run folder with checkpoints (llm-export --checkpoint ... --out RUN_DIR).
+  const std::string run = tmp / "run";
+  fs::create_directories(run + "/checkpoints/step-00000004");
+  write_file(run + "/checkpoints/step-00000004/trainer.json", "{}");
+  CHECK_THAT(error_of([&] { export_hf(p.model, run, ExportOptions{}); }),
+             Catch::StartsWith(run + ": is not empty and not an earlier Hugging Face export (it holds the folder "
+                                     "'checkpoints')") &&
+                 Catch::Contains(not_replaced));
+  CHECK(read_file(run + "/checkpoints/step-00000004/trainer.json") == "{}");
+  // An export with a file of the user's beside it; a config.json without weights; a file.
+  ExportOptions f32;
+  f32.dtype = "float32";
+  export_hf(p.model, tmp / "hf", f32);
+  write_file(tmp / "hf/notes.txt", "mine");
+  CHECK_THAT(error_of([&] { export_hf(p.model, tmp / "hf", f32); }),
+             Catch::Contains("not an earlier Hugging Face export (it holds 'notes.txt')") && Catch::Contains(not_replaced));
+  CHECK(read_file(tmp / "hf/notes.txt") == "mine");
+  fs::create_directories(tmp / "config-only");
+  fs::copy_file(fixture("tiny-llama/config.json"), tmp / "config-only/config.json");
+  CHECK_THAT(error_of([&] { export_hf(p.model, tmp / "config-only", f32); }),
+             Catch::Contains("(no config.json with model*.safetensors)"));
+  write_file(tmp / "file", "x");
+  CHECK_THAT(error_of([&] { export_hf(p.model, tmp / "file", f32); }),
+             Catch::Contains("file: exists and is not a folder, so it is not replaced"));
+  CHECK(read_file(tmp / "file") == "x");
+  // A sharded export is an earlier export.
+  f32.max_shard_bytes = 40000;
+  export_hf(p.model, tmp / "sharded", f32);
+  REQUIRE(fs::exists(tmp / "sharded/model.safetensors.index.json"));
+  f32.max_shard_bytes = ExportOptions{}.max_shard_bytes;
+  export_hf(p.model, tmp / "sharded", f32);
+  CHECK(!fs::exists(tmp / "sharded/model.safetensors.index.json"));
+  CHECK(fs::exists(tmp / "sharded/model.safetensors"));
+  // An HF export and a PEFT adapter folder never replace each other (llm-export --out X --adapter X).
+  LoraConfig cfg;
+  apply_lora(p.model, cfg);
+  export_peft_adapter(p.model, cfg, tmp / "adapter", "base");
+  CHECK_THAT(error_of([&] { export_hf(p.model, tmp / "adapter", f32); }),
+             Catch::Contains("adapter: is not empty and not an earlier Hugging Face export (it holds 'adapter_"));
+  CHECK(fs::exists(tmp / "adapter/adapter_model.safetensors"));
+  CHECK_THAT(error_of([&] { export_peft_adapter(p.model, cfg, tmp / "hf", "base"); }),
+             Catch::Contains("hf: is not empty and not an earlier PEFT adapter folder"));
+  CHECK(fs::exists(tmp / "hf/config.json"));
+  export_peft_adapter(p.model, cfg, tmp / "adapter", "base");  // an earlier adapter is replaced
+  CHECK(fs::exists(tmp / "adapter/adapter_config.json"));
+  CHECK(listing(tmp.path.string()) ==
+        std::vector<std::string>{"adapter", "config-only", "file", "hf", "run", "sharded"});  // nothing left beside
+}
+
+TEST_CASE("export to a folder named with a trailing separator writes that folder", "[io][hf]") {
+  test::TempDir tmp;
+  Pretrained p = load_pretrained(fixture("tiny-llama"));
+  ExportOptions f32;
+  f32.dtype = "float32";
+  export_hf(p.model, tmp / "out/", f32);
+  CHECK(fs::exists(tmp / "out/config.json"));
+  CHECK(fs::exists(tmp / "out/model.safetensors"));
+  CHECK(listing(tmp / "out") == std::vector<std::string>{"config.json", "generation_config.json", "model.safetensors"});
+  export_hf(p.model, tmp / "out//", ExportOptions{});  // replaces it
+  CHECK(read_hf_config(tmp / "out").torch_dtype == "bfloat16");
+  export_hf(p.model, tmp / "out/.", f32);
+  CHECK(read_hf_config(tmp / "out").torch_dtype == "float32");
+  LoraConfig cfg;
+  apply_lora(p.model, cfg);
+  export_peft_adapter(p.model, cfg, tmp / "adapter/", "base");
+  CHECK(listing(tmp / "adapter") == std::vector<std::string>{"adapter_config.json", "adapter_model.safetensors"});
+  CHECK(listing(tmp.path.string()) == std::vector<std::string>{"adapter", "out"});
+  CHECK_THAT(error_of([&] { export_hf(p.model, "/", f32); }), Catch::Contains("/: is not a folder that can be written"));
 }
 
 TEST_CASE("bad checkpoints give one clear error naming the file and tensor", "[io][hf]") {
@@ -167,4 +260,73 @@ TEST_CASE("bad checkpoints give one clear error naming the file and tensor", "[i
   fs::copy_file(fixture("tiny-mixtral/model.safetensors.index.json"), tmp / "shard/model.safetensors.index.json");
   CHECK_THAT(error_of([&] { load_pretrained(tmp / "shard"); }), Catch::Contains("shard listed in the index is missing"));
   CHECK_THAT(error_of([&] { load_pretrained(tmp / "nothing-here"); }), Catch::Contains("checkpoint folder not found"));
+}
+
+namespace {
+
+// read_hf_config's error for fixture NAME's config.json with KEY set to VALUE ("" = it loads).
+std::string config_with(const test::TempDir& tmp, const std::string& name, const std::string& key,
+                        const nlohmann::json& value) {
+  auto j = nlohmann::json::parse(read_file(fixture(name + "/config.json")));
+  j[key] = value;
+  const std::string dir = tmp / (name + "-" + key + "-" + std::to_string(std::hash<std::string>()(value.dump())));
+  fs::create_directories(dir);
+  write_file(dir + "/config.json", j.dump());
+  return error_of([&] { read_hf_config(dir); });
+}
+
+}  // namespace
+
+TEST_CASE("config.json values outside the recipe's limits are errors naming the key", "[io][hf]") {
+  test::TempDir tmp;
+  auto err = [&](const std::string& name, const std::string& key, const nlohmann::json& value) {
+    return config_with(tmp, name, key, value);
+  };
+  // The limits of ModelConfig's recipe keys (head_dim, norm_eps, rope_theta, sliding_window,
+  // n_experts, n_experts_per_token, moe_aux_loss_coef, init_std).
+  CHECK_THAT(err("tiny-llama", "head_dim", -16), Catch::Contains("config.json: head_dim: must be >= 1, got -16"));
+  CHECK_THAT(err("tiny-llama", "head_dim", 0), Catch::Contains("config.json: head_dim: must be >= 1, got 0"));
+  CHECK_THAT(err("tiny-llama", "rope_theta", 0), Catch::Contains("config.json: rope_theta: must be >= 1, got 0"));
+  CHECK_THAT(err("tiny-llama", "rope_theta", -10000.0), Catch::Contains("config.json: rope_theta: must be >= 1"));
+  CHECK_THAT(err("tiny-llama", "rms_norm_eps", -1), Catch::Contains("config.json: rms_norm_eps: must be >= 0, got -1"));
+  CHECK_THAT(err("tiny-llama", "initializer_range", -0.5), Catch::Contains("config.json: initializer_range: must be >= 0"));
+  CHECK_THAT(err("tiny-mistral", "sliding_window", -5), Catch::Contains("config.json: sliding_window: must be >= 0, got -5"));
+  CHECK_THAT(err("tiny-mixtral", "num_experts_per_tok", 0),
+             Catch::Contains("config.json: num_experts_per_tok: must be >= 1, got 0"));
+  CHECK_THAT(err("tiny-mixtral", "num_experts_per_tok", 5), Catch::Contains("top-k (5) exceeds n_experts (4)"));
+  CHECK_THAT(err("tiny-mixtral", "num_local_experts", 0), Catch::Contains("config.json: num_local_experts: must be >= 1, got 0"));
+  CHECK_THAT(err("tiny-mixtral", "router_aux_loss_coef", -0.1),
+             Catch::Contains("config.json: router_aux_loss_coef: must be >= 0"));
+  // Values at the limits, and nulls (the defaults), load.
+  CHECK(err("tiny-llama", "rms_norm_eps", 0) == "");
+  CHECK(err("tiny-llama", "head_dim", 16) == "");
+  CHECK(err("tiny-llama", "head_dim", nullptr) == "");
+  CHECK(err("tiny-mistral", "sliding_window", 0) == "");
+  CHECK(err("tiny-mixtral", "num_experts_per_tok", 1) == "");
+}
+
+TEST_CASE("wrong-typed config.json values are errors naming the key, never truncated", "[io][hf]") {
+  test::TempDir tmp;
+  auto err = [&](const std::string& key, const nlohmann::json& value) { return config_with(tmp, "tiny-llama", key, value); };
+  CHECK_THAT(err("eos_token_id", {"</s>"}),
+             Catch::Contains("config.json: eos_token_id: expected an integer or a list of integers, got [\"</s>\"]"));
+  CHECK_THAT(err("eos_token_id", {2.5}), Catch::Contains("config.json: eos_token_id: expected an integer or a list"));
+  CHECK_THAT(err("eos_token_id", {2, "x"}), Catch::Contains("config.json: eos_token_id: expected an integer or a list"));
+  CHECK_THAT(err("eos_token_id", 2.5), Catch::Contains("config.json: eos_token_id: expected an integer, got 2.5"));
+  CHECK_THAT(err("eos_token_id", nlohmann::json::array()), Catch::Contains("config.json: eos_token_id: is an empty list"));
+  CHECK_THAT(err("eos_token_id", "</s>"), Catch::Contains("config.json: eos_token_id: expected an integer, got \"</s>\""));
+  CHECK_THAT(err("bos_token_id", 1.5), Catch::Contains("config.json: bos_token_id: expected an integer, got 1.5"));
+  CHECK_THAT(err("num_hidden_layers", 2.5), Catch::Contains("config.json: num_hidden_layers: expected an integer, got 2.5"));
+  CHECK_THAT(err("max_position_embeddings", 48.0), Catch::Contains("max_position_embeddings: expected an integer"));
+  CHECK_THAT(err("vocab_size", nlohmann::json(18446744073709551615ULL)), Catch::Contains("config.json: vocab_size: is out of range"));
+  CHECK_THAT(err("rope_theta", "10000"), Catch::Contains("config.json: rope_theta: expected a number, got \"10000\""));
+  CHECK_THAT(err("tie_word_embeddings", 0), Catch::Contains("config.json: tie_word_embeddings: expected true or false"));
+  CHECK_THAT(err("architectures", "LlamaForCausalLM"), Catch::Contains("config.json: architectures: expected a list of class names"));
+  CHECK_THAT(err("architectures", {1}), Catch::Contains("config.json: architectures: expected a list of class names"));
+  // A list of end-of-sequence ids: the first is the one kept.
+  auto j = nlohmann::json::parse(read_file(fixture("tiny-llama/config.json")));
+  j["eos_token_id"] = {3, 2};
+  fs::create_directories(tmp / "eos-list");
+  write_file(tmp / "eos-list/config.json", j.dump());
+  CHECK(read_hf_config(tmp / "eos-list").eos_id == 3);
 }

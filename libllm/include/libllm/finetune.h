@@ -60,7 +60,8 @@ std::vector<std::pair<std::string, torch::Tensor>> merged_weights(Transformer& m
 // Writes the adapters alone in PEFT's layout: DIR/adapter_model.safetensors (tensors named
 // base_model.model.<module>.lora_A.weight / lora_B.weight, fp32) and DIR/adapter_config.json
 // (peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, lora_dropout, target_modules, ...).
-// Built under a temporary name and renamed when complete. A model without adapters is an Error.
+// Built under a temporary name and renamed when complete; an existing `dir` is replaced only when
+// it is empty or an earlier adapter folder (write_folder_atomically). A model without adapters is an Error.
 void export_peft_adapter(Transformer& model, const LoraConfig& cfg, const std::string& dir,
                          const std::string& base_model_name_or_path);
 

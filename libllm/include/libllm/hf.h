@@ -42,10 +42,23 @@ void load_weights(Transformer& model, const std::string& dir);
 void load_weights(const std::string& dir, const std::vector<std::pair<std::string, std::vector<int64_t>>>& params,
                   bool tied, const std::function<void(const std::string&, const torch::Tensor&)>& store);
 
+// What write_folder_atomically writes, and so the only kind of folder it replaces.
+enum class FolderKind {
+  hf_model,      // export_hf: config.json, model*.safetensors (+ index), generation_config.json, tokenizer files
+  peft_adapter,  // export_peft_adapter: adapter_config.json, adapter_model.safetensors
+};
 // Builds a folder under a temporary name beside `dir` (fill() writes into it), then swaps it into
-// place; an existing `dir` is removed only after that. On any error the temporary folder is removed
-// and `dir` is left as it was.
-void write_folder_atomically(const std::string& dir, const std::function<void(const std::string& tmp)>& fill);
+// place (an atomic exchange where the filesystem has one); an existing `dir` is removed only after
+// that. `dir` may end in a separator ("out/"). An existing `dir` is replaced only when it is empty
+// or an earlier folder of `kind` (nothing but the files such a folder holds); anything else (a run
+// folder, a checkpoint, a file) is an Error naming it, checked before fill() runs. On any error the
+// temporary folder is removed and `dir` is left as it was.
+void write_folder_atomically(const std::string& dir, FolderKind kind,
+                             const std::function<void(const std::string& tmp)>& fill);
+// The check write_folder_atomically makes before it writes anything: an Error naming `dir` when it
+// exists and may not be replaced by a folder of `kind` (llm-export checks its outputs before it
+// loads the model).
+void check_replaceable(const std::string& dir, FolderKind kind);
 
 struct ExportOptions {
   std::string dtype = "bfloat16";               // float32, bfloat16 or float16
@@ -60,7 +73,7 @@ struct ExportOptions {
 // list of named templates, the one named "default". A file that is not JSON is an Error.
 std::string read_chat_template(const std::string& dir);
 // Writes `model` as an HF folder at `dir` (LoRA adapters merged into their weights): built under a temporary name and renamed into place
-// when complete (an existing `dir` is replaced only then).
+// when complete (an existing `dir` is replaced only then, and only when it is empty or an earlier export).
 void export_hf(Transformer& model, const std::string& dir, const ExportOptions& opts);
 
 // A model folder: HF (config.json) or libllm (recipe.yaml), plus safetensors weights.

@@ -1,0 +1,144 @@
+// Checkpoint folders: step names past 8 digits, replacing a step's folder, trainer.json's types,
+// and a sharded save that refuses to complete a folder without every optimizer shard.
+#include "../catch_torch.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "../common.h"
+#include "libllm/checkpoint.h"
+#include "libllm/distributed.h"
+#include "libllm/error.h"
+#include "libllm/model.h"
+#include "libllm/optim.h"
+
+using namespace libllm;
+using libllm::test::error_of;
+namespace fs = std::filesystem;
+
+namespace {
+
+void write_file(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+ModelConfig tiny_config() {
+  ModelConfig c;
+  c.vocab_size = 16;
+  c.dim = 8;
+  c.n_layers = 1;
+  c.n_heads = 2;
+  c.ffn_dim = 16;
+  c.max_seq_len = 8;
+  return c;
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> named(Transformer& model) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (auto& p : model->named_parameters()) out.emplace_back(p.key(), p.value());
+  return out;
+}
+
+// The names in a folder, sorted.
+std::vector<std::string> listing(const std::string& dir) {
+  std::vector<std::string> names;
+  for (auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+}  // namespace
+
+TEST_CASE("checkpoint folders past step 99,999,999 are found, resumed from and pruned", "[io][checkpoint]") {
+  CHECK(checkpoint_name(100) == "step-00000100");
+  CHECK(checkpoint_name(100000000) == "step-100000000");
+  test::TempDir tmp;
+  const std::string root = tmp.path.string();
+  for (const char* name : {"step-00000100", "step-99999999", "step-100000000", "step-1000000000",
+                           "step-000000100",       // 9 digits, but not a name checkpoint_name gives: not ours
+                           "step-0000100",         // 7 digits
+                           "step-0000010x", "step-00000200.tmp-7", "step-00000300.tmp-sharded"}) {
+    fs::create_directories(tmp / name);
+    write_file(tmp / (std::string(name) + "/trainer.json"), "{}");
+  }
+  fs::create_directories(tmp / "step-00000400");  // no trainer.json: incomplete
+  CHECK(checkpoint_steps(root) == std::vector<int64_t>{100, 99999999, 100000000, 1000000000});
+  CHECK(latest_checkpoint(root) == tmp / "step-1000000000");
+  CheckpointConfig cc;
+  cc.keep_last = 2;
+  prune_checkpoints(root, cc);
+  CHECK(checkpoint_steps(root) == std::vector<int64_t>{100000000, 1000000000});
+  CHECK(!fs::exists(tmp / "step-00000200.tmp-7"));        // partial folders go
+  CHECK(!fs::exists(tmp / "step-00000300.tmp-sharded"));
+  CHECK(fs::exists(tmp / "step-000000100"));             // folders that are not checkpoints stay
+  CHECK(fs::exists(tmp / "step-0000100"));
+  CHECK(fs::exists(tmp / "step-00000400"));
+}
+
+TEST_CASE("saving a step again replaces its folder, and trainer.json values are type-checked", "[io][checkpoint]") {
+  test::TempDir tmp;
+  torch::manual_seed(5);
+  Transformer model(tiny_config());
+  AdamW optim(named(model), OptimConfig{});
+  const std::string root = tmp / "checkpoints";
+  const std::string dir = save_checkpoint(root, model, optim, TrainState{3, "{\"pos\": 1}", "{}"}, "model: {}\n", "");
+  CHECK(dir == tmp / "checkpoints/step-00000003");
+  // The same step again (after a rollback): the new folder takes the name, nothing is left beside it.
+  CHECK(save_checkpoint(root, model, optim, TrainState{3, "{\"pos\": 2}", "{}"}, "model: {}\n", "") == dir);
+  CHECK(listing(root) == std::vector<std::string>{"step-00000003"});
+  TrainState s = load_checkpoint_state(dir, optim);
+  CHECK(s.step == 3);
+  CHECK(s.data_cursor == "{\"pos\": 2}");
+
+  const std::string trainer = dir + "/trainer.json";
+  const auto good = nlohmann::json::parse(read_file(trainer));
+  auto error_with = [&](const std::string& key, const nlohmann::json& value) {
+    auto j = good;
+    j[key] = value;
+    write_file(trainer, j.dump());
+    return error_of([&] { load_checkpoint_state(dir, optim); });
+  };
+  const std::string where = trainer + ": ";
+  CHECK_THAT(error_with("step", 2.5), Catch::Contains(where + "step: expected an integer, got 2.5"));
+  CHECK_THAT(error_with("step", "3"), Catch::Contains(where + "step: expected an integer, got \"3\""));
+  CHECK_THAT(error_with("step", -1), Catch::Contains(where + "step: must be >= 0, got -1"));
+  CHECK_THAT(error_with("data_cursor", 5), Catch::Contains(where + "data_cursor: expected a string, got 5"));
+  CHECK_THAT(error_with("extra", nlohmann::json::object()), Catch::Contains(where + "extra: expected a string, got {}"));
+  CHECK_THAT(error_with("optimizer_shards", 2.5), Catch::Contains(where + "optimizer_shards: expected an integer, got 2.5"));
+  CHECK_THAT(error_with("optimizer_shards", "2"), Catch::Contains(where + "optimizer_shards: expected an integer"));
+  write_file(trainer, "[1, 2]");
+  CHECK_THAT(error_of([&] { load_checkpoint_state(dir, optim); }), Catch::Contains("trainer.json: expected a JSON object"));
+  write_file(trainer, good.dump());
+  CHECK(load_checkpoint_state(dir, optim).step == 3);
+}
+
+TEST_CASE("a sharded save completes no folder without every optimizer shard", "[io][checkpoint]") {
+  Distributed single = Distributed::from_env();
+  REQUIRE(single.world_size() == 1);
+  test::TempDir tmp;
+  torch::manual_seed(5);
+  Transformer model(tiny_config());
+  AdamW optim(named(model), OptimConfig{});
+  const std::string root = tmp / "checkpoints";
+  // Shard 0 of 2: shard 1's file never arrives in this folder (its rank wrote elsewhere).
+  const std::string err = error_of([&] {
+    save_checkpoint_sharded(root, named(model), optim, TrainState{2, "{}", "{}"}, "model: {}\n", "", single, 0, 2);
+  });
+  CHECK_THAT(err, Catch::Contains("step-00000002: saving checkpoint failed: the optimizer shard") &&
+                      Catch::Contains("optimizer-shard-1-of-2.safetensors is missing or empty") &&
+                      Catch::Contains("every rank must see the same run folder"));
+  CHECK(listing(root).empty());  // no folder completed, the partial one removed
+  CHECK(checkpoint_steps(root).empty());
+  // With every shard: complete, and it loads.
+  const std::string dir =
+      save_checkpoint_sharded(root, named(model), optim, TrainState{2, "{}", "{}"}, "model: {}\n", "", single, 0, 1);
+  CHECK(listing(root) == std::vector<std::string>{"step-00000002"});
+  CHECK(fs::exists(dir + "/optimizer-shard-0-of-1.safetensors"));
+  CHECK(nlohmann::json::parse(read_file(dir + "/trainer.json"))["optimizer_shards"] == 1);
+  CHECK(load_checkpoint_state(dir, optim).step == 2);
+}
