@@ -24,6 +24,7 @@ void ChatConfig::fields(Fields& f) {
   f.add("valid_every", valid_every).min(0);
   f.add("overlong", overlong).one_of({"truncate", "drop"});
   f.add("malformed", malformed).one_of({"fail", "skip"});
+  f.add("packed", packed);
 }
 
 namespace {
@@ -261,7 +262,7 @@ std::vector<ChatMessage> parse_chat_line(const std::string& line, const std::str
 
 ChatDataset::ChatDataset(const ChatConfig& cfg, const Tokenizer& tok, int64_t seq_len, uint64_t seed, int64_t rank,
                          int64_t world_size)
-    : seed_(seed), seq_len_(seq_len), rank_(rank), world_(world_size) {
+    : seed_(seed), seq_len_(seq_len), rank_(rank), world_(world_size), packed_(cfg.packed) {
   pad_id_ = tok.eos_id() >= 0 ? tok.eos_id() : 0;
   int64_t number = 0;  // example number in file order (held-out ones included)
   for (const auto& file : jsonl_files(cfg.files)) {
@@ -324,6 +325,17 @@ ChatDataset::ChatDataset(const ChatConfig& cfg, const Tokenizer& tok, int64_t se
     throw Error("chat.files", "no training examples left",
                 fmt::format("{} lines, {} malformed, {} too long, {} without answer tokens, {} held out", stats_.lines,
                             stats_.malformed, stats_.dropped_long, stats_.dropped_empty, stats_.valid));
+  if (packed_) {  // the rows of one epoch (epoch 0's order), for the trainer's summary
+    int64_t rows = 0, used = 0, positions = 0;
+    for (int64_t i = 0; i < stats_.train; ++i) {
+      const int64_t need = static_cast<int64_t>(train_[static_cast<size_t>(example_at(i))].tokens.size()) - 1;
+      if (rows == 0 || used + need > seq_len_) ++rows, used = 0;
+      used += need;
+      positions += need;
+    }
+    stats_.packed_rows = rows;
+    stats_.packed_fill = static_cast<double>(positions) / static_cast<double>(rows * seq_len_);
+  }
 }
 
 int64_t ChatDataset::example_at(int64_t global) {
@@ -359,16 +371,69 @@ void ChatDataset::batch_of(const std::vector<const ChatExample*>& rows, torch::T
   }
 }
 
-void ChatDataset::next(int64_t batch, torch::Tensor& inputs, torch::Tensor& targets, std::vector<WindowRef>& refs) {
-  std::vector<const ChatExample*> rows;
-  refs.assign(static_cast<size_t>(batch), WindowRef{});
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t e = example_at(global_ + rank_);
-    global_ += world_;
-    rows.push_back(&train_[static_cast<size_t>(e)]);
-    refs[static_cast<size_t>(b)] = WindowRef{0, train_index_[static_cast<size_t>(e)]};
+void ChatDataset::next_row(std::vector<int64_t>& examples) {
+  examples.clear();
+  int64_t used = 0;  // input positions taken; an example of L tokens takes L - 1 (<= seq_len)
+  for (;;) {
+    const int64_t e = example_at(global_);
+    const int64_t need = static_cast<int64_t>(train_[static_cast<size_t>(e)].tokens.size()) - 1;
+    if (!examples.empty() && used + need > seq_len_) return;
+    examples.push_back(e);
+    used += need;
+    ++global_;
+    if (!packed_) return;
   }
-  batch_of(rows, inputs, targets);
+}
+
+void ChatDataset::next(int64_t batch, ChatBatch& out) {
+  std::vector<std::vector<int64_t>> rows;  // this rank's rows: training example indices
+  std::vector<int64_t> row;
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t r = 0; r < world_; ++r) {  // every rank walks every row of the global stream
+      next_row(row);
+      if (r == rank_) rows.push_back(row);
+    }
+  out.refs.clear();
+  std::vector<const ChatExample*> unpacked;
+  for (const auto& examples : rows)
+    for (int64_t e : examples) {
+      out.refs.push_back(WindowRef{0, train_index_[static_cast<size_t>(e)]});
+      unpacked.push_back(&train_[static_cast<size_t>(e)]);
+    }
+  if (!packed_) {
+    batch_of(unpacked, out.inputs, out.targets);
+    out.documents = torch::Tensor();
+    return;
+  }
+  int64_t T = 1;
+  for (const auto& examples : rows) {
+    int64_t used = 0;
+    for (int64_t e : examples) used += static_cast<int64_t>(train_[static_cast<size_t>(e)].tokens.size()) - 1;
+    T = std::max(T, used);
+  }
+  const int64_t B = static_cast<int64_t>(rows.size());
+  out.inputs = torch::full({B, T}, pad_id_, torch::kInt64);  // (B, T)
+  out.targets = torch::full({B, T}, -100, torch::kInt64);    // (B, T)
+  out.documents = torch::empty({B, T}, torch::kInt64);       // (B, T)
+  auto in = out.inputs.accessor<int64_t, 2>();
+  auto tg = out.targets.accessor<int64_t, 2>();
+  auto doc = out.documents.accessor<int64_t, 2>();
+  for (int64_t b = 0; b < B; ++b) {
+    const auto& examples = rows[static_cast<size_t>(b)];
+    int64_t p = 0;  // the row's next position
+    for (size_t k = 0; k < examples.size(); ++k) {
+      const auto& ex = train_[static_cast<size_t>(examples[k])];
+      const int64_t L = static_cast<int64_t>(ex.tokens.size());
+      for (int64_t t = 0; t + 1 < L; ++t, ++p) {
+        in[b][p] = ex.tokens[static_cast<size_t>(t)];
+        if (ex.target[static_cast<size_t>(t + 1)]) tg[b][p] = ex.tokens[static_cast<size_t>(t + 1)];
+        doc[b][p] = static_cast<int64_t>(k);
+      }
+    }
+    // Padding is a document of its own: it must attend to something (a query that sees no key
+    // would give NaN), and nothing real attends to it.
+    for (; p < T; ++p) doc[b][p] = static_cast<int64_t>(examples.size());
+  }
 }
 
 double ChatDataset::evaluate(Transformer& model, int64_t micro_batch, int64_t max_examples) const {
@@ -399,9 +464,10 @@ double ChatDataset::evaluate(Transformer& model, int64_t micro_batch, int64_t ma
 }
 
 std::string ChatDataset::cursor() const {
-  return json({{"format", "libllm-chat-cursor-v1"}, {"global", global_}, {"examples", train_.size()}, {"seed", seed_},
-               {"world_size", world_}})
-      .dump();
+  json j = {{"format", "libllm-chat-cursor-v1"}, {"global", global_}, {"examples", train_.size()}, {"seed", seed_},
+            {"world_size", world_}, {"packed", packed_}};
+  if (packed_) j["seq_len"] = seq_len_;  // the rows depend on it
+  return j.dump();
 }
 
 void ChatDataset::restore(const std::string& cursor) {
@@ -421,9 +487,19 @@ void ChatDataset::restore(const std::string& cursor) {
   if (j.value("world_size", int64_t{-1}) != world_)
     throw Error("data cursor", "saved with world size " + std::to_string(j.value("world_size", int64_t{-1})),
                 "resume chat fine-tuning with the same number of ranks");
+  if (j.value("packed", false) != packed_ || (packed_ && j.value("seq_len", int64_t{-1}) != seq_len_))
+    throw Error("data cursor",
+                fmt::format("the checkpoint's rows were {}, now {}",
+                            j.value("packed", false) ? fmt::format("packed to {} positions", j.value("seq_len", int64_t{-1}))
+                                                     : "one example each",
+                            packed_ ? fmt::format("packed to {} positions", seq_len_) : "one example each"),
+                "resume with the checkpoint's chat.packed and train.seq_len");
   global_ = j.at("global").get<int64_t>();
 }
 
-void ChatDataset::pass_over(int64_t samples) { global_ += samples * world_; }
+void ChatDataset::pass_over(int64_t samples) {
+  std::vector<int64_t> row;
+  for (int64_t i = 0; i < samples * world_; ++i) next_row(row);
+}
 
 }  // namespace libllm

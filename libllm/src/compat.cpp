@@ -13,12 +13,10 @@ namespace libllm::compat {
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                         const c10::optional<torch::Tensor>& mask) {
   const int64_t H = q.size(1), Hkv = k.size(1), T = q.size(2), S = k.size(2);
-#if !LIBLLM_TORCH_AT_LEAST(2, 5)
   // Keys/values serve H / Hkv consecutive query heads (transformers' repeat_kv).
   auto expand_kv = [&](const torch::Tensor& t) {
     return H == Hkv ? t : t.repeat_interleave(H / Hkv, 1);                   // (B, H, S, D)
   };
-#endif
   // Bottom-right aligned causal mask for T != S (queries are the last T positions).
   c10::optional<torch::Tensor> m = mask;
   if (!m && T != S) {
@@ -26,6 +24,9 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
     m = torch::arange(S, torch::dtype(torch::kInt64).device(q.device())).unsqueeze(0) <= i;
   }
 #if LIBLLM_TORCH_AT_LEAST(2, 5)
+  // With a mask, flash attention is out; the memory-efficient kernel takes masks but not
+  // enable_gqa (only the math fallback, which materialises (B, H, T, S) scores, takes both).
+  if (m && q.is_cuda()) return at::scaled_dot_product_attention(q, expand_kv(k), expand_kv(v), *m, 0.0, false);
   if (m) return at::scaled_dot_product_attention(q, k, v, *m, 0.0, false, c10::nullopt, H != Hkv);
   return at::scaled_dot_product_attention(q, k, v, c10::nullopt, 0.0, true, c10::nullopt, H != Hkv);
 #elif LIBLLM_TORCH_AT_LEAST(2, 0)

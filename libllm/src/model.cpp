@@ -65,6 +65,16 @@ std::pair<torch::Tensor, torch::Tensor> Rotary::table(int64_t start, int64_t T, 
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
 }
 
+std::pair<torch::Tensor, torch::Tensor> Rotary::table(const torch::Tensor& positions, torch::Dtype dtype) {
+  const auto device = positions.device();
+  auto exponent = torch::arange(0, head_dim_, 2, torch::dtype(torch::kInt64).device(device)).to(torch::kFloat32) /
+                  static_cast<double>(head_dim_);
+  auto inv_freq = 1.0 / torch::pow(theta_, exponent);                       // (D/2)
+  auto freqs = positions.to(torch::kFloat32).unsqueeze(-1) * inv_freq;       // (B, T, D/2)
+  auto emb = torch::cat({freqs, freqs}, -1).unsqueeze(1);                    // (B, 1, T, D)
+  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
 torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
   const int64_t half = x.size(-1) / 2;
   auto x1 = x.narrow(-1, 0, half), x2 = x.narrow(-1, half, half);
@@ -128,7 +138,7 @@ AttentionImpl::AttentionImpl(const ModelConfig& cfg)
 }
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                                     KVCache* cache, int64_t layer) {
+                                     KVCache* cache, int64_t layer, const torch::Tensor& mask) {
   const int64_t B = x.size(0), T = x.size(1);
   auto q = q_proj(x).view({B, T, n_heads_, head_dim_}).transpose(1, 2);     // (B, H, T, D)
   auto k = k_proj(x).view({B, T, n_kv_heads_, head_dim_}).transpose(1, 2);  // (B, Hkv, T, D)
@@ -145,9 +155,16 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     v = cache->v[layer].narrow(2, 0, S);                                     // (B, Hkv, S, D)
   }
   const int64_t S = k.size(2);
-  c10::optional<torch::Tensor> mask;
-  if (window_ > 0 && window_ < S) mask = sliding_window_mask(T, S, window_, x.device());
-  auto y = compat::attention(q, k, v, mask);                                 // (B, H, T, D)
+  c10::optional<torch::Tensor> allowed;
+  if (mask.defined()) {
+    if (cache) throw Error("attention", "a document mask cannot be combined with a kv cache");
+    allowed = mask;                                                          // (B, 1, T, T)
+  }
+  if (window_ > 0 && window_ < S) {
+    auto w = sliding_window_mask(T, S, window_, x.device());                 // (T, S)
+    allowed = allowed ? allowed->logical_and(w) : w;
+  }
+  auto y = compat::attention(q, k, v, allowed);                              // (B, H, T, D)
   y = y.transpose(1, 2).reshape({B, T, n_heads_ * head_dim_});               // (B, T, H*D)
   return o_proj(y);
 }
@@ -221,8 +238,9 @@ BlockImpl::BlockImpl(const ModelConfig& cfg) {
 }
 
 torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                                 std::vector<torch::Tensor>& router_logits, KVCache* cache, int64_t layer) {
-  auto h = x + self_attn(input_layernorm(x), cos, sin, cache, layer);
+                                 std::vector<torch::Tensor>& router_logits, KVCache* cache, int64_t layer,
+                                 const torch::Tensor& mask) {
+  auto h = x + self_attn(input_layernorm(x), cos, sin, cache, layer, mask);
   auto n = post_attention_layernorm(h);
   return h + (mlp ? mlp(n) : block_sparse_moe(n, router_logits));
 }
@@ -237,20 +255,24 @@ namespace {
 // mixture-of-experts block, its router logits (the load-balancing and z losses' gradients reach
 // the router through them).
 struct BlockRecompute : torch::autograd::Function<BlockRecompute> {
+  // A custom function's tensor arguments must be defined: "no mask" travels as an empty tensor.
+  static torch::Tensor or_causal(const torch::Tensor& mask) { return mask.numel() > 0 ? mask : torch::Tensor(); }
+
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, int64_t block_ptr,
                                                 int64_t hooks_ptr, int64_t layer, const torch::Tensor& x,
-                                                const torch::Tensor& cos, const torch::Tensor& sin) {
+                                                const torch::Tensor& cos, const torch::Tensor& sin,
+                                                const torch::Tensor& mask) {
     ctx->saved_data["block"] = block_ptr;
     ctx->saved_data["hooks"] = hooks_ptr;
     ctx->saved_data["layer"] = layer;
-    ctx->save_for_backward({x, cos, sin});
+    ctx->save_for_backward({x, cos, sin, mask});  // mask: (B, 1, T, T), or empty for causal
     // The recompute must draw the same dropout masks (LoRA dropout): keep the RNG state of the
     // device the block runs on.
     ctx->saved_data["rng"] = at::globalContext().defaultGenerator(x.device()).get_state();
     std::vector<torch::Tensor> router_logits;
     auto* hooks = reinterpret_cast<BlockHooks*>(hooks_ptr);
     if (hooks) hooks->before_block(layer, false);
-    auto y = reinterpret_cast<BlockImpl*>(block_ptr)->forward(x, cos, sin, router_logits);
+    auto y = reinterpret_cast<BlockImpl*>(block_ptr)->forward(x, cos, sin, router_logits, nullptr, layer, or_causal(mask));
     if (hooks) hooks->after_block(layer, false);
     router_logits.insert(router_logits.begin(), y);
     return router_logits;  // {y} or {y, (B*T, E)}
@@ -271,7 +293,7 @@ struct BlockRecompute : torch::autograd::Function<BlockRecompute> {
       const auto now = gen.get_state();
       gen.set_state(ctx->saved_data["rng"].toTensor());
       std::vector<torch::Tensor> router_logits;
-      outputs.push_back(block->forward(x, saved[1], saved[2], router_logits));
+      outputs.push_back(block->forward(x, saved[1], saved[2], router_logits, nullptr, layer, or_causal(saved[3])));
       outputs.insert(outputs.end(), router_logits.begin(), router_logits.end());
       gen.set_state(now);
     }
@@ -293,7 +315,7 @@ struct BlockRecompute : torch::autograd::Function<BlockRecompute> {
       else g = grads[i];
     }
     if (hooks) hooks->after_block(layer, true);
-    return {torch::Tensor(), torch::Tensor(), torch::Tensor(), grads[0], torch::Tensor(), torch::Tensor()};
+    return {torch::Tensor(), torch::Tensor(), torch::Tensor(), grads[0], torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -376,13 +398,40 @@ void TransformerImpl::materialize() {
   }
 }
 
+torch::Tensor document_mask(const torch::Tensor& documents) {
+  const int64_t T = documents.size(1);
+  auto same = documents.unsqueeze(2) == documents.unsqueeze(1);                       // (B, T, T)
+  auto causal = torch::ones({T, T}, torch::dtype(torch::kBool).device(documents.device())).tril();
+  return same.logical_and(causal).unsqueeze(1);                                       // (B, 1, T, T)
+}
+
+torch::Tensor document_positions(const torch::Tensor& documents) {
+  const int64_t T = documents.size(1);
+  auto index = torch::arange(T, documents.options()).unsqueeze(0).expand_as(documents);  // (B, T)
+  auto starts = torch::ones_like(documents, torch::kBool);                              // (B, T)
+  if (T > 1) starts.narrow(1, 1, T - 1).copy_(documents.narrow(1, 1, T - 1) != documents.narrow(1, 0, T - 1));
+  auto first = std::get<0>(torch::where(starts, index, torch::zeros_like(index)).cummax(1));  // (B, T)
+  return index - first;
+}
+
 torch::Tensor TransformerImpl::hidden(const torch::Tensor& tokens, int64_t start_pos,
-                                      std::vector<torch::Tensor>* router_logits, KVCache* cache) {
+                                      std::vector<torch::Tensor>* router_logits, KVCache* cache,
+                                      const torch::Tensor& documents) {
   std::vector<torch::Tensor> local;
   auto& rl = router_logits ? *router_logits : local;
   if (hooks_) hooks_->begin_forward();
   auto x = model->embed_tokens(tokens);                                      // (B, T, D)
-  auto [cos, sin] = rotary_.table(start_pos, tokens.size(1), x.device(), x.scalar_type());
+  torch::Tensor cos, sin, mask;
+  if (documents.defined()) {
+    if (cache || start_pos != 0) throw Error("model", "packed rows start at position 0 and take no kv cache");
+    if (documents.sizes() != tokens.sizes())
+      throw Error("model", "documents " + c10::str(documents.sizes()) + " do not match tokens " + c10::str(tokens.sizes()));
+    const auto docs = documents.to(x.device(), torch::kInt64);
+    std::tie(cos, sin) = rotary_.table(document_positions(docs), x.scalar_type());  // (B, 1, T, D)
+    mask = document_mask(docs);                                                      // (B, 1, T, T)
+  } else {
+    std::tie(cos, sin) = rotary_.table(start_pos, tokens.size(1), x.device(), x.scalar_type());  // (T, D)
+  }
   const bool recompute = checkpointing_ && is_training() && torch::GradMode::is_enabled() && !cache;
   // A frozen embedding (LoRA) gives an input that needs no gradient; the recomputing function
   // then needs one to be called in backward at all.
@@ -391,12 +440,14 @@ torch::Tensor TransformerImpl::hidden(const torch::Tensor& tokens, int64_t start
   for (auto& layer : *model->layers) {
     auto* block = layer->as<BlockImpl>();
     if (recompute) {
-      auto outs = BlockRecompute::apply(reinterpret_cast<int64_t>(block), reinterpret_cast<int64_t>(hooks_), l, x, cos, sin);
+      auto outs =
+          BlockRecompute::apply(reinterpret_cast<int64_t>(block), reinterpret_cast<int64_t>(hooks_), l, x, cos, sin,
+                                mask.defined() ? mask : torch::empty({0}, torch::kBool));
       x = outs[0];
       rl.insert(rl.end(), outs.begin() + 1, outs.end());  // an MoE block's router logits
     } else {
       if (hooks_) hooks_->before_block(l, false);
-      x = block->forward(x, cos, sin, rl, cache, l);
+      x = block->forward(x, cos, sin, rl, cache, l, mask);
       if (hooks_) hooks_->after_block(l, false);
     }
     ++l;
@@ -429,8 +480,20 @@ torch::Tensor TransformerImpl::project(const torch::Tensor& h) {
 
 TransformerImpl::Output TransformerImpl::forward(const torch::Tensor& tokens, int64_t start_pos) {
   std::vector<torch::Tensor> router_logits;
+  auto h = hidden(tokens, start_pos, &router_logits);
+  return finish(h, router_logits);
+}
+
+TransformerImpl::Output TransformerImpl::forward_packed(const torch::Tensor& tokens, const torch::Tensor& documents) {
+  if (!documents.defined()) throw Error("model", "forward_packed needs the documents of every position");
+  std::vector<torch::Tensor> router_logits;
+  auto h = hidden(tokens, 0, &router_logits, nullptr, documents);
+  return finish(h, router_logits);
+}
+
+TransformerImpl::Output TransformerImpl::finish(torch::Tensor h, std::vector<torch::Tensor>& router_logits) {
   Output out;
-  out.logits = project(hidden(tokens, start_pos, &router_logits));
+  out.logits = project(h);
   if (router_logits.empty()) {
     out.aux_loss = torch::zeros({}, out.logits.options().dtype(compat::compute_dtype(out.logits)));
   } else {

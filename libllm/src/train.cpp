@@ -196,10 +196,17 @@ struct Run {
 
   std::string cursor() const { return chat ? chat->cursor() : data->cursor(); }
 
-  // The next micro batch of this rank: inputs (B, T), targets (B, T) (-100 = not a target).
-  void next_batch(int64_t B, torch::Tensor& x, torch::Tensor& y, std::vector<WindowRef>& refs) {
+  // The next micro batch of this rank: inputs (B, T), targets (B, T) (-100 = not a target),
+  // documents (B, T) for packed chat rows (else undefined), and the windows / examples used.
+  void next_batch(int64_t B, torch::Tensor& x, torch::Tensor& y, torch::Tensor& docs, std::vector<WindowRef>& refs) {
+    docs = torch::Tensor();
     if (chat) {
-      chat->next(B, x, y, refs);
+      ChatBatch batch;
+      chat->next(B, batch);
+      x = batch.inputs;
+      y = batch.targets;
+      if (batch.documents.defined()) docs = batch.documents.to(device);
+      refs = std::move(batch.refs);
     } else {
       data->next(B, buf, refs);
       std::tie(x, y) = split_batch(buf, B, tc.seq_len);
@@ -446,6 +453,9 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                  c.lines, c.examples, c.train, c.valid, c.truncated, c.dropped_long, c.dropped_empty, c.malformed,
                  c.tokens, c.target_tokens, 100.0 * c.target_tokens / std::max<int64_t>(1, c.tokens));
       for (const auto& m : c.malformed_samples) fmt::print("  skipped: {}\n", m);
+      if (c.packed_rows > 0)
+        fmt::print("chat.packed: an epoch's {} examples fill {} rows of {} positions ({:.1f}% tokens, the rest padding)\n",
+                   c.train, c.packed_rows, tc.seq_len, 100.0 * c.packed_fill);
     }
   }
 
@@ -527,18 +537,13 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     if (armed && contains(gc.inject_lr_steps, n)) lr *= gc.inject_lr_factor;
     const bool noise = armed && contains(gc.inject_noise_steps, n);
     double loss_sum = 0, aux_sum = 0;
-    int64_t step_tokens = 0;
+    int64_t step_tokens = 0, step_targets = 0;  // input positions (padding included), target tokens
     if (run.fsdp) run.fsdp->reset_peak();  // input positions computed on this rank
-    // (world, accum * micro_batch, 2): every rank's windows, gathered for the data-sequence log.
-    auto step_refs = torch::zeros({dist.world_size(), run.accum * tc.micro_batch, 2}, torch::kInt64);
+    std::vector<WindowRef> used;  // this rank's windows (chat: examples) in this step, in order
     for (int64_t m = 0; m < run.accum; ++m) {
-      torch::Tensor x, y;
-      run.next_batch(tc.micro_batch, x, y, refs);
-      auto acc = step_refs.accessor<int64_t, 3>();
-      for (int64_t b = 0; b < tc.micro_batch; ++b) {
-        acc[dist.rank()][m * tc.micro_batch + b][0] = refs[b].set;
-        acc[dist.rank()][m * tc.micro_batch + b][1] = refs[b].window;
-      }
+      torch::Tensor x, y, docs;
+      run.next_batch(tc.micro_batch, x, y, docs, refs);
+      used.insert(used.end(), refs.begin(), refs.end());
       if (noise) {  // injected data spike: uniform random tokens, the same on every attempt
         std::mt19937_64 rng(static_cast<uint64_t>(tc.seed) * 1000003u + static_cast<uint64_t>(n) * 7919u +
                             static_cast<uint64_t>(m * dist.world_size() + dist.rank()));
@@ -549,7 +554,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
         y = y.to(run.device);
       }
       step_tokens += x.numel();
-      auto out = run.model->forward(x);
+      if (run.chat) step_targets += (y != -100).sum().item<int64_t>();
+      auto out = docs.defined() ? run.model->forward_packed(x, docs) : run.model->forward(x);
       auto ce = cross_entropy(out.logits, y);
       ((ce + out.aux_loss) / static_cast<double>(run.accum)).backward();
       if (run.fsdp) run.fsdp->reduce_gradients();
@@ -557,6 +563,23 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       aux_sum += out.aux_loss.item<double>();
     }
     const double held = static_cast<double>(run.fsdp ? run.fsdp->peak_bytes() : run.state_bytes());
+    // (world, most used, 2): every rank's windows, gathered for the data-sequence log (packed
+    // chat rows hold varying numbers of examples, so ranks may differ in count).
+    // Chat: the step's target tokens (all ranks) travel in one more slot.
+    auto counts = torch::zeros({dist.world_size() + 1}, torch::kInt64);
+    counts[dist.rank()] = static_cast<int64_t>(used.size());
+    counts[dist.world_size()] = step_targets;
+    dist.sum(counts);
+    step_targets = counts[dist.world_size()].item<int64_t>();
+    counts = counts.narrow(0, 0, dist.world_size());
+    auto step_refs = torch::zeros({dist.world_size(), counts.max().item<int64_t>(), 2}, torch::kInt64);
+    {
+      auto acc = step_refs.accessor<int64_t, 3>();
+      for (size_t i = 0; i < used.size(); ++i) {
+        acc[dist.rank()][static_cast<int64_t>(i)][0] = used[i].set;
+        acc[dist.rank()][static_cast<int64_t>(i)][1] = used[i].window;
+      }
+    }
     dist.sum(step_refs);
     const double loss = dist.mean(loss_sum / run.accum);
     aux_sum = dist.mean(aux_sum);
@@ -586,6 +609,10 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     const double mfu = tc.peak_tflops > 0 ? tok_s * run.flops_per_token / (tc.peak_tflops * 1e12) : 0.0;
     json line = {{"step", n}, {"loss", loss}, {"lr", lr}, {"grad_norm", grad_norm},
                  {"tokens", n * global}, {"tokens_per_s", computed / dt}, {"step_s", dt}};
+    if (run.chat) {  // chat rows are padded: the tokens that train, and their rate
+      line["target_tokens"] = step_targets;
+      line["target_tokens_per_s"] = static_cast<double>(step_targets) / dt;
+    }
     if (mc.n_experts > 0) line["aux_loss"] = aux_sum / run.accum;
     if (tc.peak_tflops > 0) line["mfu"] = mfu;
     if (run.cuda) line["gpu_peak_gib"] = compat::cuda_peak_allocated_bytes(dist.local_rank()) / double(1 << 30);
@@ -610,7 +637,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       auto acc = step_refs.accessor<int64_t, 3>();
       for (int64_t r = 0; r < dist.world_size(); ++r) {
         json mine = json::array();
-        for (int64_t i = 0; i < step_refs.size(1); ++i) mine.push_back({acc[r][i][0], acc[r][i][1]});
+        for (int64_t i = 0; i < counts[r].item<int64_t>(); ++i) mine.push_back({acc[r][i][0], acc[r][i][1]});
         windows.push_back(mine);
       }
       json seq = {{"step", n}, {"windows", windows}};

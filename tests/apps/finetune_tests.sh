@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fine-tuning end to end: pretrain a tiny base -> llm-finetune (LoRA) on Jargon File Q&A (the
 # demo's data; dict-jargon) -> held-out loss falls -> llm-export (merged HF + PEFT adapter, with
-# the chat template) ->
+# the chat template) -> packed rows train and resume exactly ->
 # llm-eval gives the same loss on the checkpoint and the export -> llm-generate with and without
 # the KV cache answers the same (greedy).
 # usage: finetune_tests.sh BIN_DIR SRC_DIR PRETRAIN_RECIPE WORK_DIR -- [--set ...] (the pretraining data sets)
@@ -15,16 +15,26 @@ fail() { echo "FAILED: $*"; for f in "$work"/*.log; do echo "--- $f"; tail -25 "
   --set train.sample_prompts=[] > "$work/base.log" 2>&1 || fail "pretraining the base"
 base="$work/base/checkpoints/step-00000004"
 
+# Short examples: the fixture sentences as answers, under a few prompts (>= 20 examples, so that
+# valid_every: 10 holds some out).
+n=0; while IFS= read -r line; do n=$((n + 1)); [ -n "$line" ] || continue
+  for ask in "Say sentence %d." "Repeat line %d, please." "What is sentence number %d?" "Quote %d."; do
+    printf "{\"prompt\": \"$ask\", \"response\": \"%s\"}\n" "$n" "$(printf '%s' "$line" | sed 's/["\\]/\\&/g')"
+  done
+done < "$src/tests/fixtures/eval.txt" > "$work/short.jsonl"
+# For packed rows of 160 positions: shorter ones (~75 tokens with the template, two to a row) and
+# some of the above (~110 tokens, alone in a row).
+n=0; while IFS= read -r line; do n=$((n + 1)); [ -n "$line" ] || continue
+  for ask in "Say %d." "Quote %d."; do
+    printf "{\"prompt\": \"$ask\", \"response\": \"%s\"}\n" "$n" "$(printf '%s' "$line" | cut -d' ' -f1-3 | sed 's/["\\]/\\&/g')"
+  done
+done < "$src/tests/fixtures/eval.txt" > "$work/shorter.jsonl"
+head -n 8 "$work/short.jsonl" >> "$work/shorter.jsonl"
 if [ -e /usr/share/dictd/jargon.index ]; then
   "$src/recipes/data/jargon-qa.sh" "$work/data" > "$work/data.log" 2>&1 || fail "jargon-qa.sh"
   head -n 200 "$work/data/jargon.jsonl" > "$work/chat.jsonl"
-else  # without dict-jargon: the fixture sentences as answers, under a few prompts (>= 20 examples,
-      # so that valid_every: 10 holds some out)
-  n=0; while IFS= read -r line; do n=$((n + 1)); [ -n "$line" ] || continue
-    for ask in "Say sentence %d." "Repeat line %d, please." "What is sentence number %d?" "Quote %d."; do
-      printf "{\"prompt\": \"$ask\", \"response\": \"%s\"}\n" "$n" "$(printf '%s' "$line" | sed 's/["\\]/\\&/g')"
-    done
-  done < "$src/tests/fixtures/eval.txt" > "$work/chat.jsonl"
+else  # without dict-jargon
+  cp "$work/short.jsonl" "$work/chat.jsonl"
 fi
 
 cat > "$work/ft.yaml" <<YAML
@@ -44,6 +54,51 @@ before=$(sed -n 's/^eval before fine-tuning: //p' "$work/ft.log")
 after=$(tail -n 1 "$work/ft/metrics.jsonl" | sed 's/.*"eval_loss":\([0-9.e+-]*\).*/\1/')
 echo "held-out loss: $before -> $after"
 awk -v a="$before" -v b="$after" 'BEGIN { exit !(b < a - 0.05) }' || fail "held-out loss did not fall: $before -> $after"
+
+# Packed rows (chat.packed): several examples per row, each attending to itself; the data
+# sequence lists every example; 4 steps + resume + 4 steps == 8 straight.
+packed=(--set chat.packed=true --set chat.files=["$work/shorter.jsonl"] --set train.seq_len=160 --set train.steps=8 --set train.eval_every=0 --set train.sample_prompts=[]
+        --set schedule.kind=constant --set checkpoint.every=4)
+"$bin/llm-finetune" "$work/ft.yaml" "${packed[@]}" --set train.run_dir="$work/packed" > "$work/packed.log" 2>&1 ||
+  fail "llm-finetune chat.packed"
+grep -q "chat.packed: an epoch's [0-9]* examples fill [0-9]* rows of 160 positions" "$work/packed.log" ||
+  fail "no packing summary"
+per_step=$(head -n 1 "$work/packed/data_sequence.jsonl" | grep -o '\[0,[0-9]*\]' | wc -l)
+[ "$per_step" -gt 4 ] || fail "packed step 1 used $per_step examples, not more than its 4 rows"
+"$bin/llm-finetune" "$work/ft.yaml" "${packed[@]}" --set train.run_dir="$work/packed-resumed" --set train.steps=4 \
+  > "$work/packed-resumed.log" 2>&1 || fail "llm-finetune chat.packed, 4 steps"
+"$bin/llm-finetune" "$work/ft.yaml" "${packed[@]}" --set train.run_dir="$work/packed-resumed" \
+  >> "$work/packed-resumed.log" 2>&1 || fail "llm-finetune chat.packed, resumed"
+grep -q "resumed from" "$work/packed-resumed.log" || fail "packed run did not resume"
+cmp -s <(sed 's/.*"loss":\([^,]*\),.*/\1/' "$work/packed/metrics.jsonl") \
+       <(sed 's/.*"loss":\([^,]*\),.*/\1/' "$work/packed-resumed/metrics.jsonl") || fail "packed resume differs"
+cmp -s "$work/packed/data_sequence.jsonl" "$work/packed-resumed/data_sequence.jsonl" || fail "packed data sequence differs"
+# 2 ranks over Gloo, a row each, == 1 process accumulating 2 rows (1e-6): ranks take alternate rows
+# of one stream, and the data sequence gathers their differing numbers of examples.
+dp=("${packed[@]}" --set train.micro_batch=1 --set train.global_batch_tokens=320 --set checkpoint.every=0)
+"$bin/llm-finetune" "$work/ft.yaml" "${dp[@]}" --set train.run_dir="$work/packed-1" > "$work/packed-1.log" 2>&1 ||
+  fail "llm-finetune chat.packed, 1 process"
+port=$((20000 + $$ % 20000))
+for r in 0 1; do
+  WORLD_SIZE=2 RANK=$r LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port timeout 120 \
+    "$bin/llm-finetune" "$work/ft.yaml" "${dp[@]}" --set train.run_dir="$work/packed-2" > "$work/packed-2.$r.log" 2>&1 &
+done
+wait %1 && wait %2 || fail "llm-finetune chat.packed, 2 ranks"
+python3 - "$work/packed-1" "$work/packed-2" <<'PY' || fail "2 ranks differ from 1 process"
+import json, sys
+m1 = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
+m2 = [json.loads(l) for l in open(sys.argv[2] + "/metrics.jsonl")]
+s1 = [json.loads(l)["windows"] for l in open(sys.argv[1] + "/data_sequence.jsonl")]
+s2 = [json.loads(l)["windows"] for l in open(sys.argv[2] + "/data_sequence.jsonl")]
+assert len(m1) == len(m2) == 8, (len(m1), len(m2))
+diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(m1, m2))
+assert diff <= 1e-6, diff
+assert all(len(w) == 2 for w in s2), "not 2 ranks"
+assert any(len(w[0]) != len(w[1]) for w in s2), "ranks never differed in examples per row"
+assert [w[0] for w in s1] == [w[0] + w[1] for w in s2], "data sequence differs"
+print(f"packed: 2 ranks == 1 process, max |loss difference| {diff:.3g}")
+PY
+echo "packed: $per_step examples in step 1's 4 rows; 4 + resume + 4 steps == 8 straight"
 
 ck="$work/ft/checkpoints/step-00000020"
 "$bin/llm-export" --checkpoint "$ck" --out "$work/merged" --adapter "$work/adapter" --dtype float32 \

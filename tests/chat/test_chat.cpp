@@ -63,7 +63,7 @@ std::vector<int64_t> after(const std::string& head, const std::string& chunk) {
   return std::vector<int64_t>(c.begin() + static_cast<std::ptrdiff_t>(h.size()), c.end());
 }
 
-TEST_CASE("llama2 template: Meta's Llama-2-chat text; each answer, its spaces and EOS are the targets", "[chat]") {
+TEST_CASE("llama2 template: Meta's Llama-2-chat text, each answer, its spaces and EOS are the targets", "[chat]") {
   const Tokenizer& t = tok();
   const std::vector<ChatMessage> msgs = {{"system", "Be brief."},
                                          {"user", "the first question"},
@@ -106,7 +106,7 @@ TEST_CASE("llama2 template renders the text of Meta's template (a transformers-b
         "<s>[INST] <<SYS>>\nBe kind.\n<</SYS>>\n\n\xe3\x80\x80hi [/INST]");
 }
 
-TEST_CASE("chatml template: im_start/im_end turns; the answer, its im_end and EOS are the targets", "[chat]") {
+TEST_CASE("chatml template: im_start/im_end turns, the answer, its im_end and EOS are the targets", "[chat]") {
   const Tokenizer& t = tok();
   const ChatExample ex = render_chat({{"user", "a question"}, {"assistant", "an answer"}}, t, "chatml", "You help.");
   const std::string head = "<|im_start|>system\nYou help.<|im_end|>\n<|im_start|>user\na question<|im_end|>\n"
@@ -134,7 +134,7 @@ TEST_CASE("a character that byte fallback splits is a target as a whole", "[chat
   CHECK(targets_of(ex) == concat(answer, {t.eos_id()}));
 }
 
-TEST_CASE("malformed lines name file:line; chat.malformed: skip counts them", "[chat]") {
+TEST_CASE("malformed lines name file:line, chat.malformed: skip counts them", "[chat]") {
   test::TempDir tmp;
   const std::string path = write(tmp, "data.jsonl",
                                  {qa("one", "uno"), "{not json", qa("two", "dos"),
@@ -160,7 +160,7 @@ TEST_CASE("malformed lines name file:line; chat.malformed: skip counts them", "[
   CHECK_THAT(d.stats().malformed_samples[3], Catch::Contains(":6: missing \"response\""));
 }
 
-TEST_CASE("over-long examples are truncated or dropped and counted; held-out split is every n-th", "[chat]") {
+TEST_CASE("over-long examples are truncated or dropped and counted, held-out split is every n-th", "[chat]") {
   test::TempDir tmp;
   std::string long_answer;
   for (int i = 0; i < 40; ++i) long_answer += "the model reads the text ";
@@ -192,11 +192,10 @@ TEST_CASE("the example order is seeded, split across ranks, and resumes exactly 
   const ChatConfig c = config(write(tmp, "d.jsonl", lines));
   auto order = [&](ChatDataset& d, int n) {
     std::vector<int64_t> out;
-    torch::Tensor x, y;
-    std::vector<WindowRef> refs;
+    ChatBatch batch;
     for (int i = 0; i < n; ++i) {
-      d.next(1, x, y, refs);
-      out.push_back(refs[0].window);
+      d.next(1, batch);
+      out.push_back(batch.refs.at(0).window);
     }
     return out;
   };
@@ -227,14 +226,133 @@ TEST_CASE("the example order is seeded, split across ranks, and resumes exactly 
   CHECK_THAT(test::error_of([&] { fewer.restore(a.cursor()); }), Catch::Contains("7 training examples"));
 }
 
+TEST_CASE("packed rows: the example stream filled greedily, each example's own tokens, ranks and cursor", "[chat]") {
+  test::TempDir tmp;
+  std::vector<std::string> lines;
+  for (int i = 0; i < 23; ++i) {
+    std::string answer = "answer";
+    for (int k = 0; k < i % 6; ++k) answer += " and more";
+    lines.push_back(qa("question " + std::to_string(i), answer));
+  }
+  ChatConfig c = config(write(tmp, "d.jsonl", lines));
+  const int64_t seq_len = 200;
+  ChatDataset plain(c, tok(), seq_len, 5, 0, 1);
+  c.packed = true;
+  ChatDataset packed(c, tok(), seq_len, 5, 0, 1);
+  CHECK(plain.stats().packed_rows == 0);
+  const auto& examples = packed.train_examples();
+  int64_t need = 0;  // input positions of an epoch
+  for (const auto& ex : examples) need += static_cast<int64_t>(ex.tokens.size()) - 1;
+  CHECK(packed.stats().packed_rows >= (need + seq_len - 1) / seq_len);
+  CHECK(packed.stats().packed_rows < static_cast<int64_t>(examples.size()));
+  CHECK(packed.stats().packed_fill == Approx(static_cast<double>(need) / (packed.stats().packed_rows * seq_len)));
+
+  // The examples come in the unpacked order (the same seeded permutation per epoch).
+  std::vector<std::vector<int64_t>> rows;  // examples of each row, over four batches of 3 rows
+  std::vector<int64_t> stream;
+  for (int i = 0; i < 4; ++i) {
+    ChatBatch batch;
+    packed.next(3, batch);
+    REQUIRE(batch.documents.defined());
+    REQUIRE(batch.inputs.size(0) == 3);
+    CHECK(batch.inputs.size(1) <= seq_len);
+    size_t r = 0;  // index into batch.refs
+    for (int64_t b = 0; b < 3; ++b) {
+      auto in = batch.inputs[b], tg = batch.targets[b], doc = batch.documents[b];
+      std::vector<int64_t> row;
+      int64_t p = 0;
+      for (int64_t k = 0;; ++k) {
+        if (p == batch.inputs.size(1) || doc[p].item<int64_t>() != k) break;
+        int64_t L = 0;
+        while (p + L < batch.inputs.size(1) && doc[p + L].item<int64_t>() == k) ++L;
+        // The padding document has no targets; every example has some.
+        if ((tg.slice(0, p, p + L) != -100).sum().item<int64_t>() == 0) break;
+        REQUIRE(r < batch.refs.size());
+        const int64_t number = batch.refs[r++].window;
+        // train_examples() holds examples in file order (valid_every 0: number == index).
+        const auto& ex = examples[static_cast<size_t>(number)];
+        REQUIRE(L == static_cast<int64_t>(ex.tokens.size()) - 1);
+        for (int64_t t = 0; t < L; ++t) {
+          CHECK(in[p + t].item<int64_t>() == ex.tokens[static_cast<size_t>(t)]);
+          CHECK(tg[p + t].item<int64_t>() ==
+                (ex.target[static_cast<size_t>(t + 1)] ? ex.tokens[static_cast<size_t>(t + 1)] : int64_t{-100}));
+        }
+        row.push_back(number);
+        stream.push_back(number);
+        p += L;
+      }
+      for (; p < batch.inputs.size(1); ++p) {  // the rest is padding, its own document, no targets
+        CHECK(doc[p].item<int64_t>() == static_cast<int64_t>(row.size()));
+        CHECK(tg[p].item<int64_t>() == -100);
+      }
+      rows.push_back(row);
+    }
+    CHECK(r == batch.refs.size());
+  }
+  ChatBatch one;
+  std::vector<int64_t> order;
+  for (size_t i = 0; i < stream.size() + 1; ++i) {
+    plain.next(1, one);
+    order.push_back(one.refs[0].window);
+  }
+  CHECK(stream == std::vector<int64_t>(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(stream.size())));
+  CHECK(stream.size() > examples.size());  // into the second epoch
+  // Greedy: each row ends where the next example would not fit.
+  auto length = [&](int64_t e) { return static_cast<int64_t>(examples[static_cast<size_t>(e)].tokens.size()) - 1; };
+  size_t at = 0;
+  for (const auto& row : rows) {
+    int64_t used = 0;
+    for (int64_t e : row) used += length(e);
+    at += row.size();
+    CHECK(used <= seq_len);
+    CHECK(used + length(order[at]) > seq_len);
+  }
+
+  // Two ranks take alternate rows of the same stream.
+  ChatDataset r0(c, tok(), seq_len, 5, 0, 2), r1(c, tok(), seq_len, 5, 1, 2);
+  for (size_t i = 0; i + 1 < rows.size(); i += 2) {
+    ChatBatch a, b;
+    r0.next(1, a);
+    r1.next(1, b);
+    std::vector<int64_t> ea, eb;
+    for (const auto& ref : a.refs) ea.push_back(ref.window);
+    for (const auto& ref : b.refs) eb.push_back(ref.window);
+    CHECK(ea == rows[i]);
+    CHECK(eb == rows[i + 1]);
+  }
+
+  // A cursor resumes exactly; pass_over skips rows; packed and unpacked cursors do not mix.
+  auto refs_of = [](ChatDataset& d, int64_t batch) {
+    ChatBatch x;
+    d.next(batch, x);
+    std::vector<int64_t> e;
+    for (const auto& ref : x.refs) e.push_back(ref.window);
+    return e;
+  };
+  ChatDataset a(c, tok(), seq_len, 5, 0, 1), b(c, tok(), seq_len, 5, 0, 1);
+  refs_of(a, 4);
+  b.restore(a.cursor());
+  CHECK(refs_of(b, 2) == refs_of(a, 2));
+  ChatDataset skip(c, tok(), seq_len, 5, 0, 1);
+  skip.pass_over(4);
+  std::vector<int64_t> after4;
+  for (size_t i = 4; i < 6; ++i) after4.insert(after4.end(), rows[i].begin(), rows[i].end());
+  CHECK(refs_of(skip, 2) == after4);
+  CHECK_THAT(test::error_of([&] { plain.restore(a.cursor()); }), Catch::Contains("packed to 200 positions"));
+  ChatDataset longer(c, tok(), 2 * seq_len, 5, 0, 1);
+  CHECK_THAT(test::error_of([&] { longer.restore(a.cursor()); }), Catch::Contains("chat.packed and train.seq_len"));
+}
+
 TEST_CASE("prompt tokens contribute exactly zero to the loss and its gradients", "[chat]") {
   test::TempDir tmp;
   const ChatConfig c = config(write(tmp, "d.jsonl", {qa("what is the first word of the text", "the model"),
                                                      qa("a much longer question about the language and the data", "word")}));
   ChatDataset d(c, tok(), 200, 1, 0, 1);
-  torch::Tensor x, y;
-  std::vector<WindowRef> refs;
-  d.next(2, x, y, refs);  // (2, T), padded to the longer row
+  ChatBatch batch;
+  d.next(2, batch);  // (2, T), padded to the longer row
+  CHECK(!batch.documents.defined());
+  const torch::Tensor &x = batch.inputs, &y = batch.targets;
+  const std::vector<WindowRef>& refs = batch.refs;
   // Targets: exactly the answer tokens + EOS of each row, at the positions that predict them.
   for (int64_t b = 0; b < 2; ++b) {
     const auto& ex = d.train_examples()[static_cast<size_t>(refs[static_cast<size_t>(b)].window)];

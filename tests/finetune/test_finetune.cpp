@@ -104,7 +104,7 @@ std::vector<json> jsonl(const std::string& path) {
 
 }  // namespace
 
-TEST_CASE("LoRA with its initial zero B leaves the outputs unchanged; the frozen base gets no gradient", "[finetune]") {
+TEST_CASE("LoRA with its initial zero B leaves the outputs unchanged, the frozen base gets no gradient", "[finetune]") {
   Pretrained base = load_pretrained(test::fixture("tiny-llama"));
   Transformer m = base.model;
   torch::manual_seed(5);

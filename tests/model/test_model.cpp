@@ -311,3 +311,89 @@ TEST_CASE("activation checkpointing gives the same loss and gradients", "[model]
     if (extra.find("n_experts") != std::string::npos) CHECK(router > 0);
   }
 }
+
+TEST_CASE("document positions restart with each document, the mask stays inside one", "[model]") {
+  auto docs = torch::tensor({0, 0, 0, 1, 1, 2}, torch::kInt64).view({1, 6});
+  CHECK(document_positions(docs).view({6}).equal(torch::tensor({0, 1, 2, 0, 1, 0}, torch::kInt64)));
+  auto mask = document_mask(docs);  // (1, 1, 6, 6)
+  REQUIRE(mask.sizes() == torch::IntArrayRef({1, 1, 6, 6}));
+  auto expect = torch::tensor({1, 0, 0, 0, 0, 0,  //
+                               1, 1, 0, 0, 0, 0,  //
+                               1, 1, 1, 0, 0, 0,  //
+                               0, 0, 0, 1, 0, 0,  //
+                               0, 0, 0, 1, 1, 0,  //
+                               0, 0, 0, 0, 0, 1},
+                              torch::kBool)
+                    .view({1, 1, 6, 6});
+  CHECK(mask.equal(expect));
+  // Per-token rotary tables equal the (start, T) table at the same positions.
+  Rotary rope(8, 10000.0);
+  auto [c, s] = rope.table(torch::tensor({3, 4, 5}, torch::kInt64).view({1, 3}), torch::kFloat32);  // (1, 1, 3, 8)
+  auto [c3, s3] = rope.table(3, 3, torch::kCPU, torch::kFloat32);                                     // (3, 8)
+  CHECK(c.squeeze(0).squeeze(0).equal(c3));
+  CHECK(s.squeeze(0).squeeze(0).equal(s3));
+}
+
+TEST_CASE("packed rows: every document's logits and gradients are those it has alone", "[model]") {
+  // Row 0 packs documents of 5, 9 and 3 tokens and 3 positions of padding; row 1 is one document.
+  const std::vector<std::vector<int64_t>> lengths = {{5, 9, 3}, {20}};
+  const int64_t T = 20;
+  for (const std::string extra : {"", ", sliding_window: 4", ", n_experts: 4, n_experts_per_token: 2"}) {
+    for (bool checkpointing : {false, true}) {
+      INFO(extra << (checkpointing ? " with activation checkpointing" : ""));
+      torch::manual_seed(11);
+      Transformer m(small_config(extra + ", init_std: 0.2"));
+      m->to(torch::kFloat64);
+      m->set_activation_checkpointing(checkpointing);
+      auto tokens = torch::randint(0, 37, {2, T});
+      auto docs = torch::empty({2, T}, torch::kInt64);
+      auto targets = torch::full({2, T}, -100, torch::kInt64);
+      std::vector<std::tuple<int64_t, int64_t, int64_t>> spans;  // (row, start, length)
+      for (int64_t b = 0; b < 2; ++b) {
+        int64_t p = 0, k = 0;
+        for (int64_t L : lengths[static_cast<size_t>(b)]) {
+          spans.emplace_back(b, p, L);
+          for (int64_t t = 0; t < L; ++t) {
+            docs[b][p + t] = k;
+            if (t + 1 < L) targets[b][p + t] = tokens[b][p + t + 1];
+          }
+          p += L, ++k;
+        }
+        for (; p < T; ++p) docs[b][p] = k;  // padding: a document of its own
+      }
+      // Packed: mean loss over the targets of both rows.
+      m->zero_grad();
+      auto packed = m->forward_packed(tokens, docs).logits;  // (2, T, V)
+      cross_entropy(packed, targets).backward();
+      std::vector<torch::Tensor> packed_grads;
+      for (auto& p : m->parameters()) packed_grads.push_back(p.grad().clone());
+      // Alone: each document by itself, the same loss as a sum over documents.
+      m->zero_grad();
+      int64_t count = 0;
+      for (auto [b, start, L] : spans) count += L - 1;
+      for (auto [b, start, L] : spans) {
+        auto ids = tokens.slice(1, start, start + L).slice(0, b, b + 1);  // (1, L)
+        auto alone = m->forward(ids).logits;                              // (1, L, V)
+        {
+          torch::NoGradGuard no_grad;
+          CHECK(test::max_abs_diff(alone, packed.slice(0, b, b + 1).slice(1, start, start + L)) < 1e-12);
+        }
+        auto logp = torch::log_softmax(alone.slice(1, 0, L - 1), -1);
+        auto picked = logp.gather(-1, ids.slice(1, 1).unsqueeze(-1));
+        (-picked.sum() / static_cast<double>(count)).backward();
+      }
+      size_t i = 0;
+      for (auto& p : m->parameters()) CHECK(test::max_abs_diff(p.grad(), packed_grads[i++]) < 1e-12);
+    }
+  }
+  // In fp32 too (the dtype fine-tuning runs in), to float rounding.
+  torch::manual_seed(12);
+  Transformer m(small_config());
+  auto tokens = torch::randint(0, 37, {1, 12});
+  auto docs = torch::tensor({0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1}, torch::kInt64).view({1, 12});
+  torch::NoGradGuard no_grad;
+  auto packed = m->forward_packed(tokens, docs).logits;
+  CHECK(test::max_abs_diff(m->forward(tokens.slice(1, 7)).logits, packed.slice(1, 7)) < 1e-5);
+  CHECK(test::max_abs_diff(m->forward(tokens.slice(1, 0, 7)).logits, packed.slice(1, 0, 7)) < 1e-5);
+  CHECK_THAT(test::error_of([&] { m->forward_packed(tokens, docs.slice(1, 1)); }), Catch::Contains("do not match"));
+}

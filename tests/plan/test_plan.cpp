@@ -62,7 +62,7 @@ TEST_CASE("llm-plan: llama-7b on 8 x A100-80GB, hand-computed", "[plan]") {
   CHECK(p.rows.size() == 4);  // no hybrid row on a single node
 }
 
-TEST_CASE("llm-plan: llama-65b on 64 x A100-80GB at 50% MFU, hand-computed; its published speed", "[plan]") {
+TEST_CASE("llm-plan: llama-65b on 64 x A100-80GB at 50% MFU, hand-computed, and its published speed", "[plan]") {
   // Ψ = 65,285,660,672; per block 4*8192^2 + 3*8192*22016 + 2*8192 = 809,517,056.
   const Recipe r = recipe("llama-65b", {"train.dtype=bf16", "train.micro_batch=1", "train.seq_len=2048",
                                         "train.global_batch_tokens=4194304", "train.steps=333786"});

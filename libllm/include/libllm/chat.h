@@ -1,7 +1,8 @@
 // Instruction and chat data for fine-tuning: JSON Lines of {"prompt", "response"} (optionally
 // "system") or {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}, rendered
 // with a chat template into tokens, where only the assistant's tokens (and the EOS ending each
-// answer) are training targets. One example per row, padded to the longest row of the batch.
+// answer) are training targets. One example per row, padded to the longest row of the batch, or
+// (chat.packed) several examples packed into each row, each attending only to itself.
 //
 // Training and serving see the same tokens: a conversation is rendered to exactly the text that
 // the Jinja template chat_template_jinja() renders (llm-export writes it into the exported
@@ -42,6 +43,12 @@ struct ChatConfig {                  // recipe section `chat`
   // A malformed line (bad JSON, missing/mistyped fields, unknown role, no assistant turn):
   // fail (an error naming file:line) or skip (counted and the first few printed).
   std::string malformed = "fail";
+  // false (default): one example per row, padded to the batch's longest. true: examples are
+  // packed greedily, in the shuffled order, into rows of train.seq_len positions (an example of
+  // L tokens takes L - 1: its inputs); each attends only to itself, with rotary positions from 0
+  // (Transformer::forward_packed), so its loss is the one it has alone; a row's unused tail is
+  // padding. A sample (train.micro_batch, data_sequence.jsonl) is then a row.
+  bool packed = false;
 
   void fields(Fields& f);
 };
@@ -87,22 +94,37 @@ struct ChatStats {
   int64_t lines = 0, examples = 0, train = 0, valid = 0;
   int64_t truncated = 0, dropped_long = 0, dropped_empty = 0, malformed = 0;
   int64_t tokens = 0, target_tokens = 0;  // over training examples
+  // Packed: the rows one epoch of training examples fills (in epoch 0's order), and the share of
+  // their positions that hold tokens (the rest is padding). Unpacked: 0.
+  int64_t packed_rows = 0;
+  double packed_fill = 0;
   std::vector<std::string> malformed_samples;  // "file:line: what" of the first few skipped lines
 };
 
+// A batch of training rows.
+struct ChatBatch {
+  torch::Tensor inputs;     // (B, T) int64
+  torch::Tensor targets;    // (B, T) int64: the next token where it is a target, else -100
+  // (B, T) int64 when packed: the example each position belongs to, numbered from 0 within its
+  // row (a row's padding is one more); Transformer::forward_packed's `documents`. Undefined when
+  // every row holds one example.
+  torch::Tensor documents;
+  std::vector<WindowRef> refs;  // the examples used, in row order: {0, example number in file order}
+};
+
 // The examples of cfg.files rendered and split; a deterministic, resumable order of training
-// examples (a Fisher-Yates permutation per epoch from the seed, global sample i to rank
-// i % world_size), batches of (B, T) inputs and targets (-100 = not a target / padding).
+// examples (a Fisher-Yates permutation per epoch from the seed) and of rows: unpacked, row i of
+// the global stream is example i; packed, rows are filled greedily from the example stream, the
+// same on every rank. Global row i goes to rank i % world_size.
 class ChatDataset {
  public:
   ChatDataset(const ChatConfig& cfg, const Tokenizer& tok, int64_t seq_len, uint64_t seed, int64_t rank,
               int64_t world_size);
   const ChatStats& stats() const { return stats_; }
 
-  // The next `batch` training examples of this rank: inputs (B, T) int64 and targets (B, T)
-  // (next tokens, -100 where not a target or padding), T = the longest row - 1; refs name the
-  // examples (set 0, window = example number in file order) for the data-sequence log.
-  void next(int64_t batch, torch::Tensor& inputs, torch::Tensor& targets, std::vector<WindowRef>& refs);
+  // The next `batch` rows of this rank, T = the longest row's inputs (at most seq_len).
+  void next(int64_t batch, ChatBatch& out);
+  bool packed() const { return packed_; }
   // Mean loss per target token over the first `max_examples` held-out examples (0 = all).
   double evaluate(Transformer& model, int64_t micro_batch, int64_t max_examples) const;
   // The held-out examples' rows, for tests and tools.
@@ -110,20 +132,24 @@ class ChatDataset {
   const std::vector<ChatExample>& train_examples() const { return train_; }
   const std::vector<ChatExample>& valid_examples() const { return valid_; }
 
-  // {"format": "libllm-chat-cursor-v1", "global", "examples", "seed"}; restore() checks the rest.
+  // {"format": "libllm-chat-cursor-v1", "global" (the example stream's next index), "examples",
+  // "seed", "world_size", "packed", "seq_len" (packed)}; restore() checks all but "global".
   std::string cursor() const;
   void restore(const std::string& cursor);
-  // Moves past the next `samples` samples of every rank (a loss-spike rollback's data, dropped).
+  // Moves past the next `samples` rows of every rank (a loss-spike rollback's data, dropped).
   void pass_over(int64_t samples);
 
  private:
   int64_t example_at(int64_t global);  // training example index of global sample i
+  // The training examples of the next row of the global stream (advances global_).
+  void next_row(std::vector<int64_t>& examples);
 
   std::vector<ChatExample> train_, valid_;
   std::vector<int64_t> train_index_;  // example number (file order) of each training example
   ChatStats stats_;
   uint64_t seed_;
   int64_t seq_len_, rank_, world_, global_ = 0, pad_id_ = 0;
+  bool packed_ = false;
   int64_t perm_epoch_ = -1;
   std::vector<uint32_t> perm_;
 };

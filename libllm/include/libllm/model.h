@@ -30,13 +30,16 @@ class Rotary {
   // cos and sin for positions [start, start + T): each (T, head_dim), in `dtype` on `device`.
   std::pair<torch::Tensor, torch::Tensor> table(int64_t start, int64_t T, torch::Device device,
                                                 torch::Dtype dtype);
+  // cos and sin for per-token positions (B, T) int64: each (B, 1, T, head_dim), broadcasting
+  // over heads; the same values as the (start, T) table at the same positions.
+  std::pair<torch::Tensor, torch::Tensor> table(const torch::Tensor& positions, torch::Dtype dtype);
 
  private:
   int64_t head_dim_;
   double theta_;
 };
 
-// x * cos + rotate_half(x) * sin, x: (B, H, T, D), cos/sin: (T, D).
+// x * cos + rotate_half(x) * sin, x: (B, H, T, D), cos/sin: (T, D) or (B, 1, T, D).
 torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 
 // A bias-free linear layer y = x W^T (parameter `weight`, (out, in)), with an optional LoRA
@@ -78,11 +81,13 @@ struct KVCache {
 class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const ModelConfig& cfg);
-  // x: (B, T, D) at positions [start, start + T); cos/sin: (T, head_dim). With a cache layer
-  // (k, v of `cache`'s length past positions), the new keys/values are written into it and the
-  // queries attend to every cached position.
+  // x: (B, T, D) at positions [start, start + T); cos/sin: (T, head_dim) or (B, 1, T, head_dim).
+  // `mask`: which keys each query may see, (B, 1, T, T) bool (true = attend; packed rows, see
+  // document_mask()), or undefined = causal. With a cache layer (k, v of `cache`'s length past
+  // positions), the new keys/values are written into it and the queries attend to every cached
+  // position.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                        KVCache* cache = nullptr, int64_t layer = 0);
+                        KVCache* cache = nullptr, int64_t layer = 0, const torch::Tensor& mask = {});
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
 
  private:
@@ -119,7 +124,8 @@ class BlockImpl : public torch::nn::Module {
  public:
   explicit BlockImpl(const ModelConfig& cfg);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                        std::vector<torch::Tensor>& router_logits, KVCache* cache = nullptr, int64_t layer = 0);
+                        std::vector<torch::Tensor>& router_logits, KVCache* cache = nullptr, int64_t layer = 0,
+                        const torch::Tensor& mask = {});
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   Attention self_attn{nullptr};
   MLP mlp{nullptr};              // dense models
@@ -145,6 +151,13 @@ class BlockHooks {
   virtual void before_block(int64_t layer, bool backward) = 0;
   virtual void after_block(int64_t layer, bool backward) = 0;
 };
+
+// Packed rows (several documents in one row, each computed as if it were alone): `documents`
+// (B, T) int64 gives each position's document; a document's positions are contiguous.
+// document_mask: (B, 1, T, T) bool, true where key j <= query i and both are in one document.
+// document_positions: (B, T) int64, each position's offset from its document's first position.
+torch::Tensor document_mask(const torch::Tensor& documents);
+torch::Tensor document_positions(const torch::Tensor& documents);
 
 // A parameter of a deferred model that holds no values yet (TransformerImpl::Deferred).
 bool is_unallocated(const torch::Tensor& p);
@@ -179,14 +192,20 @@ class TransformerImpl : public torch::nn::Module {
   TransformerImpl(const ModelConfig& cfg, Deferred deferred);
   // tokens: (B, T) int64 at positions [start_pos, start_pos + T).
   Output forward(const torch::Tensor& tokens, int64_t start_pos = 0);
+  // Packed rows: tokens (B, T) and `documents` (B, T) int64 (document_mask()). A token attends
+  // only to earlier tokens of its own document, and rotary positions restart at 0 with each
+  // document, so each document's logits are those of forward() on it alone (torchtune's packed
+  // datasets, transformers' position_ids with flash-attention varlen).
+  Output forward_packed(const torch::Tensor& tokens, const torch::Tensor& documents);
   // Incremental decoding: tokens (B, T) at positions [cache.length, cache.length + T) attend to the
   // cached positions too; their keys/values are appended (cache.length += T). Inference only.
   Output forward_cached(const torch::Tensor& tokens, KVCache& cache);
   // An empty cache for batch size B and up to `capacity` positions (0 = max_seq_len).
   KVCache new_cache(int64_t batch, int64_t capacity = 0);
-  // Final hidden states (B, T, D) after the last norm, and the router logits of every MoE layer.
-  torch::Tensor hidden(const torch::Tensor& tokens, int64_t start_pos,
-                       std::vector<torch::Tensor>* router_logits, KVCache* cache = nullptr);
+  // Final hidden states (B, T, D) after the last norm, and the router logits of every MoE layer;
+  // `documents` as forward_packed (undefined = one sequence per row).
+  torch::Tensor hidden(const torch::Tensor& tokens, int64_t start_pos, std::vector<torch::Tensor>* router_logits,
+                       KVCache* cache = nullptr, const torch::Tensor& documents = {});
   // hidden (.., D) -> logits (.., vocab_size).
   torch::Tensor project(const torch::Tensor& hidden);
 
@@ -223,6 +242,7 @@ class TransformerImpl : public torch::nn::Module {
   Linear lm_head{nullptr};  // null when tie_embeddings
 
  private:
+  Output finish(torch::Tensor hidden, std::vector<torch::Tensor>& router_logits);
   ModelConfig cfg_;
   Rotary rotary_;
   uint64_t init_seed_ = 0;

@@ -55,8 +55,9 @@ struct TrainHooks {
 // applied update). The resolved recipe is printed and saved in every checkpoint.
 //
 // Files in train.run_dir (rank 0 writes them): metrics.jsonl (a line per step: loss, lr,
-// grad_norm, tokens/s, ...; with the guard also action, z_loss, z_grad and branch = rollbacks so
-// far), data_sequence.jsonl (per step, every rank's windows: what the final model saw),
+// grad_norm, tokens/s, ...; chat data adds target_tokens and target_tokens_per_s; with the guard
+// also action, z_loss, z_grad and branch = rollbacks so far), data_sequence.jsonl (per step, every
+// rank's windows, or chat examples, [set, number] in the order used: what the final model saw),
 // events.jsonl (start/resume, skip, rollback, stop, restart plans), checkpoints/, loss.html.
 //
 // The loss-spike guard (recipe section `guard`, libllm/guard.h) judges every step: a skipped
