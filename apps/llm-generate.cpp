@@ -56,7 +56,7 @@ int main(int argc, char** argv) {
                    {{"--checkpoint", "model folder: libllm checkpoint (recipe.yaml) or Hugging Face (config.json)"},
                     {"--prompt", "text to continue (or, with --chat, the one user message)"},
                     {"--chat", "chat: apply the chat template; without --prompt, read user messages from stdin", false},
-                    {"--template", "chat template: llama2 or chatml (default: the checkpoint recipe's, else chatml)"},
+                    {"--template", "chat template: llama2 or chatml (default: the checkpoint recipe's, an HF folder's tokenizer_config.json one, else chatml)"},
                     {"--system", "system message for --chat (default: the checkpoint recipe's chat.system_prompt)"},
                     {"--max-new-tokens", "tokens to generate at most", true, "128"},
                     {"--temperature", "sampling temperature; 0 = greedy", true, "0.7"},
@@ -78,15 +78,29 @@ int main(int argc, char** argv) {
     if (tok_path.empty()) throw Error(dir, "no tokenizer.model in the checkpoint folder", "pass --tokenizer PATH");
     const Tokenizer tok = Tokenizer::load(tok_path);
     tok.check_fits(pre.config, dir);
-    std::string tmpl = "chatml", system;
+    std::string tmpl = "chatml", system, source = "the default";
     if (pre.format == "libllm") {
       const Recipe r = Recipe::load((std::filesystem::path(dir) / "recipe.yaml").string());
       tmpl = r.chat.chat_template;
       system = r.chat.system_prompt;
+      source = "the checkpoint's recipe";
+    } else if (chat && !args.has("--template")) {
+      // An HF folder: its tokenizer_config.json chat_template, when it is one libllm renders.
+      const std::string jinja = read_chat_template(dir);
+      if (!jinja.empty()) {
+        if (!recognize_chat_template(jinja, tmpl, system))
+          throw Error((std::filesystem::path(dir) / "tokenizer_config.json").string() + ": chat_template",
+                      "is not a template libllm renders (llama2 or chatml, as llm-export writes them)",
+                      "pass --template llama2|chatml (and --system) to prompt the model in one of those formats");
+        source = "tokenizer_config.json";
+      }
     }
-    if (args.has("--template")) tmpl = args.get("--template");
+    if (args.has("--template")) tmpl = args.get("--template"), source = "--template";
     if (tmpl != "llama2" && tmpl != "chatml") throw Error("--template", "'" + tmpl + "' is not llama2 or chatml");
     if (args.has("--system")) system = args.get("--system");
+    if (chat)
+      fmt::print(stderr, "chat template {} (from {}){}\n", tmpl, source,
+                 system.empty() ? "" : ", system prompt '" + system + "'");
     load_pretrained(pre, dtype_from_name(args.get("--dtype") == "fp32" ? "float32"
                                          : args.get("--dtype") == "bf16" ? "bfloat16"
                                                                          : args.get("--dtype"),

@@ -216,6 +216,52 @@ std::string chat_template_jinja(const std::string& tmpl, const std::string& syst
   throw Error("chat_template", "'" + tmpl + "' is not llama2 or chatml");
 }
 
+namespace {
+
+// The string a jinja_literal() wrote; false if `lit` is not one.
+bool parse_jinja_literal(const std::string& lit, std::string& out) {
+  if (lit.size() < 2 || lit.front() != '\'' || lit.back() != '\'') return false;
+  out.clear();
+  for (size_t i = 1; i + 1 < lit.size(); ++i) {
+    char c = lit[i];
+    if (c == '\'') return false;  // unescaped quote: not one literal
+    if (c == '\\') {
+      if (i + 2 >= lit.size()) return false;
+      const char e = lit[++i];
+      c = e == 'n' ? '\n' : e == 'r' ? '\r' : e == 't' ? '\t' : e;
+      if (e != 'n' && e != 'r' && e != 't' && e != '\\' && e != '\'') return false;
+    }
+    out += c;
+  }
+  return true;
+}
+
+}  // namespace
+
+bool recognize_chat_template(const std::string& jinja, std::string& name, std::string& system_prompt) {
+  for (const std::string t : {"llama2", "chatml"}) {
+    if (jinja == chat_template_jinja(t, "")) {
+      name = t;
+      system_prompt.clear();
+      return true;
+    }
+    // The template around the system prompt's literal.
+    const std::string marker = "\x01", with = chat_template_jinja(t, marker), lit = jinja_literal(marker);
+    const size_t at = with.find(lit);
+    const std::string prefix = with.substr(0, at), suffix = with.substr(at + lit.size());
+    if (jinja.size() < prefix.size() + suffix.size() || jinja.compare(0, prefix.size(), prefix) != 0 ||
+        jinja.compare(jinja.size() - suffix.size(), suffix.size(), suffix) != 0)
+      continue;
+    std::string system;
+    if (!parse_jinja_literal(jinja.substr(prefix.size(), jinja.size() - prefix.size() - suffix.size()), system)) continue;
+    if (chat_template_jinja(t, system) != jinja) continue;
+    name = t;
+    system_prompt = system;
+    return true;
+  }
+  return false;
+}
+
 std::string end_of_turn(const std::string& tmpl) { return tmpl == "chatml" ? "<|im_end|>" : ""; }
 
 std::vector<ChatMessage> parse_chat_line(const std::string& line, const std::string& where) {

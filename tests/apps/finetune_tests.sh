@@ -113,6 +113,22 @@ grep -q "chat template chatml (as fine-tuned)" "$work/export.log" || fail "expor
 "$bin/llm-export" --checkpoint "$ck" --out "$work/merged-system" --dtype float32 --system "Be terse." \
   > "$work/export-system.log" 2>&1 || fail "llm-export --system"
 grep -q "set system_message = 'Be terse.'" "$work/merged-system/tokenizer_config.json" || fail "--system not in the template"
+# llm-generate on an export prompts with the folder's template and system prompt; a template
+# libllm does not render is an error naming it (unless --template chooses one).
+"$bin/llm-generate" --checkpoint "$work/merged-system" --chat --prompt "hi" --max-new-tokens 2 > "$work/gen-hf.txt" 2>&1 ||
+  fail "llm-generate on the export"
+grep -q "chat template chatml (from tokenizer_config.json), system prompt 'Be terse.'" "$work/gen-hf.txt" ||
+  fail "llm-generate did not take the export's chat template: $(cat "$work/gen-hf.txt")"
+cp -r "$work/merged-system" "$work/foreign"
+python3 -c "import json, sys; p = sys.argv[1]; c = json.load(open(p)); c['chat_template'] = '{{ messages }}'; json.dump(c, open(p, 'w'))" \
+  "$work/foreign/tokenizer_config.json"
+if "$bin/llm-generate" --checkpoint "$work/foreign" --chat --prompt "hi" --max-new-tokens 2 > "$work/gen-foreign.txt" 2>&1; then
+  fail "a foreign chat template was accepted"
+fi
+grep -q "tokenizer_config.json: chat_template: is not a template libllm renders" "$work/gen-foreign.txt" ||
+  fail "foreign template error: $(cat "$work/gen-foreign.txt")"
+"$bin/llm-generate" --checkpoint "$work/foreign" --chat --template llama2 --prompt "hi" --max-new-tokens 2 \
+  > /dev/null 2>&1 || fail "--template did not override a foreign chat template"
 
 "$bin/llm-eval" --checkpoint "$ck" --data "$src/tests/fixtures/eval.txt" > "$work/eval-ck.log" 2>&1 || fail "llm-eval checkpoint"
 "$bin/llm-eval" --checkpoint "$work/merged" --data "$src/tests/fixtures/eval.txt" > "$work/eval-merged.log" 2>&1 ||

@@ -384,6 +384,28 @@ TEST_CASE("prompt tokens contribute exactly zero to the loss and its gradients",
   CHECK(logits.grad().index({mask.logical_not()}).abs().max().item<double>() > 0.0);
 }
 
+TEST_CASE("the templates llm-export writes are recognized with their system prompt, others are not", "[chat]") {
+  for (const std::string tmpl : {"llama2", "chatml"})
+    for (const std::string system : {std::string(), std::string("Be terse."), std::string(test::kTrickySystem),
+                                     std::string("it's a \\n 'quote'\n\tand\\")}) {
+      INFO(tmpl << " / " << system);
+      std::string name = "?", got = "?";
+      REQUIRE(recognize_chat_template(chat_template_jinja(tmpl, system), name, got));
+      CHECK(name == tmpl);
+      CHECK(got == system);
+    }
+  std::string name = "unchanged", system = "unchanged";
+  const std::string chatml = chat_template_jinja("chatml", "x");
+  CHECK_FALSE(recognize_chat_template(chatml.substr(0, chatml.size() - 1), name, system));
+  CHECK_FALSE(recognize_chat_template("{{ messages }}", name, system));
+  // A literal that is not one: the quote inside is unescaped.
+  std::string broken = chat_template_jinja("chatml", "ab");
+  broken.replace(broken.find("'ab'"), 4, "'a'b'");
+  CHECK_FALSE(recognize_chat_template(broken, name, system));
+  CHECK(name == "unchanged");
+  CHECK(system == "unchanged");
+}
+
 TEST_CASE("an exported chat template renders and tokenizes as libllm trains (jinja2 + sentencepiece reference)",
           "[chat][export]") {
   // tests/chat/hf_chat_reference.py rebuilds transformers' apply_chat_template(tokenize=True) from

@@ -83,6 +83,10 @@ std::string render_chat_text(const std::vector<ChatMessage>& messages, const Tok
 // The Jinja chat template (Hugging Face's tokenizer_config.json "chat_template") that renders
 // conversations as render_chat does, with `system_prompt` as the default system text.
 std::string chat_template_jinja(const std::string& chat_template, const std::string& system_prompt);
+// Recognizes a Jinja template that chat_template_jinja() writes (Meta's Llama-2-chat template is
+// llama2 with no system prompt): sets `name` and `system_prompt` and returns true; false for any
+// other template (the arguments are then left alone).
+bool recognize_chat_template(const std::string& jinja, std::string& name, std::string& system_prompt);
 // The text that ends an assistant turn besides EOS ("<|im_end|>" for chatml, "" for llama2).
 std::string end_of_turn(const std::string& chat_template);
 
