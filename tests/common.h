@@ -24,6 +24,13 @@ inline std::string error_of(const std::function<void()>& fn) {
   return "";
 }
 
+// A file's bytes, and writing bytes to one.
+inline std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+inline void write_file(const std::string& path, const std::string& text) { std::ofstream(path, std::ios::binary) << text; }
+
 inline std::string fixture(const std::string& rel) { return std::string(LIBLLM_FIXTURES) + "/" + rel; }
 inline std::string source(const std::string& rel) { return std::string(LIBLLM_SOURCE_DIR) + "/" + rel; }
 

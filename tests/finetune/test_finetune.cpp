@@ -17,6 +17,8 @@
 #include "libllm/train.h"
 
 using namespace libllm;
+using libllm::test::read_file;
+using libllm::test::write_file;
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
@@ -38,11 +40,6 @@ void randomize_adapters(Transformer& m) {
   torch::NoGradGuard ng;
   for (auto& p : m->named_parameters())
     if (p.key().find("lora_B") != std::string::npos) p.value().normal_(0.0, 0.05);
-}
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
 // A chat set where each answer follows from its question: "Spell the word W." -> "W is spelled w-o-r-d."

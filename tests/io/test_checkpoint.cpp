@@ -15,17 +15,12 @@
 #include "libllm/optim.h"
 
 using namespace libllm;
+using libllm::test::read_file;
+using libllm::test::write_file;
 using libllm::test::error_of;
 namespace fs = std::filesystem;
 
 namespace {
-
-void write_file(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
 
 ModelConfig tiny_config() {
   ModelConfig c;

@@ -11,18 +11,13 @@
 #include "libllm/safetensors.h"
 
 using namespace libllm;
+using libllm::test::read_file;
+using libllm::test::write_file;
 using libllm::test::error_of;
 using libllm::test::fixture;
 namespace fs = std::filesystem;
 
 namespace {
-
-void write_file(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
 
 // Copies a fixture folder, then rewrites its weights through `edit` (name -> tensor map).
 void copy_with_weights(const std::string& name, const std::string& dst,
