@@ -1,12 +1,14 @@
 // Shared helpers for the tests: fixture paths, the golden numbers, scratch folders.
 #pragma once
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
+#include <vector>
 
 #include <torch/torch.h>
 
@@ -30,6 +32,14 @@ inline std::string read_file(const std::string& path) {
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 inline void write_file(const std::string& path, const std::string& text) { std::ofstream(path, std::ios::binary) << text; }
+
+// The names in a folder, sorted.
+inline std::vector<std::string> listing(const std::string& dir) {
+  std::vector<std::string> names;
+  for (auto& e : std::filesystem::directory_iterator(dir)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
 
 inline std::string fixture(const std::string& rel) { return std::string(LIBLLM_FIXTURES) + "/" + rel; }
 inline std::string source(const std::string& rel) { return std::string(LIBLLM_SOURCE_DIR) + "/" + rel; }

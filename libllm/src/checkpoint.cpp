@@ -1,12 +1,9 @@
 #include "libllm/checkpoint.h"
 
-#include <fcntl.h>
-#include <stdio.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
-#include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
@@ -64,27 +61,6 @@ int64_t step_of(const std::string& name) {
     if (!isdigit(static_cast<unsigned char>(name[i]))) return -1;
   const int64_t step = std::stoll(name.substr(5));
   return checkpoint_name(step) == name ? step : -1;
-}
-
-// Renames the complete folder `tmp` to `final_dir`. An existing `final_dir` (the same step saved
-// again, after a rollback) is swapped with it atomically (renameat2 RENAME_EXCHANGE), so a kill at
-// any moment leaves one complete folder under the name; `tmp` then holds the old one and is
-// removed. Only a filesystem without the exchange (EINVAL, ENOSYS) has the old folder removed
-// first; any other failure throws fs::filesystem_error with `final_dir` untouched.
-void move_into_place(const fs::path& tmp, const fs::path& final_dir) {
-  std::error_code ec;
-  if (fs::exists(final_dir)) {
-    if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
-      fs::remove_all(tmp, ec);
-      return;
-    }
-    const int err = errno;
-    if (err != EINVAL && err != ENOSYS)
-      throw fs::filesystem_error("cannot swap the new checkpoint folder into place", tmp, final_dir,
-                                 std::error_code(err, std::generic_category()));
-    fs::remove_all(final_dir);  // a filesystem without RENAME_EXCHANGE
-  }
-  fs::rename(tmp, final_dir);
 }
 
 // Reads trainer.json's `key`, which must be an integer >= 0 (2.5 or "2" are errors, not truncated).
@@ -252,7 +228,7 @@ std::string save_checkpoint(const std::string& root, Transformer& model, const A
     json trainer = {{"step", state.step}, {"data_cursor", state.data_cursor}, {"extra", state.extra},
                     {"format", "libllm-checkpoint-v1"}};
     write_text((tmp / "trainer.json").string(), trainer.dump(1) + "\n");
-    move_into_place(tmp, final_dir);
+    move_folder_into_place(tmp.string(), final_dir.string());  // the same step again (rollback): swapped
   } catch (const fs::filesystem_error& e) {
     fs::remove_all(tmp, ec);
     throw Error(final_dir.string(), std::string("saving checkpoint failed: ") + e.what(), "check free disk space");
@@ -350,7 +326,7 @@ std::string save_checkpoint_sharded(const std::string& root, const std::vector<s
       json trainer = {{"step", state.step}, {"data_cursor", state.data_cursor}, {"extra", state.extra},
                       {"optimizer_shards", world}, {"format", "libllm-checkpoint-v1"}};
       write_text((tmp / "trainer.json").string(), trainer.dump(1) + "\n");
-      move_into_place(tmp, final_dir);
+      move_folder_into_place(tmp.string(), final_dir.string());  // the same step again (rollback): swapped
     } catch (const std::exception& e) {
       fs::remove_all(tmp, ec);
       error = e.what();

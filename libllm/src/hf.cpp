@@ -437,31 +437,6 @@ std::string not_replaceable(const fs::path& dir, FolderKind kind) {
   return "";
 }
 
-// Puts the complete folder `tmp` in place of the existing `final_dir`, removing the old one: an
-// atomic exchange (renameat2 RENAME_EXCHANGE), after which `tmp` holds the old folder. Where the
-// filesystem has no exchange (EINVAL, ENOSYS), the old folder is moved aside and moved back if
-// the new one cannot take its name. Failures throw fs::filesystem_error; `final_dir` then still
-// holds the old folder.
-void replace_folder(const fs::path& tmp, const fs::path& final_dir, const fs::path& aside) {
-  std::error_code ec;
-  if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
-    fs::remove_all(tmp, ec);
-    return;
-  }
-  const int err = errno;
-  if (err != EINVAL && err != ENOSYS)
-    throw fs::filesystem_error("cannot swap the new folder into place", tmp, final_dir,
-                               std::error_code(err, std::generic_category()));
-  fs::rename(final_dir, aside);
-  fs::rename(tmp, final_dir, ec);
-  if (ec) {
-    std::error_code back;
-    fs::rename(aside, final_dir, back);  // the old folder keeps its name
-    throw fs::filesystem_error("cannot move the new folder into place", tmp, final_dir, ec);
-  }
-  fs::remove_all(aside, ec);
-}
-
 // The output folder `dir` names: absolute and without trailing separators ("out/", "out/."), so
 // that it has a name to build the temporary folder beside.
 fs::path output_folder(const std::string& dir) {
@@ -486,6 +461,30 @@ bool check_existing(const fs::path& final_dir, const std::string& dir, FolderKin
 
 }  // namespace
 
+void move_folder_into_place(const std::string& tmp_dir, const std::string& final_path) {
+  const fs::path tmp(tmp_dir), final_dir(final_path);
+  std::error_code ec;
+  if (!fs::exists(fs::symlink_status(final_dir, ec))) return fs::rename(tmp, final_dir);
+  if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
+    fs::remove_all(tmp, ec);  // now the old folder
+    return;
+  }
+  const int err = errno;
+  if (err != EINVAL && err != ENOSYS)
+    throw fs::filesystem_error("cannot swap the new folder into place", tmp, final_dir,
+                               std::error_code(err, std::generic_category()));
+  // A filesystem without RENAME_EXCHANGE: the old folder steps aside, and back if need be.
+  const fs::path aside = final_dir.string() + ".old." + std::to_string(::getpid());
+  fs::rename(final_dir, aside);
+  fs::rename(tmp, final_dir, ec);
+  if (ec) {
+    std::error_code back;
+    fs::rename(aside, final_dir, back);
+    throw fs::filesystem_error("cannot move the new folder into place", tmp, final_dir, ec);
+  }
+  fs::remove_all(aside, ec);
+}
+
 void check_replaceable(const std::string& dir, FolderKind kind) { check_existing(output_folder(dir), dir, kind); }
 
 void write_folder_atomically(const std::string& dir, FolderKind kind,
@@ -493,7 +492,7 @@ void write_folder_atomically(const std::string& dir, FolderKind kind,
   const fs::path final_dir = output_folder(dir);
   const fs::path parent = final_dir.parent_path();
   const std::string name = final_dir.filename().string();
-  const bool replace = check_existing(final_dir, dir, kind);
+  check_existing(final_dir, dir, kind);  // an Error before anything is written
   std::error_code ec;
   const std::string suffix = "." + std::to_string(::getpid());
   const fs::path tmp = parent / (name + ".partial" + suffix);
@@ -504,10 +503,7 @@ void write_folder_atomically(const std::string& dir, FolderKind kind,
   try {
     fill(tmp.string());
     // Swap into place: the old folder (if any) is removed only after the new one is complete.
-    if (replace && fs::exists(fs::symlink_status(final_dir, ec)))
-      replace_folder(tmp, final_dir, parent / (name + ".old" + suffix));
-    else
-      fs::rename(tmp, final_dir);
+    move_folder_into_place(tmp.string(), final_dir.string());
   } catch (const fs::filesystem_error& e) {
     fs::remove_all(tmp, ec);
     throw Error(dir, std::string("writing failed: ") + e.what(), "check free disk space and permissions");

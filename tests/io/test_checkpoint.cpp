@@ -15,6 +15,7 @@
 #include "libllm/optim.h"
 
 using namespace libllm;
+using libllm::test::listing;
 using libllm::test::read_file;
 using libllm::test::write_file;
 using libllm::test::error_of;
@@ -39,13 +40,6 @@ std::vector<std::pair<std::string, torch::Tensor>> named(Transformer& model) {
   return out;
 }
 
-// The names in a folder, sorted.
-std::vector<std::string> listing(const std::string& dir) {
-  std::vector<std::string> names;
-  for (auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
-  std::sort(names.begin(), names.end());
-  return names;
-}
 
 }  // namespace
 

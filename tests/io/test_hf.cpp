@@ -11,6 +11,7 @@
 #include "libllm/safetensors.h"
 
 using namespace libllm;
+using libllm::test::listing;
 using libllm::test::read_file;
 using libllm::test::write_file;
 using libllm::test::error_of;
@@ -101,18 +102,6 @@ TEST_CASE("the shard index lists every tensor and the total size", "[io][hf]") {
   CHECK(index["metadata"]["total_size"].get<int64_t>() == total);
   CHECK(static_cast<int64_t>(index["weight_map"].size()) == count);
 }
-
-namespace {
-
-// The names in a folder, sorted.
-std::vector<std::string> listing(const std::string& dir) {
-  std::vector<std::string> names;
-  for (auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
-  std::sort(names.begin(), names.end());
-  return names;
-}
-
-}  // namespace
 
 TEST_CASE("export replaces an existing folder only when complete", "[io][hf]") {
   test::TempDir tmp;

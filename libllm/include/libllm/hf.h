@@ -55,6 +55,11 @@ enum class FolderKind {
 // temporary folder is removed and `dir` is left as it was.
 void write_folder_atomically(const std::string& dir, FolderKind kind,
                              const std::function<void(const std::string& tmp)>& fill);
+// Renames the complete folder `tmp` to `final_dir`. An existing `final_dir` is swapped with it
+// atomically (renameat2 RENAME_EXCHANGE) and then removed, so a kill at any moment leaves one
+// complete folder under the name; a filesystem without the exchange has it moved aside and moved
+// back if the rename fails. Throws std::filesystem::filesystem_error, `final_dir` as it was.
+void move_folder_into_place(const std::string& tmp, const std::string& final_dir);
 // The check write_folder_atomically makes before it writes anything: an Error naming `dir` when it
 // exists and may not be replaced by a folder of `kind` (llm-export checks its outputs before it
 // loads the model).
