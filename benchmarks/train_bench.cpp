@@ -35,7 +35,8 @@ int main(int argc, char** argv) {
   return cli::run("train-bench", [&] {
     cli::Args args(argc, argv,
                    "train-bench [--config tiny|100m|1b] [--device cpu|cuda] [--dtype fp32|bf16] [--micro-batch N] "
-                   "[--steps N] [--warmup N] [--peak-tflops X] [--checkpointing]",
+                   "[--steps N] [--warmup N] [--peak-tflops X] [--checkpointing] [--seq-len N] [--packed L] "
+                   "[--packed-attention auto|bias|segments]",
                    {{"--config", "model shape", true, "tiny"},
                     {"--device", "cpu or cuda", true, "cpu"},
                     {"--dtype", "fp32 or bf16", true, "fp32"},
@@ -43,12 +44,20 @@ int main(int argc, char** argv) {
                     {"--steps", "timed optimizer steps", true, "20"},
                     {"--warmup", "untimed steps first", true, "3"},
                     {"--peak-tflops", "device peak for MFU (0 = skip)", true, "0"},
-                    {"--checkpointing", "recompute each block in backward", false, ""}},
+                    {"--checkpointing", "recompute each block in backward", false, ""},
+                    {"--seq-len", "positions per row (0 = the configuration's)", true, "0"},
+                    {"--packed", "rows packed with documents of 1..2L-1 tokens (forward_packed; 0 = one sequence a row)", true, "0"},
+                    {"--packed-attention", "auto, bias or segments (Transformer::set_packed_attention)", true, "auto"}},
                    0);
     if (args.help()) return fmt::print("{}", args.usage()), 0;
-    const Recipe r = Recipe::parse(config_yaml(args.get("--config")), args.get("--config"));
+    Recipe r = Recipe::parse(config_yaml(args.get("--config")), args.get("--config"));
+    if (args.get_int("--seq-len") > 0) r.train.seq_len = args.get_int("--seq-len");
+    r.model.max_seq_len = std::max(r.model.max_seq_len, r.train.seq_len);
     const int64_t B = args.get_int("--micro-batch") > 0 ? args.get_int("--micro-batch") : r.train.micro_batch;
     const int64_t T = r.train.seq_len, steps = args.get_int("--steps"), warmup = args.get_int("--warmup");
+    const int64_t packed = args.get_int("--packed");
+    const std::string how = args.get("--packed-attention");
+    if (how != "auto" && how != "bias" && how != "segments") throw Error("--packed-attention", "expected auto, bias or segments");
     const bool cuda = args.get("--device") == "cuda";
     if (!cuda && args.get("--device") != "cpu") throw Error("--device", "expected cpu or cuda");
     if (cuda && !compat::cuda_available()) throw Error("--device", "no usable CUDA device in this LibTorch");
@@ -71,6 +80,26 @@ int main(int argc, char** argv) {
                at::get_num_threads());
     model->to(device, dtype);
     model->set_activation_checkpointing(args.has("--checkpointing"));
+    model->set_packed_attention(how == "bias" ? PackedAttention::kBias
+                                : how == "segments" ? PackedAttention::kSegments : PackedAttention::kAuto);
+    // Packed rows: documents of 1..2L-1 tokens (uniform, mean L) until the row is full.
+    torch::Tensor documents;
+    int64_t n_documents = 0;
+    if (packed > 0) {
+      documents = torch::empty({B, T}, torch::kInt64);  // (B, T)
+      auto lengths = torch::randint(1, 2 * packed, {B * T}, torch::kInt64);
+      auto d = documents.accessor<int64_t, 2>();
+      auto len = lengths.accessor<int64_t, 1>();
+      for (int64_t b = 0, k = 0; b < B; ++b)
+        for (int64_t t = 0, doc = 0, left = len[k++]; t < T; ++t, --left) {
+          if (left == 0) ++doc, left = len[k++];
+          d[b][t] = doc;
+        }
+      n_documents = document_segments(documents).size(0);
+    }
+    auto forward = [&](const torch::Tensor& x) {
+      return documents.defined() ? model->forward_packed(x, documents) : model->forward(x);
+    };
     std::vector<std::pair<std::string, torch::Tensor>> named;
     for (auto& p : model->named_parameters()) named.emplace_back(p.key(), p.value());
     OptimConfig oc;
@@ -78,7 +107,7 @@ int main(int argc, char** argv) {
     auto params = model->parameters();
     auto step = [&] {
       auto tokens = torch::randint(0, r.model.vocab_size, {B, T + 1}).to(device);
-      auto out = model->forward(tokens.slice(1, 0, T));
+      auto out = forward(tokens.slice(1, 0, T));
       cross_entropy(out.logits, tokens.slice(1, 1)).backward();
       clip_grad_norm(params, 1.0);
       opt.step(1e-4);
@@ -92,7 +121,7 @@ int main(int argc, char** argv) {
         auto tokens = torch::randint(0, r.model.vocab_size, {B, T + 1}).to(device);
         compat::cuda_synchronize();
         auto t0 = std::chrono::steady_clock::now();
-        auto loss = cross_entropy(model->forward(tokens.slice(1, 0, T)).logits, tokens.slice(1, 1));
+        auto loss = cross_entropy(forward(tokens.slice(1, 0, T)).logits, tokens.slice(1, 1));
         compat::cuda_synchronize();
         auto t1 = std::chrono::steady_clock::now();
         loss.backward();
@@ -123,11 +152,12 @@ int main(int argc, char** argv) {
     getrusage(RUSAGE_SELF, &ru);
     fmt::print("{{\"impl\": \"libllm\", \"config\": \"{}\", \"device\": \"{}\", \"dtype\": \"{}\", \"micro_batch\": {}, "
                "\"params\": {}, \"tokens_per_s\": {:.1f}, \"mfu\": {:.4f}, \"peak_rss_mib\": {:.1f}, "
-               "\"gpu_peak_gib\": {:.2f}, \"threads\": {}, \"forward_ms\": {:.1f}, \"backward_ms\": {:.1f}, \"optimizer_ms\": {:.1f}}}\n",
+               "\"gpu_peak_gib\": {:.2f}, \"threads\": {}, \"forward_ms\": {:.1f}, \"backward_ms\": {:.1f}, \"optimizer_ms\": {:.1f}, "
+               "\"seq_len\": {}, \"packed_documents\": {}, \"packed_attention\": \"{}\"}}\n",
                args.get("--config"), args.get("--device"), args.get("--dtype"), B, pc.total, tok_s,
                peak > 0 ? tok_s * flops / (peak * 1e12) : 0.0, ru.ru_maxrss / 1024.0,
                cuda ? compat::cuda_peak_allocated_bytes(0) / double(1 << 30) : 0.0, at::get_num_threads(), split_ms[0],
-               split_ms[1], split_ms[2]);
+               split_ms[1], split_ms[2], T, n_documents, packed > 0 ? how : "none");
     return 0;
   });
 }

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <random>
 #include <nlohmann/json.hpp>
 
@@ -25,6 +26,8 @@ void ChatConfig::fields(Fields& f) {
   f.add("overlong", overlong).one_of({"truncate", "drop"});
   f.add("malformed", malformed).one_of({"fail", "skip"});
   f.add("packed", packed);
+  f.add("packing", packing).one_of({"best_fit", "greedy"});
+  f.add("pack_window", pack_window).min(1);
 }
 
 namespace {
@@ -308,7 +311,13 @@ std::vector<ChatMessage> parse_chat_line(const std::string& line, const std::str
 
 ChatDataset::ChatDataset(const ChatConfig& cfg, const Tokenizer& tok, int64_t seq_len, uint64_t seed, int64_t rank,
                          int64_t world_size)
-    : seed_(seed), seq_len_(seq_len), rank_(rank), world_(world_size), packed_(cfg.packed) {
+    : seed_(seed),
+      seq_len_(seq_len),
+      rank_(rank),
+      world_(world_size),
+      packed_(cfg.packed),
+      best_fit_(cfg.packing == "best_fit"),
+      window_(cfg.pack_window) {
   pad_id_ = tok.eos_id() >= 0 ? tok.eos_id() : 0;
   int64_t number = 0;  // example number in file order (held-out ones included)
   for (const auto& file : jsonl_files(cfg.files)) {
@@ -372,16 +381,58 @@ ChatDataset::ChatDataset(const ChatConfig& cfg, const Tokenizer& tok, int64_t se
                 fmt::format("{} lines, {} malformed, {} too long, {} without answer tokens, {} held out", stats_.lines,
                             stats_.malformed, stats_.dropped_long, stats_.dropped_empty, stats_.valid));
   if (packed_) {  // the rows of one epoch (epoch 0's order), for the trainer's summary
-    int64_t rows = 0, used = 0, positions = 0;
-    for (int64_t i = 0; i < stats_.train; ++i) {
-      const int64_t need = static_cast<int64_t>(train_[static_cast<size_t>(example_at(i))].tokens.size()) - 1;
-      if (rows == 0 || used + need > seq_len_) ++rows, used = 0;
-      used += need;
-      positions += need;
+    int64_t rows = 0, positions = 0;
+    for (const auto& ex : train_) positions += static_cast<int64_t>(ex.tokens.size()) - 1;
+    if (best_fit_) {
+      for (int64_t start = 0; start < stats_.train; start = window_end_) rows += static_cast<int64_t>(pack_window(start).size());
+      window_end_ = -1;
+    } else {
+      for (int64_t i = 0, used = 0; i < stats_.train; ++i) {
+        const int64_t need = static_cast<int64_t>(train_[static_cast<size_t>(example_at(i))].tokens.size()) - 1;
+        if (rows == 0 || used + need > seq_len_) ++rows, used = 0;
+        used += need;
+      }
     }
     stats_.packed_rows = rows;
     stats_.packed_fill = static_cast<double>(positions) / static_cast<double>(rows * seq_len_);
   }
+}
+
+std::vector<std::vector<int64_t>> ChatDataset::pack_window(int64_t start) {
+  const int64_t n = static_cast<int64_t>(train_.size());
+  window_end_ = std::min(start + window_, (start / n + 1) * n);  // within start's epoch
+  struct Item {
+    int64_t need, global;
+  };
+  std::vector<Item> items;
+  for (int64_t g = start; g < window_end_; ++g)
+    items.push_back({static_cast<int64_t>(train_[static_cast<size_t>(example_at(g))].tokens.size()) - 1, g});
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.need > b.need; });
+  std::vector<std::vector<int64_t>> rows;  // stream indices, then training example indices
+  std::multimap<int64_t, size_t> room;     // free positions -> row (equal rooms: the older row first)
+  for (const auto& item : items) {
+    auto it = room.lower_bound(item.need);  // the least room that fits
+    size_t r;
+    int64_t free;
+    if (it == room.end()) {
+      r = rows.size(), free = seq_len_;
+      rows.emplace_back();
+    } else {
+      r = it->second, free = it->first;
+      room.erase(it);
+    }
+    rows[r].push_back(item.global);
+    if (free - item.need > 0) room.emplace(free - item.need, r);
+  }
+  // A row lists its examples in stream order; the rows go in a seeded order (else the longest
+  // examples would all come first).
+  std::mt19937_64 rng(seed_ * 0xD1B54A32D192ED03ull + static_cast<uint64_t>(start) * 0x9E3779B97F4A7C15ull + 29);
+  for (size_t i = rows.size(); i > 1; --i) std::swap(rows[i - 1], rows[bounded(rng, i)]);
+  for (auto& row : rows) {
+    std::sort(row.begin(), row.end());
+    for (auto& g : row) g = example_at(g);
+  }
+  return rows;
 }
 
 int64_t ChatDataset::example_at(int64_t global) {
@@ -419,6 +470,16 @@ void ChatDataset::batch_of(const std::vector<const ChatExample*>& rows, torch::T
 
 void ChatDataset::next_row(std::vector<int64_t>& examples) {
   examples.clear();
+  if (packed_ && best_fit_) {
+    if (window_end_ < 0) window_rows_ = pack_window(global_);  // after construction or restore()
+    while (window_row_ >= window_rows_.size()) {
+      global_ = window_end_;
+      window_rows_ = pack_window(global_);
+      window_row_ = 0;
+    }
+    examples = window_rows_[window_row_++];
+    return;
+  }
   int64_t used = 0;  // input positions taken; an example of L tokens takes L - 1 (<= seq_len)
   for (;;) {
     const int64_t e = example_at(global_);
@@ -512,7 +573,14 @@ double ChatDataset::evaluate(Transformer& model, int64_t micro_batch, int64_t ma
 std::string ChatDataset::cursor() const {
   json j = {{"format", "libllm-chat-cursor-v1"}, {"global", global_}, {"examples", train_.size()}, {"seed", seed_},
             {"world_size", world_}, {"packed", packed_}};
-  if (packed_) j["seq_len"] = seq_len_;  // the rows depend on it
+  if (packed_) {  // the rows depend on these
+    j["seq_len"] = seq_len_;
+    j["packing"] = best_fit_ ? "best_fit" : "greedy";
+    if (best_fit_) {
+      j["pack_window"] = window_;
+      j["window_row"] = window_row_;
+    }
+  }
   return j.dump();
 }
 
@@ -540,12 +608,29 @@ void ChatDataset::restore(const std::string& cursor) {
                                                      : "one example each",
                             packed_ ? fmt::format("packed to {} positions", seq_len_) : "one example each"),
                 "resume with the checkpoint's chat.packed and train.seq_len");
+  if (packed_) {
+    const std::string packing = j.value("packing", "greedy");
+    const int64_t window = j.value("pack_window", int64_t{0});
+    if (packing != (best_fit_ ? "best_fit" : "greedy") || (best_fit_ && window != window_))
+      throw Error("data cursor",
+                  fmt::format("the checkpoint's rows were packed {}, now {}",
+                              packing == "best_fit" ? fmt::format("best_fit over windows of {} examples", window) : packing,
+                              best_fit_ ? fmt::format("best_fit over windows of {} examples", window_) : "greedy"),
+                  "resume with the checkpoint's chat.packing and chat.pack_window");
+  }
   global_ = j.at("global").get<int64_t>();
+  window_row_ = j.value("window_row", size_t{0});
+  window_end_ = -1;  // next_row rebuilds the window that starts at global_
 }
 
-void ChatDataset::pass_over(int64_t samples) {
+int64_t ChatDataset::pass_over(int64_t samples) {
   std::vector<int64_t> row;
-  for (int64_t i = 0; i < samples * world_; ++i) next_row(row);
+  int64_t examples = 0;
+  for (int64_t i = 0; i < samples * world_; ++i) {
+    next_row(row);
+    examples += static_cast<int64_t>(row.size());
+  }
+  return examples;
 }
 
 }  // namespace libllm

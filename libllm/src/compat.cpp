@@ -35,8 +35,12 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
 #else
   // softmax(q k^T / sqrt(D) + mask) v, with the softmax in fp32 (transformers' eager path).
   auto scores = torch::matmul(q, expand_kv(k).transpose(-2, -1)) / std::sqrt(static_cast<double>(q.size(-1)));
-  auto allowed = m ? *m : torch::ones({T, S}, torch::dtype(torch::kBool).device(q.device())).tril();
-  scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
+  if (m && m->is_floating_point()) {
+    scores = scores + *m;
+  } else {
+    auto allowed = m ? *m : torch::ones({T, S}, torch::dtype(torch::kBool).device(q.device())).tril();
+    scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
+  }
   auto probs = torch::softmax(scores, -1, compute_dtype(q)).to(q.scalar_type());   // (B, H, T, S)
   return torch::matmul(probs, expand_kv(v));                                       // (B, H, T, D)
 #endif

@@ -39,6 +39,28 @@ torch::Tensor sliding_window_mask(int64_t T, int64_t S, int64_t window, torch::D
   return (j <= i).logical_and(i - j < window);
 }
 
+// Causal attention of each packed document on its own. q: (B, H, T, D); k, v: (B, Hkv, T, D);
+// segments: (N, 3) (row, start, length) covering every row in order (Packing::segments).
+torch::Tensor segment_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                const torch::Tensor& segments, int64_t window) {
+  const auto s = segments.accessor<int64_t, 2>();
+  std::vector<torch::Tensor> rows, pieces;
+  for (int64_t i = 0; i < segments.size(0); ++i) {
+    const int64_t b = s[i][0], start = s[i][1], L = s[i][2];
+    auto part = [&](const torch::Tensor& t) { return t.narrow(0, b, 1).narrow(2, start, L); };  // (1, H, L, D)
+    c10::optional<torch::Tensor> allowed;
+    if (window > 0 && window < L) allowed = sliding_window_mask(L, L, window, q.device());       // (L, L)
+    pieces.push_back(compat::attention(part(q), part(k), part(v), allowed));
+    if (i + 1 == segments.size(0) || s[i + 1][0] != b) {
+      rows.push_back(pieces.size() == 1 ? pieces[0] : torch::cat(pieces, 2));  // (1, H, T, D)
+      pieces.clear();
+    }
+  }
+  if (static_cast<int64_t>(rows.size()) != q.size(0) || rows.back().size(2) != q.size(2))
+    throw Error("attention", "packed segments " + c10::str(segments.sizes()) + " do not cover rows of " + c10::str(q.sizes()));
+  return rows.size() == 1 ? rows[0] : torch::cat(rows, 0);                // (B, H, T, D)
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------- RMSNorm
@@ -138,7 +160,7 @@ AttentionImpl::AttentionImpl(const ModelConfig& cfg)
 }
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                                     KVCache* cache, int64_t layer, const torch::Tensor& mask) {
+                                     KVCache* cache, int64_t layer, const Packing& packing) {
   const int64_t B = x.size(0), T = x.size(1);
   auto q = q_proj(x).view({B, T, n_heads_, head_dim_}).transpose(1, 2);     // (B, H, T, D)
   auto k = k_proj(x).view({B, T, n_kv_heads_, head_dim_}).transpose(1, 2);  // (B, Hkv, T, D)
@@ -155,16 +177,17 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     v = cache->v[layer].narrow(2, 0, S);                                     // (B, Hkv, S, D)
   }
   const int64_t S = k.size(2);
-  c10::optional<torch::Tensor> allowed;
-  if (mask.defined()) {
-    if (cache) throw Error("attention", "a document mask cannot be combined with a kv cache");
-    allowed = mask;                                                          // (B, 1, T, T)
+  if (!packing.empty() && cache) throw Error("attention", "packed rows cannot be combined with a kv cache");
+  torch::Tensor y;
+  if (packing.segments.defined()) {
+    y = segment_attention(q, k, v, packing.segments, window_);               // (B, H, T, D)
+  } else if (packing.bias.defined()) {
+    y = compat::attention(q, k, v, packing.bias);                            // window folded in
+  } else {
+    c10::optional<torch::Tensor> allowed;
+    if (window_ > 0 && window_ < S) allowed = sliding_window_mask(T, S, window_, x.device());  // (T, S)
+    y = compat::attention(q, k, v, allowed);                                 // (B, H, T, D)
   }
-  if (window_ > 0 && window_ < S) {
-    auto w = sliding_window_mask(T, S, window_, x.device());                 // (T, S)
-    allowed = allowed ? allowed->logical_and(w) : w;
-  }
-  auto y = compat::attention(q, k, v, allowed);                              // (B, H, T, D)
   y = y.transpose(1, 2).reshape({B, T, n_heads_ * head_dim_});               // (B, T, H*D)
   return o_proj(y);
 }
@@ -239,8 +262,8 @@ BlockImpl::BlockImpl(const ModelConfig& cfg) {
 
 torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                                  std::vector<torch::Tensor>& router_logits, KVCache* cache, int64_t layer,
-                                 const torch::Tensor& mask) {
-  auto h = x + self_attn(input_layernorm(x), cos, sin, cache, layer, mask);
+                                 const Packing& packing) {
+  auto h = x + self_attn(input_layernorm(x), cos, sin, cache, layer, packing);
   auto n = post_attention_layernorm(h);
   return h + (mlp ? mlp(n) : block_sparse_moe(n, router_logits));
 }
@@ -255,24 +278,32 @@ namespace {
 // mixture-of-experts block, its router logits (the load-balancing and z losses' gradients reach
 // the router through them).
 struct BlockRecompute : torch::autograd::Function<BlockRecompute> {
-  // A custom function's tensor arguments must be defined: "no mask" travels as an empty tensor.
-  static torch::Tensor or_causal(const torch::Tensor& mask) { return mask.numel() > 0 ? mask : torch::Tensor(); }
+  // A custom function's tensor arguments must be defined: an absent Packing member travels as an
+  // empty tensor.
+  static torch::Tensor or_empty(const torch::Tensor& t) { return t.defined() ? t : torch::empty({0}); }
+  static Packing packing_of(const torch::Tensor& bias, const torch::Tensor& segments) {
+    Packing p;
+    if (bias.numel() > 0) p.bias = bias;
+    if (segments.numel() > 0) p.segments = segments;
+    return p;
+  }
 
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, int64_t block_ptr,
                                                 int64_t hooks_ptr, int64_t layer, const torch::Tensor& x,
                                                 const torch::Tensor& cos, const torch::Tensor& sin,
-                                                const torch::Tensor& mask) {
+                                                const torch::Tensor& bias, const torch::Tensor& segments) {
     ctx->saved_data["block"] = block_ptr;
     ctx->saved_data["hooks"] = hooks_ptr;
     ctx->saved_data["layer"] = layer;
-    ctx->save_for_backward({x, cos, sin, mask});  // mask: (B, 1, T, T), or empty for causal
+    ctx->save_for_backward({x, cos, sin, bias, segments});  // Packing's members, or empty
     // The recompute must draw the same dropout masks (LoRA dropout): keep the RNG state of the
     // device the block runs on.
     ctx->saved_data["rng"] = at::globalContext().defaultGenerator(x.device()).get_state();
     std::vector<torch::Tensor> router_logits;
     auto* hooks = reinterpret_cast<BlockHooks*>(hooks_ptr);
     if (hooks) hooks->before_block(layer, false);
-    auto y = reinterpret_cast<BlockImpl*>(block_ptr)->forward(x, cos, sin, router_logits, nullptr, layer, or_causal(mask));
+    auto y = reinterpret_cast<BlockImpl*>(block_ptr)->forward(x, cos, sin, router_logits, nullptr, layer,
+                                                              packing_of(bias, segments));
     if (hooks) hooks->after_block(layer, false);
     router_logits.insert(router_logits.begin(), y);
     return router_logits;  // {y} or {y, (B*T, E)}
@@ -293,7 +324,8 @@ struct BlockRecompute : torch::autograd::Function<BlockRecompute> {
       const auto now = gen.get_state();
       gen.set_state(ctx->saved_data["rng"].toTensor());
       std::vector<torch::Tensor> router_logits;
-      outputs.push_back(block->forward(x, saved[1], saved[2], router_logits, nullptr, layer, or_causal(saved[3])));
+      outputs.push_back(
+          block->forward(x, saved[1], saved[2], router_logits, nullptr, layer, packing_of(saved[3], saved[4])));
       outputs.insert(outputs.end(), router_logits.begin(), router_logits.end());
       gen.set_state(now);
     }
@@ -315,7 +347,8 @@ struct BlockRecompute : torch::autograd::Function<BlockRecompute> {
       else g = grads[i];
     }
     if (hooks) hooks->after_block(layer, true);
-    return {torch::Tensor(), torch::Tensor(), torch::Tensor(), grads[0], torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    return {torch::Tensor(), torch::Tensor(), torch::Tensor(), grads[0],
+            torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -414,6 +447,33 @@ torch::Tensor document_positions(const torch::Tensor& documents) {
   return index - first;
 }
 
+torch::Tensor document_segments(const torch::Tensor& documents) {
+  const auto docs = documents.to(torch::kCPU, torch::kInt64).contiguous();
+  const auto d = docs.accessor<int64_t, 2>();
+  std::vector<int64_t> out;  // (row, start, length) triples
+  for (int64_t b = 0; b < docs.size(0); ++b)
+    for (int64_t t = 0, start = 0; t < docs.size(1); ++t)
+      if (t + 1 == docs.size(1) || d[b][t + 1] != d[b][t]) {
+        out.insert(out.end(), {b, start, t + 1 - start});
+        start = t + 1;
+      }
+  return torch::tensor(out, torch::kInt64).view({-1, 3});                  // (N, 3)
+}
+
+namespace {
+
+// Packing::bias for `documents` (B, T): the document mask and the sliding window as an additive
+// mask of `dtype`, stored in rows of a multiple of 16 elements (SDPA's alignment for its bias).
+torch::Tensor document_bias(const torch::Tensor& documents, int64_t window, torch::Dtype dtype) {
+  const int64_t B = documents.size(0), T = documents.size(1), padded = (T + 15) / 16 * 16;
+  auto allowed = document_mask(documents);                                   // (B, 1, T, T)
+  if (window > 0 && window < T) allowed = allowed.logical_and(sliding_window_mask(T, T, window, documents.device()));
+  auto bias = torch::zeros({B, 1, T, padded}, torch::dtype(dtype).device(documents.device())).narrow(3, 0, T);
+  return bias.masked_fill_(allowed.logical_not(), -std::numeric_limits<double>::infinity());  // (B, 1, T, T)
+}
+
+}  // namespace
+
 torch::Tensor TransformerImpl::hidden(const torch::Tensor& tokens, int64_t start_pos,
                                       std::vector<torch::Tensor>* router_logits, KVCache* cache,
                                       const torch::Tensor& documents) {
@@ -421,14 +481,18 @@ torch::Tensor TransformerImpl::hidden(const torch::Tensor& tokens, int64_t start
   auto& rl = router_logits ? *router_logits : local;
   if (hooks_) hooks_->begin_forward();
   auto x = model->embed_tokens(tokens);                                      // (B, T, D)
-  torch::Tensor cos, sin, mask;
+  torch::Tensor cos, sin;
+  Packing packing;
   if (documents.defined()) {
     if (cache || start_pos != 0) throw Error("model", "packed rows start at position 0 and take no kv cache");
     if (documents.sizes() != tokens.sizes())
       throw Error("model", "documents " + c10::str(documents.sizes()) + " do not match tokens " + c10::str(tokens.sizes()));
     const auto docs = documents.to(x.device(), torch::kInt64);
     std::tie(cos, sin) = rotary_.table(document_positions(docs), x.scalar_type());  // (B, 1, T, D)
-    mask = document_mask(docs);                                                      // (B, 1, T, T)
+    const bool segments = packed_attention_ == PackedAttention::kSegments ||
+                          (packed_attention_ == PackedAttention::kAuto && !x.is_cuda());
+    if (segments) packing.segments = document_segments(documents);                  // (N, 3)
+    else packing.bias = document_bias(docs, cfg_.sliding_window, x.scalar_type());  // (B, 1, T, T)
   } else {
     std::tie(cos, sin) = rotary_.table(start_pos, tokens.size(1), x.device(), x.scalar_type());  // (T, D)
   }
@@ -442,12 +506,12 @@ torch::Tensor TransformerImpl::hidden(const torch::Tensor& tokens, int64_t start
     if (recompute) {
       auto outs =
           BlockRecompute::apply(reinterpret_cast<int64_t>(block), reinterpret_cast<int64_t>(hooks_), l, x, cos, sin,
-                                mask.defined() ? mask : torch::empty({0}, torch::kBool));
+                                BlockRecompute::or_empty(packing.bias), BlockRecompute::or_empty(packing.segments));
       x = outs[0];
       rl.insert(rl.end(), outs.begin() + 1, outs.end());  // an MoE block's router logits
     } else {
       if (hooks_) hooks_->before_block(l, false);
-      x = block->forward(x, cos, sin, rl, cache, l, mask);
+      x = block->forward(x, cos, sin, rl, cache, l, packing);
       if (hooks_) hooks_->after_block(l, false);
     }
     ++l;

@@ -264,7 +264,8 @@ struct Run {
   void replan(int64_t to, int64_t through, double lr_factor, bool in_loop, const std::string& dir,
               const std::string& saved) {
     const int64_t samples = (through - to) * accum * tc.micro_batch;
-    if (chat) chat->pass_over(samples);  // chat data is dropped (guard.defer: drop is required)
+    int64_t examples = 0;  // chat data is dropped (guard.defer: drop is required)
+    if (chat) examples = chat->pass_over(samples);
     else data->pass_over(samples, recipe.guard.defer == "end");
     guard.rolled_back(saved, to, lr_factor, in_loop);
     if (main()) {
@@ -275,9 +276,11 @@ struct Run {
     save(to);
     dist.barrier();
     if (hooks.after_rollback) hooks.after_rollback(to, dir, model, adamw());
-    event({{"event", in_loop ? "rollback" : "restart_plan"}, {"step", through}, {"to_step", to},
-           {"windows", samples * dist.world_size()}, {"data", recipe.guard.defer == "end" ? "deferred" : "dropped"},
-           {"lr_scale", guard.lr_scale()}, {"checkpoint", dir}});
+    json e = {{"event", in_loop ? "rollback" : "restart_plan"}, {"step", through}, {"to_step", to},
+              {"windows", samples * dist.world_size()}, {"data", recipe.guard.defer == "end" ? "deferred" : "dropped"},
+              {"lr_scale", guard.lr_scale()}, {"checkpoint", dir}};
+    if (chat) e["examples"] = examples;  // "windows" counts rows (samples); packed rows hold several
+    event(e);
   }
 
   // The newest checkpoint at or before step `limit` ("" if none), and its step, as rank 0 sees
@@ -454,8 +457,10 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                  c.tokens, c.target_tokens, 100.0 * c.target_tokens / std::max<int64_t>(1, c.tokens));
       for (const auto& m : c.malformed_samples) fmt::print("  skipped: {}\n", m);
       if (c.packed_rows > 0)
-        fmt::print("chat.packed: an epoch's {} examples fill {} rows of {} positions ({:.1f}% tokens, the rest padding)\n",
-                   c.train, c.packed_rows, tc.seq_len, 100.0 * c.packed_fill);
+        fmt::print("chat.packed: an epoch's {} examples fill {} rows of {} positions ({:.1f}% tokens, the rest padding; {})\n",
+                   c.train, c.packed_rows, tc.seq_len, 100.0 * c.packed_fill,
+                   recipe.chat.packing == "best_fit" ? fmt::format("best_fit over windows of {} examples", recipe.chat.pack_window)
+                                                : "greedy");
     }
   }
 

@@ -63,8 +63,8 @@ packed=(--set chat.packed=true --set chat.files=["$work/shorter.jsonl"] --set tr
   fail "llm-finetune chat.packed"
 grep -q "chat.packed: an epoch's [0-9]* examples fill [0-9]* rows of 160 positions" "$work/packed.log" ||
   fail "no packing summary"
-per_step=$(head -n 1 "$work/packed/data_sequence.jsonl" | grep -o '\[0,[0-9]*\]' | wc -l)
-[ "$per_step" -gt 4 ] || fail "packed step 1 used $per_step examples, not more than its 4 rows"
+used=$(grep -o '\[0,[0-9]*\]' "$work/packed/data_sequence.jsonl" | wc -l)
+[ "$used" -gt 32 ] || fail "8 packed steps used $used examples, not more than their 32 rows"
 "$bin/llm-finetune" "$work/ft.yaml" "${packed[@]}" --set train.run_dir="$work/packed-resumed" --set train.steps=4 \
   > "$work/packed-resumed.log" 2>&1 || fail "llm-finetune chat.packed, 4 steps"
 "$bin/llm-finetune" "$work/ft.yaml" "${packed[@]}" --set train.run_dir="$work/packed-resumed" \
@@ -98,7 +98,7 @@ assert any(len(w[0]) != len(w[1]) for w in s2), "ranks never differed in example
 assert [w[0] for w in s1] == [w[0] + w[1] for w in s2], "data sequence differs"
 print(f"packed: 2 ranks == 1 process, max |loss difference| {diff:.3g}")
 PY
-echo "packed: $per_step examples in step 1's 4 rows; 4 + resume + 4 steps == 8 straight"
+echo "packed: $used examples in 8 steps of 4 rows; 4 + resume + 4 steps == 8 straight"
 
 ck="$work/ft/checkpoints/step-00000020"
 "$bin/llm-export" --checkpoint "$ck" --out "$work/merged" --adapter "$work/adapter" --dtype float32 \

@@ -4,6 +4,7 @@
 #include "../catch_torch.h"
 
 #include <fstream>
+#include <numeric>
 #include <nlohmann/json.hpp>
 
 #include "../common.h"
@@ -238,6 +239,7 @@ TEST_CASE("packed rows: the example stream filled greedily, each example's own t
   const int64_t seq_len = 200;
   ChatDataset plain(c, tok(), seq_len, 5, 0, 1);
   c.packed = true;
+  c.packing = "greedy";
   ChatDataset packed(c, tok(), seq_len, 5, 0, 1);
   CHECK(plain.stats().packed_rows == 0);
   const auto& examples = packed.train_examples();
@@ -341,6 +343,109 @@ TEST_CASE("packed rows: the example stream filled greedily, each example's own t
   CHECK_THAT(test::error_of([&] { plain.restore(a.cursor()); }), Catch::Contains("packed to 200 positions"));
   ChatDataset longer(c, tok(), 2 * seq_len, 5, 0, 1);
   CHECK_THAT(test::error_of([&] { longer.restore(a.cursor()); }), Catch::Contains("chat.packed and train.seq_len"));
+}
+
+TEST_CASE("best_fit packing: each window's examples once, rows no two of which would fit in one, resumable", "[chat]") {
+  test::TempDir tmp;
+  std::vector<std::string> lines;
+  for (int i = 0; i < 41; ++i) {
+    std::string answer = "answer";
+    for (int k = 0; k < (i * 7) % 11; ++k) answer += " and some more";
+    lines.push_back(qa("question " + std::to_string(i), answer));
+  }
+  ChatConfig c = config(write(tmp, "d.jsonl", lines));
+  c.packed = true;
+  const int64_t seq_len = 150, n = 41;
+  auto rows_of = [](ChatDataset& d, int64_t count) {
+    std::vector<std::vector<int64_t>> rows;
+    for (int64_t i = 0; i < count; ++i) {
+      ChatBatch x;
+      d.next(1, x);
+      rows.emplace_back();
+      for (const auto& ref : x.refs) rows.back().push_back(ref.window);
+    }
+    return rows;
+  };
+  ChatConfig g = c;
+  g.packing = "greedy";
+  ChatDataset greedy(g, tok(), seq_len, 3, 0, 1);
+  for (int64_t window : {int64_t{1000}, int64_t{10}}) {
+    INFO("pack_window " << window);
+    c.pack_window = window;
+    ChatDataset d(c, tok(), seq_len, 3, 0, 1);
+    const auto& examples = d.train_examples();
+    REQUIRE(static_cast<int64_t>(examples.size()) == n);
+    auto need = [&](int64_t e) { return static_cast<int64_t>(examples[static_cast<size_t>(e)].tokens.size()) - 1; };
+    // The stats' rows are exactly epoch 0; best fit fills them better than greedy.
+    const int64_t epoch_rows = d.stats().packed_rows;
+    CHECK(d.stats().packed_fill > greedy.stats().packed_fill);
+    auto rows = rows_of(d, epoch_rows);
+    // Unpacked order: the windows' examples (the same permutation as every other mode).
+    ChatConfig u = c;
+    u.packed = false;
+    ChatDataset plain(u, tok(), seq_len, 3, 0, 1);
+    std::vector<int64_t> stream;
+    for (const auto& row : rows_of(plain, n)) stream.push_back(row[0]);
+    std::vector<int64_t> seen;
+    size_t window_start = 0, in_window = 0;
+    std::vector<std::vector<int64_t>> window_rows;
+    for (const auto& row : rows) {
+      int64_t used = 0;
+      for (int64_t e : row) used += need(e);
+      CHECK(used <= seq_len);
+      seen.insert(seen.end(), row.begin(), row.end());
+      window_rows.push_back(row);
+      in_window += row.size();
+      const size_t window_size = std::min<size_t>(static_cast<size_t>(window), stream.size() - window_start);
+      if (in_window == window_size) {  // the window's rows hold exactly its examples
+        std::vector<int64_t> got(seen.end() - static_cast<std::ptrdiff_t>(window_size), seen.end());
+        std::vector<int64_t> want(stream.begin() + static_cast<std::ptrdiff_t>(window_start),
+                                  stream.begin() + static_cast<std::ptrdiff_t>(window_start + window_size));
+        std::sort(got.begin(), got.end());
+        std::sort(want.begin(), want.end());
+        CHECK(got == want);
+        // Best-fit decreasing: a row was opened only for an example no earlier row had room for,
+        // so no two rows of a window would fit into one.
+        for (size_t i = 0; i < window_rows.size(); ++i)
+          for (size_t j = i + 1; j < window_rows.size(); ++j) {
+            int64_t both = 0;
+            for (int64_t e : window_rows[i]) both += need(e);
+            for (int64_t e : window_rows[j]) both += need(e);
+            CHECK(both > seq_len);
+          }
+        window_start += window_size, in_window = 0;
+        window_rows.clear();
+      }
+      CHECK(in_window < window_size);  // no row spans two windows
+    }
+    CHECK(window_start == stream.size());  // the stats' rows are exactly one epoch
+    std::sort(seen.begin(), seen.end());
+    std::vector<int64_t> all(static_cast<size_t>(n));
+    std::iota(all.begin(), all.end(), 0);
+    CHECK(seen == all);
+
+    // A cursor taken mid-window resumes exactly; pass_over equals consuming; two ranks alternate.
+    ChatDataset a(c, tok(), seq_len, 3, 0, 1), b(c, tok(), seq_len, 3, 0, 1), skip(c, tok(), seq_len, 3, 0, 1);
+    const auto first = rows_of(a, 3);
+    b.restore(a.cursor());
+    CHECK(rows_of(b, epoch_rows) == rows_of(a, epoch_rows));  // into the next epoch
+    const int64_t skipped = skip.pass_over(3);
+    const auto again = rows_of(skip, 2);
+    ChatDataset fresh(c, tok(), seq_len, 3, 0, 1);
+    const auto from_start = rows_of(fresh, 5);
+    CHECK(skipped == static_cast<int64_t>(from_start[0].size() + from_start[1].size() + from_start[2].size()));
+    CHECK(again == std::vector<std::vector<int64_t>>(from_start.begin() + 3, from_start.end()));
+    CHECK(first == std::vector<std::vector<int64_t>>(from_start.begin(), from_start.begin() + 3));
+    ChatDataset r0(c, tok(), seq_len, 3, 0, 2), r1(c, tok(), seq_len, 3, 1, 2);
+    CHECK(rows_of(r0, 2) == std::vector<std::vector<int64_t>>{from_start[0], from_start[2]});
+    CHECK(rows_of(r1, 2) == std::vector<std::vector<int64_t>>{from_start[1], from_start[3]});
+    // Cursors of another packing or window do not mix.
+    CHECK_THAT(test::error_of([&] { greedy.restore(a.cursor()); }), Catch::Contains("chat.packing and chat.pack_window"));
+    ChatConfig other = c;
+    other.pack_window = window + 1;
+    ChatDataset o(other, tok(), seq_len, 3, 0, 1);
+    CHECK_THAT(test::error_of([&] { o.restore(a.cursor()); }), Catch::Contains("windows of " + std::to_string(window)));
+  }
 }
 
 TEST_CASE("prompt tokens contribute exactly zero to the loss and its gradients", "[chat]") {

@@ -326,6 +326,9 @@ TEST_CASE("document positions restart with each document, the mask stays inside 
                               torch::kBool)
                     .view({1, 1, 6, 6});
   CHECK(mask.equal(expect));
+  // Segments: (row, start, length) of each document, row by row.
+  auto two_rows = torch::tensor({0, 0, 1, 1, 1, 2, 5, 5, 5, 5, 5, 5}, torch::kInt64).view({2, 6});
+  CHECK(document_segments(two_rows).equal(torch::tensor({0, 0, 2, 0, 2, 3, 0, 5, 1, 1, 0, 6}, torch::kInt64).view({4, 3})));
   // Per-token rotary tables equal the (start, T) table at the same positions.
   Rotary rope(8, 10000.0);
   auto [c, s] = rope.table(torch::tensor({3, 4, 5}, torch::kInt64).view({1, 3}), torch::kFloat32);  // (1, 1, 3, 8)
@@ -339,12 +342,15 @@ TEST_CASE("packed rows: every document's logits and gradients are those it has a
   const std::vector<std::vector<int64_t>> lengths = {{5, 9, 3}, {20}};
   const int64_t T = 20;
   for (const std::string extra : {"", ", sliding_window: 4", ", n_experts: 4, n_experts_per_token: 2"}) {
-    for (bool checkpointing : {false, true}) {
-      INFO(extra << (checkpointing ? " with activation checkpointing" : ""));
+    for (auto [checkpointing, how] : {std::pair{false, PackedAttention::kSegments}, std::pair{true, PackedAttention::kSegments},
+                                      std::pair{false, PackedAttention::kBias}, std::pair{true, PackedAttention::kBias}}) {
+      INFO(extra << (checkpointing ? " with activation checkpointing" : "")
+                 << (how == PackedAttention::kBias ? ", bias mask" : ", segments"));
       torch::manual_seed(11);
       Transformer m(small_config(extra + ", init_std: 0.2"));
       m->to(torch::kFloat64);
       m->set_activation_checkpointing(checkpointing);
+      m->set_packed_attention(how);
       auto tokens = torch::randint(0, 37, {2, T});
       auto docs = torch::empty({2, T}, torch::kInt64);
       auto targets = torch::full({2, T}, -100, torch::kInt64);
@@ -392,8 +398,11 @@ TEST_CASE("packed rows: every document's logits and gradients are those it has a
   auto tokens = torch::randint(0, 37, {1, 12});
   auto docs = torch::tensor({0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1}, torch::kInt64).view({1, 12});
   torch::NoGradGuard no_grad;
-  auto packed = m->forward_packed(tokens, docs).logits;
-  CHECK(test::max_abs_diff(m->forward(tokens.slice(1, 7)).logits, packed.slice(1, 7)) < 1e-5);
-  CHECK(test::max_abs_diff(m->forward(tokens.slice(1, 0, 7)).logits, packed.slice(1, 0, 7)) < 1e-5);
+  for (auto how : {PackedAttention::kSegments, PackedAttention::kBias}) {
+    m->set_packed_attention(how);
+    auto packed = m->forward_packed(tokens, docs).logits;
+    CHECK(test::max_abs_diff(m->forward(tokens.slice(1, 7)).logits, packed.slice(1, 7)) < 1e-5);
+    CHECK(test::max_abs_diff(m->forward(tokens.slice(1, 0, 7)).logits, packed.slice(1, 0, 7)) < 1e-5);
+  }
   CHECK_THAT(test::error_of([&] { m->forward_packed(tokens, docs.slice(1, 1)); }), Catch::Contains("do not match"));
 }

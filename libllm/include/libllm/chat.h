@@ -43,12 +43,21 @@ struct ChatConfig {                  // recipe section `chat`
   // A malformed line (bad JSON, missing/mistyped fields, unknown role, no assistant turn):
   // fail (an error naming file:line) or skip (counted and the first few printed).
   std::string malformed = "fail";
-  // false (default): one example per row, padded to the batch's longest. true: examples are
-  // packed greedily, in the shuffled order, into rows of train.seq_len positions (an example of
-  // L tokens takes L - 1: its inputs); each attends only to itself, with rotary positions from 0
+  // false (default): one example per row, padded to the batch's longest. true: several examples
+  // are packed into each row of train.seq_len positions (an example of L tokens takes L - 1: its
+  // inputs), as `packing` says; each attends only to itself, with rotary positions from 0
   // (Transformer::forward_packed), so its loss is the one it has alone; a row's unused tail is
   // padding. A sample (train.micro_batch, data_sequence.jsonl) is then a row.
   bool packed = false;
+  // How packed rows are filled. best_fit (default): the shuffled examples are taken pack_window
+  // at a time (never across an epoch's end); longest first, each goes into the row with the
+  // least room that still fits it, or opens a new row (best-fit decreasing, TRL's "bfd"); the
+  // window's rows are then shuffled (seeded). greedy: rows are filled in the shuffled order, a row
+  // closing when the next example does not fit (torchtune's packing); fewer positions filled.
+  std::string packing = "best_fit";
+  // Examples that best_fit packs together (>= 1; default 1000). More fill rows better; the rows
+  // of a window are built when it starts.
+  int64_t pack_window = 1000;
 
   void fields(Fields& f);
 };
@@ -118,8 +127,8 @@ struct ChatBatch {
 
 // The examples of cfg.files rendered and split; a deterministic, resumable order of training
 // examples (a Fisher-Yates permutation per epoch from the seed) and of rows: unpacked, row i of
-// the global stream is example i; packed, rows are filled greedily from the example stream, the
-// same on every rank. Global row i goes to rank i % world_size.
+// the global stream is example i; packed, rows are filled from the example stream (chat.packing),
+// the same on every rank. Global row i goes to rank i % world_size.
 class ChatDataset {
  public:
   ChatDataset(const ChatConfig& cfg, const Tokenizer& tok, int64_t seq_len, uint64_t seed, int64_t rank,
@@ -136,24 +145,34 @@ class ChatDataset {
   const std::vector<ChatExample>& train_examples() const { return train_; }
   const std::vector<ChatExample>& valid_examples() const { return valid_; }
 
-  // {"format": "libllm-chat-cursor-v1", "global" (the example stream's next index), "examples",
-  // "seed", "world_size", "packed", "seq_len" (packed)}; restore() checks all but "global".
+  // {"format": "libllm-chat-cursor-v1", "global" (the example stream's next index; best_fit: the
+  // current window's first), "examples", "seed", "world_size", "packed", and when packed
+  // "seq_len", "packing" and for best_fit "pack_window" and "window_row" (the window's rows
+  // taken)}; restore() checks all but "global" and "window_row". A cursor without "packing" is greedy.
   std::string cursor() const;
   void restore(const std::string& cursor);
-  // Moves past the next `samples` rows of every rank (a loss-spike rollback's data, dropped).
-  void pass_over(int64_t samples);
+  // Moves past the next `samples` rows of every rank (a loss-spike rollback's data, dropped);
+  // returns the examples those rows hold, over all ranks.
+  int64_t pass_over(int64_t samples);
 
  private:
   int64_t example_at(int64_t global);  // training example index of global sample i
   // The training examples of the next row of the global stream (advances global_).
   void next_row(std::vector<int64_t>& examples);
+  // best_fit: the rows (training example indices) of the window that starts at stream index
+  // `start`; sets window_end_.
+  std::vector<std::vector<int64_t>> pack_window(int64_t start);
 
   std::vector<ChatExample> train_, valid_;
   std::vector<int64_t> train_index_;  // example number (file order) of each training example
   ChatStats stats_;
   uint64_t seed_;
   int64_t seq_len_, rank_, world_, global_ = 0, pad_id_ = 0;
-  bool packed_ = false;
+  bool packed_ = false, best_fit_ = false;
+  int64_t window_ = 0;                             // pack_window
+  std::vector<std::vector<int64_t>> window_rows_;  // best_fit: the current window's rows
+  size_t window_row_ = 0;                          // of which this many are taken
+  int64_t window_end_ = -1;                        // the current window's end; -1 = not built
   int64_t perm_epoch_ = -1;
   std::vector<uint32_t> perm_;
 };

@@ -18,9 +18,9 @@ inline torch::ScalarType compute_dtype(const torch::Tensor& x) {
 }
 
 // Causal scaled-dot-product attention. q: (B, H, T, D); k, v: (B, Hkv, S, D) with H % Hkv == 0.
-// mask: optional bool mask broadcastable to (B, H, T, S), true = attend (sliding windows, packed
-// rows; every query must see at least one key); when absent the attention is causal with query
-// i seeing keys <= i + (S - T).
+// mask: optional, broadcastable to (B, H, T, S): bool, true = attend (sliding windows), or an
+// additive mask of q's dtype, 0 or -inf (packed rows); every query must see at least one key.
+// When absent the attention is causal with query i seeing keys <= i + (S - T).
 // Uses at::scaled_dot_product_attention (flash / memory-efficient / cuDNN kernels) on 2.x;
 // on 1.13 a plain matmul-softmax-matmul that autograd differentiates.
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,

@@ -78,16 +78,34 @@ struct KVCache {
   int64_t capacity = 0;             // positions the cache holds (the model's max_seq_len)
 };
 
+// How the documents of packed rows stay apart inside attention. TransformerImpl::hidden builds it
+// once per forward from `documents` (document_mask()); every layer shares it. At most one member
+// is defined; neither = one causal sequence per row.
+struct Packing {
+  // (B, 1, T, T) additive mask in the activations' dtype: 0 where key j <= query i lies in the
+  // query's document (and within the sliding window), -inf elsewhere. A view of rows padded to a
+  // multiple of 16 elements, so SDPA's memory-efficient CUDA kernel takes it without a copy.
+  torch::Tensor bias;
+  // (N, 3) int64 on the CPU: the row, first position and length of every document (padding is a
+  // document too), row by row in order, together covering every row (document_segments()).
+  // Each document's causal attention is computed on its own: L² scores per document, not T².
+  torch::Tensor segments;
+  bool empty() const { return !bias.defined() && !segments.defined(); }
+};
+
+// Which Packing forward_packed builds. kAuto: segments on the CPU (LibTorch's CPU attention is
+// unfused, so skipping the masked-out scores pays); the bias mask on CUDA (one fused kernel).
+enum class PackedAttention { kAuto, kBias, kSegments };
+
 class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const ModelConfig& cfg);
   // x: (B, T, D) at positions [start, start + T); cos/sin: (T, head_dim) or (B, 1, T, head_dim).
-  // `mask`: which keys each query may see, (B, 1, T, T) bool (true = attend; packed rows, see
-  // document_mask()), or undefined = causal. With a cache layer (k, v of `cache`'s length past
-  // positions), the new keys/values are written into it and the queries attend to every cached
-  // position.
+  // `packing`: how packed rows keep their documents apart (Packing), or empty = causal. With a
+  // cache layer (k, v of `cache`'s length past positions), the new keys/values are written into
+  // it and the queries attend to every cached position.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                        KVCache* cache = nullptr, int64_t layer = 0, const torch::Tensor& mask = {});
+                        KVCache* cache = nullptr, int64_t layer = 0, const Packing& packing = {});
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
 
  private:
@@ -125,7 +143,7 @@ class BlockImpl : public torch::nn::Module {
   explicit BlockImpl(const ModelConfig& cfg);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         std::vector<torch::Tensor>& router_logits, KVCache* cache = nullptr, int64_t layer = 0,
-                        const torch::Tensor& mask = {});
+                        const Packing& packing = {});
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   Attention self_attn{nullptr};
   MLP mlp{nullptr};              // dense models
@@ -156,8 +174,10 @@ class BlockHooks {
 // (B, T) int64 gives each position's document; a document's positions are contiguous.
 // document_mask: (B, 1, T, T) bool, true where key j <= query i and both are in one document.
 // document_positions: (B, T) int64, each position's offset from its document's first position.
+// document_segments: (N, 3) int64 on the CPU, (row, start, length) of every document in order.
 torch::Tensor document_mask(const torch::Tensor& documents);
 torch::Tensor document_positions(const torch::Tensor& documents);
+torch::Tensor document_segments(const torch::Tensor& documents);
 
 // A parameter of a deferred model that holds no values yet (TransformerImpl::Deferred).
 bool is_unallocated(const torch::Tensor& p);
@@ -236,6 +256,9 @@ class TransformerImpl : public torch::nn::Module {
   bool activation_checkpointing() const { return checkpointing_; }
   // Hooks called around every block (null = none); not owned.
   void set_block_hooks(BlockHooks* hooks) { hooks_ = hooks; }
+  // How forward_packed keeps documents apart (PackedAttention; default kAuto). Every choice gives
+  // each document the logits it has alone; they differ in speed and memory.
+  void set_packed_attention(PackedAttention how) { packed_attention_ = how; }
   BlockHooks* block_hooks() const { return hooks_; }
 
   Decoder model{nullptr};
@@ -248,6 +271,7 @@ class TransformerImpl : public torch::nn::Module {
   uint64_t init_seed_ = 0;
   bool checkpointing_ = false;
   BlockHooks* hooks_ = nullptr;
+  PackedAttention packed_attention_ = PackedAttention::kAuto;
 };
 TORCH_MODULE(Transformer);
 
