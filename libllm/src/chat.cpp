@@ -399,8 +399,18 @@ ChatDataset::ChatDataset(const ChatConfig& cfg, const Tokenizer& tok, int64_t se
 }
 
 std::vector<std::vector<int64_t>> ChatDataset::pack_window(int64_t start) {
+  // An epoch's examples split into ceil(n / pack_window) windows of equal size (within one):
+  // window k holds the epoch's examples [k n / w, (k + 1) n / w).
   const int64_t n = static_cast<int64_t>(train_.size());
-  window_end_ = std::min(start + window_, (start / n + 1) * n);  // within start's epoch
+  const int64_t w = n / window_ + (n % window_ != 0), offset = start % n;
+  auto boundary = [&](int64_t k) { return k * n / w; };
+  int64_t k = offset * w / n;
+  while (k < w && boundary(k) < offset) ++k;
+  while (k > 0 && boundary(k) > offset) --k;
+  if (boundary(k) != offset)
+    throw Error("data cursor", fmt::format("example {} does not start a window of {} examples", start, window_),
+                "resume with the checkpoint's chat.files, chat.pack_window and data.seed");
+  window_end_ = start - offset + boundary(k + 1);
   struct Item {
     int64_t need, global;
   };
@@ -409,7 +419,7 @@ std::vector<std::vector<int64_t>> ChatDataset::pack_window(int64_t start) {
     items.push_back({static_cast<int64_t>(train_[static_cast<size_t>(example_at(g))].tokens.size()) - 1, g});
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.need > b.need; });
   std::vector<std::vector<int64_t>> rows;  // stream indices, then training example indices
-  std::multimap<int64_t, size_t> room;     // free positions -> row (equal rooms: the older row first)
+  std::multimap<int64_t, size_t> room;     // free positions -> row (equal rooms: the one left so first)
   for (const auto& item : items) {
     auto it = room.lower_bound(item.need);  // the least room that fits
     size_t r;
@@ -471,7 +481,14 @@ void ChatDataset::batch_of(const std::vector<const ChatExample*>& rows, torch::T
 void ChatDataset::next_row(std::vector<int64_t>& examples) {
   examples.clear();
   if (packed_ && best_fit_) {
-    if (window_end_ < 0) window_rows_ = pack_window(global_);  // after construction or restore()
+    if (window_end_ < 0) {  // after construction or restore()
+      window_rows_ = pack_window(global_);
+      if (window_row_ > window_rows_.size())
+        throw Error("data cursor",
+                    fmt::format("row {} of the window at example {}, which has {} rows", window_row_, global_,
+                                window_rows_.size()),
+                    "the chat data changed since the checkpoint: resume with the same chat.files and settings");
+    }
     while (window_row_ >= window_rows_.size()) {
       global_ = window_end_;
       window_rows_ = pack_window(global_);

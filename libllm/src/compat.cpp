@@ -19,6 +19,7 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
   };
   // Bottom-right aligned causal mask for T != S (queries are the last T positions).
   c10::optional<torch::Tensor> m = mask;
+  if (m && m->is_floating_point() && m->scalar_type() != q.scalar_type()) m = m->to(q.scalar_type());
   if (!m && T != S) {
     auto i = torch::arange(T, torch::dtype(torch::kInt64).device(q.device())).unsqueeze(1) + (S - T);
     m = torch::arange(S, torch::dtype(torch::kInt64).device(q.device())).unsqueeze(0) <= i;
@@ -43,6 +44,15 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
   }
   auto probs = torch::softmax(scores, -1, compute_dtype(q)).to(q.scalar_type());   // (B, H, T, S)
   return torch::matmul(probs, expand_kv(v));                                       // (B, H, T, D)
+#endif
+}
+
+bool fused_masked_attention(const torch::Device& device) {
+#if LIBLLM_TORCH_AT_LEAST(2, 2)
+  return device.is_cuda();
+#else
+  (void)device;
+  return false;
 #endif
 }
 

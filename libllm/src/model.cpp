@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <limits>
+#include <map>
 #include <thread>
 
 #include "libllm/compat.h"
@@ -45,11 +46,16 @@ torch::Tensor segment_attention(const torch::Tensor& q, const torch::Tensor& k, 
                                 const torch::Tensor& segments, int64_t window) {
   const auto s = segments.accessor<int64_t, 2>();
   std::vector<torch::Tensor> rows, pieces;
+  std::map<int64_t, torch::Tensor> windows;  // sliding-window masks by document length
   for (int64_t i = 0; i < segments.size(0); ++i) {
     const int64_t b = s[i][0], start = s[i][1], L = s[i][2];
     auto part = [&](const torch::Tensor& t) { return t.narrow(0, b, 1).narrow(2, start, L); };  // (1, H, L, D)
     c10::optional<torch::Tensor> allowed;
-    if (window > 0 && window < L) allowed = sliding_window_mask(L, L, window, q.device());       // (L, L)
+    if (window > 0 && window < L) {
+      auto& w = windows[L];
+      if (!w.defined()) w = sliding_window_mask(L, L, window, q.device());                       // (L, L)
+      allowed = w;
+    }
     pieces.push_back(compat::attention(part(q), part(k), part(v), allowed));
     if (i + 1 == segments.size(0) || s[i + 1][0] != b) {
       rows.push_back(pieces.size() == 1 ? pieces[0] : torch::cat(pieces, 2));  // (1, H, T, D)
@@ -431,9 +437,24 @@ void TransformerImpl::materialize() {
   }
 }
 
+namespace {
+
+// Each position's run of equal document ids, numbered from 0 per row: (B, T). A document is a
+// run, so an id that comes back after another one starts a new document (as in
+// document_segments and document_positions).
+torch::Tensor document_runs(const torch::Tensor& documents) {
+  const int64_t T = documents.size(1);
+  auto starts = torch::zeros_like(documents);                                           // (B, T)
+  if (T > 1) starts.narrow(1, 1, T - 1).copy_(documents.narrow(1, 1, T - 1) != documents.narrow(1, 0, T - 1));
+  return starts.cumsum(1);
+}
+
+}  // namespace
+
 torch::Tensor document_mask(const torch::Tensor& documents) {
   const int64_t T = documents.size(1);
-  auto same = documents.unsqueeze(2) == documents.unsqueeze(1);                       // (B, T, T)
+  const auto runs = document_runs(documents);
+  auto same = runs.unsqueeze(2) == runs.unsqueeze(1);                                  // (B, T, T)
   auto causal = torch::ones({T, T}, torch::dtype(torch::kBool).device(documents.device())).tril();
   return same.logical_and(causal).unsqueeze(1);                                       // (B, 1, T, T)
 }
@@ -462,6 +483,18 @@ torch::Tensor document_segments(const torch::Tensor& documents) {
 
 namespace {
 
+// The most negative finite value of a floating dtype (torch.finfo(dtype).min): what an additive
+// mask adds where attention is not allowed. Finite like transformers' masks, because some SDPA
+// kernels (cuDNN) mishandle -inf; exp(min - max) is still exactly 0.
+double lowest(torch::Dtype dtype) {
+  switch (dtype) {
+    case torch::kFloat16: return -65504.0;
+    case torch::kBFloat16: return -3.3895313892515355e38;
+    case torch::kFloat32: return std::numeric_limits<float>::lowest();
+    default: return std::numeric_limits<double>::lowest();
+  }
+}
+
 // Packing::bias for `documents` (B, T): the document mask and the sliding window as an additive
 // mask of `dtype`, stored in rows of a multiple of 16 elements (SDPA's alignment for its bias).
 torch::Tensor document_bias(const torch::Tensor& documents, int64_t window, torch::Dtype dtype) {
@@ -469,7 +502,7 @@ torch::Tensor document_bias(const torch::Tensor& documents, int64_t window, torc
   auto allowed = document_mask(documents);                                   // (B, 1, T, T)
   if (window > 0 && window < T) allowed = allowed.logical_and(sliding_window_mask(T, T, window, documents.device()));
   auto bias = torch::zeros({B, 1, T, padded}, torch::dtype(dtype).device(documents.device())).narrow(3, 0, T);
-  return bias.masked_fill_(allowed.logical_not(), -std::numeric_limits<double>::infinity());  // (B, 1, T, T)
+  return bias.masked_fill_(allowed.logical_not(), lowest(dtype));           // (B, 1, T, T)
 }
 
 }  // namespace
@@ -490,7 +523,7 @@ torch::Tensor TransformerImpl::hidden(const torch::Tensor& tokens, int64_t start
     const auto docs = documents.to(x.device(), torch::kInt64);
     std::tie(cos, sin) = rotary_.table(document_positions(docs), x.scalar_type());  // (B, 1, T, D)
     const bool segments = packed_attention_ == PackedAttention::kSegments ||
-                          (packed_attention_ == PackedAttention::kAuto && !x.is_cuda());
+                          (packed_attention_ == PackedAttention::kAuto && !compat::fused_masked_attention(x.device()));
     if (segments) packing.segments = document_segments(documents);                  // (N, 3)
     else packing.bias = document_bias(docs, cfg_.sliding_window, x.scalar_type());  // (B, 1, T, T)
   } else {

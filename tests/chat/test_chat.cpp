@@ -375,6 +375,7 @@ TEST_CASE("best_fit packing: each window's examples once, rows no two of which w
     ChatDataset d(c, tok(), seq_len, 3, 0, 1);
     const auto& examples = d.train_examples();
     REQUIRE(static_cast<int64_t>(examples.size()) == n);
+    // refs hold example numbers in file order; with valid_every 0 they index train_examples().
     auto need = [&](int64_t e) { return static_cast<int64_t>(examples[static_cast<size_t>(e)].tokens.size()) - 1; };
     // The stats' rows are exactly epoch 0; best fit fills them better than greedy.
     const int64_t epoch_rows = d.stats().packed_rows;
@@ -386,8 +387,12 @@ TEST_CASE("best_fit packing: each window's examples once, rows no two of which w
     ChatDataset plain(u, tok(), seq_len, 3, 0, 1);
     std::vector<int64_t> stream;
     for (const auto& row : rows_of(plain, n)) stream.push_back(row[0]);
+    // Windows: ceil(n / pack_window) of equal size (within one), each epoch.
+    const int64_t n_windows = (n + window - 1) / window;
+    std::vector<size_t> bounds;
+    for (int64_t k = 0; k <= n_windows; ++k) bounds.push_back(static_cast<size_t>(k * n / n_windows));
     std::vector<int64_t> seen;
-    size_t window_start = 0, in_window = 0;
+    size_t window_start = 0, in_window = 0, wi = 0;
     std::vector<std::vector<int64_t>> window_rows;
     for (const auto& row : rows) {
       int64_t used = 0;
@@ -396,7 +401,8 @@ TEST_CASE("best_fit packing: each window's examples once, rows no two of which w
       seen.insert(seen.end(), row.begin(), row.end());
       window_rows.push_back(row);
       in_window += row.size();
-      const size_t window_size = std::min<size_t>(static_cast<size_t>(window), stream.size() - window_start);
+      const size_t window_size = bounds[wi + 1] - bounds[wi];
+      REQUIRE(window_start == bounds[wi]);
       if (in_window == window_size) {  // the window's rows hold exactly its examples
         std::vector<int64_t> got(seen.end() - static_cast<std::ptrdiff_t>(window_size), seen.end());
         std::vector<int64_t> want(stream.begin() + static_cast<std::ptrdiff_t>(window_start),
@@ -413,7 +419,7 @@ TEST_CASE("best_fit packing: each window's examples once, rows no two of which w
             for (int64_t e : window_rows[j]) both += need(e);
             CHECK(both > seq_len);
           }
-        window_start += window_size, in_window = 0;
+        window_start += window_size, in_window = 0, ++wi;
         window_rows.clear();
       }
       CHECK(in_window < window_size);  // no row spans two windows
@@ -424,7 +430,15 @@ TEST_CASE("best_fit packing: each window's examples once, rows no two of which w
     std::iota(all.begin(), all.end(), 0);
     CHECK(seen == all);
 
-    // A cursor taken mid-window resumes exactly; pass_over equals consuming; two ranks alternate.
+    // A cursor taken after any row (mid-window, at a window's end, in the next epoch) resumes
+    // exactly; pass_over equals consuming; two ranks alternate, resume and skip alike.
+    for (int64_t k = 0; k <= epoch_rows + 2; ++k) {
+      INFO("cursor after " << k << " rows");
+      ChatDataset x(c, tok(), seq_len, 3, 0, 1), y(c, tok(), seq_len, 3, 0, 1);
+      rows_of(x, k);
+      y.restore(x.cursor());
+      CHECK(rows_of(y, 3) == rows_of(x, 3));
+    }
     ChatDataset a(c, tok(), seq_len, 3, 0, 1), b(c, tok(), seq_len, 3, 0, 1), skip(c, tok(), seq_len, 3, 0, 1);
     const auto first = rows_of(a, 3);
     b.restore(a.cursor());
@@ -439,6 +453,18 @@ TEST_CASE("best_fit packing: each window's examples once, rows no two of which w
     ChatDataset r0(c, tok(), seq_len, 3, 0, 2), r1(c, tok(), seq_len, 3, 1, 2);
     CHECK(rows_of(r0, 2) == std::vector<std::vector<int64_t>>{from_start[0], from_start[2]});
     CHECK(rows_of(r1, 2) == std::vector<std::vector<int64_t>>{from_start[1], from_start[3]});
+    ChatDataset s0(c, tok(), seq_len, 3, 0, 2), s1(c, tok(), seq_len, 3, 1, 2), t1(c, tok(), seq_len, 3, 1, 2);
+    CHECK(s0.pass_over(1) == static_cast<int64_t>(from_start[0].size() + from_start[1].size()));
+    CHECK(rows_of(s0, 1) == std::vector<std::vector<int64_t>>{from_start[2]});
+    rows_of(s1, 1);
+    t1.restore(s1.cursor());
+    CHECK(rows_of(t1, 1) == std::vector<std::vector<int64_t>>{from_start[3]});
+    // A cursor past its window's rows means the data changed.
+    auto bad = nlohmann::json::parse(a.cursor());
+    bad["window_row"] = 1000;
+    ChatDataset z(c, tok(), seq_len, 3, 0, 1);
+    z.restore(bad.dump());
+    CHECK_THAT(test::error_of([&] { rows_of(z, 1); }), Catch::Contains("the chat data changed"));
     // Cursors of another packing or window do not mix.
     CHECK_THAT(test::error_of([&] { greedy.restore(a.cursor()); }), Catch::Contains("chat.packing and chat.pack_window"));
     ChatConfig other = c;

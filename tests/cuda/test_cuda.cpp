@@ -1,5 +1,6 @@
 // CUDA paths against the CPU ones (label gpu; run where LibTorch has CUDA and a device is present):
-// the model's forward/backward (dense GQA and MoE, with and without activation checkpointing),
+// the model's forward/backward (dense GQA and MoE, with and without activation checkpointing;
+// packed rows),
 // AdamW's fused CUDA kernel against its _foreach path on the CPU, and bf16 against fp32.
 // Tolerances: fp32 kernels differ in summation order only, so 1e-4 (logits, absolute) and 1e-4
 // (gradients, relative); AdamW after 5 steps 1e-6 relative; a bf16 loss within 2% of fp32.
@@ -32,7 +33,10 @@ bool have_cuda() {
   return false;
 }
 
-void compare_devices(const ModelConfig& mc, bool checkpointing) {
+// packed: rows of 27 positions holding documents of 5, 9, 13 and 20, 7 tokens (forward_packed:
+// the CPU computes each document alone, CUDA passes one additive mask to SDPA; 27 is not a
+// multiple of the mask's 16-element row alignment).
+void compare_devices(const ModelConfig& mc, bool checkpointing, bool packed = false) {
   torch::manual_seed(3);
   Transformer cpu(mc), gpu(mc);
   {
@@ -44,9 +48,18 @@ void compare_devices(const ModelConfig& mc, bool checkpointing) {
   gpu->to(cuda);
   cpu->set_activation_checkpointing(checkpointing);
   gpu->set_activation_checkpointing(checkpointing);
-  auto ids = torch::randint(0, mc.vocab_size, {2, 33});
+  const int64_t T = packed ? 27 : 32;
+  auto ids = torch::randint(0, mc.vocab_size, {2, T + 1});
+  torch::Tensor docs;
+  if (packed) {
+    docs = torch::zeros({2, T}, torch::kInt64);
+    docs[0].slice(0, 5, 14).fill_(1);
+    docs[0].slice(0, 14).fill_(2);
+    docs[1].slice(0, 20).fill_(1);
+  }
   auto loss_of = [&](Transformer& m, const torch::Tensor& t) {
-    auto out = m->forward(t.slice(1, 0, 32));
+    auto x = t.slice(1, 0, T);
+    auto out = packed ? m->forward_packed(x, docs.to(x.device())) : m->forward(x);
     return std::make_pair(out.logits, cross_entropy(out.logits, t.slice(1, 1)) + out.aux_loss);
   };
   auto [lc, c] = loss_of(cpu, ids);
@@ -74,6 +87,12 @@ TEST_CASE("CUDA forward and backward equal the CPU's (MoE, activation checkpoint
   if (!have_cuda()) return;
   compare_devices(config(", n_experts: 4, n_experts_per_token: 2"), false);
   compare_devices(config(""), true);
+}
+
+TEST_CASE("packed rows on CUDA equal the CPU's (GQA, sliding window, activation checkpointing)", "[gpu]") {
+  if (!have_cuda()) return;
+  compare_devices(config(""), false, true);
+  compare_devices(config(", sliding_window: 6"), true, true);
 }
 
 TEST_CASE("AdamW's fused CUDA kernel equals the CPU _foreach path (fp32 and bf16 with fp32 master)", "[gpu]") {

@@ -326,6 +326,10 @@ TEST_CASE("document positions restart with each document, the mask stays inside 
                               torch::kBool)
                     .view({1, 1, 6, 6});
   CHECK(mask.equal(expect));
+  // A document is a run of equal ids: an id that comes back starts another document.
+  auto again = torch::tensor({0, 0, 1, 0}, torch::kInt64).view({1, 4});
+  CHECK(document_mask(again)[0][0][3].equal(torch::tensor({0, 0, 0, 1}, torch::kBool)));
+  CHECK(document_positions(again).view({4}).equal(torch::tensor({0, 1, 0, 0}, torch::kInt64)));
   // Segments: (row, start, length) of each document, row by row.
   auto two_rows = torch::tensor({0, 0, 1, 1, 1, 2, 5, 5, 5, 5, 5, 5}, torch::kInt64).view({2, 6});
   CHECK(document_segments(two_rows).equal(torch::tensor({0, 0, 2, 0, 2, 3, 0, 5, 1, 1, 0, 6}, torch::kInt64).view({4, 3})));

@@ -49,14 +49,15 @@ struct ChatConfig {                  // recipe section `chat`
   // (Transformer::forward_packed), so its loss is the one it has alone; a row's unused tail is
   // padding. A sample (train.micro_batch, data_sequence.jsonl) is then a row.
   bool packed = false;
-  // How packed rows are filled. best_fit (default): the shuffled examples are taken pack_window
-  // at a time (never across an epoch's end); longest first, each goes into the row with the
-  // least room that still fits it, or opens a new row (best-fit decreasing, TRL's "bfd"); the
-  // window's rows are then shuffled (seeded). greedy: rows are filled in the shuffled order, a row
-  // closing when the next example does not fit (torchtune's packing); fewer positions filled.
+  // How packed rows are filled. best_fit (default): each epoch's shuffled examples are split into
+  // ceil(examples / pack_window) consecutive windows of equal size (within one); in a window,
+  // longest first, each example goes into the row with the least room that still fits it, or
+  // opens a new row (best-fit decreasing, TRL's "bfd"); the window's rows are then shuffled
+  // (seeded). greedy: rows are filled in the shuffled order, a row closing when the next example
+  // does not fit (torchtune's packing); fewer positions filled.
   std::string packing = "best_fit";
-  // Examples that best_fit packs together (>= 1; default 1000). More fill rows better; the rows
-  // of a window are built when it starts.
+  // The most examples best_fit packs together (>= 1; default 1000). Larger windows fill rows
+  // better; a window's rows are built when it starts.
   int64_t pack_window = 1000;
 
   void fields(Fields& f);

@@ -19,12 +19,18 @@ inline torch::ScalarType compute_dtype(const torch::Tensor& x) {
 
 // Causal scaled-dot-product attention. q: (B, H, T, D); k, v: (B, Hkv, S, D) with H % Hkv == 0.
 // mask: optional, broadcastable to (B, H, T, S): bool, true = attend (sliding windows), or an
-// additive mask of q's dtype, 0 or -inf (packed rows); every query must see at least one key.
+// additive mask (packed rows: 0, or the dtype's lowest finite value; cast to q's dtype when it
+// differs); every query must see at least one key.
 // When absent the attention is causal with query i seeing keys <= i + (S - T).
 // Uses at::scaled_dot_product_attention (flash / memory-efficient / cuDNN kernels) on 2.x;
 // on 1.13 a plain matmul-softmax-matmul that autograd differentiates.
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                         const c10::optional<torch::Tensor>& mask);
+
+// Whether SDPA runs an additive mask in a fused kernel on `device` (CUDA with LibTorch >= 2.2:
+// the memory-efficient kernel, which takes the mask without a copy when its rows are 16-element
+// aligned). Elsewhere a mask means (B, H, T, S) scores in memory.
+bool fused_masked_attention(const torch::Device& device);
 
 // RMSNorm y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (compute_dtype) and cast back
 // to x's dtype before the weight multiply (the Hugging Face LLaMA convention).

@@ -79,12 +79,13 @@ struct KVCache {
 };
 
 // How the documents of packed rows stay apart inside attention. TransformerImpl::hidden builds it
-// once per forward from `documents` (document_mask()); every layer shares it. At most one member
-// is defined; neither = one causal sequence per row.
+// once per forward from `documents` (document_mask() / document_segments()); every layer shares
+// it. At most one member is defined; neither = one causal sequence per row.
 struct Packing {
   // (B, 1, T, T) additive mask in the activations' dtype: 0 where key j <= query i lies in the
-  // query's document (and within the sliding window), -inf elsewhere. A view of rows padded to a
-  // multiple of 16 elements, so SDPA's memory-efficient CUDA kernel takes it without a copy.
+  // query's document (and within the sliding window), the dtype's lowest finite value elsewhere.
+  // A view of rows padded to a multiple of 16 elements, so SDPA's memory-efficient CUDA kernel
+  // takes it without a copy (LibTorch >= 2.2).
   torch::Tensor bias;
   // (N, 3) int64 on the CPU: the row, first position and length of every document (padding is a
   // document too), row by row in order, together covering every row (document_segments()).
@@ -93,8 +94,11 @@ struct Packing {
   bool empty() const { return !bias.defined() && !segments.defined(); }
 };
 
-// Which Packing forward_packed builds. kAuto: segments on the CPU (LibTorch's CPU attention is
-// unfused, so skipping the masked-out scores pays); the bias mask on CUDA (one fused kernel).
+// Which Packing forward_packed builds. kAuto: the bias mask where SDPA runs it in a fused kernel
+// (compat::fused_masked_attention: CUDA with LibTorch >= 2.2), else segments (an unfused masked
+// attention would compute all T² scores of a row; segments compute each document's L²).
+// Segments cost one attention call per document and layer: rows of many tiny documents favour
+// the mask.
 enum class PackedAttention { kAuto, kBias, kSegments };
 
 class AttentionImpl : public torch::nn::Module {
@@ -171,7 +175,8 @@ class BlockHooks {
 };
 
 // Packed rows (several documents in one row, each computed as if it were alone): `documents`
-// (B, T) int64 gives each position's document; a document's positions are contiguous.
+// (B, T) int64 gives each position's document; a document is a run of equal ids (an id that
+// returns after another one starts a new document).
 // document_mask: (B, 1, T, T) bool, true where key j <= query i and both are in one document.
 // document_positions: (B, T) int64, each position's offset from its document's first position.
 // document_segments: (N, 3) int64 on the CPU, (row, start, length) of every document in order.
