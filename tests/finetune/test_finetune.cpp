@@ -140,6 +140,32 @@ TEST_CASE("LoRA with its initial zero B leaves the outputs unchanged, the frozen
 
 }
 
+TEST_CASE("LoRA dropout on the CPU drops p of the inputs, scales the rest by 1/(1-p), follows torch's seed", "[finetune]") {
+  Linear l(8, 8);
+  l->add_lora(8, 8.0, 0.25);  // scale alpha / r = 1
+  torch::NoGradGuard no_grad;
+  l->weight.zero_();
+  l->lora_A->weight.copy_(torch::eye(8));
+  l->lora_B->weight.copy_(torch::eye(8));  // y = dropout(x)
+  l->train();
+  auto x = torch::ones({4, 5000, 8});
+  torch::manual_seed(1);
+  auto a = l->forward(x);
+  torch::manual_seed(1);
+  CHECK(torch::equal(l->forward(x), a));
+  CHECK(!torch::equal(l->forward(x), a));  // the next draw: another mask
+  auto kept = a != 0;
+  // 160,000 elements: the kept share's standard deviation is 0.0011; 0.005 is 4.6 of them.
+  CHECK(kept.to(torch::kFloat64).mean().item<double>() == Approx(0.75).margin(0.005));
+  CHECK((a.masked_select(kept) - 1.0 / 0.75).abs().max().item<double>() < 1e-6);
+  // Neighbouring elements are independent: the kept share among the neighbours of dropped ones.
+  auto flat = kept.reshape({-1});
+  auto after_dropped = flat.slice(0, 1).masked_select(flat.slice(0, 0, -1).logical_not());
+  CHECK(after_dropped.to(torch::kFloat64).mean().item<double>() == Approx(0.75).margin(0.01));
+  l->eval();
+  CHECK(torch::equal(l->forward(x), x));
+}
+
 TEST_CASE("activation checkpointing gives the same adapter gradients (frozen embedding, LoRA dropout)", "[finetune]") {
   Pretrained base = load_pretrained(test::fixture("tiny-llama"));
   Transformer m = base.model;
