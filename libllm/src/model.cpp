@@ -496,6 +496,13 @@ torch::Tensor document_positions(const torch::Tensor& documents) {
   return index - first;
 }
 
+torch::Tensor documents_after(const torch::Tensor& tokens, int64_t separator) {
+  const int64_t T = tokens.size(1);
+  auto starts = torch::zeros_like(tokens, torch::kInt64);                  // (B, T)
+  if (T > 1) starts.narrow(1, 1, T - 1).copy_(tokens.narrow(1, 0, T - 1) == separator);
+  return starts.cumsum(1);
+}
+
 torch::Tensor document_segments(const torch::Tensor& documents) {
   const auto docs = documents.to(torch::kCPU, torch::kInt64).contiguous();
   const auto d = docs.accessor<int64_t, 2>();

@@ -46,6 +46,7 @@ void TrainConfig::fields(Fields& f) {
   f.add("dtype", dtype).one_of({"fp32", "bf16"});
   f.add("device", device).one_of({"cpu", "cuda", "auto"});
   f.add("activation_checkpointing", activation_checkpointing);
+  f.add("document_mask", document_mask);
   f.add("sharding", sharding).one_of({"none", "zero1", "zero2", "zero3", "hybrid"});
   f.add("shard_group", shard_group).min(0);
   f.add("seed", seed).min(0);
@@ -150,6 +151,7 @@ struct Run {
   const bool cuda;                      // train.device resolved
   Distributed dist;
   torch::Device device = torch::kCPU;   // cuda:LOCAL_RANK on GPUs
+  int64_t eos_id = -1;                  // train.document_mask on pretraining data: documents end here
   Transformer model{nullptr};
   std::unique_ptr<AdamW> optim;          // replicated: every rank updates everything
   std::unique_ptr<ShardedAdamW> sharded;  // or ZeRO-1: each rank its slice
@@ -210,6 +212,7 @@ struct Run {
     } else {
       data->next(B, buf, refs);
       std::tie(x, y) = split_batch(buf, B, tc.seq_len);
+      if (eos_id >= 0) docs = documents_after(x, eos_id).to(device);  // train.document_mask
     }
     x = x.to(device);
     y = y.to(device);
@@ -311,7 +314,9 @@ struct Run {
     for (int64_t b = 0; b < tc.eval_batches; ++b) {
       valid.next(tc.micro_batch, buf, refs);
       auto [x, y] = split_batch(buf, tc.micro_batch, tc.seq_len);
-      sum += cross_entropy(model->forward(x.to(device)).logits, y.to(device)).item<double>();
+      auto out = eos_id >= 0 ? model->forward_packed(x.to(device), documents_after(x, eos_id).to(device))
+                             : model->forward(x.to(device));
+      sum += cross_entropy(out.logits, y.to(device)).item<double>();
     }
     model->train();
     return sum / tc.eval_batches;
@@ -358,6 +363,12 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   tok.check_fits(mc, "model.vocab_size");
   for (const auto& dir : recipe.data.train) check_tokenizer(ShardSet::open(dir), tok);
   if (!recipe.data.valid.empty()) check_tokenizer(ShardSet::open(recipe.data.valid), tok);
+  if (tc.document_mask && !chat_data) {
+    if (tok.eos_id() < 0)
+      throw Error("train.document_mask", "the tokenizer " + recipe.tokenizer.path + " has no EOS token to end documents",
+                  "set train.document_mask: false");
+    run.eos_id = tok.eos_id();
+  }
 
   torch::manual_seed(static_cast<uint64_t>(tc.seed));
   const torch::Dtype dtype = tc.dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;

@@ -330,6 +330,9 @@ TEST_CASE("document positions restart with each document, the mask stays inside 
   auto again = torch::tensor({0, 0, 1, 0}, torch::kInt64).view({1, 4});
   CHECK(document_mask(again)[0][0][3].equal(torch::tensor({0, 0, 0, 1}, torch::kBool)));
   CHECK(document_positions(again).view({4}).equal(torch::tensor({0, 1, 0, 0}, torch::kInt64)));
+  // Windows of EOS-terminated documents (EOS = 2): a document starts after each EOS.
+  auto window = torch::tensor({5, 2, 7, 8, 2, 2, 9, 4, 3, 2, 6, 6}, torch::kInt64).view({2, 6});
+  CHECK(documents_after(window, 2).equal(torch::tensor({0, 0, 1, 1, 1, 2, 0, 0, 0, 0, 1, 1}, torch::kInt64).view({2, 6})));
   // Segments: (row, start, length) of each document, row by row.
   auto two_rows = torch::tensor({0, 0, 1, 1, 1, 2, 5, 5, 5, 5, 5, 5}, torch::kInt64).view({2, 6});
   CHECK(document_segments(two_rows).equal(torch::tensor({0, 0, 2, 0, 2, 3, 0, 5, 1, 1, 0, 6}, torch::kInt64).view({4, 3})));

@@ -106,6 +106,43 @@ TEST_CASE("the same seed gives the same data sequence and losses: another seed d
   CHECK(read_file(tmp / "x/data_sequence.jsonl") != read_file(tmp / "z/data_sequence.jsonl"));
 }
 
+TEST_CASE("train.document_mask: the first step's loss is the mean over each window's documents alone", "[train]") {
+  test::TempDir tmp;
+  const std::string shards = make_shards(tmp);
+  const Recipe masked =
+      tiny_recipe(shards, tmp / "m", {"train.steps=1", "train.global_batch_tokens=32", "train.document_mask=true"});
+  pretrain(masked);
+  pretrain(tiny_recipe(shards, tmp / "c", {"train.steps=1", "train.global_batch_tokens=32"}));
+  const double loss = losses(tmp / "m")[0];
+  CHECK(loss != losses(tmp / "c")[0]);
+  // Independently: the same initial model (train.seed) on the windows of step 1 (data.seed),
+  // each document cut out and run alone, every target of the window counted once.
+  torch::manual_seed(static_cast<uint64_t>(masked.train.seed));
+  Transformer model(masked.model);
+  model->init_weights();
+  PackedDataset data(masked.data, masked.train.seq_len, 0, 1);
+  std::vector<int64_t> buf;
+  std::vector<WindowRef> refs;
+  data.next(masked.train.micro_batch, buf, refs);
+  const int64_t B = masked.train.micro_batch, T = masked.train.seq_len, eos = Tokenizer::load(masked.tokenizer.path).eos_id();
+  auto window = torch::tensor(buf, torch::kInt64).view({B, T + 1});
+  torch::NoGradGuard no_grad;
+  double sum = 0;
+  int64_t documents = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t start = 0, t = 0; t < T; ++t)
+      if (t + 1 == T || window[b][t].item<int64_t>() == eos) {  // a document is [start, t]
+        auto ids = window[b].slice(0, start, t + 1).unsqueeze(0);                 // (1, L)
+        auto logp = torch::log_softmax(model->forward(ids).logits.to(torch::kFloat64), -1);  // (1, L, V)
+        auto next = window[b].slice(0, start + 1, t + 2).view({1, -1, 1});         // targets
+        sum -= logp.gather(-1, next).sum().item<double>();
+        start = t + 1, ++documents;
+      }
+  INFO(documents << " documents in " << B << " windows");
+  CHECK(documents > B);
+  CHECK(loss == Approx(sum / static_cast<double>(B * T)).epsilon(1e-5));
+}
+
 TEST_CASE("keep_last deletes old regular checkpoints, milestones stay", "[train]") {
   test::TempDir tmp;
   const std::string shards = make_shards(tmp);

@@ -183,6 +183,9 @@ class BlockHooks {
 torch::Tensor document_mask(const torch::Tensor& documents);
 torch::Tensor document_positions(const torch::Tensor& documents);
 torch::Tensor document_segments(const torch::Tensor& documents);
+// Documents of token windows (B, T) whose documents end with `separator` (EOS): a new document
+// starts after each separator. (B, T) int64 for forward_packed.
+torch::Tensor documents_after(const torch::Tensor& tokens, int64_t separator);
 
 // A parameter of a deferred model that holds no values yet (TransformerImpl::Deferred).
 bool is_unallocated(const torch::Tensor& p);

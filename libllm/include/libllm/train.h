@@ -24,6 +24,11 @@ struct TrainConfig {                 // recipe section `train`
   std::string dtype = "fp32";        // fp32, or bf16 (bf16 weights/activations, fp32 master weights in AdamW)
   std::string device = "cpu";        // cpu; cuda (rank r on cuda:LOCAL_RANK, NCCL between ranks); auto (cuda when usable)
   bool activation_checkpointing = false;  // recompute each block's activations in backward (dense and MoE)
+  // Pretraining data: each document of a window (documents end with EOS in the shards) attends
+  // only to itself, with rotary positions from 0 at its first token (Llama 3's document mask,
+  // torchtitan's block_causal); training and held-out losses alike. false (default): causal over
+  // the whole window. No effect on chat data (packed chat rows always keep examples apart).
+  bool document_mask = false;
   std::string sharding = "none";     // none (replicated data parallel) | zero1 (AdamW state divided over the ranks) |
                                      // zero2 (also the gradients) | zero3 (also the weights; needs activation_checkpointing) |
                                      // hybrid (zero3 inside groups of shard_group ranks, replicated across them); libllm/shard.h
