@@ -157,8 +157,7 @@ int main(int argc, char** argv) {
                args.get("--config"), args.get("--device"), args.get("--dtype"), B, pc.total, tok_s,
                peak > 0 ? tok_s * flops / (peak * 1e12) : 0.0, ru.ru_maxrss / 1024.0,
                cuda ? compat::cuda_peak_allocated_bytes(0) / double(1 << 30) : 0.0, at::get_num_threads(), split_ms[0],
-               split_ms[1], split_ms[2], T, n_documents, packed == 0 ? "none" : how != "auto" ? how
-                                                         : compat::fused_masked_attention(device) ? "bias" : "segments");
+               split_ms[1], split_ms[2], T, n_documents, packed == 0 ? "none" : how);
     return 0;
   });
 }

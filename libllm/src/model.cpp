@@ -540,6 +540,18 @@ torch::Tensor document_bias(const torch::Tensor& documents, int64_t window, torc
   return bias.masked_fill_(allowed.logical_not(), lowest(dtype));           // (B, 1, T, T)
 }
 
+// Whether per-document attention beats one masked attention over whole rows (unfused, on the
+// CPU): segments compute sum L² scores in one call per document, the mask B T². A call costs
+// about as much as 640,000 / dim scores (the 2-core CPU, benchmarks/README.md: at dim 128,
+// documents of ~150 tokens in rows of 512 favour segments 1.9x; of ~60 in rows of 128, the mask 1.3x).
+bool segments_pay(const torch::Tensor& segments, int64_t B, int64_t T, int64_t dim) {
+  const auto s = segments.accessor<int64_t, 2>();
+  double scores = 0;
+  for (int64_t i = 0; i < segments.size(0); ++i) scores += static_cast<double>(s[i][2]) * static_cast<double>(s[i][2]);
+  const double saved = static_cast<double>(B) * static_cast<double>(T) * static_cast<double>(T) - scores;
+  return saved > static_cast<double>(segments.size(0)) * 640000.0 / static_cast<double>(dim);
+}
+
 }  // namespace
 
 torch::Tensor TransformerImpl::hidden(const torch::Tensor& tokens, int64_t start_pos,
@@ -557,10 +569,16 @@ torch::Tensor TransformerImpl::hidden(const torch::Tensor& tokens, int64_t start
       throw Error("model", "documents " + c10::str(documents.sizes()) + " do not match tokens " + c10::str(tokens.sizes()));
     const auto docs = documents.to(x.device(), torch::kInt64);
     std::tie(cos, sin) = rotary_.table(document_positions(docs), x.scalar_type());  // (B, 1, T, D)
-    const bool segments = packed_attention_ == PackedAttention::kSegments ||
-                          (packed_attention_ == PackedAttention::kAuto && !compat::fused_masked_attention(x.device()));
-    if (segments) packing.segments = document_segments(documents);                  // (N, 3)
-    else packing.bias = document_bias(docs, cfg_.sliding_window, x.scalar_type());  // (B, 1, T, T)
+    bool segments = packed_attention_ == PackedAttention::kSegments;
+    if (packed_attention_ == PackedAttention::kAuto && !compat::fused_masked_attention(x.device())) {
+      packing.segments = document_segments(documents);                              // (N, 3)
+      segments = segments_pay(packing.segments, tokens.size(0), tokens.size(1), cfg_.dim);
+    }
+    if (segments && !packing.segments.defined()) packing.segments = document_segments(documents);
+    if (!segments) {
+      packing.segments = torch::Tensor();
+      packing.bias = document_bias(docs, cfg_.sliding_window, x.scalar_type());     // (B, 1, T, T)
+    }
   } else {
     std::tie(cos, sin) = rotary_.table(start_pos, tokens.size(1), x.device(), x.scalar_type());  // (T, D)
   }

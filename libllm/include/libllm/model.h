@@ -95,10 +95,11 @@ struct Packing {
 };
 
 // Which Packing forward_packed builds. kAuto: the bias mask where SDPA runs it in a fused kernel
-// (compat::fused_masked_attention: CUDA with LibTorch >= 2.2), else segments (an unfused masked
-// attention would compute all T² scores of a row; segments compute each document's L²).
-// Segments cost one attention call per document and layer: rows of many tiny documents favour
-// the mask.
+// (compat::fused_masked_attention: CUDA with LibTorch >= 2.2); elsewhere (an unfused masked
+// attention computes all T² scores of a row, segments each document's L², but at one attention
+// call per document and layer) segments when the scores they save outweigh their calls, by a
+// cost measured on a 2-core CPU (rows of 512 with ~150-token documents: segments; rows of 128
+// with ~60-token ones: the mask).
 enum class PackedAttention { kAuto, kBias, kSegments };
 
 class AttentionImpl : public torch::nn::Module {
