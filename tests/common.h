@@ -33,6 +33,16 @@ inline std::string read_file(const std::string& path) {
 }
 inline void write_file(const std::string& path, const std::string& text) { std::ofstream(path, std::ios::binary) << text; }
 
+// The JSON objects of a JSON Lines file (metrics.jsonl, events.jsonl, ...), blank lines skipped.
+inline std::vector<nlohmann::json> jsonl(const std::string& path) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line))
+    if (!line.empty()) out.push_back(nlohmann::json::parse(line));
+  return out;
+}
+
 // The names in a folder, sorted.
 inline std::vector<std::string> listing(const std::string& dir) {
   std::vector<std::string> names;

@@ -451,13 +451,6 @@ fs::path output_folder(const std::string& dir) {
 }
 
 // Whether `final_dir` exists; an Error naming `dir` when it does and may not be replaced.
-bool check_existing(const fs::path& final_dir, const std::string& dir, FolderKind kind) {
-  std::error_code ec;
-  if (!fs::exists(fs::symlink_status(final_dir, ec))) return false;
-  const std::string why = not_replaceable(final_dir, kind);
-  if (!why.empty()) throw Error(dir, why + ", so it is not replaced", "write to another folder, or remove this one first");
-  return true;
-}
 
 }  // namespace
 
@@ -485,14 +478,20 @@ void move_folder_into_place(const std::string& tmp_dir, const std::string& final
   fs::remove_all(aside, ec);
 }
 
-void check_replaceable(const std::string& dir, FolderKind kind) { check_existing(output_folder(dir), dir, kind); }
+void check_replaceable(const std::string& dir, FolderKind kind) {
+  const fs::path final_dir = output_folder(dir);
+  std::error_code ec;
+  if (!fs::exists(fs::symlink_status(final_dir, ec))) return;
+  const std::string why = not_replaceable(final_dir, kind);
+  if (!why.empty()) throw Error(dir, why + ", so it is not replaced", "write to another folder, or remove this one first");
+}
 
 void write_folder_atomically(const std::string& dir, FolderKind kind,
                              const std::function<void(const std::string& tmp)>& fill) {
   const fs::path final_dir = output_folder(dir);
   const fs::path parent = final_dir.parent_path();
   const std::string name = final_dir.filename().string();
-  check_existing(final_dir, dir, kind);  // an Error before anything is written
+  check_replaceable(dir, kind);  // an Error before anything is written
   std::error_code ec;
   const std::string suffix = "." + std::to_string(::getpid());
   const fs::path tmp = parent / (name + ".partial" + suffix);

@@ -467,21 +467,26 @@ void TransformerImpl::materialize() {
 
 namespace {
 
-// Each position's run of equal document ids, numbered from 0 per row: (B, T). A document is a
-// run, so an id that comes back after another one starts a new document (as in
-// document_segments and document_positions).
-torch::Tensor document_runs(const torch::Tensor& documents) {
+// Where a new document starts, (B, T) int64 0/1: position 0, and wherever `flag` (B, T - 1) holds
+// for the position before. A document is a run, so an id that comes back after another one
+// starts a new document (document_mask, document_positions and document_segments agree).
+torch::Tensor run_starts(const torch::Tensor& like, const torch::Tensor& flag) {
+  auto starts = torch::ones_like(like, torch::kInt64);                                  // (B, T)
+  if (like.size(1) > 1) starts.narrow(1, 1, like.size(1) - 1).copy_(flag);
+  return starts;
+}
+
+torch::Tensor document_starts(const torch::Tensor& documents) {
   const int64_t T = documents.size(1);
-  auto starts = torch::zeros_like(documents);                                           // (B, T)
-  if (T > 1) starts.narrow(1, 1, T - 1).copy_(documents.narrow(1, 1, T - 1) != documents.narrow(1, 0, T - 1));
-  return starts.cumsum(1);
+  return run_starts(documents, documents.narrow(1, 1, std::max<int64_t>(T - 1, 0)) !=
+                                   documents.narrow(1, 0, std::max<int64_t>(T - 1, 0)));
 }
 
 }  // namespace
 
 torch::Tensor document_mask(const torch::Tensor& documents) {
   const int64_t T = documents.size(1);
-  const auto runs = document_runs(documents);
+  const auto runs = document_starts(documents).cumsum(1);                              // (B, T)
   auto same = runs.unsqueeze(2) == runs.unsqueeze(1);                                  // (B, T, T)
   auto causal = torch::ones({T, T}, torch::dtype(torch::kBool).device(documents.device())).tril();
   return same.logical_and(causal).unsqueeze(1);                                       // (B, 1, T, T)
@@ -490,17 +495,14 @@ torch::Tensor document_mask(const torch::Tensor& documents) {
 torch::Tensor document_positions(const torch::Tensor& documents) {
   const int64_t T = documents.size(1);
   auto index = torch::arange(T, documents.options()).unsqueeze(0).expand_as(documents);  // (B, T)
-  auto starts = torch::ones_like(documents, torch::kBool);                              // (B, T)
-  if (T > 1) starts.narrow(1, 1, T - 1).copy_(documents.narrow(1, 1, T - 1) != documents.narrow(1, 0, T - 1));
+  auto starts = document_starts(documents).to(torch::kBool);                            // (B, T)
   auto first = std::get<0>(torch::where(starts, index, torch::zeros_like(index)).cummax(1));  // (B, T)
   return index - first;
 }
 
 torch::Tensor documents_after(const torch::Tensor& tokens, int64_t separator) {
   const int64_t T = tokens.size(1);
-  auto starts = torch::zeros_like(tokens, torch::kInt64);                  // (B, T)
-  if (T > 1) starts.narrow(1, 1, T - 1).copy_(tokens.narrow(1, 0, T - 1) == separator);
-  return starts.cumsum(1);
+  return run_starts(tokens, tokens.narrow(1, 0, std::max<int64_t>(T - 1, 0)) == separator).cumsum(1) - 1;  // (B, T)
 }
 
 torch::Tensor document_segments(const torch::Tensor& documents) {
@@ -569,16 +571,14 @@ torch::Tensor TransformerImpl::hidden(const torch::Tensor& tokens, int64_t start
       throw Error("model", "documents " + c10::str(documents.sizes()) + " do not match tokens " + c10::str(tokens.sizes()));
     const auto docs = documents.to(x.device(), torch::kInt64);
     std::tie(cos, sin) = rotary_.table(document_positions(docs), x.scalar_type());  // (B, 1, T, D)
-    bool segments = packed_attention_ == PackedAttention::kSegments;
-    if (packed_attention_ == PackedAttention::kAuto && !compat::fused_masked_attention(x.device())) {
+    const bool automatic = packed_attention_ == PackedAttention::kAuto;
+    if (packed_attention_ == PackedAttention::kSegments || (automatic && !compat::fused_masked_attention(x.device())))
       packing.segments = document_segments(documents);                              // (N, 3)
-      segments = segments_pay(packing.segments, tokens.size(0), tokens.size(1), cfg_.dim);
-    }
-    if (segments && !packing.segments.defined()) packing.segments = document_segments(documents);
-    if (!segments) {
+    if (automatic && packing.segments.defined() &&
+        !segments_pay(packing.segments, tokens.size(0), tokens.size(1), cfg_.dim))
       packing.segments = torch::Tensor();
+    if (!packing.segments.defined())
       packing.bias = document_bias(docs, cfg_.sliding_window, x.scalar_type());     // (B, 1, T, T)
-    }
   } else {
     std::tie(cos, sin) = rotary_.table(start_pos, tokens.size(1), x.device(), x.scalar_type());  // (T, D)
   }

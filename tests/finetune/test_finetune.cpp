@@ -17,6 +17,7 @@
 #include "libllm/train.h"
 
 using namespace libllm;
+using libllm::test::jsonl;
 using libllm::test::read_file;
 using libllm::test::write_file;
 namespace fs = std::filesystem;
@@ -90,14 +91,6 @@ checkpoint: {every: 3, keep_last: 5}
   return Recipe::parse(yaml, "test-recipe", extra);
 }
 
-std::vector<json> jsonl(const std::string& path) {
-  std::vector<json> out;
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line))
-    if (!line.empty()) out.push_back(json::parse(line));
-  return out;
-}
 
 }  // namespace
 

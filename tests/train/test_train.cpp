@@ -19,6 +19,8 @@
 #include "libllm/train.h"
 
 using namespace libllm;
+using libllm::test::jsonl;
+using libllm::test::read_file;
 namespace fs = std::filesystem;
 
 namespace {
@@ -54,10 +56,6 @@ std::vector<double> losses(const std::string& run_dir) {
   return out;
 }
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
 
 }  // namespace
 
@@ -184,13 +182,6 @@ std::vector<std::string> guarded(const std::string& shards, std::vector<std::str
   return o;
 }
 
-std::vector<nlohmann::json> jsonl(const std::string& path) {
-  std::vector<nlohmann::json> out;
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line));
-  return out;
-}
 
 double final_eval(const std::string& run_dir) { return jsonl(run_dir + "/metrics.jsonl").back()["eval_loss"].get<double>(); }
 
