@@ -36,7 +36,7 @@ int main(int argc, char** argv) {
     cli::Args args(argc, argv,
                    "train-bench [--config tiny|100m|1b] [--device cpu|cuda] [--dtype fp32|bf16] [--micro-batch N] "
                    "[--steps N] [--warmup N] [--peak-tflops X] [--checkpointing] [--seq-len N] [--packed L] "
-                   "[--packed-attention auto|bias|segments]",
+                   "[--packed-attention auto|bias|segments] [--plain-loss]",
                    {{"--config", "model shape", true, "tiny"},
                     {"--device", "cpu or cuda", true, "cpu"},
                     {"--dtype", "fp32 or bf16", true, "fp32"},
@@ -47,7 +47,8 @@ int main(int argc, char** argv) {
                     {"--checkpointing", "recompute each block in backward", false, ""},
                     {"--seq-len", "positions per row (0 = the configuration's)", true, "0"},
                     {"--packed", "rows packed with documents of 1..2L-1 tokens (forward_packed; 0 = one sequence a row)", true, "0"},
-                    {"--packed-attention", "auto, bias or segments (Transformer::set_packed_attention)", true, "auto"}},
+                    {"--packed-attention", "auto, bias or segments (Transformer::set_packed_attention)", true, "auto"},
+                    {"--plain-loss", "project all logits, then the cross-entropy (not train.fused_loss)", false, ""}},
                    0);
     if (args.help()) return fmt::print("{}", args.usage()), 0;
     Recipe r = Recipe::parse(config_yaml(args.get("--config")), args.get("--config"));
@@ -80,11 +81,13 @@ int main(int argc, char** argv) {
                at::get_num_threads());
     model->to(device, dtype);
     model->set_activation_checkpointing(args.has("--checkpointing"));
+    model->set_fused_loss(!args.has("--plain-loss"));
     model->set_packed_attention(how == "bias" ? PackedAttention::kBias
                                 : how == "segments" ? PackedAttention::kSegments : PackedAttention::kAuto);
     // Packed rows: documents of 1..2L-1 tokens (uniform, mean L) until the row is full.
     torch::Tensor documents;
     int64_t n_documents = 0;
+    double attended = static_cast<double>(T);  // mean positions a token's attention spans, for MFU's 12·L·H·Q·T
     if (packed > 0) {
       documents = torch::empty({B, T}, torch::kInt64);  // (B, T)
       auto lengths = torch::randint(1, 2 * packed, {B * T}, torch::kInt64);
@@ -95,10 +98,13 @@ int main(int argc, char** argv) {
           if (left == 0) ++doc, left = len[k++];
           d[b][t] = doc;
         }
-      n_documents = document_segments(documents).size(0);
+      auto segments = document_segments(documents);  // (N, 3): row, start, length
+      n_documents = segments.size(0);
+      auto lengths_of = segments.select(1, 2).to(torch::kFloat64);
+      attended = (lengths_of * lengths_of).sum().item<double>() / static_cast<double>(B * T);  // sum L^2 / tokens
     }
-    auto forward = [&](const torch::Tensor& x) {
-      return documents.defined() ? model->forward_packed(x, documents) : model->forward(x);
+    auto loss_of = [&](const torch::Tensor& tokens) {  // tokens (B, T + 1)
+      return model->forward_loss(tokens.slice(1, 0, T), tokens.slice(1, 1), documents).loss;
     };
     std::vector<std::pair<std::string, torch::Tensor>> named;
     for (auto& p : model->named_parameters()) named.emplace_back(p.key(), p.value());
@@ -107,8 +113,7 @@ int main(int argc, char** argv) {
     auto params = model->parameters();
     auto step = [&] {
       auto tokens = torch::randint(0, r.model.vocab_size, {B, T + 1}).to(device);
-      auto out = forward(tokens.slice(1, 0, T));
-      cross_entropy(out.logits, tokens.slice(1, 1)).backward();
+      loss_of(tokens).backward();
       clip_grad_norm(params, 1.0);
       opt.step(1e-4);
       opt.zero_grad();
@@ -121,7 +126,7 @@ int main(int argc, char** argv) {
         auto tokens = torch::randint(0, r.model.vocab_size, {B, T + 1}).to(device);
         compat::cuda_synchronize();
         auto t0 = std::chrono::steady_clock::now();
-        auto loss = cross_entropy(forward(tokens.slice(1, 0, T)).logits, tokens.slice(1, 1));
+        auto loss = loss_of(tokens);
         compat::cuda_synchronize();
         auto t1 = std::chrono::steady_clock::now();
         loss.backward();
@@ -146,18 +151,20 @@ int main(int argc, char** argv) {
     split(std::max<int64_t>(1, std::min<int64_t>(steps, 5)));
     const ParamCount pc = count_parameters(r.model);
     const double tok_s = static_cast<double>(steps * B * T) / s;
-    const double flops = 6.0 * (pc.total - pc.embedding) + 12.0 * r.model.n_layers * r.model.n_heads * r.model.hdim() * T;
+    const double flops = 6.0 * (pc.total - pc.embedding) + 12.0 * r.model.n_layers * r.model.n_heads * r.model.hdim() * attended;
     const double peak = std::stod(args.get("--peak-tflops"));
     rusage ru{};
     getrusage(RUSAGE_SELF, &ru);
-    fmt::print("{{\"impl\": \"libllm\", \"config\": \"{}\", \"device\": \"{}\", \"dtype\": \"{}\", \"micro_batch\": {}, "
+    fmt::print("{{\"impl\": \"{}\", \"config\": \"{}\", \"device\": \"{}\", \"dtype\": \"{}\", \"micro_batch\": {}, "
                "\"params\": {}, \"tokens_per_s\": {:.1f}, \"mfu\": {:.4f}, \"peak_rss_mib\": {:.1f}, "
                "\"gpu_peak_gib\": {:.2f}, \"threads\": {}, \"forward_ms\": {:.1f}, \"backward_ms\": {:.1f}, \"optimizer_ms\": {:.1f}, "
-               "\"seq_len\": {}, \"packed_documents\": {}, \"packed_attention\": \"{}\"}}\n",
-               args.get("--config"), args.get("--device"), args.get("--dtype"), B, pc.total, tok_s,
+               "\"seq_len\": {}, \"packed_documents\": {}, \"packed_attention\": \"{}\", \"fused_loss\": {}}}\n",
+               args.has("--plain-loss") ? "libllm-plain-loss" : "libllm", args.get("--config"), args.get("--device"),
+               args.get("--dtype"), B, pc.total, tok_s,
                peak > 0 ? tok_s * flops / (peak * 1e12) : 0.0, ru.ru_maxrss / 1024.0,
                cuda ? compat::cuda_peak_allocated_bytes(0) / double(1 << 30) : 0.0, at::get_num_threads(), split_ms[0],
-               split_ms[1], split_ms[2], T, n_documents, packed == 0 ? "none" : how);
+               split_ms[1], split_ms[2], T, n_documents, packed == 0 ? "none" : how,
+               args.has("--plain-loss") ? "false" : "true");
     return 0;
   });
 }

@@ -28,7 +28,7 @@ if [ -x build-gpu/bin/libllm_parity_tests ]; then  # the parity figures (ctest s
 fi
 
 stage benchmark
-BENCH_OUT="$logs/bench.jsonl" timeout 200 benchmarks/gpu/run.sh build-gpu "${BENCH_REPEATS:-1}" 10 4 2>&1 | tee "$logs/bench.log" | tail -8
+BENCH_OUT="$logs/bench.jsonl" timeout 240 benchmarks/gpu/run.sh build-gpu "${BENCH_REPEATS:-1}" 10 4 2>&1 | tee "$logs/bench.log" | tail -8
 stage "all tests"
 timeout "${ALL_TESTS_S:-200}" ctest --test-dir build-gpu -LE "gpu|parity" --output-on-failure -j16 > "$logs/ctest-all.log" 2>&1
 grep -E "tests passed|Failed|\(Failed\)|Timeout" "$logs/ctest-all.log" | head -30

@@ -641,11 +641,27 @@ TransformerImpl::Output TransformerImpl::forward_packed(const torch::Tensor& tok
   return finish(h, router_logits);
 }
 
-TransformerImpl::Output TransformerImpl::finish(torch::Tensor h, std::vector<torch::Tensor>& router_logits) {
+TransformerImpl::Output TransformerImpl::forward_loss(const torch::Tensor& tokens, const torch::Tensor& targets,
+                                                      const torch::Tensor& documents) {
+  std::vector<torch::Tensor> router_logits;
+  auto h = hidden(tokens, 0, &router_logits, nullptr, documents);
+  const bool plain = !fused_loss_ || (lm_head && lm_head->has_lora());
+  if (plain) {
+    auto out = finish(h, router_logits);
+    out.loss = cross_entropy(out.logits, targets);
+    return out;
+  }
+  auto out = finish(h, router_logits, /*project=*/false);
+  out.loss = linear_cross_entropy(h, lm_head ? lm_head->weight : model->embed_tokens->weight, targets);
+  return out;
+}
+
+TransformerImpl::Output TransformerImpl::finish(torch::Tensor h, std::vector<torch::Tensor>& router_logits,
+                                                bool project_logits) {
   Output out;
-  out.logits = project(h);
+  if (project_logits) out.logits = project(h);
   if (router_logits.empty()) {
-    out.aux_loss = torch::zeros({}, out.logits.options().dtype(compat::compute_dtype(out.logits)));
+    out.aux_loss = torch::zeros({}, h.options().dtype(compat::compute_dtype(h)));
   } else {
     auto all = torch::cat(router_logits, 0);                                 // (L*N, E)
     out.balance_loss = load_balancing_loss(all, cfg_.n_experts_per_token);
@@ -726,12 +742,6 @@ void TransformerImpl::init_parameter(const std::string& name, torch::Tensor out,
 
 void TransformerImpl::init_weights() {
   for (auto& p : named_parameters()) init_parameter(p.key(), p.value());
-}
-
-torch::Tensor cross_entropy(const torch::Tensor& logits, const torch::Tensor& targets, int64_t ignore_index) {
-  auto flat = logits.reshape({-1, logits.size(-1)}).to(compat::compute_dtype(logits));  // (B*T, V)
-  return torch::nn::functional::cross_entropy(
-      flat, targets.reshape({-1}), torch::nn::functional::CrossEntropyFuncOptions().ignore_index(ignore_index));
 }
 
 }  // namespace libllm

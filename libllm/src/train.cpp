@@ -47,6 +47,7 @@ void TrainConfig::fields(Fields& f) {
   f.add("device", device).one_of({"cpu", "cuda", "auto"});
   f.add("activation_checkpointing", activation_checkpointing);
   f.add("document_mask", document_mask);
+  f.add("fused_loss", fused_loss);
   f.add("sharding", sharding).one_of({"none", "zero1", "zero2", "zero3", "hybrid"});
   f.add("shard_group", shard_group).min(0);
   f.add("seed", seed).min(0);
@@ -314,9 +315,8 @@ struct Run {
     for (int64_t b = 0; b < tc.eval_batches; ++b) {
       valid.next(tc.micro_batch, buf, refs);
       auto [x, y] = split_batch(buf, tc.micro_batch, tc.seq_len);
-      auto out = eos_id >= 0 ? model->forward_packed(x.to(device), documents_after(x, eos_id).to(device))
-                             : model->forward(x.to(device));
-      sum += cross_entropy(out.logits, y.to(device)).item<double>();
+      auto docs = eos_id >= 0 ? documents_after(x, eos_id).to(device) : torch::Tensor();
+      sum += model->forward_loss(x.to(device), y.to(device), docs).loss.item<double>();
     }
     model->train();
     return sum / tc.eval_batches;
@@ -400,6 +400,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     throw Error("train.activation_checkpointing", "must be true with train.sharding " + tc.sharding,
                 "ZeRO-3 gathers a block's weights again for its backward, which recomputes the block");
   run.model->set_activation_checkpointing(tc.activation_checkpointing);
+  run.model->set_fused_loss(tc.fused_loss);
   const ParamSummary ps = summarize_parameters(run.model);  // before sharding empties the parameters
   if (fully_sharded) {
     int64_t group = dist.world_size();
@@ -571,8 +572,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       }
       step_tokens += x.numel();
       if (run.chat) step_targets += (y != -100).sum().item<int64_t>();
-      auto out = docs.defined() ? run.model->forward_packed(x, docs) : run.model->forward(x);
-      auto ce = cross_entropy(out.logits, y);
+      auto out = run.model->forward_loss(x, y, docs);
+      const auto& ce = out.loss;
       ((ce + out.aux_loss) / static_cast<double>(run.accum)).backward();
       if (run.fsdp) run.fsdp->reduce_gradients();
       loss_sum += ce.item<double>();

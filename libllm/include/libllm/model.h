@@ -7,6 +7,7 @@
 
 #include <torch/torch.h>
 
+#include "libllm/loss.h"
 #include "libllm/model_config.h"
 
 namespace libllm {
@@ -204,7 +205,8 @@ TORCH_MODULE(Decoder);
 class TransformerImpl : public torch::nn::Module {
  public:
   struct Output {
-    torch::Tensor logits;    // (B, T, vocab_size)
+    torch::Tensor logits;    // (B, T, vocab_size); undefined from forward_loss with the fused loss
+    torch::Tensor loss;      // forward_loss only: mean next-token cross-entropy (fp32; aux_loss not included)
     torch::Tensor aux_loss;  // scalar: moe_aux_loss_coef * balance + moe_z_loss_coef * z (0 when dense)
     torch::Tensor balance_loss, z_loss;  // unweighted MoE losses (undefined when dense)
   };
@@ -226,6 +228,13 @@ class TransformerImpl : public torch::nn::Module {
   // document, so each document's logits are those of forward() on it alone (torchtune's packed
   // datasets, transformers' position_ids with flash-attention varlen).
   Output forward_packed(const torch::Tensor& tokens, const torch::Tensor& documents);
+  // Training and evaluation: out.loss, the mean cross-entropy of the logits against targets (B, T)
+  // (ignore_index -100 does not count). With the fused loss (set_fused_loss, default on) the LM
+  // head and the cross-entropy run together over row chunks (linear_cross_entropy) and out.logits
+  // stays undefined; an LM head with a LoRA adapter always takes the plain path. `documents` as
+  // forward_packed (undefined = one sequence per row).
+  Output forward_loss(const torch::Tensor& tokens, const torch::Tensor& targets,
+                      const torch::Tensor& documents = {});
   // Incremental decoding: tokens (B, T) at positions [cache.length, cache.length + T) attend to the
   // cached positions too; their keys/values are appended (cache.length += T). Inference only.
   Output forward_cached(const torch::Tensor& tokens, KVCache& cache);
@@ -269,24 +278,23 @@ class TransformerImpl : public torch::nn::Module {
   // each document the logits it has alone; they differ in speed and memory.
   void set_packed_attention(PackedAttention how) { packed_attention_ = how; }
   BlockHooks* block_hooks() const { return hooks_; }
+  // forward_loss's LM head: fused with the cross-entropy (no logits held) or plain.
+  void set_fused_loss(bool on) { fused_loss_ = on; }
 
   Decoder model{nullptr};
   Linear lm_head{nullptr};  // null when tie_embeddings
 
  private:
-  Output finish(torch::Tensor hidden, std::vector<torch::Tensor>& router_logits);
+  // The logits (unless !project_logits) and the MoE losses.
+  Output finish(torch::Tensor hidden, std::vector<torch::Tensor>& router_logits, bool project_logits = true);
   ModelConfig cfg_;
   Rotary rotary_;
   uint64_t init_seed_ = 0;
   bool checkpointing_ = false;
   BlockHooks* hooks_ = nullptr;
   PackedAttention packed_attention_ = PackedAttention::kAuto;
+  bool fused_loss_ = true;
 };
 TORCH_MODULE(Transformer);
-
-// Mean next-token cross-entropy of logits (B, T, V) against targets (B, T); targets equal to
-// `ignore_index` do not count. Computed in fp32.
-torch::Tensor cross_entropy(const torch::Tensor& logits, const torch::Tensor& targets,
-                            int64_t ignore_index = -100);
 
 }  // namespace libllm

@@ -29,6 +29,11 @@ struct TrainConfig {                 // recipe section `train`
   // torchtitan's block_causal); training and held-out losses alike. false (default): causal over
   // the whole window. No effect on chat data (packed chat rows always keep examples apart).
   bool document_mask = false;
+  // LM head and cross-entropy together over row chunks, their gradients computed in the forward
+  // pass (Liger-Kernel's fused linear cross-entropy): the (B, T, vocab) logits, their fp32 copy
+  // and its gradient are never held (linear_cross_entropy, libllm/loss.h). false = project all
+  // logits, then the cross-entropy. The same loss either way (to rounding).
+  bool fused_loss = true;
   std::string sharding = "none";     // none (replicated data parallel) | zero1 (AdamW state divided over the ranks) |
                                      // zero2 (also the gradients) | zero3 (also the weights; needs activation_checkpointing) |
                                      // hybrid (zero3 inside groups of shard_group ranks, replicated across them); libllm/shard.h

@@ -1,0 +1,27 @@
+// Next-token cross-entropy: on logits, or fused with the LM head so the logits never exist whole.
+#pragma once
+
+#include <torch/torch.h>
+
+namespace libllm {
+
+// Mean next-token cross-entropy of logits (B, T, V) against targets (B, T); targets equal to
+// `ignore_index` do not count. Computed in fp32 (fp64 for fp64 logits).
+torch::Tensor cross_entropy(const torch::Tensor& logits, const torch::Tensor& targets,
+                            int64_t ignore_index = -100);
+
+// cross_entropy(h @ weight^T, targets) for hidden states h (.., D), the LM head's weight (V, D)
+// and targets (..), without holding the (.., V) logits: rows are taken `chunk_rows` at a time
+// (0 = automatic: a chunk's logits hold max(rows * D, 2^24) elements). When h or weight needs a
+// gradient (grad mode on), the gradients are computed in this forward pass, chunk by chunk, and
+// kept until backward (Liger-Kernel's fused linear cross-entropy): peak memory is one chunk's
+// logits plus the gradients of h and weight, instead of the logits, their fp32 copy, the log-
+// softmax kept for backward and its gradient. The arithmetic is the unfused path's: the product in
+// h's dtype, the softmax in fp32, its gradient cast back to h's dtype for the two products; the
+// weight's gradient sums the chunks in fp32. With no target counted the loss is NaN (as
+// cross_entropy) and the gradients are zero.
+torch::Tensor linear_cross_entropy(const torch::Tensor& h, const torch::Tensor& weight,
+                                   const torch::Tensor& targets, int64_t ignore_index = -100,
+                                   int64_t chunk_rows = 0);
+
+}  // namespace libllm

@@ -1,0 +1,116 @@
+#include "libllm/loss.h"
+
+#include <algorithm>
+
+#include "libllm/compat.h"
+#include "libllm/error.h"
+
+namespace libllm {
+
+torch::Tensor cross_entropy(const torch::Tensor& logits, const torch::Tensor& targets, int64_t ignore_index) {
+  auto flat = logits.reshape({-1, logits.size(-1)}).to(compat::compute_dtype(logits));  // (B*T, V)
+  return torch::nn::functional::cross_entropy(
+      flat, targets.reshape({-1}), torch::nn::functional::CrossEntropyFuncOptions().ignore_index(ignore_index));
+}
+
+namespace {
+
+struct ChunkedLoss {
+  torch::Tensor loss;            // scalar, fp32 (fp64 for fp64 h)
+  torch::Tensor grad_h, grad_w;  // d loss / d h (N, D) and d loss / d weight (V, D); undefined unless asked
+};
+
+// The mean cross-entropy of h (N, D) @ w^T (V, D) against targets (N), `chunk` rows at a time;
+// with want_h / want_w, its gradients too. Runs without recording a graph.
+ChunkedLoss chunked_loss(const torch::Tensor& h, const torch::Tensor& w, const torch::Tensor& targets,
+                         int64_t ignore_index, int64_t chunk, bool want_h, bool want_w) {
+  torch::NoGradGuard no_grad;
+  const int64_t N = h.size(0), D = h.size(1), V = w.size(0);
+  const auto cd = compat::compute_dtype(h);
+  if (chunk <= 0) chunk = (std::max<int64_t>(N * D, int64_t{1} << 24) + V - 1) / V;
+  chunk = std::max<int64_t>(1, std::min(chunk, N));
+  auto valid = (targets != ignore_index).to(cd);                                   // (N): 1 = counted
+  auto safe = torch::where(targets != ignore_index, targets, torch::zeros_like(targets));  // (N)
+  auto count = valid.sum();                        // a tensor: no host sync on a GPU
+  auto share = valid / count.clamp_min(1);         // (N): each row's weight in the mean (0 if none counts)
+
+  ChunkedLoss out;
+  auto total = torch::zeros({}, h.options().dtype(cd));
+  const bool grads = want_h || want_w;
+  if (want_h) out.grad_h = torch::empty_like(h);                     // (N, D)
+  torch::Tensor acc;                                                  // (V, D): the weight's gradient, summed in cd
+  if (want_w) acc = torch::zeros({V, D}, w.options().dtype(cd));
+  for (int64_t s = 0; s < N; s += chunk) {
+    const int64_t n = std::min(chunk, N - s);
+    auto hc = h.narrow(0, s, n);                             // (n, D)
+    auto logits = torch::mm(hc, w.t()).to(cd);               // (n, V)
+    auto t = safe.narrow(0, s, n).unsqueeze(1);              // (n, 1)
+    auto v = valid.narrow(0, s, n).unsqueeze(1);             // (n, 1)
+    auto lse = torch::logsumexp(logits, 1, /*keepdim=*/true);  // (n, 1)
+    total.add_(((lse - logits.gather(1, t)) * v).sum());
+    if (!grads) continue;
+    // d loss / d logits = share * (softmax - onehot(target)), in place of the logits.
+    logits.sub_(lse).exp_();
+    logits.scatter_add_(1, t, -v);
+    logits.mul_(share.narrow(0, s, n).unsqueeze(1));
+    auto g = logits.to(h.scalar_type());                     // (n, V), the dtype of the products
+    if (want_h) {
+      auto rows = out.grad_h.narrow(0, s, n);  // (n, D)
+      torch::mm_out(rows, g, w);
+    }
+    if (want_w) {
+      if (g.scalar_type() == cd)
+        acc.addmm_(g.t(), hc);
+      else
+        acc.add_(torch::mm(g.t(), hc));  // (V, D) in h's dtype, summed in fp32
+    }
+  }
+  out.loss = total / count;  // NaN when nothing counts, as torch's mean cross-entropy
+  if (want_w) out.grad_w = acc.to(w.scalar_type());
+  return out;
+}
+
+// The loss whose backward hands out the gradients chunked_loss computed in the forward pass,
+// scaled by the loss's incoming gradient.
+struct LinearCrossEntropyFn : torch::autograd::Function<LinearCrossEntropyFn> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& h, const torch::Tensor& w,
+                               const torch::Tensor& targets, int64_t ignore_index, int64_t chunk, bool want_h,
+                               bool want_w) {
+    auto r = chunked_loss(h, w, targets, ignore_index, chunk, want_h, want_w);
+    ctx->saved_data["grad_h"] = want_h ? r.grad_h : torch::Tensor();
+    ctx->saved_data["grad_w"] = want_w ? r.grad_w : torch::Tensor();
+    return r.loss;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    auto scaled = [&](const char* key) {
+      auto g = ctx->saved_data[key].toTensor();
+      ctx->saved_data.erase(key);  // once: the gradient buffers go as soon as they are handed out
+      if (!g.defined()) return g;
+      return g * grad_out[0].to(g.scalar_type());  // a 0-dim factor keeps g's dtype
+    };
+    auto gh = scaled("grad_h"), gw = scaled("grad_w");
+    return {gh, gw, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+torch::Tensor linear_cross_entropy(const torch::Tensor& h, const torch::Tensor& weight, const torch::Tensor& targets,
+                                   int64_t ignore_index, int64_t chunk_rows) {
+  if (weight.dim() != 2 || h.size(-1) != weight.size(1))
+    throw Error("linear_cross_entropy", "hidden states of width " + std::to_string(h.size(-1)) +
+                                            " do not fit an LM head weight of shape " + c10::str(weight.sizes()));
+  auto h2 = h.reshape({-1, h.size(-1)});  // (N, D)
+  auto t = targets.reshape({-1});          // (N)
+  if (t.size(0) != h2.size(0))
+    throw Error("linear_cross_entropy", std::to_string(t.size(0)) + " targets for " + std::to_string(h2.size(0)) +
+                                            " positions");
+  const bool grad = torch::GradMode::is_enabled();
+  const bool want_h = grad && h.requires_grad(), want_w = grad && weight.requires_grad();
+  if (!want_h && !want_w) return chunked_loss(h2, weight, t, ignore_index, chunk_rows, false, false).loss;
+  return LinearCrossEntropyFn::apply(h2, weight, t, ignore_index, chunk_rows, want_h, want_w);
+}
+
+}  // namespace libllm
