@@ -575,13 +575,11 @@ double ChatDataset::evaluate(Transformer& model, int64_t micro_batch, int64_t ma
     for (int64_t j = i; j < std::min(n, i + micro_batch); ++j) rows.push_back(&valid_[static_cast<size_t>(j)]);
     torch::Tensor x, y;
     batch_of(rows, x, y);
-    auto logits = model->forward(x.to(device)).logits;                   // (B, T, V)
-    auto flat = logits.reshape({-1, logits.size(-1)}).to(torch::kFloat32);  // (B*T, V)
-    sum += torch::nn::functional::cross_entropy(
-               flat, y.reshape({-1}).to(device),
-               torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum))
-               .item<double>();
-    count += (y != -100).sum().item<int64_t>();
+    const int64_t counted = (y != -100).sum().item<int64_t>();
+    if (counted == 0) continue;
+    // The mean over this batch's target tokens (the fused head holds no (B, T, V) logits).
+    sum += model->forward_loss(x.to(device), y.to(device)).loss.item<double>() * static_cast<double>(counted);
+    count += counted;
   }
   if (was_training) model->train();
   return count > 0 ? sum / static_cast<double>(count) : std::nan("");

@@ -38,36 +38,47 @@ ChunkedLoss chunked_loss(const torch::Tensor& h, const torch::Tensor& w, const t
   auto total = torch::zeros({}, h.options().dtype(cd));
   const bool grads = want_h || want_w;
   if (want_h) out.grad_h = torch::empty_like(h);                     // (N, D)
-  torch::Tensor acc;                                                  // (V, D): the weight's gradient, summed in cd
-  if (want_w) acc = torch::zeros({V, D}, w.options().dtype(cd));
+  if (want_w) out.grad_w = torch::zeros_like(w);                     // (V, D), summed over the chunks
   for (int64_t s = 0; s < N; s += chunk) {
     const int64_t n = std::min(chunk, N - s);
     auto hc = h.narrow(0, s, n);                             // (n, D)
-    auto logits = torch::mm(hc, w.t()).to(cd);               // (n, V)
     auto t = safe.narrow(0, s, n).unsqueeze(1);              // (n, 1)
     auto v = valid.narrow(0, s, n).unsqueeze(1);             // (n, 1)
-    auto lse = torch::logsumexp(logits, 1, /*keepdim=*/true);  // (n, 1)
-    total.add_(((lse - logits.gather(1, t)) * v).sum());
+    auto logp = torch::log_softmax(torch::mm(hc, w.t()).to(cd), 1);  // (n, V); the logits go here
+    total.sub_((logp.gather(1, t) * v).sum());
     if (!grads) continue;
-    // d loss / d logits = share * (softmax - onehot(target)), in place of the logits.
-    logits.sub_(lse).exp_();
-    logits.scatter_add_(1, t, -v);
-    logits.mul_(share.narrow(0, s, n).unsqueeze(1));
-    auto g = logits.to(h.scalar_type());                     // (n, V), the dtype of the products
+    // d loss / d logits = share * (softmax - onehot(target)), in place of the log-probabilities.
+    logp.exp_();
+    logp.scatter_add_(1, t, -v);
+    logp.mul_(share.narrow(0, s, n).unsqueeze(1));
+    auto g = logp.to(h.scalar_type());                       // (n, V), the dtype of the products
     if (want_h) {
       auto rows = out.grad_h.narrow(0, s, n);  // (n, D)
       torch::mm_out(rows, g, w);
     }
-    if (want_w) {
-      if (g.scalar_type() == cd)
-        acc.addmm_(g.t(), hc);
-      else
-        acc.add_(torch::mm(g.t(), hc));  // (V, D) in h's dtype, summed in fp32
-    }
+    // In the weight's dtype, as gradient accumulation over micro batches: for bf16 each chunk's
+    // product is added in fp32 inside the GEMM and the sum rounded once per chunk.
+    if (want_w) out.grad_w.addmm_(g.t(), hc);
   }
   out.loss = total / count;  // NaN when nothing counts, as torch's mean cross-entropy
-  if (want_w) out.grad_w = acc.to(w.scalar_type());
   return out;
+}
+
+// g *= s (a 0-dim tensor) in place. A reduced-precision g is scaled in fp32 a block at a time, so
+// the factor (1 / accumulation steps, say) is not first rounded to g's dtype.
+void scale_(torch::Tensor& g, const torch::Tensor& s) {
+  const auto dt = g.scalar_type();
+  if (dt == torch::kFloat32 || dt == torch::kFloat64) {
+    g.mul_(s.to(dt));
+    return;
+  }
+  auto flat = g.view({-1});
+  auto factor = s.to(torch::kFloat32);
+  constexpr int64_t block = int64_t{1} << 24;
+  for (int64_t i = 0; i < flat.numel(); i += block) {
+    auto part = flat.narrow(0, i, std::min(block, flat.numel() - i));
+    part.copy_(part.to(torch::kFloat32).mul_(factor));
+  }
 }
 
 // The loss whose backward hands out the gradients chunked_loss computed in the forward pass,
@@ -85,10 +96,13 @@ struct LinearCrossEntropyFn : torch::autograd::Function<LinearCrossEntropyFn> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_out) {
     auto scaled = [&](const char* key) {
+      if (ctx->saved_data.find(key) == ctx->saved_data.end())
+        throw Error("linear_cross_entropy", "backward ran twice through one loss",
+                    "its gradients are handed out once; call forward again instead of retain_graph");
       auto g = ctx->saved_data[key].toTensor();
-      ctx->saved_data.erase(key);  // once: the gradient buffers go as soon as they are handed out
-      if (!g.defined()) return g;
-      return g * grad_out[0].to(g.scalar_type());  // a 0-dim factor keeps g's dtype
+      ctx->saved_data.erase(key);  // the gradient buffers go as soon as they are handed out
+      if (g.defined()) scale_(g, grad_out[0]);  // in place: nothing else holds g now
+      return g;
     };
     auto gh = scaled("grad_h"), gw = scaled("grad_w");
     return {gh, gw, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
@@ -102,7 +116,7 @@ torch::Tensor linear_cross_entropy(const torch::Tensor& h, const torch::Tensor& 
   if (weight.dim() != 2 || h.size(-1) != weight.size(1))
     throw Error("linear_cross_entropy", "hidden states of width " + std::to_string(h.size(-1)) +
                                             " do not fit an LM head weight of shape " + c10::str(weight.sizes()));
-  auto h2 = h.reshape({-1, h.size(-1)});  // (N, D)
+  auto h2 = h.reshape({-1, h.size(-1)}).to(weight.scalar_type());  // (N, D), in the head's dtype as Linear
   auto t = targets.reshape({-1});          // (N)
   if (t.size(0) != h2.size(0))
     throw Error("linear_cross_entropy", std::to_string(t.size(0)) + " targets for " + std::to_string(h2.size(0)) +

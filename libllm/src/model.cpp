@@ -652,7 +652,8 @@ TransformerImpl::Output TransformerImpl::forward_loss(const torch::Tensor& token
     return out;
   }
   auto out = finish(h, router_logits, /*project=*/false);
-  out.loss = linear_cross_entropy(h, lm_head ? lm_head->weight : model->embed_tokens->weight, targets);
+  out.loss = linear_cross_entropy(h, lm_head ? lm_head->weight : model->embed_tokens->weight, targets, -100,
+                                  loss_chunk_rows_);
   return out;
 }
 

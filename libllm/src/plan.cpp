@@ -2,6 +2,7 @@
 
 #include <fmt/core.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "libllm/error.h"
@@ -19,10 +20,13 @@ namespace libllm {
 // (h), and per routed expert gate, up, silu(gate) and their product (4 f): 6h + 2kv + 4fk.
 // Outside the blocks: the embedding output and the final norm's input (2h elements) and the
 // logits: bf16 logits + their fp32 copy + fp32 log-softmax (10 bytes per vocabulary entry; fp32
-// training 8). With checkpointing each block keeps only its input (h) and one block at a time is
+// training 8), or with train.fused_loss (the default) none of them but the final hidden states'
+// gradient, computed in forward and kept until backward (h elements). With checkpointing each block keeps only its input (h) and one block at a time is
 // recomputed (its full 6h + 2kv + 4fk).
 // Buffers: 1 GiB of runtime (CUDA context, cuBLAS workspaces, NCCL channels), 2 gradient buckets
-// of 25 MiB, the fp32 gradient of the logits (4 bytes per vocabulary entry per token), with bf16
+// of 25 MiB, the fp32 gradient of the logits (4 bytes per vocabulary entry per token) or, fused,
+// the LM head's gradient from forward until backward (w bytes per head weight) and one chunk of
+// max(tokens x h, 2^24) fp32 logits and their fp32 log-softmax (8 bytes per element), with bf16
 // AdamW's 256 MiB chunk of fp32 gradients, and for ZeRO-3 / hybrid two gathered blocks (the one in
 // use and the prefetched next) in the weights' dtype.
 TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
@@ -58,10 +62,13 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
   const double V = static_cast<double>(m.vocab_size), L = static_cast<double>(m.n_layers);
   const double tokens = static_cast<double>(t.micro_batch * t.seq_len);
   const double block = w * (6 * h + 2 * kv + 4 * f * k);          // bytes per token, one block
-  const double outside = w * 2 * h + (bf16 ? 10.0 : 8.0) * V;     // bytes per token
+  const bool fused = t.fused_loss;
+  const double outside = w * 2 * h + (fused ? w * h : (bf16 ? 10.0 : 8.0) * V);  // bytes per token
+  const double chunk = std::max(tokens * h, std::pow(2.0, 24));  // elements of one chunk's logits
+  const double loss = fused ? w * V * h + 8.0 * chunk : tokens * 4 * V;
   const double act = tokens * (L * block + outside);
   const double act_ckpt = tokens * (L * w * h + block + outside);
-  const double runtime = std::pow(2.0, 30) + 2 * 25 * std::pow(2.0, 20) + tokens * 4 * V + (bf16 ? std::pow(2.0, 28) : 0.0);
+  const double runtime = std::pow(2.0, 30) + 2 * 25 * std::pow(2.0, 20) + loss + (bf16 ? std::pow(2.0, 28) : 0.0);
   const double gathered = 2 * w * static_cast<double>(pc.per_block);
 
   auto row = [&](const std::string& name, int64_t n, double wd, double gd, double od, bool gather) {

@@ -1,6 +1,6 @@
 // CUDA paths against the CPU ones (label gpu; run where LibTorch has CUDA and a device is present):
 // the model's forward/backward (dense GQA and MoE, with and without activation checkpointing;
-// packed rows),
+// packed rows), the fused LM head + cross-entropy,
 // AdamW's fused CUDA kernel against its _foreach path on the CPU, and bf16 against fp32.
 // Tolerances: fp32 kernels differ in summation order only, so 1e-4 (logits, absolute) and 1e-4
 // (gradients, relative); AdamW after 5 steps 1e-6 relative; a bf16 loss within 2% of fp32.
@@ -140,4 +140,35 @@ TEST_CASE("a bf16 model on CUDA gives the fp32 loss within 2%", "[gpu]") {
   const double bf16 = cross_entropy(m->forward(ids.slice(1, 0, 32)).logits, ids.slice(1, 1)).item<double>();
   INFO("fp32 " << fp32 << ", bf16 " << bf16);
   CHECK(std::abs(bf16 - fp32) <= 0.02 * fp32);
+}
+
+TEST_CASE("the fused LM head + cross-entropy on CUDA equals the CPU's, fp32 and bf16", "[gpu]") {
+  // linear_cross_entropy in chunks of 7 rows with ignored targets, (loss / 3).backward(): fp32
+  // against the CPU (1e-5 loss, 1e-4 relative gradients); bf16 against CUDA's plain bf16 path
+  // (the same roundings but where the factor is applied: 1e-2 relative).
+  if (!have_cuda()) return;
+  const torch::Device cuda(torch::kCUDA, 0);
+  torch::manual_seed(12);
+  auto h = torch::randn({45, 64}), w = torch::randn({384, 64}) * 0.2;
+  auto t = torch::randint(0, 384, {45});
+  t.slice(0, 0, 4).fill_(-100);
+  auto grads = [&](const torch::Tensor& h0, const torch::Tensor& w0, const torch::Tensor& t0, bool fused) {
+    auto a = h0.detach().clone().requires_grad_(true), b = w0.detach().clone().requires_grad_(true);
+    auto loss = fused ? linear_cross_entropy(a, b, t0, -100, 7)
+                      : cross_entropy(torch::nn::functional::linear(a, b), t0);
+    (loss / 3.0).backward();
+    return std::make_tuple(loss.item<double>(), a.grad(), b.grad());
+  };
+  auto [lc, hc, wc] = grads(h, w, t, false);
+  auto [lg, hg, wg] = grads(h.to(cuda), w.to(cuda), t.to(cuda), true);
+  CHECK(std::abs(lc - lg) <= 1e-5);
+  CHECK(rel(hg, hc) <= 1e-4);
+  CHECK(rel(wg, wc) <= 1e-4);
+  auto hb = h.to(cuda, torch::kBFloat16), wb = w.to(cuda, torch::kBFloat16);
+  auto [lp, hp, wp] = grads(hb, wb, t.to(cuda), false);
+  auto [lf, hf, wf] = grads(hb, wb, t.to(cuda), true);
+  CHECK(hf.scalar_type() == torch::kBFloat16);
+  CHECK(std::abs(lp - lf) <= 1e-3 * std::abs(lp));
+  CHECK(rel(hf, hp) <= 1e-2);
+  CHECK(rel(wf, wp) <= 1e-2);
 }

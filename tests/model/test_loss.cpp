@@ -146,3 +146,58 @@ TEST_CASE("forward_loss: the fused loss gives the plain path's loss and every gr
     }
   }
 }
+
+TEST_CASE("linear_cross_entropy in bf16 scales by the incoming gradient without bias", "[model]") {
+  // (loss / 3).backward(), as with 3 accumulation steps, against loss.backward() / 3 in float64:
+  // the factor applied in fp32 leaves only each element's final rounding (unbiased, so the
+  // projection <g, ref> / <ref, ref> is 1 within 1e-4), where 1/3 rounded to bf16 would scale
+  // every gradient by 1.002.
+  torch::manual_seed(5);
+  auto h = torch::randn({96, 64}).to(torch::kBFloat16);
+  auto w = (torch::randn({500, 64}) * 0.2).to(torch::kBFloat16);
+  auto t = torch::randint(0, 500, {96});
+  auto third = run([&](auto& a, auto& b) { return linear_cross_entropy(a, b, t, -100, 40); }, h, w, 1.0 / 3.0);
+  auto whole = run([&](auto& a, auto& b) { return linear_cross_entropy(a, b, t, -100, 40); }, h, w, 1.0);
+  auto ratio = [](const torch::Tensor& g, const torch::Tensor& whole) {
+    auto g64 = g.to(torch::kFloat64), r = whole.to(torch::kFloat64) / 3.0;
+    return ((g64 * r).sum() / (r * r).sum()).item<double>();
+  };
+  CHECK(std::abs(ratio(third.gh, whole.gh) - 1) < 1e-4);
+  CHECK(std::abs(ratio(third.gw, whole.gw) - 1) < 1e-4);
+  CHECK(third.gh.scalar_type() == torch::kBFloat16);
+}
+
+TEST_CASE("forward_loss: fused over several chunks with checkpointing and accumulation equals plain", "[model]") {
+  // Two micro batches accumulated into .grad (loss / 2 each), activation checkpointing, chunks of 5
+  // rows over 22 positions, float64; a second backward through one fused loss is a clear error.
+  torch::manual_seed(9);
+  Transformer m(Recipe::parse("model: {vocab_size: 61, dim: 16, n_layers: 2, n_heads: 4, n_kv_heads: 2, "
+                              "ffn_dim: 24, max_seq_len: 32, init_std: 0.2}",
+                              "inline")
+                    .model);
+  m->to(torch::kFloat64);
+  m->set_activation_checkpointing(true);
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> batches;
+  for (int i = 0; i < 2; ++i) batches.emplace_back(torch::randint(0, 61, {2, 11}), torch::randint(0, 61, {2, 11}));
+  auto grads = [&](bool fused) {
+    m->set_fused_loss(fused, 5);
+    m->zero_grad();
+    double loss = 0;
+    for (auto& [x, y] : batches) {
+      auto out = m->forward_loss(x, y);
+      (out.loss / 2.0).backward();
+      loss += out.loss.item<double>() / 2;
+    }
+    std::vector<torch::Tensor> g;
+    for (auto& p : m->parameters()) g.push_back(p.grad().clone());
+    return std::make_pair(loss, g);
+  };
+  auto [plain_loss, plain] = grads(false);
+  auto [fused_loss, fused] = grads(true);
+  CHECK(std::abs(plain_loss - fused_loss) < 1e-12);
+  REQUIRE(plain.size() == fused.size());
+  for (size_t i = 0; i < plain.size(); ++i) CHECK(test::max_abs_diff(plain[i], fused[i]) < 1e-12);
+  auto loss = m->forward_loss(batches[0].first, batches[0].second).loss;
+  loss.backward({}, /*retain_graph=*/true);
+  CHECK_THROWS_WITH(loss.backward(), Catch::Contains("backward ran twice through one loss"));
+}

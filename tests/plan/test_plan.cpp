@@ -24,8 +24,9 @@ const MemoryRow& row(const TrainingPlan& p, const std::string& name) {
 
 TEST_CASE("llm-plan: llama-7b on 8 x A100-80GB, hand-computed", "[plan]") {
   // Ψ = 6,738,415,616; embedding 32000 x 4096 = 131,072,000; bf16, 1 x 2048 tokens per GPU.
+  // The plain loss (train.fused_loss false): the logits and their gradient whole.
   const Recipe r = recipe("llama-7b", {"train.dtype=bf16", "train.micro_batch=1", "train.seq_len=2048",
-                                       "train.global_batch_tokens=0"});
+                                       "train.global_batch_tokens=0", "train.fused_loss=false"});
   ClusterSpec c;
   c.gpus = 8;
   c.gpu_memory_gib = 80;
@@ -65,7 +66,8 @@ TEST_CASE("llm-plan: llama-7b on 8 x A100-80GB, hand-computed", "[plan]") {
 TEST_CASE("llm-plan: llama-65b on 64 x A100-80GB at 50% MFU, hand-computed, and its published speed", "[plan]") {
   // Ψ = 65,285,660,672; per block 4*8192^2 + 3*8192*22016 + 2*8192 = 809,517,056.
   const Recipe r = recipe("llama-65b", {"train.dtype=bf16", "train.micro_batch=1", "train.seq_len=2048",
-                                        "train.global_batch_tokens=4194304", "train.steps=333786"});
+                                        "train.global_batch_tokens=4194304", "train.steps=333786",
+                                        "train.fused_loss=false"});
   ClusterSpec c;
   c.gpus = 64;
   c.gpus_per_node = 8;
@@ -103,6 +105,25 @@ TEST_CASE("llm-plan: llama-65b on 64 x A100-80GB at 50% MFU, hand-computed, and 
   CHECK(row(p, "hybrid").total(true) > 80.0 * (1 << 30));
   // LLaMA's paper: ~380 tokens/s/GPU on 2048 A100-80GB for 65B = 380 * 406.2e9 / 312e12 = 49.5% MFU.
   CHECK(380.0 * p.flops_per_token / 312e12 == Approx(0.4948).margin(1e-4));
+}
+
+TEST_CASE("llm-plan: llama-7b with the fused loss (the default), hand-computed", "[plan]") {
+  const Recipe r = recipe("llama-7b", {"train.dtype=bf16", "train.micro_batch=1", "train.seq_len=2048",
+                                       "train.global_batch_tokens=0"});
+  ClusterSpec c;
+  c.gpus = 8;
+  c.gpu_memory_gib = 80;
+  const TrainingPlan p = plan_training(r, c);
+  const MemoryRow& none = row(p, "none");
+  // Outside the blocks: 2*2*4096 + the hidden states' gradient 2*4096 = 24,576 bytes per token
+  // (not 336,384): 2048 x (32*153,600 + 24,576) and, checkpointed, 2048 x (32*2*4096 + 153,600 + 24,576).
+  CHECK(none.activations == Approx(2048.0 * 4939776.0));
+  CHECK(none.activations_ckpt == Approx(2048.0 * 440320.0));
+  // Buffers: 2^30 + 50 MiB + the head's bf16 gradient 2 x 32000*4096 + one chunk of 2^24 logits
+  // (2048*4096 < 2^24) and their log-softmax at 8 bytes + 2^28.
+  CHECK(none.buffers == Approx(1073741824.0 + 52428800.0 + 2.0 * 131072000.0 + 8.0 * 16777216.0 + 268435456.0));
+  // Without recomputation: 12.55 + 12.55 + 75.31 (states) + 9.42 + 1.67 GiB = 111.50.
+  CHECK(none.total(false) / (1 << 30) == Approx(111.50).margin(0.005));
 }
 
 TEST_CASE("llm-plan: bad cluster figures are errors naming the option", "[plan]") {

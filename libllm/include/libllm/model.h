@@ -206,7 +206,8 @@ class TransformerImpl : public torch::nn::Module {
  public:
   struct Output {
     torch::Tensor logits;    // (B, T, vocab_size); undefined from forward_loss with the fused loss
-    torch::Tensor loss;      // forward_loss only: mean next-token cross-entropy (fp32; aux_loss not included)
+    torch::Tensor loss;      // forward_loss only: mean next-token cross-entropy (fp32, fp64 for fp64 models;
+                             // aux_loss not included)
     torch::Tensor aux_loss;  // scalar: moe_aux_loss_coef * balance + moe_z_loss_coef * z (0 when dense)
     torch::Tensor balance_loss, z_loss;  // unweighted MoE losses (undefined when dense)
   };
@@ -278,8 +279,12 @@ class TransformerImpl : public torch::nn::Module {
   // each document the logits it has alone; they differ in speed and memory.
   void set_packed_attention(PackedAttention how) { packed_attention_ = how; }
   BlockHooks* block_hooks() const { return hooks_; }
-  // forward_loss's LM head: fused with the cross-entropy (no logits held) or plain.
-  void set_fused_loss(bool on) { fused_loss_ = on; }
+  // forward_loss's LM head: fused with the cross-entropy (no logits held) or plain; chunk_rows as
+  // linear_cross_entropy's (0 = automatic).
+  void set_fused_loss(bool on, int64_t chunk_rows = 0) {
+    fused_loss_ = on;
+    loss_chunk_rows_ = chunk_rows;
+  }
 
   Decoder model{nullptr};
   Linear lm_head{nullptr};  // null when tie_embeddings
@@ -294,6 +299,7 @@ class TransformerImpl : public torch::nn::Module {
   BlockHooks* hooks_ = nullptr;
   PackedAttention packed_attention_ = PackedAttention::kAuto;
   bool fused_loss_ = true;
+  int64_t loss_chunk_rows_ = 0;
 };
 TORCH_MODULE(Transformer);
 
