@@ -651,7 +651,7 @@ TransformerImpl::Output TransformerImpl::forward_loss(const torch::Tensor& token
     out.loss = cross_entropy(out.logits, targets);
     return out;
   }
-  auto out = finish(h, router_logits, /*project=*/false);
+  auto out = finish(h, router_logits, /*project_logits=*/false);
   out.loss = linear_cross_entropy(h, lm_head ? lm_head->weight : model->embed_tokens->weight, targets, -100,
                                   loss_chunk_rows_);
   return out;
