@@ -29,8 +29,9 @@ ChunkedLoss chunked_loss(const torch::Tensor& h, const torch::Tensor& w, const t
   const auto cd = compat::compute_dtype(h);
   if (chunk <= 0) chunk = (std::max<int64_t>(N * D, int64_t{1} << 24) + V - 1) / V;
   chunk = std::max<int64_t>(1, std::min(chunk, N));
-  auto valid = (targets != ignore_index).to(cd);                                   // (N): 1 = counted
-  auto safe = torch::where(targets != ignore_index, targets, torch::zeros_like(targets));  // (N)
+  auto counted = targets != ignore_index;                                  // (N) bool
+  auto valid = counted.to(cd);                                              // (N): 1 = counted
+  auto safe = torch::where(counted, targets, torch::zeros_like(targets));  // (N): a valid index everywhere
   auto count = valid.sum();                        // a tensor: no host sync on a GPU
   auto share = valid / count.clamp_min(1);         // (N): each row's weight in the mean (0 if none counts)
 
