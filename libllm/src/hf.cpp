@@ -19,6 +19,7 @@
 #include "libllm/recipe.h"
 #include "libllm/safetensors.h"
 #include "libllm/tokenizer.h"
+#include "libllm/torch_file.h"
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -105,53 +106,94 @@ struct ConfigReader {
   }
 };
 
-// The tensors of a weights folder: name -> (file, entry). Files stay mapped while this lives.
+// The tensors of a weights folder: name -> (file, entry). Files stay open while this lives.
+// safetensors (model.safetensors, or shards listed in model.safetensors.index.json) are preferred,
+// as transformers prefers them; else torch.save files (pytorch_model.bin, or shards listed in
+// pytorch_model.bin.index.json).
 struct WeightIndex {
+  struct Entry {
+    const safetensors::File* st = nullptr;  // a safetensors tensor, or
+    const safetensors::TensorInfo* st_info = nullptr;
+    const torchfile::File* pt = nullptr;    // a torch.save tensor
+    const torchfile::TensorInfo* pt_info = nullptr;
+  };
   std::vector<std::shared_ptr<safetensors::File>> files;
-  std::map<std::string, std::pair<const safetensors::File*, const safetensors::TensorInfo*>> tensors;
+  std::vector<std::shared_ptr<torchfile::File>> torch_files;
+  std::map<std::string, Entry> tensors;
   std::string dir;
 
-  // A zero-copy view of a stored tensor (valid while this index lives).
+  // A stored tensor on the CPU: a zero-copy view of a safetensors mapping, or of a torch.save
+  // storage read from disk (valid while this index lives; may be strided).
   torch::Tensor view(const std::string& name) const {
-    const auto& [file, info] = tensors.at(name);
-    return torch::from_blob(const_cast<uint8_t*>(file->data(*info)), info->shape,
-                            torch::dtype(torch_dtype_of(info->dtype)));
+    const Entry& e = tensors.at(name);
+    if (e.pt) return e.pt->read(*e.pt_info);
+    return torch::from_blob(const_cast<uint8_t*>(e.st->data(*e.st_info)), e.st_info->shape,
+                            torch::dtype(torch_dtype_of(e.st_info->dtype)));
+  }
+
+  void add(const std::shared_ptr<safetensors::File>& f, const std::string& only = "") {
+    for (const auto& t : f->tensors())
+      if (only.empty() || t.name == only) tensors[t.name] = {f.get(), &t, nullptr, nullptr};
+  }
+  void add(const std::shared_ptr<torchfile::File>& f, const std::string& only = "") {
+    for (const auto& t : f->tensors())
+      if (only.empty() || t.name == only) tensors[t.name] = {nullptr, nullptr, f.get(), &t};
   }
 };
+
+// Reads an index's weight_map: for each (name, shard file) calls add_from_shard(path, name), which
+// adds that tensor from the shard (opened once) and returns false if the shard lacks it.
+void read_index(const fs::path& index, const std::string& dir,
+                const std::function<bool(const fs::path&, const std::string&)>& add_from_shard) {
+  json j = read_json(index.string());
+  if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
+    throw Error(index.string(), "missing object 'weight_map'");
+  for (auto& [name, file] : j["weight_map"].items()) {
+    if (!file.is_string()) throw Error(index.string() + ": weight_map." + name, "expected a file name");
+    const std::string fname = file.get<std::string>();
+    if (fname.find('/') != std::string::npos || fname.find("..") != std::string::npos)
+      throw Error(index.string() + ": weight_map." + name, "file name '" + fname + "' leaves the folder");
+    const fs::path p = fs::path(dir) / fname;
+    if (!fs::exists(p)) throw Error(p.string(), "shard listed in the index is missing");
+    if (!add_from_shard(p, name))
+      throw Error(p.string() + ": tensor '" + name + "'", "listed in the index but not in the shard");
+  }
+}
 
 WeightIndex open_weights(const std::string& dir) {
   WeightIndex idx;
   idx.dir = dir;
   const fs::path single = fs::path(dir) / "model.safetensors";
   const fs::path index = fs::path(dir) / "model.safetensors.index.json";
+  const fs::path bin = fs::path(dir) / "pytorch_model.bin";
+  const fs::path bin_index = fs::path(dir) / "pytorch_model.bin.index.json";
   if (fs::exists(index)) {
-    json j = read_json(index.string());
-    if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
-      throw Error(index.string(), "missing object 'weight_map'");
     std::map<std::string, std::shared_ptr<safetensors::File>> by_file;
-    for (auto& [name, file] : j["weight_map"].items()) {
-      if (!file.is_string()) throw Error(index.string() + ": weight_map." + name, "expected a file name");
-      const std::string fname = file.get<std::string>();
-      if (fname.find('/') != std::string::npos || fname.find("..") != std::string::npos)
-        throw Error(index.string() + ": weight_map." + name, "file name '" + fname + "' leaves the folder");
-      auto& f = by_file[fname];
-      if (!f) {
-        const fs::path p = fs::path(dir) / fname;
-        if (!fs::exists(p)) throw Error(p.string(), "shard listed in the index is missing");
-        f = safetensors::File::open(p.string());
-        idx.files.push_back(f);
-      }
-      const auto* info = f->find(name);
-      if (!info) throw Error(f->path() + ": tensor '" + name + "'", "listed in the index but not in the shard");
-      idx.tensors[name] = {f.get(), info};
-    }
+    read_index(index, dir, [&](const fs::path& p, const std::string& name) {
+      auto& f = by_file[p.string()];
+      if (!f) idx.files.push_back(f = safetensors::File::open(p.string()));
+      if (!f->find(name)) return false;
+      idx.add(f, name);
+      return true;
+    });
   } else if (fs::exists(single)) {
-    auto f = safetensors::File::open(single.string());
-    idx.files.push_back(f);
-    for (const auto& t : f->tensors()) idx.tensors[t.name] = {f.get(), &t};
+    idx.files.push_back(safetensors::File::open(single.string()));
+    idx.add(idx.files.back());
+  } else if (fs::exists(bin_index)) {
+    std::map<std::string, std::shared_ptr<torchfile::File>> by_file;
+    read_index(bin_index, dir, [&](const fs::path& p, const std::string& name) {
+      auto& f = by_file[p.string()];
+      if (!f) idx.torch_files.push_back(f = torchfile::File::open(p.string()));
+      if (!f->find(name)) return false;
+      idx.add(f, name);
+      return true;
+    });
+  } else if (fs::exists(bin)) {
+    idx.torch_files.push_back(torchfile::File::open(bin.string()));
+    idx.add(idx.torch_files.back());
   } else {
-    throw Error(dir, "no model.safetensors or model.safetensors.index.json",
-                "only safetensors weights are read; re-save with save_pretrained(safe_serialization=True)");
+    throw Error(dir, "no weights: no model.safetensors(.index.json) or pytorch_model.bin(.index.json)",
+                "a Hugging Face model folder as save_pretrained writes it");
   }
   return idx;
 }

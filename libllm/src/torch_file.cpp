@@ -1,0 +1,511 @@
+// torch.save files: the zip through LibTorch's PyTorchStreamReader, the pickle through a small
+// interpreter that builds only plain values and tensors. See torch_file.h.
+#include "libllm/torch_file.h"
+
+#include <caffe2/serialize/inline_container.h>
+
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <set>
+
+#include "libllm/error.h"
+
+namespace libllm::torchfile {
+
+namespace {
+
+// A pickled value. Containers are shared (the pickle's memo refers to them, and SETITEMS fills a
+// dict after it was memoised).
+struct Obj;
+using Ref = std::shared_ptr<Obj>;
+struct Obj {
+  enum Kind { kNone, kBool, kInt, kFloat, kStr, kTuple, kList, kDict, kGlobal, kStorage, kTensor } kind = kNone;
+  int64_t i = 0;
+  double f = 0;
+  std::string s;           // kStr: the text; kGlobal: "module.name"
+  std::vector<Ref> items;  // kTuple, kList; kDict: key, value, key, value, ...
+  TensorInfo tensor;       // kTensor; kStorage: dtype, storage, storage_numel
+};
+
+Ref make(Obj::Kind k) {
+  auto o = std::make_shared<Obj>();
+  o->kind = k;
+  return o;
+}
+
+const char* kind_name(Obj::Kind k) {
+  static const char* names[] = {"None", "bool", "int",    "float",   "str",   "tuple",
+                                "list", "dict", "global", "storage", "tensor"};
+  return names[k];
+}
+
+// torch.<Type>Storage -> dtype.
+const std::map<std::string, torch::Dtype>& storage_types() {
+  static const std::map<std::string, torch::Dtype> m = {
+      {"torch.FloatStorage", torch::kFloat32}, {"torch.DoubleStorage", torch::kFloat64},
+      {"torch.HalfStorage", torch::kFloat16},  {"torch.BFloat16Storage", torch::kBFloat16},
+      {"torch.LongStorage", torch::kInt64},    {"torch.IntStorage", torch::kInt32},
+      {"torch.ShortStorage", torch::kInt16},   {"torch.CharStorage", torch::kInt8},
+      {"torch.ByteStorage", torch::kUInt8},    {"torch.BoolStorage", torch::kBool}};
+  return m;
+}
+
+// The globals a dict of tensors needs; GLOBAL refuses every other one.
+const std::set<std::string>& known_globals() {
+  static const std::set<std::string> s = {"collections.OrderedDict",
+                                          "torch._utils._rebuild_tensor_v2",
+                                          "torch._utils._rebuild_tensor",
+                                          "torch._utils._rebuild_parameter",
+                                          "torch._utils._rebuild_parameter_with_state",
+                                          "torch._tensor._rebuild_from_type_v2",
+                                          "torch._tensor.Tensor",
+                                          "torch.Tensor",
+                                          "torch.nn.parameter.Parameter"};
+  return s;
+}
+
+class Unpickler {
+ public:
+  Unpickler(const uint8_t* data, size_t size, std::string where)
+      : p_(data), end_(data + size), begin_(data), where_(std::move(where)) {}
+
+  Ref run() {
+    for (;;) {
+      const size_t at = static_cast<size_t>(p_ - begin_);
+      const uint8_t op = u8();
+      switch (op) {
+        case 0x80: {  // PROTO
+          const int v = u8();
+          if (v < 2 || v > 5) fail("pickle protocol " + std::to_string(v) + " (torch.save writes 2)");
+          break;
+        }
+        case 0x95:
+          take(8);
+          break;  // FRAME: a size hint
+        case '}':
+          push(make(Obj::kDict));
+          break;
+        case ']':
+          push(make(Obj::kList));
+          break;
+        case ')':
+          push(make(Obj::kTuple));
+          break;
+        case '(':
+          marks_.push_back(stack_.size());
+          break;
+        case 'N':
+          push(make(Obj::kNone));
+          break;
+        case 0x88:
+        case 0x89: {  // NEWTRUE, NEWFALSE
+          auto o = make(Obj::kBool);
+          o->i = op == 0x88;
+          push(o);
+          break;
+        }
+        case 'K':
+          push_int(u8());
+          break;
+        case 'M':
+          push_int(le(2));
+          break;
+        case 'J':
+          push_int(static_cast<int32_t>(static_cast<uint32_t>(le(4))));
+          break;
+        case 0x8a: {  // LONG1: n little-endian two's-complement bytes
+          const int n = u8();
+          if (n > 8) fail("an integer of " + std::to_string(n) + " bytes");
+          uint64_t v = n ? le(n) : 0;
+          if (n > 0 && n < 8 && (v >> (8 * n - 1)) & 1) v |= ~uint64_t{0} << (8 * n);  // sign-extend
+          push_int(static_cast<int64_t>(v));
+          break;
+        }
+        case 'G': {  // BINFLOAT, big-endian
+          uint64_t v = 0;
+          for (uint8_t b : take(8)) v = v << 8 | b;
+          auto o = make(Obj::kFloat);
+          std::memcpy(&o->f, &v, 8);
+          push(o);
+          break;
+        }
+        case 'X':
+          push_str(le(4));
+          break;  // BINUNICODE
+        case 0x8c:
+          push_str(u8());
+          break;  // SHORT_BINUNICODE
+        case 0x8d:
+          push_str(le(8));
+          break;     // BINUNICODE8
+        case 'c': {  // GLOBAL "module\nname\n"
+          const std::string module = line(), name = line();
+          push_global(module, name);
+          break;
+        }
+        case 0x93: {  // STACK_GLOBAL
+          Ref name = pop(), module = pop();
+          if (module->kind != Obj::kStr || name->kind != Obj::kStr) fail("STACK_GLOBAL of non-strings");
+          push_global(module->s, name->s);
+          break;
+        }
+        case 'q':
+          memo_[u8()] = top();
+          break;  // BINPUT
+        case 'r':
+          memo_[le(4)] = top();
+          break;  // LONG_BINPUT
+        case 0x94:
+          memo_[memo_.size()] = top();
+          break;  // MEMOIZE
+        case 'h':
+          push(memo(u8()));
+          break;  // BINGET
+        case 'j':
+          push(memo(le(4)));
+          break;  // LONG_BINGET
+        case 0x85:
+        case 0x86:
+        case 0x87: {  // TUPLE1..3
+          auto t = make(Obj::kTuple);
+          t->items.resize(op - 0x84);
+          for (size_t k = t->items.size(); k-- > 0;) t->items[k] = pop();
+          push(t);
+          break;
+        }
+        case 't': {  // TUPLE from the mark
+          auto t = make(Obj::kTuple);
+          t->items = pop_mark();
+          push(t);
+          break;
+        }
+        case 'Q':
+          push(persistent(pop()));
+          break;     // BINPERSID
+        case 'R': {  // REDUCE
+          Ref args = pop(), fn = pop();
+          push(call(fn, args));
+          break;
+        }
+        case 'b': {  // BUILD: a state dict's _metadata, a parameter's state: not needed
+          pop();
+          if (top()->kind != Obj::kDict && top()->kind != Obj::kTensor)
+            fail("BUILD on a " + std::string(kind_name(top()->kind)));
+          break;
+        }
+        case 's': {  // SETITEM
+          Ref v = pop(), k = pop();
+          dict(top())->items.insert(top()->items.end(), {k, v});
+          break;
+        }
+        case 'u': {  // SETITEMS
+          auto kv = pop_mark();
+          if (kv.size() % 2) fail("SETITEMS with an odd number of items");
+          auto& d = dict(top())->items;
+          d.insert(d.end(), kv.begin(), kv.end());
+          break;
+        }
+        case 'a': {  // APPEND
+          Ref v = pop();
+          list(top())->items.push_back(v);
+          break;
+        }
+        case 'e': {  // APPENDS
+          auto vs = pop_mark();
+          auto& l = list(top())->items;
+          l.insert(l.end(), vs.begin(), vs.end());
+          break;
+        }
+        case '.':  // STOP
+          if (stack_.size() != 1) fail("STOP with " + std::to_string(stack_.size()) + " values on the stack");
+          return stack_.back();
+        default: {
+          char hex[8];
+          std::snprintf(hex, sizeof hex, "0x%02x", op);
+          fail(std::string("pickle opcode ") + hex + " at byte " + std::to_string(at) +
+               ", which torch.save does not write for a dict of tensors");
+        }
+      }
+    }
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& what) const {
+    throw Error(where_, "unsupported or corrupt pickle: " + what,
+                "libllm reads files torch.save wrote from a dict of tensors; re-save the weights with "
+                "save_pretrained(safe_serialization=True) or safetensors");
+  }
+  std::vector<uint8_t> take(size_t n) {
+    if (static_cast<size_t>(end_ - p_) < n) fail("it ends early");
+    std::vector<uint8_t> out(p_, p_ + n);
+    p_ += n;
+    return out;
+  }
+  uint8_t u8() {
+    if (p_ >= end_) fail("it ends early (no STOP)");
+    return *p_++;
+  }
+  uint64_t le(int n) {
+    uint64_t v = 0;
+    auto b = take(static_cast<size_t>(n));
+    for (int k = n - 1; k >= 0; --k) v = v << 8 | b[static_cast<size_t>(k)];
+    return v;
+  }
+  std::string line() {
+    const uint8_t* nl = static_cast<const uint8_t*>(std::memchr(p_, '\n', static_cast<size_t>(end_ - p_)));
+    if (!nl) fail("an unterminated GLOBAL");
+    std::string s(reinterpret_cast<const char*>(p_), static_cast<size_t>(nl - p_));
+    p_ = nl + 1;
+    return s;
+  }
+  void push(Ref r) { stack_.push_back(std::move(r)); }
+  void push_int(int64_t v) {
+    auto o = make(Obj::kInt);
+    o->i = v;
+    push(o);
+  }
+  void push_str(uint64_t n) {
+    if (n > static_cast<uint64_t>(end_ - p_)) fail("a string past the end");
+    auto o = make(Obj::kStr);
+    o->s.assign(reinterpret_cast<const char*>(p_), static_cast<size_t>(n));
+    p_ += n;
+    push(o);
+  }
+  void push_global(const std::string& module, const std::string& name) {
+    const std::string full = module + "." + name;
+    if (!known_globals().count(full) && !storage_types().count(full))
+      throw Error(where_, "the pickle refers to " + full + ", which is not part of a dict of tensors (it is not run)",
+                  "libllm reads only tensors; load the file in Python and save its tensors with safetensors");
+    auto o = make(Obj::kGlobal);
+    o->s = full;
+    push(o);
+  }
+  Ref pop() {
+    if (stack_.empty() || (!marks_.empty() && stack_.size() <= marks_.back())) fail("a pop from an empty stack");
+    Ref r = std::move(stack_.back());
+    stack_.pop_back();
+    return r;
+  }
+  Ref top() {
+    if (stack_.empty()) fail("an empty stack");
+    return stack_.back();
+  }
+  std::vector<Ref> pop_mark() {
+    if (marks_.empty()) fail("no MARK");
+    std::vector<Ref> out(stack_.begin() + static_cast<std::ptrdiff_t>(marks_.back()), stack_.end());
+    stack_.resize(marks_.back());
+    marks_.pop_back();
+    return out;
+  }
+  Ref memo(uint64_t k) {
+    auto it = memo_.find(k);
+    if (it == memo_.end()) fail("a memo entry that was never stored");
+    return it->second;
+  }
+  Ref dict(Ref r) {
+    if (r->kind != Obj::kDict) fail("SETITEM on a " + std::string(kind_name(r->kind)));
+    return r;
+  }
+  Ref list(Ref r) {
+    if (r->kind != Obj::kList) fail("APPEND on a " + std::string(kind_name(r->kind)));
+    return r;
+  }
+  static const Obj& arg(const Ref& args, size_t k) { return *args->items[k]; }
+  int64_t int_arg(const Obj& o, const char* what) {
+    if (o.kind != Obj::kInt) fail(std::string(what) + " is a " + kind_name(o.kind) + ", not an int");
+    return o.i;
+  }
+  std::vector<int64_t> ints(const Obj& o, const char* what) {
+    if (o.kind != Obj::kTuple && o.kind != Obj::kList) fail(std::string(what) + " is not a tuple");
+    std::vector<int64_t> v;
+    for (const auto& x : o.items) v.push_back(int_arg(*x, what));
+    return v;
+  }
+
+  // ('storage', torch.<Type>Storage, key, location, numel)
+  Ref persistent(const Ref& pid) {
+    if (pid->kind != Obj::kTuple || pid->items.size() != 5 || pid->items[0]->kind != Obj::kStr ||
+        pid->items[0]->s != "storage")
+      fail("a persistent id that is not ('storage', type, key, location, numel)");
+    const Obj& type = arg(pid, 1);
+    if (type.kind != Obj::kGlobal || !storage_types().count(type.s))
+      throw Error(where_,
+                  "a storage of type " + (type.kind == Obj::kGlobal ? type.s : std::string("?")) +
+                      ", which libllm does not read",
+                  "libllm reads float32/64, float16, bfloat16, int8-64, uint8 and bool tensors");
+    if (arg(pid, 2).kind != Obj::kStr) fail("a storage key that is not a string");
+    auto o = make(Obj::kStorage);
+    o->tensor.dtype = storage_types().at(type.s);
+    o->tensor.storage = arg(pid, 2).s;
+    o->tensor.storage_numel = int_arg(arg(pid, 4), "a storage's size");
+    if (o->tensor.storage_numel < 0) fail("a negative storage size");
+    return o;
+  }
+
+  Ref call(const Ref& fn, const Ref& args) {
+    if (fn->kind != Obj::kGlobal) fail("a call of a " + std::string(kind_name(fn->kind)));
+    if (args->kind != Obj::kTuple) fail("call arguments that are not a tuple");
+    const std::string& f = fn->s;
+    const size_t n = args->items.size();
+    if (f == "collections.OrderedDict") {
+      if (n != 0) fail("OrderedDict with arguments");
+      return make(Obj::kDict);
+    }
+    if (f == "torch._utils._rebuild_tensor_v2" || f == "torch._utils._rebuild_tensor") {
+      if (n < 4) fail(f + " with " + std::to_string(n) + " arguments");
+      const Obj& storage = arg(args, 0);
+      if (storage.kind != Obj::kStorage) fail("a tensor whose storage is a " + std::string(kind_name(storage.kind)));
+      auto t = make(Obj::kTensor);
+      t->tensor = storage.tensor;
+      t->tensor.offset = int_arg(arg(args, 1), "a storage offset");
+      t->tensor.shape = ints(arg(args, 2), "a tensor's size");
+      t->tensor.stride = ints(arg(args, 3), "a tensor's stride");
+      return t;
+    }
+    if (f == "torch._utils._rebuild_parameter" || f == "torch._utils._rebuild_parameter_with_state") {
+      if (n < 1 || arg(args, 0).kind != Obj::kTensor) fail("a parameter without a tensor");
+      return args->items[0];
+    }
+    if (f == "torch._tensor._rebuild_from_type_v2") {  // (func, type, args, state)
+      if (n != 4 || arg(args, 2).kind != Obj::kTuple) fail(f + " with unexpected arguments");
+      const Obj& type = arg(args, 1);
+      if (type.kind != Obj::kGlobal ||
+          (type.s != "torch._tensor.Tensor" && type.s != "torch.Tensor" && type.s != "torch.nn.parameter.Parameter"))
+        fail("a tensor subclass");
+      return call(args->items[0], args->items[2]);
+    }
+    fail("a call of " + f);
+  }
+
+  const uint8_t *p_, *end_, *begin_;
+  std::string where_;
+  std::vector<Ref> stack_;
+  std::vector<size_t> marks_;
+  std::map<uint64_t, Ref> memo_;
+};
+
+std::string what_of(const std::exception& e) {
+  std::string s = e.what();
+  const auto nl = s.find('\n');  // c10::Error appends a backtrace
+  return nl == std::string::npos ? s : s.substr(0, nl);
+}
+
+}  // namespace
+
+struct File::Impl {
+  std::string path;
+  std::unique_ptr<caffe2::serialize::PyTorchStreamReader> zip;
+  std::vector<TensorInfo> tensors;
+  std::map<std::string, size_t> index;
+  mutable std::mutex mu;
+  mutable std::string cached_key;  // the storage read last, and its bytes as a 1-D tensor
+  mutable torch::Tensor cached;
+
+  std::pair<at::DataPtr, size_t> record(const std::string& name) const {
+    try {
+      auto [ptr, size] = zip->getRecord(name);
+      return {std::move(ptr), size};
+    } catch (const c10::Error& e) {
+      throw Error(path + ": " + name, "cannot read the record: " + what_of(e), "the file is corrupt or truncated");
+    }
+  }
+};
+
+File::File(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+File::~File() = default;
+
+std::shared_ptr<File> File::open(const std::string& path) {
+  auto impl = std::make_unique<Impl>();
+  impl->path = path;
+  {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw Error(path, "cannot open file");
+    char magic[2] = {0, 0};
+    in.read(magic, 2);
+    if (magic[0] == '\x80' && magic[1] == '\x02')
+      throw Error(
+          path, "is in torch.save's legacy format (PyTorch < 1.6), which libllm does not read",
+          "re-save it in Python: torch.save(torch.load(path), path), or save_pretrained(safe_serialization=True)");
+    if (magic[0] != 'P' || magic[1] != 'K')
+      throw Error(path, "is not a torch.save file (not a zip archive)",
+                  "expected a pytorch_model.bin written by torch.save");
+  }
+  try {
+    impl->zip = std::make_unique<caffe2::serialize::PyTorchStreamReader>(path);
+  } catch (const c10::Error& e) {
+    throw Error(path, "is not a readable zip archive: " + what_of(e), "the file is corrupt or truncated");
+  }
+  if (impl->zip->hasRecord("byteorder")) {
+    auto [ptr, size] = impl->record("byteorder");
+    const std::string order(static_cast<const char*>(ptr.get()), size);
+    if (order != "little")
+      throw Error(path, "holds " + order + "-endian tensors", "re-save it on a little-endian machine");
+  }
+  if (!impl->zip->hasRecord("data.pkl"))
+    throw Error(path, "has no data.pkl record", "is it a TorchScript archive? libllm reads torch.save files");
+  auto [pkl, pkl_size] = impl->record("data.pkl");
+  Ref root = Unpickler(static_cast<const uint8_t*>(pkl.get()), pkl_size, path + ": data.pkl").run();
+  if (root->kind != Obj::kDict)
+    throw Error(path, std::string("holds a ") + kind_name(root->kind) + ", not a dict of tensors",
+                "expected a state dict (name -> tensor), as save_pretrained writes");
+  std::map<std::string, int64_t> storage_sizes;  // key -> elements, consistent across tensors
+  for (size_t k = 0; k < root->items.size(); k += 2) {
+    const Obj& key = *root->items[k];
+    const Obj& value = *root->items[k + 1];
+    if (key.kind != Obj::kStr)
+      throw Error(path, std::string("has a ") + kind_name(key.kind) + " key", "expected a dict of name -> tensor");
+    const std::string where = path + ": tensor '" + key.s + "'";
+    if (value.kind != Obj::kTensor)
+      throw Error(where, std::string("is a ") + kind_name(value.kind) + ", not a tensor",
+                  "expected a dict of name -> tensor");
+    TensorInfo t = value.tensor;
+    t.name = key.s;
+    if (t.shape.size() != t.stride.size()) throw Error(where, "has sizes and strides of different lengths");
+    int64_t last = t.offset, numel = 1;
+    for (size_t d = 0; d < t.shape.size(); ++d) {
+      if (t.shape[d] < 0 || t.stride[d] < 0) throw Error(where, "has a negative size or stride");
+      numel *= t.shape[d];
+      last += (t.shape[d] - 1) * t.stride[d];
+    }
+    if (t.offset < 0 || (numel > 0 && last >= t.storage_numel))
+      throw Error(where, "lies outside its storage of " + std::to_string(t.storage_numel) + " elements",
+                  "the file is corrupt");
+    auto [it, fresh] = storage_sizes.emplace(t.storage, t.storage_numel);
+    if (!fresh && it->second != t.storage_numel)
+      throw Error(where, "disagrees with another tensor on its storage's size");
+    if (!impl->zip->hasRecord("data/" + t.storage))
+      throw Error(where, "its storage record data/" + t.storage + " is missing", "the file is corrupt or truncated");
+    if (!impl->index.emplace(t.name, impl->tensors.size()).second) throw Error(where, "appears twice");
+    impl->tensors.push_back(std::move(t));
+  }
+  return std::shared_ptr<File>(new File(std::move(impl)));
+}
+
+const std::string& File::path() const { return impl_->path; }
+const std::vector<TensorInfo>& File::tensors() const { return impl_->tensors; }
+
+const TensorInfo* File::find(const std::string& name) const {
+  auto it = impl_->index.find(name);
+  return it == impl_->index.end() ? nullptr : &impl_->tensors[it->second];
+}
+
+torch::Tensor File::read(const TensorInfo& t) const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  if (impl_->cached_key != t.storage || !impl_->cached.defined()) {
+    auto [ptr, size] = impl_->record("data/" + t.storage);
+    const size_t need = static_cast<size_t>(t.storage_numel) * c10::elementSize(t.dtype);
+    if (size < need)
+      throw Error(impl_->path + ": tensor '" + t.name + "'",
+                  "its storage holds " + std::to_string(size) + " bytes, not " + std::to_string(need),
+                  "the file is corrupt or truncated");
+    auto holder = std::make_shared<at::DataPtr>(std::move(ptr));
+    impl_->cached = torch::from_blob(
+        holder->get(), {t.storage_numel}, [holder](void*) {}, torch::dtype(t.dtype));
+    impl_->cached_key = t.storage;
+  }
+  return impl_->cached.as_strided(t.shape, t.stride, t.offset);
+}
+
+}  // namespace libllm::torchfile

@@ -1,0 +1,135 @@
+// torch.save files (pytorch_model.bin): read against files PyTorch itself wrote
+// (tests/fixtures/make_torch_bin.py), and every file it must refuse.
+#include "../catch_torch.h"
+
+#include <filesystem>
+#include <fstream>
+
+#include "../common.h"
+#include "libllm/error.h"
+#include "libllm/hf.h"
+#include "libllm/safetensors.h"
+#include "libllm/torch_file.h"
+
+using namespace libllm;
+using libllm::test::error_of;
+using libllm::test::fixture;
+namespace fs = std::filesystem;
+
+namespace {
+
+torch::Tensor expected_tensor(const std::string& name) {
+  auto f = safetensors::File::open(fixture("torch-bin/odd_expected.safetensors"));
+  const auto& info = f->at(name);
+  return torch::from_blob(const_cast<uint8_t*>(f->data(info)), info.shape, torch_dtype_of(info.dtype)).clone();
+}
+
+bool same_bits(const torch::Tensor& a, const torch::Tensor& b) {
+  return a.scalar_type() == b.scalar_type() && a.sizes() == b.sizes() && torch::equal(a, b);
+}
+
+}  // namespace
+
+TEST_CASE("torch.save files: every dtype, shared storages, views, scalars, parameters", "[io][torch_file]") {
+  auto f = torchfile::File::open(fixture("torch-bin/odd.bin"));
+  std::vector<std::string> names;
+  for (const auto& t : f->tensors()) names.push_back(t.name);
+  CHECK(names == std::vector<std::string>{"f32", "f32_again", "f32_rows", "f32_t", "f32_cols", "f16", "bf16", "f64",
+                                          "i64", "i32", "i16", "i8", "u8", "bool", "scalar", "empty", "param"});
+  auto read = [&](const std::string& n) {
+    const auto* info = f->find(n);
+    REQUIRE(info);
+    return f->read(*info);
+  };
+  // Floats bit for bit against the contiguous copies PyTorch wrote with safetensors' layout.
+  for (const std::string n :
+       {"f32", "f32_again", "f32_rows", "f32_t", "f32_cols", "f16", "bf16", "scalar", "empty", "param"}) {
+    INFO(n);
+    CHECK(same_bits(read(n), expected_tensor(n)));
+  }
+  // The views keep their layout in the one storage of f32.
+  const auto* t = f->find("f32_t");
+  CHECK(t->shape == std::vector<int64_t>{6, 4});
+  CHECK(t->stride == std::vector<int64_t>{1, 6});
+  CHECK(f->find("f32_cols")->offset == 2);
+  CHECK(f->find("f32_cols")->stride == std::vector<int64_t>{6, 2});
+  CHECK(f->find("f32_rows")->storage == f->find("f32")->storage);
+  CHECK(f->find("f32_rows")->offset == 6);
+  CHECK(read("scalar").dim() == 0);
+  CHECK(read("scalar").item<float>() == 2.5f);
+  CHECK(read("empty").sizes() == c10::IntArrayRef{0, 3});
+  CHECK(read("f64").scalar_type() == torch::kFloat64);
+  CHECK(read("f64").numel() == 3);
+  CHECK(torch::equal(read("i64"), torch::arange(-3, 5, torch::kInt64).view({2, 4})));
+  CHECK(torch::equal(read("i32"), torch::tensor({1, -2, 2147483647}, torch::kInt32)));
+  CHECK(torch::equal(read("i16"), torch::tensor({-300, 7}, torch::kInt16)));
+  CHECK(torch::equal(read("i8"), torch::tensor({-128, 0, 127}, torch::kInt8)));
+  CHECK(torch::equal(read("u8"), torch::tensor({0, 200, 255}, torch::kUInt8)));
+  CHECK(torch::equal(read("bool"), torch::tensor({true, false, true}, torch::kBool)));
+  CHECK(f->find("nothing") == nullptr);
+}
+
+TEST_CASE("a pytorch_model.bin folder loads as its safetensors twin", "[io][torch_file]") {
+  // tiny-llama-bin: one file, an OrderedDict with _metadata and rotary inv_freq buffers (ignored);
+  // tiny-mixtral-bin: BF16, two plain-dict shards and pytorch_model.bin.index.json.
+  for (const std::string name : {"tiny-llama", "tiny-mixtral"}) {
+    INFO(name);
+    auto a = read_weights(fixture(name)), b = read_weights(fixture(name + "-bin"));
+    size_t inv_freq = 0;
+    for (const auto& [n, t] : b) {
+      if (n.find("rotary_emb.inv_freq") != std::string::npos) {
+        ++inv_freq;
+        continue;
+      }
+      INFO(n);
+      REQUIRE(a.count(n));
+      CHECK(same_bits(a.at(n), t));
+    }
+    CHECK(a.size() + inv_freq == b.size());
+    CHECK(inv_freq == (name == "tiny-llama" ? 2 : 0));
+    Pretrained p = load_pretrained(fixture(name + "-bin"), torch::kFloat32);
+    Pretrained q = load_pretrained(fixture(name), torch::kFloat32);
+    auto ids = test::tokens_from_json(test::expected()[name]["input_ids"]);
+    torch::NoGradGuard no_grad;
+    CHECK(torch::equal(p.model->forward(ids).logits, q.model->forward(ids).logits));
+  }
+}
+
+TEST_CASE("torch.save files that are not a dict of tensors are refused, and nothing in them runs", "[io][torch_file]") {
+  fs::remove("/tmp/libllm-torch-bin-code-ran");
+  const std::string code = error_of([] { torchfile::File::open(fixture("torch-bin/code.bin")); });
+  CHECK_THAT(code, Catch::Contains("code.bin: data.pkl") && Catch::Contains("posix.system") &&
+                       Catch::Contains("it is not run"));
+  CHECK_FALSE(fs::exists("/tmp/libllm-torch-bin-code-ran"));
+  CHECK_THAT(error_of([] { torchfile::File::open(fixture("torch-bin/legacy.bin")); }),
+             Catch::Contains("legacy format (PyTorch < 1.6)") && Catch::Contains("hint:"));
+  CHECK_THAT(error_of([] { torchfile::File::open(fixture("torch-bin/list.bin")); }),
+             Catch::Contains("list.bin: holds a list, not a dict of tensors"));
+  CHECK_THAT(error_of([] { torchfile::File::open(fixture("torch-bin/int_keys.bin")); }),
+             Catch::Contains("int_keys.bin: has a int key"));
+
+  test::TempDir tmp;
+  const std::string odd = test::read_file(fixture("torch-bin/odd.bin"));
+  test::write_file(tmp / "half.bin", odd.substr(0, odd.size() / 2));
+  CHECK_THAT(error_of([&] { torchfile::File::open(tmp / "half.bin"); }),
+             Catch::Contains("half.bin: is not a readable zip archive") && Catch::Contains("corrupt or truncated"));
+  test::write_file(tmp / "text.bin", "version https://git-lfs.github.com/spec/v1\n");
+  CHECK_THAT(error_of([&] { torchfile::File::open(tmp / "text.bin"); }),
+             Catch::Contains("text.bin: is not a torch.save file (not a zip archive)"));
+  CHECK_THAT(error_of([&] { torchfile::File::open(tmp / "absent.bin"); }),
+             Catch::Contains("absent.bin: cannot open file"));
+
+  // A shard index naming a tensor its shard lacks; a folder without weights.
+  fs::copy(fixture("tiny-mixtral-bin"), tmp / "mix");
+  std::string index = test::read_file(tmp / "mix/pytorch_model.bin.index.json");
+  const std::string from = "\"lm_head.weight\": \"pytorch_model-00002-of-00002.bin\"";
+  REQUIRE(index.find(from) != std::string::npos);
+  index.replace(index.find(from), from.size(), "\"lm_head.weight\": \"pytorch_model-00001-of-00002.bin\"");
+  test::write_file(tmp / "mix/pytorch_model.bin.index.json", index);
+  CHECK_THAT(error_of([&] { load_pretrained(tmp / "mix"); }),
+             Catch::Contains("pytorch_model-00001-of-00002.bin: tensor 'lm_head.weight'") &&
+                 Catch::Contains("listed in the index but not in the shard"));
+  fs::create_directories(tmp / "empty");
+  fs::copy_file(fixture("tiny-llama/config.json"), tmp / "empty/config.json");
+  CHECK_THAT(error_of([&] { load_pretrained(tmp / "empty"); }), Catch::Contains("pytorch_model.bin(.index.json)"));
+}
