@@ -121,13 +121,13 @@ EvalResult evaluate_tokens(Transformer& model, const std::vector<std::vector<int
       for (int64_t j = 0; j < len; ++j) in_a[i][j] = t[w.begin + j];
       for (int64_t j = len - w.scored; j < len; ++j) tg_a[i][j] = t[w.begin + j + 1];
     }
-    auto logits = model->forward(inputs.to(device)).logits.to(torch::kFloat32);          // (B, T, V)
-    auto logp = torch::log_softmax(logits, -1);
-    auto tg = targets.to(device);
-    auto valid = tg.ne(-100);
-    auto picked = logp.gather(-1, tg.clamp_min(0).unsqueeze(-1)).squeeze(-1);           // (B, T)
-    nll -= picked.masked_select(valid).to(torch::kFloat64).sum().item<double>();
-    r.tokens += valid.sum().item<int64_t>();
+    // The LM head fused with the cross-entropy (forward_loss): no (B, T, V) logits are held.
+    const int64_t counted = targets.ne(-100).sum().item<int64_t>();
+    if (counted > 0) {
+      const double mean = model->forward_loss(inputs.to(device), targets.to(device)).loss.item<double>();
+      nll += mean * static_cast<double>(counted);
+      r.tokens += counted;
+    }
     if (progress) progress(static_cast<int64_t>(e), static_cast<int64_t>(windows.size()));
   }
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -44,10 +44,13 @@ std::vector<int64_t> generate(Transformer& model, const std::vector<int64_t>& pr
         cache.length = 0;
         offset = static_cast<size_t>(n - std::max<int64_t>(1, window / 2));
       }
-      logits = model->forward_cached(as_batch(seq, offset + static_cast<size_t>(cache.length), device), cache).logits;
+      // Only the last position's logits: a long prompt's prefill holds no (T, V) logits.
+      logits = model->forward_cached(as_batch(seq, offset + static_cast<size_t>(cache.length), device), cache,
+                                     /*last_only=*/true).logits;
     } else {
       const int64_t start = std::max<int64_t>(0, static_cast<int64_t>(seq.size()) - window);
-      logits = model->forward(as_batch(seq, static_cast<size_t>(start), device)).logits;
+      auto h = model->hidden(as_batch(seq, static_cast<size_t>(start), device), 0, nullptr);  // (1, T, D)
+      logits = model->project(h.narrow(1, h.size(1) - 1, 1));                                 // (1, 1, V)
     }
     const int64_t next = choose(logits[0][-1], opts, gen);
     seq.push_back(next);

@@ -616,10 +616,11 @@ KVCache TransformerImpl::new_cache(int64_t batch, int64_t capacity) {
   return c;
 }
 
-TransformerImpl::Output TransformerImpl::forward_cached(const torch::Tensor& tokens, KVCache& cache) {
+TransformerImpl::Output TransformerImpl::forward_cached(const torch::Tensor& tokens, KVCache& cache, bool last_only) {
   torch::NoGradGuard no_grad;
   Output out;
-  out.logits = project(hidden(tokens, cache.length, nullptr, &cache));
+  auto h = hidden(tokens, cache.length, nullptr, &cache);  // (B, T, D)
+  out.logits = project(last_only ? h.narrow(1, h.size(1) - 1, 1) : h);
   cache.length += tokens.size(1);
   return out;
 }

@@ -48,6 +48,12 @@ TEST_CASE("greedy generation with the KV cache gives the same tokens as without 
       for (int64_t t = 5; t < 12; ++t) parts.push_back(p.model->forward_cached(ids.slice(1, t, t + 1), cache).logits);
       CHECK(cache.length == 12);
       CHECK(test::max_abs_diff(torch::cat(parts, 1), full) < 1e-5);
+      // A prefill with last_only gives the last position's logits alone, and the same cache.
+      KVCache last = p.model->new_cache(1);
+      auto prefill = p.model->forward_cached(ids.slice(1, 0, 5), last, /*last_only=*/true).logits;
+      CHECK(prefill.sizes() == c10::IntArrayRef{1, 1, full.size(2)});
+      CHECK(test::max_abs_diff(prefill, full.slice(1, 4, 5)) < 1e-5);
+      CHECK(test::max_abs_diff(p.model->forward_cached(ids.slice(1, 5, 6), last).logits, full.slice(1, 5, 6)) < 1e-5);
     }
   }
 }

@@ -238,7 +238,8 @@ class TransformerImpl : public torch::nn::Module {
                       const torch::Tensor& documents = {});
   // Incremental decoding: tokens (B, T) at positions [cache.length, cache.length + T) attend to the
   // cached positions too; their keys/values are appended (cache.length += T). Inference only.
-  Output forward_cached(const torch::Tensor& tokens, KVCache& cache);
+  // last_only: logits of the last position only, (B, 1, vocab_size) (a prompt's prefill).
+  Output forward_cached(const torch::Tensor& tokens, KVCache& cache, bool last_only = false);
   // An empty cache for batch size B and up to `capacity` positions (0 = max_seq_len).
   KVCache new_cache(int64_t batch, int64_t capacity = 0);
   // Final hidden states (B, T, D) after the last norm, and the router logits of every MoE layer;
