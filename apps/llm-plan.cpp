@@ -2,11 +2,14 @@
 // describes (exact parameter counts and layer shapes) and, with --gpus, per-GPU memory under each
 // sharding choice, what fits, and tokens/s and days for the recipe's token budget.
 #include <fmt/core.h>
+#include <fmt/ranges.h>
 
 #include <cmath>
+#include <filesystem>
 
 #include <libllm/cli.h>
 #include <libllm/error.h>
+#include <libllm/hf.h>
 #include <libllm/plan.h>
 #include <libllm/recipe.h>
 
@@ -36,11 +39,20 @@ int main(int argc, char** argv) {
                     {"--gpus-per-node", "GPUs per node (hybrid sharding)", true, "8"}},
                    1);
     if (args.help()) return fmt::print("{}", args.usage()), 0;
-    const Recipe recipe = Recipe::load(args.positional()[0], args.overrides());
+    Recipe recipe = Recipe::load(args.positional()[0], args.overrides());
+    fmt::print("recipe: {}\n", args.positional()[0]);
+    // A fine-tune trains its base's model: planned from the base when it is at hand.
+    if (!recipe.finetune.base.empty()) {
+      if (std::filesystem::exists(recipe.finetune.base)) {
+        recipe.model = inspect_pretrained(recipe.finetune.base).config;
+        fmt::print("model: from finetune.base {}\n", recipe.finetune.base);
+      } else {
+        fmt::print("model: the recipe's model section (finetune.base {} is not here)\n", recipe.finetune.base);
+      }
+    }
     const ModelConfig& m = recipe.model;
     const ParamCount c = count_parameters(m);
 
-    fmt::print("recipe: {}\n", args.positional()[0]);
     fmt::print("model: {} | vocab {} | dim {} | layers {} | heads {} (kv {}, head_dim {}) | ffn {}", m.hf_architecture(),
                m.vocab_size, m.dim, m.n_layers, m.n_heads, m.kv_heads(), m.hdim(), m.ffn_dim);
     if (m.n_experts > 0) fmt::print(" | experts {} (top {})", m.n_experts, m.n_experts_per_token);
@@ -98,6 +110,11 @@ int main(int argc, char** argv) {
     fmt::print("  batch: {} tokens/step = {} seq x {} tokens x {} GPUs x {} accumulation{}\n", p.global_batch_tokens,
                p.micro_batch, p.seq_len, cs.gpus, p.accumulation,
                p.batch_divides ? "" : " (not exact: train.global_batch_tokens does not divide)");
+    if (p.lora)
+      fmt::print("  LoRA (rank {}, targets {}): {} adapter parameters train ({:.3f}% of the base's {}), the base is frozen in {}\n",
+                 recipe.lora.rank, fmt::join(recipe.lora.targets, ","), commas(p.trainable),
+                 100.0 * static_cast<double>(p.trainable) / static_cast<double>(p.params), commas(p.params),
+                 recipe.train.dtype);
     fmt::print("  per-GPU memory, GiB (activations for one micro batch of {} x {}):\n", p.micro_batch, p.seq_len);
     fmt::print("  {:<8} {:>8} {:>9} {:>9} {:>10} {:>12} {:>9} {:>9} {:>11}\n", "sharding", "weights", "grads",
                "optimizer", "activation", "act (ckpt)", "buffers", "total", "total ckpt");
@@ -107,7 +124,9 @@ int main(int argc, char** argv) {
                  x.buffers / gib, x.total(false) / gib, x.total(false) <= cs.gpu_memory_gib * gib ? " " : "!",
                  x.total(true) / gib, x.total(true) <= cs.gpu_memory_gib * gib ? " " : "!");
     fmt::print("  (! = does not fit)  fits: {}\n", p.recommendation);
-    fmt::print("  each row is a train.sharding value; zero3 and hybrid need train.activation_checkpointing: true\n");
+    fmt::print("  each row is a train.sharding value; {}\n",
+               p.lora ? "LoRA takes none or zero1 (the base is frozen and whole on every GPU)"
+                      : "zero3 and hybrid need train.activation_checkpointing: true");
     fmt::print("  compute: {:.1f} GFLOP/token -> {} tokens/s ({} per GPU); {} steps x {} tokens = {:.3g} tokens "
                "-> {:.1f} days\n",
                p.flops_per_token / 1e9, commas(std::llround(p.tokens_per_s)), commas(std::llround(p.tokens_per_s / cs.gpus)),

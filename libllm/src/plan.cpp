@@ -23,6 +23,15 @@ namespace libllm {
 // training 8), or with train.fused_loss (the default) none of them but the final hidden states'
 // gradient, computed in forward and kept until backward (h elements). With checkpointing each block keeps only its input (h) and one block at a time is
 // recomputed (its full 6h + 2kv + 4fk).
+// LoRA (finetune.method: lora): the base stays whole and frozen in the training dtype (w·Ψ);
+// the adapters, Ψa = Σ r·(in + out) over the targeted projections, are fp32 with fp32 gradients
+// and AdamW moments (4Ψa weights + 4Ψa gradients + 8Ψa optimizer, the last / N under zero1;
+// zero2/3 and hybrid are not offered with LoRA). Activations: those of full training (an upper
+// bound: a frozen projection's input need not be kept) plus, per adapter and token, its fp32
+// input (4·in bytes; a bf16 input is cast, a dropped one copied), the dropout mask (in bytes, when
+// lora.dropout > 0) and A's output (4r). A frozen LM head keeps no gradient with the fused loss,
+// and an adapter on lm_head takes the plain loss. Compute: no weight gradients of the base, so
+// 4 N + 12 L H Q T per token.
 // Buffers: 1 GiB of runtime (CUDA context, cuBLAS workspaces, NCCL channels), 2 gradient buckets
 // of 25 MiB, the fp32 gradient of the logits (4 bytes per vocabulary entry per token) or, fused,
 // the LM head's gradient from forward until backward (w bytes per head weight) and one chunk of
@@ -38,12 +47,41 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
   const ModelConfig& m = r.model;
   const TrainConfig& t = r.train;
   const ParamCount pc = count_parameters(m);
+  const bool lora = r.finetune.method == "lora";
+  // The adapters: (elements, per-token activation bytes) per block and outside the blocks.
+  double psi_a = 0, lora_block = 0, lora_outside = 0;
+  bool lora_head = false;
+  if (lora) {
+    const double rank = static_cast<double>(r.lora.rank);
+    // The adapter's fp32 input, kept for A's gradient: a new tensor when cast from bf16 or dropped
+    // (+ the dropout's bool mask); an fp32 input without dropout is the block's own tensor.
+    const double per_input = r.lora.dropout > 0 ? 5.0 : (t.dtype == "bf16" ? 4.0 : 0.0);
+    for (const WeightShape& ws : weight_shapes(m)) {
+      if (ws.shape.size() != 2) continue;
+      std::string leaf = ws.name.substr(0, ws.name.size() - 7);  // drop ".weight"
+      leaf = leaf.substr(leaf.rfind('.') + 1);
+      if (std::find(r.lora.targets.begin(), r.lora.targets.end(), leaf) == r.lora.targets.end()) continue;
+      const double out = static_cast<double>(ws.shape[0]), in = static_cast<double>(ws.shape[1]);
+      const bool in_block = ws.name.rfind("model.layers.", 0) == 0;
+      psi_a += rank * (in + out);
+      // Routed experts see a token only when chosen: k of n_experts of them per token.
+      const double share = ws.name.find(".experts.") != std::string::npos
+                               ? static_cast<double>(m.n_experts_per_token) / static_cast<double>(m.n_experts)
+                               : 1.0;
+      const double bytes = share * (per_input * in + 4.0 * rank);
+      if (in_block) lora_block += bytes / static_cast<double>(m.n_layers);  // summed over blocks: per block
+      else lora_outside += bytes;
+      lora_head = lora_head || leaf == "lm_head";
+    }
+  }
   TrainingPlan p;
   p.cluster = c;
   p.params = pc.total;
+  p.trainable = lora ? static_cast<int64_t>(psi_a) : pc.total;
+  p.lora = lora;
   p.micro_batch = t.micro_batch;
   p.seq_len = t.seq_len;
-  p.flops_per_token = 6.0 * static_cast<double>(pc.active - pc.embedding) +
+  p.flops_per_token = (lora ? 4.0 : 6.0) * static_cast<double>(pc.active - pc.embedding) +
                       12.0 * m.n_layers * m.n_heads * m.hdim() * static_cast<double>(t.seq_len);
   const int64_t per_pass = t.micro_batch * t.seq_len * c.gpus;
   p.global_batch_tokens = t.global_batch_tokens > 0 ? t.global_batch_tokens : per_pass;
@@ -56,19 +94,23 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
   const double psi = static_cast<double>(pc.total);
   const bool bf16 = t.dtype == "bf16";
   const double w = bf16 ? 2.0 : 4.0;
-  const double weights = w * psi, grads = w * psi, optim = (bf16 ? 12.0 : 8.0) * psi;
+  const double weights = lora ? w * psi + 4.0 * psi_a : w * psi;
+  const double grads = lora ? 4.0 * psi_a : w * psi;
+  const double optim = lora ? 8.0 * psi_a : (bf16 ? 12.0 : 8.0) * psi;
   const double h = static_cast<double>(m.dim), kv = static_cast<double>(m.kv_heads() * m.hdim());
   const double f = static_cast<double>(m.ffn_dim), k = m.n_experts > 0 ? static_cast<double>(m.n_experts_per_token) : 1.0;
   const double V = static_cast<double>(m.vocab_size), L = static_cast<double>(m.n_layers);
   const double tokens = static_cast<double>(t.micro_batch * t.seq_len);
-  const double block = w * (6 * h + 2 * kv + 4 * f * k);          // bytes per token, one block
-  const bool fused = t.fused_loss;
-  const double outside = w * 2 * h + (fused ? w * h : (bf16 ? 10.0 : 8.0) * V);  // bytes per token
+  const double block = w * (6 * h + 2 * kv + 4 * f * k) + lora_block;  // bytes per token, one block
+  const bool fused = t.fused_loss && !lora_head;
+  const double outside = w * 2 * h + (fused ? w * h : (bf16 ? 10.0 : 8.0) * V) + lora_outside;  // bytes per token
   const double chunk = std::max(tokens * h, std::pow(2.0, 24));  // elements of one chunk's logits
-  const double loss = fused ? w * V * h + 8.0 * chunk : tokens * 4 * V;
+  const double head_grad = lora ? 0.0 : w * V * h;                 // a frozen head has none
+  const double loss = fused ? head_grad + 8.0 * chunk : tokens * 4 * V;
   const double act = tokens * (L * block + outside);
   const double act_ckpt = tokens * (L * w * h + block + outside);
-  const double runtime = std::pow(2.0, 30) + 2 * 25 * std::pow(2.0, 20) + loss + (bf16 ? std::pow(2.0, 28) : 0.0);
+  // bf16 AdamW's fp32 gradient chunk (LoRA's adapters are fp32: none).
+  const double runtime = std::pow(2.0, 30) + 2 * 25 * std::pow(2.0, 20) + loss + (bf16 && !lora ? std::pow(2.0, 28) : 0.0);
   const double gathered = 2 * w * static_cast<double>(pc.per_block);
 
   auto row = [&](const std::string& name, int64_t n, double wd, double gd, double od, bool gather) {
@@ -86,12 +128,14 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
   const double N = static_cast<double>(c.gpus);
   row("none", 1, 1, 1, 1, false);
   row("zero1", c.gpus, 1, 1, N, false);
-  row("zero2", c.gpus, 1, N, N, false);
-  if (c.gpus > c.gpus_per_node) {  // shards less than zero3: preferred when both fit
-    const double g = static_cast<double>(c.gpus_per_node);
-    row("hybrid", c.gpus_per_node, g, g, g, true);
+  if (!lora) {  // LoRA shards nothing further: its base is frozen (zero2/3 and hybrid are errors)
+    row("zero2", c.gpus, 1, N, N, false);
+    if (c.gpus > c.gpus_per_node) {  // shards less than zero3: preferred when both fit
+      const double g = static_cast<double>(c.gpus_per_node);
+      row("hybrid", c.gpus_per_node, g, g, g, true);
+    }
+    row("zero3", c.gpus, N, N, N, true);
   }
-  row("zero3", c.gpus, N, N, N, true);
   const double capacity = c.gpu_memory_gib * std::pow(2.0, 30);
   for (bool ckpt : {false, true}) {
     for (const MemoryRow& x : p.rows) {

@@ -22,6 +22,10 @@ set_tests_properties(apps.plan.k2-65b PROPERTIES PASS_REGULAR_EXPRESSION "total 
 add_test(NAME apps.plan.k2-65b-cluster COMMAND ${_bin}/llm-plan ${_src}/recipes/k2-65b.yaml --gpus 480 --gpu-memory 80GiB --mfu 0.4)
 set_tests_properties(apps.plan.k2-65b-cluster PROPERTIES PASS_REGULAR_EXPRESSION
   "fits: zero3 with activation checkpointing \\(10.1 of 80 GiB per GPU\\).*147,456 tokens/s.*111.1 days")
+# A LoRA fine-tune of a 7B base on one 24 GiB card (the base folder is absent: the recipe's model).
+add_test(NAME apps.plan.amber-7b-lora COMMAND ${_bin}/llm-plan ${_src}/recipes/amber-7b-lora.yaml --gpus 1 --gpu-memory 24GiB)
+set_tests_properties(apps.plan.amber-7b-lora PROPERTIES PASS_REGULAR_EXPRESSION
+  "model: the recipe's model section \\(finetune.base models/Amber is not here\\).*39,976,960 adapter parameters train.*fits: none with activation checkpointing \\(19.2 of 24 GiB per GPU\\)")
 expect_error(plan.bad-memory "--gpu-memory: expected a size like 80GiB or 80GB, got 'lots'"
              ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml --gpus 8 --gpu-memory lots)
 add_test(NAME apps.plan.override COMMAND ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml --set model.n_layers=1)

@@ -126,6 +126,52 @@ TEST_CASE("llm-plan: llama-7b with the fused loss (the default), hand-computed",
   CHECK(none.total(false) / (1 << 30) == Approx(111.50).margin(0.005));
 }
 
+TEST_CASE("llm-plan: a LoRA fine-tune of a 7B base on one GPU, hand-computed", "[plan]") {
+  // recipes/amber-7b-lora.yaml: rank 16 on all seven projections, dropout 0.05, bf16 base, 4 x 2048.
+  const Recipe r = recipe("amber-7b-lora", {});
+  ClusterSpec c;
+  c.gpus = 8;
+  c.gpu_memory_gib = 24;
+  const TrainingPlan p = plan_training(r, c);
+  REQUIRE(p.lora);
+  // Ψa = 32 blocks x 16 x (q, k, v, o: 4096 + 4096 each; gate, up, down: 4096 + 11008 each)
+  //    = 512 x (4 x 8192 + 3 x 15104) = 39,976,960.
+  CHECK(p.trainable == 39976960);
+  CHECK(p.params == 6738415616);
+  REQUIRE(p.rows.size() == 2);  // none and zero1: the frozen base is not sharded
+  const MemoryRow& none = row(p, "none");
+  const MemoryRow& z1 = row(p, "zero1");
+  CHECK(none.weights == Approx(2.0 * 6738415616.0 + 4.0 * 39976960.0));
+  CHECK(none.grads == Approx(4.0 * 39976960.0));
+  CHECK(none.optimizer == Approx(8.0 * 39976960.0));
+  CHECK(z1.optimizer == Approx(8.0 * 39976960.0 / 8));
+  CHECK(z1.weights == none.weights);
+  // Per block and token: the base's 2 x 76,800 bytes + the adapters' dropped fp32 inputs and masks
+  // (5 bytes per input element: six of 4096, down's 11008) + A's outputs (7 x 4 x 16):
+  // 153,600 + 122,880 + 55,040 + 448 = 331,968. Outside: 2 x 2 x 4096 + the fused loss's 2 x 4096.
+  CHECK(none.activations == Approx(8192.0 * (32 * 331968.0 + 24576.0)));
+  CHECK(none.activations_ckpt == Approx(8192.0 * (32 * 2 * 4096.0 + 331968.0 + 24576.0)));
+  // Buffers: runtime + buckets + one fused-loss chunk (8 x 8192 x 4096 bytes); the frozen head
+  // keeps no gradient and the fp32 adapters need no bf16 AdamW chunk.
+  CHECK(none.buffers == Approx(1073741824.0 + 52428800.0 + 8.0 * 8192 * 4096));
+  CHECK(none.total(true) / (1 << 30) == Approx(19.17).margin(0.005));
+  CHECK(p.recommendation == "none with activation checkpointing (19.2 of 24 GiB per GPU)");
+  // No weight gradients of the base: 4 N + 12 L H Q T.
+  CHECK(p.flops_per_token == Approx(4.0 * (6738415616.0 - 131072000.0) + 12.0 * 32 * 32 * 128 * 2048));
+  // Without dropout an adapter's bf16 input is still cast to a kept fp32 copy (4 bytes); in fp32
+  // without dropout it is the block's own tensor (0).
+  const TrainingPlan nd = plan_training(recipe("amber-7b-lora", {"lora.dropout=0"}), c);
+  CHECK(row(nd, "none").activations == Approx(8192.0 * (32 * (153600.0 + 6 * 4 * 4096 + 4 * 11008 + 448) + 24576.0)));
+  const TrainingPlan f32 = plan_training(recipe("amber-7b-lora", {"lora.dropout=0", "train.dtype=fp32"}), c);
+  CHECK(row(f32, "none").activations == Approx(8192.0 * (32 * (307200.0 + 448) + 4 * (2 * 4096.0 + 4096.0))));
+  // An adapter on lm_head: the plain loss (its logits), and the head's input kept in fp32.
+  const TrainingPlan head = plan_training(
+      recipe("amber-7b-lora", {"lora.targets=[q_proj,lm_head]"}), c);
+  CHECK(head.trainable == 32 * 16 * 8192 + 16 * (4096 + 32000));
+  CHECK(row(head, "none").activations ==
+        Approx(8192.0 * (32 * (153600.0 + 5 * 4096 + 64) + 2 * 2 * 4096.0 + 10.0 * 32000 + 5 * 4096 + 64)));
+}
+
 TEST_CASE("llm-plan: bad cluster figures are errors naming the option", "[plan]") {
   const Recipe r = recipe("llama-7b", {});
   ClusterSpec c;
