@@ -5,10 +5,12 @@
 #include <caffe2/serialize/inline_container.h>
 
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <map>
 #include <mutex>
 #include <set>
+#include <sstream>
 
 #include "libllm/error.h"
 
@@ -16,24 +18,24 @@ namespace libllm::torchfile {
 
 namespace {
 
-// A pickled value. Containers are shared (the pickle's memo refers to them, and SETITEMS fills a
-// dict after it was memoised).
+// A pickled value. Every value lives in the Unpickler's arena until it is done, and values refer
+// to each other by plain pointers: containers are shared (the memo refers to them, SETITEMS fills
+// a dict after it was memoised), a crafted pickle may nest them a million deep or make cycles, and
+// none of that recurses or leaks when the arena is freed.
 struct Obj;
-using Ref = std::shared_ptr<Obj>;
+using Ref = Obj*;
 struct Obj {
   enum Kind { kNone, kBool, kInt, kFloat, kStr, kTuple, kList, kDict, kGlobal, kStorage, kTensor } kind = kNone;
   int64_t i = 0;
   double f = 0;
-  std::string s;           // kStr: the text; kGlobal: "module.name"
-  std::vector<Ref> items;  // kTuple, kList; kDict: key, value, key, value, ...
-  TensorInfo tensor;       // kTensor; kStorage: dtype, storage, storage_numel
+  std::string s;                 // kStr: the text; kGlobal: "module.name"
+  std::vector<Ref> items;        // kTuple, kList; kDict: key, value, key, value, ...
+  TensorInfo* tensor = nullptr;  // kTensor; kStorage: dtype, storage, storage_numel (in the arena)
 };
 
-Ref make(Obj::Kind k) {
-  auto o = std::make_shared<Obj>();
-  o->kind = k;
-  return o;
-}
+// Limits that no state dict comes near (a 65B model's pickle is under 100 KB).
+constexpr size_t kMaxValues = 20'000'000;
+constexpr size_t kMaxPickleBytes = size_t{512} << 20;
 
 const char* kind_name(Obj::Kind k) {
   static const char* names[] = {"None", "bool", "int",    "float",   "str",   "tuple",
@@ -70,6 +72,17 @@ class Unpickler {
  public:
   Unpickler(const uint8_t* data, size_t size, std::string where)
       : p_(data), end_(data + size), begin_(data), where_(std::move(where)) {}
+
+  Ref make(Obj::Kind k) {
+    if (values_.size() >= kMaxValues) fail("more than " + std::to_string(kMaxValues) + " values");
+    values_.emplace_back();
+    values_.back().kind = k;
+    return &values_.back();
+  }
+  TensorInfo* info(const TensorInfo& from = {}) {
+    infos_.push_back(from);
+    return &infos_.back();
+  }
 
   Ref run() {
     for (;;) {
@@ -225,7 +238,7 @@ class Unpickler {
           char hex[8];
           std::snprintf(hex, sizeof hex, "0x%02x", op);
           fail(std::string("pickle opcode ") + hex + " at byte " + std::to_string(at) +
-               ", which torch.save does not write for a dict of tensors");
+               ", which torch.save (pickle protocols 2-5) does not write for a dict of tensors");
         }
       }
     }
@@ -283,7 +296,8 @@ class Unpickler {
     push(o);
   }
   Ref pop() {
-    if (stack_.empty() || (!marks_.empty() && stack_.size() <= marks_.back())) fail("a pop from an empty stack");
+    if (stack_.empty() || (!marks_.empty() && stack_.size() <= marks_.back()))
+      fail("a value taken from an empty stack (or across a MARK)");
     Ref r = std::move(stack_.back());
     stack_.pop_back();
     return r;
@@ -332,15 +346,21 @@ class Unpickler {
     const Obj& type = arg(pid, 1);
     if (type.kind != Obj::kGlobal || !storage_types().count(type.s))
       throw Error(where_,
-                  "a storage of type " + (type.kind == Obj::kGlobal ? type.s : std::string("?")) +
+                  "a storage of type " + (type.kind == Obj::kGlobal ? type.s : std::string("(not a class)")) +
                       ", which libllm does not read",
                   "libllm reads float32/64, float16, bfloat16, int8-64, uint8 and bool tensors");
     if (arg(pid, 2).kind != Obj::kStr) fail("a storage key that is not a string");
     auto o = make(Obj::kStorage);
-    o->tensor.dtype = storage_types().at(type.s);
-    o->tensor.storage = arg(pid, 2).s;
-    o->tensor.storage_numel = int_arg(arg(pid, 4), "a storage's size");
-    if (o->tensor.storage_numel < 0) fail("a negative storage size");
+    o->tensor = info();
+    o->tensor->dtype = storage_types().at(type.s);
+    o->tensor->storage = arg(pid, 2).s;
+    o->tensor->storage_numel = int_arg(arg(pid, 4), "a storage's size");
+    // Its bytes must be countable (the record's size is checked against them when read).
+    int64_t bytes = 0;
+    if (o->tensor->storage_numel < 0 ||
+        __builtin_mul_overflow(o->tensor->storage_numel, static_cast<int64_t>(c10::elementSize(o->tensor->dtype)),
+                               &bytes))
+      fail("a storage size of " + std::to_string(o->tensor->storage_numel) + " elements");
     return o;
   }
 
@@ -358,10 +378,10 @@ class Unpickler {
       const Obj& storage = arg(args, 0);
       if (storage.kind != Obj::kStorage) fail("a tensor whose storage is a " + std::string(kind_name(storage.kind)));
       auto t = make(Obj::kTensor);
-      t->tensor = storage.tensor;
-      t->tensor.offset = int_arg(arg(args, 1), "a storage offset");
-      t->tensor.shape = ints(arg(args, 2), "a tensor's size");
-      t->tensor.stride = ints(arg(args, 3), "a tensor's stride");
+      t->tensor = info(*storage.tensor);
+      t->tensor->offset = int_arg(arg(args, 1), "a storage offset");
+      t->tensor->shape = ints(arg(args, 2), "a tensor's size");
+      t->tensor->stride = ints(arg(args, 3), "a tensor's stride");
       return t;
     }
     if (f == "torch._utils._rebuild_parameter" || f == "torch._utils._rebuild_parameter_with_state") {
@@ -374,6 +394,10 @@ class Unpickler {
       if (type.kind != Obj::kGlobal ||
           (type.s != "torch._tensor.Tensor" && type.s != "torch.Tensor" && type.s != "torch.nn.parameter.Parameter"))
         fail("a tensor subclass");
+      const Obj& fn2 = arg(args, 0);  // one level only: the inner call must build the tensor itself
+      if (fn2.kind != Obj::kGlobal ||
+          (fn2.s != "torch._utils._rebuild_tensor_v2" && fn2.s != "torch._utils._rebuild_tensor"))
+        fail(f + " of something other than a tensor");
       return call(args->items[0], args->items[2]);
     }
     fail("a call of " + f);
@@ -384,6 +408,8 @@ class Unpickler {
   std::vector<Ref> stack_;
   std::vector<size_t> marks_;
   std::map<uint64_t, Ref> memo_;
+  std::deque<Obj> values_;  // the arena (a deque: pointers stay valid as it grows)
+  std::deque<TensorInfo> infos_;
 };
 
 std::string what_of(const std::exception& e) {
@@ -409,6 +435,8 @@ struct File::Impl {
       return {std::move(ptr), size};
     } catch (const c10::Error& e) {
       throw Error(path + ": " + name, "cannot read the record: " + what_of(e), "the file is corrupt or truncated");
+    } catch (const std::bad_alloc&) {
+      throw Error(path + ": " + name, "the record does not fit in memory", "the file is corrupt, or needs more memory");
     }
   }
 };
@@ -424,7 +452,7 @@ std::shared_ptr<File> File::open(const std::string& path) {
     if (!in) throw Error(path, "cannot open file");
     char magic[2] = {0, 0};
     in.read(magic, 2);
-    if (magic[0] == '\x80' && magic[1] == '\x02')
+    if (magic[0] == '\x80')  // a bare pickle: torch.save(..., _use_new_zipfile_serialization=False)
       throw Error(
           path, "is in torch.save's legacy format (PyTorch < 1.6), which libllm does not read",
           "re-save it in Python: torch.save(torch.load(path), path), or save_pretrained(safe_serialization=True)");
@@ -446,35 +474,49 @@ std::shared_ptr<File> File::open(const std::string& path) {
   if (!impl->zip->hasRecord("data.pkl"))
     throw Error(path, "has no data.pkl record", "is it a TorchScript archive? libllm reads torch.save files");
   auto [pkl, pkl_size] = impl->record("data.pkl");
-  Ref root = Unpickler(static_cast<const uint8_t*>(pkl.get()), pkl_size, path + ": data.pkl").run();
+  if (pkl_size > kMaxPickleBytes)
+    throw Error(path + ": data.pkl", "is " + std::to_string(pkl_size) + " bytes, more than a dict of tensors needs",
+                "the file is corrupt, or not a state dict");
+  Unpickler unpickler(static_cast<const uint8_t*>(pkl.get()), pkl_size, path + ": data.pkl");
+  Ref root = unpickler.run();
   if (root->kind != Obj::kDict)
     throw Error(path, std::string("holds a ") + kind_name(root->kind) + ", not a dict of tensors",
                 "expected a state dict (name -> tensor), as save_pretrained writes");
-  std::map<std::string, int64_t> storage_sizes;  // key -> elements, consistent across tensors
+  std::map<std::string, std::pair<int64_t, torch::Dtype>> storage_sizes;  // key -> (elements, type): one per storage
   for (size_t k = 0; k < root->items.size(); k += 2) {
     const Obj& key = *root->items[k];
     const Obj& value = *root->items[k + 1];
     if (key.kind != Obj::kStr)
-      throw Error(path, std::string("has a ") + kind_name(key.kind) + " key", "expected a dict of name -> tensor");
+      throw Error(path, std::string("has a key of type ") + kind_name(key.kind), "expected a dict of name -> tensor");
     const std::string where = path + ": tensor '" + key.s + "'";
     if (value.kind != Obj::kTensor)
       throw Error(where, std::string("is a ") + kind_name(value.kind) + ", not a tensor",
                   "expected a dict of name -> tensor");
-    TensorInfo t = value.tensor;
+    TensorInfo t = *value.tensor;
     t.name = key.s;
     if (t.shape.size() != t.stride.size()) throw Error(where, "has sizes and strides of different lengths");
+    // The last element's index, offset + sum (size - 1) * stride, checked for overflow: a file
+    // could claim sizes and strides whose product wraps around into the storage.
+    const std::string outside = "lies outside its storage of " + std::to_string(t.storage_numel) + " elements";
     int64_t last = t.offset, numel = 1;
+    bool overflow = t.offset < 0;
     for (size_t d = 0; d < t.shape.size(); ++d) {
       if (t.shape[d] < 0 || t.stride[d] < 0) throw Error(where, "has a negative size or stride");
-      numel *= t.shape[d];
-      last += (t.shape[d] - 1) * t.stride[d];
+      int64_t step = 0;
+      overflow = overflow || __builtin_mul_overflow(numel, t.shape[d], &numel);
+      if (t.shape[d] > 0)
+        overflow = overflow || __builtin_mul_overflow(t.shape[d] - 1, t.stride[d], &step) ||
+                   __builtin_add_overflow(last, step, &last);
     }
-    if (t.offset < 0 || (numel > 0 && last >= t.storage_numel))
-      throw Error(where, "lies outside its storage of " + std::to_string(t.storage_numel) + " elements",
-                  "the file is corrupt");
-    auto [it, fresh] = storage_sizes.emplace(t.storage, t.storage_numel);
-    if (!fresh && it->second != t.storage_numel)
-      throw Error(where, "disagrees with another tensor on its storage's size");
+    if (overflow || t.offset > t.storage_numel || (numel > 0 && last >= t.storage_numel)) {
+      std::ostringstream os;
+      os << outside << " (offset " << t.offset << ", size " << c10::IntArrayRef(t.shape) << ", stride "
+         << c10::IntArrayRef(t.stride) << ")";
+      throw Error(where, os.str(), "the file is corrupt");
+    }
+    auto [it, fresh] = storage_sizes.emplace(t.storage, std::make_pair(t.storage_numel, t.dtype));
+    if (!fresh && it->second != std::make_pair(t.storage_numel, t.dtype))
+      throw Error(where, "disagrees with another tensor on its storage's size or type", "the file is corrupt");
     if (!impl->zip->hasRecord("data/" + t.storage))
       throw Error(where, "its storage record data/" + t.storage + " is missing", "the file is corrupt or truncated");
     if (!impl->index.emplace(t.name, impl->tensors.size()).second) throw Error(where, "appears twice");

@@ -13,7 +13,8 @@
 // and torch's tensor and parameter rebuild functions; any other global (os.system, a numpy array,
 // a user class) is an error naming it. Nothing in the file is ever run. Opening reads the pickle
 // and checks every tensor against its storage's size; a tensor's bytes are read when asked for.
-// Every failure is a libllm::Error naming the file and, where one is at fault, the tensor.
+// Every failure is a libllm::Error naming the file and, where one is at fault, the tensor; a
+// crafted file (sizes that overflow, deep nesting, memo cycles) is an error, never a crash.
 #pragma once
 
 #include <memory>
@@ -53,7 +54,8 @@ class File {
   const TensorInfo* find(const std::string& name) const;
   // The tensor `t` (from this file) on the CPU, with its stored dtype, shape and strides, viewing
   // its storage as read from the file. The storage read last is kept, so tensors sharing one
-  // (tied weights, slices of one buffer) read it once.
+  // (tied weights, slices of one buffer) read it once: the tensor shares that buffer, so clone it
+  // before changing it in place.
   torch::Tensor read(const TensorInfo& t) const;
 
  private:
