@@ -160,6 +160,20 @@ void read_index(const fs::path& index, const std::string& dir,
   }
 }
 
+// Adds the tensors an index lists, opening each shard (a safetensors::File or torchfile::File)
+// once and keeping it in `files`.
+template <class F>
+void add_shards(WeightIndex& idx, const fs::path& index, std::vector<std::shared_ptr<F>>& files) {
+  std::map<std::string, std::shared_ptr<F>> by_file;
+  read_index(index, idx.dir, [&](const fs::path& p, const std::string& name) {
+    auto& f = by_file[p.string()];
+    if (!f) files.push_back(f = F::open(p.string()));
+    if (!f->find(name)) return false;
+    idx.add(f, name);
+    return true;
+  });
+}
+
 WeightIndex open_weights(const std::string& dir) {
   WeightIndex idx;
   idx.dir = dir;
@@ -168,26 +182,12 @@ WeightIndex open_weights(const std::string& dir) {
   const fs::path bin = fs::path(dir) / "pytorch_model.bin";
   const fs::path bin_index = fs::path(dir) / "pytorch_model.bin.index.json";
   if (fs::exists(index)) {
-    std::map<std::string, std::shared_ptr<safetensors::File>> by_file;
-    read_index(index, dir, [&](const fs::path& p, const std::string& name) {
-      auto& f = by_file[p.string()];
-      if (!f) idx.files.push_back(f = safetensors::File::open(p.string()));
-      if (!f->find(name)) return false;
-      idx.add(f, name);
-      return true;
-    });
+    add_shards(idx, index, idx.files);
   } else if (fs::exists(single)) {
     idx.files.push_back(safetensors::File::open(single.string()));
     idx.add(idx.files.back());
   } else if (fs::exists(bin_index)) {
-    std::map<std::string, std::shared_ptr<torchfile::File>> by_file;
-    read_index(bin_index, dir, [&](const fs::path& p, const std::string& name) {
-      auto& f = by_file[p.string()];
-      if (!f) idx.torch_files.push_back(f = torchfile::File::open(p.string()));
-      if (!f->find(name)) return false;
-      idx.add(f, name);
-      return true;
-    });
+    add_shards(idx, bin_index, idx.torch_files);
   } else if (fs::exists(bin)) {
     idx.torch_files.push_back(torchfile::File::open(bin.string()));
     idx.add(idx.torch_files.back());
