@@ -125,7 +125,7 @@ int main(int argc, char** argv) {
                  x.total(true) / gib, x.total(true) <= cs.gpu_memory_gib * gib ? " " : "!");
     fmt::print("  (! = does not fit)  fits: {}\n", p.recommendation);
     fmt::print("  each row is a train.sharding value; {}\n",
-               p.lora ? "LoRA takes none or zero1 (the base is frozen and whole on every GPU)"
+               p.lora ? "zero3 and hybrid need train.activation_checkpointing: true, and shard the frozen base too"
                       : "zero3 and hybrid need train.activation_checkpointing: true");
     fmt::print("  compute: {:.1f} GFLOP/token -> {} tokens/s ({} per GPU); {} steps x {} tokens = {:.3g} tokens "
                "-> {:.1f} days\n",

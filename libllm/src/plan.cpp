@@ -23,10 +23,11 @@ namespace libllm {
 // training 8), or with train.fused_loss (the default) none of them but the final hidden states'
 // gradient, computed in forward and kept until backward (h elements). With checkpointing each block keeps only its input (h) and one block at a time is
 // recomputed (its full 6h + 2kv + 4fk).
-// LoRA (finetune.method: lora): the base stays whole and frozen in the training dtype (w·Ψ);
-// the adapters, Ψa = Σ r·(in + out) over the targeted projections, are fp32 with fp32 gradients
-// and AdamW moments (4Ψa weights + 4Ψa gradients + 8Ψa optimizer, the last / N under zero1;
-// zero2/3 and hybrid are not offered with LoRA). Activations: those of full training (an upper
+// LoRA (finetune.method: lora): the base is frozen in the training dtype (w·Ψ); the adapters,
+// Ψa = Σ r·(in + out) over the targeted projections, are fp32 with fp32 gradients and AdamW
+// moments (4Ψa weights + 4Ψa gradients + 8Ψa optimizer), divided as above: under zero3 / hybrid
+// the frozen base is sharded with the adapters (what makes a 65B base fit on one node), and the
+// two gathered blocks include their adapters (4 bytes each). Activations: those of full training (an upper
 // bound: a frozen projection's input need not be kept) plus, per adapter and token, its fp32
 // input (4·in bytes; a bf16 input is cast, a dropped one copied), the dropout mask (in bytes, when
 // lora.dropout > 0) and A's output (4r). A frozen LM head keeps no gradient with the fused loss,
@@ -49,7 +50,7 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
   const ParamCount pc = count_parameters(m);
   const bool lora = r.finetune.method == "lora";
   // The adapters: (elements, per-token activation bytes) per block and outside the blocks.
-  double psi_a = 0, lora_block = 0, lora_outside = 0;
+  double psi_a = 0, psi_a_block = 0, lora_block = 0, lora_outside = 0;
   bool lora_head = false;
   if (lora) {
     const double rank = static_cast<double>(r.lora.rank);
@@ -69,8 +70,12 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
                                ? static_cast<double>(m.n_experts_per_token) / static_cast<double>(m.n_experts)
                                : 1.0;
       const double bytes = share * (per_input * in + 4.0 * rank);
-      if (in_block) lora_block += bytes / static_cast<double>(m.n_layers);  // summed over blocks: per block
-      else lora_outside += bytes;
+      if (in_block) {  // summed over blocks: per block
+        lora_block += bytes / static_cast<double>(m.n_layers);
+        psi_a_block += rank * (in + out) / static_cast<double>(m.n_layers);
+      } else {
+        lora_outside += bytes;
+      }
       lora_head = lora_head || leaf == "lm_head";
     }
   }
@@ -111,7 +116,7 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
   const double act_ckpt = tokens * (L * w * h + block + outside);
   // bf16 AdamW's fp32 gradient chunk (LoRA's adapters are fp32: none).
   const double runtime = std::pow(2.0, 30) + 2 * 25 * std::pow(2.0, 20) + loss + (bf16 && !lora ? std::pow(2.0, 28) : 0.0);
-  const double gathered = 2 * w * static_cast<double>(pc.per_block);
+  const double gathered = 2 * (w * static_cast<double>(pc.per_block) + 4.0 * psi_a_block);
 
   auto row = [&](const std::string& name, int64_t n, double wd, double gd, double od, bool gather) {
     MemoryRow x;
@@ -128,14 +133,12 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
   const double N = static_cast<double>(c.gpus);
   row("none", 1, 1, 1, 1, false);
   row("zero1", c.gpus, 1, 1, N, false);
-  if (!lora) {  // LoRA shards nothing further: its base is frozen (zero2/3 and hybrid are errors)
-    row("zero2", c.gpus, 1, N, N, false);
-    if (c.gpus > c.gpus_per_node) {  // shards less than zero3: preferred when both fit
-      const double g = static_cast<double>(c.gpus_per_node);
-      row("hybrid", c.gpus_per_node, g, g, g, true);
-    }
-    row("zero3", c.gpus, N, N, N, true);
+  row("zero2", c.gpus, 1, N, N, false);
+  if (c.gpus > c.gpus_per_node) {  // shards less than zero3: preferred when both fit
+    const double g = static_cast<double>(c.gpus_per_node);
+    row("hybrid", c.gpus_per_node, g, g, g, true);
   }
+  row("zero3", c.gpus, N, N, N, true);
   const double capacity = c.gpu_memory_gib * std::pow(2.0, 30);
   for (bool ckpt : {false, true}) {
     for (const MemoryRow& x : p.rows) {

@@ -138,7 +138,8 @@ struct FullySharded::Unit {
   torch::Tensor flat_grad;                   // (padded) the gradient buffer of a backward (the params' grads view it)
   torch::Tensor reduced;                     // (chunk) a reduce-scatter's output, added to grad when it completes
   Pending gathering, reducing;
-  int64_t element = 0;  // bytes per element
+  int64_t element = 0;    // bytes per element
+  bool trainable = true;  // false: frozen weights (a LoRA base): gathered and released, no gradient or AdamW state
 };
 
 FullySharded::~FullySharded() {
@@ -176,24 +177,28 @@ FullySharded::FullySharded(Transformer model, int stage, int64_t group, const Op
 
   const bool deferred = model->deferred();  // initialise from init_parameter, not from the parameters
   const bool init = deferred && init_deferred;
-  // Units: every block, then the root (embedding, final norm, LM head).
+  // Units: every block, then the root (embedding, final norm, LM head); each split into its frozen
+  // weights (a LoRA fine-tune's base) and its trainable ones, when it has both.
   const int64_t L = model->config().n_layers;
-  for (int64_t l = 0; l <= L; ++l) units_.push_back(std::make_unique<Unit>());
+  std::vector<std::unique_ptr<Unit>> slots(static_cast<size_t>(2 * (L + 1)));  // (layer, trainable)
   std::vector<const void*> seen;
   for (auto& item : model->named_parameters()) {
     const std::string& name = item.key();
     torch::Tensor p = item.value();
     if (std::find(seen.begin(), seen.end(), p.unsafeGetTensorImpl()) != seen.end()) continue;
     seen.push_back(p.unsafeGetTensorImpl());
-    if (!p.requires_grad())
-      throw Error("train.sharding", "zero2, zero3 and hybrid train every weight, but '" + name + "' is frozen",
-                  "with finetune.method lora use train.sharding none or zero1 (the adapters' state is small)");
     int64_t l = L;
     const std::string prefix = "model.layers.";
     if (name.rfind(prefix, 0) == 0) l = std::stoll(name.substr(prefix.size()));
-    Unit& u = *units_[static_cast<size_t>(l)];
+    auto& slot = slots.at(static_cast<size_t>(2 * l + (p.requires_grad() ? 1 : 0)));
+    if (!slot) {
+      slot = std::make_unique<Unit>();
+      slot->trainable = p.requires_grad();
+    }
+    Unit& u = *slot;
     if (!u.params.empty() && p.scalar_type() != u.params[0].scalar_type())
-      throw Error(name, "a sharded unit needs one dtype for all its weights");
+      throw Error(name, "a sharded unit needs one dtype for all its " + std::string(u.trainable ? "trainable" : "frozen") +
+                            " weights");
     u.names.push_back(name);
     u.params.push_back(p);
     u.shapes.push_back(p.sizes().vec());
@@ -201,6 +206,12 @@ FullySharded::FullySharded(Transformer model, int stage, int64_t group, const Op
     u.numels.push_back(p.numel());
     u.numel += p.numel();
   }
+  layers_.resize(static_cast<size_t>(L + 1));
+  for (size_t i = 0; i < slots.size(); ++i)
+    if (slots[i]) {
+      layers_[i / 2].push_back(slots[i].get());
+      units_.push_back(std::move(slots[i]));
+    }
 
   std::vector<std::pair<std::string, torch::Tensor>> slices;
   std::vector<bool> decay;
@@ -210,25 +221,25 @@ FullySharded::FullySharded(Transformer model, int stage, int64_t group, const Op
     u.padded = u.chunk * G;
     u.options = u.params.at(0).options().device(device);
     u.element = u.params[0].element_size();
+    // Elements [offset, offset + dst.numel()) of parameter i: its values, or (deferred) its initial
+    // values, or zero (left for load_weights).
+    auto fill = [&](size_t i, torch::Tensor dst, int64_t offset) {
+      if (!is_unallocated(u.params[i])) dst.copy_(u.params[i].reshape({-1}).narrow(0, offset, dst.numel()));
+      else if (init) model->init_parameter(u.names[i], dst, offset);
+    };
     if (deferred && stage == 3) {  // compute this rank's elements only: the unit never exists whole here
       auto mine = torch::zeros({u.chunk}, u.params[0].options());
       for (size_t i = 0; i < u.params.size(); ++i) {
         const int64_t lo = std::max(u.offsets[i], rank * u.chunk);
         const int64_t hi = std::min(u.offsets[i] + u.numels[i], (rank + 1) * u.chunk);
-        if (lo < hi && init) model->init_parameter(u.names[i], mine.narrow(0, lo - rank * u.chunk, hi - lo), lo - u.offsets[i]);
+        if (lo < hi) fill(i, mine.narrow(0, lo - rank * u.chunk, hi - lo), lo - u.offsets[i]);
       }
       u.shard = device.is_cpu() ? mine : mine.to(device);
       for (auto& p : u.params) p.set_data(torch::empty({0}, u.options));
       track(u.chunk * u.element);
     } else {
       auto flat = torch::zeros({u.padded}, u.params[0].options());  // where the weights are now (the CPU)
-      for (size_t i = 0; i < u.params.size(); ++i) {
-        auto dst = flat.narrow(0, u.offsets[i], u.numels[i]);
-        if (init)
-          model->init_parameter(u.names[i], dst);
-        else if (!deferred)
-          dst.copy_(u.params[i].reshape({-1}));
-      }
+      for (size_t i = 0; i < u.params.size(); ++i) fill(i, flat.narrow(0, u.offsets[i], u.numels[i]), 0);
       if (stage == 2) {
         u.flat = flat.to(device);
         for (size_t i = 0; i < u.params.size(); ++i)
@@ -242,6 +253,7 @@ FullySharded::FullySharded(Transformer model, int stage, int64_t group, const Op
         track(u.chunk * u.element);
       }
     }
+    if (!u.trainable) continue;
     u.grad = torch::zeros({u.chunk}, u.options);
     track(u.chunk * u.element);
     // AdamW slices: this rank's part of each parameter, "<param>@<offset in the parameter>".
@@ -331,26 +343,30 @@ void FullySharded::grad_buffer(Unit& u) {
 }
 
 void FullySharded::begin_forward() {
-  Unit& root = *units_.back();
   if (stage_ != 3) return;
-  gather(root, true);
-  if (torch::GradMode::is_enabled() && model_->is_training()) grad_buffer(root);
+  const bool training = torch::GradMode::is_enabled() && model_->is_training();
+  for (Unit* u : layers_.back()) {
+    gather(*u, true);
+    if (training && u->trainable) grad_buffer(*u);
+  }
 }
 
 void FullySharded::before_block(int64_t layer, bool backward) {
-  Unit& u = *units_.at(static_cast<size_t>(layer));
-  if (stage_ == 3) {
-    gather(u, true);
-    const int64_t next = backward ? layer - 1 : layer + 1;  // prefetch: overlaps this block's compute
-    if (next >= 0 && next < static_cast<int64_t>(units_.size()) - 1) gather(*units_[static_cast<size_t>(next)], false);
+  const auto blocks = static_cast<int64_t>(layers_.size()) - 1;
+  for (Unit* u : layers_.at(static_cast<size_t>(layer))) {
+    if (stage_ == 3) gather(*u, true);
+    if (backward && u->trainable) grad_buffer(*u);
   }
-  if (backward) grad_buffer(u);
+  const int64_t next = backward ? layer - 1 : layer + 1;  // prefetch: overlaps this block's compute
+  if (stage_ == 3 && next >= 0 && next < blocks)
+    for (Unit* u : layers_[static_cast<size_t>(next)]) gather(*u, false);
 }
 
 void FullySharded::after_block(int64_t layer, bool backward) {
-  Unit& u = *units_.at(static_cast<size_t>(layer));
-  if (backward) reduce(u);
-  release(u);
+  for (Unit* u : layers_.at(static_cast<size_t>(layer))) {
+    if (backward && u->trainable) reduce(*u);
+    release(*u);
+  }
 }
 
 void FullySharded::reduce_gradients() {
@@ -362,16 +378,18 @@ void FullySharded::reduce_gradients() {
       if (g.defined() && !up->flat_grad.defined()) own += g.numel() * g.element_size();
     }
   peak_ = std::max(peak_, held_ + own);
-  for (auto& up : units_) reduce(*up);
+  for (auto& up : units_)
+    if (up->trainable) reduce(*up);
   wait_reductions();
-  release(*units_.back());  // stage 3: the root is gathered again by the next forward
+  for (Unit* u : layers_.back()) release(*u);  // stage 3: the root is gathered again by the next forward
 }
 
 double FullySharded::clip_grad_norm(double max_norm) {
   torch::NoGradGuard no_grad;
   wait_reductions();
   std::vector<torch::Tensor> grads;
-  for (auto& up : units_) grads.push_back(up->grad);
+  for (auto& up : units_)
+    if (up->trainable) grads.push_back(up->grad);
   if (replicas_) replicas_->sum_buckets(grads);  // hybrid: the same shard's sum over the other groups
   for (auto& g : grads) g.div_(dist_.world_size());
   auto norms = torch::stack(at::_foreach_norm(grads)).to(torch::kFloat64);
@@ -389,7 +407,8 @@ void FullySharded::step(double lr) {
   for (auto& s : slices_) s.mutable_grad().reset();
   if (stage_ == 2) {  // every rank gets the others' updated elements
     std::vector<Pending> pending;
-    for (auto& up : units_) pending.push_back(shard_->all_gather(up->shard.clone(), up->flat));
+    for (auto& up : units_)
+      if (up->trainable) pending.push_back(shard_->all_gather(up->shard.clone(), up->flat));
     for (auto& p : pending) p.wait();
   } else {
     for (auto& up : units_) release(*up);  // stale now
@@ -400,6 +419,7 @@ void FullySharded::zero_grad() {
   torch::NoGradGuard no_grad;
   wait_reductions();
   for (auto& up : units_) {
+    if (!up->trainable) continue;
     up->grad.zero_();
     for (auto& p : up->params) p.mutable_grad().reset();
     if (up->flat_grad.defined()) {
@@ -430,12 +450,12 @@ std::vector<std::pair<std::string, torch::Tensor>> FullySharded::gather_weights(
   return out;
 }
 
-void FullySharded::load_weights(const std::string& dir) {
+void FullySharded::load_weights(const std::string& dir, bool frozen_only) {
   torch::NoGradGuard no_grad;
   std::vector<std::pair<std::string, std::vector<int64_t>>> params;
   std::map<std::string, std::pair<Unit*, size_t>> where;
   for (auto& up : units_)
-    for (size_t i = 0; i < up->params.size(); ++i) {
+    for (size_t i = 0; i < up->params.size() && !(frozen_only && up->trainable); ++i) {
       params.emplace_back(up->names[i], up->shapes[i]);
       where[up->names[i]] = {up.get(), i};
     }

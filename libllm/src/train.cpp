@@ -375,9 +375,13 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   const bool fully_sharded = tc.sharding == "zero2" || tc.sharding == "zero3" || tc.sharding == "hybrid";
   // ZeRO-2/3 build the model deferred: the engine computes (stage 3: only this rank's part of)
   // the initial weights, or reads them from the base's file, so no rank holds the whole model.
-  const bool base_sharded = base && fully_sharded && !base->has_lora && recipe.finetune.method == "full";
+  // With LoRA, the frozen base is sharded the same way and the adapters (added to the deferred
+  // model, from the same seed as below) train as shards of their own.
+  const bool base_sharded = base && fully_sharded && !base->has_lora;
   if (base_sharded) {
     run.model = Transformer(base->config, TransformerImpl::Deferred{dtype});
+    torch::manual_seed(static_cast<uint64_t>(tc.seed));
+    if (recipe.finetune.method == "lora") apply_lora(run.model, recipe.lora);
   } else if (base) {
     // A base that is itself a LoRA fine-tune is loaded in fp32 and its adapters folded in there
     // (in bf16 most of their small update would round away), then cast.
@@ -410,7 +414,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     // Moves the weights to the device, sharded; a base's weights are read, not initialised first.
     run.fsdp = std::make_unique<FullySharded>(run.model, tc.sharding == "zero2" ? 2 : 3, group, recipe.optim, dist,
                                               run.device, /*init_deferred=*/!base_sharded);
-    if (base_sharded) run.fsdp->load_weights(base->dir);  // each rank reads its own elements
+    if (base_sharded)  // each rank reads its own elements
+      run.fsdp->load_weights(base->dir, /*frozen_only=*/recipe.finetune.method == "lora");
   } else {
     run.model->to(run.device);
     if (tc.sharding == "zero1") run.sharded = std::make_unique<ShardedAdamW>(trainable_parameters(run.model), recipe.optim, dist);

@@ -97,7 +97,7 @@ if [ "$stage" = zero3 ]; then
   # Memory: a deeper model (32 blocks) with a tied head, 4 steps. What ZeRO-3 holds beyond its
   # shards is per block (two gathered blocks, one block's gradient, two reductions in flight)
   # plus the gathered root (embedding and its gradient): deeper models come closer to 50%.
-  deep=(--set model.n_layers=32 --set model.tie_embeddings=true --set train.steps=4 --set checkpoint.every=0)
+  deep=(--set model.n_layers=32 --set model.tie_embeddings=true --set train.steps=4 --set checkpoint.every=4)
   launch mem-1 1 --set train.sharding=none "${deep[@]}"
   launch mem-2 2 --set train.sharding=zero3 "${deep[@]}"
   peak() { sed -E 's/.*"state_mib":([^,}]*).*/\1/' "$work/$1/metrics.jsonl" | sort -g | tail -n 1; }
@@ -105,5 +105,31 @@ if [ "$stage" = zero3 ]; then
     printf "parameters + gradients + optimizer state, peak per rank: unsharded %.4f MiB, zero3 on 2 ranks %.4f MiB (%.1f%%)\n",
            one, two, 100 * two / one
     exit !(one > 0 && two <= 0.6 * one) }' || { echo "zero3 memory above 60% of unsharded"; exit 1; }
+fi
+if [ "$stage" != zero1 ]; then
+  # LoRA on a bf16 base: the frozen base is sharded like any weight (gathered and released, with
+  # no gradient or AdamW state) and the fp32 adapters train as shards of their own; with dropout,
+  # whose masks a recomputed block replays. Against 2 replicated ranks; then a run stopped at its
+  # step-10 checkpoint resumes on 2 sharded ranks with the same losses.
+  lora=(--set finetune.base="$work/one/checkpoints/step-00000020" --set finetune.method=lora --set lora.rank=4
+        --set lora.alpha=8 --set lora.dropout=0.1 --set "lora.targets=[q_proj,v_proj,down_proj]" --set train.dtype=bf16)
+  program=llm-finetune launch lora-ddp 2 --set train.sharding=none "${lora[@]}"
+  program=llm-finetune launch lora-$stage 2 --set train.sharding=$stage "${lora[@]}"
+  grep -q "method lora: 1664 of " "$work/lora-$stage.0.log" || { echo "not LoRA"; cat "$work/lora-$stage.0.log"; exit 1; }
+  compare lora-ddp lora-$stage
+  program=llm-finetune launch lora-resume 2 --set train.sharding=$stage "${lora[@]}" --set train.steps=10
+  program=llm-finetune launch lora-resume 2 --set train.sharding=$stage "${lora[@]}" --set checkpoint.resume=auto
+  grep -q "resumed from .*step-00000010" "$work/lora-resume.0.log" || { echo "no LoRA resume"; exit 1; }
+  compare lora-ddp lora-resume
+  if [ "$stage" = zero3 ]; then  # the frozen base's memory is divided too: LoRA on the 32-block model
+    deep_lora=("${lora[@]}" --set finetune.base="$work/mem-1/checkpoints/step-00000004" --set train.steps=4
+               --set checkpoint.every=0)
+    program=llm-finetune launch lora-mem-1 1 --set train.sharding=none "${deep_lora[@]}"
+    program=llm-finetune launch lora-mem-2 2 --set train.sharding=zero3 "${deep_lora[@]}"
+    awk -v one="$(peak lora-mem-1)" -v two="$(peak lora-mem-2)" 'BEGIN {
+      printf "LoRA, frozen base + adapters + their gradients and AdamW state, peak per rank: unsharded %.4f MiB, zero3 on 2 ranks %.4f MiB (%.1f%%)\n",
+             one, two, 100 * two / one
+      exit !(one > 0 && two <= 0.6 * one) }' || { echo "LoRA zero3 memory above 60% of unsharded"; exit 1; }
+  fi
 fi
 echo "$stage ok"

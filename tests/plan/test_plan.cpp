@@ -138,14 +138,25 @@ TEST_CASE("llm-plan: a LoRA fine-tune of a 7B base on one GPU, hand-computed", "
   //    = 512 x (4 x 8192 + 3 x 15104) = 39,976,960.
   CHECK(p.trainable == 39976960);
   CHECK(p.params == 6738415616);
-  REQUIRE(p.rows.size() == 2);  // none and zero1: the frozen base is not sharded
+  REQUIRE(p.rows.size() == 4);  // none, zero1, zero2, zero3 (8 GPUs, one node: no hybrid)
   const MemoryRow& none = row(p, "none");
   const MemoryRow& z1 = row(p, "zero1");
+  const MemoryRow& z2 = row(p, "zero2");
+  const MemoryRow& z3 = row(p, "zero3");
   CHECK(none.weights == Approx(2.0 * 6738415616.0 + 4.0 * 39976960.0));
   CHECK(none.grads == Approx(4.0 * 39976960.0));
   CHECK(none.optimizer == Approx(8.0 * 39976960.0));
   CHECK(z1.optimizer == Approx(8.0 * 39976960.0 / 8));
   CHECK(z1.weights == none.weights);
+  CHECK(z2.weights == none.weights);
+  CHECK(z2.grads == Approx(4.0 * 39976960.0 / 8));
+  // ZeRO-3 shards the frozen base with the adapters, and gathers two blocks: each 202,383,360 bf16
+  // base weights (4 x 4096^2 + 3 x 4096 x 11008 + 2 x 4096) and 39,976,960 / 32 = 1,249,280 fp32
+  // adapter weights.
+  CHECK(z3.weights == Approx(none.weights / 8));
+  CHECK(z3.grads == Approx(4.0 * 39976960.0 / 8));
+  CHECK(z3.optimizer == Approx(8.0 * 39976960.0 / 8));
+  CHECK(z3.buffers == Approx(none.buffers + 2 * (2.0 * 202383360 + 4.0 * 1249280)));
   // Per block and token: the base's 2 x 76,800 bytes + the adapters' dropped fp32 inputs and masks
   // (5 bytes per input element: six of 4096, down's 11008) + A's outputs (7 x 4 x 16):
   // 153,600 + 122,880 + 55,040 + 448 = 331,968. Outside: 2 x 2 x 4096 + the fused loss's 2 x 4096.

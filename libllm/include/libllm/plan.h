@@ -37,7 +37,7 @@ struct TrainingPlan {
   ClusterSpec cluster;
   int64_t params = 0;             // total parameters
   int64_t trainable = 0;          // parameters that train: all, or with finetune.method lora the adapters'
-  bool lora = false;              // finetune.method lora: frozen base, fp32 adapters (rows none and zero1 only)
+  bool lora = false;              // finetune.method lora: frozen base (sharded by zero3 / hybrid), fp32 adapters
   double flops_per_token = 0;     // 6 N (non-embedding, active; 4 N with LoRA) + 12 L H Q T
   int64_t micro_batch = 0;        // sequences per GPU per forward/backward (train.micro_batch)
   int64_t seq_len = 0;
@@ -47,7 +47,7 @@ struct TrainingPlan {
   int64_t total_tokens = 0;       // train.steps * global_batch_tokens
   double tokens_per_s = 0;        // gpus * mfu * peak / flops_per_token
   double days = 0;                // total_tokens / tokens_per_s
-  std::vector<MemoryRow> rows;    // none, zero1, zero2, hybrid (when gpus > gpus_per_node), zero3; LoRA: none, zero1
+  std::vector<MemoryRow> rows;    // none, zero1, zero2, hybrid (when gpus > gpus_per_node), zero3
   std::string recommendation;     // the least sharding that fits, preferring no recomputation
 };
 

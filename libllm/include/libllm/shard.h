@@ -13,7 +13,8 @@
 // from every rank's full gradient as soon as the unit's backward is done) and, at ZeRO-3, the
 // only persistent copy of those weights (a block's full weights are all-gathered just before it
 // runs, forward and recomputed backward, and freed right after; the next block's gather is
-// started first, so it overlaps this block's compute).
+// started first, so it overlaps this block's compute). Frozen weights (a LoRA fine-tune's base)
+// form units of their own: sharded and gathered alike, with no gradient or optimizer state.
 #pragma once
 
 #include <deque>
@@ -76,10 +77,12 @@ class ShardedAdamW {
 // all-reduced across groups). The unsharded result is reproduced up to the order of summation.
 class FullySharded : public BlockHooks {
  public:
-  // `model`: on the CPU, every parameter trainable (no LoRA); its parameters move to `device` as
-  // shards (stage 3) or as views of per-unit flat buffers (stage 2). A deferred model
-  // (TransformerImpl::Deferred) is initialised here from init_parameter(): at stage 3 each rank
-  // computes only its own elements, so no rank ever holds the whole model. `dist`: all ranks;
+  // `model`: on the CPU; its parameters move to `device` as shards (stage 3) or as views of
+  // per-unit flat buffers (stage 2). Frozen parameters (a LoRA fine-tune's base, requires_grad
+  // false) form units of their own: sharded and gathered the same way, with no gradient or AdamW
+  // state. A deferred model (TransformerImpl::Deferred) is initialised here from init_parameter()
+  // (its allocated parameters, such as LoRA adapters added after building it, keep their values):
+  // at stage 3 each rank computes only its own elements, so no rank ever holds the whole model. `dist`: all ranks;
   // `group`: ranks per shard group (dist.world_size() but for hybrid; must divide it).
   // `init_deferred` false: a deferred model's weights are left zero, for load_weights() to fill.
   FullySharded(Transformer model, int stage, int64_t group, const OptimConfig& cfg, Distributed& dist,
@@ -102,8 +105,9 @@ class FullySharded : public BlockHooks {
   // Checkpoints. Collective: the whole weights, gathered unit by unit to the CPU, on rank 0
   // (other ranks get an empty list); named as model->named_parameters() names them.
   std::vector<std::pair<std::string, torch::Tensor>> gather_weights();
-  // Each rank reads its elements of every parameter from dir's model.safetensors.
-  void load_weights(const std::string& dir);
+  // Each rank reads its elements of every parameter from dir's weights (safetensors or
+  // pytorch_model.bin); `frozen_only`: only the frozen ones (a LoRA fine-tune's base, which has no adapters).
+  void load_weights(const std::string& dir, bool frozen_only = false);
 
   // Bytes of parameters + gradients + optimizer state this rank holds now, and the most it held
   // at any moment since reset_peak() (gathered weights and full gradients included).
@@ -132,7 +136,8 @@ class FullySharded : public BlockHooks {
   std::unique_ptr<Distributed> shard_group_, replicas_;  // hybrid only
   Distributed* shard_ = nullptr;                         // the group the shards are cut over
   torch::Device device_;
-  std::vector<std::unique_ptr<Unit>> units_;  // blocks 0..L-1, then the root unit
+  std::vector<std::unique_ptr<Unit>> units_;  // blocks 0..L-1, then the root (frozen before trainable)
+  std::vector<std::vector<Unit*>> layers_;    // layers_[l]: block l's units; layers_[L]: the root's
   std::deque<Unit*> inflight_;                // units whose reduce-scatter runs, oldest first
   std::unique_ptr<AdamW> local_;
   std::vector<torch::Tensor> slices_, slice_grads_;  // AdamW's slices and their gradients
