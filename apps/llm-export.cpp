@@ -76,8 +76,13 @@ int main(int argc, char** argv) {
     }
     check_replaceable(args.get("--out"), FolderKind::hf_model);
     Pretrained pre = inspect_pretrained(dir);
+    // A fine-tune's base, as its recipe names it (or where an adapters-only checkpoint found it).
+    std::string base;
+    if (pre.format == "libllm") {
+      base = Recipe::load((fs::path(dir) / "recipe.yaml").string()).finetune.base;
+      if (!pre.base.empty() && !fs::is_directory(base)) base = pre.base;
+    }
     if (pre.format == "libllm") {  // nor the fine-tune's base (the adapter names it)
-      const std::string base = Recipe::load((fs::path(dir) / "recipe.yaml").string()).finetune.base;
       if (!base.empty() && fs::is_directory(base)) {
         check_apart("--out", args.get("--out"), "finetune.base", base);
         if (args.has("--adapter")) check_apart("--adapter", args.get("--adapter"), "finetune.base", base);
@@ -98,9 +103,7 @@ int main(int argc, char** argv) {
     load_pretrained(pre, torch::kFloat32);
 
     if (args.has("--adapter")) {
-      std::string base = dir;
-      if (pre.format == "libllm")
-        base = Recipe::load((std::filesystem::path(dir) / "recipe.yaml").string()).finetune.base;
+      if (pre.format != "libllm") base = dir;
       if (std::filesystem::is_directory(base)) {
         const Pretrained b = inspect_pretrained(base);
         if (b.has_lora)
@@ -125,8 +128,8 @@ int main(int argc, char** argv) {
       if (!r.chat.files.empty()) {
         ours = r.chat.chat_template;
         template_from = "chat template " + ours + " (as fine-tuned)";
-      } else if (!r.finetune.base.empty() && std::filesystem::is_directory(r.finetune.base)) {
-        chat_template = read_chat_template(r.finetune.base);
+      } else if (!base.empty() && std::filesystem::is_directory(base)) {
+        chat_template = read_chat_template(base);
         template_from = "the base's chat template";
       }
     } else {

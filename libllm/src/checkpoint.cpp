@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <system_error>
 #include <thread>
 #include <fstream>
@@ -218,7 +219,8 @@ std::string save_checkpoint(const std::string& root, Transformer& model, const A
   if (ec) throw Error(tmp.string(), "cannot create checkpoint folder: " + ec.message());
   try {
     std::vector<std::pair<std::string, torch::Tensor>> params;
-    for (auto& p : model->named_parameters()) params.emplace_back(p.key(), p.value());
+    for (auto& p : model->named_parameters())
+      if (state.lora_base.empty() || is_adapter_weight(p.key())) params.emplace_back(p.key(), p.value());
     write_tensors((tmp / "model.safetensors").string(), params);
     auto opt_state = optim.state();
     add_rng_state(opt_state);
@@ -227,6 +229,7 @@ std::string save_checkpoint(const std::string& root, Transformer& model, const A
     if (!tokenizer_path.empty() && fs::exists(tokenizer_path)) fs::copy_file(tokenizer_path, tmp / "tokenizer.model");
     json trainer = {{"step", state.step}, {"data_cursor", state.data_cursor}, {"extra", state.extra},
                     {"format", "libllm-checkpoint-v1"}};
+    if (!state.lora_base.empty()) trainer["lora_base"] = state.lora_base;
     write_text((tmp / "trainer.json").string(), trainer.dump(1) + "\n");
     move_folder_into_place(tmp.string(), final_dir.string());  // the same step again (rollback): swapped
   } catch (const fs::filesystem_error& e) {
@@ -318,13 +321,17 @@ std::string save_checkpoint_sharded(const std::string& root, const std::vector<s
   }
   if (dist.is_main()) {
     try {
-      write_tensors((tmp / "model.safetensors").string(), weights);
+      std::vector<std::pair<std::string, torch::Tensor>> kept;
+      for (const auto& w : weights)
+        if (state.lora_base.empty() || is_adapter_weight(w.first)) kept.push_back(w);
+      write_tensors((tmp / "model.safetensors").string(), kept);
       write_tensors((tmp / "optimizer.safetensors").string(),
                     {{"step", torch::scalar_tensor(local.steps(), torch::kInt64)}});
       write_text((tmp / "recipe.yaml").string(), recipe_yaml);
       if (!tokenizer_path.empty() && fs::exists(tokenizer_path)) fs::copy_file(tokenizer_path, tmp / "tokenizer.model");
       json trainer = {{"step", state.step}, {"data_cursor", state.data_cursor}, {"extra", state.extra},
                       {"optimizer_shards", world}, {"format", "libllm-checkpoint-v1"}};
+      if (!state.lora_base.empty()) trainer["lora_base"] = state.lora_base;
       write_text((tmp / "trainer.json").string(), trainer.dump(1) + "\n");
       move_folder_into_place(tmp.string(), final_dir.string());  // the same step again (rollback): swapped
     } catch (const std::exception& e) {
@@ -356,6 +363,24 @@ std::string latest_checkpoint(const std::string& root) {
   return steps.empty() ? "" : (fs::path(root) / checkpoint_name(steps.back())).string();
 }
 
+bool is_adapter_weight(const std::string& name) {
+  return name.find(".lora_A.") != std::string::npos || name.find(".lora_B.") != std::string::npos;
+}
+
+std::string checkpoint_lora_base(const std::string& dir) {
+  const std::string path = (fs::path(dir) / "trainer.json").string();
+  std::ifstream in(path);
+  if (!in) return "";
+  json j;
+  try {
+    j = json::parse(in);
+  } catch (const json::exception& e) {
+    throw Error(path, std::string("invalid JSON: ") + e.what());
+  }
+  if (!j.is_object() || !j.contains("lora_base")) return "";
+  return trainer_string(j, path, "lora_base");
+}
+
 TrainState load_checkpoint_state(const std::string& dir, AdamW& optim, int rank) {
   Transformer none{nullptr};
   return load_checkpoint(dir, none, optim, rank);
@@ -381,7 +406,23 @@ TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& op
   s.extra = trainer_string(j, trainer_path, "extra");
   const int64_t shards = j.contains("optimizer_shards") && !j["optimizer_shards"].is_null()
                              ? trainer_int(j, trainer_path, "optimizer_shards") : 0;
-  if (model) load_weights(model, dir);
+  if (j.contains("lora_base")) s.lora_base = trainer_string(j, trainer_path, "lora_base");
+  if (model && s.lora_base.empty()) load_weights(model, dir);
+  if (model && !s.lora_base.empty()) {  // the adapters; the frozen base is in place already
+    std::vector<std::pair<std::string, std::vector<int64_t>>> params;
+    std::map<std::string, torch::Tensor> by_name;
+    for (auto& p : model->named_parameters())
+      if (is_adapter_weight(p.key())) {
+        params.emplace_back(p.key(), p.value().sizes().vec());
+        by_name[p.key()] = p.value();
+      }
+    if (params.empty())
+      throw Error(dir, "holds only LoRA adapters, and the model has none",
+                  "resume it with finetune.method: lora and the same lora section");
+    torch::NoGradGuard no_grad;
+    load_weights(dir, params, !model->lm_head,
+                 [&](const std::string& name, const torch::Tensor& src) { by_name.at(name).copy_(src); });
+  }
   OptimizerFiles files(dir, shards);
   files.restore_rng(rank);
   optim.load_state(files.state_for(optim));

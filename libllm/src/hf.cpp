@@ -15,6 +15,7 @@
 #include <set>
 #include <sstream>
 
+#include "libllm/checkpoint.h"
 #include "libllm/error.h"
 #include "libllm/recipe.h"
 #include "libllm/safetensors.h"
@@ -648,9 +649,27 @@ Pretrained inspect_pretrained(const std::string& dir) {
     const Recipe r = Recipe::load((fs::path(dir) / "recipe.yaml").string());
     out.config = r.model;
     out.format = "libllm";
-    if (r.finetune.method == "lora") {  // a LoRA fine-tuning checkpoint: base + adapters
+    if (r.finetune.method == "lora") {  // a LoRA fine-tuning checkpoint: adapters (and base)
       out.lora = r.lora;
       out.has_lora = true;
+      // Adapters only: the base is the folder trained on (its absolute path), or the recipe's
+      // finetune.base from here (a run folder moved along with its base).
+      const std::string recorded = checkpoint_lora_base(dir);
+      if (!recorded.empty()) {
+        for (const std::string& b : {recorded, r.finetune.base})
+          if (!b.empty() && fs::is_directory(b)) {
+            out.base = b;
+            break;
+          }
+        if (out.base.empty())
+          throw Error(dir, "holds only LoRA adapters, and their base " + recorded + " is gone" +
+                               (r.finetune.base.empty() || r.finetune.base == recorded ? std::string()
+                                                                                       : " (nor is " + r.finetune.base + " here)"),
+                      "put the base model folder back there, or run from a folder where recipe.yaml's finetune.base is");
+        std::error_code ec;
+        if (fs::equivalent(out.base, dir, ec))
+          throw Error(dir, "names itself as its LoRA base", "the checkpoint's trainer.json is corrupt");
+      }
     }
   } else {
     throw Error(dir, "neither config.json (Hugging Face) nor recipe.yaml (libllm) found",
@@ -662,6 +681,33 @@ Pretrained inspect_pretrained(const std::string& dir) {
 }
 
 void load_pretrained(Pretrained& info, torch::Dtype dtype) {
+  if (!info.base.empty()) {  // adapters only: the base first (a LoRA base merged in fp32), then them
+    Pretrained b = inspect_pretrained(info.base);
+    if (count_parameters(b.config).total != count_parameters(info.config).total ||
+        b.config.hf_architecture() != info.config.hf_architecture())
+      throw Error(info.dir, "its LoRA base " + info.base + " is another model (" + b.config.hf_architecture() + ", " +
+                                std::to_string(count_parameters(b.config).total) + " parameters)",
+                  "the adapters were trained on a different base; restore the original one");
+    load_pretrained(b, b.has_lora ? torch::kFloat32 : dtype);
+    info.model = b.model;
+    if (has_lora(info.model)) {
+      merge_lora(info.model);
+      info.model->to(dtype);
+    }
+    for (auto& p : info.model->parameters()) p.set_requires_grad(true);
+    apply_lora(info.model, info.lora);
+    std::vector<std::pair<std::string, std::vector<int64_t>>> params;
+    std::map<std::string, torch::Tensor> by_name;
+    for (auto& p : info.model->named_parameters())
+      if (is_adapter_weight(p.key())) {
+        params.emplace_back(p.key(), p.value().sizes().vec());
+        by_name[p.key()] = p.value();
+      }
+    torch::NoGradGuard no_grad;
+    load_weights(info.dir, params, !info.model->lm_head,
+                 [&](const std::string& name, const torch::Tensor& src) { by_name.at(name).copy_(src); });
+    return;
+  }
   // Deferred: no random init, and each weight is allocated once, in `dtype`, as it is read.
   info.model = Transformer(info.config, TransformerImpl::Deferred{dtype});
   if (info.has_lora) apply_lora(info.model, info.lora);

@@ -429,11 +429,12 @@ void FullySharded::zero_grad() {
   }
 }
 
-std::vector<std::pair<std::string, torch::Tensor>> FullySharded::gather_weights() {
+std::vector<std::pair<std::string, torch::Tensor>> FullySharded::gather_weights(bool trainable_only) {
   torch::NoGradGuard no_grad;
   std::map<std::string, torch::Tensor> got;
   for (auto& up : units_) {
     Unit& u = *up;
+    if (trainable_only && !u.trainable) continue;
     torch::Tensor full = u.flat;
     if (stage_ == 3) {  // a fresh gather: a gathered copy may be stale (between step and release)
       full = torch::empty({u.padded}, u.options);
@@ -450,12 +451,12 @@ std::vector<std::pair<std::string, torch::Tensor>> FullySharded::gather_weights(
   return out;
 }
 
-void FullySharded::load_weights(const std::string& dir, bool frozen_only) {
+void FullySharded::load_weights(const std::string& dir, Which which) {
   torch::NoGradGuard no_grad;
   std::vector<std::pair<std::string, std::vector<int64_t>>> params;
   std::map<std::string, std::pair<Unit*, size_t>> where;
   for (auto& up : units_)
-    for (size_t i = 0; i < up->params.size() && !(frozen_only && up->trainable); ++i) {
+    for (size_t i = 0; i < up->params.size() && (which == Which::all || up->trainable == (which == Which::trainable)); ++i) {
       params.emplace_back(up->names[i], up->shapes[i]);
       where[up->names[i]] = {up.get(), i};
     }

@@ -185,6 +185,7 @@ struct Run {
   int64_t accum = 1, global = 0, planned = 0;
   double flops_per_token = 0;
   std::string recipe_yaml, ckpt_root, sequence_path;
+  std::string lora_base;  // a LoRA fine-tune: its base folder, absolute; checkpoints then hold only the adapters
   std::ofstream sequence, events;
 
   bool main() const { return dist.is_main(); }
@@ -222,17 +223,18 @@ struct Run {
   bool has_valid() const { return chat ? !chat->valid_examples().empty() : !recipe.data.valid.empty(); }
 
   std::string save(int64_t step) {
-    TrainState st{step, cursor(), extra()};
+    TrainState st{step, cursor(), extra(), lora_base};
     // Every rank calls this; replicated, only rank 0 writes.
     if (fsdp) {
-      const auto weights = fsdp->gather_weights();  // collective; rank 0 gets them
+      const auto weights = fsdp->gather_weights(!lora_base.empty());  // collective; rank 0 gets them
       return save_checkpoint_sharded(ckpt_root, weights, adamw(), st, recipe_yaml, recipe.tokenizer.path, dist,
                                      fsdp->shard_rank(), fsdp->shard_world(), fsdp->writes_shards());
     }
     if (sharded) {
       std::vector<std::pair<std::string, torch::Tensor>> weights;
       if (main())
-        for (auto& p : model->named_parameters()) weights.emplace_back(p.key(), p.value());
+        for (auto& p : model->named_parameters())
+          if (lora_base.empty() || is_adapter_weight(p.key())) weights.emplace_back(p.key(), p.value());
       return save_checkpoint_sharded(ckpt_root, weights, adamw(), st, recipe_yaml, recipe.tokenizer.path, dist);
     }
     if (!main()) return "";
@@ -243,7 +245,7 @@ struct Run {
   TrainState load(const std::string& dir) {
     TrainState st;
     if (fsdp) {
-      fsdp->load_weights(dir);
+      fsdp->load_weights(dir, checkpoint_lora_base(dir).empty() ? FullySharded::Which::all : FullySharded::Which::trainable);
       st = load_checkpoint_state(dir, adamw(), fsdp->shard_rank());
     } else {
       st = load_checkpoint(dir, model, adamw(), dist.rank());
@@ -415,7 +417,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     run.fsdp = std::make_unique<FullySharded>(run.model, tc.sharding == "zero2" ? 2 : 3, group, recipe.optim, dist,
                                               run.device, /*init_deferred=*/!base_sharded);
     if (base_sharded)  // each rank reads its own elements
-      run.fsdp->load_weights(base->dir, /*frozen_only=*/recipe.finetune.method == "lora");
+      run.fsdp->load_weights(base->dir, recipe.finetune.method == "lora" ? FullySharded::Which::frozen
+                                                                          : FullySharded::Which::all);
   } else {
     run.model->to(run.device);
     if (tc.sharding == "zero1") run.sharded = std::make_unique<ShardedAdamW>(trainable_parameters(run.model), recipe.optim, dist);
@@ -440,6 +443,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   run.flops_per_token = per_weight * (pc.active - pc.embedding) + 12.0 * mc.n_layers * mc.n_heads * mc.hdim() * tc.seq_len;
 
   run.recipe_yaml = recipe.to_yaml();
+  if (base && recipe.finetune.method == "lora") run.lora_base = fs::absolute(base->dir).lexically_normal().string();
   const fs::path run_dir = tc.run_dir;
   run.ckpt_root = (run_dir / "checkpoints").string();
   if (main_rank) {

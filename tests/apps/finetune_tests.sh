@@ -3,7 +3,7 @@
 # demo's data; dict-jargon) -> held-out loss falls -> llm-export (merged HF + PEFT adapter, with
 # the chat template) -> packed rows train and resume exactly ->
 # llm-eval gives the same loss on the checkpoint and the export -> llm-generate with and without
-# the KV cache answers the same (greedy).
+# the KV cache answers the same (greedy) -> the LoRA checkpoint holds only its adapters.
 # usage: finetune_tests.sh BIN_DIR SRC_DIR PRETRAIN_RECIPE WORK_DIR -- [--set ...] (the pretraining data sets)
 set -euo pipefail
 bin=$1 src=$2 recipe=$3 work=$4; shift 5
@@ -145,4 +145,30 @@ q='What does "hack" mean in hacker jargon?'
   > "$work/gen-plain.txt" 2>&1 || fail "llm-generate --no-cache"
 cmp -s "$work/gen-cache.txt" "$work/gen-plain.txt" || fail "KV cache output differs: $(cat "$work/gen-cache.txt") vs $(cat "$work/gen-plain.txt")"
 echo "answer: $(cat "$work/gen-cache.txt")"
+
+# A LoRA checkpoint holds only its adapters and names its base (trainer.json lora_base, absolute);
+# the programs above read base + adapters. A base that moved is looked up at the recipe's
+# finetune.base; when neither is there, one error names the base.
+python3 - "$ck" "$base" <<'PY' || fail "the LoRA checkpoint is not adapters-only"
+import json, os, struct, sys
+ck, base = sys.argv[1], sys.argv[2]
+with open(ck + "/model.safetensors", "rb") as f:
+    names = [k for k in json.loads(f.read(struct.unpack("<Q", f.read(8))[0])) if k != "__metadata__"]
+assert names and all(".lora_A." in n or ".lora_B." in n for n in names), names
+assert json.load(open(ck + "/trainer.json"))["lora_base"] == os.path.abspath(base)
+print(f"LoRA checkpoint: {len(names)} adapter tensors, {os.path.getsize(ck + '/model.safetensors')} bytes "
+      f"(the base's weights: {os.path.getsize(base + '/model.safetensors')} bytes)")
+PY
+cp -r "$ck" "$work/moved-ck"
+python3 -c "import json, sys; p = sys.argv[1]; t = json.load(open(p)); t['lora_base'] = '/nonexistent/base'; json.dump(t, open(p, 'w'))" \
+  "$work/moved-ck/trainer.json"
+"$bin/llm-eval" --checkpoint "$work/moved-ck" --data "$src/tests/fixtures/eval.txt" > "$work/eval-moved.log" 2>&1 ||
+  fail "llm-eval with the base at the recipe's finetune.base"
+[ "$(tail -n 1 "$work/eval-moved.log")" = "$(tail -n 1 "$work/eval-ck.log")" ] || fail "moved base: another loss"
+sed -i 's|^  base: .*|  base: /nonexistent/other|' "$work/moved-ck/recipe.yaml"
+if "$bin/llm-eval" --checkpoint "$work/moved-ck" --data "$src/tests/fixtures/eval.txt" > "$work/eval-gone.log" 2>&1; then
+  fail "a LoRA checkpoint without its base was read"
+fi
+grep -q "holds only LoRA adapters, and their base /nonexistent/base is gone (nor is /nonexistent/other here)" \
+  "$work/eval-gone.log" || fail "no clear error for a missing base: $(cat "$work/eval-gone.log")"
 echo "finetune pipeline ok"

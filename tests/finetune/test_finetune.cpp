@@ -311,6 +311,28 @@ TEST_CASE("fine-tuning resumes exactly (LoRA and full) and lowers the held-out l
       Pretrained ck = load_pretrained(a + "/checkpoints/step-00000008");
       CHECK(ck.has_lora == (method == "lora"));
       CHECK(has_lora(ck.model) == (method == "lora"));
+      if (method == "lora") {
+        // It holds only the adapters; its base is the HF folder, recorded absolute.
+        CHECK(ck.base == fs::absolute(base).lexically_normal().string());
+        CHECK(read_file(a + "/checkpoints/step-00000008/model.safetensors").size() <
+              read_file(base + "/model.safetensors").size() / 4);
+        // A LoRA fine-tune of that checkpoint: its adapters are merged into the base first, so the
+        // held-out loss before training is run a's last one (merged vs unmerged: fp32 rounding),
+        // and its own checkpoint loads through two levels: adapters -> LoRA checkpoint -> base.
+        const std::string c = tmp / "lora-c";
+        finetune(ft_recipe(a + "/checkpoints/step-00000008", chat, c, {"train.steps=3"}));
+        double start = -1;
+        for (const auto& e : jsonl(c + "/events.jsonl"))
+          if (e["event"] == "eval") start = e["eval_loss"].get<double>();
+        CHECK(start == Approx(after).epsilon(1e-5));
+        Pretrained cc = load_pretrained(c + "/checkpoints/step-00000003");
+        CHECK(cc.base == fs::absolute(a + "/checkpoints/step-00000008").lexically_normal().string());
+        CHECK(has_lora(cc.model));
+        // Its base gone: one error naming it.
+        fs::rename(a, tmp / "lora-a-moved");
+        CHECK_THAT(test::error_of([&] { load_pretrained(c + "/checkpoints/step-00000003"); }),
+                   Catch::Contains("holds only LoRA adapters, and their base " + cc.base + " is gone"));
+      }
     }
   }
 }

@@ -32,10 +32,14 @@ struct TrainState {
   int64_t step = 0;          // optimizer steps completed
   std::string data_cursor;   // the dataset's cursor (JSON)
   std::string extra;         // trainer-owned JSON (metrics so far, stability guard state)
+  // A LoRA fine-tune: the absolute path of its frozen base folder (trainer.json "lora_base"). The
+  // checkpoint's model.safetensors then holds only the adapters (lora_A / lora_B); the base is
+  // read from that folder (or the recipe's finetune.base). "" = the weights are whole.
+  std::string lora_base;
 };
 
-// Saves into root/step-NNNNNNNN (8 digits) and returns that path. Throws libllm::Error (e.g. disk full)
-// after removing the partial folder.
+// Saves into root/step-NNNNNNNN (8 digits) and returns that path (with state.lora_base set, the
+// model's adapters only). Throws libllm::Error (e.g. disk full) after removing the partial folder.
 std::string save_checkpoint(const std::string& root, Transformer& model, const AdamW& optim,
                             const TrainState& state, const std::string& recipe_yaml,
                             const std::string& tokenizer_path);
@@ -43,19 +47,25 @@ std::string save_checkpoint(const std::string& root, Transformer& model, const A
 // Shard holders (`shard` = this rank's index among `shards`; -1 = rank and world size; hybrid
 // sharding: only the first replica's ranks, `write_shard`) write
 // optimizer-shard-<shard>-of-<shards>.safetensors (their slices' state, "<param>@<offset>.exp_avg"
-// ..., and their RNG states); rank 0 writes `weights` (the whole model, named as its parameters;
-// other ranks may pass none), the recipe, trainer.json ("optimizer_shards": shards) and the
+// ..., and their RNG states); rank 0 writes `weights` (the whole model, named as its parameters,
+// or with state.lora_base its adapters; other ranks may pass none), the recipe, trainer.json ("optimizer_shards": shards) and the
 // rank-independent optimizer.safetensors ("step"), then renames the folder into place.
 std::string save_checkpoint_sharded(const std::string& root, const std::vector<std::pair<std::string, torch::Tensor>>& weights,
                                     const AdamW& local, const TrainState& state, const std::string& recipe_yaml,
                                     const std::string& tokenizer_path, Distributed& dist, int shard = -1,
                                     int shards = -1, bool write_shard = true);
+// The LoRA base a checkpoint folder's adapters apply to (trainer.json "lora_base"; "" when the
+// folder holds whole weights or is not a libllm checkpoint).
+std::string checkpoint_lora_base(const std::string& dir);
+// "model.layers.0.self_attn.q_proj.lora_A.weight": a LoRA adapter's weight.
+bool is_adapter_weight(const std::string& name);
 // The newest complete checkpoint folder under root ("" when none). Partial folders are ignored.
 std::string latest_checkpoint(const std::string& root);
 // All complete checkpoint steps under root, ascending.
 std::vector<int64_t> checkpoint_steps(const std::string& root);
 // Restores model, optimizer, the RNG states (torch's CPU generator, and the current device's
-// CUDA generator where saved and available) and returns the state. A checkpoint of another model
+// CUDA generator where saved and available) and returns the state; from a LoRA checkpoint that
+// holds only adapters (lora_base), only the model's adapters (its base must be loaded already). A checkpoint of another model
 // shape is an error naming the tensor. The optimizer state is resharded as needed: a checkpoint
 // written unsharded or by any number of ZeRO-1 ranks loads into a whole-parameter AdamW or into
 // one over slices "<param>@<offset>" (each slot takes its elements from whichever files hold them);

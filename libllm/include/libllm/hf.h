@@ -90,6 +90,8 @@ struct Pretrained {
   int64_t bos_id = 1, eos_id = 2;
   bool has_lora = false;       // a libllm LoRA fine-tuning checkpoint: adapters are attached on load
   LoraConfig lora;             // their settings (recipe section `lora`)
+  std::string base;            // a LoRA checkpoint that holds only its adapters: the base folder they
+                               // apply to, loaded first (itself possibly such a checkpoint); else ""
   Transformer model{nullptr};  // set by load_pretrained
 };
 // Reads the folder's config only (cheap: check a tokenizer against it before loading weights).

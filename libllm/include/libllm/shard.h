@@ -102,12 +102,15 @@ class FullySharded : public BlockHooks {
   int shard_world() const;     // the shard group's size
   bool writes_shards() const;  // this rank saves its optimizer shard (the first replica's ranks)
 
-  // Checkpoints. Collective: the whole weights, gathered unit by unit to the CPU, on rank 0
-  // (other ranks get an empty list); named as model->named_parameters() names them.
-  std::vector<std::pair<std::string, torch::Tensor>> gather_weights();
-  // Each rank reads its elements of every parameter from dir's weights (safetensors or
-  // pytorch_model.bin); `frozen_only`: only the frozen ones (a LoRA fine-tune's base, which has no adapters).
-  void load_weights(const std::string& dir, bool frozen_only = false);
+  // Checkpoints. Collective: the whole weights (`trainable_only`: the trainable ones, a LoRA
+  // fine-tune's adapters), gathered unit by unit to the CPU, on rank 0 (other ranks get an empty
+  // list); named as model->named_parameters() names them.
+  std::vector<std::pair<std::string, torch::Tensor>> gather_weights(bool trainable_only = false);
+  // Each rank reads its elements of the parameters `which` names from dir's weights (safetensors
+  // or pytorch_model.bin): all, the frozen ones (a LoRA fine-tune's base, which has no adapters)
+  // or the trainable ones (a LoRA checkpoint that holds only its adapters).
+  enum class Which { all, frozen, trainable };
+  void load_weights(const std::string& dir, Which which = Which::all);
 
   // Bytes of parameters + gradients + optimizer state this rank holds now, and the most it held
   // at any moment since reset_peak() (gathered weights and full gradients included).
