@@ -76,17 +76,18 @@ int main(int argc, char** argv) {
     }
     check_replaceable(args.get("--out"), FolderKind::hf_model);
     Pretrained pre = inspect_pretrained(dir);
-    // A fine-tune's base, as its recipe names it (or where an adapters-only checkpoint found it).
+    // A fine-tune's base: where an adapters-only checkpoint's loader finds it, else as its recipe
+    // names it.
     std::string base;
-    if (pre.format == "libllm") {
-      base = Recipe::load((fs::path(dir) / "recipe.yaml").string()).finetune.base;
-      if (!pre.base.empty() && !fs::is_directory(base)) base = pre.base;
-    }
-    if (pre.format == "libllm") {  // nor the fine-tune's base (the adapter names it)
-      if (!base.empty() && fs::is_directory(base)) {
-        check_apart("--out", args.get("--out"), "finetune.base", base);
-        if (args.has("--adapter")) check_apart("--adapter", args.get("--adapter"), "finetune.base", base);
-      }
+    if (pre.format == "libllm")
+      base = !pre.base.empty() ? pre.base : Recipe::load((fs::path(dir) / "recipe.yaml").string()).finetune.base;
+    // Nor any base the export reads (an adapters-only checkpoint's chain of bases).
+    int level = 0;
+    for (std::string b = base; !b.empty() && fs::is_directory(b) && ++level <= 64;) {
+      check_apart("--out", args.get("--out"), "finetune.base", b);
+      if (args.has("--adapter")) check_apart("--adapter", args.get("--adapter"), "finetune.base", b);
+      const Pretrained next = inspect_pretrained(b);
+      b = next.base;  // (a cycle ends at 64 levels; load_pretrained reports it)
     }
     if (args.has("--adapter") && !pre.has_lora)
       throw Error("--adapter", dir + " is not a LoRA fine-tuning checkpoint", "export the merged model with --out only");

@@ -229,7 +229,10 @@ std::string save_checkpoint(const std::string& root, Transformer& model, const A
     if (!tokenizer_path.empty() && fs::exists(tokenizer_path)) fs::copy_file(tokenizer_path, tmp / "tokenizer.model");
     json trainer = {{"step", state.step}, {"data_cursor", state.data_cursor}, {"extra", state.extra},
                     {"format", "libllm-checkpoint-v1"}};
-    if (!state.lora_base.empty()) trainer["lora_base"] = state.lora_base;
+    if (!state.lora_base.empty()) {
+      trainer["lora_base"] = state.lora_base;
+      trainer["lora_base_fingerprint"] = state.lora_base_fingerprint;
+    }
     write_text((tmp / "trainer.json").string(), trainer.dump(1) + "\n");
     move_folder_into_place(tmp.string(), final_dir.string());  // the same step again (rollback): swapped
   } catch (const fs::filesystem_error& e) {
@@ -244,6 +247,19 @@ std::string save_checkpoint(const std::string& root, Transformer& model, const A
 
 std::string save_checkpoint_sharded(const std::string& root, const std::vector<std::pair<std::string, torch::Tensor>>& weights,
                                     const AdamW& local, const TrainState& state, const std::string& recipe_yaml,
+                                    const std::string& tokenizer_path, Distributed& dist, int shard, int shards,
+                                    bool write_shard) {
+  WeightStream stream;
+  for (const auto& [name, t] : weights) stream.specs.push_back({name, t.scalar_type(), t.sizes().vec()});
+  stream.produce = [&](const WeightSink& sink) {
+    for (const auto& [name, t] : weights) sink(name, t);
+  };
+  return save_checkpoint_sharded(root, stream, local, state, recipe_yaml, tokenizer_path, dist, shard, shards,
+                                 write_shard);
+}
+
+std::string save_checkpoint_sharded(const std::string& root, const WeightStream& weights, const AdamW& local,
+                                    const TrainState& state, const std::string& recipe_yaml,
                                     const std::string& tokenizer_path, Distributed& dist, int shard, int shards,
                                     bool write_shard) {
   const int world = shards > 0 ? shards : dist.world_size(), rank = shard >= 0 ? shard : dist.rank();
@@ -319,19 +335,52 @@ std::string save_checkpoint_sharded(const std::string& root, const std::vector<s
                                                                : std::string("rank 0 is missing an optimizer shard")),
                 shared_hint);
   }
-  if (dist.is_main()) {
+  // The weights: every rank takes part in producing them (a collective gather); rank 0 writes
+  // each as it comes. After a failed write rank 0 keeps producing, so the collectives still match.
+  {
+    const auto kept = [&](const std::string& name) { return state.lora_base.empty() || is_adapter_weight(name); };
+    std::unique_ptr<safetensors::StreamWriter> writer;
+    if (dist.is_main()) {
+      try {
+        std::vector<safetensors::StreamWriter::Entry> entries;
+        for (const WeightSpec& w : weights.specs)
+          if (kept(w.name)) entries.push_back({w.name, st_dtype_of(w.dtype), w.shape});
+        writer = std::make_unique<safetensors::StreamWriter>((tmp / "model.safetensors").string(), std::move(entries));
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+    }
+    weights.produce([&](const std::string& name, const torch::Tensor& value) {
+      if (!writer || !error.empty() || !kept(name)) return;
+      try {
+        const auto t = value.detach().to(torch::kCPU).contiguous();
+        writer->add(name, t.data_ptr(), static_cast<uint64_t>(t.numel() * t.element_size()));
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+    });
+    if (writer && error.empty()) {
+      try {
+        writer->commit();
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+    }
+    writer.reset();  // (uncommitted: its temporary file is removed)
+  }
+  if (dist.is_main() && !error.empty()) fs::remove_all(tmp, ec);
+  if (dist.is_main() && error.empty()) {
     try {
-      std::vector<std::pair<std::string, torch::Tensor>> kept;
-      for (const auto& w : weights)
-        if (state.lora_base.empty() || is_adapter_weight(w.first)) kept.push_back(w);
-      write_tensors((tmp / "model.safetensors").string(), kept);
       write_tensors((tmp / "optimizer.safetensors").string(),
                     {{"step", torch::scalar_tensor(local.steps(), torch::kInt64)}});
       write_text((tmp / "recipe.yaml").string(), recipe_yaml);
       if (!tokenizer_path.empty() && fs::exists(tokenizer_path)) fs::copy_file(tokenizer_path, tmp / "tokenizer.model");
       json trainer = {{"step", state.step}, {"data_cursor", state.data_cursor}, {"extra", state.extra},
                       {"optimizer_shards", world}, {"format", "libllm-checkpoint-v1"}};
-      if (!state.lora_base.empty()) trainer["lora_base"] = state.lora_base;
+      if (!state.lora_base.empty()) {
+      trainer["lora_base"] = state.lora_base;
+      trainer["lora_base_fingerprint"] = state.lora_base_fingerprint;
+    }
       write_text((tmp / "trainer.json").string(), trainer.dump(1) + "\n");
       move_folder_into_place(tmp.string(), final_dir.string());  // the same step again (rollback): swapped
     } catch (const std::exception& e) {
@@ -367,18 +416,20 @@ bool is_adapter_weight(const std::string& name) {
   return name.find(".lora_A.") != std::string::npos || name.find(".lora_B.") != std::string::npos;
 }
 
-std::string checkpoint_lora_base(const std::string& dir) {
+LoraBaseRef checkpoint_lora_base(const std::string& dir) {
   const std::string path = (fs::path(dir) / "trainer.json").string();
   std::ifstream in(path);
-  if (!in) return "";
+  if (!in) return {};
   json j;
   try {
     j = json::parse(in);
   } catch (const json::exception& e) {
     throw Error(path, std::string("invalid JSON: ") + e.what());
   }
-  if (!j.is_object() || !j.contains("lora_base")) return "";
-  return trainer_string(j, path, "lora_base");
+  if (!j.is_object() || !j.contains("lora_base")) return {};
+  LoraBaseRef ref{trainer_string(j, path, "lora_base"), ""};
+  if (j.contains("lora_base_fingerprint")) ref.fingerprint = trainer_string(j, path, "lora_base_fingerprint");
+  return ref;
 }
 
 TrainState load_checkpoint_state(const std::string& dir, AdamW& optim, int rank) {
@@ -407,6 +458,8 @@ TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& op
   const int64_t shards = j.contains("optimizer_shards") && !j["optimizer_shards"].is_null()
                              ? trainer_int(j, trainer_path, "optimizer_shards") : 0;
   if (j.contains("lora_base")) s.lora_base = trainer_string(j, trainer_path, "lora_base");
+  if (j.contains("lora_base_fingerprint"))
+    s.lora_base_fingerprint = trainer_string(j, trainer_path, "lora_base_fingerprint");
   if (model && s.lora_base.empty()) load_weights(model, dir);
   if (model && !s.lora_base.empty()) {  // the adapters; the frozen base is in place already
     std::vector<std::pair<std::string, std::vector<int64_t>>> params;

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <cstdint>
@@ -16,6 +17,7 @@
 #include <sstream>
 
 #include "libllm/checkpoint.h"
+#include "libllm/data.h"
 #include "libllm/error.h"
 #include "libllm/recipe.h"
 #include "libllm/safetensors.h"
@@ -654,18 +656,21 @@ Pretrained inspect_pretrained(const std::string& dir) {
       out.has_lora = true;
       // Adapters only: the base is the folder trained on (its absolute path), or the recipe's
       // finetune.base from here (a run folder moved along with its base).
-      const std::string recorded = checkpoint_lora_base(dir);
-      if (!recorded.empty()) {
-        for (const std::string& b : {recorded, r.finetune.base})
+      const LoraBaseRef recorded = checkpoint_lora_base(dir);
+      if (!recorded.path.empty()) {
+        out.base_fingerprint = recorded.fingerprint;
+        for (const std::string& b : {recorded.path, r.finetune.base})
           if (!b.empty() && fs::is_directory(b)) {
             out.base = b;
             break;
           }
-        if (out.base.empty())
-          throw Error(dir, "holds only LoRA adapters, and their base " + recorded + " is gone" +
-                               (r.finetune.base.empty() || r.finetune.base == recorded ? std::string()
-                                                                                       : " (nor is " + r.finetune.base + " here)"),
-                      "put the base model folder back there, or run from a folder where recipe.yaml's finetune.base is");
+        if (out.base.empty()) {  // an error when loading (the config alone is still known)
+          out.base = recorded.path;
+          out.base_missing = "holds only LoRA adapters, and their base " + recorded.path + " is gone" +
+                             (r.finetune.base.empty() || r.finetune.base == recorded.path
+                                  ? std::string()
+                                  : " (nor is " + r.finetune.base + " here)");
+        }
         std::error_code ec;
         if (fs::equivalent(out.base, dir, ec))
           throw Error(dir, "names itself as its LoRA base", "the checkpoint's trainer.json is corrupt");
@@ -680,8 +685,50 @@ Pretrained inspect_pretrained(const std::string& dir) {
   return out;
 }
 
+std::string model_fingerprint(const std::string& dir) {
+  std::string text;
+  for (const char* name : {"config.json", "recipe.yaml"}) {
+    std::ifstream in(fs::path(dir) / name, std::ios::binary);
+    if (in) text += std::string(name) + "\n" + std::string(std::istreambuf_iterator<char>(in), {}) + "\n";
+  }
+  std::vector<fs::path> files;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string ext = e.path().extension().string();
+    if (e.is_regular_file(ec) && (ext == ".safetensors" || ext == ".bin")) files.push_back(e.path());
+  }
+  std::sort(files.begin(), files.end());
+  for (const auto& f : files) {
+    const uint64_t size = fs::file_size(f, ec);
+    std::ifstream in(f, std::ios::binary);
+    std::string sample(static_cast<size_t>(std::min<uint64_t>(size, 65536)), '\0');
+    in.seekg(static_cast<std::streamoff>((size - sample.size()) / 2));
+    in.read(sample.data(), static_cast<std::streamsize>(sample.size()));
+    text += f.filename().string() + " " + std::to_string(size) + "\n" + sample + "\n";
+  }
+  return sha256_hex(text);
+}
+
+namespace {
+thread_local int lora_depth = 0;  // adapters-only checkpoints being loaded on this thread, nested
+struct DepthGuard {
+  DepthGuard() { ++lora_depth; }
+  ~DepthGuard() { --lora_depth; }
+};
+}  // namespace
+
 void load_pretrained(Pretrained& info, torch::Dtype dtype) {
   if (!info.base.empty()) {  // adapters only: the base first (a LoRA base merged in fp32), then them
+    if (!info.base_missing.empty())
+      throw Error(info.dir, info.base_missing,
+                  "put the base model folder back there, or run from a folder where recipe.yaml's finetune.base is");
+    DepthGuard depth;
+    if (lora_depth > 32)
+      throw Error(info.dir, "its chain of LoRA bases is over 32 deep (a cycle?)", "export a merged model and fine-tune that");
+    if (!info.base_fingerprint.empty() && model_fingerprint(info.base) != info.base_fingerprint)
+      throw Error(info.dir, "its LoRA base " + info.base + " has changed since the adapters were trained (another "
+                            "model or revision at that path)",
+                  "restore the base the adapters were trained on");
     Pretrained b = inspect_pretrained(info.base);
     if (count_parameters(b.config).total != count_parameters(info.config).total ||
         b.config.hf_architecture() != info.config.hf_architecture())

@@ -457,6 +457,64 @@ const uint8_t* File::data(const TensorInfo& t) const {
   return base_ + data_offset_ + t.begin;
 }
 
+struct StreamWriter::Impl {
+  std::string path;
+  std::vector<Entry> entries;
+  std::vector<uint64_t> sizes;  // bytes of each entry
+  size_t next = 0;              // the entry add() expects
+  TempFile file;
+  Impl(const std::string& p, std::vector<Entry> e) : path(p), entries(std::move(e)), file(p, p + ".tmp-" + std::to_string(::getpid())) {}
+};
+
+StreamWriter::StreamWriter(const std::string& path, std::vector<Entry> tensors,
+                           const std::map<std::string, std::string>& metadata) {
+  // The header from views with no data (checked as write() checks them), in the order given.
+  std::vector<TensorView> views;
+  for (const Entry& e : tensors) views.push_back({e.name, e.dtype, e.shape, nullptr});
+  std::vector<const TensorView*> ordered;
+  for (const TensorView& v : views) {
+    const std::string where = tensor_where(path, v.name);
+    if (v.name.empty()) throw Error(path, "a tensor has an empty name");
+    if (v.name == "__metadata__") throw Error(where, "name is reserved for the metadata");
+    ordered.push_back(&v);
+  }
+  std::vector<std::string> names;
+  for (const Entry& e : tensors) names.push_back(e.name);
+  std::sort(names.begin(), names.end());
+  for (size_t i = 1; i < names.size(); ++i)
+    if (names[i] == names[i - 1]) throw Error(tensor_where(path, names[i]), "name is given twice");
+  const std::string header = build_header(path, ordered, metadata);
+  std::vector<uint64_t> sizes;
+  for (const Entry& e : tensors) sizes.push_back(checked_nbytes(e.shape, e.dtype, tensor_where(path, e.name)));
+  impl_ = std::make_unique<Impl>(path, std::move(tensors));
+  impl_->sizes = std::move(sizes);
+  const std::string prefix = le64_bytes(header.size());
+  impl_->file.write_all(prefix.data(), prefix.size());
+  impl_->file.write_all(header.data(), header.size());
+}
+
+StreamWriter::~StreamWriter() = default;
+
+void StreamWriter::add(const std::string& name, const void* data, uint64_t nbytes) {
+  Impl& w = *impl_;
+  if (w.next >= w.entries.size()) throw Error(tensor_where(w.path, name), "is one tensor too many");
+  if (name != w.entries[w.next].name)
+    throw Error(tensor_where(w.path, name), "came out of order: tensor '" + w.entries[w.next].name + "' is next");
+  if (nbytes != w.sizes[w.next])
+    throw Error(tensor_where(w.path, name),
+                std::to_string(nbytes) + " bytes given, the header says " + std::to_string(w.sizes[w.next]));
+  if (nbytes > 0 && data == nullptr) throw Error(tensor_where(w.path, name), "data pointer is null");
+  w.file.write_all(data, nbytes);
+  ++w.next;
+}
+
+void StreamWriter::commit() {
+  Impl& w = *impl_;
+  if (w.next < w.entries.size())
+    throw Error(tensor_where(w.path, w.entries[w.next].name), "was never added", "add every tensor before commit()");
+  w.file.commit();
+}
+
 void write(const std::string& path, const std::vector<TensorView>& tensors,
            const std::map<std::string, std::string>& metadata) {
   const std::vector<const TensorView*> views = sorted_views(path, tensors);

@@ -429,21 +429,34 @@ void FullySharded::zero_grad() {
   }
 }
 
-std::vector<std::pair<std::string, torch::Tensor>> FullySharded::gather_weights(bool trainable_only) {
-  torch::NoGradGuard no_grad;
-  std::map<std::string, torch::Tensor> got;
-  for (auto& up : units_) {
-    Unit& u = *up;
-    if (trainable_only && !u.trainable) continue;
-    torch::Tensor full = u.flat;
-    if (stage_ == 3) {  // a fresh gather: a gathered copy may be stale (between step and release)
-      full = torch::empty({u.padded}, u.options);
-      shard_->all_gather(u.shard, full).wait();
+WeightStream FullySharded::weight_stream(bool trainable_only) {
+  WeightStream out;
+  for (auto& up : units_)
+    if (!trainable_only || up->trainable)
+      for (size_t i = 0; i < up->params.size(); ++i)
+        out.specs.push_back({up->names[i], up->params[i].scalar_type(), up->shapes[i]});
+  out.produce = [this, trainable_only](const WeightSink& sink) {
+    torch::NoGradGuard no_grad;
+    for (auto& up : units_) {
+      Unit& u = *up;
+      if (trainable_only && !u.trainable) continue;
+      torch::Tensor full = u.flat;
+      if (stage_ == 3) {  // a fresh gather: a gathered copy may be stale (between step and release)
+        full = torch::empty({u.padded}, u.options);
+        shard_->all_gather(u.shard, full).wait();
+      }
+      if (!dist_.is_main()) continue;
+      for (size_t i = 0; i < u.params.size(); ++i)
+        sink(u.names[i], full.narrow(0, u.offsets[i], u.numels[i]).view(u.shapes[i]));
     }
-    if (!dist_.is_main()) continue;
-    for (size_t i = 0; i < u.params.size(); ++i)
-      got[u.names[i]] = full.narrow(0, u.offsets[i], u.numels[i]).view(u.shapes[i]).to(torch::kCPU).clone();
-  }
+  };
+  return out;
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> FullySharded::gather_weights(bool trainable_only) {
+  std::map<std::string, torch::Tensor> got;
+  weight_stream(trainable_only).produce(
+      [&](const std::string& name, const torch::Tensor& t) { got[name] = t.to(torch::kCPU).clone(); });
   std::vector<std::pair<std::string, torch::Tensor>> out;
   if (!dist_.is_main()) return out;
   for (auto& item : model_->named_parameters())

@@ -185,7 +185,9 @@ struct Run {
   int64_t accum = 1, global = 0, planned = 0;
   double flops_per_token = 0;
   std::string recipe_yaml, ckpt_root, sequence_path;
-  std::string lora_base;  // a LoRA fine-tune: its base folder, absolute; checkpoints then hold only the adapters
+  // A LoRA fine-tune: its base folder (absolute) and model_fingerprint(); checkpoints then hold
+  // only the adapters.
+  std::string lora_base, lora_base_fingerprint;
   std::ofstream sequence, events;
 
   bool main() const { return dist.is_main(); }
@@ -223,11 +225,12 @@ struct Run {
   bool has_valid() const { return chat ? !chat->valid_examples().empty() : !recipe.data.valid.empty(); }
 
   std::string save(int64_t step) {
-    TrainState st{step, cursor(), extra(), lora_base};
+    TrainState st{step, cursor(), extra(), lora_base, lora_base_fingerprint};
     // Every rank calls this; replicated, only rank 0 writes.
     if (fsdp) {
-      const auto weights = fsdp->gather_weights(!lora_base.empty());  // collective; rank 0 gets them
-      return save_checkpoint_sharded(ckpt_root, weights, adamw(), st, recipe_yaml, recipe.tokenizer.path, dist,
+      // Collective: gathered and written one unit at a time (rank 0 never holds the whole model).
+      return save_checkpoint_sharded(ckpt_root, fsdp->weight_stream(!lora_base.empty()), adamw(), st, recipe_yaml,
+                                     recipe.tokenizer.path, dist,
                                      fsdp->shard_rank(), fsdp->shard_world(), fsdp->writes_shards());
     }
     if (sharded) {
@@ -244,8 +247,17 @@ struct Run {
   // Loads a checkpoint: model, optimizer, RNG, data cursor, guard state, eval history.
   TrainState load(const std::string& dir) {
     TrainState st;
+    // Adapters only: they must belong to this run's base.
+    const LoraBaseRef ref = checkpoint_lora_base(dir);
+    if (!ref.path.empty() && lora_base.empty())
+      throw Error(dir, "holds only LoRA adapters, and this run trains every weight",
+                  "resume it with finetune.method: lora, or fine-tune it as finetune.base");
+    if (!ref.path.empty() && !ref.fingerprint.empty() && ref.fingerprint != lora_base_fingerprint)
+      throw Error(dir, "its adapters were trained on the base " + ref.path + ", and this run's finetune.base " +
+                           lora_base + " is " + (ref.path == lora_base ? "another model or revision now" : "another model"),
+                  "set finetune.base to the base it was trained on");
     if (fsdp) {
-      fsdp->load_weights(dir, checkpoint_lora_base(dir).empty() ? FullySharded::Which::all : FullySharded::Which::trainable);
+      fsdp->load_weights(dir, ref.path.empty() ? FullySharded::Which::all : FullySharded::Which::trainable);
       st = load_checkpoint_state(dir, adamw(), fsdp->shard_rank());
     } else {
       st = load_checkpoint(dir, model, adamw(), dist.rank());
@@ -443,7 +455,10 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   run.flops_per_token = per_weight * (pc.active - pc.embedding) + 12.0 * mc.n_layers * mc.n_heads * mc.hdim() * tc.seq_len;
 
   run.recipe_yaml = recipe.to_yaml();
-  if (base && recipe.finetune.method == "lora") run.lora_base = fs::absolute(base->dir).lexically_normal().string();
+  if (base && recipe.finetune.method == "lora") {
+    run.lora_base = fs::canonical(base->dir).string();
+    run.lora_base_fingerprint = model_fingerprint(base->dir);
+  }
   const fs::path run_dir = tc.run_dir;
   run.ckpt_root = (run_dir / "checkpoints").string();
   if (main_rank) {
@@ -734,6 +749,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     auto weights = run.fsdp->gather_weights();  // collective; rank 0 gets them
     if (main_rank) {
       Transformer whole(mc, TransformerImpl::Deferred{dtype});  // no init: the gathered weights fill it
+      if (!run.lora_base.empty()) apply_lora(whole, recipe.lora);  // (their values: gathered too)
       torch::NoGradGuard no_grad;
       std::map<std::string, torch::Tensor> by_name(weights.begin(), weights.end());
       for (auto& p : whole->named_parameters()) p.value().set_data(by_name.at(p.key()));

@@ -155,7 +155,7 @@ ck, base = sys.argv[1], sys.argv[2]
 with open(ck + "/model.safetensors", "rb") as f:
     names = [k for k in json.loads(f.read(struct.unpack("<Q", f.read(8))[0])) if k != "__metadata__"]
 assert names and all(".lora_A." in n or ".lora_B." in n for n in names), names
-assert json.load(open(ck + "/trainer.json"))["lora_base"] == os.path.abspath(base)
+assert json.load(open(ck + "/trainer.json"))["lora_base"] == os.path.realpath(base)
 print(f"LoRA checkpoint: {len(names)} adapter tensors, {os.path.getsize(ck + '/model.safetensors')} bytes "
       f"(the base's weights: {os.path.getsize(base + '/model.safetensors')} bytes)")
 PY

@@ -63,11 +63,11 @@ std::string make_chat(const test::TempDir& tmp, int n) {
 }
 
 // A random-weights HF base with the fixture tokenizer and room for chat examples (160 positions).
-std::string make_base(const test::TempDir& tmp) {
+std::string make_base(const test::TempDir& tmp, uint64_t seed = 11) {
   ModelConfig mc;
   mc.vocab_size = 384, mc.dim = 32, mc.n_layers = 2, mc.n_heads = 4, mc.n_kv_heads = 2, mc.ffn_dim = 64;
   mc.max_seq_len = 160;
-  torch::manual_seed(11);
+  torch::manual_seed(seed);
   Transformer m(mc);
   ExportOptions opts;
   opts.dtype = "float32";
@@ -313,7 +313,7 @@ TEST_CASE("fine-tuning resumes exactly (LoRA and full) and lowers the held-out l
       CHECK(has_lora(ck.model) == (method == "lora"));
       if (method == "lora") {
         // It holds only the adapters; its base is the HF folder, recorded absolute.
-        CHECK(ck.base == fs::absolute(base).lexically_normal().string());
+        CHECK(ck.base == fs::canonical(base).string());
         CHECK(read_file(a + "/checkpoints/step-00000008/model.safetensors").size() <
               read_file(base + "/model.safetensors").size() / 4);
         // A LoRA fine-tune of that checkpoint: its adapters are merged into the base first, so the
@@ -326,8 +326,22 @@ TEST_CASE("fine-tuning resumes exactly (LoRA and full) and lowers the held-out l
           if (e["event"] == "eval") start = e["eval_loss"].get<double>();
         CHECK(start == Approx(after).epsilon(1e-5));
         Pretrained cc = load_pretrained(c + "/checkpoints/step-00000003");
-        CHECK(cc.base == fs::absolute(a + "/checkpoints/step-00000008").lexically_normal().string());
+        CHECK(cc.base == fs::canonical(a + "/checkpoints/step-00000008").string());
         CHECK(has_lora(cc.model));
+        // Resuming its adapters in a run that trains every weight: an error, not a silent mix.
+        CHECK_THAT(test::error_of([&] { finetune(ft_recipe(base, chat, a, {"finetune.method=full"})); }),
+                   Catch::Contains("holds only LoRA adapters, and this run trains every weight"));
+        // A base replaced at the same path (another model): the adapters' record of it no longer
+        // matches, for loading and for resuming.
+        fs::rename(base, tmp / "base-orig");
+        make_base(tmp, 12);
+        CHECK_THAT(test::error_of([&] { load_pretrained(a + "/checkpoints/step-00000008"); }),
+                   Catch::Contains("has changed since the adapters were trained"));
+        CHECK_THAT(test::error_of([&] { finetune(ft_recipe(base, chat, a, set)); }),
+                   Catch::Contains("its adapters were trained on the base " + ck.base +
+                                   ", and this run's finetune.base " + ck.base + " is another model or revision now"));
+        fs::remove_all(base);
+        fs::rename(tmp / "base-orig", base);
         // Its base gone: one error naming it.
         fs::rename(a, tmp / "lora-a-moved");
         CHECK_THAT(test::error_of([&] { load_pretrained(c + "/checkpoints/step-00000003"); }),

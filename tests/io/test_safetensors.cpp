@@ -306,6 +306,65 @@ TEST_CASE("safetensors write is atomic and replaces an existing file", "[io]") {
   }
 }
 
+TEST_CASE("safetensors stream writer: tensors in the given order, atomic, order and sizes checked", "[io]") {
+  const std::vector<uint8_t> a = pattern(12, 3), b = pattern(4, 5), c = pattern(2, 7);
+  TempDir dir;
+  const std::string path = dir.file("s.safetensors");
+  // Not in name order: the data section follows the given order (a sharded model's units).
+  const std::vector<st::StreamWriter::Entry> entries = {
+      {"z.weight", st::DType::F32, {3}}, {"a.weight", st::DType::U8, {2, 2}}, {"m", st::DType::BF16, {}}};
+  {
+    st::StreamWriter w(path, entries);
+    w.add("z.weight", a.data(), a.size());
+    CHECK(dir.list().size() == 1);
+    CHECK_FALSE(fs::exists(path));  // (only the temporary file, until commit)
+    w.add("a.weight", b.data(), b.size());
+    w.add("m", c.data(), c.size());
+    w.commit();
+  }
+  CHECK(dir.list() == std::vector<std::string>{"s.safetensors"});
+  auto file = st::File::open(path);
+  REQUIRE(file->tensors().size() == 3);
+  CHECK(file->tensors()[0].name == "z.weight");  // ordered by data offset
+  CHECK(file->at("a.weight").shape == std::vector<int64_t>{2, 2});
+  CHECK(file->at("m").shape.empty());
+  CHECK(std::memcmp(file->data(file->at("z.weight")), a.data(), a.size()) == 0);
+  CHECK(std::memcmp(file->data(file->at("a.weight")), b.data(), b.size()) == 0);
+  CHECK(std::memcmp(file->data(file->at("m")), c.data(), c.size()) == 0);
+  CHECK(file->metadata().at("format") == "pt");
+
+  const std::string before = read_bytes(path);
+  auto error = [&](auto f) {
+    try {
+      f();
+    } catch (const libllm::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  CHECK_THAT(error([&] {
+               st::StreamWriter w(path, entries);
+               w.add("a.weight", b.data(), b.size());
+             }),
+             Contains("tensor 'a.weight'") && Contains("out of order: tensor 'z.weight' is next"));
+  CHECK_THAT(error([&] {
+               st::StreamWriter w(path, entries);
+               w.add("z.weight", a.data(), 8);
+             }),
+             Contains("8 bytes given, the header says 12"));
+  CHECK_THAT(error([&] {
+               st::StreamWriter w(path, entries);
+               w.add("z.weight", a.data(), a.size());
+               w.commit();
+             }),
+             Contains("tensor 'a.weight'") && Contains("was never added"));
+  CHECK_THAT(error([&] { st::StreamWriter w(path, {{"t", st::DType::U8, {1}}, {"t", st::DType::U8, {1}}}); }),
+             Contains("name is given twice"));
+  // Every failure left the committed file as it was, and no temporary file.
+  CHECK(read_bytes(path) == before);
+  CHECK(dir.list() == std::vector<std::string>{"s.safetensors"});
+}
+
 TEST_CASE("safetensors write rejects bad tensors", "[io]") {
   const std::vector<uint8_t> buf(16);
   TempDir dir;

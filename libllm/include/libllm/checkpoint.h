@@ -3,9 +3,10 @@
 // temporary name and renamed when complete, so a kill -9 mid-save leaves the previous
 // checkpoints intact and never a folder that looks complete but is not. A checkpoint folder
 // is also a libllm model folder (recipe.yaml + model.safetensors + tokenizer.model): llm-eval
-// and export read it directly.
+// and export read it directly (a LoRA fine-tune's, which holds only adapters, with its base).
 #pragma once
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,7 @@ struct TrainState {
   // checkpoint's model.safetensors then holds only the adapters (lora_A / lora_B); the base is
   // read from that folder (or the recipe's finetune.base). "" = the weights are whole.
   std::string lora_base;
+  std::string lora_base_fingerprint;  // model_fingerprint() of that folder when trained (libllm/hf.h)
 };
 
 // Saves into root/step-NNNNNNNN (8 digits) and returns that path (with state.lora_base set, the
@@ -54,9 +56,32 @@ std::string save_checkpoint_sharded(const std::string& root, const std::vector<s
                                     const AdamW& local, const TrainState& state, const std::string& recipe_yaml,
                                     const std::string& tokenizer_path, Distributed& dist, int shard = -1,
                                     int shards = -1, bool write_shard = true);
-// The LoRA base a checkpoint folder's adapters apply to (trainer.json "lora_base"; "" when the
-// folder holds whole weights or is not a libllm checkpoint).
-std::string checkpoint_lora_base(const std::string& dir);
+
+// Weights delivered one at a time, so that no host holds them all (a ZeRO-3 model gathered unit
+// by unit): `specs`, on rank 0, lists them in delivery order; `produce`, called on every rank
+// (it may be collective), calls its argument on rank 0 once per weight in that order.
+struct WeightSpec {
+  std::string name;
+  torch::Dtype dtype;
+  std::vector<int64_t> shape;
+};
+using WeightSink = std::function<void(const std::string& name, const torch::Tensor& value)>;
+struct WeightStream {
+  std::vector<WeightSpec> specs;
+  std::function<void(const WeightSink&)> produce;
+};
+// save_checkpoint_sharded with streamed weights: rank 0 writes each into model.safetensors as it
+// arrives (with state.lora_base only the adapters are written; the stream may still deliver all).
+std::string save_checkpoint_sharded(const std::string& root, const WeightStream& weights, const AdamW& local,
+                                    const TrainState& state, const std::string& recipe_yaml,
+                                    const std::string& tokenizer_path, Distributed& dist, int shard = -1,
+                                    int shards = -1, bool write_shard = true);
+// The LoRA base a checkpoint folder's adapters apply to (trainer.json "lora_base" and
+// "lora_base_fingerprint"; an empty path when the folder holds whole weights or is not a libllm checkpoint).
+struct LoraBaseRef {
+  std::string path, fingerprint;
+};
+LoraBaseRef checkpoint_lora_base(const std::string& dir);
 // "model.layers.0.self_attn.q_proj.lora_A.weight": a LoRA adapter's weight.
 bool is_adapter_weight(const std::string& name);
 // The newest complete checkpoint folder under root ("" when none). Partial folders are ignored.

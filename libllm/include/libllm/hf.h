@@ -92,10 +92,16 @@ struct Pretrained {
   LoraConfig lora;             // their settings (recipe section `lora`)
   std::string base;            // a LoRA checkpoint that holds only its adapters: the base folder they
                                // apply to, loaded first (itself possibly such a checkpoint); else ""
+  std::string base_fingerprint;  // model_fingerprint(base) when the adapters were trained ("" if unrecorded)
+  std::string base_missing;    // why the base cannot be found ("" when it was): load_pretrained's error
   Transformer model{nullptr};  // set by load_pretrained
 };
 // Reads the folder's config only (cheap: check a tokenizer against it before loading weights).
 Pretrained inspect_pretrained(const std::string& dir);
+// A cheap identity of a model folder's contents (SHA-256 hex): its config (config.json or
+// recipe.yaml) and, per weight file, its name, size and 64 KiB from its middle. Adapters record
+// their base's, so that a base replaced at the same path (a new revision, a rerun) is an error.
+std::string model_fingerprint(const std::string& dir);
 // Builds the model directly in `dtype` and loads its weights.
 Pretrained load_pretrained(const std::string& dir, torch::Dtype dtype = torch::kFloat32);
 void load_pretrained(Pretrained& info, torch::Dtype dtype);

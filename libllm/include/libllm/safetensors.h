@@ -115,4 +115,33 @@ struct TensorView {
 void write(const std::string& path, const std::vector<TensorView>& tensors,
            const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
 
+// Writes a file whose tensors arrive one at a time, for data too large to hold at once (a
+// sharded model gathered unit by unit). The header, with every tensor's offsets, is written
+// first, listing `tensors` in the order given, which is also their order in the data section; then
+// add() each tensor's bytes in that order, then commit(). Until commit() the bytes go to
+// `path + ".tmp-<pid>"`, which is removed if the writer is destroyed first; commit() fsyncs it
+// and renames it over `path`. Errors as write()'s, and a tensor out of order, of the wrong size,
+// or missing at commit() is an Error naming it.
+class StreamWriter {
+ public:
+  struct Entry {
+    std::string name;            // non-empty, unique, not "__metadata__"
+    DType dtype;
+    std::vector<int64_t> shape;  // non-negative; empty for a scalar
+  };
+  StreamWriter(const std::string& path, std::vector<Entry> tensors,
+               const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
+  ~StreamWriter();
+  StreamWriter(const StreamWriter&) = delete;
+  StreamWriter& operator=(const StreamWriter&) = delete;
+
+  // The next tensor's bytes: `name` must be the next entry's, `nbytes` its numel * dtype_size.
+  void add(const std::string& name, const void* data, uint64_t nbytes);
+  void commit();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
 }  // namespace libllm::safetensors

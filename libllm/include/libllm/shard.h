@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "libllm/checkpoint.h"
 #include "libllm/model.h"
 #include "libllm/optim.h"
 
@@ -106,6 +107,9 @@ class FullySharded : public BlockHooks {
   // fine-tune's adapters), gathered unit by unit to the CPU, on rank 0 (other ranks get an empty
   // list); named as model->named_parameters() names them.
   std::vector<std::pair<std::string, torch::Tensor>> gather_weights(bool trainable_only = false);
+  // The same weights one unit at a time (save_checkpoint_sharded writes each as it comes, so rank
+  // 0 holds one gathered unit, not the model): producing it is collective.
+  WeightStream weight_stream(bool trainable_only = false);
   // Each rank reads its elements of the parameters `which` names from dir's weights (safetensors
   // or pytorch_model.bin): all, the frozen ones (a LoRA fine-tune's base, which has no adapters)
   // or the trainable ones (a LoRA checkpoint that holds only its adapters).

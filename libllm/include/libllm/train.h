@@ -86,8 +86,8 @@ double pretrain(const Recipe& recipe, const TrainHooks& hooks = {});
 // with the same loop, checkpoints, exact resume and logs as pretrain(). Data: chat examples
 // (section `chat`: loss on the assistant's tokens only, held-out split evaluated every
 // train.eval_every steps) or packed documents (data.train: continued pretraining). Method:
-// full, or LoRA (section `lora`: only the adapters train; checkpoints hold base + adapters, and
-// load anywhere a libllm model folder is read).
+// full, or LoRA (section `lora`: only the adapters train; checkpoints hold only the adapters and
+// name their base, TrainState::lora_base, and load with it anywhere a libllm model folder is read).
 double finetune(const Recipe& recipe, const TrainHooks& hooks = {});
 
 }  // namespace libllm
