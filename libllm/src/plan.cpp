@@ -38,7 +38,8 @@ namespace libllm {
 // the LM head's gradient from forward until backward (w bytes per head weight) and one chunk of
 // max(tokens x h, 2^24) fp32 logits and their fp32 log-softmax (8 bytes per element), with bf16
 // AdamW's 256 MiB chunk of fp32 gradients, and for ZeRO-3 / hybrid two gathered blocks (the one in
-// use and the prefetched next) in the weights' dtype.
+// use and the prefetched next) in the weights' dtype, plus the root unit (embedding, final norm,
+// LM head), gathered from the first block's forward to the end of backward, and its gradient.
 TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
   if (c.gpus < 1) throw Error("--gpus", "must be >= 1");
   if (c.gpus_per_node < 1) throw Error("--gpus-per-node", "must be >= 1");
@@ -50,7 +51,7 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
   const ParamCount pc = count_parameters(m);
   const bool lora = r.finetune.method == "lora";
   // The adapters: (elements, per-token activation bytes) per block and outside the blocks.
-  double psi_a = 0, psi_a_block = 0, lora_block = 0, lora_outside = 0;
+  double psi_a = 0, psi_a_block = 0, psi_a_outside = 0, lora_block = 0, lora_outside = 0;
   bool lora_head = false;
   if (lora) {
     const double rank = static_cast<double>(r.lora.rank);
@@ -75,6 +76,7 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
         psi_a_block += rank * (in + out) / static_cast<double>(m.n_layers);
       } else {
         lora_outside += bytes;
+        psi_a_outside += rank * (in + out);
       }
       lora_head = lora_head || leaf == "lm_head";
     }
@@ -116,7 +118,12 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
   const double act_ckpt = tokens * (L * w * h + block + outside);
   // bf16 AdamW's fp32 gradient chunk (LoRA's adapters are fp32: none).
   const double runtime = std::pow(2.0, 30) + 2 * 25 * std::pow(2.0, 20) + loss + (bf16 && !lora ? std::pow(2.0, 28) : 0.0);
-  const double gathered = 2 * (w * static_cast<double>(pc.per_block) + 4.0 * psi_a_block);
+  // ZeRO-3 / hybrid: two gathered blocks, and the root unit (embedding, final norm, LM head),
+  // gathered for the whole step with, when it trains, its whole gradient buffer (which holds the
+  // head's gradient the fused loss counts above; LoRA: only adapters on the head train, fp32).
+  const double root = static_cast<double>(pc.embedding + pc.final_norm + pc.lm_head);
+  const double root_grad = lora ? 8.0 * psi_a_outside : w * root - (fused ? head_grad : 0.0);
+  const double gathered = 2 * (w * static_cast<double>(pc.per_block) + 4.0 * psi_a_block) + w * root + root_grad;
 
   auto row = [&](const std::string& name, int64_t n, double wd, double gd, double od, bool gather) {
     MemoryRow x;

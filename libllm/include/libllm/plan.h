@@ -27,7 +27,7 @@ struct MemoryRow {
   double optimizer = 0;          // AdamW moments (+ fp32 master weights with bf16)
   double activations = 0;        // saved for backward, one micro batch, no recomputation
   double activations_ckpt = 0;   // the same with activation checkpointing per block
-  double buffers = 0;            // runtime, communication buckets, ZeRO-3 gathered blocks, logits' gradient
+  double buffers = 0;            // runtime, communication buckets, ZeRO-3 gathered blocks and root unit, logits' gradient
   double total(bool checkpointing) const {
     return weights + grads + optimizer + (checkpointing ? activations_ckpt : activations) + buffers;
   }
