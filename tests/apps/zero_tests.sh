@@ -6,6 +6,9 @@
 #   unsharded process, and steps 11..20 give the straight run's losses (1e-6).
 # zero1 also: 2 sharded ranks give exactly the losses of 2 replicated ranks (the update is
 #   elementwise); rank 0 of 2 holds at most 55% of the unsharded AdamW state.
+# zero2 and zero3 also: a LoRA fine-tune (bf16 base, dropout) gives the losses of 2 replicated
+#   ranks, resumed or not (zero3: hybrid LoRA on 4 ranks those of 4 replicated ranks; LoRA's
+#   per-rank memory on 2 ranks <= 60% of unsharded).
 # zero3 also: hybrid sharding over 4 ranks (2 shard groups of 2) gives the same losses (1e-6), and
 #   a mixture-of-experts model on 2 ZeRO-3 ranks (blocks checkpointed, routing recomputed) gives
 #   the losses of 2 replicated ranks, and so does a full fine-tune of the straight run's checkpoint;
@@ -121,6 +124,17 @@ if [ "$stage" != zero1 ]; then
   program=llm-finetune launch lora-resume 2 --set train.sharding=$stage "${lora[@]}" --set checkpoint.resume=auto
   grep -q "resumed from .*step-00000010" "$work/lora-resume.0.log" || { echo "no LoRA resume"; exit 1; }
   compare lora-ddp lora-resume
+  if [ "$stage" = zero3 ]; then
+    # Hybrid (2 shard groups of 2): the frozen base sharded inside each group, the adapters'
+    # gradient shards summed across groups; against 4 replicated ranks (the same dropout masks).
+    # fp32: 4 ranks sum in another order than the replicated all-reduce, and in bf16 those ~1e-9
+    # differences of the adapters flip roundings of their bf16 outputs (observed: 1.5e-4 by step 20).
+    program=llm-finetune launch lora-ddp4 4 --set train.sharding=none "${lora[@]}" --set train.micro_batch=1 \
+      --set train.dtype=fp32
+    program=llm-finetune launch lora-hybrid 4 --set train.sharding=hybrid --set train.shard_group=2 "${lora[@]}" \
+      --set train.micro_batch=1 --set train.dtype=fp32
+    compare lora-ddp4 lora-hybrid
+  fi
   if [ "$stage" = zero3 ]; then  # the frozen base's memory is divided too: LoRA on the 32-block model
     deep_lora=("${lora[@]}" --set finetune.base="$work/mem-1/checkpoints/step-00000004" --set train.steps=4
                --set checkpoint.every=0)
