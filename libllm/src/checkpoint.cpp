@@ -461,21 +461,10 @@ TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& op
   if (j.contains("lora_base_fingerprint"))
     s.lora_base_fingerprint = trainer_string(j, trainer_path, "lora_base_fingerprint");
   if (model && s.lora_base.empty()) load_weights(model, dir);
-  if (model && !s.lora_base.empty()) {  // the adapters; the frozen base is in place already
-    std::vector<std::pair<std::string, std::vector<int64_t>>> params;
-    std::map<std::string, torch::Tensor> by_name;
-    for (auto& p : model->named_parameters())
-      if (is_adapter_weight(p.key())) {
-        params.emplace_back(p.key(), p.value().sizes().vec());
-        by_name[p.key()] = p.value();
-      }
-    if (params.empty())
-      throw Error(dir, "holds only LoRA adapters, and the model has none",
-                  "resume it with finetune.method: lora and the same lora section");
-    torch::NoGradGuard no_grad;
-    load_weights(dir, params, !model->lm_head,
-                 [&](const std::string& name, const torch::Tensor& src) { by_name.at(name).copy_(src); });
-  }
+  // Adapters only: the frozen base is in place already.
+  if (model && !s.lora_base.empty() && load_adapter_weights(model, dir) == 0)
+    throw Error(dir, "holds only LoRA adapters, and the model has none",
+                "resume it with finetune.method: lora and the same lora section");
   OptimizerFiles files(dir, shards);
   files.restore_rng(rank);
   optim.load_state(files.state_for(optim));

@@ -426,6 +426,21 @@ void load_weights(Transformer& model, const std::string& dir) {
   });
 }
 
+size_t load_adapter_weights(Transformer& model, const std::string& dir) {
+  std::vector<std::pair<std::string, std::vector<int64_t>>> params;
+  std::map<std::string, torch::Tensor> by_name;
+  for (auto& p : model->named_parameters())
+    if (is_adapter_weight(p.key())) {
+      params.emplace_back(p.key(), p.value().sizes().vec());
+      by_name[p.key()] = p.value();
+    }
+  if (params.empty()) return 0;
+  torch::NoGradGuard no_grad;
+  load_weights(dir, params, !model->lm_head,
+               [&](const std::string& name, const torch::Tensor& src) { by_name.at(name).copy_(src); });
+  return params.size();
+}
+
 namespace {
 
 // "model-00001-of-00003.safetensors": a shard export_hf writes.
@@ -743,16 +758,7 @@ void load_pretrained(Pretrained& info, torch::Dtype dtype) {
     }
     for (auto& p : info.model->parameters()) p.set_requires_grad(true);
     apply_lora(info.model, info.lora);
-    std::vector<std::pair<std::string, std::vector<int64_t>>> params;
-    std::map<std::string, torch::Tensor> by_name;
-    for (auto& p : info.model->named_parameters())
-      if (is_adapter_weight(p.key())) {
-        params.emplace_back(p.key(), p.value().sizes().vec());
-        by_name[p.key()] = p.value();
-      }
-    torch::NoGradGuard no_grad;
-    load_weights(info.dir, params, !info.model->lm_head,
-                 [&](const std::string& name, const torch::Tensor& src) { by_name.at(name).copy_(src); });
+    load_adapter_weights(info.model, info.dir);
     return;
   }
   // Deferred: no random init, and each weight is allocated once, in `dtype`, as it is read.

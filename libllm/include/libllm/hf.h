@@ -35,6 +35,9 @@ std::map<std::string, torch::Tensor> read_weights(const std::string& dir);
 // Copies a folder's weights into `model` (converting dtype): every parameter must be present with
 // its exact shape; unknown tensors are errors (stale rotary inv_freq buffers are ignored).
 void load_weights(Transformer& model, const std::string& dir);
+// The same for the model's LoRA adapters only (a checkpoint that holds only them); the folder must
+// hold exactly those. Returns how many tensors were read (0: the model has no adapters).
+size_t load_adapter_weights(Transformer& model, const std::string& dir);
 // The same checks for parameters that are not materialized (ZeRO-3 keeps only a shard of each):
 // `params` lists every parameter's (name, shape); store(name, src) gets each stored tensor (a
 // read-only view of the file, in its stored dtype) once its shape is checked. `tied`: the model
