@@ -64,6 +64,17 @@ int64_t step_of(const std::string& name) {
   return checkpoint_name(step) == name ? step : -1;
 }
 
+// trainer.json's contents for `state` (save_checkpoint_sharded adds "optimizer_shards").
+json trainer_record(const TrainState& state) {
+  json j = {{"step", state.step}, {"data_cursor", state.data_cursor}, {"extra", state.extra},
+            {"format", "libllm-checkpoint-v1"}};
+  if (!state.lora_base.empty()) {
+    j["lora_base"] = state.lora_base;
+    j["lora_base_fingerprint"] = state.lora_base_fingerprint;
+  }
+  return j;
+}
+
 // Reads trainer.json's `key`, which must be an integer >= 0 (2.5 or "2" are errors, not truncated).
 int64_t trainer_int(const json& j, const std::string& path, const char* key) {
   const json& v = j.at(key);
@@ -227,13 +238,7 @@ std::string save_checkpoint(const std::string& root, Transformer& model, const A
     write_tensors((tmp / "optimizer.safetensors").string(), opt_state);
     write_text((tmp / "recipe.yaml").string(), recipe_yaml);
     if (!tokenizer_path.empty() && fs::exists(tokenizer_path)) fs::copy_file(tokenizer_path, tmp / "tokenizer.model");
-    json trainer = {{"step", state.step}, {"data_cursor", state.data_cursor}, {"extra", state.extra},
-                    {"format", "libllm-checkpoint-v1"}};
-    if (!state.lora_base.empty()) {
-      trainer["lora_base"] = state.lora_base;
-      trainer["lora_base_fingerprint"] = state.lora_base_fingerprint;
-    }
-    write_text((tmp / "trainer.json").string(), trainer.dump(1) + "\n");
+    write_text((tmp / "trainer.json").string(), trainer_record(state).dump(1) + "\n");
     move_folder_into_place(tmp.string(), final_dir.string());  // the same step again (rollback): swapped
   } catch (const fs::filesystem_error& e) {
     fs::remove_all(tmp, ec);
@@ -375,12 +380,8 @@ std::string save_checkpoint_sharded(const std::string& root, const WeightStream&
                     {{"step", torch::scalar_tensor(local.steps(), torch::kInt64)}});
       write_text((tmp / "recipe.yaml").string(), recipe_yaml);
       if (!tokenizer_path.empty() && fs::exists(tokenizer_path)) fs::copy_file(tokenizer_path, tmp / "tokenizer.model");
-      json trainer = {{"step", state.step}, {"data_cursor", state.data_cursor}, {"extra", state.extra},
-                      {"optimizer_shards", world}, {"format", "libllm-checkpoint-v1"}};
-      if (!state.lora_base.empty()) {
-      trainer["lora_base"] = state.lora_base;
-      trainer["lora_base_fingerprint"] = state.lora_base_fingerprint;
-    }
+      json trainer = trainer_record(state);
+      trainer["optimizer_shards"] = world;
       write_text((tmp / "trainer.json").string(), trainer.dump(1) + "\n");
       move_folder_into_place(tmp.string(), final_dir.string());  // the same step again (rollback): swapped
     } catch (const std::exception& e) {
@@ -412,6 +413,15 @@ std::string latest_checkpoint(const std::string& root) {
   return steps.empty() ? "" : (fs::path(root) / checkpoint_name(steps.back())).string();
 }
 
+namespace {
+LoraBaseRef lora_base_of(const json& j, const std::string& path) {
+  LoraBaseRef ref;
+  if (j.contains("lora_base")) ref.path = trainer_string(j, path, "lora_base");
+  if (j.contains("lora_base_fingerprint")) ref.fingerprint = trainer_string(j, path, "lora_base_fingerprint");
+  return ref;
+}
+}  // namespace
+
 bool is_adapter_weight(const std::string& name) {
   return name.find(".lora_A.") != std::string::npos || name.find(".lora_B.") != std::string::npos;
 }
@@ -426,10 +436,7 @@ LoraBaseRef checkpoint_lora_base(const std::string& dir) {
   } catch (const json::exception& e) {
     throw Error(path, std::string("invalid JSON: ") + e.what());
   }
-  if (!j.is_object() || !j.contains("lora_base")) return {};
-  LoraBaseRef ref{trainer_string(j, path, "lora_base"), ""};
-  if (j.contains("lora_base_fingerprint")) ref.fingerprint = trainer_string(j, path, "lora_base_fingerprint");
-  return ref;
+  return j.is_object() ? lora_base_of(j, path) : LoraBaseRef{};
 }
 
 TrainState load_checkpoint_state(const std::string& dir, AdamW& optim, int rank) {
@@ -457,9 +464,9 @@ TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& op
   s.extra = trainer_string(j, trainer_path, "extra");
   const int64_t shards = j.contains("optimizer_shards") && !j["optimizer_shards"].is_null()
                              ? trainer_int(j, trainer_path, "optimizer_shards") : 0;
-  if (j.contains("lora_base")) s.lora_base = trainer_string(j, trainer_path, "lora_base");
-  if (j.contains("lora_base_fingerprint"))
-    s.lora_base_fingerprint = trainer_string(j, trainer_path, "lora_base_fingerprint");
+  const LoraBaseRef lora = lora_base_of(j, trainer_path);
+  s.lora_base = lora.path;
+  s.lora_base_fingerprint = lora.fingerprint;
   if (model && s.lora_base.empty()) load_weights(model, dir);
   // Adapters only: the frozen base is in place already.
   if (model && !s.lora_base.empty() && load_adapter_weights(model, dir) == 0)

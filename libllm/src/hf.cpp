@@ -750,13 +750,8 @@ void load_pretrained(Pretrained& info, torch::Dtype dtype) {
       throw Error(info.dir, "its LoRA base " + info.base + " is another model (" + b.config.hf_architecture() + ", " +
                                 std::to_string(count_parameters(b.config).total) + " parameters)",
                   "the adapters were trained on a different base; restore the original one");
-    load_pretrained(b, b.has_lora ? torch::kFloat32 : dtype);
+    load_pretrained_merged(b, dtype);
     info.model = b.model;
-    if (has_lora(info.model)) {
-      merge_lora(info.model);
-      info.model->to(dtype);
-    }
-    for (auto& p : info.model->parameters()) p.set_requires_grad(true);
     apply_lora(info.model, info.lora);
     load_adapter_weights(info.model, info.dir);
     return;
@@ -765,6 +760,17 @@ void load_pretrained(Pretrained& info, torch::Dtype dtype) {
   info.model = Transformer(info.config, TransformerImpl::Deferred{dtype});
   if (info.has_lora) apply_lora(info.model, info.lora);
   load_weights(info.model, info.dir);
+}
+
+void load_pretrained_merged(Pretrained& info, torch::Dtype dtype) {
+  // In fp32 first when there are adapters to fold in: in bf16 most of their small update would
+  // round away.
+  load_pretrained(info, info.has_lora ? torch::kFloat32 : dtype);
+  if (has_lora(info.model)) {
+    merge_lora(info.model);
+    info.model->to(dtype);
+  }
+  for (auto& p : info.model->parameters()) p.set_requires_grad(true);
 }
 
 Pretrained load_pretrained(const std::string& dir, torch::Dtype dtype) {

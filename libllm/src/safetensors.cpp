@@ -308,46 +308,25 @@ void TempFile::commit() {
   fsync_parent_dir(path_);
 }
 
-// Checks the tensors to write and returns them sorted by name.
-std::vector<const TensorView*> sorted_views(const std::string& path, const std::vector<TensorView>& tensors) {
-  std::vector<const TensorView*> views;
-  for (const TensorView& t : tensors) {
-    const std::string where = tensor_where(path, t.name);
-    if (t.name.empty()) throw Error(path, "a tensor has an empty name");
-    if (t.name == "__metadata__") throw Error(where, "name is reserved for the metadata");
-    if (checked_nbytes(t.shape, t.dtype, where) > 0 && t.data == nullptr) {
-      throw Error(where, "data pointer is null");
-    }
-    views.push_back(&t);
-  }
-  std::sort(views.begin(), views.end(), [](const TensorView* a, const TensorView* b) { return a->name < b->name; });
-  for (size_t i = 1; i < views.size(); ++i) {
-    if (views[i]->name == views[i - 1]->name) {
-      throw Error(tensor_where(path, views[i]->name), "name is given twice");
-    }
-  }
-  return views;
-}
-
-// The header JSON for `views` (sorted), padded with spaces to a multiple of 8 bytes.
-std::string build_header(const std::string& path, const std::vector<const TensorView*>& views,
+// The header JSON for `views`, in data order, padded with spaces to a multiple of 8 bytes.
+std::string build_header(const std::string& path, const std::vector<StreamWriter::Entry>& views,
                          const std::map<std::string, std::string>& metadata) {
   // Text is assembled by hand: a json object would sort "__metadata__" among the tensor names.
   std::string header = "{";
   uint64_t offset = 0;
   try {
     if (!metadata.empty()) header += "\"__metadata__\":" + json(metadata).dump();
-    for (const TensorView* t : views) {
-      const uint64_t nbytes = checked_nbytes(t->shape, t->dtype, tensor_where(path, t->name));
+    for (const StreamWriter::Entry& e : views) {
+      const uint64_t nbytes = checked_nbytes(e.shape, e.dtype, tensor_where(path, e.name));
       if (__builtin_add_overflow(offset, nbytes, &offset)) {
         throw Error(path, "total tensor size overflows 64 bits");
       }
       nlohmann::ordered_json entry;
-      entry["dtype"] = dtype_name(t->dtype);
-      entry["shape"] = t->shape;
+      entry["dtype"] = dtype_name(e.dtype);
+      entry["shape"] = e.shape;
       entry["data_offsets"] = {offset - nbytes, offset};
       if (header.size() > 1) header += ",";
-      header += json(t->name).dump() + ":" + entry.dump();
+      header += json(e.name).dump() + ":" + entry.dump();
     }
   } catch (const json::exception& e) {
     throw Error(path, std::string("cannot encode the header: ") + e.what(),
@@ -468,24 +447,18 @@ struct StreamWriter::Impl {
 
 StreamWriter::StreamWriter(const std::string& path, std::vector<Entry> tensors,
                            const std::map<std::string, std::string>& metadata) {
-  // The header from views with no data (checked as write() checks them), in the order given.
-  std::vector<TensorView> views;
-  for (const Entry& e : tensors) views.push_back({e.name, e.dtype, e.shape, nullptr});
-  std::vector<const TensorView*> ordered;
-  for (const TensorView& v : views) {
-    const std::string where = tensor_where(path, v.name);
-    if (v.name.empty()) throw Error(path, "a tensor has an empty name");
-    if (v.name == "__metadata__") throw Error(where, "name is reserved for the metadata");
-    ordered.push_back(&v);
-  }
   std::vector<std::string> names;
-  for (const Entry& e : tensors) names.push_back(e.name);
+  std::vector<uint64_t> sizes;
+  for (const Entry& e : tensors) {
+    if (e.name.empty()) throw Error(path, "a tensor has an empty name");
+    if (e.name == "__metadata__") throw Error(tensor_where(path, e.name), "name is reserved for the metadata");
+    names.push_back(e.name);
+    sizes.push_back(checked_nbytes(e.shape, e.dtype, tensor_where(path, e.name)));
+  }
   std::sort(names.begin(), names.end());
   for (size_t i = 1; i < names.size(); ++i)
     if (names[i] == names[i - 1]) throw Error(tensor_where(path, names[i]), "name is given twice");
-  const std::string header = build_header(path, ordered, metadata);
-  std::vector<uint64_t> sizes;
-  for (const Entry& e : tensors) sizes.push_back(checked_nbytes(e.shape, e.dtype, tensor_where(path, e.name)));
+  const std::string header = build_header(path, tensors, metadata);
   impl_ = std::make_unique<Impl>(path, std::move(tensors));
   impl_->sizes = std::move(sizes);
   const std::string prefix = le64_bytes(header.size());
@@ -517,16 +490,16 @@ void StreamWriter::commit() {
 
 void write(const std::string& path, const std::vector<TensorView>& tensors,
            const std::map<std::string, std::string>& metadata) {
-  const std::vector<const TensorView*> views = sorted_views(path, tensors);
-  const std::string header = build_header(path, views, metadata);
-  TempFile file(path, path + ".tmp-" + std::to_string(::getpid()));
-  const std::string prefix = le64_bytes(header.size());
-  file.write_all(prefix.data(), prefix.size());
-  file.write_all(header.data(), header.size());
-  for (const TensorView* t : views) {
-    file.write_all(t->data, checked_nbytes(t->shape, t->dtype, tensor_where(path, t->name)));
-  }
-  file.commit();
+  // Sorted by name, header and data alike; the stream writer checks names, sizes and pointers.
+  std::vector<const TensorView*> views;
+  for (const TensorView& t : tensors) views.push_back(&t);
+  std::stable_sort(views.begin(), views.end(), [](const TensorView* a, const TensorView* b) { return a->name < b->name; });
+  std::vector<StreamWriter::Entry> entries;
+  for (const TensorView* t : views) entries.push_back({t->name, t->dtype, t->shape});
+  StreamWriter writer(path, std::move(entries), metadata);
+  for (const TensorView* t : views)
+    writer.add(t->name, t->data, checked_nbytes(t->shape, t->dtype, tensor_where(path, t->name)));
+  writer.commit();
 }
 
 }  // namespace libllm::safetensors

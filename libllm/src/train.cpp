@@ -397,15 +397,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     torch::manual_seed(static_cast<uint64_t>(tc.seed));
     if (recipe.finetune.method == "lora") apply_lora(run.model, recipe.lora);
   } else if (base) {
-    // A base that is itself a LoRA fine-tune is loaded in fp32 and its adapters folded in there
-    // (in bf16 most of their small update would round away), then cast.
-    load_pretrained(*base, base->has_lora ? torch::kFloat32 : dtype);
+    load_pretrained_merged(*base, dtype);  // (a LoRA base: its adapters folded in, in fp32)
     run.model = base->model;
-    if (has_lora(run.model)) {
-      merge_lora(run.model);
-      run.model->to(dtype);
-    }
-    for (auto& p : run.model->parameters()) p.set_requires_grad(true);
     torch::manual_seed(static_cast<uint64_t>(tc.seed));
     if (recipe.finetune.method == "lora") apply_lora(run.model, recipe.lora);
   } else if (fully_sharded) {

@@ -108,6 +108,9 @@ std::string model_fingerprint(const std::string& dir);
 // Builds the model directly in `dtype` and loads its weights.
 Pretrained load_pretrained(const std::string& dir, torch::Dtype dtype = torch::kFloat32);
 void load_pretrained(Pretrained& info, torch::Dtype dtype);
+// The same, with a LoRA checkpoint's adapters folded into its weights (in fp32, then cast to
+// `dtype`): a plain model, every parameter trainable (a base to fine-tune further).
+void load_pretrained_merged(Pretrained& info, torch::Dtype dtype);
 
 // safetensors <-> torch element types (st_dtype_of throws for types safetensors cannot hold).
 torch::Dtype torch_dtype_of(safetensors::DType d);
