@@ -101,8 +101,6 @@ int main(int argc, char** argv) {
     }
     const int64_t shard_mb = args.get_int("--max-shard-mb");
     if (shard_mb < 1) throw Error("--max-shard-mb", "must be >= 1");
-    load_pretrained(pre, torch::kFloat32);
-
     if (args.has("--adapter")) {
       if (pre.format != "libllm") base = dir;
       if (std::filesystem::is_directory(base)) {
@@ -114,7 +112,7 @@ int main(int argc, char** argv) {
           fmt::print("note: the adapter's base_model_name_or_path {} is a libllm folder; peft needs it in Hugging Face "
                      "form: llm-export --checkpoint {} --out DIR\n", base, base);
       }
-      export_peft_adapter(pre.model, pre.lora, args.get("--adapter"), base);
+      export_peft_adapter(pre, args.get("--adapter"), base);
       std::string targets;
       for (const auto& t : pre.lora.targets) targets += (targets.empty() ? "" : ",") + t;
       fmt::print("wrote PEFT adapter {} (r={}, alpha={}, targets {})\n", args.get("--adapter"), pre.lora.rank,
@@ -161,8 +159,8 @@ int main(int argc, char** argv) {
     opts.bos_id = bos;
     opts.eos_id = eos;
     opts.chat_template = chat_template;
-    export_hf(pre.model, args.get("--out"), opts);
-    fmt::print("wrote {} ({}, {}{}{})\n", args.get("--out"), pre.model->config().hf_architecture(), opts.dtype,
+    export_hf(pre, args.get("--out"), opts);  // one weight at a time: the model is never in memory whole
+    fmt::print("wrote {} ({}, {}{}{})\n", args.get("--out"), pre.config.hf_architecture(), opts.dtype,
                pre.has_lora ? ", LoRA merged" : "", chat_template.empty() ? "" : ", " + template_from);
     return 0;
   });

@@ -5,6 +5,7 @@
 #include <set>
 #include <nlohmann/json.hpp>
 
+#include "libllm/checkpoint.h"
 #include "libllm/config.h"
 #include "libllm/error.h"
 #include "libllm/hf.h"
@@ -91,17 +92,27 @@ std::vector<std::pair<std::string, torch::Tensor>> trainable_parameters(Transfor
   return out;
 }
 
-std::vector<std::pair<std::string, torch::Tensor>> merged_weights(Transformer& model) {
+std::vector<LazyWeight> merged_weights_lazy(Transformer& model) {
   std::map<std::string, LinearImpl*> adapted;  // "<module>.weight" -> its layer
   for (auto& [name, lin] : linears(model))
     if (lin->has_lora()) adapted[name + ".weight"] = lin;
-  std::vector<std::pair<std::string, torch::Tensor>> out;
+  std::vector<LazyWeight> out;
   for (auto& p : model->named_parameters()) {
     const std::string& name = p.key();
-    if (name.find(".lora_A.") != std::string::npos || name.find(".lora_B.") != std::string::npos) continue;
+    if (is_adapter_weight(name)) continue;
     auto it = adapted.find(name);
-    out.emplace_back(name, it == adapted.end() ? p.value().detach() : it->second->merged_weight());
+    torch::Tensor w = p.value();
+    if (it == adapted.end())
+      out.push_back({name, w.sizes().vec(), [w] { return w.detach(); }});
+    else
+      out.push_back({name, w.sizes().vec(), [lin = it->second] { return lin->merged_weight(); }});
   }
+  return out;
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> merged_weights(Transformer& model) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (auto& w : merged_weights_lazy(model)) out.emplace_back(w.name, w.value());
   return out;
 }
 

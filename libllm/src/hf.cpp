@@ -134,6 +134,17 @@ struct WeightIndex {
                             torch::dtype(torch_dtype_of(e.st_info->dtype)));
   }
 
+  // Its stored shape (from the header: nothing is read).
+  std::vector<int64_t> shape(const std::string& name) const {
+    const Entry& e = tensors.at(name);
+    return e.pt ? e.pt_info->shape : e.st_info->shape;
+  }
+  // Done with a tensor: its mapped pages leave this process's memory (safetensors only).
+  void release(const std::string& name) const {
+    const Entry& e = tensors.at(name);
+    if (e.st) e.st->release(*e.st_info);
+  }
+
   void add(const std::shared_ptr<safetensors::File>& f, const std::string& only = "") {
     for (const auto& t : f->tensors())
       if (only.empty() || t.name == only) tensors[t.name] = {f.get(), &t, nullptr, nullptr};
@@ -384,27 +395,39 @@ std::map<std::string, torch::Tensor> read_weights(const std::string& dir) {
   return out;
 }
 
-void load_weights(const std::string& dir, const std::vector<std::pair<std::string, std::vector<int64_t>>>& params,
-                  bool tied, const std::function<void(const std::string&, const torch::Tensor&)>& store) {
-  WeightIndex idx = open_weights(dir);
-  torch::NoGradGuard no_grad;
-  std::set<std::string> used;
+namespace {
+
+using ParamShapes = std::vector<std::pair<std::string, std::vector<int64_t>>>;
+
+// Every parameter of `params` is in the folder with its exact shape, and nothing else is (stale
+// rotary inv_freq buffers aside, and a stored lm_head when `tied`): checked from the headers.
+void check_weights(const WeightIndex& idx, const ParamShapes& params, bool tied) {
+  std::set<std::string> expected;
   for (const auto& [name, shape] : params) {
     if (!idx.tensors.count(name))
-      throw Error(dir + ": tensor '" + name + "'", "missing from the checkpoint",
+      throw Error(idx.dir + ": tensor '" + name + "'", "missing from the checkpoint",
                   "the checkpoint does not match its config (layers, experts or tied embeddings)");
-    auto src = idx.view(name);
-    if (src.sizes() != c10::IntArrayRef(shape))
-      throw Error(dir + ": tensor '" + name + "'", "has shape " + shape_str(src.sizes()) +
-                                                       " but the config implies " + shape_str(shape));
-    store(name, src);
-    used.insert(name);
+    const std::vector<int64_t> stored = idx.shape(name);
+    if (stored != shape)
+      throw Error(idx.dir + ": tensor '" + name + "'",
+                  "has shape " + shape_str(stored) + " but the config implies " + shape_str(shape));
+    expected.insert(name);
   }
   for (const auto& [name, entry] : idx.tensors) {
-    if (used.count(name) || ends_with(name, "rotary_emb.inv_freq") || (tied && name == "lm_head.weight")) continue;
-    throw Error(dir + ": tensor '" + name + "'", "is not a parameter of this model",
+    if (expected.count(name) || ends_with(name, "rotary_emb.inv_freq") || (tied && name == "lm_head.weight")) continue;
+    throw Error(idx.dir + ": tensor '" + name + "'", "is not a parameter of this model",
                 "the checkpoint does not match its config");
   }
+}
+
+}  // namespace
+
+void load_weights(const std::string& dir, const ParamShapes& params, bool tied,
+                  const std::function<void(const std::string&, const torch::Tensor&)>& store) {
+  WeightIndex idx = open_weights(dir);
+  check_weights(idx, params, tied);
+  torch::NoGradGuard no_grad;
+  for (const auto& [name, shape] : params) store(name, idx.view(name));
 }
 
 void load_weights(Transformer& model, const std::string& dir) {
@@ -572,7 +595,8 @@ void write_folder_atomically(const std::string& dir, FolderKind kind,
   }
 }
 
-void export_hf(Transformer& model, const std::string& dir, const ExportOptions& opts) {
+void export_hf(const ModelConfig& config, const std::vector<LazyWeight>& weights, const std::string& dir,
+               const ExportOptions& opts) {
   const torch::Dtype dtype = dtype_from_name(opts.dtype, "export dtype");
   if (!opts.chat_template.empty() && opts.tokenizer_path.empty())
     throw Error(dir, "a chat template is written into tokenizer_config.json, but no tokenizer is exported",
@@ -580,17 +604,20 @@ void export_hf(Transformer& model, const std::string& dir, const ExportOptions& 
   write_folder_atomically(dir, FolderKind::hf_model, [&](const std::string& tmp_dir) {
     const fs::path tmp = tmp_dir;
     std::error_code ec;
-    // Group tensors into shards of at most max_shard_bytes (a larger tensor gets its own shard).
-    std::vector<std::vector<std::pair<std::string, torch::Tensor>>> shards(1);
+    // Group tensors into shards of at most max_shard_bytes (a larger tensor gets its own shard),
+    // from their shapes alone: each shard's header is written before its first tensor is made.
+    const safetensors::DType st = st_dtype_of(dtype);
+    std::vector<std::vector<size_t>> shards(1);  // indices into weights
     int64_t shard_bytes = 0, total_bytes = 0;
-    for (auto& [name, w] : merged_weights(model)) {  // LoRA adapters merged: W + scale B A
-      auto t = w.detach().to(torch::kCPU, dtype).contiguous();
-      const int64_t bytes = t.numel() * t.element_size();
+    for (size_t i = 0; i < weights.size(); ++i) {
+      int64_t numel = 1;
+      for (int64_t d : weights[i].shape) numel *= d;
+      const int64_t bytes = numel * static_cast<int64_t>(safetensors::dtype_size(st));
       if (shard_bytes > 0 && shard_bytes + bytes > opts.max_shard_bytes) {
         shards.emplace_back();
         shard_bytes = 0;
       }
-      shards.back().emplace_back(name, t);
+      shards.back().push_back(i);
       shard_bytes += bytes;
       total_bytes += bytes;
     }
@@ -600,19 +627,26 @@ void export_hf(Transformer& model, const std::string& dir, const ExportOptions& 
       char name[64];
       std::snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", s + 1, n);
       const std::string fname = n == 1 ? "model.safetensors" : name;
-      std::vector<safetensors::TensorView> views;
-      for (auto& [tname, t] : shards[s]) {
-        views.push_back({tname, st_dtype_of(t.scalar_type()), t.sizes().vec(), t.data_ptr()});
-        weight_map[tname] = fname;
+      std::vector<safetensors::StreamWriter::Entry> entries;
+      for (size_t i : shards[s]) {
+        entries.push_back({weights[i].name, st, weights[i].shape});
+        weight_map[weights[i].name] = fname;
       }
-      safetensors::write((tmp / fname).string(), views);
+      safetensors::StreamWriter out((tmp / fname).string(), entries);
+      for (size_t i : shards[s]) {  // one tensor made, converted and written at a time
+        const torch::Tensor t = weights[i].value().detach().to(torch::kCPU, dtype).contiguous();
+        if (t.sizes() != c10::IntArrayRef(weights[i].shape))
+          throw Error(dir + ": tensor '" + weights[i].name + "'",
+                      "is " + shape_str(t.sizes()) + ", not the announced " + shape_str(weights[i].shape));
+        out.add(weights[i].name, t.data_ptr(), static_cast<uint64_t>(t.numel()) * t.element_size());
+      }
+      out.commit();
     }
     if (n > 1) {
       json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};
       write_text((tmp / "model.safetensors.index.json").string(), index.dump(2) + "\n");
     }
-    write_text((tmp / "config.json").string(),
-               hf_config_json(model->config(), dtype_name(dtype), opts.bos_id, opts.eos_id));
+    write_text((tmp / "config.json").string(), hf_config_json(config, dtype_name(dtype), opts.bos_id, opts.eos_id));
     write_text((tmp / "generation_config.json").string(),
                json({{"bos_token_id", opts.bos_id}, {"eos_token_id", opts.eos_id}}).dump(2) + "\n");
     if (!opts.tokenizer_path.empty()) {
@@ -621,7 +655,7 @@ void export_hf(Transformer& model, const std::string& dir, const ExportOptions& 
       if (ec) throw Error(opts.tokenizer_path, "cannot copy tokenizer: " + ec.message());
       // LlamaTokenizer in legacy mode: Tokenizer::encode_with_specials tokenizes as it does.
       json tc = {{"tokenizer_class", "LlamaTokenizer"}, {"add_bos_token", true}, {"add_eos_token", false},
-                 {"model_max_length", model->config().max_seq_len}, {"legacy", true}};
+                 {"model_max_length", config.max_seq_len}, {"legacy", true}};
       if (tok.bos_id() >= 0) tc["bos_token"] = tok.piece(tok.bos_id());
       if (tok.eos_id() >= 0) tc["eos_token"] = tok.piece(tok.eos_id());
       if (tok.unk_id() >= 0) tc["unk_token"] = tok.piece(tok.unk_id());
@@ -629,6 +663,11 @@ void export_hf(Transformer& model, const std::string& dir, const ExportOptions& 
       write_text((tmp / "tokenizer_config.json").string(), tc.dump(2) + "\n");
     }
   });
+}
+
+void export_hf(Transformer& model, const std::string& dir, const ExportOptions& opts) {
+  torch::NoGradGuard no_grad;
+  export_hf(model->config(), merged_weights_lazy(model), dir, opts);
 }
 
 std::string read_chat_template(const std::string& dir) {
@@ -732,24 +771,35 @@ struct DepthGuard {
 };
 }  // namespace
 
+namespace {
+
+// The base of adapters-only checkpoint `info`, inspected, once it is found to be the one the
+// adapters were trained on. `depth`: how many adapters-only folders lie above it (a cycle's cap).
+Pretrained checked_base(const Pretrained& info, int depth) {
+  if (!info.base_missing.empty())
+    throw Error(info.dir, info.base_missing,
+                "put the base model folder back there, or run from a folder where recipe.yaml's finetune.base is");
+  if (depth > 32)
+    throw Error(info.dir, "its chain of LoRA bases is over 32 deep (a cycle?)", "export a merged model and fine-tune that");
+  if (!info.base_fingerprint.empty() && model_fingerprint(info.base) != info.base_fingerprint)
+    throw Error(info.dir, "its LoRA base " + info.base + " has changed since the adapters were trained (another "
+                          "model or revision at that path)",
+                "restore the base the adapters were trained on");
+  Pretrained b = inspect_pretrained(info.base);
+  if (count_parameters(b.config).total != count_parameters(info.config).total ||
+      b.config.hf_architecture() != info.config.hf_architecture())
+    throw Error(info.dir, "its LoRA base " + info.base + " is another model (" + b.config.hf_architecture() + ", " +
+                              std::to_string(count_parameters(b.config).total) + " parameters)",
+                "the adapters were trained on a different base; restore the original one");
+  return b;
+}
+
+}  // namespace
+
 void load_pretrained(Pretrained& info, torch::Dtype dtype) {
   if (!info.base.empty()) {  // adapters only: the base first (a LoRA base merged in fp32), then them
-    if (!info.base_missing.empty())
-      throw Error(info.dir, info.base_missing,
-                  "put the base model folder back there, or run from a folder where recipe.yaml's finetune.base is");
     DepthGuard depth;
-    if (lora_depth > 32)
-      throw Error(info.dir, "its chain of LoRA bases is over 32 deep (a cycle?)", "export a merged model and fine-tune that");
-    if (!info.base_fingerprint.empty() && model_fingerprint(info.base) != info.base_fingerprint)
-      throw Error(info.dir, "its LoRA base " + info.base + " has changed since the adapters were trained (another "
-                            "model or revision at that path)",
-                  "restore the base the adapters were trained on");
-    Pretrained b = inspect_pretrained(info.base);
-    if (count_parameters(b.config).total != count_parameters(info.config).total ||
-        b.config.hf_architecture() != info.config.hf_architecture())
-      throw Error(info.dir, "its LoRA base " + info.base + " is another model (" + b.config.hf_architecture() + ", " +
-                                std::to_string(count_parameters(b.config).total) + " parameters)",
-                  "the adapters were trained on a different base; restore the original one");
+    Pretrained b = checked_base(info, lora_depth);
     load_pretrained_merged(b, dtype);
     info.model = b.model;
     apply_lora(info.model, info.lora);
@@ -777,6 +827,106 @@ Pretrained load_pretrained(const std::string& dir, torch::Dtype dtype) {
   Pretrained p = inspect_pretrained(dir);
   load_pretrained(p, dtype);
   return p;
+}
+
+namespace {
+
+// A model folder and the chain of bases under it (adapters-only LoRA checkpoints), read one weight
+// at a time: what load_pretrained + merged_weights_lazy compute, without the model in memory. Each
+// folder is checked as load_pretrained checks it (its base's fingerprint, every tensor's name and
+// shape from the headers) before anything is read.
+class FolderChain {
+ public:
+  explicit FolderChain(const Pretrained& top) {
+    std::vector<Pretrained> infos{top};  // top first; infos.size() - 1 adapters-only folders above the last
+    while (!infos.back().base.empty()) infos.push_back(checked_base(infos.back(), static_cast<int>(infos.size())));
+    for (size_t k = infos.size(); k-- > 0;) add_level(infos[k], k + 1 == infos.size());
+  }
+
+  // The weights an HF export holds (no adapters), in the model's order.
+  const ParamShapes& weights() const { return weights_; }
+
+  // Weight `name` with every adapter of the chain merged in fp32, root first (as loading a chain
+  // and merging it does, bit for bit), then cast to `dtype`: a fresh tensor. The folder's pages it
+  // was read from leave this process's memory.
+  torch::Tensor weight(const std::string& name, torch::Dtype dtype) const {
+    torch::NoGradGuard no_grad;
+    const WeightIndex& root = levels_.front().idx;
+    torch::Tensor w = root.view(name).to(torch::kFloat32);
+    for (const Level& l : levels_) {
+      const auto it = l.adapted.find(name);
+      if (it == l.adapted.end()) continue;
+      const Adapter& a = it->second;
+      w = w + torch::matmul(l.idx.view(a.b).to(torch::kFloat32), l.idx.view(a.a).to(torch::kFloat32)) * a.scale;
+    }
+    torch::Tensor out = w.to(dtype).contiguous();
+    const WeightIndex::Entry& e = root.tensors.at(name);
+    if (e.st && out.data_ptr() == static_cast<const void*>(e.st->data(*e.st_info)))
+      out = out.clone();  // still a view of the mapping (stored in `dtype`, no adapter): copied before its pages go
+    root.release(name);
+    return out;
+  }
+
+  // A deferred model (no base weights) carrying the top folder's LoRA adapters, as stored.
+  Transformer adapters() const {
+    const Level& top = levels_.back();
+    Transformer m(top.info.config, TransformerImpl::Deferred{torch::kFloat32});
+    if (!top.info.has_lora) return m;
+    apply_lora(m, top.info.lora);
+    torch::NoGradGuard no_grad;
+    for (auto& p : m->named_parameters())
+      if (is_adapter_weight(p.key())) p.value().copy_(top.idx.view(p.key()));
+    return m;
+  }
+
+ private:
+  struct Adapter {
+    std::string a, b;  // lora_A (r, in) and lora_B (out, r) tensor names
+    double scale;      // alpha / r
+  };
+  struct Level {
+    Pretrained info;
+    WeightIndex idx;
+    std::map<std::string, Adapter> adapted;  // "<module>.weight" -> its adapter in this folder
+  };
+
+  void add_level(const Pretrained& info, bool root) {
+    Level l{info, open_weights(info.dir), {}};
+    Transformer m(info.config, TransformerImpl::Deferred{torch::kFloat32});  // names and shapes only
+    if (info.has_lora) apply_lora(m, info.lora);
+    ParamShapes params;
+    for (auto& p : m->named_parameters()) {
+      if (!root && !is_adapter_weight(p.key())) continue;  // adapters only: the base is below
+      params.emplace_back(p.key(), p.value().sizes().vec());
+      if (root && !is_adapter_weight(p.key())) weights_.emplace_back(p.key(), p.value().sizes().vec());
+    }
+    check_weights(l.idx, params, !m->lm_head);
+    for (auto& mod : m->named_modules("", /*include_self=*/false))
+      if (auto* lin = mod.value()->as<LinearImpl>(); lin && lin->has_lora())
+        l.adapted[mod.key() + ".weight"] = {mod.key() + ".lora_A.weight", mod.key() + ".lora_B.weight", lin->lora_scale()};
+    levels_.push_back(std::move(l));
+  }
+
+  std::vector<Level> levels_;  // root (whole weights) first
+  ParamShapes weights_;
+};
+
+}  // namespace
+
+void export_hf(const Pretrained& info, const std::string& dir, const ExportOptions& opts) {
+  const torch::Dtype dtype = dtype_from_name(opts.dtype, "export dtype");
+  const FolderChain chain(info);
+  std::vector<LazyWeight> weights;
+  for (const auto& [name, shape] : chain.weights())
+    weights.push_back({name, shape, [&chain, name = name, dtype] { return chain.weight(name, dtype); }});
+  export_hf(info.config, weights, dir, opts);
+}
+
+void export_peft_adapter(const Pretrained& info, const std::string& dir, const std::string& base_model_name_or_path) {
+  if (!info.has_lora)
+    throw Error(info.dir, "is not a LoRA fine-tuning checkpoint: it has no adapters to export", "export the merged model instead");
+  Transformer m = FolderChain(info).adapters();
+  export_peft_adapter(m, info.lora, dir, base_model_name_or_path);
 }
 
 }  // namespace libllm

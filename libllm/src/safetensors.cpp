@@ -436,6 +436,15 @@ const uint8_t* File::data(const TensorInfo& t) const {
   return base_ + data_offset_ + t.begin;
 }
 
+void File::release(const TensorInfo& t) const {
+  const uint8_t* first = data(t);
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  // Whole pages inside the mapping (a page shared with a neighbour is read back when it is used).
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(first) & ~(page - 1);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(first) + (t.end - t.begin);
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);  // (advice: failure is harmless)
+}
+
 struct StreamWriter::Impl {
   std::string path;
   std::vector<Entry> entries;

@@ -351,6 +351,89 @@ TEST_CASE("fine-tuning resumes exactly (LoRA and full) and lowers the held-out l
   }
 }
 
+TEST_CASE("a folder export streams one weight at a time and equals loading then exporting, bit for bit",
+          "[finetune][io]") {
+  test::TempDir tmp;
+  const std::string chat = make_chat(tmp, 40), base = make_base(tmp);
+  // A chain: adapters (b) -> adapters (a) -> HF base; and an older LoRA checkpoint that holds its
+  // base and adapters in one file (no lora_base in trainer.json).
+  const std::vector<std::string> short_run = {"train.steps=3", "train.eval_every=0"};
+  finetune(ft_recipe(base, chat, tmp / "a", short_run));
+  const std::string ka = tmp / "a/checkpoints/step-00000003";
+  finetune(ft_recipe(ka, chat, tmp / "b", short_run));
+  const std::string kb = tmp / "b/checkpoints/step-00000003";
+  const std::string whole = tmp / "whole";
+  fs::copy(ka, whole);
+  {
+    auto w = read_weights(base);
+    for (auto& [n, t] : read_weights(ka)) w[n] = t;
+    std::vector<safetensors::TensorView> views;
+    for (auto& [n, t] : w) views.push_back({n, st_dtype_of(t.scalar_type()), t.sizes().vec(), t.data_ptr()});
+    safetensors::write(whole + "/model.safetensors", views);
+    json tj = json::parse(read_file(whole + "/trainer.json"));
+    tj.erase("lora_base");
+    tj.erase("lora_base_fingerprint");
+    write_file(whole + "/trainer.json", tj.dump());
+  }
+  REQUIRE(inspect_pretrained(whole).base.empty());
+  REQUIRE(inspect_pretrained(whole).has_lora);
+  REQUIRE(inspect_pretrained(kb).base == fs::canonical(ka).string());
+
+  for (const std::string& folder : {base, ka, kb, whole})
+    for (const std::string dtype : {"float32", "bfloat16"}) {
+      INFO(folder << " as " << dtype);
+      ExportOptions opts;
+      opts.dtype = dtype;
+      opts.max_shard_bytes = 30000;  // several shards
+      const std::string mem = tmp / "mem", streamed = tmp / "streamed";
+      Pretrained loaded = load_pretrained(folder);
+      export_hf(loaded.model, mem, opts);
+      export_hf(inspect_pretrained(folder), streamed, opts);
+      const auto files = test::listing(mem);
+      REQUIRE(files.size() > 4);
+      CHECK(test::listing(streamed) == files);
+      for (const auto& f : files) {
+        INFO(f);
+        CHECK(read_file(streamed + "/" + f) == read_file(mem + "/" + f));
+      }
+    }
+  // The merge mattered: b's export differs from the base it started from.
+  ExportOptions f32;
+  f32.dtype = "float32";
+  export_hf(inspect_pretrained(kb), tmp / "b-hf", f32);
+  const auto merged = read_weights(tmp / "b-hf"), plain = read_weights(base);
+  CHECK(test::max_abs_diff(merged.at("model.layers.1.self_attn.v_proj.weight"),
+                           plain.at("model.layers.1.self_attn.v_proj.weight")) > 1e-4);
+  CHECK(torch::equal(merged.at("model.embed_tokens.weight"), plain.at("model.embed_tokens.weight")));
+
+  // PEFT's layout from the folder alone == from the loaded model.
+  for (const std::string& folder : {kb, whole}) {
+    INFO(folder);
+    Pretrained loaded = load_pretrained(folder);
+    export_peft_adapter(loaded.model, loaded.lora, tmp / "peft-mem", "org/base");
+    export_peft_adapter(inspect_pretrained(folder), tmp / "peft-streamed", "org/base");
+    for (const char* f : {"adapter_model.safetensors", "adapter_config.json"})
+      CHECK(read_file(tmp / "peft-streamed" + "/" + f) == read_file(tmp / "peft-mem" + "/" + f));
+  }
+  CHECK_THAT(test::error_of([&] { export_peft_adapter(inspect_pretrained(base), tmp / "x", "b"); }),
+             Catch::Contains("is not a LoRA fine-tuning checkpoint"));
+
+  // A bad tensor anywhere in the chain is found from the headers, before anything is written.
+  const std::string bad = tmp / "bad";
+  fs::copy(ka, bad);
+  {
+    auto w = read_weights(ka);
+    auto& t = w.at("model.layers.0.self_attn.q_proj.lora_A.weight");
+    t = t.t().contiguous();
+    std::vector<safetensors::TensorView> views;
+    for (auto& [n, x] : w) views.push_back({n, st_dtype_of(x.scalar_type()), x.sizes().vec(), x.data_ptr()});
+    safetensors::write(bad + "/model.safetensors", views);
+  }
+  CHECK_THAT(test::error_of([&] { export_hf(inspect_pretrained(bad), tmp / "never", f32); }),
+             Catch::Contains("tensor 'model.layers.0.self_attn.q_proj.lora_A.weight': has shape [32, 4]"));
+  CHECK_FALSE(fs::exists(tmp / "never"));
+}
+
 TEST_CASE("fine-tuning errors: no base, LoRA in pretraining, chat data with deferral", "[finetune]") {
   test::TempDir tmp;
   const std::string chat = make_chat(tmp, 20), base = make_base(tmp);

@@ -4,6 +4,7 @@
 // `peft` loads.
 #pragma once
 
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -53,8 +54,17 @@ ParamSummary summarize_parameters(Transformer& model);
 // (name, tensor) of the parameters that train, in named_parameters() order.
 std::vector<std::pair<std::string, torch::Tensor>> trainable_parameters(Transformer& model);
 
+// A weight computed when it is asked for, so that a writer holds one at a time.
+struct LazyWeight {
+  std::string name;                      // transformers' name, e.g. "model.layers.0.mlp.up_proj.weight"
+  std::vector<int64_t> shape;            // its shape
+  std::function<torch::Tensor()> value;  // the tensor: a view of the parameter or a fresh merged copy
+};
 // The model's weights under transformers' names with every adapter merged (W + scale B A), no
-// adapter tensors: what an HF export writes. Tensors are views or fresh merged copies.
+// adapter tensors, in named_parameters() order: what an HF export writes. The merge runs when
+// value() is called.
+std::vector<LazyWeight> merged_weights_lazy(Transformer& model);
+// The same, computed at once. Tensors are views or fresh merged copies.
 std::vector<std::pair<std::string, torch::Tensor>> merged_weights(Transformer& model);
 
 // Writes the adapters alone in PEFT's layout: DIR/adapter_model.safetensors (tensors named

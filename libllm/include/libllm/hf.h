@@ -82,7 +82,12 @@ struct ExportOptions {
 std::string read_chat_template(const std::string& dir);
 // Writes `model` as an HF folder at `dir` (LoRA adapters merged into their weights): built under a temporary name and renamed into place
 // when complete (an existing `dir` is replaced only then, and only when it is empty or an earlier export).
+// Tensors are merged, converted and written one at a time.
 void export_hf(Transformer& model, const std::string& dir, const ExportOptions& opts);
+// The same for weights made one at a time (merged_weights_lazy, or a trainer's own source) of a
+// model of shape `config`: each weight's value() is called once, converted, written and dropped.
+void export_hf(const ModelConfig& config, const std::vector<LazyWeight>& weights, const std::string& dir,
+               const ExportOptions& opts);
 
 // A model folder: HF (config.json) or libllm (recipe.yaml), plus safetensors weights.
 struct Pretrained {
@@ -111,6 +116,15 @@ void load_pretrained(Pretrained& info, torch::Dtype dtype);
 // The same, with a LoRA checkpoint's adapters folded into its weights (in fp32, then cast to
 // `dtype`): a plain model, every parameter trainable (a base to fine-tune further).
 void load_pretrained_merged(Pretrained& info, torch::Dtype dtype);
+// export_hf for model folder `info` (inspect_pretrained) without loading the model: each weight is
+// read from the folder (an adapters-only checkpoint's chain of bases included, each checked as
+// load_pretrained checks it), its LoRA adapters merged in fp32 as load_pretrained + merging would,
+// bit for bit, then cast and written. Host memory holds about one fp32 weight (the largest: the
+// embedding) instead of the model, so a 65B model exports on a machine with far less memory.
+void export_hf(const Pretrained& info, const std::string& dir, const ExportOptions& opts);
+// export_peft_adapter for LoRA checkpoint folder `info`, reading only its adapters (the chain of
+// bases is checked, not read). A folder without adapters is an Error naming it.
+void export_peft_adapter(const Pretrained& info, const std::string& dir, const std::string& base_model_name_or_path);
 
 // safetensors <-> torch element types (st_dtype_of throws for types safetensors cannot hold).
 torch::Dtype torch_dtype_of(safetensors::DType d);

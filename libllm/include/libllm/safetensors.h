@@ -78,6 +78,10 @@ class File {
   // Pointer to the first byte of `t` inside the mapping (t.end - t.begin bytes are readable).
   // `t` must come from this file; an out-of-range entry throws libllm::Error.
   const uint8_t* data(const TensorInfo& t) const;
+  // Drops the mapped pages of `t` from this process's memory (they are read from the file again
+  // if touched): a reader streaming a file larger than memory keeps its resident size small.
+  // Pointers from data() stay valid.
+  void release(const TensorInfo& t) const;
   // The "__metadata__" entry (empty if the file has none).
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 

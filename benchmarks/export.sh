@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Host memory and time of llm-export on a model larger than a small machine wants to hold twice:
+# writes a random LLaMA of TinyLlama-1.1B's shape (dim 2048, 22 layers, 32 heads, 4 kv heads, FFN
+# 5632, vocab 32000; fp32, 4.4 GB) with Debian's python3-torch as pytorch_model.bin, then times
+# (/usr/bin/time: seconds, peak resident memory)
+#   1. .bin -> safetensors, fp32;
+#   2. safetensors fp32 -> bf16;
+#   3. a LoRA fine-tune of it (llm-finetune, 1 step, rank 16 on every projection: a checkpoint
+#      that holds only the adapters) -> merged HF folder, bf16.
+# llm-export reads, merges, converts and writes one weight at a time, so its peak should stay near
+# one fp32 weight (the 262 MB embedding) plus the process itself, whatever the model's size.
+# OLD_BUILD=DIR repeats the exports with another build's llm-export (e.g. one from before the
+# streaming export) and checks that both write the same bytes.
+# usage: benchmarks/export.sh [BUILD_DIR]   (from the repository root; needs ~15 GB of /tmp)
+set -euo pipefail
+build=$(realpath "${1:-build}")
+old=${OLD_BUILD:+$(realpath "$OLD_BUILD")}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir "$work/bin"
+cp tests/fixtures/tokenizer.model "$work/bin/"
+/usr/bin/python3 - "$work/bin" "$work/chat.jsonl" <<'PY'
+import json, os, sys, torch
+out = sys.argv[1]
+D, F, V, L, H, KV = 2048, 5632, 32000, 22, 32, 4
+json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": V, "hidden_size": D,
+           "intermediate_size": F, "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": KV,
+           "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+           "tie_word_embeddings": False, "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2},
+          open(os.path.join(out, "config.json"), "w"))
+torch.manual_seed(0)
+kv = D // H * KV
+sd = {"model.embed_tokens.weight": torch.randn(V, D) * 0.02, "model.norm.weight": torch.ones(D),
+      "lm_head.weight": torch.randn(V, D) * 0.02}
+for i in range(L):
+    p = f"model.layers.{i}."
+    for n, rows in [("q_proj", D), ("k_proj", kv), ("v_proj", kv), ("o_proj", D)]:
+        sd[p + "self_attn." + n + ".weight"] = torch.randn(rows, D) * 0.02
+    sd[p + "mlp.gate_proj.weight"] = torch.randn(F, D) * 0.02
+    sd[p + "mlp.up_proj.weight"] = torch.randn(F, D) * 0.02
+    sd[p + "mlp.down_proj.weight"] = torch.randn(D, F) * 0.02
+    sd[p + "input_layernorm.weight"] = torch.ones(D)
+    sd[p + "post_attention_layernorm.weight"] = torch.ones(D)
+torch.save(sd, os.path.join(out, "pytorch_model.bin"))
+print(f"model: {sum(t.numel() for t in sd.values()) / 1e9:.3f} B parameters, fp32")
+with open(sys.argv[2], "w") as f:
+    for i in range(16):
+        f.write(json.dumps({"prompt": f"Say the number {i}.", "response": f"The number is {i}."}) + "\n")
+PY
+
+timed() {  # timed LABEL BUILD ARGS...: runs BUILD's llm-export, prints seconds and peak RSS
+  local label=$1 b=$2
+  shift 2
+  /usr/bin/time -f "%e %M" -o "$work/t" "$b/bin/llm-export" "$@" > "$work/export.log" 2>&1 ||
+    { cat "$work/export.log"; exit 1; }
+  read -r s kb < "$work/t"
+  echo "$label: $s s, peak RSS $((kb / 1024)) MiB"
+}
+
+timed ".bin -> safetensors fp32" "$build" --checkpoint "$work/bin" --out "$work/st" --dtype float32
+echo "  (model.safetensors: $(( $(stat -c %s "$work/st/model.safetensors") / 1000000 )) MB)"
+timed "safetensors fp32 -> bf16" "$build" --checkpoint "$work/st" --out "$work/bf16" --dtype bfloat16
+
+"$build/bin/llm-finetune" recipes/tiny-jargon.yaml --set finetune.base="$work/st" \
+  --set "chat.files=[$work/chat.jsonl]" --set chat.valid_every=0 --set chat.packed=false \
+  --set train.seq_len=64 --set train.micro_batch=1 --set train.steps=1 --set train.eval_every=0 \
+  --set train.dtype=bf16 --set "train.sample_prompts=[]" --set train.plot=false --set checkpoint.resume=none \
+  --set train.run_dir="$work/ft" > "$work/ft.log" 2>&1 || { cat "$work/ft.log"; exit 1; }
+ck="$work/ft/checkpoints/step-00000001"
+echo "LoRA checkpoint (adapters only): $(du -sm "$ck" | cut -f1) MB"
+timed "LoRA checkpoint -> merged bf16" "$build" --checkpoint "$ck" --out "$work/merged" --dtype bfloat16
+
+if [ -n "$old" ]; then
+  timed "OLD_BUILD: safetensors fp32 -> bf16" "$old" --checkpoint "$work/st" --out "$work/bf16-old" --dtype bfloat16
+  timed "OLD_BUILD: LoRA checkpoint -> merged bf16" "$old" --checkpoint "$ck" --out "$work/merged-old" --dtype bfloat16
+  # Same values (the tensors' order within a file may differ: compare through a reader).
+  /usr/bin/python3 - "$work" <<'PY'
+import json, struct, sys
+def tensors(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    header.pop("__metadata__", None)
+    return {k: (v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]]) for k, v in header.items()}
+def folder(d):
+    import glob
+    out = {}
+    for p in sorted(glob.glob(d + "/*.safetensors")):
+        out.update(tensors(p))
+    return out
+for new, old in [("bf16", "bf16-old"), ("merged", "merged-old")]:
+    a, b = folder(sys.argv[1] + "/" + new), folder(sys.argv[1] + "/" + old)
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a), new + " differs from " + old
+    print(f"{new}: the same {len(a)} tensors, byte for byte, as OLD_BUILD's")
+PY
+fi
