@@ -11,7 +11,8 @@
 # one fp32 weight (the 262 MB embedding) plus the process itself, whatever the model's size.
 # OLD_BUILD=DIR repeats the exports with another build's llm-export (e.g. one from before the
 # streaming export) and checks that both write the same bytes.
-# usage: benchmarks/export.sh [BUILD_DIR]   (from the repository root; needs ~15 GB of /tmp)
+# usage: benchmarks/export.sh [BUILD_DIR]   (from the repository root; needs python3-torch and ~18 GB
+#        of /tmp with OLD_BUILD, ~13 GB without)
 set -euo pipefail
 build=$(realpath "${1:-build}")
 old=${OLD_BUILD:+$(realpath "$OLD_BUILD")}
@@ -75,22 +76,21 @@ if [ -n "$old" ]; then
   timed "OLD_BUILD: LoRA checkpoint -> merged bf16" "$old" --checkpoint "$ck" --out "$work/merged-old" --dtype bfloat16
   # Same values (the tensors' order within a file may differ: compare through a reader).
   /usr/bin/python3 - "$work" <<'PY'
-import json, struct, sys
-def tensors(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
-    header.pop("__metadata__", None)
-    return {k: (v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]]) for k, v in header.items()}
-def folder(d):
-    import glob
+import glob, json, mmap, struct, sys
+def tensors(d):  # name -> (dtype, shape, the bytes as a memoryview of the mapped file)
     out = {}
     for p in sorted(glob.glob(d + "/*.safetensors")):
-        out.update(tensors(p))
+        f = open(p, "rb")
+        m = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        n = struct.unpack("<Q", m[:8])[0]
+        header = json.loads(bytes(m[8:8 + n]))
+        header.pop("__metadata__", None)
+        for k, v in header.items():
+            b, e = v["data_offsets"]
+            out[k] = (v["dtype"], v["shape"], m[8 + n + b:8 + n + e])
     return out
 for new, old in [("bf16", "bf16-old"), ("merged", "merged-old")]:
-    a, b = folder(sys.argv[1] + "/" + new), folder(sys.argv[1] + "/" + old)
+    a, b = tensors(sys.argv[1] + "/" + new), tensors(sys.argv[1] + "/" + old)
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a), new + " differs from " + old
     print(f"{new}: the same {len(a)} tensors, byte for byte, as OLD_BUILD's")
 PY

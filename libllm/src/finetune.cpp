@@ -48,12 +48,12 @@ std::vector<std::pair<std::string, LinearImpl*>> linears(Transformer& model) {
 
 }  // namespace
 
-void apply_lora(Transformer& model, const LoraConfig& cfg) {
+std::vector<std::pair<std::string, LinearImpl*>> lora_target_layers(Transformer& model, const LoraConfig& cfg) {
   std::set<std::string> wanted(cfg.targets.begin(), cfg.targets.end()), found;
-  for (auto& p : model->parameters()) p.set_requires_grad(false);
+  std::vector<std::pair<std::string, LinearImpl*>> out;
   for (auto& [name, lin] : linears(model)) {
     if (!wanted.count(leaf(name))) continue;
-    lin->add_lora(cfg.rank, cfg.alpha, cfg.dropout);
+    out.emplace_back(name, lin);
     found.insert(leaf(name));
   }
   for (const auto& t : wanted) {
@@ -64,6 +64,13 @@ void apply_lora(Transformer& model, const LoraConfig& cfg) {
     for (const auto& n : names) list += (list.empty() ? "" : ", ") + n;
     throw Error("lora.targets", "'" + t + "' names no projection of this model", "its projections: " + list);
   }
+  return out;
+}
+
+void apply_lora(Transformer& model, const LoraConfig& cfg) {
+  const auto targets = lora_target_layers(model, cfg);
+  for (auto& p : model->parameters()) p.set_requires_grad(false);
+  for (auto& [name, lin] : targets) lin->add_lora(cfg.rank, cfg.alpha, cfg.dropout);
 }
 
 void merge_lora(Transformer& model) {

@@ -427,7 +427,10 @@ void load_weights(const std::string& dir, const ParamShapes& params, bool tied,
   WeightIndex idx = open_weights(dir);
   check_weights(idx, params, tied);
   torch::NoGradGuard no_grad;
-  for (const auto& [name, shape] : params) store(name, idx.view(name));
+  for (const auto& [name, shape] : params) {
+    store(name, idx.view(name));
+    idx.release(name);  // copied: its pages need not stay in this process's resident memory
+  }
 }
 
 void load_weights(Transformer& model, const std::string& dir) {
@@ -836,8 +839,19 @@ namespace {
 // folder is checked as load_pretrained checks it (its base's fingerprint, every tensor's name and
 // shape from the headers) before anything is read.
 class FolderChain {
+  // Building a model draws its init seed from torch's CPU generator (apply_lora draws too): a
+  // reader must leave the generator as it found it (a run's dropout masks come next).
+  struct KeepRng {
+    const torch::Tensor state = at::detail::getDefaultCPUGenerator().get_state();
+    ~KeepRng() {
+      at::Generator cpu = at::detail::getDefaultCPUGenerator();  // a handle on the default generator
+      cpu.set_state(state);
+    }
+  };
+
  public:
   explicit FolderChain(const Pretrained& top) {
+    KeepRng keep;
     std::vector<Pretrained> infos{top};  // top first; infos.size() - 1 adapters-only folders above the last
     while (!infos.back().base.empty()) infos.push_back(checked_base(infos.back(), static_cast<int>(infos.size())));
     for (size_t k = infos.size(); k-- > 0;) add_level(infos[k], k + 1 == infos.size());
@@ -845,6 +859,8 @@ class FolderChain {
 
   // The weights an HF export holds (no adapters), in the model's order.
   const ParamShapes& weights() const { return weights_; }
+  // The model's config, as the root folder gives it (what loading the chain builds).
+  const ModelConfig& config() const { return levels_.front().info.config; }
 
   // Weight `name` with every adapter of the chain merged in fp32, root first (as loading a chain
   // and merging it does, bit for bit), then cast to `dtype`: a fresh tensor. The folder's pages it
@@ -857,18 +873,24 @@ class FolderChain {
       const auto it = l.adapted.find(name);
       if (it == l.adapted.end()) continue;
       const Adapter& a = it->second;
-      w = w + torch::matmul(l.idx.view(a.b).to(torch::kFloat32), l.idx.view(a.a).to(torch::kFloat32)) * a.scale;
+      // Fresh, aligned copies (a BLAS may round differently on the mapping's 8-byte alignment).
+      const auto A = l.idx.view(a.a).to(torch::kFloat32, false, /*copy=*/true);
+      const auto B = l.idx.view(a.b).to(torch::kFloat32, false, /*copy=*/true);
+      w = w + torch::matmul(B, A) * a.scale;
+      l.idx.release(a.a);
+      l.idx.release(a.b);
     }
     torch::Tensor out = w.to(dtype).contiguous();
     const WeightIndex::Entry& e = root.tensors.at(name);
     if (e.st && out.data_ptr() == static_cast<const void*>(e.st->data(*e.st_info)))
-      out = out.clone();  // still a view of the mapping (stored in `dtype`, no adapter): copied before its pages go
+      out = out.clone();  // still a view of the mapping (stored in `dtype`, no adapter): a tensor of its own
     root.release(name);
     return out;
   }
 
   // A deferred model (no base weights) carrying the top folder's LoRA adapters, as stored.
   Transformer adapters() const {
+    KeepRng keep;
     const Level& top = levels_.back();
     Transformer m(top.info.config, TransformerImpl::Deferred{torch::kFloat32});
     if (!top.info.has_lora) return m;
@@ -893,17 +915,20 @@ class FolderChain {
   void add_level(const Pretrained& info, bool root) {
     Level l{info, open_weights(info.dir), {}};
     Transformer m(info.config, TransformerImpl::Deferred{torch::kFloat32});  // names and shapes only
-    if (info.has_lora) apply_lora(m, info.lora);
-    ParamShapes params;
-    for (auto& p : m->named_parameters()) {
-      if (!root && !is_adapter_weight(p.key())) continue;  // adapters only: the base is below
-      params.emplace_back(p.key(), p.value().sizes().vec());
-      if (root && !is_adapter_weight(p.key())) weights_.emplace_back(p.key(), p.value().sizes().vec());
+    ParamShapes params;  // what the folder holds: the weights (root only), then the adapters
+    if (root) {
+      for (auto& p : m->named_parameters()) params.emplace_back(p.key(), p.value().sizes().vec());
+      weights_ = params;
     }
+    if (info.has_lora)  // adapter names and shapes as apply_lora would make them, none allocated
+      for (auto& [module, lin] : lora_target_layers(m, info.lora)) {
+        const Adapter a{module + ".lora_A.weight", module + ".lora_B.weight",
+                        info.lora.alpha / static_cast<double>(info.lora.rank)};
+        params.emplace_back(a.a, std::vector<int64_t>{info.lora.rank, lin->weight.size(1)});  // (r, in)
+        params.emplace_back(a.b, std::vector<int64_t>{lin->weight.size(0), info.lora.rank});  // (out, r)
+        l.adapted[module + ".weight"] = a;
+      }
     check_weights(l.idx, params, !m->lm_head);
-    for (auto& mod : m->named_modules("", /*include_self=*/false))
-      if (auto* lin = mod.value()->as<LinearImpl>(); lin && lin->has_lora())
-        l.adapted[mod.key() + ".weight"] = {mod.key() + ".lora_A.weight", mod.key() + ".lora_B.weight", lin->lora_scale()};
     levels_.push_back(std::move(l));
   }
 
@@ -919,7 +944,13 @@ void export_hf(const Pretrained& info, const std::string& dir, const ExportOptio
   std::vector<LazyWeight> weights;
   for (const auto& [name, shape] : chain.weights())
     weights.push_back({name, shape, [&chain, name = name, dtype] { return chain.weight(name, dtype); }});
-  export_hf(info.config, weights, dir, opts);
+  export_hf(chain.config(), weights, dir, opts);
+}
+
+void for_each_merged_weight(const Pretrained& info, torch::Dtype dtype,
+                            const std::function<void(const std::string&, const torch::Tensor&)>& store) {
+  const FolderChain chain(info);
+  for (const auto& [name, shape] : chain.weights()) store(name, chain.weight(name, dtype));
 }
 
 void export_peft_adapter(const Pretrained& info, const std::string& dir, const std::string& base_model_name_or_path) {

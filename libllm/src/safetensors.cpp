@@ -439,7 +439,8 @@ const uint8_t* File::data(const TensorInfo& t) const {
 void File::release(const TensorInfo& t) const {
   const uint8_t* first = data(t);
   const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  // Whole pages inside the mapping (a page shared with a neighbour is read back when it is used).
+  // The pages the tensor touches (a neighbour sharing its first or last page, or the header, is
+  // read back from the file when next used: the mapping is read-only).
   const uintptr_t begin = reinterpret_cast<uintptr_t>(first) & ~(page - 1);
   const uintptr_t end = reinterpret_cast<uintptr_t>(first) + (t.end - t.begin);
   if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);  // (advice: failure is harmless)

@@ -465,6 +465,12 @@ std::vector<std::pair<std::string, torch::Tensor>> FullySharded::gather_weights(
 }
 
 void FullySharded::load_weights(const std::string& dir, Which which) {
+  Pretrained folder;  // a plain weights folder: read as stored
+  folder.dir = dir;
+  load_weights(folder, which);
+}
+
+void FullySharded::load_weights(const Pretrained& base, Which which) {
   torch::NoGradGuard no_grad;
   std::vector<std::pair<std::string, std::vector<int64_t>>> params;
   std::map<std::string, std::pair<Unit*, size_t>> where;
@@ -474,7 +480,7 @@ void FullySharded::load_weights(const std::string& dir, Which which) {
       where[up->names[i]] = {up.get(), i};
     }
   const int64_t rank = shard_->rank();
-  libllm::load_weights(dir, params, !model_->lm_head, [&](const std::string& name, const torch::Tensor& src) {
+  const auto store = [&](const std::string& name, const torch::Tensor& src) {  // this rank's elements
     auto [u, i] = where.at(name);
     auto flat = src.reshape({-1});
     if (stage_ == 2) {
@@ -484,7 +490,20 @@ void FullySharded::load_weights(const std::string& dir, Which which) {
     const int64_t lo = std::max(u->offsets[i], rank * u->chunk);
     const int64_t hi = std::min(u->offsets[i] + u->numels[i], (rank + 1) * u->chunk);
     if (lo < hi) u->shard.narrow(0, lo - rank * u->chunk, hi - lo).copy_(flat.narrow(0, lo - u->offsets[i], hi - lo));
-  });
+  };
+  if (!base.has_lora && base.base.empty()) {
+    libllm::load_weights(base.dir, params, !model_->lm_head, store);
+  } else {  // adapters to merge: the plain model's weights, merged in fp32 (copy_ rounds to the unit's dtype)
+    size_t stored = 0;
+    for_each_merged_weight(base, torch::kFloat32, [&](const std::string& name, const torch::Tensor& w) {
+      if (!where.count(name)) return;  // (Which::frozen: a LoRA run's base; its adapters are new)
+      store(name, w);
+      ++stored;
+    });
+    if (stored != where.size())
+      throw Error(base.dir, "holds " + std::to_string(stored) + " of the " + std::to_string(where.size()) +
+                                " weights this model reads from it", "the base does not match the model");
+  }
   for (auto& up : units_) release(*up);
 }
 

@@ -390,8 +390,9 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   // ZeRO-2/3 build the model deferred: the engine computes (stage 3: only this rank's part of)
   // the initial weights, or reads them from the base's file, so no rank holds the whole model.
   // With LoRA, the frozen base is sharded the same way and the adapters (added to the deferred
-  // model, from the same seed as below) train as shards of their own.
-  const bool base_sharded = base && fully_sharded && !base->has_lora;
+  // model, from the same seed as below) train as shards of their own. A LoRA checkpoint as the
+  // base has its adapters merged into each weight as it is read.
+  const bool base_sharded = base && fully_sharded;
   if (base_sharded) {
     run.model = Transformer(base->config, TransformerImpl::Deferred{dtype});
     torch::manual_seed(static_cast<uint64_t>(tc.seed));
@@ -422,8 +423,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     run.fsdp = std::make_unique<FullySharded>(run.model, tc.sharding == "zero2" ? 2 : 3, group, recipe.optim, dist,
                                               run.device, /*init_deferred=*/!base_sharded);
     if (base_sharded)  // each rank reads its own elements
-      run.fsdp->load_weights(base->dir, recipe.finetune.method == "lora" ? FullySharded::Which::frozen
-                                                                          : FullySharded::Which::all);
+      run.fsdp->load_weights(*base, recipe.finetune.method == "lora" ? FullySharded::Which::frozen
+                                                                      : FullySharded::Which::all);
   } else {
     run.model->to(run.device);
     if (tc.sharding == "zero1") run.sharded = std::make_unique<ShardedAdamW>(trainable_parameters(run.model), recipe.optim, dist);

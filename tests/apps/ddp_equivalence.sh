@@ -3,12 +3,13 @@
 # as 1 process with twice the gradient accumulation, on the same global batch.
 # usage: ddp_equivalence.sh BIN_DIR RECIPE WORK_DIR -- [--set ...]
 set -euo pipefail
+. "$(dirname "$0")/free_port.sh"
 bin=$1 recipe=$2 work=$3; shift 4
 rm -rf "$work" && mkdir -p "$work"
 common=(--set train.steps=6 --set train.micro_batch=2 --set train.seq_len=16 --set train.global_batch_tokens=64
         --set train.eval_every=0 --set train.sample_tokens=0 --set checkpoint.resume=none --set train.plot=false "$@")
 "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/one" > "$work/one.log" 2>&1
-port=$((20000 + $$ % 20000))
+port=$(free_port)
 for r in 0 1; do
   WORLD_SIZE=2 RANK=$r LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
     timeout 120 "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/two" > "$work/two.$r.log" 2>&1 &

@@ -10,6 +10,7 @@
 #              rank 0 completes no folder without rank 1's optimizer shard; likewise when a stale
 #              folder of the checkpoint's partial name under rank 1's directory takes rank 1's shard
 set -euo pipefail
+. "$(dirname "$0")/free_port.sh"
 bin=$1 recipe=$2 work=$3 mode=$4; shift 5
 rm -rf "$work" && mkdir -p "$work"
 common=(--set train.sample_prompts=[] --set train.plot=false --set train.eval_every=0 "$@")
@@ -40,7 +41,7 @@ full-disk)
   echo "full-disk ok"
   ;;
 dead-peer)
-  port=$((20000 + $$ % 20000))
+  port=$(free_port)
   for r in 0 1; do
     WORLD_SIZE=2 RANK=$r LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
       timeout 120 "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/run" --set train.steps=100000 \
@@ -66,11 +67,10 @@ dead-peer)
 unshared-run-dir)
   bin=$(cd "$bin" && pwd) work=$(cd "$work" && pwd) recipe="$(cd "$(dirname "$recipe")" && pwd)/$(basename "$recipe")"
   tok="$(cd "$(dirname "$recipe")/../fixtures" && pwd)/tokenizer.model"
-  port=$((20000 + $$ % 20000))
   for case in missing stale; do
     mkdir -p "$work/$case/0" "$work/$case/1"
     if [ "$case" = stale ]; then mkdir -p "$work/$case/1/run/checkpoints/step-00000002.tmp-sharded"; fi
-    port=$((port + 1))
+    port=$(free_port)
     for r in 0 1; do
       ( cd "$work/$case/$r" && WORLD_SIZE=2 RANK=$r LOCAL_RANK=$r LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 \
           MASTER_PORT=$port exec timeout 120 "$bin/llm-pretrain" "$recipe" "${common[@]}" --set tokenizer.path="$tok" \

@@ -6,6 +6,7 @@
 # the KV cache answers the same (greedy) -> the LoRA checkpoint holds only its adapters.
 # usage: finetune_tests.sh BIN_DIR SRC_DIR PRETRAIN_RECIPE WORK_DIR -- [--set ...] (the pretraining data sets)
 set -euo pipefail
+. "$(dirname "$0")/free_port.sh"
 bin=$1 src=$2 recipe=$3 work=$4; shift 5
 rm -rf "$work" && mkdir -p "$work"
 fail() { echo "FAILED: $*"; for f in "$work"/*.log; do echo "--- $f"; tail -25 "$f"; done; exit 1; }
@@ -78,7 +79,7 @@ cmp -s "$work/packed/data_sequence.jsonl" "$work/packed-resumed/data_sequence.js
 dp=("${packed[@]}" --set train.micro_batch=1 --set train.global_batch_tokens=320 --set checkpoint.every=0)
 "$bin/llm-finetune" "$work/ft.yaml" "${dp[@]}" --set train.run_dir="$work/packed-1" > "$work/packed-1.log" 2>&1 ||
   fail "llm-finetune chat.packed, 1 process"
-port=$((20000 + $$ % 20000))
+port=$(free_port)
 for r in 0 1; do
   WORLD_SIZE=2 RANK=$r LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port timeout 120 \
     "$bin/llm-finetune" "$work/ft.yaml" "${dp[@]}" --set train.run_dir="$work/packed-2" > "$work/packed-2.$r.log" 2>&1 &

@@ -7,8 +7,9 @@
 # zero1 also: 2 sharded ranks give exactly the losses of 2 replicated ranks (the update is
 #   elementwise); rank 0 of 2 holds at most 55% of the unsharded AdamW state.
 # zero2 and zero3 also: a LoRA fine-tune (bf16 base, dropout) gives the losses of 2 replicated
-#   ranks, resumed or not (zero3: hybrid LoRA on 4 ranks those of 4 replicated ranks; LoRA's
-#   per-rank memory on 2 ranks <= 60% of unsharded).
+#   ranks, resumed or not, and so does a LoRA fine-tune of that LoRA checkpoint (its adapters
+#   merged as each weight is read); zero3: hybrid LoRA on 4 ranks gives those of 4 replicated
+#   ranks; LoRA's per-rank memory on 2 ranks <= 60% of unsharded.
 # zero3 also: hybrid sharding over 4 ranks (2 shard groups of 2) gives the same losses (1e-6), and
 #   a mixture-of-experts model on 2 ZeRO-3 ranks (blocks checkpointed, routing recomputed) gives
 #   the losses of 2 replicated ranks, and so does a full fine-tune of the straight run's checkpoint;
@@ -17,6 +18,7 @@
 #   unsharded process holds, at the peak of a step (the trainer's measured "state_mib").
 # usage: zero_tests.sh BIN_DIR RECIPE WORK_DIR STAGE -- [--set ...]
 set -euo pipefail
+. "$(dirname "$0")/free_port.sh"
 bin=$1 recipe=$2 work=$3 stage=$4; shift 5
 rm -rf "$work" && mkdir -p "$work"
 common=(--set train.steps=20 --set train.micro_batch=2 --set train.seq_len=16 --set train.global_batch_tokens=192
@@ -24,7 +26,7 @@ common=(--set train.steps=20 --set train.micro_batch=2 --set train.seq_len=16 --
         --set checkpoint.every=10 --set checkpoint.keep_last=5 --set checkpoint.resume=none "$@" --set optim.lr=0.002)
 # (lr 0.002, not the fixture recipe's 0.01: there, the ~1e-7 rounding differences of summing the
 # gradients of 1, 2 or 3 ranks in another order grow to ~5e-6 within 10 steps, replicated or not.)
-port=$((20000 + $$ % 20000))
+port=$(free_port)
 launch() {  # launch NAME WORLD [--set ...]
   local name=$1 world=$2; shift 2
   if [ "$world" = 1 ]; then
@@ -32,7 +34,7 @@ launch() {  # launch NAME WORLD [--set ...]
       { cat "$work/$name.log"; exit 1; }
     return
   fi
-  port=$((port + 1))
+  port=$(free_port)
   local pids=() r
   for r in $(seq 0 $((world - 1))); do
     WORLD_SIZE=$world RANK=$r LOCAL_RANK=$r LOCAL_WORLD_SIZE=$world MASTER_ADDR=127.0.0.1 MASTER_PORT=$port timeout 200 \
@@ -124,6 +126,23 @@ if [ "$stage" != zero1 ]; then
   program=llm-finetune launch lora-resume 2 --set train.sharding=$stage "${lora[@]}" --set checkpoint.resume=auto
   grep -q "resumed from .*step-00000010" "$work/lora-resume.0.log" || { echo "no LoRA resume"; exit 1; }
   compare lora-ddp lora-resume
+  # A LoRA checkpoint that holds only its adapters, as the base: each rank merges them into every
+  # weight as it reads it (one weight at a time) and keeps its slice; the replicated ranks merge
+  # the whole base first. In bf16 the first step's loss (the adapters start at zero: the merged,
+  # rounded base alone) is the same to the bit; 20 steps give the same losses in fp32 (in bf16 the
+  # ~1e-10 differences of summing the adapters' gradients in another order flip a rounding after
+  # ~17 steps, as in the hybrid comparison below).
+  lora2=("${lora[@]}" --set finetune.base="$work/lora-ddp/checkpoints/step-00000020")
+  program=llm-finetune launch lora2-ddp-bf16 2 --set train.sharding=none "${lora2[@]}" --set train.steps=1
+  program=llm-finetune launch lora2-$stage-bf16 2 --set train.sharding=$stage "${lora2[@]}" --set train.steps=1
+  grep -q "fine-tuning .*lora-ddp/checkpoints/step-00000020 (libllm)" "$work/lora2-$stage-bf16.0.log" ||
+    { echo "not on the LoRA base"; cat "$work/lora2-$stage-bf16.0.log"; exit 1; }
+  [ "$(losses lora2-ddp-bf16)" = "$(losses lora2-$stage-bf16)" ] ||
+    { echo "LoRA base, bf16: first loss $(losses lora2-$stage-bf16) != replicated $(losses lora2-ddp-bf16)"; exit 1; }
+  echo "LoRA base, bf16: first loss $(losses lora2-$stage-bf16), as replicated"
+  program=llm-finetune launch lora2-ddp 2 --set train.sharding=none "${lora2[@]}" --set train.dtype=fp32
+  program=llm-finetune launch lora2-$stage 2 --set train.sharding=$stage "${lora2[@]}" --set train.dtype=fp32
+  compare lora2-ddp lora2-$stage
   if [ "$stage" = zero3 ]; then
     # Hybrid (2 shard groups of 2): the frozen base sharded inside each group, the adapters'
     # gradient shards summed across groups; against 4 replicated ranks (the same dropout masks).

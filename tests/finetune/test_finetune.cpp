@@ -379,7 +379,9 @@ TEST_CASE("a folder export streams one weight at a time and equals loading then 
   REQUIRE(inspect_pretrained(whole).has_lora);
   REQUIRE(inspect_pretrained(kb).base == fs::canonical(ka).string());
 
-  for (const std::string& folder : {base, ka, kb, whole})
+  // Also torch.save sources (a dense and an MoE model) and a tied fp16 one.
+  for (const std::string& folder : {base, ka, kb, whole, test::fixture("tiny-llama-bin"),
+                                    test::fixture("tiny-mixtral-bin"), test::fixture("tiny-mistral")})
     for (const std::string dtype : {"float32", "bfloat16"}) {
       INFO(folder << " as " << dtype);
       ExportOptions opts;

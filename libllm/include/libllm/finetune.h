@@ -38,6 +38,9 @@ struct LoraConfig {                // recipe section `lora` (finetune.method: lo
   void fields(Fields& f);
 };
 
+// The projections that `cfg.targets` names, as (module name, layer) in module order. A target that
+// names no projection of the model is an Error naming `lora.targets` and listing the model's.
+std::vector<std::pair<std::string, LinearImpl*>> lora_target_layers(Transformer& model, const LoraConfig& cfg);
 // Adds an adapter to every target projection (A random from torch's global RNG, B = 0) and
 // freezes every other parameter (requires_grad false). A target that names no module of the
 // model is an Error naming `lora.targets`.

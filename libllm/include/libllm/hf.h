@@ -40,8 +40,9 @@ void load_weights(Transformer& model, const std::string& dir);
 size_t load_adapter_weights(Transformer& model, const std::string& dir);
 // The same checks for parameters that are not materialized (ZeRO-3 keeps only a shard of each):
 // `params` lists every parameter's (name, shape); store(name, src) gets each stored tensor (a
-// read-only view of the file, in its stored dtype) once its shape is checked. `tied`: the model
-// has no lm_head (a stored one is ignored).
+// read-only view of the file, in its stored dtype, valid during the call: store copies what it
+// keeps) once every shape is checked; its mapped pages leave the resident set after the call.
+// `tied`: the model has no lm_head (a stored one is ignored).
 void load_weights(const std::string& dir, const std::vector<std::pair<std::string, std::vector<int64_t>>>& params,
                   bool tied, const std::function<void(const std::string&, const torch::Tensor&)>& store);
 
@@ -122,6 +123,13 @@ void load_pretrained_merged(Pretrained& info, torch::Dtype dtype);
 // bit for bit, then cast and written. Host memory holds about one fp32 weight (the largest: the
 // embedding) instead of the model, so a 65B model exports on a machine with far less memory.
 void export_hf(const Pretrained& info, const std::string& dir, const ExportOptions& opts);
+// The weights of model folder `info` with every LoRA adapter of its chain of bases merged in
+// fp32, one at a time: store(name, w) gets each weight of the plain model (no adapters), in the
+// model's order, w in `dtype` (a fresh tensor), as load_pretrained_merged(info, dtype) would hold
+// it, bit for bit. Every folder is checked from its headers before any weight is read. (A ZeRO-3
+// rank keeps its slice of each: a LoRA base never has to be in memory whole.)
+void for_each_merged_weight(const Pretrained& info, torch::Dtype dtype,
+                            const std::function<void(const std::string&, const torch::Tensor&)>& store);
 // export_peft_adapter for LoRA checkpoint folder `info`, reading only its adapters (the chain of
 // bases is checked, not read). A folder without adapters is an Error naming it.
 void export_peft_adapter(const Pretrained& info, const std::string& dir, const std::string& base_model_name_or_path);

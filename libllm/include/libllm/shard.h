@@ -30,6 +30,7 @@ namespace libllm {
 
 class Distributed;
 class Pending;
+struct Pretrained;
 
 // A slice of one parameter's flattened elements: [offset, offset + length).
 struct ShardPiece {
@@ -115,6 +116,10 @@ class FullySharded : public BlockHooks {
   // or the trainable ones (a LoRA checkpoint that holds only its adapters).
   enum class Which { all, frozen, trainable };
   void load_weights(const std::string& dir, Which which = Which::all);
+  // The same from model folder `base` (inspect_pretrained): a LoRA checkpoint's adapters, and
+  // those of its chain of bases, are merged into each weight as it is read (for_each_merged_weight,
+  // one weight at a time), so a LoRA base is never whole in any rank's memory.
+  void load_weights(const Pretrained& base, Which which);
 
   // Bytes of parameters + gradients + optimizer state this rank holds now, and the most it held
   // at any moment since reset_peak() (gathered weights and full gradients included).
