@@ -657,8 +657,11 @@ void export_hf(const ModelConfig& config, const std::vector<LazyWeight>& weights
       fs::copy_file(opts.tokenizer_path, tmp / "tokenizer.model", ec);
       if (ec) throw Error(opts.tokenizer_path, "cannot copy tokenizer: " + ec.message());
       // LlamaTokenizer in legacy mode: Tokenizer::encode_with_specials tokenizes as it does.
-      json tc = {{"tokenizer_class", "LlamaTokenizer"}, {"add_bos_token", true}, {"add_eos_token", false},
-                 {"model_max_length", config.max_seq_len}, {"legacy", true}};
+      json tc = {{"tokenizer_class", "LlamaTokenizer"},
+                 {"add_bos_token", true},
+                 {"add_eos_token", false},
+                 {"model_max_length", config.max_seq_len},
+                 {"legacy", true}};
       if (tok.bos_id() >= 0) tc["bos_token"] = tok.piece(tok.bos_id());
       if (tok.eos_id() >= 0) tc["eos_token"] = tok.piece(tok.eos_id());
       if (tok.unk_id() >= 0) tc["unk_token"] = tok.piece(tok.unk_id());
@@ -783,16 +786,20 @@ Pretrained checked_base(const Pretrained& info, int depth) {
     throw Error(info.dir, info.base_missing,
                 "put the base model folder back there, or run from a folder where recipe.yaml's finetune.base is");
   if (depth > 32)
-    throw Error(info.dir, "its chain of LoRA bases is over 32 deep (a cycle?)", "export a merged model and fine-tune that");
+    throw Error(info.dir, "its chain of LoRA bases is over 32 deep (a cycle?)",
+                "export a merged model and fine-tune that");
   if (!info.base_fingerprint.empty() && model_fingerprint(info.base) != info.base_fingerprint)
-    throw Error(info.dir, "its LoRA base " + info.base + " has changed since the adapters were trained (another "
-                          "model or revision at that path)",
+    throw Error(info.dir,
+                "its LoRA base " + info.base +
+                    " has changed since the adapters were trained (another "
+                    "model or revision at that path)",
                 "restore the base the adapters were trained on");
   Pretrained b = inspect_pretrained(info.base);
   if (count_parameters(b.config).total != count_parameters(info.config).total ||
       b.config.hf_architecture() != info.config.hf_architecture())
-    throw Error(info.dir, "its LoRA base " + info.base + " is another model (" + b.config.hf_architecture() + ", " +
-                              std::to_string(count_parameters(b.config).total) + " parameters)",
+    throw Error(info.dir,
+                "its LoRA base " + info.base + " is another model (" + b.config.hf_architecture() + ", " +
+                    std::to_string(count_parameters(b.config).total) + " parameters)",
                 "the adapters were trained on a different base; restore the original one");
   return b;
 }
@@ -955,7 +962,8 @@ void for_each_merged_weight(const Pretrained& info, torch::Dtype dtype,
 
 void export_peft_adapter(const Pretrained& info, const std::string& dir, const std::string& base_model_name_or_path) {
   if (!info.has_lora)
-    throw Error(info.dir, "is not a LoRA fine-tuning checkpoint: it has no adapters to export", "export the merged model instead");
+    throw Error(info.dir, "is not a LoRA fine-tuning checkpoint: it has no adapters to export",
+                "export the merged model instead");
   Transformer m = FolderChain(info).adapters();
   export_peft_adapter(m, info.lora, dir, base_model_name_or_path);
 }

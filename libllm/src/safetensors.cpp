@@ -443,7 +443,8 @@ void File::release(const TensorInfo& t) const {
   // read back from the file when next used: the mapping is read-only).
   const uintptr_t begin = reinterpret_cast<uintptr_t>(first) & ~(page - 1);
   const uintptr_t end = reinterpret_cast<uintptr_t>(first) + (t.end - t.begin);
-  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);  // (advice: failure is harmless)
+  if (end > begin)
+    ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);  // (advice: failure is harmless)
 }
 
 struct StreamWriter::Impl {

@@ -501,8 +501,10 @@ void FullySharded::load_weights(const Pretrained& base, Which which) {
       ++stored;
     });
     if (stored != where.size())
-      throw Error(base.dir, "holds " + std::to_string(stored) + " of the " + std::to_string(where.size()) +
-                                " weights this model reads from it", "the base does not match the model");
+      throw Error(base.dir,
+                  "holds " + std::to_string(stored) + " of the " + std::to_string(where.size()) +
+                      " weights this model reads from it",
+                  "the base does not match the model");
   }
   for (auto& up : units_) release(*up);
 }

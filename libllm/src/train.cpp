@@ -423,8 +423,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     run.fsdp = std::make_unique<FullySharded>(run.model, tc.sharding == "zero2" ? 2 : 3, group, recipe.optim, dist,
                                               run.device, /*init_deferred=*/!base_sharded);
     if (base_sharded)  // each rank reads its own elements
-      run.fsdp->load_weights(*base, recipe.finetune.method == "lora" ? FullySharded::Which::frozen
-                                                                      : FullySharded::Which::all);
+      run.fsdp->load_weights(*base,
+                             recipe.finetune.method == "lora" ? FullySharded::Which::frozen : FullySharded::Which::all);
   } else {
     run.model->to(run.device);
     if (tc.sharding == "zero1") run.sharded = std::make_unique<ShardedAdamW>(trainable_parameters(run.model), recipe.optim, dist);

@@ -81,9 +81,9 @@ struct ExportOptions {
 // The "chat_template" of DIR/tokenizer_config.json: "" when the file or the key is absent; of a
 // list of named templates, the one named "default". A file that is not JSON is an Error.
 std::string read_chat_template(const std::string& dir);
-// Writes `model` as an HF folder at `dir` (LoRA adapters merged into their weights): built under a temporary name and renamed into place
-// when complete (an existing `dir` is replaced only then, and only when it is empty or an earlier export).
-// Tensors are merged, converted and written one at a time.
+// Writes `model` as an HF folder at `dir` (LoRA adapters merged into their weights): built under a temporary name and
+// renamed into place when complete (an existing `dir` is replaced only then, and only when it is empty or an earlier
+// export). Tensors are merged, converted and written one at a time.
 void export_hf(Transformer& model, const std::string& dir, const ExportOptions& opts);
 // The same for weights made one at a time (merged_weights_lazy, or a trainer's own source) of a
 // model of shape `config`: each weight's value() is called once, converted, written and dropped.
