@@ -20,34 +20,11 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir "$work/bin"
 cp tests/fixtures/tokenizer.model "$work/bin/"
-/usr/bin/python3 - "$work/bin" "$work/chat.jsonl" <<'PY'
-import json, os, sys, torch
-out = sys.argv[1]
-D, F, V, L, H, KV = 2048, 5632, 32000, 22, 32, 4
-json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": V, "hidden_size": D,
-           "intermediate_size": F, "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": KV,
-           "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-           "tie_word_embeddings": False, "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2},
-          open(os.path.join(out, "config.json"), "w"))
-torch.manual_seed(0)
-kv = D // H * KV
-sd = {"model.embed_tokens.weight": torch.randn(V, D) * 0.02, "model.norm.weight": torch.ones(D),
-      "lm_head.weight": torch.randn(V, D) * 0.02}
-for i in range(L):
-    p = f"model.layers.{i}."
-    for n, rows in [("q_proj", D), ("k_proj", kv), ("v_proj", kv), ("o_proj", D)]:
-        sd[p + "self_attn." + n + ".weight"] = torch.randn(rows, D) * 0.02
-    sd[p + "mlp.gate_proj.weight"] = torch.randn(F, D) * 0.02
-    sd[p + "mlp.up_proj.weight"] = torch.randn(F, D) * 0.02
-    sd[p + "mlp.down_proj.weight"] = torch.randn(D, F) * 0.02
-    sd[p + "input_layernorm.weight"] = torch.ones(D)
-    sd[p + "post_attention_layernorm.weight"] = torch.ones(D)
-torch.save(sd, os.path.join(out, "pytorch_model.bin"))
-print(f"model: {sum(t.numel() for t in sd.values()) / 1e9:.3f} B parameters, fp32")
-with open(sys.argv[2], "w") as f:
-    for i in range(16):
-        f.write(json.dumps({"prompt": f"Say the number {i}.", "response": f"The number is {i}."}) + "\n")
-PY
+/usr/bin/python3 benchmarks/random_llama.py "$work/bin" 2048 5632 32000 22 32 4
+/usr/bin/python3 -c 'import json, sys
+with open(sys.argv[1], "w") as f:
+    for i in range(16): f.write(json.dumps({"prompt": f"Say the number {i}.", "response": f"The number is {i}."}) + "\n")' \
+  "$work/chat.jsonl"
 
 timed() {  # timed LABEL BUILD ARGS...: runs BUILD's llm-export, prints seconds and peak RSS
   local label=$1 b=$2

@@ -12,29 +12,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir "$work/bin"
 cp tests/fixtures/tokenizer.model "$work/bin/"
-/usr/bin/python3 - "$work/bin" <<'PY'
-import json, os, sys, torch
-out = sys.argv[1]
-D, F, V, L = 1024, 2816, 32000, 12
-json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": V, "hidden_size": D,
-           "intermediate_size": F, "num_hidden_layers": L, "num_attention_heads": 16, "num_key_value_heads": 16,
-           "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-           "tie_word_embeddings": False, "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2},
-          open(os.path.join(out, "config.json"), "w"))
-torch.manual_seed(0)
-sd = {"model.embed_tokens.weight": torch.randn(V, D) * 0.02, "model.norm.weight": torch.ones(D),
-      "lm_head.weight": torch.randn(V, D) * 0.02}
-for i in range(L):
-    p = f"model.layers.{i}."
-    for n in ["q_proj", "k_proj", "v_proj", "o_proj"]:
-        sd[p + "self_attn." + n + ".weight"] = torch.randn(D, D) * 0.02
-    sd[p + "mlp.gate_proj.weight"] = torch.randn(F, D) * 0.02
-    sd[p + "mlp.up_proj.weight"] = torch.randn(F, D) * 0.02
-    sd[p + "mlp.down_proj.weight"] = torch.randn(D, F) * 0.02
-    sd[p + "input_layernorm.weight"] = torch.ones(D)
-    sd[p + "post_attention_layernorm.weight"] = torch.ones(D)
-torch.save(sd, os.path.join(out, "pytorch_model.bin"))
-PY
+/usr/bin/python3 benchmarks/random_llama.py "$work/bin" 1024 2816 32000 12 16 16 > /dev/null
 "$build/bin/llm-export" --checkpoint "$work/bin" --out "$work/st" --dtype float32 > /dev/null
 "$build/bin/llm-export" --checkpoint "$work/st" --out "$work/st2" --dtype float32 > /dev/null
 cmp "$work/st/model.safetensors" "$work/st2/model.safetensors"  # the .bin and its conversion load the same
