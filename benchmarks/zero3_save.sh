@@ -10,7 +10,9 @@ build=${1:-build}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 [ -d "$build/app-test-run/train" ] || { echo "run the tests first (ctest -R apps.data.tiny): no $build/app-test-run"; exit 1; }
-port=$((21000 + $$ % 2000))
+. tests/apps/free_port.sh
+port=$(free_port)
+pids=()
 for r in 0 1; do
   WORLD_SIZE=2 RANK=$r LOCAL_RANK=$r LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
     /usr/bin/time -f "%M" -o "$work/rss-$r" "$build/bin/llm-pretrain" tests/apps/tiny-pretrain.yaml \
@@ -19,8 +21,9 @@ for r in 0 1; do
     --set train.sharding=zero3 --set train.activation_checkpointing=true --set train.steps=1 --set train.eval_every=0 \
     --set train.sample_tokens=0 --set train.plot=false --set checkpoint.resume=none --set train.run_dir="$work/run" \
     > "$work/log-$r" 2>&1 &
+  pids+=($!)
 done
-wait
+for r in 0 1; do wait "${pids[$r]}" || { echo "rank $r failed:"; tail -n 20 "$work/log-$r"; exit 1; }; done
 grep "model:" "$work/log-0" | tail -n 1
 echo "model.safetensors: $(stat -c %s "$work"/run/checkpoints/step-00000001/model.safetensors) bytes"
 echo "peak RSS: rank 0 (writes the weights) $(( $(cat "$work/rss-0") / 1024 )) MiB, rank 1 $(( $(cat "$work/rss-1") / 1024 )) MiB"

@@ -355,15 +355,20 @@ std::string save_checkpoint_sharded(const std::string& root, const WeightStream&
         error = e.what();
       }
     }
-    weights.produce([&](const std::string& name, const torch::Tensor& value) {
-      if (!writer || !error.empty() || !kept(name)) return;
-      try {
-        const auto t = value.detach().to(torch::kCPU).contiguous();
-        writer->add(name, t.data_ptr(), static_cast<uint64_t>(t.numel() * t.element_size()));
-      } catch (const std::exception& e) {
-        error = e.what();
-      }
-    });
+    try {  // (a failed gather, e.g. a dead peer: no temporary folder is left behind)
+      weights.produce([&](const std::string& name, const torch::Tensor& value) {
+        if (!writer || !error.empty() || !kept(name)) return;
+        try {
+          const auto t = value.detach().to(torch::kCPU).contiguous();
+          writer->add(name, t.data_ptr(), static_cast<uint64_t>(t.numel() * t.element_size()));
+        } catch (const std::exception& e) {
+          error = e.what();
+        }
+      });
+    } catch (...) {
+      if (dist.is_main()) fs::remove_all(tmp, ec);
+      throw;
+    }
     if (writer && error.empty()) {
       try {
         writer->commit();

@@ -145,13 +145,11 @@ struct WeightIndex {
     if (e.st) e.st->release(*e.st_info);
   }
 
-  void add(const std::shared_ptr<safetensors::File>& f, const std::string& only = "") {
-    for (const auto& t : f->tensors())
-      if (only.empty() || t.name == only) tensors[t.name] = {f.get(), &t, nullptr, nullptr};
-  }
-  void add(const std::shared_ptr<torchfile::File>& f, const std::string& only = "") {
-    for (const auto& t : f->tensors())
-      if (only.empty() || t.name == only) tensors[t.name] = {nullptr, nullptr, f.get(), &t};
+  void add(const safetensors::File& f, const safetensors::TensorInfo& t) { tensors[t.name] = {&f, &t, nullptr, nullptr}; }
+  void add(const torchfile::File& f, const torchfile::TensorInfo& t) { tensors[t.name] = {nullptr, nullptr, &f, &t}; }
+  template <class F>
+  void add_all(const F& f) {
+    for (const auto& t : f.tensors()) add(f, t);
   }
 };
 
@@ -168,7 +166,6 @@ void read_index(const fs::path& index, const std::string& dir,
     if (fname.find('/') != std::string::npos || fname.find("..") != std::string::npos)
       throw Error(index.string() + ": weight_map." + name, "file name '" + fname + "' leaves the folder");
     const fs::path p = fs::path(dir) / fname;
-    if (!fs::exists(p)) throw Error(p.string(), "shard listed in the index is missing");
     if (!add_from_shard(p, name))
       throw Error(p.string() + ": tensor '" + name + "'", "listed in the index but not in the shard");
   }
@@ -181,9 +178,13 @@ void add_shards(WeightIndex& idx, const fs::path& index, std::vector<std::shared
   std::map<std::string, std::shared_ptr<F>> by_file;
   read_index(index, idx.dir, [&](const fs::path& p, const std::string& name) {
     auto& f = by_file[p.string()];
-    if (!f) files.push_back(f = F::open(p.string()));
-    if (!f->find(name)) return false;
-    idx.add(f, name);
+    if (!f) {
+      if (!fs::exists(p)) throw Error(p.string(), "shard listed in the index is missing");
+      files.push_back(f = F::open(p.string()));
+    }
+    const auto* t = f->find(name);
+    if (!t) return false;
+    idx.add(*f, *t);
     return true;
   });
 }
@@ -199,12 +200,12 @@ WeightIndex open_weights(const std::string& dir) {
     add_shards(idx, index, idx.files);
   } else if (fs::exists(single)) {
     idx.files.push_back(safetensors::File::open(single.string()));
-    idx.add(idx.files.back());
+    idx.add_all(*idx.files.back());
   } else if (fs::exists(bin_index)) {
     add_shards(idx, bin_index, idx.torch_files);
   } else if (fs::exists(bin)) {
     idx.torch_files.push_back(torchfile::File::open(bin.string()));
-    idx.add(idx.torch_files.back());
+    idx.add_all(*idx.torch_files.back());
   } else {
     throw Error(dir, "no weights: no model.safetensors(.index.json) or pytorch_model.bin(.index.json)",
                 "a Hugging Face model folder as save_pretrained writes it");
@@ -770,14 +771,6 @@ std::string model_fingerprint(const std::string& dir) {
 }
 
 namespace {
-thread_local int lora_depth = 0;  // adapters-only checkpoints being loaded on this thread, nested
-struct DepthGuard {
-  DepthGuard() { ++lora_depth; }
-  ~DepthGuard() { --lora_depth; }
-};
-}  // namespace
-
-namespace {
 
 // The base of adapters-only checkpoint `info`, inspected, once it is found to be the one the
 // adapters were trained on. `depth`: how many adapters-only folders lie above it (a cycle's cap).
@@ -806,39 +799,6 @@ Pretrained checked_base(const Pretrained& info, int depth) {
 
 }  // namespace
 
-void load_pretrained(Pretrained& info, torch::Dtype dtype) {
-  if (!info.base.empty()) {  // adapters only: the base first (a LoRA base merged in fp32), then them
-    DepthGuard depth;
-    Pretrained b = checked_base(info, lora_depth);
-    load_pretrained_merged(b, dtype);
-    info.model = b.model;
-    apply_lora(info.model, info.lora);
-    load_adapter_weights(info.model, info.dir);
-    return;
-  }
-  // Deferred: no random init, and each weight is allocated once, in `dtype`, as it is read.
-  info.model = Transformer(info.config, TransformerImpl::Deferred{dtype});
-  if (info.has_lora) apply_lora(info.model, info.lora);
-  load_weights(info.model, info.dir);
-}
-
-void load_pretrained_merged(Pretrained& info, torch::Dtype dtype) {
-  // In fp32 first when there are adapters to fold in: in bf16 most of their small update would
-  // round away.
-  load_pretrained(info, info.has_lora ? torch::kFloat32 : dtype);
-  if (has_lora(info.model)) {
-    merge_lora(info.model);
-    info.model->to(dtype);
-  }
-  for (auto& p : info.model->parameters()) p.set_requires_grad(true);
-}
-
-Pretrained load_pretrained(const std::string& dir, torch::Dtype dtype) {
-  Pretrained p = inspect_pretrained(dir);
-  load_pretrained(p, dtype);
-  return p;
-}
-
 namespace {
 
 // A model folder and the chain of bases under it (adapters-only LoRA checkpoints), read one weight
@@ -857,7 +817,9 @@ class FolderChain {
   };
 
  public:
-  explicit FolderChain(const Pretrained& top) {
+  // `merge_top` false: weight() leaves out the top folder's own adapters (a model that keeps them
+  // as adapters reads its base this way).
+  explicit FolderChain(const Pretrained& top, bool merge_top = true) : merge_top_(merge_top) {
     KeepRng keep;
     std::vector<Pretrained> infos{top};  // top first; infos.size() - 1 adapters-only folders above the last
     while (!infos.back().base.empty()) infos.push_back(checked_base(infos.back(), static_cast<int>(infos.size())));
@@ -875,8 +837,10 @@ class FolderChain {
   torch::Tensor weight(const std::string& name, torch::Dtype dtype) const {
     torch::NoGradGuard no_grad;
     const WeightIndex& root = levels_.front().idx;
-    torch::Tensor w = root.view(name).to(torch::kFloat32);
-    for (const Level& l : levels_) {
+    const torch::Tensor stored = root.view(name);
+    torch::Tensor w = stored.to(torch::kFloat32);
+    for (size_t k = 0; k < levels_.size() - (merge_top_ ? 0 : 1); ++k) {
+      const Level& l = levels_[k];
       const auto it = l.adapted.find(name);
       if (it == l.adapted.end()) continue;
       const Adapter& a = it->second;
@@ -888,9 +852,7 @@ class FolderChain {
       l.idx.release(a.b);
     }
     torch::Tensor out = w.to(dtype).contiguous();
-    const WeightIndex::Entry& e = root.tensors.at(name);
-    if (e.st && out.data_ptr() == static_cast<const void*>(e.st->data(*e.st_info)))
-      out = out.clone();  // still a view of the mapping (stored in `dtype`, no adapter): a tensor of its own
+    if (out.is_alias_of(stored)) out = out.clone();  // stored in `dtype`, no adapter: a tensor of its own
     root.release(name);
     return out;
   }
@@ -941,9 +903,45 @@ class FolderChain {
 
   std::vector<Level> levels_;  // root (whole weights) first
   ParamShapes weights_;
+  bool merge_top_;
 };
 
+// A model of the chain's config built in `dtype` from its merged weights, one weight at a time.
+Transformer build_merged(const FolderChain& chain, torch::Dtype dtype) {
+  Transformer m(chain.config(), TransformerImpl::Deferred{dtype});
+  torch::NoGradGuard no_grad;
+  for (auto& p : m->named_parameters()) p.value().set_data(chain.weight(p.key(), dtype));
+  return m;
+}
+
 }  // namespace
+
+void load_pretrained(Pretrained& info, torch::Dtype dtype) {
+  if (!info.base.empty()) {  // adapters only: the chain of bases below, merged weight by weight, then them
+    info.model = build_merged(FolderChain(info, /*merge_top=*/false), dtype);
+    apply_lora(info.model, info.lora);
+    load_adapter_weights(info.model, info.dir);
+    return;
+  }
+  // Deferred: no random init, and each weight is allocated once, in `dtype`, as it is read.
+  info.model = Transformer(info.config, TransformerImpl::Deferred{dtype});
+  if (info.has_lora) apply_lora(info.model, info.lora);
+  load_weights(info.model, info.dir);
+}
+
+void load_pretrained_merged(Pretrained& info, torch::Dtype dtype) {
+  // Adapters are folded in in fp32 (in bf16 most of their small update would round away), one
+  // weight at a time, then cast.
+  if (info.has_lora) info.model = build_merged(FolderChain(info), dtype);
+  else load_pretrained(info, dtype);
+  for (auto& p : info.model->parameters()) p.set_requires_grad(true);
+}
+
+Pretrained load_pretrained(const std::string& dir, torch::Dtype dtype) {
+  Pretrained p = inspect_pretrained(dir);
+  load_pretrained(p, dtype);
+  return p;
+}
 
 void export_hf(const Pretrained& info, const std::string& dir, const ExportOptions& opts) {
   const torch::Dtype dtype = dtype_from_name(opts.dtype, "export dtype");

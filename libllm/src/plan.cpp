@@ -3,6 +3,7 @@
 #include <fmt/core.h>
 
 #include <algorithm>
+#include <set>
 #include <cmath>
 
 #include "libllm/error.h"
@@ -58,11 +59,14 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
     // The adapter's fp32 input, kept for A's gradient: a new tensor when cast from bf16 or dropped
     // (+ the dropout's bool mask); an fp32 input without dropout is the block's own tensor.
     const double per_input = r.lora.dropout > 0 ? 5.0 : (t.dtype == "bf16" ? 4.0 : 0.0);
+    std::set<std::string> projections, matched;  // (as apply_lora matches them: by the module's last name)
     for (const WeightShape& ws : weight_shapes(m)) {
-      if (ws.shape.size() != 2) continue;
+      if (ws.shape.size() != 2 || ws.name == "model.embed_tokens.weight") continue;  // (not a projection)
       std::string leaf = ws.name.substr(0, ws.name.size() - 7);  // drop ".weight"
       leaf = leaf.substr(leaf.rfind('.') + 1);
+      projections.insert(leaf);
       if (std::find(r.lora.targets.begin(), r.lora.targets.end(), leaf) == r.lora.targets.end()) continue;
+      matched.insert(leaf);
       const double out = static_cast<double>(ws.shape[0]), in = static_cast<double>(ws.shape[1]);
       const bool in_block = ws.name.rfind("model.layers.", 0) == 0;
       psi_a += rank * (in + out);
@@ -80,6 +84,12 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
       }
       lora_head = lora_head || leaf == "lm_head";
     }
+    for (const std::string& target : r.lora.targets)
+      if (!matched.count(target)) {  // llm-finetune's error (apply_lora), before it is reached
+        std::string list;
+        for (const auto& n : projections) list += (list.empty() ? "" : ", ") + n;
+        throw Error("lora.targets", "'" + target + "' names no projection of this model", "its projections: " + list);
+      }
   }
   TrainingPlan p;
   p.cluster = c;

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <map>
+#include <set>
 
 #include "libllm/compat.h"
 #include "libllm/distributed.h"
@@ -453,17 +454,6 @@ WeightStream FullySharded::weight_stream(bool trainable_only) {
   return out;
 }
 
-std::vector<std::pair<std::string, torch::Tensor>> FullySharded::gather_weights(bool trainable_only) {
-  std::map<std::string, torch::Tensor> got;
-  weight_stream(trainable_only).produce(
-      [&](const std::string& name, const torch::Tensor& t) { got[name] = t.to(torch::kCPU).clone(); });
-  std::vector<std::pair<std::string, torch::Tensor>> out;
-  if (!dist_.is_main()) return out;
-  for (auto& item : model_->named_parameters())
-    if (got.count(item.key())) out.emplace_back(item.key(), got.at(item.key()));
-  return out;
-}
-
 void FullySharded::load_weights(const std::string& dir, Which which) {
   Pretrained folder;  // a plain weights folder: read as stored
   folder.dir = dir;
@@ -494,16 +484,19 @@ void FullySharded::load_weights(const Pretrained& base, Which which) {
   if (!base.has_lora && base.base.empty()) {
     libllm::load_weights(base.dir, params, !model_->lm_head, store);
   } else {  // adapters to merge: the plain model's weights, merged in fp32 (copy_ rounds to the unit's dtype)
-    size_t stored = 0;
+    std::set<std::string> missing;
+    for (const auto& [name, shape] : params) missing.insert(name);
     for_each_merged_weight(base, torch::kFloat32, [&](const std::string& name, const torch::Tensor& w) {
       if (!where.count(name)) return;  // (Which::frozen: a LoRA run's base; its adapters are new)
+      const auto [u, i] = where.at(name);
+      if (w.sizes() != c10::IntArrayRef(u->shapes[i]))
+        throw Error(base.dir + ": tensor '" + name + "'", "does not have the shape this model gives it",
+                    "the base does not match the model");
       store(name, w);
-      ++stored;
+      missing.erase(name);
     });
-    if (stored != where.size())
-      throw Error(base.dir,
-                  "holds " + std::to_string(stored) + " of the " + std::to_string(where.size()) +
-                      " weights this model reads from it",
+    if (!missing.empty())
+      throw Error(base.dir + ": tensor '" + *missing.begin() + "'", "is missing from the base",
                   "the base does not match the model");
   }
   for (auto& up : units_) release(*up);

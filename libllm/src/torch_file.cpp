@@ -34,8 +34,8 @@ struct Obj {
 };
 
 // Limits that no state dict comes near (a 65B model's pickle is under 100 KB).
-constexpr size_t kMaxValues = 20'000'000;
-constexpr size_t kMaxPickleBytes = size_t{512} << 20;
+constexpr size_t kMaxValues = 4'000'000;  // values made, and stack pushes, marks and memo stores
+constexpr size_t kMaxPickleBytes = size_t{64} << 20;
 
 const char* kind_name(Obj::Kind k) {
   static const char* names[] = {"None", "bool", "int",    "float",   "str",   "tuple",
@@ -73,8 +73,13 @@ class Unpickler {
   Unpickler(const uint8_t* data, size_t size, std::string where)
       : p_(data), end_(data + size), begin_(data), where_(std::move(where)) {}
 
+  // Every growing structure (values, stack, marks, memo) counts against one budget, so a crafted
+  // pickle cannot grow memory without bound.
+  void spend() {
+    if (++spent_ > kMaxValues) fail("more than " + std::to_string(kMaxValues) + " values or references");
+  }
   Ref make(Obj::Kind k) {
-    if (values_.size() >= kMaxValues) fail("more than " + std::to_string(kMaxValues) + " values");
+    spend();
     values_.emplace_back();
     values_.back().kind = k;
     return &values_.back();
@@ -107,6 +112,7 @@ class Unpickler {
           push(make(Obj::kTuple));
           break;
         case '(':
+          spend();
           marks_.push_back(stack_.size());
           break;
         case 'N':
@@ -165,12 +171,15 @@ class Unpickler {
           break;
         }
         case 'q':
+          spend();
           memo_[u8()] = top();
           break;  // BINPUT
         case 'r':
+          spend();
           memo_[le(4)] = top();
           break;  // LONG_BINPUT
         case 0x94:
+          spend();
           memo_[memo_.size()] = top();
           break;  // MEMOIZE
         case 'h':
@@ -273,7 +282,10 @@ class Unpickler {
     p_ = nl + 1;
     return s;
   }
-  void push(Ref r) { stack_.push_back(std::move(r)); }
+  void push(Ref r) {
+    spend();
+    stack_.push_back(std::move(r));
+  }
   void push_int(int64_t v) {
     auto o = make(Obj::kInt);
     o->i = v;
@@ -408,6 +420,7 @@ class Unpickler {
   std::vector<Ref> stack_;
   std::vector<size_t> marks_;
   std::map<uint64_t, Ref> memo_;
+  size_t spent_ = 0;
   std::deque<Obj> values_;  // the arena (a deque: pointers stay valid as it grows)
   std::deque<TensorInfo> infos_;
 };
@@ -478,7 +491,12 @@ std::shared_ptr<File> File::open(const std::string& path) {
     throw Error(path + ": data.pkl", "is " + std::to_string(pkl_size) + " bytes, more than a dict of tensors needs",
                 "the file is corrupt, or not a state dict");
   Unpickler unpickler(static_cast<const uint8_t*>(pkl.get()), pkl_size, path + ": data.pkl");
-  Ref root = unpickler.run();
+  Ref root;
+  try {
+    root = unpickler.run();
+  } catch (const std::bad_alloc&) {
+    throw Error(path + ": data.pkl", "does not fit in memory", "the file is corrupt, or not a state dict");
+  }
   if (root->kind != Obj::kDict)
     throw Error(path, std::string("holds a ") + kind_name(root->kind) + ", not a dict of tensors",
                 "expected a state dict (name -> tensor), as save_pretrained writes");

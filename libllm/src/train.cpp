@@ -236,8 +236,7 @@ struct Run {
     if (sharded) {
       std::vector<std::pair<std::string, torch::Tensor>> weights;
       if (main())
-        for (auto& p : model->named_parameters())
-          if (lora_base.empty() || is_adapter_weight(p.key())) weights.emplace_back(p.key(), p.value());
+        for (auto& p : model->named_parameters()) weights.emplace_back(p.key(), p.value());  // (adapters only: kept there)
       return save_checkpoint_sharded(ckpt_root, weights, adamw(), st, recipe_yaml, recipe.tokenizer.path, dist);
     }
     if (!main()) return "";
@@ -740,13 +739,15 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   const bool sampling = !tc.sample_prompts.empty() && tc.sample_tokens > 0;
   if (run.fsdp && sampling) {
     // Sharded weights: rank 0 samples from a whole copy on its host (never all of it on a GPU).
-    auto weights = run.fsdp->gather_weights();  // collective; rank 0 gets them
+    Transformer whole(mc, TransformerImpl::Deferred{dtype});  // no init: the gathered weights fill it
+    if (!run.lora_base.empty()) apply_lora(whole, recipe.lora);  // (their values: gathered too)
+    std::map<std::string, torch::Tensor> params;
+    for (auto& p : whole->named_parameters()) params[p.key()] = p.value();
+    torch::NoGradGuard no_grad;
+    run.fsdp->weight_stream().produce([&](const std::string& name, const torch::Tensor& t) {  // collective
+      if (main_rank) params.at(name).set_data(t.to(torch::kCPU).clone());
+    });
     if (main_rank) {
-      Transformer whole(mc, TransformerImpl::Deferred{dtype});  // no init: the gathered weights fill it
-      if (!run.lora_base.empty()) apply_lora(whole, recipe.lora);  // (their values: gathered too)
-      torch::NoGradGuard no_grad;
-      std::map<std::string, torch::Tensor> by_name(weights.begin(), weights.end());
-      for (auto& p : whole->named_parameters()) p.value().set_data(by_name.at(p.key()));
       whole->eval();
       run.model = whole;
     }

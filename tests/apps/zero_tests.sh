@@ -132,10 +132,10 @@ if [ "$stage" != zero1 ]; then
   # rounded base alone) is the same to the bit; 20 steps give the same losses in fp32 (in bf16 the
   # ~1e-10 differences of summing the adapters' gradients in another order flip a rounding after
   # ~17 steps, as in the hybrid comparison below).
-  lora2=("${lora[@]}" --set finetune.base="$work/lora-ddp/checkpoints/step-00000020")
+  lora2=("${lora[@]}" --set finetune.base="$work/lora-$stage/checkpoints/step-00000020")  # (saved sharded)
   program=llm-finetune launch lora2-ddp-bf16 2 --set train.sharding=none "${lora2[@]}" --set train.steps=1
   program=llm-finetune launch lora2-$stage-bf16 2 --set train.sharding=$stage "${lora2[@]}" --set train.steps=1
-  grep -q "fine-tuning .*lora-ddp/checkpoints/step-00000020 (libllm)" "$work/lora2-$stage-bf16.0.log" ||
+  grep -q "fine-tuning .*lora-$stage/checkpoints/step-00000020 (libllm)" "$work/lora2-$stage-bf16.0.log" ||
     { echo "not on the LoRA base"; cat "$work/lora2-$stage-bf16.0.log"; exit 1; }
   [ "$(losses lora2-ddp-bf16)" = "$(losses lora2-$stage-bf16)" ] ||
     { echo "LoRA base, bf16: first loss $(losses lora2-$stage-bf16) != replicated $(losses lora2-ddp-bf16)"; exit 1; }

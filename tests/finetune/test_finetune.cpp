@@ -209,6 +209,16 @@ TEST_CASE("a merged export equals base + (alpha/r) B A and scores exactly like t
   CHECK(test::max_abs_diff(Wm.to(torch::kFloat64), ref64) < 1e-6);
   CHECK(torch::equal(Wm, W + torch::matmul(B, A) * 0.5));
   CHECK(merged.size() == 2 * 9 + 3);  // no adapter tensors
+  {  // merge_lora folds the same sum into the layer itself and removes the adapter
+    Transformer copy = load_pretrained(test::fixture("tiny-llama")).model;
+    torch::manual_seed(2);
+    apply_lora(copy, lora(8, 4, 0.0));
+    torch::NoGradGuard ng;
+    for (auto& p : copy->named_parameters()) p.value().copy_(m->named_parameters()[p.key()]);
+    merge_lora(copy);
+    CHECK_FALSE(has_lora(copy));
+    CHECK(torch::equal(copy->model->layers[0]->as<BlockImpl>()->self_attn->q_proj->weight, Wm));
+  }
 
   ExportOptions opts;
   opts.dtype = "float32";

@@ -94,6 +94,8 @@ TEST_CASE("crafted torch.save files are errors, never crashes or wrong data", "[
   CHECK_THAT(open("cycle.bin"), Catch::Contains("cycle.bin: tensor 'x'") && Catch::Contains("is a list, not a tensor"));
   CHECK_THAT(open("no_stop.bin"), Catch::Contains("no_stop.bin: data.pkl") && Catch::Contains("ends early"));
   CHECK_THAT(open("opcode.bin"), Catch::Contains("pickle opcode 0x49 at byte 2"));
+  CHECK_THAT(open("memo.bin"),
+             Catch::Contains("memo.bin: data.pkl") && Catch::Contains("more than 4000000 values or references"));
   // A record shorter than its storage: opens (only the pickle is read), then fails to read.
   auto f = torchfile::File::open(fixture("torch-bin/short_record.bin"));
   CHECK_THAT(error_of([&] { f->read(f->tensors().at(0)); }),

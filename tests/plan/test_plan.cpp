@@ -195,4 +195,11 @@ TEST_CASE("llm-plan: bad cluster figures are errors naming the option", "[plan]"
   c = ClusterSpec{};
   c.gpus = 0;
   CHECK_THROWS_WITH(plan_training(r, c), Catch::Matchers::Contains("--gpus"));
+  // A LoRA target that names no projection: llm-finetune's error, not a plan with 0 adapters.
+  c = ClusterSpec{};
+  CHECK_THROWS_WITH(plan_training(recipe("amber-7b-lora", {"lora.targets=[q_proj,q_prj]"}), c),
+                    Catch::Matchers::Contains("lora.targets: 'q_prj' names no projection of this model") &&
+                        Catch::Matchers::Contains("its projections: down_proj, gate_proj, k_proj, lm_head"));
+  CHECK_THROWS_WITH(plan_training(recipe("amber-7b-lora", {"lora.targets=[embed_tokens]"}), c),
+                    Catch::Matchers::Contains("'embed_tokens' names no projection"));
 }

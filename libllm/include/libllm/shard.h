@@ -104,12 +104,10 @@ class FullySharded : public BlockHooks {
   int shard_world() const;     // the shard group's size
   bool writes_shards() const;  // this rank saves its optimizer shard (the first replica's ranks)
 
-  // Checkpoints. Collective: the whole weights (`trainable_only`: the trainable ones, a LoRA
-  // fine-tune's adapters), gathered unit by unit to the CPU, on rank 0 (other ranks get an empty
-  // list); named as model->named_parameters() names them.
-  std::vector<std::pair<std::string, torch::Tensor>> gather_weights(bool trainable_only = false);
-  // The same weights one unit at a time (save_checkpoint_sharded writes each as it comes, so rank
-  // 0 holds one gathered unit, not the model): producing it is collective.
+  // Checkpoints and sampling. Collective: the whole weights (`trainable_only`: the trainable ones,
+  // a LoRA fine-tune's adapters), gathered one unit at a time and handed to rank 0's sink, named as
+  // model->named_parameters() names them (save_checkpoint_sharded writes each as it comes, so rank
+  // 0 holds one gathered unit, not the model).
   WeightStream weight_stream(bool trainable_only = false);
   // Each rank reads its elements of the parameters `which` names from dir's weights (safetensors
   // or pytorch_model.bin): all, the frozen ones (a LoRA fine-tune's base, which has no adapters)
