@@ -145,7 +145,9 @@ struct WeightIndex {
     if (e.st) e.st->release(*e.st_info);
   }
 
-  void add(const safetensors::File& f, const safetensors::TensorInfo& t) { tensors[t.name] = {&f, &t, nullptr, nullptr}; }
+  void add(const safetensors::File& f, const safetensors::TensorInfo& t) {
+    tensors[t.name] = {&f, &t, nullptr, nullptr};
+  }
   void add(const torchfile::File& f, const torchfile::TensorInfo& t) { tensors[t.name] = {nullptr, nullptr, &f, &t}; }
   template <class F>
   void add_all(const F& f) {
@@ -932,8 +934,10 @@ void load_pretrained(Pretrained& info, torch::Dtype dtype) {
 void load_pretrained_merged(Pretrained& info, torch::Dtype dtype) {
   // Adapters are folded in in fp32 (in bf16 most of their small update would round away), one
   // weight at a time, then cast.
-  if (info.has_lora) info.model = build_merged(FolderChain(info), dtype);
-  else load_pretrained(info, dtype);
+  if (info.has_lora)
+    info.model = build_merged(FolderChain(info), dtype);
+  else
+    load_pretrained(info, dtype);
   for (auto& p : info.model->parameters()) p.set_requires_grad(true);
 }
 

@@ -3,8 +3,8 @@
 #include <fmt/core.h>
 
 #include <algorithm>
-#include <set>
 #include <cmath>
+#include <set>
 
 #include "libllm/error.h"
 

@@ -236,7 +236,8 @@ struct Run {
     if (sharded) {
       std::vector<std::pair<std::string, torch::Tensor>> weights;
       if (main())
-        for (auto& p : model->named_parameters()) weights.emplace_back(p.key(), p.value());  // (adapters only: kept there)
+        for (auto& p : model->named_parameters())
+          weights.emplace_back(p.key(), p.value());  // (adapters only: kept there)
       return save_checkpoint_sharded(ckpt_root, weights, adamw(), st, recipe_yaml, recipe.tokenizer.path, dist);
     }
     if (!main()) return "";
@@ -739,7 +740,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   const bool sampling = !tc.sample_prompts.empty() && tc.sample_tokens > 0;
   if (run.fsdp && sampling) {
     // Sharded weights: rank 0 samples from a whole copy on its host (never all of it on a GPU).
-    Transformer whole(mc, TransformerImpl::Deferred{dtype});  // no init: the gathered weights fill it
+    Transformer whole(mc, TransformerImpl::Deferred{dtype});     // no init: the gathered weights fill it
     if (!run.lora_base.empty()) apply_lora(whole, recipe.lora);  // (their values: gathered too)
     std::map<std::string, torch::Tensor> params;
     for (auto& p : whole->named_parameters()) params[p.key()] = p.value();

@@ -209,7 +209,7 @@ TEST_CASE("a merged export equals base + (alpha/r) B A and scores exactly like t
   CHECK(test::max_abs_diff(Wm.to(torch::kFloat64), ref64) < 1e-6);
   CHECK(torch::equal(Wm, W + torch::matmul(B, A) * 0.5));
   CHECK(merged.size() == 2 * 9 + 3);  // no adapter tensors
-  {  // merge_lora folds the same sum into the layer itself and removes the adapter
+  {                                   // merge_lora folds the same sum into the layer itself and removes the adapter
     Transformer copy = load_pretrained(test::fixture("tiny-llama")).model;
     torch::manual_seed(2);
     apply_lora(copy, lora(8, 4, 0.0));
