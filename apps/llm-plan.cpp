@@ -1,15 +1,14 @@
 // llm-plan RECIPE [--gpus N --gpu-memory 80GiB --mfu 0.4 --peak-tflops 312]: the model a recipe
-// describes (exact parameter counts and layer shapes) and, with --gpus, per-GPU memory under each
-// sharding choice, what fits, and tokens/s and days for the recipe's token budget.
+// trains (exact parameter counts and layer shapes; a fine-tune's base when it is at hand) and,
+// with --gpus, per-GPU memory under each sharding choice, what fits, and tokens/s and days for
+// the recipe's token budget.
 #include <fmt/core.h>
 #include <fmt/ranges.h>
 
 #include <cmath>
-#include <filesystem>
 
 #include <libllm/cli.h>
 #include <libllm/error.h>
-#include <libllm/hf.h>
 #include <libllm/plan.h>
 #include <libllm/recipe.h>
 
@@ -30,27 +29,26 @@ static std::string shape(const std::vector<int64_t>& s) {
 int main(int argc, char** argv) {
   return cli::run("llm-plan", [&] {
     cli::Args args(argc, argv,
-                   "llm-plan RECIPE [--gpus N] [--gpu-memory 80GiB] [--mfu 0.4] [--peak-tflops 312] "
+                   "llm-plan RECIPE [--gpus N] [--gpu-memory 80GiB] [--mfu 0.4] [--peak-tflops T] "
                    "[--gpus-per-node 8] [--set section.key=value]...",
                    {{"--gpus", "plan training on this many GPUs (data parallel)", true, "0"},
                     {"--gpu-memory", "memory of one GPU, e.g. 80GiB or 40", true, "80GiB"},
                     {"--mfu", "model FLOPs utilisation assumed for tokens/s", true, "0.4"},
-                    {"--peak-tflops", "the GPU's dense bf16 peak (A100 312, H100 989)", true, "312"},
+                    {"--peak-tflops",
+                     "the GPU's dense bf16 peak (A100 312, H100 989; default: the recipe's "
+                     "train.peak_tflops, else 312)",
+                     true, "0"},
                     {"--gpus-per-node", "GPUs per node (hybrid sharding)", true, "8"}},
                    1);
     if (args.help()) return fmt::print("{}", args.usage()), 0;
-    Recipe recipe = Recipe::load(args.positional()[0], args.overrides());
+    const Recipe recipe = Recipe::load(args.positional()[0], args.overrides());
     fmt::print("recipe: {}\n", args.positional()[0]);
-    // A fine-tune trains its base's model: planned from the base when it is at hand.
-    if (!recipe.finetune.base.empty()) {
-      if (std::filesystem::exists(recipe.finetune.base)) {
-        recipe.model = inspect_pretrained(recipe.finetune.base).config;
-        fmt::print("model: from finetune.base {}\n", recipe.finetune.base);
-      } else {
-        fmt::print("model: the recipe's model section (finetune.base {} is not here)\n", recipe.finetune.base);
-      }
-    }
-    const ModelConfig& m = recipe.model;
+    bool from_base = false;
+    const ModelConfig m = planned_model(recipe, &from_base);
+    if (!recipe.finetune.base.empty())
+      fmt::print(from_base ? "model: from finetune.base {}\n"
+                           : "model: the recipe's model section (finetune.base {} is not here)\n",
+                 recipe.finetune.base);
     const ParamCount c = count_parameters(m);
 
     fmt::print("model: {} | vocab {} | dim {} | layers {} | heads {} (kv {}, head_dim {}) | ffn {}", m.hf_architecture(),
@@ -61,7 +59,8 @@ int main(int argc, char** argv) {
 
     fmt::print("parameters\n");
     fmt::print("  {:<12} {:>18}  ({:.2f} B)\n", "total", commas(c.total), c.total / 1e9);
-    if (c.active != c.total) fmt::print("  {:<12} {:>18}  ({:.2f} B per token)\n", "active", commas(c.active), c.active / 1e9);
+    if (c.active != c.total)
+      fmt::print("  {:<12} {:>18}  ({:.2f} B per token)\n", "active", commas(c.active), c.active / 1e9);
     fmt::print("  {:<12} {:>18}\n", "embedding", commas(c.embedding));
     fmt::print("  {:<12} {:>18}  x {} blocks = {}\n", "per block", commas(c.per_block), m.n_layers,
                commas(c.per_block * m.n_layers));
@@ -104,6 +103,7 @@ int main(int argc, char** argv) {
       throw Error("--gpu-memory", "expected a size like 80GiB or 80GB, got '" + args.get("--gpu-memory") + "'");
     }
     const TrainingPlan p = plan_training(recipe, cs);
+    cs = p.cluster;  // (the peak it assumed)
     const double gib = 1024.0 * 1024 * 1024;
     fmt::print("\ntraining on {} GPUs ({} per node, {:.0f} GiB, peak {:.0f} TFLOP/s, MFU {:.0f}%), {}\n", cs.gpus,
                cs.gpus_per_node, cs.gpu_memory_gib, cs.peak_tflops, 100 * cs.mfu, recipe.train.dtype);

@@ -125,8 +125,8 @@ struct WeightIndex {
   std::map<std::string, Entry> tensors;
   std::string dir;
 
-  // A stored tensor on the CPU: a zero-copy view of a safetensors mapping, or of a torch.save
-  // storage read from disk (valid while this index lives; may be strided).
+  // A stored tensor on the CPU: a zero-copy view of a file's mapping (valid while this index
+  // lives; a torch.save tensor may be strided).
   torch::Tensor view(const std::string& name) const {
     const Entry& e = tensors.at(name);
     if (e.pt) return e.pt->read(*e.pt_info);
@@ -139,10 +139,12 @@ struct WeightIndex {
     const Entry& e = tensors.at(name);
     return e.pt ? e.pt_info->shape : e.st_info->shape;
   }
-  // Done with a tensor: its mapped pages leave this process's memory (safetensors only).
+  // Done with a tensor: its mapped pages leave this process's memory.
   void release(const std::string& name) const {
     const Entry& e = tensors.at(name);
     if (e.st) e.st->release(*e.st_info);
+    else
+      e.pt->release(*e.pt_info);
   }
 
   void add(const safetensors::File& f, const safetensors::TensorInfo& t) {

@@ -4,11 +4,19 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <set>
 
 #include "libllm/error.h"
+#include "libllm/hf.h"
 
 namespace libllm {
+
+ModelConfig planned_model(const Recipe& recipe, bool* from_base) {
+  const bool base = !recipe.finetune.base.empty() && std::filesystem::exists(recipe.finetune.base);
+  if (from_base) *from_base = base;
+  return base ? inspect_pretrained(recipe.finetune.base).config : recipe.model;
+}
 
 // Every term, per GPU, with Ψ parameters, w bytes per weight (2 for bf16, 4 for fp32):
 //   weights w·Ψ, gradients w·Ψ (libllm keeps them in the weights' dtype), AdamW 8Ψ for the two
@@ -41,13 +49,15 @@ namespace libllm {
 // AdamW's 256 MiB chunk of fp32 gradients, and for ZeRO-3 / hybrid two gathered blocks (the one in
 // use and the prefetched next) in the weights' dtype, plus the root unit (embedding, final norm,
 // LM head), gathered from the first block's forward to the end of backward, and its gradient.
-TrainingPlan plan_training(const Recipe& r, const ClusterSpec& c) {
+TrainingPlan plan_training(const Recipe& r, const ClusterSpec& cluster) {
+  ClusterSpec c = cluster;
   if (c.gpus < 1) throw Error("--gpus", "must be >= 1");
   if (c.gpus_per_node < 1) throw Error("--gpus-per-node", "must be >= 1");
   if (!(c.mfu > 0 && c.mfu <= 1)) throw Error("--mfu", "must be in (0, 1]");
-  if (!(c.peak_tflops > 0)) throw Error("--peak-tflops", "must be > 0");
+  if (!(c.peak_tflops >= 0)) throw Error("--peak-tflops", "must be > 0 (0: the recipe's train.peak_tflops)");
+  if (c.peak_tflops == 0) c.peak_tflops = r.train.peak_tflops > 0 ? r.train.peak_tflops : 312;
   if (!(c.gpu_memory_gib > 0)) throw Error("--gpu-memory", "must be > 0");
-  const ModelConfig& m = r.model;
+  const ModelConfig m = planned_model(r);
   const TrainConfig& t = r.train;
   const ParamCount pc = count_parameters(m);
   const bool lora = r.finetune.method == "lora";

@@ -1,9 +1,14 @@
-// torch.save files: the zip through LibTorch's PyTorchStreamReader, the pickle through a small
-// interpreter that builds only plain values and tensors. See torch_file.h.
+// torch.save files: the zip read from its central directory over a read-only mapping, the pickle
+// through a small interpreter that builds only plain values and tensors. See torch_file.h.
 #include "libllm/torch_file.h"
 
 #include <caffe2/serialize/inline_container.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cstring>
 #include <deque>
 #include <fstream>
@@ -431,25 +436,165 @@ std::string what_of(const std::exception& e) {
   return nl == std::string::npos ? s : s.substr(0, nl);
 }
 
+// One record of the zip archive, from the central directory.
+struct Record {
+  uint16_t method = 0;  // 0: stored (torch.save writes only these); 8: deflated
+  uint64_t size = 0;    // uncompressed bytes
+  uint64_t packed = 0;  // bytes in the file
+  uint64_t local = 0;   // offset of its local header
+};
+
+uint64_t rd(const uint8_t* p, int n) {  // little-endian
+  uint64_t v = 0;
+  for (int k = n - 1; k >= 0; --k) v = v << 8 | p[k];
+  return v;
+}
+
 }  // namespace
 
+// The file, mapped read-only, and its zip directory. Storages are read in place: torch.save
+// stores every record uncompressed (and 64-byte aligned), so a tensor is a view of the mapping,
+// as with safetensors, and its pages can be dropped once copied.
 struct File::Impl {
   std::string path;
-  std::unique_ptr<caffe2::serialize::PyTorchStreamReader> zip;
+  const uint8_t* base = nullptr;
+  size_t size = 0;
+  std::string prefix;                     // "<archive>/", the folder every record is in
+  std::map<std::string, Record> records;  // by name, without the prefix
   std::vector<TensorInfo> tensors;
   std::map<std::string, size_t> index;
   mutable std::mutex mu;
-  mutable std::string cached_key;  // the storage read last, and its bytes as a 1-D tensor
-  mutable torch::Tensor cached;
+  mutable std::map<std::string, torch::Tensor> copies;  // storages whose bytes are misaligned for their type
 
-  std::pair<at::DataPtr, size_t> record(const std::string& name) const {
+  ~Impl() {
+    if (base) ::munmap(const_cast<uint8_t*>(base), size);
+  }
+
+  [[noreturn]] void corrupt(const std::string& what) const {
+    throw Error(path, "is not a readable zip archive: " + what, "the file is corrupt or truncated");
+  }
+  // [offset, offset + n) must lie in the file.
+  const uint8_t* at(uint64_t offset, uint64_t n, const char* what) const {
+    if (offset > size || n > size - offset) corrupt(std::string(what) + " runs past the end of the file");
+    return base + offset;
+  }
+
+  void map() {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw Error(path, std::string("cannot open file: ") + std::strerror(errno));
+    struct stat st;
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+      ::close(fd);
+      throw Error(path, "is not a regular file");
+    }
+    size = static_cast<size_t>(st.st_size);
+    void* p = size > 0 ? ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
+    const int err = errno;
+    ::close(fd);
+    if (p == MAP_FAILED) {
+      if (size == 0) throw Error(path, "is empty", "expected a pytorch_model.bin written by torch.save");
+      throw Error(path, std::string("cannot memory-map file: ") + std::strerror(err));
+    }
+    base = static_cast<const uint8_t*>(p);
+  }
+
+  // The central directory: found from its end record (zip64's when the counts overflow 16/32 bits).
+  void read_directory() {
+    if (size < 22) corrupt("too short for a zip archive");
+    size_t eocd = size - 22;
+    const size_t lowest = size > 22 + 65535 ? size - 22 - 65535 : 0;  // the archive comment is < 64 KiB
+    while (rd(base + eocd, 4) != 0x06054b50) {
+      if (eocd == lowest) corrupt("no end of central directory (the end of the file is missing)");
+      --eocd;
+    }
+    uint64_t count = rd(base + eocd + 10, 2), dir_size = rd(base + eocd + 12, 4), dir = rd(base + eocd + 16, 4);
+    if (count == 0xFFFF || dir_size == 0xFFFFFFFF || dir == 0xFFFFFFFF) {  // zip64
+      if (eocd < 20 || rd(base + eocd - 20, 4) != 0x07064b50) corrupt("no zip64 end of central directory locator");
+      const uint8_t* z = at(rd(base + eocd - 20 + 8, 8), 56, "the zip64 end of central directory");
+      if (rd(z, 4) != 0x06064b50) corrupt("a bad zip64 end of central directory");
+      count = rd(z + 32, 8);
+      dir_size = rd(z + 40, 8);
+      dir = rd(z + 48, 8);
+    }
+    const uint8_t* p = at(dir, dir_size, "the central directory");
+    const uint8_t* end = p + dir_size;
+    if (count > dir_size / 46)
+      corrupt(std::to_string(count) + " records in a central directory of " + std::to_string(dir_size) + " bytes");
+    for (uint64_t i = 0; i < count; ++i) {
+      if (end - p < 46 || rd(p, 4) != 0x02014b50) corrupt("a bad central directory entry");
+      const uint64_t flags = rd(p + 8, 2), n = rd(p + 28, 2), m = rd(p + 30, 2), k = rd(p + 32, 2);
+      if (static_cast<uint64_t>(end - p) < 46 + n + m + k) corrupt("a central directory entry runs past its end");
+      Record r;
+      r.method = static_cast<uint16_t>(rd(p + 10, 2));
+      r.packed = rd(p + 20, 4);
+      r.size = rd(p + 24, 4);
+      r.local = rd(p + 42, 4);
+      const std::string name(reinterpret_cast<const char*>(p + 46), n);
+      // zip64 extra field (id 1): the 64-bit values of the fields saturated above, in this order.
+      for (const uint8_t *x = p + 46 + n, *xend = x + m; xend - x >= 4;) {
+        const uint64_t id = rd(x, 2), len = rd(x + 2, 2);
+        if (static_cast<uint64_t>(xend - x - 4) < len) corrupt("a bad extra field in record " + name);
+        if (id == 1) {
+          const uint8_t *v = x + 4, *vend = v + len;
+          for (uint64_t* f : {&r.size, &r.packed, &r.local})
+            if (*f == 0xFFFFFFFF) {
+              if (vend - v < 8) corrupt("a short zip64 field in record " + name);
+              *f = rd(v, 8);
+              v += 8;
+            }
+        }
+        x += 4 + len;
+      }
+      if (flags & 1) throw Error(path + ": " + name, "is encrypted", "re-save the weights with torch.save");
+      if (i == 0) {
+        const auto slash = name.find('/');
+        if (slash == std::string::npos)
+          throw Error(path, "is a zip archive, but not one torch.save wrote (its records are in no folder)",
+                      "expected a pytorch_model.bin written by torch.save");
+        prefix = name.substr(0, slash + 1);
+      }
+      if (name.compare(0, prefix.size(), prefix) == 0) records.emplace(name.substr(prefix.size()), r);
+      p += 46 + n + m + k;
+    }
+  }
+
+  const Record* find(const std::string& name) const {
+    auto it = records.find(name);
+    return it == records.end() ? nullptr : &it->second;
+  }
+  // The bytes of stored record `r` in the mapping; `where` names what needs them in errors.
+  const uint8_t* stored(const std::string& name, const Record& r, const std::string& where) const {
+    if (r.method != 0 || r.packed != r.size)
+      throw Error(where,
+                  "its record " + name + " is compressed (zip method " + std::to_string(r.method) +
+                      "), which torch.save never writes",
+                  "re-save the weights with torch.save or safetensors");
+    const uint8_t* h = at(r.local, 30, "a record's local header");
+    if (rd(h, 4) != 0x04034b50) corrupt("record " + name + " has a bad local header");
+    return at(r.local + 30 + rd(h + 26, 2) + rd(h + 28, 2), r.size, ("record " + name).c_str());
+  }
+  // A small record's bytes (data.pkl, byteorder), at most `cap`: a deflated one is inflated by
+  // LibTorch's zip reader once its declared size is known to fit.
+  std::string small(const std::string& name, size_t cap, const std::string& where) const {
+    const Record* r = find(name);
+    if (!r)
+      throw Error(path, "has no " + name + " record", "is it a TorchScript archive? libllm reads torch.save files");
+    if (r->size > cap)
+      throw Error(where, "is " + std::to_string(r->size) + " bytes, more than a dict of tensors needs",
+                  "the file is corrupt, or not a state dict");
+    if (r->method == 0) {
+      const uint8_t* b = stored(name, *r, where);
+      return std::string(reinterpret_cast<const char*>(b), r->size);
+    }
+    if (r->method != 8)
+      throw Error(where, "is compressed with zip method " + std::to_string(r->method) + ", which libllm does not read",
+                  "re-save the weights with torch.save or safetensors");
     try {
-      auto [ptr, size] = zip->getRecord(name);
-      return {std::move(ptr), size};
+      caffe2::serialize::PyTorchStreamReader zip(path);
+      auto [ptr, n] = zip.getRecord(name);
+      return std::string(static_cast<const char*>(ptr.get()), n);
     } catch (const c10::Error& e) {
-      throw Error(path + ": " + name, "cannot read the record: " + what_of(e), "the file is corrupt or truncated");
-    } catch (const std::bad_alloc&) {
-      throw Error(path + ": " + name, "the record does not fit in memory", "the file is corrupt, or needs more memory");
+      throw Error(where, "cannot inflate the record: " + what_of(e), "the file is corrupt or truncated");
     }
   }
 };
@@ -460,37 +605,23 @@ File::~File() = default;
 std::shared_ptr<File> File::open(const std::string& path) {
   auto impl = std::make_unique<Impl>();
   impl->path = path;
-  {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw Error(path, "cannot open file");
-    char magic[2] = {0, 0};
-    in.read(magic, 2);
-    if (magic[0] == '\x80')  // a bare pickle: torch.save(..., _use_new_zipfile_serialization=False)
-      throw Error(
-          path, "is in torch.save's legacy format (PyTorch < 1.6), which libllm does not read",
-          "re-save it in Python: torch.save(torch.load(path), path), or save_pretrained(safe_serialization=True)");
-    if (magic[0] != 'P' || magic[1] != 'K')
-      throw Error(path, "is not a torch.save file (not a zip archive)",
-                  "expected a pytorch_model.bin written by torch.save");
-  }
-  try {
-    impl->zip = std::make_unique<caffe2::serialize::PyTorchStreamReader>(path);
-  } catch (const c10::Error& e) {
-    throw Error(path, "is not a readable zip archive: " + what_of(e), "the file is corrupt or truncated");
-  }
-  if (impl->zip->hasRecord("byteorder")) {
-    auto [ptr, size] = impl->record("byteorder");
-    const std::string order(static_cast<const char*>(ptr.get()), size);
+  impl->map();
+  const uint8_t* magic = impl->base;
+  if (magic[0] == 0x80)  // a bare pickle: torch.save(..., _use_new_zipfile_serialization=False)
+    throw Error(
+        path, "is in torch.save's legacy format (PyTorch < 1.6), which libllm does not read",
+        "re-save it in Python: torch.save(torch.load(path), path), or save_pretrained(safe_serialization=True)");
+  if (impl->size < 2 || magic[0] != 'P' || magic[1] != 'K')
+    throw Error(path, "is not a torch.save file (not a zip archive)",
+                "expected a pytorch_model.bin written by torch.save");
+  impl->read_directory();
+  if (impl->find("byteorder")) {
+    const std::string order = impl->small("byteorder", 16, path + ": byteorder");
     if (order != "little")
       throw Error(path, "holds " + order + "-endian tensors", "re-save it on a little-endian machine");
   }
-  if (!impl->zip->hasRecord("data.pkl"))
-    throw Error(path, "has no data.pkl record", "is it a TorchScript archive? libllm reads torch.save files");
-  auto [pkl, pkl_size] = impl->record("data.pkl");
-  if (pkl_size > kMaxPickleBytes)
-    throw Error(path + ": data.pkl", "is " + std::to_string(pkl_size) + " bytes, more than a dict of tensors needs",
-                "the file is corrupt, or not a state dict");
-  Unpickler unpickler(static_cast<const uint8_t*>(pkl.get()), pkl_size, path + ": data.pkl");
+  const std::string pkl = impl->small("data.pkl", kMaxPickleBytes, path + ": data.pkl");
+  Unpickler unpickler(reinterpret_cast<const uint8_t*>(pkl.data()), pkl.size(), path + ": data.pkl");
   Ref root;
   try {
     root = unpickler.run();
@@ -535,7 +666,7 @@ std::shared_ptr<File> File::open(const std::string& path) {
     auto [it, fresh] = storage_sizes.emplace(t.storage, std::make_pair(t.storage_numel, t.dtype));
     if (!fresh && it->second != std::make_pair(t.storage_numel, t.dtype))
       throw Error(where, "disagrees with another tensor on its storage's size or type", "the file is corrupt");
-    if (!impl->zip->hasRecord("data/" + t.storage))
+    if (!impl->find("data/" + t.storage))
       throw Error(where, "its storage record data/" + t.storage + " is missing", "the file is corrupt or truncated");
     if (!impl->index.emplace(t.name, impl->tensors.size()).second) throw Error(where, "appears twice");
     impl->tensors.push_back(std::move(t));
@@ -552,20 +683,40 @@ const TensorInfo* File::find(const std::string& name) const {
 }
 
 torch::Tensor File::read(const TensorInfo& t) const {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  if (impl_->cached_key != t.storage || !impl_->cached.defined()) {
-    auto [ptr, size] = impl_->record("data/" + t.storage);
-    const size_t need = static_cast<size_t>(t.storage_numel) * c10::elementSize(t.dtype);
-    if (size < need)
-      throw Error(impl_->path + ": tensor '" + t.name + "'",
-                  "its storage holds " + std::to_string(size) + " bytes, not " + std::to_string(need),
-                  "the file is corrupt or truncated");
-    auto holder = std::make_shared<at::DataPtr>(std::move(ptr));
-    impl_->cached = torch::from_blob(
-        holder->get(), {t.storage_numel}, [holder](void*) {}, torch::dtype(t.dtype));
-    impl_->cached_key = t.storage;
+  const std::string where = impl_->path + ": tensor '" + t.name + "'";
+  const std::string name = "data/" + t.storage;
+  const Record& r = impl_->records.at(name);  // (checked by open)
+  const size_t need = static_cast<size_t>(t.storage_numel) * c10::elementSize(t.dtype);
+  if (r.size < need)
+    throw Error(where, "its storage holds " + std::to_string(r.size) + " bytes, not " + std::to_string(need),
+                "the file is corrupt or truncated");
+  const uint8_t* bytes = impl_->stored(name, r, where);
+  torch::Tensor storage;
+  if (reinterpret_cast<uintptr_t>(bytes) % c10::elementSize(t.dtype) == 0) {
+    storage = torch::from_blob(const_cast<uint8_t*>(bytes), {t.storage_numel}, torch::dtype(t.dtype));
+  } else {  // not torch.save's layout (other zip writers do not align): copied once
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    torch::Tensor& copy = impl_->copies[t.storage];
+    if (!copy.defined()) {
+      copy = torch::empty({t.storage_numel}, torch::dtype(t.dtype));
+      std::memcpy(copy.data_ptr(), bytes, need);
+    }
+    storage = copy;
   }
-  return impl_->cached.as_strided(t.shape, t.stride, t.offset);
+  return storage.as_strided(t.shape, t.stride, t.offset);
+}
+
+void File::release(const TensorInfo& t) const {
+  const std::string name = "data/" + t.storage;
+  const Record& r = impl_->records.at(name);
+  if (r.method != 0 || r.size == 0) return;
+  const uint8_t* first = impl_->stored(name, r, impl_->path);
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  // The storage's pages (a neighbour sharing its first or last page is read back from the file
+  // when next used: the mapping is read-only).
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(first) & ~(page - 1);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(first) + r.size;
+  ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);  // (advice: failure is harmless)
 }
 
 }  // namespace libllm::torchfile

@@ -244,9 +244,11 @@ struct Run {
     return save_checkpoint(ckpt_root, model, *optim, st, recipe_yaml, recipe.tokenizer.path);
   }
 
-  // Loads a checkpoint: model, optimizer, RNG, data cursor, guard state, eval history.
-  TrainState load(const std::string& dir) {
-    TrainState st;
+  // Checks, from trainer.json alone, that checkpoint `dir` can continue this run: called before
+  // the model is built, so that a wrong base fails before minutes of loading it. Returns its base.
+  LoraBaseRef check_resume(const std::string& dir) const {
+    if (!fs::is_regular_file(fs::path(dir) / "trainer.json"))
+      throw Error(dir, "not a libllm checkpoint (no trainer.json)", "point checkpoint.resume at a step-N folder");
     // Adapters only: they must belong to this run's base.
     const LoraBaseRef ref = checkpoint_lora_base(dir);
     if (!ref.path.empty() && lora_base.empty())
@@ -256,6 +258,13 @@ struct Run {
       throw Error(dir, "its adapters were trained on the base " + ref.path + ", and this run's finetune.base " +
                            lora_base + " is " + (ref.path == lora_base ? "another model or revision now" : "another model"),
                   "set finetune.base to the base it was trained on");
+    return ref;
+  }
+
+  // Loads a checkpoint: model, optimizer, RNG, data cursor, guard state, eval history.
+  TrainState load(const std::string& dir) {
+    TrainState st;
+    const LoraBaseRef ref = check_resume(dir);
     if (fsdp) {
       fsdp->load_weights(dir, ref.path.empty() ? FullySharded::Which::all : FullySharded::Which::trainable);
       st = load_checkpoint_state(dir, adamw(), fsdp->shard_rank());
@@ -384,6 +393,22 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     run.eos_id = tok.eos_id();
   }
 
+  // The checkpoint to resume from is chosen, and checked, before the model is built (a 65B base
+  // takes minutes to read). A supervisor's restart (LIBLLM_RESTART > 0) always continues from
+  // the newest checkpoint.
+  if (base && recipe.finetune.method == "lora") {
+    run.lora_base = fs::canonical(base->dir).string();
+    run.lora_base_fingerprint = model_fingerprint(base->dir);
+  }
+  run.ckpt_root = (fs::path(tc.run_dir) / "checkpoints").string();
+  const int64_t restart = env_int("LIBLLM_RESTART", 0);
+  std::string resume_from;
+  if (recipe.checkpoint.resume == "auto" || restart > 0)
+    resume_from = latest_checkpoint(run.ckpt_root);
+  else if (recipe.checkpoint.resume != "none")
+    resume_from = recipe.checkpoint.resume;
+  if (!resume_from.empty()) run.check_resume(resume_from);
+
   torch::manual_seed(static_cast<uint64_t>(tc.seed));
   const torch::Dtype dtype = tc.dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
   const bool fully_sharded = tc.sharding == "zero2" || tc.sharding == "zero3" || tc.sharding == "hybrid";
@@ -449,12 +474,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   run.flops_per_token = per_weight * (pc.active - pc.embedding) + 12.0 * mc.n_layers * mc.n_heads * mc.hdim() * tc.seq_len;
 
   run.recipe_yaml = recipe.to_yaml();
-  if (base && recipe.finetune.method == "lora") {
-    run.lora_base = fs::canonical(base->dir).string();
-    run.lora_base_fingerprint = model_fingerprint(base->dir);
-  }
   const fs::path run_dir = tc.run_dir;
-  run.ckpt_root = (run_dir / "checkpoints").string();
   if (main_rank) {
     fs::create_directories(run_dir);
     fmt::print("resolved recipe:\n{}\n", run.recipe_yaml);
@@ -494,12 +514,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     }
   }
 
-  // Resume. A supervisor's restart (LIBLLM_RESTART > 0) always continues from the newest checkpoint.
-  const int64_t restart = env_int("LIBLLM_RESTART", 0);
+  // Resume (from the checkpoint chosen above).
   TrainState state;
-  std::string resume_from;
-  if (recipe.checkpoint.resume == "auto" || restart > 0) resume_from = latest_checkpoint(run.ckpt_root);
-  else if (recipe.checkpoint.resume != "none") resume_from = recipe.checkpoint.resume;
   if (!resume_from.empty()) {
     state = run.load(resume_from);
     if (main_rank) fmt::print("resumed from {} (step {})\n", resume_from, state.step);

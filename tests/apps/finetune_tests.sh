@@ -55,6 +55,11 @@ before=$(sed -n 's/^eval before fine-tuning: //p' "$work/ft.log")
 after=$(tail -n 1 "$work/ft/metrics.jsonl" | sed 's/.*"eval_loss":\([0-9.e+-]*\).*/\1/')
 echo "held-out loss: $before -> $after"
 awk -v a="$before" -v b="$after" 'BEGIN { exit !(b < a - 0.05) }' || fail "held-out loss did not fall: $before -> $after"
+# Resuming these adapters on another base: refused from trainer.json before any model is built.
+sed "s|base: $base,|base: $src/tests/fixtures/tiny-llama,|; s|steps: 20|steps: 30|; s|seq_len: 128|seq_len: 32|" "$work/ft.yaml" > "$work/ft-other.yaml"
+if "$bin/llm-finetune" "$work/ft-other.yaml" > "$work/ft-other.log" 2>&1; then fail "resumed on another base"; fi
+grep -q "its adapters were trained on the base .* is another model" "$work/ft-other.log" || fail "no other-base error"
+if grep -q "resolved recipe" "$work/ft-other.log"; then fail "the other-base error came after the model was built"; fi
 
 # Packed rows (chat.packed): several examples per row, each attending to itself; the data
 # sequence lists every example; 4 steps + resume + 4 steps == 8 straight.

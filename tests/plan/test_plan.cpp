@@ -2,6 +2,7 @@
 // in libllm/src/plan.cpp, for the llama-7b and llama-65b recipes. Ψ: parameters.
 #include "../catch_torch.h"
 
+#include "libllm/hf.h"
 #include "libllm/plan.h"
 
 using namespace libllm;
@@ -202,4 +203,30 @@ TEST_CASE("llm-plan: bad cluster figures are errors naming the option", "[plan]"
                         Catch::Matchers::Contains("its projections: down_proj, gate_proj, k_proj, lm_head"));
   CHECK_THROWS_WITH(plan_training(recipe("amber-7b-lora", {"lora.targets=[embed_tokens]"}), c),
                     Catch::Matchers::Contains("'embed_tokens' names no projection"));
+}
+
+TEST_CASE("llm-plan: a fine-tune is planned on its base, at the recipe's peak", "[plan]") {
+  // The peak: the recipe's train.peak_tflops (amber-7b-lora: 989, an H100), 312 when it is 0,
+  // or the cluster's own figure.
+  const TrainingPlan h100 = plan_training(recipe("amber-7b-lora", {}), ClusterSpec{});
+  CHECK(h100.cluster.peak_tflops == 989);
+  CHECK(h100.tokens_per_s == Approx(8 * 0.4 * 989e12 / h100.flops_per_token));
+  CHECK(plan_training(recipe("amber-7b-lora", {"train.peak_tflops=0"}), ClusterSpec{}).cluster.peak_tflops == 312);
+  ClusterSpec given;
+  given.peak_tflops = 500;
+  CHECK(plan_training(recipe("amber-7b-lora", {}), given).cluster.peak_tflops == 500);
+  given.peak_tflops = -1;
+  CHECK_THROWS_WITH(plan_training(recipe("amber-7b-lora", {}), given), Catch::Matchers::Contains("--peak-tflops"));
+  // finetune.base at hand: its config, not the recipe's model section (Amber's 7B shape).
+  const std::string base = std::string(LIBLLM_SOURCE_DIR) + "/tests/fixtures/tiny-llama";
+  const Recipe tiny = recipe("amber-7b-lora", {"finetune.base=" + base});
+  bool from_base = false;
+  const ModelConfig m = planned_model(tiny, &from_base);
+  CHECK(from_base);
+  CHECK(m.dim == inspect_pretrained(base).config.dim);
+  CHECK(m.dim != tiny.model.dim);
+  CHECK(plan_training(tiny, ClusterSpec{}).params == count_parameters(m).total);
+  // Not downloaded yet: the model section.
+  CHECK(planned_model(recipe("amber-7b-lora", {}), &from_base).dim == 4096);
+  CHECK_FALSE(from_base);
 }

@@ -14,7 +14,8 @@ struct ClusterSpec {
   int64_t gpus = 8;              // data-parallel ranks (one per GPU)
   int64_t gpus_per_node = 8;     // GPUs sharing a node (hybrid sharding shards inside a node)
   double gpu_memory_gib = 80;    // memory of one GPU, GiB
-  double peak_tflops = 312;      // the GPU's dense bf16 peak, TFLOP/s (A100: 312, H100 SXM: 989)
+  double peak_tflops = 0;        // the GPU's dense bf16 peak, TFLOP/s (A100: 312, H100 SXM: 989); 0 = the
+                                 // recipe's train.peak_tflops, or 312 when that is 0 too
   double mfu = 0.4;              // model FLOPs utilisation assumed for the throughput estimate, (0, 1]
 };
 
@@ -51,6 +52,13 @@ struct TrainingPlan {
   std::string recommendation;     // the least sharding that fits, preferring no recomputation
 };
 
+// The model a recipe trains: its finetune.base's config when that folder is at hand (a fine-tune
+// trains its base's model, as llm-finetune does), else its model section (a base not downloaded
+// yet). `from_base`, when given, says which.
+ModelConfig planned_model(const Recipe& recipe, bool* from_base = nullptr);
+
+// The plan of `recipe`'s training (of planned_model(recipe)) on `cluster`; p.cluster holds the
+// peak it assumed.
 TrainingPlan plan_training(const Recipe& recipe, const ClusterSpec& cluster);
 
 }  // namespace libllm

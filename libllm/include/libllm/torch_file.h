@@ -5,7 +5,12 @@
 // Format (PyTorch >= 1.6, the zip format): a zip archive with <archive>/data.pkl, a pickle of the
 // dict in which each tensor is a call torch._utils._rebuild_tensor_v2(storage, offset, size,
 // stride, ...) and each storage a persistent id ('storage', torch.<Type>Storage, key, location,
-// numel), and <archive>/data/<key>: that storage's raw little-endian bytes.
+// numel), and <archive>/data/<key>: that storage's raw little-endian bytes, stored uncompressed.
+//
+// The file is mapped read-only and its zip directory (zip64 included) read by libllm, so that
+// storages are read in place, like safetensors tensors, and sizes are checked before anything is
+// read: data.pkl may be at most 64 MB (a deflated one, which only other zip tools write, is
+// inflated by LibTorch's zip reader once its declared size is known to fit).
 //
 // The pickle is read by a small interpreter of its own, not Python's or TorchScript's unpickler.
 // It knows the opcodes pickle protocols 2-5 use for such a dict and builds only dicts, lists,
@@ -52,11 +57,15 @@ class File {
   const std::vector<TensorInfo>& tensors() const;
   // The tensor called `name`, or nullptr.
   const TensorInfo* find(const std::string& name) const;
-  // The tensor `t` (from this file) on the CPU, with its stored dtype, shape and strides, viewing
-  // its storage as read from the file. The storage read last is kept, so tensors sharing one
-  // (tied weights, slices of one buffer) read it once: the tensor shares that buffer, so clone it
-  // before changing it in place.
+  // The tensor `t` (from this file) on the CPU, with its stored dtype, shape and strides: a
+  // zero-copy view of the read-only mapping (torch.save stores records uncompressed and aligned;
+  // a record another zip writer left misaligned is copied once). Valid while this File lives;
+  // clone it before changing it. Errors name the tensor: a record shorter than its storage, or
+  // compressed (torch.save never compresses one), or running past the end of the file.
   torch::Tensor read(const TensorInfo& t) const;
+  // Done with `t`: the pages of its storage leave this process's resident memory (they are read
+  // from the file again if used again).
+  void release(const TensorInfo& t) const;
 
  private:
   struct Impl;
