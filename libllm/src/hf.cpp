@@ -836,12 +836,15 @@ class FolderChain {
   const ModelConfig& config() const { return levels_.front().info.config; }
 
   // Weight `name` with every adapter of the chain merged in fp32, root first (as loading a chain
-  // and merging it does, bit for bit), then cast to `dtype`: a fresh tensor. The folder's pages it
-  // was read from leave this process's memory.
-  torch::Tensor weight(const std::string& name, torch::Dtype dtype) const {
+  // and merging it does, bit for bit), then cast to `dtype`: a fresh tensor. Only its rows
+  // [first, last) when given (-1: to the end); only those rows of the root are read. The folder's
+  // pages it was read from leave this process's memory.
+  torch::Tensor weight(const std::string& name, torch::Dtype dtype, int64_t first = 0, int64_t last = -1) const {
     torch::NoGradGuard no_grad;
     const WeightIndex& root = levels_.front().idx;
-    const torch::Tensor stored = root.view(name);
+    torch::Tensor stored = root.view(name);
+    if (first != 0 || (last >= 0 && last != stored.size(0)))
+      stored = stored.narrow(0, first, (last < 0 ? stored.size(0) : last) - first);
     torch::Tensor w = stored.to(torch::kFloat32);
     for (size_t k = 0; k < levels_.size() - (merge_top_ ? 0 : 1); ++k) {
       const Level& l = levels_[k];
@@ -851,7 +854,7 @@ class FolderChain {
       // Fresh, aligned copies (a BLAS may round differently on the mapping's 8-byte alignment).
       const auto A = l.idx.view(a.a).to(torch::kFloat32, false, /*copy=*/true);
       const auto B = l.idx.view(a.b).to(torch::kFloat32, false, /*copy=*/true);
-      w = w + torch::matmul(B, A) * a.scale;
+      w = lora_merged_rows(w, B, A, a.scale, first);
       l.idx.release(a.a);
       l.idx.release(a.b);
     }
@@ -959,9 +962,18 @@ void export_hf(const Pretrained& info, const std::string& dir, const ExportOptio
 }
 
 void for_each_merged_weight(const Pretrained& info, torch::Dtype dtype,
-                            const std::function<void(const std::string&, const torch::Tensor&)>& store) {
+                            const std::function<void(const std::string&, const torch::Tensor&)>& store,
+                            const std::function<RowRange(const std::string&, const std::vector<int64_t>&)>& rows) {
   const FolderChain chain(info);
-  for (const auto& [name, shape] : chain.weights()) store(name, chain.weight(name, dtype));
+  for (const auto& [name, shape] : chain.weights()) {
+    const RowRange r = rows ? rows(name, shape) : RowRange{0, shape.empty() ? 1 : shape[0]};
+    if (r.second <= r.first) continue;
+    if (shape.empty() || r.first < 0 || r.second > shape[0])
+      throw Error(info.dir + ": tensor '" + name + "'", "rows [" + std::to_string(r.first) + ", " +
+                                                            std::to_string(r.second) + ") asked of a weight of " +
+                                                            std::to_string(shape.empty() ? 0 : shape[0]));
+    store(name, shape.empty() ? chain.weight(name, dtype) : chain.weight(name, dtype, r.first, r.second));
+  }
 }
 
 void export_peft_adapter(const Pretrained& info, const std::string& dir, const std::string& base_model_name_or_path) {

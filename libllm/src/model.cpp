@@ -166,11 +166,26 @@ torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
   return y + (lora_B(lora_A(h)) * lora_scale_).to(y.scalar_type());
 }
 
+torch::Tensor lora_merged_rows(const torch::Tensor& w, const torch::Tensor& B, const torch::Tensor& A, double scale,
+                               int64_t first) {
+  torch::NoGradGuard no_grad;
+  const int64_t rows = w.size(0), last = first + rows;
+  if (first < 0 || last > B.size(0) || w.dim() != 2 || w.size(1) != A.size(1) || B.size(1) != A.size(0))
+    throw Error("lora_merged_rows", "rows or shapes do not match", "w: rows of W (out, in); B: (out, r); A: (r, in)");
+  torch::Tensor out = w.to(torch::kFloat32, /*non_blocking=*/false, /*copy=*/true);  // (rows, in)
+  const torch::Tensor a = A.to(torch::kFloat32), b = B.to(torch::kFloat32);
+  for (int64_t begin = first / kLoraMergeRows * kLoraMergeRows; begin < last; begin += kLoraMergeRows) {
+    const int64_t end = std::min(begin + kLoraMergeRows, b.size(0));
+    const torch::Tensor delta = torch::matmul(b.narrow(0, begin, end - begin), a) * scale;  // (block, in)
+    const int64_t lo = std::max(begin, first), hi = std::min(end, last);
+    out.narrow(0, lo - first, hi - lo).add_(delta.narrow(0, lo - begin, hi - lo));
+  }
+  return out;
+}
+
 torch::Tensor LinearImpl::merged_weight() const {
   if (!has_lora()) return weight;
-  torch::NoGradGuard no_grad;
-  auto delta = torch::matmul(lora_B->weight.to(torch::kFloat32), lora_A->weight.to(torch::kFloat32)) * lora_scale_;
-  return (weight.to(torch::kFloat32) + delta).to(weight.scalar_type());  // (out, in)
+  return lora_merged_rows(weight, lora_B->weight, lora_A->weight, lora_scale_).to(weight.scalar_type());  // (out, in)
 }
 
 void LinearImpl::merge_lora() {

@@ -470,7 +470,9 @@ void FullySharded::load_weights(const Pretrained& base, Which which) {
       where[up->names[i]] = {up.get(), i};
     }
   const int64_t rank = shard_->rank();
-  const auto store = [&](const std::string& name, const torch::Tensor& src) {  // this rank's elements
+  // Stores this rank's elements of parameter `name` from `src`, which holds its flattened elements
+  // [first, first + src.numel()).
+  const auto store = [&](const std::string& name, const torch::Tensor& src, int64_t first = 0) {
     auto [u, i] = where.at(name);
     auto flat = src.reshape({-1});
     if (stage_ == 2) {
@@ -479,25 +481,43 @@ void FullySharded::load_weights(const Pretrained& base, Which which) {
     }
     const int64_t lo = std::max(u->offsets[i], rank * u->chunk);
     const int64_t hi = std::min(u->offsets[i] + u->numels[i], (rank + 1) * u->chunk);
-    if (lo < hi) u->shard.narrow(0, lo - rank * u->chunk, hi - lo).copy_(flat.narrow(0, lo - u->offsets[i], hi - lo));
+    if (lo < hi)
+      u->shard.narrow(0, lo - rank * u->chunk, hi - lo).copy_(flat.narrow(0, lo - u->offsets[i] - first, hi - lo));
   };
   if (!base.has_lora && base.base.empty()) {
     libllm::load_weights(base.dir, params, !model_->lm_head, store);
   } else {  // adapters to merge: the plain model's weights, merged in fp32 (copy_ rounds to the unit's dtype)
-    std::set<std::string> missing;
-    for (const auto& [name, shape] : params) missing.insert(name);
-    for_each_merged_weight(base, torch::kFloat32, [&](const std::string& name, const torch::Tensor& w) {
-      if (!where.count(name)) return;  // (Which::frozen: a LoRA run's base; its adapters are new)
-      const auto [u, i] = where.at(name);
-      if (w.sizes() != c10::IntArrayRef(u->shapes[i]))
-        throw Error(base.dir + ": tensor '" + name + "'", "does not have the shape this model gives it",
+    // Stage 3: only the rows holding this rank's elements are read and merged.
+    const auto rows = [&](const std::string& name, const std::vector<int64_t>& shape) -> RowRange {
+      auto it = where.find(name);
+      if (it == where.end()) return {0, 0};  // (Which::frozen: a LoRA run's base; its adapters are new)
+      const auto [u, i] = it->second;
+      if (stage_ == 2 || shape.empty()) return {0, shape.empty() ? 1 : shape[0]};
+      const int64_t lo = std::max(u->offsets[i], rank * u->chunk) - u->offsets[i];
+      const int64_t hi = std::min(u->offsets[i] + u->numels[i], (rank + 1) * u->chunk) - u->offsets[i];
+      const int64_t inner = shape[0] > 0 ? u->numels[i] / shape[0] : 1;  // elements per row
+      if (lo >= hi) return {0, 0};
+      return {lo / inner, (hi + inner - 1) / inner};
+    };
+    const std::map<std::string, std::vector<int64_t>> shapes(params.begin(), params.end());
+    std::set<std::string> stored;
+    for_each_merged_weight(
+        base, torch::kFloat32,
+        [&](const std::string& name, const torch::Tensor& w) {
+          const auto [first, last] = rows(name, shapes.at(name));
+          std::vector<int64_t> want = shapes.at(name);
+          if (!want.empty()) want[0] = last - first;
+          if (w.sizes() != c10::IntArrayRef(want))
+            throw Error(base.dir + ": tensor '" + name + "'", "does not have the shape this model gives it",
+                        "the base does not match the model");
+          store(name, w, w.dim() > 0 ? first * (w.numel() / w.size(0)) : 0);
+          stored.insert(name);
+        },
+        rows);
+    for (const auto& [name, shape] : params)  // (a weight with no element on this rank is not read)
+      if (const RowRange r = rows(name, shape); r.second > r.first && !stored.count(name))
+        throw Error(base.dir + ": tensor '" + name + "'", "is missing from the base",
                     "the base does not match the model");
-      store(name, w);
-      missing.erase(name);
-    });
-    if (!missing.empty())
-      throw Error(base.dir + ": tensor '" + *missing.begin() + "'", "is missing from the base",
-                  "the base does not match the model");
   }
   for (auto& up : units_) release(*up);
 }

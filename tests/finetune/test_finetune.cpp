@@ -246,6 +246,28 @@ TEST_CASE("a merged export equals base + (alpha/r) B A and scores exactly like t
   CHECK(std::abs(from_disk.loss - evaluate_tokens(fresh.model, docs, eo).loss) > 1e-3);  // the adapters mattered
 }
 
+TEST_CASE("a LoRA merge of any rows gets the bits of those rows of the whole weight", "[finetune]") {
+  torch::manual_seed(3);
+  const int64_t out = 2 * kLoraMergeRows + 37, in = 24, r = 4;
+  const torch::Tensor W = torch::randn({out, in}), B = torch::randn({out, r}), A = torch::randn({r, in});
+  const torch::Tensor whole = lora_merged_rows(W, B, A, 0.5);
+  // Against an independent sum in float64 (fp32 rounding of a 4-term product, values ~3).
+  const auto ref = W.to(torch::kFloat64) + 0.5 * torch::matmul(B.to(torch::kFloat64), A.to(torch::kFloat64));
+  CHECK(test::max_abs_diff(whole.to(torch::kFloat64), ref) < 1e-5);
+  // Row ranges inside one block, across block boundaries, whole blocks, the short last block.
+  const std::vector<std::pair<int64_t, int64_t>> ranges = {
+      {0, out}, {1, 5}, {kLoraMergeRows - 3, kLoraMergeRows + 3}, {kLoraMergeRows, 2 * kLoraMergeRows}, {out - 2, out}};
+  for (const auto& [first, last] : ranges) {
+    INFO(first << ".." << last);
+    CHECK(torch::equal(lora_merged_rows(W.narrow(0, first, last - first), B, A, 0.5, first),
+                       whole.narrow(0, first, last - first)));
+  }
+  // bf16 rows are merged in fp32.
+  CHECK(lora_merged_rows(W.to(torch::kBFloat16), B, A, 0.5).scalar_type() == torch::kFloat32);
+  CHECK_THAT(test::error_of([&] { lora_merged_rows(W.narrow(0, 0, 10), B, A, 0.5, out - 5); }),
+             Catch::Contains("rows or shapes do not match"));
+}
+
 TEST_CASE("the PEFT adapter has the files, tensor names and config keys PEFT reads", "[finetune]") {
   test::TempDir tmp;
   Pretrained base = load_pretrained(test::fixture("tiny-llama"));
@@ -336,6 +358,24 @@ TEST_CASE("fine-tuning resumes exactly (LoRA and full) and lowers the held-out l
           if (e["event"] == "eval") start = e["eval_loss"].get<double>();
         CHECK(start == Approx(after).epsilon(1e-5));
         Pretrained cc = load_pretrained(c + "/checkpoints/step-00000003");
+        // Rows of the chain's merged weights, as a ZeRO-3 rank asks for its slice: the same bits
+        // as those rows of the whole weights.
+        const Pretrained chain = inspect_pretrained(c + "/checkpoints/step-00000003");
+        std::map<std::string, torch::Tensor> whole;
+        for_each_merged_weight(chain, torch::kBFloat16,
+                               [&](const std::string& n, const torch::Tensor& w) { whole[n] = w; });
+        size_t parts = 0;
+        for_each_merged_weight(
+            chain, torch::kBFloat16,
+            [&](const std::string& n, const torch::Tensor& w) {
+              INFO(n);
+              ++parts;
+              CHECK(torch::equal(w, whole.at(n).narrow(0, 1, w.size(0))));
+            },
+            [](const std::string& n, const std::vector<int64_t>& shape) {
+              return n.find("norm") != std::string::npos ? RowRange{0, 0} : RowRange{1, shape[0] - 2};
+            });
+        CHECK(parts == 2 * 7 + 2);  // (no norms: 7 projections per block, the embedding and the head)
         CHECK(cc.base == fs::canonical(a + "/checkpoints/step-00000008").string());
         CHECK(has_lora(cc.model));
         // Resuming its adapters in a run that trains every weight: an error, not a silent mix.

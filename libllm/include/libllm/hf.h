@@ -126,10 +126,16 @@ void export_hf(const Pretrained& info, const std::string& dir, const ExportOptio
 // The weights of model folder `info` with every LoRA adapter of its chain of bases merged in
 // fp32, one at a time: store(name, w) gets each weight of the plain model (no adapters), in the
 // model's order, w in `dtype` (a fresh tensor), as load_pretrained_merged(info, dtype) would hold
-// it, bit for bit. Every folder is checked from its headers before any weight is read. (A ZeRO-3
-// rank keeps its slice of each: a LoRA base never has to be in memory whole.)
-void for_each_merged_weight(const Pretrained& info, torch::Dtype dtype,
-                            const std::function<void(const std::string&, const torch::Tensor&)>& store);
+// it, bit for bit. Every folder is checked from its headers before any weight is read.
+// `rows(name, shape)`, when given, says which rows [first, last) of each weight to produce (dim
+// 0; an empty range skips the weight): store then gets just those rows, the same bits as those
+// rows of the whole, and only they are read from the root folder. (A ZeRO-3 rank asks for the
+// rows holding its slice: a LoRA base is never in memory whole, nor read whole by every rank.)
+using RowRange = std::pair<int64_t, int64_t>;
+void for_each_merged_weight(
+    const Pretrained& info, torch::Dtype dtype,
+    const std::function<void(const std::string&, const torch::Tensor&)>& store,
+    const std::function<RowRange(const std::string&, const std::vector<int64_t>&)>& rows = nullptr);
 // export_peft_adapter for LoRA checkpoint folder `info`, reading only its adapters (the chain of
 // bases is checked, not read). A folder without adapters is an Error naming it.
 void export_peft_adapter(const Pretrained& info, const std::string& dir, const std::string& base_model_name_or_path);

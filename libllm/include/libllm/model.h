@@ -47,6 +47,14 @@ torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, con
 // update (Hu et al. 2021): y = x W^T + (alpha / r) * B(A(dropout(x))). The adapter's submodules
 // are named as PEFT names them (lora_A.weight (r, in), lora_B.weight (out, r)); they are created
 // in fp32 whatever W's dtype (a bf16 base stays bf16), computed in fp32 and added in y's dtype.
+// Rows [first, first + w.size(0)) of a merged LoRA weight: w + scale * (B A), w those rows of W
+// (out, in), B (out, r) and A (r, in) whole; in fp32, a fresh tensor. B A is formed in blocks of
+// kLoraMergeRows rows starting at multiples of it, whatever rows are asked for, so a row range
+// (a ZeRO-3 rank's slice) gets the same bits as the rows of the whole weight.
+constexpr int64_t kLoraMergeRows = 512;
+torch::Tensor lora_merged_rows(const torch::Tensor& w, const torch::Tensor& B, const torch::Tensor& A, double scale,
+                               int64_t first = 0);
+
 class LinearImpl : public torch::nn::Module {
  public:
   // `weight` is zeros until the owning model initialises it (TransformerImpl::init_weights).
