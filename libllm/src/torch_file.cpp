@@ -49,6 +49,7 @@ const char* kind_name(Obj::Kind k) {
 }
 
 // torch.<Type>Storage -> dtype.
+constexpr const char* kReadableTypes = "libllm reads float32/64, float16, bfloat16, int8-64, uint8 and bool tensors";
 const std::map<std::string, torch::Dtype>& storage_types() {
   static const std::map<std::string, torch::Dtype> m = {
       {"torch.FloatStorage", torch::kFloat32}, {"torch.DoubleStorage", torch::kFloat64},
@@ -305,9 +306,13 @@ class Unpickler {
   }
   void push_global(const std::string& module, const std::string& name) {
     const std::string full = module + "." + name;
-    if (!known_globals().count(full) && !storage_types().count(full))
+    if (!known_globals().count(full) && !storage_types().count(full)) {
+      if (module == "torch" && name.size() > 7 && name.compare(name.size() - 7, 7, "Storage") == 0)
+        throw Error(where_, "holds tensors of type " + full + ", which libllm does not read",
+                    std::string(kReadableTypes) + "; convert those tensors in Python (e.g. .float()) and save again");
       throw Error(where_, "the pickle refers to " + full + ", which is not part of a dict of tensors (it is not run)",
                   "libllm reads only tensors; load the file in Python and save its tensors with safetensors");
+    }
     auto o = make(Obj::kGlobal);
     o->s = full;
     push(o);
@@ -365,7 +370,7 @@ class Unpickler {
       throw Error(where_,
                   "a storage of type " + (type.kind == Obj::kGlobal ? type.s : std::string("(not a class)")) +
                       ", which libllm does not read",
-                  "libllm reads float32/64, float16, bfloat16, int8-64, uint8 and bool tensors");
+                  kReadableTypes);
     if (arg(pid, 2).kind != Obj::kStr) fail("a storage key that is not a string");
     auto o = make(Obj::kStorage);
     o->tensor = info();

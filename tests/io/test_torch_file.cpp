@@ -178,6 +178,9 @@ TEST_CASE("torch.save files that are not a dict of tensors are refused, and noth
              Catch::Contains("list.bin: holds a list, not a dict of tensors"));
   CHECK_THAT(error_of([] { torchfile::File::open(fixture("torch-bin/int_keys.bin")); }),
              Catch::Contains("int_keys.bin: has a key of type int"));
+  CHECK_THAT(error_of([] { torchfile::File::open(fixture("torch-bin/complex.bin")); }),
+             Catch::Contains("complex.bin: data.pkl: holds tensors of type torch.ComplexFloatStorage") &&
+                 Catch::Contains("libllm reads float32/64, float16, bfloat16"));
 
   test::TempDir tmp;
   const std::string odd = test::read_file(fixture("torch-bin/odd.bin"));
