@@ -966,12 +966,13 @@ void for_each_merged_weight(const Pretrained& info, torch::Dtype dtype,
                             const std::function<RowRange(const std::string&, const std::vector<int64_t>&)>& rows) {
   const FolderChain chain(info);
   for (const auto& [name, shape] : chain.weights()) {
-    const RowRange r = rows ? rows(name, shape) : RowRange{0, shape.empty() ? 1 : shape[0]};
-    if (r.second <= r.first) continue;
-    if (shape.empty() || r.first < 0 || r.second > shape[0])
+    const int64_t n = shape.empty() ? 1 : shape[0];  // (a scalar: one row)
+    const RowRange r = rows ? rows(name, shape) : RowRange{0, n};
+    if (rows && r.second <= r.first) continue;
+    if (r.first < 0 || r.second > n || r.second < r.first)
       throw Error(info.dir + ": tensor '" + name + "'", "rows [" + std::to_string(r.first) + ", " +
                                                             std::to_string(r.second) + ") asked of a weight of " +
-                                                            std::to_string(shape.empty() ? 0 : shape[0]));
+                                                            std::to_string(n));
     store(name, shape.empty() ? chain.weight(name, dtype) : chain.weight(name, dtype, r.first, r.second));
   }
 }

@@ -169,9 +169,10 @@ torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
 torch::Tensor lora_merged_rows(const torch::Tensor& w, const torch::Tensor& B, const torch::Tensor& A, double scale,
                                int64_t first) {
   torch::NoGradGuard no_grad;
-  const int64_t rows = w.size(0), last = first + rows;
-  if (first < 0 || last > B.size(0) || w.dim() != 2 || w.size(1) != A.size(1) || B.size(1) != A.size(0))
+  if (w.dim() != 2 || B.dim() != 2 || A.dim() != 2 || first < 0 || first + w.size(0) > B.size(0) ||
+      w.size(1) != A.size(1) || B.size(1) != A.size(0))
     throw Error("lora_merged_rows", "rows or shapes do not match", "w: rows of W (out, in); B: (out, r); A: (r, in)");
+  const int64_t last = first + w.size(0);
   torch::Tensor out = w.to(torch::kFloat32, /*non_blocking=*/false, /*copy=*/true);  // (rows, in)
   const torch::Tensor a = A.to(torch::kFloat32), b = B.to(torch::kFloat32);
   for (int64_t begin = first / kLoraMergeRows * kLoraMergeRows; begin < last; begin += kLoraMergeRows) {

@@ -4,7 +4,6 @@
 
 #include <cmath>
 #include <map>
-#include <set>
 
 #include "libllm/compat.h"
 #include "libllm/distributed.h"
@@ -487,35 +486,38 @@ void FullySharded::load_weights(const Pretrained& base, Which which) {
   if (!base.has_lora && base.base.empty()) {
     libllm::load_weights(base.dir, params, !model_->lm_head, store);
   } else {  // adapters to merge: the plain model's weights, merged in fp32 (copy_ rounds to the unit's dtype)
-    // Stage 3: only the rows holding this rank's elements are read and merged.
+    // Stage 3: only the rows holding this rank's elements are read and merged. Every rank checks
+    // every weight's shape and presence (a rank that failed alone would leave the others waiting).
+    std::map<std::string, RowRange> ranges;  // the weights of the base, and this rank's rows of each
     const auto rows = [&](const std::string& name, const std::vector<int64_t>& shape) -> RowRange {
       auto it = where.find(name);
       if (it == where.end()) return {0, 0};  // (Which::frozen: a LoRA run's base; its adapters are new)
       const auto [u, i] = it->second;
-      if (stage_ == 2 || shape.empty()) return {0, shape.empty() ? 1 : shape[0]};
+      if (shape != u->shapes[i])
+        throw Error(base.dir + ": tensor '" + name + "'", "does not have the shape this model gives it",
+                    "the base does not match the model");
+      RowRange& r = ranges[name];
       const int64_t lo = std::max(u->offsets[i], rank * u->chunk) - u->offsets[i];
       const int64_t hi = std::min(u->offsets[i] + u->numels[i], (rank + 1) * u->chunk) - u->offsets[i];
-      const int64_t inner = shape[0] > 0 ? u->numels[i] / shape[0] : 1;  // elements per row
-      if (lo >= hi) return {0, 0};
-      return {lo / inner, (hi + inner - 1) / inner};
+      if (stage_ == 2 || shape.empty())
+        r = {0, shape.empty() ? 1 : shape[0]};
+      else if (lo >= hi)
+        r = {0, 0};
+      else {
+        const int64_t inner = u->numels[i] / shape[0];  // elements per row (shape[0] > 0: lo < hi)
+        r = {lo / inner, (hi + inner - 1) / inner};
+      }
+      return r;
     };
-    const std::map<std::string, std::vector<int64_t>> shapes(params.begin(), params.end());
-    std::set<std::string> stored;
     for_each_merged_weight(
         base, torch::kFloat32,
         [&](const std::string& name, const torch::Tensor& w) {
-          const auto [first, last] = rows(name, shapes.at(name));
-          std::vector<int64_t> want = shapes.at(name);
-          if (!want.empty()) want[0] = last - first;
-          if (w.sizes() != c10::IntArrayRef(want))
-            throw Error(base.dir + ": tensor '" + name + "'", "does not have the shape this model gives it",
-                        "the base does not match the model");
-          store(name, w, w.dim() > 0 ? first * (w.numel() / w.size(0)) : 0);
-          stored.insert(name);
+          const int64_t first = ranges.at(name).first;
+          store(name, w, w.dim() > 0 && w.size(0) > 0 ? first * (w.numel() / w.size(0)) : 0);
         },
         rows);
-    for (const auto& [name, shape] : params)  // (a weight with no element on this rank is not read)
-      if (const RowRange r = rows(name, shape); r.second > r.first && !stored.count(name))
+    for (const auto& [name, shape] : params)
+      if (!ranges.count(name))
         throw Error(base.dir + ": tensor '" + name + "'", "is missing from the base",
                     "the base does not match the model");
   }

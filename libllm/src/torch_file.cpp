@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <cstring>
 #include <deque>
@@ -478,9 +479,13 @@ struct File::Impl {
   [[noreturn]] void corrupt(const std::string& what) const {
     throw Error(path, "is not a readable zip archive: " + what, "the file is corrupt or truncated");
   }
-  // [offset, offset + n) must lie in the file.
-  const uint8_t* at(uint64_t offset, uint64_t n, const char* what) const {
-    if (offset > size || n > size - offset) corrupt(std::string(what) + " runs past the end of the file");
+  // [offset, offset + n) must lie in the file; else an error about `what`, naming `who` (a
+  // tensor) or, by default, the archive.
+  const uint8_t* at(uint64_t offset, uint64_t n, const std::string& what, const std::string& who = "") const {
+    if (offset > size || n > size - offset) {
+      if (who.empty()) corrupt(what + " runs past the end of the file");
+      throw Error(who, what + " runs past the end of the file", "the file is corrupt or truncated");
+    }
     return base + offset;
   }
 
@@ -489,8 +494,10 @@ struct File::Impl {
     if (fd < 0) throw Error(path, std::string("cannot open file: ") + std::strerror(errno));
     struct stat st;
     if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+      const int err = errno;
       ::close(fd);
-      throw Error(path, "is not a regular file");
+      throw Error(
+          path, S_ISREG(st.st_mode) ? std::string("cannot stat file: ") + std::strerror(err) : "is not a regular file");
     }
     size = static_cast<size_t>(st.st_size);
     void* p = size > 0 ? ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
@@ -522,6 +529,7 @@ struct File::Impl {
       dir = rd(z + 48, 8);
     }
     const uint8_t* p = at(dir, dir_size, "the central directory");
+    std::set<std::string> names;
     const uint8_t* end = p + dir_size;
     if (count > dir_size / 46)
       corrupt(std::to_string(count) + " records in a central directory of " + std::to_string(dir_size) + " bytes");
@@ -558,6 +566,11 @@ struct File::Impl {
                       "expected a pytorch_model.bin written by torch.save");
         prefix = name.substr(0, slash + 1);
       }
+      // A name twice (or twice but for case, as LibTorch's zip reader compares them) could make
+      // what is checked here differ from what is read.
+      std::string folded = name;
+      for (char& ch : folded) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+      if (!names.insert(folded).second) corrupt("record " + name + " appears twice");
       if (name.compare(0, prefix.size(), prefix) == 0) records.emplace(name.substr(prefix.size()), r);
       p += 46 + n + m + k;
     }
@@ -574,9 +587,10 @@ struct File::Impl {
                   "its record " + name + " is compressed (zip method " + std::to_string(r.method) +
                       "), which torch.save never writes",
                   "re-save the weights with torch.save or safetensors");
-    const uint8_t* h = at(r.local, 30, "a record's local header");
-    if (rd(h, 4) != 0x04034b50) corrupt("record " + name + " has a bad local header");
-    return at(r.local + 30 + rd(h + 26, 2) + rd(h + 28, 2), r.size, ("record " + name).c_str());
+    const uint8_t* h = at(r.local, 30, "its record " + name + "'s local header", where);
+    if (rd(h, 4) != 0x04034b50)
+      throw Error(where, "its record " + name + " has a bad local header", "the file is corrupt or truncated");
+    return at(r.local + 30 + rd(h + 26, 2) + rd(h + 28, 2), r.size, "its record " + name, where);
   }
   // A small record's bytes (data.pkl, byteorder), at most `cap`: a deflated one is inflated by
   // LibTorch's zip reader once its declared size is known to fit.
@@ -594,13 +608,20 @@ struct File::Impl {
     if (r->method != 8)
       throw Error(where, "is compressed with zip method " + std::to_string(r->method) + ", which libllm does not read",
                   "re-save the weights with torch.save or safetensors");
+    std::string out;
     try {
       caffe2::serialize::PyTorchStreamReader zip(path);
       auto [ptr, n] = zip.getRecord(name);
-      return std::string(static_cast<const char*>(ptr.get()), n);
-    } catch (const c10::Error& e) {
+      out.assign(static_cast<const char*>(ptr.get()), n);
+    } catch (const std::exception& e) {
       throw Error(where, "cannot inflate the record: " + what_of(e), "the file is corrupt or truncated");
     }
+    if (out.size() != r->size)
+      throw Error(where,
+                  "inflates to " + std::to_string(out.size()) + " bytes, not the " + std::to_string(r->size) +
+                      " its directory entry says",
+                  "the file is corrupt");
+    return out;
   }
 };
 
@@ -714,6 +735,10 @@ torch::Tensor File::read(const TensorInfo& t) const {
 void File::release(const TensorInfo& t) const {
   const std::string name = "data/" + t.storage;
   const Record& r = impl_->records.at(name);
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    impl_->copies.erase(t.storage);  // (tensors handed out keep their own reference)
+  }
   if (r.method != 0 || r.size == 0) return;
   const uint8_t* first = impl_->stored(name, r, impl_->path);
   const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));

@@ -125,8 +125,20 @@ TEST_CASE("torch.save zips: zip64 directories, misaligned and compressed records
   // A data.pkl whose directory entry claims 2 GiB: refused from the directory, before inflating.
   CHECK_THAT(error_of([] { torchfile::File::open(fixture("torch-bin/big_pickle.bin")); }),
              Catch::Contains("big_pickle.bin: data.pkl") && Catch::Contains("is 2147483648 bytes"));
-  // A zip cut short inside its central directory, and one whose directory points past its end.
+  CHECK_THAT(error_of([] { torchfile::File::open(fixture("torch-bin/twice.bin")); }),
+             Catch::Contains("twice.bin: is not a readable zip archive: record twice/data.pkl appears twice"));
+  // A storage whose local header is damaged (the directory intact): the error names the tensor.
   test::TempDir tmp;
+  std::string odd = test::read_file(fixture("torch-bin/odd.bin"));
+  const std::string key = torchfile::File::open(fixture("torch-bin/odd.bin"))->find("f32")->storage;
+  const size_t local = odd.find("odd/data/" + key);  // (the local header's name comes first)
+  REQUIRE(local != std::string::npos);
+  odd[local - 30] = 'X';
+  test::write_file(tmp / "damaged.bin", odd);
+  auto damaged = torchfile::File::open(tmp / "damaged.bin");
+  CHECK_THAT(error_of([&] { damaged->read(*damaged->find("f32")); }),
+             Catch::Contains("damaged.bin: tensor 'f32'") && Catch::Contains("has a bad local header"));
+  // A zip cut short inside its central directory, and one whose directory points past its end.
   const std::string zip64 = test::read_file(fixture("torch-bin/zip64.bin"));
   test::write_file(tmp / "cut.bin", zip64.substr(0, zip64.size() - 30));
   CHECK_THAT(error_of([&] { torchfile::File::open(tmp / "cut.bin"); }),
