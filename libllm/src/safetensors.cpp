@@ -16,6 +16,7 @@
 #include <tuple>
 
 #include "libllm/error.h"
+#include "mapped_file.h"
 
 namespace libllm::safetensors {
 namespace {
@@ -366,29 +367,16 @@ std::shared_ptr<File> File::open(const std::string& path) {
   return file;
 }
 
-File::~File() {
-  if (base_ != nullptr) ::munmap(const_cast<uint8_t*>(base_), size_);
-}
+File::~File() { detail::unmap({base_, size_}); }
 
 void File::map_file() {
-  const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    const int err = errno;
-    throw Error(path_, "cannot open file: " + errno_text(err), err == ENOENT ? "check the path" : "");
-  }
-  FdCloser closer{fd};
-  struct stat st;
-  if (::fstat(fd, &st) != 0) throw Error(path_, "cannot stat file: " + errno_text(errno));
-  if (!S_ISREG(st.st_mode)) throw Error(path_, "is not a regular file");
-  if (st.st_size < 8) {
-    throw Error(path_,
-                "file has " + std::to_string(st.st_size) + " bytes, too few for a safetensors header (at least 8)",
+  const detail::Mapping m = detail::map_readonly(path_);
+  base_ = m.base;
+  size_ = m.size;
+  if (size_ < 8) {
+    throw Error(path_, "file has " + std::to_string(size_) + " bytes, too few for a safetensors header (at least 8)",
                 "the file may be truncated; download or convert it again");
   }
-  void* p = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE, fd, 0);
-  if (p == MAP_FAILED) throw Error(path_, "cannot memory-map file: " + errno_text(errno));
-  base_ = static_cast<const uint8_t*>(p);
-  size_ = static_cast<size_t>(st.st_size);
 }
 
 void File::parse_header() {
@@ -436,16 +424,7 @@ const uint8_t* File::data(const TensorInfo& t) const {
   return base_ + data_offset_ + t.begin;
 }
 
-void File::release(const TensorInfo& t) const {
-  const uint8_t* first = data(t);
-  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  // The pages the tensor touches (a neighbour sharing its first or last page, or the header, is
-  // read back from the file when next used: the mapping is read-only).
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(first) & ~(page - 1);
-  const uintptr_t end = reinterpret_cast<uintptr_t>(first) + (t.end - t.begin);
-  if (end > begin)
-    ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);  // (advice: failure is harmless)
-}
+void File::release(const TensorInfo& t) const { detail::release_pages(data(t), t.end - t.begin); }
 
 struct StreamWriter::Impl {
   std::string path;
@@ -514,3 +493,41 @@ void write(const std::string& path, const std::vector<TensorView>& tensors,
 }
 
 }  // namespace libllm::safetensors
+
+namespace libllm::detail {
+
+using safetensors::errno_text;
+using safetensors::FdCloser;
+
+Mapping map_readonly(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    const int err = errno;
+    throw Error(path, "cannot open file: " + errno_text(err), err == ENOENT ? "check the path" : "");
+  }
+  FdCloser closer{fd};
+  struct stat st;
+  if (::fstat(fd, &st) != 0) throw Error(path, "cannot stat file: " + errno_text(errno));
+  if (!S_ISREG(st.st_mode)) throw Error(path, "is not a regular file");
+  Mapping m;
+  m.size = static_cast<size_t>(st.st_size);
+  if (m.size == 0) return m;
+  void* p = ::mmap(nullptr, m.size, PROT_READ, MAP_PRIVATE, fd, 0);
+  if (p == MAP_FAILED) throw Error(path, "cannot memory-map file: " + errno_text(errno));
+  m.base = static_cast<const uint8_t*>(p);
+  return m;
+}
+
+void unmap(const Mapping& m) {
+  if (m.base != nullptr) ::munmap(const_cast<uint8_t*>(m.base), m.size);
+}
+
+void release_pages(const uint8_t* p, size_t n) {
+  if (n == 0) return;
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + n;
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
+}  // namespace libllm::detail

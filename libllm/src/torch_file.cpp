@@ -3,22 +3,17 @@
 #include "libllm/torch_file.h"
 
 #include <caffe2/serialize/inline_container.h>
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <cctype>
-#include <cerrno>
 #include <cstring>
 #include <deque>
-#include <fstream>
 #include <map>
 #include <mutex>
 #include <set>
 #include <sstream>
 
 #include "libllm/error.h"
+#include "mapped_file.h"
 
 namespace libllm::torchfile {
 
@@ -472,9 +467,7 @@ struct File::Impl {
   mutable std::mutex mu;
   mutable std::map<std::string, torch::Tensor> copies;  // storages whose bytes are misaligned for their type
 
-  ~Impl() {
-    if (base) ::munmap(const_cast<uint8_t*>(base), size);
-  }
+  ~Impl() { detail::unmap({base, size}); }
 
   [[noreturn]] void corrupt(const std::string& what) const {
     throw Error(path, "is not a readable zip archive: " + what, "the file is corrupt or truncated");
@@ -490,24 +483,10 @@ struct File::Impl {
   }
 
   void map() {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) throw Error(path, std::string("cannot open file: ") + std::strerror(errno));
-    struct stat st;
-    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-      const int err = errno;
-      ::close(fd);
-      throw Error(
-          path, S_ISREG(st.st_mode) ? std::string("cannot stat file: ") + std::strerror(err) : "is not a regular file");
-    }
-    size = static_cast<size_t>(st.st_size);
-    void* p = size > 0 ? ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
-    const int err = errno;
-    ::close(fd);
-    if (p == MAP_FAILED) {
-      if (size == 0) throw Error(path, "is empty", "expected a pytorch_model.bin written by torch.save");
-      throw Error(path, std::string("cannot memory-map file: ") + std::strerror(err));
-    }
-    base = static_cast<const uint8_t*>(p);
+    const detail::Mapping m = detail::map_readonly(path);
+    base = m.base;
+    size = m.size;
+    if (size == 0) throw Error(path, "is empty", "expected a pytorch_model.bin written by torch.save");
   }
 
   // The central directory: found from its end record (zip64's when the counts overflow 16/32 bits).
@@ -739,14 +718,7 @@ void File::release(const TensorInfo& t) const {
     std::lock_guard<std::mutex> lock(impl_->mu);
     impl_->copies.erase(t.storage);  // (tensors handed out keep their own reference)
   }
-  if (r.method != 0 || r.size == 0) return;
-  const uint8_t* first = impl_->stored(name, r, impl_->path);
-  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  // The storage's pages (a neighbour sharing its first or last page is read back from the file
-  // when next used: the mapping is read-only).
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(first) & ~(page - 1);
-  const uintptr_t end = reinterpret_cast<uintptr_t>(first) + r.size;
-  ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);  // (advice: failure is harmless)
+  if (r.method == 0) detail::release_pages(impl_->stored(name, r, impl_->path), r.size);
 }
 
 }  // namespace libllm::torchfile

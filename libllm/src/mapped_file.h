@@ -1,0 +1,26 @@
+// A file mapped read-only: what the two weights readers (safetensors.cpp, torch_file.cpp) share.
+// Private to the library; implemented in safetensors.cpp (torch-free).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace libllm::detail {
+
+struct Mapping {
+  const uint8_t* base = nullptr;  // start of the mapping; null for an empty file
+  size_t size = 0;                // bytes (the file's size)
+};
+
+// Maps regular file `path` read-only. Errors (libllm::Error naming the path): it cannot be
+// opened, is not a regular file, or cannot be mapped.
+Mapping map_readonly(const std::string& path);
+void unmap(const Mapping& m);
+
+// Drops the pages of [p, p + n) (inside a read-only mapping) from this process's resident memory;
+// a neighbour sharing the first or last page is read back from the file when next used. Advice:
+// a failure is harmless.
+void release_pages(const uint8_t* p, size_t n);
+
+}  // namespace libllm::detail
