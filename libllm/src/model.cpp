@@ -41,23 +41,74 @@ uint64_t splitmix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-// Inverted dropout (keep with probability 1 - p, scaled by 1 / (1 - p)) for CPU tensors: element i
-// of the flattened tensor is dropped when SplitMix64(seed + i) < p * 2^64, the seed one draw of
-// torch's CPU generator (so torch::manual_seed and a restored generator state give the same mask).
-// torch::dropout's CPU path draws every element from the generator (perf over 20 steps of the
-// demo's LoRA fine-tuning: 14% fewer CPU samples with this one).
-torch::Tensor cpu_dropout(const torch::Tensor& x, double p) {
+// Which elements LoRA's dropout keeps: a bool tensor of x's shape, each element kept with
+// probability 1 - p. On the CPU, element i of the flattened tensor is dropped when
+// SplitMix64(seed + i) < p * 2^64, the seed one draw of torch's CPU generator (so torch::manual_seed
+// and a restored generator state give the same mask; drawing every element from the generator, as
+// torch::dropout's CPU path does, took 14% more CPU time over 20 steps of the demo's LoRA
+// fine-tuning). Elsewhere Bernoulli(1 - p) draws from the device's generator.
+torch::Tensor dropout_keep(const torch::Tensor& x, double p) {
+  if (!x.is_cpu()) return torch::empty(x.sizes(), x.options().dtype(torch::kBool)).bernoulli_(1.0 - p);
   const auto seed = static_cast<uint64_t>(
       torch::randint(std::numeric_limits<int64_t>::max(), {1}, torch::kInt64).item<int64_t>());
   const auto threshold = static_cast<uint64_t>(std::ldexp(p, 64));
-  const float scale = static_cast<float>(1.0 / (1.0 - p));
-  auto mask = torch::empty(x.sizes(), torch::kFloat32);
-  float* m = mask.data_ptr<float>();
-  at::parallel_for(0, mask.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) m[i] = splitmix64(seed + static_cast<uint64_t>(i)) < threshold ? 0.0f : scale;
+  auto keep = torch::empty(x.sizes(), torch::kBool);
+  bool* k = keep.data_ptr<bool>();
+  at::parallel_for(0, keep.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) k[i] = splitmix64(seed + static_cast<uint64_t>(i)) >= threshold;
   });
-  return x * mask.to(x.scalar_type());
+  return keep;
 }
+
+// LoRA's input to A in `dtype`: x, or with dropout (`keep` defined) the kept elements scaled by
+// 1 / (1 - p) and zeros.
+torch::Tensor lora_input(const torch::Tensor& x, const torch::Tensor& keep, double p, torch::Dtype dtype) {
+  auto h = x.to(dtype);
+  if (!keep.defined()) return h;
+  return h * (keep.to(dtype) * static_cast<float>(1.0 / (1.0 - p)));  // each factor 0 or exactly 1 / (1 - p)
+}
+
+// The adapter's term (alpha / r) B A dropout(x) in A's dtype (fp32), as one autograd node that
+// keeps x (the same tensor for the adapters that share an input, like q, k and v, and kept by the
+// block anyway), A's small output and the dropout's bool mask. Autograd through the plain ops kept
+// each adapter's own fp32 copy of its (dropped) input for A's gradient, and the mask: 4 to 8 bytes
+// an input element, now 1 with dropout and 0 without. Backward recomputes the copy from x.
+struct LoraTerm : torch::autograd::Function<LoraTerm> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& A,
+                               const torch::Tensor& B, double scale, double p) {
+    const torch::Tensor keep = p > 0 ? dropout_keep(x, p) : torch::Tensor();
+    auto a = torch::nn::functional::linear(lora_input(x, keep, p, A.scalar_type()), A);  // (..., r)
+    auto z = torch::nn::functional::linear(a, B) * scale;                                // (..., out)
+    ctx->save_for_backward({x, A, B, a, keep.defined() ? keep : torch::empty({0}, torch::kBool)});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["p"] = p;
+    return z;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor &x = saved[0], &A = saved[1], &B = saved[2], &a = saved[3];
+    const torch::Tensor keep = saved[4].numel() > 0 ? saved[4] : torch::Tensor();
+    const double scale = ctx->saved_data["scale"].toDouble(), p = ctx->saved_data["p"].toDouble();
+    const int64_t r = A.size(0), in = A.size(1), out = B.size(0);
+    const auto gz = (grad_out[0] * scale).reshape({-1, out});  // (N, out)
+    const auto a2 = a.reshape({-1, r});                        // (N, r)
+    torch::Tensor gx, gA, gB;
+    if (ctx->needs_input_grad(2)) gB = gz.t().mm(a2);  // (out, r)
+    const auto ga = gz.mm(B);                          // (N, r)
+    if (ctx->needs_input_grad(1)) {
+      const auto h = lora_input(x, keep, p, A.scalar_type()).reshape({-1, in});  // (N, in), as forward made it
+      gA = ga.t().mm(h);                                                         // (r, in)
+    }
+    if (ctx->needs_input_grad(0)) {
+      gx = ga.mm(A).view(x.sizes());  // (..., in)
+      if (keep.defined()) gx = gx * (keep.to(gx.scalar_type()) * static_cast<float>(1.0 / (1.0 - p)));
+      gx = gx.to(x.scalar_type());
+    }
+    return {gx, gA, gB, torch::Tensor(), torch::Tensor()};
+  }
+};
 
 // Which keys each of the last T of S positions may see: (T, S) bool, true = attend. Causal, and
 // within `window` tokens (itself included) when window > 0.
@@ -160,10 +211,8 @@ void LinearImpl::add_lora(int64_t rank, double alpha, double dropout) {
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
   auto y = torch::nn::functional::linear(x.scalar_type() == weight.scalar_type() ? x : x.to(weight.scalar_type()), weight);
   if (!has_lora()) return y;
-  auto h = x.to(lora_A->weight.scalar_type());
-  if (lora_dropout_ > 0 && is_training())
-    h = h.is_cpu() ? cpu_dropout(h, lora_dropout_) : torch::dropout(h, lora_dropout_, true);
-  return y + (lora_B(lora_A(h)) * lora_scale_).to(y.scalar_type());
+  const double p = is_training() ? lora_dropout_ : 0.0;
+  return y + LoraTerm::apply(x, lora_A->weight, lora_B->weight, lora_scale_, p).to(y.scalar_type());
 }
 
 torch::Tensor lora_merged_rows(const torch::Tensor& w, const torch::Tensor& B, const torch::Tensor& A, double scale,

@@ -30,22 +30,19 @@ ModelConfig planned_model(const Recipe& recipe, bool* from_base) {
 // Outside the blocks: the embedding output and the final norm's input (2h elements) and the
 // logits: bf16 logits + their fp32 copy + fp32 log-softmax (10 bytes per vocabulary entry; fp32
 // training 8), or with train.fused_loss (the default) none of them but the final hidden states'
-// gradient, computed in forward and kept until backward (h elements). With checkpointing each block keeps only its input (h) and one block at a time is
-// recomputed (its full 6h + 2kv + 4fk).
-// LoRA (finetune.method: lora): the base is frozen in the training dtype (w·Ψ); the adapters,
-// Ψa = Σ r·(in + out) over the targeted projections, are fp32 with fp32 gradients and AdamW
-// moments (4Ψa weights + 4Ψa gradients + 8Ψa optimizer), divided as above: under zero3 / hybrid
-// the frozen base is sharded with the adapters (what makes a 65B base fit on one node), and the
-// two gathered blocks include their adapters (4 bytes each). Activations: those of full training (an upper
-// bound: a frozen projection's input need not be kept) plus, per adapter and token, its fp32
-// input (4·in bytes; a bf16 input is cast, a dropped one copied), the dropout mask (in bytes, when
-// lora.dropout > 0) and A's output (4r). A frozen LM head keeps no gradient with the fused loss,
-// and an adapter on lm_head takes the plain loss. Compute: no weight gradients of the base, so
-// 4 N + 12 L H Q T per token.
-// Buffers: 1 GiB of runtime (CUDA context, cuBLAS workspaces, NCCL channels), 2 gradient buckets
-// of 25 MiB, the fp32 gradient of the logits (4 bytes per vocabulary entry per token) or, fused,
-// the LM head's gradient from forward until backward (w bytes per head weight) and one chunk of
-// max(tokens x h, 2^24) fp32 logits and their fp32 log-softmax (8 bytes per element), with bf16
+// gradient, computed in forward and kept until backward (h elements). With checkpointing each block keeps only its
+// input (h) and one block at a time is recomputed (its full 6h + 2kv + 4fk). LoRA (finetune.method: lora): the base is
+// frozen in the training dtype (w·Ψ); the adapters, Ψa = Σ r·(in + out) over the targeted projections, are fp32 with
+// fp32 gradients and AdamW moments (4Ψa weights + 4Ψa gradients + 8Ψa optimizer), divided as above: under zero3 /
+// hybrid the frozen base is sharded with the adapters (what makes a 65B base fit on one node), and the two gathered
+// blocks include their adapters (4 bytes each). Activations: those of full training (an upper bound: a frozen
+// projection's input need not be kept; an adapter keeps it) plus, per adapter and token, its dropout mask (in bytes,
+// when lora.dropout > 0) and A's output (4r): the adapter's fp32 (dropped) input is recomputed in backward
+// (LinearImpl). A frozen LM head keeps no gradient with the fused loss, and an adapter on lm_head takes the plain loss.
+// Compute: no weight gradients of the base, so 4 N + 12 L H Q T per token. Buffers: 1 GiB of runtime (CUDA context,
+// cuBLAS workspaces, NCCL channels), 2 gradient buckets of 25 MiB, the fp32 gradient of the logits (4 bytes per
+// vocabulary entry per token) or, fused, the LM head's gradient from forward until backward (w bytes per head weight)
+// and one chunk of max(tokens x h, 2^24) fp32 logits and their fp32 log-softmax (8 bytes per element), with bf16
 // AdamW's 256 MiB chunk of fp32 gradients, and for ZeRO-3 / hybrid two gathered blocks (the one in
 // use and the prefetched next) in the weights' dtype, plus the root unit (embedding, final norm,
 // LM head), gathered from the first block's forward to the end of backward, and its gradient.
@@ -66,9 +63,8 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& cluster) {
   bool lora_head = false;
   if (lora) {
     const double rank = static_cast<double>(r.lora.rank);
-    // The adapter's fp32 input, kept for A's gradient: a new tensor when cast from bf16 or dropped
-    // (+ the dropout's bool mask); an fp32 input without dropout is the block's own tensor.
-    const double per_input = r.lora.dropout > 0 ? 5.0 : (t.dtype == "bf16" ? 4.0 : 0.0);
+    // The dropout's bool mask; the input itself is the block's tensor, counted above.
+    const double per_input = r.lora.dropout > 0 ? 1.0 : 0.0;
     std::set<std::string> projections, matched;  // (as apply_lora matches them: by the module's last name)
     for (const WeightShape& ws : weight_shapes(m)) {
       if (ws.shape.size() != 2 || ws.name == "model.embed_tokens.weight") continue;  // (not a projection)
