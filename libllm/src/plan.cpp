@@ -30,19 +30,22 @@ ModelConfig planned_model(const Recipe& recipe, bool* from_base) {
 // Outside the blocks: the embedding output and the final norm's input (2h elements) and the
 // logits: bf16 logits + their fp32 copy + fp32 log-softmax (10 bytes per vocabulary entry; fp32
 // training 8), or with train.fused_loss (the default) none of them but the final hidden states'
-// gradient, computed in forward and kept until backward (h elements). With checkpointing each block keeps only its
-// input (h) and one block at a time is recomputed (its full 6h + 2kv + 4fk). LoRA (finetune.method: lora): the base is
-// frozen in the training dtype (w·Ψ); the adapters, Ψa = Σ r·(in + out) over the targeted projections, are fp32 with
-// fp32 gradients and AdamW moments (4Ψa weights + 4Ψa gradients + 8Ψa optimizer), divided as above: under zero3 /
-// hybrid the frozen base is sharded with the adapters (what makes a 65B base fit on one node), and the two gathered
-// blocks include their adapters (4 bytes each). Activations: those of full training (an upper bound: a frozen
-// projection's input need not be kept; an adapter keeps it) plus, per adapter and token, its dropout mask (in bytes,
-// when lora.dropout > 0) and A's output (4r): the adapter's fp32 (dropped) input is recomputed in backward
-// (LinearImpl). A frozen LM head keeps no gradient with the fused loss, and an adapter on lm_head takes the plain loss.
-// Compute: no weight gradients of the base, so 4 N + 12 L H Q T per token. Buffers: 1 GiB of runtime (CUDA context,
-// cuBLAS workspaces, NCCL channels), 2 gradient buckets of 25 MiB, the fp32 gradient of the logits (4 bytes per
-// vocabulary entry per token) or, fused, the LM head's gradient from forward until backward (w bytes per head weight)
-// and one chunk of max(tokens x h, 2^24) fp32 logits and their fp32 log-softmax (8 bytes per element), with bf16
+// gradient, computed in forward and kept until backward (h elements). With checkpointing each
+// block keeps only its input (h) and one block at a time is recomputed (its full 6h + 2kv + 4fk).
+// LoRA (finetune.method: lora): the base is frozen in the training dtype (w·Ψ); the adapters,
+// Ψa = Σ r·(in + out) over the targeted projections, are fp32 with fp32 gradients and AdamW
+// moments (4Ψa weights + 4Ψa gradients + 8Ψa optimizer), divided as above: under zero3 / hybrid
+// the frozen base is sharded with the adapters (what makes a 65B base fit on one node), and the
+// two gathered blocks include their adapters (4 bytes each). Activations: those of full training
+// (an upper bound: a frozen projection's input need not be kept, but its adapter keeps it) plus,
+// per adapter and token, its dropout mask (in bytes, when lora.dropout > 0) and A's output (4r);
+// the adapter's fp32 (dropped) input is recomputed in backward (LinearImpl). A frozen LM head
+// keeps no gradient with the fused loss, and an adapter on lm_head takes the plain loss.
+// Compute: no weight gradients of the base, so 4 N + 12 L H Q T per token.
+// Buffers: 1 GiB of runtime (CUDA context, cuBLAS workspaces, NCCL channels), 2 gradient buckets
+// of 25 MiB, the fp32 gradient of the logits (4 bytes per vocabulary entry per token) or, fused,
+// the LM head's gradient from forward until backward (w bytes per head weight) and one chunk of
+// max(tokens x h, 2^24) fp32 logits and their fp32 log-softmax (8 bytes per element), with bf16
 // AdamW's 256 MiB chunk of fp32 gradients, and for ZeRO-3 / hybrid two gathered blocks (the one in
 // use and the prefetched next) in the weights' dtype, plus the root unit (embedding, final norm,
 // LM head), gathered from the first block's forward to the end of backward, and its gradient.
