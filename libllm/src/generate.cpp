@@ -35,7 +35,10 @@ std::vector<int64_t> generate(Transformer& model, const std::vector<int64_t>& pr
   std::vector<int64_t> seq = prompt, out;
   KVCache cache;
   size_t offset = 0;  // the index in seq of cache position 0
-  if (opts.use_cache) cache = model->new_cache(1);
+  // The cache holds what this call needs, at most the model's window (Mistral's 32k positions
+  // would be 4 GiB of bf16 cache for a short answer).
+  if (opts.use_cache)
+    cache = model->new_cache(1, std::min<int64_t>(window, static_cast<int64_t>(prompt.size()) + opts.max_new_tokens));
   for (int64_t i = 0; i < opts.max_new_tokens && !seq.empty(); ++i) {
     torch::Tensor logits;
     if (opts.use_cache) {
