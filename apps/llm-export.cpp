@@ -159,6 +159,16 @@ int main(int argc, char** argv) {
     opts.bos_id = bos;
     opts.eos_id = eos;
     opts.chat_template = chat_template;
+    // The source's generation settings: of the first folder in the chain (this one, its base, ...)
+    // that has them.
+    int hops = 0;
+    for (std::string b = dir; !b.empty() && std::filesystem::is_directory(b) && ++hops <= 64;) {
+      if (std::filesystem::exists(std::filesystem::path(b) / "generation_config.json")) {
+        opts.generation_config = (std::filesystem::path(b) / "generation_config.json").string();
+        break;
+      }
+      b = inspect_pretrained(b).base;
+    }
     export_hf(pre, args.get("--out"), opts);  // one weight at a time: the model is never in memory whole
     fmt::print("wrote {} ({}, {}{}{})\n", args.get("--out"), pre.config.hf_architecture(), opts.dtype,
                pre.has_lora ? ", LoRA merged" : "", chat_template.empty() ? "" : ", " + template_from);

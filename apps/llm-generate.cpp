@@ -85,14 +85,16 @@ int main(int argc, char** argv) {
       system = r.chat.system_prompt;
       source = "the checkpoint's recipe";
     } else if (chat && !args.has("--template")) {
-      // An HF folder: its tokenizer_config.json chat_template, when it is one libllm renders.
+      // An HF folder: its chat template, when it is one libllm renders.
       const std::string jinja = read_chat_template(dir);
+      const bool own_file = std::filesystem::exists(std::filesystem::path(dir) / "chat_template.jinja");
+      const std::string from = own_file ? "chat_template.jinja" : "tokenizer_config.json";
       if (!jinja.empty()) {
         if (!recognize_chat_template(jinja, tmpl, system))
-          throw Error((std::filesystem::path(dir) / "tokenizer_config.json").string() + ": chat_template",
+          throw Error((std::filesystem::path(dir) / from).string() + (own_file ? "" : ": chat_template"),
                       "is not a template libllm renders (llama2 or chatml, as llm-export writes them)",
                       "pass --template llama2|chatml (and --system) to prompt the model in one of those formats");
-        source = "tokenizer_config.json";
+        source = from;
       }
     }
     if (args.has("--template")) tmpl = args.get("--template"), source = "--template";

@@ -311,27 +311,48 @@ HfConfig read_hf_config(const std::string& dir) {
   if (act != "silu") throw Error(file + ": hidden_act", "only 'silu' (SwiGLU) is supported, got '" + act + "'");
 
   ModelConfig& m = out.model;
+  // An absent key takes the default of the architecture's transformers config class (LlamaConfig,
+  // MistralConfig, MixtralConfig); null is absent, except for Mistral's sliding_window.
+  const bool llama = out.architecture == "LlamaForCausalLM", mixtral = out.architecture == "MixtralForCausalLM";
   m.vocab_size = r.integer("vocab_size");
   m.dim = r.integer("hidden_size");
   m.ffn_dim = r.integer("intermediate_size");
   m.n_layers = r.integer("num_hidden_layers");
   m.n_heads = r.integer("num_attention_heads");
-  m.n_kv_heads = r.integer("num_key_value_heads", m.n_heads);
+  m.n_kv_heads = r.integer("num_key_value_heads", llama ? m.n_heads : 8);
   // The limits of the recipe keys these map to (ModelConfig::fields); head_dim 0 is libllm's
   // "derived", which a present HF head_dim never means.
   m.head_dim = r.integer_at_least("head_dim", 1, 0);
-  m.norm_eps = r.number_at_least("rms_norm_eps", 0, 1e-6);
-  m.rope_theta = r.number_at_least("rope_theta", 1, 10000.0);
-  m.max_seq_len = r.integer("max_position_embeddings", 2048);
+  m.norm_eps = r.number_at_least("rms_norm_eps", 0, mixtral ? 1e-5 : 1e-6);
+  m.rope_theta = r.number_at_least("rope_theta", 1, mixtral ? 1e6 : 10000.0);
+  // transformers >= 5 writes the RoPE settings as rope_parameters {rope_type, rope_theta}.
+  if (const json* rp = r.get("rope_parameters")) {
+    const std::string where = file + ": rope_parameters";
+    if (!rp->is_object()) throw Error(where, "expected an object, got " + rp->dump());
+    const ConfigReader p{*rp, where};
+    const std::string type = p.string("rope_type", "default");
+    if (type != "default")
+      throw Error(where + ": rope_type", "rope scaling ('" + type + "') is not supported",
+                  "use a checkpoint without rope scaling");
+    for (const auto& [key, v] : rp->items())
+      if (key != "rope_type" && key != "rope_theta" && !v.is_null())
+        throw Error(where + ": " + key, "is not supported (libllm's RoPE is unscaled and covers whole heads)",
+                    "use a checkpoint whose rope_parameters hold only rope_type \"default\" and rope_theta");
+    m.rope_theta = p.number_at_least("rope_theta", 1, m.rope_theta);
+  }
+  m.max_seq_len = r.integer("max_position_embeddings", llama ? 2048 : 4096 * 32);
   m.tie_embeddings = r.boolean("tie_word_embeddings", false);
   m.init_std = r.number_at_least("initializer_range", 0, 0.02);
-  if (out.architecture != "LlamaForCausalLM") m.sliding_window = r.integer_at_least("sliding_window", 0, 0);
-  if (out.architecture == "MixtralForCausalLM") {
+  if (out.architecture == "MistralForCausalLM")
+    m.sliding_window = j.contains("sliding_window") ? r.integer_at_least("sliding_window", 0, 0) : 4096;
+  else if (mixtral)
+    m.sliding_window = r.integer_at_least("sliding_window", 0, 0);
+  if (mixtral) {
     m.n_experts = r.integer_at_least("num_local_experts", 1);
     m.n_experts_per_token = r.integer_at_least("num_experts_per_tok", 1, 2);
     m.moe_aux_loss_coef = r.number_at_least("router_aux_loss_coef", 0, 0.001);
   }
-  out.torch_dtype = r.string("torch_dtype", "float32");
+  out.torch_dtype = r.string("torch_dtype", r.string("dtype", "float32"));  // (transformers >= 5: dtype)
   out.bos_id = r.integer("bos_token_id", 1);
   // eos_token_id: one id, or a list of them (the first is the one libllm stops at and exports).
   const json* eos = r.get("eos_token_id");
@@ -655,8 +676,18 @@ void export_hf(const ModelConfig& config, const std::vector<LazyWeight>& weights
       write_text((tmp / "model.safetensors.index.json").string(), index.dump(2) + "\n");
     }
     write_text((tmp / "config.json").string(), hf_config_json(config, dtype_name(dtype), opts.bos_id, opts.eos_id));
-    write_text((tmp / "generation_config.json").string(),
-               json({{"bos_token_id", opts.bos_id}, {"eos_token_id", opts.eos_id}}).dump(2) + "\n");
+    json gen = json::object();
+    if (!opts.generation_config.empty()) {
+      gen = read_json(opts.generation_config);
+      if (!gen.is_object()) throw Error(opts.generation_config, "expected a JSON object");
+    }
+    gen["bos_token_id"] = opts.bos_id;
+    const json eos = gen.value("eos_token_id", json());
+    const bool listed = eos.is_array() && std::any_of(eos.begin(), eos.end(), [&](const json& e) {
+                          return e.is_number_integer() && e.get<int64_t>() == opts.eos_id;
+                        });
+    if (!listed) gen["eos_token_id"] = opts.eos_id;
+    write_text((tmp / "generation_config.json").string(), gen.dump(2) + "\n");
     if (!opts.tokenizer_path.empty()) {
       const Tokenizer tok = Tokenizer::load(opts.tokenizer_path);
       fs::copy_file(opts.tokenizer_path, tmp / "tokenizer.model", ec);
@@ -682,6 +713,13 @@ void export_hf(Transformer& model, const std::string& dir, const ExportOptions& 
 }
 
 std::string read_chat_template(const std::string& dir) {
+  if (const fs::path jinja = fs::path(dir) / "chat_template.jinja"; fs::is_regular_file(jinja)) {
+    std::ifstream in(jinja, std::ios::binary);
+    std::ostringstream text;
+    text << in.rdbuf();
+    if (!in) throw Error(jinja.string(), "cannot read the chat template");
+    return text.str();
+  }
   const fs::path path = fs::path(dir) / "tokenizer_config.json";
   if (!fs::exists(path)) return "";
   std::ifstream in(path);

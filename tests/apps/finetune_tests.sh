@@ -107,8 +107,12 @@ PY
 echo "packed: $used examples in 8 steps of 4 rows; 4 + resume + 4 steps == 8 straight"
 
 ck="$work/ft/checkpoints/step-00000020"
+# The base's generation settings (as a released model's generation_config.json) go with the export.
+echo '{"temperature": 0.6, "top_p": 0.9, "eos_token_id": 2}' > "$base/generation_config.json"
 "$bin/llm-export" --checkpoint "$ck" --out "$work/merged" --adapter "$work/adapter" --dtype float32 \
   > "$work/export.log" 2>&1 || fail "llm-export"
+python3 -c 'import json, sys; g = json.load(open(sys.argv[1])); assert g["temperature"] == 0.6 and g["top_p"] == 0.9, g' \
+  "$work/merged/generation_config.json" || fail "the base's generation settings were not kept"
 for f in merged/config.json merged/model.safetensors merged/tokenizer.model adapter/adapter_model.safetensors \
          adapter/adapter_config.json; do [ -s "$work/$f" ] || fail "missing $f"; done
 grep -q '"peft_type": "LORA"' "$work/adapter/adapter_config.json" || fail "adapter_config.json"

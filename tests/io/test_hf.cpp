@@ -179,6 +179,30 @@ TEST_CASE("export never replaces a folder that is not an earlier export of its k
         std::vector<std::string>{"adapter", "config-only", "file", "hf", "run", "sharded"});  // nothing left beside
 }
 
+TEST_CASE("export keeps the source's generation settings, with the exported bos and eos", "[io][hf]") {
+  test::TempDir tmp;
+  Pretrained p = load_pretrained(fixture("tiny-llama"));
+  write_file(tmp / "gen.json", R"({"temperature": 0.6, "top_p": 0.9, "max_length": 4096, "do_sample": true,
+                                   "bos_token_id": 7, "eos_token_id": [5, 2]})");
+  ExportOptions opts;
+  opts.generation_config = tmp / "gen.json";
+  export_hf(p.model, tmp / "a", opts);
+  auto gen = nlohmann::json::parse(read_file(tmp / "a/generation_config.json"));
+  CHECK(gen["temperature"] == 0.6);
+  CHECK(gen["top_p"] == 0.9);
+  CHECK(gen["max_length"] == 4096);
+  CHECK(gen["do_sample"] == true);
+  CHECK(gen["bos_token_id"] == 1);
+  CHECK(gen["eos_token_id"] == nlohmann::json({5, 2}));  // holds the exported eos (2): kept
+  opts.eos_id = 3;
+  export_hf(p.model, tmp / "b", opts);
+  CHECK(nlohmann::json::parse(read_file(tmp / "b/generation_config.json"))["eos_token_id"] == 3);
+  write_file(tmp / "gen.json", "[1]");
+  CHECK_THAT(error_of([&] { export_hf(p.model, tmp / "c", opts); }),
+             Catch::Contains("gen.json: expected a JSON object"));
+  CHECK(!fs::exists(tmp / "c"));
+}
+
 TEST_CASE("export to a folder named with a trailing separator writes that folder", "[io][hf]") {
   test::TempDir tmp;
   Pretrained p = load_pretrained(fixture("tiny-llama"));
@@ -287,6 +311,69 @@ TEST_CASE("config.json values outside the recipe's limits are errors naming the 
   CHECK(err("tiny-llama", "head_dim", nullptr) == "");
   CHECK(err("tiny-mistral", "sliding_window", 0) == "");
   CHECK(err("tiny-mixtral", "num_experts_per_tok", 1) == "");
+}
+
+TEST_CASE("absent config.json keys take their architecture's transformers defaults, and rope_parameters (v5)",
+          "[io][hf]") {
+  test::TempDir tmp;
+  // fixture's config.json without `drop`, with `set` merged in
+  auto read = [&](const std::string& name, const std::vector<std::string>& drop, const nlohmann::json& set) {
+    auto j = nlohmann::json::parse(read_file(fixture(name + "/config.json")));
+    for (const auto& k : drop) j.erase(k);
+    j.update(set);
+    const std::string dir = tmp / (name + "-" + std::to_string(std::hash<std::string>()(j.dump())));
+    fs::create_directories(dir);
+    write_file(dir + "/config.json", j.dump());
+    return read_hf_config(dir);
+  };
+  const std::vector<std::string> keys = {"num_key_value_heads", "rms_norm_eps", "rope_theta", "sliding_window",
+                                         "max_position_embeddings"};
+  const ModelConfig llama = read("tiny-llama", keys, nlohmann::json::object()).model;  // LlamaConfig
+  CHECK(llama.kv_heads() == 4);
+  CHECK(llama.norm_eps == 1e-6);
+  CHECK(llama.rope_theta == 10000.0);
+  CHECK(llama.sliding_window == 0);
+  CHECK(llama.max_seq_len == 2048);
+  const nlohmann::json heads16 = {{"num_attention_heads", 16}};           // (a multiple of the default 8 kv heads)
+  const ModelConfig mistral = read("tiny-mistral", keys, heads16).model;  // MistralConfig
+  CHECK(mistral.kv_heads() == 8);
+  CHECK(mistral.norm_eps == 1e-6);
+  CHECK(mistral.rope_theta == 10000.0);
+  CHECK(mistral.sliding_window == 4096);
+  CHECK(mistral.max_seq_len == 131072);
+  CHECK(read("tiny-mistral", {}, {{"sliding_window", nullptr}}).model.sliding_window == 0);  // null: no window
+  const ModelConfig mixtral = read("tiny-mixtral", keys, heads16).model;                     // MixtralConfig
+  CHECK(mixtral.kv_heads() == 8);
+  CHECK(mixtral.norm_eps == 1e-5);
+  CHECK(mixtral.rope_theta == 1e6);
+  CHECK(mixtral.sliding_window == 0);
+  // transformers >= 5: RoPE in rope_parameters, the dtype in `dtype`.
+  const HfConfig v5 =
+      read("tiny-llama", {"rope_theta", "torch_dtype"},
+           {{"rope_parameters", {{"rope_type", "default"}, {"rope_theta", 500000.0}}}, {"dtype", "bfloat16"}});
+  CHECK(v5.model.rope_theta == 500000.0);
+  CHECK(v5.torch_dtype == "bfloat16");
+  auto err = [&](const nlohmann::json& rp) {
+    return error_of([&] { read("tiny-llama", {}, {{"rope_parameters", rp}}); });
+  };
+  CHECK_THAT(err({{"rope_type", "llama3"}, {"rope_theta", 500000.0}, {"factor", 8.0}}),
+             Catch::Contains("config.json: rope_parameters: rope_type: rope scaling ('llama3') is not supported"));
+  CHECK_THAT(err({{"rope_type", "default"}, {"rope_theta", 10000.0}, {"partial_rotary_factor", 0.5}}),
+             Catch::Contains("config.json: rope_parameters: partial_rotary_factor: is not supported"));
+  CHECK_THAT(err({{"rope_type", "linear"}, {"rope_theta", 10000.0}}),
+             Catch::Contains("config.json: rope_parameters: rope_type: rope scaling ('linear') is not supported"));
+  CHECK_THAT(err({{"rope_theta", "1e4"}}),
+             Catch::Contains("config.json: rope_parameters: rope_theta: expected a number, got \"1e4\""));
+  CHECK_THAT(err(10000.0), Catch::Contains("config.json: rope_parameters: expected an object, got 10000.0"));
+}
+
+TEST_CASE("a chat template in chat_template.jinja is read before tokenizer_config.json's", "[io][hf]") {
+  test::TempDir tmp;
+  CHECK(read_chat_template(tmp.path.string()) == "");
+  write_file(tmp / "tokenizer_config.json", R"({"chat_template": "from the config"})");
+  CHECK(read_chat_template(tmp.path.string()) == "from the config");
+  write_file(tmp / "chat_template.jinja", "{{ bos_token }}from the file\n");
+  CHECK(read_chat_template(tmp.path.string()) == "{{ bos_token }}from the file\n");
 }
 
 TEST_CASE("wrong-typed config.json values are errors naming the key, never truncated", "[io][hf]") {

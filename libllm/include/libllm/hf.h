@@ -77,9 +77,14 @@ struct ExportOptions {
   // of the recipe a model was fine-tuned with. Needs tokenizer_path.
   std::string chat_template = "";
   int64_t bos_id = 1, eos_id = 2;
+  // A generation_config.json whose settings (sampling defaults, max_length, ...) the export keeps
+  // ("" = none): the source model's; bos_token_id and eos_token_id are set to bos_id / eos_id (an
+  // eos list that holds eos_id stays).
+  std::string generation_config = "";
 };
-// The "chat_template" of DIR/tokenizer_config.json: "" when the file or the key is absent; of a
-// list of named templates, the one named "default". A file that is not JSON is an Error.
+// DIR's chat template: DIR/chat_template.jinja (transformers >= 4.47 saves it there, and prefers
+// it), else the "chat_template" of DIR/tokenizer_config.json, of a list of named templates the
+// one named "default"; "" when there is none. A tokenizer_config.json that is not JSON is an Error.
 std::string read_chat_template(const std::string& dir);
 // Writes `model` as an HF folder at `dir` (LoRA adapters merged into their weights): built under a temporary name and
 // renamed into place when complete (an existing `dir` is replaced only then, and only when it is empty or an earlier
