@@ -483,14 +483,18 @@ TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& op
   return s;
 }
 
-void prune_checkpoints(const std::string& root, const CheckpointConfig& cfg) {
+void prune_checkpoints(const std::string& root, const CheckpointConfig& cfg, int64_t keep_at_or_before) {
   std::error_code ec;
   if (!fs::is_directory(root, ec)) return;
   for (const auto& e : fs::directory_iterator(root, ec))  // partial folders of dead processes
     if (e.path().filename().string().find(".tmp-") != std::string::npos) fs::remove_all(e.path(), ec);
+  const std::vector<int64_t> steps = checkpoint_steps(root);  // ascending
+  int64_t needed = -1;
+  for (int64_t s : steps)
+    if (keep_at_or_before >= 0 && s <= keep_at_or_before) needed = s;
   std::vector<int64_t> regular;
-  for (int64_t s : checkpoint_steps(root))
-    if (cfg.milestone_every <= 0 || s % cfg.milestone_every != 0) regular.push_back(s);
+  for (int64_t s : steps)
+    if ((cfg.milestone_every <= 0 || s % cfg.milestone_every != 0) && s != needed) regular.push_back(s);
   for (size_t i = 0; i + cfg.keep_last < regular.size(); ++i)
     fs::remove_all(fs::path(root) / checkpoint_name(regular[i]), ec);
 }

@@ -350,4 +350,35 @@ std::string Schema::to_yaml() const {
   return out;
 }
 
+std::vector<std::string> recipe_differences(const std::string& before, const std::string& after) {
+  const YAML::Node a = YAML::Load(before), b = YAML::Load(after);
+  auto text = [](const YAML::Node& n) {
+    if (!n.IsDefined() || n.IsNull()) return std::string("(none)");
+    YAML::Emitter out;
+    out << YAML::Flow << n;
+    return std::string(out.c_str());
+  };
+  std::vector<std::string> out;
+  std::vector<std::string> seen;
+  auto compare = [&](const YAML::Node& x, const YAML::Node& y, bool y_first) {
+    if (!y.IsMap()) return;
+    for (const auto& section : y) {
+      const std::string name = section.first.as<std::string>();
+      const YAML::Node other = x.IsMap() ? x[name] : YAML::Node();
+      if (!section.second.IsMap()) continue;
+      for (const auto& kv : section.second) {
+        const std::string key = name + "." + kv.first.as<std::string>();
+        if (std::find(seen.begin(), seen.end(), key) != seen.end()) continue;
+        seen.push_back(key);
+        const std::string here = text(kv.second),
+                          there = other.IsMap() ? text(other[kv.first.as<std::string>()]) : "(none)";
+        if (here != there) out.push_back(key + ": " + (y_first ? there + " -> " + here : here + " -> " + there));
+      }
+    }
+  };
+  compare(a, b, true);   // after's keys
+  compare(b, a, false);  // keys only before had
+  return out;
+}
+
 }  // namespace libllm

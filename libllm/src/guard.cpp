@@ -98,7 +98,7 @@ GuardDecision Guard::observe(int64_t step, double loss, double grad_norm) {
       why = fmt::format("{} consecutive spikes > {}", consecutive_, cfg_.persist_steps);
     } else if (static_cast<int64_t>(skipped_.size()) + 1 >= cfg_.max_skips) {
       why = fmt::format("{} spikes within {} steps", skipped_.size() + 1, cfg_.skip_window);
-      d.spike_start = std::min(d.spike_start, skipped_.front());  // back to before the first of them
+      if (!skipped_.empty()) d.spike_start = std::min(d.spike_start, skipped_.front());  // before the first of them
     }
     if (!why.empty()) {
       d.action = rollbacks_ < cfg_.max_rollbacks ? GuardAction::Rollback : GuardAction::Stop;
@@ -112,6 +112,12 @@ GuardDecision Guard::observe(int64_t step, double loss, double grad_norm) {
   ++skips_total_;
   d.action = GuardAction::Skip;
   return d;
+}
+
+int64_t Guard::lookback() const {
+  // A rollback at step s starts from a spike at or after s - skip_window + 1 (older skips have left
+  // the window) or s - persist_steps (consecutive spikes); its target is at most 2 + margin before.
+  return std::max(cfg_.skip_window, cfg_.persist_steps + 1) + 2 + cfg_.rollback_margin;
 }
 
 double Guard::lr_multiplier(int64_t step) const {

@@ -9,10 +9,11 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
+#include <sstream>
 #include <thread>
 #include <tuple>
-#include <nlohmann/json.hpp>
 
 #include "libllm/chat.h"
 #include "libllm/checkpoint.h"
@@ -87,8 +88,14 @@ void truncate_log(const std::string& path, int64_t last_step) {
       }
     }
   }
-  std::ofstream out(path, std::ios::trunc);
-  for (const auto& l : keep) out << l << "\n";
+  // Rewritten beside and renamed: a kill meanwhile leaves the old log whole.
+  const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    for (const auto& l : keep) out << l << "\n";
+    if (!out.flush()) throw Error(tmp, "cannot write the log", "check free disk space");
+  }
+  fs::rename(tmp, path);
 }
 
 // One micro batch of (B, T+1) tokens -> inputs (B, T) and targets (B, T).
@@ -97,12 +104,12 @@ std::pair<torch::Tensor, torch::Tensor> split_batch(std::vector<int64_t>& buf, i
   return {all.slice(1, 0, T), all.slice(1, 1, T + 1)};
 }
 
-// Moves checkpoints newer than `step` into root/rolled-back/ (kept for study, as LLM360 published
-// K2's spike checkpoints), so that `resume: auto` never picks them.
-void set_aside_checkpoints(const std::string& root, int64_t step) {
+// Moves checkpoints newer than `step` into root/`folder`/ (rolled-back: kept for study, as LLM360
+// published K2's spike checkpoints), so that `resume: auto` and pruning never see them.
+void set_aside_checkpoints(const std::string& root, int64_t step, const char* folder = "rolled-back") {
   for (int64_t s : checkpoint_steps(root)) {
     if (s <= step) continue;
-    const fs::path aside = fs::path(root) / "rolled-back";
+    const fs::path aside = fs::path(root) / folder;
     fs::create_directories(aside);
     fs::path dst = aside / checkpoint_name(s);
     for (int k = 1; fs::exists(dst); ++k) dst = aside / (checkpoint_name(s) + "-" + std::to_string(k));
@@ -516,10 +523,49 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
 
   // Resume (from the checkpoint chosen above).
   TrainState state;
+  std::vector<std::string> resume_changes;  // recipe keys changed since the resumed checkpoint
   if (!resume_from.empty()) {
     state = run.load(resume_from);
     if (main_rank) fmt::print("resumed from {} (step {})\n", resume_from, state.step);
+    // Recipe keys changed since the checkpoint was written, loudly: a new train.steps stretches
+    // the schedule, a new data mixture changes the data order from here on.
+    if (const fs::path saved = fs::path(resume_from) / "recipe.yaml"; main_rank && fs::exists(saved)) {
+      std::ifstream in(saved);
+      std::stringstream text;
+      text << in.rdbuf();
+      std::vector<std::string> changed;
+      try {
+        for (const auto& d : recipe_differences(text.str(), run.recipe_yaml))
+          if (d.rfind("checkpoint.resume:", 0) != 0) changed.push_back(d);
+      } catch (const std::exception& e) {
+        changed.push_back(std::string("(the checkpoint's recipe.yaml does not parse: ") + e.what() + ")");
+      }
+      if (!changed.empty()) {
+        fmt::print("note: the recipe differs from the one {} was trained with:\n", resume_from);
+        for (const auto& d : changed) fmt::print("  {}\n", d);
+        resume_changes = changed;
+      }
+    }
   }
+  // Checkpoints in the run folder newer than the starting point (a fresh start, checkpoint.resume:
+  // none, beside an earlier run's; or a resume from an older checkpoint than the newest) belong to
+  // an abandoned run or branch. Left in place, pruning would delete this run's checkpoints in
+  // their favour and a restart would resume them; moved aside (never deleted), they are kept.
+  dist.barrier();  // every rank has read its checkpoint
+  if (main_rank) {
+    const auto steps = checkpoint_steps(run.ckpt_root);
+    const int64_t from = resume_from.empty() ? -1 : state.step;
+    if (!steps.empty() && steps.back() > from) {
+      const char* aside = resume_from.empty() ? "superseded" : "rolled-back";
+      set_aside_checkpoints(run.ckpt_root, from, aside);
+      fmt::print("{}: {}/ holds checkpoints up to step {} of {}; they moved to {}/{}/\n",
+                 resume_from.empty() ? "starting a new run (checkpoint.resume: none)"
+                                     : "resuming from step " + std::to_string(from),
+                 run.ckpt_root, steps.back(), resume_from.empty() ? "an earlier run" : "an abandoned branch",
+                 run.ckpt_root, aside);
+    }
+  }
+  dist.barrier();
   // A supervisor's plan after a guard stop (llm-spike supervise): applies when the resumed
   // checkpoint is its to_step (the steps after it are then a discarded branch, kept in the metrics).
   json plan;
@@ -558,8 +604,13 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                  through, gc.defer == "end" ? "deferred to the end" : "dropped", f);
     run.replan(to, through, f, /*in_loop=*/false, resume_from, run.guard.state());
   }
-  run.event({{"event", resume_from.empty() ? "start" : "resume"}, {"step", state.step}, {"restart", restart},
-             {"pid", ::getpid()}, {"built_rss_mib", built_rss_mib}});
+  json start = {{"event", resume_from.empty() ? "start" : "resume"},
+                {"step", state.step},
+                {"restart", restart},
+                {"pid", ::getpid()},
+                {"built_rss_mib", built_rss_mib}};
+  if (!resume_changes.empty()) start["recipe_changes"] = resume_changes;
+  run.event(start);
   // A fine-tune's starting point on the held-out data, to compare the later evaluations with.
   if (base && resume_from.empty() && tc.eval_every > 0 && run.has_valid()) {
     const double e = run.evaluate();
@@ -579,7 +630,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   for (int64_t step = state.step; step < tc.steps; ++step) {
     const int64_t n = step + 1;  // 1-based number of this step
     const auto ts = std::chrono::steady_clock::now();
-    const bool armed = run.guard.injection_armed();
+    const bool armed = run.guard.injection_armed() && restart == 0;
     if (gc.inject_hang_step == n && restart == 0) {
       if (main_rank) fmt::print("step {}: injected hang (guard.inject_hang_step)\n", n), std::fflush(stdout);
       for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
@@ -748,7 +799,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     if ((cc.every > 0 && n % cc.every == 0) || (cc.milestone_every > 0 && n % cc.milestone_every == 0) || n == tc.steps) {
       const std::string path = run.save(n);
       if (!main_rank) continue;
-      prune_checkpoints(run.ckpt_root, cc);
+      prune_checkpoints(run.ckpt_root, cc, gc.enabled ? std::max<int64_t>(n - run.guard.lookback(), 0) : -1);
       fmt::print("saved checkpoint {}\n", path);
     }
   }

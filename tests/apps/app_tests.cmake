@@ -72,9 +72,12 @@ set(_run ${CMAKE_BINARY_DIR}/app-test-run)
 set(_sets --set data_prep.output=${_run}/train --set data_prep.valid_output=${_run}/valid
           --set data.train=[${_run}/train] --set data.valid=${_run}/valid --set train.run_dir=${_run}/run
           --set checkpoint.resume=none)
+# (a new run each time: an earlier ctest's checkpoints would be moved aside, kept, beside it)
+add_test(NAME apps.clean.tiny COMMAND ${CMAKE_COMMAND} -E rm -rf ${_run}/run)
+set_tests_properties(apps.clean.tiny PROPERTIES FIXTURES_SETUP tiny_clean)
 add_test(NAME apps.data.tiny COMMAND ${_bin}/llm-data ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml ${_sets}
          WORKING_DIRECTORY ${_src})
-set_tests_properties(apps.data.tiny PROPERTIES FIXTURES_SETUP tiny_shards
+set_tests_properties(apps.data.tiny PROPERTIES FIXTURES_SETUP tiny_shards FIXTURES_REQUIRED tiny_clean
                      PASS_REGULAR_EXPRESSION "held-out: .*valid \\(2 documents")
 add_test(NAME apps.pretrain.tiny COMMAND ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml ${_sets}
          WORKING_DIRECTORY ${_src})

@@ -69,6 +69,20 @@ TEST_CASE("checkpoint folders past step 99,999,999 are found, resumed from and p
   CHECK(fs::exists(tmp / "step-00000400"));
 }
 
+TEST_CASE("pruning keeps the newest checkpoint a loss-spike rollback may still need", "[io][checkpoint]") {
+  test::TempDir tmp;
+  for (int s = 0; s <= 90; s += 10) {
+    fs::create_directories(tmp / checkpoint_name(s));
+    write_file(tmp / (checkpoint_name(s) + "/trainer.json"), "{}");
+  }
+  CheckpointConfig cc;
+  cc.keep_last = 2;
+  prune_checkpoints(tmp.path.string(), cc, 25);  // step 90 with a lookback of 65
+  CHECK(checkpoint_steps(tmp.path.string()) == std::vector<int64_t>{20, 80, 90});
+  prune_checkpoints(tmp.path.string(), cc, 0);
+  CHECK(checkpoint_steps(tmp.path.string()) == std::vector<int64_t>{80, 90});  // none at or before 0 is left
+}
+
 TEST_CASE("saving a step again replaces its folder, and trainer.json values are type-checked", "[io][checkpoint]") {
   test::TempDir tmp;
   torch::manual_seed(5);

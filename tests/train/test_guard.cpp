@@ -142,6 +142,34 @@ TEST_CASE("guard: max_skips spikes within skip_window roll back to before the fi
   }
 }
 
+TEST_CASE("guard: max_skips 1 rolls back at the first spike, and lookback covers the oldest target", "[guard]") {
+  GuardConfig c = small();
+  c.max_skips = 1;
+  Guard g(c);
+  warm(g, 8);
+  const GuardDecision d = g.observe(9, 9.0, 1.0);
+  CHECK(d.action == GuardAction::Rollback);
+  CHECK(d.spike_start == 9);
+  CHECK_THAT(d.reason, Catch::EndsWith("1 spikes within 20 steps"));
+  // max(skip_window 20, persist_steps 2 + 1) + 2 + rollback_margin.
+  CHECK(g.lookback() == 22);
+  c.rollback_margin = 5;
+  c.persist_steps = 30;
+  CHECK(Guard(c).lookback() == 38);
+  // The oldest target max_skips can reach: skips at 9, 11, 13 and a 4th spike at 28, within 20
+  // steps of 9: the target is at or before 9 - 2 = 7 = 28 - 21, inside the lookback of 22.
+  Guard h(small());
+  warm(h, 8);
+  for (int64_t s : {9, 11, 13}) {
+    REQUIRE(h.observe(s, 9.0, 1.0).action == GuardAction::Skip);
+    h.observe(s + 1, 3.0, 1.0);
+  }
+  for (int64_t s = 15; s < 28; ++s) h.observe(s, 3.0 + (s % 2 ? 0.1 : -0.1), 1.0);
+  const GuardDecision e = h.observe(28, 9.0, 1.0);
+  REQUIRE(e.action == GuardAction::Rollback);
+  CHECK(e.spike_start - 2 >= 28 - h.lookback());
+}
+
 TEST_CASE("guard: the state round-trips exactly, so a resumed run decides the same", "[guard]") {
   Guard a(small());
   warm(a, 8);

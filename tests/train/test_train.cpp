@@ -149,6 +149,30 @@ TEST_CASE("keep_last deletes old regular checkpoints, milestones stay", "[train]
   CHECK(checkpoint_steps(tmp / "r/checkpoints") == std::vector<int64_t>{4, 7});
 }
 
+TEST_CASE("a new run or an older resume point sets the run folder's later checkpoints aside", "[train]") {
+  test::TempDir tmp;
+  const std::string shards = make_shards(tmp);
+  // An earlier run's checkpoints 3, 6, 9 beside a new one (checkpoint.resume: none) with keep_last 2:
+  // they would have been pruned first (and resumed by a restart); they move to superseded/.
+  pretrain(tiny_recipe(shards, tmp / "r", {"train.steps=9"}));
+  pretrain(tiny_recipe(shards, tmp / "r", {"train.steps=6", "checkpoint.resume=none", "checkpoint.keep_last=2"}));
+  CHECK(checkpoint_steps(tmp / "r/checkpoints") == std::vector<int64_t>{3, 6});
+  CHECK(checkpoint_steps(tmp / "r/checkpoints/superseded") == std::vector<int64_t>{3, 6, 9});
+  // Back to step 3 and on to 8: step 6 of the abandoned branch is kept aside, not pruned later
+  // in favour of it, and the run equals one that went 3 -> 8 itself.
+  pretrain(tiny_recipe(shards, tmp / "r", {"checkpoint.resume=" + std::string(tmp / "r/checkpoints/step-00000003")}));
+  CHECK(checkpoint_steps(tmp / "r/checkpoints") == std::vector<int64_t>{3, 6, 8});
+  CHECK(checkpoint_steps(tmp / "r/checkpoints/rolled-back") == std::vector<int64_t>{6});
+  // The recipe keys changed since step 3's checkpoint are reported and logged.
+  nlohmann::json resumed;
+  for (const auto& e : jsonl(tmp / "r/events.jsonl"))
+    if (e["event"] == "resume") resumed = e;
+  CHECK(resumed.value("recipe_changes", nlohmann::json()) ==
+        nlohmann::json({"train.steps: 6 -> 8", "checkpoint.keep_last: 2 -> 5"}));
+  pretrain(tiny_recipe(shards, tmp / "s"));
+  CHECK(losses(tmp / "r") == losses(tmp / "s"));
+}
+
 TEST_CASE("training refuses shards made with another tokenizer and a sequence longer than the model's", "[train]") {
   test::TempDir tmp;
   const std::string shards = make_shards(tmp);

@@ -96,4 +96,8 @@ class Schema {
 // The closest of `candidates` to `key` by edit distance ("" if none is reasonably close).
 std::string nearest_key(const std::string& key, const std::vector<std::string>& candidates);
 
+// How two resolved recipes (Schema::to_yaml texts) differ: "section.key: old -> new" for each key
+// whose value differs, in `after`'s order; a key only one of them has reads "(none)" in the other.
+std::vector<std::string> recipe_differences(const std::string& before, const std::string& after);
+
 }  // namespace libllm

@@ -26,7 +26,8 @@ struct GuardConfig {                  // recipe section `guard`
   double loss_z = 6.0;                // spike when (loss - mean) / std > loss_z (std floored at 0.1% of the mean); 0 = off
   double grad_z = 6.0;                // spike when (grad_norm - mean) / std > grad_z; 0 = off
   int64_t persist_steps = 4;          // roll back when more than this many consecutive steps are spikes
-  int64_t max_skips = 8;              // ... or when this many updates were skipped within skip_window steps
+  int64_t max_skips = 8;              // ... or when a spike is the max_skips-th within skip_window steps (the skipped
+                                      // ones and itself); 1 = roll back at every spike, never skip
   int64_t skip_window = 100;          // steps over which skips are counted for max_skips
   int64_t rollback_margin = 0;        // extra steps to go back before the spike (PaLM went ~100)
   std::string defer = "end";          // data of the rolled-back steps: end (served as the run's last samples, as K2) | drop
@@ -64,8 +65,13 @@ class Guard {
   // LR multiplier for `step`: the cumulative rollback factor times the linear re-warm since the
   // last rollback (1 without rollbacks).
   double lr_multiplier(int64_t step) const;
-  // Whether injection may act: no rollback or restart has happened in this run yet.
+  // Whether injection may act: no rollback has happened in this run yet (the caller also checks
+  // that this is no supervisor restart).
   bool injection_armed() const { return rollbacks_total_ == 0; }
+  // How far back a rollback from a later step may reach: its target is the newest checkpoint at
+  // or before (step - lookback()) or later, so checkpoint pruning keeps the newest one at or
+  // before that step. max(skip_window, persist_steps + 1) + 2 + rollback_margin.
+  int64_t lookback() const;
 
   // After restoring the checkpoint of step `to_step`: the rolling statistics become those saved
   // in that checkpoint (`saved`, a state() string; "" = empty), the LR is re-warmed from
