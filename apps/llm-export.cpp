@@ -167,7 +167,11 @@ int main(int argc, char** argv) {
         opts.generation_config = (std::filesystem::path(b) / "generation_config.json").string();
         break;
       }
-      b = inspect_pretrained(b).base;
+      // A libllm checkpoint's base: an adapters-only one's, else its recipe's finetune.base.
+      const Pretrained p = inspect_pretrained(b);
+      if (p.format != "libllm") break;
+      const fs::path recipe = fs::path(b) / "recipe.yaml";
+      b = !p.base.empty() ? p.base : fs::exists(recipe) ? Recipe::load(recipe.string()).finetune.base : "";
     }
     export_hf(pre, args.get("--out"), opts);  // one weight at a time: the model is never in memory whole
     fmt::print("wrote {} ({}, {}{}{})\n", args.get("--out"), pre.config.hf_architecture(), opts.dtype,

@@ -56,7 +56,9 @@ int main(int argc, char** argv) {
                    {{"--checkpoint", "model folder: libllm checkpoint (recipe.yaml) or Hugging Face (config.json)"},
                     {"--prompt", "text to continue (or, with --chat, the one user message)"},
                     {"--chat", "chat: apply the chat template; without --prompt, read user messages from stdin", false},
-                    {"--template", "chat template: llama2 or chatml (default: the checkpoint recipe's, an HF folder's tokenizer_config.json one, else chatml)"},
+                    {"--template",
+                     "chat template: llama2 or chatml (default: the checkpoint recipe's, an HF folder's own "
+                     "(chat_template.jinja or tokenizer_config.json), else chatml)"},
                     {"--system", "system message for --chat (default: the checkpoint recipe's chat.system_prompt)"},
                     {"--max-new-tokens", "tokens to generate at most", true, "128"},
                     {"--temperature", "sampling temperature; 0 = greedy", true, "0.7"},
@@ -70,7 +72,8 @@ int main(int argc, char** argv) {
     if (args.help()) return fmt::print("{}", args.usage()), 0;
     if (!args.has("--checkpoint")) throw Error("--checkpoint", "is required", "see llm-generate --help");
     const bool chat = args.has("--chat");
-    if (!chat && !args.has("--prompt")) throw Error("--prompt", "is required without --chat", "see llm-generate --help");
+    if (!chat && !args.has("--prompt"))
+      throw Error("--prompt", "is required without --chat", "see llm-generate --help");
     const std::string dir = args.get("--checkpoint");
 
     Pretrained pre = inspect_pretrained(dir);
@@ -87,7 +90,8 @@ int main(int argc, char** argv) {
     } else if (chat && !args.has("--template")) {
       // An HF folder: its chat template, when it is one libllm renders.
       const std::string jinja = read_chat_template(dir);
-      const bool own_file = std::filesystem::exists(std::filesystem::path(dir) / "chat_template.jinja");
+      const bool own_file = std::filesystem::is_regular_file(std::filesystem::path(dir) / "chat_template.jinja") &&
+                            std::filesystem::file_size(std::filesystem::path(dir) / "chat_template.jinja") > 0;
       const std::string from = own_file ? "chat_template.jinja" : "tokenizer_config.json";
       if (!jinja.empty()) {
         if (!recognize_chat_template(jinja, tmpl, system))

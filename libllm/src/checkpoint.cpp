@@ -494,9 +494,9 @@ void prune_checkpoints(const std::string& root, const CheckpointConfig& cfg, int
     if (keep_at_or_before >= 0 && s <= keep_at_or_before) needed = s;
   std::vector<int64_t> regular;
   for (int64_t s : steps)
-    if ((cfg.milestone_every <= 0 || s % cfg.milestone_every != 0) && s != needed) regular.push_back(s);
+    if (cfg.milestone_every <= 0 || s % cfg.milestone_every != 0) regular.push_back(s);
   for (size_t i = 0; i + cfg.keep_last < regular.size(); ++i)
-    fs::remove_all(fs::path(root) / checkpoint_name(regular[i]), ec);
+    if (regular[i] != needed) fs::remove_all(fs::path(root) / checkpoint_name(regular[i]), ec);
 }
 
 }  // namespace libllm

@@ -348,11 +348,11 @@ HfConfig read_hf_config(const std::string& dir) {
   else if (mixtral)
     m.sliding_window = r.integer_at_least("sliding_window", 0, 0);
   if (mixtral) {
-    m.n_experts = r.integer_at_least("num_local_experts", 1);
+    m.n_experts = r.integer_at_least("num_local_experts", 1, 8);
     m.n_experts_per_token = r.integer_at_least("num_experts_per_tok", 1, 2);
     m.moe_aux_loss_coef = r.number_at_least("router_aux_loss_coef", 0, 0.001);
   }
-  out.torch_dtype = r.string("torch_dtype", r.string("dtype", "float32"));  // (transformers >= 5: dtype)
+  out.torch_dtype = r.get("torch_dtype") ? r.string("torch_dtype", "") : r.string("dtype", "float32");  // (v5: dtype)
   out.bos_id = r.integer("bos_token_id", 1);
   // eos_token_id: one id, or a list of them (the first is the one libllm stops at and exports).
   const json* eos = r.get("eos_token_id");
@@ -630,6 +630,11 @@ void export_hf(const ModelConfig& config, const std::vector<LazyWeight>& weights
   if (!opts.chat_template.empty() && opts.tokenizer_path.empty())
     throw Error(dir, "a chat template is written into tokenizer_config.json, but no tokenizer is exported",
                 "export with the tokenizer.model (--tokenizer)");
+  json gen = json::object();  // (read first: a bad file fails the export before any weight is written)
+  if (!opts.generation_config.empty()) {
+    gen = read_json(opts.generation_config);
+    if (!gen.is_object()) throw Error(opts.generation_config, "expected a JSON object");
+  }
   write_folder_atomically(dir, FolderKind::hf_model, [&](const std::string& tmp_dir) {
     const fs::path tmp = tmp_dir;
     std::error_code ec;
@@ -676,11 +681,6 @@ void export_hf(const ModelConfig& config, const std::vector<LazyWeight>& weights
       write_text((tmp / "model.safetensors.index.json").string(), index.dump(2) + "\n");
     }
     write_text((tmp / "config.json").string(), hf_config_json(config, dtype_name(dtype), opts.bos_id, opts.eos_id));
-    json gen = json::object();
-    if (!opts.generation_config.empty()) {
-      gen = read_json(opts.generation_config);
-      if (!gen.is_object()) throw Error(opts.generation_config, "expected a JSON object");
-    }
     gen["bos_token_id"] = opts.bos_id;
     const json eos = gen.value("eos_token_id", json());
     const bool listed = eos.is_array() && std::any_of(eos.begin(), eos.end(), [&](const json& e) {
@@ -718,7 +718,7 @@ std::string read_chat_template(const std::string& dir) {
     std::ostringstream text;
     text << in.rdbuf();
     if (!in) throw Error(jinja.string(), "cannot read the chat template");
-    return text.str();
+    if (!text.str().empty()) return text.str();
   }
   const fs::path path = fs::path(dir) / "tokenizer_config.json";
   if (!fs::exists(path)) return "";

@@ -83,7 +83,10 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& cluster) {
       const double share = ws.name.find(".experts.") != std::string::npos
                                ? static_cast<double>(m.n_experts_per_token) / static_cast<double>(m.n_experts)
                                : 1.0;
-      const double bytes = share * (per_input * in + 4.0 * rank);
+      // An adapter keeps its input; a block's projection inputs are counted with the block, the
+      // LM head's (the final norm's output, w bytes an element) is not.
+      const double kept_input = leaf == "lm_head" ? (t.dtype == "bf16" ? 2.0 : 4.0) * in : 0.0;
+      const double bytes = share * (per_input * in + 4.0 * rank) + kept_input;
       if (in_block) {  // summed over blocks: per block
         lora_block += bytes / static_cast<double>(m.n_layers);
         psi_a_block += rank * (in + out) / static_cast<double>(m.n_layers);

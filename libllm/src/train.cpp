@@ -408,6 +408,14 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     run.lora_base_fingerprint = model_fingerprint(base->dir);
   }
   run.ckpt_root = (fs::path(tc.run_dir) / "checkpoints").string();
+  if (base) {  // a base among this run's checkpoints would be pruned or moved aside under it
+    const fs::path rel = fs::weakly_canonical(base->dir).lexically_relative(fs::weakly_canonical(run.ckpt_root));
+    if (!rel.empty() && *rel.begin() != "..")
+      throw Error("finetune.base",
+                  base->dir + " lies in this run's checkpoints folder " + run.ckpt_root +
+                      ", where its checkpoints are pruned and set aside",
+                  "give the fine-tune its own train.run_dir");
+  }
   const int64_t restart = env_int("LIBLLM_RESTART", 0);
   std::string resume_from;
   if (recipe.checkpoint.resume == "auto" || restart > 0)

@@ -544,4 +544,12 @@ TEST_CASE("fine-tuning errors: no base, LoRA in pretraining, chat data with defe
              Catch::Contains("guard.defer: 'end' needs packed data"));
   CHECK_THAT(test::error_of([&] { finetune(ft_recipe(base, chat, tmp / "r", {"train.seq_len=200"})); }),
              Catch::Contains("exceeds model.max_seq_len 160"));
+  // A base among the run's own checkpoints (which pruning deletes and a new run moves aside).
+  fs::create_directories(tmp / "r/checkpoints");
+  fs::rename(base, tmp / "r/checkpoints/step-00000001");
+  CHECK_THAT(test::error_of([&] {
+               finetune(ft_recipe(tmp / "r/checkpoints/step-00000001", chat, tmp / "r", {"checkpoint.resume=none"}));
+             }),
+             Catch::Contains("finetune.base: " + std::string(tmp / "r/checkpoints/step-00000001") +
+                             " lies in this run's checkpoints folder"));
 }

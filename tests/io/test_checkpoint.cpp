@@ -79,6 +79,8 @@ TEST_CASE("pruning keeps the newest checkpoint a loss-spike rollback may still n
   cc.keep_last = 2;
   prune_checkpoints(tmp.path.string(), cc, 25);  // step 90 with a lookback of 65
   CHECK(checkpoint_steps(tmp.path.string()) == std::vector<int64_t>{20, 80, 90});
+  prune_checkpoints(tmp.path.string(), cc, 85);  // the needed one is among the newest 2: no third kept
+  CHECK(checkpoint_steps(tmp.path.string()) == std::vector<int64_t>{80, 90});
   prune_checkpoints(tmp.path.string(), cc, 0);
   CHECK(checkpoint_steps(tmp.path.string()) == std::vector<int64_t>{80, 90});  // none at or before 0 is left
 }

@@ -179,12 +179,12 @@ TEST_CASE("llm-plan: a LoRA fine-tune of a 7B base on one GPU, hand-computed", "
   CHECK(row(nd, "none").activations == Approx(8192.0 * (32 * (153600.0 + 448) + 24576.0)));
   const TrainingPlan f32 = plan_training(recipe("amber-7b-lora", {"lora.dropout=0", "train.dtype=fp32"}), c);
   CHECK(row(f32, "none").activations == Approx(8192.0 * (32 * (307200.0 + 448) + 4 * (2 * 4096.0 + 4096.0))));
-  // An adapter on lm_head: the plain loss (its logits), and the head's dropout mask.
+  // An adapter on lm_head: the plain loss (its logits), the head's dropout mask and its bf16 input.
   const TrainingPlan head = plan_training(
       recipe("amber-7b-lora", {"lora.targets=[q_proj,lm_head]"}), c);
   CHECK(head.trainable == 32 * 16 * 8192 + 16 * (4096 + 32000));
   CHECK(row(head, "none").activations ==
-        Approx(8192.0 * (32 * (153600.0 + 4096 + 64) + 2 * 2 * 4096.0 + 10.0 * 32000 + 4096 + 64)));
+        Approx(8192.0 * (32 * (153600.0 + 4096 + 64) + 2 * 2 * 4096.0 + 10.0 * 32000 + 4096 + 64 + 2 * 4096)));
 }
 
 TEST_CASE("llm-plan: bad cluster figures are errors naming the option", "[plan]") {
