@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <tuple>
 
 #include <libllm/chat.h>
 #include <libllm/compat.h>
@@ -175,12 +176,19 @@ TEST_CASE("a LoRA fine-tune exports to folders transformers and PEFT load (check
 
   // Chat templates: check_export.py renders and tokenizes these conversations with transformers'
   // AutoTokenizer (slow and fast) from each exported folder; text and ids must equal libllm's.
-  const Tokenizer tok = Tokenizer::load(std::string(LIBLLM_FIXTURES) + "/tokenizer.model");
+  // tokenizer-control.model has [INST], [/INST] as control pieces and <|im_start|>, <|im_end|> as
+  // user-defined ones, which transformers' converter may turn into added tokens.
   const auto& conversations = test::chat_cases();  // llama2 refuses the last: it is left out
   nlohmann::json cases = nlohmann::json::array();
-  for (const auto& [tmpl, system] : std::vector<std::pair<std::string, std::string>>{
-           {"chatml", test::kTrickySystem}, {"llama2", ""}, {"llama2", "Be kind."}}) {
-    const std::string folder = "chat-" + tmpl + (system.empty() ? "" : "-system");
+  for (const auto& [tmpl, system, tok_file] : std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"chatml", test::kTrickySystem, "tokenizer.model"},
+           {"llama2", "", "tokenizer.model"},
+           {"llama2", "Be kind.", "tokenizer.model"},
+           {"llama2", "", "tokenizer-control.model"},
+           {"chatml", "", "tokenizer-control.model"}}) {
+    const Tokenizer tok = Tokenizer::load(std::string(LIBLLM_FIXTURES) + "/" + tok_file);
+    const std::string folder =
+        "chat-" + tmpl + (system.empty() ? "" : "-system") + (tok_file == "tokenizer.model" ? "" : "-control");
     ExportOptions co;
     co.dtype = "float32";
     co.tokenizer_path = tok.path();

@@ -1,6 +1,8 @@
 // The sentencepiece tokenizer: ids as the Python sentencepiece library gives them, and errors.
 #include "../catch_torch.h"
 
+#include <algorithm>
+
 #include "../common.h"
 #include "libllm/error.h"
 #include "libllm/model_config.h"
@@ -51,6 +53,21 @@ TEST_CASE("encode_with_specials: written-out special tokens become ids, each tex
   CHECK(spelled == text);
   CHECK(tok.encode_with_specials("plain text") == tok.encode("plain text"));
   CHECK(tok.encode_with_specials("").empty());
+}
+
+TEST_CASE("control pieces are never read from text, user-defined ones always (as sentencepiece)", "[tokenizer]") {
+  // tokenizer-control.model: [INST] and [/INST] are control pieces 3 and 4, <|im_start|> and
+  // <|im_end|> user-defined pieces 5 and 6 (tests/fixtures/make_fixtures.py checks the same with
+  // Python's sentencepiece; tests/parity/check_export.py compares transformers' tokenizers).
+  const Tokenizer tok = Tokenizer::load(fixture("tokenizer-control.model"));
+  CHECK(tok.piece(3) == "[INST]");
+  const auto inst = tok.encode_with_specials("<s>[INST] hi [/INST]");
+  CHECK(inst.front() == 1);
+  CHECK(std::find(inst.begin(), inst.end(), 3) == inst.end());
+  CHECK(std::find(inst.begin(), inst.end(), 4) == inst.end());
+  const auto im = tok.encode_with_specials("<|im_start|>user\nhi<|im_end|>");
+  CHECK(std::count(im.begin(), im.end(), 5) == 1);
+  CHECK(std::count(im.begin(), im.end(), 6) == 1);
 }
 
 TEST_CASE("missing or corrupt tokenizer files and a vocabulary larger than the model are errors",
