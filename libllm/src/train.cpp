@@ -73,8 +73,10 @@ std::string human_time(double s) {
   return fmt::format("{}s", t);
 }
 
-// Keeps the lines of a JSONL log whose "step" is <= last_step (resume), or none (fresh start).
-void truncate_log(const std::string& path, int64_t last_step) {
+// Keeps the lines of a JSONL log whose "step" is <= last_step (resume), or none (fresh start), and
+// those whose "branch" is below `branch` (the steps an earlier rollback discarded: the metrics
+// keep them for llm-spike analyze, whatever is resumed later).
+void truncate_log(const std::string& path, int64_t last_step, int64_t branch = 0) {
   std::vector<std::string> keep;
   {
     std::ifstream in(path);
@@ -82,7 +84,8 @@ void truncate_log(const std::string& path, int64_t last_step) {
     while (std::getline(in, line)) {
       if (line.empty()) continue;
       try {
-        if (json::parse(line).value("step", int64_t{0}) <= last_step) keep.push_back(line);
+        const json j = json::parse(line);
+        if (j.value("step", int64_t{0}) <= last_step || j.value("branch", int64_t{0}) < branch) keep.push_back(line);
       } catch (const json::exception&) {
         // A line cut by a kill -9 is dropped.
       }
@@ -595,7 +598,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   // Only rank 0 writes shared files.
   std::ofstream metrics;
   if (main_rank) {
-    truncate_log(metrics_path, plan_applies ? plan.value("from_step", state.step) : state.step);
+    truncate_log(metrics_path, plan_applies ? plan.value("from_step", state.step) : state.step,
+                 run.guard.rollbacks_total());
     truncate_log(run.sequence_path, state.step);
     metrics.open(metrics_path, std::ios::app);
     run.sequence.open(run.sequence_path, std::ios::app);

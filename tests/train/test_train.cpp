@@ -259,7 +259,9 @@ TEST_CASE("guard: a persistent spike rolls back to an exact checkpoint, defers i
       CHECK(torch::equal(t, file_t));
     }
   };
-  pretrain(tiny_recipe(shards, spiked, guarded(shards, {"guard.inject_lr_steps=[30]", "guard.inject_lr_factor=1000"})),
+  pretrain(tiny_recipe(shards, spiked,
+                       guarded(shards, {"guard.inject_lr_steps=[30]", "guard.inject_lr_factor=1000",
+                                        "checkpoint.keep_last=20"})),  // (for the resume below)
            hooks);
   CHECK(rollbacks == 1);
   const auto m = jsonl(spiked + "/metrics.jsonl");
@@ -285,4 +287,16 @@ TEST_CASE("guard: a persistent spike rolls back to an exact checkpoint, defers i
   const double a = final_eval(clean), b = final_eval(spiked);
   INFO("final held-out loss: clean " << a << ", guarded " << b);
   CHECK(std::fabs(b - a) / a < 0.02);
+  // Resumed from step 30 of branch 1: the metrics keep the discarded steps 31..34 of branch 0
+  // (what llm-spike analyze reads), and the run ends as before.
+  pretrain(tiny_recipe(
+      shards, spiked,
+      guarded(shards, {"guard.inject_lr_steps=[30]", "guard.inject_lr_factor=1000", "checkpoint.keep_last=20",
+                       "checkpoint.resume=" + spiked + "/checkpoints/step-00000030"})));
+  const auto again = jsonl(spiked + "/metrics.jsonl");
+  REQUIRE(again.size() == m.size());
+  CHECK(again[33]["action"] == "rollback");
+  CHECK(again[33]["branch"] == 0);
+  CHECK(again.back()["step"] == kSteps);
+  CHECK(again.back()["loss"] == m.back()["loss"]);
 }
