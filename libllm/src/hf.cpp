@@ -8,9 +8,10 @@
 #include <cctype>
 #include <cerrno>
 #include <cstdint>
+#include <cstdlib>
 #include <filesystem>
-#include <functional>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -737,6 +738,30 @@ std::string read_chat_template(const std::string& dir) {
       if (e.is_object() && e.value("name", "") == "default" && e.contains("template") && e["template"].is_string())
         return e["template"].get<std::string>();
   return "";
+}
+
+std::vector<std::pair<int64_t, std::string>> added_tokens(const std::string& dir, const Tokenizer& tok) {
+  std::map<int64_t, std::string> found;
+  auto parse = [](const fs::path& p) {
+    std::ifstream in(p);
+    return in ? json::parse(in, nullptr, /*allow_exceptions=*/false) : json();
+  };
+  const json config = parse(fs::path(dir) / "tokenizer_config.json");
+  if (config.is_object() && config.contains("added_tokens_decoder") && config["added_tokens_decoder"].is_object())
+    for (const auto& [key, v] : config["added_tokens_decoder"].items()) {
+      char* end = nullptr;
+      const long long id = std::strtoll(key.c_str(), &end, 10);
+      if (end && *end == '\0' && id >= 0 && v.is_object() && v.contains("content") && v["content"].is_string())
+        found[id] = v["content"].get<std::string>();
+    }
+  const json extra = parse(fs::path(dir) / "added_tokens.json");
+  if (extra.is_object())
+    for (const auto& [text, v] : extra.items())
+      if (v.is_number_integer() && v.get<int64_t>() >= 0) found[v.get<int64_t>()] = text;
+  std::vector<std::pair<int64_t, std::string>> out;
+  for (const auto& [id, text] : found)
+    if (id >= tok.vocab_size() || tok.piece(id) != text) out.emplace_back(id, text);
+  return out;
 }
 
 Pretrained inspect_pretrained(const std::string& dir) {

@@ -394,6 +394,18 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   // Tokenizer and shards must agree; the tokenizer must fit the model.
   const Tokenizer tok = Tokenizer::load(recipe.tokenizer.path);
   tok.check_fits(mc, "model.vocab_size");
+  if (base && base->format == "hf" && main_rank) {  // (a chat model's <|im_start|>, say)
+    const auto added = added_tokens(base->dir, tok);
+    if (!added.empty()) {
+      std::string list;
+      for (size_t i = 0; i < added.size() && i < 8; ++i)
+        list += fmt::format("{}{} = {}", i ? ", " : "", added[i].second, added[i].first);
+      fmt::print(
+          "note: the base's tokenizer adds {} token(s) that {} lacks ({}{}); libllm tokenizes with {} alone, "
+          "so text holding them trains as ordinary pieces (the export's tokenizer reads them the same way)\n",
+          added.size(), recipe.tokenizer.path, list, added.size() > 8 ? ", ..." : "", recipe.tokenizer.path);
+    }
+  }
   for (const auto& dir : recipe.data.train) check_tokenizer(ShardSet::open(dir), tok);
   if (!recipe.data.valid.empty()) check_tokenizer(ShardSet::open(recipe.data.valid), tok);
   if (tc.document_mask && !chat_data) {

@@ -9,6 +9,7 @@
 #include "libllm/error.h"
 #include "libllm/hf.h"
 #include "libllm/safetensors.h"
+#include "libllm/tokenizer.h"
 
 using namespace libllm;
 using libllm::test::listing;
@@ -365,6 +366,22 @@ TEST_CASE("absent config.json keys take their architecture's transformers defaul
   CHECK_THAT(err({{"rope_theta", "1e4"}}),
              Catch::Contains("config.json: rope_parameters: rope_theta: expected a number, got \"1e4\""));
   CHECK_THAT(err(10000.0), Catch::Contains("config.json: rope_parameters: expected an object, got 10000.0"));
+}
+
+TEST_CASE("the tokens an HF tokenizer adds beyond tokenizer.model are found by id", "[io][hf]") {
+  test::TempDir tmp;
+  const Tokenizer tok = Tokenizer::load(fixture("tokenizer.model"));  // 384 pieces: 0 <unk>, 1 <s>, 2 </s>
+  CHECK(added_tokens(tmp.path.string(), tok).empty());                // no files: none
+  write_file(tmp / "tokenizer_config.json", R"({"added_tokens_decoder": {
+      "0": {"content": "<unk>", "special": true}, "2": {"content": "</s>", "special": true},
+      "384": {"content": "<|im_start|>", "special": true}, "1": {"content": "<|im_end|>"}}})");
+  write_file(tmp / "added_tokens.json", R"({"<pad>": 385, "<s>": 1})");
+  using Added = std::vector<std::pair<int64_t, std::string>>;
+  // 0 and 2 are tokenizer.model's own; id 1 is "<s>" there, whatever tokenizer_config.json says
+  // (added_tokens.json, read last, agrees with it).
+  CHECK(added_tokens(tmp.path.string(), tok) == Added{{384, "<|im_start|>"}, {385, "<pad>"}});
+  write_file(tmp / "tokenizer_config.json", "not json");
+  CHECK(added_tokens(tmp.path.string(), tok) == Added{{385, "<pad>"}});
 }
 
 TEST_CASE("a chat template in chat_template.jinja is read before tokenizer_config.json's", "[io][hf]") {

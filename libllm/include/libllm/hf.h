@@ -14,6 +14,8 @@
 
 namespace libllm {
 
+class Tokenizer;
+
 // What a config.json says: the model shape plus the facts libllm keeps for export.
 struct HfConfig {
   ModelConfig model;
@@ -86,6 +88,11 @@ struct ExportOptions {
 // it), else the "chat_template" of DIR/tokenizer_config.json, of a list of named templates the
 // one named "default"; "" when there is none. A tokenizer_config.json that is not JSON is an Error.
 std::string read_chat_template(const std::string& dir);
+// The tokens an HF folder's tokenizer adds beyond `tok` (its tokenizer.model): (id, text) from
+// tokenizer_config.json's added_tokens_decoder and added_tokens.json whose id tok does not have as
+// that piece, by id. libllm tokenizes with tokenizer.model alone, so text holding them becomes
+// ordinary pieces. Unreadable files count as none (read_chat_template reports them).
+std::vector<std::pair<int64_t, std::string>> added_tokens(const std::string& dir, const Tokenizer& tok);
 // Writes `model` as an HF folder at `dir` (LoRA adapters merged into their weights): built under a temporary name and
 // renamed into place when complete (an existing `dir` is replaced only then, and only when it is empty or an earlier
 // export). Tensors are merged, converted and written one at a time.
