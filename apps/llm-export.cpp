@@ -92,12 +92,14 @@ int main(int argc, char** argv) {
     if (args.has("--adapter") && !pre.has_lora)
       throw Error("--adapter", dir + " is not a LoRA fine-tuning checkpoint", "export the merged model with --out only");
     const std::string tok_path = args.has("--tokenizer") ? args.get("--tokenizer") : pre.tokenizer_path;
+    // bos/eos: an HF source's own (a chat model may end turns with an added token); a libllm
+    // checkpoint's tokenizer's, the ids it was trained with.
     int64_t bos = pre.bos_id, eos = pre.eos_id;
     if (!tok_path.empty()) {
       const Tokenizer tok = Tokenizer::load(tok_path);
       tok.check_fits(pre.config, dir);
-      if (tok.bos_id() >= 0) bos = tok.bos_id();
-      if (tok.eos_id() >= 0) eos = tok.eos_id();
+      if (tok.bos_id() >= 0 && pre.format == "libllm") bos = tok.bos_id();
+      if (tok.eos_id() >= 0 && pre.format == "libllm") eos = tok.eos_id();
     }
     const int64_t shard_mb = args.get_int("--max-shard-mb");
     if (shard_mb < 1) throw Error("--max-shard-mb", "must be >= 1");
