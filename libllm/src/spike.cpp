@@ -353,7 +353,10 @@ int supervise(const SuperviseOptions& opt) {
       }
       reason = fmt::format("crash: exit code {}", code);
     }
-    if (!with_plan) fs::remove(plan_path);
+    // A plan stays until the job has moved past it (a new metrics line: the plan is applied before
+    // the first step), so a job that dies while starting still gets it; the trainer never applies
+    // one twice (the checkpoint it re-saves records it).
+    if (!with_plan && progressed) fs::remove(plan_path);
     if (attempt + 1 > opt.max_restarts) {
       fmt::print(stderr, "llm-spike: {}; giving up after {} restarts\n", reason, opt.max_restarts);
       append_event(opt.run_dir, {{"event", "give_up"}, {"reason", reason}, {"restarts", attempt}});

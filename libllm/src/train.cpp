@@ -192,6 +192,7 @@ struct Run {
   std::vector<int64_t> buf;
   Guard guard;
   json history = json::array();  // held-out evaluations so far
+  json applied_plan;             // {to_step, from_step} of the restart plan this branch applied (null: none)
   int64_t accum = 1, global = 0, planned = 0;
   double flops_per_token = 0;
   std::string recipe_yaml, ckpt_root, sequence_path;
@@ -208,7 +209,11 @@ struct Run {
     events << e.dump() << "\n" << std::flush;
   }
 
-  std::string extra() const { return json({{"eval_history", history}, {"guard", guard.state()}}).dump(); }
+  std::string extra() const {
+    json x = {{"eval_history", history}, {"guard", guard.state()}};
+    if (!applied_plan.is_null()) x["applied_plan"] = applied_plan;
+    return x.dump();
+  }
 
   std::string cursor() const { return chat ? chat->cursor() : data->cursor(); }
 
@@ -289,6 +294,7 @@ struct Run {
     }
     const json x = parse_extra(st.extra);
     history = x.value("eval_history", json::array());
+    applied_plan = x.value("applied_plan", json());
     guard = Guard(recipe.guard);
     if (x.contains("guard")) guard.load_state(x["guard"].get<std::string>());
     return st;
@@ -305,6 +311,9 @@ struct Run {
     if (chat) examples = chat->pass_over(samples);
     else data->pass_over(samples, recipe.guard.defer == "end");
     guard.rolled_back(saved, to, lr_factor, in_loop);
+    // A restart plan is applied once: the checkpoint saved below records it, so a job that dies
+    // before its next checkpoint resumes here without applying it again.
+    applied_plan = in_loop ? json() : json({{"to_step", to}, {"from_step", through}});
     if (main()) {
       sequence.close();
       truncate_log(sequence_path, to);  // the data sequence lists what the final model saw
@@ -312,12 +321,12 @@ struct Run {
     }
     save(to);
     dist.barrier();
-    if (hooks.after_rollback) hooks.after_rollback(to, dir, model, adamw());
     json e = {{"event", in_loop ? "rollback" : "restart_plan"}, {"step", through}, {"to_step", to},
               {"windows", samples * dist.world_size()}, {"data", recipe.guard.defer == "end" ? "deferred" : "dropped"},
               {"lr_scale", guard.lr_scale()}, {"checkpoint", dir}};
     if (chat) e["examples"] = examples;  // "windows" counts rows (samples); packed rows hold several
-    event(e);
+    event(e);                            // (logged with the checkpoint that records it)
+    if (hooks.after_rollback) hooks.after_rollback(to, dir, model, adamw());
   }
 
   // The newest checkpoint at or before step `limit` ("" if none), and its step, as rank 0 sees
@@ -599,11 +608,14 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     } catch (const json::exception& e) {
       throw Error(plan_path, std::string("invalid restart plan: ") + e.what());
     }
+    const bool applied = run.applied_plan.is_object() &&
+                         run.applied_plan.value("to_step", int64_t{-2}) == plan.value("to_step", int64_t{-1}) &&
+                         run.applied_plan.value("from_step", int64_t{-2}) == plan.value("from_step", int64_t{-1});
     plan_applies = !resume_from.empty() && state.step == plan.value("to_step", int64_t{-1}) &&
-                   plan.value("from_step", int64_t{-1}) > state.step;
+                   plan.value("from_step", int64_t{-1}) > state.step && !applied;
     if (!plan_applies && main_rank)
-      fmt::print("restart plan {} does not apply (resumed at step {}, the plan is for step {})\n", plan_path, state.step,
-                 plan.value("to_step", int64_t{-1}));
+      fmt::print("restart plan {} does not apply (resumed at step {}{}, the plan is for step {})\n", plan_path,
+                 state.step, applied ? ", where it was applied already" : "", plan.value("to_step", int64_t{-1}));
   }
   const std::string metrics_path = (run_dir / "metrics.jsonl").string();
   run.sequence_path = (run_dir / "data_sequence.jsonl").string();

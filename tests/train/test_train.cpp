@@ -300,3 +300,38 @@ TEST_CASE("guard: a persistent spike rolls back to an exact checkpoint, defers i
   CHECK(again.back()["step"] == kSteps);
   CHECK(again.back()["loss"] == m.back()["loss"]);
 }
+
+TEST_CASE("a restart plan is applied once, also when the job dies right after applying it", "[train][guard]") {
+  test::TempDir tmp;
+  const std::string shards = make_shards(tmp);
+  const std::string first = tmp / "first";
+  const auto recipe = [&](const std::string& dir) {
+    return tiny_recipe(shards, dir, guarded(shards, {"checkpoint.keep_last=20"}));
+  };
+  pretrain(recipe(first));
+  // As a guard stop leaves the run (checkpoints after step 25 set aside) and the supervisor's plan.
+  fs::create_directories(tmp / "aside");
+  for (int64_t s : checkpoint_steps(first + "/checkpoints"))
+    if (s > 25) fs::rename(first + "/checkpoints/" + checkpoint_name(s), fs::path(tmp / "aside") / checkpoint_name(s));
+  test::write_file(tmp / "plan.json", R"({"to_step": 25, "from_step": 34, "lr_factor": 0.5})");
+  for (const char* copy : {"once", "twice"}) fs::copy(first, tmp / copy, fs::copy_options::recursive);
+  struct Env {  // what llm-spike supervise sets for a restart with a plan
+    Env(const std::string& plan) {
+      ::setenv("LIBLLM_RESTART", "1", 1), ::setenv("LIBLLM_RESTART_PLAN", plan.c_str(), 1);
+    }
+    ~Env() { ::unsetenv("LIBLLM_RESTART"), ::unsetenv("LIBLLM_RESTART_PLAN"); }
+  } env(tmp / "plan.json");
+  pretrain(recipe(tmp / "once"));
+  // Dies right after the plan's checkpoint is saved again; the restart must not apply it twice.
+  TrainHooks dies;
+  dies.after_rollback = [](int64_t, const std::string&, Transformer&, const AdamW&) {
+    throw std::runtime_error("killed after the plan was applied");
+  };
+  CHECK_THROWS_WITH(pretrain(recipe(tmp / "twice"), dies), Catch::Contains("killed after the plan"));
+  pretrain(recipe(tmp / "twice"));
+  CHECK(read_file(tmp / "once/data_sequence.jsonl") == read_file(tmp / "twice/data_sequence.jsonl"));
+  CHECK(losses(tmp / "once") == losses(tmp / "twice"));
+  int plans = 0;
+  for (const auto& e : jsonl(tmp / "twice/events.jsonl")) plans += e["event"] == "restart_plan";
+  CHECK(plans == 1);
+}
