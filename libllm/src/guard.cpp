@@ -127,12 +127,13 @@ double Guard::lr_multiplier(int64_t step) const {
   return m;
 }
 
-void Guard::rolled_back(const std::string& saved, int64_t to_step, double lr_factor, bool in_loop) {
+void Guard::rolled_back(const std::string& saved, int64_t to_step, double lr_factor, bool in_loop,
+                        int64_t branch_floor) {
   const Guard now = *this;
   if (saved.empty()) *this = Guard(cfg_);
   else load_state(saved);
   rollbacks_ = in_loop ? now.rollbacks_ + 1 : 0;
-  rollbacks_total_ = now.rollbacks_total_ + 1;
+  rollbacks_total_ = std::max(now.rollbacks_total_ + 1, branch_floor);
   skips_total_ = now.skips_total_;
   lr_scale_ = now.lr_scale_ * lr_factor;
   rewarm_from_ = to_step;

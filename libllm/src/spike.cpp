@@ -334,8 +334,12 @@ int supervise(const SuperviseOptions& opt) {
         return kSpikeStopExit;
       }
       lr_factor *= opt.lr_factor;
-      const json plan = {{"to_step", to}, {"from_step", stop.value("from_step", to)}, {"lr_factor", opt.lr_factor},
-                         {"cumulative_lr_factor", lr_factor}, {"reason", stop.value("reason", "")}};
+      const json plan = {{"to_step", to},
+                         {"from_step", stop.value("from_step", to)},
+                         {"lr_factor", opt.lr_factor},
+                         {"cumulative_lr_factor", lr_factor},
+                         {"reason", stop.value("reason", "")},
+                         {"attempt", attempt + 1}};  // (each plan is another, even with the same steps)
       const std::string tmp = plan_path + ".tmp";
       std::ofstream(tmp) << plan.dump(1) << "\n";
       fs::rename(tmp, plan_path);
@@ -353,10 +357,9 @@ int supervise(const SuperviseOptions& opt) {
       }
       reason = fmt::format("crash: exit code {}", code);
     }
-    // A plan stays until the job has moved past it (a new metrics line: the plan is applied before
-    // the first step), so a job that dies while starting still gets it; the trainer never applies
-    // one twice (the checkpoint it re-saves records it).
-    if (!with_plan && progressed) fs::remove(plan_path);
+    // A plan stays (until the next one replaces it), so a job that dies while applying it gets it
+    // again; the trainer never applies one twice (the checkpoint it re-saves records it) and
+    // ignores it once it resumes a later checkpoint.
     if (attempt + 1 > opt.max_restarts) {
       fmt::print(stderr, "llm-spike: {}; giving up after {} restarts\n", reason, opt.max_restarts);
       append_event(opt.run_dir, {{"event", "give_up"}, {"reason", reason}, {"restarts", attempt}});

@@ -73,24 +73,28 @@ std::string human_time(double s) {
   return fmt::format("{}s", t);
 }
 
+// The lines of a JSONL log; a line cut by a kill -9 is left out.
+std::vector<json> read_log(const std::string& path) {
+  std::vector<json> out;
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    try {
+      out.push_back(json::parse(line));
+    } catch (const json::exception&) {
+    }
+  }
+  return out;
+}
+
 // Keeps the lines of a JSONL log whose "step" is <= last_step (resume), or none (fresh start), and
 // those whose "branch" is below `branch` (the steps an earlier rollback discarded: the metrics
 // keep them for llm-spike analyze, whatever is resumed later).
 void truncate_log(const std::string& path, int64_t last_step, int64_t branch = 0) {
   std::vector<std::string> keep;
-  {
-    std::ifstream in(path);
-    std::string line;
-    while (std::getline(in, line)) {
-      if (line.empty()) continue;
-      try {
-        const json j = json::parse(line);
-        if (j.value("step", int64_t{0}) <= last_step || j.value("branch", int64_t{0}) < branch) keep.push_back(line);
-      } catch (const json::exception&) {
-        // A line cut by a kill -9 is dropped.
-      }
-    }
-  }
+  for (const json& j : read_log(path))
+    if (j.value("step", int64_t{0}) <= last_step || j.value("branch", int64_t{0}) < branch) keep.push_back(j.dump());
   // Rewritten beside and renamed: a kill meanwhile leaves the old log whole.
   const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
   {
@@ -192,7 +196,7 @@ struct Run {
   std::vector<int64_t> buf;
   Guard guard;
   json history = json::array();  // held-out evaluations so far
-  json applied_plan;             // {to_step, from_step} of the restart plan this branch applied (null: none)
+  json applied_plan;             // the restart plan (LIBLLM_RESTART_PLAN's JSON) this branch applied (null: none)
   int64_t accum = 1, global = 0, planned = 0;
   double flops_per_token = 0;
   std::string recipe_yaml, ckpt_root, sequence_path;
@@ -303,17 +307,15 @@ struct Run {
   // Continues from the loaded checkpoint of step `to` as if the steps (to, through] had not
   // happened: their data windows are moved to the end of the run (or dropped), the LR re-warms.
   // The result is saved again as the checkpoint of `to`, so a crash after this keeps the plan.
-  // `saved` is the guard state stored in that checkpoint.
+  // `saved` is the guard state stored in that checkpoint; the new branch is numbered at least
+  // `branch_floor` (a restart plan's: above every branch the metrics hold).
   void replan(int64_t to, int64_t through, double lr_factor, bool in_loop, const std::string& dir,
-              const std::string& saved) {
+              const std::string& saved, int64_t branch_floor = 0) {
     const int64_t samples = (through - to) * accum * tc.micro_batch;
     int64_t examples = 0;  // chat data is dropped (guard.defer: drop is required)
     if (chat) examples = chat->pass_over(samples);
     else data->pass_over(samples, recipe.guard.defer == "end");
-    guard.rolled_back(saved, to, lr_factor, in_loop);
-    // A restart plan is applied once: the checkpoint saved below records it, so a job that dies
-    // before its next checkpoint resumes here without applying it again.
-    applied_plan = in_loop ? json() : json({{"to_step", to}, {"from_step", through}});
+    guard.rolled_back(saved, to, lr_factor, in_loop, branch_floor);
     if (main()) {
       sequence.close();
       truncate_log(sequence_path, to);  // the data sequence lists what the final model saw
@@ -608,9 +610,10 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     } catch (const json::exception& e) {
       throw Error(plan_path, std::string("invalid restart plan: ") + e.what());
     }
-    const bool applied = run.applied_plan.is_object() &&
-                         run.applied_plan.value("to_step", int64_t{-2}) == plan.value("to_step", int64_t{-1}) &&
-                         run.applied_plan.value("from_step", int64_t{-2}) == plan.value("from_step", int64_t{-1});
+    // A plan is applied once: the checkpoint it re-saves records it (each plan the supervisor
+    // writes is another: its "attempt" differs), so a job that dies before its next checkpoint
+    // resumes there without applying it again.
+    const bool applied = run.applied_plan == plan;
     plan_applies = !resume_from.empty() && state.step == plan.value("to_step", int64_t{-1}) &&
                    plan.value("from_step", int64_t{-1}) > state.step && !applied;
     if (!plan_applies && main_rank)
@@ -621,9 +624,21 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   run.sequence_path = (run_dir / "data_sequence.jsonl").string();
   // Only rank 0 writes shared files.
   std::ofstream metrics;
+  // A restart plan's branch is numbered above every branch the metrics hold (it may resume an
+  // older checkpoint than an earlier plan did), and the metrics keep every line of those
+  // (the stopped branch ends at the plan's from_step). Rank 0 reads them; every rank learns it.
+  int64_t branch_floor = 0;
+  if (plan_applies) {
+    int64_t top = -1;
+    if (main_rank)
+      for (const auto& line : read_log(metrics_path)) top = std::max(top, line.value("branch", int64_t{0}));
+    auto t = torch::full({1}, top + 1, torch::kInt64);
+    dist.sum(t);  // (the other ranks add 0)
+    branch_floor = t.item<int64_t>();
+  }
   if (main_rank) {
     truncate_log(metrics_path, plan_applies ? plan.value("from_step", state.step) : state.step,
-                 run.guard.rollbacks_total());
+                 plan_applies ? branch_floor : run.guard.rollbacks_total());
     truncate_log(run.sequence_path, state.step);
     metrics.open(metrics_path, std::ios::app);
     run.sequence.open(run.sequence_path, std::ios::app);
@@ -638,7 +653,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     if (main_rank)
       fmt::print("restart plan: continuing from step {} without the data of steps {}..{} ({}), LR x{:.3g}\n", to, to + 1,
                  through, gc.defer == "end" ? "deferred to the end" : "dropped", f);
-    run.replan(to, through, f, /*in_loop=*/false, resume_from, run.guard.state());
+    run.applied_plan = plan;  // recorded in the checkpoint replan saves
+    run.replan(to, through, f, /*in_loop=*/false, resume_from, run.guard.state(), branch_floor);
   }
   json start = {{"event", resume_from.empty() ? "start" : "resume"},
                 {"step", state.step},

@@ -185,3 +185,14 @@ TEST_CASE("guard: the state round-trips exactly, so a resumed run decides the sa
   }
   CHECK_THAT(test::error_of([&] { b.load_state("{\"losses\": 1}"); }), Catch::Contains("guard state"));
 }
+
+TEST_CASE("guard: a restart plan's branch is numbered above every earlier one", "[guard]") {
+  Guard g(small());
+  warm(g, 8);
+  g.rolled_back("", 4, 0.5, /*in_loop=*/false);
+  CHECK(g.rollbacks_total() == 1);
+  g.rolled_back("", 4, 0.5, /*in_loop=*/false, /*branch_floor=*/3);  // the metrics hold branches 0..2
+  CHECK(g.rollbacks_total() == 3);
+  g.rolled_back("", 4, 0.5, /*in_loop=*/true);
+  CHECK(g.rollbacks_total() == 4);
+}

@@ -77,7 +77,8 @@ class Guard {
   // in that checkpoint (`saved`, a state() string; "" = empty), the LR is re-warmed from
   // to_step and scaled by lr_factor. in_loop counts toward max_rollbacks; a supervisor restart
   // (in_loop = false) starts a fresh budget.
-  void rolled_back(const std::string& saved, int64_t to_step, double lr_factor, bool in_loop);
+  // The new branch is numbered at least branch_floor (rollbacks_total).
+  void rolled_back(const std::string& saved, int64_t to_step, double lr_factor, bool in_loop, int64_t branch_floor = 0);
 
   int64_t rollbacks() const { return rollbacks_; }
   int64_t rollbacks_total() const { return rollbacks_total_; }
