@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "jsonl.h"
 #include "libllm/config.h"
 #include "libllm/error.h"
 #include "libllm/guard.h"
@@ -29,24 +30,7 @@ using json = nlohmann::json;
 namespace libllm {
 namespace {
 
-std::vector<json> read_jsonl(const std::string& path, bool required) {
-  std::vector<json> out;
-  std::ifstream in(path);
-  if (!in) {
-    if (required) throw Error(path, "cannot open", "is this a run folder (train.run_dir)?");
-    return out;
-  }
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.empty()) continue;
-    try {
-      out.push_back(json::parse(line));
-    } catch (const json::exception&) {
-      // A line cut by a kill -9 is ignored.
-    }
-  }
-  return out;
-}
+using detail::read_jsonl;
 
 double num(const json& j, const char* key) {
   if (!j.contains(key) || !j[key].is_number()) return j.contains(key) && j[key].is_null() ? INFINITY : 0.0;

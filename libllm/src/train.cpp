@@ -15,6 +15,7 @@
 #include <thread>
 #include <tuple>
 
+#include "jsonl.h"
 #include "libllm/chat.h"
 #include "libllm/checkpoint.h"
 #include "libllm/compat.h"
@@ -22,8 +23,8 @@
 #include "libllm/data.h"
 #include "libllm/distributed.h"
 #include "libllm/error.h"
-#include "libllm/generate.h"
 #include "libllm/finetune.h"
+#include "libllm/generate.h"
 #include "libllm/guard.h"
 #include "libllm/hf.h"
 #include "libllm/model.h"
@@ -73,27 +74,12 @@ std::string human_time(double s) {
   return fmt::format("{}s", t);
 }
 
-// The lines of a JSONL log; a line cut by a kill -9 is left out.
-std::vector<json> read_log(const std::string& path) {
-  std::vector<json> out;
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.empty()) continue;
-    try {
-      out.push_back(json::parse(line));
-    } catch (const json::exception&) {
-    }
-  }
-  return out;
-}
-
 // Keeps the lines of a JSONL log whose "step" is <= last_step (resume), or none (fresh start), and
 // those whose "branch" is below `branch` (the steps an earlier rollback discarded: the metrics
 // keep them for llm-spike analyze, whatever is resumed later).
 void truncate_log(const std::string& path, int64_t last_step, int64_t branch = 0) {
   std::vector<std::string> keep;
-  for (const json& j : read_log(path))
+  for (const json& j : detail::read_jsonl(path, false))
     if (j.value("step", int64_t{0}) <= last_step || j.value("branch", int64_t{0}) < branch) keep.push_back(j.dump());
   // Rewritten beside and renamed: a kill meanwhile leaves the old log whole.
   const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
@@ -631,7 +617,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   if (plan_applies) {
     int64_t top = -1;
     if (main_rank)
-      for (const auto& line : read_log(metrics_path)) top = std::max(top, line.value("branch", int64_t{0}));
+      for (const auto& line : detail::read_jsonl(metrics_path, false))
+        top = std::max(top, line.value("branch", int64_t{0}));
     auto t = torch::full({1}, top + 1, torch::kInt64);
     dist.sum(t);  // (the other ranks add 0)
     branch_floor = t.item<int64_t>();
