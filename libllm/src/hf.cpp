@@ -13,6 +13,7 @@
 #include <fstream>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
@@ -699,8 +700,16 @@ void export_hf(const ModelConfig& config, const std::vector<LazyWeight>& weights
                  {"add_eos_token", false},
                  {"model_max_length", config.max_seq_len},
                  {"legacy", true}};
-      if (tok.bos_id() >= 0) tc["bos_token"] = tok.piece(tok.bos_id());
-      if (tok.eos_id() >= 0) tc["eos_token"] = tok.piece(tok.eos_id());
+      // The pieces of the exported ids (a chat model's end-of-turn eos), so that a server that
+      // stops at tokenizer.eos_token stops where config.json says; tokenizer.model's own where
+      // the id is not one of its pieces.
+      auto piece_of = [&](int64_t id, int64_t fallback) -> std::optional<std::string> {
+        if (id >= 0 && id < tok.vocab_size()) return tok.piece(id);
+        if (fallback >= 0) return tok.piece(fallback);
+        return std::nullopt;
+      };
+      if (auto bos = piece_of(opts.bos_id, tok.bos_id())) tc["bos_token"] = *bos;
+      if (auto eos = piece_of(opts.eos_id, tok.eos_id())) tc["eos_token"] = *eos;
       if (tok.unk_id() >= 0) tc["unk_token"] = tok.piece(tok.unk_id());
       if (!opts.chat_template.empty()) tc["chat_template"] = opts.chat_template;
       write_text((tmp / "tokenizer_config.json").string(), tc.dump(2) + "\n");

@@ -196,8 +196,21 @@ TEST_CASE("export keeps the source's generation settings, with the exported bos 
   CHECK(gen["bos_token_id"] == 1);
   CHECK(gen["eos_token_id"] == nlohmann::json({5, 2}));  // holds the exported eos (2): kept
   opts.eos_id = 3;
+  opts.tokenizer_path = fixture("tiny-llama/tokenizer.model");
   export_hf(p.model, tmp / "b", opts);
   CHECK(nlohmann::json::parse(read_file(tmp / "b/generation_config.json"))["eos_token_id"] == 3);
+  // tokenizer_config.json names the exported ids' pieces, so that tokenizer.eos_token_id agrees
+  // with config.json; an id beyond tokenizer.model keeps its own piece.
+  const Tokenizer tok = Tokenizer::load(opts.tokenizer_path);
+  REQUIRE(tok.piece(3) != tok.piece(tok.eos_id()));
+  auto tc = nlohmann::json::parse(read_file(tmp / "b/tokenizer_config.json"));
+  CHECK(tc["eos_token"] == tok.piece(3));
+  CHECK(tc["bos_token"] == tok.piece(1));
+  opts.eos_id = tok.vocab_size() + 5;
+  export_hf(p.model, tmp / "b", opts);
+  tc = nlohmann::json::parse(read_file(tmp / "b/tokenizer_config.json"));
+  CHECK(tc["eos_token"] == tok.piece(tok.eos_id()));
+  opts.tokenizer_path.clear();
   write_file(tmp / "gen.json", "[1]");
   CHECK_THAT(error_of([&] { export_hf(p.model, tmp / "c", opts); }),
              Catch::Contains("gen.json: expected a JSON object"));
