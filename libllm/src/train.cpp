@@ -91,6 +91,17 @@ void truncate_log(const std::string& path, int64_t last_step, int64_t branch = 0
   fs::rename(tmp, path);
 }
 
+// Writes `text` beside `path` and renames it there: a kill meanwhile leaves no half-written file.
+void write_file_atomically(const fs::path& path, const std::string& text) {
+  const fs::path tmp = path.string() + ".tmp-" + std::to_string(::getpid());
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << text;
+    if (!out.flush()) throw Error(tmp.string(), "cannot write", "check free disk space");
+  }
+  fs::rename(tmp, path);
+}
+
 // One micro batch of (B, T+1) tokens -> inputs (B, T) and targets (B, T).
 std::pair<torch::Tensor, torch::Tensor> split_batch(std::vector<int64_t>& buf, int64_t B, int64_t T) {
   auto all = torch::from_blob(buf.data(), {B, T + 1}, torch::kInt64).clone();  // (B, T+1)
@@ -183,9 +194,13 @@ struct Run {
   Guard guard;
   json history = json::array();  // held-out evaluations so far
   json applied_plan;             // the restart plan (LIBLLM_RESTART_PLAN's JSON) this branch applied (null: none)
+  json applied_rollback;         // the last in-loop rollback's record (pending_path's JSON) it applied (null: none)
   int64_t accum = 1, global = 0, planned = 0;
   double flops_per_token = 0;
   std::string recipe_yaml, ckpt_root, sequence_path;
+  // An in-loop rollback's record, written before anything moves and removed once the checkpoint
+  // it re-saves is whole: a job that dies in between resumes at its target and applies it.
+  std::string pending_path;
   // A LoRA fine-tune: its base folder (absolute) and model_fingerprint(); checkpoints then hold
   // only the adapters.
   std::string lora_base, lora_base_fingerprint;
@@ -202,6 +217,7 @@ struct Run {
   std::string extra() const {
     json x = {{"eval_history", history}, {"guard", guard.state()}};
     if (!applied_plan.is_null()) x["applied_plan"] = applied_plan;
+    if (!applied_rollback.is_null()) x["applied_rollback"] = applied_rollback;
     return x.dump();
   }
 
@@ -285,6 +301,7 @@ struct Run {
     const json x = parse_extra(st.extra);
     history = x.value("eval_history", json::array());
     applied_plan = x.value("applied_plan", json());
+    applied_rollback = x.value("applied_rollback", json());
     guard = Guard(recipe.guard);
     if (x.contains("guard")) guard.load_state(x["guard"].get<std::string>());
     return st;
@@ -294,9 +311,10 @@ struct Run {
   // happened: their data windows are moved to the end of the run (or dropped), the LR re-warms.
   // The result is saved again as the checkpoint of `to`, so a crash after this keeps the plan.
   // `saved` is the guard state stored in that checkpoint; the new branch is numbered at least
-  // `branch_floor` (a restart plan's: above every branch the metrics hold).
+  // `branch_floor` (a restart plan's: above every branch the metrics hold). `resumed`: an in-loop
+  // rollback that a dead process began, completed by its successor.
   void replan(int64_t to, int64_t through, double lr_factor, bool in_loop, const std::string& dir,
-              const std::string& saved, int64_t branch_floor = 0) {
+              const std::string& saved, int64_t branch_floor = 0, bool resumed = false) {
     const int64_t samples = (through - to) * accum * tc.micro_batch;
     int64_t examples = 0;  // chat data is dropped (guard.defer: drop is required)
     if (chat) examples = chat->pass_over(samples);
@@ -313,6 +331,7 @@ struct Run {
               {"windows", samples * dist.world_size()}, {"data", recipe.guard.defer == "end" ? "deferred" : "dropped"},
               {"lr_scale", guard.lr_scale()}, {"checkpoint", dir}};
     if (chat) e["examples"] = examples;  // "windows" counts rows (samples); packed rows hold several
+    if (resumed) e["resumed"] = true;
     event(e);                            // (logged with the checkpoint that records it)
     if (hooks.after_rollback) hooks.after_rollback(to, dir, model, adamw());
   }
@@ -420,6 +439,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     run.lora_base_fingerprint = model_fingerprint(base->dir);
   }
   run.ckpt_root = (fs::path(tc.run_dir) / "checkpoints").string();
+  run.pending_path = (fs::path(tc.run_dir) / "rollback-pending.json").string();
   if (base) {  // a base among this run's checkpoints would be pruned or moved aside under it
     const fs::path rel = fs::weakly_canonical(base->dir).lexically_relative(fs::weakly_canonical(run.ckpt_root));
     if (!rel.empty() && *rel.begin() != "..")
@@ -586,6 +606,29 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     }
   }
   dist.barrier();
+  // An in-loop rollback that the previous process began and did not finish (it died before the
+  // checkpoint of the rollback's target was saved again): completed here when this resumes at
+  // that target, else its data would spike again. A record that does not apply is removed.
+  json pending;
+  bool pending_applies = false;
+  Guard interrupted(recipe.guard);  // the guard as the rollback found it
+  if (fs::exists(run.pending_path)) {
+    try {
+      pending = json::parse(std::ifstream(run.pending_path));
+      interrupted.load_state(pending.at("guard").get<std::string>());
+    } catch (const json::exception& e) {
+      throw Error(run.pending_path, std::string("invalid rollback record: ") + e.what(),
+                  "remove it to resume without completing the interrupted rollback");
+    }
+    pending_applies = !resume_from.empty() && state.step == pending.value("to_step", int64_t{-1}) &&
+                      pending.value("from_step", int64_t{-1}) > state.step && run.applied_rollback != pending;
+    if (!pending_applies && main_rank)
+      fmt::print(
+          "note: {} (a rollback to step {}) {}; removed\n", run.pending_path, pending.value("to_step", int64_t{-1}),
+          run.applied_rollback == pending ? "was completed" : "does not apply at step " + std::to_string(state.step));
+  }
+  dist.barrier();  // every rank has read it
+  if (main_rank && !pending_applies) fs::remove(run.pending_path);
   // A supervisor's plan after a guard stop (llm-spike supervise): applies when the resumed
   // checkpoint is its to_step (the steps after it are then a discarded branch, kept in the metrics).
   json plan;
@@ -601,7 +644,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     // resumes there without applying it again.
     const bool applied = run.applied_plan == plan;
     plan_applies = !resume_from.empty() && state.step == plan.value("to_step", int64_t{-1}) &&
-                   plan.value("from_step", int64_t{-1}) > state.step && !applied;
+                   plan.value("from_step", int64_t{-1}) > state.step && !applied && !pending_applies;
     if (!plan_applies && main_rank)
       fmt::print("restart plan {} does not apply (resumed at step {}{}, the plan is for step {})\n", plan_path,
                  state.step, applied ? ", where it was applied already" : "", plan.value("to_step", int64_t{-1}));
@@ -624,15 +667,17 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     branch_floor = t.item<int64_t>();
   }
   if (main_rank) {
-    truncate_log(metrics_path, plan_applies ? plan.value("from_step", state.step) : state.step,
-                 plan_applies ? branch_floor : run.guard.rollbacks_total());
+    // (an interrupted rollback's steps stay, as its uninterrupted run keeps them)
+    if (pending_applies)
+      truncate_log(metrics_path, pending.value("from_step", state.step), interrupted.rollbacks_total() + 1);
+    else
+      truncate_log(metrics_path, plan_applies ? plan.value("from_step", state.step) : state.step,
+                   plan_applies ? branch_floor : run.guard.rollbacks_total());
     truncate_log(run.sequence_path, state.step);
     metrics.open(metrics_path, std::ios::app);
     run.sequence.open(run.sequence_path, std::ios::app);
     run.events.open((run_dir / "events.jsonl").string(), std::ios::app);
-    const fs::path tmp = run_dir / ("recipe.yaml.tmp-" + std::to_string(::getpid()));
-    std::ofstream(tmp) << run.recipe_yaml;
-    fs::rename(tmp, run_dir / "recipe.yaml");  // never a half-written recipe beside the run
+    write_file_atomically(run_dir / "recipe.yaml", run.recipe_yaml);  // never a half-written recipe beside the run
   }
   if (plan_applies) {
     const int64_t to = state.step, through = plan.value("from_step", to);
@@ -642,6 +687,20 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                  through, gc.defer == "end" ? "deferred to the end" : "dropped", f);
     run.applied_plan = plan;  // recorded in the checkpoint replan saves
     run.replan(to, through, f, /*in_loop=*/false, resume_from, run.guard.state(), branch_floor);
+  }
+  if (pending_applies) {
+    const int64_t to = state.step, through = pending.value("from_step", to);
+    if (main_rank)
+      fmt::print(
+          "completing the rollback from step {} to step {} that the previous process began: {} the data of steps "
+          "{}..{}, LR x{:.3g}\n",
+          through, to, gc.defer == "end" ? "deferring" : "dropping", to + 1, through,
+          interrupted.lr_scale() * pending.value("lr_factor", 1.0));
+    const std::string saved = run.guard.state();  // the checkpoint's statistics
+    run.guard = interrupted;
+    run.applied_rollback = pending;
+    run.replan(to, through, pending.value("lr_factor", 1.0), /*in_loop=*/true, resume_from, saved, 0, /*resumed=*/true);
+    if (main_rank) fs::remove(run.pending_path);  // (replan ends with every rank past the save)
   }
   json start = {{"event", resume_from.empty() ? "start" : "resume"},
                 {"step", state.step},
@@ -822,14 +881,22 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
         fmt::print("step {}: rolling back to step {}: {} | {} the data of steps {}..{} | LR x{:.3g}, re-warmed over {} steps\n",
                    n, to, d.reason, gc.defer == "end" ? "deferring to the end of the run" : "dropping", to + 1, n,
                    run.guard.lr_scale() * gc.rollback_lr_factor, gc.rewarm_steps);
+      // Recorded before anything moves (Run::pending_path): a job that dies before the
+      // checkpoint of `to` is saved again completes this rollback when it resumes there.
+      const json pending = {
+          {"to_step", to}, {"from_step", n}, {"lr_factor", gc.rollback_lr_factor}, {"guard", run.guard.state()}};
+      if (main_rank) write_file_atomically(run.pending_path, pending.dump() + "\n");
       dist.barrier();
       if (main_rank) set_aside_checkpoints(run.ckpt_root, to);
       dist.barrier();
+      if (hooks.before_rollback) hooks.before_rollback(n, to);
       const Guard before = run.guard;
       run.load(dir);
       const std::string saved = run.guard.state();  // the checkpoint's statistics
       run.guard = before;                            // this run's counters
+      run.applied_rollback = pending;                // recorded in the checkpoint replan saves
       run.replan(to, n, gc.rollback_lr_factor, /*in_loop=*/true, dir, saved);
+      if (main_rank) fs::remove(run.pending_path);
       step = to - 1;  // the loop's ++step continues at step `to` (0-based)
       continue;
     }

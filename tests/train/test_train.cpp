@@ -301,6 +301,56 @@ TEST_CASE("guard: a persistent spike rolls back to an exact checkpoint, defers i
   CHECK(again.back()["loss"] == m.back()["loss"]);
 }
 
+TEST_CASE("a rollback interrupted by the job's death is completed when the job resumes", "[train][guard]") {
+  test::TempDir tmp;
+  const std::string shards = make_shards(tmp);
+  const auto recipe = [&](const std::string& dir) {
+    return tiny_recipe(
+        shards, dir,
+        guarded(shards, {"guard.inject_lr_steps=[30]", "guard.inject_lr_factor=1000", "checkpoint.keep_last=20"}));
+  };
+  pretrain(recipe(tmp / "whole"));
+  // Dies after the checkpoints after step 25 were set aside, before step 25 is saved again.
+  TrainHooks dies;
+  dies.before_rollback = [](int64_t from, int64_t to) {
+    CHECK(from == 34);
+    CHECK(to == 25);
+    throw std::runtime_error("killed during the rollback");
+  };
+  CHECK_THROWS_WITH(pretrain(recipe(tmp / "cut"), dies), Catch::Contains("killed during the rollback"));
+  CHECK(fs::exists(tmp / "cut/rollback-pending.json"));
+  CHECK(checkpoint_steps(tmp / "cut/checkpoints").back() == 25);
+  // Resumes at 25 and completes the rollback (its data deferred), without steps 26..34 again.
+  int again = 0;
+  TrainHooks count;
+  count.before_rollback = [&](int64_t, int64_t) { ++again; };
+  pretrain(recipe(tmp / "cut"), count);
+  CHECK(again == 0);
+  CHECK(!fs::exists(tmp / "cut/rollback-pending.json"));
+  CHECK(read_file(tmp / "whole/data_sequence.jsonl") == read_file(tmp / "cut/data_sequence.jsonl"));
+  CHECK(losses(tmp / "whole") == losses(tmp / "cut"));
+  const auto m = jsonl(tmp / "cut/metrics.jsonl");
+  REQUIRE(m.size() == kSteps + 34 - 25);  // the interrupted branch's steps 26..34 are kept
+  CHECK(m[33]["action"] == "rollback");
+  CHECK(m[34]["branch"] == 1);
+  int rollbacks = 0;
+  for (const auto& e : jsonl(tmp / "cut/events.jsonl"))
+    if (e["event"] == "rollback") {
+      ++rollbacks;
+      CHECK(e.value("resumed", false));
+    }
+  CHECK(rollbacks == 1);
+  // A rollback whose re-saved checkpoint is whole is not applied again: dies right after.
+  TrainHooks after;
+  after.after_rollback = [](int64_t, const std::string&, Transformer&, const AdamW&) {
+    throw std::runtime_error("killed after the rollback");
+  };
+  CHECK_THROWS_WITH(pretrain(recipe(tmp / "late"), after), Catch::Contains("killed after the rollback"));
+  pretrain(recipe(tmp / "late"));
+  CHECK(read_file(tmp / "whole/data_sequence.jsonl") == read_file(tmp / "late/data_sequence.jsonl"));
+  CHECK(losses(tmp / "whole") == losses(tmp / "late"));
+}
+
 TEST_CASE("a restart plan is applied once, also when the job dies right after applying it", "[train][guard]") {
   test::TempDir tmp;
   const std::string shards = make_shards(tmp);

@@ -59,6 +59,10 @@ struct TrainHooks {
   // checkpoint `dir` of step `to_step`, before any further update. Under train.sharding zero3 /
   // hybrid the model's parameters are empty there (the weights live in the shards).
   std::function<void(int64_t to_step, const std::string& dir, Transformer& model, const AdamW& optim)> after_rollback;
+  // On every rank, when the guard rolls back at step from_step: the checkpoints after to_step are
+  // set aside (checkpoints/rolled-back/), nothing is restored yet. A job that dies from here until
+  // the rollback's checkpoint is saved again completes the rollback when it is resumed.
+  std::function<void(int64_t from_step, int64_t to_step)> before_rollback;
 };
 
 // Runs (or resumes) the recipe's pretraining; returns the final training loss (of the last
@@ -73,7 +77,9 @@ struct TrainHooks {
 // The loss-spike guard (recipe section `guard`, libllm/guard.h) judges every step: a skipped
 // update leaves weights and optimizer untouched; a rollback reloads the newest checkpoint before
 // the spike, moves the checkpoints after it to checkpoints/rolled-back/, defers or drops the data
-// of the rolled-back steps and re-warms the LR; a stop throws SpikeStop (exit code 3).
+// of the rolled-back steps and re-warms the LR (run_dir/rollback-pending.json records a rollback
+// until its checkpoint is saved again: a job that dies meanwhile completes it when resumed there);
+// a stop throws SpikeStop (exit code 3).
 // A supervisor (llm-spike supervise) sets LIBLLM_RESTART (attempt number; > 0 always resumes from
 // the newest checkpoint, whatever checkpoint.resume says) and
 // LIBLLM_RESTART_PLAN (a JSON file {"to_step", "from_step", "lr_factor"}): when the resumed
