@@ -94,6 +94,12 @@ std::string trainer_string(const json& j, const std::string& path, const char* k
 // The optimizer state of a checkpoint, whole ("<param>.exp_avg" in optimizer.safetensors) or in
 // ZeRO-1 shards ("<param>@<offset>.exp_avg" in optimizer-shard-<r>-of-<W>.safetensors), read
 // piece by piece into whatever slots the loading optimizer has.
+// The stored tensor in place (read-only use: the file is mapped), or a copy of it.
+torch::Tensor view(const safetensors::File& f, const safetensors::TensorInfo& t) {
+  return torch::from_blob(const_cast<uint8_t*>(f.data(t)), t.shape, torch_dtype_of(t.dtype));
+}
+torch::Tensor copy(const safetensors::File& f, const safetensors::TensorInfo& t) { return view(f, t).clone(); }
+
 class OptimizerFiles {
  public:
   OptimizerFiles(const std::string& dir, int64_t shards) : dir_(dir) {
@@ -183,14 +189,9 @@ class OptimizerFiles {
       return {slot, 0};
     return {slot.substr(0, at), std::stoll(slot.substr(at + 1))};
   }
-  // The stored tensor in place (read-only use: the file is mapped), or a copy of it.
-  static torch::Tensor view(const safetensors::File& f, const safetensors::TensorInfo& t) {
-    return torch::from_blob(const_cast<uint8_t*>(f.data(t)), t.shape, torch_dtype_of(t.dtype));
-  }
-  static torch::Tensor copy(const safetensors::File& f, const safetensors::TensorInfo& t) { return view(f, t).clone(); }
   void index(const std::shared_ptr<safetensors::File>& f) {
     for (const auto& t : f->tensors()) {
-      if (t.name == "step" || t.name == "rng.cpu" || t.name == "rng.cuda") continue;
+      if (t.name == "step" || t.name.rfind("rng.", 0) == 0) continue;  // (rng.cpu, rng.rank1.cuda, ...)
       const auto [slot, kind] = split_kind(t.name);
       if (kind.empty()) continue;
       const auto [param, offset] = f == main_ ? std::pair<std::string, int64_t>{slot, 0} : split_offset(slot);
@@ -235,6 +236,7 @@ std::string save_checkpoint(const std::string& root, Transformer& model, const A
     write_tensors((tmp / "model.safetensors").string(), params);
     auto opt_state = optim.state();
     add_rng_state(opt_state);
+    opt_state.insert(opt_state.end(), state.rank_rng.begin(), state.rank_rng.end());
     write_tensors((tmp / "optimizer.safetensors").string(), opt_state);
     write_text((tmp / "recipe.yaml").string(), recipe_yaml);
     if (!tokenizer_path.empty() && fs::exists(tokenizer_path)) fs::copy_file(tokenizer_path, tmp / "tokenizer.model");
@@ -381,8 +383,10 @@ std::string save_checkpoint_sharded(const std::string& root, const WeightStream&
   if (dist.is_main() && !error.empty()) fs::remove_all(tmp, ec);
   if (dist.is_main() && error.empty()) {
     try {
-      write_tensors((tmp / "optimizer.safetensors").string(),
-                    {{"step", torch::scalar_tensor(local.steps(), torch::kInt64)}});
+      std::vector<std::pair<std::string, torch::Tensor>> common = {
+          {"step", torch::scalar_tensor(local.steps(), torch::kInt64)}};
+      common.insert(common.end(), state.rank_rng.begin(), state.rank_rng.end());
+      write_tensors((tmp / "optimizer.safetensors").string(), common);
       write_text((tmp / "recipe.yaml").string(), recipe_yaml);
       if (!tokenizer_path.empty() && fs::exists(tokenizer_path)) fs::copy_file(tokenizer_path, tmp / "tokenizer.model");
       json trainer = trainer_record(state);
@@ -442,6 +446,43 @@ LoraBaseRef checkpoint_lora_base(const std::string& dir) {
     throw Error(path, std::string("invalid JSON: ") + e.what());
   }
   return j.is_object() ? lora_base_of(j, path) : LoraBaseRef{};
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> gather_rank_rng(Distributed& dist) {
+  std::vector<std::pair<std::string, torch::Tensor>> mine;
+  if (dist.world_size() <= 1) return {};
+  add_rng_state(mine);  // rng.cpu [, rng.cuda]: the same sizes on every rank
+  std::vector<torch::Tensor> parts;
+  for (const auto& [name, t] : mine) parts.push_back(t.reshape({-1}));
+  const torch::Tensor flat = torch::cat(parts);  // (L) bytes
+  const int64_t L = flat.numel(), world = dist.world_size();
+  torch::Tensor all = torch::empty({world * L}, flat.options());
+  dist.all_gather(flat, all).wait();
+  if (!dist.is_main()) return {};
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (int64_t r = 1; r < world; ++r) {
+    int64_t off = r * L;
+    for (const auto& [name, t] : mine) {  // "rng.cpu" -> "rng.rank<r>.cpu"
+      out.emplace_back("rng.rank" + std::to_string(r) + name.substr(3), all.narrow(0, off, t.numel()).clone());
+      off += t.numel();
+    }
+  }
+  return out;
+}
+
+bool restore_rank_rng(const std::string& dir, int rank) {
+  const fs::path path = fs::path(dir) / "optimizer.safetensors";
+  const auto f = safetensors::File::open(path.string());
+  const std::string prefix = "rng.rank" + std::to_string(rank);
+  const auto* cpu = f->find(prefix + ".cpu");
+  if (!cpu) return false;
+  at::Generator gen = at::detail::getDefaultCPUGenerator();
+  gen.set_state(copy(*f, *cpu));
+  if (const auto* cuda = f->find(prefix + ".cuda"); cuda && compat::cuda_available()) {
+    at::Generator g = at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, -1));
+    g.set_state(copy(*f, *cuda));
+  }
+  return true;
 }
 
 TrainState load_checkpoint_state(const std::string& dir, AdamW& optim, int rank) {

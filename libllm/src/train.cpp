@@ -247,6 +247,7 @@ struct Run {
 
   std::string save(int64_t step) {
     TrainState st{step, cursor(), extra(), lora_base, lora_base_fingerprint};
+    st.rank_rng = gather_rank_rng(dist);  // (collective) rank 0 writes every rank's generators
     // Every rank calls this; replicated, only rank 0 writes.
     if (fsdp) {
       // Collective: gathered and written one unit at a time (rank 0 never holds the whole model).
@@ -292,6 +293,7 @@ struct Run {
     } else {
       st = load_checkpoint(dir, model, adamw(), dist.rank());
     }
+    if (dist.rank() > 0) restore_rank_rng(dir, dist.rank());  // (a checkpoint of fewer ranks: rank 0's)
     if (chat) {
       chat->restore(st.data_cursor);
     } else {

@@ -21,3 +21,11 @@ paste <(losses "$work/one") <(losses "$work/two") | awk '
   { n++; d = $1 - $2; if (d < 0) d = -d; if (d > max) max = d; printf "step %d: 1 process %s, 2 processes %s\n", n, $1, $2 }
   END { if (n != 6) { print "expected 6 steps, got " n; exit 1 }
         printf "max |difference| %.3g\n", max; exit (max <= 1e-6 ? 0 : 1) }'
+# Rank 0 writes rank 1's generators beside its own (every rank resumes its own draws).
+python3 - "$work/two" <<'PY' || { echo "the 2-rank checkpoint lacks rank 1's generator"; exit 1; }
+import glob, json, struct, sys
+f = sorted(glob.glob(sys.argv[1] + "/checkpoints/step-*/optimizer.safetensors"))[-1]
+b = open(f, "rb").read()
+header = json.loads(b[8:8 + struct.unpack("<Q", b[:8])[0]])
+assert "rng.rank1.cpu" in header and "rng.rank2.cpu" not in header, sorted(header)
+PY

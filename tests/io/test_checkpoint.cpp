@@ -147,3 +147,24 @@ TEST_CASE("a sharded save completes no folder without every optimizer shard", "[
   CHECK(nlohmann::json::parse(read_file(dir + "/trainer.json"))["optimizer_shards"] == 1);
   CHECK(load_checkpoint_state(dir, optim).step == 2);
 }
+
+TEST_CASE("the other ranks' generators are saved beside rank 0's and each rank restores its own", "[io][checkpoint]") {
+  test::TempDir tmp;
+  Transformer model(tiny_config());
+  AdamW optim(named(model), OptimConfig{});
+  torch::manual_seed(7);
+  auto rank1 = at::detail::getDefaultCPUGenerator().get_state();  // as rank 1's generator stood
+  const auto expected = torch::rand({6});                         // what rank 1 draws next
+  TrainState st{3, "{}", "{}"};
+  st.rank_rng = {{"rng.rank1.cpu", rank1}};
+  torch::manual_seed(0);
+  const std::string dir = save_checkpoint(tmp.path.string(), model, optim, st, "model: {}\n", "");
+  const auto rank0_next = torch::rand({6});
+  Distributed one = Distributed::from_env();
+  CHECK(gather_rank_rng(one).empty());    // one process: nothing to gather
+  load_checkpoint(dir, model, optim, 0);  // rank 0's generator; the other ranks' entries are no optimizer state
+  CHECK(torch::equal(torch::rand({6}), rank0_next));
+  CHECK(restore_rank_rng(dir, 1));
+  CHECK(torch::equal(torch::rand({6}), expected));
+  CHECK_FALSE(restore_rank_rng(dir, 2));  // saved by 2 ranks: rank 2 keeps what load_checkpoint restored
+}

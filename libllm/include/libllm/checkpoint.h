@@ -40,7 +40,21 @@ struct TrainState {
   // read from that folder (or the recipe's finetune.base). "" = the weights are whole.
   std::string lora_base;
   std::string lora_base_fingerprint;  // model_fingerprint() of that folder when trained (libllm/hf.h)
+  // The other ranks' RNG states (gather_rank_rng), which rank 0 writes into optimizer.safetensors
+  // beside its own; empty in one process. Not filled by loading: restore_rank_rng reads them.
+  std::vector<std::pair<std::string, torch::Tensor>> rank_rng;
 };
+
+// Every rank's RNG states (torch's CPU generator and, where CUDA is here, the current device's),
+// collected on rank 0 as "rng.rank<r>.cpu" / "rng.rank<r>.cuda" for ranks r >= 1 (rank 0's are
+// the checkpoint's own "rng.cpu" / "rng.cuda"). Collective; empty in one process and on ranks
+// other than 0. Ranks draw differently (LoRA dropout on a GPU over rows of unequal lengths), and
+// only rank 0 writes a replicated run's checkpoint: with these, every rank resumes exactly.
+std::vector<std::pair<std::string, torch::Tensor>> gather_rank_rng(Distributed& dist);
+// Restores this rank's generators from checkpoint `dir`'s "rng.rank<rank>.*" where it has them
+// (a checkpoint of as many ranks or more); false (nothing changed) where it does not. Call it
+// after load_checkpoint, which restores rank 0's (or the rank's optimizer shard's).
+bool restore_rank_rng(const std::string& dir, int rank);
 
 // Saves into root/step-NNNNNNNN (8 digits) and returns that path (with state.lora_base set, the
 // model's adapters only). Throws libllm::Error (e.g. disk full) after removing the partial folder.
