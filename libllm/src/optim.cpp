@@ -133,6 +133,12 @@ void AdamW::add_slot(const std::string& name, const torch::Tensor& p, bool decay
   slots_.push_back(std::move(s));
 }
 
+void AdamW::sync_masters() {
+  torch::NoGradGuard no_grad;
+  for (Slot& s : slots_)
+    if (s.master.defined()) s.master.copy_(s.param);
+}
+
 AdamW::AdamW(std::vector<std::pair<std::string, torch::Tensor>> named_params, const OptimConfig& cfg) : cfg_(cfg) {
   torch::NoGradGuard no_grad;
   std::vector<bool> embedding;  // per slot: some name of it contains "embed_tokens"

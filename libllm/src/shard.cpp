@@ -522,6 +522,9 @@ void FullySharded::load_weights(const Pretrained& base, Which which) {
                     "the base does not match the model");
   }
   for (auto& up : units_) release(*up);
+  // The optimizer was built over the shards before they held these weights: its fp32 masters of
+  // bf16 slices start from them (else the first step would write the build-time values back).
+  if (local_) local_->sync_masters();
 }
 
 }  // namespace libllm

@@ -8,7 +8,7 @@
 #   elementwise); rank 0 of 2 holds at most 55% of the unsharded AdamW state.
 # zero2 and zero3 also: a LoRA fine-tune (bf16 base, dropout) gives the losses of 2 replicated
 #   ranks, resumed or not, and so does a LoRA fine-tune of that LoRA checkpoint (its adapters
-#   merged as each weight is read); zero3: hybrid LoRA on 4 ranks gives those of 4 replicated
+#   merged as each weight is read), and so does a full bf16 fine-tune (1e-3); zero3: hybrid LoRA on 4 ranks gives those of 4 replicated
 #   ranks; LoRA's per-rank memory on 2 ranks <= 60% of unsharded.
 # zero3 also: hybrid sharding over 4 ranks (2 shard groups of 2) gives the same losses (1e-6), and
 #   a mixture-of-experts model on 2 ZeRO-3 ranks (blocks checkpointed, routing recomputed) gives
@@ -126,6 +126,13 @@ if [ "$stage" != zero1 ]; then
   program=llm-finetune launch lora-resume 2 --set train.sharding=$stage "${lora[@]}" --set checkpoint.resume=auto
   grep -q "resumed from .*step-00000010" "$work/lora-resume.0.log" || { echo "no LoRA resume"; exit 1; }
   compare lora-ddp lora-resume
+  # A full bf16 fine-tune: the base's weights reach the shards after the optimizer was built over
+  # them, and its fp32 masters must start from those weights (not from the empty shards).
+  ftb=(--set finetune.base="$work/one/checkpoints/step-00000020" --set finetune.method=full --set checkpoint.every=0
+       --set train.dtype=bf16)
+  program=llm-finetune launch ftb-ddp 2 --set train.sharding=none "${ftb[@]}"
+  program=llm-finetune launch ftb-$stage 2 --set train.sharding=$stage "${ftb[@]}"
+  compare ftb-ddp ftb-$stage 1e-3
   # A LoRA checkpoint that holds only its adapters, as the base: each rank merges them into every
   # weight as it reads it (one weight at a time) and keeps its slice; the replicated ranks merge
   # the whole base first. In bf16 the first step's loss (the adapters start at zero: the merged,

@@ -97,6 +97,11 @@ class AdamW {
   // Throws libllm::Error naming a missing entry or one of the wrong shape.
   void load_state(const std::map<std::string, torch::Tensor>& state);
 
+  // Copies each bf16/fp16 parameter into its fp32 master, for parameters written from outside
+  // after this optimizer was built (a sharded model's weights read from a base afterwards);
+  // otherwise the next step would continue from the masters they were built with.
+  void sync_masters();
+
   // The names of the parameters that decay, in order (for printing).
   std::vector<std::string> decayed() const;
   // Bytes of the state this optimizer holds (moments and fp32 masters).
