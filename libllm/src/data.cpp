@@ -852,12 +852,18 @@ void PackedDataset::next(int64_t batch, std::vector<int64_t>& out, std::vector<W
 void PackedDataset::pass_over(int64_t samples, bool defer) {
   if (samples < 0) throw Error("data", "samples must be >= 0");
   // The windows are used up, but not the plan's slots: the steps that consumed them run again.
+  // They are replayed as the rolled-back steps drew them (deferred windows included, from the
+  // queue as it stood), and queued only afterwards: queued at once, a span longer than the rest
+  // of the plan would find itself due and draw its own windows back in place of the stream's.
   const int64_t slot = global_;
+  std::vector<std::vector<WindowRef>> used(static_cast<size_t>(world_));
   for (int64_t i = 0; i < samples; ++i) {
     advance(slot_);
-    if (defer)
-      for (int64_t k = 0; k < world_; ++k) deferred_[static_cast<size_t>(k)].push_back(slot_[static_cast<size_t>(k)]);
+    for (int64_t k = 0; k < world_; ++k) used[static_cast<size_t>(k)].push_back(slot_[static_cast<size_t>(k)]);
   }
+  if (defer)
+    for (int64_t k = 0; k < world_; ++k)
+      deferred_[static_cast<size_t>(k)].insert(deferred_[static_cast<size_t>(k)].end(), used[k].begin(), used[k].end());
   global_ = slot;
 }
 

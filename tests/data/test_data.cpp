@@ -636,6 +636,26 @@ TEST_CASE("PackedDataset: deferred windows are the last samples of the plan, dro
   CHECK(served == want);
   CHECK(ds.deferred_count() == 0);
 
+  // A rollback longer than the rest of the plan: what the rolled-back steps drew (the stream's
+  // windows 6..9) is deferred, and, no slot being left before the plan's end, served at once.
+  PackedDataset late(cfg, L, 0, 1);
+  late.set_planned_samples(10);
+  late.next(6, out, refs);
+  late.pass_over(4, /*defer=*/true);
+  CHECK(late.deferred_count() == 4);
+  late.next(6, out, refs);
+  CHECK(refs == std::vector<WindowRef>(p.refs.begin() + 6, p.refs.begin() + 12));
+  // Twice: the second rollback's steps had drawn the first one's deferred windows; they are
+  // deferred again, in the order drawn.
+  PackedDataset twice(cfg, L, 0, 1);
+  twice.set_planned_samples(10);
+  twice.next(6, out, refs);
+  twice.pass_over(4, true);  // queue: 6..9
+  twice.pass_over(4, true);  // the steps 7..10 again drew 6..9: queue 6..9
+  CHECK(twice.deferred_count() == 4);
+  twice.next(4, out, refs);
+  CHECK(refs == std::vector<WindowRef>(p.refs.begin() + 6, p.refs.begin() + 10));
+
   // Dropped: the stream simply goes on after them.
   PackedDataset dropped(cfg, L, 0, 1);
   dropped.set_planned_samples(40);
