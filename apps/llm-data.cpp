@@ -78,10 +78,13 @@ int main(int argc, char** argv) {
     });
     fmt::print(stderr, "\n");
     fmt::print("shards: {} ({} documents, {} tokens)\n", info.dir, info.total_documents, info.total_tokens);
-    if (!recipe.data_prep.valid_output.empty()) {
+    if (recipe.data_prep.valid_every > 0) {
       const ShardSet v = ShardSet::open(recipe.data_prep.valid_output);
       fmt::print("held-out: {} ({} documents, {} tokens)\n", recipe.data_prep.valid_output, v.info().total_documents,
                  v.n_tokens());
+    } else if (!recipe.data_prep.valid_output.empty()) {
+      fmt::print("note: data_prep.valid_every is 0: no held-out set was written ({} is as it was)\n",
+                 recipe.data_prep.valid_output);
     }
     return 0;
   });

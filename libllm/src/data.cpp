@@ -228,19 +228,26 @@ class DocReader {
       }
       return false;
     }
-    std::string block;
-    while (getline()) {
-      if (!line_.empty() && line_.back() == '\r') line_.pop_back();
-      const bool separator = fortune_ ? trim(line_) == "%" : trim(line_).empty();
-      if (separator) {
-        if (!block.empty()) break;
-        continue;
+    for (;;) {  // (a fortune record of blank lines only is no document: the next one is read)
+      std::string block;
+      bool more = false;  // a separator ended the block: the file goes on
+      while (getline()) {
+        if (!line_.empty() && line_.back() == '\r') line_.pop_back();
+        const bool separator = fortune_ ? trim(line_) == "%" : trim(line_).empty();
+        if (separator) {
+          if (!block.empty()) {
+            more = true;
+            break;
+          }
+          continue;
+        }
+        if (!block.empty()) block += '\n';
+        block += line_;
       }
-      if (!block.empty()) block += '\n';
-      block += line_;
+      doc = trim(block);
+      if (!doc.empty()) return true;
+      if (!more) return false;
     }
-    doc = trim(block);
-    return !doc.empty();
   }
 
   int64_t bytes() const { return bytes_; }  // bytes read so far (may pass the size by one at the end)
@@ -410,6 +417,9 @@ void check_prep_config(const DataPrepConfig& cfg) {
                 "expected one of: line, paragraph, fortune, got '" + cfg.txt_documents + "'");
   if (cfg.valid_every > 0 && cfg.valid_output.empty())
     throw Error("data_prep.valid_output", "valid_every is set but valid_output is empty", "name the held-out folder");
+  if (cfg.valid_every > 0 && fs::weakly_canonical(cfg.valid_output) == fs::weakly_canonical(cfg.output))
+    throw Error("data_prep.valid_output", "is data_prep.output's folder " + cfg.output + " (the held-out set would replace the training set)",
+                "give the held-out set a folder of its own");
   if (cfg.shard_tokens < 1) throw Error("data_prep.shard_tokens", "must be >= 1");
   if (cfg.threads < 0) throw Error("data_prep.threads", "must be >= 0 (0 = all cores)");
 }
@@ -554,7 +564,7 @@ namespace {
 // Writes the documents whose index (0-based, corpus order) `keep` accepts into `output`.
 ShardSetInfo write_shard_set(const DataPrepConfig& cfg, const std::string& output, const Tokenizer& tok,
                              const std::function<void(int64_t, int64_t)>& progress,
-                             const std::function<bool(int64_t)>& keep) {
+                             const std::function<bool(int64_t)>& keep, bool held_out = false) {
   DataPrepConfig c = cfg;
   c.output = output;
   const std::vector<std::string> files = list_input_files(cfg.inputs, cfg.txt_documents == "fortune");
@@ -600,6 +610,11 @@ ShardSetInfo write_shard_set(const DataPrepConfig& cfg, const std::string& outpu
     done_bytes += static_cast<int64_t>(fs::file_size(file));
   }
   flush(done_bytes);
+  if (info.total_documents == 0 && held_out && doc_index > 0)
+    throw Error("data_prep.valid_every",
+                "is " + std::to_string(cfg.valid_every) + ", and the inputs hold " + std::to_string(doc_index) +
+                    " documents: none is held out",
+                "lower valid_every, or set it to 0 for no held-out set");
   if (info.total_documents == 0)
     throw Error("data_prep.inputs", "the inputs hold no documents (every line is blank)", "check the input files");
 
@@ -635,7 +650,7 @@ ShardSetInfo write_shards(const DataPrepConfig& cfg, const Tokenizer& tok,
   ShardSetInfo train = write_shard_set(cfg, cfg.output, tok, progress,
                                        [n](int64_t i) { return n <= 0 || i % n != n - 1; });
   if (n > 0)
-    write_shard_set(cfg, cfg.valid_output, tok, {}, [n](int64_t i) { return i % n == n - 1; });
+    write_shard_set(cfg, cfg.valid_output, tok, {}, [n](int64_t i) { return i % n == n - 1; }, /*held_out=*/true);
   return train;
 }
 

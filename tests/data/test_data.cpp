@@ -316,6 +316,13 @@ TEST_CASE("write_shards: paragraph and line documents of .txt/.md", "[data]") {
   CHECK(info.total_documents == 3);
   CHECK(all_tokens(ShardSet::open(tmp / "paras")) ==
         expected_stream({"First para line one\n  line two indented", "Second para", "Third\nend"}));
+  // Fortune files: "%" lines separate; a record of blank lines only is skipped, not the end.
+  write_text(tmp / "fortunes/f", "first\n%\n  \n\t\n%\n%\nthird\nline\n%\n");
+  cfg.inputs = {tmp / "fortunes"};
+  cfg.output = tmp / "fortune-set";
+  cfg.txt_documents = "fortune";
+  CHECK(write_shards(cfg, tokenizer()).total_documents == 2);
+  CHECK(all_tokens(ShardSet::open(tmp / "fortune-set")) == expected_stream({"first", "third\nline"}));
 }
 
 TEST_CASE("write_shards: bad inputs and config are errors naming the file or key", "[data]") {
@@ -338,6 +345,19 @@ TEST_CASE("write_shards: bad inputs and config are errors naming the file or key
   cfg.inputs = {tmp / "blank.txt"};
   CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("no documents"));
   CHECK_FALSE(fs::exists(tmp / "out/meta.json"));
+  // A held-out split: its own folder, and at least valid_every documents to take one from.
+  write_text(tmp / "three.txt", "one\ntwo\nthree\n");
+  cfg.inputs = {tmp / "three.txt"};
+  cfg.valid_every = 2;
+  cfg.valid_output = tmp / "out/";
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }),
+             Catch::Contains("data_prep.valid_output") && Catch::Contains("folder of its own"));
+  cfg.valid_output = tmp / "valid";
+  CHECK(write_shards(cfg, tokenizer()).total_documents == 2);
+  CHECK(ShardSet::open(tmp / "valid").info().total_documents == 1);
+  cfg.valid_every = 4;
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }),
+             Catch::Contains("data_prep.valid_every: is 4, and the inputs hold 3 documents: none is held out"));
 }
 
 TEST_CASE("write_shards: a failure part-way leaves no meta.json and no temporary files", "[data]") {
