@@ -425,7 +425,16 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     }
   }
   for (const auto& dir : recipe.data.train) check_tokenizer(ShardSet::open(dir), tok);
-  if (!recipe.data.valid.empty()) check_tokenizer(ShardSet::open(recipe.data.valid), tok);
+  if (!recipe.data.valid.empty()) {
+    const ShardSet valid = ShardSet::open(recipe.data.valid);
+    check_tokenizer(valid, tok);
+    // (found now, not at the first evaluation, after the first eval_every steps)
+    if (tc.eval_every > 0 && valid.n_tokens() < tc.seq_len + 1)
+      throw Error("data.valid",
+                  recipe.data.valid + " holds " + std::to_string(valid.n_tokens()) +
+                      " tokens, less than one window of train.seq_len + 1 = " + std::to_string(tc.seq_len + 1),
+                  "hold out more documents (a lower data_prep.valid_every), or set train.eval_every: 0");
+  }
   if (tc.document_mask && !chat_data) {
     if (tok.eos_id() < 0)
       throw Error("train.document_mask", "the tokenizer " + recipe.tokenizer.path + " has no EOS token to end documents",

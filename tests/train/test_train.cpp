@@ -188,6 +188,15 @@ TEST_CASE("training refuses shards made with another tokenizer and a sequence lo
   CHECK_THAT(err({"tokenizer.path=" + (tmp / "other.model")}), Catch::Contains("other.model"));
   CHECK_THAT(err({"train.seq_len=64"}), Catch::Contains("train.seq_len: 64 exceeds model.max_seq_len 32"));
   CHECK_THAT(err({"train.global_batch_tokens=50"}), Catch::Contains("not a multiple of micro_batch * seq_len"));
+  // A held-out set shorter than one window is found before the first step, not at the first evaluation.
+  test::write_file(tmp / "short.txt", "hi\n");
+  DataPrepConfig prep;
+  prep.inputs = {tmp / "short.txt"};
+  prep.output = tmp / "short-set";
+  write_shards(prep, Tokenizer::load(test::fixture("tokenizer.model")));
+  CHECK_THAT(err({"data.valid=" + (tmp / "short-set"), "train.eval_every=4"}),
+             Catch::Contains("data.valid: ") && Catch::Contains("less than one window of train.seq_len + 1 = 17"));
+  CHECK_FALSE(fs::exists(tmp / "e/metrics.jsonl"));
 }
 
 // ---- the loss-spike guard in the loop (injected spikes) ----
