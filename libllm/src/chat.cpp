@@ -151,9 +151,16 @@ std::vector<std::string> jsonl_files(const std::vector<std::string>& inputs) {
   for (const auto& in : inputs) {
     if (fs::is_directory(in)) {
       std::vector<std::string> found;
-      for (auto& e : fs::recursive_directory_iterator(in))
-        if (e.is_regular_file() && e.path().extension() == ".jsonl" && e.path().filename().string()[0] != '.')
-          found.push_back(e.path().string());
+      std::error_code ec;
+      for (auto it = fs::recursive_directory_iterator(in, ec); !ec && it != fs::recursive_directory_iterator();
+           it.increment(ec)) {
+        if (it->path().filename().string().rfind('.', 0) == 0) {  // hidden: .ipynb_checkpoints/, .git/, ...
+          if (it->is_directory()) it.disable_recursion_pending();
+          continue;
+        }
+        if (it->is_regular_file() && it->path().extension() == ".jsonl") found.push_back(it->path().string());
+      }
+      if (ec) throw Error("chat.files: " + in, "cannot list folder: " + ec.message());
       std::sort(found.begin(), found.end());
       if (found.empty()) throw Error("chat.files: " + in, "folder has no .jsonl files");
       out.insert(out.end(), found.begin(), found.end());

@@ -3,9 +3,10 @@
 // template against an independent rendering + tokenization (hf_chat_reference.py).
 #include "../catch_torch.h"
 
+#include <filesystem>
 #include <fstream>
-#include <numeric>
 #include <nlohmann/json.hpp>
+#include <numeric>
 
 #include "../common.h"
 #include "chat_cases.h"
@@ -16,6 +17,7 @@
 
 using namespace libllm;
 using json = nlohmann::json;
+namespace fs = std::filesystem;
 
 namespace {
 
@@ -159,6 +161,24 @@ TEST_CASE("malformed lines name file:line, chat.malformed: skip counts them", "[
   CHECK(d.stats().train == 3);
   REQUIRE(d.stats().malformed_samples.size() == 4);
   CHECK_THAT(d.stats().malformed_samples[3], Catch::Contains(":6: missing \"response\""));
+}
+
+TEST_CASE("a folder of chat files: its .jsonl files in order, hidden files and folders skipped", "[chat]") {
+  test::TempDir tmp;
+  fs::create_directories(tmp / "data/sub");
+  fs::create_directories(tmp / "data/.ipynb_checkpoints");
+  write(tmp, "data/b.jsonl", {qa("b", "B")});
+  write(tmp, "data/sub/a.jsonl", {qa("a", "A")});
+  write(tmp, "data/.hidden.jsonl", {qa("h", "H")});
+  write(tmp, "data/.ipynb_checkpoints/b-checkpoint.jsonl", {qa("c", "C")});
+  write(tmp, "data/notes.txt", {"not chat"});
+  ChatDataset d(config(tmp / "data"), tok(), 200, 1, 0, 1);
+  CHECK(d.stats().lines == 2);
+  CHECK(d.stats().train == 2);
+  fs::create_directories(tmp / "empty/.ipynb_checkpoints");
+  write(tmp, "empty/.ipynb_checkpoints/x.jsonl", {qa("c", "C")});
+  CHECK_THAT(test::error_of([&] { ChatDataset(config(tmp / "empty"), tok(), 200, 1, 0, 1); }),
+             Catch::Contains("folder has no .jsonl files"));
 }
 
 TEST_CASE("over-long examples are truncated or dropped and counted, held-out split is every n-th", "[chat]") {
