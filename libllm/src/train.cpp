@@ -176,6 +176,14 @@ struct Run {
   // Gradients of a step averaged over the ranks, then clipped: the global norm before clipping.
   double finish_gradients(double max_norm) {
     if (fsdp) return fsdp->clip_grad_norm(max_norm);
+    // A trainable weight without a gradient this step (an expert no token was routed to) takes a
+    // zero one, as it does when ranks reduce gradients and in ZeRO-2/3's flat buffers: one
+    // process and any number of ranks update alike (Megatron-LM's convention; AdamW would skip it).
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& p : params)
+        if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
+    }
     dist.average_gradients(params);
     return clip_grad_norm(params, max_norm);
   }
