@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <thread>
+#include <vector>
 
 #include <libllm/cli.h>
 #include <libllm/data.h>
@@ -26,16 +27,18 @@ static void train_tokenizer(const Recipe& r) {
   fs::create_directories(out.parent_path().empty() ? fs::path(".") : out.parent_path());
   const std::string tmp_prefix = (out.parent_path() / (out.stem().string() + ".tmp-" + std::to_string(::getpid()))).string();
   const std::string corpus = tmp_prefix + ".txt";
-  int64_t docs = 0;
+  // A sample of the whole corpus, not its first documents (one source's, when the inputs are
+  // folders of sources).
+  int64_t seen = 0;
+  std::vector<std::string> docs = sample_documents(r.data_prep, t.input_sentence_size, &seen);
   {
     std::ofstream text(corpus);
-    for_each_document(r.data_prep, [&](const std::string& d) {
-      text << d << "\n";
-      return ++docs < t.input_sentence_size;
-    });
+    for (const auto& d : docs) text << d << "\n";
     if (!text) throw Error(corpus, "cannot write the tokenizer training text", "check free disk space");
   }
-  fmt::print("training a {} tokenizer of {} pieces on {} documents\n", t.model_type, t.vocab_size, docs);
+  fmt::print("training a {} tokenizer of {} pieces on {} of the {} documents\n", t.model_type, t.vocab_size,
+             docs.size(), seen);
+  docs = {};
   const std::string args = fmt::format(
       "--input={} --model_prefix={} --vocab_size={} --model_type={} --character_coverage={} --byte_fallback=true "
       "--unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1 --normalization_rule_name=identity "

@@ -324,18 +324,26 @@ struct ShardRecord {
 // Appends documents to shard files, starting a new shard before a document that would overflow.
 class ShardWriter {
  public:
-  ShardWriter(std::string dir, int width, int64_t shard_tokens, int64_t vocab, int64_t eos, std::string tok_path)
-      : dir_(std::move(dir)), width_(width), limit_(shard_tokens), vocab_(vocab), eos_(eos),
+  // bos < 0: documents start with their own tokens.
+  ShardWriter(std::string dir, int width, int64_t shard_tokens, int64_t vocab, int64_t bos, int64_t eos,
+              std::string tok_path)
+      : dir_(std::move(dir)),
+        width_(width),
+        limit_(shard_tokens),
+        vocab_(vocab),
+        bos_(bos),
+        eos_(eos),
         tok_path_(std::move(tok_path)) {}
   ~ShardWriter() {  // an unfinished shard (an error part-way) leaves no file behind
     if (fd_ >= 0) ::close(fd_), ::unlink(tmp_.c_str());
   }
 
   void add(const std::vector<int64_t>& ids) {
-    const int64_t len = static_cast<int64_t>(ids.size()) + 1;
+    const int64_t len = static_cast<int64_t>(ids.size()) + 1 + (bos_ >= 0);  // [BOS] ids EOS
     if (fd_ >= 0 && tokens_ > 0 && tokens_ + len > limit_) close_shard();
     if (fd_ < 0) open_shard();
     offsets_.push_back(static_cast<uint64_t>(tokens_));
+    if (bos_ >= 0) put_le(buf_, static_cast<uint64_t>(bos_), width_);
     for (int64_t id : ids) {
       if (id < 0 || id >= vocab_)
         throw Error(tok_path_, "token id " + std::to_string(id) + " outside the vocabulary of " +
@@ -385,7 +393,7 @@ class ShardWriter {
 
   std::string dir_;
   int width_;
-  int64_t limit_, vocab_, eos_;
+  int64_t limit_, vocab_, bos_, eos_;
   std::string tok_path_, tmp_;
   int fd_ = -1;
   int64_t tokens_ = 0;
@@ -538,6 +546,7 @@ void DataPrepConfig::fields(Fields& f) {
   f.add("threads", threads).min(0);
   f.add("valid_output", valid_output);
   f.add("valid_every", valid_every).min(0);
+  f.add("bos", bos);
 }
 
 void DataConfig::fields(Fields& f) {
@@ -559,6 +568,30 @@ void for_each_document(const DataPrepConfig& cfg, const std::function<bool(const
   }
 }
 
+std::vector<std::string> sample_documents(const DataPrepConfig& cfg, int64_t limit, int64_t* seen) {
+  if (limit < 0) throw Error("data", "sample size must be >= 0");
+  const auto k = static_cast<size_t>(limit);
+  std::vector<std::pair<int64_t, std::string>> kept;  // (corpus index, document)
+  std::mt19937_64 rng(0x6c69626c6c6dULL);             // (mt19937_64's output is the same everywhere)
+  int64_t n = 0;
+  for_each_document(cfg, [&](const std::string& d) {
+    if (kept.size() < k) {
+      kept.emplace_back(n, d);
+    } else if (k > 0) {
+      const uint64_t j = rng() % static_cast<uint64_t>(n + 1);  // algorithm R: document n stays with chance k/(n+1)
+      if (j < k) kept[j] = {n, d};
+    }
+    ++n;
+    return true;
+  });
+  if (seen) *seen = n;
+  std::sort(kept.begin(), kept.end());
+  std::vector<std::string> out;
+  out.reserve(kept.size());
+  for (auto& [index, d] : kept) out.push_back(std::move(d));
+  return out;
+}
+
 namespace {
 
 // Writes the documents whose index (0-based, corpus order) `keep` accepts into `output`.
@@ -575,6 +608,7 @@ ShardSetInfo write_shard_set(const DataPrepConfig& cfg, const std::string& outpu
   info.dir = output;
   info.vocab_size = tok.vocab_size();
   info.eos_id = tok.eos_id();
+  info.bos_id = cfg.bos ? tok.bos_id() : -1;
   info.tokenizer_sha256 = sha256_file(tok.path());
   info.tokenizer_path = fs::absolute(tok.path()).lexically_normal().string();
   const int width = info.vocab_size <= 65536 ? 2 : 4;
@@ -587,7 +621,7 @@ ShardSetInfo write_shard_set(const DataPrepConfig& cfg, const std::string& outpu
     throw Error("data_prep.output", "cannot create folder " + output + (ec ? ": " + ec.message() : ""));
   remove_old_shards(output);
 
-  ShardWriter writer(output, width, cfg.shard_tokens, info.vocab_size, info.eos_id, tok.path());
+  ShardWriter writer(output, width, cfg.shard_tokens, info.vocab_size, info.bos_id, info.eos_id, tok.path());
   std::vector<std::string> pending;
   int64_t pending_bytes = 0, done_bytes = 0, doc_index = 0;
   const int64_t batch_bytes = std::max<int64_t>(1, threads) * (4 << 20);
@@ -628,6 +662,7 @@ ShardSetInfo write_shard_set(const DataPrepConfig& cfg, const std::string& outpu
   meta["dtype"] = width == 2 ? "uint16" : "uint32";
   meta["vocab_size"] = info.vocab_size;
   meta["eos_id"] = info.eos_id;
+  meta["bos_id"] = info.bos_id;
   meta["tokenizer_sha256"] = info.tokenizer_sha256;
   meta["tokenizer_path"] = info.tokenizer_path;
   meta["shards"] = shards;
@@ -690,6 +725,7 @@ ShardSet ShardSet::open(const std::string& dir) {
   impl->width = dtype == "uint16" ? 2 : 4;
   info.vocab_size = meta_get<int64_t>(meta, "vocab_size", meta_path);
   info.eos_id = meta_get<int64_t>(meta, "eos_id", meta_path);
+  info.bos_id = meta.contains("bos_id") ? meta_get<int64_t>(meta, "bos_id", meta_path) : -1;
   info.tokenizer_sha256 = meta_get<std::string>(meta, "tokenizer_sha256", meta_path);
   info.tokenizer_path = meta_get<std::string>(meta, "tokenizer_path", meta_path);
   info.total_tokens = meta_get<int64_t>(meta, "total_tokens", meta_path);

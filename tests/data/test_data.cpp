@@ -73,6 +73,7 @@ std::vector<int64_t> expected_stream(const std::vector<std::string>& docs) {
   std::vector<int64_t> out;
   for (const auto& d : docs) {
     const auto ids = tokenizer().encode(d);
+    out.push_back(tokenizer().bos_id());  // (data_prep.bos: true, the default)
     out.insert(out.end(), ids.begin(), ids.end());
     out.push_back(tokenizer().eos_id());
   }
@@ -166,7 +167,7 @@ TEST_CASE("SHA-256 matches the FIPS 180-4 vectors and sha256sum", "[data]") {
   CHECK_THAT(error_of([&] { sha256_file(tmp / "missing"); }), Catch::Contains("missing"));
 }
 
-TEST_CASE("write_shards: encode(doc) + EOS per document, inputs in sorted order, meta and index", "[data]") {
+TEST_CASE("write_shards: BOS + encode(doc) + EOS per document, inputs in sorted order, meta and index", "[data]") {
   Scratch tmp;
   write_text(tmp / "corpus/b.txt", "  second file, first line  \n\n\t\nsecond line\r\n");
   write_text(tmp / "corpus/a.jsonl", "{\"text\": \"from jsonl\\nwith a newline\"}\n\n{\"text\": \"   \"}\n"
@@ -212,13 +213,15 @@ TEST_CASE("write_shards: encode(doc) + EOS per document, inputs in sorted order,
   for (size_t i = 0; i < want.size(); ++i)
     CHECK((static_cast<unsigned char>(bin[2 * i]) | static_cast<unsigned char>(bin[2 * i + 1]) << 8) == want[i]);
   std::vector<uint64_t> starts{0};
-  for (size_t i = 0; i + 1 < docs.size(); ++i) starts.push_back(starts.back() + tokenizer().encode(docs[i]).size() + 1);
+  for (size_t i = 0; i + 1 < docs.size(); ++i) starts.push_back(starts.back() + tokenizer().encode(docs[i]).size() + 2);
   CHECK(read_u64(tmp / "shards/shard-00000.idx") == starts);
   const auto meta = nlohmann::json::parse(read_bytes(tmp / "shards/meta.json"));
   CHECK(meta["format"] == "libllm-tokens-v1");
   CHECK(meta["dtype"] == "uint16");
   CHECK(meta["vocab_size"] == tokenizer().vocab_size());
   CHECK(meta["eos_id"] == tokenizer().eos_id());
+  CHECK(meta["bos_id"] == tokenizer().bos_id());
+  CHECK(tokenizer().bos_id() >= 0);
   CHECK(meta["tokenizer_sha256"] == info.tokenizer_sha256);
   CHECK(meta["total_tokens"] == info.total_tokens);
   CHECK(meta["total_documents"] == 7);
@@ -228,6 +231,17 @@ TEST_CASE("write_shards: encode(doc) + EOS per document, inputs in sorted order,
   CHECK(meta["shards"][0]["documents"] == 7);
   for (const auto& e : fs::directory_iterator(cfg.output))  // no temporary files left behind
     CHECK(e.path().filename().string().find(".tmp-") == std::string::npos);
+  // data_prep.bos: false: the documents' tokens and EOS only.
+  cfg.bos = false;
+  cfg.output = tmp / "no-bos";
+  const ShardSetInfo plain = write_shards(cfg, tokenizer());
+  CHECK(plain.total_tokens == info.total_tokens - 7);
+  CHECK(plain.bos_id == -1);
+  CHECK(ShardSet::open(cfg.output).info().bos_id == -1);
+  std::vector<int64_t> without;
+  for (int64_t t : want)
+    if (t != tokenizer().bos_id()) without.push_back(t);
+  CHECK(all_tokens(ShardSet::open(cfg.output)) == without);
 }
 
 TEST_CASE("write_shards: shards respect shard_tokens and never split a document", "[data]") {
@@ -248,7 +262,7 @@ TEST_CASE("write_shards: shards respect shard_tokens and never split a document"
   std::set<int64_t> doc_starts;
   for (int64_t o = 0, i = 0; i < static_cast<int64_t>(docs.size()); ++i) {
     doc_starts.insert(o);
-    o += static_cast<int64_t>(tokenizer().encode(docs[static_cast<size_t>(i)]).size()) + 1;
+    o += static_cast<int64_t>(tokenizer().encode(docs[static_cast<size_t>(i)]).size()) + 2;  // BOS, EOS
   }
   int64_t offset = 0, documents = 0;
   for (size_t s = 0; s < meta["shards"].size(); ++s) {
@@ -267,7 +281,7 @@ TEST_CASE("write_shards: shards respect shard_tokens and never split a document"
       CHECK(n <= limit);
     if (s + 1 < meta["shards"].size()) {  // closed only because the next document did not fit
       const int64_t next_doc_len = static_cast<int64_t>(
-          tokenizer().encode(docs[static_cast<size_t>(documents + sh["documents"].get<int64_t>())]).size() + 1);
+          tokenizer().encode(docs[static_cast<size_t>(documents + sh["documents"].get<int64_t>())]).size() + 2);
       CHECK(n + next_doc_len > limit);
     }
     CHECK(want[static_cast<size_t>(offset + n - 1)] == tokenizer().eos_id());
@@ -323,6 +337,30 @@ TEST_CASE("write_shards: paragraph and line documents of .txt/.md", "[data]") {
   cfg.txt_documents = "fortune";
   CHECK(write_shards(cfg, tokenizer()).total_documents == 2);
   CHECK(all_tokens(ShardSet::open(tmp / "fortune-set")) == expected_stream({"first", "third\nline"}));
+}
+
+TEST_CASE("sample_documents: a seeded uniform sample of every input, in corpus order", "[data]") {
+  Scratch tmp;
+  std::string a, b;
+  for (int i = 0; i < 300; ++i) a += "a" + std::to_string(i) + "\n", b += "b" + std::to_string(i) + "\n";
+  write_text(tmp / "in/a.txt", a);
+  write_text(tmp / "in/b.txt", b);
+  DataPrepConfig cfg;
+  cfg.inputs = {tmp / "in"};
+  int64_t seen = 0;
+  const auto s = sample_documents(cfg, 60, &seen);
+  CHECK(seen == 600);
+  REQUIRE(s.size() == 60);
+  CHECK(sample_documents(cfg, 60) == s);  // the same sample every time
+  // Both sources, about half each (binomial: 30 +- 3.9), in corpus order (a* before b*, ascending).
+  const auto from_a = std::count_if(s.begin(), s.end(), [](const std::string& d) { return d[0] == 'a'; });
+  CHECK(from_a >= 15);
+  CHECK(from_a <= 45);
+  auto index = [](const std::string& d) { return (d[0] == 'b' ? 1000 : 0) + std::stoi(d.substr(1)); };
+  for (size_t i = 1; i < s.size(); ++i) CHECK(index(s[i - 1]) < index(s[i]));
+  CHECK(index(s.back()) > 1150);                     // reaches into the second half of b
+  CHECK(sample_documents(cfg, 1000).size() == 600);  // all of them
+  CHECK(sample_documents(cfg, 0).empty());
 }
 
 TEST_CASE("write_shards: bad inputs and config are errors naming the file or key", "[data]") {

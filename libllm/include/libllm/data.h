@@ -45,7 +45,7 @@ struct DataPrepConfig {
   // .jsonl files always give one document per line: the string field "text", trimmed
   // (the same rule as llm-eval's read_documents); blank documents are skipped in every format.
   std::string txt_documents = "line";
-  // Tokens (EOS included) per shard file; a shard is closed before the document that would
+  // Tokens (BOS and EOS included) per shard file; a shard is closed before the document that would
   // overflow it, so a document longer than this gets a shard of its own. Default 100,000,000; >= 1.
   int64_t shard_tokens = 100000000;
   // Tokenizer threads; 0 (default) = std::thread::hardware_concurrency(). The output is
@@ -55,6 +55,10 @@ struct DataPrepConfig {
   // to the shard set `valid_output` instead of `output`. 0 (default) = no split.
   std::string valid_output = "";
   int64_t valid_every = 0;
+  // Start each document with the tokenizer's BOS (true, default: LLaMA's convention, and what
+  // generation, llm-eval and an exported model's Hugging Face tokenizer put first); false = the
+  // document's tokens and EOS only (GPT-style). No effect with a tokenizer that has no BOS.
+  bool bos = true;
 
   void fields(Fields& f);
 };
@@ -62,14 +66,19 @@ struct DataPrepConfig {
 // Calls fn on every document of the inputs in corpus order (the documents write_shards
 // tokenizes, before any held-out split) until fn returns false.
 void for_each_document(const DataPrepConfig& cfg, const std::function<bool(const std::string&)>& fn);
+// A uniform sample of at most `limit` of those documents (reservoir sampling, a fixed seed: the
+// same sample every time), in corpus order: a tokenizer's training text drawn from every input,
+// not only the first ones. `seen` (optional) gets the number of documents read: all of them.
+std::vector<std::string> sample_documents(const DataPrepConfig& cfg, int64_t limit, int64_t* seen = nullptr);
 
 // A shard set's summary (meta.json).
 struct ShardSetInfo {
   std::string dir;               // the shard-set folder
-  int64_t total_tokens = 0;      // tokens in all shards, the EOS after each document included
+  int64_t total_tokens = 0;      // tokens in all shards, each document's BOS and EOS included
   int64_t total_documents = 0;   // documents in all shards
   int64_t vocab_size = 0;        // the tokenizer's vocabulary size
   int64_t eos_id = 0;            // the token that ends every document
+  int64_t bos_id = -1;  // the token that starts every document; -1 = none (or a set made before it was recorded)
   std::string tokenizer_sha256;  // SHA-256 (hex) of the tokenizer.model file bytes
   std::string tokenizer_path;    // the tokenizer file the set was made with (absolute, as it was then)
 };
