@@ -26,6 +26,7 @@
 #include "libllm/config.h"
 #include "libllm/error.h"
 #include "libllm/tokenizer.h"
+#include "mapped_file.h"
 
 namespace libllm {
 namespace fs = std::filesystem;
@@ -447,6 +448,7 @@ struct Mapping {
       ::close(fd);
       if (p == MAP_FAILED) throw Error(path, "cannot map shard: " + errno_text());
       data = static_cast<const unsigned char*>(p);
+      detail::note_mapping(data, size, path);  // (a shard truncated while mapped: an error naming it)
     } else {
       ::close(fd);
     }
@@ -454,7 +456,7 @@ struct Mapping {
   Mapping(const Mapping&) = delete;
   Mapping& operator=(const Mapping&) = delete;
   ~Mapping() {
-    if (data) ::munmap(const_cast<unsigned char*>(data), size);
+    if (data) detail::forget_mapping(data), ::munmap(const_cast<unsigned char*>(data), size);
   }
 };
 

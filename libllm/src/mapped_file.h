@@ -18,6 +18,13 @@ struct Mapping {
 Mapping map_readonly(const std::string& path);
 void unmap(const Mapping& m);
 
+// Bus errors (SIGBUS: a mapped file that another program truncated while this one reads it) in a
+// mapping recorded here end the process with one line naming the file and exit code 1, not a
+// bare "Bus error". map_readonly / unmap record and forget their mappings; other mappings are
+// recorded with these. A bus error elsewhere goes to the handler that was there before.
+void note_mapping(const void* base, size_t size, const std::string& path);
+void forget_mapping(const void* base);
+
 // Drops the pages of [p, p + n) (inside a read-only mapping) from this process's resident memory;
 // a neighbour sharing the first or last page is read back from the file when next used. Advice:
 // a failure is harmless.

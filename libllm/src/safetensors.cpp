@@ -7,10 +7,15 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <signal.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <tuple>
@@ -499,6 +504,79 @@ namespace libllm::detail {
 using safetensors::errno_text;
 using safetensors::FdCloser;
 
+namespace {
+
+// The recorded mappings, in a fixed table that the signal handler reads without locks: a slot is
+// published by storing its end last and retired by clearing its end first.
+struct MappedSlot {
+  std::atomic<uintptr_t> begin{0}, end{0};
+  char path[512] = {};
+};
+constexpr size_t kMappedSlots = 1024;
+MappedSlot g_mapped[kMappedSlots];
+std::mutex g_mapped_mutex;  // (writers only)
+struct sigaction g_previous_bus_action;
+
+void write_stderr(const char* s) {
+  for (size_t n = std::strlen(s); n > 0;) {
+    const ssize_t w = ::write(2, s, n);
+    if (w <= 0) return;
+    s += w, n -= static_cast<size_t>(w);
+  }
+}
+
+void on_bus_error(int, siginfo_t* info, void*) {
+  const auto at = reinterpret_cast<uintptr_t>(info->si_addr);
+  for (const MappedSlot& s : g_mapped) {
+    const uintptr_t end = s.end.load(std::memory_order_acquire);
+    if (end == 0 || at < s.begin.load(std::memory_order_relaxed) || at >= end) continue;
+    write_stderr(program_invocation_short_name);
+    write_stderr(": error: ");
+    write_stderr(s.path);
+    write_stderr(
+        ": the file shrank while it was mapped (a bus error reading it): another program truncated or "
+        "rewrote it during this run (hint: leave the data shards and checkpoints a job reads as they are "
+        "until it ends; write new ones to another folder)\n");
+    ::_exit(1);
+  }
+  // Not one of ours: the access runs again under the handler that was there before.
+  ::sigaction(SIGBUS, &g_previous_bus_action, nullptr);
+}
+
+}  // namespace
+
+void note_mapping(const void* base, size_t size, const std::string& path) {
+  static std::once_flag installed;
+  std::call_once(installed, [] {
+    struct sigaction sa = {};
+    sa.sa_sigaction = on_bus_error;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    ::sigaction(SIGBUS, &sa, &g_previous_bus_action);
+  });
+  if (base == nullptr || size == 0) return;
+  std::lock_guard<std::mutex> lock(g_mapped_mutex);
+  for (MappedSlot& s : g_mapped) {
+    if (s.end.load(std::memory_order_relaxed) != 0) continue;
+    std::snprintf(s.path, sizeof(s.path), "%s", path.c_str());
+    s.begin.store(reinterpret_cast<uintptr_t>(base), std::memory_order_relaxed);
+    s.end.store(reinterpret_cast<uintptr_t>(base) + size, std::memory_order_release);
+    return;
+  }  // (a full table: that mapping's bus error is a plain one)
+}
+
+void forget_mapping(const void* base) {
+  if (base == nullptr) return;
+  std::lock_guard<std::mutex> lock(g_mapped_mutex);
+  for (MappedSlot& s : g_mapped)
+    if (s.end.load(std::memory_order_relaxed) != 0 &&
+        s.begin.load(std::memory_order_relaxed) == reinterpret_cast<uintptr_t>(base)) {
+      s.end.store(0, std::memory_order_release);
+      s.begin.store(0, std::memory_order_relaxed);
+      return;
+    }
+}
+
 Mapping map_readonly(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
@@ -515,11 +593,14 @@ Mapping map_readonly(const std::string& path) {
   void* p = ::mmap(nullptr, m.size, PROT_READ, MAP_PRIVATE, fd, 0);
   if (p == MAP_FAILED) throw Error(path, "cannot memory-map file: " + errno_text(errno));
   m.base = static_cast<const uint8_t*>(p);
+  note_mapping(m.base, m.size, path);
   return m;
 }
 
 void unmap(const Mapping& m) {
-  if (m.base != nullptr) ::munmap(const_cast<uint8_t*>(m.base), m.size);
+  if (m.base == nullptr) return;
+  forget_mapping(m.base);
+  ::munmap(const_cast<uint8_t*>(m.base), m.size);
 }
 
 void release_pages(const uint8_t* p, size_t n) {

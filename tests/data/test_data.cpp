@@ -2,6 +2,9 @@
 // determinism), and the mixed, resumable, rank-split window stream.
 #include "../catch_torch.h"
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include "../common.h"
 
 #include <algorithm>
@@ -414,6 +417,33 @@ TEST_CASE("write_shards: a failure part-way leaves no meta.json and no temporary
   for (const auto& e : fs::directory_iterator(tmp / "out"))
     CHECK(e.path().filename().string().find(".tmp-") == std::string::npos);
   CHECK_THAT(error_of([&] { ShardSet::open(tmp / "out"); }), Catch::Contains("no meta.json"));
+}
+
+TEST_CASE("a shard truncated while it is read ends the process with an error naming it", "[data]") {
+  Scratch tmp;
+  make_set(tmp, "set", synthetic_docs(50), 200);
+  const ShardSet set = ShardSet::open(tmp / "set");
+  fs::resize_file(tmp / "set/shard-00001.bin", 0);  // another program rewrites it meanwhile
+  int err[2];
+  REQUIRE(::pipe(err) == 0);
+  const pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {  // reads the shard's tokens, now past the end of its file: a bus error
+    ::dup2(err[1], 2);
+    std::vector<int64_t> out(static_cast<size_t>(set.n_tokens()));
+    set.read(0, set.n_tokens(), out.data());
+    ::_exit(0);
+  }
+  ::close(err[1]);
+  std::string text;
+  char buf[512];
+  for (ssize_t n; (n = ::read(err[0], buf, sizeof(buf))) > 0;) text.append(buf, static_cast<size_t>(n));
+  ::close(err[0]);
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 1);
+  CHECK_THAT(text, Catch::Contains("shard-00001.bin: the file shrank while it was mapped"));
 }
 
 TEST_CASE("incomplete or damaged shard sets are errors that say to re-run", "[data]") {

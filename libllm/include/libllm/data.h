@@ -90,7 +90,10 @@ struct ShardSetInfo {
 ShardSetInfo write_shards(const DataPrepConfig& cfg, const Tokenizer& tok,
                           const std::function<void(int64_t, int64_t)>& progress = {});
 
-// A complete shard set, memory-mapped read-only. Cheap to copy (shares the mappings).
+// A complete shard set, memory-mapped read-only. Cheap to copy (shares the mappings). A shard
+// that another program truncates while it is mapped ends the process (exit code 1) with one line
+// naming it when a read reaches past its new end: libllm handles SIGBUS in its own mappings (the
+// weights files' too) and passes other bus errors to the handler that was installed before.
 class ShardSet {
  public:
   // Opens and checks a shard set: meta.json present and well-formed, every shard and index

@@ -56,7 +56,8 @@ struct TensorInfo {
 // numel * dtype_size, overlapping tensors, duplicate names and a "__metadata__" entry that is not
 // an object of strings. Gaps between tensors are allowed. Zero-size tensors never overlap anything.
 //
-// The mapping lives as long as the File; pointers from data() must not outlive it.
+// The mapping lives as long as the File; pointers from data() must not outlive it. A file
+// truncated while mapped ends the process with an error naming it (see ShardSet, libllm/data.h).
 class File {
  public:
   // Maps and validates the file at `path`.
