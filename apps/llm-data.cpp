@@ -27,24 +27,26 @@ static void train_tokenizer(const Recipe& r) {
   fs::create_directories(out.parent_path().empty() ? fs::path(".") : out.parent_path());
   const std::string tmp_prefix = (out.parent_path() / (out.stem().string() + ".tmp-" + std::to_string(::getpid()))).string();
   const std::string corpus = tmp_prefix + ".txt";
-  // A sample of the whole corpus, not its first documents (one source's, when the inputs are
-  // folders of sources).
+  // A sample of the lines (sentencepiece's sentences) of the whole corpus, not its first ones
+  // (one source's, when the inputs are folders of sources); sentencepiece then takes them all.
+  constexpr int64_t kMaxLineBytes = 4192;  // sentencepiece's max_sentence_length
   int64_t seen = 0;
-  std::vector<std::string> docs = sample_documents(r.data_prep, t.input_sentence_size, &seen);
+  std::vector<std::string> lines = sample_lines(r.data_prep, t.input_sentence_size, kMaxLineBytes, &seen);
   {
     std::ofstream text(corpus);
-    for (const auto& d : docs) text << d << "\n";
+    for (const auto& l : lines) text << l << "\n";
     if (!text) throw Error(corpus, "cannot write the tokenizer training text", "check free disk space");
   }
-  fmt::print("training a {} tokenizer of {} pieces on {} of the {} documents\n", t.model_type, t.vocab_size,
-             docs.size(), seen);
-  docs = {};
+  fmt::print("training a {} tokenizer of {} pieces on {} of the corpus's {} lines\n", t.model_type, t.vocab_size,
+             lines.size(), seen);
+  lines = {};
   const std::string args = fmt::format(
       "--input={} --model_prefix={} --vocab_size={} --model_type={} --character_coverage={} --byte_fallback=true "
       "--unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1 --normalization_rule_name=identity "
       "--remove_extra_whitespaces=false --split_digits=true --allow_whitespace_only_pieces=true "
-      "--input_sentence_size={} --shuffle_input_sentence=false --num_threads={} --minloglevel=2",
-      corpus, tmp_prefix, t.vocab_size, t.model_type, t.character_coverage, t.input_sentence_size,
+      "--input_sentence_size={} --max_sentence_length={} --shuffle_input_sentence=false --num_threads={} "
+      "--minloglevel=2",
+      corpus, tmp_prefix, t.vocab_size, t.model_type, t.character_coverage, t.input_sentence_size, kMaxLineBytes,
       std::max(1u, std::thread::hardware_concurrency()));
   try {
     train_sentencepiece(args);

@@ -426,7 +426,11 @@ void check_prep_config(const DataPrepConfig& cfg) {
                 "expected one of: line, paragraph, fortune, got '" + cfg.txt_documents + "'");
   if (cfg.valid_every > 0 && cfg.valid_output.empty())
     throw Error("data_prep.valid_output", "valid_every is set but valid_output is empty", "name the held-out folder");
-  if (cfg.valid_every > 0 && fs::weakly_canonical(cfg.valid_output) == fs::weakly_canonical(cfg.output))
+  auto folder = [](const std::string& p) {  // (weakly_canonical keeps the "/" of "out/" when out does not exist)
+    fs::path c = fs::weakly_canonical(p);
+    return c.has_filename() ? c : c.parent_path();
+  };
+  if (cfg.valid_every > 0 && folder(cfg.valid_output) == folder(cfg.output))
     throw Error("data_prep.valid_output", "is data_prep.output's folder " + cfg.output + " (the held-out set would replace the training set)",
                 "give the held-out set a folder of its own");
   if (cfg.shard_tokens < 1) throw Error("data_prep.shard_tokens", "must be >= 1");
@@ -570,20 +574,29 @@ void for_each_document(const DataPrepConfig& cfg, const std::function<bool(const
   }
 }
 
-std::vector<std::string> sample_documents(const DataPrepConfig& cfg, int64_t limit, int64_t* seen) {
+std::vector<std::string> sample_lines(const DataPrepConfig& cfg, int64_t limit, int64_t max_bytes, int64_t* seen) {
   if (limit < 0) throw Error("data", "sample size must be >= 0");
   const auto k = static_cast<size_t>(limit);
-  std::vector<std::pair<int64_t, std::string>> kept;  // (corpus index, document)
+  std::vector<std::pair<int64_t, std::string>> kept;  // (corpus index, line)
   std::mt19937_64 rng(0x6c69626c6c6dULL);             // (mt19937_64's output is the same everywhere)
   int64_t n = 0;
   for_each_document(cfg, [&](const std::string& d) {
-    if (kept.size() < k) {
-      kept.emplace_back(n, d);
-    } else if (k > 0) {
-      const uint64_t j = rng() % static_cast<uint64_t>(n + 1);  // algorithm R: document n stays with chance k/(n+1)
-      if (j < k) kept[j] = {n, d};
+    for (size_t at = 0; at <= d.size();) {
+      size_t end = d.find('\n', at);
+      if (end == std::string::npos) end = d.size();
+      const size_t len = end - at;
+      // (sentencepiece leaves blank and over-long lines out)
+      if (static_cast<int64_t>(len) <= max_bytes && d.find_first_not_of(" \t\r", at) < end) {
+        if (kept.size() < k) {
+          kept.emplace_back(n, d.substr(at, len));
+        } else if (k > 0) {
+          const uint64_t j = rng() % static_cast<uint64_t>(n + 1);  // algorithm R: line n stays with chance k/(n+1)
+          if (j < k) kept[j] = {n, d.substr(at, len)};
+        }
+        ++n;
+      }
+      at = end + 1;
     }
-    ++n;
     return true;
   });
   if (seen) *seen = n;

@@ -342,28 +342,32 @@ TEST_CASE("write_shards: paragraph and line documents of .txt/.md", "[data]") {
   CHECK(all_tokens(ShardSet::open(tmp / "fortune-set")) == expected_stream({"first", "third\nline"}));
 }
 
-TEST_CASE("sample_documents: a seeded uniform sample of every input, in corpus order", "[data]") {
+TEST_CASE("sample_lines: a seeded uniform sample of every input's lines, in corpus order", "[data]") {
   Scratch tmp;
   std::string a, b;
-  for (int i = 0; i < 300; ++i) a += "a" + std::to_string(i) + "\n", b += "b" + std::to_string(i) + "\n";
-  write_text(tmp / "in/a.txt", a);
+  for (int i = 0; i < 150; ++i) a += "a" + std::to_string(2 * i) + "\na" + std::to_string(2 * i + 1) + "\n\n";
+  for (int i = 0; i < 300; ++i) b += "b" + std::to_string(i) + "\n";
+  b += std::string(50, 'x') + "\n  \n";  // over max_bytes, and blank: never sampled
+  write_text(tmp / "in/a.md", a);        // paragraphs of two lines: each line is a sentencepiece sentence
   write_text(tmp / "in/b.txt", b);
   DataPrepConfig cfg;
   cfg.inputs = {tmp / "in"};
+  cfg.txt_documents = "paragraph";
   int64_t seen = 0;
-  const auto s = sample_documents(cfg, 60, &seen);
+  const auto s = sample_lines(cfg, 60, 40, &seen);
   CHECK(seen == 600);
   REQUIRE(s.size() == 60);
-  CHECK(sample_documents(cfg, 60) == s);  // the same sample every time
+  CHECK(sample_lines(cfg, 60, 40) == s);  // the same sample every time
   // Both sources, about half each (binomial: 30 +- 3.9), in corpus order (a* before b*, ascending).
   const auto from_a = std::count_if(s.begin(), s.end(), [](const std::string& d) { return d[0] == 'a'; });
   CHECK(from_a >= 15);
   CHECK(from_a <= 45);
   auto index = [](const std::string& d) { return (d[0] == 'b' ? 1000 : 0) + std::stoi(d.substr(1)); };
   for (size_t i = 1; i < s.size(); ++i) CHECK(index(s[i - 1]) < index(s[i]));
-  CHECK(index(s.back()) > 1150);                     // reaches into the second half of b
-  CHECK(sample_documents(cfg, 1000).size() == 600);  // all of them
-  CHECK(sample_documents(cfg, 0).empty());
+  CHECK(index(s.back()) > 1150);                      // reaches into the second half of b
+  CHECK(sample_lines(cfg, 1000, 40).size() == 600);   // all of them
+  CHECK(sample_lines(cfg, 1000, 100).size() == 601);  // the long line too
+  CHECK(sample_lines(cfg, 0, 40).empty());
 }
 
 TEST_CASE("write_shards: bad inputs and config are errors naming the file or key", "[data]") {
@@ -390,11 +394,13 @@ TEST_CASE("write_shards: bad inputs and config are errors naming the file or key
   write_text(tmp / "three.txt", "one\ntwo\nthree\n");
   cfg.inputs = {tmp / "three.txt"};
   cfg.valid_every = 2;
-  cfg.valid_output = tmp / "out/";
+  cfg.output = tmp / "fresh";  // (not there yet: "fresh/" names it too)
+  cfg.valid_output = tmp / "fresh/";
   CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }),
              Catch::Contains("data_prep.valid_output") && Catch::Contains("folder of its own"));
   cfg.valid_output = tmp / "valid";
   CHECK(write_shards(cfg, tokenizer()).total_documents == 2);
+  CHECK(ShardSet::open(tmp / "fresh").info().total_documents == 2);
   CHECK(ShardSet::open(tmp / "valid").info().total_documents == 1);
   cfg.valid_every = 4;
   CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }),

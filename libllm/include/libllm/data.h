@@ -66,10 +66,12 @@ struct DataPrepConfig {
 // Calls fn on every document of the inputs in corpus order (the documents write_shards
 // tokenizes, before any held-out split) until fn returns false.
 void for_each_document(const DataPrepConfig& cfg, const std::function<bool(const std::string&)>& fn);
-// A uniform sample of at most `limit` of those documents (reservoir sampling, a fixed seed: the
-// same sample every time), in corpus order: a tokenizer's training text drawn from every input,
-// not only the first ones. `seen` (optional) gets the number of documents read: all of them.
-std::vector<std::string> sample_documents(const DataPrepConfig& cfg, int64_t limit, int64_t* seen = nullptr);
+// A uniform sample of at most `limit` lines of those documents (reservoir sampling, a fixed seed:
+// the same sample every time), in corpus order: a sentencepiece tokenizer's training text, drawn
+// from every input rather than the first ones. Blank lines and lines over max_bytes are left out,
+// as sentencepiece leaves them; `seen` (optional) gets the number of lines eligible: all of them.
+std::vector<std::string> sample_lines(const DataPrepConfig& cfg, int64_t limit, int64_t max_bytes,
+                                      int64_t* seen = nullptr);
 
 // A shard set's summary (meta.json).
 struct ShardSetInfo {

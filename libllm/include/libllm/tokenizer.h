@@ -17,7 +17,7 @@ struct TokenizerConfig {    // recipe section `tokenizer`
   int64_t vocab_size = 0;             // pieces in a newly trained tokenizer; 0 = never train, `path` must exist
   std::string model_type = "bpe";     // bpe or unigram
   double character_coverage = 1.0;    // fraction of characters covered by pieces (rest: byte fallback)
-  int64_t input_sentence_size = 2000000;  // documents sampled for training at most (uniformly from the whole corpus)
+  int64_t input_sentence_size = 2000000;  // lines sampled for training at most (uniformly from the whole corpus)
 
   void fields(Fields& f);
 };
