@@ -337,13 +337,63 @@ struct Run {
     }
     save(to);
     dist.barrier();
-    json e = {{"event", in_loop ? "rollback" : "restart_plan"}, {"step", through}, {"to_step", to},
-              {"windows", samples * dist.world_size()}, {"data", recipe.guard.defer == "end" ? "deferred" : "dropped"},
-              {"lr_scale", guard.lr_scale()}, {"checkpoint", dir}};
+    json e = rollback_event(to, through, in_loop, dir);
     if (chat) e["examples"] = examples;  // "windows" counts rows (samples); packed rows hold several
     if (resumed) e["resumed"] = true;
     event(e);                            // (logged with the checkpoint that records it)
     if (hooks.after_rollback) hooks.after_rollback(to, dir, model, adamw());
+  }
+
+  // The event of a rollback (or a restart plan) from step `through` to checkpoint `dir` of step `to`.
+  json rollback_event(int64_t to, int64_t through, bool in_loop, const std::string& dir) const {
+    return {{"event", in_loop ? "rollback" : "restart_plan"},
+            {"step", through},
+            {"to_step", to},
+            {"windows", (through - to) * accum * tc.micro_batch * dist.world_size()},
+            {"data", recipe.guard.defer == "end" ? "deferred" : "dropped"},
+            {"lr_scale", guard.lr_scale()},
+            {"checkpoint", dir}};
+  }
+
+  // The record of a rollback that a dead job began (pending_path), or null; an Error for a
+  // damaged one.
+  json read_pending() const {
+    if (!fs::exists(pending_path)) return json();
+    try {
+      json p = json::parse(std::ifstream(pending_path));
+      for (const char* key : {"to_step", "from_step", "lr_factor", "guard"}) p.at(key);
+      return p;
+    } catch (const json::exception& e) {
+      throw Error(pending_path, std::string("invalid rollback record: ") + e.what(),
+                  "remove it to resume without completing the interrupted rollback");
+    }
+  }
+
+  // The checkpoint of an interrupted rollback's target ("" if none applies): there, and not yet
+  // saved again by the rollback, with every checkpoint after it from the rolled-back steps (the
+  // job died while setting them aside, oldest first). Rank 0 decides; every rank learns it.
+  std::string interrupted_rollback_target() {
+    int64_t to = -1;
+    if (main()) {
+      const json p = read_pending();
+      const int64_t t = p.is_null() ? -1 : p.value("to_step", int64_t{-1});
+      const auto steps = checkpoint_steps(ckpt_root);
+      if (t >= 0 && std::find(steps.begin(), steps.end(), t) != steps.end() && steps.back() > t &&
+          steps.back() <= p.value("from_step", int64_t{-1})) {
+        const fs::path dir = fs::path(ckpt_root) / checkpoint_name(t);
+        json x;
+        try {
+          x = parse_extra(json::parse(std::ifstream(dir / "trainer.json")).value("extra", "{}"));
+        } catch (const std::exception&) {
+          // (an unreadable checkpoint: resumed as usual, and reported there)
+        }
+        if (x.is_object() && x.value("applied_rollback", json()) != p) to = t;
+      }
+    }
+    auto v = torch::full({1}, to + 1, torch::kInt64);
+    dist.sum(v);
+    to = v.item<int64_t>() - 1;
+    return to < 0 ? "" : (fs::path(ckpt_root) / checkpoint_name(to)).string();
   }
 
   // The newest checkpoint at or before step `limit` ("" if none), and its step, as rank 0 sees
@@ -469,9 +519,12 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   }
   const int64_t restart = env_int("LIBLLM_RESTART", 0);
   std::string resume_from;
-  if (recipe.checkpoint.resume == "auto" || restart > 0)
+  if (recipe.checkpoint.resume == "auto" || restart > 0) {
     resume_from = latest_checkpoint(run.ckpt_root);
-  else if (recipe.checkpoint.resume != "none")
+    // A rollback that a dead job began resumes at its target, also when the job died before
+    // every checkpoint after it was set aside.
+    if (const std::string target = run.interrupted_rollback_target(); !target.empty()) resume_from = target;
+  } else if (recipe.checkpoint.resume != "none")
     resume_from = recipe.checkpoint.resume;
   if (!resume_from.empty()) run.check_resume(resume_from);
 
@@ -628,24 +681,31 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   // An in-loop rollback that the previous process began and did not finish (it died before the
   // checkpoint of the rollback's target was saved again): completed here when this resumes at
   // that target, else its data would spike again. A record that does not apply is removed.
-  json pending;
-  bool pending_applies = false;
+  // Rank 0 decides (every rank learns it), so that all ranks replan or none does.
+  json pending = run.read_pending();
   Guard interrupted(recipe.guard);  // the guard as the rollback found it
-  if (fs::exists(run.pending_path)) {
-    try {
-      pending = json::parse(std::ifstream(run.pending_path));
-      interrupted.load_state(pending.at("guard").get<std::string>());
-    } catch (const json::exception& e) {
-      throw Error(run.pending_path, std::string("invalid rollback record: ") + e.what(),
-                  "remove it to resume without completing the interrupted rollback");
+  if (!pending.is_null()) interrupted.load_state(pending.at("guard").get<std::string>());
+  bool pending_applies = false, pending_done = false;  // done: completed, and maybe not logged
+  {
+    auto t = torch::zeros({2}, torch::kInt64);
+    if (main_rank && !pending.is_null()) {
+      const bool applied = run.applied_rollback == pending;
+      t[0] = !resume_from.empty() && state.step == pending.value("to_step", int64_t{-1}) &&
+             pending.value("from_step", int64_t{-1}) > state.step && !applied;
+      t[1] = applied;
     }
-    pending_applies = !resume_from.empty() && state.step == pending.value("to_step", int64_t{-1}) &&
-                      pending.value("from_step", int64_t{-1}) > state.step && run.applied_rollback != pending;
-    if (!pending_applies && main_rank)
-      fmt::print(
-          "note: {} (a rollback to step {}) {}; removed\n", run.pending_path, pending.value("to_step", int64_t{-1}),
-          run.applied_rollback == pending ? "was completed" : "does not apply at step " + std::to_string(state.step));
+    dist.sum(t);
+    pending_applies = t[0].item<int64_t>() > 0;
+    pending_done = t[1].item<int64_t>() > 0;
   }
+  if (pending_applies && pending.is_null())
+    throw Error(run.pending_path,
+                "rank " + std::to_string(dist.rank()) + " cannot read the rollback record rank 0 read",
+                "every rank must see the same run folder (a shared filesystem)");
+  if (main_rank && !pending.is_null() && !pending_applies)
+    fmt::print("note: {} (a rollback to step {}) {}; removed\n", run.pending_path,
+               pending.value("to_step", int64_t{-1}),
+               pending_done ? "was completed" : "does not apply at step " + std::to_string(state.step));
   dist.barrier();  // every rank has read it
   if (main_rank && !pending_applies) fs::remove(run.pending_path);
   // A supervisor's plan after a guard stop (llm-spike supervise): applies when the resumed
@@ -696,6 +756,19 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     metrics.open(metrics_path, std::ios::app);
     run.sequence.open(run.sequence_path, std::ios::app);
     run.events.open((run_dir / "events.jsonl").string(), std::ios::app);
+    // A rollback completed by a job that died before logging it: logged now.
+    if (pending_done) {
+      const int64_t to = pending.value("to_step", int64_t{-1}), through = pending.value("from_step", int64_t{-1});
+      bool logged = false;
+      for (const auto& e : detail::read_jsonl((run_dir / "events.jsonl").string(), false))
+        logged = logged || (e.value("event", "") == "rollback" && e.value("step", int64_t{-1}) == through &&
+                            e.value("to_step", int64_t{-1}) == to);
+      if (!logged) {  // (the resumed checkpoint's guard is the rolled-back one)
+        json e = run.rollback_event(to, through, /*in_loop=*/true, resume_from);
+        e["resumed"] = true;
+        run.event(e);
+      }
+    }
     write_file_atomically(run_dir / "recipe.yaml", run.recipe_yaml);  // never a half-written recipe beside the run
   }
   if (plan_applies) {

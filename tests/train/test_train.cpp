@@ -329,6 +329,8 @@ TEST_CASE("a rollback interrupted by the job's death is completed when the job r
   CHECK_THROWS_WITH(pretrain(recipe(tmp / "cut"), dies), Catch::Contains("killed during the rollback"));
   CHECK(fs::exists(tmp / "cut/rollback-pending.json"));
   CHECK(checkpoint_steps(tmp / "cut/checkpoints").back() == 25);
+  // As if it died while setting the checkpoints aside (oldest first): step 30 is still there.
+  fs::rename(tmp / "cut/checkpoints/rolled-back/step-00000030", tmp / "cut/checkpoints/step-00000030");
   // Resumes at 25 and completes the rollback (its data deferred), without steps 26..34 again.
   int again = 0;
   TrainHooks count;
@@ -355,9 +357,28 @@ TEST_CASE("a rollback interrupted by the job's death is completed when the job r
     throw std::runtime_error("killed after the rollback");
   };
   CHECK_THROWS_WITH(pretrain(recipe(tmp / "late"), after), Catch::Contains("killed after the rollback"));
+  CHECK(fs::exists(tmp / "late/rollback-pending.json"));
+  // As if it died before logging the rollback: the resumed job logs it.
+  std::string kept;
+  for (const auto& e : jsonl(tmp / "late/events.jsonl"))
+    if (e["event"] != "rollback") kept += e.dump() + "\n";
+  test::write_file(tmp / "late/events.jsonl", kept);
   pretrain(recipe(tmp / "late"));
+  CHECK(!fs::exists(tmp / "late/rollback-pending.json"));
   CHECK(read_file(tmp / "whole/data_sequence.jsonl") == read_file(tmp / "late/data_sequence.jsonl"));
   CHECK(losses(tmp / "whole") == losses(tmp / "late"));
+  std::vector<nlohmann::json> logged;
+  for (const auto& e : jsonl(tmp / "late/events.jsonl"))
+    if (e["event"] == "rollback") logged.push_back(e);
+  REQUIRE(logged.size() == 1);
+  CHECK(logged[0]["step"] == 34);
+  CHECK(logged[0]["to_step"] == 25);
+  CHECK(logged[0].value("resumed", false));
+  for (const auto& e : jsonl(tmp / "whole/events.jsonl"))  // the uninterrupted run's figures
+    if (e["event"] == "rollback") {
+      CHECK(logged[0]["windows"] == e["windows"]);
+      CHECK(logged[0]["lr_scale"] == e["lr_scale"]);
+    }
 }
 
 TEST_CASE("a restart plan is applied once, also when the job dies right after applying it", "[train][guard]") {
