@@ -809,6 +809,14 @@ void ShardSet::read(int64_t begin, int64_t n, int64_t* out) const {
   }
 }
 
+std::string bos_mismatch(const ShardSetInfo& a, const ShardSetInfo& b) {
+  auto how = [](const ShardSetInfo& i) {
+    return i.bos_id >= 0 ? "starts documents with BOS (id " + std::to_string(i.bos_id) + ")"
+                         : std::string("has no BOS");
+  };
+  return how(a) + ", and " + b.dir + " " + how(b);
+}
+
 void check_tokenizer(const ShardSet& s, const Tokenizer& tok) {
   const std::string sha = sha256_file(tok.path());
   const ShardSetInfo& info = s.info();
@@ -844,6 +852,9 @@ PackedDataset::PackedDataset(const DataConfig& cfg, int64_t seq_len, int64_t ran
       throw Error(dir, "made with tokenizer " + st.shards.info().tokenizer_path + " but " + sets_[0].dir +
                            " with " + sets_[0].shards.info().tokenizer_path + " (different sha256)",
                   "every data.train set must be tokenized with the same tokenizer");
+    if (!sets_.empty() && st.shards.info().bos_id != sets_[0].shards.info().bos_id)
+      throw Error(dir, bos_mismatch(st.shards.info(), sets_[0].shards.info()),
+                  "re-run llm-data for one of them with the other's data_prep.bos");
     sets_.push_back(std::move(st));
   }
   if (w.empty())

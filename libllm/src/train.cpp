@@ -486,6 +486,12 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   if (!recipe.data.valid.empty()) {
     const ShardSet valid = ShardSet::open(recipe.data.valid);
     check_tokenizer(valid, tok);
+    if (!recipe.data.train.empty()) {  // held-out windows like the training ones
+      const ShardSet train = ShardSet::open(recipe.data.train[0]);
+      if (valid.info().bos_id != train.info().bos_id)
+        throw Error("data.valid", recipe.data.valid + " " + bos_mismatch(valid.info(), train.info()),
+                    "re-run llm-data for one of them with the other's data_prep.bos");
+    }
     // (found now, not at the first evaluation, after the first eval_every steps)
     if (tc.eval_every > 0 && valid.n_tokens() < tc.seq_len + 1)
       throw Error("data.valid",

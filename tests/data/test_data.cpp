@@ -701,6 +701,20 @@ TEST_CASE("PackedDataset: mixture weights 3:1 give ~75% from set 0: default is p
   CHECK_THAT(error_of([&] { PackedDataset bad(cfg, 8, 0, 1); }), Catch::Contains("data.weights"));
 }
 
+TEST_CASE("PackedDataset: sets with and without BOS-first documents do not mix", "[data]") {
+  Scratch tmp;
+  make_set(tmp, "a", synthetic_docs(50));
+  DataPrepConfig cfg;
+  cfg.inputs = {tmp / "a-src"};
+  cfg.output = tmp / "b";
+  cfg.bos = false;
+  write_shards(cfg, tokenizer());
+  DataConfig dc;
+  dc.train = {tmp / "a", tmp / "b"};
+  CHECK_THAT(error_of([&] { PackedDataset d(dc, 8, 0, 1); }),
+             Catch::Contains(tmp / "b: has no BOS, and " + (tmp / "a") + " starts documents with BOS (id 1)"));
+}
+
 TEST_CASE("PackedDataset: deferred windows are the last samples of the plan, dropped ones never come", "[data]") {
   Scratch tmp;
   make_set(tmp, "a", synthetic_docs(200, 7));

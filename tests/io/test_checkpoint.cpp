@@ -2,6 +2,11 @@
 // and a sharded save that refuses to complete a folder without every optimizer shard.
 #include "../catch_torch.h"
 
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -167,4 +172,72 @@ TEST_CASE("the other ranks' generators are saved beside rank 0's and each rank r
   CHECK(restore_rank_rng(dir, 1));
   CHECK(torch::equal(torch::rand({6}), expected));
   CHECK_FALSE(restore_rank_rng(dir, 2));  // saved by 2 ranks: rank 2 keeps what load_checkpoint restored
+}
+
+// One rank of the next test, in a process of its own (hidden: only that test starts it). Each
+// rank's generator is in its own state when rank 0 saves; each resumes its own draws.
+TEST_CASE("rank generators: one rank", "[.rank_rng_worker]") {
+  const char* root = std::getenv("LIBLLM_TEST_ROOT");
+  REQUIRE(root);
+  Distributed dist = Distributed::from_env(60);
+  REQUIRE(dist.world_size() == 2);
+  Transformer model(tiny_config());
+  AdamW optim(named(model), OptimConfig{});
+  torch::manual_seed(100 + static_cast<uint64_t>(dist.rank()));
+  torch::rand({3 + dist.rank()});                            // ranks draw different amounts
+  at::Generator gen = at::detail::getDefaultCPUGenerator();  // (a handle on the default generator)
+  const auto state = gen.get_state();
+  const auto expected = torch::rand({6});  // what this rank draws next
+  gen.set_state(state);
+  TrainState st{3, "{}", "{}"};
+  st.rank_rng = gather_rank_rng(dist);  // (collective)
+  CHECK(st.rank_rng.size() == (dist.is_main() ? 1u : 0u));
+  if (dist.is_main()) save_checkpoint(root, model, optim, st, "model: {}\n", "");
+  dist.barrier();
+  torch::manual_seed(7);
+  load_checkpoint(std::string(root) + "/step-00000003", model, optim, 0);  // rank 0's generator
+  CHECK(restore_rank_rng(std::string(root) + "/step-00000003", dist.rank()) == (dist.rank() > 0));
+  CHECK(torch::equal(torch::rand({6}), expected));
+}
+
+TEST_CASE("every rank's generator is saved by rank 0 and restored on its own rank (2 processes)", "[io][checkpoint]") {
+  test::TempDir tmp;
+  int port = 0;
+  {  // a free port
+    const int s = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(a);
+    REQUIRE(::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0);
+    REQUIRE(::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len) == 0);
+    port = ntohs(a.sin_port);
+    ::close(s);
+  }
+  std::vector<pid_t> pids;
+  for (int r = 0; r < 2; ++r) {
+    const std::vector<std::string> env = {
+        "WORLD_SIZE=2",          "RANK=" + std::to_string(r),           "LOCAL_RANK=" + std::to_string(r),
+        "MASTER_ADDR=127.0.0.1", "MASTER_PORT=" + std::to_string(port), "LIBLLM_TEST_ROOT=" + tmp.path.string(),
+        "OMP_NUM_THREADS=1"};
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {  // (only exec after fork: the parent's threads are not here)
+      std::vector<char*> envp, argv;
+      for (const auto& e : env) envp.push_back(const_cast<char*>(e.c_str()));
+      envp.push_back(nullptr);
+      const std::string self = "/proc/self/exe", tag = "[.rank_rng_worker]";
+      argv = {const_cast<char*>(self.c_str()), const_cast<char*>(tag.c_str()), nullptr};
+      ::execve(self.c_str(), argv.data(), envp.data());
+      ::_exit(127);
+    }
+    pids.push_back(pid);
+  }
+  for (const pid_t pid : pids) {
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    REQUIRE(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);  // (the worker's checks passed)
+  }
+  CHECK(fs::exists(tmp / "step-00000003/optimizer.safetensors"));
 }

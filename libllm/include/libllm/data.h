@@ -92,6 +92,10 @@ struct ShardSetInfo {
 ShardSetInfo write_shards(const DataPrepConfig& cfg, const Tokenizer& tok,
                           const std::function<void(int64_t, int64_t)>& progress = {});
 
+// "starts documents with BOS (id 1), and DIR has no BOS": what differs between two shard sets'
+// documents (data_prep.bos), for an error naming a's folder.
+std::string bos_mismatch(const ShardSetInfo& a, const ShardSetInfo& b);
+
 // A complete shard set, memory-mapped read-only. Cheap to copy (shares the mappings). A shard
 // that another program truncates while it is mapped ends the process (exit code 1) with one line
 // naming it when a read reaches past its new end: libllm handles SIGBUS in its own mappings (the
