@@ -609,41 +609,49 @@ std::vector<std::string> sample_lines(const DataPrepConfig& cfg, int64_t limit, 
 
 namespace {
 
-// Writes the documents whose index (0-based, corpus order) `keep` accepts into `output`.
-ShardSetInfo write_shard_set(const DataPrepConfig& cfg, const std::string& output, const Tokenizer& tok,
-                             const std::function<void(int64_t, int64_t)>& progress,
-                             const std::function<bool(int64_t)>& keep, bool held_out = false) {
-  DataPrepConfig c = cfg;
-  c.output = output;
+// One shard set being written: the documents whose index (0-based, corpus order) `keep` accepts.
+struct SetOutput {
+  std::string dir;
+  std::function<bool(int64_t)> keep;
+  ShardSetInfo info;
+  std::unique_ptr<ShardWriter> writer;
+  std::vector<std::string> pending;  // documents to tokenize
+};
+
+// Writes every set in one pass over the inputs (each document to the first set that keeps it).
+std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vector<SetOutput>& outs,
+                                           const Tokenizer& tok,
+                                           const std::function<void(int64_t, int64_t)>& progress) {
   const std::vector<std::string> files = list_input_files(cfg.inputs, cfg.txt_documents == "fortune");
   int64_t total_bytes = 0;
   for (const auto& f : files) total_bytes += static_cast<int64_t>(fs::file_size(f));
-
-  ShardSetInfo info;
-  info.dir = output;
-  info.vocab_size = tok.vocab_size();
-  info.eos_id = tok.eos_id();
-  info.bos_id = cfg.bos ? tok.bos_id() : -1;
-  info.tokenizer_sha256 = sha256_file(tok.path());
-  info.tokenizer_path = fs::absolute(tok.path()).lexically_normal().string();
-  const int width = info.vocab_size <= 65536 ? 2 : 4;
+  const int width = tok.vocab_size() <= 65536 ? 2 : 4;
   const int64_t threads =
       cfg.threads > 0 ? cfg.threads : std::max<int64_t>(1, std::thread::hardware_concurrency());
-
-  std::error_code ec;
-  fs::create_directories(output, ec);
-  if (ec || !fs::is_directory(output))
-    throw Error("data_prep.output", "cannot create folder " + output + (ec ? ": " + ec.message() : ""));
-  remove_old_shards(output);
-
-  ShardWriter writer(output, width, cfg.shard_tokens, info.vocab_size, info.bos_id, info.eos_id, tok.path());
-  std::vector<std::string> pending;
+  const std::string sha = sha256_file(tok.path());
+  for (SetOutput& o : outs) {
+    o.info.dir = o.dir;
+    o.info.vocab_size = tok.vocab_size();
+    o.info.eos_id = tok.eos_id();
+    o.info.bos_id = cfg.bos ? tok.bos_id() : -1;
+    o.info.tokenizer_sha256 = sha;
+    o.info.tokenizer_path = fs::absolute(tok.path()).lexically_normal().string();
+    std::error_code ec;
+    fs::create_directories(o.dir, ec);
+    if (ec || !fs::is_directory(o.dir))
+      throw Error("data_prep.output", "cannot create folder " + o.dir + (ec ? ": " + ec.message() : ""));
+    remove_old_shards(o.dir);
+    o.writer = std::make_unique<ShardWriter>(o.dir, width, cfg.shard_tokens, o.info.vocab_size, o.info.bos_id,
+                                             o.info.eos_id, tok.path());
+  }
   int64_t pending_bytes = 0, done_bytes = 0, doc_index = 0;
   const int64_t batch_bytes = std::max<int64_t>(1, threads) * (4 << 20);
   auto flush = [&](int64_t done_at) {
-    for (const auto& ids : tokenize_all(tok, pending, threads)) writer.add(ids);
-    info.total_documents += static_cast<int64_t>(pending.size());
-    pending.clear();
+    for (SetOutput& o : outs) {
+      for (const auto& ids : tokenize_all(tok, o.pending, threads)) o.writer->add(ids);
+      o.info.total_documents += static_cast<int64_t>(o.pending.size());
+      o.pending.clear();
+    }
     pending_bytes = 0;
     if (progress) progress(std::min(done_at, total_bytes), total_bytes);
   };
@@ -651,42 +659,53 @@ ShardSetInfo write_shard_set(const DataPrepConfig& cfg, const std::string& outpu
     DocReader reader(file, cfg.txt_documents);
     std::string doc;
     while (reader.next(doc)) {
-      if (!keep(doc_index++)) continue;
-      pending_bytes += static_cast<int64_t>(doc.size());
-      pending.push_back(std::move(doc));
+      const int64_t i = doc_index++;
+      for (SetOutput& o : outs) {
+        if (!o.keep(i)) continue;
+        pending_bytes += static_cast<int64_t>(doc.size());
+        o.pending.push_back(std::move(doc));
+        break;
+      }
       if (pending_bytes >= batch_bytes) flush(done_bytes + reader.bytes());
     }
     done_bytes += static_cast<int64_t>(fs::file_size(file));
   }
   flush(done_bytes);
-  if (info.total_documents == 0 && held_out && doc_index > 0)
-    throw Error("data_prep.valid_every",
-                "is " + std::to_string(cfg.valid_every) + ", and the inputs hold " + std::to_string(doc_index) +
-                    " documents: none is held out",
-                "lower valid_every, or set it to 0 for no held-out set");
-  if (info.total_documents == 0)
+  if (doc_index == 0)
     throw Error("data_prep.inputs", "the inputs hold no documents (every line is blank)", "check the input files");
+  for (const SetOutput& o : outs)  // (before any set is complete: none is taken for a whole one)
+    if (o.info.total_documents == 0)
+      throw Error("data_prep.valid_every",
+                  "is " + std::to_string(cfg.valid_every) + ", and the inputs hold " + std::to_string(doc_index) +
+                      " documents: none is held out",
+                  "lower valid_every, or set it to 0 for no held-out set");
 
-  ojson shards = ojson::array();
-  for (const auto& r : writer.finish()) {
-    shards.push_back({{"file", r.file}, {"tokens", r.tokens}, {"documents", r.documents}, {"doc_offsets_file", r.idx}});
-    info.total_tokens += r.tokens;
+  std::vector<ShardSetInfo> infos;
+  for (SetOutput& o : outs) {
+    ShardSetInfo& info = o.info;
+    ojson shards = ojson::array();
+    for (const auto& r : o.writer->finish()) {
+      shards.push_back(
+          {{"file", r.file}, {"tokens", r.tokens}, {"documents", r.documents}, {"doc_offsets_file", r.idx}});
+      info.total_tokens += r.tokens;
+    }
+    ojson meta;
+    meta["format"] = kFormat;
+    meta["dtype"] = width == 2 ? "uint16" : "uint32";
+    meta["vocab_size"] = info.vocab_size;
+    meta["eos_id"] = info.eos_id;
+    meta["bos_id"] = info.bos_id;
+    meta["tokenizer_sha256"] = info.tokenizer_sha256;
+    meta["tokenizer_path"] = info.tokenizer_path;
+    meta["shards"] = shards;
+    meta["total_tokens"] = info.total_tokens;
+    meta["total_documents"] = info.total_documents;
+    meta["inputs"] = cfg.inputs;
+    meta["txt_documents"] = cfg.txt_documents;
+    write_file_atomic((fs::path(o.dir) / "meta.json").string(), meta.dump(2) + "\n");
+    infos.push_back(info);
   }
-  ojson meta;
-  meta["format"] = kFormat;
-  meta["dtype"] = width == 2 ? "uint16" : "uint32";
-  meta["vocab_size"] = info.vocab_size;
-  meta["eos_id"] = info.eos_id;
-  meta["bos_id"] = info.bos_id;
-  meta["tokenizer_sha256"] = info.tokenizer_sha256;
-  meta["tokenizer_path"] = info.tokenizer_path;
-  meta["shards"] = shards;
-  meta["total_tokens"] = info.total_tokens;
-  meta["total_documents"] = info.total_documents;
-  meta["inputs"] = cfg.inputs;
-  meta["txt_documents"] = cfg.txt_documents;
-  write_file_atomic((fs::path(output) / "meta.json").string(), meta.dump(2) + "\n");
-  return info;
+  return infos;
 }
 
 }  // namespace
@@ -697,11 +716,15 @@ ShardSetInfo write_shards(const DataPrepConfig& cfg, const Tokenizer& tok,
   if (tok.eos_id() < 0)
     throw Error(tok.path(), "the tokenizer defines no EOS token", "documents are separated by EOS; use a tokenizer with one");
   const int64_t n = cfg.valid_every;
-  ShardSetInfo train = write_shard_set(cfg, cfg.output, tok, progress,
-                                       [n](int64_t i) { return n <= 0 || i % n != n - 1; });
-  if (n > 0)
-    write_shard_set(cfg, cfg.valid_output, tok, {}, [n](int64_t i) { return i % n == n - 1; }, /*held_out=*/true);
-  return train;
+  std::vector<SetOutput> outs(1);
+  outs[0].dir = cfg.output;
+  outs[0].keep = [n](int64_t i) { return n <= 0 || i % n != n - 1; };
+  if (n > 0) {  // the held-out set, from the same pass
+    outs.emplace_back();
+    outs[1].dir = cfg.valid_output;
+    outs[1].keep = [n](int64_t i) { return i % n == n - 1; };
+  }
+  return write_shard_sets(cfg, outs, tok, progress).front();
 }
 
 // ---- public: reading --------------------------------------------------------------------------
