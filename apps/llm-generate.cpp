@@ -3,6 +3,7 @@
 // cache, greedy or temperature / top-k / top-p sampling, stopping at EOS.
 #include <fmt/core.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <iostream>
 
@@ -119,6 +120,12 @@ int main(int argc, char** argv) {
     g.top_p = args.get_double("--top-p");
     g.seed = static_cast<uint64_t>(args.get_int("--seed"));
     g.eos_id = tok.eos_id();
+    // The model's own end-of-sequence ids too (a chat model's end-of-turn token, which
+    // tokenizer.model may lack: decoding then shows nothing of it).
+    g.stop_ids = stop_token_ids(pre.dir);
+    if (pre.format == "hf" && pre.eos_id >= 0 &&
+        std::find(g.stop_ids.begin(), g.stop_ids.end(), pre.eos_id) == g.stop_ids.end())
+      g.stop_ids.push_back(pre.eos_id);
     g.use_cache = !args.has("--no-cache");
     if (g.max_new_tokens < 1) throw Error("--max-new-tokens", "must be >= 1");
     if (g.temperature < 0) throw Error("--temperature", "must be >= 0");
@@ -133,7 +140,7 @@ int main(int argc, char** argv) {
       Printer out{eot};
       GenerateOptions o = g;
       o.on_token = [&](int64_t id) {
-        if (id == tok.eos_id()) return false;
+        if (id == tok.eos_id() || std::find(g.stop_ids.begin(), g.stop_ids.end(), id) != g.stop_ids.end()) return false;
         stream.push(id);
         return out.show(stream.text());
       };

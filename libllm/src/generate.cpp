@@ -2,6 +2,8 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
+
 namespace libllm {
 namespace {
 
@@ -12,7 +14,10 @@ int64_t choose(const torch::Tensor& logits_in, const GenerateOptions& opts, at::
   auto [sorted, idx] = probs.sort(-1, /*descending=*/true);
   auto keep = torch::ones_like(sorted, torch::kBool);
   if (opts.top_k > 0 && opts.top_k < sorted.size(0)) keep.slice(0, opts.top_k).fill_(false);
-  if (opts.top_p < 1.0) keep &= (sorted.cumsum(0) - sorted) < opts.top_p;  // always keeps the top token
+  if (opts.top_p < 1.0) {  // over the top k renormalised, as transformers' and vLLM's warpers do
+    const auto kept = sorted * keep / (sorted * keep).sum();
+    keep &= (kept.cumsum(0) - kept) < opts.top_p;  // always keeps the top token
+  }
   sorted = sorted * keep;
   return idx[torch::multinomial(sorted, 1, false, gen).item<int64_t>()].item<int64_t>();
 }
@@ -59,7 +64,8 @@ std::vector<int64_t> generate(Transformer& model, const std::vector<int64_t>& pr
     seq.push_back(next);
     out.push_back(next);
     if (opts.on_token && !opts.on_token(next)) break;
-    if (next == opts.eos_id) break;
+    if (next == opts.eos_id || std::find(opts.stop_ids.begin(), opts.stop_ids.end(), next) != opts.stop_ids.end())
+      break;
   }
   if (was_training) model->train();
   return out;

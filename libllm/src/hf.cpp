@@ -749,6 +749,20 @@ std::string read_chat_template(const std::string& dir) {
   return "";
 }
 
+std::vector<int64_t> stop_token_ids(const std::string& dir) {
+  std::vector<int64_t> out;
+  for (const char* name : {"config.json", "generation_config.json"}) {
+    std::ifstream in(fs::path(dir) / name);
+    const json j = in ? json::parse(in, nullptr, /*allow_exceptions=*/false) : json();
+    if (!j.is_object() || !j.contains("eos_token_id")) continue;
+    const json& e = j["eos_token_id"];
+    for (const json& id : e.is_array() ? e : json::array({e}))
+      if (id.is_number_integer() && std::find(out.begin(), out.end(), id.get<int64_t>()) == out.end())
+        out.push_back(id.get<int64_t>());
+  }
+  return out;
+}
+
 std::vector<std::pair<int64_t, std::string>> added_tokens(const std::string& dir, const Tokenizer& tok) {
   std::map<int64_t, std::string> found;
   auto parse = [](const fs::path& p) {

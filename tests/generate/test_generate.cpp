@@ -72,6 +72,23 @@ TEST_CASE("sampling repeats for a seed, stops at EOS, and the stream rebuilds th
   CHECK(a == b);
   g.eos_id = a[5];  // pretend the 6th token is EOS: generation stops right after it
   CHECK(generate(p.model, {1, 40, 41}, g).size() <= 6);
+  g.eos_id = -1;
+  g.stop_ids = {a[5]};  // or one of the model's own end-of-sequence ids
+  CHECK(generate(p.model, {1, 40, 41}, g).size() <= 6);
+  g.stop_ids.clear();
+
+  // top-p applies to the top k renormalised (transformers' and vLLM's warpers): with k = 2 the
+  // first token holds over half of the pair, so p = 0.5 keeps it alone, whatever its share of the
+  // whole vocabulary (far below half in this random model): sampling is greedy.
+  GenerateOptions greedy = g;
+  greedy.temperature = 0;
+  const auto want = generate(p.model, {1, 40, 41}, greedy);
+  g.top_k = 2;
+  g.top_p = 0.5;
+  for (uint64_t seed : {1, 2, 3}) {
+    g.seed = seed;
+    CHECK(generate(p.model, {1, 40, 41}, g) == want);
+  }
 
   const auto ids = tok.encode("the model reads the text and the data");
   TextStream s(tok, tok.encode("so"));

@@ -180,6 +180,17 @@ TEST_CASE("export never replaces a folder that is not an earlier export of its k
         std::vector<std::string>{"adapter", "config-only", "file", "hf", "run", "sharded"});  // nothing left beside
 }
 
+TEST_CASE("a folder's stop ids: every eos_token_id of config.json and generation_config.json", "[io][hf]") {
+  test::TempDir tmp;
+  CHECK(stop_token_ids(tmp.path.string()).empty());
+  write_file(tmp / "config.json", R"({"eos_token_id": 32000})");
+  CHECK(stop_token_ids(tmp.path.string()) == std::vector<int64_t>{32000});
+  write_file(tmp / "generation_config.json", R"({"eos_token_id": [2, 32000, 7]})");
+  CHECK(stop_token_ids(tmp.path.string()) == std::vector<int64_t>{32000, 2, 7});
+  write_file(tmp / "config.json", "not json");
+  CHECK(stop_token_ids(tmp.path.string()) == std::vector<int64_t>{2, 32000, 7});
+}
+
 TEST_CASE("export keeps the source's generation settings, with the exported bos and eos", "[io][hf]") {
   test::TempDir tmp;
   Pretrained p = load_pretrained(fixture("tiny-llama"));

@@ -19,6 +19,7 @@ struct GenerateOptions {
   double top_p = 1.0;           // nucleus: smallest set of tokens with this much probability; 1 = off
   uint64_t seed = 0;            // sampling RNG seed (results repeat for the same seed)
   int64_t eos_id = 2;           // generation stops after this token; -1 = never
+  std::vector<int64_t> stop_ids;  // and after any of these (a model's own end-of-sequence ids: stop_token_ids, hf.h)
   bool use_cache = true;        // KV cache; false re-runs the model over the whole context per token
   // Called with each new token as it is chosen (streaming); return false to stop early.
   std::function<bool(int64_t)> on_token;

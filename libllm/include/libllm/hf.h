@@ -93,6 +93,11 @@ std::string read_chat_template(const std::string& dir);
 // that piece, by id. libllm tokenizes with tokenizer.model alone, so text holding them becomes
 // ordinary pieces. Unreadable files count as none (read_chat_template reports them).
 std::vector<std::pair<int64_t, std::string>> added_tokens(const std::string& dir, const Tokenizer& tok);
+// The end-of-sequence ids that model folder `dir` names: every id of config.json's and
+// generation_config.json's eos_token_id (an id or a list; absent files and keys name none), in
+// that order without repeats. What transformers and vLLM stop generating at (a chat model's
+// end-of-turn token may be one tokenizer.model lacks).
+std::vector<int64_t> stop_token_ids(const std::string& dir);
 // Writes `model` as an HF folder at `dir` (LoRA adapters merged into their weights): built under a temporary name and
 // renamed into place when complete (an existing `dir` is replaced only then, and only when it is empty or an earlier
 // export). Tensors are merged, converted and written one at a time.
