@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
                    {{"--checkpoint", "model folder: Hugging Face (config.json) or libllm (recipe.yaml)"},
                     {"--data", ".txt (one document per non-empty line) or .jsonl (field \"text\")"},
                     {"--dtype", "compute dtype: fp32 or bf16", true, "fp32"},
+                    {"--device", "cpu, cuda or auto (cuda when usable)", true, "auto"},
                     {"--batch-size", "windows per forward pass", true, "8"},
                     {"--window", "tokens of context per forward; 0 = the model's max_position_embeddings", true, "0"},
                     {"--stride", "targets per window after the first; 1 = full context for every token", true, "1"},
@@ -25,6 +26,7 @@ int main(int argc, char** argv) {
       if (!args.has(required)) throw Error(required, "is required", "see llm-eval --help");
 
     const torch::Dtype dtype = dtype_from_name(args.get("--dtype"), "--dtype");
+    const torch::Device device = device_from_name(args.get("--device"), "--device");
     const auto docs = read_documents(args.get("--data"));
     if (docs.empty()) throw Error(args.get("--data"), "no documents (every line is empty)");
     Pretrained pre = inspect_pretrained(args.get("--checkpoint"));
@@ -34,6 +36,7 @@ int main(int argc, char** argv) {
     const Tokenizer tokenizer = Tokenizer::load(tok_path);
     tokenizer.check_fits(pre.config, args.get("--checkpoint"));
     load_pretrained(pre, dtype);
+    pre.model->to(device);  // (the evaluation follows the model's device)
 
     EvalOptions opts;
     opts.batch_size = args.get_int("--batch-size");
@@ -41,8 +44,8 @@ int main(int argc, char** argv) {
     opts.stride = args.get_int("--stride");
     opts.bos_id = tokenizer.bos_id() >= 0 ? tokenizer.bos_id() : pre.bos_id;
     const ModelConfig& m = pre.model->config();
-    fmt::print("checkpoint: {} ({}, {}, {:.1f} M parameters, {})\n", args.get("--checkpoint"), pre.format,
-               m.hf_architecture(), count_parameters(m).total / 1e6, dtype_name(dtype));
+    fmt::print("checkpoint: {} ({}, {}, {:.1f} M parameters, {}, {})\n", args.get("--checkpoint"), pre.format,
+               m.hf_architecture(), count_parameters(m).total / 1e6, dtype_name(dtype), device.str());
     fmt::print("data: {} ({} documents), tokenizer: {} ({} tokens)\n", args.get("--data"), docs.size(), tok_path,
                tokenizer.vocab_size());
     const EvalResult r = evaluate_perplexity(pre.model, tokenizer, docs, opts);

@@ -67,6 +67,7 @@ int main(int argc, char** argv) {
                     {"--top-p", "nucleus sampling mass; 1 = off", true, "0.95"},
                     {"--seed", "sampling seed", true, "0"},
                     {"--dtype", "compute dtype: fp32 or bf16", true, "fp32"},
+                    {"--device", "cpu, cuda or auto (cuda when usable)", true, "auto"},
                     {"--no-cache", "recompute the whole context for every token (slow; for comparison)", false},
                     {"--tokenizer", "tokenizer.model (default: the one in the checkpoint folder)"}},
                    0);
@@ -108,10 +109,12 @@ int main(int argc, char** argv) {
     if (chat)
       fmt::print(stderr, "chat template {} (from {}){}\n", tmpl, source,
                  system.empty() ? "" : ", system prompt '" + system + "'");
+    const torch::Device device = device_from_name(args.get("--device"), "--device");
     load_pretrained(pre, dtype_from_name(args.get("--dtype") == "fp32" ? "float32"
                                          : args.get("--dtype") == "bf16" ? "bfloat16"
                                                                          : args.get("--dtype"),
                                          "--dtype"));
+    pre.model->to(device);  // (generation follows the model's device)
 
     GenerateOptions g;
     g.max_new_tokens = args.get_int("--max-new-tokens");

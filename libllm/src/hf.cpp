@@ -19,6 +19,7 @@
 #include <sstream>
 
 #include "libllm/checkpoint.h"
+#include "libllm/compat.h"
 #include "libllm/data.h"
 #include "libllm/error.h"
 #include "libllm/recipe.h"
@@ -273,6 +274,18 @@ torch::Dtype dtype_from_name(const std::string& name, const std::string& where) 
   if (name == "bfloat16" || name == "bf16") return torch::kBFloat16;
   if (name == "float16" || name == "fp16") return torch::kFloat16;
   throw Error(where, "unknown dtype '" + name + "'", "use float32, bfloat16 or float16");
+}
+
+torch::Device device_from_name(const std::string& name, const std::string& where) {
+  if (name == "cpu") return torch::kCPU;
+  if (name != "cuda" && name != "auto") throw Error(where, "unknown device '" + name + "'", "use cpu, cuda or auto");
+  if (compat::cuda_available()) {
+    compat::cuda_set_device(0);
+    return torch::Device(torch::kCUDA, 0);
+  }
+  if (name == "auto") return torch::kCPU;
+  throw Error(where, "is cuda, but no CUDA device is usable (LibTorch " + compat::torch_version() + ")",
+              "use cpu, or build libllm against a LibTorch with CUDA");
 }
 
 std::string dtype_name(torch::Dtype dtype) {

@@ -58,6 +58,8 @@ expect_error(eval.missing-data "no-such.txt: cannot open data file"
              ${_bin}/llm-eval --checkpoint ${_fx}/tiny-llama --data no-such.txt)
 expect_error(eval.bad-dtype "--dtype: unknown dtype 'fp8'"
              ${_bin}/llm-eval --checkpoint ${_fx}/tiny-llama --data ${_fx}/eval.txt --dtype fp8)
+expect_error(eval.bad-device "--device: unknown device 'tpu' \\(hint: use cpu, cuda or auto\\)"
+             ${_bin}/llm-eval --checkpoint ${_fx}/tiny-llama --data ${_fx}/eval.txt --device tpu)
 expect_error(eval.corrupt-safetensors "model.safetensors: .*header"
              ${_bin}/llm-eval --checkpoint ${_bad}/corrupt-weights --data ${_fx}/eval.txt --tokenizer ${_fx}/tokenizer.model)
 expect_error(eval.tokenizer-mismatch "tokenizer has 384 tokens but the model .* has vocab_size 256"

@@ -163,5 +163,8 @@ safetensors::DType st_dtype_of(torch::Dtype d);
 // "float32" / "bfloat16" / "float16" <-> torch dtype; unknown names are errors naming `where`.
 torch::Dtype dtype_from_name(const std::string& name, const std::string& where);
 std::string dtype_name(torch::Dtype dtype);
+// "cpu", "cuda" (the first GPU; an error naming `where` without a usable one) or "auto" (cuda
+// when usable, else cpu): where an inference tool (llm-generate, llm-eval) runs the model.
+torch::Device device_from_name(const std::string& name, const std::string& where);
 
 }  // namespace libllm
