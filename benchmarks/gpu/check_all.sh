@@ -29,6 +29,13 @@ fi
 
 stage benchmark
 BENCH_OUT="$logs/bench.jsonl" timeout 240 benchmarks/gpu/run.sh build-gpu "${BENCH_REPEATS:-1}" 10 4 2>&1 | tee "$logs/bench.log" | tail -8
+stage "llm-eval and llm-generate on cuda"  # the same perplexity as on the CPU (1e-4), and a greedy answer
+for d in cpu cuda; do
+  build-gpu/bin/llm-eval --checkpoint tests/fixtures/tiny-mixtral --data tests/fixtures/eval.txt --device $d 2>&1 | tail -n 1 |
+    sed "s/^/$d: /"
+done
+build-gpu/bin/llm-generate --checkpoint tests/fixtures/tiny-llama --prompt "Hello" --temperature 0 --max-new-tokens 8 \
+  --device cuda 2>&1 | tail -n 2
 stage "all tests"
 timeout "${ALL_TESTS_S:-200}" ctest --test-dir build-gpu -LE "gpu|parity" --output-on-failure -j16 > "$logs/ctest-all.log" 2>&1
 grep -E "tests passed|Failed|\(Failed\)|Timeout" "$logs/ctest-all.log" | head -30
