@@ -375,7 +375,12 @@ struct Run {
   std::string interrupted_rollback_target() {
     int64_t to = -1;
     if (main()) {
-      const json p = read_pending();
+      json p;
+      try {
+        p = read_pending();
+      } catch (const Error&) {
+        // (a damaged record: every rank reports it when the checkpoint is loaded; none waits here)
+      }
       const int64_t t = p.is_null() ? -1 : p.value("to_step", int64_t{-1});
       const auto steps = checkpoint_steps(ckpt_root);
       if (t >= 0 && std::find(steps.begin(), steps.end(), t) != steps.end() && steps.back() > t &&
