@@ -417,6 +417,34 @@ std::vector<int64_t> checkpoint_steps(const std::string& root) {
   return steps;
 }
 
+std::vector<int64_t> recover_checkpoint_swaps(const std::string& root) {
+  std::vector<int64_t> recovered;
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) return recovered;
+  std::vector<fs::path> entries;
+  for (const auto& e : fs::directory_iterator(root, ec)) entries.push_back(e.path());
+  std::sort(entries.begin(), entries.end());
+  for (const fs::path& old : entries) {
+    const std::string name = old.filename().string();
+    const size_t at = name.find(".old.");
+    if (at == std::string::npos) continue;
+    const int64_t step = step_of(name.substr(0, at));
+    const fs::path final_dir = fs::path(root) / checkpoint_name(step);
+    if (step < 0 || fs::exists(fs::symlink_status(final_dir, ec))) continue;
+    // The new folder, complete (trainer.json is written last) under its temporary name, goes in;
+    // else the old one goes back.
+    fs::path newer;
+    for (const fs::path& p : entries)
+      if (p.filename().string().rfind(checkpoint_name(step) + ".tmp-", 0) == 0 && fs::exists(p / "trainer.json"))
+        newer = p;
+    fs::rename(newer.empty() ? old : newer, final_dir, ec);
+    if (ec) throw Error(final_dir.string(), "cannot restore the checkpoint folder: " + ec.message());
+    if (!newer.empty()) fs::remove_all(old, ec);
+    recovered.push_back(step);
+  }
+  return recovered;
+}
+
 std::string latest_checkpoint(const std::string& root) {
   const auto steps = checkpoint_steps(root);
   return steps.empty() ? "" : (fs::path(root) / checkpoint_name(steps.back())).string();

@@ -528,6 +528,11 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                       ", where its checkpoints are pruned and set aside",
                   "give the fine-tune its own train.run_dir");
   }
+  if (main_rank)  // a kill during a re-save on a filesystem without an atomic exchange
+    for (int64_t s : recover_checkpoint_swaps(run.ckpt_root))
+      fmt::print("note: restored {} (its re-save was interrupted)\n",
+                 (fs::path(run.ckpt_root) / checkpoint_name(s)).string());
+  dist.barrier();
   const int64_t restart = env_int("LIBLLM_RESTART", 0);
   std::string resume_from;
   if (recipe.checkpoint.resume == "auto" || restart > 0) {

@@ -241,3 +241,28 @@ TEST_CASE("every rank's generator is saved by rank 0 and restored on its own ran
   }
   CHECK(fs::exists(tmp / "step-00000003/optimizer.safetensors"));
 }
+
+TEST_CASE("a re-save interrupted between its two renames (no atomic exchange) is completed or undone",
+          "[io][checkpoint]") {
+  test::TempDir tmp;
+  Transformer model(tiny_config());
+  AdamW optim(named(model), OptimConfig{});
+  const std::string root = tmp / "checkpoints";
+  const fs::path dir = save_checkpoint(root, model, optim, TrainState{3, "{\"pos\": 1}", "{}"}, "model: {}\n", "");
+  const fs::path newer =
+      save_checkpoint(tmp / "other", model, optim, TrainState{3, "{\"pos\": 2}", "{}"}, "model: {}\n", "");
+  auto pos = [&] { return load_checkpoint_state(dir.string(), optim).data_cursor; };
+  // Killed after the old folder stepped aside, the new one complete under its temporary name.
+  fs::rename(dir, root + "/step-00000003.old.42");
+  fs::rename(newer, root + "/step-00000003.tmp-42");
+  CHECK(checkpoint_steps(root).empty());
+  CHECK(recover_checkpoint_swaps(root) == std::vector<int64_t>{3});
+  CHECK(pos() == "{\"pos\": 2}");
+  CHECK(listing(root) == std::vector<std::string>{"step-00000003"});
+  // Killed before the new folder was complete: the old one goes back.
+  fs::rename(dir, root + "/step-00000003.old.43");
+  fs::create_directories(root + "/step-00000003.tmp-43");
+  CHECK(recover_checkpoint_swaps(root) == std::vector<int64_t>{3});
+  CHECK(pos() == "{\"pos\": 2}");
+  CHECK(recover_checkpoint_swaps(root).empty());  // nothing to do
+}
