@@ -36,9 +36,9 @@ int analyze(int argc, char** argv) {
 }
 
 int supervise(int argc, char** argv) {
-  // Everything after "--" is the launch command.
+  // Everything after the first "--" is the launch command (which may hold "--" of its own).
   int split = argc;
-  for (int i = 1; i < argc; ++i)
+  for (int i = 1; i < argc && split == argc; ++i)
     if (std::string(argv[i]) == "--") split = i;
   cli::Args args(split, argv, kUsage,
                  {{"--max-restarts", "restarts before giving up", true, "5"},

@@ -37,8 +37,10 @@ double num(const json& j, const char* key) {
   return j[key].get<double>();
 }
 
-// The run's guard settings (its recipe.yaml's `guard` section), enabled for analysis.
-GuardConfig guard_config_of(const std::string& run_dir) {
+// The run's guard settings (its recipe.yaml's `guard` section), enabled for analysis; `was_on`
+// (optional) gets whether the run had the guard on (no recipe.yaml: unknown, -1).
+GuardConfig guard_config_of(const std::string& run_dir, int* was_on = nullptr) {
+  if (was_on) *was_on = -1;
   GuardConfig g;
   const std::string path = (fs::path(run_dir) / "recipe.yaml").string();
   if (fs::exists(path)) {
@@ -55,6 +57,7 @@ GuardConfig guard_config_of(const std::string& run_dir) {
       g.fields(s.section("guard"));
       s.load_string(YAML::Dump(only), path);
     }
+    if (was_on) *was_on = g.enabled ? 1 : 0;
   }
   g.enabled = true;
   return g;
@@ -72,8 +75,14 @@ RunAnalysis analyze_run(const std::string& run_dir) {
     a.rollbacks += ev == "rollback";
     a.restarts += ev == "restart";
   }
-  a.guarded = std::any_of(metrics.begin(), metrics.end(), [](const json& m) { return m.contains("action"); });
-  const GuardConfig cfg = guard_config_of(run_dir);
+  // Guarded: as the recipe says (a run without the guard logs an action only for a non-finite
+  // step it skipped, and its finite spikes must still be found); without a recipe, by its lines.
+  int was_on = -1;
+  const GuardConfig cfg = guard_config_of(run_dir, &was_on);
+  a.guarded = was_on >= 0
+                  ? was_on == 1
+                  : std::all_of(metrics.begin(), metrics.end(), [](const json& m) { return m.contains("action"); }) &&
+                        !metrics.empty();
   Guard detector(cfg);
 
   Spike cur;
@@ -270,9 +279,14 @@ int supervise(const SuperviseOptions& opt) {
   append_event(opt.run_dir, {{"event", "supervise"}, {"command", cmdline}, {"max_restarts", opt.max_restarts},
                              {"hang_seconds", opt.hang_seconds}});
   double lr_factor = 1.0;
+  const auto wall = [] {
+    return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  };
   for (int64_t attempt = 0;; ++attempt) {
+    if (g_signal) return 128 + g_signal;  // (asked to stop between attempts)
     fmt::print("llm-spike: starting (attempt {}): {}\n", attempt, cmdline);
     std::fflush(stdout);
+    const double launched_at = wall();
     const pid_t pid = launch(opt.command, attempt, fs::exists(plan_path) ? plan_path : "");
     auto mark = progress_mark(metrics);
     const auto started = mark;
@@ -297,7 +311,19 @@ int supervise(const SuperviseOptions& opt) {
         break;
       }
     }
+    ::kill(-pid, SIGKILL);  // whatever the leader left behind in its group (a launcher's ranks)
+    if (g_signal) {         // a shutdown (scancel, Ctrl-C) that reached the job first is no crash to restart
+      fmt::print("llm-spike: signal {}: stopping\n", static_cast<int>(g_signal));
+      append_event(opt.run_dir, {{"event", "interrupted"}, {"signal", static_cast<int>(g_signal)}});
+      return 128 + g_signal;
+    }
     const bool progressed = progress_mark(metrics) != started;
+    // A guard stop of this attempt: its "stop" event, whatever exit code the launcher passed on
+    // (torchrun exits 1 when a worker exits 3).
+    json stop;
+    for (const auto& e : read_jsonl((fs::path(opt.run_dir) / "events.jsonl").string(), false))
+      if (e.value("event", "") == "stop" && e.value("time", 0.0) >= launched_at) stop = e;
+    const bool failed = !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
     std::string reason;
     bool with_plan = false;
     if (hung) {
@@ -306,11 +332,8 @@ int supervise(const SuperviseOptions& opt) {
       fmt::print("llm-spike: the job finished (attempt {})\n", attempt);
       append_event(opt.run_dir, {{"event", "finished"}, {"attempt", attempt}});
       return 0;
-    } else if (WIFEXITED(status) && WEXITSTATUS(status) == kSpikeStopExit) {
+    } else if (failed && (!stop.is_null() || (WIFEXITED(status) && WEXITSTATUS(status) == kSpikeStopExit))) {
       // The guard gave up in-loop: restart from its healthy checkpoint with a plan.
-      json stop;
-      for (const auto& e : read_jsonl((fs::path(opt.run_dir) / "events.jsonl").string(), false))
-        if (e.value("event", "") == "stop") stop = e;
       const int64_t to = stop.is_null() ? -1 : stop.value("to_step", int64_t{-1});
       if (to < 0) {
         fmt::print(stderr, "llm-spike: the guard stopped the job and there is no healthy checkpoint to restart from\n");

@@ -3,7 +3,8 @@
 # usage: spike_tests.sh BIN_DIR RECIPE WORK_DIR MODE -- [--set ...]
 #   kill     kill -9 of the trainer under `llm-spike supervise`: restarted, same final weights as an uninterrupted run
 #   hang     an injected hang: the supervisor kills and restarts the job, which finishes
-#   stop     the guard gives up in-loop (max_rollbacks 0): the supervisor restarts with a plan, the job finishes
+#   stop     the guard gives up in-loop (max_rollbacks 0) under a launcher that exits 1: the supervisor
+#            restarts with a plan, the job finishes
 #   analyze  a run with a one-step and a persistent injected spike: analyze lists both with their step ranges
 set -euo pipefail
 bin=$1 recipe=$2 work=$3 mode=$4; shift 5
@@ -45,9 +46,11 @@ hang)
   cat "$work/supervise.log" | grep "llm-spike"
   ;;
 stop)
-  "$bin/llm-spike" supervise "$recipe" "${common[@]}" "${guard[@]}" --set train.steps=60 --set guard.max_rollbacks=0 \
-    --set guard.inject_lr_steps=[30] --set guard.inject_lr_factor=1000 --set train.run_dir="$work/run" \
-    > "$work/supervise.log" 2>&1 || fail "supervisor failed"
+  # Under a launcher that exits 1 when a worker exits 3 (as torchrun does): the stop event decides.
+  run=("${common[@]}" "${guard[@]}" --set train.steps=60 --set guard.max_rollbacks=0 --set guard.inject_lr_steps=[30]
+       --set guard.inject_lr_factor=1000 --set train.run_dir="$work/run")
+  "$bin/llm-spike" supervise "$recipe" "${run[@]}" -- sh -c '"$@" || exit 1' launcher "$bin/llm-pretrain" "$recipe" \
+    "${run[@]}" > "$work/supervise.log" 2>&1 || fail "supervisor failed"
   grep -q "unresolved spike .*restart from step 25 without the data of steps 26..34" "$work/supervise.log" || fail "no plan"
   grep -q "restart plan: continuing from step 25" "$work/supervise.log" || fail "plan not applied"
   grep -q '"event":"finished"' "$work/run/events.jsonl" || fail "did not finish"

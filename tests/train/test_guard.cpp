@@ -5,6 +5,7 @@
 
 #include "../common.h"
 #include "libllm/guard.h"
+#include "libllm/spike.h"
 
 using namespace libllm;
 
@@ -195,4 +196,25 @@ TEST_CASE("guard: a restart plan's branch is numbered above every earlier one", 
   CHECK(g.rollbacks_total() == 3);
   g.rolled_back("", 4, 0.5, /*in_loop=*/true);
   CHECK(g.rollbacks_total() == 4);
+}
+
+TEST_CASE("analyze: a run without the guard that skipped a non-finite step still has its spikes found",
+          "[train][guard]") {
+  test::TempDir tmp;
+  test::write_file(tmp / "recipe.yaml", "guard: {enabled: false, window: 16, min_history: 8, grad_z: 0}\n");
+  std::string lines;
+  for (int s = 1; s <= 40; ++s) {
+    if (s == 10) {  // a non-finite loss: skipped even without the guard, and logged as such
+      lines += R"({"step": 10, "loss": null, "grad_norm": null, "action": "skip"})"
+               "\n";
+      continue;
+    }
+    const double loss = s == 30 ? 9.0 : 3.0 + 0.01 * std::sin(s);
+    lines += "{\"step\": " + std::to_string(s) + ", \"loss\": " + std::to_string(loss) +
+             ", \"grad_norm\": " + std::to_string(1.0 + 0.01 * std::cos(s)) + "}\n";
+  }
+  test::write_file(tmp / "metrics.jsonl", lines);
+  const RunAnalysis a = analyze_run(tmp.path.string());
+  CHECK_FALSE(a.guarded);
+  CHECK(std::any_of(a.spikes.begin(), a.spikes.end(), [](const Spike& s) { return s.first_step == 30; }));
 }
