@@ -62,10 +62,11 @@ static void train_tokenizer(const Recipe& r) {
 
 int main(int argc, char** argv) {
   return cli::run("llm-data", [&] {
-    cli::Args args(argc, argv, "llm-data RECIPE [--set section.key=value]...", {}, 1);
+    cli::Args args(argc, argv, "llm-data RECIPE [--set section.key=value]...", {}, 1, /*recipe_overrides=*/true);
     if (args.help()) return fmt::print("{}", args.usage()), 0;
     const Recipe recipe = Recipe::load(args.positional()[0], args.overrides());
-    if (recipe.tokenizer.path.empty()) throw Error("tokenizer.path", "is empty", "name the tokenizer.model to use or train");
+    if (recipe.tokenizer.path.empty())
+      throw Error("tokenizer.path", "is empty", "name the tokenizer.model to use or train");
     if (!fs::exists(recipe.tokenizer.path)) {
       if (recipe.tokenizer.vocab_size <= 0)
         throw Error(recipe.tokenizer.path, "tokenizer not found",

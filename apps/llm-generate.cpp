@@ -109,12 +109,6 @@ int main(int argc, char** argv) {
     if (chat)
       fmt::print(stderr, "chat template {} (from {}){}\n", tmpl, source,
                  system.empty() ? "" : ", system prompt '" + system + "'");
-    const torch::Device device = device_from_name(args.get("--device"), "--device");
-    load_pretrained(pre, dtype_from_name(args.get("--dtype") == "fp32" ? "float32"
-                                         : args.get("--dtype") == "bf16" ? "bfloat16"
-                                                                         : args.get("--dtype"),
-                                         "--dtype"));
-    pre.model->to(device);  // (generation follows the model's device)
 
     GenerateOptions g;
     g.max_new_tokens = args.get_int("--max-new-tokens");
@@ -133,6 +127,14 @@ int main(int argc, char** argv) {
     if (g.max_new_tokens < 1) throw Error("--max-new-tokens", "must be >= 1");
     if (g.temperature < 0) throw Error("--temperature", "must be >= 0");
     if (g.top_p <= 0 || g.top_p > 1) throw Error("--top-p", "must be in (0, 1]");
+    if (g.top_k < 0) throw Error("--top-k", "must be >= 0 (0 = all tokens)");
+    // (the options are checked before minutes of loading a large model)
+    const torch::Device device = device_from_name(args.get("--device"), "--device");
+    load_pretrained(pre, dtype_from_name(args.get("--dtype") == "fp32"   ? "float32"
+                                         : args.get("--dtype") == "bf16" ? "bfloat16"
+                                                                         : args.get("--dtype"),
+                                         "--dtype"));
+    pre.model->to(device);  // (generation follows the model's device)
 
     // One answer to `prompt_ids`, streamed; returns its text.
     auto answer = [&](const std::vector<int64_t>& prompt_ids, const std::string& eot) {

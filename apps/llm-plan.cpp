@@ -39,7 +39,7 @@ int main(int argc, char** argv) {
                      "train.peak_tflops, else 312)",
                      true, "0"},
                     {"--gpus-per-node", "GPUs per node (hybrid sharding)", true, "8"}},
-                   1);
+                   1, /*recipe_overrides=*/true);
     if (args.help()) return fmt::print("{}", args.usage()), 0;
     const Recipe recipe = Recipe::load(args.positional()[0], args.overrides());
     fmt::print("recipe: {}\n", args.positional()[0]);
@@ -79,7 +79,9 @@ int main(int argc, char** argv) {
     }
     fmt::print("{{\"total\": {}, \"embedding\": {}, \"per_block\": {}, \"lm_head\": {}, \"active\": {}}}\n", c.total,
                c.embedding, c.per_block, c.lm_head, c.active);
-    if (args.get_int("--gpus") <= 0) return 0;
+    const int64_t gpus = args.get_int("--gpus");
+    if (gpus < 0 || gpus > 10000000) throw Error("--gpus", "must be in [0, 10000000], got " + std::to_string(gpus));
+    if (gpus == 0) return 0;
 
     ClusterSpec cs;
     cs.gpus = args.get_int("--gpus");

@@ -11,7 +11,7 @@ using namespace libllm;
 
 int main(int argc, char** argv) {
   return cli::run("llm-pretrain", [&] {
-    cli::Args args(argc, argv, "llm-pretrain RECIPE [--set section.key=value]...", {}, 1);
+    cli::Args args(argc, argv, "llm-pretrain RECIPE [--set section.key=value]...", {}, 1, /*recipe_overrides=*/true);
     if (args.help()) return fmt::print("{}", args.usage()), 0;
     const Recipe recipe = Recipe::load(args.positional()[0], args.overrides());
     try {

@@ -44,7 +44,7 @@ int supervise(int argc, char** argv) {
                  {{"--max-restarts", "restarts before giving up", true, "5"},
                   {"--hang-seconds", "no new metrics line for this long = hung", true, "900"},
                   {"--lr-factor", "LR multiplier for a restart after a guard stop", true, "0.5"}},
-                 1);
+                 1, /*recipe_overrides=*/true);
   if (args.help()) return fmt::print("{}\n", args.usage()), 0;
   const std::string recipe_path = args.positional()[0];
   const Recipe recipe = Recipe::load(recipe_path, args.overrides());

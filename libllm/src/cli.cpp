@@ -13,9 +13,11 @@
 
 namespace libllm::cli {
 
-Args::Args(int argc, char** argv, std::string usage, std::vector<Option> options, int n_positional)
+Args::Args(int argc, char** argv, std::string usage, std::vector<Option> options, int n_positional,
+           bool recipe_overrides)
     : usage_(std::move(usage)), options_(std::move(options)) {
-  options_.push_back({"--set", "override a recipe key, e.g. --set model.n_layers=4 (repeatable)", true});
+  if (recipe_overrides)
+    options_.push_back({"--set", "override a recipe key, e.g. --set model.n_layers=4 (repeatable)", true});
   options_.push_back({"--help", "print this help", false});
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -36,6 +38,8 @@ Args::Args(int argc, char** argv, std::string usage, std::vector<Option> options
       throw Error("", "unknown option '" + name + "'", near.empty() ? "see --help" : "did you mean '" + near + "'?");
     }
     if (!opt->takes_value) {
+      if (inline_value)
+        throw Error("", "option " + name + " takes no value, got '" + value + "'", "write " + name + " alone");
       if (name == "--help") help_ = true;
       values_[name] = "true";
       continue;

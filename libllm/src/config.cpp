@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 #include "libllm/error.h"
@@ -60,7 +62,14 @@ std::string format_bound(double v) {
 
 // Converts a YAML node into the text form that Field::set_from_text takes.
 std::string node_text(const YAML::Node& node, const std::string& where, const Field& f) {
+  if (node.IsScalar() && f.kind() == Field::Kind::StringList) {  // one string: itself, never re-read as YAML
+    YAML::Emitter out;
+    out << YAML::Flow << YAML::BeginSeq << YAML::DoubleQuoted << node.Scalar() << YAML::EndSeq;
+    return out.c_str();
+  }
   if (node.IsScalar()) return node.Scalar();
+  if (node.IsNull() && f.kind() == Field::Kind::String)
+    throw Error(where, "has no value", "quote an empty string (\"\") or remove the key for its default");
   if (node.IsNull()) return "";
   if (node.IsSequence() && (f.kind() == Field::Kind::StringList || f.kind() == Field::Kind::IntList)) {
     YAML::Emitter out;
@@ -284,10 +293,23 @@ Fields* Schema::find_section(const std::string& name) {
 }
 
 void Schema::load_file(const std::string& path) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec))
+    throw Error(path, std::filesystem::exists(path, ec) ? "is not a recipe file" : "recipe not found",
+                "give the recipe's .yaml file");
   std::ifstream in(path);
   if (!in) throw Error(path, "cannot open recipe", "check the path");
   std::stringstream ss;
   ss << in.rdbuf();
+  if (in.bad()) throw Error(path, "cannot read recipe", "check the file");
+  bool empty = false;
+  try {
+    empty = YAML::Load(ss.str()).IsNull();  // (blank, or comments only)
+  } catch (const YAML::Exception&) {
+    // (load_string reports it with its line)
+  }
+  if (empty)
+    throw Error(path, "the recipe is empty", "a recipe holds sections: model:, tokenizer:, data:, train:, ...");
   load_string(ss.str(), path);
 }
 
@@ -302,19 +324,32 @@ void Schema::load_string(const std::string& yaml, const std::string& source) {
   if (!root.IsMap()) throw Error(source, "a recipe must be a mapping of sections (model:, tokenizer:, ...)");
   std::vector<std::string> names;
   for (const auto& [n, f] : sections_) names.push_back(n);
+  std::map<std::string, int> first_line;  // section or section.key -> the line it was first given at
+  auto once = [&](const std::string& name, const YAML::Node& key, const std::string& where) {
+    const int line = key.Mark().line + 1;
+    const auto [it, fresh] = first_line.emplace(name, line);
+    if (!fresh)
+      throw Error(where, "given twice (first at line " + std::to_string(it->second) + ")", "keep one of them");
+  };
   for (const auto& kv : root) {
+    if (!kv.first.IsScalar())
+      throw Error(source + ":" + std::to_string(kv.first.Mark().line + 1), "a section name must be text");
     const std::string sec = kv.first.as<std::string>();
     Fields* fields = find_section(sec);
     const std::string at = source + ":" + std::to_string(kv.first.Mark().line + 1);
     if (!fields) throw Error(at, "unknown section '" + sec + "'", unknown_key_hint(sec, names));
+    once(sec, kv.first, at + ": section '" + sec + "'");
     if (kv.second.IsNull()) continue;
     if (!kv.second.IsMap()) throw Error(at, "section '" + sec + "' must be a mapping of keys");
     for (const auto& item : kv.second) {
+      if (!item.first.IsScalar())
+        throw Error(source + ":" + std::to_string(item.first.Mark().line + 1) + ": " + sec, "a key must be text");
       const std::string key = item.first.as<std::string>();
       const std::string path = sec + "." + key;
       const std::string where = source + ":" + std::to_string(item.first.Mark().line + 1) + ": " + path;
       Field* f = fields->find(key);
       if (!f) throw Error(where, "unknown key", unknown_key_hint(key, fields->keys()));
+      once(path, item.first, where);
       f->set_from_text(node_text(item.second, where, *f), where);
     }
   }

@@ -41,8 +41,8 @@ namespace libllm {
 
 void TrainConfig::fields(Fields& f) {
   f.add("run_dir", run_dir);
-  f.add("seq_len", seq_len).min(1);
-  f.add("micro_batch", micro_batch).min(1);
+  f.add("seq_len", seq_len).min(1).max(1 << 24);  // (bounds keep token counts far from int64 overflow)
+  f.add("micro_batch", micro_batch).min(1).max(1 << 20);
   f.add("global_batch_tokens", global_batch_tokens).min(0);
   f.add("steps", steps).min(1);
   f.add("dtype", dtype).one_of({"fp32", "bf16"});

@@ -42,7 +42,10 @@ set_tests_properties(apps.eval.tiny-llama PROPERTIES
   PASS_REGULAR_EXPRESSION "\n{\"documents\": 6, \"tokens\": [0-9]+, \"loss\": [0-9.]+, \"ppl\": [0-9.]+}\n$")
 
 # Bad input: one clear line, non-zero exit.
-expect_error(plan.missing-recipe "no-such.yaml: cannot open recipe" ${_bin}/llm-plan no-such.yaml)
+expect_error(plan.missing-recipe "no-such.yaml: recipe not found" ${_bin}/llm-plan no-such.yaml)
+expect_error(plan.recipe-folder "recipes: is not a recipe file" ${_bin}/llm-plan ${_src}/recipes)
+expect_error(plan.negative-gpus "--gpus: must be in \\[0, 10000000\\], got -8"
+             ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml --gpus -8)
 expect_error(plan.unknown-key "unknown-key.yaml:3: model.n_layer: unknown key.*did you mean 'n_layers'"
              ${_bin}/llm-plan ${_bad}/unknown-key.yaml)
 expect_error(plan.wrong-type "model.dim: expected an integer >= 1, got 'big'" ${_bin}/llm-plan ${_bad}/wrong-type.yaml)
@@ -169,6 +172,10 @@ expect_error(finetune.bad-target "lora.targets: 'qkv' names no projection"
              --set finetune.method=lora --set lora.targets=[qkv] ${_sets})
 expect_error(finetune.bad-method "finetune.method=qlora: expected one of: full, lora"
              ${_bin}/llm-finetune ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set finetune.method=qlora)
+expect_error(generate.no-set "llm-generate: error: unknown option '--set'"
+             ${_bin}/llm-generate --checkpoint ${_fx}/tiny-llama --prompt hi --set chat.system_prompt=x)
+expect_error(generate.flag-value "option --no-cache takes no value, got 'false'"
+             ${_bin}/llm-generate --checkpoint ${_fx}/tiny-llama --prompt hi --no-cache=false)
 expect_error(generate.no-prompt "--prompt: is required without --chat"
              ${_bin}/llm-generate --checkpoint ${_fx}/tiny-llama)
 expect_error(export.system-without-template "--system: sets the default system text of a libllm chat template.*--chat-template"

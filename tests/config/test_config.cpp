@@ -1,6 +1,7 @@
 // Recipes: strict parsing, overrides, printing, and the shipped recipes' exact parameter counts.
 #include "../catch_torch.h"
 
+#include "../common.h"
 #include "libllm/error.h"
 #include "libllm/model.h"
 #include "libllm/recipe.h"
@@ -112,4 +113,32 @@ TEST_CASE("the analytic parameter count equals the instantiated model's", "[conf
       ++i;
     }
   }
+}
+
+TEST_CASE("a key or section given twice, a null text value and a recipe that is no file are errors", "[config]") {
+  CHECK_THAT(error_of("train:\n  steps: 300\n  seq_len: 64\n  steps: 10\n"),
+             Catch::Contains("r.yaml:4: train.steps: given twice (first at line 2)"));
+  CHECK_THAT(error_of("model: {dim: 64}\ntrain: {steps: 3}\nmodel: {n_layers: 2}\n"),
+             Catch::Contains("r.yaml:3: section 'model': given twice (first at line 1)"));
+  CHECK_THAT(error_of("checkpoint:\n  resume:\n"), Catch::Contains("r.yaml:2: checkpoint.resume: has no value"));
+  CHECK(Recipe::parse("checkpoint: {resume: none}\ntrain: {run_dir: \"\"}\n", "r.yaml").train.run_dir.empty());
+  // One string where a list of strings goes is that string, whatever YAML would make of it.
+  const Recipe r = Recipe::parse("train:\n  sample_prompts: \"Once upon a time #1\"\n", "r.yaml");
+  CHECK(r.train.sample_prompts == std::vector<std::string>{"Once upon a time #1"});
+  CHECK(Recipe::parse("train: {sample_prompts: \"Q: what is\"}\n", "r.yaml").train.sample_prompts ==
+        std::vector<std::string>{"Q: what is"});
+  // A folder, a missing file, an empty one.
+  auto load_error = [](const std::string& path) {
+    try {
+      Recipe::load(path);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  CHECK_THAT(load_error(recipe("")), Catch::Contains("is not a recipe file"));
+  CHECK_THAT(load_error(recipe("no-such.yaml")), Catch::Contains("recipe not found"));
+  test::TempDir tmp;
+  test::write_file(tmp / "empty.yaml", "# nothing yet\n");
+  CHECK_THAT(load_error(tmp / "empty.yaml"), Catch::Contains("the recipe is empty"));
 }

@@ -18,9 +18,11 @@ struct Option {
 
 class Args {
  public:
-  // Parses argv against `options` (plus --help and repeated --set k=v). Unknown options and
-  // missing values throw libllm::Error naming the option and the nearest known one.
-  Args(int argc, char** argv, std::string usage, std::vector<Option> options, int n_positional);
+  // Parses argv against `options` (plus --help, and repeated --set k=v for an app that reads a
+  // recipe: recipe_overrides). Unknown options, missing values and a value given to an on/off
+  // option (--chat=false) throw libllm::Error naming the option and the nearest known one.
+  Args(int argc, char** argv, std::string usage, std::vector<Option> options, int n_positional,
+       bool recipe_overrides = false);
   bool help() const { return help_; }
   std::string usage() const;
   bool has(const std::string& name) const;
