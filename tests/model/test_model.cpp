@@ -70,8 +70,10 @@ TEST_CASE("bf16 logits stay within bf16 rounding of the reference", "[model]") {
 
 TEST_CASE("attention is causal, and a sliding window hides tokens further back", "[model]") {
   torch::manual_seed(0);
-  Transformer full(small_config(", n_layers: 1"));
-  Transformer windowed(small_config(", n_layers: 1, sliding_window: 4"));
+  ModelConfig one = small_config(), one_windowed = small_config(", sliding_window: 4");
+  one.n_layers = one_windowed.n_layers = 1;
+  Transformer full(one);
+  Transformer windowed(one_windowed);
   torch::NoGradGuard no_grad;
   auto a = torch::randint(0, 37, {1, 12});
   auto b = a.clone();
