@@ -789,7 +789,11 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   }
   if (plan_applies) {
     const int64_t to = state.step, through = plan.value("from_step", to);
-    const double f = plan.value("lr_factor", 1.0);
+    double f = plan.value("lr_factor", 1.0);
+    // At least the cut of every plan so far together (the supervisor's cumulative factor): the
+    // checkpoint resumed may predate an earlier plan, whose cut its LR scale then lacks.
+    if (plan.contains("cumulative_lr_factor") && run.guard.lr_scale() > 0)
+      f = std::min(f, plan.value("cumulative_lr_factor", 1.0) / run.guard.lr_scale());
     if (main_rank)
       fmt::print("restart plan: continuing from step {} without the data of steps {}..{} ({}), LR x{:.3g}\n", to, to + 1,
                  through, gc.defer == "end" ? "deferred to the end" : "dropped", f);

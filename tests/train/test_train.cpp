@@ -414,4 +414,12 @@ TEST_CASE("a restart plan is applied once, also when the job dies right after ap
   int plans = 0;
   for (const auto& e : jsonl(tmp / "twice/events.jsonl")) plans += e["event"] == "restart_plan";
   CHECK(plans == 1);
+  // A second plan resuming a checkpoint older than the first plan's cut: the LR is lowered to the
+  // plans' cumulative factor, not by this plan's factor alone from the older checkpoint's scale.
+  fs::copy(first, tmp / "cumulative", fs::copy_options::recursive);
+  test::write_file(tmp / "plan.json",
+                   R"({"to_step": 25, "from_step": 34, "lr_factor": 0.5, "cumulative_lr_factor": 0.25})");
+  pretrain(recipe(tmp / "cumulative"));
+  for (const auto& e : jsonl(tmp / "cumulative/events.jsonl"))
+    if (e["event"] == "restart_plan") CHECK(e["lr_scale"].get<double>() == Approx(0.25));
 }

@@ -82,9 +82,10 @@ struct TrainHooks {
 // a stop throws SpikeStop (exit code 3).
 // A supervisor (llm-spike supervise) sets LIBLLM_RESTART (attempt number; > 0 always resumes from
 // the newest checkpoint, whatever checkpoint.resume says) and
-// LIBLLM_RESTART_PLAN (a JSON file {"to_step", "from_step", "lr_factor"}): when the resumed
-// checkpoint is the plan's to_step, the data of steps to_step+1..from_step is deferred and the
-// LR lowered and re-warmed, as for an in-loop rollback.
+// LIBLLM_RESTART_PLAN (a JSON file {"to_step", "from_step", "lr_factor"[, "cumulative_lr_factor"]}):
+// when the resumed checkpoint is the plan's to_step, the data of steps to_step+1..from_step is
+// deferred and the LR lowered (by lr_factor, and to at most cumulative_lr_factor of the recipe's)
+// and re-warmed, as for an in-loop rollback.
 double pretrain(const Recipe& recipe, const TrainHooks& hooks = {});
 
 // Fine-tunes the model in recipe.finetune.base (a Hugging Face or libllm folder; its config
