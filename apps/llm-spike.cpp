@@ -51,6 +51,7 @@ int supervise(int argc, char** argv) {
   SuperviseOptions opt;
   opt.run_dir = recipe.train.run_dir;
   opt.max_restarts = args.get_int("--max-restarts");
+  if (opt.max_restarts < 0) throw Error("--max-restarts", "must be >= 0, got " + std::to_string(opt.max_restarts));
   auto number = [&](const std::string& name, double lo, double hi) {
     const std::string v = args.get(name);
     size_t pos = 0;

@@ -289,7 +289,6 @@ int supervise(const SuperviseOptions& opt) {
     const double launched_at = wall();
     const pid_t pid = launch(opt.command, attempt, fs::exists(plan_path) ? plan_path : "");
     auto mark = progress_mark(metrics);
-    const auto started = mark;
     auto last = std::chrono::steady_clock::now();
     int status = 0;
     bool hung = false;
@@ -317,7 +316,11 @@ int supervise(const SuperviseOptions& opt) {
       append_event(opt.run_dir, {{"event", "interrupted"}, {"signal", static_cast<int>(g_signal)}});
       return 128 + g_signal;
     }
-    const bool progressed = progress_mark(metrics) != started;
+    // Progress: a step this attempt ran (its metrics lines say which attempt ran them; the file
+    // itself changes at every start, when the trainer rewrites it for the resumed step).
+    bool progressed = false;
+    for (const auto& m : read_jsonl(metrics, false))
+      progressed = progressed || m.value("attempt", int64_t{-1}) == attempt;
     // A guard stop of this attempt: its "stop" event, whatever exit code the launcher passed on
     // (torchrun exits 1 when a worker exits 3).
     json stop;

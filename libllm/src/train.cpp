@@ -929,6 +929,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     if (tc.peak_tflops > 0) line["mfu"] = mfu;
     if (run.cuda) line["gpu_peak_gib"] = compat::cuda_peak_allocated_bytes(dist.local_rank()) / double(1 << 30);
     line["state_mib"] = held / 1048576.0;  // rank 0's parameters + gradients + optimizer state, at most, this step
+    if (std::getenv("LIBLLM_RESTART")) line["attempt"] = restart;  // under llm-spike supervise: which job ran it
     if (main_rank && steps_this_run == 1)
       fmt::print("memory: rank 0 holds at most {:.3f} MiB of parameters + gradients + optimizer state in a step\n",
                  held / 1048576.0);

@@ -2,6 +2,7 @@
 # llm-spike end to end on the tiny recipe.
 # usage: spike_tests.sh BIN_DIR RECIPE WORK_DIR MODE -- [--set ...]
 #   kill     kill -9 of the trainer under `llm-spike supervise`: restarted, same final weights as an uninterrupted run
+#   noprogress  a job whose restart runs no step is not restarted again
 #   hang     an injected hang: the supervisor kills and restarts the job, which finishes
 #   stop     the guard gives up in-loop (max_rollbacks 0) under a launcher that exits 1: the supervisor
 #            restarts with a plan, the job finishes
@@ -37,6 +38,16 @@ kill)
     cmp "$work/straight/checkpoints/step-00000300/$f" "$work/supervised/checkpoints/step-00000300/$f" || fail "$f differs"
   done
   echo "same final weights and optimizer state as the uninterrupted run"
+  ;;
+noprogress)
+  # A job that finished its steps but whose launcher then exits 1 makes no progress when restarted
+  # (every step is done): the supervisor gives up instead of restarting it --max-restarts times.
+  "$bin/llm-spike" supervise "$recipe" "${common[@]}" --set train.steps=20 --set train.run_dir="$work/run" \
+    -- sh -c '"$@"; exit 1' launcher "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.steps=20 \
+    --set train.run_dir="$work/run" > "$work/supervise.log" 2>&1 && fail "the supervisor did not fail"
+  grep -q "restarting (1/5)" "$work/supervise.log" || fail "no restart after the first attempt's progress"
+  grep -q "failed with exit code 1 before making progress: not restarting" "$work/supervise.log" || fail "restarted without progress"
+  ! grep -q "restarting (2/5)" "$work/supervise.log" || fail "restarted again"
   ;;
 hang)
   "$bin/llm-spike" supervise "$recipe" "${common[@]}" --set train.steps=60 --set guard.inject_hang_step=30 \

@@ -70,7 +70,8 @@ struct TrainHooks {
 //
 // Files in train.run_dir (rank 0 writes them): metrics.jsonl (a line per step: loss, lr,
 // grad_norm, tokens/s, ...; chat data adds target_tokens and target_tokens_per_s; with the guard
-// also action, z_loss, z_grad and branch = rollbacks so far), data_sequence.jsonl (per step, every
+// also action, z_loss, z_grad and branch = rollbacks so far; under a supervisor, attempt =
+// LIBLLM_RESTART), data_sequence.jsonl (per step, every
 // rank's windows, or chat examples, [set, number] in the order used: what the final model saw),
 // events.jsonl (start/resume, skip, rollback, stop, restart plans), checkpoints/, loss.html.
 //
