@@ -23,6 +23,7 @@
 #include <thread>
 #include <tuple>
 
+#include "atomic_file.h"
 #include "libllm/config.h"
 #include "libllm/error.h"
 #include "libllm/tokenizer.h"
@@ -135,17 +136,20 @@ void sync_close_rename(int fd, const std::string& tmp, const std::string& path) 
 
 int open_tmp(const std::string& tmp) {
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw Error(tmp, "cannot create: " + errno_text(), "check that data_prep.output is writable");
+  if (fd < 0) throw Error(tmp, "cannot create: " + errno_text(), "check that its folder is writable");
   return fd;
 }
 
-// Writes a whole file as <path>.tmp-<pid>, then renames it to path.
-void write_file_atomic(const std::string& path, const std::string& bytes) {
+}  // namespace
+
+void detail::write_file_atomic(const std::string& path, const std::string& bytes) {
   const std::string tmp = tmp_name(path);
   const int fd = open_tmp(tmp);
   write_all(fd, reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size(), tmp);
   sync_close_rename(fd, tmp, path);
 }
+
+namespace {
 
 void put_le(std::vector<unsigned char>& buf, uint64_t v, int width) {
   for (int i = 0; i < width; ++i) buf.push_back(static_cast<unsigned char>(v >> (8 * i)));
@@ -385,7 +389,7 @@ class ShardWriter {
     std::vector<unsigned char> idx;
     idx.reserve(offsets_.size() * 8);
     for (uint64_t o : offsets_) put_le(idx, o, 8);
-    write_file_atomic(path(record_.idx), std::string(idx.begin(), idx.end()));
+    detail::write_file_atomic(path(record_.idx), std::string(idx.begin(), idx.end()));
     sync_close_rename(fd, tmp_, path(record_.file));
     record_.tokens = tokens_;
     record_.documents = static_cast<int64_t>(offsets_.size());
@@ -702,7 +706,7 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
     meta["total_documents"] = info.total_documents;
     meta["inputs"] = cfg.inputs;
     meta["txt_documents"] = cfg.txt_documents;
-    write_file_atomic((fs::path(o.dir) / "meta.json").string(), meta.dump(2) + "\n");
+    detail::write_file_atomic((fs::path(o.dir) / "meta.json").string(), meta.dump(2) + "\n");
     infos.push_back(info);
   }
   return infos;

@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "atomic_file.h"
 #include "jsonl.h"
 #include "libllm/config.h"
 #include "libllm/error.h"
@@ -350,9 +351,7 @@ int supervise(const SuperviseOptions& opt) {
                          {"cumulative_lr_factor", lr_factor},
                          {"reason", stop.value("reason", "")},
                          {"attempt", attempt + 1}};  // (each plan is another, even with the same steps)
-      const std::string tmp = plan_path + ".tmp";
-      std::ofstream(tmp) << plan.dump(1) << "\n";
-      fs::rename(tmp, plan_path);
+      detail::write_file_atomic(plan_path, plan.dump(1) + "\n");
       with_plan = true;
       reason = fmt::format("unresolved spike ({}); restart from step {} without the data of steps {}..{}, LR x{:.3g}",
                            stop.value("reason", "?"), to, to + 1, stop.value("from_step", to), opt.lr_factor);

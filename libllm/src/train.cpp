@@ -15,6 +15,7 @@
 #include <thread>
 #include <tuple>
 
+#include "atomic_file.h"
 #include "jsonl.h"
 #include "libllm/chat.h"
 #include "libllm/checkpoint.h"
@@ -81,25 +82,9 @@ void truncate_log(const std::string& path, int64_t last_step, int64_t branch = 0
   std::vector<std::string> keep;
   for (const json& j : detail::read_jsonl(path, false))
     if (j.value("step", int64_t{0}) <= last_step || j.value("branch", int64_t{0}) < branch) keep.push_back(j.dump());
-  // Rewritten beside and renamed: a kill meanwhile leaves the old log whole.
-  const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    for (const auto& l : keep) out << l << "\n";
-    if (!out.flush()) throw Error(tmp, "cannot write the log", "check free disk space");
-  }
-  fs::rename(tmp, path);
-}
-
-// Writes `text` beside `path` and renames it there: a kill meanwhile leaves no half-written file.
-void write_file_atomically(const fs::path& path, const std::string& text) {
-  const fs::path tmp = path.string() + ".tmp-" + std::to_string(::getpid());
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << text;
-    if (!out.flush()) throw Error(tmp.string(), "cannot write", "check free disk space");
-  }
-  fs::rename(tmp, path);
+  std::string text;
+  for (const auto& l : keep) text += l + "\n";
+  detail::write_file_atomic(path, text);  // (a kill meanwhile leaves the old log whole)
 }
 
 // One micro batch of (B, T+1) tokens -> inputs (B, T) and targets (B, T).
@@ -361,7 +346,8 @@ struct Run {
     if (!fs::exists(pending_path)) return json();
     try {
       json p = json::parse(std::ifstream(pending_path));
-      for (const char* key : {"to_step", "from_step", "lr_factor", "guard"}) p.at(key);
+      p.at("to_step").get<int64_t>(), p.at("from_step").get<int64_t>(), p.at("lr_factor").get<double>();
+      p.at("guard").get<std::string>();  // (every value of the right type, before any is used)
       return p;
     } catch (const json::exception& e) {
       throw Error(pending_path, std::string("invalid rollback record: ") + e.what(),
@@ -534,6 +520,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                  (fs::path(run.ckpt_root) / checkpoint_name(s)).string());
   dist.barrier();
   const int64_t restart = env_int("LIBLLM_RESTART", 0);
+  const bool supervised = std::getenv("LIBLLM_RESTART") != nullptr;  // under llm-spike supervise
   std::string resume_from;
   if (recipe.checkpoint.resume == "auto" || restart > 0) {
     resume_from = latest_checkpoint(run.ckpt_root);
@@ -785,7 +772,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
         run.event(e);
       }
     }
-    write_file_atomically(run_dir / "recipe.yaml", run.recipe_yaml);  // never a half-written recipe beside the run
+    detail::write_file_atomic((run_dir / "recipe.yaml").string(),
+                              run.recipe_yaml);  // never a half-written recipe beside the run
   }
   if (plan_applies) {
     const int64_t to = state.step, through = plan.value("from_step", to);
@@ -929,7 +917,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     if (tc.peak_tflops > 0) line["mfu"] = mfu;
     if (run.cuda) line["gpu_peak_gib"] = compat::cuda_peak_allocated_bytes(dist.local_rank()) / double(1 << 30);
     line["state_mib"] = held / 1048576.0;  // rank 0's parameters + gradients + optimizer state, at most, this step
-    if (std::getenv("LIBLLM_RESTART")) line["attempt"] = restart;  // under llm-spike supervise: which job ran it
+    if (supervised) line["attempt"] = restart;  // which of the supervisor's jobs ran it
     if (main_rank && steps_this_run == 1)
       fmt::print("memory: rank 0 holds at most {:.3f} MiB of parameters + gradients + optimizer state in a step\n",
                  held / 1048576.0);
@@ -998,7 +986,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       // checkpoint of `to` is saved again completes this rollback when it resumes there.
       const json pending = {
           {"to_step", to}, {"from_step", n}, {"lr_factor", gc.rollback_lr_factor}, {"guard", run.guard.state()}};
-      if (main_rank) write_file_atomically(run.pending_path, pending.dump() + "\n");
+      if (main_rank) detail::write_file_atomic(run.pending_path, pending.dump() + "\n");
       dist.barrier();
       if (main_rank) set_aside_checkpoints(run.ckpt_root, to);
       dist.barrier();

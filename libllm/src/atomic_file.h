@@ -1,0 +1,13 @@
+// Whole small files written atomically: what the data preparation, the trainer's logs and
+// records, and the spike supervisor's plan share. Private to the library; implemented in data.cpp.
+#pragma once
+
+#include <string>
+
+namespace libllm::detail {
+
+// Writes `bytes` as <path>.tmp-<pid>, flushes it to disk, then renames it to `path`: a kill at any
+// moment leaves the old file or the new one whole. Errors (libllm::Error) name the file.
+void write_file_atomic(const std::string& path, const std::string& bytes);
+
+}  // namespace libllm::detail
