@@ -20,7 +20,9 @@ const char* kUsage =
     "llm-spike supervise RECIPE [--set section.key=value]... [--max-restarts N] [--hang-seconds S]\n"
     "                    [--lr-factor F] [-- LAUNCH COMMAND...]\n"
     "  supervise runs `llm-pretrain RECIPE --set...` (next to this program) unless a launch command\n"
-    "  (e.g. torchrun --nproc-per-node 8 llm-pretrain RECIPE) follows `--`.";
+    "  (e.g. torchrun --nproc-per-node 8 llm-pretrain RECIPE) follows `--`; the launch command must\n"
+    "  carry the same --set options. A run is hung when neither its metrics log nor its heartbeat\n"
+    "  (beaten while it writes or reads checkpoints and evaluates) changed for --hang-seconds.";
 
 int analyze(int argc, char** argv) {
   cli::Args args(argc, argv, kUsage, {{"--plot", "plot file (default RUN_DIR/spikes.html)"}}, 1);
@@ -42,7 +44,7 @@ int supervise(int argc, char** argv) {
     if (std::string(argv[i]) == "--") split = i;
   cli::Args args(split, argv, kUsage,
                  {{"--max-restarts", "restarts before giving up", true, "5"},
-                  {"--hang-seconds", "no new metrics line for this long = hung", true, "900"},
+                  {"--hang-seconds", "no new metrics line or heartbeat for this long = hung", true, "900"},
                   {"--lr-factor", "LR multiplier for a restart after a guard stop", true, "0.5"}},
                  1, /*recipe_overrides=*/true);
   if (args.help()) return fmt::print("{}\n", args.usage()), 0;
@@ -70,6 +72,17 @@ int supervise(int argc, char** argv) {
   if (split < argc) {
     for (int i = split + 1; i < argc; ++i) opt.command.emplace_back(argv[i]);
     if (opt.command.empty()) throw Error("llm-spike supervise", "nothing after '--'", "give the launch command");
+    // The supervisor watches the run that the recipe and its --set describe: the job must be that run.
+    for (const auto& o : args.overrides()) {
+      bool given = false;
+      for (size_t i = 0; i < opt.command.size() && !given; ++i)
+        given = opt.command[i] == "--set=" + o ||
+                (opt.command[i] == "--set" && i + 1 < opt.command.size() && opt.command[i + 1] == o);
+      if (!given)
+        throw Error("--set " + o, "given to llm-spike supervise but not to the launch command",
+                    "the supervisor must watch the run the job writes: give the launch command the same --set "
+                    "(or put the setting in the recipe)");
+    }
   } else {
     const fs::path self = fs::read_symlink("/proc/self/exe");
     opt.command = {(self.parent_path() / "llm-pretrain").string(), recipe_path};

@@ -9,6 +9,7 @@
 #include <random>
 #include <nlohmann/json.hpp>
 
+#include "heartbeat.h"
 #include "libllm/config.h"
 #include "libllm/error.h"
 #include "libllm/tokenizer.h"
@@ -578,6 +579,7 @@ double ChatDataset::evaluate(Transformer& model, int64_t micro_batch, int64_t ma
   double sum = 0;
   int64_t count = 0;
   for (int64_t i = 0; i < n; i += micro_batch) {
+    detail::heartbeat("evaluating");
     std::vector<const ChatExample*> rows;
     for (int64_t j = i; j < std::min(n, i + micro_batch); ++j) rows.push_back(&valid_[static_cast<size_t>(j)]);
     torch::Tensor x, y;

@@ -9,16 +9,19 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstring>
-#include <map>
 #include <cmath>
 #include <csignal>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
 
 #include "atomic_file.h"
+#include "heartbeat.h"
 #include "jsonl.h"
 #include "libllm/config.h"
 #include "libllm/error.h"
@@ -226,19 +229,21 @@ void append_event(const std::string& run_dir, json e) {
   std::ofstream((fs::path(run_dir) / "events.jsonl").string(), std::ios::app) << e.dump() << "\n";
 }
 
-// (size, mtime) of the metrics log: any change is progress.
+// (size, mtime) of the metrics log or the heartbeat file: any change is progress.
 std::pair<int64_t, int64_t> progress_mark(const std::string& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) return {-1, 0};
   return {static_cast<int64_t>(st.st_size), static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec};
 }
 
-pid_t launch(const std::vector<std::string>& cmd, int64_t attempt, const std::string& plan) {
+pid_t launch(const std::vector<std::string>& cmd, int64_t attempt, const std::string& plan,
+             const std::string& heartbeat) {
   const pid_t pid = ::fork();
   if (pid < 0) throw Error("llm-spike", "fork failed");
   if (pid == 0) {
     ::setpgid(0, 0);
     ::setenv("LIBLLM_RESTART", std::to_string(attempt).c_str(), 1);
+    ::setenv(detail::kHeartbeatEnv, heartbeat.c_str(), 1);
     if (!plan.empty()) ::setenv("LIBLLM_RESTART_PLAN", plan.c_str(), 1);
     else ::unsetenv("LIBLLM_RESTART_PLAN");
     std::vector<char*> argv;
@@ -267,10 +272,33 @@ int terminate_group(pid_t pid) {
 
 }  // namespace
 
+namespace detail {
+
+void heartbeat(std::string_view what) {
+  const char* path = std::getenv(kHeartbeatEnv);
+  if (path == nullptr || *path == '\0') return;
+  if (const char* rank = std::getenv("RANK"); rank != nullptr && *rank != '\0' && std::strcmp(rank, "0") != 0) return;
+  static std::mutex mutex;
+  static std::chrono::steady_clock::time_point last;
+  static bool beaten = false;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto now = std::chrono::steady_clock::now();
+  if (beaten && now - last < std::chrono::seconds(1)) return;
+  beaten = true, last = now;
+  try {
+    const double t = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+    std::ofstream(path, std::ios::trunc) << fmt::format("{:.3f} {}\n", t, what);
+  } catch (...) {  // (a missing heartbeat is the supervisor's to judge)
+  }
+}
+
+}  // namespace detail
+
 int supervise(const SuperviseOptions& opt) {
   if (opt.command.empty()) throw Error("llm-spike supervise", "no command to run");
   const std::string metrics = (fs::path(opt.run_dir) / "metrics.jsonl").string();
   const std::string plan_path = (fs::path(opt.run_dir) / "restart_plan.json").string();
+  const std::string heartbeat_path = (fs::path(opt.run_dir) / "heartbeat").string();
   fs::create_directories(opt.run_dir);
   fs::remove(plan_path);
   std::signal(SIGINT, on_signal);
@@ -288,9 +316,11 @@ int supervise(const SuperviseOptions& opt) {
     fmt::print("llm-spike: starting (attempt {}): {}\n", attempt, cmdline);
     std::fflush(stdout);
     const double launched_at = wall();
-    const pid_t pid = launch(opt.command, attempt, fs::exists(plan_path) ? plan_path : "");
-    auto mark = progress_mark(metrics);
+    fs::remove(heartbeat_path);  // (what it says is about this attempt)
+    const pid_t pid = launch(opt.command, attempt, fs::exists(plan_path) ? plan_path : "", heartbeat_path);
+    auto mark = progress_mark(metrics), beat = progress_mark(heartbeat_path);
     auto last = std::chrono::steady_clock::now();
+    bool beat_last = false;  // the newest change was a heartbeat (a long phase), not a metrics line
     int status = 0;
     bool hung = false;
     for (;;) {
@@ -303,8 +333,11 @@ int supervise(const SuperviseOptions& opt) {
         return 128 + g_signal;
       }
       std::this_thread::sleep_for(std::chrono::duration<double>(opt.poll_seconds));
-      const auto now_mark = progress_mark(metrics);
-      if (now_mark != mark) mark = now_mark, last = std::chrono::steady_clock::now();
+      const auto now_mark = progress_mark(metrics), now_beat = progress_mark(heartbeat_path);
+      if (now_mark != mark || now_beat != beat) {
+        mark = now_mark, beat = now_beat, last = std::chrono::steady_clock::now();
+        beat_last = beat.second > mark.second;  // (by modification time: both may change between polls)
+      }
       if (std::chrono::duration<double>(std::chrono::steady_clock::now() - last).count() > opt.hang_seconds) {
         hung = true;
         status = terminate_group(pid);
@@ -331,7 +364,13 @@ int supervise(const SuperviseOptions& opt) {
     std::string reason;
     bool with_plan = false;
     if (hung) {
-      reason = fmt::format("hang: no new metrics line for {:.0f} s", opt.hang_seconds);
+      reason = fmt::format("hang: no new metrics line or heartbeat for {:.0f} s", opt.hang_seconds);
+      if (beat_last) {  // stuck inside a long phase: say which ("<time> <what>")
+        std::string text;
+        std::getline(std::ifstream(heartbeat_path), text);
+        if (const size_t sp = text.find(' '); sp != std::string::npos)
+          reason += " (last heartbeat: " + text.substr(sp + 1) + ")";
+      }
     } else if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
       fmt::print("llm-spike: the job finished (attempt {})\n", attempt);
       append_event(opt.run_dir, {{"event", "finished"}, {"attempt", attempt}});

@@ -16,6 +16,7 @@
 #include <tuple>
 
 #include "atomic_file.h"
+#include "heartbeat.h"
 #include "jsonl.h"
 #include "libllm/chat.h"
 #include "libllm/checkpoint.h"
@@ -413,6 +414,7 @@ struct Run {
     std::vector<int64_t> buf;
     std::vector<WindowRef> refs;
     for (int64_t b = 0; b < tc.eval_batches; ++b) {
+      detail::heartbeat("evaluating");
       valid.next(tc.micro_batch, buf, refs);
       auto [x, y] = split_batch(buf, tc.micro_batch, tc.seq_len);
       auto docs = eos_id >= 0 ? documents_after(x, eos_id).to(device) : torch::Tensor();
@@ -519,6 +521,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       fmt::print("note: restored {} (its re-save was interrupted)\n",
                  (fs::path(run.ckpt_root) / checkpoint_name(s)).string());
   dist.barrier();
+  detail::heartbeat("starting");  // (building, reading and resuming beat as they go)
   const int64_t restart = env_int("LIBLLM_RESTART", 0);
   const bool supervised = std::getenv("LIBLLM_RESTART") != nullptr;  // under llm-spike supervise
   std::string resume_from;

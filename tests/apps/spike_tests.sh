@@ -4,6 +4,9 @@
 #   kill     kill -9 of the trainer under `llm-spike supervise`: restarted, same final weights as an uninterrupted run
 #   noprogress  a job whose restart runs no step is not restarted again
 #   hang     an injected hang: the supervisor kills and restarts the job, which finishes
+#   heartbeat   a long phase that beats the heartbeat (as a slow checkpoint write does) is no hang;
+#            one that stops beating is, and the supervisor names what it was doing; a --set missing
+#            from the launch command is an error
 #   stop     the guard gives up in-loop (max_rollbacks 0) under a launcher that exits 1: the supervisor
 #            restarts with a plan, the job finishes
 #   analyze  a run with a one-step and a persistent injected spike: analyze lists both with their step ranges
@@ -52,9 +55,25 @@ noprogress)
 hang)
   "$bin/llm-spike" supervise "$recipe" "${common[@]}" --set train.steps=60 --set guard.inject_hang_step=30 \
     --set train.run_dir="$work/run" --hang-seconds 3 > "$work/supervise.log" 2>&1 || fail "supervisor failed"
-  grep -q "hang: no new metrics line for 3 s; restarting (1/5)" "$work/supervise.log" || fail "no hang restart"
+  grep -q "hang: no new metrics line or heartbeat for 3 s; restarting (1/5)" "$work/supervise.log" || fail "no hang restart"
   grep -q '"event":"finished"' "$work/run/events.jsonl" || fail "did not finish"
   cat "$work/supervise.log" | grep "llm-spike"
+  ;;
+heartbeat)
+  run=("${common[@]}" --set train.steps=10 --set train.run_dir="$work/run")
+  beat='echo "$(date +%s) writing slow.safetensors" > "$LIBLLM_HEARTBEAT"'
+  "$bin/llm-spike" supervise "$recipe" "${run[@]}" --hang-seconds 3 -- sh -c \
+    "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do $beat; sleep 0.5; done; \"\$@\"" launcher "$bin/llm-pretrain" "$recipe" "${run[@]}" \
+    > "$work/beating.log" 2>&1 || fail "a beating job was not left to finish"
+  grep -q "the job finished (attempt 0)" "$work/beating.log" || fail "restarted a beating job"
+  "$bin/llm-spike" supervise "$recipe" "${run[@]}" --hang-seconds 3 --max-restarts 0 -- sh -c "$beat; sleep 30" launcher "${run[@]}" \
+    > "$work/stuck.log" 2>&1 && fail "a stuck job was not stopped"
+  grep -q "hang: no new metrics line or heartbeat for 3 s (last heartbeat: writing slow.safetensors); giving up" \
+    "$work/stuck.log" || fail "the hang does not name the phase"
+  "$bin/llm-spike" supervise "$recipe" "${run[@]}" -- "$bin/llm-pretrain" "$recipe" > "$work/noset.log" 2>&1 &&
+    fail "a launch command without the --set options was run"
+  grep -q "given to llm-spike supervise but not to the launch command" "$work/noset.log" || fail "no --set error"
+  cat "$work/stuck.log"
   ;;
 stop)
   # Under a launcher that exits 1 when a worker exits 3 (as torchrun does): the stop event decides.

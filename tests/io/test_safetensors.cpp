@@ -3,9 +3,9 @@
 #include <unistd.h>
 
 #include <atomic>
-#include "../catch_torch.h"
 #include <cstdint>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
+#include "../catch_torch.h"
 
 #include "libllm/error.h"
 #include "libllm/safetensors.h"
@@ -304,6 +305,38 @@ TEST_CASE("safetensors write is atomic and replaces an existing file", "[io]") {
     const std::string missing = dir.file("no/such/dir/m.safetensors");
     CHECK_THAT(write_error(missing, {{"t", st::DType::U8, {4}, one.data()}}), Contains(missing));
   }
+}
+
+TEST_CASE("safetensors writes and reads beat the supervisor's heartbeat on rank 0", "[io]") {
+  // llm-spike supervise sets LIBLLM_HEARTBEAT: a long checkpoint write or base read is progress.
+  const std::vector<uint8_t> one = pattern(4, 1);
+  TempDir dir;
+  const std::string beat = dir.file("heartbeat"), path = dir.file("h.safetensors");
+  auto said = [&] {  // "<unix time> <what>"
+    std::ifstream in(beat);
+    double t = 0;
+    std::string what;
+    in >> t >> std::ws;
+    std::getline(in, what);
+    return std::make_pair(t, what);
+  };
+  struct Env {
+    Env(const std::string& beat) { ::setenv("LIBLLM_HEARTBEAT", beat.c_str(), 1), ::setenv("RANK", "1", 1); }
+    ~Env() { ::unsetenv("LIBLLM_HEARTBEAT"), ::unsetenv("RANK"); }
+  } env(beat);
+  st::write(path, {{"t", st::DType::U8, {4}, one.data()}});
+  CHECK_FALSE(fs::exists(beat));  // rank 1 does not beat
+  ::setenv("RANK", "0", 1);
+  const double before = static_cast<double>(std::time(nullptr));
+  st::write(path, {{"t", st::DType::U8, {4}, one.data()}});
+  auto [t, what] = said();
+  CHECK(what == "writing " + path);
+  CHECK(t >= before - 1);
+  CHECK(t <= before + 60);
+  ::usleep(1100 * 1000);  // (at most one beat a second)
+  auto file = st::File::open(path);
+  CHECK(file->data(file->at("t"))[0] == one[0]);
+  CHECK(said().second == "reading " + path);
 }
 
 TEST_CASE("safetensors stream writer: tensors in the given order, atomic, order and sizes checked", "[io]") {

@@ -41,7 +41,8 @@ struct SuperviseOptions {
   std::vector<std::string> command;  // the training job (argv; a launcher such as torchrun or srun works)
   std::string run_dir;               // the recipe's train.run_dir (metrics, events, checkpoints)
   int64_t max_restarts = 5;          // give up after this many restarts
-  double hang_seconds = 900;         // no new metrics line for this long = hung: kill and restart
+  double hang_seconds =
+      900;  // no new metrics line or heartbeat (run_dir/heartbeat) for this long = hung: kill and restart
   double lr_factor = 0.5;            // after a guard stop, restart with the LR times this (cumulative)
   double poll_seconds = 0.5;         // how often the child and its metrics are checked
 };
@@ -49,7 +50,8 @@ struct SuperviseOptions {
 // Runs the job as a child (own process group) and restarts it when it crashes (killed or
 // non-zero exit after making progress), hangs, or is stopped by the guard (exit code 3, then
 // with a restart plan: the newest healthy checkpoint, the data after it deferred, the LR
-// lowered). Sets LIBLLM_RESTART and LIBLLM_RESTART_PLAN for the child. Every restart and its
+// lowered). Sets LIBLLM_RESTART, LIBLLM_RESTART_PLAN and LIBLLM_HEARTBEAT (run_dir/heartbeat:
+// rank 0 beats it while it writes or reads checkpoints and evaluates) for the child. Every restart and its
 // reason goes to run_dir/events.jsonl and the console. Returns the exit code to use: 0 when the
 // job finished, else non-zero.
 int supervise(const SuperviseOptions& opt);
