@@ -57,9 +57,12 @@ bool fused_masked_attention(const torch::Device& device) {
 }
 
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-#if LIBLLM_TORCH_AT_LEAST(2, 4)
-  // at::rms_norm: the same fp32 math, fused into one kernel on CUDA with LibTorch >= 2.8. The CPU
-  // keeps the explicit form below, so CPU results do not depend on the LibTorch version.
+#if LIBLLM_TORCH_AT_LEAST(2, 5)
+  // at::rms_norm on CUDA: one fused kernel with LibTorch >= 2.8. From 2.5 it computes in fp32 as
+  // below (2.4's computes in x's dtype: fp16 overflows on activations of a few hundred), and from
+  // 2.7 it multiplies by the weight before the cast back: a bf16 result may then differ from the
+  // explicit form by one unit in the last place. The CPU keeps the explicit form, so CPU results
+  // do not depend on the LibTorch version.
   if (x.is_cuda()) return at::rms_norm(x, {x.size(-1)}, weight, eps);
 #endif
   auto xf = x.to(compute_dtype(x));

@@ -16,11 +16,7 @@ for r in 0 1; do
 done
 wait %1 && wait %2 || { cat "$work"/two.*.log; exit 1; }
 grep -q "rank 0/2 (gloo" "$work/two.0.log" || { echo "rank 0 did not run distributed"; cat "$work/two.0.log"; exit 1; }
-losses() { sed -E 's/.*"loss":([^,}]*).*/\1/' "$1/metrics.jsonl"; }
-paste <(losses "$work/one") <(losses "$work/two") | awk '
-  { n++; d = $1 - $2; if (d < 0) d = -d; if (d > max) max = d; printf "step %d: 1 process %s, 2 processes %s\n", n, $1, $2 }
-  END { if (n != 6) { print "expected 6 steps, got " n; exit 1 }
-        printf "max |difference| %.3g\n", max; exit (max <= 1e-6 ? 0 : 1) }'
+"$(dirname "$0")/compare_losses.py" "$work/one" "$work/two" 6 1e-6
 # Rank 0 writes rank 1's generators beside its own (every rank resumes its own draws).
 python3 - "$work/two" <<'PY' || { echo "the 2-rank checkpoint lacks rank 1's generator"; exit 1; }
 import glob, json, struct, sys

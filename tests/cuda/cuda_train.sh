@@ -7,18 +7,16 @@
 #   bf16 on CUDA trains (finite, falling loss).
 # usage: cuda_train.sh BIN_DIR RECIPE WORK_DIR -- [--set ...]
 set -euo pipefail
+. "$(dirname "$0")/../apps/free_port.sh"
 bin=$1 recipe=$2 work=$3; shift 4
 rm -rf "$work" && mkdir -p "$work"
 common=(--set train.steps=8 --set train.eval_every=0 --set train.sample_tokens=0 --set train.plot=false
         --set schedule.kind=constant --set checkpoint.every=4 "$@")
 run() { local name=$1; shift; "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/$name" "$@" \
           > "$work/$name.log" 2>&1 || { cat "$work/$name.log"; exit 1; }; }
-losses() { sed -E 's/.*"loss":([^,}]*).*/\1/' "$work/$1/metrics.jsonl"; }
-compare() {  # compare NAME_A NAME_B TOLERANCE
-  paste <(losses "$1") <(losses "$2") | awk -v a="$1" -v b="$2" -v tol="$3" '
-    { n++; d = $1 - $2; if (d < 0) d = -d; if (d > max) max = d }
-    END { printf "%s vs %s: %d steps, max |difference| %.3g (tolerance %g)\n", a, b, n, max, tol
-          exit (n == 8 && max <= tol ? 0 : 1) }'
+losses() { python3 -c 'import json, sys; [print(json.loads(l)["loss"]) for l in open(sys.argv[1])]' "$work/$1/metrics.jsonl"; }
+compare() {  # compare NAME_A NAME_B TOLERANCE: 8 steps, each loss finite, max |difference| <= TOLERANCE
+  "$(dirname "$0")/../apps/compare_losses.py" "$work/$1" "$work/$2" 8 "$3"
 }
 run cpu --set checkpoint.resume=none --set train.device=cpu
 run cuda --set checkpoint.resume=none --set train.device=cuda
@@ -28,7 +26,7 @@ run resumed --set checkpoint.resume=none --set train.device=cuda --set train.ste
 run resumed --set checkpoint.resume=auto --set train.device=cuda
 grep -q "resumed from" "$work/resumed.log" || { echo "no resume"; exit 1; }
 compare cuda resumed 1e-6
-WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=$((20000 + $$ % 20000)) \
+WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=$(free_port) \
   run nccl --set checkpoint.resume=none --set train.device=cuda
 grep -q "rank 0/1 (nccl" "$work/nccl.log" || { echo "no NCCL process group"; cat "$work/nccl.log"; exit 1; }
 compare cuda nccl 1e-6
@@ -44,4 +42,4 @@ ft lora-resumed "${lora[@]}" --set checkpoint.resume=auto
 grep -q "resumed from" "$work/lora-resumed.log" || { echo "no LoRA resume"; exit 1; }
 compare lora lora-resumed 1e-6
 run bf16 --set checkpoint.resume=none --set train.device=cuda --set train.dtype=bf16
-losses bf16 | awk '{ v[NR] = $1 } END { printf "bf16: first %s last %s\n", v[1], v[NR]; exit (v[NR] < v[1] ? 0 : 1) }'
+losses bf16 | awk '{ v[NR] = $1 } END { printf "bf16: first %s last %s\n", v[1], v[NR]; exit (NR == 8 && v[NR] < v[1] ? 0 : 1) }'

@@ -172,3 +172,28 @@ TEST_CASE("the fused LM head + cross-entropy on CUDA equals the CPU's, fp32 and 
   CHECK(rel(hf, hp) <= 1e-2);
   CHECK(rel(wf, wp) <= 1e-2);
 }
+
+TEST_CASE("RMSNorm on CUDA computes in fp32 as the CPU's explicit form (bf16, and fp16 activations of hundreds)",
+          "[gpu]") {
+  // LibTorch's fused at::rms_norm (2.5+) upcasts as Hugging Face does; only its weight multiply
+  // may come before the cast back (2.7+): each bf16 element within one unit in the last place
+  // (2^-7 relative), fp16 within 2^-10. A row of 300s and 1s overflows x^2 in fp16 (2.4's form).
+  if (!have_cuda()) return;
+  const torch::Device cuda(torch::kCUDA, 0);
+  torch::manual_seed(13);
+  for (const auto dtype : {torch::kBFloat16, torch::kHalf}) {
+    auto x = (torch::randn({64, 512}) * 3).to(dtype);
+    x[0].fill_(1);
+    x[0][0] = 300;
+    auto w = (1 + 0.1 * torch::randn({512})).to(dtype);
+    const auto want = compat::rms_norm(x, w, 1e-5).to(torch::kFloat64);
+    const auto got = compat::rms_norm(x.to(cuda), w.to(cuda), 1e-5).to(torch::kCPU, torch::kFloat64);
+    CHECK(torch::isfinite(got).all().item<bool>());
+    const double ulp = dtype == torch::kBFloat16 ? 1.0 / 128 : 1.0 / 1024;
+    const auto excess = ((got - want).abs() - ulp * want.abs() - 1e-6).max().item<double>();
+    INFO((dtype == torch::kBFloat16 ? "bf16" : "fp16")
+         << ": max excess over one ulp " << excess << "; the 300 normalises to " << got[0][0].item<double>() << " (CPU "
+         << want[0][0].item<double>() << ")");
+    CHECK(excess <= 0);
+  }
+}

@@ -33,7 +33,9 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
 bool fused_masked_attention(const torch::Device& device);
 
 // RMSNorm y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (compute_dtype) and cast back
-// to x's dtype before the weight multiply (the Hugging Face LLaMA convention).
+// to x's dtype before the weight multiply (the Hugging Face LLaMA convention). On CUDA with
+// LibTorch >= 2.5, LibTorch's fused at::rms_norm (also fp32 inside; with 2.7+ the weight multiply
+// precedes the cast: bf16 results within one unit in the last place of the explicit form).
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 
 // Sets LibTorch's intra-op threads: $LIBLLM_THREADS if set; 1 when LibTorch has no MKL (its
