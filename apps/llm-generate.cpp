@@ -24,15 +24,16 @@ struct Printer {
   std::string eot;  // "" = none
   size_t printed = 0;
   bool done = false;
-  // Prints what is safe of `text` (the answer so far); returns false once the marker appeared.
-  bool show(const std::string& text) {
+  // Prints what is safe of `text` (the answer so far; `final`: all of it, up to the marker);
+  // returns false once the marker appeared.
+  bool show(const std::string& text, bool final = false) {
     size_t upto = text.size();
     if (!eot.empty()) {
       const size_t at = text.find(eot);
       if (at != std::string::npos) {
         upto = at;
         done = true;
-      } else {
+      } else if (!final) {
         for (size_t k = std::min(eot.size() - 1, text.size()); k > 0; --k)
           if (text.compare(text.size() - k, k, eot, 0, k) == 0) {
             upto = text.size() - k;
@@ -149,7 +150,15 @@ int main(int argc, char** argv) {
         stream.push(id);
         return out.show(stream.text());
       };
+      const int64_t window = pre.model->config().max_seq_len, n = static_cast<int64_t>(prompt_ids.size());
+      if (n + o.max_new_tokens > window)
+        fmt::print(stderr,
+                   "{}note: the context ({} tokens) and up to {} new ones exceed the model's window ({}): "
+                   "its oldest tokens are dropped as it fills\n",
+                   chat ? "" : "\n", n, o.max_new_tokens, window);
       generate(pre.model, prompt_ids, o);
+      stream.finish();  // (a partial character at the end)
+      if (!out.done) out.show(stream.text(), /*final=*/true);
       const std::string text = stream.text();
       return eot.empty() || text.find(eot) == std::string::npos ? text : text.substr(0, text.find(eot));
     };

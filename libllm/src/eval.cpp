@@ -1,5 +1,7 @@
 #include "libllm/eval.h"
 
+#include <fmt/core.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -81,7 +83,13 @@ EvalResult evaluate_perplexity(Transformer& model, const Tokenizer& tokenizer,
 
 EvalResult evaluate_tokens(Transformer& model, const std::vector<std::vector<int64_t>>& documents,
                            const EvalOptions& opts, const std::function<void(int64_t, int64_t)>& progress) {
-  const int64_t W = opts.window > 0 ? opts.window : model->config().max_seq_len;
+  const int64_t max_len = model->config().max_seq_len;
+  if (opts.window < 0 || opts.window > max_len)
+    throw Error(
+        "--window",
+        fmt::format("must be in [0, {}] (0 = the model's max_position_embeddings), got {}", max_len, opts.window),
+        "positions past the model's window were never trained");
+  const int64_t W = opts.window > 0 ? opts.window : max_len;
   if (opts.stride < 1 || opts.stride > W) throw Error("--stride", "must be in [1, window=" + std::to_string(W) + "]");
   if (opts.batch_size < 1) throw Error("--batch-size", "must be >= 1");
   std::vector<std::vector<int64_t>> seqs;

@@ -2,7 +2,12 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <fmt/core.h>
+
 #include <algorithm>
+#include <cmath>
+
+#include "libllm/error.h"
 
 namespace libllm {
 namespace {
@@ -10,7 +15,8 @@ namespace {
 int64_t choose(const torch::Tensor& logits_in, const GenerateOptions& opts, at::Generator& gen) {
   auto logits = logits_in.to(torch::kCPU, torch::kFloat32);  // (V)
   if (opts.temperature <= 0) return logits.argmax().item<int64_t>();
-  auto probs = torch::softmax(logits / opts.temperature, -1);
+  // (less the maximum first: a tiny temperature makes logits / T overflow to inf and NaN)
+  auto probs = torch::softmax((logits - logits.max()) / opts.temperature, -1);
   auto [sorted, idx] = probs.sort(-1, /*descending=*/true);
   auto keep = torch::ones_like(sorted, torch::kBool);
   if (opts.top_k > 0 && opts.top_k < sorted.size(0)) keep.slice(0, opts.top_k).fill_(false);
@@ -31,6 +37,11 @@ torch::Tensor as_batch(const std::vector<int64_t>& ids, size_t from, torch::Devi
 }  // namespace
 
 std::vector<int64_t> generate(Transformer& model, const std::vector<int64_t>& prompt, const GenerateOptions& opts) {
+  if (!(opts.temperature >= 0) || std::isinf(opts.temperature))
+    throw Error("GenerateOptions.temperature", fmt::format("must be finite and >= 0, got {}", opts.temperature));
+  if (!(opts.top_p > 0 && opts.top_p <= 1))
+    throw Error("GenerateOptions.top_p", fmt::format("must be in (0, 1], got {}", opts.top_p));
+  if (opts.top_k < 0) throw Error("GenerateOptions.top_k", fmt::format("must be >= 0 (0 = all), got {}", opts.top_k));
   torch::NoGradGuard no_grad;
   const bool was_training = model->is_training();
   model->eval();
@@ -48,9 +59,12 @@ std::vector<int64_t> generate(Transformer& model, const std::vector<int64_t>& pr
     torch::Tensor logits;
     if (opts.use_cache) {
       const int64_t n = static_cast<int64_t>(seq.size());
-      if (n - static_cast<int64_t>(offset) > cache.capacity) {  // full: rebuild from the last half window
+      if (n - static_cast<int64_t>(offset) > cache.capacity) {
+        // Full (or a prompt longer than the window): rebuilt from the last tokens that leave room
+        // for the rest of the answer, at least half the window.
+        const int64_t room = std::min(opts.max_new_tokens - i, cache.capacity / 2);
         cache.length = 0;
-        offset = static_cast<size_t>(n - std::max<int64_t>(1, window / 2));
+        offset = static_cast<size_t>(n - std::max<int64_t>(1, cache.capacity - room));
       }
       // Only the last position's logits: a long prompt's prefill holds no (T, V) logits.
       logits = model->forward_cached(as_batch(seq, offset + static_cast<size_t>(cache.length), device), cache,
@@ -87,6 +101,14 @@ std::string generate_text(Transformer& model, const Tokenizer& tok, const std::s
 TextStream::TextStream(const Tokenizer& tok, std::vector<int64_t> context) : tok_(tok), ids_(std::move(context)) {
   text_ = ids_.empty() ? "" : tok_.decode(ids_);
   context_chars_ = text_.size();
+}
+
+std::string TextStream::finish() {
+  const std::string full = tok_.decode(ids_);
+  std::string rest =
+      full.size() > text_.size() && full.compare(0, text_.size(), text_) == 0 ? full.substr(text_.size()) : "";
+  text_ = full;
+  return rest;
 }
 
 std::string TextStream::push(int64_t id) {

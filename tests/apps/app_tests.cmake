@@ -12,34 +12,39 @@ function(expect_error name regex)
            WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
 endfunction()
 
+# expect_output(NAME REGEX COMMAND...): exit 0 and output matching REGEX.
+function(expect_output name regex)
+  string(REPLACE ";" "@@" _cmd "${ARGN}")
+  add_test(NAME ${name}
+           COMMAND ${CMAKE_COMMAND} "-DCMD=${_cmd}" "-DREGEX=${regex}" -P ${CMAKE_CURRENT_SOURCE_DIR}/apps/expect_output.cmake
+           WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
+endfunction()
+
 # llm-plan prints the published exact counts.
-add_test(NAME apps.plan.llama-7b COMMAND ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml)
-set_tests_properties(apps.plan.llama-7b PROPERTIES PASS_REGULAR_EXPRESSION "total +6,738,415,616")
-add_test(NAME apps.plan.llama-65b COMMAND ${_bin}/llm-plan ${_src}/recipes/llama-65b.yaml)
-set_tests_properties(apps.plan.llama-65b PROPERTIES PASS_REGULAR_EXPRESSION "total +65,285,660,672")
-add_test(NAME apps.plan.k2-65b COMMAND ${_bin}/llm-plan ${_src}/recipes/k2-65b.yaml)
-set_tests_properties(apps.plan.k2-65b PROPERTIES PASS_REGULAR_EXPRESSION "total +65,286,184,960")
-add_test(NAME apps.plan.k2-65b-cluster COMMAND ${_bin}/llm-plan ${_src}/recipes/k2-65b.yaml --gpus 480 --gpu-memory 80GiB --mfu 0.4)
-set_tests_properties(apps.plan.k2-65b-cluster PROPERTIES PASS_REGULAR_EXPRESSION
-  "fits: zero3 with activation checkpointing \\(11.6 of 80 GiB per GPU\\).*147,456 tokens/s.*111.1 days")
+expect_output(apps.plan.llama-7b "total +6,738,415,616"
+              ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml)
+expect_output(apps.plan.llama-65b "total +65,285,660,672"
+              ${_bin}/llm-plan ${_src}/recipes/llama-65b.yaml)
+expect_output(apps.plan.k2-65b "total +65,286,184,960"
+              ${_bin}/llm-plan ${_src}/recipes/k2-65b.yaml)
+expect_output(apps.plan.k2-65b-cluster "fits: zero3 with activation checkpointing \\(11.6 of 80 GiB per GPU\\).*147,456 tokens/s.*111.1 days"
+              ${_bin}/llm-plan ${_src}/recipes/k2-65b.yaml --gpus 480 --gpu-memory 80GiB --mfu 0.4)
 # A LoRA fine-tune of a 7B base on one 24 GiB card (the base folder is absent: the recipe's model).
-add_test(NAME apps.plan.amber-7b-lora COMMAND ${_bin}/llm-plan ${_src}/recipes/amber-7b-lora.yaml --gpus 1 --gpu-memory 24GiB)
-set_tests_properties(apps.plan.amber-7b-lora PROPERTIES PASS_REGULAR_EXPRESSION
-  "model: the recipe's model section \\(finetune.base models/Amber is not here\\).*39,976,960 adapter parameters train.*fits: none with activation checkpointing \\(18.1 of 24 GiB per GPU\\)")
+expect_output(apps.plan.amber-7b-lora "model: the recipe's model section \\(finetune.base models/Amber is not here\\).*39,976,960 adapter parameters train.*fits: none with activation checkpointing \\(18.1 of 24 GiB per GPU\\)"
+              ${_bin}/llm-plan ${_src}/recipes/amber-7b-lora.yaml --gpus 1 --gpu-memory 24GiB)
 # A LoRA fine-tune of a 65B base on one node of 8 x 80 GB: only ZeRO-3 (the frozen base sharded) fits,
 # at the recipe's H100 peak (train.peak_tflops 989).
-add_test(NAME apps.plan.k2-65b-lora COMMAND ${_bin}/llm-plan ${_src}/recipes/k2-65b-lora.yaml --gpus 8 --gpu-memory 80GiB)
-set_tests_properties(apps.plan.k2-65b-lora PROPERTIES PASS_REGULAR_EXPRESSION
-  "peak 989 TFLOP/s.*199,884,800 adapter parameters train.*zero2 +122.3 .*fits: zero3 with activation checkpointing \\(34.4 of 80 GiB per GPU\\).*11,458 tokens/s")
+expect_output(apps.plan.k2-65b-lora "peak 989 TFLOP/s.*199,884,800 adapter parameters train.*zero2 +122.3 .*fits: zero3 with activation checkpointing \\(34.4 of 80 GiB per GPU\\).*11,458 tokens/s"
+              ${_bin}/llm-plan ${_src}/recipes/k2-65b-lora.yaml --gpus 8 --gpu-memory 80GiB)
 expect_error(plan.bad-memory "--gpu-memory: expected a size like 80GiB or 80GB, got 'lots'"
              ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml --gpus 8 --gpu-memory lots)
-add_test(NAME apps.plan.override COMMAND ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml --set model.n_layers=1)
-set_tests_properties(apps.plan.override PROPERTIES PASS_REGULAR_EXPRESSION "\"total\": 464531456")
+expect_output(apps.plan.override "\"total\": 464531456"
+              ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml --set model.n_layers=1)
 
 # llm-eval's last stdout line is the JSON summary (its numbers are checked in tests/eval).
-add_test(NAME apps.eval.tiny-llama COMMAND ${_bin}/llm-eval --checkpoint ${_fx}/tiny-llama --data ${_fx}/eval.jsonl)
-set_tests_properties(apps.eval.tiny-llama PROPERTIES
-  PASS_REGULAR_EXPRESSION "\n{\"documents\": 6, \"tokens\": [0-9]+, \"loss\": [0-9.]+, \"ppl\": [0-9.]+}\n$")
+# The fixture's reference (expected.json, float64): 336 tokens, loss 6.151464 (1e-4: 6.1514..6.1515).
+expect_output(apps.eval.tiny-llama "{\"documents\": 6, \"tokens\": 336, \"loss\": 6\\.151[45][0-9]*, \"ppl\": [0-9.]+}$"
+              ${_bin}/llm-eval --checkpoint ${_fx}/tiny-llama --data ${_fx}/eval.jsonl)
 
 # Bad input: one clear line, non-zero exit.
 expect_error(plan.missing-recipe "no-such.yaml: recipe not found" ${_bin}/llm-plan no-such.yaml)
@@ -80,14 +85,12 @@ set(_sets --set data_prep.output=${_run}/train --set data_prep.valid_output=${_r
 # (a new run each time: an earlier ctest's checkpoints would be moved aside, kept, beside it)
 add_test(NAME apps.clean.tiny COMMAND ${CMAKE_COMMAND} -E rm -rf ${_run}/run)
 set_tests_properties(apps.clean.tiny PROPERTIES FIXTURES_SETUP tiny_clean)
-add_test(NAME apps.data.tiny COMMAND ${_bin}/llm-data ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml ${_sets}
-         WORKING_DIRECTORY ${_src})
-set_tests_properties(apps.data.tiny PROPERTIES FIXTURES_SETUP tiny_shards FIXTURES_REQUIRED tiny_clean
-                     PASS_REGULAR_EXPRESSION "held-out: .*valid \\(2 documents")
-add_test(NAME apps.pretrain.tiny COMMAND ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml ${_sets}
-         WORKING_DIRECTORY ${_src})
-set_tests_properties(apps.pretrain.tiny PROPERTIES FIXTURES_REQUIRED tiny_shards
-                     PASS_REGULAR_EXPRESSION "step +4/4 .*eval [0-9.]+.*saved checkpoint .*step-00000004.*sample: Hello")
+expect_output(apps.data.tiny "held-out: .*valid \\(2 documents"
+              ${_bin}/llm-data ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml ${_sets})
+set_tests_properties(apps.data.tiny PROPERTIES FIXTURES_SETUP tiny_shards FIXTURES_REQUIRED tiny_clean)
+expect_output(apps.pretrain.tiny "step +4/4 .*eval [0-9.]+.*saved checkpoint .*step-00000004.*sample: Hello"
+              ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml ${_sets})
+set_tests_properties(apps.pretrain.tiny PROPERTIES FIXTURES_REQUIRED tiny_shards)
 if(NOT LIBLLM_CUDA)
   expect_error(pretrain.cuda-without-cuda "train.device: is 'cuda' but no CUDA device is usable"
                ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set train.device=cuda ${_sets})

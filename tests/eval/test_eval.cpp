@@ -65,6 +65,40 @@ TEST_CASE("every token is predicted once, whatever the batch size and stride", "
     CHECK(s.tokens == one.tokens);
     CHECK(s.loss == Approx(one.loss).margin(0.05));  // less context for some tokens, same tokens
   }
+  // Against one forward per target: with stride S, after the first window's targets (all of
+  // their context), target j is predicted from the W tokens before the end of its stride group
+  // (j rounded up to the first window's end + a multiple of S, at most the last target).
+  {
+    const int64_t W = 48, S = 7;
+    std::vector<std::vector<int64_t>> two(docs.end() - 2, docs.end());  // 49 and 130 tokens
+    opts.stride = S;
+    const EvalResult got = evaluate_tokens(p.model, two, opts);
+    torch::NoGradGuard no_grad;
+    p.model->eval();
+    double sum = 0;
+    int64_t count = 0;
+    for (const auto& d : two) {
+      std::vector<int64_t> t = {1};
+      t.insert(t.end(), d.begin(), d.end());
+      const int64_t n = static_cast<int64_t>(t.size()), c = std::min(n - 1, W);
+      for (int64_t j = 1; j < n; ++j) {
+        const int64_t end = j <= c ? j : std::min(c + (j - c + S - 1) / S * S, n - 1);
+        const int64_t from = j <= c ? 0 : end - W;
+        auto ctx = torch::tensor(std::vector<int64_t>(t.begin() + from, t.begin() + j)).unsqueeze(0);  // (1, j - from)
+        auto logp = torch::log_softmax(p.model->forward(ctx).logits[0][-1].to(torch::kFloat64), -1);
+        sum -= logp[t[static_cast<size_t>(j)]].item<double>();
+        ++count;
+      }
+    }
+    CHECK(got.tokens == count);
+    CHECK(got.loss == Approx(sum / static_cast<double>(count)).margin(1e-5));
+  }
+  // A window past the model's positions, or negative, is an error.
+  opts.window = 49;
+  CHECK_THROWS_WITH(evaluate_tokens(p.model, docs, opts), Catch::Contains("--window: must be in [0, 48]"));
+  opts.window = -1;
+  CHECK_THROWS_WITH(evaluate_tokens(p.model, docs, opts), Catch::Contains("--window: must be in [0, 48]"));
+  opts.window = 0;
   // Documents that fit the window are unaffected by the stride.
   std::vector<std::vector<int64_t>> short_docs(docs.begin(), docs.begin() + 4);
   opts.stride = 1;

@@ -70,11 +70,14 @@ TEST_CASE("sampling repeats for a seed, stops at EOS, and the stream rebuilds th
   g.max_new_tokens = 20;
   const auto a = generate(p.model, {1, 40, 41}, g), b = generate(p.model, {1, 40, 41}, g);
   CHECK(a == b);
-  g.eos_id = a[5];  // pretend the 6th token is EOS: generation stops right after it
-  CHECK(generate(p.model, {1, 40, 41}, g).size() <= 6);
+  // Pretend the 6th token is EOS: generation stops right after its first occurrence.
+  const auto first = std::find(a.begin(), a.end(), a[5]);
+  const std::vector<int64_t> upto(a.begin(), first + 1);
+  g.eos_id = a[5];
+  CHECK(generate(p.model, {1, 40, 41}, g) == upto);
   g.eos_id = -1;
   g.stop_ids = {a[5]};  // or one of the model's own end-of-sequence ids
-  CHECK(generate(p.model, {1, 40, 41}, g).size() <= 6);
+  CHECK(generate(p.model, {1, 40, 41}, g) == upto);
   g.stop_ids.clear();
 
   // top-p applies to the top k renormalised (transformers' and vLLM's warpers): with k = 2 the
@@ -96,4 +99,59 @@ TEST_CASE("sampling repeats for a seed, stops at EOS, and the stream rebuilds th
   for (int64_t id : ids) streamed += s.push(id);
   CHECK(streamed == s.text());
   CHECK(tok.decode(concat_ids(tok.encode("so"), ids)) == "so" + streamed);
+}
+
+TEST_CASE("a prompt longer than the window keeps its last tokens that leave room for the answer", "[generate]") {
+  // tiny-llama's window is 48: a 61-token prompt with 5 new tokens keeps its last 43 (at positions
+  // 0..42), so it answers as the 43-token prompt does without the cache (48 positions: all seen).
+  Pretrained p = load_pretrained(test::fixture("tiny-llama"));
+  REQUIRE(p.model->config().max_seq_len == 48);
+  std::vector<int64_t> prompt;
+  for (int64_t i = 0; i < 61; ++i) prompt.push_back(3 + (i * 37) % 300);
+  GenerateOptions g;
+  g.temperature = 0;
+  g.eos_id = -1;
+  g.max_new_tokens = 5;
+  const auto cached = generate(p.model, prompt, g);
+  g.use_cache = false;
+  const auto tail = generate(p.model, std::vector<int64_t>(prompt.end() - 43, prompt.end()), g);
+  CHECK(cached.size() == 5);
+  CHECK(cached == tail);
+}
+
+TEST_CASE("sampling options: a tiny temperature is greedy, out-of-range options throw", "[generate]") {
+  Pretrained p = load_pretrained(test::fixture("tiny-llama"));
+  GenerateOptions g;
+  g.eos_id = -1;
+  g.max_new_tokens = 8;
+  g.temperature = 0;
+  const auto greedy = generate(p.model, {1, 40, 41}, g);
+  g.temperature = 1e-30;  // (logits / T overflows float; the logits less their maximum do not)
+  g.top_k = 0;
+  CHECK(generate(p.model, {1, 40, 41}, g) == greedy);
+  GenerateOptions bad = g;
+  bad.top_p = 0;
+  CHECK_THROWS_WITH(generate(p.model, {1}, bad), Catch::Contains("GenerateOptions.top_p"));
+  bad = g, bad.temperature = -1;
+  CHECK_THROWS_WITH(generate(p.model, {1}, bad), Catch::Contains("GenerateOptions.temperature"));
+  bad = g, bad.top_k = -2;
+  CHECK_THROWS_WITH(generate(p.model, {1}, bad), Catch::Contains("GenerateOptions.top_k"));
+}
+
+TEST_CASE("a stream holds back a partial UTF-8 character and gives it up at the end", "[generate]") {
+  const Tokenizer tok = Tokenizer::load(test::fixture("tokenizer.model"));
+  const auto ids = tok.encode("caf\xC3\xA9");  // "café": the é as byte pieces <0xC3> <0xA9>
+  const auto lead = std::find_if(ids.begin(), ids.end(), [&](int64_t id) { return tok.piece(id) == "<0xC3>"; });
+  REQUIRE(lead != ids.end());
+  REQUIRE(lead + 1 != ids.end());
+  TextStream s(tok);
+  std::string streamed;
+  for (auto it = ids.begin(); it <= lead; ++it) streamed += s.push(*it);
+  CHECK(streamed == "caf");             // the lead byte alone is no character yet
+  CHECK(s.finish() == "\xEF\xBF\xBD");  // at the end: U+FFFD, as decode() gives it
+  CHECK(s.text() == tok.decode(std::vector<int64_t>(ids.begin(), lead + 1)));
+  TextStream whole(tok);
+  for (int64_t id : ids) streamed = whole.push(id);
+  CHECK(whole.text() == "caf\xC3\xA9");
+  CHECK(whole.finish().empty());
 }

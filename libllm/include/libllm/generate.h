@@ -27,7 +27,9 @@ struct GenerateOptions {
 
 // The generated token ids (prompt excluded; the EOS that stopped it included). The context is at
 // most the model's max_seq_len tokens: without the cache, the last max_seq_len tokens at
-// positions 0..; with it, when the cache is full it is rebuilt from the last half window.
+// positions 0..; with it, a prompt longer than the window, or a full cache, is cut to its last
+// tokens that leave room for the rest of the answer (keeping at least half the window), from
+// position 0. Options out of range (temperature < 0, top_p outside (0, 1], top_k < 0) throw.
 std::vector<int64_t> generate(Transformer& model, const std::vector<int64_t>& prompt, const GenerateOptions& opts);
 // BOS + prompt tokens in, prompt + continuation text out.
 std::string generate_text(Transformer& model, const Tokenizer& tok, const std::string& prompt, GenerateOptions opts);
@@ -39,6 +41,8 @@ class TextStream {
   // `context`: tokens before the stream (e.g. the prompt), so the first piece's space is kept.
   explicit TextStream(const Tokenizer& tok, std::vector<int64_t> context = {});
   std::string push(int64_t id);
+  // At the end of the stream: the text held back (a partial UTF-8 character, as U+FFFD).
+  std::string finish();
   // The streamed text so far (the context's text excluded).
   std::string text() const { return text_.substr(std::min(text_.size(), context_chars_)); }
 

@@ -1,0 +1,13 @@
+# Runs CMD (arguments joined by @@) and passes when it exits 0 having printed text that matches
+# REGEX (stdout alone, so $ is its end; or stdout then stderr). (CTest's PASS_REGULAR_EXPRESSION alone ignores the exit code.)
+string(REPLACE "@@" ";" CMD "${CMD}")
+execute_process(COMMAND ${CMD} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+string(STRIP "${out}" out_stripped)
+string(STRIP "${out}${err}" all)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "exited ${rc}; expected 0. output:\n${all}")
+endif()
+if(NOT out_stripped MATCHES "${REGEX}" AND NOT all MATCHES "${REGEX}")
+  message(FATAL_ERROR "output does not match '${REGEX}':\n${all}")
+endif()
+message(STATUS "ok: matches '${REGEX}'")
