@@ -2,11 +2,8 @@
 // tokenizer.path does not exist yet and tokenizer.vocab_size > 0), then tokenizes
 // data_prep.inputs into memory-mappable token shards (and a held-out set when asked).
 #include <fmt/core.h>
-#include <unistd.h>
 
 #include <filesystem>
-#include <fstream>
-#include <thread>
 #include <vector>
 
 #include <libllm/cli.h>
@@ -19,44 +16,30 @@ using namespace libllm;
 namespace fs = std::filesystem;
 
 // Trains a sentencepiece model with LLaMA's conventions (unk 0, BOS 1, EOS 2, byte fallback,
-// whitespace kept, digits split) into cfg.path, written under a temporary name first.
+// whitespace kept, digits split) into cfg.path (written whole or not at all). The same corpus and
+// settings give the same file on any machine: the sample is seeded and the trainer's thread
+// count fixed (its unigram sums depend on it).
 static void train_tokenizer(const Recipe& r) {
   const TokenizerConfig& t = r.tokenizer;
   const fs::path out = t.path;
   if (out.extension() != ".model") throw Error("tokenizer.path", "must end in .model, got '" + t.path + "'");
   fs::create_directories(out.parent_path().empty() ? fs::path(".") : out.parent_path());
-  const std::string tmp_prefix = (out.parent_path() / (out.stem().string() + ".tmp-" + std::to_string(::getpid()))).string();
-  const std::string corpus = tmp_prefix + ".txt";
   // A sample of the lines (sentencepiece's sentences) of the whole corpus, not its first ones
   // (one source's, when the inputs are folders of sources); sentencepiece then takes them all.
   constexpr int64_t kMaxLineBytes = 4192;  // sentencepiece's max_sentence_length
   int64_t seen = 0;
-  std::vector<std::string> lines = sample_lines(r.data_prep, t.input_sentence_size, kMaxLineBytes, &seen);
-  {
-    std::ofstream text(corpus);
-    for (const auto& l : lines) text << l << "\n";
-    if (!text) throw Error(corpus, "cannot write the tokenizer training text", "check free disk space");
-  }
+  const std::vector<std::string> lines = sample_lines(r.data_prep, t.input_sentence_size, kMaxLineBytes, &seen);
   fmt::print("training a {} tokenizer of {} pieces on {} of the corpus's {} lines\n", t.model_type, t.vocab_size,
              lines.size(), seen);
-  lines = {};
+  std::fflush(stdout);
   const std::string args = fmt::format(
-      "--input={} --model_prefix={} --vocab_size={} --model_type={} --character_coverage={} --byte_fallback=true "
+      "--vocab_size={} --model_type={} --character_coverage={} --byte_fallback=true "
       "--unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1 --normalization_rule_name=identity "
       "--remove_extra_whitespaces=false --split_digits=true --allow_whitespace_only_pieces=true "
-      "--input_sentence_size={} --max_sentence_length={} --shuffle_input_sentence=false --num_threads={} "
+      "--input_sentence_size={} --max_sentence_length={} --shuffle_input_sentence=false --num_threads=16 "
       "--minloglevel=2",
-      corpus, tmp_prefix, t.vocab_size, t.model_type, t.character_coverage, t.input_sentence_size, kMaxLineBytes,
-      std::max(1u, std::thread::hardware_concurrency()));
-  try {
-    train_sentencepiece(args);
-  } catch (...) {
-    fs::remove(corpus);
-    throw;
-  }
-  fs::remove(corpus);
-  fs::rename(tmp_prefix + ".vocab", out.parent_path() / (out.stem().string() + ".vocab"));
-  fs::rename(tmp_prefix + ".model", out);
+      t.vocab_size, t.model_type, t.character_coverage, t.input_sentence_size, kMaxLineBytes);
+  train_sentencepiece(lines, args, t.path);
   fmt::print("tokenizer: {}\n", t.path);
 }
 

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <mutex>
 
+#include "atomic_file.h"
 #include "libllm/config.h"
 #include "libllm/error.h"
 #include "libllm/model_config.h"
@@ -23,7 +24,7 @@ struct Shim {
                        std::string*);
   bool (*decode)(void*, const std::vector<int>*, std::string*, std::string*);
   void (*piece)(void*, int, std::string*);
-  bool (*train)(const std::string*, std::string*);
+  bool (*train)(const std::vector<std::string>*, const std::string*, std::string*, std::string*);
 };
 
 template <class F>
@@ -55,7 +56,7 @@ const Shim& shim() {
       bind(lib, "llm_spm_encode_spans", s.encode_spans, path);
       bind(lib, "llm_spm_decode", s.decode, path);
       bind(lib, "llm_spm_piece", s.piece, path);
-      bind(lib, "llm_spm_train", s.train, path);
+      bind(lib, "llm_spm_train_lines", s.train, path);
       return;
     }
     throw Error(LIBLLM_SPM_INSTALL_PATH, "cannot load libllm's sentencepiece module" + errors,
@@ -74,9 +75,12 @@ struct Tokenizer::Impl {
   }
 };
 
-void train_sentencepiece(const std::string& args) {
-  std::string error;
-  if (!shim().train(&args, &error)) throw Error("sentencepiece trainer", error, "check the tokenizer training options");
+void train_sentencepiece(const std::vector<std::string>& lines, const std::string& args,
+                         const std::string& model_path) {
+  std::string model, error;
+  if (!shim().train(&lines, &args, &model, &error))
+    throw Error("sentencepiece trainer", error, "check the tokenizer training options");
+  detail::write_file_atomic(model_path, model);
 }
 
 void TokenizerConfig::fields(Fields& f) {

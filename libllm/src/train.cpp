@@ -843,6 +843,10 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     int64_t step_tokens = 0, step_targets = 0;  // input positions (padding included), target tokens
     if (run.fsdp) run.fsdp->reset_peak();  // input positions computed on this rank
     std::vector<WindowRef> used;  // this rank's windows (chat: examples) in this step, in order
+    struct Micro {
+      torch::Tensor x, y, docs;
+    };
+    std::vector<Micro> micros;  // this step's micro batches, fetched first (chat: to count targets)
     for (int64_t m = 0; m < run.accum; ++m) {
       torch::Tensor x, y, docs;
       run.next_batch(tc.micro_batch, x, y, docs, refs);
@@ -857,24 +861,49 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
         y = y.to(run.device);
       }
       step_tokens += x.numel();
-      if (run.chat) step_targets += (y != -100).sum().item<int64_t>();
-      auto out = run.model->forward_loss(x, y, docs);
+      micros.push_back({x, y, docs});
+    }
+    // Chat: the step's loss is the mean over its target tokens on every rank (micro batches hold
+    // varying numbers of them), as torchtune and transformers (num_items_in_batch) weigh them:
+    // micro batch m's mean is weighted by its targets x world / the step's targets (the gradient
+    // all-reduce averages over ranks). Pretraining windows all have B x T targets: 1 / accum.
+    std::vector<int64_t> counted(static_cast<size_t>(run.accum), 0);
+    if (run.chat) {
+      auto total = torch::zeros({1}, torch::kInt64);
+      for (int64_t m = 0; m < run.accum; ++m) {
+        counted[static_cast<size_t>(m)] = (micros[static_cast<size_t>(m)].y != -100).sum().item<int64_t>();
+        step_targets += counted[static_cast<size_t>(m)];
+      }
+      total[0] = step_targets;
+      dist.sum(total);
+      step_targets = total[0].item<int64_t>();
+    }
+    for (int64_t m = 0; m < run.accum; ++m) {
+      const Micro& mb = micros[static_cast<size_t>(m)];
+      auto out = run.model->forward_loss(mb.x, mb.y, mb.docs);
       const auto& ce = out.loss;
-      ((ce + out.aux_loss) / static_cast<double>(run.accum)).backward();
+      const int64_t k = counted[static_cast<size_t>(m)];
+      torch::Tensor weighted;
+      if (!run.chat)
+        weighted = ce / static_cast<double>(run.accum);
+      else if (k > 0)
+        weighted = ce * (static_cast<double>(k) * dist.world_size() / static_cast<double>(step_targets));
+      else
+        weighted = torch::nan_to_num(ce) * 0.0;  // (no targets: a NaN mean, and no gradient)
+      (weighted + out.aux_loss / static_cast<double>(run.accum)).backward();
       if (run.fsdp) run.fsdp->reduce_gradients();
-      loss_sum += ce.item<double>();
+      if (!run.chat)
+        loss_sum += ce.item<double>();
+      else if (k > 0)
+        loss_sum += ce.item<double>() * static_cast<double>(k);
       aux_sum += out.aux_loss.item<double>();
     }
     const double held = static_cast<double>(run.fsdp ? run.fsdp->peak_bytes() : run.state_bytes());
     // (world, most used, 2): every rank's windows, gathered for the data-sequence log (packed
     // chat rows hold varying numbers of examples, so ranks may differ in count).
-    // Chat: the step's target tokens (all ranks) travel in one more slot.
-    auto counts = torch::zeros({dist.world_size() + 1}, torch::kInt64);
+    auto counts = torch::zeros({dist.world_size()}, torch::kInt64);
     counts[dist.rank()] = static_cast<int64_t>(used.size());
-    counts[dist.world_size()] = step_targets;
     dist.sum(counts);
-    step_targets = counts[dist.world_size()].item<int64_t>();
-    counts = counts.narrow(0, 0, dist.world_size());
     auto step_refs = torch::zeros({dist.world_size(), counts.max().item<int64_t>(), 2}, torch::kInt64);
     {
       auto acc = step_refs.accessor<int64_t, 3>();
@@ -884,7 +913,14 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       }
     }
     dist.sum(step_refs);
-    const double loss = dist.mean(loss_sum / run.accum);
+    double loss = 0;
+    if (run.chat) {  // (sum over ranks of each rank's target-weighted sum) / the step's targets
+      auto t = torch::full({1}, loss_sum, torch::kFloat64);
+      dist.sum(t);
+      loss = step_targets > 0 ? t[0].item<double>() / static_cast<double>(step_targets) : std::nan("");
+    } else {
+      loss = dist.mean(loss_sum / run.accum);
+    }
     aux_sum = dist.mean(aux_sum);
     const double grad_norm = run.finish_gradients(recipe.optim.grad_clip);
     GuardDecision d = run.guard.observe(n, loss, grad_norm);

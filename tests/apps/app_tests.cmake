@@ -91,6 +91,13 @@ set_tests_properties(apps.data.tiny PROPERTIES FIXTURES_SETUP tiny_shards FIXTUR
 expect_output(apps.pretrain.tiny "step +4/4 .*eval [0-9.]+.*saved checkpoint .*step-00000004.*sample: Hello"
               ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml ${_sets})
 set_tests_properties(apps.pretrain.tiny PROPERTIES FIXTURES_REQUIRED tiny_shards)
+# Tokenizer training (tokenizer.vocab_size): LLaMA's ids, byte fallback, the same file twice, and
+# shards holding Python sentencepiece's ids of each document.
+add_test(NAME apps.data.tokenizer
+         COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/apps/tokenizer_tests.sh ${_bin} ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml
+                 "${LIBLLM_TEST_PYTHON}" ${CMAKE_BINARY_DIR}/tokenizer-test
+         WORKING_DIRECTORY ${_src})
+set_tests_properties(apps.data.tokenizer PROPERTIES PASS_REGULAR_EXPRESSION "tokenizer ok" TIMEOUT 120)
 if(NOT LIBLLM_CUDA)
   expect_error(pretrain.cuda-without-cuda "train.device: is 'cuda' but no CUDA device is usable"
                ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set train.device=cuda ${_sets})

@@ -25,11 +25,13 @@ kill)
   "$bin/llm-spike" supervise "$recipe" "${common[@]}" --set train.run_dir="$work/supervised" --hang-seconds 60 \
     > "$work/supervise.log" 2>&1 &
   sup=$!
-  for _ in $(seq 1 600); do  # until the trainer is past step 60, then kill -9 it
+  n=0
+  for _ in $(seq 1 2400); do  # until the trainer is past step 60 (past 2 checkpoints), then kill -9 it
     n=$(wc -l < "$work/supervised/metrics.jsonl" 2>/dev/null || echo 0)
     [ "$n" -ge 60 ] && break
     sleep 0.05
   done
+  [ "$n" -ge 60 ] || fail "the supervised trainer did not reach step 60 in 2 minutes (step $n)"
   child=$(pgrep -P "$sup" | head -1)
   [ -n "$child" ] || fail "no trainer under the supervisor"
   kill -9 "$child"

@@ -446,6 +446,47 @@ TEST_CASE("fine-tuning resumes exactly (LoRA and full) and lowers the held-out l
   }
 }
 
+TEST_CASE("a chat step's loss is the mean over all its target tokens, not a mean of micro-batch means",
+          "[finetune][train]") {
+  // 2 micro batches of 2 examples (accumulation 2) hold different numbers of answer tokens: the
+  // step's loss weighs every target token alike (torchtune; transformers' num_items_in_batch).
+  // Independently: the base model, the same examples (ChatDataset, data.seed), summed CE / count.
+  test::TempDir tmp;
+  const std::string chat = make_chat(tmp, 40), base = make_base(tmp);
+  const Recipe r = ft_recipe(base, chat, tmp / "w",
+                             {"finetune.method=full", "train.micro_batch=2", "train.global_batch_tokens=600",
+                              "train.steps=1", "train.eval_every=0", "checkpoint.every=0"});
+  finetune(r);
+  const auto m = jsonl(tmp / "w/metrics.jsonl");
+  REQUIRE(m.size() == 1);
+  Pretrained p = load_pretrained(base, torch::kFloat32);
+  const Tokenizer tok = Tokenizer::load(p.tokenizer_path);
+  ChatDataset data(r.chat, tok, r.train.seq_len, static_cast<uint64_t>(r.data.seed), 0, 1);
+  torch::NoGradGuard no_grad;
+  p.model->eval();
+  double sum = 0, mean_of_means = 0;
+  int64_t count = 0;
+  std::vector<int64_t> counts;
+  for (int micro = 0; micro < 2; ++micro) {
+    ChatBatch b;
+    data.next(2, b);
+    auto logits = p.model->forward(b.inputs).logits;  // (B, T, V)
+    auto ce = torch::nn::functional::cross_entropy(
+        logits.reshape({-1, logits.size(-1)}).to(torch::kFloat64), b.targets.reshape({-1}),
+        torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
+    const int64_t k = (b.targets != -100).sum().item<int64_t>();
+    sum += ce.item<double>();
+    mean_of_means += ce.item<double>() / static_cast<double>(k) / 2;
+    count += k;
+    counts.push_back(k);
+  }
+  INFO("targets per micro batch: " << counts[0] << ", " << counts[1]);
+  REQUIRE(counts[0] != counts[1]);
+  CHECK(m[0]["target_tokens"].get<int64_t>() == count);
+  CHECK(m[0]["loss"].get<double>() == Approx(sum / static_cast<double>(count)).epsilon(1e-6));
+  CHECK(std::abs(sum / static_cast<double>(count) - mean_of_means) > 1e-4);  // (the two differ here)
+}
+
 TEST_CASE("a folder export streams one weight at a time and equals loading then exporting, bit for bit",
           "[finetune][io]") {
   test::TempDir tmp;

@@ -61,6 +61,30 @@ TEST_CASE("guard: no judgement before min_history, then a loss z-score over the 
   CHECK(k.observe(10, 3.0, 1.0).action == GuardAction::Apply);
 }
 
+TEST_CASE("guard: the statistics cover the last `window` steps, and the deviation has a floor", "[guard]") {
+  // Eight steps at loss 100, then eight at 3 +- 0.1: with window 8 only the latter count (mean 3,
+  // sample std 0.1069), so 3.7 (z = 6.55) is skipped; had the 100s stayed, it would be far below.
+  Guard g(small());
+  for (int64_t s = 1; s <= 8; ++s) REQUIRE(g.observe(s, 100.0, 1.0).action == GuardAction::Apply);
+  for (int64_t s = 9; s <= 16; ++s) REQUIRE(g.observe(s, s % 2 ? 3.1 : 2.9, 1.0).action == GuardAction::Apply);
+  const GuardDecision d = g.observe(17, 3.7, 1.0);
+  CHECK(d.z_loss == Approx(0.7 / std::sqrt(0.08 / 7)).epsilon(1e-9));
+  CHECK(d.action == GuardAction::Skip);
+  // A flat history (eight steps at exactly 3.0) has no spread: the floor is 1e-3 x |mean| = 0.003,
+  // so 3.02 has z = 6.67 (a spike) and 3.017 has z = 5.67 (not); the grad norm 1.0 alike (0.001).
+  for (const auto& [loss, action] : {std::pair{3.02, GuardAction::Skip}, std::pair{3.017, GuardAction::Apply}}) {
+    Guard flat(small());
+    for (int64_t s = 1; s <= 8; ++s) REQUIRE(flat.observe(s, 3.0, 1.0).action == GuardAction::Apply);
+    const GuardDecision f = flat.observe(9, loss, 1.0);
+    CHECK(f.z_loss == Approx((loss - 3.0) / 0.003).epsilon(1e-9));
+    CHECK(f.z_grad == Approx(0.0).margin(1e-9));
+    CHECK(f.action == action);
+  }
+  Guard grad(small());
+  for (int64_t s = 1; s <= 8; ++s) REQUIRE(grad.observe(s, 3.0, 1.0).action == GuardAction::Apply);
+  CHECK(grad.observe(9, 3.0, 1.0065).z_grad == Approx(6.5).epsilon(1e-9));
+}
+
 TEST_CASE("guard: a grad-norm z-score is a spike too, and either test can be switched off", "[guard]") {
   Guard g(small());
   warm(g, 8);

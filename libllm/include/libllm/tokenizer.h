@@ -63,8 +63,10 @@ class Tokenizer {
   int64_t vocab_size_ = 0, bos_id_ = -1, eos_id_ = -1, unk_id_ = -1;
 };
 
-// Trains a sentencepiece model; `args` is spm_train's flag string
-// ("--input=corpus.txt --model_prefix=out/tokenizer --vocab_size=8000 --model_type=bpe ...").
-void train_sentencepiece(const std::string& args);
+// Trains a sentencepiece model on `lines` (its sentences) with spm_train's flag string `args`
+// ("--vocab_size=8000 --model_type=bpe ..."; no --input or --model_prefix) and writes it to
+// `model_path` atomically. The file depends only on the lines and the flags (sentencepiece's
+// --num_threads among them), not on file names or the time.
+void train_sentencepiece(const std::vector<std::string>& lines, const std::string& args, const std::string& model_path);
 
 }  // namespace libllm
