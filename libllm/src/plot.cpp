@@ -1,7 +1,6 @@
 #include "libllm/plot.h"
 
 #include <fmt/core.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -9,9 +8,33 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "atomic_file.h"
 #include "libllm/error.h"
 
 namespace libllm {
+namespace {
+
+using detail::write_file_atomic;
+
+// Text for HTML/SVG: a run folder or label may hold <, > or &.
+std::string escape(const std::string& text) {
+  std::string out;
+  for (char c : text) {
+    if (c == '<')
+      out += "&lt;";
+    else if (c == '>')
+      out += "&gt;";
+    else if (c == '&')
+      out += "&amp;";
+    else if (c == '\'')
+      out += "&#39;";
+    else
+      out += c;
+  }
+  return out;
+}
+
+}  // namespace
 
 std::string svg_chart(const std::string& y_label, const std::vector<PlotSeries>& series,
                       const std::vector<PlotBand>& bands, const std::vector<PlotMark>& marks, double W, double H) {
@@ -53,30 +76,26 @@ std::string svg_chart(const std::string& y_label, const std::vector<PlotSeries>&
           svg += fmt::format("<circle cx='{:.1f}' cy='{:.1f}' r='4' fill='{}'/>\n", px(x), py(y), s.color);
       }
     }
-    svg += fmt::format("<text x='{}' y='22' fill='{}'>{}{}</text>\n", legend_x, s.color, s.line ? "&#9472; " : "&#9679; ", s.label);
+    svg += fmt::format("<text x='{}' y='22' fill='{}'>{}{}</text>\n", legend_x, s.color,
+                       s.line ? "&#9472; " : "&#9679; ", escape(s.label));
     legend_x += 40 + 7.0 * static_cast<double>(s.label.size());
   }
   for (const auto& m : marks) {
     svg += fmt::format("<line x1='{0:.1f}' x2='{0:.1f}' y1='{1}' y2='{2}' stroke='{3}' stroke-dasharray='4,3'/>\n", px(m.x), T,
                        H - B, m.color);
-    svg += fmt::format("<text x='{:.1f}' y='{}' fill='{}'>{}</text>\n", px(m.x) + 3, T + 12, m.color, m.label);
+    svg += fmt::format("<text x='{:.1f}' y='{}' fill='{}'>{}</text>\n", px(m.x) + 3, T + 12, m.color, escape(m.label));
   }
   svg += fmt::format("<text x='{}' y='{}' text-anchor='middle'>optimizer step</text>\n", (W + L) / 2, H - 8);
-  svg += fmt::format("<text x='14' y='{}' transform='rotate(-90 14 {})' text-anchor='middle'>{}</text>\n", (H - B + T) / 2,
-                     (H - B + T) / 2, y_label);
+  svg += fmt::format("<text x='14' y='{}' transform='rotate(-90 14 {})' text-anchor='middle'>{}</text>\n",
+                     (H - B + T) / 2, (H - B + T) / 2, escape(y_label));
   return svg + "</svg>\n";
 }
 
 void write_html(const std::string& path, const std::string& title, const std::string& body) {
-  const std::string html = fmt::format("<!doctype html><html><head><meta charset='utf-8'><title>{0}</title></head>"
-                                       "<body><h3>{0}</h3>\n{1}</body></html>\n", title, body);
-  const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
-  {
-    std::ofstream out(tmp);
-    out << html;
-    if (!out.flush()) throw Error(path, "cannot write plot", "check free disk space");
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw Error(path, "cannot write plot");
+  const std::string t = escape(title);
+  write_file_atomic(path, fmt::format("<!doctype html><html><head><meta charset='utf-8'><title>{0}</title></head>"
+                                      "<body><h3>{0}</h3>\n{1}</body></html>\n",
+                                      t, body));
 }
 
 void write_loss_plot(const std::string& metrics_jsonl, const std::string& html_path, const std::string& title) {
@@ -90,7 +109,8 @@ void write_loss_plot(const std::string& metrics_jsonl, const std::string& html_p
       auto j = nlohmann::json::parse(line);
       const double step = j.at("step").get<double>();
       if (j.contains("loss") && j["loss"].is_number()) train.points.emplace_back(step, j["loss"].get<double>());
-      if (j.contains("eval_loss")) eval.points.emplace_back(step, j["eval_loss"].get<double>());
+      if (j.contains("eval_loss") && j["eval_loss"].is_number())
+        eval.points.emplace_back(step, j["eval_loss"].get<double>());
     } catch (const nlohmann::json::exception&) {
     }
   }
