@@ -4,6 +4,7 @@
 #include <fmt/core.h>
 
 #include <filesystem>
+#include <utility>
 #include <vector>
 
 #include <libllm/cli.h>
@@ -28,7 +29,7 @@ static void train_tokenizer(const Recipe& r) {
   // (one source's, when the inputs are folders of sources); sentencepiece then takes them all.
   constexpr int64_t kMaxLineBytes = 4192;  // sentencepiece's max_sentence_length
   int64_t seen = 0;
-  const std::vector<std::string> lines = sample_lines(r.data_prep, t.input_sentence_size, kMaxLineBytes, &seen);
+  std::vector<std::string> lines = sample_lines(r.data_prep, t.input_sentence_size, kMaxLineBytes, &seen);
   fmt::print("training a {} tokenizer of {} pieces on {} of the corpus's {} lines\n", t.model_type, t.vocab_size,
              lines.size(), seen);
   std::fflush(stdout);
@@ -39,7 +40,7 @@ static void train_tokenizer(const Recipe& r) {
       "--input_sentence_size={} --max_sentence_length={} --shuffle_input_sentence=false --num_threads=16 "
       "--minloglevel=2",
       t.vocab_size, t.model_type, t.character_coverage, t.input_sentence_size, kMaxLineBytes);
-  train_sentencepiece(lines, args, t.path);
+  train_sentencepiece(std::move(lines), args, t.path);
   fmt::print("tokenizer: {}\n", t.path);
 }
 

@@ -83,6 +83,15 @@ int supervise(int argc, char** argv) {
                     "the supervisor must watch the run the job writes: give the launch command the same --set "
                     "(or put the setting in the recipe)");
     }
+    // Nor may the job write another run folder than the one watched.
+    for (size_t i = 0; i < opt.command.size(); ++i) {
+      std::string o = opt.command[i].rfind("--set=", 0) == 0                    ? opt.command[i].substr(6)
+                      : opt.command[i] == "--set" && i + 1 < opt.command.size() ? opt.command[i + 1]
+                                                                                : "";
+      if (o.rfind("train.run_dir=", 0) == 0 && fs::path(o.substr(14)) != fs::path(opt.run_dir))
+        throw Error("--set " + o, "in the launch command, but llm-spike supervise watches train.run_dir " + opt.run_dir,
+                    "give supervise the same --set train.run_dir");
+    }
   } else {
     const fs::path self = fs::read_symlink("/proc/self/exe");
     opt.command = {(self.parent_path() / "llm-pretrain").string(), recipe_path};

@@ -15,7 +15,8 @@ inline constexpr const char* kHeartbeatEnv = "LIBLLM_HEARTBEAT";
 
 // Records that the process is working on `what` ("writing /runs/x/.../model.safetensors"): the
 // file named by $LIBLLM_HEARTBEAT gets the time and `what`, at most once a second. Only in the
-// process of rank 0 ($RANK unset or 0; it writes the most of a checkpoint); a no-op when the
+// process of rank 0 ($RANK, else $SLURM_PROCID, unset or 0; it writes the most of a checkpoint);
+// a no-op when the
 // variable is unset. Never throws (a heartbeat that cannot be written is a missing heartbeat).
 void heartbeat(std::string_view what);
 

@@ -77,18 +77,19 @@ void llm_spm_piece(void* handle, int id, std::string* piece) {
   *piece = static_cast<SentencePieceProcessor*>(handle)->IdToPiece(id);
 }
 
-// sentencepiece's trainer on `lines` (its sentences, in this order) with spm_train's flag string
-// ("--vocab_size=... --model_type=..."; no --input or --model_prefix): the serialized model in
-// `model`, which depends on nothing else (no file names are recorded in it).
-bool llm_spm_train_lines(const std::vector<std::string>* lines, const std::string* args, std::string* model,
+// sentencepiece's trainer on `lines` (its sentences, in this order; each is released once the
+// trainer has taken it) with spm_train's flag string ("--vocab_size=... --model_type=..."; no
+// --input or --model_prefix): the serialized model in `model`, which depends on nothing else (no
+// file names are recorded in it).
+bool llm_spm_train_lines(std::vector<std::string>* lines, const std::string* args, std::string* model,
                          std::string* error) {
   struct Lines : sentencepiece::SentenceIterator {
-    explicit Lines(const std::vector<std::string>& l) : lines(l) {}
+    explicit Lines(std::vector<std::string>& l) : lines(l) {}
     bool done() const override { return i >= lines.size(); }
-    void Next() override { ++i; }
+    void Next() override { std::string().swap(lines[i++]); }
     const std::string& value() const override { return lines[i]; }
     sentencepiece::util::Status status() const override { return sentencepiece::util::Status(); }
-    const std::vector<std::string>& lines;
+    std::vector<std::string>& lines;
     size_t i = 0;
   } it(*lines);
   const auto status = sentencepiece::SentencePieceTrainer::Train(*args, &it, model);

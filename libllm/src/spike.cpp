@@ -277,7 +277,10 @@ namespace detail {
 void heartbeat(std::string_view what) {
   const char* path = std::getenv(kHeartbeatEnv);
   if (path == nullptr || *path == '\0') return;
-  if (const char* rank = std::getenv("RANK"); rank != nullptr && *rank != '\0' && std::strcmp(rank, "0") != 0) return;
+  // The rank as Distributed::from_env reads it: $RANK, else Slurm's $SLURM_PROCID (srun).
+  const char* rank = std::getenv("RANK");
+  if (rank == nullptr || *rank == '\0') rank = std::getenv("SLURM_PROCID");
+  if (rank != nullptr && *rank != '\0' && std::strcmp(rank, "0") != 0) return;
   static std::mutex mutex;
   static std::chrono::steady_clock::time_point last;
   static bool beaten = false;
@@ -298,7 +301,8 @@ int supervise(const SuperviseOptions& opt) {
   if (opt.command.empty()) throw Error("llm-spike supervise", "no command to run");
   const std::string metrics = (fs::path(opt.run_dir) / "metrics.jsonl").string();
   const std::string plan_path = (fs::path(opt.run_dir) / "restart_plan.json").string();
-  const std::string heartbeat_path = (fs::path(opt.run_dir) / "heartbeat").string();
+  // (absolute: a launcher or script may change directory before the job starts)
+  const std::string heartbeat_path = fs::absolute(fs::path(opt.run_dir) / "heartbeat").string();
   fs::create_directories(opt.run_dir);
   fs::remove(plan_path);
   std::signal(SIGINT, on_signal);

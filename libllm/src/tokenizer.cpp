@@ -24,7 +24,7 @@ struct Shim {
                        std::string*);
   bool (*decode)(void*, const std::vector<int>*, std::string*, std::string*);
   void (*piece)(void*, int, std::string*);
-  bool (*train)(const std::vector<std::string>*, const std::string*, std::string*, std::string*);
+  bool (*train)(std::vector<std::string>*, const std::string*, std::string*, std::string*);
 };
 
 template <class F>
@@ -75,8 +75,7 @@ struct Tokenizer::Impl {
   }
 };
 
-void train_sentencepiece(const std::vector<std::string>& lines, const std::string& args,
-                         const std::string& model_path) {
+void train_sentencepiece(std::vector<std::string> lines, const std::string& args, const std::string& model_path) {
   std::string model, error;
   if (!shim().train(&lines, &args, &model, &error))
     throw Error("sentencepiece trainer", error, "check the tokenizer training options");

@@ -429,6 +429,7 @@ bool contains(const std::vector<int64_t>& v, int64_t x) { return std::find(v.beg
 
 // The loop behind pretrain() and finetune(); `base` is the model to start from (fine-tuning) or null.
 double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* base) {
+  detail::heartbeat("starting");  // (building, reading and resuming beat as they go)
   const TrainConfig& tc = recipe.train;
   const ModelConfig& mc = recipe.model;
   const GuardConfig& gc = recipe.guard;
@@ -521,7 +522,6 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       fmt::print("note: restored {} (its re-save was interrupted)\n",
                  (fs::path(run.ckpt_root) / checkpoint_name(s)).string());
   dist.barrier();
-  detail::heartbeat("starting");  // (building, reading and resuming beat as they go)
   const int64_t restart = env_int("LIBLLM_RESTART", 0);
   const bool supervised = std::getenv("LIBLLM_RESTART") != nullptr;  // under llm-spike supervise
   std::string resume_from;

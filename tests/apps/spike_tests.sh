@@ -64,8 +64,8 @@ hang)
 heartbeat)
   run=("${common[@]}" --set train.steps=10 --set train.run_dir="$work/run")
   beat='echo "$(date +%s) writing slow.safetensors" > "$LIBLLM_HEARTBEAT"'
-  "$bin/llm-spike" supervise "$recipe" "${run[@]}" --hang-seconds 3 -- sh -c \
-    "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do $beat; sleep 0.5; done; \"\$@\"" launcher "$bin/llm-pretrain" "$recipe" "${run[@]}" \
+  "$bin/llm-spike" supervise "$recipe" "${run[@]}" --hang-seconds 6 -- sh -c \
+    "for i in $(seq -s ' ' 16); do $beat; sleep 0.5; done; \"\$@\"" launcher "$bin/llm-pretrain" "$recipe" "${run[@]}" \
     > "$work/beating.log" 2>&1 || fail "a beating job was not left to finish"
   grep -q "the job finished (attempt 0)" "$work/beating.log" || fail "restarted a beating job"
   "$bin/llm-spike" supervise "$recipe" "${run[@]}" --hang-seconds 3 --max-restarts 0 -- sh -c "$beat; sleep 30" launcher "${run[@]}" \
@@ -75,6 +75,10 @@ heartbeat)
   "$bin/llm-spike" supervise "$recipe" "${run[@]}" -- "$bin/llm-pretrain" "$recipe" > "$work/noset.log" 2>&1 &&
     fail "a launch command without the --set options was run"
   grep -q "given to llm-spike supervise but not to the launch command" "$work/noset.log" || fail "no --set error"
+  "$bin/llm-spike" supervise "$recipe" "${run[@]}" -- "$bin/llm-pretrain" "$recipe" "${run[@]}" \
+    --set train.run_dir="$work/other" > "$work/otherdir.log" 2>&1 && fail "a job writing another run folder was run"
+  grep -q "in the launch command, but llm-spike supervise watches train.run_dir" "$work/otherdir.log" ||
+    fail "no run_dir error"
   cat "$work/stuck.log"
   ;;
 stop)

@@ -42,4 +42,9 @@ ft lora-resumed "${lora[@]}" --set checkpoint.resume=auto
 grep -q "resumed from" "$work/lora-resumed.log" || { echo "no LoRA resume"; exit 1; }
 compare lora lora-resumed 1e-6
 run bf16 --set checkpoint.resume=none --set train.device=cuda --set train.dtype=bf16
-losses bf16 | awk '{ v[NR] = $1 } END { printf "bf16: first %s last %s\n", v[1], v[NR]; exit (NR == 8 && v[NR] < v[1] ? 0 : 1) }'
+python3 - "$work/bf16/metrics.jsonl" <<'PY' || { echo "bf16 did not train"; exit 1; }
+import json, math, sys
+v = [json.loads(l)["loss"] for l in open(sys.argv[1])]
+print(f"bf16: first {v[0]} last {v[-1]}")
+assert len(v) == 8 and all(isinstance(x, float) and math.isfinite(x) for x in v) and v[-1] < v[0]
+PY

@@ -462,29 +462,34 @@ TEST_CASE("a chat step's loss is the mean over all its target tokens, not a mean
   Pretrained p = load_pretrained(base, torch::kFloat32);
   const Tokenizer tok = Tokenizer::load(p.tokenizer_path);
   ChatDataset data(r.chat, tok, r.train.seq_len, static_cast<uint64_t>(r.data.seed), 0, 1);
-  torch::NoGradGuard no_grad;
-  p.model->eval();
   double sum = 0, mean_of_means = 0;
   int64_t count = 0;
   std::vector<int64_t> counts;
+  std::vector<torch::Tensor> sums;  // each micro batch's summed cross-entropy, with its graph
   for (int micro = 0; micro < 2; ++micro) {
     ChatBatch b;
     data.next(2, b);
     auto logits = p.model->forward(b.inputs).logits;  // (B, T, V)
     auto ce = torch::nn::functional::cross_entropy(
-        logits.reshape({-1, logits.size(-1)}).to(torch::kFloat64), b.targets.reshape({-1}),
+        logits.reshape({-1, logits.size(-1)}), b.targets.reshape({-1}),
         torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
     const int64_t k = (b.targets != -100).sum().item<int64_t>();
     sum += ce.item<double>();
     mean_of_means += ce.item<double>() / static_cast<double>(k) / 2;
     count += k;
     counts.push_back(k);
+    sums.push_back(ce);
   }
   INFO("targets per micro batch: " << counts[0] << ", " << counts[1]);
   REQUIRE(counts[0] != counts[1]);
   CHECK(m[0]["target_tokens"].get<int64_t>() == count);
   CHECK(m[0]["loss"].get<double>() == Approx(sum / static_cast<double>(count)).epsilon(1e-6));
   CHECK(std::abs(sum / static_cast<double>(count) - mean_of_means) > 1e-4);  // (the two differ here)
+  // The gradient (its norm before clipping) is that of the token mean too.
+  ((sums[0] + sums[1]) / static_cast<double>(count)).backward();
+  double sq = 0;
+  for (const auto& w : p.model->parameters()) sq += w.grad().to(torch::kFloat64).pow(2).sum().item<double>();
+  CHECK(m[0]["grad_norm"].get<double>() == Approx(std::sqrt(sq)).epsilon(1e-5));
 }
 
 TEST_CASE("a folder export streams one weight at a time and equals loading then exporting, bit for bit",
