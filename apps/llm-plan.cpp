@@ -118,14 +118,18 @@ int main(int argc, char** argv) {
                  100.0 * static_cast<double>(p.trainable) / static_cast<double>(p.params), commas(p.params),
                  recipe.train.dtype);
     fmt::print("  per-GPU memory, GiB (activations for one micro batch of {} x {}):\n", p.micro_batch, p.seq_len);
-    fmt::print("  {:<8} {:>8} {:>9} {:>9} {:>10} {:>12} {:>9} {:>9} {:>11}\n", "sharding", "weights", "grads",
-               "optimizer", "activation", "act (ckpt)", "buffers", "total", "total ckpt");
+    fmt::print("  {:<8} {:>8} {:>9} {:>9} {:>10} {:>12} {:>9} {:>10} {:>9} {:>11}\n", "sharding", "weights", "grads",
+               "optimizer", "activation", "act (ckpt)", "buffers", "grad stage", "total", "total ckpt");
     for (const MemoryRow& x : p.rows)
-      fmt::print("  {:<8} {:>8.1f} {:>9.1f} {:>9.1f} {:>10.1f} {:>12.1f} {:>9.1f} {:>9.1f}{} {:>10.1f}{}\n", x.sharding,
-                 x.weights / gib, x.grads / gib, x.optimizer / gib, x.activations / gib, x.activations_ckpt / gib,
-                 x.buffers / gib, x.total(false) / gib, x.total(false) <= cs.gpu_memory_gib * gib ? " " : "!",
-                 x.total(true) / gib, x.total(true) <= cs.gpu_memory_gib * gib ? " " : "!");
-    fmt::print("  (! = does not fit)  fits: {}\n", p.recommendation);
+      fmt::print("  {:<8} {:>8.1f} {:>9.1f} {:>9.1f} {:>10.1f} {:>12.1f} {:>9.1f} {:>10.1f} {:>9.1f}{} {:>10.1f}{}\n",
+                 x.sharding, x.weights / gib, x.grads / gib, x.optimizer / gib, x.activations / gib,
+                 x.activations_ckpt / gib, x.buffers / gib, x.grad_staging / gib, x.total(false) / gib,
+                 x.total(false) <= p.usable_bytes ? " " : "!", x.total(true) / gib,
+                 x.total(true) <= p.usable_bytes ? " " : "!");
+    fmt::print("  (! = over 90% of the GPU's memory: does not fit)  fits: {}\n", p.recommendation);
+    fmt::print(
+        "  grad stage: ZeRO-2/3 gradients beside the shards in a recomputing backward; zero2 without it\n"
+        "  holds every gradient whole at the end of backward (total: the larger of that and the activations)\n");
     fmt::print("  each row is a train.sharding value; {}\n",
                p.lora ? "zero3 and hybrid need train.activation_checkpointing: true, and shard the frozen base too"
                       : "zero3 and hybrid need train.activation_checkpointing: true");

@@ -12,6 +12,11 @@
 
 #include <torch/torch.h>
 
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include "libllm/error.h"
 
 namespace libllm::test {
@@ -88,6 +93,51 @@ inline torch::Tensor tokens_from_json(const nlohmann::json& rows) {
 
 inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
   return (a.to(torch::kFloat64) - b.to(torch::kFloat64)).abs().max().item<double>();
+}
+
+// Runs the hidden test case `tag` (e.g. "[.my_worker]") of this test program as `world` ranks,
+// each a process of its own with a torchrun-style environment (a free port on 127.0.0.1) plus
+// `env`; returns each rank's exit code (0 when its checks passed; -1 when killed).
+inline std::vector<int> run_ranks(const std::string& tag, int world, const std::vector<std::string>& env = {}) {
+  int port = 0;
+  {  // a free port
+    const int s = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(a);
+    if (::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 ||
+        ::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len) != 0)
+      throw std::runtime_error("run_ranks: no free port");
+    port = ntohs(a.sin_port);
+    ::close(s);
+  }
+  std::vector<pid_t> pids;
+  for (int r = 0; r < world; ++r) {
+    std::vector<std::string> all = {"WORLD_SIZE=" + std::to_string(world), "RANK=" + std::to_string(r),
+                                    "LOCAL_RANK=" + std::to_string(r),     "MASTER_ADDR=127.0.0.1",
+                                    "MASTER_PORT=" + std::to_string(port), "OMP_NUM_THREADS=1"};
+    all.insert(all.end(), env.begin(), env.end());
+    const pid_t pid = ::fork();
+    if (pid < 0) throw std::runtime_error("run_ranks: fork failed");
+    if (pid == 0) {  // (only exec after fork: the parent's threads are not here)
+      std::vector<char*> envp, argv;
+      for (const auto& e : all) envp.push_back(const_cast<char*>(e.c_str()));
+      envp.push_back(nullptr);
+      const std::string self = "/proc/self/exe";
+      argv = {const_cast<char*>(self.c_str()), const_cast<char*>(tag.c_str()), nullptr};
+      ::execve(self.c_str(), argv.data(), envp.data());
+      ::_exit(127);
+    }
+    pids.push_back(pid);
+  }
+  std::vector<int> codes;
+  for (const pid_t pid : pids) {
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    codes.push_back(WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+  }
+  return codes;
 }
 
 }  // namespace libllm::test

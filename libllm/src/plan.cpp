@@ -144,8 +144,15 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& cluster) {
   // gathered for the whole step with, when it trains, its whole gradient buffer (which holds the
   // head's gradient the fused loss counts above; LoRA: only adapters on the head train, fp32).
   const double root = static_cast<double>(pc.embedding + pc.final_norm + pc.lm_head);
-  const double root_grad = lora ? 8.0 * psi_a_outside : w * root - (fused ? head_grad : 0.0);
+  // (the fused loss's head gradient, counted above, is a tensor of its own beside this buffer)
+  const double root_grad = lora ? 8.0 * psi_a_outside : w * root;
   const double gathered = 2 * (w * static_cast<double>(pc.per_block) + 4.0 * psi_a_block) + w * root + root_grad;
+  // ZeRO-2/3 gradients beside their shards: with checkpointing, per block: the recomputed block's
+  // new gradients, the buffer they are added into, and two reductions in flight (each a block's
+  // gradient). ZeRO-2 without it reduces only after backward: every gradient whole, then (the
+  // activations gone by then) plus one block's buffer.
+  const double block_grad = lora ? 4.0 * psi_a_block : w * static_cast<double>(pc.per_block);
+  const double staging = 4 * block_grad, unreduced = grads + block_grad;
 
   auto row = [&](const std::string& name, int64_t n, double wd, double gd, double od, bool gather) {
     MemoryRow x;
@@ -157,6 +164,10 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& cluster) {
     x.activations = act;
     x.activations_ckpt = act_ckpt;
     x.buffers = runtime + (gather ? gathered : 0.0);
+    if (gd > 1) {  // gradients sharded: staged before their reduction
+      x.grad_staging = staging;
+      x.grad_unreduced = gather ? staging : unreduced;  // (ZeRO-3 and hybrid recompute in libllm: informative)
+    }
     p.rows.push_back(x);
   };
   const double N = static_cast<double>(c.gpus);
@@ -168,7 +179,8 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& cluster) {
     row("hybrid", c.gpus_per_node, g, g, g, true);
   }
   row("zero3", c.gpus, N, N, N, true);
-  const double capacity = c.gpu_memory_gib * std::pow(2.0, 30);
+  const double capacity = 0.9 * c.gpu_memory_gib * std::pow(2.0, 30);
+  p.usable_bytes = capacity;
   for (bool ckpt : {false, true}) {
     for (const MemoryRow& x : p.rows) {
       // libllm's ZeRO-3 (and hybrid) recompute every block: they need activation checkpointing.

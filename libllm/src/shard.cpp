@@ -2,6 +2,7 @@
 
 #include <fmt/core.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 
@@ -29,8 +30,8 @@ std::vector<ShardPiece> shard_pieces(const std::vector<int64_t>& numels, int ran
 }
 
 ShardedAdamW::ShardedAdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named, const OptimConfig& cfg,
-                           Distributed& dist)
-    : dist_(dist) {
+                           Distributed& dist, int64_t gather_bytes)
+    : dist_(dist), gather_bytes_(gather_bytes) {
   torch::NoGradGuard no_grad;
   std::vector<std::string> names;
   std::vector<bool> embedding;
@@ -76,19 +77,37 @@ void ShardedAdamW::step(double lr) {
     return p.scalar_type() == params_[0].scalar_type();
   });
   if (one_dtype) {
-    // Every rank's chunk, gathered into one flat buffer (so a failed exchange leaves the weights).
-    auto full = torch::zeros({chunk_ * dist_.world_size()}, params_[0].options());
+    // This rank's chunk of the flat parameters, then every rank's, gathered gather_bytes at a time and
+    // written into the parameters as it arrives: the step holds no second copy of the weights
+    // (a 7B model's would be 13.5 GB of bf16 on top of its weights and gradients).
+    const int64_t world = dist_.world_size();
     auto mine = torch::zeros({chunk_}, params_[0].options());
     int64_t at = 0;
     for (size_t i = 0; i < mine_.size(); ++i) {
       mine.narrow(0, at, mine_[i].length).copy_(slices_[i]);
       at += mine_[i].length;
     }
-    dist_.all_gather(mine, full).wait();
+    std::vector<int64_t> starts;  // each parameter's offset in the flat order
     int64_t start = 0;
-    for (auto& p : params_) {
-      p.view({-1}).copy_(full.narrow(0, start, p.numel()));
-      start += p.numel();
+    for (const auto& p : params_) starts.push_back(start), start += p.numel();
+    // Copies `src` to the flat elements [begin, begin + src.numel()) of the parameters (the last
+    // chunk's padding past total_ is dropped).
+    auto write_flat = [&](int64_t begin, const torch::Tensor& src) {
+      if (begin >= total_) return;
+      size_t i = static_cast<size_t>(std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin()) - 1;
+      for (int64_t done = 0; done < src.numel() && i < params_.size(); ++i) {
+        const int64_t from = begin + done - starts[i], n = std::min(src.numel() - done, params_[i].numel() - from);
+        params_[i].view({-1}).narrow(0, from, n).copy_(src.narrow(0, done, n));
+        done += n;
+      }
+    };
+    const int64_t per = std::max<int64_t>(1, gather_bytes_ / params_[0].element_size() / world);
+    auto gathered = torch::empty({std::min(per, chunk_) * world}, params_[0].options());
+    for (int64_t o = 0; o < chunk_; o += per) {
+      const int64_t n = std::min(per, chunk_ - o);
+      auto piece = gathered.narrow(0, 0, n * world);  // (world, n): rank r's elements o..o+n of its chunk
+      dist_.all_gather(mine.narrow(0, o, n), piece).wait();
+      for (int64_t r = 0; r < world; ++r) write_flat(r * chunk_ + o, piece.narrow(0, r * n, n));
     }
     return;
   }

@@ -2,9 +2,6 @@
 // and a sharded save that refuses to complete a folder without every optimizer shard.
 #include "../catch_torch.h"
 
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -202,43 +199,8 @@ TEST_CASE("rank generators: one rank", "[.rank_rng_worker]") {
 
 TEST_CASE("every rank's generator is saved by rank 0 and restored on its own rank (2 processes)", "[io][checkpoint]") {
   test::TempDir tmp;
-  int port = 0;
-  {  // a free port
-    const int s = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof(a);
-    REQUIRE(::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0);
-    REQUIRE(::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len) == 0);
-    port = ntohs(a.sin_port);
-    ::close(s);
-  }
-  std::vector<pid_t> pids;
-  for (int r = 0; r < 2; ++r) {
-    const std::vector<std::string> env = {
-        "WORLD_SIZE=2",          "RANK=" + std::to_string(r),           "LOCAL_RANK=" + std::to_string(r),
-        "MASTER_ADDR=127.0.0.1", "MASTER_PORT=" + std::to_string(port), "LIBLLM_TEST_ROOT=" + tmp.path.string(),
-        "OMP_NUM_THREADS=1"};
-    const pid_t pid = ::fork();
-    REQUIRE(pid >= 0);
-    if (pid == 0) {  // (only exec after fork: the parent's threads are not here)
-      std::vector<char*> envp, argv;
-      for (const auto& e : env) envp.push_back(const_cast<char*>(e.c_str()));
-      envp.push_back(nullptr);
-      const std::string self = "/proc/self/exe", tag = "[.rank_rng_worker]";
-      argv = {const_cast<char*>(self.c_str()), const_cast<char*>(tag.c_str()), nullptr};
-      ::execve(self.c_str(), argv.data(), envp.data());
-      ::_exit(127);
-    }
-    pids.push_back(pid);
-  }
-  for (const pid_t pid : pids) {
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-    REQUIRE(WIFEXITED(status));
-    CHECK(WEXITSTATUS(status) == 0);  // (the worker's checks passed)
-  }
+  CHECK(test::run_ranks("[.rank_rng_worker]", 2, {"LIBLLM_TEST_ROOT=" + tmp.path.string()}) ==
+        std::vector<int>{0, 0});  // (the workers' checks passed)
   CHECK(fs::exists(tmp / "step-00000003/optimizer.safetensors"));
 }
 

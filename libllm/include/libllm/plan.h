@@ -3,6 +3,7 @@
 // token budget at a given MFU. Estimates from counted bytes (see plan.cpp for every term).
 #pragma once
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -29,8 +30,13 @@ struct MemoryRow {
   double activations = 0;        // saved for backward, one micro batch, no recomputation
   double activations_ckpt = 0;   // the same with activation checkpointing per block
   double buffers = 0;            // runtime, communication buckets, ZeRO-3 gathered blocks and root unit, logits' gradient
+  double grad_staging = 0;       // ZeRO-2/3 with checkpointing: gradients beside the shards in backward (a block's
+                                 // new gradients and their buffer, two reductions in flight)
+  double grad_unreduced = 0;     // ZeRO-2 without checkpointing: every gradient whole at the end of backward
+                                 // (the activations freed by then) and a block's reduction buffer
   double total(bool checkpointing) const {
-    return weights + grads + optimizer + (checkpointing ? activations_ckpt : activations) + buffers;
+    return weights + grads + optimizer + buffers +
+           (checkpointing ? activations_ckpt + grad_staging : std::max(activations, grad_unreduced));
   }
 };
 
@@ -50,6 +56,8 @@ struct TrainingPlan {
   double days = 0;                // total_tokens / tokens_per_s
   std::vector<MemoryRow> rows;    // none, zero1, zero2, hybrid (when gpus > gpus_per_node), zero3
   std::string recommendation;     // the least sharding that fits, preferring no recomputation
+  double usable_bytes = 0;        // what "fits" means: at most 90% of a GPU's memory (the rest: the
+                                  // caching allocator's fragmentation, NCCL's and cuBLAS's workspaces)
 };
 
 // The model a recipe trains: its finetune.base's config when that folder is at hand (a fine-tune

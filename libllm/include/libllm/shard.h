@@ -48,12 +48,13 @@ class ShardedAdamW {
   // `named`: the trainable parameters (a tensor listed under several names, e.g. a tied head, is
   // kept once, and decays as an embedding if any of its names is one). Each slice's AdamW entry
   // is named "<param>@<offset>" (its state "<param>@<offset>.exp_avg", ...).
+  // `gather_bytes`: the all-gather buffer that brings the updated chunks back (see step()).
   ShardedAdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named, const OptimConfig& cfg,
-               Distributed& dist);
+               Distributed& dist, int64_t gather_bytes = 25 << 20);
 
   // Updates this rank's slices (gradients must already be averaged over ranks and clipped), then
-  // gives every rank the whole updated parameters (one all-gather of the chunks; an all-reduce
-  // when the parameters have several dtypes).
+  // gives every rank the whole updated parameters (all-gathers of gather_bytes of the chunks, written
+  // into the parameters as they arrive; an all-reduce when the parameters have several dtypes).
   void step(double lr);
   void zero_grad();
 
@@ -69,6 +70,7 @@ class ShardedAdamW {
   int64_t total_ = 0, chunk_ = 0;       // elements in all, and per rank
   std::unique_ptr<AdamW> local_;
   Distributed& dist_;
+  int64_t gather_bytes_;
   bool low_precision_ = false;
 };
 
