@@ -83,15 +83,18 @@ int supervise(int argc, char** argv) {
                     "the supervisor must watch the run the job writes: give the launch command the same --set "
                     "(or put the setting in the recipe)");
     }
-    // Nor may the job write another run folder than the one watched.
+    // Nor may the job write another run folder than the one watched (the last --set of it wins).
+    std::string job_run_dir;
     for (size_t i = 0; i < opt.command.size(); ++i) {
-      std::string o = opt.command[i].rfind("--set=", 0) == 0                    ? opt.command[i].substr(6)
-                      : opt.command[i] == "--set" && i + 1 < opt.command.size() ? opt.command[i + 1]
-                                                                                : "";
-      if (o.rfind("train.run_dir=", 0) == 0 && fs::path(o.substr(14)) != fs::path(opt.run_dir))
-        throw Error("--set " + o, "in the launch command, but llm-spike supervise watches train.run_dir " + opt.run_dir,
-                    "give supervise the same --set train.run_dir");
+      const std::string o = opt.command[i].rfind("--set=", 0) == 0                    ? opt.command[i].substr(6)
+                            : opt.command[i] == "--set" && i + 1 < opt.command.size() ? opt.command[i + 1]
+                                                                                      : "";
+      if (o.rfind("train.run_dir=", 0) == 0) job_run_dir = o;
     }
+    if (!job_run_dir.empty() && fs::path(job_run_dir.substr(14)) != fs::path(opt.run_dir))
+      throw Error("--set " + job_run_dir,
+                  "in the launch command, but llm-spike supervise watches train.run_dir " + opt.run_dir,
+                  "give supervise the same --set train.run_dir");
   } else {
     const fs::path self = fs::read_symlink("/proc/self/exe");
     opt.command = {(self.parent_path() / "llm-pretrain").string(), recipe_path};
