@@ -133,6 +133,8 @@ RunAnalysis analyze_run(const std::string& run_dir) {
       const GuardDecision d = detector.observe(step, loss, grad);
       spike = d.spike;
       zl = d.z_loss, zg = d.z_grad;
+      action = m.value("action", std::string("apply"));  // (a non-finite step, skipped without the guard too)
+      a.skips += action == "skip";
     }
     if (!spike) {
       close();

@@ -134,7 +134,8 @@ if(LIBLLM_GLOO_INCLUDE)
                          PASS_REGULAR_EXPRESSION "${_stage} ok")
   endforeach()
 else()
-  message(STATUS "libllm: no gloo headers: the CPU data-parallel tests are not registered")
+  message(WARNING "libllm: no gloo headers beside LibTorch (Debian: libgloo-dev): the CPU data-parallel and "
+                  "ZeRO tests are not registered")
 endif()
 
 # CUDA training (label gpu): CPU == CUDA, resume, a 1-rank NCCL group, bf16.

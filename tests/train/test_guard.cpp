@@ -240,5 +240,15 @@ TEST_CASE("analyze: a run without the guard that skipped a non-finite step still
   test::write_file(tmp / "metrics.jsonl", lines);
   const RunAnalysis a = analyze_run(tmp.path.string());
   CHECK_FALSE(a.guarded);
-  CHECK(std::any_of(a.spikes.begin(), a.spikes.end(), [](const Spike& s) { return s.first_step == 30; }));
+  // Exactly two: the skipped non-finite step 10 and the loss of step 30 (z far above 6 over the
+  // recipe's window of 16), each one step long, each recovered by itself.
+  REQUIRE(a.spikes.size() == 2);
+  CHECK(a.spikes[0].first_step == 10);
+  CHECK(a.spikes[0].last_step == 10);
+  CHECK(a.spikes[0].skipped == 1);
+  CHECK(a.spikes[1].first_step == 30);
+  CHECK(a.spikes[1].last_step == 30);
+  CHECK(a.spikes[1].kind == "benign");
+  CHECK(a.skips == 1);
+  CHECK(a.steps_run == 40);
 }
