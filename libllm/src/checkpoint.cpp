@@ -13,6 +13,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "atomic_file.h"
 #include "libllm/compat.h"
 #include "libllm/config.h"
 #include "libllm/distributed.h"
@@ -44,13 +45,6 @@ void write_tensors(const std::string& path, const std::vector<std::pair<std::str
     views.push_back({name, st_dtype_of(keep.back().scalar_type()), keep.back().sizes().vec(), keep.back().data_ptr()});
   }
   safetensors::write(path, views);
-}
-
-void write_text(const std::string& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary);
-  out << text;
-  out.flush();
-  if (!out) throw Error(path, "cannot write file", "check free disk space");
 }
 
 // "step-00000100" -> 100, "step-100000000" -> 100000000 (checkpoint_name's 8 digits grow past
@@ -238,9 +232,9 @@ std::string save_checkpoint(const std::string& root, Transformer& model, const A
     add_rng_state(opt_state);
     opt_state.insert(opt_state.end(), state.rank_rng.begin(), state.rank_rng.end());
     write_tensors((tmp / "optimizer.safetensors").string(), opt_state);
-    write_text((tmp / "recipe.yaml").string(), recipe_yaml);
+    detail::write_file_atomic((tmp / "recipe.yaml").string(), recipe_yaml);
     if (!tokenizer_path.empty() && fs::exists(tokenizer_path)) fs::copy_file(tokenizer_path, tmp / "tokenizer.model");
-    write_text((tmp / "trainer.json").string(), trainer_record(state).dump(1) + "\n");
+    detail::write_file_atomic((tmp / "trainer.json").string(), trainer_record(state).dump(1) + "\n");
     move_folder_into_place(tmp.string(), final_dir.string());  // the same step again (rollback): swapped
   } catch (const fs::filesystem_error& e) {
     fs::remove_all(tmp, ec);
@@ -387,11 +381,11 @@ std::string save_checkpoint_sharded(const std::string& root, const WeightStream&
           {"step", torch::scalar_tensor(local.steps(), torch::kInt64)}};
       common.insert(common.end(), state.rank_rng.begin(), state.rank_rng.end());
       write_tensors((tmp / "optimizer.safetensors").string(), common);
-      write_text((tmp / "recipe.yaml").string(), recipe_yaml);
+      detail::write_file_atomic((tmp / "recipe.yaml").string(), recipe_yaml);
       if (!tokenizer_path.empty() && fs::exists(tokenizer_path)) fs::copy_file(tokenizer_path, tmp / "tokenizer.model");
       json trainer = trainer_record(state);
       trainer["optimizer_shards"] = world;
-      write_text((tmp / "trainer.json").string(), trainer.dump(1) + "\n");
+      detail::write_file_atomic((tmp / "trainer.json").string(), trainer.dump(1) + "\n");
       move_folder_into_place(tmp.string(), final_dir.string());  // the same step again (rollback): swapped
     } catch (const std::exception& e) {
       fs::remove_all(tmp, ec);

@@ -5,6 +5,7 @@
 #include <set>
 #include <nlohmann/json.hpp>
 
+#include "atomic_file.h"
 #include "libllm/checkpoint.h"
 #include "libllm/config.h"
 #include "libllm/error.h"
@@ -162,10 +163,7 @@ void export_peft_adapter(Transformer& model, const LoraConfig& cfg, const std::s
               {"use_rslora", false},
               {"use_dora", false},
               {"revision", nullptr}};
-    std::ofstream out(tmp / "adapter_config.json");
-    out << c.dump(2) << "\n";
-    out.close();
-    if (!out) throw Error((tmp / "adapter_config.json").string(), "cannot write file", "check free disk space");
+    detail::write_file_atomic((tmp / "adapter_config.json").string(), c.dump(2) + "\n");
   });
 }
 

@@ -13,11 +13,12 @@ namespace libllm::detail {
 // The environment variable the supervisor sets for its job: the heartbeat file's path.
 inline constexpr const char* kHeartbeatEnv = "LIBLLM_HEARTBEAT";
 
-// Records that the process is working on `what` ("writing /runs/x/.../model.safetensors"): the
-// file named by $LIBLLM_HEARTBEAT gets the time and `what`, at most once a second. Only in the
+// Records that the process is doing `what` to `object` ("writing", "/runs/x/.../model.safetensors"):
+// the file named by $LIBLLM_HEARTBEAT gets the time and both, at most once a second (nothing is
+// built before that is known: cheap enough for every tensor read). Only in the
 // process of rank 0 ($RANK, else $SLURM_PROCID, unset or 0; it writes the most of a checkpoint);
 // a no-op when the
 // variable is unset. Never throws (a heartbeat that cannot be written is a missing heartbeat).
-void heartbeat(std::string_view what);
+void heartbeat(std::string_view what, std::string_view object = {});
 
 }  // namespace libllm::detail

@@ -18,6 +18,7 @@
 #include <set>
 #include <sstream>
 
+#include "atomic_file.h"
 #include "libllm/checkpoint.h"
 #include "libllm/compat.h"
 #include "libllm/data.h"
@@ -41,13 +42,6 @@ json read_json(const std::string& path) {
   } catch (const json::exception& e) {
     throw Error(path, std::string("invalid JSON: ") + e.what());
   }
-}
-
-void write_text(const std::string& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary);
-  out << text;
-  out.close();
-  if (!out) throw Error(path, "cannot write file", "check free disk space and permissions");
 }
 
 // A JSON integer as int64 (2.5 or "2" are errors, not truncated or converted).
@@ -693,16 +687,17 @@ void export_hf(const ModelConfig& config, const std::vector<LazyWeight>& weights
     }
     if (n > 1) {
       json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};
-      write_text((tmp / "model.safetensors.index.json").string(), index.dump(2) + "\n");
+      detail::write_file_atomic((tmp / "model.safetensors.index.json").string(), index.dump(2) + "\n");
     }
-    write_text((tmp / "config.json").string(), hf_config_json(config, dtype_name(dtype), opts.bos_id, opts.eos_id));
+    detail::write_file_atomic((tmp / "config.json").string(),
+                              hf_config_json(config, dtype_name(dtype), opts.bos_id, opts.eos_id));
     gen["bos_token_id"] = opts.bos_id;
     const json eos = gen.value("eos_token_id", json());
     const bool listed = eos.is_array() && std::any_of(eos.begin(), eos.end(), [&](const json& e) {
                           return e.is_number_integer() && e.get<int64_t>() == opts.eos_id;
                         });
     if (!listed) gen["eos_token_id"] = opts.eos_id;
-    write_text((tmp / "generation_config.json").string(), gen.dump(2) + "\n");
+    detail::write_file_atomic((tmp / "generation_config.json").string(), gen.dump(2) + "\n");
     if (!opts.tokenizer_path.empty()) {
       const Tokenizer tok = Tokenizer::load(opts.tokenizer_path);
       fs::copy_file(opts.tokenizer_path, tmp / "tokenizer.model", ec);
@@ -725,7 +720,7 @@ void export_hf(const ModelConfig& config, const std::vector<LazyWeight>& weights
       if (auto eos = piece_of(opts.eos_id, tok.eos_id())) tc["eos_token"] = *eos;
       if (tok.unk_id() >= 0) tc["unk_token"] = tok.piece(tok.unk_id());
       if (!opts.chat_template.empty()) tc["chat_template"] = opts.chat_template;
-      write_text((tmp / "tokenizer_config.json").string(), tc.dump(2) + "\n");
+      detail::write_file_atomic((tmp / "tokenizer_config.json").string(), tc.dump(2) + "\n");
     }
   });
 }

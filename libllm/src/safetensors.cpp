@@ -279,9 +279,8 @@ void TempFile::fail(const std::string& action, int err) const {
 
 void TempFile::write_all(const void* data, uint64_t size) {
   const char* p = static_cast<const char*>(data);
-  const std::string doing = "writing " + path_;
   while (size > 0) {
-    detail::heartbeat(doing);
+    detail::heartbeat("writing", path_);
     const size_t chunk = static_cast<size_t>(std::min<uint64_t>(size, kMaxWriteChunk));
     const ssize_t n = ::write(fd_, p, chunk);
     if (n < 0 && errno == EINTR) continue;
@@ -429,7 +428,7 @@ const uint8_t* File::data(const TensorInfo& t) const {
     throw Error(tensor_where(path_, t.name), "byte range lies outside the data section",
                 "use a TensorInfo obtained from this file");
   }
-  detail::heartbeat("reading " + path_);
+  detail::heartbeat("reading", path_);
   return base_ + data_offset_ + t.begin;
 }
 

@@ -276,7 +276,7 @@ int terminate_group(pid_t pid) {
 
 namespace detail {
 
-void heartbeat(std::string_view what) {
+void heartbeat(std::string_view what, std::string_view object) {
   const char* path = std::getenv(kHeartbeatEnv);
   if (path == nullptr || *path == '\0') return;
   // The rank as Distributed::from_env reads it: $RANK, else Slurm's $SLURM_PROCID (srun).
@@ -292,7 +292,7 @@ void heartbeat(std::string_view what) {
   beaten = true, last = now;
   try {
     const double t = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-    std::ofstream(path, std::ios::trunc) << fmt::format("{:.3f} {}\n", t, what);
+    std::ofstream(path, std::ios::trunc) << fmt::format("{:.3f} {}{}{}\n", t, what, object.empty() ? "" : " ", object);
   } catch (...) {  // (a missing heartbeat is the supervisor's to judge)
   }
 }

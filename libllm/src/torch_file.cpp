@@ -697,7 +697,7 @@ torch::Tensor File::read(const TensorInfo& t) const {
     throw Error(where, "its storage holds " + std::to_string(r.size) + " bytes, not " + std::to_string(need),
                 "the file is corrupt or truncated");
   const uint8_t* bytes = impl_->stored(name, r, where);
-  detail::heartbeat("reading " + impl_->path);
+  detail::heartbeat("reading", impl_->path);
   torch::Tensor storage;
   if (reinterpret_cast<uintptr_t>(bytes) % c10::elementSize(t.dtype) == 0) {
     storage = torch::from_blob(const_cast<uint8_t*>(bytes), {t.storage_numel}, torch::dtype(t.dtype));
