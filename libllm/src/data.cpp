@@ -129,9 +129,18 @@ void write_all(int fd, const unsigned char* p, size_t n, const std::string& path
 
 // Makes a finished `<path>.tmp-<pid>` durable and gives it its final name.
 void sync_close_rename(int fd, const std::string& tmp, const std::string& path) {
-  if (::fsync(fd) != 0 || ::close(fd) != 0)
-    throw Error(tmp, "cannot flush: " + errno_text(), "check free disk space");
-  if (::rename(tmp.c_str(), path.c_str()) != 0) throw Error(path, "cannot rename from " + tmp + ": " + errno_text());
+  int err = ::fsync(fd) != 0 ? errno : 0;
+  if (::close(fd) != 0 && err == 0) err = errno;
+  if (err == 0 && ::rename(tmp.c_str(), path.c_str()) != 0) {
+    const std::string why = errno_text();
+    ::unlink(tmp.c_str());
+    throw Error(path, "cannot rename from " + tmp + ": " + why);
+  }
+  if (err != 0) {
+    ::unlink(tmp.c_str());
+    throw Error(tmp, std::string("cannot flush: ") + std::strerror(err), "check free disk space");
+  }
+  detail::fsync_parent_dir(path);
 }
 
 int open_tmp(const std::string& tmp) {
@@ -145,8 +154,23 @@ int open_tmp(const std::string& tmp) {
 void detail::write_file_atomic(const std::string& path, const std::string& bytes) {
   const std::string tmp = tmp_name(path);
   const int fd = open_tmp(tmp);
-  write_all(fd, reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size(), tmp);
+  try {
+    write_all(fd, reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size(), tmp);
+  } catch (...) {  // (a full disk: no half-written temporary is left behind)
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    throw;
+  }
   sync_close_rename(fd, tmp, path);
+}
+
+void detail::fsync_parent_dir(const std::string& path) {
+  const fs::path parent = fs::path(path).parent_path();
+  const std::string dir = parent.empty() ? "." : parent.string();
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return;
+  ::fsync(fd);
+  ::close(fd);
 }
 
 namespace {
@@ -428,6 +452,9 @@ void check_prep_config(const DataPrepConfig& cfg) {
   if (cfg.txt_documents != "line" && cfg.txt_documents != "paragraph" && cfg.txt_documents != "fortune")
     throw Error("data_prep.txt_documents",
                 "expected one of: line, paragraph, fortune, got '" + cfg.txt_documents + "'");
+  if (cfg.valid_every == 1)
+    throw Error("data_prep.valid_every", "is 1: every document would be held out, none left for training",
+                "set 0 for no held-out set, or n >= 2 to hold out every n-th document");
   if (cfg.valid_every > 0 && cfg.valid_output.empty())
     throw Error("data_prep.valid_output", "valid_every is set but valid_output is empty", "name the held-out folder");
   auto folder = [](const std::string& p) {  // (weakly_canonical keeps the "/" of "out/" when out does not exist)
@@ -616,13 +643,52 @@ namespace {
 // One shard set being written: the documents whose index (0-based, corpus order) `keep` accepts.
 struct SetOutput {
   std::string dir;
+  std::string stage;  // the staging folder inside `dir` the set is written to until it is whole
   std::function<bool(int64_t)> keep;
   ShardSetInfo info;
   std::unique_ptr<ShardWriter> writer;
   std::vector<std::string> pending;  // documents to tokenize
 };
 
+// The folder inside a shard-set folder where data preparation writes the new set.
+constexpr const char* kStaging = ".llm-data-staging";
+
+// Removes the staging folders of `outs` unless released (a failed run leaves the old sets alone).
+struct StagingGuard {
+  std::vector<SetOutput>& outs;
+  bool released = false;
+  ~StagingGuard() {
+    if (released) return;
+    std::error_code ec;
+    for (const SetOutput& o : outs)
+      if (!o.stage.empty()) fs::remove_all(o.stage, ec);
+  }
+};
+
+// Replaces the shard set in o.dir by the whole one in o.stage: the old set's files go (meta.json
+// first, so it is never taken for complete), the new ones are renamed in (meta.json last).
+void move_staged_set(const SetOutput& o) {
+  remove_old_shards(o.dir);
+  std::vector<fs::path> staged;
+  for (const auto& e : fs::directory_iterator(o.stage)) staged.push_back(e.path());
+  std::sort(staged.begin(), staged.end(), [](const fs::path& a, const fs::path& b) {
+    return (a.filename() == "meta.json") < (b.filename() == "meta.json") ||
+           ((a.filename() == "meta.json") == (b.filename() == "meta.json") && a < b);
+  });
+  for (const fs::path& from : staged) {
+    const fs::path to = fs::path(o.dir) / from.filename();
+    std::error_code ec;
+    fs::rename(from, to, ec);
+    if (ec) throw Error(to.string(), "cannot move the new shard file in from " + from.string() + ": " + ec.message());
+  }
+  detail::fsync_parent_dir((fs::path(o.dir) / "meta.json").string());
+  std::error_code ec;
+  fs::remove(o.stage, ec);
+}
+
 // Writes every set in one pass over the inputs (each document to the first set that keeps it).
+// Each set is written to a staging folder inside its own and moved in only once every set is
+// whole: a run that fails (bad input, full disk, Ctrl-C) leaves the previous sets as they were.
 std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vector<SetOutput>& outs,
                                            const Tokenizer& tok,
                                            const std::function<void(int64_t, int64_t)>& progress) {
@@ -644,10 +710,16 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
     fs::create_directories(o.dir, ec);
     if (ec || !fs::is_directory(o.dir))
       throw Error("data_prep.output", "cannot create folder " + o.dir + (ec ? ": " + ec.message() : ""));
-    remove_old_shards(o.dir);
-    o.writer = std::make_unique<ShardWriter>(o.dir, width, cfg.shard_tokens, o.info.vocab_size, o.info.bos_id,
+    const std::string stage = (fs::path(o.dir) / kStaging).string();
+    fs::remove_all(stage, ec);  // (an interrupted run's)
+    if (!ec) fs::create_directory(stage, ec);
+    if (ec)
+      throw Error(stage, "cannot create the staging folder: " + ec.message(), "check that " + o.dir + " is writable");
+    o.stage = stage;
+    o.writer = std::make_unique<ShardWriter>(o.stage, width, cfg.shard_tokens, o.info.vocab_size, o.info.bos_id,
                                              o.info.eos_id, tok.path());
   }
+  StagingGuard staging{outs};
   int64_t pending_bytes = 0, done_bytes = 0, doc_index = 0;
   const int64_t batch_bytes = std::max<int64_t>(1, threads) * (4 << 20);
   auto flush = [&](int64_t done_at) {
@@ -706,9 +778,11 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
     meta["total_documents"] = info.total_documents;
     meta["inputs"] = cfg.inputs;
     meta["txt_documents"] = cfg.txt_documents;
-    detail::write_file_atomic((fs::path(o.dir) / "meta.json").string(), meta.dump(2) + "\n");
+    detail::write_file_atomic((fs::path(o.stage) / "meta.json").string(), meta.dump(2) + "\n");
     infos.push_back(info);
   }
+  for (const SetOutput& o : outs) move_staged_set(o);
+  staging.released = true;
   return infos;
 }
 
@@ -827,10 +901,24 @@ void ShardSet::read(int64_t begin, int64_t n, int64_t* out) const {
     const int64_t local = begin - m.starts[shard];
     const int64_t take = std::min(n, m.starts[shard + 1] - begin);
     const unsigned char* p = m.maps[shard]->data + local * m.width;
+    int64_t largest = 0;
     if (m.width == 2)
-      for (int64_t i = 0; i < take; ++i) out[i] = static_cast<int64_t>(p[2 * i] | (p[2 * i + 1] << 8));
+      for (int64_t i = 0; i < take; ++i) {
+        out[i] = static_cast<int64_t>(p[2 * i] | (p[2 * i + 1] << 8));
+        largest = std::max(largest, out[i]);
+      }
     else
-      for (int64_t i = 0; i < take; ++i) out[i] = static_cast<int64_t>(get_le(p + 4 * i, 4));
+      for (int64_t i = 0; i < take; ++i) {
+        out[i] = static_cast<int64_t>(get_le(p + 4 * i, 4));
+        largest = std::max(largest, out[i]);
+      }
+    if (largest >= m.info.vocab_size) {  // a damaged or foreign shard: name it, not an index error later
+      const int64_t at = std::find_if(out, out + take, [&](int64_t v) { return v >= m.info.vocab_size; }) - out;
+      throw Error(m.files[shard],
+                  "token " + std::to_string(out[at]) + " (at token " + std::to_string(local + at) +
+                      " of the shard) is outside the vocabulary of " + std::to_string(m.info.vocab_size),
+                  kRerun);
+    }
     out += take, begin += take, n -= take;
     ++shard;
   }

@@ -20,6 +20,7 @@
 #include <set>
 #include <tuple>
 
+#include "atomic_file.h"
 #include "heartbeat.h"
 #include "libllm/error.h"
 #include "mapped_file.h"
@@ -291,16 +292,6 @@ void TempFile::write_all(const void* data, uint64_t size) {
   }
 }
 
-// Best effort: makes the rename durable. Errors are ignored (the data itself is already synced).
-void fsync_parent_dir(const std::string& path) {
-  const size_t slash = path.rfind('/');
-  const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash + 1);
-  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return;
-  ::fsync(fd);
-  ::close(fd);
-}
-
 void TempFile::commit() {
   while (::fsync(fd_) != 0) {
     if (errno != EINTR) fail("fsync", errno);
@@ -313,7 +304,7 @@ void TempFile::commit() {
     throw Error(path_, "cannot rename '" + tmp_ + "' over the target: " + errno_text(err));
   }
   committed_ = true;
-  fsync_parent_dir(path_);
+  detail::fsync_parent_dir(path_);
 }
 
 // The header JSON for `views`, in data order, padded with spaces to a multiple of 8 bytes.

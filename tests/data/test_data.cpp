@@ -405,9 +405,15 @@ TEST_CASE("write_shards: bad inputs and config are errors naming the file or key
   cfg.valid_every = 4;
   CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }),
              Catch::Contains("data_prep.valid_every: is 4, and the inputs hold 3 documents: none is held out"));
+  cfg.valid_every = 1;
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }),
+             Catch::Contains("data_prep.valid_every: is 1: every document would be held out"));
+  // The failed runs left the sets written before them as they were.
+  CHECK(ShardSet::open(tmp / "fresh").info().total_documents == 2);
+  CHECK(ShardSet::open(tmp / "valid").info().total_documents == 1);
 }
 
-TEST_CASE("write_shards: a failure part-way leaves no meta.json and no temporary files", "[data]") {
+TEST_CASE("write_shards: a failure part-way leaves the previous set whole and no temporary files", "[data]") {
   Scratch tmp;
   // More than one tokenizer batch (4 MiB per thread) of good lines, so a shard is open when the bad line comes.
   std::string text;
@@ -418,11 +424,25 @@ TEST_CASE("write_shards: a failure part-way leaves no meta.json and no temporary
   cfg.inputs = {tmp / "big.jsonl"};
   cfg.output = tmp / "out";
   cfg.threads = 1;
-  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("big.jsonl:"));
-  CHECK_FALSE(fs::exists(tmp / "out/meta.json"));
+  SECTION("into a new folder: no set") {
+    CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("big.jsonl:"));
+    CHECK_THAT(error_of([&] { ShardSet::open(tmp / "out"); }), Catch::Contains("no meta.json"));
+  }
+  SECTION("over an earlier set: the earlier set, untouched") {
+    const auto docs = synthetic_docs(7, 3);
+    make_set(tmp, "out", docs, 20);  // several shards
+    const int64_t shards = ShardSet::open(tmp / "out").n_shards();
+    REQUIRE(shards > 1);
+    CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("big.jsonl:"));
+    const ShardSet kept = ShardSet::open(tmp / "out");
+    CHECK(kept.n_shards() == shards);
+    CHECK(all_tokens(kept) == expected_stream(docs));
+  }
+  std::vector<std::string> left;  // nothing of the failed run: no temporaries, no staging folder
   for (const auto& e : fs::directory_iterator(tmp / "out"))
-    CHECK(e.path().filename().string().find(".tmp-") == std::string::npos);
-  CHECK_THAT(error_of([&] { ShardSet::open(tmp / "out"); }), Catch::Contains("no meta.json"));
+    if (e.path().filename().string().rfind("shard-", 0) != 0 && e.path().filename() != "meta.json")
+      left.push_back(e.path().filename().string());
+  CHECK(left.empty());
 }
 
 TEST_CASE("a shard truncated while it is read ends the process with an error naming it", "[data]") {
@@ -475,6 +495,19 @@ TEST_CASE("incomplete or damaged shard sets are errors that say to re-run", "[da
   SECTION("garbage meta.json") {
     write_text(tmp / "set/meta.json", "{\"format\": \"libllm-tokens-v1\"");
     CHECK_THAT(error_of([&] { ShardSet::open(tmp / "set"); }), Catch::Contains("invalid JSON"));
+  }
+  SECTION("a token outside the vocabulary (a damaged or foreign shard): named when read") {
+    {
+      std::fstream f(tmp / "set/shard-00001.bin", std::ios::in | std::ios::out | std::ios::binary);
+      f.seekp(6);  // token 3 of the shard
+      const char big[2] = {'\xff', '\xff'};
+      f.write(big, 2);
+    }
+    const ShardSet set = ShardSet::open(tmp / "set");  // (sizes agree: it opens)
+    std::vector<int64_t> out(static_cast<size_t>(set.n_tokens()));
+    CHECK_THAT(error_of([&] { set.read(0, set.n_tokens(), out.data()); }),
+               Catch::Contains("shard-00001.bin: token 65535 (at token 3 of the shard) is outside the vocabulary of") &&
+                   Catch::Contains("re-run"));
   }
   SECTION("re-writing a folder replaces the old shard set, stale shards included") {
     const auto docs = synthetic_docs(5, 9);

@@ -52,7 +52,7 @@ struct DataPrepConfig {
   // byte-identical for any thread count.
   int64_t threads = 0;
   // Held-out split: every valid_every-th document (indices n-1, 2n-1, ... in corpus order) goes
-  // to the shard set `valid_output` instead of `output`. 0 (default) = no split.
+  // to the shard set `valid_output` instead of `output`. 0 (default) = no split; 1 is an error.
   std::string valid_output = "";
   int64_t valid_every = 0;
   // Start each document with the tokenizer's BOS (true, default: LLaMA's convention, and what
