@@ -542,7 +542,16 @@ TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& op
                 "resume it with finetune.method: lora and the same lora section");
   OptimizerFiles files(dir, shards);
   files.restore_rng(rank);
-  optim.load_state(files.state_for(optim));
+  try {
+    optim.load_state(files.state_for(optim));
+  } catch (const Error& e) {  // (a state that does not fit: name the checkpoint's optimizer files)
+    if (e.where().rfind(dir, 0) == 0) throw;
+    throw Error((fs::path(dir) / (shards > 0 ? "optimizer-shard-*-of-" + std::to_string(shards) + ".safetensors"
+                                             : std::string("optimizer.safetensors")))
+                        .string() +
+                    ": " + e.where(),
+                e.problem(), e.hint());
+  }
   return s;
 }
 
@@ -558,8 +567,18 @@ void prune_checkpoints(const std::string& root, const CheckpointConfig& cfg, int
   std::vector<int64_t> regular;
   for (int64_t s : steps)
     if (cfg.milestone_every <= 0 || s % cfg.milestone_every != 0) regular.push_back(s);
-  for (size_t i = 0; i + cfg.keep_last < regular.size(); ++i)
-    if (regular[i] != needed) fs::remove_all(fs::path(root) / checkpoint_name(regular[i]), ec);
+  for (size_t i = 0; i + cfg.keep_last < regular.size(); ++i) {
+    // A rollback from this step or a later one goes back to `needed` or to a newer checkpoint:
+    // those stay (with none at or before keep_at_or_before yet, any may be needed).
+    if (keep_at_or_before >= 0 && regular[i] >= needed) continue;
+    // Renamed first: a kill part-way leaves a partial folder (removed next time), never a
+    // checkpoint folder whose trainer.json outlived its weights.
+    const fs::path dir = fs::path(root) / checkpoint_name(regular[i]);
+    const fs::path doomed =
+        fs::path(root) / (checkpoint_name(regular[i]) + ".tmp-pruned-" + std::to_string(::getpid()));
+    fs::rename(dir, doomed, ec);
+    fs::remove_all(ec ? dir : doomed, ec);
+  }
 }
 
 }  // namespace libllm

@@ -71,7 +71,7 @@ TEST_CASE("checkpoint folders past step 99,999,999 are found, resumed from and p
   CHECK(fs::exists(tmp / "step-00000400"));
 }
 
-TEST_CASE("pruning keeps the newest checkpoint a loss-spike rollback may still need", "[io][checkpoint]") {
+TEST_CASE("pruning keeps every checkpoint a loss-spike rollback may still need", "[io][checkpoint]") {
   test::TempDir tmp;
   for (int s = 0; s <= 90; s += 10) {
     fs::create_directories(tmp / checkpoint_name(s));
@@ -79,12 +79,34 @@ TEST_CASE("pruning keeps the newest checkpoint a loss-spike rollback may still n
   }
   CheckpointConfig cc;
   cc.keep_last = 2;
-  prune_checkpoints(tmp.path.string(), cc, 25);  // step 90 with a lookback of 65
-  CHECK(checkpoint_steps(tmp.path.string()) == std::vector<int64_t>{20, 80, 90});
+  // Step 90 with a lookback of 65: a rollback now may go back to 20; one at step 100 to 30, ...:
+  // 20 and everything after it stays.
+  prune_checkpoints(tmp.path.string(), cc, 25);
+  CHECK(checkpoint_steps(tmp.path.string()) == std::vector<int64_t>{20, 30, 40, 50, 60, 70, 80, 90});
   prune_checkpoints(tmp.path.string(), cc, 85);  // the needed one is among the newest 2: no third kept
   CHECK(checkpoint_steps(tmp.path.string()) == std::vector<int64_t>{80, 90});
   prune_checkpoints(tmp.path.string(), cc, 0);
   CHECK(checkpoint_steps(tmp.path.string()) == std::vector<int64_t>{80, 90});  // none at or before 0 is left
+
+  // A whole run (every 20, keep_last 3, lookback 102, as tiny-fortunes-spikes): after each save,
+  // the newest checkpoint at or before (step - lookback) is there for a rollback at any later step.
+  test::TempDir run;
+  const int64_t every = 20, lookback = 102;
+  cc.keep_last = 3;
+  for (int64_t n = every; n <= 400; n += every) {
+    fs::create_directories(run / checkpoint_name(n));
+    write_file(run / (checkpoint_name(n) + "/trainer.json"), "{}");
+    prune_checkpoints(run.path.string(), cc, std::max<int64_t>(n - lookback, 0));
+    for (int64_t later = n; later < n + every; ++later) {                    // a rollback before the next save
+      const int64_t limit = later - lookback, want = limit / every * every;  // newest saved <= limit
+      if (want < every) continue;
+      INFO("rollback at step " << later << " after the save at " << n);
+      const auto steps = checkpoint_steps(run.path.string());
+      CHECK(std::count(steps.begin(), steps.end(), want) == 1);
+    }
+  }
+  // What is kept: the newest 3 and those a rollback may reach, not every checkpoint.
+  CHECK(checkpoint_steps(run.path.string()) == std::vector<int64_t>{280, 300, 320, 340, 360, 380, 400});
 }
 
 TEST_CASE("saving a step again replaces its folder, and trainer.json values are type-checked", "[io][checkpoint]") {

@@ -121,8 +121,8 @@ TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& op
 // and state. Load the weights first: a bf16 slot's restored master is copied into its parameter.
 TrainState load_checkpoint_state(const std::string& dir, AdamW& optim, int rank = 0);
 // Deletes regular checkpoints beyond keep_last (milestones stay) and leftover partial folders.
-// keep_at_or_before >= 0 also keeps the newest checkpoint at or before that step (the oldest a
-// loss-spike rollback may still need: Guard::lookback).
+// keep_at_or_before >= 0 also keeps the newest checkpoint at or before that step and every newer
+// one (what a loss-spike rollback from this step or a later one may need: Guard::lookback).
 void prune_checkpoints(const std::string& root, const CheckpointConfig& cfg, int64_t keep_at_or_before = -1);
 std::string checkpoint_name(int64_t step);
 
