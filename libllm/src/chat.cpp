@@ -3,11 +3,12 @@
 #include <fmt/core.h>
 
 #include <algorithm>
+#include <cctype>
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <random>
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "heartbeat.h"
 #include "libllm/config.h"
@@ -159,7 +160,9 @@ std::vector<std::string> jsonl_files(const std::vector<std::string>& inputs) {
           if (it->is_directory()) it.disable_recursion_pending();
           continue;
         }
-        if (it->is_regular_file() && it->path().extension() == ".jsonl") found.push_back(it->path().string());
+        std::string ext = it->path().extension().string();  // (.jsonl in any case, as data preparation)
+        std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
+        if (it->is_regular_file() && ext == ".jsonl") found.push_back(it->path().string());
       }
       if (ec) throw Error("chat.files: " + in, "cannot list folder: " + ec.message());
       std::sort(found.begin(), found.end());
@@ -467,8 +470,8 @@ int64_t ChatDataset::example_at(int64_t global) {
   return perm_[static_cast<size_t>(global % n)];
 }
 
-void ChatDataset::batch_of(const std::vector<const ChatExample*>& rows, torch::Tensor& inputs,
-                           torch::Tensor& targets) const {
+void ChatDataset::batch_of(const std::vector<const ChatExample*>& rows, torch::Tensor& inputs, torch::Tensor& targets,
+                           torch::Tensor* padding) const {
   int64_t T = 1;
   for (const auto* ex : rows) T = std::max<int64_t>(T, static_cast<int64_t>(ex->tokens.size()) - 1);
   const int64_t B = static_cast<int64_t>(rows.size());
@@ -476,6 +479,7 @@ void ChatDataset::batch_of(const std::vector<const ChatExample*>& rows, torch::T
   targets = torch::full({B, T}, -100, torch::kInt64);     // (B, T)
   auto in = inputs.accessor<int64_t, 2>();
   auto tg = targets.accessor<int64_t, 2>();
+  if (padding) *padding = torch::ones({B, T}, torch::kBool);  // (B, T)
   for (int64_t b = 0; b < B; ++b) {
     const auto& ex = *rows[static_cast<size_t>(b)];
     const int64_t L = static_cast<int64_t>(ex.tokens.size());
@@ -483,6 +487,7 @@ void ChatDataset::batch_of(const std::vector<const ChatExample*>& rows, torch::T
       in[b][t] = ex.tokens[static_cast<size_t>(t)];
       if (ex.target[static_cast<size_t>(t + 1)]) tg[b][t] = ex.tokens[static_cast<size_t>(t + 1)];
     }
+    if (padding) padding->select(0, b).narrow(0, 0, std::max<int64_t>(L - 1, 0)).fill_(false);
   }
 }
 
@@ -532,9 +537,11 @@ void ChatDataset::next(int64_t batch, ChatBatch& out) {
       out.refs.push_back(WindowRef{0, train_index_[static_cast<size_t>(e)]});
       unpacked.push_back(&train_[static_cast<size_t>(e)]);
     }
+  out.documents = torch::Tensor();
+  out.padding = torch::Tensor();
   if (!packed_) {
-    batch_of(unpacked, out.inputs, out.targets);
-    out.documents = torch::Tensor();
+    batch_of(unpacked, out.inputs, out.targets, &out.padding);
+    if (!out.padding.any().item<bool>()) out.padding = torch::Tensor();
     return;
   }
   int64_t T = 1;
@@ -547,6 +554,8 @@ void ChatDataset::next(int64_t batch, ChatBatch& out) {
   out.inputs = torch::full({B, T}, pad_id_, torch::kInt64);  // (B, T)
   out.targets = torch::full({B, T}, -100, torch::kInt64);    // (B, T)
   out.documents = torch::empty({B, T}, torch::kInt64);       // (B, T)
+  out.padding = torch::zeros({B, T}, torch::kBool);          // (B, T)
+  bool padded = false;
   auto in = out.inputs.accessor<int64_t, 2>();
   auto tg = out.targets.accessor<int64_t, 2>();
   auto doc = out.documents.accessor<int64_t, 2>();
@@ -564,8 +573,13 @@ void ChatDataset::next(int64_t batch, ChatBatch& out) {
     }
     // Padding is a document of its own: it must attend to something (a query that sees no key
     // would give NaN), and nothing real attends to it.
+    if (p < T) {
+      out.padding.select(0, b).narrow(0, p, T - p).fill_(true);
+      padded = true;
+    }
     for (; p < T; ++p) doc[b][p] = static_cast<int64_t>(examples.size());
   }
+  if (!padded) out.padding = torch::Tensor();
 }
 
 double ChatDataset::evaluate(Transformer& model, int64_t micro_batch, int64_t max_examples) const {

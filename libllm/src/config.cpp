@@ -351,6 +351,7 @@ void Schema::load_string(const std::string& yaml, const std::string& source) {
       if (!f) throw Error(where, "unknown key", unknown_key_hint(key, fields->keys()));
       once(path, item.first, where);
       f->set_from_text(node_text(item.second, where, *f), where);
+      mark_given(path);
     }
   }
 }
@@ -370,6 +371,11 @@ void Schema::apply_override(const std::string& assignment) {
   Field* f = fields->find(key);
   if (!f) throw Error(where, "unknown key '" + sec + "." + key + "'", unknown_key_hint(key, fields->keys()));
   f->set_from_text(assignment.substr(eq + 1), where);
+  mark_given(sec + "." + key);
+}
+
+void Schema::mark_given(const std::string& path) {
+  if (std::find(given_.begin(), given_.end(), path) == given_.end()) given_.push_back(path);
 }
 
 void Schema::validate() const {

@@ -158,11 +158,9 @@ void export_peft_adapter(Transformer& model, const LoraConfig& cfg, const std::s
               {"modules_to_save", nullptr},
               {"layers_to_transform", nullptr},
               {"layers_pattern", nullptr},
-              {"rank_pattern", json::object()},
-              {"alpha_pattern", json::object()},
-              {"use_rslora", false},
-              {"use_dora", false},
               {"revision", nullptr}};
+    // (rank_pattern, alpha_pattern, use_rslora and use_dora are left at their defaults by leaving
+    // them out: PEFT before 0.6 / 0.7 / 0.9 refuses a config key it does not know.)
     detail::write_file_atomic((tmp / "adapter_config.json").string(), c.dump(2) + "\n");
   });
 }

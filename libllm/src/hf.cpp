@@ -312,10 +312,27 @@ HfConfig read_hf_config(const std::string& dir) {
   if (!known.count(out.architecture))
     throw Error(file + ": architectures", "unsupported architecture '" + out.architecture + "'",
                 "libllm reads LlamaForCausalLM, MistralForCausalLM and MixtralForCausalLM");
-  if (r.get("rope_scaling"))
-    throw Error(file + ": rope_scaling", "rope scaling is not supported", "use a checkpoint without rope_scaling");
-  if (r.boolean("attention_bias", false) || r.boolean("mlp_bias", false))
-    throw Error(file + ": attention_bias", "attention/MLP biases are not supported");
+  // rope_scaling: null, or transformers' unscaled {"rope_type" (or "type"): "default"}.
+  const json* scaling = r.get("rope_scaling");
+  if (scaling) {
+    const std::string where = file + ": rope_scaling";
+    bool plain = scaling->is_object();
+    if (plain)
+      for (const auto& [key, v] : scaling->items())
+        if (key == "rope_type" || key == "type")
+          plain = plain && v == "default";
+        else
+          plain = plain && v.is_null();
+    if (!plain)
+      throw Error(where, "rope scaling is not supported, got " + scaling->dump(),
+                  "use a checkpoint without rope_scaling (or with {\"rope_type\": \"default\"})");
+  }
+  if (r.boolean("attention_bias", false)) throw Error(file + ": attention_bias", "attention biases are not supported");
+  if (r.boolean("mlp_bias", false)) throw Error(file + ": mlp_bias", "MLP biases are not supported");
+  // Training-time regularisers libllm does not have (inference is the same without them).
+  for (const char* key : {"attention_dropout", "router_jitter_noise"})
+    if (const double v = r.number_at_least(key, 0, 0.0); v > 0)
+      out.ignored.push_back(std::string(key) + " " + json(v).dump());
   const std::string act = r.string("hidden_act", "silu");
   if (act != "silu") throw Error(file + ": hidden_act", "only 'silu' (SwiGLU) is supported, got '" + act + "'");
 
@@ -692,11 +709,19 @@ void export_hf(const ModelConfig& config, const std::vector<LazyWeight>& weights
     detail::write_file_atomic((tmp / "config.json").string(),
                               hf_config_json(config, dtype_name(dtype), opts.bos_id, opts.eos_id));
     gen["bos_token_id"] = opts.bos_id;
+    // eos_id first, then the source's own stop ids (a chat base's end-of-turn token, which a
+    // fine-tune of it still ends its turns with): what transformers and vLLM stop at.
+    std::vector<int64_t> stops{opts.eos_id};
     const json eos = gen.value("eos_token_id", json());
-    const bool listed = eos.is_array() && std::any_of(eos.begin(), eos.end(), [&](const json& e) {
-                          return e.is_number_integer() && e.get<int64_t>() == opts.eos_id;
-                        });
-    if (!listed) gen["eos_token_id"] = opts.eos_id;
+    for (const json& e : eos.is_array() ? eos : json::array({eos}))
+      if (e.is_number_integer() && std::find(stops.begin(), stops.end(), e.get<int64_t>()) == stops.end())
+        stops.push_back(e.get<int64_t>());
+    if (eos.is_array() && std::find(eos.begin(), eos.end(), json(opts.eos_id)) != eos.end())
+      stops.clear();  // (a list that holds eos_id stays as it is)
+    if (stops.size() == 1)
+      gen["eos_token_id"] = opts.eos_id;
+    else if (!stops.empty())
+      gen["eos_token_id"] = stops;
     detail::write_file_atomic((tmp / "generation_config.json").string(), gen.dump(2) + "\n");
     if (!opts.tokenizer_path.empty()) {
       const Tokenizer tok = Tokenizer::load(opts.tokenizer_path);

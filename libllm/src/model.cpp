@@ -728,28 +728,35 @@ TransformerImpl::Output TransformerImpl::forward_packed(const torch::Tensor& tok
 }
 
 TransformerImpl::Output TransformerImpl::forward_loss(const torch::Tensor& tokens, const torch::Tensor& targets,
-                                                      const torch::Tensor& documents) {
+                                                      const torch::Tensor& documents, const torch::Tensor& padding) {
   std::vector<torch::Tensor> router_logits;
   auto h = hidden(tokens, 0, &router_logits, nullptr, documents);
   const bool plain = !fused_loss_ || (lm_head && lm_head->has_lora());
   if (plain) {
-    auto out = finish(h, router_logits);
+    auto out = finish(h, router_logits, /*project_logits=*/true, padding);
     out.loss = cross_entropy(out.logits, targets);
     return out;
   }
-  auto out = finish(h, router_logits, /*project_logits=*/false);
+  auto out = finish(h, router_logits, /*project_logits=*/false, padding);
   out.loss = linear_cross_entropy(h, lm_head ? lm_head->weight : model->embed_tokens->weight, targets, -100,
                                   loss_chunk_rows_);
   return out;
 }
 
 TransformerImpl::Output TransformerImpl::finish(torch::Tensor h, std::vector<torch::Tensor>& router_logits,
-                                                bool project_logits) {
+                                                bool project_logits, const torch::Tensor& padding) {
   Output out;
   if (project_logits) out.logits = project(h);
   if (router_logits.empty()) {
     out.aux_loss = torch::zeros({}, h.options().dtype(compat::compute_dtype(h)));
   } else {
+    if (padding.defined()) {  // the router logits of real positions only
+      if (padding.numel() != router_logits.front().size(0))
+        throw Error("model", "padding has " + std::to_string(padding.numel()) + " positions, the batch " +
+                                 std::to_string(router_logits.front().size(0)));
+      const auto keep = (~padding.to(h.device())).reshape({-1}).nonzero().squeeze(1);  // (N')
+      for (auto& l : router_logits) l = l.index_select(0, keep);                       // (N', E)
+    }
     auto all = torch::cat(router_logits, 0);                                 // (L*N, E)
     out.balance_loss = load_balancing_loss(all, cfg_.n_experts_per_token);
     out.z_loss = router_z_loss(all);

@@ -27,6 +27,7 @@ Recipe load_with(LoadFn&& load, const std::vector<std::string>& overrides) {
   for (const auto& o : overrides) s.apply_override(o);
   s.validate();
   r.model.resolve();
+  r.given = s.given();
   return r;
 }
 }  // namespace

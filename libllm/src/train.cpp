@@ -130,7 +130,7 @@ json parse_extra(const std::string& extra) {
   try {
     return json::parse(extra);
   } catch (const json::exception& e) {
-    throw Error("trainer.json", std::string("invalid \"extra\": ") + e.what(), "the checkpoint is corrupt");
+    throw Error("extra", std::string("invalid JSON: ") + e.what(), "the checkpoint is corrupt");
   }
 }
 
@@ -218,15 +218,19 @@ struct Run {
   std::string cursor() const { return chat ? chat->cursor() : data->cursor(); }
 
   // The next micro batch of this rank: inputs (B, T), targets (B, T) (-100 = not a target),
-  // documents (B, T) for packed chat rows (else undefined), and the windows / examples used.
-  void next_batch(int64_t B, torch::Tensor& x, torch::Tensor& y, torch::Tensor& docs, std::vector<WindowRef>& refs) {
+  // documents (B, T) for packed chat rows (else undefined), padding (B, T) for padded chat rows
+  // (ChatBatch::padding, else undefined), and the windows / examples used.
+  void next_batch(int64_t B, torch::Tensor& x, torch::Tensor& y, torch::Tensor& docs, torch::Tensor& padding,
+                  std::vector<WindowRef>& refs) {
     docs = torch::Tensor();
+    padding = torch::Tensor();
     if (chat) {
       ChatBatch batch;
       chat->next(B, batch);
       x = batch.inputs;
       y = batch.targets;
       if (batch.documents.defined()) docs = batch.documents.to(device);
+      if (batch.padding.defined()) padding = batch.padding.to(device);
       refs = std::move(batch.refs);
     } else {
       data->next(B, buf, refs);
@@ -288,18 +292,25 @@ struct Run {
       st = load_checkpoint(dir, model, adamw(), dist.rank());
     }
     if (dist.rank() > 0) restore_rank_rng(dir, dist.rank());  // (a checkpoint of fewer ranks: rank 0's)
-    if (chat) {
-      chat->restore(st.data_cursor);
-    } else {
-      data->restore(st.data_cursor);
-      data->set_planned_samples(planned);
+    try {  // trainer.json's data cursor and extras: an error names that file
+      if (chat) {
+        chat->restore(st.data_cursor);
+      } else {
+        data->restore(st.data_cursor);
+        data->set_planned_samples(planned);
+      }
+      const json x = parse_extra(st.extra);
+      history = x.value("eval_history", json::array());
+      applied_plan = x.value("applied_plan", json());
+      applied_rollback = x.value("applied_rollback", json());
+      guard = Guard(recipe.guard);
+      if (x.contains("guard")) {
+        if (!x["guard"].is_string()) throw Error("guard state", "is not a string");
+        guard.load_state(x["guard"].get<std::string>());
+      }
+    } catch (const Error& e) {
+      throw Error((fs::path(dir) / "trainer.json").string() + ": " + e.where(), e.problem(), e.hint());
     }
-    const json x = parse_extra(st.extra);
-    history = x.value("eval_history", json::array());
-    applied_plan = x.value("applied_plan", json());
-    applied_rollback = x.value("applied_rollback", json());
-    guard = Guard(recipe.guard);
-    if (x.contains("guard")) guard.load_state(x["guard"].get<std::string>());
     return st;
   }
 
@@ -465,6 +476,9 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   const Tokenizer tok = Tokenizer::load(recipe.tokenizer.path);
   tok.check_fits(mc, "model.vocab_size");
   if (base && base->format == "hf" && main_rank) {  // (a chat model's <|im_start|>, say)
+    for (const auto& setting : read_hf_config(base->dir).ignored)
+      fmt::print("note: the base's config.json sets {}, which libllm does not apply: fine-tuning runs without it\n",
+                 setting);
     const auto added = added_tokens(base->dir, tok);
     if (!added.empty()) {
       std::string list;
@@ -643,11 +657,10 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   TrainState state;
   std::vector<std::string> resume_changes;  // recipe keys changed since the resumed checkpoint
   if (!resume_from.empty()) {
-    state = run.load(resume_from);
-    if (main_rank) fmt::print("resumed from {} (step {})\n", resume_from, state.step);
     // Recipe keys changed since the checkpoint was written, loudly: a new train.steps stretches
-    // the schedule, a new data mixture changes the data order from here on.
-    if (const fs::path saved = fs::path(resume_from) / "recipe.yaml"; main_rank && fs::exists(saved)) {
+    // the schedule, a new data mixture changes the data order from here on. What the saved
+    // adapters mean (their scale alpha / rank, their layers, the method) cannot change.
+    if (const fs::path saved = fs::path(resume_from) / "recipe.yaml"; fs::exists(saved)) {
       std::ifstream in(saved);
       std::stringstream text;
       text << in.rdbuf();
@@ -658,12 +671,23 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       } catch (const std::exception& e) {
         changed.push_back(std::string("(the checkpoint's recipe.yaml does not parse: ") + e.what() + ")");
       }
-      if (!changed.empty()) {
+      for (const auto& d : changed)
+        for (const char* fixed : {"lora.alpha:", "lora.rank:", "lora.targets:", "finetune.method:"})
+          if (d.rfind(fixed, 0) == 0 && (recipe.finetune.method == "lora" || d.rfind("finetune.", 0) == 0))
+            throw Error(saved.string(),
+                        "the resumed run trained with " + d.substr(0, d.find(':')) + " " +
+                            d.substr(d.find(':') + 2, d.find(" -> ") - d.find(':') - 2) + "; this recipe says " +
+                            d.substr(d.find(" -> ") + 4),
+                        "keep the checkpoint's value, or start a new run (another train.run_dir, or "
+                        "checkpoint.resume: none)");
+      if (main_rank && !changed.empty()) {
         fmt::print("note: the recipe differs from the one {} was trained with:\n", resume_from);
         for (const auto& d : changed) fmt::print("  {}\n", d);
-        resume_changes = changed;
       }
+      resume_changes = changed;
     }
+    state = run.load(resume_from);
+    if (main_rank) fmt::print("resumed from {} (step {})\n", resume_from, state.step);
   }
   // Checkpoints in the run folder newer than the starting point (a fresh start, checkpoint.resume:
   // none, beside an earlier run's; or a resume from an older checkpoint than the newest) belong to
@@ -844,12 +868,12 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     if (run.fsdp) run.fsdp->reset_peak();  // input positions computed on this rank
     std::vector<WindowRef> used;  // this rank's windows (chat: examples) in this step, in order
     struct Micro {
-      torch::Tensor x, y, docs;
+      torch::Tensor x, y, docs, padding;
     };
     std::vector<Micro> micros;  // this step's micro batches, fetched first (chat: to count targets)
     for (int64_t m = 0; m < run.accum; ++m) {
-      torch::Tensor x, y, docs;
-      run.next_batch(tc.micro_batch, x, y, docs, refs);
+      torch::Tensor x, y, docs, padding;
+      run.next_batch(tc.micro_batch, x, y, docs, padding, refs);
       used.insert(used.end(), refs.begin(), refs.end());
       if (noise) {  // injected data spike: uniform random tokens, the same on every attempt
         std::mt19937_64 rng(static_cast<uint64_t>(tc.seed) * 1000003u + static_cast<uint64_t>(n) * 7919u +
@@ -859,9 +883,10 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
         std::tie(x, y) = split_batch(noisy, tc.micro_batch, x.size(1));
         x = x.to(run.device);
         y = y.to(run.device);
+        padding = torch::Tensor();
       }
       step_tokens += x.numel();
-      micros.push_back({x, y, docs});
+      micros.push_back({x, y, docs, padding});
     }
     // Chat: the step's loss is the mean over its target tokens on every rank (micro batches hold
     // varying numbers of them), as torchtune and transformers (num_items_in_batch) weigh them:
@@ -880,7 +905,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     }
     for (int64_t m = 0; m < run.accum; ++m) {
       const Micro& mb = micros[static_cast<size_t>(m)];
-      auto out = run.model->forward_loss(mb.x, mb.y, mb.docs);
+      auto out = run.model->forward_loss(mb.x, mb.y, mb.docs, mb.padding);
       const auto& ce = out.loss;
       const int64_t k = counted[static_cast<size_t>(m)];
       torch::Tensor weighted;
@@ -1113,7 +1138,28 @@ double finetune(const Recipe& recipe, const TrainHooks& hooks) {
                 "a Hugging Face model folder (config.json) or a libllm checkpoint (recipe.yaml)");
   Recipe r = recipe;
   Pretrained base = inspect_pretrained(r.finetune.base);
-  r.model = base.config;  // the base decides the model
+  // The base decides the model. A recipe's model section may set the MoE loss coefficients (they
+  // shape training, not the weights); any other key it gives must agree with the base (a model
+  // section kept for llm-plan), else the recipe was written for another model.
+  r.model = base.config;
+  ModelConfig asked = recipe.model, has = base.config;
+  Fields asked_fields, base_fields;
+  asked.fields(asked_fields);
+  has.fields(base_fields);
+  for (const auto& key : recipe.given) {
+    if (key.rfind("model.", 0) != 0) continue;
+    const std::string name = key.substr(6);
+    if (name == "moe_aux_loss_coef") {
+      r.model.moe_aux_loss_coef = recipe.model.moe_aux_loss_coef;
+    } else if (name == "moe_z_loss_coef") {
+      r.model.moe_z_loss_coef = recipe.model.moe_z_loss_coef;
+    } else if (const Field* a = asked_fields.find(name), *b = base_fields.find(name);
+               a && b && a->to_text() != b->to_text()) {
+      throw Error(key, "is " + a->to_text() + ", but the base " + base.dir + " has " + b->to_text(),
+                  "the base decides the model: remove " + key +
+                      " (a fine-tune's model section may set only moe_aux_loss_coef and moe_z_loss_coef)");
+    }
+  }
   if (r.tokenizer.path.empty()) {
     if (base.tokenizer_path.empty())
       throw Error("tokenizer.path", "is empty and the base folder " + base.dir + " has no tokenizer.model",

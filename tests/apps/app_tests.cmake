@@ -176,11 +176,15 @@ set_tests_properties(apps.finetune.pipeline PROPERTIES FIXTURES_REQUIRED tiny_sh
 expect_error(finetune.no-base "finetune.base: is required for fine-tuning"
              ${_bin}/llm-finetune ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml)
 expect_error(finetune.malformed-chat "bad-chat.jsonl:2: invalid JSON.*chat.malformed: skip"
-             ${_bin}/llm-finetune ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set finetune.base=${_fx}/tiny-llama
-             --set data.train=[] --set data.valid= --set chat.files=[${_bad}/bad-chat.jsonl] --set train.seq_len=47)
+             ${_bin}/llm-finetune ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-finetune.yaml
+             --set chat.files=[${_bad}/bad-chat.jsonl] --set train.seq_len=47)
 expect_error(finetune.bad-target "lora.targets: 'qkv' names no projection"
-             ${_bin}/llm-finetune ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set finetune.base=${_fx}/tiny-llama
+             ${_bin}/llm-finetune ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-finetune.yaml
              --set finetune.method=lora --set lora.targets=[qkv] ${_sets})
+set_tests_properties(apps.error.finetune.bad-target PROPERTIES FIXTURES_REQUIRED tiny_shards)
+# A model section that contradicts the base (a pretraining recipe reused): the base decides.
+expect_error(finetune.model-conflict "model.dim: is 32, but the base .*tiny-llama has 64"
+             ${_bin}/llm-finetune ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set finetune.base=${_fx}/tiny-llama)
 expect_error(finetune.bad-method "finetune.method=qlora: expected one of: full, lora"
              ${_bin}/llm-finetune ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set finetune.method=qlora)
 expect_error(generate.no-set "llm-generate: error: unknown option '--set'"

@@ -159,8 +159,9 @@ if [ "$stage" != zero1 ]; then
     compare lora-ddp4 lora-hybrid
   fi
   if [ "$stage" = zero3 ]; then  # the frozen base's memory is divided too: LoRA on the 32-block model
+    # (the recipe's model section must agree with the base: the deep model's keys)
     deep_lora=("${lora[@]}" --set finetune.base="$work/mem-1/checkpoints/step-00000004" --set train.steps=4
-               --set checkpoint.every=0)
+               --set checkpoint.every=0 --set model.n_layers=32 --set model.tie_embeddings=true)
     program=llm-finetune launch lora-mem-1 1 --set train.sharding=none "${deep_lora[@]}"
     program=llm-finetune launch lora-mem-2 2 --set train.sharding=zero3 "${deep_lora[@]}"
     awk -v one="$(peak lora-mem-1)" -v two="$(peak lora-mem-2)" 'BEGIN {

@@ -303,6 +303,10 @@ TEST_CASE("packed rows: the example stream filled greedily, each example's own t
         stream.push_back(number);
         p += L;
       }
+      // ChatBatch::padding marks exactly the rest (undefined when no row has any).
+      const auto pad = batch.padding.defined() ? batch.padding[b] : torch::zeros({batch.inputs.size(1)}, torch::kBool);
+      CHECK(pad.slice(0, 0, p).any().item<bool>() == false);
+      CHECK(pad.slice(0, p).all().item<bool>());
       for (; p < batch.inputs.size(1); ++p) {  // the rest is padding, its own document, no targets
         CHECK(doc[p].item<int64_t>() == static_cast<int64_t>(row.size()));
         CHECK(tg[p].item<int64_t>() == -100);
@@ -312,6 +316,21 @@ TEST_CASE("packed rows: the example stream filled greedily, each example's own t
     CHECK(r == batch.refs.size());
   }
   ChatBatch one;
+  {  // Unpacked rows: one example each, right-padded to the longest; padding marks the rest.
+    ChatDataset fresh(config(write(tmp, "d.jsonl", lines)), tok(), seq_len, 5, 0, 1);
+    fresh.next(4, one);
+    REQUIRE(one.padding.defined());
+    REQUIRE(one.refs.size() == 4);
+    for (int64_t b = 0; b < 4; ++b) {
+      const int64_t L =
+          static_cast<int64_t>(examples[static_cast<size_t>(one.refs[static_cast<size_t>(b)].window)].tokens.size()) -
+          1;
+      CHECK(one.padding[b].slice(0, 0, L).any().item<bool>() == false);
+      CHECK(one.padding[b].slice(0, L).all().item<bool>());
+      CHECK(one.padding[b].sum().item<int64_t>() == one.inputs.size(1) - L);
+    }
+    CHECK(one.padding.any().item<bool>());
+  }
   std::vector<int64_t> order;
   for (size_t i = 0; i < stream.size() + 1; ++i) {
     plain.next(1, one);

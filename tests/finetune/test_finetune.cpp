@@ -323,10 +323,12 @@ TEST_CASE("the PEFT adapter has the files, tensor names and config keys PEFT rea
   export_peft_adapter(base.model, cfg, tmp / "adapter", "org/base-7b");
   const json c = json::parse(read_file(tmp / "adapter/adapter_config.json"));
   // The keys peft.LoraConfig.from_pretrained reads (PeftConfig + LoraConfig fields).
-  for (const char* key : {"peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout",
-                          "target_modules", "bias", "fan_in_fan_out", "inference_mode", "modules_to_save",
-                          "init_lora_weights", "use_rslora", "use_dora"})
+  for (const char* key :
+       {"peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout", "target_modules",
+        "bias", "fan_in_fan_out", "inference_mode", "modules_to_save", "init_lora_weights"})
     CHECK(c.contains(key));
+  // Keys newer PEFT versions added are left out at their defaults (older ones refuse them).
+  for (const char* key : {"use_rslora", "use_dora", "rank_pattern", "alpha_pattern"}) CHECK_FALSE(c.contains(key));
   CHECK(c["peft_type"] == "LORA");
   CHECK(c["task_type"] == "CAUSAL_LM");
   CHECK(c["r"] == 4);
@@ -365,6 +367,12 @@ TEST_CASE("fine-tuning resumes exactly (LoRA and full) and lowers the held-out l
       fs::remove_all(b + "/checkpoints/step-00000008");
       REQUIRE(latest_checkpoint(b + "/checkpoints") == b + "/checkpoints/step-00000003");
       finetune(ft_recipe(base, chat, b, set));  // resume: auto from step 3
+      if (method == "lora") {  // the saved adapters' scale cannot change on resume (ft_recipe: alpha 8)
+        std::vector<std::string> other = set;
+        other.insert(other.end(), {"lora.alpha=64", "train.steps=10"});
+        CHECK_THAT(test::error_of([&] { finetune(ft_recipe(base, chat, b, other)); }),
+                   Catch::Contains("the resumed run trained with lora.alpha 8.0; this recipe says 64.0"));
+      }
       const auto ma = jsonl(a + "/metrics.jsonl"), mb = jsonl(b + "/metrics.jsonl");
       REQUIRE(ma.size() == 8);
       REQUIRE(mb.size() == 8);
@@ -590,6 +598,17 @@ TEST_CASE("fine-tuning errors: no base, LoRA in pretraining, chat data with defe
              Catch::Contains("guard.defer: 'end' needs packed data"));
   CHECK_THAT(test::error_of([&] { finetune(ft_recipe(base, chat, tmp / "r", {"train.seq_len=200"})); }),
              Catch::Contains("exceeds model.max_seq_len 160"));
+  // The base decides the model: a model key that disagrees is an error; the MoE loss coefficients
+  // are the recipe's (the saved recipe says which were used); an agreeing key is accepted.
+  CHECK_THAT(test::error_of([&] { finetune(ft_recipe(base, chat, tmp / "r", {"model.n_layers=7"})); }),
+             Catch::Contains("model.n_layers: is 7, but the base ") && Catch::Contains(" has 2"));
+  finetune(ft_recipe(base, chat, tmp / "coef",
+                     {"model.moe_z_loss_coef=0.005", "model.moe_aux_loss_coef=0", "model.max_seq_len=160",
+                      "train.steps=1", "train.eval_every=0"}));
+  const Recipe saved = Recipe::load(tmp / "coef/recipe.yaml");
+  CHECK(saved.model.moe_z_loss_coef == 0.005);
+  CHECK(saved.model.moe_aux_loss_coef == 0.0);
+  CHECK(saved.model.n_layers == 2);
   // A base among the run's own checkpoints (which pruning deletes and a new run moves aside).
   fs::create_directories(tmp / "r/checkpoints");
   fs::rename(base, tmp / "r/checkpoints/step-00000001");

@@ -209,7 +209,9 @@ TEST_CASE("export keeps the source's generation settings, with the exported bos 
   opts.eos_id = 3;
   opts.tokenizer_path = fixture("tiny-llama/tokenizer.model");
   export_hf(p.model, tmp / "b", opts);
-  CHECK(nlohmann::json::parse(read_file(tmp / "b/generation_config.json"))["eos_token_id"] == 3);
+  // The exported eos first, then the source's stop ids (a chat base's end of turn).
+  CHECK(nlohmann::json::parse(read_file(tmp / "b/generation_config.json"))["eos_token_id"] ==
+        nlohmann::json({3, 5, 2}));
   // tokenizer_config.json names the exported ids' pieces, so that tokenizer.eos_token_id agrees
   // with config.json; an id beyond tokenizer.model keeps its own piece.
   const Tokenizer tok = Tokenizer::load(opts.tokenizer_path);
@@ -221,6 +223,13 @@ TEST_CASE("export keeps the source's generation settings, with the exported bos 
   export_hf(p.model, tmp / "b", opts);
   tc = nlohmann::json::parse(read_file(tmp / "b/tokenizer_config.json"));
   CHECK(tc["eos_token"] == tok.piece(tok.eos_id()));
+  write_file(tmp / "gen.json", R"({"eos_token_id": 9})");
+  opts.eos_id = 3;
+  export_hf(p.model, tmp / "b", opts);
+  CHECK(nlohmann::json::parse(read_file(tmp / "b/generation_config.json"))["eos_token_id"] == nlohmann::json({3, 9}));
+  write_file(tmp / "gen.json", R"({"eos_token_id": 3})");
+  export_hf(p.model, tmp / "b", opts);
+  CHECK(nlohmann::json::parse(read_file(tmp / "b/generation_config.json"))["eos_token_id"] == 3);
   opts.tokenizer_path.clear();
   write_file(tmp / "gen.json", "[1]");
   CHECK_THAT(error_of([&] { export_hf(p.model, tmp / "c", opts); }),
@@ -390,6 +399,29 @@ TEST_CASE("absent config.json keys take their architecture's transformers defaul
   CHECK_THAT(err({{"rope_theta", "1e4"}}),
              Catch::Contains("config.json: rope_parameters: rope_theta: expected a number, got \"1e4\""));
   CHECK_THAT(err(10000.0), Catch::Contains("config.json: rope_parameters: expected an object, got 10000.0"));
+  // rope_scaling: transformers' unscaled {"rope_type"/"type": "default"} reads as none; scaling fails.
+  CHECK(read("tiny-llama", {}, {{"rope_scaling", {{"rope_type", "default"}}}}).model.rope_theta ==
+        read("tiny-llama", {}, nlohmann::json::object()).model.rope_theta);
+  CHECK(read("tiny-llama", {}, {{"rope_scaling", {{"type", "default"}, {"factor", nullptr}}}}).ignored.empty());
+  CHECK_THAT(error_of([&] {
+               read("tiny-llama", {}, {{"rope_scaling", {{"type", "linear"}, {"factor", 2.0}}}});
+             }),
+             Catch::Contains("config.json: rope_scaling: rope scaling is not supported, got"));
+  CHECK_THAT(error_of([&] {
+               read("tiny-llama", {}, {{"rope_scaling", {{"rope_type", "default"}, {"factor", 2.0}}}});
+             }),
+             Catch::Contains("config.json: rope_scaling: rope scaling is not supported"));
+  CHECK_THAT(error_of([&] {
+               read("tiny-llama", {}, {{"mlp_bias", true}});
+             }),
+             Catch::Contains("config.json: mlp_bias: MLP biases are not supported"));
+  CHECK_THAT(error_of([&] {
+               read("tiny-llama", {}, {{"attention_bias", true}});
+             }),
+             Catch::Contains("config.json: attention_bias: attention biases are not supported"));
+  // Training-only regularisers libllm lacks are listed for the fine-tune's note, not errors.
+  CHECK(read("tiny-mixtral", {}, {{"attention_dropout", 0.1}, {"router_jitter_noise", 0.0}}).ignored ==
+        std::vector<std::string>{"attention_dropout 0.1"});
 }
 
 TEST_CASE("the tokens an HF tokenizer adds beyond tokenizer.model are found by id", "[io][hf]") {

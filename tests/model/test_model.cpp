@@ -141,6 +141,47 @@ TEST_CASE("dropless MoE equals the dense sum over each token's top-k experts", "
   CHECK(logits[0].sizes() == torch::IntArrayRef({10, 4}));
 }
 
+TEST_CASE("forward_loss: the MoE losses of a padded batch are those of its real positions alone", "[model]") {
+  // Right padding: causal attention keeps the real positions' router logits those of each row on
+  // its own, so the reference runs every row unpadded and averages over exactly those positions
+  // (transformers' load_balancing_loss_func with an attention_mask).
+  torch::manual_seed(5);
+  ModelConfig cfg = small_config(", n_experts: 4, n_experts_per_token: 2, init_std: 0.3, moe_z_loss_coef: 0.01");
+  Transformer m(cfg);
+  m->to(torch::kFloat64);
+  const std::vector<int64_t> lengths{7, 3, 5};
+  auto ids = torch::randint(0, 37, {3, 7});
+  auto padding = torch::zeros({3, 7}, torch::kBool);  // (B, T)
+  for (int64_t b = 0; b < 3; ++b) padding[b].slice(0, lengths[static_cast<size_t>(b)]).fill_(true);
+  auto targets = torch::randint(0, 37, {3, 7}).masked_fill(padding, -100);
+  std::vector<std::vector<torch::Tensor>> per_layer;  // rows' router logits of each layer
+  for (int64_t b = 0; b < 3; ++b) {
+    std::vector<torch::Tensor> logits;
+    m->hidden(ids[b].slice(0, 0, lengths[static_cast<size_t>(b)]).unsqueeze(0), 0, &logits);
+    per_layer.resize(logits.size());
+    for (size_t l = 0; l < logits.size(); ++l) per_layer[l].push_back(logits[l]);
+  }
+  std::vector<torch::Tensor> layers;
+  for (auto& rows : per_layer) layers.push_back(torch::cat(rows, 0));  // (15, E)
+  const auto all = torch::cat(layers, 0);                              // (L * 15, E)
+  const double balance = load_balancing_loss(all, 2).item<double>(), z = router_z_loss(all).item<double>();
+  for (bool fused : {true, false}) {
+    m->set_fused_loss(fused);
+    auto out = m->forward_loss(ids, targets, {}, padding);
+    CHECK(out.balance_loss.item<double>() == Approx(balance).epsilon(1e-12));
+    CHECK(out.z_loss.item<double>() == Approx(z).epsilon(1e-12));
+    CHECK(out.aux_loss.item<double>() ==
+          Approx(cfg.moe_aux_loss_coef * balance + cfg.moe_z_loss_coef * z).epsilon(1e-12));
+    // Counting the padding changes them: the reference is not the unmasked mean.
+    auto unmasked = m->forward_loss(ids, targets);
+    CHECK(std::abs(unmasked.z_loss.item<double>() - z) > 1e-6);
+    // The cross-entropy is unchanged (padding has no targets).
+    CHECK(out.loss.item<double>() == Approx(unmasked.loss.item<double>()).epsilon(1e-12));
+  }
+  CHECK_THAT(test::error_of([&] { m->forward_loss(ids, targets, {}, padding.slice(1, 0, 5)); }),
+             Catch::Contains("padding has 15 positions"));
+}
+
 TEST_CASE("gradients match central finite differences in float64", "[model]") {
   // Covers what libllm writes itself: RMSNorm, rotary, GQA with a sliding window, MoE routing
   // and its auxiliary losses, tied embeddings.

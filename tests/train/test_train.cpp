@@ -93,6 +93,38 @@ TEST_CASE("k steps + kill + resume + N-k steps == N steps straight, bit for bit"
   CHECK(p.format == "libllm");
 }
 
+TEST_CASE("a damaged checkpoint's errors name its file", "[train]") {
+  test::TempDir tmp;
+  const std::string shards = make_shards(tmp);
+  const std::string run = tmp / "r", ck = run + "/checkpoints/step-00000003";
+  pretrain(tiny_recipe(shards, run, {"train.steps=3"}));
+  const std::string good = read_file(ck + "/trainer.json");
+  auto resume_with = [&](const std::string& key, const nlohmann::json& value) {
+    auto j = nlohmann::json::parse(good);
+    j[key] = value;
+    std::ofstream(ck + "/trainer.json") << j.dump();
+    return test::error_of([&] { pretrain(tiny_recipe(shards, run, {"train.steps=5"})); });
+  };
+  CHECK_THAT(resume_with("data_cursor", "{}"), Catch::Contains(ck + "/trainer.json: data cursor"));
+  auto extra = nlohmann::json::parse(nlohmann::json::parse(good)["extra"].get<std::string>());
+  extra["guard"] = "{\"losses\": 1}";
+  CHECK_THAT(resume_with("extra", extra.dump()), Catch::Contains(ck + "/trainer.json: guard state"));
+  CHECK_THAT(resume_with("extra", "{not json"), Catch::Contains(ck + "/trainer.json: extra: invalid JSON"));
+  // An optimizer state of other parameters: the optimizer file is named.
+  std::ofstream(ck + "/trainer.json") << good;
+  {
+    auto state = safetensors::File::open(ck + "/optimizer.safetensors");
+    std::vector<safetensors::TensorView> kept;
+    for (const auto& t : state->tensors())
+      if (t.name.find("lm_head") == std::string::npos) kept.push_back({t.name, t.dtype, t.shape, state->data(t)});
+    safetensors::write(ck + "/optimizer.safetensors.new", kept, state->metadata());
+  }
+  fs::rename(ck + "/optimizer.safetensors.new", ck + "/optimizer.safetensors");
+  CHECK_THAT(test::error_of([&] { pretrain(tiny_recipe(shards, run, {"train.steps=5"})); }),
+             Catch::Contains(ck + "/optimizer.safetensors: lm_head.weight.") &&
+                 Catch::Contains("missing from the optimizer state"));
+}
+
 TEST_CASE("the same seed gives the same data sequence and losses: another seed does not", "[train]") {
   test::TempDir tmp;
   const std::string shards = make_shards(tmp);

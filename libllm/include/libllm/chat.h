@@ -123,6 +123,9 @@ struct ChatBatch {
   // row (a row's padding is one more); Transformer::forward_packed's `documents`. Undefined when
   // every row holds one example.
   torch::Tensor documents;
+  // (B, T) bool: true at a row's padding (positions after its last example's tokens), which the
+  // MoE losses leave out (Transformer::forward_loss). Undefined when no row is padded.
+  torch::Tensor padding;
   std::vector<WindowRef> refs;  // the examples used, in row order: {0, example number in file order}
 };
 
@@ -141,8 +144,10 @@ class ChatDataset {
   bool packed() const { return packed_; }
   // Mean loss per target token over the first `max_examples` held-out examples (0 = all).
   double evaluate(Transformer& model, int64_t micro_batch, int64_t max_examples) const;
-  // The held-out examples' rows, for tests and tools.
-  void batch_of(const std::vector<const ChatExample*>& rows, torch::Tensor& inputs, torch::Tensor& targets) const;
+  // Rows of one example each, right-padded (`padding`: ChatBatch::padding, always defined), for
+  // held-out examples, tests and tools.
+  void batch_of(const std::vector<const ChatExample*>& rows, torch::Tensor& inputs, torch::Tensor& targets,
+                torch::Tensor* padding = nullptr) const;
   const std::vector<ChatExample>& train_examples() const { return train_; }
   const std::vector<ChatExample>& valid_examples() const { return valid_; }
 

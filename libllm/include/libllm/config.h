@@ -87,9 +87,13 @@ class Schema {
   void validate() const;
   // The resolved recipe as YAML (every key, defaults included).
   std::string to_yaml() const;
+  // "section.key" of every key the YAML or an override set, in first-set order.
+  const std::vector<std::string>& given() const { return given_; }
 
  private:
   std::vector<std::pair<std::string, Fields>> sections_;
+  std::vector<std::string> given_;
+  void mark_given(const std::string& path);
   Fields* find_section(const std::string& name);
 };
 

@@ -22,6 +22,9 @@ struct HfConfig {
   std::string architecture;             // e.g. "LlamaForCausalLM"
   std::string torch_dtype = "float32";  // dtype the weights were saved in
   int64_t bos_id = 1, eos_id = 2;
+  // Training-only settings libllm does not apply, as "key value" (attention_dropout 0.1,
+  // router_jitter_noise 0.01): inference is the same; a fine-tune trains without them.
+  std::vector<std::string> ignored;
 };
 
 // Parses DIR/config.json. Unknown architectures, unsupported features (rope_scaling, biases,
@@ -80,8 +83,8 @@ struct ExportOptions {
   std::string chat_template = "";
   int64_t bos_id = 1, eos_id = 2;
   // A generation_config.json whose settings (sampling defaults, max_length, ...) the export keeps
-  // ("" = none): the source model's; bos_token_id and eos_token_id are set to bos_id / eos_id (an
-  // eos list that holds eos_id stays).
+  // ("" = none): the source model's; bos_token_id is set to bos_id, eos_token_id to eos_id followed
+  // by the file's own stop ids (a chat base's end-of-turn token; a list that holds eos_id stays).
   std::string generation_config = "";
 };
 // DIR's chat template: DIR/chat_template.jinja (transformers >= 4.47 saves it there, and prefers

@@ -241,9 +241,11 @@ class TransformerImpl : public torch::nn::Module {
   // (ignore_index -100 does not count). With the fused loss (set_fused_loss, default on) the LM
   // head and the cross-entropy run together over row chunks (linear_cross_entropy) and out.logits
   // stays undefined; an LM head with a LoRA adapter always takes the plain path. `documents` as
-  // forward_packed (undefined = one sequence per row).
-  Output forward_loss(const torch::Tensor& tokens, const torch::Tensor& targets,
-                      const torch::Tensor& documents = {});
+  // forward_packed (undefined = one sequence per row). `padding` (B, T) bool marks positions that
+  // hold no token (ChatBatch::padding): the MoE losses average over the other positions only, as
+  // transformers' attention_mask makes them (undefined = no padding).
+  Output forward_loss(const torch::Tensor& tokens, const torch::Tensor& targets, const torch::Tensor& documents = {},
+                      const torch::Tensor& padding = {});
   // Incremental decoding: tokens (B, T) at positions [cache.length, cache.length + T) attend to the
   // cached positions too; their keys/values are appended (cache.length += T). Inference only.
   // last_only: logits of the last position only, (B, 1, vocab_size) (a prompt's prefill).
@@ -300,7 +302,8 @@ class TransformerImpl : public torch::nn::Module {
 
  private:
   // The logits (unless !project_logits) and the MoE losses.
-  Output finish(torch::Tensor hidden, std::vector<torch::Tensor>& router_logits, bool project_logits = true);
+  Output finish(torch::Tensor hidden, std::vector<torch::Tensor>& router_logits, bool project_logits = true,
+                const torch::Tensor& padding = {});
   ModelConfig cfg_;
   Rotary rotary_;
   uint64_t init_seed_ = 0;

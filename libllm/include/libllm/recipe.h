@@ -31,6 +31,9 @@ struct Recipe {
   FinetuneConfig finetune;      // section `finetune` (llm-finetune: base model, full or LoRA)
   LoraConfig lora;              // section `lora` (finetune.method: lora)
   ChatConfig chat;              // section `chat` (instruction / chat data for fine-tuning)
+  // "section.key" of every key the recipe file or an override set (the rest are defaults), in
+  // order; not part of to_yaml(). Fine-tuning uses it to tell a model key given from a default.
+  std::vector<std::string> given;
 
   // Reads `path` strictly, applies `--set section.key=value` overrides in order, resolves
   // derived defaults and validates. Errors name the file and key.
