@@ -575,7 +575,7 @@ void prune_checkpoints(const std::string& root, const CheckpointConfig& cfg, int
     // checkpoint folder whose trainer.json outlived its weights.
     const fs::path dir = fs::path(root) / checkpoint_name(regular[i]);
     const fs::path doomed =
-        fs::path(root) / (checkpoint_name(regular[i]) + ".tmp-pruned-" + std::to_string(::getpid()));
+        fs::path(root) / ("pruned-" + checkpoint_name(regular[i]) + ".tmp-" + std::to_string(::getpid()));
     fs::rename(dir, doomed, ec);
     fs::remove_all(ec ? dir : doomed, ec);
   }

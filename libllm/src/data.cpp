@@ -699,6 +699,7 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
   const int64_t threads =
       cfg.threads > 0 ? cfg.threads : std::max<int64_t>(1, std::thread::hardware_concurrency());
   const std::string sha = sha256_file(tok.path());
+  StagingGuard staging{outs};  // (before any staging folder exists)
   for (SetOutput& o : outs) {
     o.info.dir = o.dir;
     o.info.vocab_size = tok.vocab_size();
@@ -719,7 +720,6 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
     o.writer = std::make_unique<ShardWriter>(o.stage, width, cfg.shard_tokens, o.info.vocab_size, o.info.bos_id,
                                              o.info.eos_id, tok.path());
   }
-  StagingGuard staging{outs};
   int64_t pending_bytes = 0, done_bytes = 0, doc_index = 0;
   const int64_t batch_bytes = std::max<int64_t>(1, threads) * (4 << 20);
   auto flush = [&](int64_t done_at) {
@@ -781,8 +781,17 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
     detail::write_file_atomic((fs::path(o.stage) / "meta.json").string(), meta.dump(2) + "\n");
     infos.push_back(info);
   }
-  for (const SetOutput& o : outs) move_staged_set(o);
+  // Every set is whole: from here a failure must not delete the staged files (the old set may
+  // be gone already), it says where the complete new set is.
   staging.released = true;
+  for (const SetOutput& o : outs) {
+    try {
+      move_staged_set(o);
+    } catch (const Error& e) {
+      throw Error(e.where(), e.problem(),
+                  "the complete new shard set is in " + o.stage + ": move its files into " + o.dir);
+    }
+  }
   return infos;
 }
 

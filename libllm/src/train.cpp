@@ -310,6 +310,8 @@ struct Run {
       }
     } catch (const Error& e) {
       throw Error((fs::path(dir) / "trainer.json").string() + ": " + e.where(), e.problem(), e.hint());
+    } catch (const std::exception& e) {  // (a value of the wrong JSON type)
+      throw Error((fs::path(dir) / "trainer.json").string(), e.what(), "the checkpoint is corrupt");
     }
     return st;
   }
@@ -671,9 +673,26 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       } catch (const std::exception& e) {
         changed.push_back(std::string("(the checkpoint's recipe.yaml does not parse: ") + e.what() + ")");
       }
+      auto same_targets = [](const std::string& d) {  // "lora.targets: [a, b] -> [b, a]": the same set
+        auto sorted = [](const std::string& list) {
+          std::vector<std::string> items;
+          const size_t open = list.find('['), close = list.rfind(']');
+          if (open == std::string::npos || close == std::string::npos || close < open) return items;
+          std::stringstream in(list.substr(open + 1, close - open - 1));
+          for (std::string item; std::getline(in, item, ',');) {
+            const size_t b = item.find_first_not_of(' ');
+            items.push_back(b == std::string::npos ? "" : item.substr(b));
+          }
+          std::sort(items.begin(), items.end());
+          return items;
+        };
+        const size_t arrow = d.find(" -> ");
+        return arrow != std::string::npos && sorted(d.substr(0, arrow)) == sorted(d.substr(arrow + 4));
+      };
       for (const auto& d : changed)
         for (const char* fixed : {"lora.alpha:", "lora.rank:", "lora.targets:", "finetune.method:"})
-          if (d.rfind(fixed, 0) == 0 && (recipe.finetune.method == "lora" || d.rfind("finetune.", 0) == 0))
+          if (d.rfind(fixed, 0) == 0 && (recipe.finetune.method == "lora" || d.rfind("finetune.", 0) == 0) &&
+              !(d.rfind("lora.targets:", 0) == 0 && same_targets(d)))
             throw Error(saved.string(),
                         "the resumed run trained with " + d.substr(0, d.find(':')) + " " +
                             d.substr(d.find(':') + 2, d.find(" -> ") - d.find(':') - 2) + "; this recipe says " +
@@ -1149,7 +1168,9 @@ double finetune(const Recipe& recipe, const TrainHooks& hooks) {
   for (const auto& key : recipe.given) {
     if (key.rfind("model.", 0) != 0) continue;
     const std::string name = key.substr(6);
-    if (name == "moe_aux_loss_coef") {
+    if (name == "init_std" || name == "init_depth_scaled") {
+      continue;  // (initialisation only: a fine-tune's weights come from the base)
+    } else if (name == "moe_aux_loss_coef") {
       r.model.moe_aux_loss_coef = recipe.model.moe_aux_loss_coef;
     } else if (name == "moe_z_loss_coef") {
       r.model.moe_z_loss_coef = recipe.model.moe_z_loss_coef;

@@ -21,7 +21,7 @@ class AdamW;
 
 struct CheckpointConfig {      // recipe section `checkpoint`
   int64_t every = 1000;        // save every this many optimizer steps (and at the end); 0 = only at the end
-  int64_t keep_last = 3;       // regular checkpoints kept (older ones deleted); >= 1
+  int64_t keep_last = 3;  // regular checkpoints kept (older ones deleted, except those a guard rollback may need); >= 1
   int64_t milestone_every = 0; // steps that are multiples of this are milestones, never deleted (LLM360); 0 = none
   std::string resume = "auto";  // auto = newest complete checkpoint in the run folder, none = start fresh (an earlier
                                 // run's checkpoints move to checkpoints/superseded/), or a folder path (the run

@@ -27,7 +27,8 @@ struct HfConfig {
   std::vector<std::string> ignored;
 };
 
-// Parses DIR/config.json. Unknown architectures, unsupported features (rope_scaling, biases,
+// Parses DIR/config.json. Unknown architectures, unsupported features (rope scaling other than
+// {"rope_type": "default"}, biases,
 // activations other than silu), missing keys and wrong JSON types are errors naming the key.
 HfConfig read_hf_config(const std::string& dir);
 // The config.json text transformers expects for `cfg`.
