@@ -1,6 +1,7 @@
 #include "libllm/train.h"
 
 #include <fmt/core.h>
+#include <fmt/format.h>
 
 #include <sys/resource.h>
 #include <unistd.h>
@@ -10,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <thread>
@@ -673,32 +675,35 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       } catch (const std::exception& e) {
         changed.push_back(std::string("(the checkpoint's recipe.yaml does not parse: ") + e.what() + ")");
       }
-      auto same_targets = [](const std::string& d) {  // "lora.targets: [a, b] -> [b, a]": the same set
-        auto sorted = [](const std::string& list) {
-          std::vector<std::string> items;
-          const size_t open = list.find('['), close = list.rfind(']');
-          if (open == std::string::npos || close == std::string::npos || close < open) return items;
-          std::stringstream in(list.substr(open + 1, close - open - 1));
-          for (std::string item; std::getline(in, item, ',');) {
-            const size_t b = item.find_first_not_of(' ');
-            items.push_back(b == std::string::npos ? "" : item.substr(b));
-          }
-          std::sort(items.begin(), items.end());
-          return items;
+      // The saved recipe's adapter settings, compared as values (targets as a set).
+      std::optional<Recipe> before;
+      try {
+        before = Recipe::parse(text.str(), saved.string());
+      } catch (const std::exception&) {  // (listed as a change above)
+      }
+      if (before && recipe.finetune.method == "lora" && before->finetune.method == "lora") {
+        auto set_of = [](std::vector<std::string> v) {
+          std::sort(v.begin(), v.end());
+          return v;
         };
-        const size_t arrow = d.find(" -> ");
-        return arrow != std::string::npos && sorted(d.substr(0, arrow)) == sorted(d.substr(arrow + 4));
-      };
-      for (const auto& d : changed)
-        for (const char* fixed : {"lora.alpha:", "lora.rank:", "lora.targets:", "finetune.method:"})
-          if (d.rfind(fixed, 0) == 0 && (recipe.finetune.method == "lora" || d.rfind("finetune.", 0) == 0) &&
-              !(d.rfind("lora.targets:", 0) == 0 && same_targets(d)))
-            throw Error(saved.string(),
-                        "the resumed run trained with " + d.substr(0, d.find(':')) + " " +
-                            d.substr(d.find(':') + 2, d.find(" -> ") - d.find(':') - 2) + "; this recipe says " +
-                            d.substr(d.find(" -> ") + 4),
-                        "keep the checkpoint's value, or start a new run (another train.run_dir, or "
-                        "checkpoint.resume: none)");
+        const LoraConfig& was = before->lora;
+        const LoraConfig& now = recipe.lora;
+        std::string what;
+        if (was.alpha != now.alpha) what = fmt::format("lora.alpha {} (now {})", was.alpha, now.alpha);
+        if (was.rank != now.rank) what = fmt::format("lora.rank {} (now {})", was.rank, now.rank);
+        if (set_of(was.targets) != set_of(now.targets))
+          what =
+              fmt::format("lora.targets [{}] (now [{}])", fmt::join(was.targets, ", "), fmt::join(now.targets, ", "));
+        if (!what.empty())
+          throw Error(saved.string(), "the resumed run trained its adapters with " + what,
+                      "keep the checkpoint's value, or start a new run (another train.run_dir, or "
+                      "checkpoint.resume: none)");
+      }
+      if (before && before->finetune.method != recipe.finetune.method)
+        throw Error(saved.string(),
+                    "the resumed run trained with finetune.method " + before->finetune.method + " (now " +
+                        recipe.finetune.method + ")",
+                    "keep the checkpoint's method, or start a new run (checkpoint.resume: none)");
       if (main_rank && !changed.empty()) {
         fmt::print("note: the recipe differs from the one {} was trained with:\n", resume_from);
         for (const auto& d : changed) fmt::print("  {}\n", d);
