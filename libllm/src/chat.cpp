@@ -661,14 +661,4 @@ void ChatDataset::restore(const std::string& cursor) {
   window_end_ = -1;  // next_row rebuilds the window that starts at global_
 }
 
-int64_t ChatDataset::pass_over(int64_t samples) {
-  std::vector<int64_t> row;
-  int64_t examples = 0;
-  for (int64_t i = 0; i < samples * world_; ++i) {
-    next_row(row);
-    examples += static_cast<int64_t>(row.size());
-  }
-  return examples;
-}
-
 }  // namespace libllm

@@ -424,7 +424,11 @@ std::vector<int64_t> recover_checkpoint_swaps(const std::string& root) {
     if (at == std::string::npos) continue;
     const int64_t step = step_of(name.substr(0, at));
     const fs::path final_dir = fs::path(root) / checkpoint_name(step);
-    if (step < 0 || fs::exists(fs::symlink_status(final_dir, ec))) continue;
+    if (step < 0) continue;
+    if (fs::exists(fs::symlink_status(final_dir, ec))) {  // swapped: the kill came before its removal
+      fs::remove_all(old, ec);
+      continue;
+    }
     // The new folder, complete (trainer.json is written last) under its temporary name, goes in;
     // else the old one goes back.
     fs::path newer;

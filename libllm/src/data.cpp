@@ -1050,22 +1050,19 @@ void PackedDataset::next(int64_t batch, std::vector<int64_t>& out, std::vector<W
   }
 }
 
-void PackedDataset::pass_over(int64_t samples, bool defer) {
-  if (samples < 0) throw Error("data", "samples must be >= 0");
-  // The windows are used up, but not the plan's slots: the steps that consumed them run again.
-  // They are replayed as the rolled-back steps drew them (deferred windows included, from the
-  // queue as it stood), and queued only afterwards: queued at once, a span longer than the rest
-  // of the plan would find itself due and draw its own windows back in place of the stream's.
-  const int64_t slot = global_;
-  std::vector<std::vector<WindowRef>> used(static_cast<size_t>(world_));
-  for (int64_t i = 0; i < samples; ++i) {
-    advance(slot_);
-    for (int64_t k = 0; k < world_; ++k) used[static_cast<size_t>(k)].push_back(slot_[static_cast<size_t>(k)]);
+void PackedDataset::roll_back(const std::string& live, const std::vector<std::vector<WindowRef>>& used) {
+  if (!used.empty() && used.size() != static_cast<size_t>(world_))
+    throw Error("data", "rolled-back windows of " + std::to_string(used.size()) + " ranks, this run has " +
+                            std::to_string(world_));
+  for (const auto& mine : used) {
+    if (mine.size() != used[0].size()) throw Error("data", "ranks rolled back different numbers of windows");
+    for (const WindowRef& r : mine) check_ref(r, "data");
   }
-  if (defer)
-    for (int64_t k = 0; k < world_; ++k)
-      deferred_[static_cast<size_t>(k)].insert(deferred_[static_cast<size_t>(k)].end(), used[k].begin(), used[k].end());
-  global_ = slot;
+  const int64_t global = global_, planned = planned_;
+  restore(live);
+  global_ = global;  // (the steps that used them run again)
+  planned_ = planned;
+  for (size_t k = 0; k < used.size(); ++k) deferred_[k].insert(deferred_[k].end(), used[k].begin(), used[k].end());
 }
 
 void PackedDataset::check_ref(const WindowRef& r, const std::string& where) const {

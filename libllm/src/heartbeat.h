@@ -2,7 +2,8 @@
 // its metrics log nor this heartbeat changed for --hang-seconds. Writing a checkpoint, reading a
 // base model and evaluating can take longer than that on a 65B model without being stuck: the
 // code that does them calls heartbeat() as it goes (per tensor written or read, per eval batch),
-// from the thread doing the work, so a process stuck in I/O or a collective stops beating.
+// from the thread doing the work, so a process stuck in I/O or a collective stops beating (a file's
+// final fsync beats from beside it, for as long as 10 MB/s would take).
 // Private to the library; implemented in spike.cpp.
 #pragma once
 

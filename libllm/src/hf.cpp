@@ -318,11 +318,12 @@ HfConfig read_hf_config(const std::string& dir) {
     const std::string where = file + ": rope_scaling";
     bool plain = scaling->is_object();
     if (plain)
-      for (const auto& [key, v] : scaling->items())
+      for (const auto& [key, v] : scaling->items()) {
         if (key == "rope_type" || key == "type")
           plain = plain && v == "default";
         else
           plain = plain && v.is_null();
+      }
     if (!plain)
       throw Error(where, "rope scaling is not supported, got " + scaling->dump(),
                   "use a checkpoint without rope_scaling (or with {\"rope_type\": \"default\"})");

@@ -2,9 +2,11 @@
 // library's sources.
 #pragma once
 
+#include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "libllm/error.h"
@@ -29,6 +31,31 @@ inline std::vector<nlohmann::json> read_jsonl(const std::string& path, bool requ
     }
   }
   return out;
+}
+
+// Calls fn(line) for each line of the JSONL file `path` that its newline ends (a last line cut by a
+// kill -9 is left out), one at a time: a data_sequence.jsonl of gigabytes is never held whole.
+// Returns false when the file cannot be opened.
+template <class Fn>
+bool for_each_line(const std::string& path, Fn&& fn) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return false;
+  std::string line;
+  while (std::getline(in, line) && !in.eof()) fn(line);
+  return true;
+}
+
+// The integer of the first `"key":` in `line`, a compact JSON object as libllm writes its logs
+// (nlohmann's dump of flat lines: "step", "branch" are top-level), found without parsing the
+// line; `fallback` when it has none.
+inline int64_t int_field(const std::string& line, std::string_view key, int64_t fallback) {
+  const std::string pattern = "\"" + std::string(key) + "\":";
+  const size_t at = line.find(pattern);
+  if (at == std::string::npos) return fallback;
+  const char* begin = line.c_str() + at + pattern.size();
+  char* end = nullptr;
+  const long long v = std::strtoll(begin, &end, 10);
+  return end == begin ? fallback : static_cast<int64_t>(v);
 }
 
 }  // namespace libllm::detail

@@ -12,8 +12,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <future>
 #include <limits>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -293,9 +295,22 @@ void TempFile::write_all(const void* data, uint64_t size) {
 }
 
 void TempFile::commit() {
-  while (::fsync(fd_) != 0) {
-    if (errno != EINTR) fail("fsync", errno);
-  }
+  // The kernel may hold much of a large file unwritten until this fsync, which on network storage
+  // can take minutes: it runs beside a heartbeat, so that a supervisor does not take it for a
+  // hang. The beats stop after the time the file takes at 10 MB/s, plus a minute: a sync stuck on
+  // dead storage is still a hang.
+  struct stat st {};
+  const double allowed = 60 + (::fstat(fd_, &st) == 0 ? static_cast<double>(st.st_size) / 1e7 : 0);
+  auto synced = std::async(std::launch::async, [fd = fd_] {
+    while (::fsync(fd) != 0)
+      if (errno != EINTR) return errno;
+    return 0;
+  });
+  const auto start = std::chrono::steady_clock::now();
+  while (synced.wait_for(std::chrono::seconds(1)) != std::future_status::ready)
+    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < allowed)
+      detail::heartbeat("syncing", path_);
+  if (const int err = synced.get(); err != 0) fail("fsync", err);
   const int fd = fd_;
   fd_ = -1;
   if (::close(fd) != 0 && errno != EINTR) fail("close", errno);

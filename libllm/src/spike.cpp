@@ -2,6 +2,7 @@
 
 #include <fmt/core.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -240,10 +241,15 @@ std::pair<int64_t, int64_t> progress_mark(const std::string& path) {
 
 pid_t launch(const std::vector<std::string>& cmd, int64_t attempt, const std::string& plan,
              const std::string& heartbeat) {
+  const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
   if (pid < 0) throw Error("llm-spike", "fork failed");
   if (pid == 0) {
     ::setpgid(0, 0);
+    // The job ends with its supervisor (killed by SIGKILL, say), so that no orphan trains on beside
+    // the next supervisor's job. (Kept across exec; a launcher passes the SIGTERM on to its ranks.)
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (::getppid() != parent) std::_Exit(1);  // (it died before that)
     ::setenv("LIBLLM_RESTART", std::to_string(attempt).c_str(), 1);
     ::setenv(detail::kHeartbeatEnv, heartbeat.c_str(), 1);
     if (!plan.empty()) ::setenv("LIBLLM_RESTART_PLAN", plan.c_str(), 1);

@@ -6,8 +6,10 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -82,12 +84,33 @@ std::string human_time(double s) {
 // those whose "branch" is below `branch` (the steps an earlier rollback discarded: the metrics
 // keep them for llm-spike analyze, whatever is resumed later).
 void truncate_log(const std::string& path, int64_t last_step, int64_t branch = 0) {
-  std::vector<std::string> keep;
-  for (const json& j : detail::read_jsonl(path, false))
-    if (j.value("step", int64_t{0}) <= last_step || j.value("branch", int64_t{0}) < branch) keep.push_back(j.dump());
-  std::string text;
-  for (const auto& l : keep) text += l + "\n";
-  detail::write_file_atomic(path, text);  // (a kill meanwhile leaves the old log whole)
+  // Streamed (the data sequence of a long 7B run holds gigabytes). Lines are appended in step
+  // order, so usually all lines from the first one dropped go: the file is cut there, in place.
+  // Otherwise (older branches' lines kept after it) the kept lines are written anew.
+  const auto keep = [&](const std::string& line) {
+    return !line.empty() && line.back() == '}' &&
+           (detail::int_field(line, "step", 0) <= last_step || detail::int_field(line, "branch", 0) < branch);
+  };
+  int64_t offset = 0, cut = -1;
+  bool kept_after_cut = false;
+  const bool exists = detail::for_each_line(path, [&](const std::string& line) {
+    if (keep(line))
+      kept_after_cut = kept_after_cut || cut >= 0;
+    else if (cut < 0)
+      cut = offset;
+    offset += static_cast<int64_t>(line.size()) + 1;
+  });
+  if (!exists) return detail::write_file_atomic(path, "");
+  if (kept_after_cut) {  // (a kill meanwhile leaves the old log whole)
+    std::string kept;
+    detail::for_each_line(path, [&](const std::string& line) {
+      if (keep(line)) kept += line + "\n";
+    });
+    return detail::write_file_atomic(path, kept);
+  }
+  if (cut < 0) cut = offset;  // (a last line without its newline goes)
+  if (cut < static_cast<int64_t>(fs::file_size(path)) && ::truncate(path.c_str(), cut) != 0)
+    throw Error(path, std::string("cannot truncate: ") + std::strerror(errno));
 }
 
 // One micro batch of (B, T+1) tokens -> inputs (B, T) and targets (B, T).
@@ -320,16 +343,27 @@ struct Run {
 
   // Continues from the loaded checkpoint of step `to` as if the steps (to, through] had not
   // happened: their data windows are moved to the end of the run (or dropped), the LR re-warms.
-  // The result is saved again as the checkpoint of `to`, so a crash after this keeps the plan.
+  // `live` is the data cursor when the rollback was decided (read_live()): the stream goes on from
+  // there, so what an earlier rollback deferred or dropped stays so. The result is saved again as
+  // the checkpoint of `to`, so a crash after this keeps the plan.
   // `saved` is the guard state stored in that checkpoint; the new branch is numbered at least
   // `branch_floor` (a restart plan's: above every branch the metrics hold). `resumed`: an in-loop
   // rollback that a dead process began, completed by its successor.
   void replan(int64_t to, int64_t through, double lr_factor, bool in_loop, const std::string& dir,
-              const std::string& saved, int64_t branch_floor = 0, bool resumed = false) {
-    const int64_t samples = (through - to) * accum * tc.micro_batch;
+              const std::string& saved, const std::string& live, int64_t branch_floor = 0, bool resumed = false) {
     int64_t examples = 0;  // chat data is dropped (guard.defer: drop is required)
-    if (chat) examples = chat->pass_over(samples);
-    else data->pass_over(samples, recipe.guard.defer == "end");
+    try {
+      if (chat) {
+        chat->restore(live);
+        examples = logged_examples(to, through);
+      } else {
+        data->roll_back(live, recipe.guard.defer == "end" ? rolled_back_windows(to, through)
+                                                          : std::vector<std::vector<WindowRef>>{});
+      }
+    } catch (const Error& e) {
+      if (e.where() != "data cursor") throw;
+      throw Error(live_path() + ": " + e.where(), e.problem(), "remove it to resume without the rollback");
+    }
     guard.rolled_back(saved, to, lr_factor, in_loop, branch_floor);
     if (main()) {
       sequence.close();
@@ -342,7 +376,115 @@ struct Run {
     if (chat) e["examples"] = examples;  // "windows" counts rows (samples); packed rows hold several
     if (resumed) e["resumed"] = true;
     event(e);                            // (logged with the checkpoint that records it)
+    if (main()) fs::remove(live_path());  // (the re-saved checkpoint has it)
     if (hooks.after_rollback) hooks.after_rollback(to, dir, model, adamw());
+  }
+
+  // Where the data cursor at a rollback or a guard stop is kept until a rollback applies it:
+  // {"from_step": N, "data_cursor": ...}, written by rank 0 before anything moves.
+  std::string live_path() const { return (fs::path(tc.run_dir) / "rollback-data.json").string(); }
+  void write_live(int64_t from_step) const {
+    if (main())
+      detail::write_file_atomic(live_path(), json{{"from_step", from_step}, {"data_cursor", cursor()}}.dump() + "\n");
+  }
+  // The data cursor recorded at step `through` (every rank reads it: a shared run folder).
+  std::string read_live(int64_t through) const {
+    const std::string path = live_path();
+    std::ifstream in(path);
+    if (!in)
+      throw Error(path,
+                  "missing: the data position of the stopped or interrupted job at step " + std::to_string(through) +
+                      " is unknown",
+                  "resume without the rollback: remove " + pending_path + " or the restart plan");
+    json j;
+    try {
+      j = json::parse(in);
+    } catch (const json::exception& e) {
+      throw Error(path, std::string("invalid JSON: ") + e.what(), "remove it, and the rollback record or restart plan");
+    }
+    if (!j.is_object() || !j.contains("data_cursor") || !j["data_cursor"].is_string() ||
+        j.value("from_step", int64_t{-1}) != through)
+      throw Error(path, "is not the data position at step " + std::to_string(through),
+                  "remove it, and the rollback record or restart plan");
+    return j["data_cursor"].get<std::string>();
+  }
+
+  // The windows every rank used in this branch's steps (to, through], from data_sequence.jsonl
+  // (rank 0 reads it; every rank learns it): what a deferring rollback queues.
+  std::vector<std::vector<WindowRef>> rolled_back_windows(int64_t to, int64_t through) {
+    const int64_t W = dist.world_size();
+    std::vector<std::vector<WindowRef>> used(static_cast<size_t>(W));
+    std::string problem;
+    if (main()) {
+      try {
+        int64_t next = to + 1;
+        const bool exists = detail::for_each_line(sequence_path, [&](const std::string& text) {
+          const int64_t s = detail::int_field(text, "step", -1);
+          if (s <= to || s > through) return;  // (parsed only in the span: the log may hold gigabytes)
+          if (s != next) throw std::runtime_error(fmt::format("step {} follows step {}", s, next - 1));
+          const json line = json::parse(text);
+          const json& w = line.at("windows");
+          if (!w.is_array() || static_cast<int64_t>(w.size()) != W)
+            throw std::runtime_error(fmt::format("step {} lists the windows of {} ranks, this run has {}", s,
+                                                 w.is_array() ? w.size() : 0, W));
+          for (int64_t k = 0; k < W; ++k)
+            for (const auto& r : w[static_cast<size_t>(k)])
+              used[static_cast<size_t>(k)].push_back({r.at(0).get<int32_t>(), r.at(1).get<int64_t>()});
+          ++next;
+        });
+        if (!exists) throw std::runtime_error("cannot open it");
+        if (next != through + 1) throw std::runtime_error(fmt::format("step {} is missing", next));
+        for (const auto& mine : used)
+          if (mine.size() != used[0].size()) throw std::runtime_error("ranks used different numbers of windows");
+      } catch (const std::exception& e) {
+        problem = e.what();
+      }
+    }
+    auto n = torch::zeros({1}, torch::kInt64);
+    if (main()) n[0] = problem.empty() ? static_cast<int64_t>(used[0].size()) : -1;
+    dist.sum(n);
+    const int64_t count = n[0].item<int64_t>();
+    if (count < 0)
+      throw Error(sequence_path,
+                  main() ? "cannot list the windows of the rolled-back steps " + std::to_string(to + 1) + ".." +
+                               std::to_string(through) + ": " + problem
+                         : "rank 0 cannot list the windows of the rolled-back steps",
+                  "restore the file, or set guard.defer: drop");
+    auto t = torch::zeros({W, count, 2}, torch::kInt64);  // (world, windows, [set, window])
+    if (main()) {
+      auto acc = t.accessor<int64_t, 3>();
+      for (int64_t k = 0; k < W; ++k)
+        for (int64_t i = 0; i < count; ++i) {
+          const WindowRef& r = used[static_cast<size_t>(k)][static_cast<size_t>(i)];
+          acc[k][i][0] = r.set;
+          acc[k][i][1] = r.window;
+        }
+    }
+    dist.sum(t);
+    auto acc = t.accessor<int64_t, 3>();
+    for (int64_t k = 0; k < W; ++k) {
+      auto& mine = used[static_cast<size_t>(k)];
+      mine.resize(static_cast<size_t>(count));
+      for (int64_t i = 0; i < count; ++i)
+        mine[static_cast<size_t>(i)] = {static_cast<int32_t>(acc[k][i][0]), acc[k][i][1]};
+    }
+    return used;
+  }
+
+  // Chat examples in this branch's steps (to, through], over all ranks (rank 0, for its event).
+  int64_t logged_examples(int64_t to, int64_t through) const {
+    int64_t n = 0;
+    if (main())
+      detail::for_each_line(sequence_path, [&](const std::string& text) {
+        const int64_t s = detail::int_field(text, "step", -1);
+        if (s <= to || s > through) return;
+        try {
+          const json line = json::parse(text);
+          for (const auto& mine : line.at("windows")) n += static_cast<int64_t>(mine.size());
+        } catch (const json::exception&) {  // (a count for the event only)
+        }
+      });
+    return n;
   }
 
   // The event of a rollback (or a restart plan) from step `through` to checkpoint `dir` of step `to`.
@@ -544,7 +686,15 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   const bool supervised = std::getenv("LIBLLM_RESTART") != nullptr;  // under llm-spike supervise
   std::string resume_from;
   if (recipe.checkpoint.resume == "auto" || restart > 0) {
-    resume_from = latest_checkpoint(run.ckpt_root);
+    // Rank 0 picks the newest, and every rank takes its pick: ranks that list the folder a moment
+    // apart (a save landing between) or through a lagging view of a shared filesystem must not
+    // resume different steps.
+    auto newest = torch::zeros({1}, torch::kInt64);  // step + 1; 0: none
+    if (main_rank)
+      if (const auto steps = checkpoint_steps(run.ckpt_root); !steps.empty()) newest[0] = steps.back() + 1;
+    dist.sum(newest);
+    if (const int64_t step = newest[0].item<int64_t>() - 1; step >= 0)
+      resume_from = (fs::path(run.ckpt_root) / checkpoint_name(step)).string();
     // A rollback that a dead job began resumes at its target, also when the job died before
     // every checkpoint after it was set aside.
     if (const std::string target = run.interrupted_rollback_target(); !target.empty()) resume_from = target;
@@ -806,7 +956,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     else
       truncate_log(metrics_path, plan_applies ? plan.value("from_step", state.step) : state.step,
                    plan_applies ? branch_floor : run.guard.rollbacks_total());
-    truncate_log(run.sequence_path, state.step);
+    if (!plan_applies && !pending_applies)  // (else the rollback reads its steps first)
+      truncate_log(run.sequence_path, state.step);
     metrics.open(metrics_path, std::ios::app);
     run.sequence.open(run.sequence_path, std::ios::app);
     run.events.open((run_dir / "events.jsonl").string(), std::ios::app);
@@ -837,7 +988,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       fmt::print("restart plan: continuing from step {} without the data of steps {}..{} ({}), LR x{:.3g}\n", to, to + 1,
                  through, gc.defer == "end" ? "deferred to the end" : "dropped", f);
     run.applied_plan = plan;  // recorded in the checkpoint replan saves
-    run.replan(to, through, f, /*in_loop=*/false, resume_from, run.guard.state(), branch_floor);
+    run.replan(to, through, f, /*in_loop=*/false, resume_from, run.guard.state(), run.read_live(through), branch_floor);
   }
   if (pending_applies) {
     const int64_t to = state.step, through = pending.value("from_step", to);
@@ -850,7 +1001,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     const std::string saved = run.guard.state();  // the checkpoint's statistics
     run.guard = interrupted;
     run.applied_rollback = pending;
-    run.replan(to, through, pending.value("lr_factor", 1.0), /*in_loop=*/true, resume_from, saved, 0, /*resumed=*/true);
+    run.replan(to, through, pending.value("lr_factor", 1.0), /*in_loop=*/true, resume_from, saved,
+               run.read_live(through), 0, /*resumed=*/true);
     if (main_rank) fs::remove(run.pending_path);  // (replan ends with every rank past the save)
   }
   json start = {{"event", resume_from.empty() ? "start" : "resume"},
@@ -973,6 +1125,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     aux_sum = dist.mean(aux_sum);
     const double grad_norm = run.finish_gradients(recipe.optim.grad_clip);
     GuardDecision d = run.guard.observe(n, loss, grad_norm);
+    if (hooks.decide) hooks.decide(n, d);
     // Where a rollback (or, after a stop, the supervisor) would continue from; without one, stop.
     std::string target_dir;
     int64_t target = -1;
@@ -1050,6 +1203,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       run.event({{"event", "skip"}, {"step", n}, {"reason", d.reason}, {"loss", loss}, {"grad_norm", grad_norm},
                  {"z_loss", d.z_loss}, {"z_grad", d.z_grad}});
     } else if (d.action == GuardAction::Stop) {
+      if (target >= 0) run.write_live(n);  // for the supervisor's restart plan
       dist.barrier();
       if (main_rank && target >= 0) set_aside_checkpoints(run.ckpt_root, target);
       run.event({{"event", "stop"}, {"step", n}, {"reason", d.reason}, {"spike_start", d.spike_start}, {"from_step", n},
@@ -1074,6 +1228,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       // checkpoint of `to` is saved again completes this rollback when it resumes there.
       const json pending = {
           {"to_step", to}, {"from_step", n}, {"lr_factor", gc.rollback_lr_factor}, {"guard", run.guard.state()}};
+      const std::string live = run.cursor();
+      run.write_live(n);  // (first: the record relies on it)
       if (main_rank) detail::write_file_atomic(run.pending_path, pending.dump() + "\n");
       dist.barrier();
       if (main_rank) set_aside_checkpoints(run.ckpt_root, to);
@@ -1084,7 +1240,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       const std::string saved = run.guard.state();  // the checkpoint's statistics
       run.guard = before;                            // this run's counters
       run.applied_rollback = pending;                // recorded in the checkpoint replan saves
-      run.replan(to, n, gc.rollback_lr_factor, /*in_loop=*/true, dir, saved);
+      run.replan(to, n, gc.rollback_lr_factor, /*in_loop=*/true, dir, saved, live);
       if (main_rank) fs::remove(run.pending_path);
       step = to - 1;  // the loop's ++step continues at step `to` (0-based)
       continue;
@@ -1183,7 +1339,8 @@ double finetune(const Recipe& recipe, const TrainHooks& hooks) {
                a && b && a->to_text() != b->to_text()) {
       throw Error(key, "is " + a->to_text() + ", but the base " + base.dir + " has " + b->to_text(),
                   "the base decides the model: remove " + key +
-                      " (a fine-tune's model section may set only moe_aux_loss_coef and moe_z_loss_coef)");
+                      " (a fine-tune's model section may differ from the base only in moe_aux_loss_coef and "
+                      "moe_z_loss_coef, and init_std / init_depth_scaled, which it ignores)");
     }
   }
   if (r.tokenizer.path.empty()) {

@@ -6,7 +6,7 @@
 #   hang     an injected hang: the supervisor kills and restarts the job, which finishes
 #   heartbeat   a long phase that beats the heartbeat (as a slow checkpoint write does) is no hang;
 #            one that stops beating is, and the supervisor names what it was doing; a --set missing
-#            from the launch command is an error
+#            from the launch command is an error; a job does not outlive a killed supervisor
 #   stop     the guard gives up in-loop (max_rollbacks 0) under a launcher that exits 1: the supervisor
 #            restarts with a plan, the job finishes
 #   analyze  a run with a one-step and a persistent injected spike: analyze lists both with their step ranges
@@ -79,6 +79,18 @@ heartbeat)
     --set train.run_dir="$work/other" > "$work/otherdir.log" 2>&1 && fail "a job writing another run folder was run"
   grep -q "in the launch command, but llm-spike supervise watches train.run_dir" "$work/otherdir.log" ||
     fail "no run_dir error"
+  # No job outlives its supervisor: a kill -9 of the supervisor ends the job (SIGTERM).
+  "$bin/llm-spike" supervise "$recipe" "${run[@]}" --hang-seconds 60 -- sh -c 'exec sleep 60' launcher "${run[@]}" \
+    > "$work/orphan.log" 2>&1 &
+  sup=$! child=
+  for _ in $(seq 1 200); do child=$(pgrep -P "$sup" | head -1) && [ -n "$child" ] && break; sleep 0.05; done
+  [ -n "$child" ] || fail "no job under the supervisor"
+  sleep 0.5  # (exec'd)
+  kill -9 "$sup"
+  wait "$sup" 2>/dev/null || true
+  alive() { local st; st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) && [ "$st" != Z ]; }
+  for _ in $(seq 1 100); do alive "$child" || break; sleep 0.05; done
+  ! alive "$child" || { kill "$child"; fail "the job outlived its supervisor"; }
   cat "$work/stuck.log"
   ;;
 stop)

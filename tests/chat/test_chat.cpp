@@ -362,7 +362,7 @@ TEST_CASE("packed rows: the example stream filled greedily, each example's own t
     CHECK(eb == rows[i + 1]);
   }
 
-  // A cursor resumes exactly; pass_over skips rows; packed and unpacked cursors do not mix.
+  // A cursor resumes exactly; packed and unpacked cursors do not mix.
   auto refs_of = [](ChatDataset& d, int64_t batch) {
     ChatBatch x;
     d.next(batch, x);
@@ -374,11 +374,6 @@ TEST_CASE("packed rows: the example stream filled greedily, each example's own t
   refs_of(a, 4);
   b.restore(a.cursor());
   CHECK(refs_of(b, 2) == refs_of(a, 2));
-  ChatDataset skip(c, tok(), seq_len, 5, 0, 1);
-  skip.pass_over(4);
-  std::vector<int64_t> after4;
-  for (size_t i = 4; i < 6; ++i) after4.insert(after4.end(), rows[i].begin(), rows[i].end());
-  CHECK(refs_of(skip, 2) == after4);
   CHECK_THAT(test::error_of([&] { plain.restore(a.cursor()); }), Catch::Contains("packed to 200 positions"));
   ChatDataset longer(c, tok(), 2 * seq_len, 5, 0, 1);
   CHECK_THAT(test::error_of([&] { longer.restore(a.cursor()); }), Catch::Contains("chat.packed and train.seq_len"));
@@ -470,7 +465,7 @@ TEST_CASE("best_fit packing: each window's examples once, rows no two of which w
     CHECK(seen == all);
 
     // A cursor taken after any row (mid-window, at a window's end, in the next epoch) resumes
-    // exactly; pass_over equals consuming; two ranks alternate, resume and skip alike.
+    // exactly; two ranks alternate and resume alike.
     for (int64_t k = 0; k <= epoch_rows + 2; ++k) {
       INFO("cursor after " << k << " rows");
       ChatDataset x(c, tok(), seq_len, 3, 0, 1), y(c, tok(), seq_len, 3, 0, 1);
@@ -478,22 +473,18 @@ TEST_CASE("best_fit packing: each window's examples once, rows no two of which w
       y.restore(x.cursor());
       CHECK(rows_of(y, 3) == rows_of(x, 3));
     }
-    ChatDataset a(c, tok(), seq_len, 3, 0, 1), b(c, tok(), seq_len, 3, 0, 1), skip(c, tok(), seq_len, 3, 0, 1);
+    ChatDataset a(c, tok(), seq_len, 3, 0, 1), b(c, tok(), seq_len, 3, 0, 1);
     const auto first = rows_of(a, 3);
     b.restore(a.cursor());
     CHECK(rows_of(b, epoch_rows) == rows_of(a, epoch_rows));  // into the next epoch
-    const int64_t skipped = skip.pass_over(3);
-    const auto again = rows_of(skip, 2);
     ChatDataset fresh(c, tok(), seq_len, 3, 0, 1);
     const auto from_start = rows_of(fresh, 5);
-    CHECK(skipped == static_cast<int64_t>(from_start[0].size() + from_start[1].size() + from_start[2].size()));
-    CHECK(again == std::vector<std::vector<int64_t>>(from_start.begin() + 3, from_start.end()));
     CHECK(first == std::vector<std::vector<int64_t>>(from_start.begin(), from_start.begin() + 3));
     ChatDataset r0(c, tok(), seq_len, 3, 0, 2), r1(c, tok(), seq_len, 3, 1, 2);
     CHECK(rows_of(r0, 2) == std::vector<std::vector<int64_t>>{from_start[0], from_start[2]});
     CHECK(rows_of(r1, 2) == std::vector<std::vector<int64_t>>{from_start[1], from_start[3]});
     ChatDataset s0(c, tok(), seq_len, 3, 0, 2), s1(c, tok(), seq_len, 3, 1, 2), t1(c, tok(), seq_len, 3, 1, 2);
-    CHECK(s0.pass_over(1) == static_cast<int64_t>(from_start[0].size() + from_start[1].size()));
+    rows_of(s0, 1);
     CHECK(rows_of(s0, 1) == std::vector<std::vector<int64_t>>{from_start[2]});
     rows_of(s1, 1);
     t1.restore(s1.cursor());

@@ -748,6 +748,25 @@ TEST_CASE("PackedDataset: sets with and without BOS-first documents do not mix",
              Catch::Contains(tmp / "b: has no BOS, and " + (tmp / "a") + " starts documents with BOS (id 1)"));
 }
 
+// A loss-spike rollback as the trainer makes it: the steps after `target` (a cursor of `ds`'s
+// run) drew the next `samples` samples of every rank from `ds`'s position, then were rolled back:
+// `ds` goes back to `target`, its stream goes on, their windows are deferred (or dropped).
+static void roll_back_next(PackedDataset& ds, const std::string& target, const DataConfig& cfg, int64_t L,
+                           int64_t world, int64_t samples, bool defer) {
+  std::vector<std::vector<WindowRef>> used;
+  std::string live;
+  std::vector<int64_t> out;
+  for (int64_t k = 0; k < world; ++k) {
+    PackedDataset twin(cfg, L, k, world);
+    twin.restore(ds.cursor());
+    used.emplace_back();
+    twin.next(samples, out, used.back());
+    live = twin.cursor();
+  }
+  ds.restore(target);
+  ds.roll_back(live, defer ? used : std::vector<std::vector<WindowRef>>{});
+}
+
 TEST_CASE("PackedDataset: deferred windows are the last samples of the plan, dropped ones never come", "[data]") {
   Scratch tmp;
   make_set(tmp, "a", synthetic_docs(200, 7));
@@ -760,7 +779,7 @@ TEST_CASE("PackedDataset: deferred windows are the last samples of the plan, dro
   const Drawn p = draw(plain, 15, 4);  // 60 samples, no deferral
 
   // A rollback to sample 0: the 4 samples that followed are moved to the end of the plan.
-  ds.pass_over(4, /*defer=*/true);
+  roll_back_next(ds, ds.cursor(), cfg, L, 1, 4, /*defer=*/true);
   CHECK(ds.deferred_count() == 4);
   std::vector<int64_t> out;
   std::vector<WindowRef> refs, served;
@@ -782,7 +801,7 @@ TEST_CASE("PackedDataset: deferred windows are the last samples of the plan, dro
   PackedDataset late(cfg, L, 0, 1);
   late.set_planned_samples(10);
   late.next(6, out, refs);
-  late.pass_over(4, /*defer=*/true);
+  roll_back_next(late, late.cursor(), cfg, L, 1, 4, /*defer=*/true);
   CHECK(late.deferred_count() == 4);
   late.next(6, out, refs);
   CHECK(refs == std::vector<WindowRef>(p.refs.begin() + 6, p.refs.begin() + 12));
@@ -791,8 +810,8 @@ TEST_CASE("PackedDataset: deferred windows are the last samples of the plan, dro
   PackedDataset twice(cfg, L, 0, 1);
   twice.set_planned_samples(10);
   twice.next(6, out, refs);
-  twice.pass_over(4, true);  // queue: 6..9
-  twice.pass_over(4, true);  // the steps 7..10 again drew 6..9: queue 6..9
+  roll_back_next(twice, twice.cursor(), cfg, L, 1, 4, true);  // queue: 6..9
+  roll_back_next(twice, twice.cursor(), cfg, L, 1, 4, true);  // the steps 7..10 again drew 6..9: queue 6..9
   CHECK(twice.deferred_count() == 4);
   twice.next(4, out, refs);
   CHECK(refs == std::vector<WindowRef>(p.refs.begin() + 6, p.refs.begin() + 10));
@@ -800,14 +819,14 @@ TEST_CASE("PackedDataset: deferred windows are the last samples of the plan, dro
   // Dropped: the stream simply goes on after them.
   PackedDataset dropped(cfg, L, 0, 1);
   dropped.set_planned_samples(40);
-  dropped.pass_over(4, /*defer=*/false);
+  roll_back_next(dropped, dropped.cursor(), cfg, L, 1, 4, /*defer=*/false);
   CHECK(dropped.deferred_count() == 0);
   dropped.next(8, out, refs);
   CHECK(refs == std::vector<WindowRef>(p.refs.begin() + 4, p.refs.begin() + 12));
 
   // Two ranks: each defers its own windows and serves them in the same slots; a cursor carries them.
   PackedDataset r0(cfg, L, 0, 2), r1(cfg, L, 1, 2), one(cfg, L, 0, 1);
-  for (auto* d : {&r0, &r1}) d->set_planned_samples(20), d->pass_over(2, true);
+  for (auto* d : {&r0, &r1}) d->set_planned_samples(20), roll_back_next(*d, d->cursor(), cfg, L, 2, 2, true);
   one.next(4, out, refs);  // global samples 0..3: rank 0 had 0 and 2, rank 1 had 1 and 3
   const std::vector<WindowRef> first4 = refs;
   PackedDataset r1b(cfg, L, 1, 2);
@@ -825,6 +844,63 @@ TEST_CASE("PackedDataset: deferred windows are the last samples of the plan, dro
   PackedDataset w1(cfg, L, 0, 1);
   PackedDataset r0c(cfg, L, 0, 2);
   r0c.set_planned_samples(20);
-  r0c.pass_over(1, true);
+  roll_back_next(r0c, r0c.cursor(), cfg, L, 2, 1, true);
   CHECK_THAT(error_of([&] { w1.restore(r0c.cursor()); }), Catch::Contains("deferred windows of 2 ranks"));
+}
+
+TEST_CASE("PackedDataset: a rollback past an earlier one's target keeps its deferral, and no window comes twice",
+          "[data]") {
+  Scratch tmp;
+  make_set(tmp, "a", synthetic_docs(200, 7));
+  DataConfig cfg;
+  cfg.train = {tmp / "a"};
+  const int64_t L = 8;
+  PackedDataset plain(cfg, L, 0, 1), ds(cfg, L, 0, 1);
+  const Drawn p = draw(plain, 10, 4);    // the stream: 40 samples
+  REQUIRE(ds.windows_per_epoch() > 40);  // (one epoch: every window differs)
+  ds.set_planned_samples(40);
+  std::vector<int64_t> out;
+  std::vector<WindowRef> refs, seen;
+  ds.next(5, out, refs);
+  seen = refs;
+  const std::string at5 = ds.cursor();  // checkpoints after samples 5 and 8
+  ds.next(3, out, refs);
+  const std::string at8 = ds.cursor();
+  const std::vector<WindowRef> from5(refs);
+  // Rollback A from sample 10 to 8: stream windows 8, 9 deferred.
+  ds.next(2, out, refs);
+  std::string live = ds.cursor();
+  ds.restore(at8);
+  ds.roll_back(live, {refs});
+  CHECK(ds.deferred_count() == 2);
+  // Sample 9 again takes stream window 10; rollback B from there to 5 defers what samples 6..9 of
+  // this branch used (stream windows 5, 6, 7 and 10), behind A's 8 and 9, which stay deferred.
+  ds.next(1, out, refs);
+  CHECK(refs[0] == p.refs[10]);
+  std::vector<WindowRef> used = from5;
+  used.push_back(refs[0]);
+  live = ds.cursor();
+  ds.restore(at5);
+  ds.roll_back(live, {used});
+  CHECK(ds.deferred_count() == 6);
+  CHECK(ds.global_index() == 5);
+  for (int i = 0; i < 35; ++i) {
+    ds.next(1, out, refs);
+    seen.push_back(refs[0]);
+  }
+  // Samples 5..33 the stream's windows 11..39, the plan's last six the deferred 8, 9, 5, 6, 7, 10.
+  std::vector<WindowRef> want(p.refs.begin(), p.refs.begin() + 5);
+  want.insert(want.end(), p.refs.begin() + 11, p.refs.begin() + 40);
+  for (int i : {8, 9, 5, 6, 7, 10}) want.push_back(p.refs[static_cast<size_t>(i)]);
+  CHECK(seen == want);
+  // Every window of the stream's first 40 exactly once.
+  auto key = [](const WindowRef& r) { return std::make_pair(r.set, r.window); };
+  std::set<std::pair<int32_t, int64_t>> distinct, first40;
+  for (const auto& r : seen) distinct.insert(key(r));
+  for (size_t i = 0; i < 40; ++i) first40.insert(key(p.refs[i]));
+  CHECK(distinct == first40);
+  CHECK(distinct.size() == seen.size());
+  // Malformed rolled-back windows are errors.
+  CHECK_THAT(error_of([&] { ds.roll_back(ds.cursor(), {{}, {}}); }), Catch::Contains("windows of 2 ranks"));
+  CHECK_THAT(error_of([&] { ds.roll_back(ds.cursor(), {{WindowRef{0, 1 << 30}}}); }), Catch::Contains("no window"));
 }

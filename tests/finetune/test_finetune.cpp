@@ -10,6 +10,7 @@
 #include "libllm/checkpoint.h"
 #include "libllm/eval.h"
 #include "libllm/finetune.h"
+#include "libllm/guard.h"
 #include "libllm/hf.h"
 #include "libllm/recipe.h"
 #include "libllm/safetensors.h"
@@ -583,6 +584,36 @@ TEST_CASE("a folder export streams one weight at a time and equals loading then 
   CHECK_THAT(test::error_of([&] { export_hf(inspect_pretrained(bad), tmp / "never", f32); }),
              Catch::Contains("tensor 'model.layers.0.self_attn.q_proj.lora_A.weight': has shape [32, 4]"));
   CHECK_FALSE(fs::exists(tmp / "never"));
+}
+
+TEST_CASE("chat rollbacks drop their examples, and the stream goes on past an earlier rollback's target",
+          "[finetune][guard]") {
+  test::TempDir tmp;
+  const std::string chat = make_chat(tmp, 20), base = make_base(tmp);
+  // The example stream of 14 steps, one example per row (16 training examples, reshuffled each epoch).
+  finetune(ft_recipe(base, chat, tmp / "clean", {"train.steps=14", "train.eval_every=0"}));
+  // Rolled back from step 5 to 3 (steps 4, 5 dropped), then from the repeated step 4 to 0.
+  std::vector<std::pair<int64_t, int64_t>> rollbacks;
+  TrainHooks hooks;
+  hooks.before_rollback = [&](int64_t from, int64_t to) { rollbacks.emplace_back(from, to); };
+  hooks.decide = [&](int64_t step, GuardDecision& d) {
+    if ((step == 5 && rollbacks.empty()) || (step == 4 && rollbacks.size() == 1)) {
+      d.action = GuardAction::Rollback;
+      d.spike_start = step;
+      d.reason = "test signal";
+    }
+  };
+  finetune(ft_recipe(base, chat, tmp / "run", {"train.eval_every=0", "guard.enabled=true", "guard.defer=drop"}), hooks);
+  REQUIRE(rollbacks == std::vector<std::pair<int64_t, int64_t>>{{5, 3}, {4, 0}});
+  // Steps 1..3, 4..5, 4 (branch 1) used the stream's first 6 steps: the final 8 steps are its next 8.
+  const auto clean = jsonl(tmp / "clean/data_sequence.jsonl"), seq = jsonl(tmp / "run/data_sequence.jsonl");
+  REQUIRE(clean.size() == 14);
+  REQUIRE(seq.size() == 8);
+  for (size_t s = 0; s < 8; ++s) CHECK(seq[s]["windows"] == clean[s + 6]["windows"]);
+  std::vector<int64_t> dropped;
+  for (const auto& e : jsonl(tmp / "run/events.jsonl"))
+    if (e["event"] == "rollback") dropped.push_back(e["examples"].get<int64_t>());
+  CHECK(dropped == std::vector<int64_t>{8, 16});  // 2 and 4 steps of 4 rows
 }
 
 TEST_CASE("fine-tuning errors: no base, LoRA in pretraining, chat data with deferral", "[finetune]") {

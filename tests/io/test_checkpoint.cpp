@@ -249,4 +249,9 @@ TEST_CASE("a re-save interrupted between its two renames (no atomic exchange) is
   CHECK(recover_checkpoint_swaps(root) == std::vector<int64_t>{3});
   CHECK(pos() == "{\"pos\": 2}");
   CHECK(recover_checkpoint_swaps(root).empty());  // nothing to do
+  // Killed after the swap, before the old folder was removed: it is removed now.
+  fs::copy(dir, root + "/step-00000003.old.44", fs::copy_options::recursive);
+  CHECK(recover_checkpoint_swaps(root).empty());
+  CHECK(pos() == "{\"pos\": 2}");
+  CHECK_FALSE(fs::exists(root + "/step-00000003.old.44"));
 }

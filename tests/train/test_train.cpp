@@ -9,12 +9,13 @@
 
 #include "../common.h"
 #include "libllm/checkpoint.h"
-#include "libllm/error.h"
 #include "libllm/data.h"
+#include "libllm/error.h"
+#include "libllm/guard.h"
 #include "libllm/hf.h"
 #include "libllm/optim.h"
-#include "libllm/safetensors.h"
 #include "libllm/recipe.h"
+#include "libllm/safetensors.h"
 #include "libllm/tokenizer.h"
 #include "libllm/train.h"
 
@@ -72,6 +73,8 @@ TEST_CASE("k steps + kill + resume + N-k steps == N steps straight, bit for bit"
   fs::create_directories(b + "/checkpoints/step-00000006.tmp-424242");
   std::ofstream(b + "/checkpoints/step-00000006.tmp-424242/model.safetensors") << "\x10\x00\x00";
   CHECK(latest_checkpoint(b + "/checkpoints") == b + "/checkpoints/step-00000003");
+  for (const char* log : {"/data_sequence.jsonl", "/metrics.jsonl"})  // a line cut by the kill
+    std::ofstream(b + log, std::ios::app) << R"({"step":9,"windo)";
   const double final_loss = pretrain(tiny_recipe(shards, b));  // resume: auto
 
   const auto la = losses(a), lb = losses(b);
@@ -483,26 +486,72 @@ TEST_CASE("a rollback interrupted by the job's death is completed when the job r
   CHECK(whole == 1);
 }
 
+TEST_CASE("a rollback past an earlier rollback's target keeps that one's deferral and serves no window twice",
+          "[train][guard]") {
+  test::TempDir tmp;
+  const std::string shards = make_shards(tmp);
+  const std::vector<std::string> opts = {"guard.rollback_margin=1", "checkpoint.keep_last=20"};
+  pretrain(tiny_recipe(shards, tmp / "clean", guarded(shards, opts)));
+  // An injected divergence at update 30 rolls back from step 34 to 25 (steps 26..34 deferred);
+  // then an outside signal rolls back from the repeated step 27 to 20 (27 - 2 - margin 1 = 24).
+  std::vector<std::pair<int64_t, int64_t>> rollbacks;
+  TrainHooks hooks;
+  hooks.before_rollback = [&](int64_t from, int64_t to) { rollbacks.emplace_back(from, to); };
+  hooks.decide = [&](int64_t step, GuardDecision& d) {
+    if (step == 27 && rollbacks.size() == 1) {
+      d.action = GuardAction::Rollback;
+      d.spike_start = 27;
+      d.reason = "test signal";
+    }
+  };
+  auto with = opts;
+  with.insert(with.end(), {"guard.inject_lr_steps=[30]", "guard.inject_lr_factor=1000"});
+  pretrain(tiny_recipe(shards, tmp / "twice", guarded(shards, with)), hooks);
+  REQUIRE(rollbacks == std::vector<std::pair<int64_t, int64_t>>{{34, 25}, {27, 20}});
+  // One set: the stream is the clean run's windows in order. Steps 1..20 as there; the stream goes
+  // on after what step 27 of branch 1 used (clean 36); the plan's last 16 steps serve the first
+  // rollback's windows (clean 26..34), then the second's (clean 21..25, then 35..36).
+  const auto clean = jsonl(tmp / "clean/data_sequence.jsonl"), seq = jsonl(tmp / "twice/data_sequence.jsonl");
+  REQUIRE(seq.size() == kSteps);
+  std::vector<int> want;  // the clean step whose windows each step used
+  for (int s = 1; s <= 20; ++s) want.push_back(s);
+  for (int s = 37; s <= 60; ++s) want.push_back(s);
+  for (int s : {26, 27, 28, 29, 30, 31, 32, 33, 34, 21, 22, 23, 24, 25, 35, 36}) want.push_back(s);
+  for (int s = 1; s <= kSteps; ++s) {
+    INFO("step " << s);
+    CHECK(seq[s - 1]["windows"] == clean[want[s - 1] - 1]["windows"]);
+  }
+  CHECK(!fs::exists(tmp / "twice/rollback-data.json"));
+  CHECK(!fs::exists(tmp / "twice/rollback-pending.json"));
+}
+
 TEST_CASE("a restart plan is applied once, also when the job dies right after applying it", "[train][guard]") {
   test::TempDir tmp;
   const std::string shards = make_shards(tmp);
   const std::string first = tmp / "first";
-  const auto recipe = [&](const std::string& dir) {
-    return tiny_recipe(shards, dir, guarded(shards, {"checkpoint.keep_last=20"}));
+  const std::vector<std::string> spike = {"checkpoint.keep_last=20", "guard.inject_lr_steps=[30]",
+                                          "guard.inject_lr_factor=1000"};
+  const auto recipe = [&](const std::string& dir, std::vector<std::string> extra = {}) {
+    extra.insert(extra.end(), spike.begin(), spike.end());
+    return tiny_recipe(shards, dir, guarded(shards, extra));
   };
-  pretrain(recipe(first));
-  // As a guard stop leaves the run (checkpoints after step 25 set aside) and the supervisor's plan.
-  fs::create_directories(tmp / "aside");
-  for (int64_t s : checkpoint_steps(first + "/checkpoints"))
-    if (s > 25) fs::rename(first + "/checkpoints/" + checkpoint_name(s), fs::path(tmp / "aside") / checkpoint_name(s));
+  // The guard stops where it would roll back (steps 31..34 spiked; checkpoints after 25 set aside),
+  // and llm-spike supervise writes its plan.
+  CHECK_THROWS_AS(pretrain(recipe(first, {"guard.max_rollbacks=0"})), SpikeStop);
+  CHECK(checkpoint_steps(first + "/checkpoints").back() == 25);
+  CHECK(fs::exists(first + "/rollback-data.json"));
+  pretrain(recipe(tmp / "in-loop"));  // the same rollback, made in the loop
   test::write_file(tmp / "plan.json", R"({"to_step": 25, "from_step": 34, "lr_factor": 0.5})");
-  for (const char* copy : {"once", "twice"}) fs::copy(first, tmp / copy, fs::copy_options::recursive);
+  for (const char* copy : {"once", "twice", "unknown"}) fs::copy(first, tmp / copy, fs::copy_options::recursive);
+  fs::remove(tmp / "unknown/rollback-data.json");
   struct Env {  // what llm-spike supervise sets for a restart with a plan
     Env(const std::string& plan) {
       ::setenv("LIBLLM_RESTART", "1", 1), ::setenv("LIBLLM_RESTART_PLAN", plan.c_str(), 1);
     }
     ~Env() { ::unsetenv("LIBLLM_RESTART"), ::unsetenv("LIBLLM_RESTART_PLAN"); }
   } env(tmp / "plan.json");
+  CHECK_THAT(test::error_of([&] { pretrain(recipe(tmp / "unknown")); }),
+             Catch::Contains("rollback-data.json: missing") && Catch::Contains("at step 34"));
   pretrain(recipe(tmp / "once"));
   // Dies right after the plan's checkpoint is saved again; the restart must not apply it twice.
   TrainHooks dies;
@@ -512,7 +561,9 @@ TEST_CASE("a restart plan is applied once, also when the job dies right after ap
   CHECK_THROWS_WITH(pretrain(recipe(tmp / "twice"), dies), Catch::Contains("killed after the plan"));
   pretrain(recipe(tmp / "twice"));
   CHECK(read_file(tmp / "once/data_sequence.jsonl") == read_file(tmp / "twice/data_sequence.jsonl"));
+  CHECK(read_file(tmp / "once/data_sequence.jsonl") == read_file(tmp / "in-loop/data_sequence.jsonl"));
   CHECK(losses(tmp / "once") == losses(tmp / "twice"));
+  CHECK(!fs::exists(tmp / "once/rollback-data.json"));
   int plans = 0;
   for (const auto& e : jsonl(tmp / "twice/events.jsonl")) plans += e["event"] == "restart_plan";
   CHECK(plans == 1);

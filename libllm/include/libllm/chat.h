@@ -157,9 +157,6 @@ class ChatDataset {
   // taken)}; restore() checks all but "global" and "window_row". A cursor without "packing" is greedy.
   std::string cursor() const;
   void restore(const std::string& cursor);
-  // Moves past the next `samples` rows of every rank (a loss-spike rollback's data, dropped);
-  // returns the examples those rows hold, over all ranks.
-  int64_t pass_over(int64_t samples);
 
  private:
   int64_t example_at(int64_t global);  // training example index of global sample i

@@ -103,7 +103,8 @@ bool is_adapter_weight(const std::string& name);
 // Completes the replacement of a checkpoint folder that a kill interrupted on a filesystem
 // without an atomic exchange (NFS): the old folder renamed aside to step-N.old.<pid>, the new one
 // not yet in place (a rollback's re-save of step N). The new folder goes in when it is complete,
-// else the old one goes back. Returns the steps restored. Call it on one rank, before resuming.
+// else the old one goes back; an old folder whose replacement is in place is removed. Returns the
+// steps restored. Call it on one rank, before resuming.
 std::vector<int64_t> recover_checkpoint_swaps(const std::string& root);
 // The newest complete checkpoint folder under root ("" when none). Partial folders are ignored.
 std::string latest_checkpoint(const std::string& root);

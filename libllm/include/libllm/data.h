@@ -181,15 +181,19 @@ class PackedDataset {
   std::string cursor() const;
   void restore(const std::string& cursor);
 
-  // Deferral (loss-spike handling). pass_over() moves past the next `samples` samples of every
-  // rank (what the steps after a rollback's checkpoint consumed): their windows are used up but
-  // the global index stays, since those steps run again on new data. With defer = true they are
-  // served again as the last samples of the plan, as LLM360's K2 moved the data after a spike to
-  // the end of training: once a rank has no more planned slots left than deferred windows, its
-  // slots serve the deferred windows in order (every rank alike, each its own), pushing the
-  // stream's tail past the plan. Deferred windows still pending when the plan is over come next.
-  // With defer = false they are dropped. Every rank must make the same calls (the trainer does).
-  void pass_over(int64_t samples, bool defer);
+  // Loss-spike rollback. Called on the dataset restored to the rollback target's cursor, with
+  // `live`, the cursor of any rank when the rollback was decided. The set positions and deferred
+  // windows come from `live` (the stream never goes back: what an earlier rollback deferred or
+  // dropped stays so, also when this one goes back further), the global index and the plan stay
+  // (the rolled-back steps run again, on new data). `used[k]` (empty: none, the data is dropped)
+  // are the windows rank k used in the rolled-back steps, in order (data_sequence.jsonl): they are
+  // deferred, queued behind the windows already deferred, and served as the last samples of the
+  // plan, as LLM360's K2 moved the data after a spike to the end of training: once a rank has no
+  // more planned slots left than deferred windows, its slots serve them in order (every rank
+  // alike, each its own), pushing the stream's tail past the plan; windows still pending when the
+  // plan is over come next. Every rank makes the same call. Errors: a cursor restore() refuses,
+  // `used` not of world_size equally long lists, a window not in the sets.
+  void roll_back(const std::string& live, const std::vector<std::vector<WindowRef>>& used);
   // The planned number of global samples (the run's steps * global batch); default windows_per_epoch().
   void set_planned_samples(int64_t n);
   int64_t planned_samples() const;

@@ -13,6 +13,7 @@ namespace libllm {
 
 class AdamW;
 class Fields;
+struct GuardDecision;
 struct Recipe;
 
 struct TrainConfig {                 // recipe section `train`
@@ -63,6 +64,10 @@ struct TrainHooks {
   // set aside (checkpoints/rolled-back/), nothing is restored yet. A job that dies from here until
   // the rollback's checkpoint is saved again completes the rollback when it is resumed.
   std::function<void(int64_t from_step, int64_t to_step)> before_rollback;
+  // On every rank, after the guard judged step `step` and before its decision acts: may change
+  // it (alike on every rank), e.g. to roll back (action, spike_start: the rollback goes to the
+  // newest checkpoint at or before spike_start - 2 - guard.rollback_margin) on an outside signal.
+  std::function<void(int64_t step, GuardDecision& decision)> decide;
 };
 
 // Runs (or resumes) the recipe's pretraining; returns the final training loss (of the last
@@ -80,7 +85,11 @@ struct TrainHooks {
 // the spike, moves the checkpoints after it to checkpoints/rolled-back/, defers or drops the data
 // of the rolled-back steps and re-warms the LR (run_dir/rollback-pending.json records a rollback
 // until its checkpoint is saved again: a job that dies meanwhile completes it when resumed there);
-// a stop throws SpikeStop (exit code 3).
+// a stop throws SpikeStop (exit code 3). The data stream never goes back: a rollback continues it
+// from where the rollback was decided (run_dir/rollback-data.json keeps that position for a
+// completion or a restart plan), and defers the windows the rolled-back steps used
+// (data_sequence.jsonl), so a rollback past an earlier one's target neither serves that one's
+// deferred windows early nor the same window twice.
 // A supervisor (llm-spike supervise) sets LIBLLM_RESTART (attempt number; > 0 always resumes from
 // the newest checkpoint, whatever checkpoint.resume says) and
 // LIBLLM_RESTART_PLAN (a JSON file {"to_step", "from_step", "lr_factor"[, "cumulative_lr_factor"]}):
