@@ -13,6 +13,7 @@ PACKAGES=(
   fortunes                            # the demo corpus (/usr/share/games/fortunes)
   dict-jargon                         # the fine-tuning demo's Q&A source (/usr/share/dictd/jargon.*)
   python3-jinja2 python3-sentencepiece  # tests: the chat-template reference (tests/chat/hf_chat_reference.py)
+  procps                              # tests: pgrep / ps (the supervisor tests)
 )
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq

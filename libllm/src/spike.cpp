@@ -1,8 +1,8 @@
 #include "libllm/spike.h"
 
+#include <fcntl.h>
 #include <fmt/core.h>
 #include <signal.h>
-#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -241,15 +241,10 @@ std::pair<int64_t, int64_t> progress_mark(const std::string& path) {
 
 pid_t launch(const std::vector<std::string>& cmd, int64_t attempt, const std::string& plan,
              const std::string& heartbeat) {
-  const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
   if (pid < 0) throw Error("llm-spike", "fork failed");
   if (pid == 0) {
     ::setpgid(0, 0);
-    // The job ends with its supervisor (killed by SIGKILL, say), so that no orphan trains on beside
-    // the next supervisor's job. (Kept across exec; a launcher passes the SIGTERM on to its ranks.)
-    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
-    if (::getppid() != parent) std::_Exit(1);  // (it died before that)
     ::setenv("LIBLLM_RESTART", std::to_string(attempt).c_str(), 1);
     ::setenv(detail::kHeartbeatEnv, heartbeat.c_str(), 1);
     if (!plan.empty()) ::setenv("LIBLLM_RESTART_PLAN", plan.c_str(), 1);
@@ -264,6 +259,49 @@ pid_t launch(const std::vector<std::string>& cmd, int64_t attempt, const std::st
   ::setpgid(pid, pid);
   return pid;
 }
+
+// Ends the job's process group (SIGTERM, SIGKILL after 10 s) if the supervisor dies while the job
+// runs (a kill -9, the OOM killer), so that no orphaned job, a launcher's ranks included, trains
+// on beside the next supervisor's: a process outside the group waits on a pipe that only the
+// supervisor holds open. Destroyed (the job over), it is told so and exits.
+class Watchdog {
+ public:
+  explicit Watchdog(pid_t group) {
+    int p[2];
+    if (::pipe2(p, O_CLOEXEC) != 0) throw Error("llm-spike", std::string("pipe failed: ") + std::strerror(errno));
+    pid_ = ::fork();
+    if (pid_ < 0) throw Error("llm-spike", "fork failed");
+    if (pid_ == 0) {
+      ::close(p[1]);
+      for (int sig : {SIGINT, SIGTERM, SIGHUP}) std::signal(sig, SIG_IGN);  // (the supervisor handles those)
+      char c = 0;
+      ssize_t n;
+      while ((n = ::read(p[0], &c, 1)) < 0 && errno == EINTR) {
+      }
+      if (n == 0) {  // end of file: the supervisor is gone
+        ::kill(-group, SIGTERM);
+        for (int i = 0; i < 100 && ::kill(-group, 0) == 0; ++i) ::usleep(100000);
+        ::kill(-group, SIGKILL);
+      }
+      std::_Exit(0);
+    }
+    ::close(p[0]);
+    fd_ = p[1];
+  }
+  ~Watchdog() {
+    const char done = 1;
+    while (::write(fd_, &done, 1) < 0 && errno == EINTR) {
+    }
+    ::close(fd_);
+    ::waitpid(pid_, nullptr, 0);
+  }
+  Watchdog(const Watchdog&) = delete;
+  Watchdog& operator=(const Watchdog&) = delete;
+
+ private:
+  pid_t pid_ = -1;
+  int fd_ = -1;
+};
 
 // SIGTERM to the job's process group, SIGKILL after 10 s; returns the wait status.
 int terminate_group(pid_t pid) {
@@ -330,6 +368,7 @@ int supervise(const SuperviseOptions& opt) {
     const double launched_at = wall();
     fs::remove(heartbeat_path);  // (what it says is about this attempt)
     const pid_t pid = launch(opt.command, attempt, fs::exists(plan_path) ? plan_path : "", heartbeat_path);
+    const Watchdog watchdog(pid);
     auto mark = progress_mark(metrics), beat = progress_mark(heartbeat_path);
     auto last = std::chrono::steady_clock::now();
     bool beat_last = false;  // the newest change was a heartbeat (a long phase), not a metrics line
@@ -417,9 +456,9 @@ int supervise(const SuperviseOptions& opt) {
       }
       reason = fmt::format("crash: exit code {}", code);
     }
-    // A plan stays (until the next one replaces it), so a job that dies while applying it gets it
-    // again; the trainer never applies one twice (the checkpoint it re-saves records it) and
-    // ignores it once it resumes a later checkpoint.
+    // A plan stays until the trainer has applied it (it then renames it <plan>.applied), so a job
+    // that dies while applying it gets it again; one that dies after its checkpoint's re-save
+    // does not apply it twice (the checkpoint records it).
     if (attempt + 1 > opt.max_restarts) {
       fmt::print(stderr, "llm-spike: {}; giving up after {} restarts\n", reason, opt.max_restarts);
       append_event(opt.run_dir, {{"event", "give_up"}, {"reason", reason}, {"restarts", attempt}});

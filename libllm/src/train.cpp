@@ -365,13 +365,15 @@ struct Run {
       throw Error(live_path() + ": " + e.where(), e.problem(), "remove it to resume without the rollback");
     }
     guard.rolled_back(saved, to, lr_factor, in_loop, branch_floor);
-    if (main()) {
-      sequence.close();
-      truncate_log(sequence_path, to);  // the data sequence lists what the final model saw
-      sequence.open(sequence_path, std::ios::app);
-    }
     save(to);
     dist.barrier();
+    // The data sequence lists what the final model saw. Cut after the save: a job killed during
+    // it applies this rollback again, and reads the rolled-back steps' windows again.
+    if (main()) {
+      sequence.close();
+      truncate_log(sequence_path, to);
+      sequence.open(sequence_path, std::ios::app);
+    }
     json e = rollback_event(to, through, in_loop, dir);
     if (chat) e["examples"] = examples;  // "windows" counts rows (samples); packed rows hold several
     if (resumed) e["resumed"] = true;
@@ -387,8 +389,29 @@ struct Run {
     if (main())
       detail::write_file_atomic(live_path(), json{{"from_step", from_step}, {"data_cursor", cursor()}}.dump() + "\n");
   }
-  // The data cursor recorded at step `through` (every rank reads it: a shared run folder).
-  std::string read_live(int64_t through) const {
+  // The data cursor recorded at step `through` (rank 0 reads it; every rank learns it).
+  std::string read_live(int64_t through) {
+    std::string text;
+    std::optional<Error> failure;
+    if (main()) {
+      try {
+        text = read_live_file(through);
+      } catch (const Error& e) {
+        failure = e;
+      }
+    }
+    auto n = torch::zeros({1}, torch::kInt64);
+    if (main()) n[0] = failure ? -1 : static_cast<int64_t>(text.size());
+    dist.sum(n);
+    const int64_t size = n[0].item<int64_t>();
+    if (failure) throw *failure;
+    if (size < 0) throw Error(live_path(), "rank 0 cannot read it", "see rank 0's error");
+    auto bytes = torch::zeros({size}, torch::kUInt8);
+    if (main() && size > 0) std::memcpy(bytes.data_ptr<uint8_t>(), text.data(), static_cast<size_t>(size));
+    dist.sum(bytes);
+    return std::string(reinterpret_cast<const char*>(bytes.data_ptr<uint8_t>()), static_cast<size_t>(size));
+  }
+  std::string read_live_file(int64_t through) const {
     const std::string path = live_path();
     std::ifstream in(path);
     if (!in)
@@ -410,7 +433,9 @@ struct Run {
   }
 
   // The windows every rank used in this branch's steps (to, through], from data_sequence.jsonl
-  // (rank 0 reads it; every rank learns it): what a deferring rollback queues.
+  // (rank 0 reads it; every rank learns it): what a deferring rollback queues. Steps run with
+  // another number of ranks are dealt out in their sample order (sample i to rank i % world); a
+  // remainder that does not divide among the ranks is dropped, with a note.
   std::vector<std::vector<WindowRef>> rolled_back_windows(int64_t to, int64_t through) {
     const int64_t W = dist.world_size();
     std::vector<std::vector<WindowRef>> used(static_cast<size_t>(W));
@@ -418,24 +443,30 @@ struct Run {
     if (main()) {
       try {
         int64_t next = to + 1;
+        std::vector<WindowRef> slots;  // in sample order
         const bool exists = detail::for_each_line(sequence_path, [&](const std::string& text) {
           const int64_t s = detail::int_field(text, "step", -1);
           if (s <= to || s > through) return;  // (parsed only in the span: the log may hold gigabytes)
           if (s != next) throw std::runtime_error(fmt::format("step {} follows step {}", s, next - 1));
           const json line = json::parse(text);
-          const json& w = line.at("windows");
-          if (!w.is_array() || static_cast<int64_t>(w.size()) != W)
-            throw std::runtime_error(fmt::format("step {} lists the windows of {} ranks, this run has {}", s,
-                                                 w.is_array() ? w.size() : 0, W));
-          for (int64_t k = 0; k < W; ++k)
-            for (const auto& r : w[static_cast<size_t>(k)])
-              used[static_cast<size_t>(k)].push_back({r.at(0).get<int32_t>(), r.at(1).get<int64_t>()});
+          const json& w = line.at("windows");  // per rank: [[set, window], ...]
+          if (!w.is_array() || w.empty()) throw std::runtime_error(fmt::format("step {} lists no ranks", s));
+          for (const auto& mine : w)
+            if (!mine.is_array() || mine.size() != w[0].size())
+              throw std::runtime_error(fmt::format("the ranks of step {} list different numbers of windows", s));
+          for (size_t i = 0; i < w[0].size(); ++i)
+            for (const auto& mine : w) slots.push_back({mine[i].at(0).get<int32_t>(), mine[i].at(1).get<int64_t>()});
           ++next;
         });
         if (!exists) throw std::runtime_error("cannot open it");
         if (next != through + 1) throw std::runtime_error(fmt::format("step {} is missing", next));
-        for (const auto& mine : used)
-          if (mine.size() != used[0].size()) throw std::runtime_error("ranks used different numbers of windows");
+        const size_t dealt = slots.size() - slots.size() % static_cast<size_t>(W);
+        for (size_t i = 0; i < dealt; ++i) used[i % static_cast<size_t>(W)].push_back(slots[i]);
+        if (dealt < slots.size())
+          fmt::print(
+              "note: the rolled-back steps ran on another number of ranks: {} of their {} windows do not divide "
+              "among {} ranks and are dropped, not deferred\n",
+              slots.size() - dealt, slots.size(), W);
       } catch (const std::exception& e) {
         problem = e.what();
       }
@@ -916,7 +947,9 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   // checkpoint is its to_step (the steps after it are then a discarded branch, kept in the metrics).
   json plan;
   bool plan_applies = false;
-  if (const char* plan_path = std::getenv("LIBLLM_RESTART_PLAN"); plan_path && *plan_path && fs::exists(plan_path)) {
+  bool plan_was_applied = false;  // by a job that died after re-saving its checkpoint
+  const std::string plan_path = std::getenv("LIBLLM_RESTART_PLAN") ? std::getenv("LIBLLM_RESTART_PLAN") : "";
+  if (!plan_path.empty() && fs::exists(plan_path)) {
     try {
       plan = json::parse(std::ifstream(plan_path));
     } catch (const json::exception& e) {
@@ -926,6 +959,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     // writes is another: its "attempt" differs), so a job that dies before its next checkpoint
     // resumes there without applying it again.
     const bool applied = run.applied_plan == plan;
+    plan_was_applied = applied;
     plan_applies = !resume_from.empty() && state.step == plan.value("to_step", int64_t{-1}) &&
                    plan.value("from_step", int64_t{-1}) > state.step && !applied && !pending_applies;
     if (!plan_applies && main_rank)
@@ -1004,6 +1038,13 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     run.replan(to, through, pending.value("lr_factor", 1.0), /*in_loop=*/true, resume_from, saved,
                run.read_live(through), 0, /*resumed=*/true);
     if (main_rank) fs::remove(run.pending_path);  // (replan ends with every rank past the save)
+  }
+  // An applied plan is used up: renamed to <plan>.applied, so that no later restart applies it
+  // again (after a rollback past its step, a resume could land on its step once more).
+  if (plan_applies || plan_was_applied) {
+    dist.barrier();  // (every rank has read it)
+    std::error_code ec;
+    if (main_rank) fs::rename(plan_path, plan_path + ".applied", ec);
   }
   json start = {{"event", resume_from.empty() ? "start" : "resume"},
                 {"step", state.step},

@@ -18,6 +18,11 @@ common=(--set train.steps=300 --set train.log_every=1000 --set train.eval_every=
 guard=(--set guard.enabled=true --set guard.window=16 --set guard.min_history=8 --set guard.grad_z=0
        --set guard.persist_steps=3 --set guard.rewarm_steps=5 --set checkpoint.every=5 --set checkpoint.keep_last=4)
 fail() { echo "FAILED: $*"; for f in "$work"/*.log; do echo "--- $f"; tail -20 "$f"; done; exit 1; }
+job_of() {  # the job under supervisor $1: its child that leads its own process group (not the watchdog)
+  local c
+  for c in $(pgrep -P "$1"); do [ "$(ps -o pgid= -p "$c" | tr -d ' ')" = "$c" ] && echo "$c" && return; done
+  return 0
+}
 
 case $mode in
 kill)
@@ -32,7 +37,7 @@ kill)
     sleep 0.05
   done
   [ "$n" -ge 60 ] || fail "the supervised trainer did not reach step 60 in 2 minutes (step $n)"
-  child=$(pgrep -P "$sup" | head -1)
+  child=$(job_of "$sup")
   [ -n "$child" ] || fail "no trainer under the supervisor"
   kill -9 "$child"
   echo "killed trainer $child at step $n"
@@ -79,18 +84,22 @@ heartbeat)
     --set train.run_dir="$work/other" > "$work/otherdir.log" 2>&1 && fail "a job writing another run folder was run"
   grep -q "in the launch command, but llm-spike supervise watches train.run_dir" "$work/otherdir.log" ||
     fail "no run_dir error"
-  # No job outlives its supervisor: a kill -9 of the supervisor ends the job (SIGTERM).
-  "$bin/llm-spike" supervise "$recipe" "${run[@]}" --hang-seconds 60 -- sh -c 'exec sleep 60' launcher "${run[@]}" \
-    > "$work/orphan.log" 2>&1 &
-  sup=$! child=
-  for _ in $(seq 1 200); do child=$(pgrep -P "$sup" | head -1) && [ -n "$child" ] && break; sleep 0.05; done
-  [ -n "$child" ] || fail "no job under the supervisor"
-  sleep 0.5  # (exec'd)
+  # No job outlives its supervisor: a kill -9 of the supervisor ends the job's process group, also
+  # the processes a launcher started (here a shell that does not exec its command).
+  "$bin/llm-spike" supervise "$recipe" "${run[@]}" --hang-seconds 60 -- sh -c 'sleep 61 || exit 1' launcher \
+    "${run[@]}" > "$work/orphan.log" 2>&1 &
+  sup=$! rank=
+  for _ in $(seq 1 200); do
+    launcher=$(job_of "$sup")
+    [ -n "$launcher" ] && rank=$(pgrep -P "$launcher") && [ -n "$rank" ] && break
+    sleep 0.05
+  done
+  [ -n "$rank" ] || fail "no job under the supervisor"
   kill -9 "$sup"
   wait "$sup" 2>/dev/null || true
   alive() { local st; st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) && [ "$st" != Z ]; }
-  for _ in $(seq 1 100); do alive "$child" || break; sleep 0.05; done
-  ! alive "$child" || { kill "$child"; fail "the job outlived its supervisor"; }
+  for _ in $(seq 1 100); do alive "$rank" || alive "$launcher" || break; sleep 0.05; done
+  ! alive "$rank" && ! alive "$launcher" || { kill "$rank" "$launcher"; fail "the job outlived its supervisor"; }
   cat "$work/stuck.log"
   ;;
 stop)

@@ -541,8 +541,9 @@ TEST_CASE("a restart plan is applied once, also when the job dies right after ap
   CHECK(checkpoint_steps(first + "/checkpoints").back() == 25);
   CHECK(fs::exists(first + "/rollback-data.json"));
   pretrain(recipe(tmp / "in-loop"));  // the same rollback, made in the loop
-  test::write_file(tmp / "plan.json", R"({"to_step": 25, "from_step": 34, "lr_factor": 0.5})");
-  for (const char* copy : {"once", "twice", "unknown"}) fs::copy(first, tmp / copy, fs::copy_options::recursive);
+  const std::string plan = R"({"to_step": 25, "from_step": 34, "lr_factor": 0.5})";
+  test::write_file(tmp / "plan.json", plan);
+  for (const char* copy : {"once", "twice", "unknown", "two"}) fs::copy(first, tmp / copy, fs::copy_options::recursive);
   fs::remove(tmp / "unknown/rollback-data.json");
   struct Env {  // what llm-spike supervise sets for a restart with a plan
     Env(const std::string& plan) {
@@ -553,13 +554,19 @@ TEST_CASE("a restart plan is applied once, also when the job dies right after ap
   CHECK_THAT(test::error_of([&] { pretrain(recipe(tmp / "unknown")); }),
              Catch::Contains("rollback-data.json: missing") && Catch::Contains("at step 34"));
   pretrain(recipe(tmp / "once"));
+  // Applied, the plan is used up (renamed): no later restart applies it again.
+  CHECK(!fs::exists(tmp / "plan.json"));
+  CHECK(fs::exists(tmp / "plan.json.applied"));
   // Dies right after the plan's checkpoint is saved again; the restart must not apply it twice.
+  test::write_file(tmp / "plan.json", plan);
   TrainHooks dies;
   dies.after_rollback = [](int64_t, const std::string&, Transformer&, const AdamW&) {
     throw std::runtime_error("killed after the plan was applied");
   };
   CHECK_THROWS_WITH(pretrain(recipe(tmp / "twice"), dies), Catch::Contains("killed after the plan"));
+  CHECK(fs::exists(tmp / "plan.json"));
   pretrain(recipe(tmp / "twice"));
+  CHECK(!fs::exists(tmp / "plan.json"));
   CHECK(read_file(tmp / "once/data_sequence.jsonl") == read_file(tmp / "twice/data_sequence.jsonl"));
   CHECK(read_file(tmp / "once/data_sequence.jsonl") == read_file(tmp / "in-loop/data_sequence.jsonl"));
   CHECK(losses(tmp / "once") == losses(tmp / "twice"));
@@ -580,4 +587,33 @@ TEST_CASE("a restart plan is applied once, also when the job dies right after ap
       CHECK(e["lr_scale"].get<double>() == Approx(0.25));
     }
   CHECK(cumulative == 1);
+  // Applied by 2 ranks, while the stopped steps ran on 1: their windows, dealt out in sample order,
+  // are the 2-rank run's last 9 steps (18 windows a rank), in the same order.
+  test::write_file(tmp / "plan.json", plan);
+  CHECK(test::run_ranks("[.plan_two_ranks_worker]", 2,
+                        {"LIBLLM_TEST_ROOT=" + tmp.path.string(), "LIBLLM_RESTART=1",
+                         "LIBLLM_RESTART_PLAN=" + (tmp / "plan.json")}) == std::vector<int>{0, 0});
+  const auto slots = [](const std::vector<nlohmann::json>& seq, size_t from, size_t to) {  // steps [from, to]
+    nlohmann::json out = nlohmann::json::array();
+    for (size_t s = from; s <= to; ++s) {
+      const auto& w = seq[s - 1]["windows"];
+      for (size_t i = 0; i < w[0].size(); ++i)
+        for (const auto& mine : w) out.push_back(mine[i]);
+    }
+    return out;
+  };
+  const auto stopped = jsonl(first + "/data_sequence.jsonl"), two = jsonl(tmp / "two/data_sequence.jsonl");
+  REQUIRE(two.size() == kSteps);
+  CHECK(two.back()["windows"].size() == 2);
+  CHECK(slots(two, kSteps - 8, kSteps) == slots(stopped, 26, 34));
+}
+
+// One rank of the test above, in a process of its own (hidden: only that test starts it).
+TEST_CASE("a restart plan: one of two ranks", "[.plan_two_ranks_worker]") {
+  const char* root = std::getenv("LIBLLM_TEST_ROOT");
+  REQUIRE(root);
+  const std::string shards = std::string(root) + "/shards";
+  pretrain(tiny_recipe(
+      shards, std::string(root) + "/two",
+      guarded(shards, {"checkpoint.keep_last=20", "guard.inject_lr_steps=[30]", "guard.inject_lr_factor=1000"})));
 }

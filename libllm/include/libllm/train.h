@@ -95,7 +95,8 @@ struct TrainHooks {
 // LIBLLM_RESTART_PLAN (a JSON file {"to_step", "from_step", "lr_factor"[, "cumulative_lr_factor"]}):
 // when the resumed checkpoint is the plan's to_step, the data of steps to_step+1..from_step is
 // deferred and the LR lowered (by lr_factor, and to at most cumulative_lr_factor of the recipe's)
-// and re-warmed, as for an in-loop rollback.
+// and re-warmed, as for an in-loop rollback. Once applied (its checkpoint re-saved), the plan file
+// is renamed <plan>.applied: it never applies again.
 double pretrain(const Recipe& recipe, const TrainHooks& hooks = {});
 
 // Fine-tunes the model in recipe.finetune.base (a Hugging Face or libllm folder; its config
