@@ -1,8 +1,8 @@
 #include "libllm/spike.h"
 
-#include <fcntl.h>
 #include <fmt/core.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -19,6 +19,7 @@
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <thread>
 
 #include "atomic_file.h"
@@ -261,22 +262,28 @@ pid_t launch(const std::vector<std::string>& cmd, int64_t attempt, const std::st
 }
 
 // Ends the job's process group (SIGTERM, SIGKILL after 10 s) if the supervisor dies while the job
-// runs (a kill -9, the OOM killer), so that no orphaned job, a launcher's ranks included, trains
-// on beside the next supervisor's: a process outside the group waits on a pipe that only the
-// supervisor holds open. Destroyed (the job over), it is told so and exits.
+// runs (a kill -9, also of its whole process group, the OOM killer), so that no orphaned job, a
+// launcher's ranks included, trains on beside the next supervisor's: a process in a session of
+// its own waits on a socket that only the supervisor holds open. Destroyed (the job over), it is
+// told so and exits.
 class Watchdog {
  public:
   explicit Watchdog(pid_t group) {
     int p[2];
-    if (::pipe2(p, O_CLOEXEC) != 0) throw Error("llm-spike", std::string("pipe failed: ") + std::strerror(errno));
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, p) != 0)
+      throw Error("llm-spike", std::string("socketpair failed: ") + std::strerror(errno));
     pid_ = ::fork();
-    if (pid_ < 0) throw Error("llm-spike", "fork failed");
+    if (pid_ < 0) {
+      ::close(p[0]), ::close(p[1]);
+      throw Error("llm-spike", std::string("fork failed: ") + std::strerror(errno));
+    }
     if (pid_ == 0) {
       ::close(p[1]);
-      for (int sig : {SIGINT, SIGTERM, SIGHUP}) std::signal(sig, SIG_IGN);  // (the supervisor handles those)
+      ::setsid();  // (out of the supervisor's process group: a signal to that group spares it)
+      for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGQUIT}) std::signal(sig, SIG_IGN);
       char c = 0;
       ssize_t n;
-      while ((n = ::read(p[0], &c, 1)) < 0 && errno == EINTR) {
+      while ((n = ::recv(p[0], &c, 1, 0)) < 0 && errno == EINTR) {
       }
       if (n == 0) {  // end of file: the supervisor is gone
         ::kill(-group, SIGTERM);
@@ -290,7 +297,7 @@ class Watchdog {
   }
   ~Watchdog() {
     const char done = 1;
-    while (::write(fd_, &done, 1) < 0 && errno == EINTR) {
+    while (::send(fd_, &done, 1, MSG_NOSIGNAL) < 0 && errno == EINTR) {  // (a watchdog gone: no SIGPIPE)
     }
     ::close(fd_);
     ::waitpid(pid_, nullptr, 0);
@@ -368,7 +375,13 @@ int supervise(const SuperviseOptions& opt) {
     const double launched_at = wall();
     fs::remove(heartbeat_path);  // (what it says is about this attempt)
     const pid_t pid = launch(opt.command, attempt, fs::exists(plan_path) ? plan_path : "", heartbeat_path);
-    const Watchdog watchdog(pid);
+    std::optional<Watchdog> watchdog;
+    try {
+      watchdog.emplace(pid);
+    } catch (...) {
+      terminate_group(pid);  // (never a job without one)
+      throw;
+    }
     auto mark = progress_mark(metrics), beat = progress_mark(heartbeat_path);
     auto last = std::chrono::steady_clock::now();
     bool beat_last = false;  // the newest change was a heartbeat (a long phase), not a metrics line

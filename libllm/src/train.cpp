@@ -362,7 +362,7 @@ struct Run {
       }
     } catch (const Error& e) {
       if (e.where() != "data cursor") throw;
-      throw Error(live_path() + ": " + e.where(), e.problem(), "remove it to resume without the rollback");
+      throw Error(live_path() + ": " + e.where(), e.problem(), e.hint());
     }
     guard.rolled_back(saved, to, lr_factor, in_loop, branch_floor);
     save(to);
@@ -377,6 +377,7 @@ struct Run {
     json e = rollback_event(to, through, in_loop, dir);
     if (chat) e["examples"] = examples;  // "windows" counts rows (samples); packed rows hold several
     if (resumed) e["resumed"] = true;
+    if (!in_loop) e["plan_attempt"] = applied_plan.value("attempt", int64_t{-1});  // (which plan)
     event(e);                            // (logged with the checkpoint that records it)
     if (main()) fs::remove(live_path());  // (the re-saved checkpoint has it)
     if (hooks.after_rollback) hooks.after_rollback(to, dir, model, adamw());
@@ -516,6 +517,21 @@ struct Run {
         }
       });
     return n;
+  }
+
+  // Logs the rollback (in_loop) or restart plan from step `through` to `to` that a job which died
+  // before logging it completed, unless events.jsonl has it (`plan_attempt`: the plan's "attempt";
+  // -1 for a rollback). Rank 0.
+  void log_completed(int64_t to, int64_t through, bool in_loop, const std::string& dir, int64_t plan_attempt) {
+    const std::string kind = in_loop ? "rollback" : "restart_plan";
+    for (const auto& e : detail::read_jsonl((fs::path(tc.run_dir) / "events.jsonl").string(), false))
+      if (e.value("event", "") == kind && e.value("step", int64_t{-1}) == through &&
+          e.value("to_step", int64_t{-1}) == to && e.value("plan_attempt", int64_t{-1}) == plan_attempt)
+        return;
+    json e = rollback_event(to, through, in_loop, dir);  // (the resumed checkpoint's guard is the rolled-back one)
+    if (!in_loop) e["plan_attempt"] = plan_attempt;
+    e["resumed"] = true;
+    event(e);
   }
 
   // The event of a rollback (or a restart plan) from step `through` to checkpoint `dir` of step `to`.
@@ -995,19 +1011,13 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     metrics.open(metrics_path, std::ios::app);
     run.sequence.open(run.sequence_path, std::ios::app);
     run.events.open((run_dir / "events.jsonl").string(), std::ios::app);
-    // A rollback completed by a job that died before logging it: logged now.
-    if (pending_done) {
-      const int64_t to = pending.value("to_step", int64_t{-1}), through = pending.value("from_step", int64_t{-1});
-      bool logged = false;
-      for (const auto& e : detail::read_jsonl((run_dir / "events.jsonl").string(), false))
-        logged = logged || (e.value("event", "") == "rollback" && e.value("step", int64_t{-1}) == through &&
-                            e.value("to_step", int64_t{-1}) == to);
-      if (!logged) {  // (the resumed checkpoint's guard is the rolled-back one)
-        json e = run.rollback_event(to, through, /*in_loop=*/true, resume_from);
-        e["resumed"] = true;
-        run.event(e);
-      }
-    }
+    // A rollback or restart plan completed by a job that died before logging it: logged now.
+    if (pending_done)
+      run.log_completed(pending.value("to_step", int64_t{-1}), pending.value("from_step", int64_t{-1}),
+                        /*in_loop=*/true, resume_from, -1);
+    if (plan_was_applied && state.step == plan.value("to_step", int64_t{-1}))
+      run.log_completed(state.step, plan.value("from_step", int64_t{-1}), /*in_loop=*/false, resume_from,
+                        plan.value("attempt", int64_t{-1}));
     detail::write_file_atomic((run_dir / "recipe.yaml").string(),
                               run.recipe_yaml);  // never a half-written recipe beside the run
   }

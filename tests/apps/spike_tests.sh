@@ -84,9 +84,9 @@ heartbeat)
     --set train.run_dir="$work/other" > "$work/otherdir.log" 2>&1 && fail "a job writing another run folder was run"
   grep -q "in the launch command, but llm-spike supervise watches train.run_dir" "$work/otherdir.log" ||
     fail "no run_dir error"
-  # No job outlives its supervisor: a kill -9 of the supervisor ends the job's process group, also
+  # No job outlives its supervisor: a kill -9 of the supervisor's process group ends the job's, also
   # the processes a launcher started (here a shell that does not exec its command).
-  "$bin/llm-spike" supervise "$recipe" "${run[@]}" --hang-seconds 60 -- sh -c 'sleep 61 || exit 1' launcher \
+  setsid "$bin/llm-spike" supervise "$recipe" "${run[@]}" --hang-seconds 60 -- sh -c 'sleep 61 || exit 1' launcher \
     "${run[@]}" > "$work/orphan.log" 2>&1 &
   sup=$! rank=
   for _ in $(seq 1 200); do
@@ -95,7 +95,7 @@ heartbeat)
     sleep 0.05
   done
   [ -n "$rank" ] || fail "no job under the supervisor"
-  kill -9 "$sup"
+  kill -9 -- "-$sup"
   wait "$sup" 2>/dev/null || true
   alive() { local st; st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) && [ "$st" != Z ]; }
   for _ in $(seq 1 100); do alive "$rank" || alive "$launcher" || break; sleep 0.05; done

@@ -751,6 +751,14 @@ TEST_CASE("PackedDataset: sets with and without BOS-first documents do not mix",
 // A loss-spike rollback as the trainer makes it: the steps after `target` (a cursor of `ds`'s
 // run) drew the next `samples` samples of every rank from `ds`'s position, then were rolled back:
 // `ds` goes back to `target`, its stream goes on, their windows are deferred (or dropped).
+// The deferral tests' data: one set of 200 synthetic documents.
+static DataConfig one_set(const Scratch& tmp) {
+  make_set(tmp, "a", synthetic_docs(200, 7));
+  DataConfig cfg;
+  cfg.train = {tmp / "a"};
+  return cfg;
+}
+
 static void roll_back_next(PackedDataset& ds, const std::string& target, const DataConfig& cfg, int64_t L,
                            int64_t world, int64_t samples, bool defer) {
   std::vector<std::vector<WindowRef>> used;
@@ -769,9 +777,7 @@ static void roll_back_next(PackedDataset& ds, const std::string& target, const D
 
 TEST_CASE("PackedDataset: deferred windows are the last samples of the plan, dropped ones never come", "[data]") {
   Scratch tmp;
-  make_set(tmp, "a", synthetic_docs(200, 7));
-  DataConfig cfg;
-  cfg.train = {tmp / "a"};
+  const DataConfig cfg = one_set(tmp);
   const int64_t L = 8;
   PackedDataset plain(cfg, L, 0, 1), ds(cfg, L, 0, 1);
   CHECK(ds.planned_samples() == ds.windows_per_epoch());
@@ -851,9 +857,7 @@ TEST_CASE("PackedDataset: deferred windows are the last samples of the plan, dro
 TEST_CASE("PackedDataset: a rollback past an earlier one's target keeps its deferral, and no window comes twice",
           "[data]") {
   Scratch tmp;
-  make_set(tmp, "a", synthetic_docs(200, 7));
-  DataConfig cfg;
-  cfg.train = {tmp / "a"};
+  const DataConfig cfg = one_set(tmp);
   const int64_t L = 8;
   PackedDataset plain(cfg, L, 0, 1), ds(cfg, L, 0, 1);
   const Drawn p = draw(plain, 10, 4);    // the stream: 40 samples
