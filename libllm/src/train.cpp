@@ -1056,6 +1056,11 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     std::error_code ec;
     if (main_rank) fs::rename(plan_path, plan_path + ".applied", ec);
   }
+  // The data position a guard stop left for a plan that did not apply here: of no further use.
+  if (main_rank) {
+    std::error_code ec;
+    fs::remove(run.live_path(), ec);
+  }
   json start = {{"event", resume_from.empty() ? "start" : "resume"},
                 {"step", state.step},
                 {"restart", restart},

@@ -545,6 +545,10 @@ TEST_CASE("a restart plan is applied once, also when the job dies right after ap
   test::write_file(tmp / "plan.json", plan);
   for (const char* copy : {"once", "twice", "unknown", "two"}) fs::copy(first, tmp / copy, fs::copy_options::recursive);
   fs::remove(tmp / "unknown/rollback-data.json");
+  // Resumed without the plan (by hand), the stop's data position is of no further use.
+  fs::copy(first, tmp / "by-hand", fs::copy_options::recursive);
+  pretrain(recipe(tmp / "by-hand", {"train.steps=26"}));
+  CHECK(!fs::exists(tmp / "by-hand/rollback-data.json"));
   struct Env {  // what llm-spike supervise sets for a restart with a plan
     Env(const std::string& plan) {
       ::setenv("LIBLLM_RESTART", "1", 1), ::setenv("LIBLLM_RESTART_PLAN", plan.c_str(), 1);
