@@ -712,17 +712,15 @@ void export_hf(const ModelConfig& config, const std::vector<LazyWeight>& weights
     gen["bos_token_id"] = opts.bos_id;
     // eos_id first, then the source's own stop ids (a chat base's end-of-turn token, which a
     // fine-tune of it still ends its turns with): what transformers and vLLM stop at.
-    std::vector<int64_t> stops{opts.eos_id};
+    // (A list that holds eos_id already stays as it is.)
     const json eos = gen.value("eos_token_id", json());
-    for (const json& e : eos.is_array() ? eos : json::array({eos}))
-      if (e.is_number_integer() && std::find(stops.begin(), stops.end(), e.get<int64_t>()) == stops.end())
-        stops.push_back(e.get<int64_t>());
-    if (eos.is_array() && std::find(eos.begin(), eos.end(), json(opts.eos_id)) != eos.end())
-      stops.clear();  // (a list that holds eos_id stays as it is)
-    if (stops.size() == 1)
-      gen["eos_token_id"] = opts.eos_id;
-    else if (!stops.empty())
-      gen["eos_token_id"] = stops;
+    if (!eos.is_array() || std::find(eos.begin(), eos.end(), json(opts.eos_id)) == eos.end()) {
+      std::vector<int64_t> stops{opts.eos_id};
+      for (const json& e : eos.is_array() ? eos : json::array({eos}))
+        if (e.is_number_integer() && std::find(stops.begin(), stops.end(), e.get<int64_t>()) == stops.end())
+          stops.push_back(e.get<int64_t>());
+      gen["eos_token_id"] = stops.size() == 1 ? json(opts.eos_id) : json(stops);
+    }
     detail::write_file_atomic((tmp / "generation_config.json").string(), gen.dump(2) + "\n");
     if (!opts.tokenizer_path.empty()) {
       const Tokenizer tok = Tokenizer::load(opts.tokenizer_path);
