@@ -12,6 +12,7 @@
 
 #include "heartbeat.h"
 #include "libllm/config.h"
+#include "libllm/distributed.h"
 #include "libllm/error.h"
 #include "libllm/tokenizer.h"
 
@@ -582,7 +583,7 @@ void ChatDataset::next(int64_t batch, ChatBatch& out) {
   if (!padded) out.padding = torch::Tensor();
 }
 
-double ChatDataset::evaluate(Transformer& model, int64_t micro_batch, int64_t max_examples) const {
+double ChatDataset::evaluate(Transformer& model, int64_t micro_batch, int64_t max_examples, Distributed* dist) const {
   if (valid_.empty()) return std::nan("");
   const int64_t n = max_examples > 0 ? std::min<int64_t>(max_examples, static_cast<int64_t>(valid_.size()))
                                      : static_cast<int64_t>(valid_.size());
@@ -590,22 +591,33 @@ double ChatDataset::evaluate(Transformer& model, int64_t micro_batch, int64_t ma
   const bool was_training = model->is_training();
   model->eval();
   const auto device = model->parameters().front().device();
-  double sum = 0;
-  int64_t count = 0;
-  for (int64_t i = 0; i < n; i += micro_batch) {
+  const int64_t world = dist ? dist->world_size() : 1, rank = dist ? dist->rank() : 0;
+  const int64_t batches = (n + micro_batch - 1) / micro_batch, rounds = (batches + world - 1) / world;
+  double sum = 0, count = 0;
+  for (int64_t round = 0; round < rounds; ++round) {
     detail::heartbeat("evaluating");
+    const int64_t k = round * world + rank;  // this rank's batch; past the last: batch 0, unweighted
+    const bool real = k < batches;
+    const int64_t from = real ? k * micro_batch : 0;
     std::vector<const ChatExample*> rows;
-    for (int64_t j = i; j < std::min(n, i + micro_batch); ++j) rows.push_back(&valid_[static_cast<size_t>(j)]);
+    for (int64_t j = from; j < std::min(n, from + micro_batch); ++j) rows.push_back(&valid_[static_cast<size_t>(j)]);
     torch::Tensor x, y;
     batch_of(rows, x, y);
     const int64_t counted = (y != -100).sum().item<int64_t>();
-    if (counted == 0) continue;
     // The mean over this batch's target tokens (the fused head holds no (B, T, V) logits).
-    sum += model->forward_loss(x.to(device), y.to(device)).loss.item<double>() * static_cast<double>(counted);
-    count += counted;
+    const double loss = model->forward_loss(x.to(device), y.to(device)).loss.item<double>();
+    if (real && counted > 0) {
+      sum += loss * static_cast<double>(counted);
+      count += static_cast<double>(counted);
+    }
   }
   if (was_training) model->train();
-  return count > 0 ? sum / static_cast<double>(count) : std::nan("");
+  if (dist) {
+    auto t = torch::tensor({sum, count}, torch::kFloat64);
+    dist->sum(t);
+    sum = t[0].item<double>(), count = t[1].item<double>();
+  }
+  return count > 0 ? sum / count : std::nan("");
 }
 
 std::string ChatDataset::cursor() const {

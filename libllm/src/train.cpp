@@ -606,26 +606,36 @@ struct Run {
   }
 
   // Mean loss of the fixed held-out windows (chat: per target token of the first held-out examples).
+  // The batches are dealt out over the ranks (batch b to rank b % world) and the sums all-reduced;
+  // every rank runs the same number of forwards (a rank left without a batch in the last round
+  // runs the first one again, unweighted), since a ZeRO-3 forward gathers with all of them.
   double evaluate() {
-    if (chat) return chat->evaluate(model, tc.micro_batch, tc.eval_batches * tc.micro_batch);
+    if (chat) return chat->evaluate(model, tc.micro_batch, tc.eval_batches * tc.micro_batch, &dist);
     DataConfig vc = recipe.data;
     vc.train = {recipe.data.valid};
     vc.weights.clear();
-    PackedDataset valid(vc, tc.seq_len, 0, 1);
+    PackedDataset valid(vc, tc.seq_len, 0, 1);  // (every rank reads every batch: the same windows at any world size)
     torch::NoGradGuard no_grad;
     model->eval();
+    const int64_t world = dist.world_size(), rounds = (tc.eval_batches + world - 1) / world;
     double sum = 0;
-    std::vector<int64_t> buf;
+    std::vector<int64_t> buf, first;
     std::vector<WindowRef> refs;
-    for (int64_t b = 0; b < tc.eval_batches; ++b) {
+    for (int64_t b = 0; b < rounds * world; ++b) {
+      const bool real = b < tc.eval_batches;
+      if (real) valid.next(tc.micro_batch, buf, refs);
+      if (b == 0) first = buf;
+      if (b % world != dist.rank()) continue;
       detail::heartbeat("evaluating");
-      valid.next(tc.micro_batch, buf, refs);
-      auto [x, y] = split_batch(buf, tc.micro_batch, tc.seq_len);
+      auto [x, y] = split_batch(real ? buf : first, tc.micro_batch, tc.seq_len);
       auto docs = eos_id >= 0 ? documents_after(x, eos_id).to(device) : torch::Tensor();
-      sum += model->forward_loss(x.to(device), y.to(device), docs).loss.item<double>();
+      const double loss = model->forward_loss(x.to(device), y.to(device), docs).loss.item<double>();
+      if (real) sum += loss;
     }
     model->train();
-    return sum / tc.eval_batches;
+    auto total = torch::tensor({sum}, torch::kFloat64);
+    dist.sum(total);
+    return total.item<double>() / static_cast<double>(tc.eval_batches);
   }
 };
 

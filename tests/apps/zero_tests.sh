@@ -12,7 +12,8 @@
 #   ranks; LoRA's per-rank memory on 2 ranks <= 60% of unsharded.
 # zero3 also: hybrid sharding over 4 ranks (2 shard groups of 2) gives the same losses (1e-6), and
 #   a mixture-of-experts model on 2 ZeRO-3 ranks (blocks checkpointed, routing recomputed) gives
-#   the losses of 2 replicated ranks, and so does a full fine-tune of the straight run's checkpoint;
+#   the losses of 2 replicated ranks, and so does a full fine-tune of the straight run's checkpoint
+#   (whose held-out losses, 3 batches dealt out over the ranks, are one process's before it starts);
 #   the 3-rank zero3 checkpoint resumes on 2 ZeRO-1 ranks (another stage); with 32 layers and a
 #   tied head, rank 0 of 2 holds at most 60% of the parameters + gradients + optimizer state an
 #   unsharded process holds, at the peak of a step (the trainer's measured "state_mib").
@@ -91,11 +92,27 @@ if [ "$stage" = zero3 ]; then
   compare moe-ddp moe-zero3
   # Full fine-tuning of the straight run's last checkpoint: ZeRO-3 ranks read only their own
   # elements of the base's weights (the model is built deferred) and train as replicated ranks do.
-  ft=(--set finetune.base="$work/one/checkpoints/step-00000020" --set finetune.method=full --set checkpoint.every=0)
+  # The held-out evaluations (3 batches: rank 1 of 2 scores one and runs an unweighted forward,
+  # to gather with rank 0) give one process's before fine-tuning, and the same at steps 10 and 20.
+  ft=(--set finetune.base="$work/one/checkpoints/step-00000020" --set finetune.method=full --set checkpoint.every=0
+      --set train.eval_every=10 --set train.eval_batches=3)
+  program=llm-finetune launch ft-1 1 --set train.sharding=none "${ft[@]}" --set train.steps=1
   program=llm-finetune launch ft-ddp 2 --set train.sharding=none "${ft[@]}"
   program=llm-finetune launch ft-zero3 2 --set train.sharding=zero3 "${ft[@]}"
   grep -q "fine-tuning .*step-00000020" "$work/ft-zero3.0.log" || { echo "not a fine-tune"; exit 1; }
   compare ft-ddp ft-zero3
+  evals() {  # the run's held-out losses: step 0 (events.jsonl), then each evaluation in metrics.jsonl
+    python3 -c 'import json, sys
+print(*[e["eval_loss"] for e in map(json.loads, open(sys.argv[1] + "/events.jsonl")) if e["event"] == "eval"],
+      *[m["eval_loss"] for m in map(json.loads, open(sys.argv[1] + "/metrics.jsonl")) if "eval_loss" in m])' "$work/$1"
+  }
+  python3 -c 'import sys
+one, ddp, z3 = ([float(v) for v in a.split()] for a in sys.argv[1:])
+print("held-out loss before fine-tuning: 1 process %.9f, 2 replicated ranks %.9f, 2 zero3 ranks %.9f" % (one[0], ddp[0], z3[0]))
+assert len(ddp) == len(z3) == 3, (ddp, z3)
+assert abs(one[0] - ddp[0]) < 1e-6 and abs(one[0] - z3[0]) < 1e-6, (one, ddp, z3)
+assert max(abs(a - b) for a, b in zip(ddp, z3)) < 1e-5, (ddp, z3)' "$(evals ft-1)" "$(evals ft-ddp)" "$(evals ft-zero3)" ||
+    { echo "held-out losses differ"; exit 1; }
   # Memory: a deeper model (32 blocks) with a tied head, 4 steps. What ZeRO-3 holds beyond its
   # shards is per block (two gathered blocks, one block's gradient, two reductions in flight)
   # plus the gathered root (embedding and its gradient): deeper models come closer to 50%.

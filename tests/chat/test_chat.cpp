@@ -5,12 +5,14 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iomanip>
 #include <nlohmann/json.hpp>
 #include <numeric>
 
 #include "../common.h"
 #include "chat_cases.h"
 #include "libllm/chat.h"
+#include "libllm/distributed.h"
 #include "libllm/hf.h"
 #include "libllm/model.h"
 #include "libllm/tokenizer.h"
@@ -543,6 +545,70 @@ TEST_CASE("prompt tokens contribute exactly zero to the loss and its gradients",
   CHECK(mask.sum().item<int64_t>() > 0);
   CHECK(logits.grad().index({mask}).abs().max().item<double>() == 0.0);
   CHECK(logits.grad().index({mask.logical_not()}).abs().max().item<double>() > 0.0);
+}
+
+namespace {
+
+// The held-out set of the evaluation tests: 10 examples of several lengths, every 2nd held out (5).
+ChatConfig eval_config(const test::TempDir& tmp) {
+  std::vector<std::string> lines;
+  for (int i = 0; i < 10; ++i)
+    lines.push_back(qa("question number " + std::to_string(i) + std::string(static_cast<size_t>(i), '?'),
+                       i % 3 == 0 ? "the model reads the text and the data" : "a word"));
+  ChatConfig c = config(write(tmp, "d.jsonl", lines));
+  c.valid_every = 2;
+  return c;
+}
+
+Transformer eval_model() {
+  ModelConfig mc;
+  mc.vocab_size = 384, mc.dim = 32, mc.n_layers = 2, mc.n_heads = 4, mc.n_kv_heads = 2, mc.ffn_dim = 64;
+  mc.max_seq_len = 256;
+  torch::manual_seed(0);
+  return Transformer(mc);
+}
+
+}  // namespace
+
+TEST_CASE("held-out evaluation: the mean per target token, the same when 2 ranks deal out its batches", "[chat]") {
+  test::TempDir tmp;
+  const ChatConfig c = eval_config(tmp);
+  ChatDataset d(c, tok(), 200, 1, 0, 1);
+  REQUIRE(d.valid_examples().size() == 5);
+  Transformer model = eval_model();
+  // Reference: each example alone, -log p of its targets in float64, summed over all of them.
+  double sum = 0;
+  int64_t n = 0;
+  for (const auto& ex : d.valid_examples()) {
+    torch::Tensor x, y;
+    d.batch_of({&ex}, x, y);
+    auto logp = torch::log_softmax(model->forward(x).logits.detach().to(torch::kFloat64), -1)[0];  // (T, V)
+    for (int64_t t = 0; t < y.size(1); ++t)
+      if (y[0][t].item<int64_t>() != -100) sum -= logp[t][y[0][t].item<int64_t>()].item<double>(), ++n;
+  }
+  const double one = d.evaluate(model, 2, 0);  // 3 batches: 2 + 2 + 1 examples
+  CHECK(std::abs(one - sum / static_cast<double>(n)) < 1e-5);
+  CHECK(std::abs(d.evaluate(model, 2, 3) - one) > 1e-3);  // (max_examples counts)
+  // 2 ranks: rank 0 scores batches 0 and 2, rank 1 batch 1 and (unweighted) batch 0 again.
+  CHECK(test::run_ranks("[.chat_eval_worker]", 2, {"LIBLLM_TEST_ROOT=" + tmp.path.string()}) == std::vector<int>{0, 0});
+  for (int r = 0; r < 2; ++r) {
+    std::ifstream in(tmp / ("eval." + std::to_string(r)));
+    double got = 0;
+    REQUIRE(in >> got);
+    CHECK(std::abs(got - one) < 1e-6);
+  }
+}
+
+// One rank of the test above, in a process of its own (hidden: only that test starts it).
+TEST_CASE("held-out evaluation: one of two ranks", "[.chat_eval_worker]") {
+  const char* root = std::getenv("LIBLLM_TEST_ROOT");
+  REQUIRE(root);
+  Distributed dist = Distributed::from_env(60);
+  test::TempDir tmp;  // (the rank's own copy of the data)
+  ChatDataset d(eval_config(tmp), tok(), 200, 1, dist.rank(), dist.world_size());
+  Transformer model = eval_model();
+  const double got = d.evaluate(model, 2, 0, &dist);
+  std::ofstream(std::string(root) + "/eval." + std::to_string(dist.rank())) << std::setprecision(17) << got;
 }
 
 TEST_CASE("the templates llm-export writes are recognized with their system prompt, others are not", "[chat]") {

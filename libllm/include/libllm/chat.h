@@ -21,6 +21,7 @@
 
 namespace libllm {
 
+class Distributed;
 class Fields;
 class Tokenizer;
 
@@ -142,8 +143,12 @@ class ChatDataset {
   // The next `batch` rows of this rank, T = the longest row's inputs (at most seq_len).
   void next(int64_t batch, ChatBatch& out);
   bool packed() const { return packed_; }
-  // Mean loss per target token over the first `max_examples` held-out examples (0 = all).
-  double evaluate(Transformer& model, int64_t micro_batch, int64_t max_examples) const;
+  // Mean loss per target token over the first `max_examples` held-out examples (0 = all), in
+  // batches of micro_batch examples. With `dist`, a collective: the batches are dealt out over its
+  // ranks (batch k to rank k % world) and the sums all-reduced, so every rank returns the mean
+  // over all of them; each rank runs the same number of forwards (one without a batch in the last
+  // round runs the first again, unweighted: a ZeRO-3 forward gathers with every rank).
+  double evaluate(Transformer& model, int64_t micro_batch, int64_t max_examples, Distributed* dist = nullptr) const;
   // Rows of one example each, right-padded (`padding`: ChatBatch::padding, always defined), for
   // held-out examples, tests and tools.
   void batch_of(const std::vector<const ChatExample*>& rows, torch::Tensor& inputs, torch::Tensor& targets,
