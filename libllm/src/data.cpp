@@ -1,6 +1,7 @@
 #include "libllm/data.h"
 
 #include <fcntl.h>
+#include <fmt/core.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -1157,25 +1158,38 @@ void PackedDataset::restore(const std::string& text) {
   if (global < 0 || planned < 0) throw Error(where, "negative global index", "the checkpoint's data cursor is corrupt");
   if (!j.contains("deferred") || !j["deferred"].is_array())
     throw Error(where, "missing \"deferred\"", "the checkpoint's data cursor is corrupt");
-  std::vector<std::deque<WindowRef>> deferred(static_cast<size_t>(world_));
-  size_t pending = 0;
-  for (const auto& q : j["deferred"]) {
+  // The saved ranks' queues, of equal length: slot i of every rank, rank by rank, is the order
+  // in which they would have been served.
+  const json& saved = j["deferred"];
+  std::vector<std::vector<WindowRef>> queues;
+  for (const auto& q : saved) {
     if (!q.is_array()) throw Error(where, "invalid deferred windows", "the checkpoint's data cursor is corrupt");
-    pending += q.size();
-  }
-  if (pending > 0 && j["deferred"].size() != static_cast<size_t>(world_))
-    throw Error(where, "has deferred windows of " + std::to_string(j["deferred"].size()) + " ranks, this run has " +
-                           std::to_string(world_), "resume with the world size the deferral was made with");
-  for (size_t k = 0; pending > 0 && k < deferred.size(); ++k) {
-    for (const auto& r : j["deferred"][k]) {
+    auto& mine = queues.emplace_back();
+    for (const auto& r : q) {
       if (!r.is_array() || r.size() != 2 || !r[0].is_number_integer() || !r[1].is_number_integer())
         throw Error(where, "invalid deferred window", "the checkpoint's data cursor is corrupt");
       const WindowRef ref{r[0].get<int32_t>(), r[1].get<int64_t>()};
       check_ref(ref, where);
-      deferred[k].push_back(ref);
+      mine.push_back(ref);
     }
-    if (deferred[k].size() != deferred[0].size())
+    if (mine.size() != queues[0].size())
       throw Error(where, "ranks have different numbers of deferred windows", "the checkpoint's data cursor is corrupt");
+  }
+  std::vector<std::deque<WindowRef>> deferred(static_cast<size_t>(world_));
+  if (queues.size() == deferred.size()) {
+    for (size_t k = 0; k < queues.size(); ++k) deferred[k].assign(queues[k].begin(), queues[k].end());
+  } else if (!queues.empty() && !queues[0].empty()) {
+    // Saved by another number of ranks: dealt out in that order to this run's ranks, so that the
+    // same windows come back in the same order; a remainder that does not divide is dropped.
+    const size_t old_world = queues.size(), per_rank = queues[0].size(), total = old_world * per_rank;
+    const size_t dealt = total - total % static_cast<size_t>(world_);
+    for (size_t n = 0; n < dealt; ++n)
+      deferred[n % static_cast<size_t>(world_)].push_back(queues[n % old_world][n / old_world]);
+    if (dealt < total && rank_ == 0)
+      fmt::print(
+          "note: the data cursor's {} deferred windows of {} ranks do not divide among {} ranks: the last {} "
+          "are dropped, not deferred\n",
+          total, old_world, world_, total - dealt);
   }
   for (size_t i = 0; i < sets_.size(); ++i) std::tie(sets_[i].epoch, sets_[i].pos) = state[i];
   global_ = global;

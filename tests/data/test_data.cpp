@@ -846,12 +846,29 @@ TEST_CASE("PackedDataset: deferred windows are the last samples of the plan, dro
   CHECK(refs[8] == first4[1]);
   CHECK(refs[9] == first4[3]);
   for (size_t i = 0; i < 8; ++i) CHECK(refs[i] != rank0_tail[i]);  // ranks never share a window
-  // A cursor with deferred windows does not load into another world size.
-  PackedDataset w1(cfg, L, 0, 1);
+  // A cursor with deferred windows, restored by another number of ranks: the windows are dealt
+  // out in the order the saved ranks would have served them (a remainder that does not divide is
+  // dropped). 2 ranks defer the stream's windows 0..5 (rank 0: 0, 2, 4; rank 1: 1, 3, 5); the
+  // stream goes on from window 6 at global sample 0, and the plan ends at sample 20.
   PackedDataset r0c(cfg, L, 0, 2);
   r0c.set_planned_samples(20);
-  roll_back_next(r0c, r0c.cursor(), cfg, L, 2, 1, true);
-  CHECK_THAT(error_of([&] { w1.restore(r0c.cursor()); }), Catch::Contains("deferred windows of 2 ranks"));
+  roll_back_next(r0c, r0c.cursor(), cfg, L, 2, 3, true);
+  CHECK(r0c.deferred_count() == 3);
+  PackedDataset w1(cfg, L, 0, 1);  // 1 rank: slots 0..13 from the stream, 14..19 the deferred 0..5 in order
+  w1.restore(r0c.cursor());
+  CHECK(w1.deferred_count() == 6);
+  w1.next(20, out, refs);
+  std::vector<WindowRef> want1(p.refs.begin() + 6, p.refs.begin() + 20);
+  want1.insert(want1.end(), p.refs.begin(), p.refs.begin() + 6);
+  CHECK(refs == want1);
+  for (int64_t k = 0; k < 4; ++k) {  // 4 ranks: one each (0..3), 4 and 5 dropped; slot 16 serves them
+    PackedDataset w4(cfg, L, k, 4);
+    w4.restore(r0c.cursor());
+    CHECK(w4.deferred_count() == 1);
+    w4.next(6, out, refs);
+    const auto s = [&](int64_t i) { return p.refs[static_cast<size_t>(i)]; };
+    CHECK(refs == std::vector<WindowRef>{s(6 + k), s(10 + k), s(14 + k), s(18 + k), s(k), s(22 + k)});
+  }
 }
 
 TEST_CASE("PackedDataset: a rollback past an earlier one's target keeps its deferral, and no window comes twice",

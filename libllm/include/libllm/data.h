@@ -177,7 +177,10 @@ class PackedDataset {
   // Everything needed to continue exactly where this rank is (global index, per-set epoch and
   // position, deferred windows, the planned end), as a JSON string. restore() takes a cursor from
   // a dataset with the same seed, seq_len and sets (checked: an Error says what differs), or a
-  // malformed cursor is an Error. Each rank saves and restores its own cursor.
+  // malformed cursor is an Error. Each rank saves and restores its own cursor. A cursor saved by
+  // another number of ranks (a resume on another world size) deals its deferred windows out in the
+  // order the saved ranks would have served them; a remainder that does not divide among this
+  // run's ranks is dropped, with a note.
   std::string cursor() const;
   void restore(const std::string& cursor);
 
