@@ -28,6 +28,7 @@ using ProcessGroupBase = c10d::ProcessGroup;
 #include <fmt/core.h>
 
 #include <cstdlib>
+#include <cstring>
 
 #include "libllm/error.h"
 
@@ -334,6 +335,22 @@ double Distributed::mean(double value) {
 
 void Distributed::sum(torch::Tensor& t) {
   if (impl_) impl_->allreduce(t);
+}
+
+int64_t Distributed::from_main(int64_t value) {
+  if (!impl_) return value;
+  auto t = torch::full({1}, is_main() ? value : 0, torch::kInt64);
+  impl_->allreduce(t);
+  return t.item<int64_t>();
+}
+
+std::string Distributed::from_main(const std::string& value) {
+  if (!impl_) return value;
+  const int64_t size = from_main(static_cast<int64_t>(value.size()));
+  auto bytes = torch::zeros({size}, torch::kUInt8);
+  if (is_main() && size > 0) std::memcpy(bytes.data_ptr<uint8_t>(), value.data(), static_cast<size_t>(size));
+  impl_->allreduce(bytes);
+  return std::string(reinterpret_cast<const char*>(bytes.data_ptr<uint8_t>()), static_cast<size_t>(size));
 }
 
 void Distributed::barrier() {

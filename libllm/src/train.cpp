@@ -401,16 +401,10 @@ struct Run {
         failure = e;
       }
     }
-    auto n = torch::zeros({1}, torch::kInt64);
-    if (main()) n[0] = failure ? -1 : static_cast<int64_t>(text.size());
-    dist.sum(n);
-    const int64_t size = n[0].item<int64_t>();
+    const bool read = dist.from_main(failure ? 0 : 1) == 1;
     if (failure) throw *failure;
-    if (size < 0) throw Error(live_path(), "rank 0 cannot read it", "see rank 0's error");
-    auto bytes = torch::zeros({size}, torch::kUInt8);
-    if (main() && size > 0) std::memcpy(bytes.data_ptr<uint8_t>(), text.data(), static_cast<size_t>(size));
-    dist.sum(bytes);
-    return std::string(reinterpret_cast<const char*>(bytes.data_ptr<uint8_t>()), static_cast<size_t>(size));
+    if (!read) throw Error(live_path(), "rank 0 cannot read it", "see rank 0's error");
+    return dist.from_main(text);
   }
   std::string read_live_file(int64_t through) const {
     const std::string path = live_path();
@@ -472,10 +466,7 @@ struct Run {
         problem = e.what();
       }
     }
-    auto n = torch::zeros({1}, torch::kInt64);
-    if (main()) n[0] = problem.empty() ? static_cast<int64_t>(used[0].size()) : -1;
-    dist.sum(n);
-    const int64_t count = n[0].item<int64_t>();
+    const int64_t count = dist.from_main(problem.empty() ? static_cast<int64_t>(used[0].size()) : -1);
     if (count < 0)
       throw Error(sequence_path,
                   main() ? "cannot list the windows of the rolled-back steps " + std::to_string(to + 1) + ".." +
@@ -586,9 +577,7 @@ struct Run {
         if (x.is_object() && x.value("applied_rollback", json()) != p) to = t;
       }
     }
-    auto v = torch::full({1}, to + 1, torch::kInt64);
-    dist.sum(v);
-    to = v.item<int64_t>() - 1;
+    to = dist.from_main(to);
     return to < 0 ? "" : (fs::path(ckpt_root) / checkpoint_name(to)).string();
   }
 
@@ -598,9 +587,7 @@ struct Run {
     int64_t best = -1;
     for (int64_t s : checkpoint_steps(ckpt_root))
       if (s <= limit) best = s;
-    auto t = torch::full({1}, main() ? best + 1 : 0, torch::kInt64);
-    dist.sum(t);
-    best = t.item<int64_t>() - 1;
+    best = dist.from_main(best);
     if (best < 0) return {"", -1};
     return {(fs::path(ckpt_root) / checkpoint_name(best)).string(), best};
   }
@@ -746,11 +733,10 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     // Rank 0 picks the newest, and every rank takes its pick: ranks that list the folder a moment
     // apart (a save landing between) or through a lagging view of a shared filesystem must not
     // resume different steps.
-    auto newest = torch::zeros({1}, torch::kInt64);  // step + 1; 0: none
+    int64_t newest = -1;  // none
     if (main_rank)
-      if (const auto steps = checkpoint_steps(run.ckpt_root); !steps.empty()) newest[0] = steps.back() + 1;
-    dist.sum(newest);
-    if (const int64_t step = newest[0].item<int64_t>() - 1; step >= 0)
+      if (const auto steps = checkpoint_steps(run.ckpt_root); !steps.empty()) newest = steps.back();
+    if (const int64_t step = dist.from_main(newest); step >= 0)
       resume_from = (fs::path(run.ckpt_root) / checkpoint_name(step)).string();
     // A rollback that a dead job began resumes at its target, also when the job died before
     // every checkpoint after it was set aside.
@@ -1005,9 +991,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     if (main_rank)
       for (const auto& line : detail::read_jsonl(metrics_path, false))
         top = std::max(top, line.value("branch", int64_t{0}));
-    auto t = torch::full({1}, top + 1, torch::kInt64);
-    dist.sum(t);  // (the other ranks add 0)
-    branch_floor = t.item<int64_t>();
+    branch_floor = dist.from_main(top + 1);
   }
   if (main_rank) {
     // (an interrupted rollback's steps stay, as its uninterrupted run keeps them)

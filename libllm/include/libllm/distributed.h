@@ -57,6 +57,10 @@ class Distributed {
   // Element-wise sum of `t` over ranks, in place (a cheap gather: each rank fills its own slot).
   void sum(torch::Tensor& t);
   void barrier();
+  // Rank 0's `value`, on every rank (the others' values are ignored): what rank 0 read or
+  // decided (a file, a checkpoint step), so that every rank acts on the same.
+  int64_t from_main(int64_t value);
+  std::string from_main(const std::string& value);
 
   // full (world * n elements) <- every rank's `shard` (n elements) in rank order. Asynchronous.
   Pending all_gather(const torch::Tensor& shard, const torch::Tensor& full);
