@@ -322,7 +322,12 @@ struct Run {
         chat->restore(st.data_cursor);
       } else {
         data->restore(st.data_cursor);
-        data->set_planned_samples(planned);
+        // The plan ends where this run's remaining steps end: the cursor's global index plus
+        // what they draw. (A resume on another world size without train.global_batch_tokens
+        // changes the samples a step draws: steps * samples per step would put the end of the
+        // plan, where deferred windows are served, before or after the run's last step.)
+        const int64_t per_step = accum * recipe.train.micro_batch * dist.world_size();
+        data->set_planned_samples(data->global_index() + std::max<int64_t>(0, recipe.train.steps - st.step) * per_step);
       }
       const json x = parse_extra(st.extra);
       history = x.value("eval_history", json::array());

@@ -410,6 +410,17 @@ TEST_CASE("guard: a persistent spike rolls back to an exact checkpoint, defers i
   CHECK(again[33]["branch"] == 0);
   CHECK(again.back()["step"] == kSteps);
   CHECK(again.back()["loss"] == m.back()["loss"]);
+  // Resumed from there with twice the global batch (8 windows a step, as on twice the ranks): the
+  // deferred windows are still the run's last 36, not left past its end.
+  const std::string wider = tmp / "wider";
+  pretrain(tiny_recipe(shards, wider,
+                       guarded(shards, {"train.global_batch_tokens=128",
+                                        "checkpoint.resume=" + spiked + "/checkpoints/step-00000030"})));
+  nlohmann::json served = nlohmann::json::array();
+  for (const auto& line : jsonl(wider + "/data_sequence.jsonl"))
+    for (const auto& w : line["windows"][0]) served.push_back(w);
+  REQUIRE(served.size() == 8 * (kSteps - 30));
+  CHECK(nlohmann::json(std::vector<nlohmann::json>(served.end() - 36, served.end())) == deferred);
 }
 
 TEST_CASE("a rollback interrupted by the job's death is completed when the job resumes", "[train][guard]") {
