@@ -560,11 +560,12 @@ ChatConfig eval_config(const test::TempDir& tmp) {
   return c;
 }
 
-Transformer eval_model() {
+Transformer eval_model(uint64_t seed = 0) {
   ModelConfig mc;
   mc.vocab_size = 384, mc.dim = 32, mc.n_layers = 2, mc.n_heads = 4, mc.n_kv_heads = 2, mc.ffn_dim = 64;
   mc.max_seq_len = 256;
-  torch::manual_seed(0);
+  mc.init_std = 0.3;  // (far from uniform predictions: models of other seeds score apart)
+  torch::manual_seed(seed);
   return Transformer(mc);
 }
 
@@ -589,13 +590,29 @@ TEST_CASE("held-out evaluation: the mean per target token, the same when 2 ranks
   const double one = d.evaluate(model, 2, 0);  // 3 batches: 2 + 2 + 1 examples
   CHECK(std::abs(one - sum / static_cast<double>(n)) < 1e-5);
   CHECK(std::abs(d.evaluate(model, 2, 3) - one) > 1e-3);  // (max_examples counts)
-  // 2 ranks: rank 0 scores batches 0 and 2, rank 1 batch 1 and (unweighted) batch 0 again.
+  // 2 ranks: rank 0 scores batches 0 and 2, rank 1 batch 1 and (unweighted) batch 0 again. Each
+  // rank's model has its own weights (seed = rank), so the result shows which rank scored which
+  // batch: the mean per target token of batches 0 and 2 under rank 0's model and batch 1 under
+  // rank 1's (each rank scoring every batch would give another number).
+  Transformer other = eval_model(1);
+  double split_sum = 0, split_n = 0;
+  for (size_t b = 0; b < 3; ++b) {
+    std::vector<const ChatExample*> rows;
+    for (size_t i = 2 * b; i < std::min<size_t>(5, 2 * b + 2); ++i) rows.push_back(&d.valid_examples()[i]);
+    torch::Tensor x, y;
+    d.batch_of(rows, x, y);
+    const double count = static_cast<double>((y != -100).sum().item<int64_t>());
+    split_sum += (b == 1 ? other : model)->forward_loss(x, y).loss.item<double>() * count;
+    split_n += count;
+  }
+  const double split = split_sum / split_n;
+  REQUIRE(std::abs(split - one) > 1e-3);
   CHECK(test::run_ranks("[.chat_eval_worker]", 2, {"LIBLLM_TEST_ROOT=" + tmp.path.string()}) == std::vector<int>{0, 0});
   for (int r = 0; r < 2; ++r) {
     std::ifstream in(tmp / ("eval." + std::to_string(r)));
     double got = 0;
     REQUIRE(in >> got);
-    CHECK(std::abs(got - one) < 1e-6);
+    CHECK(std::abs(got - split) < 1e-6);
   }
 }
 
@@ -606,7 +623,7 @@ TEST_CASE("held-out evaluation: one of two ranks", "[.chat_eval_worker]") {
   Distributed dist = Distributed::from_env(60);
   test::TempDir tmp;  // (the rank's own copy of the data)
   ChatDataset d(eval_config(tmp), tok(), 200, 1, dist.rank(), dist.world_size());
-  Transformer model = eval_model();
+  Transformer model = eval_model(static_cast<uint64_t>(dist.rank()));
   const double got = d.evaluate(model, 2, 0, &dist);
   std::ofstream(std::string(root) + "/eval." + std::to_string(dist.rank())) << std::setprecision(17) << got;
 }
