@@ -14,7 +14,7 @@ int main(int argc, char** argv) {
     cli::Args args(argc, argv, "llm-eval --checkpoint DIR --data FILE [options]",
                    {{"--checkpoint", "model folder: Hugging Face (config.json) or libllm (recipe.yaml)"},
                     {"--data", ".txt (one document per non-empty line) or .jsonl (field \"text\")"},
-                    {"--dtype", "compute dtype: fp32 or bf16", true, "fp32"},
+                    {"--dtype", "compute dtype: fp32 or bf16 (or fp16 on CUDA)", true, "fp32"},
                     {"--device", "cpu, cuda or auto (cuda when usable)", true, "auto"},
                     {"--batch-size", "windows per forward pass", true, "8"},
                     {"--window", "tokens of context per forward; 0 = the model's max_position_embeddings", true, "0"},
@@ -25,8 +25,8 @@ int main(int argc, char** argv) {
     for (const char* required : {"--checkpoint", "--data"})
       if (!args.has(required)) throw Error(required, "is required", "see llm-eval --help");
 
-    const torch::Dtype dtype = dtype_from_name(args.get("--dtype"), "--dtype");
     const torch::Device device = device_from_name(args.get("--device"), "--device");
+    const torch::Dtype dtype = compute_dtype(args.get("--dtype"), device, "--dtype");
     const auto docs = read_documents(args.get("--data"));
     if (docs.empty()) throw Error(args.get("--data"), "no documents (every line is empty)");
     Pretrained pre = inspect_pretrained(args.get("--checkpoint"));
@@ -35,14 +35,14 @@ int main(int argc, char** argv) {
       throw Error(args.get("--checkpoint"), "no tokenizer.model in the checkpoint folder", "pass --tokenizer PATH");
     const Tokenizer tokenizer = Tokenizer::load(tok_path);
     tokenizer.check_fits(pre.config, args.get("--checkpoint"));
-    load_pretrained(pre, dtype);
-    pre.model->to(device);  // (the evaluation follows the model's device)
-
     EvalOptions opts;
     opts.batch_size = args.get_int("--batch-size");
     opts.window = args.get_int("--window");
     opts.stride = args.get_int("--stride");
     opts.bos_id = tokenizer.bos_id() >= 0 ? tokenizer.bos_id() : pre.bos_id;
+    check_eval_options(opts, pre.config.max_seq_len);  // (before minutes of loading a large model)
+    load_pretrained(pre, dtype);
+    pre.model->to(device);  // (the evaluation follows the model's device)
     const ModelConfig& m = pre.model->config();
     fmt::print("checkpoint: {} ({}, {}, {:.1f} M parameters, {}, {})\n", args.get("--checkpoint"), pre.format,
                m.hf_architecture(), count_parameters(m).total / 1e6, dtype_name(dtype), device.str());

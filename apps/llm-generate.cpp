@@ -67,7 +67,7 @@ int main(int argc, char** argv) {
                     {"--top-k", "sample among the k most likely tokens; 0 = all", true, "40"},
                     {"--top-p", "nucleus sampling mass; 1 = off", true, "0.95"},
                     {"--seed", "sampling seed", true, "0"},
-                    {"--dtype", "compute dtype: fp32 or bf16", true, "fp32"},
+                    {"--dtype", "compute dtype: fp32 or bf16 (or fp16 on CUDA)", true, "fp32"},
                     {"--device", "cpu, cuda or auto (cuda when usable)", true, "auto"},
                     {"--no-cache", "recompute the whole context for every token (slow; for comparison)", false},
                     {"--tokenizer", "tokenizer.model (default: the one in the checkpoint folder)"}},
@@ -131,10 +131,7 @@ int main(int argc, char** argv) {
     if (g.top_k < 0) throw Error("--top-k", "must be >= 0 (0 = all tokens)");
     // (the options are checked before minutes of loading a large model)
     const torch::Device device = device_from_name(args.get("--device"), "--device");
-    load_pretrained(pre, dtype_from_name(args.get("--dtype") == "fp32"   ? "float32"
-                                         : args.get("--dtype") == "bf16" ? "bfloat16"
-                                                                         : args.get("--dtype"),
-                                         "--dtype"));
+    load_pretrained(pre, compute_dtype(args.get("--dtype"), device, "--dtype"));
     pre.model->to(device);  // (generation follows the model's device)
 
     // One answer to `prompt_ids`, streamed; returns its text.

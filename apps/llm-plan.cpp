@@ -109,9 +109,21 @@ int main(int argc, char** argv) {
     const double gib = 1024.0 * 1024 * 1024;
     fmt::print("\ntraining on {} GPUs ({} per node, {:.0f} GiB, peak {:.0f} TFLOP/s, MFU {:.0f}%), {}\n", cs.gpus,
                cs.gpus_per_node, cs.gpu_memory_gib, cs.peak_tflops, 100 * cs.mfu, recipe.train.dtype);
-    fmt::print("  batch: {} tokens/step = {} seq x {} tokens x {} GPUs x {} accumulation{}\n", p.global_batch_tokens,
-               p.micro_batch, p.seq_len, cs.gpus, p.accumulation,
-               p.batch_divides ? "" : " (not exact: train.global_batch_tokens does not divide)");
+    if (p.batch_divides) {
+      fmt::print("  batch: {} tokens/step = {} seq x {} tokens x {} GPUs x {} accumulation\n", p.global_batch_tokens,
+                 p.micro_batch, p.seq_len, cs.gpus, p.accumulation);
+    } else {
+      const int64_t pass = p.micro_batch * p.seq_len * cs.gpus;
+      fmt::print(
+          "  batch: {} tokens/step is not a multiple of {} seq x {} tokens x {} GPUs = {}: llm-pretrain "
+          "refuses this train.global_batch_tokens\n         ({})\n",
+          p.global_batch_tokens, p.micro_batch, p.seq_len, cs.gpus, pass,
+          p.dividing_gpus.empty()
+              ? "set it to a multiple of micro_batch * seq_len * GPUs"
+              : fmt::format("GPU counts it divides among: {}; or change train.global_batch_tokens or "
+                            "train.micro_batch",
+                            fmt::join(p.dividing_gpus, " or ")));
+    }
     if (p.lora)
       fmt::print("  LoRA (rank {}, targets {}): {} adapter parameters train ({:.3f}% of the base's {}), the base is frozen in {}\n",
                  recipe.lora.rank, fmt::join(recipe.lora.targets, ","), commas(p.trainable),
@@ -138,8 +150,10 @@ int main(int argc, char** argv) {
                p.flops_per_token / 1e9, commas(std::llround(p.tokens_per_s)), commas(std::llround(p.tokens_per_s / cs.gpus)),
                recipe.train.steps,
                p.global_batch_tokens, static_cast<double>(p.total_tokens), p.days);
-    fmt::print("{{\"gpus\": {}, \"flops_per_token\": {:.6e}, \"tokens_per_s\": {:.1f}, \"days\": {:.3f}, \"fits\": \"{}\"}}\n",
-               cs.gpus, p.flops_per_token, p.tokens_per_s, p.days, p.recommendation);
+    fmt::print(
+        "{{\"gpus\": {}, \"flops_per_token\": {:.6e}, \"tokens_per_s\": {:.1f}, \"days\": {:.3f}, \"fits\": \"{}\", "
+        "\"batch_divides\": {}}}\n",
+        cs.gpus, p.flops_per_token, p.tokens_per_s, p.days, p.recommendation, p.batch_divides);
     return 0;
   });
 }

@@ -47,9 +47,22 @@ Args::Args(int argc, char** argv, std::string usage, std::vector<Option> options
     if (!inline_value) {
       if (i + 1 >= argc) throw Error("", "option " + name + " needs a value", "see --help");
       value = argv[++i];
+      // An option's name where its value should be: the value was forgotten (a value that
+      // starts with one is given inline: --prompt=--chat).
+      const std::string next_name = value.substr(0, value.find('='));
+      for (const auto& o : options_)
+        if (value.rfind("--", 0) == 0 && o.name == next_name)
+          throw Error("", "option " + name + " needs a value, got the option " + value,
+                      "give the value, or write " + name + "=" + value + " if it is meant as one");
     }
-    if (name == "--set") sets_.push_back(value);
-    else values_[name] = value;
+    if (name == "--set") {
+      sets_.push_back(value);
+    } else {
+      if (values_.count(name))
+        throw Error("", "option " + name + " given twice ('" + values_[name] + "' and '" + value + "')",
+                    "give it once");
+      values_[name] = value;
+    }
   }
   if (!help_ && static_cast<int>(positional_.size()) != n_positional)
     throw Error("", "expected " + std::to_string(n_positional) + " positional argument(s), got " +

@@ -3,6 +3,7 @@
 #include <fmt/core.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -47,12 +48,20 @@ std::vector<Window> plan_windows(const std::vector<int64_t>& t, int64_t W, int64
 }  // namespace
 
 std::vector<std::string> read_documents(const std::string& path) {
+  const std::string hint = "give a .txt or .md file (one document per line) or a .jsonl file (field \"text\")";
+  if (std::filesystem::is_directory(path)) throw Error(path, "is a folder, not a data file", hint);
   std::ifstream in(path);
-  if (!in) throw Error(path, "cannot open data file", "give a .txt (one document per line) or .jsonl file");
-  const bool jsonl = std::filesystem::path(path).extension() == ".jsonl";
+  if (!in) throw Error(path, "cannot open data file", hint);
+  std::string ext = std::filesystem::path(path).extension().string();
+  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (ext != ".txt" && ext != ".md" && ext != ".jsonl")
+    throw Error(path, "unsupported data file type '" + ext + "'", hint);
+  const bool jsonl = ext == ".jsonl";
   std::vector<std::string> docs;
   std::string line;
   for (int64_t lineno = 1; std::getline(in, line); ++lineno) {
+    if (line.find('\0') != std::string::npos)
+      throw Error(path + ":" + std::to_string(lineno), "holds a NUL byte: binary (or compressed) data, not text", hint);
     if (trim(line).empty()) continue;
     if (!jsonl) {
       docs.push_back(trim(line));
@@ -81,9 +90,7 @@ EvalResult evaluate_perplexity(Transformer& model, const Tokenizer& tokenizer,
   return evaluate_tokens(model, tokens, opts, progress);
 }
 
-EvalResult evaluate_tokens(Transformer& model, const std::vector<std::vector<int64_t>>& documents,
-                           const EvalOptions& opts, const std::function<void(int64_t, int64_t)>& progress) {
-  const int64_t max_len = model->config().max_seq_len;
+void check_eval_options(const EvalOptions& opts, int64_t max_len) {
   if (opts.window < 0 || opts.window > max_len)
     throw Error(
         "--window",
@@ -92,6 +99,13 @@ EvalResult evaluate_tokens(Transformer& model, const std::vector<std::vector<int
   const int64_t W = opts.window > 0 ? opts.window : max_len;
   if (opts.stride < 1 || opts.stride > W) throw Error("--stride", "must be in [1, window=" + std::to_string(W) + "]");
   if (opts.batch_size < 1) throw Error("--batch-size", "must be >= 1");
+}
+
+EvalResult evaluate_tokens(Transformer& model, const std::vector<std::vector<int64_t>>& documents,
+                           const EvalOptions& opts, const std::function<void(int64_t, int64_t)>& progress) {
+  const int64_t max_len = model->config().max_seq_len;
+  check_eval_options(opts, max_len);
+  const int64_t W = opts.window > 0 ? opts.window : max_len;
   std::vector<std::vector<int64_t>> seqs;
   seqs.reserve(documents.size());
   for (const auto& d : documents) {

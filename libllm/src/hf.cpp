@@ -270,6 +270,17 @@ torch::Dtype dtype_from_name(const std::string& name, const std::string& where) 
   throw Error(where, "unknown dtype '" + name + "'", "use float32, bfloat16 or float16");
 }
 
+torch::Dtype compute_dtype(const std::string& name, const torch::Device& device, const std::string& where) {
+  const std::string cuda_too = device.is_cuda() ? ", or fp16" : "";
+  if (name != "fp32" && name != "float32" && name != "bf16" && name != "bfloat16" && name != "fp16" &&
+      name != "float16")
+    throw Error(where, "unknown dtype '" + name + "'", "use fp32 or bf16" + cuda_too);
+  const torch::Dtype dtype = dtype_from_name(name, where);
+  if (dtype == torch::kFloat16 && !device.is_cuda())
+    throw Error(where, "is " + name + ", which LibTorch cannot compute on the CPU", "use bf16 (or fp32) on the CPU");
+  return dtype;
+}
+
 torch::Device device_from_name(const std::string& name, const std::string& where) {
   if (name == "cpu") return torch::kCPU;
   if (name != "cuda" && name != "auto") throw Error(where, "unknown device '" + name + "'", "use cpu, cuda or auto");
@@ -784,13 +795,20 @@ std::string read_chat_template(const std::string& dir) {
 std::vector<int64_t> stop_token_ids(const std::string& dir) {
   std::vector<int64_t> out;
   for (const char* name : {"config.json", "generation_config.json"}) {
-    std::ifstream in(fs::path(dir) / name);
-    const json j = in ? json::parse(in, nullptr, /*allow_exceptions=*/false) : json();
-    if (!j.is_object() || !j.contains("eos_token_id")) continue;
+    const std::string path = (fs::path(dir) / name).string();
+    std::ifstream in(path);
+    if (!in) continue;
+    const json j = json::parse(in, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded() || !j.is_object())
+      throw Error(path, "is not a JSON object", "fix or remove it (its eos_token_id says where generation stops)");
+    if (!j.contains("eos_token_id") || j["eos_token_id"].is_null()) continue;
     const json& e = j["eos_token_id"];
-    for (const json& id : e.is_array() ? e : json::array({e}))
-      if (id.is_number_integer() && std::find(out.begin(), out.end(), id.get<int64_t>()) == out.end())
-        out.push_back(id.get<int64_t>());
+    const json ids = e.is_array() ? e : json::array({e});
+    for (const json& id : ids)
+      if (!id.is_number_integer() || id.get<int64_t>() < 0)
+        throw Error(path + ": eos_token_id", "is " + e.dump() + ", expected a token id or a list of them");
+    for (const json& id : ids)
+      if (std::find(out.begin(), out.end(), id.get<int64_t>()) == out.end()) out.push_back(id.get<int64_t>());
   }
   return out;
 }

@@ -9,13 +9,21 @@
 
 #include "libllm/error.h"
 #include "libllm/hf.h"
+#include "libllm/train.h"
 
 namespace libllm {
 
 ModelConfig planned_model(const Recipe& recipe, bool* from_base) {
   const bool base = !recipe.finetune.base.empty() && std::filesystem::exists(recipe.finetune.base);
   if (from_base) *from_base = base;
-  return base ? inspect_pretrained(recipe.finetune.base).config : recipe.model;
+  if (base) return finetune_model(recipe, inspect_pretrained(recipe.finetune.base));
+  const bool has_model = std::any_of(recipe.given.begin(), recipe.given.end(),
+                                     [](const std::string& k) { return k.rfind("model.", 0) == 0; });
+  if (!recipe.finetune.base.empty() && !has_model)
+    throw Error("finetune.base",
+                recipe.finetune.base + " is not here, and the recipe has no model section to plan instead",
+                "make or download the base first, or give the recipe the base's model section");
+  return recipe.model;
 }
 
 // Every term, per GPU, with Ψ parameters, w bytes per weight (2 for bf16, 4 for fp32):
@@ -58,6 +66,8 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& cluster) {
   if (c.peak_tflops == 0) c.peak_tflops = r.train.peak_tflops > 0 ? r.train.peak_tflops : 312;
   if (!(c.gpu_memory_gib > 0)) throw Error("--gpu-memory", "must be > 0");
   const ModelConfig m = planned_model(r);
+  if (r.train.seq_len > m.max_seq_len)  // (llm-pretrain's and llm-finetune's error)
+    throw Error("train.seq_len", fmt::format("{} exceeds model.max_seq_len {}", r.train.seq_len, m.max_seq_len));
   const TrainConfig& t = r.train;
   const ParamCount pc = count_parameters(m);
   const bool lora = r.finetune.method == "lora";
@@ -116,6 +126,19 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& cluster) {
   p.global_batch_tokens = t.global_batch_tokens > 0 ? t.global_batch_tokens : per_pass;
   p.accumulation = (p.global_batch_tokens + per_pass - 1) / per_pass;
   p.batch_divides = p.global_batch_tokens % per_pass == 0;
+  if (!p.batch_divides && p.global_batch_tokens % (t.micro_batch * t.seq_len) == 0) {
+    // GPU counts g that divide the step's micro batches: the nearest below and above c.gpus.
+    const int64_t micro = p.global_batch_tokens / (t.micro_batch * t.seq_len);
+    int64_t below = 0, above = 0;
+    for (int64_t d = 1; d * d <= micro; ++d)
+      if (micro % d == 0)
+        for (const int64_t g : {d, micro / d}) {
+          if (g < c.gpus) below = std::max(below, g);
+          if (g > c.gpus && (above == 0 || g < above)) above = g;
+        }
+    for (const int64_t g : {below, above})
+      if (g > 0) p.dividing_gpus.push_back(g);
+  }
   p.total_tokens = t.steps * p.global_batch_tokens;
   p.tokens_per_s = c.gpus * c.mfu * c.peak_tflops * 1e12 / p.flops_per_token;
   p.days = static_cast<double>(p.total_tokens) / p.tokens_per_s / 86400.0;
@@ -174,7 +197,8 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& cluster) {
   row("none", 1, 1, 1, 1, false);
   row("zero1", c.gpus, 1, 1, N, false);
   row("zero2", c.gpus, 1, N, N, false);
-  if (c.gpus > c.gpus_per_node) {  // shards less than zero3: preferred when both fit
+  // (libllm's hybrid needs whole groups: the node size must divide the ranks)
+  if (c.gpus > c.gpus_per_node && c.gpus % c.gpus_per_node == 0) {  // shards less than zero3: preferred when both fit
     const double g = static_cast<double>(c.gpus_per_node);
     row("hybrid", c.gpus_per_node, g, g, g, true);
   }

@@ -1367,16 +1367,11 @@ double pretrain(const Recipe& recipe, const TrainHooks& hooks) {
   return run_training(recipe, hooks, nullptr);
 }
 
-double finetune(const Recipe& recipe, const TrainHooks& hooks) {
-  if (recipe.finetune.base.empty())
-    throw Error("finetune.base", "is required for fine-tuning",
-                "a Hugging Face model folder (config.json) or a libllm checkpoint (recipe.yaml)");
-  Recipe r = recipe;
-  Pretrained base = inspect_pretrained(r.finetune.base);
+ModelConfig finetune_model(const Recipe& recipe, const Pretrained& base) {
   // The base decides the model. A recipe's model section may set the MoE loss coefficients (they
   // shape training, not the weights); any other key it gives must agree with the base (a model
   // section kept for llm-plan), else the recipe was written for another model.
-  r.model = base.config;
+  ModelConfig model = base.config;
   ModelConfig asked = recipe.model, has = base.config;
   Fields asked_fields, base_fields;
   asked.fields(asked_fields);
@@ -1387,9 +1382,9 @@ double finetune(const Recipe& recipe, const TrainHooks& hooks) {
     if (name == "init_std" || name == "init_depth_scaled") {
       continue;  // (initialisation only: a fine-tune's weights come from the base)
     } else if (name == "moe_aux_loss_coef") {
-      r.model.moe_aux_loss_coef = recipe.model.moe_aux_loss_coef;
+      model.moe_aux_loss_coef = recipe.model.moe_aux_loss_coef;
     } else if (name == "moe_z_loss_coef") {
-      r.model.moe_z_loss_coef = recipe.model.moe_z_loss_coef;
+      model.moe_z_loss_coef = recipe.model.moe_z_loss_coef;
     } else if (const Field* a = asked_fields.find(name), *b = base_fields.find(name);
                a && b && a->to_text() != b->to_text()) {
       throw Error(key, "is " + a->to_text() + ", but the base " + base.dir + " has " + b->to_text(),
@@ -1398,6 +1393,16 @@ double finetune(const Recipe& recipe, const TrainHooks& hooks) {
                       "moe_z_loss_coef, and init_std / init_depth_scaled, which it ignores)");
     }
   }
+  return model;
+}
+
+double finetune(const Recipe& recipe, const TrainHooks& hooks) {
+  if (recipe.finetune.base.empty())
+    throw Error("finetune.base", "is required for fine-tuning",
+                "a Hugging Face model folder (config.json) or a libllm checkpoint (recipe.yaml)");
+  Recipe r = recipe;
+  Pretrained base = inspect_pretrained(r.finetune.base);
+  r.model = finetune_model(recipe, base);
   if (r.tokenizer.path.empty()) {
     if (base.tokenizer_path.empty())
       throw Error("tokenizer.path", "is empty and the base folder " + base.dir + " has no tokenizer.model",

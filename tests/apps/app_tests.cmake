@@ -27,7 +27,8 @@ expect_output(apps.plan.llama-65b "total +65,285,660,672"
               ${_bin}/llm-plan ${_src}/recipes/llama-65b.yaml)
 expect_output(apps.plan.k2-65b "total +65,286,184,960"
               ${_bin}/llm-plan ${_src}/recipes/k2-65b.yaml)
-expect_output(apps.plan.k2-65b-cluster "fits: zero3 with activation checkpointing \\(18.1 of 80 GiB per GPU\\).*147,456 tokens/s.*111.1 days"
+# (2040 sequences do not divide among 480 ranks: said, with GPU counts they divide among)
+expect_output(apps.plan.k2-65b-cluster "is not a multiple of 1 seq x 2048 tokens x 480 GPUs = 983040: llm-pretrain refuses.*GPU counts it divides among: 408 or 510.*fits: zero3 with activation checkpointing \\(18.1 of 80 GiB per GPU\\).*147,456 tokens/s.*111.1 days"
               ${_bin}/llm-plan ${_src}/recipes/k2-65b.yaml --gpus 480 --gpu-memory 80GiB --mfu 0.4)
 # A LoRA fine-tune of a 7B base on one 24 GiB card (the base folder is absent: the recipe's model).
 expect_output(apps.plan.amber-7b-lora "model: the recipe's model section \\(finetune.base models/Amber is not here\\).*39,976,960 adapter parameters train.*fits: none with activation checkpointing \\(18.1 of 24 GiB per GPU\\)"
@@ -66,6 +67,14 @@ expect_error(eval.missing-data "no-such.txt: cannot open data file"
              ${_bin}/llm-eval --checkpoint ${_fx}/tiny-llama --data no-such.txt)
 expect_error(eval.bad-dtype "--dtype: unknown dtype 'fp8'"
              ${_bin}/llm-eval --checkpoint ${_fx}/tiny-llama --data ${_fx}/eval.txt --dtype fp8)
+expect_error(eval.fp16-on-cpu "--dtype: is fp16, which LibTorch cannot compute on the CPU \\(hint: use bf16"
+             ${_bin}/llm-eval --checkpoint ${_fx}/tiny-llama --data ${_fx}/eval.txt --dtype fp16 --device cpu)
+expect_error(eval.window-before-load "--window: must be in \\[0, [0-9]+\\]"
+             ${_bin}/llm-eval --checkpoint ${_fx}/tiny-llama --data ${_fx}/eval.txt --window 100000)
+expect_error(generate.option-for-value "option --prompt needs a value, got the option --chat"
+             ${_bin}/llm-generate --checkpoint ${_fx}/tiny-llama --prompt --chat)
+expect_error(generate.option-twice "option --prompt given twice \\('Hi' and 'Bye'\\)"
+             ${_bin}/llm-generate --checkpoint ${_fx}/tiny-llama --prompt Hi --prompt Bye)
 expect_error(eval.bad-device "--device: unknown device 'tpu' \\(hint: use cpu, cuda or auto\\)"
              ${_bin}/llm-eval --checkpoint ${_fx}/tiny-llama --data ${_fx}/eval.txt --device tpu)
 expect_error(eval.corrupt-safetensors "model.safetensors: .*header"

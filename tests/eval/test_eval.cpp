@@ -39,6 +39,17 @@ TEST_CASE("documents come from .txt lines or .jsonl text fields alike", "[eval]"
   CHECK_THAT(err(tmp / "bad.jsonl"), Catch::Contains("bad.jsonl:3: expected an object with a string field"));
   CHECK_THAT(err(tmp / "broken.jsonl"), Catch::Contains("broken.jsonl:2: invalid JSON"));
   CHECK_THAT(err(tmp / "absent.txt"), Catch::Contains("absent.txt: cannot open data file"));
+  // Read as llm-data reads inputs: .txt, .md, .jsonl in any case; anything else is refused, not
+  // scored as text (a .json file's raw lines, a gzip's bytes).
+  std::ofstream(tmp / "Upper.JSONL") << "{\"text\": \"a b\"}\n";
+  CHECK(read_documents(tmp / "Upper.JSONL") == std::vector<std::string>{"a b"});
+  std::ofstream(tmp / "notes.md") << "a b\n";
+  CHECK(read_documents(tmp / "notes.md") == std::vector<std::string>{"a b"});
+  std::ofstream(tmp / "e.json") << "{\"text\": \"a b\"}\n";
+  CHECK_THAT(err(tmp / "e.json"), Catch::Contains("e.json: unsupported data file type '.json'"));
+  std::ofstream(tmp / "z.txt", std::ios::binary) << std::string("\x1f\x8b\x08\0\0\0", 6) << "\n";
+  CHECK_THAT(err(tmp / "z.txt"), Catch::Contains("z.txt:1: holds a NUL byte"));
+  CHECK_THAT(err(tmp.path.string()), Catch::Contains("is a folder, not a data file"));
 }
 
 TEST_CASE("every token is predicted once, whatever the batch size and stride", "[eval]") {

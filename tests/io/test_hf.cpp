@@ -187,8 +187,15 @@ TEST_CASE("a folder's stop ids: every eos_token_id of config.json and generation
   CHECK(stop_token_ids(tmp.path.string()) == std::vector<int64_t>{32000});
   write_file(tmp / "generation_config.json", R"({"eos_token_id": [2, 32000, 7]})");
   CHECK(stop_token_ids(tmp.path.string()) == std::vector<int64_t>{32000, 2, 7});
-  write_file(tmp / "config.json", "not json");
+  write_file(tmp / "config.json", R"({"eos_token_id": null})");
   CHECK(stop_token_ids(tmp.path.string()) == std::vector<int64_t>{2, 32000, 7});
+  // A damaged file is an error, not a silent loss of its stop ids (a chat model would not stop).
+  write_file(tmp / "generation_config.json", R"({"eos_token_id": "x"})");
+  CHECK_THAT(test::error_of([&] { stop_token_ids(tmp.path.string()); }),
+             Catch::Contains("generation_config.json: eos_token_id: is \"x\", expected a token id"));
+  write_file(tmp / "generation_config.json", "{bad");
+  CHECK_THAT(test::error_of([&] { stop_token_ids(tmp.path.string()); }),
+             Catch::Contains("generation_config.json: is not a JSON object"));
 }
 
 TEST_CASE("export keeps the source's generation settings, with the exported bos and eos", "[io][hf]") {

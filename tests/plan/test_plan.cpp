@@ -2,6 +2,8 @@
 // in libllm/src/plan.cpp, for the llama-7b and llama-65b recipes. Ψ: parameters.
 #include "../catch_torch.h"
 
+#include <algorithm>
+
 #include "libllm/hf.h"
 #include "libllm/plan.h"
 
@@ -221,16 +223,49 @@ TEST_CASE("llm-plan: a fine-tune is planned on its base, at the recipe's peak", 
   CHECK(plan_training(recipe("amber-7b-lora", {}), given).cluster.peak_tflops == 500);
   given.peak_tflops = -1;
   CHECK_THROWS_WITH(plan_training(recipe("amber-7b-lora", {}), given), Catch::Matchers::Contains("--peak-tflops"));
-  // finetune.base at hand: its config, not the recipe's model section (Amber's 7B shape).
+  // finetune.base at hand: its config (tiny-jargon has no model section).
   const std::string base = std::string(LIBLLM_SOURCE_DIR) + "/tests/fixtures/tiny-llama";
-  const Recipe tiny = recipe("amber-7b-lora", {"finetune.base=" + base});
+  const Pretrained tiny_base = inspect_pretrained(base);
+  const std::string fits = "train.seq_len=" + std::to_string(tiny_base.config.max_seq_len);
+  const Recipe tiny = recipe("tiny-jargon", {"finetune.base=" + base, fits});
   bool from_base = false;
   const ModelConfig m = planned_model(tiny, &from_base);
   CHECK(from_base);
-  CHECK(m.dim == inspect_pretrained(base).config.dim);
-  CHECK(m.dim != tiny.model.dim);
+  CHECK(m.dim == tiny_base.config.dim);
   CHECK(plan_training(tiny, ClusterSpec{}).params == count_parameters(m).total);
-  // Not downloaded yet: the model section.
+  // A model section that disagrees with the base at hand: llm-finetune's error (Amber's 7B shape).
+  CHECK_THROWS_WITH(planned_model(recipe("amber-7b-lora", {"finetune.base=" + base, fits})),
+                    Catch::Matchers::Contains("model.vocab_size: is 32000, but the base"));
+  // Not downloaded yet: the model section; none to plan: an error naming finetune.base.
   CHECK(planned_model(recipe("amber-7b-lora", {}), &from_base).dim == 4096);
   CHECK_FALSE(from_base);
+  CHECK_THROWS_WITH(planned_model(recipe("tiny-jargon", {"finetune.base=/nonexistent/base"})),
+                    Catch::Matchers::Contains("finetune.base: /nonexistent/base is not here, and the recipe has no "
+                                              "model section"));
+  // A sequence longer than the model's context: llm-pretrain's error.
+  CHECK_THROWS_WITH(plan_training(recipe("llama-7b", {"train.seq_len=8192"}), ClusterSpec{}),
+                    Catch::Matchers::Contains("train.seq_len: 8192 exceeds model.max_seq_len 2048"));
+}
+
+TEST_CASE(
+    "plan: a global batch the GPUs do not divide is flagged with GPU counts that do, and hybrid needs whole nodes",
+    "[plan]") {
+  ClusterSpec c;
+  c.gpus = 480;  // K2's 2040 sequences of 2048 tokens, 1 per micro batch
+  const TrainingPlan k2 = plan_training(recipe("k2-65b", {}), c);
+  CHECK_FALSE(k2.batch_divides);
+  CHECK(k2.dividing_gpus == std::vector<int64_t>{408, 510});
+  c.gpus = 510;
+  CHECK(plan_training(recipe("k2-65b", {}), c).batch_divides);
+  c.gpus = 2048;  // llama-7b: 2 x 2048 tokens a GPU is already twice its 4M-token batch
+  const TrainingPlan big = plan_training(recipe("llama-7b", {}), c);
+  CHECK_FALSE(big.batch_divides);
+  CHECK(big.dividing_gpus == std::vector<int64_t>{1024});
+  const auto has_hybrid = [](const TrainingPlan& p) {
+    return std::any_of(p.rows.begin(), p.rows.end(), [](const MemoryRow& r) { return r.sharding == "hybrid"; });
+  };
+  c.gpus = 16;
+  CHECK(has_hybrid(plan_training(recipe("llama-7b", {}), c)));
+  c.gpus = 12;  // 8 a node: no whole groups
+  CHECK_FALSE(has_hybrid(plan_training(recipe("llama-7b", {}), c)));
 }

@@ -12,8 +12,9 @@
 
 namespace libllm {
 
-// Documents of a .txt (each non-blank line, trimmed) or .jsonl (field "text") file.
-// A malformed JSONL line is an error naming the file and line number.
+// Documents of a .txt or .md (each non-blank line, trimmed) or .jsonl (field "text") file, as
+// llm-data takes them (extensions in any case). Another extension, a folder, a file holding a NUL
+// byte (binary or compressed data) or a malformed JSONL line is an Error naming the file (and line).
 std::vector<std::string> read_documents(const std::string& path);
 
 struct EvalOptions {
@@ -30,6 +31,10 @@ struct EvalResult {
   double ppl = 0;         // exp(loss)
   double seconds = 0;     // wall time of the forward passes
 };
+
+// Checks `opts` for a model of context `max_seq_len` (what the evaluations check first): an Error
+// names the option (--window, --stride, --batch-size).
+void check_eval_options(const EvalOptions& opts, int64_t max_seq_len);
 
 // `progress(done_windows, total_windows)` is called after each batch when given.
 EvalResult evaluate_perplexity(Transformer& model, const Tokenizer& tokenizer,

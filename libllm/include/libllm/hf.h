@@ -98,8 +98,9 @@ std::string read_chat_template(const std::string& dir);
 // ordinary pieces. Unreadable files count as none (read_chat_template reports them).
 std::vector<std::pair<int64_t, std::string>> added_tokens(const std::string& dir, const Tokenizer& tok);
 // The end-of-sequence ids that model folder `dir` names: every id of config.json's and
-// generation_config.json's eos_token_id (an id or a list; absent files and keys name none), in
-// that order without repeats. What transformers and vLLM stop generating at (a chat model's
+// generation_config.json's eos_token_id (an id or a list; absent files and keys, or null, name
+// none), in that order without repeats; a file that is not a JSON object, or another eos_token_id,
+// is an Error naming it. What transformers and vLLM stop generating at (a chat model's
 // end-of-turn token may be one tokenizer.model lacks).
 std::vector<int64_t> stop_token_ids(const std::string& dir);
 // Writes `model` as an HF folder at `dir` (LoRA adapters merged into their weights): built under a temporary name and
@@ -170,5 +171,8 @@ std::string dtype_name(torch::Dtype dtype);
 // "cpu", "cuda" (the first GPU; an error naming `where` without a usable one) or "auto" (cuda
 // when usable, else cpu): where an inference tool (llm-generate, llm-eval) runs the model.
 torch::Device device_from_name(const std::string& name, const std::string& where);
+// The dtype an inference tool computes in on `device`: fp32 / float32 or bf16 / bfloat16, and
+// fp16 / float16 on CUDA only (LibTorch has no half-precision matmul on the CPU). Errors name `where`.
+torch::Dtype compute_dtype(const std::string& name, const torch::Device& device, const std::string& where);
 
 }  // namespace libllm

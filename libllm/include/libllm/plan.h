@@ -51,18 +51,22 @@ struct TrainingPlan {
   int64_t global_batch_tokens = 0;
   int64_t accumulation = 0;       // micro batches per step on each GPU (rounded up when not exact)
   bool batch_divides = true;      // global batch = micro_batch * seq_len * gpus * accumulation exactly
+                                  // (else llm-pretrain refuses train.global_batch_tokens)
+  std::vector<int64_t> dividing_gpus;  // when it does not: the nearest GPU counts below and above for
+                                       // which it does (none when not even micro_batch * seq_len divides)
   int64_t total_tokens = 0;       // train.steps * global_batch_tokens
   double tokens_per_s = 0;        // gpus * mfu * peak / flops_per_token
   double days = 0;                // total_tokens / tokens_per_s
-  std::vector<MemoryRow> rows;    // none, zero1, zero2, hybrid (when gpus > gpus_per_node), zero3
+  std::vector<MemoryRow> rows;    // none, zero1, zero2, hybrid (when gpus_per_node divides gpus, fewer), zero3
   std::string recommendation;     // the least sharding that fits, preferring no recomputation
   double usable_bytes = 0;        // what "fits" means: at most 90% of a GPU's memory (the rest: the
                                   // caching allocator's fragmentation, NCCL's and cuBLAS's workspaces)
 };
 
 // The model a recipe trains: its finetune.base's config when that folder is at hand (a fine-tune
-// trains its base's model, as llm-finetune does), else its model section (a base not downloaded
-// yet). `from_base`, when given, says which.
+// trains its base's model, as llm-finetune does, which refuses model keys that disagree with it:
+// finetune_model), else its model section (a base not downloaded yet; an Error when the recipe
+// has none). `from_base`, when given, says which.
 ModelConfig planned_model(const Recipe& recipe, bool* from_base = nullptr);
 
 // The plan of `recipe`'s training (of planned_model(recipe)) on `cluster`; p.cluster holds the

@@ -14,6 +14,7 @@ namespace libllm {
 class AdamW;
 class Fields;
 struct GuardDecision;
+struct Pretrained;
 struct Recipe;
 
 struct TrainConfig {                 // recipe section `train`
@@ -107,5 +108,9 @@ double pretrain(const Recipe& recipe, const TrainHooks& hooks = {});
 // full, or LoRA (section `lora`: only the adapters train; checkpoints hold only the adapters and
 // name their base, TrainState::lora_base, and load with it anywhere a libllm model folder is read).
 double finetune(const Recipe& recipe, const TrainHooks& hooks = {});
+// The model a fine-tune of `recipe` on `base` trains: the base's config, with the recipe's MoE
+// loss coefficients when it gives them. Any other model key the recipe gives (Recipe::given) must
+// agree with the base: an Error names the key otherwise (init_std and init_depth_scaled are ignored).
+ModelConfig finetune_model(const Recipe& recipe, const Pretrained& base);
 
 }  // namespace libllm
