@@ -30,7 +30,7 @@ int main(int argc, char** argv) {
     const auto docs = read_documents(args.get("--data"));
     if (docs.empty()) throw Error(args.get("--data"), "no documents (every line is empty)");
     Pretrained pre = inspect_pretrained(args.get("--checkpoint"));
-    const std::string tok_path = args.has("--tokenizer") ? args.get("--tokenizer") : pre.tokenizer_path;
+    const std::string tok_path = tokenizer_for(pre, args.get("--tokenizer"));
     if (tok_path.empty())
       throw Error(args.get("--checkpoint"), "no tokenizer.model in the checkpoint folder", "pass --tokenizer PATH");
     const Tokenizer tokenizer = Tokenizer::load(tok_path);

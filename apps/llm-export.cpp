@@ -91,7 +91,7 @@ int main(int argc, char** argv) {
     }
     if (args.has("--adapter") && !pre.has_lora)
       throw Error("--adapter", dir + " is not a LoRA fine-tuning checkpoint", "export the merged model with --out only");
-    const std::string tok_path = args.has("--tokenizer") ? args.get("--tokenizer") : pre.tokenizer_path;
+    const std::string tok_path = tokenizer_for(pre, args.get("--tokenizer"));
     // bos/eos: an HF source's own (a chat model may end turns with an added token); a libllm
     // checkpoint's tokenizer's, the ids it was trained with.
     int64_t bos = pre.bos_id, eos = pre.eos_id;
@@ -129,11 +129,11 @@ int main(int argc, char** argv) {
       if (!r.chat.files.empty()) {
         ours = r.chat.chat_template;
         template_from = "chat template " + ours + " (as fine-tuned)";
-      } else if (!base.empty() && std::filesystem::is_directory(base)) {
+      } else if (!args.has("--chat-template") && !base.empty() && std::filesystem::is_directory(base)) {
         chat_template = read_chat_template(base);
         template_from = "the base's chat template";
       }
-    } else {
+    } else if (!args.has("--chat-template")) {
       chat_template = read_chat_template(dir);
       template_from = "the source folder's chat template";
     }

@@ -77,10 +77,13 @@ int main(int argc, char** argv) {
     const bool chat = args.has("--chat");
     if (!chat && !args.has("--prompt"))
       throw Error("--prompt", "is required without --chat", "see llm-generate --help");
+    for (const char* only_chat : {"--system", "--template"})
+      if (!chat && args.has(only_chat))
+        throw Error(only_chat, "applies to --chat only", "add --chat to prompt the model with its chat template");
     const std::string dir = args.get("--checkpoint");
 
     Pretrained pre = inspect_pretrained(dir);
-    const std::string tok_path = args.has("--tokenizer") ? args.get("--tokenizer") : pre.tokenizer_path;
+    const std::string tok_path = tokenizer_for(pre, args.get("--tokenizer"));
     if (tok_path.empty()) throw Error(dir, "no tokenizer.model in the checkpoint folder", "pass --tokenizer PATH");
     const Tokenizer tok = Tokenizer::load(tok_path);
     tok.check_fits(pre.config, dir);

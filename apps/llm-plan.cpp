@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include <libllm/cli.h>
+#include <libllm/config.h>
 #include <libllm/error.h>
 #include <libllm/plan.h>
 #include <libllm/recipe.h>
@@ -97,13 +98,10 @@ int main(int argc, char** argv) {
         scale = factor;
         break;
       }
-    try {
-      size_t used = 0;
-      cs.gpu_memory_gib = std::stod(mem, &used) * scale;
-      if (used != mem.size()) throw std::invalid_argument(mem);
-    } catch (const std::exception&) {
+    const std::optional<double> size = parse_number(mem);
+    if (!size)
       throw Error("--gpu-memory", "expected a size like 80GiB or 80GB, got '" + args.get("--gpu-memory") + "'");
-    }
+    cs.gpu_memory_gib = *size * scale;
     const TrainingPlan p = plan_training(recipe, cs);
     cs = p.cluster;  // (the peak it assumed)
     const double gib = 1024.0 * 1024 * 1024;

@@ -4,11 +4,13 @@
 #include <fmt/core.h>
 #include <unistd.h>
 
-#include <filesystem>
 #include <libllm/cli.h>
+#include <libllm/config.h>
 #include <libllm/error.h>
 #include <libllm/recipe.h>
 #include <libllm/spike.h>
+#include <cmath>
+#include <filesystem>
 
 using namespace libllm;
 namespace fs = std::filesystem;
@@ -56,15 +58,8 @@ int supervise(int argc, char** argv) {
   if (opt.max_restarts < 0) throw Error("--max-restarts", "must be >= 0, got " + std::to_string(opt.max_restarts));
   auto number = [&](const std::string& name, double lo, double hi) {
     const std::string v = args.get(name);
-    size_t pos = 0;
-    double x = 0;
-    try {
-      x = std::stod(v, &pos);
-    } catch (...) {
-      pos = 0;
-    }
-    if (pos == 0 || pos != v.size() || !(x > lo && x <= hi))
-      throw Error(name, fmt::format("expected a number in ({}, {}], got '{}'", lo, hi, v));
+    const double x = parse_number(v).value_or(std::nan(""));
+    if (!(x > lo && x <= hi)) throw Error(name, fmt::format("expected a number in ({}, {}], got '{}'", lo, hi, v));
     return x;
   };
   opt.hang_seconds = number("--hang-seconds", 0, 1e9);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -37,6 +38,31 @@ inline std::string read_file(const std::string& path) {
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 inline void write_file(const std::string& path, const std::string& text) { std::ofstream(path, std::ios::binary) << text; }
+
+// What fn writes to standard error (file descriptor 2: fmt and stdio alike).
+inline std::string stderr_of(const std::function<void()>& fn) {
+  std::fflush(stderr);
+  char name[] = "/tmp/libllm-test-stderr-XXXXXX";
+  const int fd = ::mkstemp(name), saved = ::dup(2);
+  ::dup2(fd, 2);
+  auto restore = [&] {
+    std::fflush(stderr);
+    ::dup2(saved, 2);
+    ::close(saved);
+    ::close(fd);
+  };
+  try {
+    fn();
+  } catch (...) {
+    restore();
+    ::unlink(name);
+    throw;
+  }
+  restore();
+  std::string text = read_file(name);
+  ::unlink(name);
+  return text;
+}
 
 // The JSON objects of a JSON Lines file (metrics.jsonl, events.jsonl, ...), blank lines skipped.
 inline std::vector<nlohmann::json> jsonl(const std::string& path) {

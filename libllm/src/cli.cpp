@@ -90,23 +90,13 @@ std::string Args::get(const std::string& name) const {
 
 int64_t Args::get_int(const std::string& name) const {
   const std::string v = get(name);
-  try {
-    size_t pos = 0;
-    int64_t x = std::stoll(v, &pos);
-    if (pos == v.size()) return x;
-  } catch (...) {
-  }
+  if (const std::optional<int64_t> x = parse_int(v)) return *x;
   throw Error(name, "expected an integer, got '" + v + "'");
 }
 
 double Args::get_double(const std::string& name) const {
   const std::string v = get(name);
-  try {
-    size_t pos = 0;
-    double x = std::stod(v, &pos);
-    if (pos == v.size() && std::isfinite(x)) return x;
-  } catch (...) {
-  }
+  if (const std::optional<double> x = parse_number(v)) return *x;
   throw Error(name, "expected a number, got '" + v + "'");
 }
 

@@ -1,6 +1,11 @@
 #include "libllm/compat.h"
 
+#include <optional>
+#include <string>
 #include <thread>
+
+#include "libllm/config.h"
+#include "libllm/error.h"
 
 #ifdef LIBLLM_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -72,7 +77,11 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 
 void set_default_num_threads() {
   if (const char* env = std::getenv("LIBLLM_THREADS")) {
-    at::set_num_threads(std::max(1, std::atoi(env)));
+    const std::optional<int64_t> n = parse_int(env);
+    if (!n || *n < 1 || *n > 4096)
+      throw Error("LIBLLM_THREADS", std::string("expected a thread count >= 1, got '") + env + "'",
+                  "unset it for one thread per core");
+    at::set_num_threads(static_cast<int>(*n));
     return;
   }
   // A LibTorch without MKL (Debian's) does its matmuls in OpenBLAS, whose own thread pool

@@ -82,6 +82,49 @@ std::string node_text(const YAML::Node& node, const std::string& where, const Fi
 
 }  // namespace
 
+std::optional<double> parse_number(const std::string& text) {
+  // Digits with at most one '.', then an optional exponent; an optional sign before each.
+  size_t i = 0, n = text.size();
+  auto digits = [&]() {
+    const size_t from = i;
+    while (i < n && std::isdigit(static_cast<unsigned char>(text[i]))) ++i;
+    return i - from;
+  };
+  if (i < n && (text[i] == '+' || text[i] == '-')) ++i;
+  size_t mantissa = digits();
+  if (i < n && text[i] == '.') {
+    ++i;
+    mantissa += digits();
+  }
+  if (mantissa == 0) return std::nullopt;
+  if (i < n && (text[i] == 'e' || text[i] == 'E')) {
+    ++i;
+    if (i < n && (text[i] == '+' || text[i] == '-')) ++i;
+    if (digits() == 0) return std::nullopt;
+  }
+  if (i != n) return std::nullopt;
+  try {
+    const double v = std::stod(text);
+    if (std::isfinite(v)) return v;
+  } catch (const std::exception&) {  // (out of range)
+  }
+  return std::nullopt;
+}
+
+std::optional<int64_t> parse_int(const std::string& text) {
+  const std::optional<double> d = parse_number(text);
+  if (!d || std::floor(*d) != *d) return std::nullopt;
+  if (text.find_first_of(".eE") == std::string::npos) {  // exact, past 2^53 too
+    try {
+      return std::stoll(text, nullptr, 10);
+    } catch (const std::exception&) {
+      return std::nullopt;
+    }
+  }
+  if (std::fabs(*d) > 9e18) return std::nullopt;
+  return static_cast<int64_t>(*d);
+}
+
 std::string nearest_key(const std::string& key, const std::vector<std::string>& candidates) {
   std::string best;
   size_t best_d = std::string::npos;
@@ -121,38 +164,15 @@ void Field::set_from_text(const std::string& text, const std::string& where) {
   auto bad = [&]() { return Error(where, "expected " + allowed() + ", got '" + text + "'"); };
   switch (kind_) {
     case Kind::Int: {
-      size_t pos = 0;
-      int64_t v = 0;
-      try {
-        v = std::stoll(text, &pos, 10);
-      } catch (...) {
-        throw bad();
-      }
-      if (pos != text.size()) {
-        // Accept integral values written in float notation (1e6, 4096.0).
-        try {
-          double d = std::stod(text, &pos);
-          if (pos != text.size() || std::floor(d) != d || std::fabs(d) > 9e18) throw bad();
-          v = static_cast<int64_t>(d);
-        } catch (const Error&) {
-          throw;
-        } catch (...) {
-          throw bad();
-        }
-      }
-      *static_cast<int64_t*>(target_) = v;
+      const std::optional<int64_t> v = parse_int(text);
+      if (!v) throw bad();
+      *static_cast<int64_t*>(target_) = *v;
       break;
     }
     case Kind::Float: {
-      size_t pos = 0;
-      double v = 0;
-      try {
-        v = std::stod(text, &pos);
-      } catch (...) {
-        throw bad();
-      }
-      if (pos != text.size() || !std::isfinite(v)) throw bad();
-      *static_cast<double*>(target_) = v;
+      const std::optional<double> v = parse_number(text);
+      if (!v) throw bad();
+      *static_cast<double*>(target_) = *v;
       break;
     }
     case Kind::Bool: {
@@ -205,13 +225,9 @@ void Field::set_from_text(const std::string& text, const std::string& where) {
         }
       else if (!n.IsNull()) throw bad();
       for (const auto& item : items) {
-        size_t pos = 0;
-        try {
-          out.push_back(std::stoll(item, &pos, 10));
-        } catch (...) {
-          throw bad();
-        }
-        if (pos != item.size()) throw bad();
+        const std::optional<int64_t> v = parse_int(item);
+        if (!v || item.find_first_of(".eE") != std::string::npos) throw bad();  // (plain integers only)
+        out.push_back(*v);
       }
       *static_cast<std::vector<int64_t>*>(target_) = out;
       break;
@@ -316,7 +332,11 @@ void Schema::load_file(const std::string& path) {
 void Schema::load_string(const std::string& yaml, const std::string& source) {
   YAML::Node root;
   try {
-    root = YAML::Load(yaml);
+    const std::vector<YAML::Node> docs = YAML::LoadAll(yaml);
+    if (docs.size() > 1)  // (the later ones would be ignored)
+      throw Error(source + ":" + std::to_string(docs[1].Mark().line + 1), "a second YAML document (after a '---' line)",
+                  "a recipe is one document: remove the '---'");
+    if (!docs.empty()) root = docs[0];
   } catch (const YAML::Exception& e) {
     throw Error(source + ":" + std::to_string(e.mark.line + 1), "invalid YAML: " + e.msg);
   }

@@ -242,10 +242,15 @@ std::vector<std::string> list_input_files(const std::vector<std::string>& inputs
 class DocReader {
  public:
   // mode: "line", "paragraph" (blank-line separated) or "fortune" ("%"-line separated).
-  DocReader(const std::string& path, const std::string& mode)
-      : in_(path, std::ios::binary), path_(path), jsonl_(lower_ext(path) == ".jsonl"), paragraph_(mode != "line"),
+  // `hint` ends the errors that name the file.
+  DocReader(const std::string& path, const std::string& mode, const std::string& hint = "check data_prep.inputs")
+      : in_(path, std::ios::binary),
+        path_(path),
+        hint_(hint),
+        jsonl_(lower_ext(path) == ".jsonl"),
+        paragraph_(mode != "line"),
         fortune_(mode == "fortune") {
-    if (!in_) throw Error(path, "cannot open input file", "check data_prep.inputs");
+    if (!in_) throw Error(path, "cannot open input file", hint_);
   }
 
   // The next document; false at the end of the file.
@@ -289,6 +294,9 @@ class DocReader {
       return false;
     }
     ++lineno_;
+    if (line_.find('\0') != std::string::npos)  // (text never holds one; gzip, .bin and the like do)
+      throw Error(path_ + ":" + std::to_string(lineno_), "holds a NUL byte: binary (or compressed) data, not text",
+                  hint_);
     bytes_ += static_cast<int64_t>(line_.size()) + 1;
     return true;
   }
@@ -312,7 +320,7 @@ class DocReader {
   }
 
   std::ifstream in_;
-  std::string path_, line_;
+  std::string path_, hint_, line_;
   bool jsonl_, paragraph_, fortune_;
   int64_t lineno_ = 0, bytes_ = 0;
 };
@@ -537,14 +545,8 @@ std::vector<double> parse_weights(const DataConfig& cfg, const std::string& wher
                 "give one weight per data.train folder, or none for weights proportional to size");
   double sum = 0;
   for (const auto& s : cfg.weights) {
-    size_t used = 0;
-    double v = 0;
-    try {
-      v = std::stod(s, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used == 0 || trim(s.substr(used)) != "" || !std::isfinite(v) || v < 0)
+    const double v = parse_number(trim(s)).value_or(-1);
+    if (v < 0)
       throw Error(where + ".weights", "expected a number >= 0, got '" + s + "'", "e.g. weights: [\"3\", \"1\"]");
     w.push_back(v);
     sum += v;
@@ -596,6 +598,19 @@ void DataConfig::fields(Fields& f) {
 }
 
 // ---- public: writing --------------------------------------------------------------------------
+
+std::vector<std::string> read_documents(const std::string& path) {
+  const std::string hint = "give a .txt or .md file (one document per line) or a .jsonl file (field \"text\")";
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) throw Error(path, "is a folder, not a data file", hint);
+  if (!fs::exists(path, ec)) throw Error(path, "cannot open data file", hint);
+  if (!supported(path, /*fortune=*/false))
+    throw Error(path, "unsupported data file type '" + lower_ext(path) + "'", hint);
+  DocReader reader(path, "line", hint);
+  std::vector<std::string> docs;
+  for (std::string doc; reader.next(doc);) docs.push_back(std::move(doc));
+  return docs;
+}
 
 void for_each_document(const DataPrepConfig& cfg, const std::function<bool(const std::string&)>& fn) {
   for (const auto& file : list_input_files(cfg.inputs, cfg.txt_documents == "fortune")) {

@@ -27,9 +27,11 @@ using ProcessGroupBase = c10d::ProcessGroup;
 
 #include <fmt/core.h>
 
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 
+#include "libllm/config.h"
 #include "libllm/error.h"
 
 namespace libllm {
@@ -44,12 +46,11 @@ const char* env_first(std::initializer_list<const char*> names) {
 int env_int(std::initializer_list<const char*> names, int fallback) {
   const char* v = env_first(names);
   if (!v) return fallback;
-  try {
-    return std::stoi(v);
-  } catch (...) {
+  const std::optional<int64_t> x = parse_int(v);
+  if (!x || *x < INT_MIN || *x > INT_MAX)
     throw Error(*names.begin(), std::string("expected an integer, got '") + v + "'",
                 "check the launcher's environment");
-  }
+  return static_cast<int>(*x);
 }
 
 }  // namespace

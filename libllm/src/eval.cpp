@@ -15,13 +15,6 @@
 namespace libllm {
 namespace {
 
-std::string trim(const std::string& s) {
-  const char* ws = " \t\r\n\f\v";
-  const size_t b = s.find_first_not_of(ws);
-  if (b == std::string::npos) return "";
-  return s.substr(b, s.find_last_not_of(ws) - b + 1);
-}
-
 // One forward pass: inputs tokens[begin, end) of a document; the last `scored` positions'
 // next-token predictions count.
 struct Window {
@@ -46,40 +39,6 @@ std::vector<Window> plan_windows(const std::vector<int64_t>& t, int64_t W, int64
 }
 
 }  // namespace
-
-std::vector<std::string> read_documents(const std::string& path) {
-  const std::string hint = "give a .txt or .md file (one document per line) or a .jsonl file (field \"text\")";
-  if (std::filesystem::is_directory(path)) throw Error(path, "is a folder, not a data file", hint);
-  std::ifstream in(path);
-  if (!in) throw Error(path, "cannot open data file", hint);
-  std::string ext = std::filesystem::path(path).extension().string();
-  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
-  if (ext != ".txt" && ext != ".md" && ext != ".jsonl")
-    throw Error(path, "unsupported data file type '" + ext + "'", hint);
-  const bool jsonl = ext == ".jsonl";
-  std::vector<std::string> docs;
-  std::string line;
-  for (int64_t lineno = 1; std::getline(in, line); ++lineno) {
-    if (line.find('\0') != std::string::npos)
-      throw Error(path + ":" + std::to_string(lineno), "holds a NUL byte: binary (or compressed) data, not text", hint);
-    if (trim(line).empty()) continue;
-    if (!jsonl) {
-      docs.push_back(trim(line));
-      continue;
-    }
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::exception& e) {
-      throw Error(path + ":" + std::to_string(lineno), std::string("invalid JSON: ") + e.what());
-    }
-    if (!j.is_object() || !j.contains("text") || !j["text"].is_string())
-      throw Error(path + ":" + std::to_string(lineno), "expected an object with a string field \"text\"");
-    std::string text = trim(j["text"].get<std::string>());
-    if (!text.empty()) docs.push_back(text);
-  }
-  return docs;
-}
 
 EvalResult evaluate_perplexity(Transformer& model, const Tokenizer& tokenizer,
                                const std::vector<std::string>& documents, const EvalOptions& opts,

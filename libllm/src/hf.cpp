@@ -4,6 +4,8 @@
 #include <stdio.h>
 #include <unistd.h>
 
+#include <fmt/core.h>
+
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
@@ -782,14 +784,17 @@ std::string read_chat_template(const std::string& dir) {
   } catch (const json::exception& e) {
     throw Error(path.string(), std::string("invalid JSON: ") + e.what());
   }
-  if (!j.is_object() || !j.contains("chat_template")) return "";
+  if (!j.is_object() || !j.contains("chat_template") || j["chat_template"].is_null()) return "";
   const json& t = j["chat_template"];
   if (t.is_string()) return t.get<std::string>();
   if (t.is_array())
     for (const auto& e : t)
       if (e.is_object() && e.value("name", "") == "default" && e.contains("template") && e["template"].is_string())
         return e["template"].get<std::string>();
-  return "";
+  throw Error(path.string() + ": chat_template",
+              t.is_array() ? "is a list of templates with none named 'default'"
+                           : "is " + std::string(t.type_name()) + ", expected the template's text",
+              "fix it, or name the template to use (llm-generate --template, llm-export --chat-template)");
 }
 
 std::vector<int64_t> stop_token_ids(const std::string& dir) {
@@ -835,6 +840,31 @@ std::vector<std::pair<int64_t, std::string>> added_tokens(const std::string& dir
   for (const auto& [id, text] : found)
     if (id >= tok.vocab_size() || tok.piece(id) != text) out.emplace_back(id, text);
   return out;
+}
+
+std::string tokenizer_for(const Pretrained& pre, const std::string& given, const std::string& flag) {
+  if (given.empty() || pre.tokenizer_path.empty()) return given.empty() ? pre.tokenizer_path : given;
+  std::error_code ec;
+  if (fs::equivalent(given, pre.tokenizer_path, ec)) return given;
+  const Tokenizer mine = Tokenizer::load(given), own = Tokenizer::load(pre.tokenizer_path);
+  std::string how;
+  if (mine.vocab_size() != own.vocab_size())
+    how = fmt::format("it has {} pieces, the checkpoint's has {}", mine.vocab_size(), own.vocab_size());
+  int64_t differ = 0, first = -1;
+  for (int64_t id = 0; id < std::min(mine.vocab_size(), own.vocab_size()); ++id)
+    if (mine.piece(id) != own.piece(id) && differ++ == 0) first = id;
+  if (differ > 0)
+    how += fmt::format("{}{} of the pieces differ, the first at id {} ('{}' against '{}')", how.empty() ? "" : "; ",
+                       differ, first, mine.piece(first), own.piece(first));
+  if (how.empty() && (mine.bos_id() != own.bos_id() || mine.eos_id() != own.eos_id()))
+    how = fmt::format("its bos/eos ids are {}/{}, the checkpoint's {}/{}", mine.bos_id(), mine.eos_id(), own.bos_id(),
+                      own.eos_id());
+  if (!how.empty())
+    fmt::print(stderr,
+               "warning: {} {} is not the tokenizer in {} ({}): the model reads ids as its own tokenizer made "
+               "them\n",
+               flag, given, pre.dir, how);
+  return given;
 }
 
 Pretrained inspect_pretrained(const std::string& dir) {

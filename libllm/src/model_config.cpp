@@ -1,25 +1,27 @@
 #include "libllm/model_config.h"
 
+#include <algorithm>
+
 #include "libllm/config.h"
 #include "libllm/error.h"
 
 namespace libllm {
 
 void ModelConfig::fields(Fields& f) {
-  f.add("vocab_size", vocab_size).min(1);
-  f.add("dim", dim).min(1);
-  f.add("n_layers", n_layers).min(1);
-  f.add("n_heads", n_heads).min(1);
-  f.add("n_kv_heads", n_kv_heads).min(0);
-  f.add("head_dim", head_dim).min(0);
-  f.add("ffn_dim", ffn_dim).min(1);
+  f.add("vocab_size", vocab_size).min(1).max(1 << 24);
+  f.add("dim", dim).min(1).max(1 << 18);
+  f.add("n_layers", n_layers).min(1).max(4096);
+  f.add("n_heads", n_heads).min(1).max(1 << 14);
+  f.add("n_kv_heads", n_kv_heads).min(0).max(1 << 14);
+  f.add("head_dim", head_dim).min(0).max(1 << 14);
+  f.add("ffn_dim", ffn_dim).min(1).max(1 << 20);
   f.add("norm_eps", norm_eps).min(0);
   f.add("rope_theta", rope_theta).min(1);
-  f.add("max_seq_len", max_seq_len).min(1);
-  f.add("sliding_window", sliding_window).min(0);
+  f.add("max_seq_len", max_seq_len).min(1).max(1 << 24);
+  f.add("sliding_window", sliding_window).min(0).max(1 << 24);
   f.add("tie_embeddings", tie_embeddings);
-  f.add("n_experts", n_experts).min(0);
-  f.add("n_experts_per_token", n_experts_per_token).min(1);
+  f.add("n_experts", n_experts).min(0).max(4096);
+  f.add("n_experts_per_token", n_experts_per_token).min(1).max(4096);
   f.add("moe_aux_loss_coef", moe_aux_loss_coef).min(0);
   f.add("moe_z_loss_coef", moe_z_loss_coef).min(0);
   f.add("init_std", init_std).min(0);
@@ -43,6 +45,17 @@ void ModelConfig::validate(const std::string& where) const {
                 "set model.head_dim explicitly");
   if (hdim() % 2 != 0)
     throw Error(where + ".head_dim", "rotary embeddings need an even head_dim, got " + std::to_string(hdim()));
+  // (Each size has a bound far past any published model; together they could still describe a
+  // model no planner or checkpoint arithmetic should be asked about.)
+  const double E = static_cast<double>(std::max<int64_t>(n_experts, 1)), D = static_cast<double>(dim);
+  const double params = 2.0 * static_cast<double>(vocab_size) * D +
+                        static_cast<double>(n_layers) * (2.0 * D * static_cast<double>((n_heads + kv) * hdim()) +
+                                                         3.0 * E * D * static_cast<double>(ffn_dim));
+  if (params > 1e14)
+    throw Error(where,
+                "describes a model of " + std::to_string(static_cast<int64_t>(params / 1e12)) +
+                    " trillion parameters, past libllm's limit of 100 trillion",
+                "check model.n_layers, dim, ffn_dim, n_experts and vocab_size");
   if (n_experts > 0 && n_experts_per_token > n_experts)
     throw Error(where + ".n_experts_per_token", "top-k (" + std::to_string(n_experts_per_token) +
                                                     ") exceeds n_experts (" + std::to_string(n_experts) + ")");

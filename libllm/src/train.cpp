@@ -135,11 +135,8 @@ void set_aside_checkpoints(const std::string& root, int64_t step, const char* fo
 int64_t env_int(const char* name, int64_t fallback) {
   const char* v = std::getenv(name);
   if (!v || !*v) return fallback;
-  try {
-    return std::stoll(v);
-  } catch (...) {
-    throw Error(name, std::string("expected an integer, got '") + v + "'");
-  }
+  if (const std::optional<int64_t> x = parse_int(v)) return *x;
+  throw Error(name, std::string("expected an integer, got '") + v + "'");
 }
 
 // train.device resolved: does this run train on CUDA?

@@ -54,7 +54,7 @@ expect_error(plan.negative-gpus "--gpus: must be in \\[0, 10000000\\], got -8"
              ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml --gpus -8)
 expect_error(plan.unknown-key "unknown-key.yaml:3: model.n_layer: unknown key.*did you mean 'n_layers'"
              ${_bin}/llm-plan ${_bad}/unknown-key.yaml)
-expect_error(plan.wrong-type "model.dim: expected an integer >= 1, got 'big'" ${_bin}/llm-plan ${_bad}/wrong-type.yaml)
+expect_error(plan.wrong-type "model.dim: expected an integer in .1, 262144., got 'big'" ${_bin}/llm-plan ${_bad}/wrong-type.yaml)
 expect_error(plan.bad-heads "model.n_kv_heads: n_heads \\(32\\) must be a multiple of n_kv_heads \\(5\\)"
              ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml --set model.n_kv_heads=5)
 expect_error(plan.bad-set "unknown key 'model.layers'.*did you mean 'n_layers'"

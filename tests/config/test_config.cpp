@@ -44,9 +44,10 @@ TEST_CASE("unknown keys name the file, line, key path and the nearest valid key"
 
 TEST_CASE("wrong types and out-of-range values name the key and what is allowed", "[config]") {
   CHECK_THAT(error_of("model:\n  dim: wide\n"),
-             Catch::Contains("model.dim: expected an integer >= 1, got 'wide'"));
+             Catch::Contains("model.dim: expected an integer in [1, 262144], got 'wide'"));
   CHECK_THAT(error_of("model:\n  n_layers: 2.5\n"), Catch::Contains("model.n_layers: expected an integer"));
-  CHECK_THAT(error_of("model:\n  n_heads: 0\n"), Catch::Contains("model.n_heads: expected an integer >= 1, got 0"));
+  CHECK_THAT(error_of("model:\n  n_heads: 0\n"),
+             Catch::Contains("model.n_heads: expected an integer in [1, 16384], got 0"));
   CHECK_THAT(error_of("model:\n  tie_embeddings: maybe\n"), Catch::Contains("expected true or false"));
   CHECK_THAT(error_of("model:\n  dim: [1, 2]\n"), Catch::Contains("got a list"));
   CHECK_THAT(error_of("model:\n  dim: 64\n  n_heads: 4\n  n_kv_heads: 3\n"),
@@ -141,4 +142,44 @@ TEST_CASE("a key or section given twice, a null text value and a recipe that is 
   test::TempDir tmp;
   test::write_file(tmp / "empty.yaml", "# nothing yet\n");
   CHECK_THAT(load_error(tmp / "empty.yaml"), Catch::Contains("the recipe is empty"));
+}
+
+TEST_CASE("numbers are plain decimals, and a recipe is one YAML document", "[config]") {
+  CHECK(parse_int("4096") == 4096);
+  CHECK(parse_int("-3") == -3);
+  CHECK(parse_int("+7") == 7);
+  CHECK(parse_int("1e6") == 1000000);
+  CHECK(parse_int("4096.0") == 4096);
+  CHECK(parse_int("9223372036854775807") == INT64_MAX);  // exact, past 2^53
+  for (const char* bad : {"0x10", "0X10", "2.5", "1e-3", "", " 5", "5 ", "1_000", "inf", "nan", "12abc", "e5", ".",
+                          "99999999999999999999", "1e300", "0b101"})
+    CHECK_FALSE(parse_int(bad).has_value());
+  CHECK(parse_number("1e-5") == 1e-5);
+  CHECK(parse_number(".5") == 0.5);
+  CHECK(parse_number("3.") == 3.0);
+  CHECK(parse_number("-2.5E+3") == -2500.0);
+  for (const char* bad : {"0x1p3", "0x10", "inf", "-inf", "nan", "1e", "1e+", "--1", "1.2.3", "1e999", "", "+"})
+    CHECK_FALSE(parse_number(bad).has_value());
+  // In a recipe and in --set: hex used to read as 16 (strtod's hex floats).
+  CHECK_THAT(error_of("model:\n  dim: 0x10\n"),
+             Catch::Contains("model.dim: expected an integer in [1, 262144], got '0x10'"));
+  CHECK_THAT(error_of("", {"optim.lr=0x1p-10"}), Catch::Contains("--set optim.lr=0x1p-10: expected a number"));
+  CHECK_THAT(error_of("", {"model.n_layers=0x10"}), Catch::Contains("expected an integer"));
+  CHECK(Recipe::parse("", "r.yaml", {"model.n_layers=1e1"}).model.n_layers == 10);
+  // A second document after '---' would be ignored: it is an error naming its line.
+  CHECK_THAT(error_of("model:\n  dim: 64\n---\ntrain:\n  steps: 3\n"),
+             Catch::Contains("r.yaml:4: a second YAML document") && Catch::Contains("remove the '---'"));
+  CHECK(Recipe::parse("---\nmodel:\n  n_layers: 3\n", "r.yaml").model.n_layers == 3);  // one document, marked
+}
+
+TEST_CASE("model sizes have bounds past any published model", "[config]") {
+  // llm-plan --set model.n_layers=1e7 used to take 13.8 GB and 40 s to list the weights.
+  CHECK_THAT(error_of("", {"model.n_layers=1e7"}), Catch::Contains("expected an integer in [1, 4096], got 10000000"));
+  CHECK_THAT(error_of("", {"model.vocab_size=100000000"}),
+             Catch::Contains("--set model.vocab_size=100000000: expected an integer in [1, 16777216]"));
+  // Each size within its bound, the whole past 100 trillion parameters.
+  CHECK_THAT(error_of("model:\n  dim: 65536\n  n_heads: 512\n  n_layers: 4096\n  ffn_dim: 1048576\n"),
+             Catch::Contains("model: describes a model of 914") && Catch::Contains("trillion parameters"));
+  // The largest shipped recipe passes.
+  CHECK_NOTHROW(Recipe::load(recipe("k2-65b.yaml")));
 }

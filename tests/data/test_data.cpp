@@ -386,6 +386,10 @@ TEST_CASE("write_shards: bad inputs and config are errors naming the file or key
   write_text(tmp / "broken.jsonl", "{\"text\": \"ok\"}\n\n{\"text\": \"unterminated}\n");
   cfg.inputs = {tmp / "broken.jsonl"};
   CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("broken.jsonl:3") && Catch::Contains("invalid JSON"));
+  write_text(tmp / "packed.txt", std::string("fine\n\x1f\x8b\x08\0\x01", 10) + "\n");  // (a gzip renamed)
+  cfg.inputs = {tmp / "packed.txt"};
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }),
+             Catch::Contains("packed.txt:2: holds a NUL byte") && Catch::Contains("check data_prep.inputs"));
   write_text(tmp / "blank.txt", "\n  \n");
   cfg.inputs = {tmp / "blank.txt"};
   CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("no documents"));

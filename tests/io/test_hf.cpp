@@ -454,6 +454,40 @@ TEST_CASE("a chat template in chat_template.jinja is read before tokenizer_confi
   CHECK(read_chat_template(tmp.path.string()) == "from the config");
   write_file(tmp / "chat_template.jinja", "{{ bos_token }}from the file\n");
   CHECK(read_chat_template(tmp.path.string()) == "{{ bos_token }}from the file\n");
+  // A chat_template of another type is an error, not silently no template (chatml then).
+  fs::remove(tmp / "chat_template.jinja");
+  write_file(tmp / "tokenizer_config.json", R"({"chat_template": null})");
+  CHECK(read_chat_template(tmp.path.string()) == "");
+  write_file(tmp / "tokenizer_config.json", R"({"chat_template": [{"name": "default", "template": "d"}]})");
+  CHECK(read_chat_template(tmp.path.string()) == "d");
+  write_file(tmp / "tokenizer_config.json", R"({"chat_template": {"default": "x"}})");
+  CHECK_THAT(test::error_of([&] { read_chat_template(tmp.path.string()); }),
+             Catch::Contains("tokenizer_config.json: chat_template: is object, expected the template's text"));
+  write_file(tmp / "tokenizer_config.json", R"({"chat_template": [{"name": "tool_use", "template": "t"}]})");
+  CHECK_THAT(test::error_of([&] { read_chat_template(tmp.path.string()); }),
+             Catch::Contains("is a list of templates with none named 'default'"));
+}
+
+TEST_CASE("a --tokenizer unlike the checkpoint's own is used with a warning", "[io][hf]") {
+  const Pretrained pre = inspect_pretrained(fixture("tiny-llama"));
+  CHECK(tokenizer_for(pre, "") == pre.tokenizer_path);
+  test::TempDir tmp;
+  fs::copy_file(pre.tokenizer_path, tmp / "same.model");  // the same pieces elsewhere: no warning
+  std::string got;
+  CHECK(test::stderr_of([&] { got = tokenizer_for(pre, tmp / "same.model"); }).empty());
+  CHECK(got == tmp / "same.model");
+  const std::string warning =
+      test::stderr_of([&] { got = tokenizer_for(pre, fixture("tokenizer-control.model"), "--tok"); });
+  CHECK(got == fixture("tokenizer-control.model"));
+  CHECK_THAT(warning, Catch::StartsWith("warning: --tok " + fixture("tokenizer-control.model") +
+                                        " is not the tokenizer in " + fixture("tiny-llama") + " ("));
+  CHECK_THAT(warning, Catch::Contains("the model reads ids as its own tokenizer made them\n"));
+  INFO(warning);
+  CHECK(std::count(warning.begin(), warning.end(), '\n') == 1);
+  // A folder without a tokenizer of its own: the given one, nothing to compare.
+  Pretrained bare = pre;
+  bare.tokenizer_path.clear();
+  CHECK(test::stderr_of([&] { got = tokenizer_for(bare, tmp / "same.model"); }).empty());
 }
 
 TEST_CASE("wrong-typed config.json values are errors naming the key, never truncated", "[io][hf]") {

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -96,6 +97,13 @@ class Schema {
   void mark_given(const std::string& path);
   Fields* find_section(const std::string& name);
 };
+
+// A whole decimal number, the only form recipes and command lines take ("4096", "-3", "+7";
+// parse_number also "1e-5", "2.5", ".5"): nullopt for anything else (hex "0x10", "inf", "nan",
+// "1_000", blanks, trailing text, out of range). parse_int also takes an integral value in float
+// notation ("1e6", "4096.0").
+std::optional<int64_t> parse_int(const std::string& text);
+std::optional<double> parse_number(const std::string& text);
 
 // The closest of `candidates` to `key` by edit distance ("" if none is reasonably close).
 std::string nearest_key(const std::string& key, const std::vector<std::string>& candidates);

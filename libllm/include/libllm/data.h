@@ -43,7 +43,8 @@ struct DataPrepConfig {
   // "fortune" = blocks separated by lines holding only "%" (fortune(6) files; files without an
   // extension are then taken too, e.g. /usr/share/games/fortunes).
   // .jsonl files always give one document per line: the string field "text", trimmed
-  // (the same rule as llm-eval's read_documents); blank documents are skipped in every format.
+  // (read_documents, llm-eval's reader, is this one); blank documents are skipped in every format.
+  // A NUL byte in any input is an error (binary or compressed data).
   std::string txt_documents = "line";
   // Tokens (BOS and EOS included) per shard file; a shard is closed before the document that would
   // overflow it, so a document longer than this gets a shard of its own. Default 100,000,000; >= 1.
@@ -63,6 +64,11 @@ struct DataPrepConfig {
   void fields(Fields& f);
 };
 
+// Documents of one .txt or .md (each non-blank line, trimmed: txt_documents "line") or .jsonl
+// (field "text") file, read as llm-data reads its inputs (extensions in any case); llm-eval's
+// input. Another extension, a folder, a missing file, a NUL byte (binary or compressed data) or a
+// malformed JSONL line is an Error naming the file (and line).
+std::vector<std::string> read_documents(const std::string& path);
 // Calls fn on every document of the inputs in corpus order (the documents write_shards
 // tokenizes, before any held-out split) until fn returns false.
 void for_each_document(const DataPrepConfig& cfg, const std::function<bool(const std::string&)>& fn);

@@ -7,15 +7,11 @@
 #include <string>
 #include <vector>
 
+#include "libllm/data.h"  // (read_documents: the documents to score)
 #include "libllm/model.h"
 #include "libllm/tokenizer.h"
 
 namespace libllm {
-
-// Documents of a .txt or .md (each non-blank line, trimmed) or .jsonl (field "text") file, as
-// llm-data takes them (extensions in any case). Another extension, a folder, a file holding a NUL
-// byte (binary or compressed data) or a malformed JSONL line is an Error naming the file (and line).
-std::vector<std::string> read_documents(const std::string& path);
 
 struct EvalOptions {
   int64_t batch_size = 8;  // windows scored per forward pass

@@ -90,7 +90,8 @@ struct ExportOptions {
 };
 // DIR's chat template: DIR/chat_template.jinja (transformers >= 4.47 saves it there, and prefers
 // it), else the "chat_template" of DIR/tokenizer_config.json, of a list of named templates the
-// one named "default"; "" when there is none. A tokenizer_config.json that is not JSON is an Error.
+// one named "default"; "" when there is none. A tokenizer_config.json that is not JSON, or whose
+// chat_template is neither a text nor such a list, is an Error.
 std::string read_chat_template(const std::string& dir);
 // The tokens an HF folder's tokenizer adds beyond `tok` (its tokenizer.model): (id, text) from
 // tokenizer_config.json's added_tokens_decoder and added_tokens.json whose id tok does not have as
@@ -129,6 +130,11 @@ struct Pretrained {
 };
 // Reads the folder's config only (cheap: check a tokenizer against it before loading weights).
 Pretrained inspect_pretrained(const std::string& dir);
+// The tokenizer.model for `pre`'s model: `given` (a tool's `flag`, e.g. --tokenizer) when not
+// empty, else the folder's own ("" when it has none). A given one whose pieces differ from the
+// folder's own is still used, with one warning on stderr saying how they differ: the model
+// reads token ids as its own tokenizer made them.
+std::string tokenizer_for(const Pretrained& pre, const std::string& given, const std::string& flag = "--tokenizer");
 // A cheap identity of a model folder's contents (SHA-256 hex): its config (config.json or
 // recipe.yaml) and, per weight file, its name, size and 64 KiB from its middle. Adapters record
 // their base's, so that a base replaced at the same path (a new revision, a rerun) is an error.

@@ -11,19 +11,19 @@ namespace libllm {
 class Fields;
 
 struct ModelConfig {
-  int64_t vocab_size = 32000;    // tokens in the embedding and LM head; >= the tokenizer's vocabulary
-  int64_t dim = 4096;            // model width (HF hidden_size)
-  int64_t n_layers = 32;         // transformer blocks (HF num_hidden_layers)
-  int64_t n_heads = 32;          // query heads (HF num_attention_heads)
+  int64_t vocab_size = 32000;    // tokens in the embedding and LM head; >= the tokenizer's vocabulary; <= 2^24
+  int64_t dim = 4096;            // model width (HF hidden_size); <= 2^18
+  int64_t n_layers = 32;         // transformer blocks (HF num_hidden_layers); <= 4096
+  int64_t n_heads = 32;          // query heads (HF num_attention_heads); <= 2^14
   int64_t n_kv_heads = 0;        // key/value heads for grouped-query attention; 0 = n_heads (MHA); must divide n_heads
-  int64_t head_dim = 0;          // width of one head; 0 = dim / n_heads
-  int64_t ffn_dim = 11008;       // SwiGLU hidden width (HF intermediate_size); per expert for MoE
+  int64_t head_dim = 0;          // width of one head; 0 = dim / n_heads; even, <= 2^14
+  int64_t ffn_dim = 11008;       // SwiGLU hidden width (HF intermediate_size); per expert for MoE; <= 2^20
   double norm_eps = 1e-5;        // RMSNorm epsilon (HF rms_norm_eps)
   double rope_theta = 10000.0;   // rotary embedding base (HF rope_theta)
-  int64_t max_seq_len = 2048;    // context window in tokens (HF max_position_embeddings)
+  int64_t max_seq_len = 2048;    // context window in tokens (HF max_position_embeddings); <= 2^24
   int64_t sliding_window = 0;    // tokens a query may see, itself included (Mistral); 0 = full causal
   bool tie_embeddings = false;   // LM head shares the token embedding matrix
-  int64_t n_experts = 0;         // mixture-of-experts MLP with this many experts; 0 = dense SwiGLU MLP
+  int64_t n_experts = 0;         // mixture-of-experts MLP with this many experts; 0 = dense SwiGLU MLP; <= 4096
   int64_t n_experts_per_token = 2;   // experts each token is routed to (top-k), 1 <= k <= n_experts
   double moe_aux_loss_coef = 0.01;   // Switch load-balancing loss coefficient (Mixtral: 0.02)
   double moe_z_loss_coef = 0.0;      // router z-loss coefficient (ST-MoE uses 0.001); 0 = off
