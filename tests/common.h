@@ -39,15 +39,15 @@ inline std::string read_file(const std::string& path) {
 }
 inline void write_file(const std::string& path, const std::string& text) { std::ofstream(path, std::ios::binary) << text; }
 
-// What fn writes to standard error (file descriptor 2: fmt and stdio alike).
-inline std::string stderr_of(const std::function<void()>& fn) {
-  std::fflush(stderr);
-  char name[] = "/tmp/libllm-test-stderr-XXXXXX";
-  const int fd = ::mkstemp(name), saved = ::dup(2);
-  ::dup2(fd, 2);
+// What fn writes to file descriptor `out` (1 or 2: fmt and stdio alike).
+inline std::string output_of(int out, const std::function<void()>& fn) {
+  std::fflush(nullptr);
+  char name[] = "/tmp/libllm-test-output-XXXXXX";
+  const int fd = ::mkstemp(name), saved = ::dup(out);
+  ::dup2(fd, out);
   auto restore = [&] {
-    std::fflush(stderr);
-    ::dup2(saved, 2);
+    std::fflush(nullptr);
+    ::dup2(saved, out);
     ::close(saved);
     ::close(fd);
   };
@@ -63,6 +63,8 @@ inline std::string stderr_of(const std::function<void()>& fn) {
   ::unlink(name);
   return text;
 }
+inline std::string stdout_of(const std::function<void()>& fn) { return output_of(1, fn); }
+inline std::string stderr_of(const std::function<void()>& fn) { return output_of(2, fn); }
 
 // The JSON objects of a JSON Lines file (metrics.jsonl, events.jsonl, ...), blank lines skipped.
 inline std::vector<nlohmann::json> jsonl(const std::string& path) {

@@ -620,9 +620,30 @@ double ChatDataset::evaluate(Transformer& model, int64_t micro_batch, int64_t ma
   return count > 0 ? sum / count : std::nan("");
 }
 
+namespace {
+// FNV-1a over the training examples' tokens and targets, in order: the same count of examples
+// with other text (a file edited in place) gives another value.
+std::string examples_hash(const std::vector<ChatExample>& examples) {
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&](uint64_t v) {
+    for (int b = 0; b < 8; ++b, v >>= 8) h = (h ^ (v & 0xff)) * 1099511628211ull;
+  };
+  for (const ChatExample& e : examples) {
+    mix(e.tokens.size());
+    for (size_t i = 0; i < e.tokens.size(); ++i) mix(static_cast<uint64_t>(e.tokens[i]) * 2 + e.target[i]);
+  }
+  return fmt::format("{:016x}", h);
+}
+}  // namespace
+
 std::string ChatDataset::cursor() const {
-  json j = {{"format", "libllm-chat-cursor-v1"}, {"global", global_}, {"examples", train_.size()}, {"seed", seed_},
-            {"world_size", world_}, {"packed", packed_}};
+  json j = {{"format", "libllm-chat-cursor-v1"},
+            {"global", global_},
+            {"examples", train_.size()},
+            {"seed", seed_},
+            {"world_size", world_},
+            {"packed", packed_},
+            {"examples_hash", examples_hash(train_)}};
   if (packed_) {  // the rows depend on these
     j["seq_len"] = seq_len_;
     j["packing"] = best_fit_ ? "best_fit" : "greedy";
@@ -647,7 +668,15 @@ void ChatDataset::restore(const std::string& cursor) {
     throw Error("data cursor",
                 fmt::format("the checkpoint's data had {} training examples and seed {}, now {} and {}",
                             j.value("examples", int64_t{-1}), j.value("seed", uint64_t{0}), train_.size(), seed_),
-                "resume with the same chat.files, chat settings, train.seq_len and data.seed");
+                "resume with the same chat.files, chat settings, train.seq_len and data.seed; to train on other "
+                "data, start a new run from the checkpoint (finetune.base: its folder, another train.run_dir)");
+  if (j.contains("examples_hash") && j["examples_hash"] != examples_hash(train_))  // (older cursors lack it)
+    throw Error("data cursor",
+                fmt::format("the checkpoint's {} training examples had other tokens than these {} (a chat file "
+                            "edited, or another tokenizer, template or chat setting)",
+                            j.value("examples", int64_t{-1}), train_.size()),
+                "resume with the same chat.files, chat settings, train.seq_len and data.seed; to train on other "
+                "data, start a new run from the checkpoint (finetune.base: its folder, another train.run_dir)");
   if (j.value("world_size", int64_t{-1}) != world_)
     throw Error("data cursor", "saved with world size " + std::to_string(j.value("world_size", int64_t{-1})),
                 "resume chat fine-tuning with the same number of ranks");

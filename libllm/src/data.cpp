@@ -208,8 +208,10 @@ bool supported(const fs::path& p, bool fortune) {
 }
 
 // The input files in order: listed order, folder contents recursively in byte order of their
-// paths, hidden entries (names starting with '.') skipped.
-std::vector<std::string> list_input_files(const std::vector<std::string>& inputs, bool fortune) {
+// paths, hidden entries (names starting with '.') skipped. `skipped` (optional) gets the files in
+// those folders of a type llm-data does not read (a .pdf, a .docx), in the same order.
+std::vector<std::string> list_input_files(const std::vector<std::string>& inputs, bool fortune,
+                                          std::vector<std::string>* skipped = nullptr) {
   const std::string hint = "data_prep.inputs lists .txt, .md or .jsonl files, or folders holding them";
   std::vector<std::string> files;
   for (const auto& in : inputs) {
@@ -220,7 +222,7 @@ std::vector<std::string> list_input_files(const std::vector<std::string>& inputs
       continue;
     }
     if (!fs::is_directory(in, ec)) throw Error(in, "input not found", hint);
-    std::vector<std::string> found;
+    std::vector<std::string> found, others;
     for (auto it = fs::recursive_directory_iterator(in, ec); !ec && it != fs::recursive_directory_iterator();
          it.increment(ec)) {
       const std::string name = it->path().filename().string();
@@ -228,11 +230,26 @@ std::vector<std::string> list_input_files(const std::vector<std::string>& inputs
         if (it->is_directory()) it.disable_recursion_pending();
         continue;
       }
-      if (it->is_regular_file() && supported(it->path(), fortune)) found.push_back(it->path().generic_string());
+      if (!it->is_regular_file()) continue;
+      const std::string e = lower_ext(it->path());
+      if (supported(it->path(), fortune))
+        found.push_back(it->path().generic_string());
+      else if (!fortune || (e != ".dat" && e != ".u8"))
+        others.push_back(it->path().generic_string());  // (strfile's)
     }
     if (ec) throw Error(in, "cannot list folder: " + ec.message());
-    if (found.empty()) throw Error(in, "folder has no .txt, .md or .jsonl files", hint);
+    const bool bare =
+        std::any_of(others.begin(), others.end(), [](const std::string& f) { return lower_ext(f).empty(); });
+    if (found.empty())
+      throw Error(in, "folder has no .txt, .md or .jsonl files",
+                  bare && !fortune ? "its files without an extension are read with data_prep.txt_documents: fortune "
+                                     "(fortune(6) files); else " +
+                                         hint
+                                   : hint);
     std::sort(found.begin(), found.end());
+    std::sort(others.begin(), others.end());
+    if (skipped) skipped->insert(skipped->end(), others.begin(), others.end());
+    others.clear();
     files.insert(files.end(), found.begin(), found.end());
   }
   return files;
@@ -708,13 +725,46 @@ void move_staged_set(const SetOutput& o) {
 std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vector<SetOutput>& outs,
                                            const Tokenizer& tok,
                                            const std::function<void(int64_t, int64_t)>& progress) {
-  const std::vector<std::string> files = list_input_files(cfg.inputs, cfg.txt_documents == "fortune");
+  std::vector<std::string> skipped;
+  const std::vector<std::string> files = list_input_files(cfg.inputs, cfg.txt_documents == "fortune", &skipped);
+  if (!skipped.empty()) {
+    std::string names;
+    for (size_t i = 0; i < std::min<size_t>(skipped.size(), 5); ++i) names += (i ? ", " : "") + skipped[i];
+    fmt::print(
+        "note: skipped {} file(s) of other types in data_prep.inputs' folders (llm-data reads .txt, .md and "
+        ".jsonl{}): {}{}\n",
+        skipped.size(), cfg.txt_documents == "fortune" ? ", and files without an extension" : "", names,
+        skipped.size() > 5 ? ", ..." : "");
+  }
   int64_t total_bytes = 0;
   for (const auto& f : files) total_bytes += static_cast<int64_t>(fs::file_size(f));
   const int width = tok.vocab_size() <= 65536 ? 2 : 4;
   const int64_t threads =
       cfg.threads > 0 ? cfg.threads : std::max<int64_t>(1, std::thread::hardware_concurrency());
   const std::string sha = sha256_file(tok.path());
+  // A set's folder holds a shard set or nothing else (its old set is replaced): never the files
+  // of a run folder or a user's documents. Allowed beside it: another set's folder of this run
+  // (output/valid) and the tokenizer this run uses.
+  std::vector<fs::path> ours_too = {fs::weakly_canonical(tok.path())};
+  for (const SetOutput& o : outs) ours_too.push_back(fs::weakly_canonical(o.dir));
+  static const std::regex shard_file(R"((shard-\d+\.(bin|idx)|meta\.json)(\.tmp-\d+)?)");
+  for (size_t i = 0; i < outs.size(); ++i) {
+    std::error_code ec;
+    std::vector<std::string> foreign;
+    for (fs::directory_iterator it(outs[i].dir, ec), end; !ec && it != end; it.increment(ec)) {
+      const std::string name = it->path().filename().string();
+      if (!std::regex_match(name, shard_file) && name != kStaging &&
+          std::find(ours_too.begin(), ours_too.end(), fs::weakly_canonical(it->path())) == ours_too.end())
+        foreign.push_back(name);
+    }
+    std::sort(foreign.begin(), foreign.end());
+    if (!foreign.empty())
+      throw Error(i == 0 ? "data_prep.output" : "data_prep.valid_output",
+                  outs[i].dir + " holds '" + foreign[0] + "'" +
+                      (foreign.size() > 1 ? " (and " + std::to_string(foreign.size() - 1) + " more)" : "") +
+                      ", which is not part of a shard set",
+                  "give the shard set a folder of its own (llm-data replaces the shard set in it)");
+  }
   StagingGuard staging{outs};  // (before any staging folder exists)
   for (SetOutput& o : outs) {
     o.info.dir = o.dir;
@@ -1133,7 +1183,9 @@ std::string PackedDataset::cursor() const {
 
 void PackedDataset::restore(const std::string& text) {
   const std::string where = "data cursor";
-  const std::string fresh = "resume with the data settings the run was saved with, or start without the cursor";
+  const std::string fresh =
+      "resume with the data settings the run was saved with; to train on other data, start a new run from the "
+      "checkpoint (finetune.base: its folder, finetune.method: full, another train.run_dir)";
   json j;
   try {
     j = json::parse(text);

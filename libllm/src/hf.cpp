@@ -1,6 +1,7 @@
 #include "libllm/hf.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <unistd.h>
 
@@ -9,6 +10,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
+#include <climits>
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
@@ -23,6 +25,7 @@
 #include "atomic_file.h"
 #include "libllm/checkpoint.h"
 #include "libllm/compat.h"
+#include "libllm/config.h"
 #include "libllm/data.h"
 #include "libllm/error.h"
 #include "libllm/recipe.h"
@@ -602,7 +605,23 @@ fs::path output_folder(const std::string& dir) {
   return final_dir;
 }
 
-// Whether `final_dir` exists; an Error naming `dir` when it does and may not be replaced.
+// Removes `<name>.partial.<pid>` folders beside `final_dir` whose process is gone (an export
+// killed part-way, by Ctrl-C or worse): they would otherwise stay, as large as the model.
+void remove_dead_partials(const fs::path& final_dir) {
+  const std::string prefix = final_dir.filename().string() + ".partial.";
+  std::error_code ec;
+  for (fs::directory_iterator it(final_dir.parent_path(), ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.compare(0, prefix.size(), prefix) != 0) continue;
+    const std::string digits = name.substr(prefix.size());
+    const std::optional<int64_t> pid = parse_int(digits);
+    if (digits.find_first_not_of("0123456789") != std::string::npos || !pid || *pid <= 0 || *pid > INT_MAX) continue;
+    if (::kill(static_cast<pid_t>(*pid), 0) == 0 || errno != ESRCH) continue;  // (alive, or not ours to know)
+    std::error_code rm;
+    fs::remove_all(it->path(), rm);
+    if (!rm) fmt::print(stderr, "note: removed {}, left by an interrupted export\n", it->path().string());
+  }
+}
 
 }  // namespace
 
@@ -644,6 +663,7 @@ void write_folder_atomically(const std::string& dir, FolderKind kind,
   const fs::path parent = final_dir.parent_path();
   const std::string name = final_dir.filename().string();
   check_replaceable(dir, kind);  // an Error before anything is written
+  remove_dead_partials(final_dir);
   std::error_code ec;
   const std::string suffix = "." + std::to_string(::getpid());
   const fs::path tmp = parent / (name + ".partial" + suffix);
@@ -846,19 +866,7 @@ std::string tokenizer_for(const Pretrained& pre, const std::string& given, const
   if (given.empty() || pre.tokenizer_path.empty()) return given.empty() ? pre.tokenizer_path : given;
   std::error_code ec;
   if (fs::equivalent(given, pre.tokenizer_path, ec)) return given;
-  const Tokenizer mine = Tokenizer::load(given), own = Tokenizer::load(pre.tokenizer_path);
-  std::string how;
-  if (mine.vocab_size() != own.vocab_size())
-    how = fmt::format("it has {} pieces, the checkpoint's has {}", mine.vocab_size(), own.vocab_size());
-  int64_t differ = 0, first = -1;
-  for (int64_t id = 0; id < std::min(mine.vocab_size(), own.vocab_size()); ++id)
-    if (mine.piece(id) != own.piece(id) && differ++ == 0) first = id;
-  if (differ > 0)
-    how += fmt::format("{}{} of the pieces differ, the first at id {} ('{}' against '{}')", how.empty() ? "" : "; ",
-                       differ, first, mine.piece(first), own.piece(first));
-  if (how.empty() && (mine.bos_id() != own.bos_id() || mine.eos_id() != own.eos_id()))
-    how = fmt::format("its bos/eos ids are {}/{}, the checkpoint's {}/{}", mine.bos_id(), mine.eos_id(), own.bos_id(),
-                      own.eos_id());
+  const std::string how = Tokenizer::load(given).difference(Tokenizer::load(pre.tokenizer_path));
   if (!how.empty())
     fmt::print(stderr,
                "warning: {} {} is not the tokenizer in {} ({}): the model reads ids as its own tokenizer made "
@@ -879,6 +887,14 @@ Pretrained inspect_pretrained(const std::string& dir) {
     out.bos_id = hf.bos_id;
     out.eos_id = hf.eos_id;
   } else if (fs::exists(fs::path(dir) / "recipe.yaml")) {
+    const fs::path runs = fs::path(dir) / "checkpoints";
+    if (!fs::exists(fs::path(dir) / "trainer.json") && fs::is_directory(runs)) {  // (a run's folder)
+      const std::vector<int64_t> steps = checkpoint_steps(runs.string());
+      throw Error(dir, "is a training run's folder, not one of its checkpoints",
+                  steps.empty()
+                      ? "it has no complete checkpoint yet"
+                      : "give a checkpoint, e.g. the newest: " + (runs / checkpoint_name(steps.back())).string());
+    }
     const Recipe r = Recipe::load((fs::path(dir) / "recipe.yaml").string());
     out.config = r.model;
     out.format = "libllm";
@@ -907,9 +923,12 @@ Pretrained inspect_pretrained(const std::string& dir) {
           throw Error(dir, "names itself as its LoRA base", "the checkpoint's trainer.json is corrupt");
       }
     }
+  } else if (fs::exists(fs::path(dir) / "adapter_config.json")) {
+    throw Error(dir, "is a PEFT adapter folder (adapter_config.json), not a model",
+                "give the merged model (llm-export --out) or the libllm checkpoint the adapter was exported from");
   } else {
     throw Error(dir, "neither config.json (Hugging Face) nor recipe.yaml (libllm) found",
-                "point --checkpoint at a model folder");
+                "give a model folder: Hugging Face (save_pretrained) or a libllm checkpoint");
   }
   const fs::path tok = fs::path(dir) / "tokenizer.model";
   if (fs::exists(tok)) out.tokenizer_path = tok.string();

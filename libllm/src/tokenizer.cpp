@@ -174,6 +174,22 @@ std::string Tokenizer::decode(const std::vector<int64_t>& ids) const {
   return out;
 }
 
+std::string Tokenizer::difference(const Tokenizer& other) const {
+  std::string how;
+  if (vocab_size() != other.vocab_size())
+    how = "it has " + std::to_string(vocab_size()) + " pieces, the other " + std::to_string(other.vocab_size());
+  int64_t differ = 0, first = -1;
+  for (int64_t id = 0; id < std::min(vocab_size(), other.vocab_size()); ++id)
+    if (piece(id) != other.piece(id) && differ++ == 0) first = id;
+  if (differ > 0)
+    how += (how.empty() ? "" : "; ") + std::to_string(differ) + " of the pieces differ, the first at id " +
+           std::to_string(first) + " ('" + piece(first) + "' against '" + other.piece(first) + "')";
+  if (how.empty() && (bos_id() != other.bos_id() || eos_id() != other.eos_id()))
+    how = "its bos/eos ids are " + std::to_string(bos_id()) + "/" + std::to_string(eos_id()) + ", the other's " +
+          std::to_string(other.bos_id()) + "/" + std::to_string(other.eos_id());
+  return how;
+}
+
 std::string Tokenizer::piece(int64_t id) const {
   if (id < 0 || id >= vocab_size()) return "<out of range " + std::to_string(id) + ">";
   std::string piece;

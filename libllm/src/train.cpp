@@ -82,8 +82,9 @@ std::string human_time(double s) {
 
 // Keeps the lines of a JSONL log whose "step" is <= last_step (resume), or none (fresh start), and
 // those whose "branch" is below `branch` (the steps an earlier rollback discarded: the metrics
-// keep them for llm-spike analyze, whatever is resumed later).
-void truncate_log(const std::string& path, int64_t last_step, int64_t branch = 0) {
+// keep them for llm-spike analyze, whatever is resumed later). With `archive`, the lines dropped
+// (an abandoned run's or branch's) are written there first, in order: nothing logged is lost.
+void truncate_log(const std::string& path, int64_t last_step, int64_t branch = 0, const std::string& archive = "") {
   // Streamed (the data sequence of a long 7B run holds gigabytes). Lines are appended in step
   // order, so usually all lines from the first one dropped go: the file is cut there, in place.
   // Otherwise (older branches' lines kept after it) the kept lines are written anew.
@@ -101,6 +102,19 @@ void truncate_log(const std::string& path, int64_t last_step, int64_t branch = 0
     offset += static_cast<int64_t>(line.size()) + 1;
   });
   if (!exists) return detail::write_file_atomic(path, "");
+  if (!archive.empty() && cut >= 0) {
+    if (cut == 0 && !kept_after_cut) {  // every line goes (a new run): the file itself moves
+      fs::rename(path, archive);
+      return detail::write_file_atomic(path, "");
+    }
+    std::ofstream out(archive + ".tmp", std::ios::binary);
+    detail::for_each_line(path, [&](const std::string& line) {
+      if (!keep(line) && !line.empty()) out << line << "\n";
+    });
+    out.close();
+    if (!out) throw Error(archive, "cannot write the dropped log lines", "check the disk");
+    fs::rename(archive + ".tmp", archive);
+  }
   if (kept_after_cut) {  // (a kill meanwhile leaves the old log whole)
     std::string kept;
     detail::for_each_line(path, [&](const std::string& line) {
@@ -850,6 +864,19 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                    recipe.chat.packing == "best_fit" ? fmt::format("best_fit over windows of {} examples", recipe.chat.pack_window)
                                                 : "greedy");
     }
+    // Settings under which a run does not do what its recipe seems to say (pretraining defaults
+    // left in a short fine-tune, most often).
+    if (recipe.schedule.warmup_steps >= tc.steps)
+      fmt::print(
+          "note: schedule.warmup_steps ({}) >= train.steps ({}): the learning rate is still warming up at the "
+          "last step ({:.1f}% of optim.lr)\n",
+          recipe.schedule.warmup_steps, tc.steps, 100 * lr_factor(recipe.schedule, tc.steps - 1, tc.steps));
+    if (tc.eval_every == 0 && run.has_valid())
+      fmt::print("note: train.eval_every is 0: {}\n",
+                 run.chat ? fmt::format("the {} examples chat.valid_every holds out are neither trained on nor "
+                                        "evaluated (set train.eval_every, or chat.valid_every: 0 to train on them)",
+                                        run.chat->stats().valid)
+                          : "data.valid is never evaluated (set train.eval_every)");
   }
 
   // Resume (from the checkpoint chosen above).
@@ -912,18 +939,36 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   // none, beside an earlier run's; or a resume from an older checkpoint than the newest) belong to
   // an abandoned run or branch. Left in place, pruning would delete this run's checkpoints in
   // their favour and a restart would resume them; moved aside (never deleted), they are kept.
+  // Their log lines (and a new run's predecessor's recipe.yaml and loss.html) move to
+  // run_dir/<superseded|rolled-back>-logs/N/.
   dist.barrier();  // every rank has read its checkpoint
+  fs::path log_archive;  // ("" when no log lines are abandoned)
   if (main_rank) {
     const auto steps = checkpoint_steps(run.ckpt_root);
     const int64_t from = resume_from.empty() ? -1 : state.step;
-    if (!steps.empty() && steps.back() > from) {
-      const char* aside = resume_from.empty() ? "superseded" : "rolled-back";
+    const char* aside = resume_from.empty() ? "superseded" : "rolled-back";
+    std::error_code ec;
+    const bool set_aside = !steps.empty() && steps.back() > from;
+    if (set_aside || (resume_from.empty() && fs::file_size(run_dir / "metrics.jsonl", ec) > 0 && !ec)) {
+      const fs::path logs = run_dir / (std::string(aside) + "-logs");
+      int k = 1;
+      while (fs::exists(logs / std::to_string(k))) ++k;
+      log_archive = logs / std::to_string(k);
+      fs::create_directories(log_archive);
+      if (resume_from.empty())
+        for (const char* name : {"recipe.yaml", "loss.html"})
+          if (fs::exists(run_dir / name)) fs::rename(run_dir / name, log_archive / name);
+    }
+    if (set_aside) {
       set_aside_checkpoints(run.ckpt_root, from, aside);
-      fmt::print("{}: {}/ holds checkpoints up to step {} of {}; they moved to {}/{}/\n",
+      fmt::print("{}: {}/ holds checkpoints up to step {} of {}; they moved to {}/{}/, their log lines to {}/\n",
                  resume_from.empty() ? "starting a new run (checkpoint.resume: none)"
                                      : "resuming from step " + std::to_string(from),
                  run.ckpt_root, steps.back(), resume_from.empty() ? "an earlier run" : "an abandoned branch",
-                 run.ckpt_root, aside);
+                 run.ckpt_root, aside, log_archive.string());
+    } else if (!log_archive.empty()) {
+      fmt::print("starting a new run: the earlier run's logs in {} moved to {}/\n", run_dir.string(),
+                 log_archive.string());
     }
   }
   dist.barrier();
@@ -1001,9 +1046,11 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       truncate_log(metrics_path, pending.value("from_step", state.step), interrupted.rollbacks_total() + 1);
     else
       truncate_log(metrics_path, plan_applies ? plan.value("from_step", state.step) : state.step,
-                   plan_applies ? branch_floor : run.guard.rollbacks_total());
+                   plan_applies ? branch_floor : run.guard.rollbacks_total(),
+                   log_archive.empty() ? "" : (log_archive / "metrics.jsonl").string());
     if (!plan_applies && !pending_applies)  // (else the rollback reads its steps first)
-      truncate_log(run.sequence_path, state.step);
+      truncate_log(run.sequence_path, state.step, 0,
+                   log_archive.empty() ? "" : (log_archive / "data_sequence.jsonl").string());
     metrics.open(metrics_path, std::ios::app);
     run.sequence.open(run.sequence_path, std::ios::app);
     run.events.open((run_dir / "events.jsonl").string(), std::ios::app);
@@ -1237,7 +1284,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       json seq = {{"step", n}, {"windows", windows}};
       if (d.action != GuardAction::Apply) seq["skipped"] = true;
       run.sequence << seq.dump() << "\n" << std::flush;
-      if (n % tc.log_every == 0 || step == state.step || n == tc.steps) {
+      if (n % tc.log_every == 0 || step == state.step || n == tc.steps || line.contains("eval_loss")) {
         std::string s = fmt::format("step {:>6}/{} | loss {:.4f} | lr {:.2e} | grad {:.3f} | {:.0f} tok/s", n,
                                     tc.steps, loss, lr, grad_norm, tok_s);
         if (tc.peak_tflops > 0) s += fmt::format(" | mfu {:.1f}%", 100 * mfu);
@@ -1405,6 +1452,13 @@ double finetune(const Recipe& recipe, const TrainHooks& hooks) {
       throw Error("tokenizer.path", "is empty and the base folder " + base.dir + " has no tokenizer.model",
                   "set tokenizer.path");
     r.tokenizer.path = base.tokenizer_path;
+  } else if (!base.tokenizer_path.empty()) {
+    // The base learned its ids from its own tokenizer: training on another's ids teaches noise.
+    const std::string how = Tokenizer::load(r.tokenizer.path).difference(Tokenizer::load(base.tokenizer_path));
+    if (!how.empty())
+      throw Error("tokenizer.path",
+                  r.tokenizer.path + " is not the tokenizer of finetune.base " + base.dir + " (" + how + ")",
+                  "leave tokenizer.path empty to use the base's own (and make the data with that one)");
   }
   return run_training(r, hooks, &base);
 }

@@ -247,6 +247,17 @@ TEST_CASE("the example order is seeded, split across ranks, and resumes exactly 
   CHECK(order(b, 11) == std::vector<int64_t>(all.begin() + 10, all.end()));
   ChatDataset fewer(config(write(tmp, "e.jsonl", {qa("a", "b")})), tok(), 200, 9, 0, 1);
   CHECK_THAT(test::error_of([&] { fewer.restore(a.cursor()); }), Catch::Contains("7 training examples"));
+  // As many examples, one answer edited in place: the order would resume over other text.
+  lines[3] = qa("q3", "another answer");
+  ChatDataset edited(config(write(tmp, "d.jsonl", lines)), tok(), 200, 9, 0, 1);
+  CHECK_THAT(test::error_of([&] { edited.restore(a.cursor()); }),
+             Catch::Contains("the checkpoint's 7 training examples had other tokens than these 7"));
+  // A cursor from before the check (no examples_hash) still resumes.
+  auto old = nlohmann::json::parse(a.cursor());
+  old.erase("examples_hash");
+  ChatDataset c2(c, tok(), 200, 9, 0, 1);
+  c2.restore(old.dump());
+  CHECK(order(c2, 11) == std::vector<int64_t>(all.begin() + 10, all.end()));
 }
 
 TEST_CASE("packed rows: the example stream filled greedily, each example's own tokens, ranks and cursor", "[chat]") {

@@ -417,6 +417,45 @@ TEST_CASE("write_shards: bad inputs and config are errors naming the file or key
   CHECK(ShardSet::open(tmp / "valid").info().total_documents == 1);
 }
 
+TEST_CASE("write_shards: never into a folder holding other files: skipped file types are noted", "[data]") {
+  Scratch tmp;
+  write_text(tmp / "docs/a.txt", "one\ntwo\nthree\nfour\n");
+  write_text(tmp / "docs/manual.pdf", "%PDF-1.4");
+  write_text(tmp / "docs/sub/b.md", "five\n");
+  write_text(tmp / "docs/sub/README", "six\n");
+  DataPrepConfig cfg;
+  cfg.inputs = {tmp / "docs"};
+  // Into the documents' own folder, or a run folder: refused before anything is written.
+  cfg.output = tmp / "docs";
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }),
+             Catch::Contains("data_prep.output: " + tmp / "docs" +
+                             " holds 'a.txt' (and 2 more), which is not part of a shard set") &&
+                 Catch::Contains("give the shard set a folder of its own"));
+  CHECK(test::listing(tmp / "docs") == std::vector<std::string>{"a.txt", "manual.pdf", "sub"});
+  // A set's folder may hold the held-out set's folder and the tokenizer of this run.
+  cfg.output = tmp / "out";
+  cfg.valid_output = tmp / "out/valid";
+  cfg.valid_every = 2;
+  fs::create_directories(tmp / "out/valid");
+  fs::copy_file(fixture("tokenizer.model"), tmp / "out/tokenizer.model");
+  const Tokenizer tok = Tokenizer::load(tmp / "out/tokenizer.model");
+  const std::string printed = test::stdout_of([&] { CHECK(write_shards(cfg, tok).total_documents == 3); });
+  CHECK(ShardSet::open(tmp / "out/valid").info().total_documents == 2);
+  // The types it does not read are named (the file without an extension: only fortune mode reads it).
+  CHECK_THAT(printed, Catch::Contains("note: skipped 2 file(s) of other types in data_prep.inputs' folders (llm-data "
+                                      "reads .txt, .md and .jsonl): " +
+                                      fs::path(tmp / "docs/manual.pdf").generic_string() + ", " +
+                                      fs::path(tmp / "docs/sub/README").generic_string() + "\n"));
+  // Written again over its own set: replaced.
+  CHECK(write_shards(cfg, tok).total_documents == 3);
+  // A folder of files without an extension only: the hint names fortune mode.
+  write_text(tmp / "fortunes/zippy", "a\n%\nb\n");
+  cfg.inputs = {tmp / "fortunes"};
+  cfg.valid_every = 0;
+  CHECK_THAT(error_of([&] { write_shards(cfg, tok); }), Catch::Contains("folder has no .txt, .md or .jsonl files") &&
+                                                            Catch::Contains("data_prep.txt_documents: fortune"));
+}
+
 TEST_CASE("write_shards: a failure part-way leaves the previous set whole and no temporary files", "[data]") {
   Scratch tmp;
   // More than one tokenizer batch (4 MiB per thread) of good lines, so a shard is open when the bad line comes.

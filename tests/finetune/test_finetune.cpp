@@ -355,6 +355,21 @@ TEST_CASE("the PEFT adapter has the files, tensor names and config keys PEFT rea
              Catch::Contains("no LoRA adapters"));
 }
 
+TEST_CASE("a fine-tune's tokenizer.path must have its base's pieces", "[finetune][train]") {
+  test::TempDir tmp;
+  const std::string chat = make_chat(tmp, 20), base = make_base(tmp);
+  const std::string other = test::fixture("tokenizer-control.model");
+  CHECK_THAT(test::error_of([&] { finetune(ft_recipe(base, chat, tmp / "r", {"tokenizer.path=" + other})); }),
+             Catch::Contains("tokenizer.path: " + other + " is not the tokenizer of finetune.base " + base +
+                             " (284 of the pieces differ, the first at id 3 ('[INST]' against '<0x00>'))") &&
+                 Catch::Contains("leave tokenizer.path empty to use the base's own"));
+  CHECK_FALSE(fs::exists(tmp / "r"));
+  // The same tokenizer at another path trains.
+  fs::copy_file(test::fixture("tokenizer.model"), tmp / "copy.model");
+  CHECK(std::isfinite(
+      finetune(ft_recipe(base, chat, tmp / "r", {"tokenizer.path=" + tmp / "copy.model", "train.steps=1"}))));
+}
+
 TEST_CASE("fine-tuning resumes exactly (LoRA and full) and lowers the held-out loss", "[finetune][train]") {
   test::TempDir tmp;
   const std::string chat = make_chat(tmp, 80), base = make_base(tmp);

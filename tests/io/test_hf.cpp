@@ -117,10 +117,24 @@ TEST_CASE("export replaces an existing folder only when complete", "[io][hf]") {
   CHECK_THAT(error_of([&] { export_hf(p.model, out, bad); }), Catch::Contains("missing.model"));
   CHECK(read_file(out + "/config.json") == before);  // the previous export is intact
   CHECK(listing(tmp.path.string()) == std::vector<std::string>{"model"});  // no .partial or .old folder beside it
-  export_hf(p.model, out, ExportOptions{});  // bfloat16: replaces the float32 export
+  // What a killed export (Ctrl-C) leaves: removed by the next export to that folder when its
+  // process is gone; a live process's (pid 1) and other names stay.
+  const pid_t child = ::fork();
+  if (child == 0) ::_exit(0);
+  ::waitpid(child, nullptr, 0);  // (reaped: gone)
+  const std::string dead = out + ".partial." + std::to_string(child);
+  for (const std::string& d : {dead, out + ".partial.1", out + ".partial.x"}) {
+    fs::create_directories(d);
+    write_file(d + "/model.safetensors", "half");
+  }
+  std::string note;
+  note = test::stderr_of([&] { export_hf(p.model, out, ExportOptions{}); });  // bfloat16: replaces the float32 export
+  CHECK(note == "note: removed " + dead + ", left by an interrupted export\n");
   CHECK(read_hf_config(out).torch_dtype == "bfloat16");
   CHECK(fs::exists(out + "/model.safetensors"));
-  CHECK(listing(tmp.path.string()) == std::vector<std::string>{"model"});
+  CHECK(listing(tmp.path.string()) == std::vector<std::string>{"model", "model.partial.1", "model.partial.x"});
+  fs::remove_all(out + ".partial.1");
+  fs::remove_all(out + ".partial.x");
   // An empty folder is replaced too.
   fs::create_directories(tmp / "empty");
   export_hf(p.model, tmp / "empty", f32);
@@ -514,4 +528,23 @@ TEST_CASE("wrong-typed config.json values are errors naming the key, never trunc
   fs::create_directories(tmp / "eos-list");
   write_file(tmp / "eos-list/config.json", j.dump());
   CHECK(read_hf_config(tmp / "eos-list").eos_id == 3);
+}
+
+TEST_CASE("a run's folder or a PEFT adapter given as a model names what to give instead", "[io][hf]") {
+  test::TempDir tmp;
+  fs::create_directories(tmp / "run/checkpoints/step-00000003");
+  fs::create_directories(tmp / "run/checkpoints/step-00000006");
+  write_file(tmp / "run/recipe.yaml", "train: {steps: 6}\n");
+  write_file(tmp / "run/tokenizer.model", "x");
+  CHECK_THAT(error_of([&] { inspect_pretrained(tmp / "run"); }),
+             Catch::Contains("run: is a training run's folder, not one of its checkpoints") &&
+                 Catch::Contains("it has no complete checkpoint yet"));
+  for (const char* s : {"step-00000003", "step-00000006"})
+    write_file(tmp / "run/checkpoints" + "/" + s + "/trainer.json", "{}");
+  CHECK_THAT(error_of([&] { inspect_pretrained(tmp / "run"); }),
+             Catch::Contains("give a checkpoint, e.g. the newest: " + tmp / "run/checkpoints/step-00000006"));
+  fs::create_directories(tmp / "peft");
+  write_file(tmp / "peft/adapter_config.json", "{}");
+  CHECK_THAT(error_of([&] { inspect_pretrained(tmp / "peft"); }),
+             Catch::Contains("is a PEFT adapter folder (adapter_config.json), not a model"));
 }

@@ -259,14 +259,29 @@ TEST_CASE("a new run or an older resume point sets the run folder's later checkp
   // An earlier run's checkpoints 3, 6, 9 beside a new one (checkpoint.resume: none) with keep_last 2:
   // they would have been pruned first (and resumed by a restart); they move to superseded/.
   pretrain(tiny_recipe(shards, tmp / "r", {"train.steps=9"}));
+  const std::string first_metrics = test::read_file(tmp / "r/metrics.jsonl"),
+                    first_sequence = test::read_file(tmp / "r/data_sequence.jsonl"),
+                    first_recipe = test::read_file(tmp / "r/recipe.yaml");
   pretrain(tiny_recipe(shards, tmp / "r", {"train.steps=6", "checkpoint.resume=none", "checkpoint.keep_last=2"}));
   CHECK(checkpoint_steps(tmp / "r/checkpoints") == std::vector<int64_t>{3, 6});
   CHECK(checkpoint_steps(tmp / "r/checkpoints/superseded") == std::vector<int64_t>{3, 6, 9});
+  // The earlier run's logs moved beside them, whole; the new run's are its own.
+  CHECK(test::read_file(tmp / "r/superseded-logs/1/metrics.jsonl") == first_metrics);
+  CHECK(test::read_file(tmp / "r/superseded-logs/1/data_sequence.jsonl") == first_sequence);
+  CHECK(test::read_file(tmp / "r/superseded-logs/1/recipe.yaml") == first_recipe);
+  CHECK(jsonl(tmp / "r/metrics.jsonl").size() == 6);
+  CHECK(jsonl(tmp / "r/superseded-logs/1/metrics.jsonl").size() == 9);
+  CHECK_THAT(test::read_file(tmp / "r/recipe.yaml"), Catch::Contains("steps: 6"));
   // Back to step 3 and on to 8: step 6 of the abandoned branch is kept aside, not pruned later
   // in favour of it, and the run equals one that went 3 -> 8 itself.
   pretrain(tiny_recipe(shards, tmp / "r", {"checkpoint.resume=" + std::string(tmp / "r/checkpoints/step-00000003")}));
   CHECK(checkpoint_steps(tmp / "r/checkpoints") == std::vector<int64_t>{3, 6, 8});
   CHECK(checkpoint_steps(tmp / "r/checkpoints/rolled-back") == std::vector<int64_t>{6});
+  // The abandoned branch's steps 4..6 keep their log lines there.
+  std::vector<int64_t> abandoned;
+  for (const auto& line : jsonl(tmp / "r/rolled-back-logs/1/metrics.jsonl")) abandoned.push_back(line["step"]);
+  CHECK(abandoned == std::vector<int64_t>{4, 5, 6});
+  CHECK(jsonl(tmp / "r/rolled-back-logs/1/data_sequence.jsonl").size() == 3);
   // The recipe keys changed since step 3's checkpoint are reported and logged.
   nlohmann::json resumed;
   for (const auto& e : jsonl(tmp / "r/events.jsonl"))

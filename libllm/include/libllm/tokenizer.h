@@ -54,6 +54,10 @@ class Tokenizer {
   // Errors (naming the tokenizer file and the model key) unless every token id fits the
   // model's embedding (vocab_size <= model.vocab_size; a larger, padded model vocabulary is fine).
   void check_fits(const ModelConfig& model, const std::string& model_where) const;
+  // How this tokenizer's vocabulary differs from `other`'s, e.g. "12 of the pieces differ, the
+  // first at id 3 ('a' against 'b')"; "" when every piece and the bos/eos ids agree (the same
+  // model file, or one made the same way).
+  std::string difference(const Tokenizer& other) const;
 
  private:
   Tokenizer() = default;

@@ -43,7 +43,8 @@ struct TrainConfig {                 // recipe section `train`
                                      // LOCAL_WORLD_SIZE (one node), else the whole world
   int64_t seed = 0;                  // seed of the weight initialisation and of sampling
   int64_t threads = 0;               // LibTorch intra-op CPU threads; 0 = automatic (compat::set_default_num_threads)
-  int64_t log_every = 10;            // console progress line every this many steps (metrics.jsonl gets every step)
+  int64_t log_every =
+      10;  // console progress line every this many steps, and at each evaluation (metrics.jsonl gets every step)
   int64_t eval_every = 0;            // held-out evaluation every this many steps (data.valid); 0 = off
   int64_t eval_batches = 4;          // micro batches of held-out windows per evaluation (always the same windows)
   double peak_tflops = 0.0;          // the device's peak TFLOP/s for MFU (e.g. 989 for an H100 in bf16); 0 = do not report MFU
