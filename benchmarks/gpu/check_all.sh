@@ -28,7 +28,7 @@ if [ -x build-gpu/bin/libllm_parity_tests ]; then  # the parity figures (ctest s
 fi
 
 stage benchmark
-BENCH_OUT="$logs/bench.jsonl" timeout 240 benchmarks/gpu/run.sh build-gpu "${BENCH_REPEATS:-1}" 10 4 2>&1 | tee "$logs/bench.log" | tail -8
+BENCH_OUT="$logs/bench.jsonl" timeout 300 benchmarks/gpu/run.sh build-gpu "${BENCH_REPEATS:-1}" 10 4 2>&1 | tee "$logs/bench.log" | tail -8
 stage "llm-eval and llm-generate on cuda"  # the same perplexity as on the CPU (1e-4), and a greedy answer
 for d in cpu cuda; do
   build-gpu/bin/llm-eval --checkpoint tests/fixtures/tiny-mixtral --data tests/fixtures/eval.txt --device $d 2>&1 | tail -n 1 |

@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """The reference for train_bench.cpp --config 1b on a GPU: the same ~1B LLaMA as transformers'
-LlamaForCausalLM (SDPA attention), bf16 weights, torch.optim.AdamW(fused=True) with decay on
-matrices only, clipping by global norm, random tokens; eager or torch.compile. One JSON line."""
+LlamaForCausalLM (SDPA attention), torch.optim.AdamW(fused=True) with decay on matrices only,
+clipping by global norm, random tokens; eager or torch.compile. --precision bf16: bf16 weights
+updated in bf16 (no master copy: less work than libllm's); amp: fp32 weights under
+torch.autocast(bf16), the fp32-master numerics libllm's bf16 training has. One JSON line."""
 import argparse, json, time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 p = argparse.ArgumentParser()
 p.add_argument("--mode", choices=["eager", "compile"], default="eager")
+p.add_argument("--precision", choices=["bf16", "amp"], default="bf16")
 p.add_argument("--micro-batch", type=int, default=4)
 p.add_argument("--steps", type=int, default=10)
 p.add_argument("--warmup", type=int, default=3)
@@ -19,7 +22,7 @@ cfg = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_l
                   num_key_value_heads=KV, max_position_embeddings=T, rms_norm_eps=1e-5, tie_word_embeddings=False,
                   attn_implementation="sdpa")
 torch.manual_seed(0)
-model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16 if a.precision == "bf16" else torch.float32)
 model.config.use_cache = False
 decay = [w for n, w in model.named_parameters() if w.dim() >= 2 and "embed_tokens" not in n]
 other = [w for n, w in model.named_parameters() if not (w.dim() >= 2 and "embed_tokens" not in n)]
@@ -31,7 +34,8 @@ B = a.micro_batch
 
 def step():
     t = torch.randint(0, V, (B, T + 1), device="cuda")
-    logits = fwd(input_ids=t[:, :-1]).logits
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.precision == "amp"):
+        logits = fwd(input_ids=t[:, :-1]).logits
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, V), t[:, 1:].reshape(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
@@ -51,7 +55,8 @@ n = sum(w.numel() for w in params)
 n_embed = model.model.embed_tokens.weight.numel()
 tok_s = a.steps * B * T / s
 flops = 6.0 * (n - n_embed) + 12.0 * L * H * (D // H) * T
-print(json.dumps({"impl": f"transformers-{a.mode}", "config": "1b", "device": "cuda", "dtype": "bf16",
+impl = f"transformers-{a.mode}" + ("-amp" if a.precision == "amp" else "")
+print(json.dumps({"impl": impl, "config": "1b", "device": "cuda", "dtype": a.precision,
                   "micro_batch": B, "params": n, "tokens_per_s": round(tok_s, 1),
                   "mfu": round(tok_s * flops / (a.peak_tflops * 1e12), 4),
                   "gpu_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU issue's benchmark: the ~1B LLaMA (dim 2048, 16 layers, 32 heads, 8 KV heads, FFN 8192,
 # vocab 32000, seq 2048) trained in bf16 on one GPU by libllm (train-bench) and by transformers
-# (eager and torch.compile), alternating (libllm with and without the fused loss: impl libllm and
-# libllm-plain-loss), REPEATS times; prints the median of each and the ratio.
+# (eager and torch.compile with bf16 weights; torch.compile with fp32 weights under bf16 autocast,
+# impl transformers-compile-amp, libllm's fp32-master numerics), alternating (libllm with and
+# without the fused loss: impl libllm and libllm-plain-loss), REPEATS times; prints the median of
+# each and the ratio. HF_RUNS="eager:bf16 compile:bf16" leaves the amp run out.
 # usage: benchmarks/gpu/run.sh BUILD_DIR [REPEATS=2] [STEPS=10] [MICRO_BATCH=4]
 set -euo pipefail
 build=${1:?usage: run.sh BUILD_DIR [REPEATS] [STEPS] [MICRO_BATCH]} repeats=${2:-2} steps=${3:-10} mb=${4:-4}
@@ -13,8 +15,9 @@ for i in $(seq "$repeats"); do
     "$build/bin/train-bench" --config 1b --device cuda --dtype bf16 --micro-batch "$mb" --steps "$steps" \
       --peak-tflops 989 $loss | tail -1 | tee -a "$out"
   done
-  for mode in eager compile; do
-    python3 "$here/hf_bench.py" --mode $mode --micro-batch "$mb" --steps "$steps" 2>/dev/null | tail -1 | tee -a "$out"
+  for run in ${HF_RUNS:-eager:bf16 compile:bf16 compile:amp}; do
+    python3 "$here/hf_bench.py" --mode "${run%%:*}" --precision "${run##*:}" --micro-batch "$mb" --steps "$steps" \
+      2>/dev/null | tail -1 | tee -a "$out"
   done
 done
 python3 - "$out" <<'PY'

@@ -891,12 +891,22 @@ struct ShardSet::Impl {
 };
 
 ShardSet ShardSet::open(const std::string& dir) {
+  const std::string make = "list the documents in data_prep.inputs, run llm-data, and name its data_prep.output here";
+  std::error_code ec;
+  if (fs::is_regular_file(dir, ec))
+    throw Error(dir, "is a file, not a shard-set folder",
+                supported(dir, false) ? make : "name llm-data's data_prep.output");
   if (!fs::is_directory(dir))
     throw Error(dir, "shard-set folder not found", "make it with data preparation (llm-data / write_shards)");
   const std::string meta_path = (fs::path(dir) / "meta.json").string();
-  if (!fs::is_regular_file(meta_path))
+  if (!fs::is_regular_file(meta_path)) {
+    bool documents = false;  // (a folder of the user's documents, named where their tokens go)
+    for (fs::directory_iterator it(dir, ec), end; !ec && it != end && !documents; it.increment(ec))
+      documents = it->is_regular_file() && supported(it->path(), false);
+    if (documents) throw Error(dir, "holds documents, not a shard set of their tokens", make);
     throw Error(dir, "no meta.json: the shard set is incomplete (data preparation was interrupted or never run)",
                 kRerun);
+  }
   json meta;
   try {
     std::ifstream in(meta_path);

@@ -520,6 +520,12 @@ TEST_CASE("incomplete or damaged shard sets are errors that say to re-run", "[da
   make_set(tmp, "set", synthetic_docs(50), 200);
   REQUIRE_NOTHROW(ShardSet::open(tmp / "set"));
   CHECK_THAT(error_of([&] { ShardSet::open(tmp / "absent"); }), Catch::Contains("not found"));
+  // The user's documents named where their shard set goes: how to make one.
+  write_text(tmp / "docs/policy.md", "text\n");
+  for (const std::string& p : {tmp / "docs", tmp / "docs/policy.md"})
+    CHECK_THAT(error_of([&] { ShardSet::open(p); }),
+               Catch::Contains("list the documents in data_prep.inputs, run llm-data, and name its data_prep.output"));
+  CHECK_THAT(error_of([&] { ShardSet::open(tmp / "docs"); }), Catch::Contains("holds documents, not a shard set"));
 
   SECTION("no meta.json: an interrupted run") {
     fs::remove(tmp / "set/meta.json");
