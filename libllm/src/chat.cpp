@@ -636,6 +636,11 @@ std::string examples_hash(const std::vector<ChatExample>& examples) {
 }
 }  // namespace
 
+const std::string& ChatDataset::train_hash() const {
+  if (train_hash_.empty()) train_hash_ = examples_hash(train_);  // (the examples never change once read)
+  return train_hash_;
+}
+
 std::string ChatDataset::cursor() const {
   json j = {{"format", "libllm-chat-cursor-v1"},
             {"global", global_},
@@ -643,7 +648,7 @@ std::string ChatDataset::cursor() const {
             {"seed", seed_},
             {"world_size", world_},
             {"packed", packed_},
-            {"examples_hash", examples_hash(train_)}};
+            {"examples_hash", train_hash()}};
   if (packed_) {  // the rows depend on these
     j["seq_len"] = seq_len_;
     j["packing"] = best_fit_ ? "best_fit" : "greedy";
@@ -670,7 +675,7 @@ void ChatDataset::restore(const std::string& cursor) {
                             j.value("examples", int64_t{-1}), j.value("seed", uint64_t{0}), train_.size(), seed_),
                 "resume with the same chat.files, chat settings, train.seq_len and data.seed; to train on other "
                 "data, start a new run from the checkpoint (finetune.base: its folder, another train.run_dir)");
-  if (j.contains("examples_hash") && j["examples_hash"] != examples_hash(train_))  // (older cursors lack it)
+  if (j.contains("examples_hash") && j["examples_hash"] != train_hash())  // (older cursors lack it)
     throw Error("data cursor",
                 fmt::format("the checkpoint's {} training examples had other tokens than these {} (a chat file "
                             "edited, or another tokenizer, template or chat setting)",

@@ -76,11 +76,11 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 }
 
 void set_default_num_threads() {
-  if (const char* env = std::getenv("LIBLLM_THREADS")) {
+  if (const char* env = std::getenv("LIBLLM_THREADS"); env && *env && std::string(env) != "0") {  // (0: automatic)
     const std::optional<int64_t> n = parse_int(env);
     if (!n || *n < 1 || *n > 4096)
-      throw Error("LIBLLM_THREADS", std::string("expected a thread count >= 1, got '") + env + "'",
-                  "unset it for one thread per core");
+      throw Error("LIBLLM_THREADS", std::string("expected a thread count (0 = automatic), got '") + env + "'",
+                  "unset it for the automatic choice");
     at::set_num_threads(static_cast<int>(*n));
     return;
   }

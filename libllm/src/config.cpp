@@ -332,9 +332,11 @@ void Schema::load_file(const std::string& path) {
 void Schema::load_string(const std::string& yaml, const std::string& source) {
   YAML::Node root;
   try {
-    const std::vector<YAML::Node> docs = YAML::LoadAll(yaml);
+    std::vector<YAML::Node> docs = YAML::LoadAll(yaml);
+    while (docs.size() > 1 && docs.back().IsNull()) docs.pop_back();  // (a trailing '---' holds nothing)
     if (docs.size() > 1)  // (the later ones would be ignored)
-      throw Error(source + ":" + std::to_string(docs[1].Mark().line + 1), "a second YAML document (after a '---' line)",
+      throw Error(source + ":" + std::to_string(docs[1].Mark().line + 1),
+                  "a second YAML document starts here (after a '---' line)",
                   "a recipe is one document: remove the '---'");
     if (!docs.empty()) root = docs[0];
   } catch (const YAML::Exception& e) {

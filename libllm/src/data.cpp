@@ -743,8 +743,9 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
       cfg.threads > 0 ? cfg.threads : std::max<int64_t>(1, std::thread::hardware_concurrency());
   const std::string sha = sha256_file(tok.path());
   // A set's folder holds a shard set or nothing else (its old set is replaced): never the files
-  // of a run folder or a user's documents. Allowed beside it: another set's folder of this run
-  // (output/valid) and the tokenizer this run uses.
+  // of a run folder or a user's documents. Allowed beside it: another shard set's folder (this
+  // run's output/valid, or an earlier one's), the tokenizer this run uses, hidden entries (.gitkeep,
+  // .nfs files of replaced shards still open) and a volume's lost+found.
   std::vector<fs::path> ours_too = {fs::weakly_canonical(tok.path())};
   for (const SetOutput& o : outs) ours_too.push_back(fs::weakly_canonical(o.dir));
   static const std::regex shard_file(R"((shard-\d+\.(bin|idx)|meta\.json)(\.tmp-\d+)?)");
@@ -753,7 +754,8 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
     std::vector<std::string> foreign;
     for (fs::directory_iterator it(outs[i].dir, ec), end; !ec && it != end; it.increment(ec)) {
       const std::string name = it->path().filename().string();
-      if (!std::regex_match(name, shard_file) && name != kStaging &&
+      if (!std::regex_match(name, shard_file) && name[0] != '.' && name != "lost+found" &&
+          !fs::is_regular_file(it->path() / "meta.json") &&
           std::find(ours_too.begin(), ours_too.end(), fs::weakly_canonical(it->path())) == ours_too.end())
         foreign.push_back(name);
     }

@@ -605,8 +605,18 @@ fs::path output_folder(const std::string& dir) {
   return final_dir;
 }
 
-// Removes `<name>.partial.<pid>` folders beside `final_dir` whose process is gone (an export
-// killed part-way, by Ctrl-C or worse): they would otherwise stay, as large as the model.
+// The marker an export's temporary folder holds while it is written: "<host> <pid>".
+constexpr const char* kPartialMarker = ".libllm-export-in-progress";
+std::string host_name() {
+  char host[256] = {};
+  ::gethostname(host, sizeof(host) - 1);
+  return host;
+}
+
+// Removes `<name>.partial.<pid>` folders beside `final_dir` that an export of this machine left
+// (their marker names this host and that pid) and whose process is gone (killed part-way, by
+// Ctrl-C or worse): they would otherwise stay, as large as the model. Another machine's (a shared
+// filesystem), a live process's and folders without the marker are left alone.
 void remove_dead_partials(const fs::path& final_dir) {
   const std::string prefix = final_dir.filename().string() + ".partial.";
   std::error_code ec;
@@ -616,6 +626,10 @@ void remove_dead_partials(const fs::path& final_dir) {
     const std::string digits = name.substr(prefix.size());
     const std::optional<int64_t> pid = parse_int(digits);
     if (digits.find_first_not_of("0123456789") != std::string::npos || !pid || *pid <= 0 || *pid > INT_MAX) continue;
+    std::ifstream marker(it->path() / kPartialMarker);
+    std::string owner;
+    std::getline(marker, owner);
+    if (owner != host_name() + " " + digits) continue;
     if (::kill(static_cast<pid_t>(*pid), 0) == 0 || errno != ESRCH) continue;  // (alive, or not ours to know)
     std::error_code rm;
     fs::remove_all(it->path(), rm);
@@ -672,7 +686,9 @@ void write_folder_atomically(const std::string& dir, FolderKind kind,
   ec.clear();
   if (!fs::create_directories(tmp, ec) || ec) throw Error(tmp.string(), "cannot create folder: " + ec.message());
   try {
+    std::ofstream(tmp / kPartialMarker) << host_name() << " " << ::getpid() << "\n";
     fill(tmp.string());
+    fs::remove(tmp / kPartialMarker);
     // Swap into place: the old folder (if any) is removed only after the new one is complete.
     move_folder_into_place(tmp.string(), final_dir.string());
   } catch (const fs::filesystem_error& e) {
@@ -866,7 +882,14 @@ std::string tokenizer_for(const Pretrained& pre, const std::string& given, const
   if (given.empty() || pre.tokenizer_path.empty()) return given.empty() ? pre.tokenizer_path : given;
   std::error_code ec;
   if (fs::equivalent(given, pre.tokenizer_path, ec)) return given;
-  const std::string how = Tokenizer::load(given).difference(Tokenizer::load(pre.tokenizer_path));
+  const Tokenizer mine = Tokenizer::load(given);
+  std::string how;
+  try {
+    how = mine.difference(Tokenizer::load(pre.tokenizer_path));
+  } catch (const Error& e) {  // (a damaged one, a Git LFS pointer: what --tokenizer works around)
+    fmt::print(stderr, "warning: {} {} is used; the folder's own cannot be compared with it: {}\n", flag, given,
+               e.what());
+  }
   if (!how.empty())
     fmt::print(stderr,
                "warning: {} {} is not the tokenizer in {} ({}): the model reads ids as its own tokenizer made "

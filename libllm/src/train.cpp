@@ -83,8 +83,9 @@ std::string human_time(double s) {
 // Keeps the lines of a JSONL log whose "step" is <= last_step (resume), or none (fresh start), and
 // those whose "branch" is below `branch` (the steps an earlier rollback discarded: the metrics
 // keep them for llm-spike analyze, whatever is resumed later). With `archive`, the lines dropped
-// (an abandoned run's or branch's) are written there first, in order: nothing logged is lost.
-void truncate_log(const std::string& path, int64_t last_step, int64_t branch = 0, const std::string& archive = "") {
+// (an abandoned run's or branch's) are written there first, in order (its folder made then):
+// nothing logged is lost. Returns the number of lines archived.
+int64_t truncate_log(const std::string& path, int64_t last_step, int64_t branch = 0, const std::string& archive = "") {
   // Streamed (the data sequence of a long 7B run holds gigabytes). Lines are appended in step
   // order, so usually all lines from the first one dropped go: the file is cut there, in place.
   // Otherwise (older branches' lines kept after it) the kept lines are written anew.
@@ -92,20 +93,23 @@ void truncate_log(const std::string& path, int64_t last_step, int64_t branch = 0
     return !line.empty() && line.back() == '}' &&
            (detail::int_field(line, "step", 0) <= last_step || detail::int_field(line, "branch", 0) < branch);
   };
-  int64_t offset = 0, cut = -1;
+  int64_t offset = 0, cut = -1, dropped = 0;
   bool kept_after_cut = false;
   const bool exists = detail::for_each_line(path, [&](const std::string& line) {
     if (keep(line))
       kept_after_cut = kept_after_cut || cut >= 0;
     else if (cut < 0)
       cut = offset;
+    if (!keep(line) && !line.empty()) ++dropped;
     offset += static_cast<int64_t>(line.size()) + 1;
   });
-  if (!exists) return detail::write_file_atomic(path, "");
-  if (!archive.empty() && cut >= 0) {
+  if (!exists) return detail::write_file_atomic(path, ""), 0;
+  if (archive.empty() || dropped == 0) dropped = 0;
+  if (dropped > 0) {
+    fs::create_directories(fs::path(archive).parent_path());
     if (cut == 0 && !kept_after_cut) {  // every line goes (a new run): the file itself moves
       fs::rename(path, archive);
-      return detail::write_file_atomic(path, "");
+      return detail::write_file_atomic(path, ""), dropped;
     }
     std::ofstream out(archive + ".tmp", std::ios::binary);
     detail::for_each_line(path, [&](const std::string& line) {
@@ -120,11 +124,12 @@ void truncate_log(const std::string& path, int64_t last_step, int64_t branch = 0
     detail::for_each_line(path, [&](const std::string& line) {
       if (keep(line)) kept += line + "\n";
     });
-    return detail::write_file_atomic(path, kept);
+    return detail::write_file_atomic(path, kept), dropped;
   }
   if (cut < 0) cut = offset;  // (a last line without its newline goes)
   if (cut < static_cast<int64_t>(fs::file_size(path)) && ::truncate(path.c_str(), cut) != 0)
     throw Error(path, std::string("cannot truncate: ") + std::strerror(errno));
+  return dropped;
 }
 
 // One micro batch of (B, T+1) tokens -> inputs (B, T) and targets (B, T).
@@ -866,9 +871,9 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     }
     // Settings under which a run does not do what its recipe seems to say (pretraining defaults
     // left in a short fine-tune, most often).
-    if (recipe.schedule.warmup_steps >= tc.steps)
+    if (recipe.schedule.warmup_steps > tc.steps)
       fmt::print(
-          "note: schedule.warmup_steps ({}) >= train.steps ({}): the learning rate is still warming up at the "
+          "note: schedule.warmup_steps ({}) > train.steps ({}): the learning rate is still warming up at the "
           "last step ({:.1f}% of optim.lr)\n",
           recipe.schedule.warmup_steps, tc.steps, 100 * lr_factor(recipe.schedule, tc.steps - 1, tc.steps));
     if (tc.eval_every == 0 && run.has_valid())
@@ -939,39 +944,10 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   // none, beside an earlier run's; or a resume from an older checkpoint than the newest) belong to
   // an abandoned run or branch. Left in place, pruning would delete this run's checkpoints in
   // their favour and a restart would resume them; moved aside (never deleted), they are kept.
-  // Their log lines (and a new run's predecessor's recipe.yaml and loss.html) move to
-  // run_dir/<superseded|rolled-back>-logs/N/.
+  // (Done below, with the log lines, by rank 0: their log lines (and a new run's predecessor's
+  // recipe.yaml and loss.html) move to run_dir/<superseded|rolled-back>-logs/N/ first, so that a
+  // failure in between never leaves the lines of checkpoints already moved unarchived.)
   dist.barrier();  // every rank has read its checkpoint
-  fs::path log_archive;  // ("" when no log lines are abandoned)
-  if (main_rank) {
-    const auto steps = checkpoint_steps(run.ckpt_root);
-    const int64_t from = resume_from.empty() ? -1 : state.step;
-    const char* aside = resume_from.empty() ? "superseded" : "rolled-back";
-    std::error_code ec;
-    const bool set_aside = !steps.empty() && steps.back() > from;
-    if (set_aside || (resume_from.empty() && fs::file_size(run_dir / "metrics.jsonl", ec) > 0 && !ec)) {
-      const fs::path logs = run_dir / (std::string(aside) + "-logs");
-      int k = 1;
-      while (fs::exists(logs / std::to_string(k))) ++k;
-      log_archive = logs / std::to_string(k);
-      fs::create_directories(log_archive);
-      if (resume_from.empty())
-        for (const char* name : {"recipe.yaml", "loss.html"})
-          if (fs::exists(run_dir / name)) fs::rename(run_dir / name, log_archive / name);
-    }
-    if (set_aside) {
-      set_aside_checkpoints(run.ckpt_root, from, aside);
-      fmt::print("{}: {}/ holds checkpoints up to step {} of {}; they moved to {}/{}/, their log lines to {}/\n",
-                 resume_from.empty() ? "starting a new run (checkpoint.resume: none)"
-                                     : "resuming from step " + std::to_string(from),
-                 run.ckpt_root, steps.back(), resume_from.empty() ? "an earlier run" : "an abandoned branch",
-                 run.ckpt_root, aside, log_archive.string());
-    } else if (!log_archive.empty()) {
-      fmt::print("starting a new run: the earlier run's logs in {} moved to {}/\n", run_dir.string(),
-                 log_archive.string());
-    }
-  }
-  dist.barrier();
   // An in-loop rollback that the previous process began and did not finish (it died before the
   // checkpoint of the rollback's target was saved again): completed here when this resumes at
   // that target, else its data would spike again. A record that does not apply is removed.
@@ -1041,16 +1017,45 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     branch_floor = dist.from_main(top + 1);
   }
   if (main_rank) {
+    const auto steps = checkpoint_steps(run.ckpt_root);
+    const int64_t from = resume_from.empty() ? -1 : state.step;
+    const char* aside = resume_from.empty() ? "superseded" : "rolled-back";
+    const bool set_aside = !steps.empty() && steps.back() > from;
+    fs::path log_archive;  // where the abandoned lines go (made when there are any)
+    if (set_aside || resume_from.empty()) {
+      const fs::path logs = run_dir / (std::string(aside) + "-logs");
+      int k = 1;
+      while (fs::exists(logs / std::to_string(k))) ++k;
+      log_archive = logs / std::to_string(k);
+    }
+    auto archive = [&](const char* name) { return log_archive.empty() ? "" : (log_archive / name).string(); };
     // (an interrupted rollback's steps stay, as its uninterrupted run keeps them)
+    int64_t archived = 0;
     if (pending_applies)
       truncate_log(metrics_path, pending.value("from_step", state.step), interrupted.rollbacks_total() + 1);
     else
-      truncate_log(metrics_path, plan_applies ? plan.value("from_step", state.step) : state.step,
-                   plan_applies ? branch_floor : run.guard.rollbacks_total(),
-                   log_archive.empty() ? "" : (log_archive / "metrics.jsonl").string());
+      archived += truncate_log(metrics_path, plan_applies ? plan.value("from_step", state.step) : state.step,
+                               plan_applies ? branch_floor : run.guard.rollbacks_total(), archive("metrics.jsonl"));
     if (!plan_applies && !pending_applies)  // (else the rollback reads its steps first)
-      truncate_log(run.sequence_path, state.step, 0,
-                   log_archive.empty() ? "" : (log_archive / "data_sequence.jsonl").string());
+      archived += truncate_log(run.sequence_path, state.step, 0, archive("data_sequence.jsonl"));
+    if (resume_from.empty() && (archived > 0 || set_aside))  // (the recipe and plot of those lines)
+      for (const char* name : {"recipe.yaml", "loss.html"})
+        if (fs::exists(run_dir / name)) {
+          fs::create_directories(log_archive);
+          fs::rename(run_dir / name, log_archive / name);
+        }
+    const std::string logs_went = archived > 0 ? ", their log lines to " + log_archive.string() + "/" : "";
+    if (set_aside) {
+      set_aside_checkpoints(run.ckpt_root, from, aside);
+      fmt::print("{}: {}/ holds checkpoints up to step {} of {}; they moved to {}/{}/{}\n",
+                 resume_from.empty() ? "starting a new run (checkpoint.resume: none)"
+                                     : "resuming from step " + std::to_string(from),
+                 run.ckpt_root, steps.back(), resume_from.empty() ? "an earlier run" : "an abandoned branch",
+                 run.ckpt_root, aside, logs_went);
+    } else if (archived > 0) {
+      fmt::print("starting a new run: the earlier run's logs in {} moved to {}/\n", run_dir.string(),
+                 log_archive.string());
+    }
     metrics.open(metrics_path, std::ios::app);
     run.sequence.open(run.sequence_path, std::ios::app);
     run.events.open((run_dir / "events.jsonl").string(), std::ios::app);
@@ -1454,7 +1459,14 @@ double finetune(const Recipe& recipe, const TrainHooks& hooks) {
     r.tokenizer.path = base.tokenizer_path;
   } else if (!base.tokenizer_path.empty()) {
     // The base learned its ids from its own tokenizer: training on another's ids teaches noise.
-    const std::string how = Tokenizer::load(r.tokenizer.path).difference(Tokenizer::load(base.tokenizer_path));
+    const Tokenizer mine = Tokenizer::load(r.tokenizer.path);
+    std::string how;
+    try {
+      how = mine.difference(Tokenizer::load(base.tokenizer_path));
+    } catch (const Error& e) {  // (a damaged one, a Git LFS pointer: what tokenizer.path works around)
+      fmt::print(stderr, "warning: tokenizer.path {} is used; the base's own cannot be compared with it: {}\n",
+                 r.tokenizer.path, e.what());
+    }
     if (!how.empty())
       throw Error("tokenizer.path",
                   r.tokenizer.path + " is not the tokenizer of finetune.base " + base.dir + " (" + how + ")",

@@ -170,6 +170,7 @@ TEST_CASE("numbers are plain decimals, and a recipe is one YAML document", "[con
   CHECK_THAT(error_of("model:\n  dim: 64\n---\ntrain:\n  steps: 3\n"),
              Catch::Contains("r.yaml:4: a second YAML document") && Catch::Contains("remove the '---'"));
   CHECK(Recipe::parse("---\nmodel:\n  n_layers: 3\n", "r.yaml").model.n_layers == 3);  // one document, marked
+  CHECK(Recipe::parse("model:\n  n_layers: 3\n---\n", "r.yaml").model.n_layers == 3);  // an empty one after it
 }
 
 TEST_CASE("model sizes have bounds past any published model", "[config]") {
@@ -180,6 +181,9 @@ TEST_CASE("model sizes have bounds past any published model", "[config]") {
   // Each size within its bound, the whole past 100 trillion parameters.
   CHECK_THAT(error_of("model:\n  dim: 65536\n  n_heads: 512\n  n_layers: 4096\n  ffn_dim: 1048576\n"),
              Catch::Contains("model: describes a model of 914") && Catch::Contains("trillion parameters"));
+  // Each within its bound, but 4096 x 4096 experts to list (llm-plan ran out of memory).
+  CHECK_THAT(error_of("model:\n  dim: 64\n  n_heads: 4\n  ffn_dim: 64\n  n_layers: 4096\n  n_experts: 4096\n"),
+             Catch::Contains("model.n_experts: n_layers x n_experts is 16777216, past libllm's limit of 131072"));
   // The largest shipped recipe passes.
   CHECK_NOTHROW(Recipe::load(recipe("k2-65b.yaml")));
 }

@@ -446,8 +446,13 @@ TEST_CASE("write_shards: never into a folder holding other files: skipped file t
                                       "reads .txt, .md and .jsonl): " +
                                       fs::path(tmp / "docs/manual.pdf").generic_string() + ", " +
                                       fs::path(tmp / "docs/sub/README").generic_string() + "\n"));
-  // Written again over its own set: replaced.
+  // Written again over its own set: replaced; without the held-out set its folder (a shard set)
+  // and hidden files may stay.
   CHECK(write_shards(cfg, tok).total_documents == 3);
+  write_text(tmp / "out/.gitkeep", "");
+  cfg.valid_every = 0;
+  cfg.valid_output.clear();
+  CHECK(write_shards(cfg, tok).total_documents == 5);
   // A folder of files without an extension only: the hint names fortune mode.
   write_text(tmp / "fortunes/zippy", "a\n%\nb\n");
   cfg.inputs = {tmp / "fortunes"};

@@ -364,10 +364,31 @@ TEST_CASE("a fine-tune's tokenizer.path must have its base's pieces", "[finetune
                              " (284 of the pieces differ, the first at id 3 ('[INST]' against '<0x00>'))") &&
                  Catch::Contains("leave tokenizer.path empty to use the base's own"));
   CHECK_FALSE(fs::exists(tmp / "r"));
-  // The same tokenizer at another path trains.
+  // The same tokenizer at another path trains; the short run's pitfalls are noted.
   fs::copy_file(test::fixture("tokenizer.model"), tmp / "copy.model");
-  CHECK(std::isfinite(
-      finetune(ft_recipe(base, chat, tmp / "r", {"tokenizer.path=" + tmp / "copy.model", "train.steps=1"}))));
+  std::string printed = test::stdout_of([&] {
+    CHECK(std::isfinite(finetune(ft_recipe(
+        base, chat, tmp / "r", {"tokenizer.path=" + tmp / "copy.model", "train.steps=1", "train.eval_every=0"}))));
+  });
+  CHECK_THAT(printed, Catch::Contains("note: schedule.warmup_steps (2) > train.steps (1): the learning rate is still "
+                                      "warming up at the last step (50.0% of optim.lr)"));
+  CHECK_THAT(printed, Catch::Contains("note: train.eval_every is 0: the 4 examples chat.valid_every holds out are "
+                                      "neither trained on nor evaluated"));
+  // Every evaluation is printed, also between log_every's lines (100 here).
+  printed = test::stdout_of([&] {
+    finetune(ft_recipe(base, chat, tmp / "s", {"train.steps=5", "train.eval_every=2"}));
+  });
+  CHECK_THAT(printed, Catch::Contains("step      2/5 | loss") && Catch::Contains("step      4/5 | loss"));
+  CHECK_THAT(printed, !Catch::Contains("step      3/5") && !Catch::Contains("note: schedule.warmup_steps"));
+  // A base whose own tokenizer.model cannot be read (a Git LFS pointer): tokenizer.path works
+  // around it, with a warning.
+  fs::copy(base, tmp / "lfs-base", fs::copy_options::recursive);
+  write_file(tmp / "lfs-base/tokenizer.model", "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n");
+  const std::string warned = test::stderr_of([&] {
+    finetune(ft_recipe(tmp / "lfs-base", chat, tmp / "t", {"tokenizer.path=" + tmp / "copy.model", "train.steps=1"}));
+  });
+  CHECK_THAT(warned, Catch::Contains("warning: tokenizer.path " + tmp / "copy.model" +
+                                     " is used; the base's own cannot be compared with it"));
 }
 
 TEST_CASE("fine-tuning resumes exactly (LoRA and full) and lowers the held-out loss", "[finetune][train]") {

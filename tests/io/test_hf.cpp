@@ -118,23 +118,34 @@ TEST_CASE("export replaces an existing folder only when complete", "[io][hf]") {
   CHECK(read_file(out + "/config.json") == before);  // the previous export is intact
   CHECK(listing(tmp.path.string()) == std::vector<std::string>{"model"});  // no .partial or .old folder beside it
   // What a killed export (Ctrl-C) leaves: removed by the next export to that folder when its
-  // process is gone; a live process's (pid 1) and other names stay.
-  const pid_t child = ::fork();
-  if (child == 0) ::_exit(0);
+  // marker names this host and a process that is gone; a live process's (pid 1), another host's,
+  // one without the marker (a user's folder) and other names stay.
+  const pid_t child = ::fork(), other = ::fork();
+  if (child == 0 || other == 0) ::_exit(0);
   ::waitpid(child, nullptr, 0);  // (reaped: gone)
+  ::waitpid(other, nullptr, 0);
+  char host[256] = {};
+  ::gethostname(host, sizeof(host) - 1);
   const std::string dead = out + ".partial." + std::to_string(child);
-  for (const std::string& d : {dead, out + ".partial.1", out + ".partial.x"}) {
+  const std::string elsewhere = out + ".partial." + std::to_string(other);
+  for (const std::string& d : {dead, elsewhere, out + ".partial.1", out + ".partial.x", out + ".partial.20240101"}) {
     fs::create_directories(d);
     write_file(d + "/model.safetensors", "half");
   }
+  write_file(dead + "/.libllm-export-in-progress", std::string(host) + " " + std::to_string(child) + "\n");
+  write_file(elsewhere + "/.libllm-export-in-progress", "another-node " + std::to_string(other) + "\n");
+  write_file(out + ".partial.1/.libllm-export-in-progress", std::string(host) + " 1\n");
   std::string note;
   note = test::stderr_of([&] { export_hf(p.model, out, ExportOptions{}); });  // bfloat16: replaces the float32 export
   CHECK(note == "note: removed " + dead + ", left by an interrupted export\n");
   CHECK(read_hf_config(out).torch_dtype == "bfloat16");
   CHECK(fs::exists(out + "/model.safetensors"));
-  CHECK(listing(tmp.path.string()) == std::vector<std::string>{"model", "model.partial.1", "model.partial.x"});
-  fs::remove_all(out + ".partial.1");
-  fs::remove_all(out + ".partial.x");
+  std::vector<std::string> left = {"model", "model.partial." + std::to_string(other), "model.partial.1",
+                                   "model.partial.20240101", "model.partial.x"};
+  std::sort(left.begin(), left.end());
+  CHECK(listing(tmp.path.string()) == left);
+  CHECK_FALSE(fs::exists(out + "/.libllm-export-in-progress"));  // (the export itself holds no marker)
+  for (size_t i = 1; i < left.size(); ++i) fs::remove_all(tmp / left[i]);
   // An empty folder is replaced too.
   fs::create_directories(tmp / "empty");
   export_hf(p.model, tmp / "empty", f32);
@@ -498,6 +509,14 @@ TEST_CASE("a --tokenizer unlike the checkpoint's own is used with a warning", "[
   CHECK_THAT(warning, Catch::Contains("the model reads ids as its own tokenizer made them\n"));
   INFO(warning);
   CHECK(std::count(warning.begin(), warning.end(), '\n') == 1);
+  // A folder whose own cannot be read (a Git LFS pointer): the given one, with a warning.
+  Pretrained lfs = pre;
+  lfs.tokenizer_path = tmp / "pointer.model";
+  write_file(tmp / "pointer.model", "version https://git-lfs.github.com/spec/v1\n");
+  CHECK_THAT(test::stderr_of([&] { got = tokenizer_for(lfs, tmp / "same.model"); }),
+             Catch::Contains("warning: --tokenizer " + tmp / "same.model" +
+                             " is used; the folder's own cannot be compared with it"));
+  CHECK(got == tmp / "same.model");
   // A folder without a tokenizer of its own: the given one, nothing to compare.
   Pretrained bare = pre;
   bare.tokenizer_path.clear();

@@ -410,6 +410,7 @@ TEST_CASE("guard: a persistent spike rolls back to an exact checkpoint, defers i
   CHECK(seq[25]["windows"] != seq_clean[25]["windows"]);  // step 26 got fresh data
   // The spiked checkpoint is kept aside; resume would never pick it.
   CHECK(fs::exists(spiked + "/checkpoints/rolled-back/step-00000030"));
+  CHECK_FALSE(fs::exists(spiked + "/rolled-back-logs"));  // (the metrics keep a rollback's lines, as branches)
   const double a = final_eval(clean), b = final_eval(spiked);
   INFO("final held-out loss: clean " << a << ", guarded " << b);
   CHECK(std::fabs(b - a) / a < 0.02);

@@ -172,6 +172,8 @@ class ChatDataset {
   std::vector<std::vector<int64_t>> pack_window(int64_t start);
 
   std::vector<ChatExample> train_, valid_;
+  mutable std::string train_hash_;  // of train_'s tokens and targets (the cursor's examples_hash), once
+  const std::string& train_hash() const;
   std::vector<int64_t> train_index_;  // example number (file order) of each training example
   ChatStats stats_;
   uint64_t seed_;
