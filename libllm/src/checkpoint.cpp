@@ -2,16 +2,17 @@
 
 #include <unistd.h>
 
+#include <yaml-cpp/yaml.h>
 #include <algorithm>
 #include <cctype>
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <system_error>
 #include <thread>
-#include <fstream>
-#include <nlohmann/json.hpp>
 
 #include "atomic_file.h"
 #include "libllm/compat.h"
@@ -568,9 +569,21 @@ void prune_checkpoints(const std::string& root, const CheckpointConfig& cfg, int
   int64_t needed = -1;
   for (int64_t s : steps)
     if (keep_at_or_before >= 0 && s <= keep_at_or_before) needed = s;
+  // A milestone by this run's setting or by the one it was saved with (its recipe.yaml): a resume
+  // that drops or changes checkpoint.milestone_every never deletes the milestones kept so far.
+  auto milestone = [&](int64_t s) {
+    if (cfg.milestone_every > 0 && s % cfg.milestone_every == 0) return true;
+    try {
+      const YAML::Node saved = YAML::LoadFile((fs::path(root) / checkpoint_name(s) / "recipe.yaml").string());
+      const int64_t every = saved["checkpoint"]["milestone_every"].as<int64_t>(0);
+      return every > 0 && s % every == 0;
+    } catch (const YAML::Exception&) {
+      return false;
+    }
+  };
   std::vector<int64_t> regular;
   for (int64_t s : steps)
-    if (cfg.milestone_every <= 0 || s % cfg.milestone_every != 0) regular.push_back(s);
+    if (!milestone(s)) regular.push_back(s);
   for (size_t i = 0; i + cfg.keep_last < regular.size(); ++i) {
     // A rollback from this step or a later one goes back to `needed` or to a newer checkpoint:
     // those stay (with none at or before keep_at_or_before yet, any may be needed).

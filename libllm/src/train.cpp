@@ -3,6 +3,8 @@
 #include <fmt/core.h>
 #include <fmt/format.h>
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -184,6 +186,36 @@ struct Run {
       compat::cuda_set_device(device.index());
     }
   }
+  Run(const Run&) = delete;
+  Run& operator=(const Run&) = delete;
+  ~Run() {
+    if (lock_fd >= 0) ::close(lock_fd);  // (the lock goes with it; also when the process dies)
+  }
+  // Takes the run folder for this job (rank 0, for the job's life): an flock on
+  // run_dir/.llm-run.lock holding the pid. "" when taken, else why not.
+  std::string lock_run_dir() {
+    std::error_code ec;
+    if (fs::exists(fs::path(tc.run_dir) / "meta.json")) return "holds a shard set (meta.json), not a run";
+    fs::create_directories(tc.run_dir, ec);
+    if (ec) return "cannot create the folder: " + ec.message();
+    const std::string path = (fs::path(tc.run_dir) / ".llm-run.lock").string();
+    lock_fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (lock_fd < 0) return std::string("cannot write in it: ") + std::strerror(errno);
+    if (::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
+      char held[32] = {};
+      const ssize_t n = ::pread(lock_fd, held, sizeof(held) - 1, 0);
+      ::close(lock_fd);
+      lock_fd = -1;
+      std::string pid = n > 0 ? std::string(held, static_cast<size_t>(n)) : "";
+      while (!pid.empty() && std::isspace(static_cast<unsigned char>(pid.back()))) pid.pop_back();
+      return "another job" + (pid.empty() ? std::string() : " (pid " + pid + ")") + " is training in it";
+    }
+    const std::string me = std::to_string(::getpid()) + "\n";
+    if (::ftruncate(lock_fd, 0) != 0 || ::pwrite(lock_fd, me.data(), me.size(), 0) != static_cast<ssize_t>(me.size()))
+      return std::string("cannot write in it: ") + std::strerror(errno);
+    return "";
+  }
+  int lock_fd = -1;
   const Recipe& recipe;
   const TrainConfig& tc;
   const TrainHooks& hooks;
@@ -228,6 +260,8 @@ struct Run {
   std::vector<int64_t> buf;
   Guard guard;
   json history = json::array();  // held-out evaluations so far
+  int64_t tokens =
+      -1;  // tokens the steps so far drew (metrics' "tokens"); -1: step x this run's batch (older checkpoints)
   json applied_plan;             // the restart plan (LIBLLM_RESTART_PLAN's JSON) this branch applied (null: none)
   json applied_rollback;         // the last in-loop rollback's record (pending_path's JSON) it applied (null: none)
   int64_t accum = 1, global = 0, planned = 0;
@@ -250,7 +284,7 @@ struct Run {
   }
 
   std::string extra() const {
-    json x = {{"eval_history", history}, {"guard", guard.state()}};
+    json x = {{"eval_history", history}, {"guard", guard.state()}, {"tokens", tokens}};
     if (!applied_plan.is_null()) x["applied_plan"] = applied_plan;
     if (!applied_rollback.is_null()) x["applied_rollback"] = applied_rollback;
     return x.dump();
@@ -347,6 +381,7 @@ struct Run {
       }
       const json x = parse_extra(st.extra);
       history = x.value("eval_history", json::array());
+      tokens = x.value("tokens", int64_t{-1});
       applied_plan = x.value("applied_plan", json());
       applied_rollback = x.value("applied_rollback", json());
       guard = Guard(recipe.guard);
@@ -742,6 +777,23 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                       ", where its checkpoints are pruned and set aside",
                   "give the fine-tune its own train.run_dir");
   }
+  {
+    // One job per run folder: a second one would resume the first's checkpoints and interleave
+    // their logs. And every rank on one resolved recipe (a recipe edited between launching the
+    // ranks trained each rank with its own).
+    std::string problem;
+    if (main_rank) problem = run.lock_run_dir();
+    if (!(problem = run.dist.from_main(problem)).empty())
+      throw Error("train.run_dir", tc.run_dir + ": " + problem,
+                  "give this run a folder of its own that it can write, or wait for the other job to end");
+    const std::string mine = recipe.to_yaml();
+    auto differs = torch::full({1}, run.dist.from_main(mine) == mine ? 0 : 1, torch::kInt64);
+    run.dist.sum(differs);
+    if (const int64_t n = differs.item<int64_t>(); n > 0)
+      throw Error("recipe",
+                  fmt::format("{} of the {} ranks resolved another recipe than rank 0", n, run.dist.world_size()),
+                  "launch every rank with the same recipe file and --set options");
+  }
   if (main_rank)  // a kill during a re-save on a filesystem without an atomic exchange
     for (int64_t s : recover_checkpoint_swaps(run.ckpt_root))
       fmt::print("note: restored {} (its re-save was interrupted)\n",
@@ -876,6 +928,9 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
           "note: schedule.warmup_steps ({}) > train.steps ({}): the learning rate is still warming up at the "
           "last step ({:.1f}% of optim.lr)\n",
           recipe.schedule.warmup_steps, tc.steps, 100 * lr_factor(recipe.schedule, tc.steps - 1, tc.steps));
+    if (tc.eval_every > 0 && !run.has_valid())
+      fmt::print("note: train.eval_every is {}, but there is no held-out data ({}): nothing is evaluated\n",
+                 tc.eval_every, run.chat ? "chat.valid_every" : "data.valid");
     if (tc.eval_every == 0 && run.has_valid())
       fmt::print("note: train.eval_every is 0: {}\n",
                  run.chat ? fmt::format("the {} examples chat.valid_every holds out are neither trained on nor "
@@ -1038,8 +1093,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                                plan_applies ? branch_floor : run.guard.rollbacks_total(), archive("metrics.jsonl"));
     if (!plan_applies && !pending_applies)  // (else the rollback reads its steps first)
       archived += truncate_log(run.sequence_path, state.step, 0, archive("data_sequence.jsonl"));
-    if (resume_from.empty() && (archived > 0 || set_aside))  // (the recipe and plot of those lines)
-      for (const char* name : {"recipe.yaml", "loss.html"})
+    if (resume_from.empty() && (archived > 0 || set_aside))  // (the recipe, events and plot of those lines)
+      for (const char* name : {"recipe.yaml", "loss.html", "events.jsonl"})
         if (fs::exists(run_dir / name)) {
           fs::create_directories(log_archive);
           fs::rename(run_dir / name, log_archive / name);
@@ -1252,8 +1307,15 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const double tok_s = tokens_this_run / elapsed;
     const double mfu = tc.peak_tflops > 0 ? tok_s * run.flops_per_token / (tc.peak_tflops * 1e12) : 0.0;
-    json line = {{"step", n}, {"loss", loss}, {"lr", lr}, {"grad_norm", grad_norm},
-                 {"tokens", n * global}, {"tokens_per_s", computed / dt}, {"step_s", dt}};
+    if (run.tokens < 0) run.tokens = step * global;  // (a checkpoint from before the count was kept)
+    run.tokens += global;                            // (this step's batch: a resume may have changed it)
+    json line = {{"step", n},
+                 {"loss", loss},
+                 {"lr", lr},
+                 {"grad_norm", grad_norm},
+                 {"tokens", run.tokens},
+                 {"tokens_per_s", computed / dt},
+                 {"step_s", dt}};
     if (run.chat) {  // chat rows are padded: the tokens that train, and their rate
       line["target_tokens"] = step_targets;
       line["target_tokens_per_s"] = static_cast<double>(step_targets) / dt;

@@ -2,6 +2,9 @@
 // retention, and a loss that falls.
 #include "../catch_torch.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
+
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -251,6 +254,21 @@ TEST_CASE("keep_last deletes old regular checkpoints, milestones stay", "[train]
   pretrain(tiny_recipe(shards, tmp / "r", {"checkpoint.every=2", "checkpoint.keep_last=1", "checkpoint.milestone_every=4",
                                            "train.steps=7"}));
   CHECK(checkpoint_steps(tmp / "r/checkpoints") == std::vector<int64_t>{4, 7});
+  // Resumed without checkpoint.milestone_every: step 4 was saved as a milestone, and stays.
+  pretrain(tiny_recipe(shards, tmp / "r", {"checkpoint.every=2", "checkpoint.keep_last=1", "train.steps=11"}));
+  CHECK(checkpoint_steps(tmp / "r/checkpoints") == std::vector<int64_t>{4, 11});
+}
+
+TEST_CASE("metrics count the tokens each step drew, also after a resume with another batch", "[train]") {
+  test::TempDir tmp;
+  const std::string shards = make_shards(tmp);
+  pretrain(tiny_recipe(shards, tmp / "r", {"train.steps=2"}));
+  const int64_t global = jsonl(tmp / "r/metrics.jsonl").at(0)["tokens"];
+  pretrain(
+      tiny_recipe(shards, tmp / "r", {"train.steps=3", "train.global_batch_tokens=" + std::to_string(2 * global)}));
+  std::vector<int64_t> tokens;
+  for (const auto& line : jsonl(tmp / "r/metrics.jsonl")) tokens.push_back(line["tokens"]);
+  CHECK(tokens == std::vector<int64_t>{global, 2 * global, 4 * global});  // (it said 6 x global: step x batch)
 }
 
 TEST_CASE("a new run or an older resume point sets the run folder's later checkpoints aside", "[train]") {
@@ -656,4 +674,37 @@ TEST_CASE("a restart plan: one of two ranks", "[.plan_two_ranks_worker]") {
   pretrain(tiny_recipe(
       shards, std::string(root) + "/two",
       guarded(shards, {"checkpoint.keep_last=20", "guard.inject_lr_steps=[30]", "guard.inject_lr_factor=1000"})));
+}
+
+TEST_CASE("one job per run folder, every rank on one recipe, never a shard set's folder", "[train]") {
+  test::TempDir tmp;
+  const std::string shards = make_shards(tmp);
+  // Another job holds the folder (its lock taken here, as that job's rank 0 would).
+  fs::create_directories(tmp / "r");
+  const int fd = ::open((tmp / "r/.llm-run.lock").c_str(), O_RDWR | O_CREAT, 0644);
+  REQUIRE(fd >= 0);
+  REQUIRE(::flock(fd, LOCK_EX | LOCK_NB) == 0);
+  REQUIRE(::write(fd, "4242\n", 5) == 5);
+  CHECK_THAT(test::error_of([&] { pretrain(tiny_recipe(shards, tmp / "r", {"train.steps=1"})); }),
+             Catch::Contains("train.run_dir: " + tmp / "r" + ": another job (pid 4242) is training in it"));
+  CHECK(test::listing(tmp / "r") == std::vector<std::string>{".llm-run.lock"});  // (nothing else touched)
+  ::close(fd);                                                                   // (that job ended)
+  pretrain(tiny_recipe(shards, tmp / "r", {"train.steps=1"}));
+  CHECK(test::read_file(tmp / "r/.llm-run.lock") == std::to_string(::getpid()) + "\n");
+  // A shard set's folder is no run folder.
+  CHECK_THAT(test::error_of([&] { pretrain(tiny_recipe(shards, shards, {"train.steps=1"})); }),
+             Catch::Contains("holds a shard set (meta.json), not a run"));
+  // Two ranks launched with different LRs (a recipe edited in between): both refuse.
+  CHECK(test::run_ranks("[.recipe_mismatch_worker]", 2, {"LIBLLM_TEST_ROOT=" + tmp.path.string()}) ==
+        std::vector<int>{0, 0});
+}
+
+// One rank of the test above (hidden): rank 1 resolves another optim.lr.
+TEST_CASE("recipe mismatch: one of two ranks", "[.recipe_mismatch_worker]") {
+  const std::string root = std::getenv("LIBLLM_TEST_ROOT");
+  const bool second = std::string(std::getenv("RANK")) == "1";
+  const std::string e = test::error_of([&] {
+    pretrain(tiny_recipe(root + "/shards", root + "/two", {"train.steps=1", second ? "optim.lr=0.5" : "optim.lr=0.1"}));
+  });
+  CHECK_THAT(e, Catch::Contains("recipe: 1 of the 2 ranks resolved another recipe than rank 0"));
 }
