@@ -994,6 +994,9 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     }
     state = run.load(resume_from);
     if (main_rank) fmt::print("resumed from {} (step {})\n", resume_from, state.step);
+    if (main_rank && state.step >= tc.steps)
+      fmt::print("note: the checkpoint is at step {}, and train.steps is {}: there is nothing to train\n", state.step,
+                 tc.steps);
   }
   // Checkpoints in the run folder newer than the starting point (a fresh start, checkpoint.resume:
   // none, beside an earlier run's; or a resume from an older checkpoint than the newest) belong to
@@ -1418,6 +1421,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       if (!main_rank) continue;
       prune_checkpoints(run.ckpt_root, cc, gc.enabled ? std::max<int64_t>(n - run.guard.lookback(), 0) : -1);
       fmt::print("saved checkpoint {}\n", path);
+      std::fflush(stdout);  // (a kill right after still leaves the line)
     }
   }
 
