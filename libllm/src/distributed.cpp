@@ -134,6 +134,10 @@ Distributed Distributed::from_env(double timeout_s, const std::string& backend) 
   impl->port = env_int({"MASTER_PORT"}, 29500);
   const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
   impl->timeout = timeout;
+  // (Said before the wait: a rank whose peers never come otherwise shows nothing until the timeout.)
+  fmt::print(stderr, "rank {} of {}: meeting the other ranks at {}:{}{} (waiting at most {:.0f} s)\n", d.rank_,
+             d.world_, impl->addr, impl->port, std::getenv("MASTER_PORT") ? "" : " (MASTER_PORT unset: 29500)",
+             timeout_s);
   try {
     c10d::TCPStoreOptions opts;
     opts.port = static_cast<uint16_t>(impl->port);
