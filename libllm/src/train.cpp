@@ -992,7 +992,20 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       }
       resume_changes = changed;
     }
-    state = run.load(resume_from);
+    try {
+      state = run.load(resume_from);
+    } catch (const Error& e) {  // (a damaged checkpoint: the one before it may be whole)
+      const fs::path from(resume_from);
+      std::error_code ec;
+      if (!fs::equivalent(from.parent_path(), run.ckpt_root, ec)) throw;
+      int64_t before = -1;  // (names are zero-padded: their order is the steps')
+      for (int64_t s : checkpoint_steps(run.ckpt_root))
+        if (checkpoint_name(s) < from.filename().string()) before = s;
+      if (before < 0) throw;
+      throw Error(e.where(), e.problem(),
+                  e.hint() + (e.hint().empty() ? "" : "; ") + "or resume the checkpoint before it: checkpoint.resume=" +
+                      (fs::path(run.ckpt_root) / checkpoint_name(before)).string());
+    }
     if (main_rank) fmt::print("resumed from {} (step {})\n", resume_from, state.step);
     if (main_rank && state.step >= tc.steps)
       fmt::print("note: the checkpoint is at step {}, and train.steps is {}: there is nothing to train\n", state.step,

@@ -708,3 +708,18 @@ TEST_CASE("recipe mismatch: one of two ranks", "[.recipe_mismatch_worker]") {
   });
   CHECK_THAT(e, Catch::Contains("recipe: 1 of the 2 ranks resolved another recipe than rank 0"));
 }
+
+TEST_CASE("a damaged newest checkpoint names the one before it", "[train]") {
+  test::TempDir tmp;
+  const std::string shards = make_shards(tmp);
+  pretrain(tiny_recipe(shards, tmp / "r", {"train.steps=6", "checkpoint.every=3"}));
+  const std::string newest = tmp / "r/checkpoints/step-00000006/model.safetensors";
+  fs::resize_file(newest, fs::file_size(newest) / 2);
+  const std::string e = test::error_of([&] {
+    pretrain(tiny_recipe(shards, tmp / "r", {"train.steps=9", "checkpoint.every=3"}));
+  });
+  INFO(e);
+  CHECK_THAT(e, Catch::Contains("model.safetensors") &&
+                    Catch::Contains("or resume the checkpoint before it: checkpoint.resume=" +
+                                    tmp / "r/checkpoints/step-00000003"));
+}
