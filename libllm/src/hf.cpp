@@ -878,18 +878,21 @@ std::vector<std::pair<int64_t, std::string>> added_tokens(const std::string& dir
   return out;
 }
 
+std::string tokenizer_difference(const std::string& given, const std::string& own, const std::string& label) {
+  std::error_code ec;
+  if (fs::equivalent(given, own, ec)) return "";
+  const Tokenizer mine = Tokenizer::load(given);
+  try {
+    return mine.difference(Tokenizer::load(own));
+  } catch (const Error& e) {  // (what a given tokenizer works around)
+    fmt::print(stderr, "warning: {} is used; the model folder's own cannot be compared with it: {}\n", label, e.what());
+    return "";
+  }
+}
+
 std::string tokenizer_for(const Pretrained& pre, const std::string& given, const std::string& flag) {
   if (given.empty() || pre.tokenizer_path.empty()) return given.empty() ? pre.tokenizer_path : given;
-  std::error_code ec;
-  if (fs::equivalent(given, pre.tokenizer_path, ec)) return given;
-  const Tokenizer mine = Tokenizer::load(given);
-  std::string how;
-  try {
-    how = mine.difference(Tokenizer::load(pre.tokenizer_path));
-  } catch (const Error& e) {  // (a damaged one, a Git LFS pointer: what --tokenizer works around)
-    fmt::print(stderr, "warning: {} {} is used; the folder's own cannot be compared with it: {}\n", flag, given,
-               e.what());
-  }
+  const std::string how = tokenizer_difference(given, pre.tokenizer_path, flag + " " + given);
   if (!how.empty())
     fmt::print(stderr,
                "warning: {} {} is not the tokenizer in {} ({}): the model reads ids as its own tokenizer made "

@@ -260,8 +260,8 @@ struct Run {
   std::vector<int64_t> buf;
   Guard guard;
   json history = json::array();  // held-out evaluations so far
-  int64_t tokens =
-      -1;  // tokens the steps so far drew (metrics' "tokens"); -1: step x this run's batch (older checkpoints)
+  // Tokens the steps so far drew (metrics' "tokens"); -1: step x this run's batch (older checkpoints).
+  int64_t tokens = -1;
   json applied_plan;             // the restart plan (LIBLLM_RESTART_PLAN's JSON) this branch applied (null: none)
   json applied_rollback;         // the last in-loop rollback's record (pending_path's JSON) it applied (null: none)
   int64_t accum = 1, global = 0, planned = 0;
@@ -1016,7 +1016,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   // an abandoned run or branch. Left in place, pruning would delete this run's checkpoints in
   // their favour and a restart would resume them; moved aside (never deleted), they are kept.
   // (Done below, with the log lines, by rank 0: their log lines (and a new run's predecessor's
-  // recipe.yaml and loss.html) move to run_dir/<superseded|rolled-back>-logs/N/ first, so that a
+  // recipe.yaml, loss.html and events.jsonl) move to run_dir/<superseded|rolled-back>-logs/N/ first, so that a
   // failure in between never leaves the lines of checkpoints already moved unarchived.)
   dist.barrier();  // every rank has read its checkpoint
   // An in-loop rollback that the previous process began and did not finish (it died before the
@@ -1538,14 +1538,8 @@ double finetune(const Recipe& recipe, const TrainHooks& hooks) {
     r.tokenizer.path = base.tokenizer_path;
   } else if (!base.tokenizer_path.empty()) {
     // The base learned its ids from its own tokenizer: training on another's ids teaches noise.
-    const Tokenizer mine = Tokenizer::load(r.tokenizer.path);
-    std::string how;
-    try {
-      how = mine.difference(Tokenizer::load(base.tokenizer_path));
-    } catch (const Error& e) {  // (a damaged one, a Git LFS pointer: what tokenizer.path works around)
-      fmt::print(stderr, "warning: tokenizer.path {} is used; the base's own cannot be compared with it: {}\n",
-                 r.tokenizer.path, e.what());
-    }
+    const std::string how =
+        tokenizer_difference(r.tokenizer.path, base.tokenizer_path, "tokenizer.path " + r.tokenizer.path);
     if (!how.empty())
       throw Error("tokenizer.path",
                   r.tokenizer.path + " is not the tokenizer of finetune.base " + base.dir + " (" + how + ")",

@@ -388,7 +388,7 @@ TEST_CASE("a fine-tune's tokenizer.path must have its base's pieces", "[finetune
     finetune(ft_recipe(tmp / "lfs-base", chat, tmp / "t", {"tokenizer.path=" + tmp / "copy.model", "train.steps=1"}));
   });
   CHECK_THAT(warned, Catch::Contains("warning: tokenizer.path " + tmp / "copy.model" +
-                                     " is used; the base's own cannot be compared with it"));
+                                     " is used; the model folder's own cannot be compared with it"));
 }
 
 TEST_CASE("fine-tuning resumes exactly (LoRA and full) and lowers the held-out loss", "[finetune][train]") {

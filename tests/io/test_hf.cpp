@@ -515,7 +515,7 @@ TEST_CASE("a --tokenizer unlike the checkpoint's own is used with a warning", "[
   write_file(tmp / "pointer.model", "version https://git-lfs.github.com/spec/v1\n");
   CHECK_THAT(test::stderr_of([&] { got = tokenizer_for(lfs, tmp / "same.model"); }),
              Catch::Contains("warning: --tokenizer " + tmp / "same.model" +
-                             " is used; the folder's own cannot be compared with it"));
+                             " is used; the model folder's own cannot be compared with it"));
   CHECK(got == tmp / "same.model");
   // A folder without a tokenizer of its own: the given one, nothing to compare.
   Pretrained bare = pre;
