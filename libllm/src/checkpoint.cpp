@@ -11,6 +11,7 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <system_error>
 #include <thread>
 
@@ -127,10 +128,16 @@ class OptimizerFiles {
     }
   }
 
-  // Entries for every key `optim.state()` has, assembled from the pieces that cover them.
+  // Entries for every key `optim.state()` has, assembled from the pieces that cover them. Across a
+  // train.dtype change: an fp32 run's checkpoint has no masters, so a bf16 resume takes them from
+  // its fp32 weights; a bf16 run's masters come along as "<slot>.master" for an fp32 resume, whose
+  // parameters they then set (AdamW::load_state), so that no precision is lost either way.
   std::map<std::string, torch::Tensor> state_for(const AdamW& optim) const {
     std::map<std::string, torch::Tensor> out;
-    for (const auto& [key, like] : optim.state()) {
+    const auto keys = optim.state();
+    std::set<std::string> has;
+    for (const auto& kv : keys) has.insert(kv.first);
+    for (const auto& [key, like] : keys) {
       if (key == "step") {
         const auto* t = main_->find("step");
         if (t) out[key] = copy(*main_, *t);
@@ -138,25 +145,26 @@ class OptimizerFiles {
       }
       const auto [slot, kind] = split_kind(key);
       const auto [param, offset] = split_offset(slot);
+      if (kind == "exp_avg" && !has.count(slot + ".master") && pieces_.count(param + ".master"))
+        out[slot + ".master"] = assemble(param, "master", offset, like.sizes(), torch::kFloat32);
       auto it = pieces_.find(param + "." + kind);
-      if (it == pieces_.end()) continue;  // AdamW::load_state names what is missing
+      if (it == pieces_.end()) {
+        if (kind == "master") {  // (an fp32 run's checkpoint: its weights are the masters)
+          const auto* w = weights().find(param);
+          if (w && w->numel() >= offset + like.numel())
+            out[key] = view(weights(), *w)
+                           .reshape({-1})
+                           .narrow(0, offset, like.numel())
+                           .to(like.scalar_type())
+                           .view(like.sizes());
+        }
+        continue;  // AdamW::load_state names what is missing
+      }
       if (kind == "step") {
         out[key] = copy(*it->second.front().file, *it->second.front().info);
         continue;
       }
-      auto dst = torch::empty({like.numel()}, torch::dtype(like.scalar_type()));
-      int64_t covered = 0;
-      for (const Piece& pc : it->second) {
-        const int64_t n = pc.info->numel();
-        const int64_t lo = std::max(offset, pc.offset), hi = std::min(offset + like.numel(), pc.offset + n);
-        if (lo >= hi) continue;
-        dst.narrow(0, lo - offset, hi - lo).copy_(view(*pc.file, *pc.info).reshape({-1}).narrow(0, lo - pc.offset, hi - lo));
-        covered += hi - lo;
-      }
-      if (covered != like.numel())
-        throw Error(dir_, "the optimizer state of '" + param + "' does not cover elements " + std::to_string(offset) +
-                              ".." + std::to_string(offset + like.numel()), "the checkpoint is of another model");
-      out[key] = dst.view(like.sizes());
+      out[key] = assemble(param, kind, offset, like.sizes(), like.scalar_type());
     }
     return out;
   }
@@ -167,6 +175,34 @@ class OptimizerFiles {
     const safetensors::TensorInfo* info;
     int64_t offset;
   };
+
+  // Elements [offset, offset + numel(sizes)) of `param`'s flattened `kind` state, from its pieces.
+  torch::Tensor assemble(const std::string& param, const std::string& kind, int64_t offset, torch::IntArrayRef sizes,
+                         torch::ScalarType dtype) const {
+    int64_t numel = 1;
+    for (const int64_t d : sizes) numel *= d;
+    auto dst = torch::empty({numel}, torch::dtype(dtype));
+    int64_t covered = 0;
+    for (const Piece& pc : pieces_.at(param + "." + kind)) {
+      const int64_t n = pc.info->numel();
+      const int64_t lo = std::max(offset, pc.offset), hi = std::min(offset + numel, pc.offset + n);
+      if (lo >= hi) continue;
+      dst.narrow(0, lo - offset, hi - lo)
+          .copy_(view(*pc.file, *pc.info).reshape({-1}).narrow(0, lo - pc.offset, hi - lo));
+      covered += hi - lo;
+    }
+    if (covered != numel)
+      throw Error(dir_,
+                  "the optimizer state of '" + param + "' does not cover elements " + std::to_string(offset) + ".." +
+                      std::to_string(offset + numel),
+                  "the checkpoint is of another model");
+    return dst.view(sizes);
+  }
+  // The checkpoint's model.safetensors (opened when first needed).
+  const safetensors::File& weights() const {
+    if (!weights_) weights_ = safetensors::File::open((fs::path(dir_) / "model.safetensors").string());
+    return *weights_;
+  }
 
   static std::pair<std::string, std::string> split_kind(const std::string& key) {
     for (const char* k : {".exp_avg_sq", ".exp_avg", ".master", ".step"}) {
@@ -198,6 +234,7 @@ class OptimizerFiles {
   std::shared_ptr<safetensors::File> main_;
   std::vector<std::shared_ptr<safetensors::File>> shards_;
   std::map<std::string, std::vector<Piece>> pieces_;  // "<param>.<kind>" -> pieces
+  mutable std::shared_ptr<safetensors::File> weights_;
 };
 
 }  // namespace

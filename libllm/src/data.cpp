@@ -1224,10 +1224,22 @@ void PackedDataset::restore(const std::string& text) {
   std::vector<std::pair<int64_t, int64_t>> state;
   for (size_t i = 0; i < sets.size(); ++i) {
     const SetState& s = sets_[i];
-    if (get(sets[i], "tokens") != s.shards.n_tokens() || get(sets[i], "windows") != s.windows)
-      throw Error(where, "train set " + std::to_string(i) + " (" + s.dir + ") has changed since the cursor was saved (" +
-                             std::to_string(get(sets[i], "tokens")) + " tokens then, " +
-                             std::to_string(s.shards.n_tokens()) + " now)", fresh);
+    if (get(sets[i], "tokens") != s.shards.n_tokens() || get(sets[i], "windows") != s.windows) {
+      // Another folder in the list (data.train edited), or the same one made again.
+      const std::string then =
+          sets[i].contains("dir") && sets[i]["dir"].is_string() ? sets[i]["dir"].get<std::string>() : "";
+      std::error_code e1, e2;
+      const bool other = !then.empty() && fs::weakly_canonical(then, e1) != fs::weakly_canonical(s.dir, e2);
+      throw Error(where,
+                  "train set " + std::to_string(i) +
+                      (other ? " was " + then + " (" + std::to_string(get(sets[i], "tokens")) +
+                                   " tokens) when the cursor was saved, and is " + s.dir + " (" +
+                                   std::to_string(s.shards.n_tokens()) + " tokens) now"
+                             : " (" + s.dir + ") has changed since the cursor was saved (" +
+                                   std::to_string(get(sets[i], "tokens")) + " tokens then, " +
+                                   std::to_string(s.shards.n_tokens()) + " now)"),
+                  fresh);
+    }
     const int64_t epoch = get(sets[i], "epoch"), pos = get(sets[i], "pos");
     if (epoch < 0 || pos < 0 || pos >= s.windows)
       throw Error(where, "invalid position of train set " + std::to_string(i), "the checkpoint's data cursor is corrupt");

@@ -55,6 +55,8 @@ int env_int(std::initializer_list<const char*> names, int fallback) {
 
 }  // namespace
 
+int Distributed::launch_rank() { return env_int({"RANK", "SLURM_PROCID"}, 0); }
+
 struct Distributed::Impl {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<ProcessGroupBase> pg;

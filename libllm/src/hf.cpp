@@ -878,14 +878,17 @@ std::vector<std::pair<int64_t, std::string>> added_tokens(const std::string& dir
   return out;
 }
 
-std::string tokenizer_difference(const std::string& given, const std::string& own, const std::string& label) {
+std::string tokenizer_difference(const std::string& given, const std::string& own, const std::string& label,
+                                 bool warn) {
   std::error_code ec;
   if (fs::equivalent(given, own, ec)) return "";
   const Tokenizer mine = Tokenizer::load(given);
   try {
     return mine.difference(Tokenizer::load(own));
   } catch (const Error& e) {  // (what a given tokenizer works around)
-    fmt::print(stderr, "warning: {} is used; the model folder's own cannot be compared with it: {}\n", label, e.what());
+    if (warn)
+      fmt::print(stderr, "warning: {} is used; the model folder's own cannot be compared with it: {}\n", label,
+                 e.what());
     return "";
   }
 }

@@ -276,7 +276,7 @@ void AdamW::load_state(const std::map<std::string, torch::Tensor>& state) {
   for (const Slot& s : slots_) {
     state_entry(state, s.name + ".exp_avg", s.exp_avg.sizes());
     state_entry(state, s.name + ".exp_avg_sq", s.exp_avg_sq.sizes());
-    if (s.master.defined()) state_entry(state, s.name + ".master", s.master.sizes());
+    if (s.master.defined() || state.count(s.name + ".master")) state_entry(state, s.name + ".master", s.param.sizes());
     counts.push_back(state_count(state, s.name + ".step"));
   }
   for (size_t i = 0; i < slots_.size(); ++i) {
@@ -286,6 +286,8 @@ void AdamW::load_state(const std::map<std::string, torch::Tensor>& state) {
     if (s.master.defined()) {
       s.master.copy_(state.at(s.name + ".master"));
       s.param.copy_(s.master);
+    } else if (const auto m = state.find(s.name + ".master"); m != state.end()) {
+      s.param.copy_(m->second);  // (a bf16 run's checkpoint resumed in fp32: its master is the exact value)
     }
     s.step = counts[i];
     s.device_step = torch::Tensor();  // the fused path recreates it from the restored count

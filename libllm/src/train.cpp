@@ -279,6 +279,9 @@ struct Run {
 
   void event(json e) {
     if (!main()) return;
+    // A step's event carries its branch, as its metrics line does: a resume from an older
+    // checkpoint moves an abandoned branch's events aside with its lines (truncate_log).
+    if (e.contains("step") && !e.contains("branch")) e["branch"] = guard.rollbacks_total();
     e["time"] = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
     events << e.dump() << "\n" << std::flush;
   }
@@ -423,14 +426,18 @@ struct Run {
     guard.rolled_back(saved, to, lr_factor, in_loop, branch_floor);
     save(to);
     dist.barrier();
-    // The data sequence lists what the final model saw. Cut after the save: a job killed during
-    // it applies this rollback again, and reads the rolled-back steps' windows again.
+    // The data sequence lists what the final model saw; the rolled-back steps' lines (the data
+    // that spiked) move to rolled-back-logs/. Cut after the save: a job killed during it applies
+    // this rollback again, and reads the rolled-back steps' windows again.
+    json e = rollback_event(to, through, in_loop, dir);
+    const fs::path aside = fs::path(tc.run_dir) / "rolled-back-logs" /
+                           fmt::format("rollback-{}-to-{}-branch-{}", through, to, e["branch"].get<int64_t>());
     if (main()) {
       sequence.close();
-      truncate_log(sequence_path, to);
+      if (truncate_log(sequence_path, to, 0, (aside / "data_sequence.jsonl").string()) > 0)
+        e["data_sequence"] = (aside / "data_sequence.jsonl").string();
       sequence.open(sequence_path, std::ios::app);
     }
-    json e = rollback_event(to, through, in_loop, dir);
     if (chat) e["examples"] = examples;  // "windows" counts rows (samples); packed rows hold several
     if (resumed) e["resumed"] = true;
     if (!in_loop) e["plan_attempt"] = applied_plan.value("attempt", int64_t{-1});  // (which plan)
@@ -586,6 +593,7 @@ struct Run {
     return {{"event", in_loop ? "rollback" : "restart_plan"},
             {"step", through},
             {"to_step", to},
+            {"branch", guard.rollbacks_total() - 1},  // (the branch it ended: the guard has rolled back)
             {"windows", (through - to) * accum * tc.micro_batch * dist.world_size()},
             {"data", recipe.guard.defer == "end" ? "deferred" : "dropped"},
             {"lr_scale", guard.lr_scale()},
@@ -990,6 +998,19 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
         fmt::print("note: the recipe differs from the one {} was trained with:\n", resume_from);
         for (const auto& d : changed) fmt::print("  {}\n", d);
       }
+      // The held-out loss is over eval_batches x micro_batch windows (chat: examples) of seq_len:
+      // another count is another held-out set, and the earlier evaluations do not compare.
+      if (main_rank && before && tc.eval_every > 0 && run.has_valid()) {
+        const TrainConfig& was = before->train;
+        if (was.eval_batches * was.micro_batch != tc.eval_batches * tc.micro_batch ||
+            (!run.chat && was.seq_len != tc.seq_len) || before->data.valid != recipe.data.valid)
+          fmt::print(
+              "note: the held-out loss is now the mean over {} {}{} (eval_batches x micro_batch), and was "
+              "over {}{}: the evaluations before this resume are of other held-out data\n",
+              tc.eval_batches * tc.micro_batch, run.chat ? "examples" : "windows",
+              run.chat ? "" : fmt::format(" of {} tokens", tc.seq_len), was.eval_batches * was.micro_batch,
+              run.chat ? "" : fmt::format(" of {}", was.seq_len));
+      }
       resume_changes = changed;
     }
     try {
@@ -1107,8 +1128,14 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     else
       archived += truncate_log(metrics_path, plan_applies ? plan.value("from_step", state.step) : state.step,
                                plan_applies ? branch_floor : run.guard.rollbacks_total(), archive("metrics.jsonl"));
-    if (!plan_applies && !pending_applies)  // (else the rollback reads its steps first)
+    if (!plan_applies && !pending_applies) {  // (else the rollback reads its steps first)
       archived += truncate_log(run.sequence_path, state.step, 0, archive("data_sequence.jsonl"));
+      // The events of steps after the resumed one, as their metrics lines (a re-run step logs its
+      // skip again); lines without a step (a supervisor's) stay.
+      if (!resume_from.empty())
+        archived += truncate_log((run_dir / "events.jsonl").string(), state.step, run.guard.rollbacks_total(),
+                                 archive("events.jsonl"));
+    }
     if (resume_from.empty() && (archived > 0 || set_aside))  // (the recipe, events and plot of those lines)
       for (const char* name : {"recipe.yaml", "loss.html", "events.jsonl"})
         if (fs::exists(run_dir / name)) {
@@ -1539,7 +1566,8 @@ double finetune(const Recipe& recipe, const TrainHooks& hooks) {
   } else if (!base.tokenizer_path.empty()) {
     // The base learned its ids from its own tokenizer: training on another's ids teaches noise.
     const std::string how =
-        tokenizer_difference(r.tokenizer.path, base.tokenizer_path, "tokenizer.path " + r.tokenizer.path);
+        tokenizer_difference(r.tokenizer.path, base.tokenizer_path, "tokenizer.path " + r.tokenizer.path,
+                             /*warn=*/Distributed::launch_rank() == 0);
     if (!how.empty())
       throw Error("tokenizer.path",
                   r.tokenizer.path + " is not the tokenizer of finetune.base " + base.dir + " (" + how + ")",

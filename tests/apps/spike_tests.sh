@@ -69,8 +69,8 @@ hang)
 heartbeat)
   run=("${common[@]}" --set train.steps=10 --set train.run_dir="$work/run")
   beat='echo "$(date +%s) writing slow.safetensors" > "$LIBLLM_HEARTBEAT"'
-  "$bin/llm-spike" supervise "$recipe" "${run[@]}" --hang-seconds 6 -- sh -c \
-    "for i in $(seq -s ' ' 16); do $beat; sleep 0.5; done; \"\$@\"" launcher "$bin/llm-pretrain" "$recipe" "${run[@]}" \
+  "$bin/llm-spike" supervise "$recipe" "${run[@]}" --hang-seconds 8 -- sh -c \
+    "for i in $(seq -s ' ' 20); do $beat; sleep 0.5; done; \"\$@\"" launcher "$bin/llm-pretrain" "$recipe" "${run[@]}" \
     > "$work/beating.log" 2>&1 || fail "a beating job was not left to finish"
   grep -q "the job finished (attempt 0)" "$work/beating.log" || fail "restarted a beating job"
   "$bin/llm-spike" supervise "$recipe" "${run[@]}" --hang-seconds 3 --max-restarts 0 -- sh -c "$beat; sleep 30" launcher "${run[@]}" \
@@ -89,7 +89,7 @@ heartbeat)
   setsid "$bin/llm-spike" supervise "$recipe" "${run[@]}" --hang-seconds 60 -- sh -c 'sleep 61 || exit 1' launcher \
     "${run[@]}" > "$work/orphan.log" 2>&1 &
   sup=$! rank=
-  for _ in $(seq 1 200); do
+  for _ in $(seq 1 600); do  # (30 s: a loaded 2-core machine starts it late)
     launcher=$(job_of "$sup")
     [ -n "$launcher" ] && rank=$(pgrep -P "$launcher") && [ -n "$rank" ] && break
     sleep 0.05
@@ -98,7 +98,7 @@ heartbeat)
   kill -9 -- "-$sup"
   wait "$sup" 2>/dev/null || true
   alive() { local st; st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) && [ "$st" != Z ]; }
-  for _ in $(seq 1 100); do alive "$rank" || alive "$launcher" || break; sleep 0.05; done
+  for _ in $(seq 1 300); do alive "$rank" || alive "$launcher" || break; sleep 0.05; done
   ! alive "$rank" && ! alive "$launcher" || { kill "$rank" "$launcher"; fail "the job outlived its supervisor"; }
   cat "$work/stuck.log"
   ;;

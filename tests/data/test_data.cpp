@@ -761,6 +761,17 @@ TEST_CASE("PackedDataset: a cursor continues exactly in a fresh dataset: bad cur
   fewer.weights.clear();
   PackedDataset one_set(fewer, L, 0, 1);
   CHECK_THAT(error_of([&] { one_set.restore(good); }), Catch::Contains("train sets"));
+  // Another folder in data.train is named as such; the same folder made again has changed.
+  make_set(tmp, "c", synthetic_docs(70, 5));
+  DataConfig swapped = cfg;
+  swapped.train = {tmp / "c", tmp / "b"};
+  PackedDataset other_set(swapped, L, 0, 1);
+  CHECK_THAT(error_of([&] { other_set.restore(good); }),
+             Catch::Contains("train set 0 was " + (tmp / "a") + " (") && Catch::Contains("and is " + (tmp / "c")));
+  make_set(tmp, "a", synthetic_docs(70, 5));
+  PackedDataset remade(cfg, L, 0, 1);
+  CHECK_THAT(error_of([&] { remade.restore(good); }),
+             Catch::Contains("train set 0 (" + (tmp / "a") + ") has changed since the cursor was saved"));
   CHECK(ds.cursor() == good);  // failed restores change nothing
 }
 

@@ -259,6 +259,68 @@ TEST_CASE("keep_last deletes old regular checkpoints, milestones stay", "[train]
   CHECK(checkpoint_steps(tmp / "r/checkpoints") == std::vector<int64_t>{4, 11});
 }
 
+TEST_CASE("a resume may change train.dtype: masters come from fp32 weights, and set fp32 weights", "[train]") {
+  test::TempDir tmp;
+  const std::string shards = make_shards(tmp);
+  const std::string run = tmp / "r", ck3 = run + "/checkpoints/step-00000003";
+  pretrain(tiny_recipe(shards, run, {"train.steps=5"}));  // fp32: no masters
+  const auto fp32_losses = losses(run);
+  const auto fp32_weights = read_weights(ck3);
+  // fp32 -> bf16: the masters are the checkpoint's fp32 weights exactly (not the bf16-rounded ones).
+  const Recipe bf16 = tiny_recipe(shards, run, {"train.steps=5", "train.dtype=bf16", "checkpoint.resume=" + ck3});
+  Transformer model(bf16.model);
+  model->to(torch::kBFloat16);
+  AdamW optim(model->named_parameters().pairs(), bf16.optim);
+  load_checkpoint(ck3, model, optim, 0);
+  int64_t masters = 0;
+  for (const auto& [name, t] : optim.state())
+    if (name.size() > 7 && name.substr(name.size() - 7) == ".master") {
+      CHECK(torch::equal(t, fp32_weights.at(name.substr(0, name.size() - 7))));
+      ++masters;
+    }
+  CHECK(masters == static_cast<int64_t>(fp32_weights.size()));
+  // Trained on in bf16 from step 3, its losses go on where fp32's went (within bf16 rounding:
+  // a bf16 run from scratch is 0.001 from fp32's here).
+  pretrain(bf16);
+  const auto mixed = losses(run);
+  REQUIRE(mixed.size() == 5);
+  for (size_t i = 3; i < 5; ++i) CHECK(mixed[i] == Approx(fp32_losses[i]).margin(0.01));
+  // bf16 -> fp32: the fp32 parameters are the bf16 run's masters exactly.
+  auto opt_file = safetensors::File::open(run + "/checkpoints/step-00000005/optimizer.safetensors");
+  const Recipe fp32 = tiny_recipe(shards, run, {"train.steps=6"});
+  Transformer back(fp32.model);
+  AdamW optim32(back->named_parameters().pairs(), fp32.optim);
+  load_checkpoint(run + "/checkpoints/step-00000005", back, optim32, 0);
+  for (const auto& p : back->named_parameters()) {
+    const auto& info = opt_file->at(p.key() + ".master");
+    auto master = torch::from_blob(const_cast<uint8_t*>(opt_file->data(info)), info.shape, torch::kFloat32);
+    CHECK(torch::equal(p.value(), master));
+  }
+  pretrain(fp32);
+  CHECK(losses(run).size() == 6);
+}
+
+TEST_CASE("a resume that changes the held-out set (micro_batch x eval_batches) says so", "[train]") {
+  test::TempDir tmp;
+  const std::string shards = make_shards(tmp);
+  const std::vector<std::string> eval = {"data.valid=" + shards, "train.eval_every=3"};
+  auto with = [&](std::vector<std::string> o) { return o.insert(o.end(), eval.begin(), eval.end()), o; };
+  pretrain(tiny_recipe(shards, tmp / "r", with({"train.steps=3"})));
+  const std::string note =
+      "the held-out loss is now the mean over 16 windows of 16 tokens (eval_batches x "
+      "micro_batch), and was over 8 of 16";
+  CHECK_THAT(test::stdout_of([&] {
+               pretrain(tiny_recipe(shards, tmp / "r", with({"train.steps=4", "train.micro_batch=4"})));
+             }),
+             Catch::Contains(note));
+  // The same held-out set with another split of it: no note.
+  CHECK_THAT(test::stdout_of([&] {
+               pretrain(tiny_recipe(shards, tmp / "r",
+                                    with({"train.steps=5", "train.micro_batch=2", "train.eval_batches=8"})));
+             }),
+             !Catch::Contains("held-out loss is now"));
+}
+
 TEST_CASE("metrics count the tokens each step drew, also after a resume with another batch", "[train]") {
   test::TempDir tmp;
   const std::string shards = make_shards(tmp);
@@ -292,6 +354,10 @@ TEST_CASE("a new run or an older resume point sets the run folder's later checkp
   CHECK_THAT(test::read_file(tmp / "r/recipe.yaml"), Catch::Contains("steps: 6"));
   // Back to step 3 and on to 8: step 6 of the abandoned branch is kept aside, not pruned later
   // in favour of it, and the run equals one that went 3 -> 8 itself.
+  std::ofstream(tmp / "r/events.jsonl", std::ios::app) << R"({"event":"skip","step":5,"branch":0})"
+                                                       << "\n"
+                                                       << R"({"event":"supervise","command":"x"})"
+                                                       << "\n";
   pretrain(tiny_recipe(shards, tmp / "r", {"checkpoint.resume=" + std::string(tmp / "r/checkpoints/step-00000003")}));
   CHECK(checkpoint_steps(tmp / "r/checkpoints") == std::vector<int64_t>{3, 6, 8});
   CHECK(checkpoint_steps(tmp / "r/checkpoints/rolled-back") == std::vector<int64_t>{6});
@@ -300,6 +366,13 @@ TEST_CASE("a new run or an older resume point sets the run folder's later checkp
   for (const auto& line : jsonl(tmp / "r/rolled-back-logs/1/metrics.jsonl")) abandoned.push_back(line["step"]);
   CHECK(abandoned == std::vector<int64_t>{4, 5, 6});
   CHECK(jsonl(tmp / "r/rolled-back-logs/1/data_sequence.jsonl").size() == 3);
+  // So does its step 5's event; an event of no step (a supervisor's) stays.
+  const auto moved = jsonl(tmp / "r/rolled-back-logs/1/events.jsonl");
+  REQUIRE(moved.size() == 1);
+  CHECK(moved[0]["event"] == "skip");
+  std::vector<std::string> kinds;
+  for (const auto& e : jsonl(tmp / "r/events.jsonl")) kinds.push_back(e["event"]);
+  CHECK(kinds == std::vector<std::string>{"start", "supervise", "resume"});
   // The recipe keys changed since step 3's checkpoint are reported and logged.
   nlohmann::json resumed;
   for (const auto& e : jsonl(tmp / "r/events.jsonl"))
@@ -428,7 +501,20 @@ TEST_CASE("guard: a persistent spike rolls back to an exact checkpoint, defers i
   CHECK(seq[25]["windows"] != seq_clean[25]["windows"]);  // step 26 got fresh data
   // The spiked checkpoint is kept aside; resume would never pick it.
   CHECK(fs::exists(spiked + "/checkpoints/rolled-back/step-00000030"));
-  CHECK_FALSE(fs::exists(spiked + "/rolled-back-logs"));  // (the metrics keep a rollback's lines, as branches)
+  // The metrics keep a rollback's lines, as branches; the rolled-back steps' data (what spiked)
+  // moved aside, and the rollback's event names it.
+  const std::string aside = spiked + "/rolled-back-logs/rollback-34-to-25-branch-0/data_sequence.jsonl";
+  const auto spiked_data = jsonl(aside);
+  REQUIRE(spiked_data.size() == 9);
+  for (int s = 26; s <= 34; ++s) CHECK(spiked_data[s - 26]["windows"] == seq_clean[s - 1]["windows"]);
+  auto rollback_events = [&] {
+    std::vector<nlohmann::json> out;
+    for (const auto& e : jsonl(spiked + "/events.jsonl"))
+      if (e["event"] == "rollback") out.push_back(e);
+    return out;
+  };
+  REQUIRE(rollback_events().size() == 1);
+  CHECK(rollback_events()[0]["data_sequence"] == aside);
   const double a = final_eval(clean), b = final_eval(spiked);
   INFO("final held-out loss: clean " << a << ", guarded " << b);
   CHECK(std::fabs(b - a) / a < 0.02);
@@ -444,6 +530,7 @@ TEST_CASE("guard: a persistent spike rolls back to an exact checkpoint, defers i
   CHECK(again[33]["branch"] == 0);
   CHECK(again.back()["step"] == kSteps);
   CHECK(again.back()["loss"] == m.back()["loss"]);
+  CHECK(rollback_events().size() == 1);  // (branch 0's event stays with its lines)
   // Resumed from there with twice the global batch (8 windows a step, as on twice the ranks): the
   // deferred windows are still the run's last 36, not left past its end.
   const std::string wider = tmp / "wider";

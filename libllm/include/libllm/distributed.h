@@ -36,6 +36,9 @@ class Distributed {
   // "nccl" (CUDA tensors on cuda:LOCAL_RANK; needs a LibTorch with CUDA and libllm built with
   // NCCL); scalars and host tensors passed to the collectives are staged through the device.
   static Distributed from_env(double timeout_s = 300, const std::string& backend = "gloo");
+  // This process's rank as the launcher's environment gives it (RANK, SLURM_PROCID; 0 without
+  // one), before from_env: for messages that one process of a job should print.
+  static int launch_rank();
   ~Distributed();
   Distributed(Distributed&&) noexcept;
 

@@ -137,8 +137,10 @@ Pretrained inspect_pretrained(const std::string& dir);
 std::string tokenizer_for(const Pretrained& pre, const std::string& given, const std::string& flag = "--tokenizer");
 // How tokenizer file `given` (named `label`, e.g. "--tokenizer X") differs from a model folder's
 // own tokenizer file `own` (Tokenizer::difference); "" when they agree, or when `own` cannot be
-// read (damaged, a Git LFS pointer): the given one then goes unchecked, with a warning on stderr.
-std::string tokenizer_difference(const std::string& given, const std::string& own, const std::string& label);
+// read (damaged, a Git LFS pointer): the given one then goes unchecked, with a warning on stderr
+// (unless `warn` is false: a job's other ranks).
+std::string tokenizer_difference(const std::string& given, const std::string& own, const std::string& label,
+                                 bool warn = true);
 // A cheap identity of a model folder's contents (SHA-256 hex): its config (config.json or
 // recipe.yaml) and, per weight file, its name, size and 64 KiB from its middle. Adapters record
 // their base's, so that a base replaced at the same path (a new revision, a rerun) is an error.

@@ -46,7 +46,9 @@ struct TrainConfig {                 // recipe section `train`
   int64_t log_every =
       10;  // console progress line every this many steps, and at each evaluation (metrics.jsonl gets every step)
   int64_t eval_every = 0;            // held-out evaluation every this many steps (data.valid); 0 = off
-  int64_t eval_batches = 4;          // micro batches of held-out windows per evaluation (always the same windows)
+  int64_t eval_batches = 4;          // micro batches of held-out windows per evaluation (always the same
+                                     // eval_batches x micro_batch windows or chat examples: changing either
+                                     // changes the held-out set, which a resume notes)
   double peak_tflops = 0.0;          // the device's peak TFLOP/s for MFU (e.g. 989 for an H100 in bf16); 0 = do not report MFU
   std::vector<std::string> sample_prompts;  // after training, print a continuation of each prompt
   int64_t sample_tokens = 48;        // tokens generated per prompt
@@ -79,8 +81,10 @@ struct TrainHooks {
 // grad_norm, tokens/s, ...; chat data adds target_tokens and target_tokens_per_s; with the guard
 // also action, z_loss, z_grad and branch = rollbacks so far; under a supervisor, attempt =
 // LIBLLM_RESTART), data_sequence.jsonl (per step, every
-// rank's windows, or chat examples, [set, number] in the order used: what the final model saw),
-// events.jsonl (start/resume, skip, rollback, stop, restart plans), checkpoints/, loss.html.
+// rank's windows, or chat examples, [set, number] in the order used: what the final model saw;
+// a rollback's discarded steps go to rolled-back-logs/rollback-S-to-T-branch-B/), events.jsonl
+// (start/resume, skip, rollback, stop, restart plans; a step's event has its branch),
+// checkpoints/, loss.html.
 //
 // The loss-spike guard (recipe section `guard`, libllm/guard.h) judges every step: a skipped
 // update leaves weights and optimizer untouched; a rollback reloads the newest checkpoint before
