@@ -149,9 +149,9 @@ class OptimizerFiles {
         out[slot + ".master"] = assemble(param, "master", offset, like.sizes(), torch::kFloat32);
       auto it = pieces_.find(param + "." + kind);
       if (it == pieces_.end()) {
-        if (kind == "master") {  // (an fp32 run's checkpoint: its weights are the masters)
+        if (kind == "master") {  // (an fp32 run's checkpoint: its fp32 weights are the masters)
           const auto* w = weights().find(param);
-          if (w && w->numel() >= offset + like.numel())
+          if (w && w->dtype == safetensors::DType::F32 && w->numel() >= offset + like.numel())
             out[key] = view(weights(), *w)
                            .reshape({-1})
                            .narrow(0, offset, like.numel())

@@ -1,5 +1,7 @@
 #include "libllm/cli.h"
 
+#include <cstdio>
+
 #include <c10/util/Exception.h>
 #include <fmt/core.h>
 
@@ -109,10 +111,13 @@ int run(const char* prog, const std::function<int()>& body) {
     compat::set_default_num_threads();
     return body();
   } catch (const Error& e) {
+    std::fflush(stdout);  // (what was printed before it comes first in a log of both streams)
     fmt::print(stderr, "{}: error: {}\n", prog, e.what());
   } catch (const c10::Error& e) {
+    std::fflush(stdout);
     fmt::print(stderr, "{}: error: {}\n", prog, first_line(e.what_without_backtrace()));
   } catch (const std::exception& e) {
+    std::fflush(stdout);
     fmt::print(stderr, "{}: error: {}\n", prog, first_line(e.what()));
   }
   return 1;

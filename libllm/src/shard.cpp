@@ -72,6 +72,11 @@ void ShardedAdamW::step(double lr) {
     slices_[i].mutable_grad() = g.reshape({-1}).narrow(0, mine_[i].offset, mine_[i].length);
   }
   local_->step(lr);
+  share_weights();
+}
+
+void ShardedAdamW::share_weights() {
+  torch::NoGradGuard no_grad;
   if (dist_.world_size() <= 1) return;
   const bool one_dtype = std::all_of(params_.begin(), params_.end(), [&](const torch::Tensor& p) {
     return p.scalar_type() == params_[0].scalar_type();
@@ -424,6 +429,11 @@ void FullySharded::step(double lr) {
   for (size_t i = 0; i < slices_.size(); ++i) slices_[i].mutable_grad() = slice_grads_[i];
   local_->step(lr);
   for (auto& s : slices_) s.mutable_grad().reset();
+  share_weights();
+}
+
+void FullySharded::share_weights() {
+  torch::NoGradGuard no_grad;
   if (stage_ == 2) {  // every rank gets the others' updated elements
     std::vector<Pending> pending;
     for (auto& up : units_)

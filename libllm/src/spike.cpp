@@ -78,7 +78,7 @@ RunAnalysis analyze_run(const std::string& run_dir) {
   const auto events = read_jsonl((fs::path(run_dir) / "events.jsonl").string(), false);
   for (const auto& e : events) {
     const std::string ev = e.value("event", "");
-    a.rollbacks += ev == "rollback";
+    a.rollbacks += ev == "rollback" || ev == "restart_plan";
     a.restarts += ev == "restart";
   }
   // Guarded: as the recipe says (a run without the guard logs an action only for a non-finite
@@ -100,6 +100,12 @@ RunAnalysis analyze_run(const std::string& run_dir) {
     if (last_action == "stop") {
       cur.kind = "malignant";
       cur.outcome = "the guard stopped the run (for a supervisor restart)";
+      for (const auto& e : events)  // the supervisor's restart plan, applied by the next job
+        if (e.value("event", "") == "restart_plan" && e.value("step", int64_t{-1}) == cur.last_step)
+          cur.outcome =
+              fmt::format("the guard stopped the run; restarted from step {} by plan, {} windows {}, LR x{:.3g}",
+                          e.value("to_step", int64_t{0}), e.value("windows", int64_t{0}),
+                          e.value("data", std::string("deferred")), e.value("lr_scale", 1.0));
     } else if (last_action == "rollback") {
       cur.kind = "malignant";
       cur.outcome = "rolled back";
@@ -456,8 +462,10 @@ int supervise(const SuperviseOptions& opt) {
                          {"attempt", attempt + 1}};  // (each plan is another, even with the same steps)
       detail::write_file_atomic(plan_path, plan.dump(1) + "\n");
       with_plan = true;
-      reason = fmt::format("unresolved spike ({}); restart from step {} without the data of steps {}..{}, LR x{:.3g}",
-                           stop.value("reason", "?"), to, to + 1, stop.value("from_step", to), opt.lr_factor);
+      reason = fmt::format("unresolved spike ({}); restart from step {} with the data of steps {}..{} {}, LR x{:.3g}",
+                           stop.value("reason", "?"), to, to + 1, stop.value("from_step", to),
+                           stop.value("data", std::string("end")) == "end" ? "deferred to the end" : "dropped",
+                           opt.lr_factor);
     } else if (WIFSIGNALED(status)) {
       reason = fmt::format("crash: killed by signal {} ({})", WTERMSIG(status), strsignal(WTERMSIG(status)));
     } else {

@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <random>
+#include <set>
 #include <sstream>
 #include <thread>
 #include <tuple>
@@ -132,6 +133,18 @@ int64_t truncate_log(const std::string& path, int64_t last_step, int64_t branch 
   if (cut < static_cast<int64_t>(fs::file_size(path)) && ::truncate(path.c_str(), cut) != 0)
     throw Error(path, std::string("cannot truncate: ") + std::strerror(errno));
   return dropped;
+}
+
+// Whether the metrics lines truncate_log(path, last_step, branch) drops include a loss-spike
+// guard's action other than "apply" (a skip, rollback or stop: steps a resume does not simply redo).
+bool drops_guard_action(const std::string& path, int64_t last_step, int64_t branch) {
+  bool found = false;
+  detail::for_each_line(path, [&](const std::string& line) {
+    if (detail::int_field(line, "step", 0) <= last_step || detail::int_field(line, "branch", 0) < branch) return;
+    const size_t at = line.find("\"action\":\"");
+    found = found || (at != std::string::npos && line.compare(at + 10, 6, "apply\"") != 0);
+  });
+  return found;
 }
 
 // One micro batch of (B, T+1) tokens -> inputs (B, T) and targets (B, T).
@@ -345,6 +358,15 @@ struct Run {
   // Checks, from trainer.json alone, that checkpoint `dir` can continue this run: called before
   // the model is built, so that a wrong base fails before minutes of loading it. Returns its base.
   LoraBaseRef check_resume(const std::string& dir) const {
+    if (!fs::exists(dir)) {
+      const auto steps = checkpoint_steps((fs::path(dir).parent_path()).string());
+      std::string have;
+      for (size_t i = steps.size() > 6 ? steps.size() - 6 : 0; i < steps.size(); ++i)
+        have += (have.empty() ? "" : ", ") + checkpoint_name(steps[i]);
+      throw Error(dir, "does not exist",
+                  have.empty() ? "point checkpoint.resume at a step-N folder"
+                               : "the newest checkpoints in " + fs::path(dir).parent_path().string() + " are " + have);
+    }
     if (!fs::is_regular_file(fs::path(dir) / "trainer.json"))
       throw Error(dir, "not a libllm checkpoint (no trainer.json)", "point checkpoint.resume at a step-N folder");
     // Adapters only: they must belong to this run's base.
@@ -369,6 +391,9 @@ struct Run {
     } else {
       st = load_checkpoint(dir, model, adamw(), dist.rank());
     }
+    // (a bf16 run's masters resumed in fp32 set each rank's own elements only)
+    if (fsdp) fsdp->share_weights();
+    if (sharded) sharded->share_weights();
     if (dist.rank() > 0) restore_rank_rng(dir, dist.rank());  // (a checkpoint of fewer ranks: rank 0's)
     try {  // trainer.json's data cursor and extras: an error names that file
       if (chat) {
@@ -430,12 +455,11 @@ struct Run {
     // that spiked) move to rolled-back-logs/. Cut after the save: a job killed during it applies
     // this rollback again, and reads the rolled-back steps' windows again.
     json e = rollback_event(to, through, in_loop, dir);
-    const fs::path aside = fs::path(tc.run_dir) / "rolled-back-logs" /
-                           fmt::format("rollback-{}-to-{}-branch-{}", through, to, e["branch"].get<int64_t>());
     if (main()) {
       sequence.close();
-      if (truncate_log(sequence_path, to, 0, (aside / "data_sequence.jsonl").string()) > 0)
-        e["data_sequence"] = (aside / "data_sequence.jsonl").string();
+      const std::string kept = archive_rolled_back(to, through, e["branch"].get<int64_t>());
+      if (!kept.empty()) e["data_sequence"] = kept;
+      truncate_log(sequence_path, to);
       sequence.open(sequence_path, std::ios::app);
     }
     if (chat) e["examples"] = examples;  // "windows" counts rows (samples); packed rows hold several
@@ -573,10 +597,46 @@ struct Run {
     return n;
   }
 
+  // Copies the data_sequence lines of the rolled-back steps (to, through] (the data that spiked) to
+  // rolled-back-logs/guard-data_sequence.jsonl, each with {"rollback": {"branch" (the one it
+  // ended), "from_step", "to_step"}}; a line it holds already (a rollback that a resumed job
+  // completes) is not added again. Returns that file's path when it holds this rollback's lines.
+  // Rank 0, before the data sequence is cut.
+  std::string archive_rolled_back(int64_t to, int64_t through, int64_t branch) const {
+    const fs::path path = fs::path(tc.run_dir) / "rolled-back-logs" / "guard-data_sequence.jsonl";
+    const json tag = {{"branch", branch}, {"from_step", through}, {"to_step", to}};
+    const std::string marker = "\"rollback\":" + tag.dump();
+    std::string before;
+    std::set<std::string> have;
+    bool found = false;
+    detail::for_each_line(path.string(), [&](const std::string& line) {
+      before += line + "\n";
+      have.insert(line);
+      found = found || line.find(marker) != std::string::npos;
+    });
+    std::string add;
+    detail::for_each_line(sequence_path, [&](const std::string& text) {
+      const int64_t s = detail::int_field(text, "step", -1);
+      if (s <= to || s > through) return;
+      json line = json::parse(text, nullptr, /*allow_exceptions=*/false);
+      if (!line.is_object()) return;
+      line["rollback"] = tag;
+      const std::string out = line.dump();
+      found = true;
+      if (!have.count(out)) add += out + "\n";
+    });
+    if (!add.empty()) {
+      fs::create_directories(path.parent_path());
+      detail::write_file_atomic(path.string(), before + add);
+    }
+    return found ? path.string() : "";
+  }
+
   // Logs the rollback (in_loop) or restart plan from step `through` to `to` that a job which died
   // before logging it completed, unless events.jsonl has it (`plan_attempt`: the plan's "attempt";
-  // -1 for a rollback). Rank 0.
-  void log_completed(int64_t to, int64_t through, bool in_loop, const std::string& dir, int64_t plan_attempt) {
+  // -1 for a rollback; `data`: archive_rolled_back's file). Rank 0.
+  void log_completed(int64_t to, int64_t through, bool in_loop, const std::string& dir, int64_t plan_attempt,
+                     const std::string& data) {
     const std::string kind = in_loop ? "rollback" : "restart_plan";
     for (const auto& e : detail::read_jsonl((fs::path(tc.run_dir) / "events.jsonl").string(), false))
       if (e.value("event", "") == kind && e.value("step", int64_t{-1}) == through &&
@@ -584,6 +644,7 @@ struct Run {
         return;
     json e = rollback_event(to, through, in_loop, dir);  // (the resumed checkpoint's guard is the rolled-back one)
     if (!in_loop) e["plan_attempt"] = plan_attempt;
+    if (!data.empty()) e["data_sequence"] = data;
     e["resumed"] = true;
     event(e);
   }
@@ -945,11 +1006,32 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                                         "evaluated (set train.eval_every, or chat.valid_every: 0 to train on them)",
                                         run.chat->stats().valid)
                           : "data.valid is never evaluated (set train.eval_every)");
+    // Loss-spike guard settings that cannot act as they read.
+    const GuardConfig& g = recipe.guard;
+    std::vector<int64_t> injected = g.inject_noise_steps;
+    injected.insert(injected.end(), g.inject_lr_steps.begin(), g.inject_lr_steps.end());
+    if (!injected.empty() && !g.enabled)
+      fmt::print(
+          "warning: guard.inject_noise_steps / inject_lr_steps corrupt steps {} on purpose, and guard.enabled is "
+          "false: nothing undoes them (a demo of the guard with it switched off)\n",
+          fmt::join(injected, ", "));
+    for (const int64_t s : injected)
+      if (s > tc.steps) {
+        fmt::print("note: guard injection step {} is past train.steps ({}): it never happens\n", s, tc.steps);
+        break;
+      }
+    if (g.enabled && g.loss_z == 0 && g.grad_z == 0)
+      fmt::print("note: guard.loss_z and guard.grad_z are both 0: the guard only skips non-finite steps\n");
+    if (g.enabled && g.max_skips > g.skip_window)
+      fmt::print("note: guard.max_skips ({}) > guard.skip_window ({}): skips never add up to a rollback\n", g.max_skips,
+                 g.skip_window);
   }
 
   // Resume (from the checkpoint chosen above).
   TrainState state;
   std::vector<std::string> resume_changes;  // recipe keys changed since the resumed checkpoint
+  std::string heldout_note;                 // the held-out set changed with them
+  std::optional<Recipe> resumed_recipe;     // the checkpoint's recipe (when it parses)
   if (!resume_from.empty()) {
     // Recipe keys changed since the checkpoint was written, loudly: a new train.steps stretches
     // the schedule, a new data mixture changes the data order from here on. What the saved
@@ -998,20 +1080,29 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
         fmt::print("note: the recipe differs from the one {} was trained with:\n", resume_from);
         for (const auto& d : changed) fmt::print("  {}\n", d);
       }
-      // The held-out loss is over eval_batches x micro_batch windows (chat: examples) of seq_len:
-      // another count is another held-out set, and the earlier evaluations do not compare.
+      // The held-out loss is over eval_batches x micro_batch windows (chat: examples, as many as
+      // the held-out split has) of seq_len: another count is another held-out set, and the
+      // earlier evaluations (printed after the load, if there were any) do not compare.
       if (main_rank && before && tc.eval_every > 0 && run.has_valid()) {
         const TrainConfig& was = before->train;
-        if (was.eval_batches * was.micro_batch != tc.eval_batches * tc.micro_batch ||
-            (!run.chat && was.seq_len != tc.seq_len) || before->data.valid != recipe.data.valid)
-          fmt::print(
-              "note: the held-out loss is now the mean over {} {}{} (eval_batches x micro_batch), and was "
-              "over {}{}: the evaluations before this resume are of other held-out data\n",
-              tc.eval_batches * tc.micro_batch, run.chat ? "examples" : "windows",
-              run.chat ? "" : fmt::format(" of {} tokens", tc.seq_len), was.eval_batches * was.micro_batch,
-              run.chat ? "" : fmt::format(" of {}", was.seq_len));
+        int64_t then = was.eval_batches * was.micro_batch, now = tc.eval_batches * tc.micro_batch;
+        bool other = false;
+        if (run.chat) {
+          const int64_t held = static_cast<int64_t>(run.chat->valid_examples().size());
+          then = std::min(then, held), now = std::min(now, held);
+          other = before->chat.files != recipe.chat.files || before->chat.valid_every != recipe.chat.valid_every;
+        } else {
+          other = was.seq_len != tc.seq_len || before->data.valid != recipe.data.valid;
+        }
+        if (other || then != now)
+          heldout_note += fmt::format(
+              "note: the held-out loss is now the mean over {} {}{} (eval_batches x micro_batch), and was over {}{}{}: "
+              "the evaluations before this resume are of other held-out data\n",
+              now, run.chat ? "examples" : "windows", run.chat ? "" : fmt::format(" of {} tokens", tc.seq_len), then,
+              run.chat ? "" : fmt::format(" of {}", was.seq_len), other ? " of another held-out set" : "");
       }
       resume_changes = changed;
+      if (before) resumed_recipe = *before;
     }
     try {
       state = run.load(resume_from);
@@ -1028,6 +1119,22 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                       (fs::path(run.ckpt_root) / checkpoint_name(before)).string());
     }
     if (main_rank) fmt::print("resumed from {} (step {})\n", resume_from, state.step);
+    if (main_rank && !run.history.empty()) fmt::print("{}", heldout_note);
+    // A schedule stretched or cut (train.steps), or another LR or schedule: the next step's LR
+    // against the last one's, when they differ by more than 1.5x (a jump that can spike the loss).
+    if (main_rank && resumed_recipe && state.step > 0 && state.step < tc.steps) {
+      const Recipe& was = *resumed_recipe;
+      const int64_t last = state.step - 1;
+      const double then = was.optim.lr * lr_factor(was.schedule, last, std::max(was.train.steps, state.step));
+      const double next = recipe.optim.lr * lr_factor(recipe.schedule, state.step, tc.steps);
+      if (then > 0 && (next > 1.5 * then || next < then / 1.5))
+        fmt::print(
+            "note: the learning rate goes from {:.3g} at step {} (the checkpoint's recipe) to {:.3g} at step {}: "
+            "the changed {} move{} the schedule (schedule.warmup_steps cannot re-warm a resumed run)\n",
+            then, state.step, next, state.step + 1,
+            was.train.steps != tc.steps ? "train.steps" : "optimizer or schedule settings",
+            was.train.steps != tc.steps ? "s" : "");
+    }
     if (main_rank && state.step >= tc.steps)
       fmt::print("note: the checkpoint is at step {}, and train.steps is {}: there is nothing to train\n", state.step,
                  tc.steps);
@@ -1113,14 +1220,28 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     const int64_t from = resume_from.empty() ? -1 : state.step;
     const char* aside = resume_from.empty() ? "superseded" : "rolled-back";
     const bool set_aside = !steps.empty() && steps.back() > from;
-    fs::path log_archive;  // where the abandoned lines go (made when there are any)
-    if (set_aside || resume_from.empty()) {
+    // A resume after a guard stop (which set its checkpoints aside already) does not redo the steps
+    // after its checkpoint as they were: their events go too (a crash's redone steps keep theirs).
+    const bool guard_tail = !resume_from.empty() && !plan_applies && !pending_applies &&
+                            drops_guard_action(metrics_path, state.step, run.guard.rollbacks_total());
+    // Where the dropped lines go (made when there are any): also those of the steps after the
+    // checkpoint that a crashed or killed job logged, which this one redoes.
+    const fs::path log_archive = [&] {
       const fs::path logs = run_dir / (std::string(aside) + "-logs");
       int k = 1;
       while (fs::exists(logs / std::to_string(k))) ++k;
-      log_archive = logs / std::to_string(k);
-    }
+      return logs / std::to_string(k);
+    }();
     auto archive = [&](const char* name) { return log_archive.empty() ? "" : (log_archive / name).string(); };
+    // The data of a rollback or restart plan that a job which died before logging it completed:
+    // kept before the data sequence is cut below.
+    std::string completed_data;
+    if (pending_done)
+      completed_data =
+          run.archive_rolled_back(state.step, pending.value("from_step", int64_t{-1}), run.guard.rollbacks_total() - 1);
+    else if (plan_was_applied && state.step == plan.value("to_step", int64_t{-1}))
+      completed_data =
+          run.archive_rolled_back(state.step, plan.value("from_step", int64_t{-1}), run.guard.rollbacks_total() - 1);
     // (an interrupted rollback's steps stay, as its uninterrupted run keeps them)
     int64_t archived = 0;
     if (pending_applies)
@@ -1130,14 +1251,14 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                                plan_applies ? branch_floor : run.guard.rollbacks_total(), archive("metrics.jsonl"));
     if (!plan_applies && !pending_applies) {  // (else the rollback reads its steps first)
       archived += truncate_log(run.sequence_path, state.step, 0, archive("data_sequence.jsonl"));
-      // The events of steps after the resumed one, as their metrics lines (a re-run step logs its
-      // skip again); lines without a step (a supervisor's) stay.
-      if (!resume_from.empty())
+      // The events of an abandoned branch's steps go with their metrics lines; lines without a
+      // step (a supervisor's) stay. (A crash's redone steps keep theirs: events are the history.)
+      if (!resume_from.empty() && (set_aside || guard_tail))
         archived += truncate_log((run_dir / "events.jsonl").string(), state.step, run.guard.rollbacks_total(),
                                  archive("events.jsonl"));
     }
     if (resume_from.empty() && (archived > 0 || set_aside))  // (the recipe, events and plot of those lines)
-      for (const char* name : {"recipe.yaml", "loss.html", "events.jsonl"})
+      for (const char* name : {"recipe.yaml", "loss.html", "events.jsonl", "rolled-back-logs"})
         if (fs::exists(run_dir / name)) {
           fs::create_directories(log_archive);
           fs::rename(run_dir / name, log_archive / name);
@@ -1150,8 +1271,12 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                                      : "resuming from step " + std::to_string(from),
                  run.ckpt_root, steps.back(), resume_from.empty() ? "an earlier run" : "an abandoned branch",
                  run.ckpt_root, aside, logs_went);
-    } else if (archived > 0) {
+    } else if (archived > 0 && resume_from.empty()) {
       fmt::print("starting a new run: the earlier run's logs in {} moved to {}/\n", run_dir.string(),
+                 log_archive.string());
+    } else if (archived > 0) {
+      fmt::print("resuming from step {}: the log lines of the steps after it{} moved to {}/\n", from,
+                 guard_tail ? ", in which the loss-spike guard acted," : " (which this run redoes)",
                  log_archive.string());
     }
     metrics.open(metrics_path, std::ios::app);
@@ -1160,10 +1285,10 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     // A rollback or restart plan completed by a job that died before logging it: logged now.
     if (pending_done)
       run.log_completed(pending.value("to_step", int64_t{-1}), pending.value("from_step", int64_t{-1}),
-                        /*in_loop=*/true, resume_from, -1);
+                        /*in_loop=*/true, resume_from, -1, completed_data);
     if (plan_was_applied && state.step == plan.value("to_step", int64_t{-1}))
       run.log_completed(state.step, plan.value("from_step", int64_t{-1}), /*in_loop=*/false, resume_from,
-                        plan.value("attempt", int64_t{-1}));
+                        plan.value("attempt", int64_t{-1}), completed_data);
     detail::write_file_atomic((run_dir / "recipe.yaml").string(),
                               run.recipe_yaml);  // never a half-written recipe beside the run
   }
@@ -1415,15 +1540,23 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       if (target >= 0) run.write_live(n);  // for the supervisor's restart plan
       dist.barrier();
       if (main_rank && target >= 0) set_aside_checkpoints(run.ckpt_root, target);
-      run.event({{"event", "stop"}, {"step", n}, {"reason", d.reason}, {"spike_start", d.spike_start}, {"from_step", n},
-                 {"to_step", target}, {"checkpoint", target_dir}, {"rollbacks", run.guard.rollbacks()},
-                 {"skips", run.guard.skips_total()}});
+      run.event({{"event", "stop"},
+                 {"step", n},
+                 {"reason", d.reason},
+                 {"spike_start", d.spike_start},
+                 {"from_step", n},
+                 {"to_step", target},
+                 {"checkpoint", target_dir},
+                 {"rollbacks", run.guard.rollbacks()},
+                 {"skips", run.guard.skips_total()},
+                 {"data", gc.defer}});
       if (main_rank)
         fmt::print("step {}: stopping: {}\nguard report: {} rollbacks and {} skipped updates in this run; spike from "
                    "step {}; {}; events in {}, analysis: llm-spike analyze {}\n",
                    n, d.reason, run.guard.rollbacks(), run.guard.skips_total(), d.spike_start,
                    target < 0 ? "no healthy checkpoint" : fmt::format("newest healthy checkpoint: step {}", target),
                    (run_dir / "events.jsonl").string(), tc.run_dir);
+      std::fflush(stdout);  // (the report above comes before the error in a log of both streams)
       throw SpikeStop(tc.run_dir, fmt::format("stopped by the loss-spike guard at step {}: {}", n, d.reason),
                       "llm-spike supervise restarts such a run with a lowered LR");
     } else if (d.action == GuardAction::Rollback) {

@@ -108,11 +108,13 @@ stop)
        --set guard.inject_lr_factor=1000 --set train.run_dir="$work/run")
   "$bin/llm-spike" supervise "$recipe" "${run[@]}" -- sh -c '"$@" || exit 1' launcher "$bin/llm-pretrain" "$recipe" \
     "${run[@]}" > "$work/supervise.log" 2>&1 || fail "supervisor failed"
-  grep -q "unresolved spike .*restart from step 25 without the data of steps 26..34" "$work/supervise.log" || fail "no plan"
+  grep -q "unresolved spike .*restart from step 25 with the data of steps 26..34 deferred to the end" "$work/supervise.log" || fail "no plan"
   grep -q "restart plan: continuing from step 25" "$work/supervise.log" || fail "plan not applied"
   grep -q '"event":"finished"' "$work/run/events.jsonl" || fail "did not finish"
   "$bin/llm-spike" analyze "$work/run" | tee "$work/analyze.log"
-  grep -Eq "^ +[0-9]+  31-34 +malignant .*stopped the run" "$work/analyze.log" || fail "analyze"
+  grep -Eq "^ +[0-9]+  31-34 +malignant .*stopped the run; restarted from step 25 by plan, [0-9]+ windows deferred, LR x0.5" \
+    "$work/analyze.log" || fail "analyze"
+  grep -Eq "1 rollback, 1 restart" "$work/analyze.log" || fail "analyze's summary"
   ;;
 analyze)
   "$bin/llm-pretrain" "$recipe" "${common[@]}" "${guard[@]}" --set train.steps=60 --set guard.inject_noise_steps=[20] \

@@ -321,6 +321,42 @@ TEST_CASE("a resume that changes the held-out set (micro_batch x eval_batches) s
              !Catch::Contains("held-out loss is now"));
 }
 
+TEST_CASE(
+    "a resume says when the LR jumps, a missing checkpoint lists those there are, guard settings that cannot act are "
+    "noted",
+    "[train]") {
+  test::TempDir tmp;
+  const std::string shards = make_shards(tmp);
+  pretrain(tiny_recipe(shards, tmp / "r", {"train.steps=3"}));  // cosine to 10% at its last step
+  CHECK_THAT(test::stdout_of([&] { pretrain(tiny_recipe(shards, tmp / "r", {"train.steps=30"})); }),
+             Catch::Contains("note: the learning rate goes from 0.001 at step 3 (the checkpoint's recipe) to") &&
+                 Catch::Contains("the changed train.steps moves the schedule"));
+  CHECK_THAT(test::stdout_of([&] { pretrain(tiny_recipe(shards, tmp / "r", {"train.steps=31"})); }),
+             !Catch::Contains("the learning rate goes from"));  // (30 -> 31: a small change)
+  CHECK_THAT(test::error_of([&] {
+               pretrain(tiny_recipe(shards, tmp / "r", {"checkpoint.resume=" + (tmp / "r/checkpoints/step-00000999")}));
+             }),
+             Catch::Contains("step-00000999: does not exist") &&
+                 Catch::Contains("the newest checkpoints in " + (tmp / "r/checkpoints") +
+                                 " are step-00000021, step-00000024, step-00000027, step-00000030, step-00000031"));
+  const std::string notes = test::stdout_of([&] {
+    pretrain(
+        tiny_recipe(shards, tmp / "g",
+                    {"train.steps=2", "guard.inject_lr_steps=[2, 9]", "guard.max_skips=20", "guard.skip_window=10"}));
+  });
+  CHECK_THAT(notes,
+             Catch::Contains("warning: guard.inject_noise_steps / inject_lr_steps corrupt steps 2, 9 on purpose, "
+                             "and guard.enabled is false"));
+  CHECK_THAT(notes, Catch::Contains("note: guard injection step 9 is past train.steps (2)"));
+  CHECK_THAT(test::stdout_of([&] {
+               pretrain(tiny_recipe(shards, tmp / "h",
+                                    {"train.steps=2", "guard.enabled=true", "guard.max_skips=20",
+                                     "guard.skip_window=10", "guard.loss_z=0", "guard.grad_z=0"}));
+             }),
+             Catch::Contains("guard.max_skips (20) > guard.skip_window (10)") &&
+                 Catch::Contains("guard.loss_z and guard.grad_z are both 0"));
+}
+
 TEST_CASE("metrics count the tokens each step drew, also after a resume with another batch", "[train]") {
   test::TempDir tmp;
   const std::string shards = make_shards(tmp);
@@ -342,7 +378,10 @@ TEST_CASE("a new run or an older resume point sets the run folder's later checkp
   const std::string first_metrics = test::read_file(tmp / "r/metrics.jsonl"),
                     first_sequence = test::read_file(tmp / "r/data_sequence.jsonl"),
                     first_recipe = test::read_file(tmp / "r/recipe.yaml");
+  fs::create_directories(tmp / "r/rolled-back-logs");  // (as a rollback of the earlier run leaves)
+  test::write_file(tmp / "r/rolled-back-logs/guard-data_sequence.jsonl", "{\"step\":2}\n");
   pretrain(tiny_recipe(shards, tmp / "r", {"train.steps=6", "checkpoint.resume=none", "checkpoint.keep_last=2"}));
+  CHECK(fs::exists(tmp / "r/superseded-logs/1/rolled-back-logs/guard-data_sequence.jsonl"));
   CHECK(checkpoint_steps(tmp / "r/checkpoints") == std::vector<int64_t>{3, 6});
   CHECK(checkpoint_steps(tmp / "r/checkpoints/superseded") == std::vector<int64_t>{3, 6, 9});
   // The earlier run's logs moved beside them, whole; the new run's are its own.
@@ -503,10 +542,13 @@ TEST_CASE("guard: a persistent spike rolls back to an exact checkpoint, defers i
   CHECK(fs::exists(spiked + "/checkpoints/rolled-back/step-00000030"));
   // The metrics keep a rollback's lines, as branches; the rolled-back steps' data (what spiked)
   // moved aside, and the rollback's event names it.
-  const std::string aside = spiked + "/rolled-back-logs/rollback-34-to-25-branch-0/data_sequence.jsonl";
+  const std::string aside = spiked + "/rolled-back-logs/guard-data_sequence.jsonl";
   const auto spiked_data = jsonl(aside);
   REQUIRE(spiked_data.size() == 9);
-  for (int s = 26; s <= 34; ++s) CHECK(spiked_data[s - 26]["windows"] == seq_clean[s - 1]["windows"]);
+  for (int s = 26; s <= 34; ++s) {
+    CHECK(spiked_data[s - 26]["windows"] == seq_clean[s - 1]["windows"]);
+    CHECK(spiked_data[s - 26]["rollback"]["to_step"] == 25);
+  }
   auto rollback_events = [&] {
     std::vector<nlohmann::json> out;
     for (const auto& e : jsonl(spiked + "/events.jsonl"))
@@ -592,12 +634,25 @@ TEST_CASE("a rollback interrupted by the job's death is completed when the job r
   };
   CHECK_THROWS_WITH(pretrain(recipe(tmp / "late"), after), Catch::Contains("killed after the rollback"));
   CHECK(fs::exists(tmp / "late/rollback-pending.json"));
-  // As if it died before logging the rollback: the resumed job logs it.
+  // As if it died before keeping the rolled-back steps' data aside, cutting it, and logging the
+  // rollback: the resumed job does all three.
   std::string kept;
   for (const auto& e : jsonl(tmp / "late/events.jsonl"))
     if (e["event"] != "rollback") kept += e.dump() + "\n";
   test::write_file(tmp / "late/events.jsonl", kept);
+  const std::string aside = tmp / "late/rolled-back-logs/guard-data_sequence.jsonl";
+  const std::string archived = read_file(aside);
+  std::string uncut;
+  for (auto line : jsonl(aside)) {
+    CHECK(line["rollback"] == nlohmann::json({{"branch", 0}, {"from_step", 34}, {"to_step", 25}}));
+    line.erase("rollback");
+    uncut += line.dump() + "\n";
+  }
+  CHECK(jsonl(aside).size() == 9);
+  fs::remove(aside);
+  std::ofstream(tmp / "late/data_sequence.jsonl", std::ios::app) << uncut;
   pretrain(recipe(tmp / "late"));
+  CHECK(read_file(aside) == archived);
   CHECK(!fs::exists(tmp / "late/rollback-pending.json"));
   CHECK(read_file(tmp / "whole/data_sequence.jsonl") == read_file(tmp / "late/data_sequence.jsonl"));
   CHECK(losses(tmp / "whole") == losses(tmp / "late"));
@@ -608,6 +663,7 @@ TEST_CASE("a rollback interrupted by the job's death is completed when the job r
   CHECK(logged[0]["step"] == 34);
   CHECK(logged[0]["to_step"] == 25);
   CHECK(logged[0].value("resumed", false));
+  CHECK(logged[0]["data_sequence"] == aside);
   int whole = 0;
   for (const auto& e : jsonl(tmp / "whole/events.jsonl"))  // the uninterrupted run's figures
     if (e["event"] == "rollback") {
@@ -681,6 +737,11 @@ TEST_CASE("a restart plan is applied once, also when the job dies right after ap
   fs::copy(first, tmp / "by-hand", fs::copy_options::recursive);
   pretrain(recipe(tmp / "by-hand", {"train.steps=26"}));
   CHECK(!fs::exists(tmp / "by-hand/rollback-data.json"));
+  // The stopped steps 26..34 (where the guard acted) keep their log lines and the stop's event aside.
+  CHECK(jsonl(tmp / "by-hand/rolled-back-logs/1/metrics.jsonl").size() == 9);
+  CHECK(jsonl(tmp / "by-hand/rolled-back-logs/1/metrics.jsonl").back()["action"] == "stop");
+  CHECK(jsonl(tmp / "by-hand/rolled-back-logs/1/events.jsonl").back()["event"] == "stop");
+  CHECK(jsonl(tmp / "by-hand/metrics.jsonl").size() == 26);
   struct Env {  // what llm-spike supervise sets for a restart with a plan
     Env(const std::string& plan) {
       ::setenv("LIBLLM_RESTART", "1", 1), ::setenv("LIBLLM_RESTART_PLAN", plan.c_str(), 1);

@@ -57,6 +57,10 @@ class ShardedAdamW {
   // into the parameters as they arrive; an all-reduce when the parameters have several dtypes).
   void step(double lr);
   void zero_grad();
+  // Gives every rank the whole parameters from every rank's slices, as step() does after its
+  // update. Collective; after loading a checkpoint, whose masters (a bf16 run's, resumed in fp32)
+  // set only this rank's slices.
+  void share_weights();
 
   AdamW& local() { return *local_; }  // the AdamW over this rank's slices
   const AdamW& local() const { return *local_; }
@@ -98,6 +102,9 @@ class FullySharded : public BlockHooks {
   double clip_grad_norm(double max_norm);  // averages the shards over ranks; the global norm before clipping
   void step(double lr);                    // AdamW over this rank's shards (stage 2: then all-gathers the weights)
   void zero_grad();
+  // Stage 2: gives every rank the others' elements of the trainable weights (as step() does);
+  // stage 3: drops gathered copies. Collective; after loading a checkpoint (ShardedAdamW's).
+  void share_weights();
 
   AdamW& local() { return *local_; }  // the AdamW over this rank's slices, named "<param>@<offset>"
   const AdamW& local() const { return *local_; }
