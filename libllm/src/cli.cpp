@@ -110,6 +110,10 @@ int run(const char* prog, const std::function<int()>& body) {
   try {
     compat::set_default_num_threads();
     return body();
+  } catch (const Interrupted& e) {
+    std::fflush(stdout);
+    fmt::print(stderr, "{}: {}\n", prog, e.what());
+    return 128 + e.signal();
   } catch (const Error& e) {
     std::fflush(stdout);  // (what was printed before it comes first in a log of both streams)
     fmt::print(stderr, "{}: error: {}\n", prog, e.what());

@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/file.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -11,6 +12,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -71,6 +73,7 @@ void TrainConfig::fields(Fields& f) {
   f.add("sample_tokens", sample_tokens).min(0);
   f.add("sample_temperature", sample_temperature).min(0);
   f.add("plot", plot);
+  f.add("save_on_signal", save_on_signal);
 }
 
 namespace {
@@ -134,6 +137,38 @@ int64_t truncate_log(const std::string& path, int64_t last_step, int64_t branch 
     throw Error(path, std::string("cannot truncate: ") + std::strerror(errno));
   return dropped;
 }
+
+// SIGTERM / SIGINT while training (train.save_on_signal): the number of the signal, read at the
+// end of each step. The handler is reset by its first call, so a second signal ends the process.
+volatile std::sig_atomic_t g_stop_signal = 0;
+extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
+
+// Installs that handler for SIGTERM and SIGINT for its lifetime, and restores what was there.
+class StopSignals {
+ public:
+  explicit StopSignals(bool on) : on_(on) {
+    if (!on_) return;
+    g_stop_signal = 0;
+    struct sigaction sa {};
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESETHAND;
+    ::sigaction(SIGTERM, &sa, &old_term_);
+    ::sigaction(SIGINT, &sa, &old_int_);
+  }
+  ~StopSignals() {
+    if (!on_) return;
+    ::sigaction(SIGTERM, &old_term_, nullptr);
+    ::sigaction(SIGINT, &old_int_, nullptr);
+  }
+  StopSignals(const StopSignals&) = delete;
+  StopSignals& operator=(const StopSignals&) = delete;
+
+ private:
+  bool on_;
+  struct sigaction old_term_ {
+  }, old_int_{};
+};
 
 // Whether the metrics lines truncate_log(path, last_step, branch) drops include a loss-spike
 // guard's action other than "apply" (a skip, rollback or stop: steps a resume does not simply redo).
@@ -1355,6 +1390,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   double last_loss = 0;
   std::vector<WindowRef> refs;
   run.model->train();
+  const StopSignals signals(tc.save_on_signal);
   for (int64_t step = state.step; step < tc.steps; ++step) {
     const int64_t n = step + 1;  // 1-based number of this step
     const auto ts = std::chrono::steady_clock::now();
@@ -1429,9 +1465,13 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     const double held = static_cast<double>(run.fsdp ? run.fsdp->peak_bytes() : run.state_bytes());
     // (world, most used, 2): every rank's windows, gathered for the data-sequence log (packed
     // chat rows hold varying numbers of examples, so ranks may differ in count).
-    auto counts = torch::zeros({dist.world_size()}, torch::kInt64);
+    // (world + 1): the last, the ranks a signal asked to stop (train.save_on_signal).
+    auto counts = torch::zeros({dist.world_size() + 1}, torch::kInt64);
     counts[dist.rank()] = static_cast<int64_t>(used.size());
+    counts[dist.world_size()] = g_stop_signal != 0 ? 1 : 0;
     dist.sum(counts);
+    const bool stop_requested = counts[dist.world_size()].item<int64_t>() > 0;
+    counts = counts.narrow(0, 0, dist.world_size());
     auto step_refs = torch::zeros({dist.world_size(), counts.max().item<int64_t>(), 2}, torch::kInt64);
     {
       auto acc = step_refs.accessor<int64_t, 3>();
@@ -1589,12 +1629,22 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     }
 
     const CheckpointConfig& cc = recipe.checkpoint;
-    if ((cc.every > 0 && n % cc.every == 0) || (cc.milestone_every > 0 && n % cc.milestone_every == 0) || n == tc.steps) {
+    const bool interrupted_here = stop_requested && n < tc.steps;
+    if ((cc.every > 0 && n % cc.every == 0) || (cc.milestone_every > 0 && n % cc.milestone_every == 0) ||
+        n == tc.steps || interrupted_here) {
       const std::string path = run.save(n);
-      if (!main_rank) continue;
-      prune_checkpoints(run.ckpt_root, cc, gc.enabled ? std::max<int64_t>(n - run.guard.lookback(), 0) : -1);
-      fmt::print("saved checkpoint {}\n", path);
-      std::fflush(stdout);  // (a kill right after still leaves the line)
+      if (main_rank) {
+        prune_checkpoints(run.ckpt_root, cc, gc.enabled ? std::max<int64_t>(n - run.guard.lookback(), 0) : -1);
+        fmt::print("saved checkpoint {}\n", path);
+        std::fflush(stdout);  // (a kill right after still leaves the line)
+      }
+    }
+    if (interrupted_here) {  // (every rank: the signal's sum says so on all of them)
+      const int sig = g_stop_signal != 0 ? static_cast<int>(g_stop_signal) : SIGTERM;
+      run.event({{"event", "interrupted"}, {"step", n}, {"signal", sig}});
+      throw Interrupted(sig, tc.run_dir,
+                        fmt::format("stopped by {} after step {}, whose checkpoint is saved", ::strsignal(sig), n),
+                        "run the same command to resume");
     }
   }
 

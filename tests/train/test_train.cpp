@@ -6,6 +6,7 @@
 #include <sys/file.h>
 
 #include <cmath>
+#include <csignal>
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -97,6 +98,37 @@ TEST_CASE("k steps + kill + resume + N-k steps == N steps straight, bit for bit"
   // A checkpoint is a libllm model folder: it loads for evaluation.
   Pretrained p = load_pretrained(a + "/checkpoints/step-00000008");
   CHECK(p.format == "libllm");
+}
+
+TEST_CASE("SIGINT / SIGTERM finish the step, save its checkpoint and stop: the resume is exact", "[train]") {
+  test::TempDir tmp;
+  const std::string shards = make_shards(tmp);
+  pretrain(tiny_recipe(shards, tmp / "a"));
+  TrainHooks hooks;
+  hooks.decide = [](int64_t n, GuardDecision&) {
+    if (n == 4)
+      std::raise(SIGINT);  // (as Ctrl-C, or a preemption's SIGTERM, late in step 4: past its
+                           // ranks' agreement, so step 5 is the one that stops)
+  };
+  int sig = 0;
+  try {
+    pretrain(tiny_recipe(shards, tmp / "b"), hooks);
+  } catch (const Interrupted& e) {
+    sig = e.signal();
+    CHECK_THAT(e.what(), Catch::Contains("after step 5, whose checkpoint is saved"));
+  }
+  CHECK(sig == SIGINT);
+  CHECK(checkpoint_steps(tmp / "b/checkpoints") == std::vector<int64_t>{3, 5});
+  CHECK(jsonl(tmp / "b/events.jsonl").back()["event"] == "interrupted");
+  pretrain(tiny_recipe(shards, tmp / "b"));
+  CHECK(losses(tmp / "a") == losses(tmp / "b"));
+  // train.save_on_signal: false leaves the signal to its handler (here the test's, which counts it).
+  static volatile std::sig_atomic_t seen = 0;
+  auto* previous = std::signal(SIGINT, [](int) { seen = 1; });
+  pretrain(tiny_recipe(shards, tmp / "c", {"train.save_on_signal=false"}), hooks);
+  std::signal(SIGINT, previous);
+  CHECK(seen == 1);
+  CHECK(losses(tmp / "c") == losses(tmp / "a"));
 }
 
 TEST_CASE("a damaged checkpoint's errors name its file", "[train]") {

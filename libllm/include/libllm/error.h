@@ -28,4 +28,17 @@ class Error : public std::runtime_error {
   std::string where_, problem_, hint_;
 };
 
+// Thrown by the trainer when SIGTERM or SIGINT asked it to stop (a preemption, Ctrl-C), after it
+// finished its step and saved a checkpoint; programs exit with 128 + signal(), as a process
+// ended by that signal does.
+class Interrupted : public Error {
+ public:
+  Interrupted(int signal, const std::string& where, const std::string& what, const std::string& hint = "")
+      : Error(where, what, hint), signal_(signal) {}
+  int signal() const { return signal_; }
+
+ private:
+  int signal_;
+};
+
 }  // namespace libllm

@@ -54,6 +54,9 @@ struct TrainConfig {                 // recipe section `train`
   int64_t sample_tokens = 48;        // tokens generated per prompt
   double sample_temperature = 0.8;   // sampling temperature; 0 = greedy
   bool plot = true;                  // write run_dir/loss.html (a self-contained loss-curve plot) at the end
+  bool save_on_signal = true;        // SIGTERM / SIGINT (a preemption, Ctrl-C): finish the step, save a checkpoint,
+                                     // exit 128 + signal (a second signal ends the process at once); false: the
+                                     // signals' default, and the steps since the last checkpoint are lost
 
   void fields(Fields& f);
 };
