@@ -316,11 +316,11 @@ class Watchdog {
   int fd_ = -1;
 };
 
-// SIGTERM to the job's process group, SIGKILL after 10 s; returns the wait status.
-int terminate_group(pid_t pid) {
+// SIGTERM to the job's process group, SIGKILL after `grace_s`; returns the wait status.
+int terminate_group(pid_t pid, int grace_s = 10) {
   ::kill(-pid, SIGTERM);
   int status = 0;
-  for (int i = 0; i < 100; ++i) {
+  for (int i = 0; i < 10 * grace_s; ++i) {
     if (::waitpid(pid, &status, WNOHANG) == pid) return status;
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
@@ -397,8 +397,10 @@ int supervise(const SuperviseOptions& opt) {
       const pid_t r = ::waitpid(pid, &status, WNOHANG);
       if (r == pid) break;
       if (g_signal) {
-        fmt::print("llm-spike: signal {}: stopping the job\n", static_cast<int>(g_signal));
-        terminate_group(pid);
+        fmt::print("llm-spike: signal {}: stopping the job (it saves a checkpoint first; SIGKILL after 120 s)\n",
+                   static_cast<int>(g_signal));
+        std::fflush(stdout);
+        terminate_group(pid, 120);  // (train.save_on_signal: the trainer ends its step and saves)
         append_event(opt.run_dir, {{"event", "interrupted"}, {"signal", static_cast<int>(g_signal)}});
         return 128 + g_signal;
       }

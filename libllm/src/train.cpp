@@ -9,6 +9,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -139,28 +140,54 @@ int64_t truncate_log(const std::string& path, int64_t last_step, int64_t branch 
 }
 
 // SIGTERM / SIGINT while training (train.save_on_signal): the number of the signal, read at the
-// end of each step. The handler is reset by its first call, so a second signal ends the process.
-volatile std::sig_atomic_t g_stop_signal = 0;
-extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
+// end of each step. Launchers pass a signal on to their workers (torchrun; a terminal's Ctrl-C
+// reaches both), so one more within 2 s is the same request; a later one ends the process (a hung
+// job). Lock-free atomics: safe in a handler, and on whichever thread takes the signal.
+std::atomic<int> g_stop_signal{0};
+std::atomic<int64_t> g_stop_at_ns{0};
 
-// Installs that handler for SIGTERM and SIGINT for its lifetime, and restores what was there.
+int64_t monotonic_ns() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);  // (async-signal-safe)
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+extern "C" void on_stop_signal(int sig) {
+  const int64_t now = monotonic_ns();
+  if (g_stop_signal.load() == 0) {
+    g_stop_at_ns.store(now);
+    g_stop_signal.store(sig);
+  } else if (now - g_stop_at_ns.load() > 2000000000) {
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    ::sigaction(sig, &dfl, nullptr);
+    ::raise(sig);
+  }
+}
+
+// Installs that handler for SIGTERM and SIGINT for its lifetime (the training loop), and restores
+// what was there; the flag is cleared at both ends, so that no later run in the process sees it.
 class StopSignals {
  public:
   explicit StopSignals(bool on) : on_(on) {
-    if (!on_) return;
     g_stop_signal = 0;
+    if (!on_) return;
     struct sigaction sa {};
     sa.sa_handler = on_stop_signal;
     sigemptyset(&sa.sa_mask);
-    sa.sa_flags = SA_RESETHAND;
+    sa.sa_flags = SA_RESTART;
     ::sigaction(SIGTERM, &sa, &old_term_);
     ::sigaction(SIGINT, &sa, &old_int_);
   }
   ~StopSignals() {
-    if (!on_) return;
-    ::sigaction(SIGTERM, &old_term_, nullptr);
-    ::sigaction(SIGINT, &old_int_, nullptr);
+    if (on_) {
+      ::sigaction(SIGTERM, &old_term_, nullptr);
+      ::sigaction(SIGINT, &old_int_, nullptr);
+    }
+    g_stop_signal = 0;
   }
+  // The signal that asked to stop, 0 = none.
+  int signal() const { return on_ ? g_stop_signal.load() : 0; }
   StopSignals(const StopSignals&) = delete;
   StopSignals& operator=(const StopSignals&) = delete;
 
@@ -189,8 +216,10 @@ std::pair<torch::Tensor, torch::Tensor> split_batch(std::vector<int64_t>& buf, i
 }
 
 // Moves checkpoints newer than `step` into root/`folder`/ (rolled-back: kept for study, as LLM360
-// published K2's spike checkpoints), so that `resume: auto` and pruning never see them.
-void set_aside_checkpoints(const std::string& root, int64_t step, const char* folder = "rolled-back") {
+// published K2's spike checkpoints), so that `resume: auto` and pruning never see them. Each gets
+// set-aside.json: `why` ({"reason", and "logs": where its log lines went, if they did}) and the
+// time, which tells the step-N-k folders of one step apart.
+void set_aside_checkpoints(const std::string& root, int64_t step, const json& why, const char* folder = "rolled-back") {
   for (int64_t s : checkpoint_steps(root)) {
     if (s <= step) continue;
     const fs::path aside = fs::path(root) / folder;
@@ -198,6 +227,9 @@ void set_aside_checkpoints(const std::string& root, int64_t step, const char* fo
     fs::path dst = aside / checkpoint_name(s);
     for (int k = 1; fs::exists(dst); ++k) dst = aside / (checkpoint_name(s) + "-" + std::to_string(k));
     fs::rename(fs::path(root) / checkpoint_name(s), dst);
+    json record = why;
+    record["time"] = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+    detail::write_file_atomic((dst / "set-aside.json").string(), record.dump(1) + "\n");
   }
 }
 
@@ -641,30 +673,33 @@ struct Run {
     const fs::path path = fs::path(tc.run_dir) / "rolled-back-logs" / "guard-data_sequence.jsonl";
     const json tag = {{"branch", branch}, {"from_step", through}, {"to_step", to}};
     const std::string marker = "\"rollback\":" + tag.dump();
-    std::string before;
-    std::set<std::string> have;
-    bool found = false;
-    detail::for_each_line(path.string(), [&](const std::string& line) {
-      before += line + "\n";
-      have.insert(line);
-      found = found || line.find(marker) != std::string::npos;
-    });
-    std::string add;
-    detail::for_each_line(sequence_path, [&](const std::string& text) {
-      const int64_t s = detail::int_field(text, "step", -1);
-      if (s <= to || s > through) return;
-      json line = json::parse(text, nullptr, /*allow_exceptions=*/false);
-      if (!line.is_object()) return;
-      line["rollback"] = tag;
-      const std::string out = line.dump();
-      found = true;
-      if (!have.count(out)) add += out + "\n";
-    });
-    if (!add.empty()) {
-      fs::create_directories(path.parent_path());
-      detail::write_file_atomic(path.string(), before + add);
+    bool have = false;  // (a rollback's lines are written together: one of them means all)
+    detail::for_each_line(path.string(),
+                          [&](const std::string& line) { have = have || line.find(marker) != std::string::npos; });
+    if (have) return path.string();
+    // Streamed into a copy that replaces the file whole (a kill leaves the old one).
+    fs::create_directories(path.parent_path());
+    const std::string tmp = path.string() + ".tmp";
+    bool any = false;
+    {
+      std::ofstream out(tmp, std::ios::binary);
+      std::error_code ec;
+      if (fs::file_size(path, ec) > 0 && !ec) out << std::ifstream(path, std::ios::binary).rdbuf();
+      detail::for_each_line(sequence_path, [&](const std::string& text) {
+        const int64_t s = detail::int_field(text, "step", -1);
+        if (s <= to || s > through) return;
+        json line = json::parse(text, nullptr, /*allow_exceptions=*/false);
+        if (!line.is_object()) return;
+        line["rollback"] = tag;
+        out << line.dump() << "\n";
+        any = true;
+      });
+      out.close();
+      if (!out) throw Error(tmp, "cannot write the rolled-back steps' data sequence", "check the disk");
     }
-    return found ? path.string() : "";
+    if (!any) return fs::remove(tmp), "";
+    fs::rename(tmp, path);
+    return path.string();
   }
 
   // Logs the rollback (in_loop) or restart plan from step `through` to `to` that a job which died
@@ -1057,6 +1092,13 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       }
     if (g.enabled && g.loss_z == 0 && g.grad_z == 0)
       fmt::print("note: guard.loss_z and guard.grad_z are both 0: the guard only skips non-finite steps\n");
+    if (g.enabled && recipe.checkpoint.every > 0 &&
+        run.guard.lookback() / recipe.checkpoint.every + 1 > recipe.checkpoint.keep_last)
+      fmt::print(
+          "note: with the loss-spike guard on, the checkpoints of the last {} steps (the furthest a rollback "
+          "goes back) are kept, about {} at checkpoint.every {}, more than checkpoint.keep_last ({})\n",
+          run.guard.lookback(), run.guard.lookback() / recipe.checkpoint.every + 1, recipe.checkpoint.every,
+          recipe.checkpoint.keep_last);
     if (g.enabled && g.max_skips > g.skip_window)
       fmt::print("note: guard.max_skips ({}) > guard.skip_window ({}): skips never add up to a rollback\n", g.max_skips,
                  g.skip_window);
@@ -1211,7 +1253,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                pending.value("to_step", int64_t{-1}),
                pending_done ? "was completed" : "does not apply at step " + std::to_string(state.step));
   dist.barrier();  // every rank has read it
-  if (main_rank && !pending_applies) fs::remove(run.pending_path);
+  // (a record that does not apply is removed below, once what it completed is logged)
   // A supervisor's plan after a guard stop (llm-spike supervise): applies when the resumed
   // checkpoint is its to_step (the steps after it are then a discarded branch, kept in the metrics).
   json plan;
@@ -1285,7 +1327,9 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       archived += truncate_log(metrics_path, plan_applies ? plan.value("from_step", state.step) : state.step,
                                plan_applies ? branch_floor : run.guard.rollbacks_total(), archive("metrics.jsonl"));
     if (!plan_applies && !pending_applies) {  // (else the rollback reads its steps first)
-      archived += truncate_log(run.sequence_path, state.step, 0, archive("data_sequence.jsonl"));
+      // (a completed rollback's steps are in the guard's file already: not "redone")
+      archived +=
+          truncate_log(run.sequence_path, state.step, 0, completed_data.empty() ? archive("data_sequence.jsonl") : "");
       // The events of an abandoned branch's steps go with their metrics lines; lines without a
       // step (a supervisor's) stay. (A crash's redone steps keep theirs: events are the history.)
       if (!resume_from.empty() && (set_aside || guard_tail))
@@ -1300,7 +1344,10 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
         }
     const std::string logs_went = archived > 0 ? ", their log lines to " + log_archive.string() + "/" : "";
     if (set_aside) {
-      set_aside_checkpoints(run.ckpt_root, from, aside);
+      json why = {{"reason", resume_from.empty() ? "a new run (checkpoint.resume: none) began in this folder"
+                                                 : "the run resumed from the older step " + std::to_string(from)}};
+      if (archived > 0) why["logs"] = log_archive.string();
+      set_aside_checkpoints(run.ckpt_root, from, why, aside);
       fmt::print("{}: {}/ holds checkpoints up to step {} of {}; they moved to {}/{}/{}\n",
                  resume_from.empty() ? "starting a new run (checkpoint.resume: none)"
                                      : "resuming from step " + std::to_string(from),
@@ -1324,6 +1371,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     if (plan_was_applied && state.step == plan.value("to_step", int64_t{-1}))
       run.log_completed(state.step, plan.value("from_step", int64_t{-1}), /*in_loop=*/false, resume_from,
                         plan.value("attempt", int64_t{-1}), completed_data);
+    if (!pending_applies) fs::remove(run.pending_path);
     detail::write_file_atomic((run_dir / "recipe.yaml").string(),
                               run.recipe_yaml);  // never a half-written recipe beside the run
   }
@@ -1390,7 +1438,9 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   double last_loss = 0;
   std::vector<WindowRef> refs;
   run.model->train();
-  const StopSignals signals(tc.save_on_signal);
+  std::optional<StopSignals> signals;  // (the loop's only: later phases end at a signal as before)
+  signals.emplace(tc.save_on_signal);
+  bool stop_agreed = false;  // the last step's ranks saw a signal
   for (int64_t step = state.step; step < tc.steps; ++step) {
     const int64_t n = step + 1;  // 1-based number of this step
     const auto ts = std::chrono::steady_clock::now();
@@ -1468,9 +1518,10 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     // (world + 1): the last, the ranks a signal asked to stop (train.save_on_signal).
     auto counts = torch::zeros({dist.world_size() + 1}, torch::kInt64);
     counts[dist.rank()] = static_cast<int64_t>(used.size());
-    counts[dist.world_size()] = g_stop_signal != 0 ? 1 : 0;
+    counts[dist.world_size()] = signals->signal() != 0 ? 1 : 0;
     dist.sum(counts);
     const bool stop_requested = counts[dist.world_size()].item<int64_t>() > 0;
+    stop_agreed = stop_requested;
     counts = counts.narrow(0, 0, dist.world_size());
     auto step_refs = torch::zeros({dist.world_size(), counts.max().item<int64_t>(), 2}, torch::kInt64);
     {
@@ -1579,7 +1630,9 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     } else if (d.action == GuardAction::Stop) {
       if (target >= 0) run.write_live(n);  // for the supervisor's restart plan
       dist.barrier();
-      if (main_rank && target >= 0) set_aside_checkpoints(run.ckpt_root, target);
+      if (main_rank && target >= 0)
+        set_aside_checkpoints(run.ckpt_root, target,
+                              {{"reason", fmt::format("the loss-spike guard stopped at step {}: {}", n, d.reason)}});
       run.event({{"event", "stop"},
                  {"step", n},
                  {"reason", d.reason},
@@ -1614,7 +1667,11 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       run.write_live(n);  // (first: the record relies on it)
       if (main_rank) detail::write_file_atomic(run.pending_path, pending.dump() + "\n");
       dist.barrier();
-      if (main_rank) set_aside_checkpoints(run.ckpt_root, to);
+      if (main_rank)
+        set_aside_checkpoints(
+            run.ckpt_root, to,
+            {{"reason", fmt::format("the loss-spike guard rolled back from step {} to step {}: {}", n, to, d.reason)},
+             {"logs", (run_dir / "rolled-back-logs" / "guard-data_sequence.jsonl").string()}});
       dist.barrier();
       if (hooks.before_rollback) hooks.before_rollback(n, to);
       const Guard before = run.guard;
@@ -1640,13 +1697,26 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       }
     }
     if (interrupted_here) {  // (every rank: the signal's sum says so on all of them)
-      const int sig = g_stop_signal != 0 ? static_cast<int>(g_stop_signal) : SIGTERM;
+      const int sig = signals->signal() != 0 ? signals->signal() : SIGTERM;
       run.event({{"event", "interrupted"}, {"step", n}, {"signal", sig}});
       throw Interrupted(sig, tc.run_dir,
                         fmt::format("stopped by {} after step {}, whose checkpoint is saved", ::strsignal(sig), n),
                         "run the same command to resume");
     }
   }
+  // A signal in the last step: its checkpoint is saved; no samples or plot. One after the ranks'
+  // agreement in it ends this process as it would without the handler.
+  const int late = signals->signal();
+  signals.reset();
+  if (stop_agreed) {
+    const int sig = late != 0 ? late : SIGTERM;
+    run.event({{"event", "interrupted"}, {"step", tc.steps}, {"signal", sig}});
+    throw Interrupted(
+        sig, tc.run_dir,
+        fmt::format("stopped by {} in the last step ({}), whose checkpoint is saved", ::strsignal(sig), tc.steps),
+        "the run is complete; the samples and loss plot were not made");
+  }
+  if (late != 0) ::raise(late);
 
   const bool sampling = !tc.sample_prompts.empty() && tc.sample_tokens > 0;
   if (run.fsdp && sampling) {

@@ -106,9 +106,11 @@ TEST_CASE("SIGINT / SIGTERM finish the step, save its checkpoint and stop: the r
   pretrain(tiny_recipe(shards, tmp / "a"));
   TrainHooks hooks;
   hooks.decide = [](int64_t n, GuardDecision&) {
-    if (n == 4)
-      std::raise(SIGINT);  // (as Ctrl-C, or a preemption's SIGTERM, late in step 4: past its
-                           // ranks' agreement, so step 5 is the one that stops)
+    if (n == 4) {  // (as Ctrl-C, or a preemption's SIGTERM, late in step 4: past its ranks'
+                   // agreement, so step 5 is the one that stops; a launcher passes it on again)
+      std::raise(SIGINT);
+      std::raise(SIGTERM);
+    }
   };
   int sig = 0;
   try {
@@ -124,11 +126,32 @@ TEST_CASE("SIGINT / SIGTERM finish the step, save its checkpoint and stop: the r
   CHECK(losses(tmp / "a") == losses(tmp / "b"));
   // train.save_on_signal: false leaves the signal to its handler (here the test's, which counts it).
   static volatile std::sig_atomic_t seen = 0;
-  auto* previous = std::signal(SIGINT, [](int) { seen = 1; });
-  pretrain(tiny_recipe(shards, tmp / "c", {"train.save_on_signal=false"}), hooks);
-  std::signal(SIGINT, previous);
+  auto* previous = std::signal(SIGINT, [](int) { ++seen; });
+  TrainHooks once;
+  once.decide = [](int64_t n, GuardDecision&) {
+    if (n == 4) std::raise(SIGINT);
+  };
+  pretrain(tiny_recipe(shards, tmp / "c", {"train.save_on_signal=false"}), once);
   CHECK(seen == 1);
   CHECK(losses(tmp / "c") == losses(tmp / "a"));
+  // In the last step (8): its checkpoint is saved, and the samples and plot are not made.
+  TrainHooks last;
+  last.decide = [](int64_t n, GuardDecision&) {
+    if (n == 7) std::raise(SIGINT);
+  };
+  CHECK_THAT(test::error_of([&] { pretrain(tiny_recipe(shards, tmp / "d"), last); }),
+             Catch::Contains("in the last step (8), whose checkpoint is saved"));
+  CHECK(checkpoint_steps(tmp / "d/checkpoints").back() == 8);
+  // After the ranks' agreement in the last step: the handler that was there before gets it, as
+  // without train.save_on_signal; and it is that handler that is in place again.
+  last.decide = [](int64_t n, GuardDecision&) {
+    if (n == 8) std::raise(SIGINT);
+  };
+  pretrain(tiny_recipe(shards, tmp / "e"), last);
+  CHECK(seen == 2);
+  std::raise(SIGINT);
+  CHECK(seen == 3);
+  std::signal(SIGINT, previous);
 }
 
 TEST_CASE("a damaged checkpoint's errors name its file", "[train]") {
@@ -387,6 +410,11 @@ TEST_CASE(
              }),
              Catch::Contains("guard.max_skips (20) > guard.skip_window (10)") &&
                  Catch::Contains("guard.loss_z and guard.grad_z are both 0"));
+  CHECK_THAT(test::stdout_of([&] {
+               pretrain(tiny_recipe(shards, tmp / "k", {"train.steps=2", "guard.enabled=true"}));
+             }),
+             Catch::Contains("the checkpoints of the last 102 steps (the furthest a rollback goes back) are kept, "
+                             "about 35 at checkpoint.every 3, more than checkpoint.keep_last (5)"));
 }
 
 TEST_CASE("metrics count the tokens each step drew, also after a resume with another batch", "[train]") {
@@ -416,6 +444,9 @@ TEST_CASE("a new run or an older resume point sets the run folder's later checkp
   CHECK(fs::exists(tmp / "r/superseded-logs/1/rolled-back-logs/guard-data_sequence.jsonl"));
   CHECK(checkpoint_steps(tmp / "r/checkpoints") == std::vector<int64_t>{3, 6});
   CHECK(checkpoint_steps(tmp / "r/checkpoints/superseded") == std::vector<int64_t>{3, 6, 9});
+  const auto why = nlohmann::json::parse(read_file(tmp / "r/checkpoints/superseded/step-00000009/set-aside.json"));
+  CHECK_THAT(why["reason"].get<std::string>(), Catch::Contains("a new run (checkpoint.resume: none)"));
+  CHECK(why["logs"] == tmp / "r/superseded-logs/1");
   // The earlier run's logs moved beside them, whole; the new run's are its own.
   CHECK(test::read_file(tmp / "r/superseded-logs/1/metrics.jsonl") == first_metrics);
   CHECK(test::read_file(tmp / "r/superseded-logs/1/data_sequence.jsonl") == first_sequence);
@@ -572,6 +603,8 @@ TEST_CASE("guard: a persistent spike rolls back to an exact checkpoint, defers i
   CHECK(seq[25]["windows"] != seq_clean[25]["windows"]);  // step 26 got fresh data
   // The spiked checkpoint is kept aside; resume would never pick it.
   CHECK(fs::exists(spiked + "/checkpoints/rolled-back/step-00000030"));
+  CHECK_THAT(read_file(spiked + "/checkpoints/rolled-back/step-00000030/set-aside.json"),
+             Catch::Contains("the loss-spike guard rolled back from step 34 to step 25"));
   // The metrics keep a rollback's lines, as branches; the rolled-back steps' data (what spiked)
   // moved aside, and the rollback's event names it.
   const std::string aside = spiked + "/rolled-back-logs/guard-data_sequence.jsonl";
@@ -685,6 +718,7 @@ TEST_CASE("a rollback interrupted by the job's death is completed when the job r
   std::ofstream(tmp / "late/data_sequence.jsonl", std::ios::app) << uncut;
   pretrain(recipe(tmp / "late"));
   CHECK(read_file(aside) == archived);
+  CHECK_FALSE(fs::exists(tmp / "late/rolled-back-logs/1"));  // (not archived a second time as "redone")
   CHECK(!fs::exists(tmp / "late/rollback-pending.json"));
   CHECK(read_file(tmp / "whole/data_sequence.jsonl") == read_file(tmp / "late/data_sequence.jsonl"));
   CHECK(losses(tmp / "whole") == losses(tmp / "late"));

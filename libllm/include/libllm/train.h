@@ -55,7 +55,7 @@ struct TrainConfig {                 // recipe section `train`
   double sample_temperature = 0.8;   // sampling temperature; 0 = greedy
   bool plot = true;                  // write run_dir/loss.html (a self-contained loss-curve plot) at the end
   bool save_on_signal = true;        // SIGTERM / SIGINT (a preemption, Ctrl-C): finish the step, save a checkpoint,
-                                     // exit 128 + signal (a second signal ends the process at once); false: the
+                                     // exit 128 + signal (another one over 2 s later ends the process); false: the
                                      // signals' default, and the steps since the last checkpoint are lost
 
   void fields(Fields& f);
@@ -84,8 +84,8 @@ struct TrainHooks {
 // grad_norm, tokens/s, ...; chat data adds target_tokens and target_tokens_per_s; with the guard
 // also action, z_loss, z_grad and branch = rollbacks so far; under a supervisor, attempt =
 // LIBLLM_RESTART), data_sequence.jsonl (per step, every
-// rank's windows, or chat examples, [set, number] in the order used: what the final model saw;
-// a rollback's discarded steps go to rolled-back-logs/rollback-S-to-T-branch-B/), events.jsonl
+// rank's windows, or chat examples, [set, number] in the order used: what the final model saw, a skipped update's line
+// marked "skipped"; a rollback's discarded steps go to rolled-back-logs/rollback-S-to-T-branch-B/), events.jsonl
 // (start/resume, skip, rollback, stop, restart plans; a step's event has its branch),
 // checkpoints/, loss.html.
 //
