@@ -1303,12 +1303,17 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                             drops_guard_action(metrics_path, state.step, run.guard.rollbacks_total());
     // Where the dropped lines go (made when there are any): also those of the steps after the
     // checkpoint that a crashed or killed job logged, which this one redoes.
+    // A folder whose marker says an earlier start was killed while filling it is filled again
+    // (its lines are the same), not followed by another with them twice.
     const fs::path log_archive = [&] {
       const fs::path logs = run_dir / (std::string(aside) + "-logs");
       int k = 1;
       while (fs::exists(logs / std::to_string(k))) ++k;
+      if (k > 1 && fs::exists(logs / std::to_string(k - 1) / ".incomplete")) --k;
       return logs / std::to_string(k);
     }();
+    fs::create_directories(log_archive);
+    detail::write_file_atomic((log_archive / ".incomplete").string(), "");
     auto archive = [&](const char* name) { return log_archive.empty() ? "" : (log_archive / name).string(); };
     // The data of a rollback or restart plan that a job which died before logging it completed:
     // kept before the data sequence is cut below.
@@ -1361,6 +1366,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                  guard_tail ? ", in which the loss-spike guard acted," : " (which this run redoes)",
                  log_archive.string());
     }
+    fs::remove(log_archive / ".incomplete");
+    if (fs::is_empty(log_archive)) fs::remove(log_archive);  // (nothing was archived)
     metrics.open(metrics_path, std::ios::app);
     run.sequence.open(run.sequence_path, std::ios::app);
     run.events.open((run_dir / "events.jsonl").string(), std::ios::app);

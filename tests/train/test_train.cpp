@@ -460,6 +460,10 @@ TEST_CASE("a new run or an older resume point sets the run folder's later checkp
                                                        << "\n"
                                                        << R"({"event":"supervise","command":"x"})"
                                                        << "\n";
+  // (as an earlier start, killed while archiving, left it: filled again, not followed by another)
+  fs::create_directories(tmp / "r/rolled-back-logs/1");
+  test::write_file(tmp / "r/rolled-back-logs/1/.incomplete", "");
+  test::write_file(tmp / "r/rolled-back-logs/1/metrics.jsonl", "{\"step\":99}\n");
   pretrain(tiny_recipe(shards, tmp / "r", {"checkpoint.resume=" + std::string(tmp / "r/checkpoints/step-00000003")}));
   CHECK(checkpoint_steps(tmp / "r/checkpoints") == std::vector<int64_t>{3, 6, 8});
   CHECK(checkpoint_steps(tmp / "r/checkpoints/rolled-back") == std::vector<int64_t>{6});
@@ -467,6 +471,8 @@ TEST_CASE("a new run or an older resume point sets the run folder's later checkp
   std::vector<int64_t> abandoned;
   for (const auto& line : jsonl(tmp / "r/rolled-back-logs/1/metrics.jsonl")) abandoned.push_back(line["step"]);
   CHECK(abandoned == std::vector<int64_t>{4, 5, 6});
+  CHECK_FALSE(fs::exists(tmp / "r/rolled-back-logs/1/.incomplete"));
+  CHECK_FALSE(fs::exists(tmp / "r/rolled-back-logs/2"));
   CHECK(jsonl(tmp / "r/rolled-back-logs/1/data_sequence.jsonl").size() == 3);
   // So does its step 5's event; an event of no step (a supervisor's) stays.
   const auto moved = jsonl(tmp / "r/rolled-back-logs/1/events.jsonl");
