@@ -83,6 +83,13 @@ EvalResult evaluate_tokens(Transformer& model, const std::vector<std::vector<int
                    [](const Window& a, const Window& b) { return a.end - a.begin > b.end - b.begin; });
 
   torch::NoGradGuard no_grad;
+  // Evaluated in eval mode (no dropout); the caller's mode is restored however this ends (a
+  // training loop's activation checkpointing and LoRA dropout depend on it).
+  struct Mode {
+    Transformer& m;
+    bool was;
+    ~Mode() { m->train(was); }
+  } mode{model, model->is_training()};
   model->eval();
   const auto device = model->parameters().front().device();
   const auto start = std::chrono::steady_clock::now();

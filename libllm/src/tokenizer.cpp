@@ -25,6 +25,7 @@ struct Shim {
   bool (*decode)(void*, const std::vector<int>*, std::string*, std::string*);
   void (*piece)(void*, int, std::string*);
   bool (*train)(std::vector<std::string>*, const std::string*, std::string*, std::string*);
+  std::string path;  // the file loaded
 };
 
 template <class F>
@@ -33,20 +34,29 @@ void bind(void* lib, const char* name, F& fn, const std::string& path) {
   if (!fn) throw Error(path, std::string("sentencepiece shim lacks ") + name, "rebuild libllm");
 }
 
+// The module's file: $LIBLLM_SENTENCEPIECE_SHIM; else by its name through the program's run path
+// and LD_LIBRARY_PATH (libllm's CMake package gives the programs that link it a run path to its
+// lib/); else lib/ beside the program's bin/ (libllm's own programs, installed or in the build
+// tree); else where libllm was configured to install it.
 const Shim& shim() {
   static Shim s;
   static std::once_flag once;
   std::call_once(once, [] {
+    const std::string name = std::filesystem::path(LIBLLM_SPM_INSTALL_PATH).filename().string();
     std::vector<std::string> candidates;
-    if (const char* env = std::getenv("LIBLLM_SENTENCEPIECE_SHIM")) candidates.push_back(env);
-    candidates.push_back(LIBLLM_SPM_BUILD_PATH);
+    if (const char* env = std::getenv("LIBLLM_SENTENCEPIECE_SHIM"); env && *env) candidates.push_back(env);
+    candidates.push_back(name);  // (a bare name: dlopen searches the run path)
+    std::error_code ec;
+    const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+    if (!ec) candidates.push_back((exe.parent_path().parent_path() / "lib" / name).string());
     candidates.push_back(LIBLLM_SPM_INSTALL_PATH);
     std::string errors;
     for (const auto& path : candidates) {
-      if (!std::filesystem::exists(path)) continue;
+      const bool bare = path == name;
+      if (!bare && !std::filesystem::exists(path)) continue;
       void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
       if (!lib) {
-        errors += std::string(" ") + dlerror();
+        if (!bare) errors += std::string(" ") + dlerror();
         continue;
       }
       bind(lib, "llm_spm_load", s.load, path);
@@ -57,16 +67,22 @@ const Shim& shim() {
       bind(lib, "llm_spm_decode", s.decode, path);
       bind(lib, "llm_spm_piece", s.piece, path);
       bind(lib, "llm_spm_train_lines", s.train, path);
+      Dl_info info{};
+      s.path = dladdr(reinterpret_cast<void*>(s.load), &info) && info.dli_fname ? info.dli_fname : path;
       return;
     }
-    throw Error(LIBLLM_SPM_INSTALL_PATH, "cannot load libllm's sentencepiece module" + errors,
-                "reinstall libllm or set LIBLLM_SENTENCEPIECE_SHIM to its path");
+    throw Error(name, "cannot find or load libllm's sentencepiece module" + errors,
+                "set LIBLLM_SENTENCEPIECE_SHIM to its path (lib/" + name +
+                    " of libllm's install), or give the "
+                    "program a run path to that lib/ (libllm's CMake package does)");
   });
   if (!s.load) throw Error(LIBLLM_SPM_INSTALL_PATH, "libllm's sentencepiece module failed to load earlier");
   return s;
 }
 
 }  // namespace
+
+std::string sentencepiece_module_path() { return shim().path; }
 
 struct Tokenizer::Impl {
   void* handle = nullptr;

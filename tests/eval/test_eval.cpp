@@ -63,7 +63,9 @@ TEST_CASE("every token is predicted once, whatever the batch size and stride", "
   }
   EvalOptions opts;
   opts.batch_size = 1;
+  p.model->train();  // (a training loop's mode, which the evaluation leaves as it was)
   const EvalResult one = evaluate_tokens(p.model, docs, opts);
+  CHECK(p.model->is_training());
   CHECK(one.tokens == 1 + 10 + 47 + 48 + 49 + 130);
   CHECK(one.documents == 6);
   opts.batch_size = 16;

@@ -269,7 +269,8 @@ class TransformerImpl : public torch::nn::Module {
   // Elements [offset, offset + out.numel()) of parameter `name`'s flattened initial values,
   // written into `out` (any dtype or device).
   void init_parameter(const std::string& name, torch::Tensor out, int64_t offset = 0) const;
-  // Drawn from torch's global RNG when the model is built, so train.seed fixes the init.
+  // Drawn from torch's global RNG when the model is built: pretrain() seeds it with train.seed first;
+  // a program of its own calls torch::manual_seed before building the model for a repeatable init.
   uint64_t init_seed() const { return init_seed_; }
   // Allocates every unallocated parameter on the CPU and initialises it (deferred models).
   void materialize();

@@ -74,4 +74,10 @@ class Tokenizer {
 // --num_threads among them), not on file names or the time.
 void train_sentencepiece(std::vector<std::string> lines, const std::string& args, const std::string& model_path);
 
+// The sentencepiece module libllm loads at run time (lib/libllm_sentencepiece.so of its install;
+// loaded now if it was not): $LIBLLM_SENTENCEPIECE_SHIM, else found by name through the program's
+// run path (libllm's CMake package adds its lib/) and LD_LIBRARY_PATH, else in lib/ beside the
+// program's bin/, else where libllm was configured to install it. An Error names what was tried.
+std::string sentencepiece_module_path();
+
 }  // namespace libllm
