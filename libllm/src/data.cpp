@@ -898,8 +898,13 @@ ShardSet ShardSet::open(const std::string& dir) {
   if (fs::is_regular_file(dir, ec))
     throw Error(dir, "is a file, not a shard-set folder",
                 supported(dir, false) ? make : "name llm-data's data_prep.output");
-  if (!fs::is_directory(dir))
-    throw Error(dir, "shard-set folder not found", "make it with data preparation (llm-data / write_shards)");
+  if (!fs::is_directory(dir)) {
+    std::error_code cwd_ec;
+    const std::string from = fs::path(dir).is_relative() ? " (a relative path, from the working directory " +
+                                                               fs::current_path(cwd_ec).string() + ")"
+                                                         : "";
+    throw Error(dir, "shard-set folder not found" + from, "make it with data preparation (llm-data / write_shards)");
+  }
   const std::string meta_path = (fs::path(dir) / "meta.json").string();
   if (!fs::is_regular_file(meta_path)) {
     bool documents = false;  // (a folder of the user's documents, named where their tokens go)

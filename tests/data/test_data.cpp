@@ -531,6 +531,11 @@ TEST_CASE("incomplete or damaged shard sets are errors that say to re-run", "[da
     CHECK_THAT(error_of([&] { ShardSet::open(p); }),
                Catch::Contains("list the documents in data_prep.inputs, run llm-data, and name its data_prep.output"));
   CHECK_THAT(error_of([&] { ShardSet::open(tmp / "docs"); }), Catch::Contains("holds documents, not a shard set"));
+  // A relative path that is not there says where it was looked for.
+  CHECK_THAT(error_of([&] { ShardSet::open("no-such-set/train"); }),
+             Catch::Contains("no-such-set/train: shard-set folder not found (a relative path, from the working "
+                             "directory " +
+                             fs::current_path().string() + ")"));
 
   SECTION("no meta.json: an interrupted run") {
     fs::remove(tmp / "set/meta.json");
