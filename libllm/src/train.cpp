@@ -1367,7 +1367,11 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                  log_archive.string());
     }
     fs::remove(log_archive / ".incomplete");
-    if (fs::is_empty(log_archive)) fs::remove(log_archive);  // (nothing was archived)
+    if (fs::is_empty(log_archive)) {  // (nothing was archived: no folder is left, nor an empty parent)
+      fs::remove(log_archive);
+      std::error_code ec;
+      fs::remove(log_archive.parent_path(), ec);  // (fails, and stays, when it holds earlier archives)
+    }
     metrics.open(metrics_path, std::ios::app);
     run.sequence.open(run.sequence_path, std::ios::app);
     run.events.open((run_dir / "events.jsonl").string(), std::ios::app);

@@ -435,6 +435,7 @@ TEST_CASE("a new run or an older resume point sets the run folder's later checkp
   // An earlier run's checkpoints 3, 6, 9 beside a new one (checkpoint.resume: none) with keep_last 2:
   // they would have been pruned first (and resumed by a restart); they move to superseded/.
   pretrain(tiny_recipe(shards, tmp / "r", {"train.steps=9"}));
+  CHECK_FALSE(fs::exists(tmp / "r/superseded-logs"));  // (a first run archives nothing, and leaves no folder)
   const std::string first_metrics = test::read_file(tmp / "r/metrics.jsonl"),
                     first_sequence = test::read_file(tmp / "r/data_sequence.jsonl"),
                     first_recipe = test::read_file(tmp / "r/recipe.yaml");
