@@ -875,9 +875,17 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
           added.size(), recipe.tokenizer.path, list, added.size() > 8 ? ", ..." : "", recipe.tokenizer.path);
     }
   }
-  for (const auto& dir : recipe.data.train) check_tokenizer(ShardSet::open(dir), tok);
+  // (a shard set's error names the recipe key too: `data.train: shards/x: ... not found`)
+  const auto open = [](const char* key, const std::string& dir) {
+    try {
+      return ShardSet::open(dir);
+    } catch (const Error& e) {
+      throw Error(std::string(key) + ": " + e.where(), e.problem(), e.hint());
+    }
+  };
+  for (const auto& dir : recipe.data.train) check_tokenizer(open("data.train", dir), tok);
   if (!recipe.data.valid.empty()) {
-    const ShardSet valid = ShardSet::open(recipe.data.valid);
+    const ShardSet valid = open("data.valid", recipe.data.valid);
     check_tokenizer(valid, tok);
     if (!recipe.data.train.empty()) {  // held-out windows like the training ones
       const ShardSet train = ShardSet::open(recipe.data.train[0]);

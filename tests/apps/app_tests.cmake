@@ -120,7 +120,7 @@ expect_error(pretrain.bad-shard-group "train.shard_group: 2 ranks per shard grou
              --set train.activation_checkpointing=true --set train.shard_group=2 ${_sets})
 set_tests_properties(apps.error.pretrain.zero3-needs-checkpointing apps.error.pretrain.bad-shard-group
                      PROPERTIES FIXTURES_REQUIRED tiny_shards)
-expect_error(pretrain.missing-shards "data.train: no training shard folders|shard-set folder not found"
+expect_error(pretrain.missing-shards "data.train: /nonexistent: shard-set folder not found"
              ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set data.train=[/nonexistent])
 
 # Data parallel over Gloo: 2 processes == 1 process with doubled accumulation (1e-6). Needs Gloo's
