@@ -563,10 +563,9 @@ std::string not_replaceable(const fs::path& dir, FolderKind kind) {
   const fs::file_status st = fs::symlink_status(dir, ec);
   if (fs::is_symlink(st)) return "is a symbolic link";
   if (!fs::is_directory(st)) return "exists and is not a folder";
-  static const std::set<std::string> hf_files = {"config.json",          "generation_config.json",
-                                                 "model.safetensors",    "model.safetensors.index.json",
-                                                 "tokenizer.model",      "tokenizer_config.json",
-                                                 "special_tokens_map.json"};
+  static const std::set<std::string> hf_files = {
+      "config.json",     "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+      "tokenizer.model", "tokenizer_config.json",  "tokenizer.json",    "special_tokens_map.json"};
   static const std::set<std::string> peft_files = {"adapter_config.json", "adapter_model.safetensors"};
   const std::string not_ours = std::string("is not empty and not an earlier ") + kind_name(kind);
   std::set<std::string> names;
@@ -775,6 +774,14 @@ void export_hf(const ModelConfig& config, const std::vector<LazyWeight>& weights
       const Tokenizer tok = Tokenizer::load(opts.tokenizer_path);
       fs::copy_file(opts.tokenizer_path, tmp / "tokenizer.model", ec);
       if (ec) throw Error(opts.tokenizer_path, "cannot copy tokenizer: " + ec.message());
+      // tokenizer.json too: what fast tokenizers and servers (TGI's router) load without sentencepiece.
+      std::string why_not;
+      const std::string fast = tok.hf_tokenizer_json(&why_not);
+      if (!fast.empty())
+        detail::write_file_atomic((tmp / "tokenizer.json").string(), fast);
+      else
+        fmt::print(stderr, "note: no tokenizer.json for {}: {}; transformers converts tokenizer.model itself\n",
+                   opts.tokenizer_path, why_not);
       // LlamaTokenizer in legacy mode: Tokenizer::encode_with_specials tokenizes as it does.
       json tc = {{"tokenizer_class", "LlamaTokenizer"},
                  {"add_bos_token", true},

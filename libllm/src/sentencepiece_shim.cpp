@@ -9,17 +9,74 @@
 // the one libstdc++ of the process.
 #include <sentencepiece_processor.h>
 #include <sentencepiece_trainer.h>
+#include <unistd.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <new>
 #include <string>
 #include <vector>
 
 using sentencepiece::SentencePieceProcessor;
+
+// sentencepiece's log threshold (exported by libsentencepiece; weak: a version without it loads).
+namespace sentencepiece::logging {
+void SetMinLogLevel(int v) __attribute__((weak));
+}
+
+namespace {
+
+// Unbuffered writes to a file descriptor.
+class FdBuf : public std::streambuf {
+ public:
+  explicit FdBuf(int fd) : fd_(fd) {}
+
+ protected:
+  int overflow(int c) override {
+    if (c == traits_type::eof()) return 0;
+    const char ch = static_cast<char>(c);
+    return xsputn(&ch, 1) == 1 ? c : traits_type::eof();
+  }
+  std::streamsize xsputn(const char* s, std::streamsize n) override {
+    std::streamsize done = 0;
+    while (done < n) {
+      const ssize_t w = ::write(fd_, s + done, static_cast<size_t>(n - done));
+      if (w <= 0) break;
+      done += w;
+    }
+    return done;
+  }
+
+ private:
+  int fd_;
+};
+
+// Deep-bound, this module and sentencepiece see libstdc++'s own std::cerr / std::cout / std::clog.
+// A program that uses iostreams itself holds copies of them (copy relocations), and the C++
+// runtime constructs those copies only: sentencepiece's first log line (every training run
+// writes one, "Running command: ...") then crashed on a never-constructed stream. Construct the
+// ones this module sees when they were not (their storage is still all zero).
+void ensure_streams() {
+  static FdBuf out(1), err(2);
+  auto fix = [](std::ostream& s, std::streambuf* buf) {
+    void* vptr = nullptr;
+    std::memcpy(&vptr, static_cast<void*>(&s), sizeof vptr);
+    if (!vptr) new (&s) std::ostream(buf);
+  };
+  fix(std::cout, &out);
+  fix(std::cerr, &err);
+  fix(std::clog, &err);
+}
+
+}  // namespace
 
 extern "C" {
 
 int llm_spm_abi_version() { return 1; }
 
 void* llm_spm_load(const std::string* path, std::string* error) {
+  ensure_streams();
   auto* sp = new SentencePieceProcessor();
   const auto status = sp->Load(*path);
   if (!status.ok()) {
@@ -92,6 +149,11 @@ bool llm_spm_train_lines(std::vector<std::string>* lines, const std::string* arg
     std::vector<std::string>& lines;
     size_t i = 0;
   } it(*lines);
+  ensure_streams();
+  // --minloglevel applies only once sentencepiece has parsed the flags, after it logged them all.
+  const size_t at = args->find("--minloglevel=");
+  if (at != std::string::npos && sentencepiece::logging::SetMinLogLevel)
+    sentencepiece::logging::SetMinLogLevel(std::atoi(args->c_str() + at + 14));
   const auto status = sentencepiece::SentencePieceTrainer::Train(*args, &it, model);
   if (!status.ok()) *error = status.ToString();
   return status.ok();

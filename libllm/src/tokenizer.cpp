@@ -3,8 +3,14 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <mutex>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string_view>
+#include <unordered_map>
 
 #include "atomic_file.h"
 #include "libllm/config.h"
@@ -211,6 +217,251 @@ std::string Tokenizer::piece(int64_t id) const {
   std::string piece;
   shim().piece(impl_->handle, static_cast<int>(id), &piece);
   return piece;
+}
+
+// ---- tokenizer.json ---------------------------------------------------------------------------
+
+namespace {
+
+// One field of a protobuf message in wire format (a tokenizer.model is sentencepiece's ModelProto).
+struct ProtoField {
+  uint64_t number = 0;
+  int wire = 0;
+  uint64_t varint = 0;     // wire type 0
+  std::string_view bytes;  // wire type 2 (a string or a nested message)
+  uint32_t fixed32 = 0;    // wire type 5 (a float)
+};
+
+template <class Fn>
+void for_each_field(std::string_view msg, const std::string& where, Fn&& fn) {
+  size_t i = 0;
+  auto bad = [&] {
+    throw Error(where, "not a valid sentencepiece model (malformed protobuf at byte " + std::to_string(i) + ")");
+  };
+  auto varint = [&]() -> uint64_t {
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64 && i < msg.size(); shift += 7) {
+      const auto b = static_cast<uint8_t>(msg[i++]);
+      v |= static_cast<uint64_t>(b & 0x7f) << shift;
+      if (!(b & 0x80)) return v;
+    }
+    bad();
+    return 0;
+  };
+  while (i < msg.size()) {
+    ProtoField f;
+    const uint64_t key = varint();
+    f.number = key >> 3;
+    f.wire = static_cast<int>(key & 7);
+    if (f.wire == 0) {
+      f.varint = varint();
+    } else if (f.wire == 1) {
+      if (msg.size() - i < 8) bad();
+      i += 8;
+    } else if (f.wire == 2) {
+      const uint64_t n = varint();
+      if (n > msg.size() - i) bad();
+      f.bytes = msg.substr(i, n);
+      i += n;
+    } else if (f.wire == 5) {
+      if (msg.size() - i < 4) bad();
+      std::memcpy(&f.fixed32, msg.data() + i, 4);
+      i += 4;
+    } else {
+      bad();
+    }
+    fn(f);
+  }
+}
+
+// What tokenizer.json needs of a ModelProto (field numbers from sentencepiece_model.proto).
+struct SpmModel {
+  enum Type { kNormal = 1, kUnknown = 2, kControl = 3, kUserDefined = 4, kUnused = 5, kByte = 6 };
+  struct Piece {
+    std::string text;
+    float score = 0;
+    int type = kNormal;
+  };
+  std::vector<Piece> pieces;
+  int model_type = 1;  // TrainerSpec.model_type: UNIGRAM 1, BPE 2, WORD 3, CHAR 4
+  bool byte_fallback = false;
+  std::string normalizer;  // NormalizerSpec.name
+  bool charsmap = false;   // a precompiled normalization (any rule but identity)
+  bool add_dummy_prefix = true, remove_extra_whitespaces = true, escape_whitespaces = true;
+};
+
+SpmModel read_spm_model(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream bytes;
+  bytes << in.rdbuf();
+  if (!in) throw Error(path, "cannot read the tokenizer file");
+  const std::string data = bytes.str();
+  SpmModel m;
+  for_each_field(data, path, [&](const ProtoField& f) {
+    if (f.number == 1 && f.wire == 2) {  // ModelProto.pieces
+      SpmModel::Piece p;
+      for_each_field(f.bytes, path, [&](const ProtoField& g) {
+        if (g.number == 1 && g.wire == 2) p.text = std::string(g.bytes);
+        if (g.number == 2 && g.wire == 5) std::memcpy(&p.score, &g.fixed32, 4);
+        if (g.number == 3 && g.wire == 0) p.type = static_cast<int>(g.varint);
+      });
+      m.pieces.push_back(std::move(p));
+    } else if (f.number == 2 && f.wire == 2) {  // ModelProto.trainer_spec
+      for_each_field(f.bytes, path, [&](const ProtoField& g) {
+        if (g.number == 3 && g.wire == 0) m.model_type = static_cast<int>(g.varint);
+        if (g.number == 35 && g.wire == 0) m.byte_fallback = g.varint != 0;
+      });
+    } else if (f.number == 3 && f.wire == 2) {  // ModelProto.normalizer_spec
+      for_each_field(f.bytes, path, [&](const ProtoField& g) {
+        if (g.number == 1 && g.wire == 2) m.normalizer = std::string(g.bytes);
+        if (g.number == 2 && g.wire == 2) m.charsmap = !g.bytes.empty();
+        if (g.number == 3 && g.wire == 0) m.add_dummy_prefix = g.varint != 0;
+        if (g.number == 4 && g.wire == 0) m.remove_extra_whitespaces = g.varint != 0;
+        if (g.number == 5 && g.wire == 0) m.escape_whitespaces = g.varint != 0;
+      });
+    }
+  });
+  return m;
+}
+
+size_t code_points(std::string_view s) {
+  return static_cast<size_t>(std::count_if(s.begin(), s.end(), [](char c) { return (c & 0xC0) != 0x80; }));
+}
+
+}  // namespace
+
+std::string Tokenizer::hf_tokenizer_json(std::string* why_not) const {
+  const SpmModel m = read_spm_model(path_);
+  auto refuse = [&](const std::string& why) {
+    if (why_not) *why_not = why;
+    return std::string();
+  };
+  if (m.model_type != 2) {
+    static const char* kinds[] = {"?", "unigram", "BPE", "word", "char"};
+    return refuse(std::string("it is a ") + kinds[m.model_type >= 1 && m.model_type <= 4 ? m.model_type : 0] +
+                  " model (tokenizer.json is written for BPE models)");
+  }
+  if (m.charsmap) return refuse("it normalizes text (rule '" + m.normalizer + "'), which tokenizer.json would not");
+  if (m.remove_extra_whitespaces) return refuse("it removes extra whitespace (remove_extra_whitespaces)");
+  if (!m.escape_whitespaces) return refuse("it keeps spaces as they are (escape_whitespaces: false)");
+  if (static_cast<int64_t>(m.pieces.size()) != vocab_size_)
+    return refuse("its file holds " + std::to_string(m.pieces.size()) + " pieces, sentencepiece reports " +
+                  std::to_string(vocab_size_));
+  std::unordered_map<std::string_view, int64_t> normal;  // the pieces BPE merges build
+  for (size_t i = 0; i < m.pieces.size(); ++i) {
+    const SpmModel::Piece& p = m.pieces[i];
+    if (p.type == SpmModel::kUserDefined)
+      return refuse("it has user-defined pieces ('" + p.text +
+                    "'), which transformers' legacy Llama layout tokenizes differently after them");
+    if (p.type == SpmModel::kNormal) {
+      if (p.text.find(' ') != std::string::npos) return refuse("piece " + std::to_string(i) + " holds a space");
+      normal.emplace(p.text, static_cast<int64_t>(i));
+    }
+  }
+
+  // Merges as transformers' generate_merges derives them: every split of a piece into two pieces,
+  // by the merged piece's score (high first), then the longer left part, the longer right part,
+  // then piece id order; sentencepiece's BPE merges by that score. Only normal pieces: BPE never
+  // builds a control, byte or unused piece.
+  struct Merge {
+    int64_t left, right;
+    float score;
+    size_t left_len, right_len;
+  };
+  std::vector<Merge> merges;
+  for (const SpmModel::Piece& p : m.pieces) {
+    if (p.type != SpmModel::kNormal) continue;
+    const size_t begin = merges.size();
+    for (size_t k = 1; k < p.text.size(); ++k) {
+      if ((p.text[k] & 0xC0) == 0x80) continue;  // (inside a UTF-8 character)
+      const std::string_view whole(p.text), l = whole.substr(0, k), r = whole.substr(k);
+      const auto li = normal.find(l), ri = normal.find(r);
+      if (li != normal.end() && ri != normal.end())
+        merges.push_back({li->second, ri->second, p.score, code_points(l), code_points(r)});
+    }
+    std::sort(merges.begin() + static_cast<std::ptrdiff_t>(begin), merges.end(),
+              [](const Merge& a, const Merge& b) { return a.left != b.left ? a.left < b.left : a.right < b.right; });
+  }
+  std::stable_sort(merges.begin(), merges.end(), [](const Merge& a, const Merge& b) {
+    if (a.score != b.score) return a.score > b.score;
+    if (a.left_len != b.left_len) return a.left_len > b.left_len;
+    return a.right_len > b.right_len;
+  });
+
+  using ojson = nlohmann::ordered_json;
+  auto quote = [](const std::string& s) {
+    return nlohmann::json(s).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  };
+  const std::string space = "\u2581";  // sentencepiece's ▁
+  ojson added = ojson::array();
+  std::vector<int64_t> specials{unk_id_, bos_id_, eos_id_};
+  std::sort(specials.begin(), specials.end());
+  specials.erase(std::unique(specials.begin(), specials.end()), specials.end());
+  for (int64_t id : specials)
+    if (id >= 0 && id < vocab_size_)
+      added.push_back({{"id", id},
+                       {"content", m.pieces[id].text},
+                       {"single_word", false},
+                       {"lstrip", false},
+                       {"rstrip", false},
+                       {"normalized", false},
+                       {"special", true}});
+  ojson normalizers = ojson::array();
+  if (m.add_dummy_prefix) normalizers.push_back({{"type", "Prepend"}, {"prepend", space}});
+  normalizers.push_back({{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", space}});
+  ojson post = nullptr;
+  if (bos_id_ >= 0) {
+    const std::string bos = m.pieces[bos_id_].text;
+    auto special = [&](int type_id) { return ojson{{"SpecialToken", {{"id", bos}, {"type_id", type_id}}}}; };
+    auto sequence = [&](const char* id, int type_id) {
+      return ojson{{"Sequence", {{"id", id}, {"type_id", type_id}}}};
+    };
+    post = {{"type", "TemplateProcessing"},
+            {"single", {special(0), sequence("A", 0)}},
+            {"pair", {special(0), sequence("A", 0), special(1), sequence("B", 1)}},
+            {"special_tokens", {{bos, {{"id", bos}, {"ids", {bos_id_}}, {"tokens", {bos}}}}}}};
+  }
+  ojson decoders = {{{"type", "Replace"}, {"pattern", {{"String", space}}}, {"content", " "}}};
+  if (m.byte_fallback) decoders.push_back({{"type", "ByteFallback"}});
+  decoders.push_back({{"type", "Fuse"}});
+  if (m.add_dummy_prefix) decoders.push_back({{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}});
+  const ojson unk = unk_id_ >= 0 ? ojson(m.pieces[unk_id_].text) : ojson(nullptr);
+  ojson doc = {{"version", "1.0"},
+               {"truncation", nullptr},
+               {"padding", nullptr},
+               {"added_tokens", added},
+               {"normalizer", {{"type", "Sequence"}, {"normalizers", normalizers}}},
+               {"pre_tokenizer", nullptr},
+               {"post_processor", post},
+               {"decoder", {{"type", "Sequence"}, {"decoders", decoders}}},
+               {"model",
+                {{"type", "BPE"},
+                 {"dropout", nullptr},
+                 {"unk_token", unk},
+                 {"continuing_subword_prefix", nullptr},
+                 {"end_of_word_suffix", nullptr},
+                 {"fuse_unk", true},
+                 {"byte_fallback", m.byte_fallback},
+                 {"vocab", "@vocab@"},
+                 {"merges", "@merges@"}}}};
+  // The vocabulary (by id) and the merges written out directly: one entry a line, as transformers
+  // saves them (an ordered_json object of 32000 keys would be built in quadratic time).
+  std::string vocab = "{", merge_list = "[";
+  for (size_t i = 0; i < m.pieces.size(); ++i)
+    vocab += (i ? ",\n      " : "\n      ") + quote(m.pieces[i].text) + ": " + std::to_string(i);
+  vocab += "\n    }";
+  for (size_t i = 0; i < merges.size(); ++i)
+    merge_list +=
+        (i ? ",\n      " : "\n      ") + quote(m.pieces[merges[i].left].text + " " + m.pieces[merges[i].right].text);
+  merge_list += merges.empty() ? "]" : "\n    ]";
+  std::string out = doc.dump(2, ' ', false, nlohmann::json::error_handler_t::replace);
+  auto splice = [&](const std::string& mark, const std::string& text) {
+    const size_t at = out.find("\"" + mark + "\"");
+    out.replace(at, mark.size() + 2, text);
+  };
+  splice("@vocab@", vocab);
+  splice("@merges@", merge_list);
+  return out + "\n";
 }
 
 void Tokenizer::check_fits(const ModelConfig& model, const std::string& model_where) const {

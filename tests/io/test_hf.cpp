@@ -251,6 +251,8 @@ TEST_CASE("export keeps the source's generation settings, with the exported bos 
   auto tc = nlohmann::json::parse(read_file(tmp / "b/tokenizer_config.json"));
   CHECK(tc["eos_token"] == tok.piece(3));
   CHECK(tc["bos_token"] == tok.piece(1));
+  // The fast tokenizer's file beside it, as Tokenizer::hf_tokenizer_json writes it.
+  CHECK(read_file(tmp / "b/tokenizer.json") == tok.hf_tokenizer_json());
   opts.eos_id = tok.vocab_size() + 5;
   export_hf(p.model, tmp / "b", opts);
   tc = nlohmann::json::parse(read_file(tmp / "b/tokenizer_config.json"));

@@ -58,6 +58,15 @@ class Tokenizer {
   // first at id 3 ('a' against 'b')"; "" when every piece and the bos/eos ids agree (the same
   // model file, or one made the same way).
   std::string difference(const Tokenizer& other) const;
+  // The same tokenizer as a Hugging Face `tokenizer.json` (the `tokenizers` library; what
+  // LlamaTokenizerFast, TGI and other servers load): transformers' LlamaConverter layout in legacy
+  // mode (normalizer Prepend + Replace, a BPE model whose merges rank the pieces by sentencepiece
+  // score, byte fallback, BOS added by the post-processor). It encodes as encode_with_specials:
+  // unk/BOS/EOS written out become their ids; other control pieces are never read from text, as
+  // sentencepiece never does. "" with `why_not` set for a model that file cannot reproduce: a
+  // unigram model, a normalization rule (nmt_nfkc, ...), removed extra whitespace, user-defined
+  // pieces (which transformers' legacy layout tokenizes differently after them).
+  std::string hf_tokenizer_json(std::string* why_not = nullptr) const;
 
  private:
   Tokenizer() = default;
