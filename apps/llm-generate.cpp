@@ -151,11 +151,11 @@ int main(int argc, char** argv) {
         return out.show(stream.text());
       };
       const int64_t window = pre.model->config().max_seq_len, n = static_cast<int64_t>(prompt_ids.size());
-      if (n + o.max_new_tokens > window)
+      if (o.max_new_tokens > window - n)  // (not n + max_new_tokens: that overflows for a huge budget)
         fmt::print(stderr,
                    "{}note: the context ({} tokens) and up to {} new ones exceed the model's window ({}): "
-                   "its oldest tokens are dropped as it fills\n",
-                   chat ? "" : "\n", n, o.max_new_tokens, window);
+                   "past the window the model reads only the last {} tokens, and again each time that fills\n",
+                   chat ? "" : "\n", n, o.max_new_tokens, window, std::max<int64_t>(1, window / 2));
       generate(pre.model, prompt_ids, o);
       stream.finish();  // (a partial character at the end)
       if (!out.done) out.show(stream.text(), /*final=*/true);

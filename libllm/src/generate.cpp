@@ -50,29 +50,32 @@ std::vector<int64_t> generate(Transformer& model, const std::vector<int64_t>& pr
   const int64_t window = model->config().max_seq_len;
   std::vector<int64_t> seq = prompt, out;
   KVCache cache;
-  size_t offset = 0;  // the index in seq of cache position 0
+  // The model reads seq from `start`. When that is more than its window, the start moves to the
+  // last half window (llama.cpp's context shift; the cache is then rebuilt from there): the same
+  // context with the cache and without it, whatever max_new_tokens is.
+  size_t start = 0;
   // The cache holds what this call needs, at most the model's window (Mistral's 32k positions
   // would be 4 GiB of bf16 cache for a short answer).
   if (opts.use_cache)
-    cache = model->new_cache(1, std::min<int64_t>(window, static_cast<int64_t>(prompt.size()) + opts.max_new_tokens));
+    cache = model->new_cache(1, opts.max_new_tokens > window - static_cast<int64_t>(prompt.size())
+                                    ? window  // (compared so, a huge max_new_tokens does not overflow)
+                                    : static_cast<int64_t>(prompt.size()) + opts.max_new_tokens);
   for (int64_t i = 0; i < opts.max_new_tokens && !seq.empty(); ++i) {
+    const int64_t n = static_cast<int64_t>(seq.size());
+    if (n - static_cast<int64_t>(start) > window) {
+      start = static_cast<size_t>(n - std::max<int64_t>(1, window / 2));
+      cache.length = 0;
+    }
     torch::Tensor logits;
     if (opts.use_cache) {
-      const int64_t n = static_cast<int64_t>(seq.size());
-      if (n - static_cast<int64_t>(offset) > cache.capacity) {
-        // Full (or a prompt longer than the window): rebuilt from the last tokens that leave room
-        // for the rest of the answer, at least half the window.
-        const int64_t room = std::min(opts.max_new_tokens - i, cache.capacity / 2);
-        cache.length = 0;
-        offset = static_cast<size_t>(n - std::max<int64_t>(1, cache.capacity - room));
-      }
       // Only the last position's logits: a long prompt's prefill holds no (T, V) logits.
-      logits = model->forward_cached(as_batch(seq, offset + static_cast<size_t>(cache.length), device), cache,
-                                     /*last_only=*/true).logits;
+      logits = model
+                   ->forward_cached(as_batch(seq, start + static_cast<size_t>(cache.length), device), cache,
+                                    /*last_only=*/true)
+                   .logits;
     } else {
-      const int64_t start = std::max<int64_t>(0, static_cast<int64_t>(seq.size()) - window);
-      auto h = model->hidden(as_batch(seq, static_cast<size_t>(start), device), 0, nullptr);  // (1, T, D)
-      logits = model->project(h.narrow(1, h.size(1) - 1, 1));                                 // (1, 1, V)
+      auto h = model->hidden(as_batch(seq, start, device), 0, nullptr);  // (1, T, D)
+      logits = model->project(h.narrow(1, h.size(1) - 1, 1));            // (1, 1, V)
     }
     const int64_t next = choose(logits[0][-1], opts, gen);
     seq.push_back(next);

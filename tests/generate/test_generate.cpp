@@ -37,6 +37,8 @@ TEST_CASE("greedy generation with the KV cache gives the same tokens as without 
       const auto longer = generate(p.model, prompt, g);
       CHECK(longer.size() == 100);
       CHECK(std::vector<int64_t>(longer.begin(), longer.begin() + 30) == cached);
+      g.use_cache = false;  // (the same context without the cache: it moves on at the same tokens)
+      CHECK(generate(p.model, prompt, g) == longer);
 
       // Logits: a prefill of 5 then one token at a time == one full forward.
       auto ids = torch::tensor(std::vector<int64_t>{1, 17, 250, 33, 99, 5, 140, 8, 64, 3, 77, 12}).unsqueeze(0);
@@ -101,9 +103,10 @@ TEST_CASE("sampling repeats for a seed, stops at EOS, and the stream rebuilds th
   CHECK(tok.decode(concat_ids(tok.encode("so"), ids)) == "so" + streamed);
 }
 
-TEST_CASE("a prompt longer than the window keeps its last tokens that leave room for the answer", "[generate]") {
-  // tiny-llama's window is 48: a 61-token prompt with 5 new tokens keeps its last 43 (at positions
-  // 0..42), so it answers as the 43-token prompt does without the cache (48 positions: all seen).
+TEST_CASE("past the window the context restarts from its last half, with or without the cache, for any budget",
+          "[generate]") {
+  // tiny-llama's window is 48: a 61-token prompt is read from its last 24 tokens (at positions
+  // 0..23), so it answers as the 24-token prompt does; the budget does not change the answer.
   Pretrained p = load_pretrained(test::fixture("tiny-llama"));
   REQUIRE(p.model->config().max_seq_len == 48);
   std::vector<int64_t> prompt;
@@ -113,10 +116,14 @@ TEST_CASE("a prompt longer than the window keeps its last tokens that leave room
   g.eos_id = -1;
   g.max_new_tokens = 5;
   const auto cached = generate(p.model, prompt, g);
-  g.use_cache = false;
-  const auto tail = generate(p.model, std::vector<int64_t>(prompt.end() - 43, prompt.end()), g);
   CHECK(cached.size() == 5);
-  CHECK(cached == tail);
+  g.max_new_tokens = 40;
+  const auto longer = generate(p.model, prompt, g);
+  CHECK(std::vector<int64_t>(longer.begin(), longer.begin() + 5) == cached);
+  g.use_cache = false;
+  CHECK(generate(p.model, prompt, g) == longer);
+  g.max_new_tokens = 5;
+  CHECK(generate(p.model, std::vector<int64_t>(prompt.end() - 24, prompt.end()), g) == cached);
 }
 
 TEST_CASE("sampling options: a tiny temperature is greedy, out-of-range options throw", "[generate]") {
