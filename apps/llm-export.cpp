@@ -4,6 +4,7 @@
 // fine-tuned on chat data gets its chat template in tokenizer_config.json.
 #include <fmt/core.h>
 
+#include <algorithm>
 #include <filesystem>
 
 #include <libllm/chat.h>
@@ -165,6 +166,10 @@ int main(int argc, char** argv) {
     // that has them.
     int hops = 0;
     for (std::string b = dir; !b.empty() && std::filesystem::is_directory(b) && ++hops <= 64;) {
+      // (and the stop ids of its config.json, a list there being what transformers stops at too)
+      for (int64_t id : stop_token_ids(b))
+        if (std::find(opts.stop_ids.begin(), opts.stop_ids.end(), id) == opts.stop_ids.end())
+          opts.stop_ids.push_back(id);
       if (std::filesystem::exists(std::filesystem::path(b) / "generation_config.json")) {
         opts.generation_config = (std::filesystem::path(b) / "generation_config.json").string();
         break;

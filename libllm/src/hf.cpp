@@ -762,13 +762,16 @@ void export_hf(const ModelConfig& config, const std::vector<LazyWeight>& weights
     // fine-tune of it still ends its turns with): what transformers and vLLM stop at.
     // (A list that holds eos_id already stays as it is.)
     const json eos = gen.value("eos_token_id", json());
-    if (!eos.is_array() || std::find(eos.begin(), eos.end(), json(opts.eos_id)) == eos.end()) {
-      std::vector<int64_t> stops{opts.eos_id};
-      for (const json& e : eos.is_array() ? eos : json::array({eos}))
-        if (e.is_number_integer() && std::find(stops.begin(), stops.end(), e.get<int64_t>()) == stops.end())
-          stops.push_back(e.get<int64_t>());
-      gen["eos_token_id"] = stops.size() == 1 ? json(opts.eos_id) : json(stops);
-    }
+    std::vector<int64_t> stops;
+    auto add = [&](int64_t id) {
+      if (std::find(stops.begin(), stops.end(), id) == stops.end()) stops.push_back(id);
+    };
+    const bool listed = eos.is_array() && std::find(eos.begin(), eos.end(), json(opts.eos_id)) != eos.end();
+    if (!listed) add(opts.eos_id);
+    for (const json& e : eos.is_array() ? eos : json::array({eos}))
+      if (e.is_number_integer()) add(e.get<int64_t>());
+    for (int64_t id : opts.stop_ids) add(id);
+    gen["eos_token_id"] = stops.size() == 1 ? json(stops[0]) : json(stops);
     detail::write_file_atomic((tmp / "generation_config.json").string(), gen.dump(2) + "\n");
     if (!opts.tokenizer_path.empty()) {
       const Tokenizer tok = Tokenizer::load(opts.tokenizer_path);

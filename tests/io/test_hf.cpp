@@ -264,6 +264,12 @@ TEST_CASE("export keeps the source's generation settings, with the exported bos 
   write_file(tmp / "gen.json", R"({"eos_token_id": 3})");
   export_hf(p.model, tmp / "b", opts);
   CHECK(nlohmann::json::parse(read_file(tmp / "b/generation_config.json"))["eos_token_id"] == 3);
+  // The source config.json's stop ids (stop_token_ids) follow: a list there is kept.
+  opts.stop_ids = {2, 450, 3};
+  export_hf(p.model, tmp / "b", opts);
+  CHECK(nlohmann::json::parse(read_file(tmp / "b/generation_config.json"))["eos_token_id"] ==
+        nlohmann::json({3, 2, 450}));
+  opts.stop_ids.clear();
   opts.tokenizer_path.clear();
   write_file(tmp / "gen.json", "[1]");
   CHECK_THAT(error_of([&] { export_hf(p.model, tmp / "c", opts); }),

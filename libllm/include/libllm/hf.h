@@ -87,6 +87,9 @@ struct ExportOptions {
   // ("" = none): the source model's; bos_token_id is set to bos_id, eos_token_id to eos_id followed
   // by the file's own stop ids (a chat base's end-of-turn token; a list that holds eos_id stays).
   std::string generation_config = "";
+  // More ids generation stops at, after those (the source config.json's eos_token_id list, which
+  // transformers also stops at when it has no generation_config.json; stop_token_ids()).
+  std::vector<int64_t> stop_ids = {};
 };
 // DIR's chat template: DIR/chat_template.jinja (transformers >= 4.47 saves it there, and prefers
 // it), else the "chat_template" of DIR/tokenizer_config.json, of a list of named templates the
