@@ -40,7 +40,15 @@ static void train_tokenizer(const Recipe& r) {
       "--input_sentence_size={} --max_sentence_length={} --shuffle_input_sentence=false --num_threads=16 "
       "--minloglevel=2",
       t.vocab_size, t.model_type, t.character_coverage, t.input_sentence_size, kMaxLineBytes);
-  train_sentencepiece(std::move(lines), args, t.path);
+  try {
+    train_sentencepiece(std::move(lines), args, t.path);
+  } catch (const Error& e) {
+    // (sentencepiece's own words name its flag; the recipe key is what to change)
+    const size_t too_high = e.problem().find("Vocabulary size too high");
+    if (too_high == std::string::npos) throw;
+    throw Error("tokenizer.vocab_size", e.problem().substr(too_high),
+                "lower it, or train on more text (data_prep.inputs, tokenizer.input_sentence_size)");
+  }
   fmt::print("tokenizer: {}\n", t.path);
 }
 
@@ -60,12 +68,24 @@ int main(int argc, char** argv) {
       fmt::print("tokenizer: {} (exists; not retrained)\n", recipe.tokenizer.path);
     }
     const Tokenizer tok = Tokenizer::load(recipe.tokenizer.path);
+    if (recipe.tokenizer.vocab_size > 0 && tok.vocab_size() != recipe.tokenizer.vocab_size)
+      fmt::print(
+          "note: {} has {} pieces, not tokenizer.vocab_size {}: the existing file is used "
+          "(remove it to train a new one)\n",
+          recipe.tokenizer.path, tok.vocab_size(), recipe.tokenizer.vocab_size);
     tok.check_fits(recipe.model, "model.vocab_size");
     int last = -1;
-    const ShardSetInfo info = write_shards(recipe.data_prep, tok, [&](int64_t done, int64_t total) {
+    const auto progress = [&](int64_t done, int64_t total) {
       const int pct = total > 0 ? static_cast<int>(100 * done / total) : 100;
       if (pct != last) fmt::print(stderr, "\rtokenizing: {:3d}% of {:.1f} MB", pct, total / 1e6), last = pct;
-    });
+    };
+    ShardSetInfo info;
+    try {
+      info = write_shards(recipe.data_prep, tok, progress);
+    } catch (...) {
+      if (last >= 0) fmt::print(stderr, "\n");  // (the error on a line of its own)
+      throw;
+    }
     fmt::print(stderr, "\n");
     fmt::print("shards: {} ({} documents, {} tokens)\n", info.dir, info.total_documents, info.total_tokens);
     if (recipe.data_prep.valid_every > 0) {

@@ -2,6 +2,9 @@
 // text file. The last line of stdout is one JSON object: documents, tokens, loss, ppl.
 #include <fmt/core.h>
 
+#include <chrono>
+#include <cmath>
+
 #include <libllm/cli.h>
 #include <libllm/error.h>
 #include <libllm/eval.h>
@@ -48,7 +51,22 @@ int main(int argc, char** argv) {
                m.hf_architecture(), count_parameters(m).total / 1e6, dtype_name(dtype), device.str());
     fmt::print("data: {} ({} documents), tokenizer: {} ({} tokens)\n", args.get("--data"), docs.size(), tok_path,
                tokenizer.vocab_size());
-    const EvalResult r = evaluate_perplexity(pre.model, tokenizer, docs, opts);
+    // Progress on stderr every 10 s: a small stride over long documents is many windows.
+    const auto started = std::chrono::steady_clock::now();
+    auto last = started;
+    const auto progress = [&](int64_t done, int64_t total) {
+      const auto now = std::chrono::steady_clock::now();
+      if (done == total || now - last < std::chrono::seconds(10)) return;
+      last = now;
+      const double s = std::chrono::duration<double>(now - started).count();
+      fmt::print(stderr, "evaluating: {} of {} windows ({:.1f}%), {:.0f} s to go\n", done, total, 100.0 * done / total,
+                 s / done * (total - done));
+    };
+    const EvalResult r = evaluate_perplexity(pre.model, tokenizer, docs, opts, progress);
+    if (!std::isfinite(r.loss))
+      throw Error(args.get("--checkpoint"), fmt::format("the loss over {} tokens is {}", r.tokens, r.loss),
+                  "the model's outputs are not finite: its weights hold NaN or infinite values, or overflow in " +
+                      dtype_name(dtype) + (dtype == torch::kFloat32 ? "" : " (try --dtype fp32)"));
     fmt::print("scored {} tokens of {} documents in {:.2f} s ({:.1f} ms per 1k tokens)\n", r.tokens, r.documents,
                r.seconds, r.tokens ? 1e6 * r.seconds / r.tokens : 0.0);
     fmt::print("mean NLL {:.6f} nats, perplexity {:.4f}\n", r.loss, r.ppl);

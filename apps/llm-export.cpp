@@ -101,6 +101,9 @@ int main(int argc, char** argv) {
       tok.check_fits(pre.config, dir);
       if (tok.bos_id() >= 0 && pre.format == "libllm") bos = tok.bos_id();
       if (tok.eos_id() >= 0 && pre.format == "libllm") eos = tok.eos_id();
+    } else {
+      fmt::print(stderr, "note: {} holds no tokenizer.model: the export has no tokenizer (--tokenizer PATH adds one)\n",
+                 dir);
     }
     const int64_t shard_mb = args.get_int("--max-shard-mb");
     if (shard_mb < 1) throw Error("--max-shard-mb", "must be >= 1");

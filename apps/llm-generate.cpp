@@ -156,7 +156,12 @@ int main(int argc, char** argv) {
                    "{}note: the context ({} tokens) and up to {} new ones exceed the model's window ({}): "
                    "past the window the model reads only the last {} tokens, and again each time that fills\n",
                    chat ? "" : "\n", n, o.max_new_tokens, window, std::max<int64_t>(1, window / 2));
-      generate(pre.model, prompt_ids, o);
+      try {
+        generate(pre.model, prompt_ids, o);
+      } catch (...) {
+        fmt::print("\n");  // (the streamed text's line ends before the error)
+        throw;
+      }
       stream.finish();  // (a partial character at the end)
       if (!out.done) out.show(stream.text(), /*final=*/true);
       const std::string text = stream.text();

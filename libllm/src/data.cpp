@@ -310,7 +310,10 @@ class DocReader {
       if (in_.bad()) throw Error(path_, "read error", "check the file");
       return false;
     }
-    ++lineno_;
+    if (++lineno_ == 1 && line_.compare(0, 3, "\xEF\xBB\xBF") == 0) {  // a UTF-8 byte-order mark: no text
+      line_.erase(0, 3);
+      bytes_ += 3;
+    }
     if (line_.find('\0') != std::string::npos)  // (text never holds one; gzip, .bin and the like do)
       throw Error(path_ + ":" + std::to_string(lineno_), "holds a NUL byte: binary (or compressed) data, not text",
                   hint_);

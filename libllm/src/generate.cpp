@@ -14,6 +14,9 @@ namespace {
 
 int64_t choose(const torch::Tensor& logits_in, const GenerateOptions& opts, at::Generator& gen) {
   auto logits = logits_in.to(torch::kCPU, torch::kFloat32);  // (V)
+  if (!torch::isfinite(logits).all().item<bool>())           // (argmax would pick a NaN, multinomial fail)
+    throw Error("generation", "the model's next-token logits are not finite (NaN or infinite)",
+                "its weights hold NaN or infinite values, or overflow in this dtype (try fp32)");
   if (opts.temperature <= 0) return logits.argmax().item<int64_t>();
   // (less the maximum first: a tiny temperature makes logits / T overflow to inf and NaN)
   auto probs = torch::softmax((logits - logits.max()) / opts.temperature, -1);

@@ -743,10 +743,23 @@ void export_hf(const ModelConfig& config, const std::vector<LazyWeight>& weights
       }
       safetensors::StreamWriter out((tmp / fname).string(), entries);
       for (size_t i : shards[s]) {  // one tensor made, converted and written at a time
-        const torch::Tensor t = weights[i].value().detach().to(torch::kCPU, dtype).contiguous();
+        const torch::Tensor source = weights[i].value().detach();
+        const torch::Tensor t = source.to(torch::kCPU, dtype).contiguous();
         if (t.sizes() != c10::IntArrayRef(weights[i].shape))
           throw Error(dir + ": tensor '" + weights[i].name + "'",
                       "is " + shape_str(t.sizes()) + ", not the announced " + shape_str(weights[i].shape));
+        if (t.is_floating_point() && !torch::isfinite(t).all().item<bool>()) {
+          // (no half-written folder: the temporary one is removed)
+          const torch::Tensor finite = torch::isfinite(source);
+          if (!finite.all().item<bool>())
+            throw Error(dir + ": tensor '" + weights[i].name + "'",
+                        "holds " + std::to_string((~finite).sum().item<int64_t>()) + " NaN or infinite values",
+                        "the checkpoint is broken (a diverged run?): export an earlier one");
+          throw Error(dir + ": tensor '" + weights[i].name + "'",
+                      fmt::format("has values beyond {}'s range (largest magnitude {:.4g})", opts.dtype,
+                                  source.abs().max().item<double>()),
+                      "export with --dtype bfloat16 or float32");
+        }
         out.add(weights[i].name, t.data_ptr(), static_cast<uint64_t>(t.numel()) * t.element_size());
       }
       out.commit();

@@ -86,6 +86,12 @@ expect_error(eval.bad-jsonl "bad.jsonl:2: expected an object with a string field
 expect_error(eval.bad-config-json "config.json: invalid JSON"
              ${_bin}/llm-eval --checkpoint ${_bad}/bad-config --data ${_fx}/eval.txt --tokenizer ${_fx}/tokenizer.model)
 
+# Training a tokenizer larger than the text allows names the recipe key (sentencepiece names its flag).
+expect_error(data.vocab-too-high "tokenizer.vocab_size: Vocabulary size too high \\(90000\\)"
+             ${_bin}/llm-data ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml
+             --set tokenizer.path=${CMAKE_BINARY_DIR}/app-test-vocab/never.model --set tokenizer.vocab_size=90000
+             --set data_prep.output=${CMAKE_BINARY_DIR}/app-test-vocab/out --set data_prep.valid_every=0)
+
 # llm-data -> llm-pretrain on the fixture documents (seconds).
 set(_run ${CMAKE_BINARY_DIR}/app-test-run)
 set(_sets --set data_prep.output=${_run}/train --set data_prep.valid_output=${_run}/valid

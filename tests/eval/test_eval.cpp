@@ -45,6 +45,13 @@ TEST_CASE("documents come from .txt lines or .jsonl text fields alike", "[eval]"
   CHECK(read_documents(tmp / "Upper.JSONL") == std::vector<std::string>{"a b"});
   std::ofstream(tmp / "notes.md") << "a b\n";
   CHECK(read_documents(tmp / "notes.md") == std::vector<std::string>{"a b"});
+  // A UTF-8 byte-order mark (Windows editors write one) is no text of the first document.
+  std::ofstream(tmp / "bom.txt") << "\xEF\xBB\xBF"
+                                 << "first\nsecond \xEF\xBB\xBF\n";
+  CHECK(read_documents(tmp / "bom.txt") == std::vector<std::string>{"first", "second \xEF\xBB\xBF"});
+  std::ofstream(tmp / "bom.jsonl") << "\xEF\xBB\xBF"
+                                   << "{\"text\": \"a\"}\n";
+  CHECK(read_documents(tmp / "bom.jsonl") == std::vector<std::string>{"a"});
   std::ofstream(tmp / "e.json") << "{\"text\": \"a b\"}\n";
   CHECK_THAT(err(tmp / "e.json"), Catch::Contains("e.json: unsupported data file type '.json'"));
   std::ofstream(tmp / "z.txt", std::ios::binary) << std::string("\x1f\x8b\x08\0\0\0", 6) << "\n";

@@ -277,6 +277,30 @@ TEST_CASE("export keeps the source's generation settings, with the exported bos 
   CHECK(!fs::exists(tmp / "c"));
 }
 
+TEST_CASE("an export whose weights do not fit its dtype, or hold NaN, is refused naming the tensor", "[io][hf]") {
+  test::TempDir tmp;
+  Pretrained p = load_pretrained(fixture("tiny-llama"));
+  {
+    torch::NoGradGuard ng;
+    p.model->parameters().back().view(-1)[0].fill_(1e6);  // (fp16's largest is 65504)
+  }
+  ExportOptions f16;
+  f16.dtype = "float16";
+  CHECK_THAT(error_of([&] { export_hf(p.model, tmp / "h", f16); }),
+             Catch::Contains("has values beyond float16's range (largest magnitude 1e+06)") &&
+                 Catch::Contains("export with --dtype bfloat16 or float32"));
+  CHECK(!fs::exists(tmp / "h"));
+  ExportOptions bf16;
+  export_hf(p.model, tmp / "b", bf16);  // (bf16 holds it)
+  {
+    torch::NoGradGuard ng;
+    p.model->parameters().back().view(-1)[1].fill_(std::nan(""));
+  }
+  CHECK_THAT(error_of([&] { export_hf(p.model, tmp / "n", bf16); }),
+             Catch::Contains("holds 1 NaN or infinite values") && Catch::Contains("tensor 'lm_head.weight'"));
+  CHECK(!fs::exists(tmp / "n"));
+}
+
 TEST_CASE("export to a folder named with a trailing separator writes that folder", "[io][hf]") {
   test::TempDir tmp;
   Pretrained p = load_pretrained(fixture("tiny-llama"));
@@ -328,7 +352,7 @@ TEST_CASE("bad checkpoints give one clear error naming the file and tensor", "[i
              Catch::Contains("tensor 'model.layers.1.mlp.up_proj.weight'") && Catch::Contains("missing from the checkpoint"));
   copy_with_weights("tiny-llama", tmp / "shape", [](auto& w) { w["model.norm.weight"] = torch::ones({63}); });
   CHECK_THAT(error_of([&] { load_pretrained(tmp / "shape"); }),
-             Catch::Contains("tensor 'model.norm.weight'") && Catch::Contains("has shape [63]"));
+             Catch::Contains("tensor 'lm_head.weight'") && Catch::Contains("has shape [63]"));
   copy_with_weights("tiny-llama", tmp / "extra", [](auto& w) { w["model.layers.2.mlp.up_proj.weight"] = torch::ones({2}); });
   CHECK_THAT(error_of([&] { load_pretrained(tmp / "extra"); }), Catch::Contains("is not a parameter of this model"));
   copy_with_weights("tiny-llama", tmp / "stale", [](auto& w) { w["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch::ones({8}); });
