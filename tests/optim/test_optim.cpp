@@ -351,6 +351,18 @@ TEST_CASE("lr_factor: warmup then each schedule, reaching min_lr_ratio at the la
   CHECK(lr_factor(s, 99, T) == Approx(1.0 - 0.9 * 11 / 22).epsilon(1e-14));
   CHECK(lr_factor(s, 110, T) == Approx(0.1).epsilon(1e-14));
   CHECK(lr_factor(s, 200, T) == Approx(0.1).epsilon(1e-14));
+  // A decay window that would start inside the warmup starts where it ends: 6 warmup steps of 8
+  // with decay_fraction 0.5 ramp to the peak, then decay over the last 2 steps (it fell from the
+  // peak at step 5 to 0.325 at step 6).
+  ScheduleConfig w = s;
+  w.warmup_steps = 6, w.decay_fraction = 0.5;
+  std::vector<double> f;
+  for (int64_t i = 0; i < 8; ++i) f.push_back(lr_factor(w, i, 8));
+  CHECK(f[5] == 1.0);
+  CHECK(f[6] == Approx(0.55).epsilon(1e-14));
+  CHECK(f[7] == Approx(0.1).epsilon(1e-14));
+  w.decay_fraction = 0;  // (never decays)
+  CHECK(lr_factor(w, 7, 8) == 1.0);
 
   s.kind = "cosine";
   s.warmup_steps = 0;

@@ -49,7 +49,8 @@ struct ScheduleConfig {
 //     cosine:    m + (1 - m) * 0.5 * (1 + cos(pi * p))
 //     linear:    m + (1 - m) * (1 - p)
 //     constant:  1
-//     wsd:       with D = round(decay_fraction * T) decay steps starting at S = T - D:
+//     wsd:       with D = round(decay_fraction * T) decay steps starting at S = T - D (or, when
+//                that is inside the warmup, at S = W with D = T - W: no drop from the peak):
 //                1 for step < S, else 1 - (1 - m) * min(1, (step - S + 1) / D)
 //                (so the last step T - 1 is at m; D = 0 never decays)
 // cosine, linear and wsd reach m exactly at step T - 1 and stay there after it.
