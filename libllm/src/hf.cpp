@@ -538,6 +538,21 @@ size_t load_adapter_weights(Transformer& model, const std::string& dir) {
 
 namespace {
 
+// Throws, naming the tensor, when `converted` (`source` cast to the export's dtype) holds NaN or
+// infinities: the source's own (a broken checkpoint), or values beyond the dtype's range (fp16).
+void check_finite(const std::string& where, const torch::Tensor& source, const torch::Tensor& converted,
+                  const std::string& dtype) {
+  if (!converted.is_floating_point() || torch::isfinite(converted).all().item<bool>()) return;
+  const torch::Tensor finite = torch::isfinite(source);
+  if (!finite.all().item<bool>())
+    throw Error(where, "holds " + std::to_string((~finite).sum().item<int64_t>()) + " NaN or infinite values",
+                "the checkpoint is broken (a diverged run?): export an earlier one");
+  throw Error(
+      where,
+      fmt::format("has values beyond {}'s range (largest magnitude {:.4g})", dtype, source.abs().max().item<double>()),
+      "export with --dtype bfloat16 or float32");
+}
+
 // "model-00001-of-00003.safetensors": a shard export_hf writes.
 bool is_weight_shard(const std::string& name) {
   const std::string a = "model-", b = "-of-", c = ".safetensors";
@@ -748,18 +763,8 @@ void export_hf(const ModelConfig& config, const std::vector<LazyWeight>& weights
         if (t.sizes() != c10::IntArrayRef(weights[i].shape))
           throw Error(dir + ": tensor '" + weights[i].name + "'",
                       "is " + shape_str(t.sizes()) + ", not the announced " + shape_str(weights[i].shape));
-        if (t.is_floating_point() && !torch::isfinite(t).all().item<bool>()) {
-          // (no half-written folder: the temporary one is removed)
-          const torch::Tensor finite = torch::isfinite(source);
-          if (!finite.all().item<bool>())
-            throw Error(dir + ": tensor '" + weights[i].name + "'",
-                        "holds " + std::to_string((~finite).sum().item<int64_t>()) + " NaN or infinite values",
-                        "the checkpoint is broken (a diverged run?): export an earlier one");
-          throw Error(dir + ": tensor '" + weights[i].name + "'",
-                      fmt::format("has values beyond {}'s range (largest magnitude {:.4g})", opts.dtype,
-                                  source.abs().max().item<double>()),
-                      "export with --dtype bfloat16 or float32");
-        }
+        // (a lazy weight of a folder chain comes converted already, and checked there)
+        check_finite(dir + ": tensor '" + weights[i].name + "'", source, t, opts.dtype);  // (the temporary folder goes)
         out.add(weights[i].name, t.data_ptr(), static_cast<uint64_t>(t.numel()) * t.element_size());
       }
       out.commit();
@@ -1075,8 +1080,10 @@ class FolderChain {
   // Weight `name` with every adapter of the chain merged in fp32, root first (as loading a chain
   // and merging it does, bit for bit), then cast to `dtype`: a fresh tensor. Only its rows
   // [first, last) when given (-1: to the end); only those rows of the root are read. The folder's
-  // pages it was read from leave this process's memory.
-  torch::Tensor weight(const std::string& name, torch::Dtype dtype, int64_t first = 0, int64_t last = -1) const {
+  // pages it was read from leave this process's memory. `checked`: NaN or infinities in the result
+  // are an Error naming the tensor (check_finite: a broken checkpoint, or an fp16 overflow).
+  torch::Tensor weight(const std::string& name, torch::Dtype dtype, int64_t first = 0, int64_t last = -1,
+                       bool checked = false) const {
     torch::NoGradGuard no_grad;
     const WeightIndex& root = levels_.front().idx;
     torch::Tensor stored = root.view(name);
@@ -1096,6 +1103,7 @@ class FolderChain {
       l.idx.release(a.b);
     }
     torch::Tensor out = w.to(dtype).contiguous();
+    if (checked) check_finite(levels_.front().info.dir + ": tensor '" + name + "'", w, out, dtype_name(dtype));
     if (out.is_alias_of(stored)) out = out.clone();  // stored in `dtype`, no adapter: a tensor of its own
     root.release(name);
     return out;
@@ -1194,7 +1202,7 @@ void export_hf(const Pretrained& info, const std::string& dir, const ExportOptio
   const FolderChain chain(info);
   std::vector<LazyWeight> weights;
   for (const auto& [name, shape] : chain.weights())
-    weights.push_back({name, shape, [&chain, name = name, dtype] { return chain.weight(name, dtype); }});
+    weights.push_back({name, shape, [&chain, name = name, dtype] { return chain.weight(name, dtype, 0, -1, true); }});
   export_hf(chain.config(), weights, dir, opts);
 }
 

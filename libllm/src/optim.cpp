@@ -76,11 +76,12 @@ constexpr double kPi = 3.14159265358979323846;
 // wsd after warmup: 1 until the last D steps, then linear to m, reaching it at step T - 1. A
 // decay window that would begin inside the warmup begins where it ends (no drop from the peak).
 double wsd_factor(const ScheduleConfig& s, int64_t step, int64_t total) {
-  const int64_t start =
-      std::max(total - static_cast<int64_t>(std::llround(s.decay_fraction * static_cast<double>(total))),
-               std::min(s.warmup_steps, total));
-  const int64_t decay_steps = s.decay_fraction > 0 ? total - start : 0;
-  if (decay_steps <= 0 || step < start) return 1.0;
+  const auto planned = static_cast<int64_t>(std::llround(s.decay_fraction * static_cast<double>(total)));
+  if (planned <= 0) return 1.0;  // (D = 0 never decays)
+  const int64_t start = std::max(total - planned, std::min(s.warmup_steps, total));
+  if (step < start) return 1.0;
+  if (start >= total) return s.min_lr_ratio;  // (a warmup past the last step: at m after it, as cosine)
+  const int64_t decay_steps = total - start;
   const double q = std::min(1.0, static_cast<double>(step - start + 1) / static_cast<double>(decay_steps));
   return 1.0 - (1.0 - s.min_lr_ratio) * q;
 }

@@ -27,8 +27,9 @@ ModelConfig planned_model(const Recipe& recipe, bool* from_base) {
 }
 
 // Every term, per GPU, with Ψ parameters, w bytes per weight (2 for bf16, 4 for fp32):
-//   weights w·Ψ, gradients w·Ψ (libllm keeps them in the weights' dtype), AdamW 8Ψ for the two
-//   fp32 moments plus 4Ψ for the fp32 master copy when the weights are bf16.
+//   weights w·Ψ, gradients g·Ψ (g = 4 with train.fp32_grads, the default, else w: bf16 weights'
+//   gradients are summed in fp32), AdamW 8Ψ for the two fp32 moments plus 4Ψ for the fp32 master
+//   copy when the weights are bf16.
 //   none: all three whole; zero1: optimizer / N; zero2: gradients and optimizer / N; zero3: all
 //   three / N; hybrid: all three / gpus_per_node (sharded inside a node, replicated across).
 // Activations kept for backward (libllm's eager block, flash attention so no T x T scores), per
@@ -54,7 +55,7 @@ ModelConfig planned_model(const Recipe& recipe, bool* from_base) {
 // of 25 MiB, the fp32 gradient of the logits (4 bytes per vocabulary entry per token) or, fused,
 // the LM head's gradient from forward until backward (w bytes per head weight) and one chunk of
 // max(tokens x h, 2^24) fp32 logits and their fp32 log-softmax (8 bytes per element), with bf16
-// AdamW's 256 MiB chunk of fp32 gradients, and for ZeRO-3 / hybrid two gathered blocks (the one in
+// gradients AdamW's 256 MiB chunk of them in fp32, and for ZeRO-3 / hybrid two gathered blocks (the one in
 // use and the prefetched next) in the weights' dtype, plus the root unit (embedding, final norm,
 // LM head), gathered from the first block's forward to the end of backward, and its gradient.
 TrainingPlan plan_training(const Recipe& r, const ClusterSpec& cluster) {
@@ -147,7 +148,8 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& cluster) {
   const bool bf16 = t.dtype == "bf16";
   const double w = bf16 ? 2.0 : 4.0;
   const double weights = lora ? w * psi + 4.0 * psi_a : w * psi;
-  const double grads = lora ? 4.0 * psi_a : w * psi;
+  const double g = bf16 && t.fp32_grads ? 4.0 : w;  // bytes per gradient element (ZeRO-2/3 buffers too)
+  const double grads = lora ? 4.0 * psi_a : g * psi;
   const double optim = lora ? 8.0 * psi_a : (bf16 ? 12.0 : 8.0) * psi;
   const double h = static_cast<double>(m.dim), kv = static_cast<double>(m.kv_heads() * m.hdim());
   const double f = static_cast<double>(m.ffn_dim), k = m.n_experts > 0 ? static_cast<double>(m.n_experts_per_token) : 1.0;
@@ -161,20 +163,21 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& cluster) {
   const double loss = fused ? head_grad + 8.0 * chunk : tokens * 4 * V;
   const double act = tokens * (L * block + outside);
   const double act_ckpt = tokens * (L * w * h + block + outside);
-  // bf16 AdamW's fp32 gradient chunk (LoRA's adapters are fp32: none).
-  const double runtime = std::pow(2.0, 30) + 2 * 25 * std::pow(2.0, 20) + loss + (bf16 && !lora ? std::pow(2.0, 28) : 0.0);
+  // AdamW's fp32 chunk of bf16 gradients (LoRA's adapters are fp32, and fp32_grads' too: none).
+  const double runtime =
+      std::pow(2.0, 30) + 2 * 25 * std::pow(2.0, 20) + loss + (g == 2.0 && !lora ? std::pow(2.0, 28) : 0.0);
   // ZeRO-3 / hybrid: two gathered blocks, and the root unit (embedding, final norm, LM head),
   // gathered for the whole step with, when it trains, its whole gradient buffer (which holds the
   // head's gradient the fused loss counts above; LoRA: only adapters on the head train, fp32).
   const double root = static_cast<double>(pc.embedding + pc.final_norm + pc.lm_head);
   // (the fused loss's head gradient, counted above, is a tensor of its own beside this buffer)
-  const double root_grad = lora ? 8.0 * psi_a_outside : w * root;
+  const double root_grad = lora ? 8.0 * psi_a_outside : g * root;
   const double gathered = 2 * (w * static_cast<double>(pc.per_block) + 4.0 * psi_a_block) + w * root + root_grad;
   // ZeRO-2/3 gradients beside their shards: with checkpointing, per block: the recomputed block's
   // new gradients, the buffer they are added into, and two reductions in flight (each a block's
   // gradient). ZeRO-2 without it reduces only after backward: every gradient whole, then (the
   // activations gone by then) plus one block's buffer.
-  const double block_grad = lora ? 4.0 * psi_a_block : w * static_cast<double>(pc.per_block);
+  const double block_grad = lora ? 4.0 * psi_a_block : g * static_cast<double>(pc.per_block);
   const double staging = 4 * block_grad, unreduced = grads + block_grad;
 
   auto row = [&](const std::string& name, int64_t n, double wd, double gd, double od, bool gather) {

@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
+#include <mutex>
 #include <new>
 #include <string>
 #include <vector>
@@ -59,14 +60,17 @@ class FdBuf : public std::streambuf {
 // ones this module sees when they were not (their storage is still all zero).
 void ensure_streams() {
   static FdBuf out(1), err(2);
-  auto fix = [](std::ostream& s, std::streambuf* buf) {
-    void* vptr = nullptr;
-    std::memcpy(&vptr, static_cast<void*>(&s), sizeof vptr);
-    if (!vptr) new (&s) std::ostream(buf);
-  };
-  fix(std::cout, &out);
-  fix(std::cerr, &err);
-  fix(std::clog, &err);
+  static std::once_flag once;  // (two threads loading tokenizers at once)
+  std::call_once(once, [] {
+    auto fix = [](std::ostream& s, std::streambuf* buf) {
+      void* vptr = nullptr;
+      std::memcpy(&vptr, static_cast<void*>(&s), sizeof vptr);
+      if (!vptr) new (&s) std::ostream(buf);
+    };
+    fix(std::cout, &out);
+    fix(std::cerr, &err);
+    fix(std::clog, &err);
+  });
 }
 
 }  // namespace

@@ -158,11 +158,15 @@ struct FullySharded::Unit {
   torch::TensorOptions options;              // dtype and device of weights and gradients
   torch::Tensor shard;                       // (chunk) this rank's weights: stage 3 its own; stage 2 a view of flat
   torch::Tensor grad;                        // (chunk) this rank's gradient, summed over micro batches and ranks
+                                             // (fp32 when fp32_grads, else the weights' dtype)
   torch::Tensor flat;                        // (padded) the whole weights: stage 2 always; stage 3 while gathered
-  torch::Tensor flat_grad;                   // (padded) the gradient buffer of a backward (the params' grads view it)
+  torch::Tensor flat_grad;                   // (padded) the gradient buffer of a backward (the params' grads view it;
+                                             // its dtype is grad_options', as grad's and reduced's)
   torch::Tensor reduced;                     // (chunk) a reduce-scatter's output, added to grad when it completes
   Pending gathering, reducing;
   int64_t element = 0;    // bytes per element
+  torch::TensorOptions grad_options;  // of the gradient buffers: fp32 for bf16/fp16 weights with fp32_grads
+  int64_t grad_element = 0;           // their bytes per element
   bool trainable = true;  // false: frozen weights (a LoRA base): gathered and released, no gradient or AdamW state
 };
 
@@ -180,7 +184,7 @@ void FullySharded::track(int64_t delta) {
 }
 
 FullySharded::FullySharded(Transformer model, int stage, int64_t group, const OptimConfig& cfg, Distributed& dist,
-                           torch::Device device, bool init_deferred)
+                           torch::Device device, bool init_deferred, bool fp32_grads)
     : model_(model), stage_(stage), dist_(dist), device_(device) {
   torch::NoGradGuard no_grad;
   if (stage != 2 && stage != 3) throw Error("train.sharding", "FullySharded is ZeRO stage 2 or 3");
@@ -245,6 +249,9 @@ FullySharded::FullySharded(Transformer model, int stage, int64_t group, const Op
     u.padded = u.chunk * G;
     u.options = u.params.at(0).options().device(device);
     u.element = u.params[0].element_size();
+    const bool low = u.params[0].scalar_type() == torch::kBFloat16 || u.params[0].scalar_type() == torch::kHalf;
+    u.grad_options = fp32_grads && low ? u.options.dtype(torch::kFloat32) : u.options;
+    u.grad_element = fp32_grads && low ? 4 : u.element;
     // Elements [offset, offset + dst.numel()) of parameter i: its values, or (deferred) its initial
     // values, or zero (left for load_weights).
     auto fill = [&](size_t i, torch::Tensor dst, int64_t offset) {
@@ -278,8 +285,8 @@ FullySharded::FullySharded(Transformer model, int stage, int64_t group, const Op
       }
     }
     if (!u.trainable) continue;
-    u.grad = torch::zeros({u.chunk}, u.options);
-    track(u.chunk * u.element);
+    u.grad = torch::zeros({u.chunk}, u.grad_options);
+    track(u.chunk * u.grad_element);
     // AdamW slices: this rank's part of each parameter, "<param>@<offset in the parameter>".
     for (size_t i = 0; i < u.params.size(); ++i) {
       const int64_t lo = std::max(u.offsets[i], rank * u.chunk);
@@ -325,8 +332,8 @@ void FullySharded::reduce(Unit& u) {
   // At most two reductions in flight (each holds a unit's whole gradient): finish older ones first.
   while (inflight_.size() >= 2) finish(*inflight_.front());
   if (!u.flat_grad.defined()) {
-    u.flat_grad = torch::zeros({u.padded}, u.options);
-    track(u.padded * u.element);
+    u.flat_grad = torch::zeros({u.padded}, u.grad_options);
+    track(u.padded * u.grad_element);
   }
   for (size_t i = 0; i < u.params.size(); ++i) {
     torch::Tensor& g = u.params[i].mutable_grad();
@@ -335,8 +342,8 @@ void FullySharded::reduce(Unit& u) {
     if (g.data_ptr() != dst.data_ptr()) dst.copy_(g.reshape({-1}));  // a gradient autograd made itself
     g.reset();
   }
-  u.reduced = torch::empty({u.chunk}, u.options);
-  track(u.chunk * u.element);
+  u.reduced = torch::empty({u.chunk}, u.grad_options);
+  track(u.chunk * u.grad_element);
   u.reducing = shard_->reduce_scatter(u.flat_grad, u.reduced);  // keeps the buffer until done
   inflight_.push_back(&u);
   u.flat_grad = torch::Tensor();
@@ -351,7 +358,7 @@ void FullySharded::finish(Unit& u) {
   inflight_.erase(std::find(inflight_.begin(), inflight_.end(), &u));
   u.grad.add_(u.reduced);
   u.reduced = torch::Tensor();
-  track(-(u.padded + u.chunk) * u.element);
+  track(-(u.padded + u.chunk) * u.grad_element);
 }
 
 void FullySharded::wait_reductions() {
@@ -360,8 +367,9 @@ void FullySharded::wait_reductions() {
 
 void FullySharded::grad_buffer(Unit& u) {
   if (u.flat_grad.defined()) return;
-  u.flat_grad = torch::zeros({u.padded}, u.options);
-  track(u.padded * u.element);
+  // (fp32 with fp32_grads: autograd adds each bf16 gradient into these views in fp32)
+  u.flat_grad = torch::zeros({u.padded}, u.grad_options);
+  track(u.padded * u.grad_element);
   for (size_t i = 0; i < u.params.size(); ++i)
     u.params[i].mutable_grad() = u.flat_grad.narrow(0, u.offsets[i], u.numels[i]).view(u.shapes[i]);
 }
@@ -452,7 +460,7 @@ void FullySharded::zero_grad() {
     up->grad.zero_();
     for (auto& p : up->params) p.mutable_grad().reset();
     if (up->flat_grad.defined()) {
-      track(-up->padded * up->element);
+      track(-up->padded * up->grad_element);
       up->flat_grad = torch::Tensor();
     }
   }

@@ -285,6 +285,7 @@ struct SpmModel {
   std::vector<Piece> pieces;
   int model_type = 1;  // TrainerSpec.model_type: UNIGRAM 1, BPE 2, WORD 3, CHAR 4
   bool byte_fallback = false;
+  bool whitespace_suffix = false;  // TrainerSpec.treat_whitespace_as_suffix: "▁" ends a word
   std::string normalizer;  // NormalizerSpec.name
   bool charsmap = false;   // a precompiled normalization (any rule but identity)
   bool add_dummy_prefix = true, remove_extra_whitespaces = true, escape_whitespaces = true;
@@ -310,6 +311,7 @@ SpmModel read_spm_model(const std::string& path) {
       for_each_field(f.bytes, path, [&](const ProtoField& g) {
         if (g.number == 3 && g.wire == 0) m.model_type = static_cast<int>(g.varint);
         if (g.number == 35 && g.wire == 0) m.byte_fallback = g.varint != 0;
+        if (g.number == 24 && g.wire == 0) m.whitespace_suffix = g.varint != 0;
       });
     } else if (f.number == 3 && f.wire == 2) {  // ModelProto.normalizer_spec
       for_each_field(f.bytes, path, [&](const ProtoField& g) {
@@ -344,6 +346,7 @@ std::string Tokenizer::hf_tokenizer_json(std::string* why_not) const {
   if (m.charsmap) return refuse("it normalizes text (rule '" + m.normalizer + "'), which tokenizer.json would not");
   if (m.remove_extra_whitespaces) return refuse("it removes extra whitespace (remove_extra_whitespaces)");
   if (!m.escape_whitespaces) return refuse("it keeps spaces as they are (escape_whitespaces: false)");
+  if (m.whitespace_suffix) return refuse("it ends words with its whitespace piece (treat_whitespace_as_suffix)");
   if (static_cast<int64_t>(m.pieces.size()) != vocab_size_)
     return refuse("its file holds " + std::to_string(m.pieces.size()) + " pieces, sentencepiece reports " +
                   std::to_string(vocab_size_));
@@ -353,6 +356,12 @@ std::string Tokenizer::hf_tokenizer_json(std::string* why_not) const {
     if (p.type == SpmModel::kUserDefined)
       return refuse("it has user-defined pieces ('" + p.text +
                     "'), which transformers' legacy Llama layout tokenizes differently after them");
+    // Control pieces beyond unk/BOS/EOS (Mistral's [INST]): transformers' own conversion reads
+    // them from text as special tokens, sentencepiece (and libllm's training) never does; which
+    // one a server should follow is the model's business: no tokenizer.json, transformers converts.
+    if (p.type == SpmModel::kControl && static_cast<int64_t>(i) != bos_id_ && static_cast<int64_t>(i) != eos_id_)
+      return refuse("it has control pieces ('" + p.text +
+                    "') that transformers' conversion reads from text and sentencepiece does not");
     if (p.type == SpmModel::kNormal) {
       if (p.text.find(' ') != std::string::npos) return refuse("piece " + std::to_string(i) + " holds a space");
       normal.emplace(p.text, static_cast<int64_t>(i));

@@ -62,6 +62,7 @@ void TrainConfig::fields(Fields& f) {
   f.add("activation_checkpointing", activation_checkpointing);
   f.add("document_mask", document_mask);
   f.add("fused_loss", fused_loss);
+  f.add("fp32_grads", fp32_grads);
   f.add("sharding", sharding).one_of({"none", "zero1", "zero2", "zero3", "hybrid"});
   f.add("shard_group", shard_group).min(0);
   f.add("seed", seed).min(0);
@@ -312,6 +313,15 @@ struct Run {
   void step(double lr) { fsdp ? fsdp->step(lr) : sharded ? sharded->step(lr) : optim->step(lr); }
   void zero_grad() { fsdp ? fsdp->zero_grad() : sharded ? sharded->zero_grad() : optim->zero_grad(); }
   std::vector<torch::Tensor> params;      // the trainable parameters (unsharded and ZeRO-1)
+  // train.fp32_grads: each bf16 parameter's gradient starts the step as fp32 zeros, and autograd
+  // adds every micro batch's gradient into it in place (in fp32): summed in fp32, averaged over
+  // the ranks in fp32, and used by AdamW (which computes in fp32) without a rounding.
+  void fp32_gradients() {
+    torch::NoGradGuard no_grad;
+    for (auto& p : params)
+      if (p.is_floating_point() && p.scalar_type() != torch::kFloat32 && !p.grad().defined())
+        p.mutable_grad() = torch::zeros(p.sizes(), p.options().dtype(torch::kFloat32));
+  }
   // Gradients of a step averaged over the ranks, then clipped: the global norm before clipping.
   double finish_gradients(double max_norm) {
     if (fsdp) return fsdp->clip_grad_norm(max_norm);
@@ -1002,7 +1012,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       throw Error("train.shard_group", "is for train.sharding hybrid", "set train.sharding: hybrid, or remove shard_group");
     // Moves the weights to the device, sharded; a base's weights are read, not initialised first.
     run.fsdp = std::make_unique<FullySharded>(run.model, tc.sharding == "zero2" ? 2 : 3, group, recipe.optim, dist,
-                                              run.device, /*init_deferred=*/!base_sharded);
+                                              run.device, /*init_deferred=*/!base_sharded, tc.fp32_grads);
     if (base_sharded)  // each rank reads its own elements
       run.fsdp->load_weights(*base,
                              recipe.finetune.method == "lora" ? FullySharded::Which::frozen : FullySharded::Which::all);
@@ -1511,6 +1521,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       dist.sum(total);
       step_targets = total[0].item<int64_t>();
     }
+    if (!run.fsdp && tc.fp32_grads) run.fp32_gradients();  // (ZeRO-2/3: fp32 gradient shards)
     for (int64_t m = 0; m < run.accum; ++m) {
       const Micro& mb = micros[static_cast<size_t>(m)];
       auto out = run.model->forward_loss(mb.x, mb.y, mb.docs, mb.padding);

@@ -12,9 +12,11 @@
 #include <limits>
 
 #include "libllm/config.h"
-#include "libllm/error.h"
 #include "libllm/distributed.h"
+#include "libllm/error.h"
+#include "libllm/model.h"
 #include "libllm/optim.h"
+#include "libllm/recipe.h"
 #include "libllm/shard.h"
 
 using namespace libllm;
@@ -363,6 +365,9 @@ TEST_CASE("lr_factor: warmup then each schedule, reaching min_lr_ratio at the la
   CHECK(f[7] == Approx(0.1).epsilon(1e-14));
   w.decay_fraction = 0;  // (never decays)
   CHECK(lr_factor(w, 7, 8) == 1.0);
+  w.warmup_steps = 10, w.decay_fraction = 0.5;  // a warmup past the last step: m after it, as cosine
+  CHECK(lr_factor(w, 7, 8) == Approx(0.8).epsilon(1e-14));
+  CHECK(lr_factor(w, 12, 8) == Approx(0.1).epsilon(1e-14));
 
   s.kind = "cosine";
   s.warmup_steps = 0;
@@ -503,4 +508,51 @@ TEST_CASE("ZeRO-1 step: one rank", "[.zero1_gather_worker]") {
 TEST_CASE("ZeRO-1's step gathers the updated chunks in small buckets into exactly the unsharded update (3 processes)",
           "[optim][distributed]") {
   CHECK(test::run_ranks("[.zero1_gather_worker]", 3) == std::vector<int>{0, 0, 0});
+}
+
+TEST_CASE("fp32 gradients of bf16 weights: autograd sums the micro batches' gradients in fp32", "[optim]") {
+  // What train.fp32_grads relies on: an fp32 .grad set on a bf16 parameter before backward is
+  // added into in place, in fp32. Through the model's real backward (embedding, attention, the
+  // fused loss's own gradient, activation checkpointing): 32 micro batches, each one's bf16
+  // gradient taken alone and summed in float64 as the reference.
+  ModelConfig cfg = Recipe::parse(
+                        "model: {vocab_size: 61, dim: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, "
+                        "ffn_dim: 48, max_seq_len: 16}",
+                        "inline")
+                        .model;
+  torch::manual_seed(5);
+  Transformer model(cfg);
+  model->to(torch::kBFloat16);
+  model->set_activation_checkpointing(true);
+  const int64_t M = 32;
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> batches;
+  for (int64_t m = 0; m < M; ++m) {
+    auto ids = torch::randint(0, cfg.vocab_size, {2, 9}, torch::kInt64);
+    batches.emplace_back(ids.slice(1, 0, 8), ids.slice(1, 1, 9));
+  }
+  auto params = model->parameters();
+  std::vector<torch::Tensor> reference;  // float64 sum of each micro batch's own bf16 gradient
+  for (auto& p : params) reference.push_back(torch::zeros(p.sizes(), torch::kFloat64));
+  for (const auto& [x, y] : batches) {
+    for (auto& p : params) p.mutable_grad().reset();
+    (model->forward_loss(x, y).loss / static_cast<double>(M)).backward();
+    for (size_t i = 0; i < params.size(); ++i) reference[i] += params[i].grad().to(torch::kFloat64);
+  }
+  auto worst = [&](bool fp32) {  // largest error relative to the reference's largest element, any parameter
+    for (auto& p : params) {
+      p.mutable_grad().reset();
+      if (fp32) p.mutable_grad() = torch::zeros(p.sizes(), p.options().dtype(torch::kFloat32));
+    }
+    for (const auto& [x, y] : batches) (model->forward_loss(x, y).loss / static_cast<double>(M)).backward();
+    double e = 0;
+    for (size_t i = 0; i < params.size(); ++i) {
+      CHECK(params[i].grad().scalar_type() == (fp32 ? torch::kFloat32 : torch::kBFloat16));
+      const double scale = reference[i].abs().max().item<double>();
+      e = std::max(e, (params[i].grad().to(torch::kFloat64) - reference[i]).abs().max().item<double>() / scale);
+    }
+    return e;
+  };
+  const double in_fp32 = worst(true), in_bf16 = worst(false);
+  CHECK(in_fp32 < 1e-6);  // fp32 sums of bf16 values (8 significant bits): near exact
+  CHECK(in_bf16 > 1e-3);  // autograd's own bf16 sum rounds at every micro batch
 }

@@ -43,28 +43,28 @@ TEST_CASE("llm-plan: llama-7b on 8 x A100-80GB, hand-computed", "[plan]") {
   CHECK(p.tokens_per_s == Approx(23291.56).epsilon(1e-6));
   const MemoryRow& none = row(p, "none");
   CHECK(none.weights == Approx(13476831232.0));    // 2 Ψ
-  CHECK(none.grads == Approx(13476831232.0));      // 2 Ψ
+  CHECK(none.grads == Approx(26953662464.0));      // 4 Ψ: summed in fp32 (train.fp32_grads)
   CHECK(none.optimizer == Approx(80860987392.0));  // 12 Ψ: fp32 master + two fp32 moments
   // Activations per token and layer: 2 bytes x (6*4096 + 2*4096 + 4*11008) = 153,600; outside the
   // blocks 2*2*4096 + 10*32000 = 336,384; one micro batch: 2048 x (32*153,600 + 336,384).
   CHECK(none.activations == Approx(10755244032.0));
   // Checkpointing: 2048 x (32 * 2*4096 + 153,600 + 336,384) = 2048 x 752,128.
   CHECK(none.activations_ckpt == Approx(1540358144.0));
-  // Buffers: 2^30 + 2 * 25 MiB + 2048 x 4 x 32000 (the logits' fp32 gradient) + 2^28 (AdamW's
-  // chunk of fp32 gradients in bf16).
-  CHECK(none.buffers == Approx(1656750080.0));
+  // Buffers: 2^30 + 2 * 25 MiB + 2048 x 4 x 32000 (the logits' fp32 gradient); no chunk of bf16
+  // gradients converted for AdamW (they are fp32).
+  CHECK(none.buffers == Approx(1388314624.0));
   CHECK(row(p, "zero1").optimizer == Approx(80860987392.0 / 8));
-  CHECK(row(p, "zero2").grads == Approx(13476831232.0 / 8));
+  CHECK(row(p, "zero2").grads == Approx(26953662464.0 / 8));
   CHECK(row(p, "zero3").weights == Approx(13476831232.0 / 8));
   // ZeRO-3 also holds two gathered blocks, 2 x 2 bytes x 202,383,360, and for the whole step the
-  // gathered root unit (embedding, final norm, head: 2 bytes x 262,148,096) and its gradient buffer
-  // (the same; the plain loss counts no head gradient of its own).
-  CHECK(row(p, "zero3").buffers == Approx(1656750080.0 + 809533440.0 + 2 * 524296192.0));
-  // none: 12.55 + 12.55 + 75.31 + 10.02 + 1.54 = 111.97 GiB (no fit even with checkpointing);
-  // zero1: 2Ψ + 2Ψ + 1.5Ψ = 34.52 GiB + 10.02 + 1.54 = 46.08 GiB: the least sharding that fits.
-  CHECK(none.total(false) / (1 << 30) == Approx(111.97).margin(0.005));
-  CHECK(row(p, "zero1").total(false) / (1 << 30) == Approx(46.08).margin(0.005));
-  CHECK(p.recommendation == "zero1 (46.1 of 80 GiB per GPU)");
+  // gathered root unit (embedding, final norm, head: 2 bytes x 262,148,096) and its fp32 gradient
+  // buffer (4 bytes each; the plain loss counts no head gradient of its own).
+  CHECK(row(p, "zero3").buffers == Approx(1388314624.0 + 809533440.0 + 524296192.0 + 1048592384.0));
+  // none: 12.55 + 25.10 + 75.31 + 10.02 + 1.29 = 124.27 GiB (no fit even with checkpointing);
+  // zero1: 2Ψ + 4Ψ + 1.5Ψ = 47.07 GiB + 10.02 + 1.29 = 58.38 GiB: the least sharding that fits.
+  CHECK(none.total(false) / (1 << 30) == Approx(124.27).margin(0.005));
+  CHECK(row(p, "zero1").total(false) / (1 << 30) == Approx(58.38).margin(0.005));
+  CHECK(p.recommendation == "zero1 (58.4 of 80 GiB per GPU)");
   CHECK(p.usable_bytes == Approx(0.9 * 80 * (1 << 30)));  // ("fits": at most 90% of the card)
   CHECK(p.rows.size() == 4);  // no hybrid row on a single node
 }
@@ -90,27 +90,35 @@ TEST_CASE("llm-plan: llama-65b on 64 x A100-80GB at 50% MFU, hand-computed, and 
   // 333,786 steps x 4,194,304 tokens = 1.40e12 tokens -> 1.4e12 / 24,576.17 / 86400 = 659.3 days.
   CHECK(p.days == Approx(333786.0 * 4194304.0 / 24576.17 / 86400.0).epsilon(1e-6));
   const MemoryRow& z3 = row(p, "zero3");
-  // 16 Ψ / 64 = Ψ / 4 = 16,321,415,168 bytes of states.
-  CHECK(z3.weights + z3.grads + z3.optimizer == Approx(16321415168.0));
+  // (2 + 4 + 12) Ψ / 64 = 18,361,592,064 bytes of states (fp32 gradients).
+  CHECK(z3.weights + z3.grads + z3.optimizer == Approx(18361592064.0));
   // Per token: 80 layers x 2 x (6*8192 + 2*8192 + 4*22016) = 24,576,000 + outside 352,768.
   CHECK(z3.activations == Approx(2048.0 * 24928768.0));
   CHECK(z3.activations_ckpt == Approx(2048.0 * (80.0 * 2 * 8192 + 307200 + 352768)));
-  // 2^30 + 50 MiB + 2048*4*32000 + 2^28 + two gathered blocks 2 * 2 * 809,517,056 + the root
-  // unit (2 x 8192*32000 + 8192 = 524,296,192 weights, 2 bytes each) gathered and its gradient.
-  CHECK(z3.buffers == Approx(1656750080.0 + 3238068224.0 + 2 * 2 * 524296192.0));
+  // 2^30 + 50 MiB + 2048*4*32000 + two gathered blocks 2 * 2 * 809,517,056 + the root unit
+  // (2 x 8192*32000 + 8192 = 524,296,192 weights, 2 bytes each) gathered and its fp32 gradient.
+  CHECK(z3.buffers == Approx(1388314624.0 + 3238068224.0 + 2 * 524296192.0 + 4 * 524296192.0));
   // 65B does not fit replicated, nor ZeRO-1/2 (2Ψ weights alone are 121.6 GiB); ZeRO-3 without
-  // recomputation would need 15.20 + 47.55 (the activations, above the staged gradients) + 6.51
-  // = 69.26 GiB.
+  // recomputation would need 17.10 + 47.55 (the activations, above the staged gradients) + 7.24
+  // = 71.89 GiB.
   CHECK(row(p, "zero2").total(true) > 80.0 * (1 << 30));
-  CHECK(z3.total(false) / (1 << 30) == Approx(69.26).margin(0.005));
+  CHECK(z3.total(false) / (1 << 30) == Approx(71.89).margin(0.005));
   // libllm's ZeRO-3 recomputes every block (it needs activation checkpointing), and its backward
-  // holds, beside the gradient shards, 4 blocks' gradients: the recomputed block's new ones, the
-  // buffer they are added into, two reductions in flight: 4 x 2 x 809,517,056 bytes.
-  CHECK(z3.grad_staging == Approx(4.0 * 2 * 809517056.0));
-  // So what it can train needs 15.20 (states) + 3.76 (2048 x 1,970,688 bytes of checkpointed
-  // activations) + 6.51 (buffers) + 6.03 (gradient staging) = 31.50 GiB.
-  CHECK(z3.total(true) / (1 << 30) == Approx(31.50).margin(0.005));
-  CHECK(p.recommendation == "zero3 with activation checkpointing (31.5 of 80 GiB per GPU)");
+  // holds, beside the gradient shards, 4 blocks' fp32 gradients: the recomputed block's new ones,
+  // the buffer they are added into, two reductions in flight: 4 x 4 x 809,517,056 bytes.
+  CHECK(z3.grad_staging == Approx(4.0 * 4 * 809517056.0));
+  // So what it can train needs 17.10 (states) + 3.76 (2048 x 1,970,688 bytes of checkpointed
+  // activations) + 7.24 (buffers) + 12.06 (gradient staging) = 40.16 GiB.
+  CHECK(z3.total(true) / (1 << 30) == Approx(40.16).margin(0.005));
+  CHECK(p.recommendation == "zero3 with activation checkpointing (40.2 of 80 GiB per GPU)");
+  // With bf16 gradients (train.fp32_grads: false): 16 Ψ / 64 states, 2-byte gradient buffers and
+  // staging, AdamW's 2^28 chunk of them in fp32: 15.20 + 3.76 + 6.51 + 6.03 = 31.50 GiB.
+  const TrainingPlan lean = plan_training(
+      recipe("llama-65b", {"train.dtype=bf16", "train.micro_batch=1", "train.seq_len=2048",
+                           "train.global_batch_tokens=4194304", "train.fused_loss=false", "train.fp32_grads=false"}),
+      c);
+  CHECK(row(lean, "zero3").grad_staging == Approx(4.0 * 2 * 809517056.0));
+  CHECK(row(lean, "zero3").total(true) / (1 << 30) == Approx(31.50).margin(0.005));
   // Hybrid: shard inside a node of 8, replicate across the 8 nodes: 16 Ψ / 8 = 121.6 GiB: no fit.
   CHECK(row(p, "hybrid").weights == Approx(2.0 * 65285660672.0 / 8));
   CHECK(row(p, "hybrid").total(true) > 80.0 * (1 << 30));
@@ -131,10 +139,10 @@ TEST_CASE("llm-plan: llama-7b with the fused loss (the default), hand-computed",
   CHECK(none.activations == Approx(2048.0 * 4939776.0));
   CHECK(none.activations_ckpt == Approx(2048.0 * 440320.0));
   // Buffers: 2^30 + 50 MiB + the head's bf16 gradient 2 x 32000*4096 + one chunk of 2^24 logits
-  // (2048*4096 < 2^24) and their log-softmax at 8 bytes + 2^28.
-  CHECK(none.buffers == Approx(1073741824.0 + 52428800.0 + 2.0 * 131072000.0 + 8.0 * 16777216.0 + 268435456.0));
-  // Without recomputation: 12.55 + 12.55 + 75.31 (states) + 9.42 + 1.67 GiB = 111.50.
-  CHECK(none.total(false) / (1 << 30) == Approx(111.50).margin(0.005));
+  // (2048*4096 < 2^24) and their log-softmax at 8 bytes.
+  CHECK(none.buffers == Approx(1073741824.0 + 52428800.0 + 2.0 * 131072000.0 + 8.0 * 16777216.0));
+  // Without recomputation: 12.55 + 25.10 + 75.31 (states) + 9.42 + 1.42 GiB = 123.80.
+  CHECK(none.total(false) / (1 << 30) == Approx(123.80).margin(0.005));
 }
 
 TEST_CASE("llm-plan: a LoRA fine-tune of a 7B base on one GPU, hand-computed", "[plan]") {

@@ -254,7 +254,7 @@ TEST_CASE("hf_tokenizer_json: Hugging Face's BPE with that file encodes and deco
 TEST_CASE("hf_tokenizer_json: models it cannot reproduce are named with the reason", "[tokenizer]") {
   std::string why = "unset";
   CHECK(Tokenizer::load(fixture("tokenizer-control.model")).hf_tokenizer_json(&why).empty());
-  CHECK_THAT(why, Catch::Contains("user-defined pieces ('<|im_start|>')"));
+  CHECK_THAT(why, Catch::Contains("control pieces ('[INST]')"));  // (ids 3, 4: before its user-defined ones)
   test::TempDir tmp;
   const std::string unigram = tmp / "unigram.model";
   train_sentencepiece(fortune_lines("/usr/share/games/fortunes/literature", 0, 1000),
@@ -262,4 +262,22 @@ TEST_CASE("hf_tokenizer_json: models it cannot reproduce are named with the reas
                       unigram);
   CHECK(Tokenizer::load(unigram).hf_tokenizer_json(&why).empty());
   CHECK_THAT(why, Catch::Contains("it is a unigram model"));
+  auto bpe = [&](const std::string& name, const std::string& flags) {
+    const std::string path = tmp / name;
+    train_sentencepiece(fortune_lines("/usr/share/games/fortunes/literature", 0, 1000),
+                        "--vocab_size=400 --model_type=bpe --byte_fallback=true --normalization_rule_name=identity "
+                        "--remove_extra_whitespaces=false --num_threads=1 --minloglevel=2 " +
+                            flags,
+                        path);
+    why.clear();
+    return Tokenizer::load(path).hf_tokenizer_json(&why);
+  };
+  CHECK(!bpe("plain.model", "").empty());
+  CHECK(bpe("suffix.model", "--treat_whitespace_as_suffix=true").empty());
+  CHECK_THAT(why, Catch::Contains("treat_whitespace_as_suffix"));
+  // Mistral's [INST]: transformers' conversion reads it from text, sentencepiece never.
+  CHECK(bpe("control.model", "--control_symbols=[INST]").empty());
+  CHECK_THAT(why, Catch::Contains("control pieces ('[INST]')"));
+  CHECK(bpe("user.model", "--user_defined_symbols=<|im_start|>").empty());
+  CHECK_THAT(why, Catch::Contains("user-defined pieces ('<|im_start|>')"));
 }

@@ -93,8 +93,10 @@ class FullySharded : public BlockHooks {
   // at stage 3 each rank computes only its own elements, so no rank ever holds the whole model. `dist`: all ranks;
   // `group`: ranks per shard group (dist.world_size() but for hybrid; must divide it).
   // `init_deferred` false: a deferred model's weights are left zero, for load_weights() to fill.
+  // `fp32_grads`: bf16 weights' gradient shards are fp32, each micro batch's reduced gradient
+  // added into them (train.fp32_grads).
   FullySharded(Transformer model, int stage, int64_t group, const OptimConfig& cfg, Distributed& dist,
-               torch::Device device, bool init_deferred = true);
+               torch::Device device, bool init_deferred = true, bool fp32_grads = true);
   ~FullySharded() override;
 
   // The training step, around forward/backward of each micro batch:

@@ -64,8 +64,9 @@ class Tokenizer {
   // score, byte fallback, BOS added by the post-processor). It encodes as encode_with_specials:
   // unk/BOS/EOS written out become their ids; other control pieces are never read from text, as
   // sentencepiece never does. "" with `why_not` set for a model that file cannot reproduce: a
-  // unigram model, a normalization rule (nmt_nfkc, ...), removed extra whitespace, user-defined
-  // pieces (which transformers' legacy layout tokenizes differently after them).
+  // unigram model, a normalization rule (nmt_nfkc, ...), removed extra whitespace, whitespace as
+  // a suffix, user-defined pieces (which transformers' legacy layout tokenizes differently after
+  // them), control pieces beyond unk/BOS/EOS (which transformers' conversion reads from text).
   std::string hf_tokenizer_json(std::string* why_not = nullptr) const;
 
  private:

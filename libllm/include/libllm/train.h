@@ -36,6 +36,11 @@ struct TrainConfig {                 // recipe section `train`
   // and its gradient are never held (linear_cross_entropy, libllm/loss.h). false = project all
   // logits, then the cross-entropy. The same loss either way (to rounding).
   bool fused_loss = true;
+  // bf16 weights: gradients summed over micro batches (and, with ZeRO-2/3, ranks) in fp32, rounded
+  // never (Megatron-LM's accumulate_allreduce_grads_in_fp32, torchtitan's fp32 reduce); 2 bytes a
+  // trainable parameter more (ZeRO-2/3: of its shard). false: summed in bf16, as autograd does by
+  // itself, which loses about 5 bits of every micro batch's share. No effect with fp32 weights.
+  bool fp32_grads = true;
   std::string sharding = "none";     // none (replicated data parallel) | zero1 (AdamW state divided over the ranks) |
                                      // zero2 (also the gradients) | zero3 (also the weights; needs activation_checkpointing) |
                                      // hybrid (zero3 inside groups of shard_group ranks, replicated across them); libllm/shard.h
