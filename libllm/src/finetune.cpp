@@ -143,7 +143,7 @@ void export_peft_adapter(Transformer& model, const LoraConfig& cfg, const std::s
     const fs::path tmp = tmp_dir;
     std::vector<safetensors::TensorView> views;
     for (auto& [name, t] : tensors) views.push_back({name, safetensors::DType::F32, t.sizes().vec(), t.data_ptr()});
-    safetensors::write((tmp / "adapter_model.safetensors").string(), views);
+    safetensors::write((tmp / "adapter_model.safetensors").string(), views, export_metadata());
     json c = {{"peft_type", "LORA"},
               {"task_type", "CAUSAL_LM"},
               {"base_model_name_or_path", base_model_name_or_path},

@@ -536,6 +536,11 @@ size_t load_adapter_weights(Transformer& model, const std::string& dir) {
   return params.size();
 }
 
+const std::map<std::string, std::string>& export_metadata() {
+  static const std::map<std::string, std::string> meta = {{"format", "pt"}, {"written_by", "libllm"}};
+  return meta;
+}
+
 namespace {
 
 // Throws, naming the tensor, when `converted` (`source` cast to the export's dtype) holds NaN or
@@ -602,6 +607,20 @@ std::string not_replaceable(const fs::path& dir, FolderKind kind) {
     bool weights = names.count("model.safetensors") > 0;
     for (const auto& n : names) weights = weights || is_weight_shard(n);
     if (!names.count("config.json") || !weights) return not_ours + " (no config.json with model*.safetensors)";
+  }
+  // Its weights were written by libllm (not a model saved by transformers: a downloaded base).
+  for (const auto& n : names) {
+    if (n != "model.safetensors" && n != "adapter_model.safetensors" && !is_weight_shard(n)) continue;
+    bool ours = false;
+    try {
+      const auto& meta = safetensors::File::open((dir / n).string())->metadata();
+      const auto it = meta.find("written_by");
+      ours = it != meta.end() && it->second == "libllm";
+    } catch (const Error&) {  // (unreadable: not known to be ours)
+    }
+    if (!ours)
+      return not_ours + " (its " + n +
+             " was not written by libllm's export: a model of its own, such as a downloaded base, is never replaced)";
   }
   return "";
 }
@@ -756,7 +775,7 @@ void export_hf(const ModelConfig& config, const std::vector<LazyWeight>& weights
         entries.push_back({weights[i].name, st, weights[i].shape});
         weight_map[weights[i].name] = fname;
       }
-      safetensors::StreamWriter out((tmp / fname).string(), entries);
+      safetensors::StreamWriter out((tmp / fname).string(), entries, export_metadata());
       for (size_t i : shards[s]) {  // one tensor made, converted and written at a time
         const torch::Tensor source = weights[i].value().detach();
         const torch::Tensor t = source.to(torch::kCPU, dtype).contiguous();

@@ -201,8 +201,19 @@ TEST_CASE("export never replaces a folder that is not an earlier export of its k
   CHECK(fs::exists(tmp / "hf/config.json"));
   export_peft_adapter(p.model, cfg, tmp / "adapter", "base");  // an earlier adapter is replaced
   CHECK(fs::exists(tmp / "adapter/adapter_config.json"));
-  CHECK(listing(tmp.path.string()) ==
-        std::vector<std::string>{"adapter", "config-only", "file", "hf", "run", "sharded"});  // nothing left beside
+  // A model saved by transformers (a downloaded base: the same file names, weights not written by
+  // libllm's export) is never replaced.
+  fs::create_directories(tmp / "base");
+  for (const char* f : {"config.json", "model.safetensors", "tokenizer.model"})
+    fs::copy_file(fixture(std::string("tiny-llama/") + f), fs::path(tmp / "base") / f);
+  CHECK_THAT(error_of([&] { export_hf(p.model, tmp / "base", f32); }),
+             Catch::Contains("base: is not empty and not an earlier Hugging Face export (its model.safetensors was "
+                             "not written by libllm's export: a model of its own, such as a downloaded base") &&
+                 Catch::Contains(not_replaced));
+  CHECK(read_file(tmp / "base/model.safetensors") == read_file(fixture("tiny-llama/model.safetensors")));
+  CHECK(safetensors::File::open(tmp / "hf/model.safetensors")->metadata().at("written_by") == "libllm");
+  CHECK(listing(tmp.path.string()) == std::vector<std::string>{"adapter", "base", "config-only", "file", "hf", "run",
+                                                               "sharded"});  // nothing left beside
 }
 
 TEST_CASE("a folder's stop ids: every eos_token_id of config.json and generation_config.json", "[io][hf]") {

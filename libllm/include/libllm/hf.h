@@ -52,6 +52,10 @@ size_t load_adapter_weights(Transformer& model, const std::string& dir);
 void load_weights(const std::string& dir, const std::vector<std::pair<std::string, std::vector<int64_t>>>& params,
                   bool tied, const std::function<void(const std::string&, const torch::Tensor&)>& store);
 
+// The safetensors "__metadata__" of the weight files libllm's exports write ({"format": "pt",
+// "written_by": "libllm"}): a folder is replaced only when its weights carry it, so a model of the
+// user's own (a downloaded base given as --out by mistake) is never deleted.
+const std::map<std::string, std::string>& export_metadata();
 // What write_folder_atomically writes, and so the only kind of folder it replaces.
 enum class FolderKind {
   hf_model,      // export_hf: config.json, model*.safetensors (+ index), generation_config.json, tokenizer files
@@ -60,8 +64,9 @@ enum class FolderKind {
 // Builds a folder under a temporary name beside `dir` (fill() writes into it), then swaps it into
 // place (an atomic exchange where the filesystem has one); an existing `dir` is removed only after
 // that. `dir` may end in a separator ("out/"). An existing `dir` is replaced only when it is empty
-// or an earlier folder of `kind` (nothing but the files such a folder holds); anything else (a run
-// folder, a checkpoint, a file) is an Error naming it, checked before fill() runs. On any error the
+// or an earlier folder of `kind` (nothing but the files such a folder holds, its weights written
+// by libllm: export_metadata()); anything else (a run folder, a checkpoint, a file, a model saved
+// by transformers) is an Error naming it, checked before fill() runs. On any error the
 // temporary folder is removed and `dir` is left as it was.
 void write_folder_atomically(const std::string& dir, FolderKind kind,
                              const std::function<void(const std::string& tmp)>& fill);
