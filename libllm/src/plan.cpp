@@ -148,7 +148,8 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& cluster) {
   const bool bf16 = t.dtype == "bf16";
   const double w = bf16 ? 2.0 : 4.0;
   const double weights = lora ? w * psi + 4.0 * psi_a : w * psi;
-  const double g = bf16 && t.fp32_grads ? 4.0 : w;  // bytes per gradient element (ZeRO-2/3 buffers too)
+  // bytes per gradient element (ZeRO-2/3 buffers too); one micro batch on one GPU sums nothing
+  const double g = bf16 && t.fp32_grads && (p.accumulation > 1 || c.gpus > 1) ? 4.0 : w;
   const double grads = lora ? 4.0 * psi_a : g * psi;
   const double optim = lora ? 8.0 * psi_a : (bf16 ? 12.0 : 8.0) * psi;
   const double h = static_cast<double>(m.dim), kv = static_cast<double>(m.kv_heads() * m.hdim());

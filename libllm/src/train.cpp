@@ -1012,7 +1012,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       throw Error("train.shard_group", "is for train.sharding hybrid", "set train.sharding: hybrid, or remove shard_group");
     // Moves the weights to the device, sharded; a base's weights are read, not initialised first.
     run.fsdp = std::make_unique<FullySharded>(run.model, tc.sharding == "zero2" ? 2 : 3, group, recipe.optim, dist,
-                                              run.device, /*init_deferred=*/!base_sharded, tc.fp32_grads);
+                                              run.device, /*init_deferred=*/!base_sharded,
+                                              tc.fp32_grads && (run.accum > 1 || dist.world_size() > 1));
     if (base_sharded)  // each rank reads its own elements
       run.fsdp->load_weights(*base,
                              recipe.finetune.method == "lora" ? FullySharded::Which::frozen : FullySharded::Which::all);
@@ -1521,7 +1522,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       dist.sum(total);
       step_targets = total[0].item<int64_t>();
     }
-    if (!run.fsdp && tc.fp32_grads) run.fp32_gradients();  // (ZeRO-2/3: fp32 gradient shards)
+    // (one micro batch on one process: one bf16 gradient, nothing to sum; ZeRO-2/3: fp32 shards)
+    if (!run.fsdp && tc.fp32_grads && (run.accum > 1 || dist.world_size() > 1)) run.fp32_gradients();
     for (int64_t m = 0; m < run.accum; ++m) {
       const Micro& mb = micros[static_cast<size_t>(m)];
       auto out = run.model->forward_loss(mb.x, mb.y, mb.docs, mb.padding);

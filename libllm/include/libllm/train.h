@@ -39,7 +39,8 @@ struct TrainConfig {                 // recipe section `train`
   // bf16 weights: gradients summed over micro batches (and, with ZeRO-2/3, ranks) in fp32, rounded
   // never (Megatron-LM's accumulate_allreduce_grads_in_fp32, torchtitan's fp32 reduce); 2 bytes a
   // trainable parameter more (ZeRO-2/3: of its shard). false: summed in bf16, as autograd does by
-  // itself, which loses about 5 bits of every micro batch's share. No effect with fp32 weights.
+  // itself, which loses about 5 bits of every micro batch's share. No effect with fp32 weights, or
+  // with one micro batch a step on one process (nothing is summed).
   bool fp32_grads = true;
   std::string sharding = "none";     // none (replicated data parallel) | zero1 (AdamW state divided over the ranks) |
                                      // zero2 (also the gradients) | zero3 (also the weights; needs activation_checkpointing) |
