@@ -609,13 +609,21 @@ std::string not_replaceable(const fs::path& dir, FolderKind kind) {
     if (!names.count("config.json") || !weights) return not_ours + " (no config.json with model*.safetensors)";
   }
   // Its weights were written by libllm (not a model saved by transformers: a downloaded base).
+  // Unmarked ones of an earlier libllm: an HF folder whose config.json lacks the
+  // transformers_version that save_pretrained always writes, or a PEFT adapter folder.
+  bool unmarked_ours = kind == FolderKind::peft_adapter;
+  if (!unmarked_ours) try {
+      const json config = read_json((dir / "config.json").string());
+      unmarked_ours = config.is_object() && !config.contains("transformers_version");
+    } catch (const Error&) {
+    }
   for (const auto& n : names) {
     if (n != "model.safetensors" && n != "adapter_model.safetensors" && !is_weight_shard(n)) continue;
     bool ours = false;
     try {
-      const auto& meta = safetensors::File::open((dir / n).string())->metadata();
-      const auto it = meta.find("written_by");
-      ours = it != meta.end() && it->second == "libllm";
+      const auto file = safetensors::File::open((dir / n).string());  // (alive while its metadata is read)
+      const auto it = file->metadata().find("written_by");
+      ours = it != file->metadata().end() ? it->second == "libllm" : unmarked_ours;
     } catch (const Error&) {  // (unreadable: not known to be ours)
     }
     if (!ours)

@@ -175,11 +175,13 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& cluster) {
   const double root_grad = lora ? 8.0 * psi_a_outside : g * root;
   const double gathered = 2 * (w * static_cast<double>(pc.per_block) + 4.0 * psi_a_block) + w * root + root_grad;
   // ZeRO-2/3 gradients beside their shards: with checkpointing, per block: the recomputed block's
-  // new gradients, the buffer they are added into, and two reductions in flight (each a block's
-  // gradient). ZeRO-2 without it reduces only after backward: every gradient whole, then (the
-  // activations gone by then) plus one block's buffer.
+  // new gradients (autograd's, in the weights' dtype), the buffer they are added into, and two
+  // reductions in flight (each a block's gradient, g bytes). ZeRO-2 without it reduces only after
+  // backward: every gradient whole as autograd made it (w bytes), then (the activations gone by
+  // then) plus one block's buffer.
   const double block_grad = lora ? 4.0 * psi_a_block : g * static_cast<double>(pc.per_block);
-  const double staging = 4 * block_grad, unreduced = grads + block_grad;
+  const double block_new = lora ? 4.0 * psi_a_block : w * static_cast<double>(pc.per_block);
+  const double staging = block_new + 3 * block_grad, unreduced = (lora ? grads : w * psi) + block_grad;
 
   auto row = [&](const std::string& name, int64_t n, double wd, double gd, double od, bool gather) {
     MemoryRow x;

@@ -211,9 +211,18 @@ TEST_CASE("export never replaces a folder that is not an earlier export of its k
                              "not written by libllm's export: a model of its own, such as a downloaded base") &&
                  Catch::Contains(not_replaced));
   CHECK(read_file(tmp / "base/model.safetensors") == read_file(fixture("tiny-llama/model.safetensors")));
+  // An export of an earlier libllm (unmarked weights; config.json without the transformers_version
+  // that save_pretrained always writes) is replaced.
+  fs::create_directories(tmp / "old");
+  fs::copy_file(fixture("tiny-llama/model.safetensors"), tmp / "old/model.safetensors");
+  auto config = nlohmann::json::parse(read_file(fixture("tiny-llama/config.json")));
+  REQUIRE(config.erase("transformers_version") == 1);
+  write_file(tmp / "old/config.json", config.dump());
+  export_hf(p.model, tmp / "old", f32);
+  CHECK(safetensors::File::open(tmp / "old/model.safetensors")->metadata().at("written_by") == "libllm");
   CHECK(safetensors::File::open(tmp / "hf/model.safetensors")->metadata().at("written_by") == "libllm");
-  CHECK(listing(tmp.path.string()) == std::vector<std::string>{"adapter", "base", "config-only", "file", "hf", "run",
-                                                               "sharded"});  // nothing left beside
+  CHECK(listing(tmp.path.string()) == std::vector<std::string>{"adapter", "base", "config-only", "file", "hf", "old",
+                                                               "run", "sharded"});  // nothing left beside
 }
 
 TEST_CASE("a folder's stop ids: every eos_token_id of config.json and generation_config.json", "[io][hf]") {
