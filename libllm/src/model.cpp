@@ -2,6 +2,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <fmt/core.h>
 
 #include <cmath>
 #include <limits>
@@ -646,6 +647,16 @@ torch::Tensor TransformerImpl::hidden(const torch::Tensor& tokens, int64_t start
                                       const torch::Tensor& documents) {
   std::vector<torch::Tensor> local;
   auto& rl = router_logits ? *router_logits : local;
+  // Token ids outside the vocabulary: a libllm::Error (on the CPU, where the check is one cheap
+  // reduction; on a GPU it would wait for the device each forward, and the kernel asserts).
+  if (tokens.device().is_cpu() && tokens.numel() > 0) {
+    const auto [lo, hi] = torch::aminmax(tokens);
+    if (lo.item<int64_t>() < 0 || hi.item<int64_t>() >= cfg_.vocab_size)
+      throw Error("model input",
+                  fmt::format("token ids must be in [0, {}), got {}..{}", cfg_.vocab_size, lo.item<int64_t>(),
+                              hi.item<int64_t>()),
+                  "the ids come from another tokenizer, or from a model with a larger vocabulary");
+  }
   if (hooks_) hooks_->begin_forward();
   auto x = model->embed_tokens(tokens);                                      // (B, T, D)
   torch::Tensor cos, sin;

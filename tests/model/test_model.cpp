@@ -465,3 +465,17 @@ TEST_CASE("packed rows: every document's logits and gradients are those it has a
   }
   CHECK_THAT(test::error_of([&] { m->forward_packed(tokens, docs.slice(1, 1)); }), Catch::Contains("do not match"));
 }
+
+TEST_CASE("token ids outside the vocabulary are a libllm::Error naming the range", "[model]") {
+  Transformer m(small_config());  // vocab 37
+  torch::NoGradGuard ng;
+  CHECK_THAT(test::error_of([&] {
+               m->forward(torch::tensor({{1, 37, 2}}, torch::kInt64));
+             }),
+             Catch::Contains("model input: token ids must be in [0, 37), got 1..37"));
+  CHECK_THAT(test::error_of([&] {
+               m->forward(torch::tensor({{-1, 3}}, torch::kInt64));
+             }),
+             Catch::Contains("got -1..3"));
+  CHECK(m->forward(torch::tensor({{0, 36}}, torch::kInt64)).logits.size(2) == 37);
+}
