@@ -741,8 +741,12 @@ void write_folder_atomically(const std::string& dir, FolderKind kind,
   }
 }
 
-void export_hf(const ModelConfig& config, const std::vector<LazyWeight>& weights, const std::string& dir,
-               const ExportOptions& opts) {
+namespace {
+
+// export_hf's work; `checked`: the weights come converted to the export dtype and checked for
+// non-finite values already (a folder chain's, which knows their source values).
+void write_hf_folder(const ModelConfig& config, const std::vector<LazyWeight>& weights, const std::string& dir,
+                     const ExportOptions& opts, bool checked) {
   const torch::Dtype dtype = dtype_from_name(opts.dtype, "export dtype");
   if (!opts.chat_template.empty() && opts.tokenizer_path.empty())
     throw Error(dir, "a chat template is written into tokenizer_config.json, but no tokenizer is exported",
@@ -790,8 +794,7 @@ void export_hf(const ModelConfig& config, const std::vector<LazyWeight>& weights
         if (t.sizes() != c10::IntArrayRef(weights[i].shape))
           throw Error(dir + ": tensor '" + weights[i].name + "'",
                       "is " + shape_str(t.sizes()) + ", not the announced " + shape_str(weights[i].shape));
-        // (a lazy weight of a folder chain comes converted already, and checked there)
-        check_finite(dir + ": tensor '" + weights[i].name + "'", source, t, opts.dtype);  // (the temporary folder goes)
+        if (!checked) check_finite(dir + ": tensor '" + weights[i].name + "'", source, t, opts.dtype);
         out.add(weights[i].name, t.data_ptr(), static_cast<uint64_t>(t.numel()) * t.element_size());
       }
       out.commit();
@@ -851,6 +854,13 @@ void export_hf(const ModelConfig& config, const std::vector<LazyWeight>& weights
       detail::write_file_atomic((tmp / "tokenizer_config.json").string(), tc.dump(2) + "\n");
     }
   });
+}
+
+}  // namespace
+
+void export_hf(const ModelConfig& config, const std::vector<LazyWeight>& weights, const std::string& dir,
+               const ExportOptions& opts) {
+  write_hf_folder(config, weights, dir, opts, /*checked=*/false);
 }
 
 void export_hf(Transformer& model, const std::string& dir, const ExportOptions& opts) {
@@ -1230,7 +1240,7 @@ void export_hf(const Pretrained& info, const std::string& dir, const ExportOptio
   std::vector<LazyWeight> weights;
   for (const auto& [name, shape] : chain.weights())
     weights.push_back({name, shape, [&chain, name = name, dtype] { return chain.weight(name, dtype, 0, -1, true); }});
-  export_hf(chain.config(), weights, dir, opts);
+  write_hf_folder(chain.config(), weights, dir, opts, /*checked=*/true);
 }
 
 void for_each_merged_weight(const Pretrained& info, torch::Dtype dtype,

@@ -355,6 +355,7 @@ struct Run {
   json applied_plan;             // the restart plan (LIBLLM_RESTART_PLAN's JSON) this branch applied (null: none)
   json applied_rollback;         // the last in-loop rollback's record (pending_path's JSON) it applied (null: none)
   int64_t accum = 1, global = 0, planned = 0;
+  bool fp32_sums = false;  // bf16 gradients summed in fp32 (train.fp32_grads, when anything is summed)
   double flops_per_token = 0;
   std::string recipe_yaml, ckpt_root, sequence_path;
   // An in-loop rollback's record, written before anything moves and removed once the checkpoint
@@ -864,6 +865,9 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     throw Error("train.global_batch_tokens",
                 fmt::format("{} is not a multiple of micro_batch * seq_len * world_size = {}", global, per_pass));
   run.accum = global / per_pass;
+  // train.fp32_grads where something is summed: one micro batch on one process has a single bf16
+  // gradient (replicated and ZeRO-1: fp32_gradients(); ZeRO-2/3: fp32 buffers and shards).
+  run.fp32_sums = tc.fp32_grads && (run.accum > 1 || dist.world_size() > 1);
   run.global = global;
   run.planned = tc.steps * run.accum * tc.micro_batch * dist.world_size();
 
@@ -893,14 +897,18 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       throw Error(std::string(key) + ": " + e.where(), e.problem(), e.hint());
     }
   };
-  for (const auto& dir : recipe.data.train) check_tokenizer(open("data.train", dir), tok);
+  std::optional<ShardSetInfo> first_train;  // (data.train[0]'s, for the held-out set's check)
+  for (const auto& dir : recipe.data.train) {
+    const ShardSet set = open("data.train", dir);
+    check_tokenizer(set, tok);
+    if (!first_train) first_train = set.info();
+  }
   if (!recipe.data.valid.empty()) {
     const ShardSet valid = open("data.valid", recipe.data.valid);
     check_tokenizer(valid, tok);
-    if (!recipe.data.train.empty()) {  // held-out windows like the training ones
-      const ShardSet train = ShardSet::open(recipe.data.train[0]);
-      if (valid.info().bos_id != train.info().bos_id)
-        throw Error("data.valid", recipe.data.valid + " " + bos_mismatch(valid.info(), train.info()),
+    if (first_train) {  // held-out windows like the training ones
+      if (valid.info().bos_id != first_train->bos_id)
+        throw Error("data.valid", recipe.data.valid + " " + bos_mismatch(valid.info(), *first_train),
                     "re-run llm-data for one of them with the other's data_prep.bos");
     }
     // (found now, not at the first evaluation, after the first eval_every steps)
@@ -1012,8 +1020,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       throw Error("train.shard_group", "is for train.sharding hybrid", "set train.sharding: hybrid, or remove shard_group");
     // Moves the weights to the device, sharded; a base's weights are read, not initialised first.
     run.fsdp = std::make_unique<FullySharded>(run.model, tc.sharding == "zero2" ? 2 : 3, group, recipe.optim, dist,
-                                              run.device, /*init_deferred=*/!base_sharded,
-                                              tc.fp32_grads && (run.accum > 1 || dist.world_size() > 1));
+                                              run.device, /*init_deferred=*/!base_sharded, run.fp32_sums);
     if (base_sharded)  // each rank reads its own elements
       run.fsdp->load_weights(*base,
                              recipe.finetune.method == "lora" ? FullySharded::Which::frozen : FullySharded::Which::all);
@@ -1522,8 +1529,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       dist.sum(total);
       step_targets = total[0].item<int64_t>();
     }
-    // (one micro batch on one process: one bf16 gradient, nothing to sum; ZeRO-2/3: fp32 shards)
-    if (!run.fsdp && tc.fp32_grads && (run.accum > 1 || dist.world_size() > 1)) run.fp32_gradients();
+    if (run.fp32_sums && !run.fsdp) run.fp32_gradients();
     for (int64_t m = 0; m < run.accum; ++m) {
       const Micro& mb = micros[static_cast<size_t>(m)];
       auto out = run.model->forward_loss(mb.x, mb.y, mb.docs, mb.padding);

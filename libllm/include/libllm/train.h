@@ -91,7 +91,7 @@ struct TrainHooks {
 // also action, z_loss, z_grad and branch = rollbacks so far; under a supervisor, attempt =
 // LIBLLM_RESTART), data_sequence.jsonl (per step, every
 // rank's windows, or chat examples, [set, number] in the order used: what the final model saw, a skipped update's line
-// marked "skipped"; a rollback's discarded steps go to rolled-back-logs/rollback-S-to-T-branch-B/), events.jsonl
+// marked "skipped"; a rollback's discarded steps go to rolled-back-logs/guard-data_sequence.jsonl), events.jsonl
 // (start/resume, skip, rollback, stop, restart plans; a step's event has its branch),
 // checkpoints/, loss.html.
 //
