@@ -390,7 +390,9 @@ int supervise(const SuperviseOptions& opt) {
     }
     auto mark = progress_mark(metrics), beat = progress_mark(heartbeat_path);
     auto last = std::chrono::steady_clock::now();
-    bool beat_last = false;  // the newest change was a heartbeat (a long phase), not a metrics line
+    // The newest change was a heartbeat (a long phase), not a metrics line. (The file was removed
+    // before the launch: one already here is this attempt's, written before the first look.)
+    bool beat_last = beat.first >= 0 && beat.second > mark.second;
     int status = 0;
     bool hung = false;
     for (;;) {
