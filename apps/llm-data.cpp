@@ -10,6 +10,7 @@
 #include <libllm/cli.h>
 #include <libllm/data.h>
 #include <libllm/error.h>
+#include <libllm/hf.h>
 #include <libllm/recipe.h>
 #include <libllm/tokenizer.h>
 
@@ -56,7 +57,18 @@ int main(int argc, char** argv) {
   return cli::run("llm-data", [&] {
     cli::Args args(argc, argv, "llm-data RECIPE [--set section.key=value]...", {}, 1, /*recipe_overrides=*/true);
     if (args.help()) return fmt::print("{}", args.usage()), 0;
-    const Recipe recipe = Recipe::load(args.positional()[0], args.overrides());
+    Recipe recipe = Recipe::load(args.positional()[0], args.overrides());
+    const bool from_base = recipe.tokenizer.path.empty() && !recipe.finetune.base.empty();
+    if (from_base) {
+      // A fine-tune's data in its base's ids, as llm-finetune takes that tokenizer.
+      const Pretrained base = inspect_pretrained(recipe.finetune.base);
+      if (base.tokenizer_path.empty())
+        throw Error("tokenizer.path", "is empty and the base folder " + base.dir + " has no tokenizer.model",
+                    "set tokenizer.path");
+      recipe.tokenizer.path = base.tokenizer_path;
+      recipe.model = base.config;
+      fmt::print("tokenizer: finetune.base's {}\n", base.tokenizer_path);
+    }
     if (recipe.tokenizer.path.empty())
       throw Error("tokenizer.path", "is empty", "name the tokenizer.model to use or train");
     if (!fs::exists(recipe.tokenizer.path)) {
@@ -64,7 +76,7 @@ int main(int argc, char** argv) {
         throw Error(recipe.tokenizer.path, "tokenizer not found",
                     "give an existing tokenizer.model, or set tokenizer.vocab_size to train one");
       train_tokenizer(recipe);
-    } else {
+    } else if (!from_base) {
       fmt::print("tokenizer: {} (exists; not retrained)\n", recipe.tokenizer.path);
     }
     const Tokenizer tok = Tokenizer::load(recipe.tokenizer.path);
@@ -87,6 +99,7 @@ int main(int argc, char** argv) {
       throw;
     }
     fmt::print(stderr, "\n");
+    for (const std::string& note : info.notes) fmt::print("note: {}\n", note);
     fmt::print("shards: {} ({} documents, {} tokens)\n", info.dir, info.total_documents, info.total_tokens);
     if (recipe.data_prep.valid_every > 0) {
       const ShardSet v = ShardSet::open(recipe.data_prep.valid_output);

@@ -31,7 +31,9 @@ int main(int argc, char** argv) {
     const torch::Device device = device_from_name(args.get("--device"), "--device");
     const torch::Dtype dtype = compute_dtype(args.get("--dtype"), device, "--dtype");
     const auto docs = read_documents(args.get("--data"));
-    if (docs.empty()) throw Error(args.get("--data"), "no documents (every line is empty)");
+    if (docs.empty())
+      throw Error(args.get("--data"), "no documents (every line is empty)",
+                  "give a file with text: one document a line");
     Pretrained pre = inspect_pretrained(args.get("--checkpoint"));
     const std::string tok_path = tokenizer_for(pre, args.get("--tokenizer"));
     if (tok_path.empty())

@@ -123,15 +123,18 @@ int main(int argc, char** argv) {
       for (const auto& t : pre.lora.targets) targets += (targets.empty() ? "" : ",") + t;
       fmt::print("wrote PEFT adapter {} (r={}, alpha={}, targets {})\n", args.get("--adapter"), pre.lora.rank,
                  pre.lora.alpha, targets);
+      fmt::print("note: the adapter folder holds no tokenizer or chat template: serve it with the base's tokenizer{}\n",
+                 args.has("--out") ? " and the chat template in " + args.get("--out") + "/tokenizer_config.json" : "");
     }
     // The chat template that serving tools (transformers' apply_chat_template) should use: the one
     // the checkpoint was fine-tuned with, else the one its base or source folder came with.
     std::string ours, system, chat_template, template_from;  // ours: a libllm template name
+    std::string tuned;  // the template the checkpoint was fine-tuned on chat data with
     if (pre.format == "libllm") {
       const Recipe r = Recipe::load((std::filesystem::path(dir) / "recipe.yaml").string());
       system = r.chat.system_prompt;
       if (!r.chat.files.empty()) {
-        ours = r.chat.chat_template;
+        ours = tuned = r.chat.chat_template;
         template_from = "chat template " + ours + " (as fine-tuned)";
       } else if (!args.has("--chat-template") && !base.empty() && std::filesystem::is_directory(base)) {
         chat_template = read_chat_template(base);
@@ -146,6 +149,11 @@ int main(int argc, char** argv) {
       if (ours != "none" && ours != "llama2" && ours != "chatml")
         throw Error("--chat-template", "'" + ours + "' is not llama2, chatml or none");
       template_from = "chat template " + ours;
+      if (!tuned.empty() && ours != tuned)
+        fmt::print(
+            "note: {} was fine-tuned on chat data in chat template {}; the export's tokenizer_config.json "
+            "gets {}, a format the fine-tune never saw\n",
+            dir, tuned, ours == "none" ? "none" : ours);
       if (ours == "none") ours.clear(), chat_template.clear();
     }
     if (args.has("--system")) {

@@ -11,6 +11,7 @@
 #include <random>
 
 #include "heartbeat.h"
+#include "jsonl.h"
 #include "libllm/config.h"
 #include "libllm/distributed.h"
 #include "libllm/error.h"
@@ -663,7 +664,7 @@ std::string ChatDataset::cursor() const {
 void ChatDataset::restore(const std::string& cursor) {
   json j;
   try {
-    j = json::parse(cursor);
+    j = detail::parse_json(cursor, "data cursor");
   } catch (const json::exception& e) {
     throw Error("data cursor", std::string("invalid JSON: ") + e.what(), "the checkpoint is corrupt");
   }

@@ -12,10 +12,12 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
 #include <system_error>
 #include <thread>
 
 #include "atomic_file.h"
+#include "jsonl.h"
 #include "libllm/compat.h"
 #include "libllm/config.h"
 #include "libllm/distributed.h"
@@ -29,6 +31,15 @@ using json = nlohmann::json;
 
 namespace libllm {
 namespace {
+
+// Copies `from` to `to` and flushes it to disk (as every other file of a checkpoint).
+void copy_synced(const std::string& from, const fs::path& to) {
+  std::ifstream in(from, std::ios::binary);
+  std::ostringstream bytes;
+  bytes << in.rdbuf();
+  if (!in) throw Error(from, "cannot be read", "check that the tokenizer file is still there");
+  detail::write_file_atomic(to.string(), bytes.str());
+}
 
 // torch's CPU generator ("rng.cpu") and, where CUDA is here, the current device's ("rng.cuda":
 // LoRA dropout on the GPU draws from it), so a resumed run draws the same masks.
@@ -75,7 +86,7 @@ json trainer_record(const TrainState& state) {
 int64_t trainer_int(const json& j, const std::string& path, const char* key) {
   const json& v = j.at(key);
   if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)))
-    throw Error(path + ": " + key, "expected an integer, got " + v.dump(), "the checkpoint is corrupt");
+    throw Error(path + ": " + key, "expected an integer, got " + detail::shown(v), "the checkpoint is corrupt");
   const int64_t n = v.get<int64_t>();
   if (n < 0) throw Error(path + ": " + key, "must be >= 0, got " + std::to_string(n), "the checkpoint is corrupt");
   return n;
@@ -83,7 +94,8 @@ int64_t trainer_int(const json& j, const std::string& path, const char* key) {
 
 std::string trainer_string(const json& j, const std::string& path, const char* key) {
   const json& v = j.at(key);
-  if (!v.is_string()) throw Error(path + ": " + key, "expected a string, got " + v.dump(), "the checkpoint is corrupt");
+  if (!v.is_string())
+    throw Error(path + ": " + key, "expected a string, got " + detail::shown(v), "the checkpoint is corrupt");
   return v.get<std::string>();
 }
 
@@ -95,6 +107,22 @@ torch::Tensor view(const safetensors::File& f, const safetensors::TensorInfo& t)
   return torch::from_blob(const_cast<uint8_t*>(f.data(t)), t.shape, torch_dtype_of(t.dtype));
 }
 torch::Tensor copy(const safetensors::File& f, const safetensors::TensorInfo& t) { return view(f, t).clone(); }
+
+// Sets generator `gen` to the state stored as tensor `name` of `f`: an error names the file and
+// tensor (LibTorch's own says neither).
+void set_rng(at::Generator gen, const safetensors::File& f, const std::string& name) {
+  const auto* t = f.find(name);
+  if (!t) throw Error(f.path() + ": tensor '" + name + "'", "missing", "the checkpoint is corrupt");
+  try {
+    if (t->dtype != safetensors::DType::U8) throw std::runtime_error("not U8 bytes");
+    gen.set_state(copy(f, *t));
+  } catch (const std::exception& e) {
+    const std::string why = e.what();
+    throw Error(f.path() + ": tensor '" + name + "'",
+                "is no random-number generator state: " + why.substr(0, std::min(why.find('\n'), size_t{200})),
+                "the checkpoint is corrupt");
+  }
+}
 
 class OptimizerFiles {
  public:
@@ -117,15 +145,9 @@ class OptimizerFiles {
   // device's CUDA generator (dropout on the GPU), from `rank`'s file.
   void restore_rng(int rank) const {
     const auto& f = shards_.empty() ? main_ : shards_[static_cast<size_t>(rank) < shards_.size() ? rank : 0];
-    const auto* t = f->find("rng.cpu");
-    if (!t) throw Error(f->path(), "missing tensor 'rng.cpu'", "the checkpoint is corrupt");
-    at::Generator cpu = at::detail::getDefaultCPUGenerator();  // shares the default generator
-    cpu.set_state(copy(*f, *t));
-    const auto* c = f->find("rng.cuda");
-    if (c && compat::cuda_available()) {
-      at::Generator cuda = at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, -1));  // a handle
-      cuda.set_state(copy(*f, *c));
-    }
+    set_rng(at::detail::getDefaultCPUGenerator(), *f, "rng.cpu");  // (a handle: sets the default generator)
+    if (f->find("rng.cuda") && compat::cuda_available())
+      set_rng(at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, -1)), *f, "rng.cuda");
   }
 
   // Entries for every key `optim.state()` has, assembled from the pieces that cover them. Across a
@@ -184,6 +206,11 @@ class OptimizerFiles {
     auto dst = torch::empty({numel}, torch::dtype(dtype));
     int64_t covered = 0;
     for (const Piece& pc : pieces_.at(param + "." + kind)) {
+      const auto d = pc.info->dtype;
+      if (d != safetensors::DType::F32 && d != safetensors::DType::BF16 && d != safetensors::DType::F16 &&
+          d != safetensors::DType::F64)
+        throw Error(pc.file->path() + ": tensor '" + pc.info->name + "'", "is not floating-point optimizer state",
+                    "the checkpoint is corrupt");
       const int64_t n = pc.info->numel();
       const int64_t lo = std::max(offset, pc.offset), hi = std::min(offset + numel, pc.offset + n);
       if (lo >= hi) continue;
@@ -271,9 +298,10 @@ std::string save_checkpoint(const std::string& root, Transformer& model, const A
     opt_state.insert(opt_state.end(), state.rank_rng.begin(), state.rank_rng.end());
     write_tensors((tmp / "optimizer.safetensors").string(), opt_state);
     detail::write_file_atomic((tmp / "recipe.yaml").string(), recipe_yaml);
-    if (!tokenizer_path.empty() && fs::exists(tokenizer_path)) fs::copy_file(tokenizer_path, tmp / "tokenizer.model");
+    if (!tokenizer_path.empty() && fs::exists(tokenizer_path)) copy_synced(tokenizer_path, tmp / "tokenizer.model");
     detail::write_file_atomic((tmp / "trainer.json").string(), trainer_record(state).dump(1) + "\n");
     move_folder_into_place(tmp.string(), final_dir.string());  // the same step again (rollback): swapped
+    detail::fsync_parent_dir(final_dir.string());              // (the rename survives a power loss)
   } catch (const fs::filesystem_error& e) {
     fs::remove_all(tmp, ec);
     throw Error(final_dir.string(), std::string("saving checkpoint failed: ") + e.what(), "check free disk space");
@@ -283,6 +311,19 @@ std::string save_checkpoint(const std::string& root, Transformer& model, const A
   }
   return final_dir.string();
 }
+
+namespace {
+
+// error <- what failed (a libllm::Error's place and problem), hint <- its hint, if it has one.
+void split_hint(const std::exception& e, std::string& error, std::string& hint) {
+  error = e.what();
+  if (const auto* le = dynamic_cast<const Error*>(&e)) {
+    error = le->where().empty() ? le->problem() : le->where() + ": " + le->problem();
+    if (!le->hint().empty()) hint = le->hint();
+  }
+}
+
+}  // namespace
 
 std::string save_checkpoint_sharded(const std::string& root, const std::vector<std::pair<std::string, torch::Tensor>>& weights,
                                     const AdamW& local, const TrainState& state, const std::string& recipe_yaml,
@@ -339,7 +380,7 @@ std::string save_checkpoint_sharded(const std::string& root, const WeightStream&
                          : std::string("another rank does not see the checkpoint folder rank 0 created"),
                 shared_hint);
   }
-  std::string error;
+  std::string error, hint = "check free disk space";
   if (write_shard) {  // (hybrid sharding: another replica's rank writes the same shard)
     try {
       auto mine = local.state();
@@ -347,7 +388,7 @@ std::string save_checkpoint_sharded(const std::string& root, const WeightStream&
       add_rng_state(mine);
       write_tensors(shard_file(rank).string(), mine);
     } catch (const std::exception& e) {
-      error = e.what();
+      split_hint(e, error, hint);
     }
   }
   // Every rank learns whether every shard was written (this is also the barrier before rank 0
@@ -355,8 +396,9 @@ std::string save_checkpoint_sharded(const std::string& root, const WeightStream&
   if (!all_ok(error.empty())) {
     if (dist.is_main()) fs::remove_all(tmp, ec);
     throw Error(final_dir.string(),
-                "saving checkpoint failed: " + (error.empty() ? std::string("another rank could not write its optimizer shard") : error),
-                "check free disk space");
+                "saving checkpoint failed: " +
+                    (error.empty() ? std::string("another rank could not write its optimizer shard") : error),
+                hint);
   }
   // Rank 0 checks that every shard arrived in its folder (a rank that wrote into a folder of the
   // same name elsewhere, e.g. a stale one under another working directory, reported success).
@@ -386,7 +428,7 @@ std::string save_checkpoint_sharded(const std::string& root, const WeightStream&
           if (kept(w.name)) entries.push_back({w.name, st_dtype_of(w.dtype), w.shape});
         writer = std::make_unique<safetensors::StreamWriter>((tmp / "model.safetensors").string(), std::move(entries));
       } catch (const std::exception& e) {
-        error = e.what();
+        split_hint(e, error, hint);
       }
     }
     try {  // (a failed gather, e.g. a dead peer: no temporary folder is left behind)
@@ -396,7 +438,7 @@ std::string save_checkpoint_sharded(const std::string& root, const WeightStream&
           const auto t = value.detach().to(torch::kCPU).contiguous();
           writer->add(name, t.data_ptr(), static_cast<uint64_t>(t.numel() * t.element_size()));
         } catch (const std::exception& e) {
-          error = e.what();
+          split_hint(e, error, hint);
         }
       });
     } catch (...) {
@@ -407,7 +449,7 @@ std::string save_checkpoint_sharded(const std::string& root, const WeightStream&
       try {
         writer->commit();
       } catch (const std::exception& e) {
-        error = e.what();
+        split_hint(e, error, hint);
       }
     }
     writer.reset();  // (uncommitted: its temporary file is removed)
@@ -420,20 +462,22 @@ std::string save_checkpoint_sharded(const std::string& root, const WeightStream&
       common.insert(common.end(), state.rank_rng.begin(), state.rank_rng.end());
       write_tensors((tmp / "optimizer.safetensors").string(), common);
       detail::write_file_atomic((tmp / "recipe.yaml").string(), recipe_yaml);
-      if (!tokenizer_path.empty() && fs::exists(tokenizer_path)) fs::copy_file(tokenizer_path, tmp / "tokenizer.model");
+      if (!tokenizer_path.empty() && fs::exists(tokenizer_path)) copy_synced(tokenizer_path, tmp / "tokenizer.model");
       json trainer = trainer_record(state);
       trainer["optimizer_shards"] = world;
       detail::write_file_atomic((tmp / "trainer.json").string(), trainer.dump(1) + "\n");
       move_folder_into_place(tmp.string(), final_dir.string());  // the same step again (rollback): swapped
+      detail::fsync_parent_dir(final_dir.string());              // (the rename survives a power loss)
     } catch (const std::exception& e) {
       fs::remove_all(tmp, ec);
-      error = e.what();
+      split_hint(e, error, hint);
     }
   }
   if (!all_ok(error.empty()))
-    throw Error(final_dir.string(),
-                "saving checkpoint failed: " + (error.empty() ? std::string("rank 0 could not complete the folder") : error),
-                "check free disk space");
+    throw Error(
+        final_dir.string(),
+        "saving checkpoint failed: " + (error.empty() ? std::string("rank 0 could not complete the folder") : error),
+        hint);
   return final_dir.string();
 }
 
@@ -505,9 +549,9 @@ LoraBaseRef checkpoint_lora_base(const std::string& dir) {
   if (!in) return {};
   json j;
   try {
-    j = json::parse(in);
+    j = detail::parse_json(in, path);
   } catch (const json::exception& e) {
-    throw Error(path, std::string("invalid JSON: ") + e.what());
+    throw Error(path, std::string("invalid JSON: ") + e.what(), "the checkpoint is corrupt");
   }
   return j.is_object() ? lora_base_of(j, path) : LoraBaseRef{};
 }
@@ -538,14 +582,10 @@ bool restore_rank_rng(const std::string& dir, int rank) {
   const fs::path path = fs::path(dir) / "optimizer.safetensors";
   const auto f = safetensors::File::open(path.string());
   const std::string prefix = "rng.rank" + std::to_string(rank);
-  const auto* cpu = f->find(prefix + ".cpu");
-  if (!cpu) return false;
-  at::Generator gen = at::detail::getDefaultCPUGenerator();
-  gen.set_state(copy(*f, *cpu));
-  if (const auto* cuda = f->find(prefix + ".cuda"); cuda && compat::cuda_available()) {
-    at::Generator g = at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, -1));
-    g.set_state(copy(*f, *cuda));
-  }
+  if (!f->find(prefix + ".cpu")) return false;
+  set_rng(at::detail::getDefaultCPUGenerator(), *f, prefix + ".cpu");
+  if (f->find(prefix + ".cuda") && compat::cuda_available())
+    set_rng(at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, -1)), *f, prefix + ".cuda");
   return true;
 }
 
@@ -560,9 +600,9 @@ TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& op
   if (!in) throw Error(dir, "not a libllm checkpoint (no trainer.json)", "point checkpoint.resume at a step-N folder");
   json j;
   try {
-    j = json::parse(in);
+    j = detail::parse_json(in, trainer_path);
   } catch (const json::exception& e) {
-    throw Error(trainer_path, std::string("invalid JSON: ") + e.what());
+    throw Error(trainer_path, std::string("invalid JSON: ") + e.what(), "the checkpoint is corrupt");
   }
   if (!j.is_object()) throw Error(trainer_path, "expected a JSON object", "the checkpoint is corrupt");
   for (const char* key : {"step", "data_cursor", "extra"})
@@ -570,6 +610,13 @@ TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& op
   // Every value is checked before anything is loaded.
   TrainState s;
   s.step = trainer_int(j, trainer_path, "step");
+  // (a checkpoint folder is named for its step: a record that says another was damaged or edited)
+  fs::path folder = fs::path(dir).lexically_normal();
+  if (folder.filename().empty()) folder = folder.parent_path();  // ("step-00000010/")
+  if (const int64_t named = step_of(folder.filename().string()); named >= 0 && named != s.step)
+    throw Error(trainer_path,
+                "says step " + std::to_string(s.step) + ", in the folder of step " + std::to_string(named),
+                "the checkpoint is corrupt");
   s.data_cursor = trainer_string(j, trainer_path, "data_cursor");
   s.extra = trainer_string(j, trainer_path, "extra");
   const int64_t shards = j.contains("optimizer_shards") && !j["optimizer_shards"].is_null()

@@ -25,6 +25,7 @@
 #include <tuple>
 
 #include "atomic_file.h"
+#include "jsonl.h"
 #include "libllm/config.h"
 #include "libllm/error.h"
 #include "libllm/tokenizer.h"
@@ -255,6 +256,38 @@ std::vector<std::string> list_input_files(const std::vector<std::string>& inputs
   return files;
 }
 
+// Bytes of `s` that are not part of a well-formed UTF-8 sequence (each maximal ill-formed part
+// counted once per byte; sentencepiece reads each as U+FFFD).
+int64_t invalid_utf8(std::string_view s) {
+  int64_t bad = 0;
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const size_t n = s.size();
+  for (size_t i = 0; i < n;) {
+    const unsigned char c = p[i];
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    size_t len = 0;
+    unsigned char lo = 0x80, hi = 0xBF;  // the second byte's range (RFC 3629's table)
+    if (c >= 0xC2 && c <= 0xDF)
+      len = 2;
+    else if (c >= 0xE0 && c <= 0xEF)
+      len = 3, lo = c == 0xE0 ? 0xA0 : 0x80, hi = c == 0xED ? 0x9F : 0xBF;
+    else if (c >= 0xF0 && c <= 0xF4)
+      len = 4, lo = c == 0xF0 ? 0x90 : 0x80, hi = c == 0xF4 ? 0x8F : 0xBF;
+    bool ok = len > 0 && i + len <= n && p[i + 1] >= lo && p[i + 1] <= hi;
+    for (size_t k = 2; ok && k < len; ++k) ok = p[i + k] >= 0x80 && p[i + k] <= 0xBF;
+    if (ok) {
+      i += len;
+    } else {
+      ++bad;
+      ++i;
+    }
+  }
+  return bad;
+}
+
 // Streams the documents of one input file (rules in DataPrepConfig's comments).
 class DocReader {
  public:
@@ -303,6 +336,14 @@ class DocReader {
   }
 
   int64_t bytes() const { return bytes_; }  // bytes read so far (may pass the size by one at the end)
+  // "FILE: 12 bytes are not UTF-8 (...)" when the text read so far held any; else "".
+  std::string encoding_note() const {
+    if (bad_bytes_ == 0) return "";
+    return fmt::format(
+        "{}: {} byte{} not UTF-8 (the first on line {}); the tokenizer reads each as U+FFFD (convert the file, "
+        "e.g. iconv -f latin1 -t utf-8, to keep those characters)",
+        path_, bad_bytes_, bad_bytes_ == 1 ? " is" : "s are", first_bad_line_);
+  }
 
  private:
   bool getline() {
@@ -314,10 +355,18 @@ class DocReader {
       line_.erase(0, 3);
       bytes_ += 3;
     }
+    if (lineno_ == 1 && (line_.compare(0, 2, "\xFF\xFE") == 0 || line_.compare(0, 2, "\xFE\xFF") == 0))
+      throw Error(path_, "is UTF-16 text (it starts with UTF-16's byte-order mark), not UTF-8",
+                  "convert it: iconv -f UTF-16 -t UTF-8 " + path_ + " > converted.txt");
     if (line_.find('\0') != std::string::npos)  // (text never holds one; gzip, .bin and the like do)
       throw Error(path_ + ":" + std::to_string(lineno_), "holds a NUL byte: binary (or compressed) data, not text",
                   hint_);
     bytes_ += static_cast<int64_t>(line_.size()) + 1;
+    if (!jsonl_)  // (JSON's parser refuses ill-formed UTF-8 itself)
+      if (const int64_t bad = invalid_utf8(line_); bad > 0) {
+        if (bad_bytes_ == 0) first_bad_line_ = lineno_;
+        bad_bytes_ += bad;
+      }
     return true;
   }
 
@@ -342,7 +391,7 @@ class DocReader {
   std::ifstream in_;
   std::string path_, hint_, line_;
   bool jsonl_, paragraph_, fortune_;
-  int64_t lineno_ = 0, bytes_ = 0;
+  int64_t lineno_ = 0, bytes_ = 0, bad_bytes_ = 0, first_bad_line_ = 0;
 };
 
 // Token ids of every document, in document order, whatever the thread count.
@@ -629,6 +678,7 @@ std::vector<std::string> read_documents(const std::string& path) {
   DocReader reader(path, "line", hint);
   std::vector<std::string> docs;
   for (std::string doc; reader.next(doc);) docs.push_back(std::move(doc));
+  if (const std::string note = reader.encoding_note(); !note.empty()) fmt::print(stderr, "note: {}\n", note);
   return docs;
 }
 
@@ -802,6 +852,7 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
     pending_bytes = 0;
     if (progress) progress(std::min(done_at, total_bytes), total_bytes);
   };
+  std::vector<std::string> encoding_notes;  // (ShardSetInfo::notes)
   for (const auto& file : files) {
     DocReader reader(file, cfg.txt_documents);
     std::string doc;
@@ -815,6 +866,7 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
       }
       if (pending_bytes >= batch_bytes) flush(done_bytes + reader.bytes());
     }
+    if (const std::string note = reader.encoding_note(); !note.empty()) encoding_notes.push_back(note);
     done_bytes += static_cast<int64_t>(fs::file_size(file));
   }
   flush(done_bytes);
@@ -850,6 +902,7 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
     meta["inputs"] = cfg.inputs;
     meta["txt_documents"] = cfg.txt_documents;
     detail::write_file_atomic((fs::path(o.stage) / "meta.json").string(), meta.dump(2) + "\n");
+    info.notes = encoding_notes;
     infos.push_back(info);
   }
   // Every set is whole: from here a failure must not delete the staged files (the old set may
@@ -1208,7 +1261,7 @@ void PackedDataset::restore(const std::string& text) {
       "checkpoint (finetune.base: its folder, finetune.method: full, another train.run_dir)";
   json j;
   try {
-    j = json::parse(text);
+    j = detail::parse_json(text, where);
   } catch (const json::exception& e) {
     throw Error(where, std::string("invalid JSON: ") + e.what(), "the checkpoint's data cursor is corrupt");
   }

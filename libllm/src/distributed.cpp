@@ -53,6 +53,30 @@ int env_int(std::initializer_list<const char*> names, int fallback) {
   return static_cast<int>(*x);
 }
 
+#ifdef LIBLLM_GLOO
+// The network device a Gloo group listens on, as PyTorch chooses it: GLOO_SOCKET_IFNAME's (first)
+// interface when set; the loopback for a master on this machine (127.x, localhost: one node);
+// else the address this machine's hostname resolves to (loopback if it resolves to none usable).
+// Never the master's address: on any other node that is not a local address to bind.
+std::shared_ptr<::gloo::transport::Device> gloo_device(const std::string& master) {
+  if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname) {
+    std::string first = ifname;
+    first = first.substr(0, first.find(','));
+    try {
+      return c10d::ProcessGroupGloo::createDeviceForInterface(first);
+    } catch (const std::exception& e) {
+      const std::string why = e.what();
+      throw Error("GLOO_SOCKET_IFNAME",
+                  "cannot use the network interface '" + first + "': " + why.substr(0, why.find('\n')),
+                  "name an interface of this machine (ip -brief address), or unset it");
+    }
+  }
+  if (master == "localhost" || master.rfind("127.", 0) == 0 || master == "::1")
+    return c10d::ProcessGroupGloo::createDeviceForHostname(master);
+  return c10d::ProcessGroupGloo::createDefaultDevice();
+}
+#endif
+
 }  // namespace
 
 int Distributed::launch_rank() { return env_int({"RANK", "SLURM_PROCID"}, 0); }
@@ -137,9 +161,9 @@ Distributed Distributed::from_env(double timeout_s, const std::string& backend) 
   const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
   impl->timeout = timeout;
   // (Said before the wait: a rank whose peers never come otherwise shows nothing until the timeout.)
-  fmt::print(stderr, "rank {} of {}: meeting the other ranks at {}:{}{} (waiting at most {:.0f} s)\n", d.rank_,
-             d.world_, impl->addr, impl->port, std::getenv("MASTER_PORT") ? "" : " (MASTER_PORT unset: 29500)",
-             timeout_s);
+  fmt::print(stderr, "rank {} of {}: meeting the other ranks at {}:{}{}{} (waiting at most {:.0f} s)\n", d.rank_,
+             d.world_, impl->addr, impl->port, addr ? "" : " (MASTER_ADDR unset: this machine only)",
+             std::getenv("MASTER_PORT") ? "" : " (MASTER_PORT unset: 29500)", timeout_s);
   try {
     c10d::TCPStoreOptions opts;
     opts.port = static_cast<uint16_t>(impl->port);
@@ -161,10 +185,12 @@ Distributed Distributed::from_env(double timeout_s, const std::string& backend) 
     } else {
 #ifdef LIBLLM_GLOO
       auto pg_opts = c10d::ProcessGroupGloo::Options::create(timeout);
-      pg_opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(impl->addr));
+      pg_opts->devices.push_back(gloo_device(impl->addr));
       impl->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, d.rank_, d.world_, pg_opts);
 #endif
     }
+  } catch (const Error&) {  // (GLOO_SOCKET_IFNAME's, which says what to do)
+    throw;
   } catch (const std::exception& e) {
     throw Error(fmt::format("{}:{}", impl->addr, impl->port),
                 fmt::format("rank {}/{} could not join the process group: {}", d.rank_, d.world_,
@@ -201,7 +227,7 @@ Distributed Distributed::subgroup(const std::string& name, int rank, int size) c
 #ifdef LIBLLM_GLOO
     if (backend_ == "gloo") {
       auto pg_opts = c10d::ProcessGroupGloo::Options::create(impl_->timeout);
-      pg_opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(impl->addr));
+      pg_opts->devices.push_back(gloo_device(impl->addr));
       impl->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, pg_opts);
     }
 #endif

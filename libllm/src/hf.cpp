@@ -23,6 +23,7 @@
 #include <sstream>
 
 #include "atomic_file.h"
+#include "jsonl.h"
 #include "libllm/checkpoint.h"
 #include "libllm/compat.h"
 #include "libllm/config.h"
@@ -43,7 +44,7 @@ json read_json(const std::string& path) {
   std::ifstream in(path);
   if (!in) throw Error(path, "cannot open file");
   try {
-    return json::parse(in);
+    return detail::parse_json(in, path);
   } catch (const json::exception& e) {
     throw Error(path, std::string("invalid JSON: ") + e.what());
   }
@@ -51,9 +52,9 @@ json read_json(const std::string& path) {
 
 // A JSON integer as int64 (2.5 or "2" are errors, not truncated or converted).
 int64_t integer_value(const json& v, const std::string& where) {
-  if (!v.is_number_integer()) throw Error(where, "expected an integer, got " + v.dump());
+  if (!v.is_number_integer()) throw Error(where, "expected an integer, got " + detail::shown(v));
   if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))
-    throw Error(where, "is out of range: " + v.dump());
+    throw Error(where, "is out of range: " + detail::shown(v));
   return v.get<int64_t>();
 }
 
@@ -77,7 +78,7 @@ struct ConfigReader {
   double number(const char* key, double fallback) const {
     const json* v = get(key);
     if (!v) return fallback;
-    if (!v->is_number()) throw Error(file + ": " + key, "expected a number, got " + v->dump());
+    if (!v->is_number()) throw Error(file + ": " + key, "expected a number, got " + detail::shown(*v));
     return v->get<double>();
   }
   // The same with the lower limit ModelConfig sets for the recipe key it maps to (a present key
@@ -93,20 +94,20 @@ struct ConfigReader {
     if (get(key) && !(v >= min)) {
       std::ostringstream m;
       m << min;
-      throw Error(file + ": " + key, "must be >= " + m.str() + ", got " + get(key)->dump());
+      throw Error(file + ": " + key, "must be >= " + m.str() + ", got " + detail::shown(*get(key)));
     }
     return v;
   }
   bool boolean(const char* key, bool fallback) const {
     const json* v = get(key);
     if (!v) return fallback;
-    if (!v->is_boolean()) throw Error(file + ": " + key, "expected true or false, got " + v->dump());
+    if (!v->is_boolean()) throw Error(file + ": " + key, "expected true or false, got " + detail::shown(*v));
     return v->get<bool>();
   }
   std::string string(const char* key, const std::string& fallback) const {
     const json* v = get(key);
     if (!v) return fallback;
-    if (!v->is_string()) throw Error(file + ": " + key, "expected a string, got " + v->dump());
+    if (!v->is_string()) throw Error(file + ": " + key, "expected a string, got " + detail::shown(*v));
     return v->get<std::string>();
   }
 };
@@ -140,6 +141,11 @@ struct WeightIndex {
   std::vector<int64_t> shape(const std::string& name) const {
     const Entry& e = tensors.at(name);
     return e.pt ? e.pt_info->shape : e.st_info->shape;
+  }
+  // Its stored dtype (from the header: nothing is read).
+  torch::Dtype dtype(const std::string& name) const {
+    const Entry& e = tensors.at(name);
+    return e.pt ? e.pt_info->dtype : torch_dtype_of(e.st_info->dtype);
   }
   // Done with a tensor: its mapped pages leave this process's memory.
   void release(const std::string& name) const {
@@ -315,7 +321,7 @@ HfConfig read_hf_config(const std::string& dir) {
   HfConfig out;
   const json* archs = r.get("architectures");
   if (archs && (!archs->is_array() || (!archs->empty() && !(*archs)[0].is_string())))
-    throw Error(file + ": architectures", "expected a list of class names, got " + archs->dump(),
+    throw Error(file + ": architectures", "expected a list of class names, got " + detail::shown(*archs),
                 "e.g. [\"LlamaForCausalLM\"]");
   if (archs && !archs->empty())
     out.architecture = (*archs)[0].get<std::string>();
@@ -341,7 +347,7 @@ HfConfig read_hf_config(const std::string& dir) {
           plain = plain && v.is_null();
       }
     if (!plain)
-      throw Error(where, "rope scaling is not supported, got " + scaling->dump(),
+      throw Error(where, "rope scaling is not supported, got " + detail::shown(*scaling),
                   "use a checkpoint without rope_scaling (or with {\"rope_type\": \"default\"})");
   }
   if (r.boolean("attention_bias", false)) throw Error(file + ": attention_bias", "attention biases are not supported");
@@ -349,7 +355,7 @@ HfConfig read_hf_config(const std::string& dir) {
   // Training-time regularisers libllm does not have (inference is the same without them).
   for (const char* key : {"attention_dropout", "router_jitter_noise"})
     if (const double v = r.number_at_least(key, 0, 0.0); v > 0)
-      out.ignored.push_back(std::string(key) + " " + json(v).dump());
+      out.ignored.push_back(std::string(key) + " " + detail::shown(json(v)));
   const std::string act = r.string("hidden_act", "silu");
   if (act != "silu") throw Error(file + ": hidden_act", "only 'silu' (SwiGLU) is supported, got '" + act + "'");
 
@@ -371,7 +377,7 @@ HfConfig read_hf_config(const std::string& dir) {
   // transformers >= 5 writes the RoPE settings as rope_parameters {rope_type, rope_theta}.
   if (const json* rp = r.get("rope_parameters")) {
     const std::string where = file + ": rope_parameters";
-    if (!rp->is_object()) throw Error(where, "expected an object, got " + rp->dump());
+    if (!rp->is_object()) throw Error(where, "expected an object, got " + detail::shown(*rp));
     const ConfigReader p{*rp, where};
     const std::string type = p.string("rope_type", "default");
     if (type != "default")
@@ -402,7 +408,7 @@ HfConfig read_hf_config(const std::string& dir) {
   if (eos && eos->is_array()) {
     for (const auto& e : *eos)
       if (!e.is_number_integer())
-        throw Error(file + ": eos_token_id", "expected an integer or a list of integers, got " + eos->dump());
+        throw Error(file + ": eos_token_id", "expected an integer or a list of integers, got " + detail::shown(*eos));
     if (eos->empty()) throw Error(file + ": eos_token_id", "is an empty list", "give at least one token id");
     out.eos_id = integer_value((*eos)[0], file + ": eos_token_id");
   } else {
@@ -480,6 +486,10 @@ void check_weights(const WeightIndex& idx, const ParamShapes& params, bool tied)
     if (stored != shape)
       throw Error(idx.dir + ": tensor '" + name + "'",
                   "has shape " + shape_str(stored) + " but the config implies " + shape_str(shape));
+    if (const torch::Dtype d = idx.dtype(name); !c10::isFloatingType(d))
+      throw Error(idx.dir + ": tensor '" + name + "'",
+                  std::string("is stored as ") + c10::toString(d) + ", not as floating-point weights",
+                  "the file is corrupt, or its weights are quantized (libllm reads float32, bfloat16 and float16)");
     expected.insert(name);
   }
   for (const auto& [name, entry] : idx.tensors) {
@@ -881,7 +891,7 @@ std::string read_chat_template(const std::string& dir) {
   std::ifstream in(path);
   json j;
   try {
-    j = json::parse(in);
+    j = detail::parse_json(in, path.string());
   } catch (const json::exception& e) {
     throw Error(path.string(), std::string("invalid JSON: ") + e.what());
   }
@@ -904,7 +914,12 @@ std::vector<int64_t> stop_token_ids(const std::string& dir) {
     const std::string path = (fs::path(dir) / name).string();
     std::ifstream in(path);
     if (!in) continue;
-    const json j = json::parse(in, nullptr, /*allow_exceptions=*/false);
+    json j;
+    try {
+      j = detail::parse_json(in, path);
+    } catch (const json::exception&) {
+      j = json(json::value_t::discarded);
+    }
     if (j.is_discarded() || !j.is_object())
       throw Error(path, "is not a JSON object", "fix or remove it (its eos_token_id says where generation stops)");
     if (!j.contains("eos_token_id") || j["eos_token_id"].is_null()) continue;
@@ -912,7 +927,7 @@ std::vector<int64_t> stop_token_ids(const std::string& dir) {
     const json ids = e.is_array() ? e : json::array({e});
     for (const json& id : ids)
       if (!id.is_number_integer() || id.get<int64_t>() < 0)
-        throw Error(path + ": eos_token_id", "is " + e.dump() + ", expected a token id or a list of them");
+        throw Error(path + ": eos_token_id", "is " + detail::shown(e) + ", expected a token id or a list of them");
     for (const json& id : ids)
       if (std::find(out.begin(), out.end(), id.get<int64_t>()) == out.end()) out.push_back(id.get<int64_t>());
   }
@@ -923,7 +938,11 @@ std::vector<std::pair<int64_t, std::string>> added_tokens(const std::string& dir
   std::map<int64_t, std::string> found;
   auto parse = [](const fs::path& p) {
     std::ifstream in(p);
-    return in ? json::parse(in, nullptr, /*allow_exceptions=*/false) : json();
+    try {
+      return in ? detail::parse_json(in, p.string()) : json();
+    } catch (const json::exception&) {
+      return json();
+    }
   };
   const json config = parse(fs::path(dir) / "tokenizer_config.json");
   if (config.is_object() && config.contains("added_tokens_decoder") && config["added_tokens_decoder"].is_object())

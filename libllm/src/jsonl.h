@@ -13,6 +13,35 @@
 
 namespace libllm::detail {
 
+// json::parse of a file's text (a string, a stream, or iterators) that refuses nesting deeper than
+// 64 levels with an Error naming `where`: nlohmann's dump() recurses once a level, so a value
+// nested 100,000 deep in a corrupt or hostile file would overflow the stack when an error message
+// shows it. Other syntax errors are json::parse_error, as from json::parse.
+template <class Input>
+nlohmann::json parse_json(Input&& input, const std::string& where) {
+  const auto limit = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json&) {
+    if ((event == nlohmann::json::parse_event_t::object_start || event == nlohmann::json::parse_event_t::array_start) &&
+        depth >= 64)
+      throw Error(where, "JSON nested deeper than 64 levels", "the file is corrupt");
+    return true;
+  };
+  return nlohmann::json::parse(std::forward<Input>(input), limit);
+}
+
+// A JSON value as an error message shows it: as written, cut to 80 characters, when it is a scalar
+// or an array or object of at most 8 scalars; else by type and size ("an array of 3 elements"):
+// never a whole file's worth, nor a deep recursion.
+inline std::string shown(const nlohmann::json& v) {
+  bool flat = v.size() <= 8;
+  if (v.is_structured())
+    for (const auto& e : v) flat = flat && !e.is_structured();
+  if (!flat && v.is_array()) return "an array of " + std::to_string(v.size()) + " elements";
+  if (!flat) return "an object of " + std::to_string(v.size()) + " keys";
+  std::string text = v.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  if (text.size() > 80) text = text.substr(0, 77) + "...";
+  return text;
+}
+
 // The lines of the JSONL file `path`; a line cut by a kill -9 is left out. A missing file is an
 // Error when `required`, else no lines.
 inline std::vector<nlohmann::json> read_jsonl(const std::string& path, bool required) {

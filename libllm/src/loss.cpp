@@ -20,10 +20,13 @@ struct ChunkedLoss {
   torch::Tensor grad_h, grad_w;  // d loss / d h (N, D) and d loss / d weight (V, D); undefined unless asked
 };
 
+bool reduced(const torch::Tensor& t) { return t.scalar_type() == torch::kBFloat16 || t.scalar_type() == torch::kHalf; }
+
 // The mean cross-entropy of h (N, D) @ w^T (V, D) against targets (N), `chunk` rows at a time;
-// with want_h / want_w, its gradients too. Runs without recording a graph.
+// with want_h / want_w, its gradients too; with fp32_w a reduced-precision weight's gradient is
+// summed over the chunks in fp32 (and stays fp32). Runs without recording a graph.
 ChunkedLoss chunked_loss(const torch::Tensor& h, const torch::Tensor& w, const torch::Tensor& targets,
-                         int64_t ignore_index, int64_t chunk, bool want_h, bool want_w) {
+                         int64_t ignore_index, int64_t chunk, bool want_h, bool want_w, bool fp32_w) {
   torch::NoGradGuard no_grad;
   const int64_t N = h.size(0), D = h.size(1), V = w.size(0);
   const auto cd = compat::compute_dtype(h);
@@ -39,7 +42,12 @@ ChunkedLoss chunked_loss(const torch::Tensor& h, const torch::Tensor& w, const t
   auto total = torch::zeros({}, h.options().dtype(cd));
   const bool grads = want_h || want_w;
   if (want_h) out.grad_h = torch::empty_like(h);                     // (N, D)
-  if (want_w) out.grad_w = torch::zeros_like(w);                     // (V, D), summed over the chunks
+  // fp32 sums only where there is something to sum: more than one chunk of a bf16 / fp16 weight.
+  const bool sum32 = want_w && fp32_w && reduced(w) && chunk < N;
+  if (want_w) out.grad_w = torch::zeros_like(w, sum32 ? w.options().dtype(torch::kFloat32) : w.options());  // (V, D)
+  // fp32 sums add each chunk's product (rounded once, in the weight's dtype) a block of vocabulary
+  // rows at a time, so the product's temporary is one block, not the whole (V, D).
+  const int64_t v_block = std::max<int64_t>(1, (int64_t{1} << 24) / std::max<int64_t>(D, 1));
   for (int64_t s = 0; s < N; s += chunk) {
     const int64_t n = std::min(chunk, N - s);
     auto hc = h.narrow(0, s, n);                             // (n, D)
@@ -57,9 +65,16 @@ ChunkedLoss chunked_loss(const torch::Tensor& h, const torch::Tensor& w, const t
       auto rows = out.grad_h.narrow(0, s, n);  // (n, D)
       torch::mm_out(rows, g, w);
     }
-    // In the weight's dtype, as gradient accumulation over micro batches: for bf16 each chunk's
-    // product is added in fp32 inside the GEMM and the sum rounded once per chunk.
-    if (want_w) out.grad_w.addmm_(g.t(), hc);
+    if (sum32) {
+      for (int64_t v0 = 0; v0 < V; v0 += v_block) {
+        const int64_t nv = std::min(v_block, V - v0);
+        out.grad_w.narrow(0, v0, nv).add_(torch::mm(g.narrow(1, v0, nv).t(), hc));  // (nv, D)
+      }
+    } else if (want_w) {
+      // In the weight's dtype: for bf16 each chunk's product is added in fp32 inside the GEMM and
+      // the running sum rounded once per chunk.
+      out.grad_w.addmm_(g.t(), hc);
+    }
   }
   out.loss = total / count;  // NaN when nothing counts, as torch's mean cross-entropy
   return out;
@@ -87,8 +102,8 @@ void scale_(torch::Tensor& g, const torch::Tensor& s) {
 struct LinearCrossEntropyFn : torch::autograd::Function<LinearCrossEntropyFn> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& h, const torch::Tensor& w,
                                const torch::Tensor& targets, int64_t ignore_index, int64_t chunk, bool want_h,
-                               bool want_w) {
-    auto r = chunked_loss(h, w, targets, ignore_index, chunk, want_h, want_w);
+                               bool want_w, bool fp32_w) {
+    auto r = chunked_loss(h, w, targets, ignore_index, chunk, want_h, want_w, fp32_w);
     ctx->saved_data["grad_h"] = want_h ? r.grad_h : torch::Tensor();
     ctx->saved_data["grad_w"] = want_w ? r.grad_w : torch::Tensor();
     return r.loss;
@@ -105,15 +120,17 @@ struct LinearCrossEntropyFn : torch::autograd::Function<LinearCrossEntropyFn> {
       if (g.defined()) scale_(g, grad_out[0]);  // in place: nothing else holds g now
       return g;
     };
+    // An fp32 weight gradient is scaled in fp32 and rounded to the weight's dtype once, by autograd.
     auto gh = scaled("grad_h"), gw = scaled("grad_w");
-    return {gh, gw, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    return {
+        gh, gw, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
 }  // namespace
 
 torch::Tensor linear_cross_entropy(const torch::Tensor& h, const torch::Tensor& weight, const torch::Tensor& targets,
-                                   int64_t ignore_index, int64_t chunk_rows) {
+                                   int64_t ignore_index, int64_t chunk_rows, bool fp32_weight_grad) {
   if (weight.dim() != 2 || h.size(-1) != weight.size(1))
     throw Error("linear_cross_entropy", "hidden states of width " + std::to_string(h.size(-1)) +
                                             " do not fit an LM head weight of shape " + c10::str(weight.sizes()));
@@ -124,8 +141,8 @@ torch::Tensor linear_cross_entropy(const torch::Tensor& h, const torch::Tensor& 
                                             " positions");
   const bool grad = torch::GradMode::is_enabled();
   const bool want_h = grad && h.requires_grad(), want_w = grad && weight.requires_grad();
-  if (!want_h && !want_w) return chunked_loss(h2, weight, t, ignore_index, chunk_rows, false, false).loss;
-  return LinearCrossEntropyFn::apply(h2, weight, t, ignore_index, chunk_rows, want_h, want_w);
+  if (!want_h && !want_w) return chunked_loss(h2, weight, t, ignore_index, chunk_rows, false, false, false).loss;
+  return LinearCrossEntropyFn::apply(h2, weight, t, ignore_index, chunk_rows, want_h, want_w, fp32_weight_grad);
 }
 
 }  // namespace libllm

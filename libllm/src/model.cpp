@@ -750,7 +750,7 @@ TransformerImpl::Output TransformerImpl::forward_loss(const torch::Tensor& token
   }
   auto out = finish(h, router_logits, /*project_logits=*/false, padding);
   out.loss = linear_cross_entropy(h, lm_head ? lm_head->weight : model->embed_tokens->weight, targets, -100,
-                                  loss_chunk_rows_);
+                                  loss_chunk_rows_, loss_fp32_weight_grad_);
   return out;
 }
 

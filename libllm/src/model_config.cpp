@@ -51,6 +51,8 @@ void ModelConfig::validate(const std::string& where) const {
   const double params = 2.0 * static_cast<double>(vocab_size) * D +
                         static_cast<double>(n_layers) * (2.0 * D * static_cast<double>((n_heads + kv) * hdim()) +
                                                          3.0 * E * D * static_cast<double>(ffn_dim));
+  if (n_experts <= 1 && n_layers > (1 << 17))
+    throw Error(where + ".n_layers", "is " + std::to_string(n_layers) + ", past libllm's limit of 131072 blocks");
   if (n_layers * std::max<int64_t>(n_experts, 1) > (1 << 17))  // (each expert of each block is listed)
     throw Error(where + ".n_experts",
                 "n_layers x n_experts is " + std::to_string(n_layers * n_experts) +

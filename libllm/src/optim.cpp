@@ -39,7 +39,10 @@ const torch::Tensor& state_entry(const std::map<std::string, torch::Tensor>& sta
 }
 
 int64_t state_count(const std::map<std::string, torch::Tensor>& state, const std::string& name) {
-  return state_entry(state, name, {}).item<int64_t>();
+  const torch::Tensor& t = state_entry(state, name, {});
+  const int64_t n = t.scalar_type() == torch::kInt64 ? t.item<int64_t>() : -1;
+  if (n < 0) throw Error(name, "is not a count of steps (an int64 >= 0)", "the optimizer state is corrupt");
+  return n;
 }
 
 torch::Tensor count_tensor(int64_t n) { return torch::scalar_tensor(n, torch::kInt64); }
@@ -305,6 +308,20 @@ int64_t AdamW::state_bytes() const {
     for (const torch::Tensor* t : {&s.master, &s.exp_avg, &s.exp_avg_sq})
       if (t->defined()) bytes += t->numel() * t->element_size();
   return bytes;
+}
+
+std::string AdamW::invalid_state() const {
+  torch::NoGradGuard no_grad;
+  for (const Slot& s : slots_) {
+    const std::pair<const char*, const torch::Tensor*> parts[] = {
+        {"", &s.param}, {".master", &s.master}, {".exp_avg", &s.exp_avg}, {".exp_avg_sq", &s.exp_avg_sq}};
+    for (const auto& [suffix, t] : parts)
+      if (t->defined() && t->numel() > 0 && !torch::isfinite(*t).all().item<bool>())
+        return "a NaN or an infinity in " + s.name + suffix;
+    if (s.exp_avg_sq.defined() && s.exp_avg_sq.numel() > 0 && s.exp_avg_sq.min().item<double>() < 0)
+      return "a negative second moment in " + s.name + ".exp_avg_sq";
+  }
+  return "";
 }
 
 std::vector<std::string> AdamW::decayed() const {

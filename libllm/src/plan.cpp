@@ -53,7 +53,8 @@ ModelConfig planned_model(const Recipe& recipe, bool* from_base) {
 // Compute: no weight gradients of the base, so 4 N + 12 L H Q T per token.
 // Buffers: 1 GiB of runtime (CUDA context, cuBLAS workspaces, NCCL channels), 2 gradient buckets
 // of 25 MiB, the fp32 gradient of the logits (4 bytes per vocabulary entry per token) or, fused,
-// the LM head's gradient from forward until backward (w bytes per head weight) and one chunk of
+// the LM head's gradient from forward until backward (w bytes per head weight; 4 when fp32_grads
+// sums a bf16 one over its row chunks) and one chunk of
 // max(tokens x h, 2^24) fp32 logits and their fp32 log-softmax (8 bytes per element), with bf16
 // gradients AdamW's 256 MiB chunk of them in fp32, and for ZeRO-3 / hybrid two gathered blocks (the one in
 // use and the prefetched next) in the weights' dtype, plus the root unit (embedding, final norm,
@@ -68,7 +69,8 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& cluster) {
   if (!(c.gpu_memory_gib > 0)) throw Error("--gpu-memory", "must be > 0");
   const ModelConfig m = planned_model(r);
   if (r.train.seq_len > m.max_seq_len)  // (llm-pretrain's and llm-finetune's error)
-    throw Error("train.seq_len", fmt::format("{} exceeds model.max_seq_len {}", r.train.seq_len, m.max_seq_len));
+    throw Error("train.seq_len", fmt::format("{} exceeds model.max_seq_len {}", r.train.seq_len, m.max_seq_len),
+                "lower train.seq_len (rotary positions past max_seq_len were never trained)");
   const TrainConfig& t = r.train;
   const ParamCount pc = count_parameters(m);
   const bool lora = r.finetune.method == "lora";
@@ -160,7 +162,10 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& cluster) {
   const bool fused = t.fused_loss && !lora_head;
   const double outside = w * 2 * h + (fused ? w * h : (bf16 ? 10.0 : 8.0) * V) + lora_outside;  // bytes per token
   const double chunk = std::max(tokens * h, std::pow(2.0, 24));  // elements of one chunk's logits
-  const double head_grad = lora ? 0.0 : w * V * h;                 // a frozen head has none
+  // The head's gradient: fp32 when fp32_grads sums a bf16 one over more than one chunk of rows
+  // (with a block of the vocabulary's bf16 products, 2^24 elements), else in the weights' dtype.
+  const bool head32 = bf16 && t.fp32_grads && tokens > std::ceil(chunk / V);
+  const double head_grad = lora ? 0.0 : head32 ? 4.0 * V * h + 2.0 * std::pow(2.0, 24) : w * V * h;  // frozen: none
   const double loss = fused ? head_grad + 8.0 * chunk : tokens * 4 * V;
   const double act = tokens * (L * block + outside);
   const double act_ckpt = tokens * (L * w * h + block + outside);

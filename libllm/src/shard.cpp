@@ -194,6 +194,9 @@ FullySharded::FullySharded(Transformer model, int stage, int64_t group, const Op
                 "use a divisor of WORLD_SIZE (the ranks of one node, usually)");
   shard_ = &dist;
   if (group < world) {  // hybrid: shard inside groups of consecutive ranks, replicate across them
+    // Every rank first meets every other here: a rank that failed before (a resume check, building
+    // the model) ends this collective at once, where making a group waits on the store for it.
+    dist.barrier();
     const int g = dist.rank() / static_cast<int>(group), r = dist.rank() % static_cast<int>(group);
     shard_group_ =
         std::make_unique<Distributed>(dist.subgroup("shard-" + std::to_string(g), r, static_cast<int>(group)));

@@ -11,6 +11,7 @@
 #include <sstream>
 #include <string_view>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "atomic_file.h"
 #include "libllm/config.h"
@@ -351,6 +352,7 @@ std::string Tokenizer::hf_tokenizer_json(std::string* why_not) const {
     return refuse("its file holds " + std::to_string(m.pieces.size()) + " pieces, sentencepiece reports " +
                   std::to_string(vocab_size_));
   std::unordered_map<std::string_view, int64_t> normal;  // the pieces BPE merges build
+  std::unordered_set<size_t> lengths;                    // their lengths in bytes
   for (size_t i = 0; i < m.pieces.size(); ++i) {
     const SpmModel::Piece& p = m.pieces[i];
     if (p.type == SpmModel::kUserDefined)
@@ -365,6 +367,7 @@ std::string Tokenizer::hf_tokenizer_json(std::string* why_not) const {
     if (p.type == SpmModel::kNormal) {
       if (p.text.find(' ') != std::string::npos) return refuse("piece " + std::to_string(i) + " holds a space");
       normal.emplace(p.text, static_cast<int64_t>(i));
+      lengths.insert(p.text.size());
     }
   }
 
@@ -383,6 +386,9 @@ std::string Tokenizer::hf_tokenizer_json(std::string* why_not) const {
     const size_t begin = merges.size();
     for (size_t k = 1; k < p.text.size(); ++k) {
       if ((p.text[k] & 0xC0) == 0x80) continue;  // (inside a UTF-8 character)
+      // (no piece of either length: skipped without hashing, so one very long piece costs its
+      // length, not its length squared)
+      if (!lengths.count(k) || !lengths.count(p.text.size() - k)) continue;
       const std::string_view whole(p.text), l = whole.substr(0, k), r = whole.substr(k);
       const auto li = normal.find(l), ri = normal.find(r);
       if (li != normal.end() && ri != normal.end())

@@ -65,6 +65,7 @@ void TrainConfig::fields(Fields& f) {
   f.add("fp32_grads", fp32_grads);
   f.add("sharding", sharding).one_of({"none", "zero1", "zero2", "zero3", "hybrid"});
   f.add("shard_group", shard_group).min(0);
+  f.add("dist_timeout_s", dist_timeout_s).min(1);
   f.add("seed", seed).min(0);
   f.add("threads", threads).min(0);
   f.add("log_every", log_every).min(1);
@@ -252,7 +253,7 @@ bool wants_cuda(const TrainConfig& tc) {
 json parse_extra(const std::string& extra) {
   if (extra.empty()) return json::object();
   try {
-    return json::parse(extra);
+    return detail::parse_json(extra, "extra");
   } catch (const json::exception& e) {
     throw Error("extra", std::string("invalid JSON: ") + e.what(), "the checkpoint is corrupt");
   }
@@ -260,8 +261,12 @@ json parse_extra(const std::string& extra) {
 
 struct Run {
   Run(const Recipe& r, const TrainConfig& t, const TrainHooks& h)
-      : recipe(r), tc(t), hooks(h), cuda(wants_cuda(t)),
-        dist(Distributed::from_env(300, cuda && compat::nccl_available() ? "nccl" : "gloo")), guard(r.guard) {
+      : recipe(r),
+        tc(t),
+        hooks(h),
+        cuda(wants_cuda(t)),
+        dist(Distributed::from_env(t.dist_timeout_s, cuda && compat::nccl_available() ? "nccl" : "gloo")),
+        guard(r.guard) {
     if (cuda) {
       device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(compat::cuda_device_for(dist.local_rank())));
       compat::cuda_set_device(device.index());
@@ -277,6 +282,7 @@ struct Run {
   std::string lock_run_dir() {
     std::error_code ec;
     if (fs::exists(fs::path(tc.run_dir) / "meta.json")) return "holds a shard set (meta.json), not a run";
+    if (fs::exists(fs::path(tc.run_dir) / "config.json")) return "holds a model (config.json), not a run";
     fs::create_directories(tc.run_dir, ec);
     if (ec) return "cannot create the folder: " + ec.message();
     const std::string path = (fs::path(tc.run_dir) / ".llm-run.lock").string();
@@ -448,7 +454,12 @@ struct Run {
     if (!fs::is_regular_file(fs::path(dir) / "trainer.json"))
       throw Error(dir, "not a libllm checkpoint (no trainer.json)", "point checkpoint.resume at a step-N folder");
     // Adapters only: they must belong to this run's base.
-    const LoraBaseRef ref = checkpoint_lora_base(dir);
+    LoraBaseRef ref;
+    try {
+      ref = checkpoint_lora_base(dir);
+    } catch (const Error& e) {  // (a trainer.json that does not parse)
+      throw damaged(dir, e);
+    }
     if (!ref.path.empty() && lora_base.empty())
       throw Error(dir, "holds only LoRA adapters, and this run trains every weight",
                   "resume it with finetune.method: lora, or fine-tune it as finetune.base");
@@ -458,6 +469,27 @@ struct Run {
                   "set finetune.base to the base it was trained on");
     return ref;
   }
+
+  // `e`, an error reading checkpoint `dir`, with the hint to resume the checkpoint before it (the
+  // damage may be this folder's alone), when dir is one of this run's and an earlier one exists.
+  Error damaged(const std::string& dir, const Error& e) const {
+    const fs::path from(dir);
+    std::error_code ec;
+    if (!fs::equivalent(from.parent_path(), ckpt_root, ec)) return e;
+    int64_t before = -1;  // (names are zero-padded: their order is the steps')
+    for (int64_t s : checkpoint_steps(ckpt_root))
+      if (checkpoint_name(s) < from.filename().string()) before = s;
+    if (before < 0) return e;
+    return Error(e.where(), e.problem(),
+                 e.hint() + (e.hint().empty() ? "" : "; ") + "or resume the checkpoint before it: checkpoint.resume=" +
+                     (fs::path(ckpt_root) / checkpoint_name(before)).string());
+  }
+
+  // An error resuming that an earlier checkpoint of the run would give too (this run's data or
+  // settings against the checkpoint's): no hint to resume the one before it.
+  struct Mismatch : Error {
+    using Error::Error;
+  };
 
   // Loads a checkpoint: model, optimizer, RNG, data cursor, guard state, eval history.
   TrainState load(const std::string& dir) {
@@ -473,6 +505,15 @@ struct Run {
     if (fsdp) fsdp->share_weights();
     if (sharded) sharded->share_weights();
     if (dist.rank() > 0) restore_rank_rng(dir, dist.rank());  // (a checkpoint of fewer ranks: rank 0's)
+    // A weight, fp32 master or AdamW moment that is NaN or infinite, or a negative second moment (a
+    // file damaged in place: its size and names intact) would only show as skipped steps or NaN
+    // weights, while saves prune the good checkpoints. Every rank checks its own and all agree.
+    const std::string bad = adamw().invalid_state();
+    if (dist.mean(bad.empty() ? 1.0 : 0.0) < 1.0)
+      throw Error(dir,
+                  bad.empty() ? std::string("another rank's share of the weights or optimizer state is invalid")
+                              : "holds " + bad,
+                  "the checkpoint is damaged");
     try {  // trainer.json's data cursor and extras: an error names that file
       if (chat) {
         chat->restore(st.data_cursor);
@@ -496,7 +537,11 @@ struct Run {
         guard.load_state(x["guard"].get<std::string>());
       }
     } catch (const Error& e) {
-      throw Error((fs::path(dir) / "trainer.json").string() + ": " + e.where(), e.problem(), e.hint());
+      // A cursor that does not fit this run's data or world (not a corrupt one) fits no earlier
+      // checkpoint of the run either.
+      const std::string where = (fs::path(dir) / "trainer.json").string() + ": " + e.where();
+      if (e.hint().find("corrupt") == std::string::npos) throw Mismatch(where, e.problem(), e.hint());
+      throw Error(where, e.problem(), e.hint());
     } catch (const std::exception& e) {  // (a value of the wrong JSON type)
       throw Error((fs::path(dir) / "trainer.json").string(), e.what(), "the checkpoint is corrupt");
     }
@@ -841,7 +886,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   const ModelConfig& mc = recipe.model;
   const GuardConfig& gc = recipe.guard;
   if (tc.seq_len > mc.max_seq_len)
-    throw Error("train.seq_len", fmt::format("{} exceeds model.max_seq_len {}", tc.seq_len, mc.max_seq_len));
+    throw Error("train.seq_len", fmt::format("{} exceeds model.max_seq_len {}", tc.seq_len, mc.max_seq_len),
+                "lower train.seq_len (rotary positions past max_seq_len were never trained)");
   const bool chat_data = !recipe.chat.files.empty();
   if (chat_data && !recipe.data.train.empty())
     throw Error("chat.files", "and data.train are both set", "train on chat examples or on packed documents, not both");
@@ -943,6 +989,26 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                   "give the fine-tune its own train.run_dir");
   }
   {
+    // The run writes checkpoints and logs into its folder: never inside the base model's folder or
+    // a folder of the documents (whose next llm-data would read the logs as text).
+    const fs::path run_dir = fs::weakly_canonical(tc.run_dir);
+    auto inside = [&](const std::string& folder) {
+      std::error_code ec;
+      if (!fs::is_directory(folder, ec)) return false;
+      const fs::path rel = run_dir.lexically_relative(fs::weakly_canonical(folder));
+      return !rel.empty() && *rel.begin() != "..";
+    };
+    const std::string own = "give the run a folder of its own (train.run_dir)";
+    if (base && inside(base->dir))
+      throw Error("train.run_dir", tc.run_dir + " lies in the base model's folder " + base->dir + " (finetune.base)",
+                  own);
+    for (const auto& [key, folders] :
+         {std::pair{"data_prep.inputs", &recipe.data_prep.inputs}, std::pair{"chat.files", &recipe.chat.files}})
+      for (const std::string& folder : *folders)
+        if (inside(folder))
+          throw Error("train.run_dir", tc.run_dir + " lies in the documents folder " + folder + " (" + key + ")", own);
+  }
+  {
     // One job per run folder: a second one would resume the first's checkpoints and interleave
     // their logs. And every rank on one resolved recipe (a recipe edited between launching the
     // ranks trained each rank with its own).
@@ -1011,12 +1077,17 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     throw Error("train.activation_checkpointing", "must be true with train.sharding " + tc.sharding,
                 "ZeRO-3 gathers a block's weights again for its backward, which recomputes the block");
   run.model->set_activation_checkpointing(tc.activation_checkpointing);
-  run.model->set_fused_loss(tc.fused_loss);
+  run.model->set_fused_loss(tc.fused_loss, 0, tc.fp32_grads);  // the head's gradient summed over chunks
   const ParamSummary ps = summarize_parameters(run.model);  // before sharding empties the parameters
   if (fully_sharded) {
     int64_t group = dist.world_size();
-    if (tc.sharding == "hybrid") group = tc.shard_group > 0 ? tc.shard_group : env_int("LOCAL_WORLD_SIZE", group);
-    else if (tc.shard_group > 0 && tc.shard_group != group)
+    if (tc.sharding == "hybrid" && tc.shard_group > 0) {
+      group = tc.shard_group;
+    } else if (tc.sharding == "hybrid") {  // one node: torchrun's LOCAL_WORLD_SIZE, else Slurm's tasks per node
+      const char* slurm = std::getenv("SLURM_NTASKS_PER_NODE");  // "8", or "8(x4)" for 4 nodes of 8
+      const int64_t per_node = slurm ? std::strtoll(slurm, nullptr, 10) : 0;
+      group = env_int("LOCAL_WORLD_SIZE", per_node > 0 ? per_node : group);
+    } else if (tc.shard_group > 0 && tc.shard_group != group)
       throw Error("train.shard_group", "is for train.sharding hybrid", "set train.sharding: hybrid, or remove shard_group");
     // Moves the weights to the device, sharded; a base's weights are read, not initialised first.
     run.fsdp = std::make_unique<FullySharded>(run.model, tc.sharding == "zero2" ? 2 : 3, group, recipe.optim, dist,
@@ -1209,17 +1280,10 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     }
     try {
       state = run.load(resume_from);
+    } catch (const Run::Mismatch& e) {
+      throw Error(e.where(), e.problem(), e.hint());
     } catch (const Error& e) {  // (a damaged checkpoint: the one before it may be whole)
-      const fs::path from(resume_from);
-      std::error_code ec;
-      if (!fs::equivalent(from.parent_path(), run.ckpt_root, ec)) throw;
-      int64_t before = -1;  // (names are zero-padded: their order is the steps')
-      for (int64_t s : checkpoint_steps(run.ckpt_root))
-        if (checkpoint_name(s) < from.filename().string()) before = s;
-      if (before < 0) throw;
-      throw Error(e.where(), e.problem(),
-                  e.hint() + (e.hint().empty() ? "" : "; ") + "or resume the checkpoint before it: checkpoint.resume=" +
-                      (fs::path(run.ckpt_root) / checkpoint_name(before)).string());
+      throw run.damaged(resume_from, e);
     }
     if (main_rank) fmt::print("resumed from {} (step {})\n", resume_from, state.step);
     if (main_rank && !run.history.empty()) fmt::print("{}", heldout_note);

@@ -342,6 +342,24 @@ TEST_CASE("write_shards: paragraph and line documents of .txt/.md", "[data]") {
   CHECK(all_tokens(ShardSet::open(tmp / "fortune-set")) == expected_stream({"first", "third\nline"}));
 }
 
+TEST_CASE("write_shards: bytes that are not UTF-8 are counted in a note naming the file and line", "[data]") {
+  Scratch tmp;
+  // Well-formed: 2-, 3- and 4-byte characters. Ill-formed: Latin-1 'é' (E9), an overlong '/'
+  // (C0 AF: 2 bytes), a UTF-16 surrogate (ED A0 80: 3 bytes), a cut 3-byte character at the end.
+  write_text(tmp / "ok.txt", "caf\xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80\n");
+  write_text(tmp / "latin1.txt", "fine\ncaf\xE9\n\xC0\xAF \xED\xA0\x80 \xE2\x82\n");
+  DataPrepConfig cfg;
+  cfg.inputs = {tmp / "ok.txt"};
+  cfg.output = tmp / "a";
+  CHECK(write_shards(cfg, tokenizer()).notes.empty());
+  cfg.inputs = {tmp / "ok.txt", tmp / "latin1.txt"};
+  cfg.output = tmp / "b";
+  const auto notes = write_shards(cfg, tokenizer()).notes;
+  REQUIRE(notes.size() == 1);
+  CHECK_THAT(notes[0], Catch::StartsWith(tmp / "latin1.txt" + ": 8 bytes are not UTF-8 (the first on line 2)") &&
+                           Catch::Contains("iconv"));
+}
+
 TEST_CASE("sample_lines: a seeded uniform sample of every input's lines, in corpus order", "[data]") {
   Scratch tmp;
   std::string a, b;
@@ -390,6 +408,10 @@ TEST_CASE("write_shards: bad inputs and config are errors naming the file or key
   cfg.inputs = {tmp / "packed.txt"};
   CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }),
              Catch::Contains("packed.txt:2: holds a NUL byte") && Catch::Contains("check data_prep.inputs"));
+  write_text(tmp / "utf16.txt", "\xFF\xFEh\0i\0\n\0");  // (Windows Notepad's "Unicode")
+  cfg.inputs = {tmp / "utf16.txt"};
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }),
+             Catch::Contains("utf16.txt: is UTF-16 text") && Catch::Contains("iconv -f UTF-16 -t UTF-8"));
   write_text(tmp / "blank.txt", "\n  \n");
   cfg.inputs = {tmp / "blank.txt"};
   CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("no documents"));

@@ -32,7 +32,8 @@ void copy_with_weights(const std::string& name, const std::string& dst,
   std::vector<torch::Tensor> keep;
   for (auto& [n, t] : w) {
     keep.push_back(t.contiguous());
-    views.push_back({n, safetensors::DType::F32, t.sizes().vec(), keep.back().data_ptr()});
+    const auto dtype = t.scalar_type() == torch::kInt32 ? safetensors::DType::I32 : safetensors::DType::F32;
+    views.push_back({n, dtype, t.sizes().vec(), keep.back().data_ptr()});
   }
   safetensors::write(dst + "/model.safetensors", views);
 }
@@ -383,6 +384,16 @@ TEST_CASE("bad checkpoints give one clear error naming the file and tensor", "[i
   copy_with_weights("tiny-llama", tmp / "shape", [](auto& w) { w["model.norm.weight"] = torch::ones({63}); });
   CHECK_THAT(error_of([&] { load_pretrained(tmp / "shape"); }),
              Catch::Contains("tensor 'model.norm.weight'") && Catch::Contains("has shape [63]"));
+  copy_with_weights("tiny-llama", tmp / "ints",
+                    [](auto& w) { w["model.norm.weight"] = w["model.norm.weight"].to(torch::kInt32); });
+  CHECK_THAT(
+      error_of([&] { load_pretrained(tmp / "ints"); }),
+      Catch::Contains("tensor 'model.norm.weight'") && Catch::Contains("is stored as Int, not as floating-point"));
+  // Nested past 64 levels: refused, not a stack overflow when an error message shows the value.
+  CHECK_THAT(config_error("{\"deep\": " + std::string(100000, '[') + std::string(100000, ']') + ", " + ok.substr(1)),
+             Catch::Contains("JSON nested deeper than 64 levels"));
+  CHECK_THAT(edited("hidden_size", nlohmann::json::array({1, 2, 3, 4, 5, 6, 7, 8, 9})),
+             Catch::Contains("hidden_size: expected an integer, got an array of 9 elements"));
   copy_with_weights("tiny-llama", tmp / "extra", [](auto& w) { w["model.layers.2.mlp.up_proj.weight"] = torch::ones({2}); });
   CHECK_THAT(error_of([&] { load_pretrained(tmp / "extra"); }), Catch::Contains("is not a parameter of this model"));
   copy_with_weights("tiny-llama", tmp / "stale", [](auto& w) { w["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch::ones({8}); });

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <csignal>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 
@@ -915,6 +916,19 @@ TEST_CASE("one job per run folder, every rank on one recipe, never a shard set's
   // A shard set's folder is no run folder.
   CHECK_THAT(test::error_of([&] { pretrain(tiny_recipe(shards, shards, {"train.steps=1"})); }),
              Catch::Contains("holds a shard set (meta.json), not a run"));
+  // Nor a model's folder, nor one inside the documents the recipe prepares (their next llm-data
+  // would read the run's logs as text).
+  fs::create_directories(tmp / "model");
+  test::write_file(tmp / "model/config.json", "{}");
+  CHECK_THAT(test::error_of([&] { pretrain(tiny_recipe(shards, tmp / "model", {"train.steps=1"})); }),
+             Catch::Contains("holds a model (config.json), not a run"));
+  fs::create_directories(tmp / "docs");
+  CHECK_THAT(
+      test::error_of([&] {
+        pretrain(tiny_recipe(shards, tmp / "docs/run", {"train.steps=1", "data_prep.inputs=[" + tmp / "docs" + "]"}));
+      }),
+      Catch::Contains("lies in the documents folder " + tmp / "docs" + " (data_prep.inputs)"));
+  CHECK_FALSE(fs::exists(tmp / "docs/run"));
   // Two ranks launched with different LRs (a recipe edited in between): both refuse.
   CHECK(test::run_ranks("[.recipe_mismatch_worker]", 2, {"LIBLLM_TEST_ROOT=" + tmp.path.string()}) ==
         std::vector<int>{0, 0});
@@ -928,6 +942,77 @@ TEST_CASE("recipe mismatch: one of two ranks", "[.recipe_mismatch_worker]") {
     pretrain(tiny_recipe(root + "/shards", root + "/two", {"train.steps=1", second ? "optim.lr=0.5" : "optim.lr=0.1"}));
   });
   CHECK_THAT(e, Catch::Contains("recipe: 1 of the 2 ranks resolved another recipe than rank 0"));
+}
+
+namespace {
+
+// Writes `value` over the first element of F32 tensor `name` in the safetensors file at `path`,
+// in place (a file damaged without changing its size or names).
+void poke_f32(const std::string& path, const std::string& name, float value) {
+  uint64_t header = 0, begin = 0;
+  {
+    const auto f = safetensors::File::open(path);
+    const auto& t = f->at(name);
+    REQUIRE(t.dtype == safetensors::DType::F32);
+    begin = t.begin;
+  }
+  std::fstream io(path, std::ios::in | std::ios::out | std::ios::binary);
+  io.read(reinterpret_cast<char*>(&header), 8);
+  io.seekp(static_cast<std::streamoff>(8 + header + begin));
+  io.write(reinterpret_cast<const char*>(&value), sizeof value);
+}
+
+}  // namespace
+
+TEST_CASE("a checkpoint damaged in place is refused, and a data mismatch gets no hint of the one before", "[train]") {
+  test::TempDir tmp;
+  const std::string shards = make_shards(tmp);
+  pretrain(tiny_recipe(shards, tmp / "r", {"train.steps=6", "checkpoint.every=3"}));
+  const fs::path newest = tmp / "r/checkpoints/step-00000006", keep = tmp / "keep";
+  fs::copy(newest, keep);
+  const std::string before =
+      "or resume the checkpoint before it: checkpoint.resume=" + tmp / "r/checkpoints/step-00000003";
+  auto resume_error = [&](const std::vector<std::string>& extra = {}) {
+    std::vector<std::string> set = {"train.steps=9", "checkpoint.every=3"};
+    set.insert(set.end(), extra.begin(), extra.end());
+    return test::error_of([&] { pretrain(tiny_recipe(shards, tmp / "r", set)); });
+  };
+  auto restore = [&] {
+    fs::remove_all(newest);
+    fs::copy(keep, newest);
+  };
+  // A NaN weight (fp32 run: the weights are AdamW's parameters).
+  poke_f32(newest / "model.safetensors", "model.norm.weight", std::nanf(""));
+  std::string e = resume_error();
+  CHECK_THAT(e, Catch::Contains("step-00000006: holds a NaN or an infinity in model.norm.weight") &&
+                    Catch::Contains("the checkpoint is damaged") && Catch::Contains(before));
+  restore();
+  // A negative second moment.
+  poke_f32(newest / "optimizer.safetensors", "model.norm.weight.exp_avg_sq", -1.0f);
+  e = resume_error();
+  CHECK_THAT(
+      e, Catch::Contains("holds a negative second moment in model.norm.weight.exp_avg_sq") && Catch::Contains(before));
+  restore();
+  // A record of another step than its folder's.
+  {
+    auto j = nlohmann::json::parse(read_file(newest / "trainer.json"));
+    j["step"] = 4;
+    std::ofstream(newest / "trainer.json") << j.dump();
+  }
+  CHECK_THAT(resume_error(),
+             Catch::Contains("trainer.json: says step 4, in the folder of step 6") && Catch::Contains(before));
+  restore();
+  // trainer.json cut short: read before the model is built, with the same hint.
+  fs::resize_file(newest / "trainer.json", 20);
+  CHECK_THAT(resume_error(), Catch::Contains("invalid JSON") && Catch::Contains(before));
+  restore();
+  // Another data order than the run's: the checkpoint before it has the same, so no such hint.
+  e = resume_error({"data.seed=8"});
+  CHECK_THAT(e, Catch::Contains("data.seed"));
+  CHECK_THAT(e, !Catch::Contains("resume the checkpoint before it"));
+  // Whole again: the run continues.
+  pretrain(tiny_recipe(shards, tmp / "r", {"train.steps=9", "checkpoint.every=3"}));
+  CHECK(fs::exists(tmp / "r/checkpoints/step-00000009"));
 }
 
 TEST_CASE("a damaged newest checkpoint names the one before it", "[train]") {

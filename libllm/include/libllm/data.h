@@ -89,6 +89,9 @@ struct ShardSetInfo {
   int64_t bos_id = -1;  // the token that starts every document; -1 = none (or a set made before it was recorded)
   std::string tokenizer_sha256;  // SHA-256 (hex) of the tokenizer.model file bytes
   std::string tokenizer_path;    // the tokenizer file the set was made with (absolute, as it was then)
+  // write_shards only (not stored): a note a line about the inputs ("X: 12 bytes are not UTF-8 ..."),
+  // for the caller to print.
+  std::vector<std::string> notes;
 };
 
 // Tokenizes every input document in order (inputs in listed order, folder contents sorted) into

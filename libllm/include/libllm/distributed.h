@@ -35,7 +35,7 @@ class Distributed {
   // process group (as torchrun --nproc_per_node 1 does). backend: "gloo" (CPU tensors) or
   // "nccl" (CUDA tensors on cuda:LOCAL_RANK; needs a LibTorch with CUDA and libllm built with
   // NCCL); scalars and host tensors passed to the collectives are staged through the device.
-  static Distributed from_env(double timeout_s = 300, const std::string& backend = "gloo");
+  static Distributed from_env(double timeout_s = 1800, const std::string& backend = "gloo");
   // This process's rank as the launcher's environment gives it (RANK, SLURM_PROCID; 0 without
   // one), before from_env: for messages that one process of a job should print.
   static int launch_rank();

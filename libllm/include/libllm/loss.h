@@ -19,13 +19,15 @@ torch::Tensor cross_entropy(const torch::Tensor& logits, const torch::Tensor& ta
 // softmax kept for backward and its gradient. The arithmetic is the unfused path's: the product in
 // h's dtype (h is cast to the weight's, as Linear does), the softmax in fp32, its gradient cast
 // back for the two products; the weight's gradient is summed over the chunks in its own dtype
-// (for bf16: one rounding per chunk, as gradient accumulation over micro batches). Backward
-// scales the kept gradients in fp32 (for bf16 one more rounding than the plain path, and no
-// bias). Memory besides one chunk's fp32 logits and log-softmax: the gradients of h
-// and weight, in their dtypes, from forward until backward. With no target counted the loss is NaN
-// (as cross_entropy) and the gradients are zero. Backward runs once (no retain_graph).
-torch::Tensor linear_cross_entropy(const torch::Tensor& h, const torch::Tensor& weight,
-                                   const torch::Tensor& targets, int64_t ignore_index = -100,
-                                   int64_t chunk_rows = 0);
+// (for bf16: one rounding per chunk, as gradient accumulation over micro batches) or, with
+// fp32_weight_grad and a bf16 / fp16 weight in more than one chunk, in fp32 (each chunk's product
+// rounded once, the sum never; autograd rounds it to the weight's dtype once, after backward's
+// scaling). Backward scales the kept gradients in fp32 (for bf16 one more rounding than the plain
+// path, and no bias). Memory besides one chunk's fp32 logits and log-softmax: the gradients of h
+// and weight, in their dtypes (fp32 sums: the weight's in fp32), from forward until backward. With
+// no target counted the loss is NaN (as cross_entropy) and the gradients are zero. Backward runs
+// once (no retain_graph).
+torch::Tensor linear_cross_entropy(const torch::Tensor& h, const torch::Tensor& weight, const torch::Tensor& targets,
+                                   int64_t ignore_index = -100, int64_t chunk_rows = 0, bool fp32_weight_grad = false);
 
 }  // namespace libllm

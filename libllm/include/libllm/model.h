@@ -291,11 +291,13 @@ class TransformerImpl : public torch::nn::Module {
   // each document the logits it has alone; they differ in speed and memory.
   void set_packed_attention(PackedAttention how) { packed_attention_ = how; }
   BlockHooks* block_hooks() const { return hooks_; }
-  // forward_loss's LM head: fused with the cross-entropy (no logits held) or plain; chunk_rows as
-  // linear_cross_entropy's (0 = automatic).
-  void set_fused_loss(bool on, int64_t chunk_rows = 0) {
+  // forward_loss's LM head: fused with the cross-entropy (no logits held) or plain; chunk_rows and
+  // fp32_weight_grad as linear_cross_entropy's (0 = automatic; the head's bf16 gradient summed
+  // over the row chunks in fp32).
+  void set_fused_loss(bool on, int64_t chunk_rows = 0, bool fp32_weight_grad = false) {
     fused_loss_ = on;
     loss_chunk_rows_ = chunk_rows;
+    loss_fp32_weight_grad_ = fp32_weight_grad;
   }
 
   Decoder model{nullptr};
@@ -313,6 +315,7 @@ class TransformerImpl : public torch::nn::Module {
   PackedAttention packed_attention_ = PackedAttention::kAuto;
   bool fused_loss_ = true;
   int64_t loss_chunk_rows_ = 0;
+  bool loss_fp32_weight_grad_ = false;
 };
 TORCH_MODULE(Transformer);
 

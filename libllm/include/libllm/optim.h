@@ -107,6 +107,11 @@ class AdamW {
   std::vector<std::string> decayed() const;
   // Bytes of the state this optimizer holds (moments and fp32 masters).
   int64_t state_bytes() const;
+  // What is wrong with the first parameter, fp32 master or moment holding a NaN or an infinity,
+  // or a second moment holding a negative value, named as state() names it: "a NaN or an
+  // infinity in <param>.exp_avg"; "" when all is well. One reduction and host sync per tensor:
+  // for checking a loaded checkpoint, not every step.
+  std::string invalid_state() const;
 
  private:
   struct Slot {

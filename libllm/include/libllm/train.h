@@ -40,13 +40,20 @@ struct TrainConfig {                 // recipe section `train`
   // never (Megatron-LM's accumulate_allreduce_grads_in_fp32, torchtitan's fp32 reduce); 2 bytes a
   // trainable parameter more (ZeRO-2/3: of its shard). false: summed in bf16, as autograd does by
   // itself, which loses about 5 bits of every micro batch's share. No effect with fp32 weights, or
-  // with one micro batch a step on one process (nothing is summed).
+  // with one micro batch a step on one process (nothing is summed). The fused loss's LM head
+  // gradient, summed over its row chunks, is summed in fp32 too (2 bytes a head weight more from
+  // the loss's forward to its backward).
   bool fp32_grads = true;
   std::string sharding = "none";     // none (replicated data parallel) | zero1 (AdamW state divided over the ranks) |
                                      // zero2 (also the gradients) | zero3 (also the weights; needs activation_checkpointing) |
                                      // hybrid (zero3 inside groups of shard_group ranks, replicated across them); libllm/shard.h
   int64_t shard_group = 0;           // hybrid: ranks per shard group (a divisor of the world size); 0 = the launcher's
-                                     // LOCAL_WORLD_SIZE (one node), else the whole world
+                            // LOCAL_WORLD_SIZE (one node), else Slurm's SLURM_NTASKS_PER_NODE, else the whole world
+  // Seconds a rank waits for the others, at the start (every rank joining) and in each collective
+  // (a checkpoint that rank 0 writes alone, a slow peer), before the job ends with an error naming
+  // the wait. Default 1800, PyTorch's; a 7B model's replicated checkpoint on network storage can
+  // take minutes.
+  double dist_timeout_s = 1800;
   int64_t seed = 0;                  // seed of the weight initialisation and of sampling
   int64_t threads = 0;               // LibTorch intra-op CPU threads; 0 = automatic (compat::set_default_num_threads)
   int64_t log_every =
