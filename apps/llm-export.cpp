@@ -107,25 +107,6 @@ int main(int argc, char** argv) {
     }
     const int64_t shard_mb = args.get_int("--max-shard-mb");
     if (shard_mb < 1) throw Error("--max-shard-mb", "must be >= 1");
-    if (args.has("--adapter")) {
-      if (pre.format != "libllm") base = dir;
-      if (std::filesystem::is_directory(base)) {
-        const Pretrained b = inspect_pretrained(base);
-        if (b.has_lora)
-          throw Error("--adapter", "the base " + base + " is itself a LoRA fine-tune, merged before this adapter was trained",
-                      "export the merged model (--out) and use that");
-        if (b.format != "hf")
-          fmt::print("note: the adapter's base_model_name_or_path {} is a libllm folder; peft needs it in Hugging Face "
-                     "form: llm-export --checkpoint {} --out DIR\n", base, base);
-      }
-      export_peft_adapter(pre, args.get("--adapter"), base);
-      std::string targets;
-      for (const auto& t : pre.lora.targets) targets += (targets.empty() ? "" : ",") + t;
-      fmt::print("wrote PEFT adapter {} (r={}, alpha={}, targets {})\n", args.get("--adapter"), pre.lora.rank,
-                 pre.lora.alpha, targets);
-      fmt::print("note: the adapter folder holds no tokenizer or chat template: serve it with the base's tokenizer{}\n",
-                 args.has("--out") ? " and the chat template in " + args.get("--out") + "/tokenizer_config.json" : "");
-    }
     // The chat template that serving tools (transformers' apply_chat_template) should use: the one
     // the checkpoint was fine-tuned with, else the one its base or source folder came with.
     std::string ours, system, chat_template, template_from;  // ours: a libllm template name
@@ -190,6 +171,28 @@ int main(int argc, char** argv) {
       if (p.format != "libllm") break;
       const fs::path recipe = fs::path(b) / "recipe.yaml";
       b = !p.base.empty() ? p.base : fs::exists(recipe) ? Recipe::load(recipe.string()).finetune.base : "";
+    }
+    if (args.has("--adapter")) {
+      if (pre.format != "libllm") base = dir;
+      if (std::filesystem::is_directory(base)) {
+        const Pretrained b = inspect_pretrained(base);
+        if (b.has_lora)
+          throw Error("--adapter",
+                      "the base " + base + " is itself a LoRA fine-tune, merged before this adapter was trained",
+                      "export the merged model (--out) and use that");
+        if (b.format != "hf")
+          fmt::print(
+              "note: the adapter's base_model_name_or_path {} is a libllm folder; peft needs it in Hugging Face "
+              "form: llm-export --checkpoint {} --out DIR\n",
+              base, base);
+      }
+      export_peft_adapter(pre, args.get("--adapter"), base, &opts);  // (with the tokenizer files, if any)
+      std::string targets;
+      for (const auto& t : pre.lora.targets) targets += (targets.empty() ? "" : ",") + t;
+      fmt::print("wrote PEFT adapter {} (r={}, alpha={}, targets {})\n", args.get("--adapter"), pre.lora.rank,
+                 pre.lora.alpha, targets);
+      if (opts.tokenizer_path.empty())
+        fmt::print("note: the adapter folder holds no tokenizer: serve it with its base's\n");
     }
     export_hf(pre, args.get("--out"), opts);  // one weight at a time: the model is never in memory whole
     fmt::print("wrote {} ({}, {}{}{})\n", args.get("--out"), pre.config.hf_architecture(), opts.dtype,

@@ -125,7 +125,8 @@ std::vector<std::pair<std::string, torch::Tensor>> merged_weights(Transformer& m
 }
 
 void export_peft_adapter(Transformer& model, const LoraConfig& cfg, const std::string& dir,
-                         const std::string& base_model_name_or_path) {
+                         const std::string& base_model_name_or_path,
+                         const std::function<void(const std::string&)>& more_files) {
   std::vector<std::pair<std::string, torch::Tensor>> tensors;
   std::set<std::string> targets;
   for (auto& [name, lin] : linears(model)) {
@@ -162,6 +163,7 @@ void export_peft_adapter(Transformer& model, const LoraConfig& cfg, const std::s
     // (rank_pattern, alpha_pattern, use_rslora and use_dora are left at their defaults by leaving
     // them out: PEFT before 0.6 / 0.7 / 0.9 refuses a config key it does not know.)
     detail::write_file_atomic((tmp / "adapter_config.json").string(), c.dump(2) + "\n");
+    if (more_files) more_files(tmp_dir);
   });
 }
 

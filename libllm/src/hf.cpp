@@ -175,8 +175,9 @@ void read_index(const fs::path& index, const std::string& dir,
   for (auto& [name, file] : j["weight_map"].items()) {
     if (!file.is_string()) throw Error(index.string() + ": weight_map." + name, "expected a file name");
     const std::string fname = file.get<std::string>();
-    if (fname.find('/') != std::string::npos || fname.find("..") != std::string::npos)
-      throw Error(index.string() + ": weight_map." + name, "file name '" + fname + "' leaves the folder");
+    if (fname.empty() || fname == "." || fname.find('/') != std::string::npos || fname.find("..") != std::string::npos)
+      throw Error(index.string() + ": weight_map." + name, "file name '" + fname + "' is no file of the folder",
+                  "the index is corrupt");
     const fs::path p = fs::path(dir) / fname;
     if (!add_from_shard(p, name))
       throw Error(p.string() + ": tensor '" + name + "'", "listed in the index but not in the shard");
@@ -596,7 +597,8 @@ std::string not_replaceable(const fs::path& dir, FolderKind kind) {
   static const std::set<std::string> hf_files = {
       "config.json",     "generation_config.json", "model.safetensors", "model.safetensors.index.json",
       "tokenizer.model", "tokenizer_config.json",  "tokenizer.json",    "special_tokens_map.json"};
-  static const std::set<std::string> peft_files = {"adapter_config.json", "adapter_model.safetensors"};
+  static const std::set<std::string> peft_files = {"adapter_config.json", "adapter_model.safetensors",
+                                                   "tokenizer.model", "tokenizer_config.json", "tokenizer.json"};
   const std::string not_ours = std::string("is not empty and not an earlier ") + kind_name(kind);
   std::set<std::string> names;
   for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
@@ -753,6 +755,42 @@ void write_folder_atomically(const std::string& dir, FolderKind kind,
 
 namespace {
 
+// The tokenizer files of an export (or of a PEFT adapter folder) in folder `tmp`: tokenizer.model,
+// tokenizer.json where it can be written, and tokenizer_config.json with the chat template.
+void write_tokenizer_files(const fs::path& tmp, int64_t max_seq_len, const ExportOptions& opts) {
+  std::error_code ec;
+  const Tokenizer tok = Tokenizer::load(opts.tokenizer_path);
+  fs::copy_file(opts.tokenizer_path, tmp / "tokenizer.model", ec);
+  if (ec) throw Error(opts.tokenizer_path, "cannot copy tokenizer: " + ec.message());
+  // tokenizer.json too: what fast tokenizers and servers (TGI's router) load without sentencepiece.
+  std::string why_not;
+  const std::string fast = tok.hf_tokenizer_json(&why_not);
+  if (!fast.empty())
+    detail::write_file_atomic((tmp / "tokenizer.json").string(), fast);
+  else
+    fmt::print(stderr, "note: no tokenizer.json for {}: {}; transformers converts tokenizer.model itself\n",
+               opts.tokenizer_path, why_not);
+  // LlamaTokenizer in legacy mode: Tokenizer::encode_with_specials tokenizes as it does.
+  json tc = {{"tokenizer_class", "LlamaTokenizer"},
+             {"add_bos_token", true},
+             {"add_eos_token", false},
+             {"model_max_length", max_seq_len},
+             {"legacy", true}};
+  // The pieces of the exported ids (a chat model's end-of-turn eos), so that a server that
+  // stops at tokenizer.eos_token stops where config.json says; tokenizer.model's own where
+  // the id is not one of its pieces.
+  auto piece_of = [&](int64_t id, int64_t fallback) -> std::optional<std::string> {
+    if (id >= 0 && id < tok.vocab_size()) return tok.piece(id);
+    if (fallback >= 0) return tok.piece(fallback);
+    return std::nullopt;
+  };
+  if (auto bos = piece_of(opts.bos_id, tok.bos_id())) tc["bos_token"] = *bos;
+  if (auto eos = piece_of(opts.eos_id, tok.eos_id())) tc["eos_token"] = *eos;
+  if (tok.unk_id() >= 0) tc["unk_token"] = tok.piece(tok.unk_id());
+  if (!opts.chat_template.empty()) tc["chat_template"] = opts.chat_template;
+  detail::write_file_atomic((tmp / "tokenizer_config.json").string(), tc.dump(2) + "\n");
+}
+
 // export_hf's work; `checked`: the weights come converted to the export dtype and checked for
 // non-finite values already (a folder chain's, which knows their source values).
 void write_hf_folder(const ModelConfig& config, const std::vector<LazyWeight>& weights, const std::string& dir,
@@ -831,38 +869,7 @@ void write_hf_folder(const ModelConfig& config, const std::vector<LazyWeight>& w
     for (int64_t id : opts.stop_ids) add(id);
     gen["eos_token_id"] = stops.size() == 1 ? json(stops[0]) : json(stops);
     detail::write_file_atomic((tmp / "generation_config.json").string(), gen.dump(2) + "\n");
-    if (!opts.tokenizer_path.empty()) {
-      const Tokenizer tok = Tokenizer::load(opts.tokenizer_path);
-      fs::copy_file(opts.tokenizer_path, tmp / "tokenizer.model", ec);
-      if (ec) throw Error(opts.tokenizer_path, "cannot copy tokenizer: " + ec.message());
-      // tokenizer.json too: what fast tokenizers and servers (TGI's router) load without sentencepiece.
-      std::string why_not;
-      const std::string fast = tok.hf_tokenizer_json(&why_not);
-      if (!fast.empty())
-        detail::write_file_atomic((tmp / "tokenizer.json").string(), fast);
-      else
-        fmt::print(stderr, "note: no tokenizer.json for {}: {}; transformers converts tokenizer.model itself\n",
-                   opts.tokenizer_path, why_not);
-      // LlamaTokenizer in legacy mode: Tokenizer::encode_with_specials tokenizes as it does.
-      json tc = {{"tokenizer_class", "LlamaTokenizer"},
-                 {"add_bos_token", true},
-                 {"add_eos_token", false},
-                 {"model_max_length", config.max_seq_len},
-                 {"legacy", true}};
-      // The pieces of the exported ids (a chat model's end-of-turn eos), so that a server that
-      // stops at tokenizer.eos_token stops where config.json says; tokenizer.model's own where
-      // the id is not one of its pieces.
-      auto piece_of = [&](int64_t id, int64_t fallback) -> std::optional<std::string> {
-        if (id >= 0 && id < tok.vocab_size()) return tok.piece(id);
-        if (fallback >= 0) return tok.piece(fallback);
-        return std::nullopt;
-      };
-      if (auto bos = piece_of(opts.bos_id, tok.bos_id())) tc["bos_token"] = *bos;
-      if (auto eos = piece_of(opts.eos_id, tok.eos_id())) tc["eos_token"] = *eos;
-      if (tok.unk_id() >= 0) tc["unk_token"] = tok.piece(tok.unk_id());
-      if (!opts.chat_template.empty()) tc["chat_template"] = opts.chat_template;
-      detail::write_file_atomic((tmp / "tokenizer_config.json").string(), tc.dump(2) + "\n");
-    }
+    if (!opts.tokenizer_path.empty()) write_tokenizer_files(tmp, config.max_seq_len, opts);
   });
 }
 
@@ -1278,12 +1285,16 @@ void for_each_merged_weight(const Pretrained& info, torch::Dtype dtype,
   }
 }
 
-void export_peft_adapter(const Pretrained& info, const std::string& dir, const std::string& base_model_name_or_path) {
+void export_peft_adapter(const Pretrained& info, const std::string& dir, const std::string& base_model_name_or_path,
+                         const ExportOptions* tokenizer) {
   if (!info.has_lora)
     throw Error(info.dir, "is not a LoRA fine-tuning checkpoint: it has no adapters to export",
                 "export the merged model instead");
   Transformer m = FolderChain(info).adapters();
-  export_peft_adapter(m, info.lora, dir, base_model_name_or_path);
+  std::function<void(const std::string&)> more;
+  if (tokenizer && !tokenizer->tokenizer_path.empty())
+    more = [&](const std::string& tmp) { write_tokenizer_files(tmp, info.config.max_seq_len, *tokenizer); };
+  export_peft_adapter(m, info.lora, dir, base_model_name_or_path, more);
 }
 
 }  // namespace libllm

@@ -4,6 +4,7 @@
 
 #include <caffe2/serialize/inline_container.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cstring>
 #include <deque>
@@ -462,6 +463,8 @@ struct File::Impl {
   const uint8_t* base = nullptr;
   size_t size = 0;
   std::string prefix;                     // "<archive>/", the folder every record is in
+  uint64_t central = 0;                   // offset of the central directory: every record ends before it
+  std::vector<uint64_t> locals;           // every record's local header offset, ascending
   std::map<std::string, Record> records;  // by name, without the prefix
   std::vector<TensorInfo> tensors;
   std::map<std::string, size_t> index;
@@ -509,6 +512,7 @@ struct File::Impl {
       dir = rd(z + 48, 8);
     }
     const uint8_t* p = at(dir, dir_size, "the central directory");
+    central = dir;
     std::set<std::string> names;
     const uint8_t* end = p + dir_size;
     if (count > dir_size / 46)
@@ -552,8 +556,10 @@ struct File::Impl {
       for (char& ch : folded) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
       if (!names.insert(folded).second) corrupt("record " + name + " appears twice");
       if (name.compare(0, prefix.size(), prefix) == 0) records.emplace(name.substr(prefix.size()), r);
+      locals.push_back(r.local);
       p += 46 + n + m + k;
     }
+    std::sort(locals.begin(), locals.end());
   }
 
   const Record* find(const std::string& name) const {
@@ -570,7 +576,17 @@ struct File::Impl {
     const uint8_t* h = at(r.local, 30, "its record " + name + "'s local header", where);
     if (rd(h, 4) != 0x04034b50)
       throw Error(where, "its record " + name + " has a bad local header", "the file is corrupt or truncated");
-    return at(r.local + 30 + rd(h + 26, 2) + rd(h + 28, 2), r.size, "its record " + name, where);
+    // The local header must name the record the central directory names, and the bytes must end
+    // before the next record (or the central directory): a damaged header would otherwise move
+    // the read elsewhere.
+    const uint64_t n = rd(h + 26, 2), begin = r.local + 30 + n + rd(h + 28, 2);
+    const auto next_it = std::upper_bound(locals.begin(), locals.end(), r.local);
+    const uint64_t next = next_it == locals.end() ? central : std::min(*next_it, central);
+    const std::string full = prefix + name;
+    const uint8_t* local_name = at(r.local + 30, n, "its record " + name + "'s local header", where);
+    if (n != full.size() || std::memcmp(local_name, full.data(), n) != 0 || begin > next || r.size > next - begin)
+      throw Error(where, "its record " + name + " has a damaged local header", "the file is corrupt");
+    return at(begin, r.size, "its record " + name, where);
   }
   // A small record's bytes (data.pkl, byteorder), at most `cap`: a deflated one is inflated by
   // LibTorch's zip reader once its declared size is known to fit.

@@ -114,7 +114,12 @@ echo '{"temperature": 0.6, "top_p": 0.9, "eos_token_id": 2}' > "$base/generation
 python3 -c 'import json, sys; g = json.load(open(sys.argv[1])); assert g["temperature"] == 0.6 and g["top_p"] == 0.9, g' \
   "$work/merged/generation_config.json" || fail "the base's generation settings were not kept"
 for f in merged/config.json merged/model.safetensors merged/tokenizer.model adapter/adapter_model.safetensors \
-         adapter/adapter_config.json; do [ -s "$work/$f" ] || fail "missing $f"; done
+         adapter/adapter_config.json adapter/tokenizer.model adapter/tokenizer_config.json; do
+  [ -s "$work/$f" ] || fail "missing $f"
+done
+# The adapter folder carries the tokenizer files the merged export has, its chat template included.
+cmp -s "$work/merged/tokenizer_config.json" "$work/adapter/tokenizer_config.json" ||
+  fail "the adapter's tokenizer_config.json differs from the merged export's"
 grep -q '"peft_type": "LORA"' "$work/adapter/adapter_config.json" || fail "adapter_config.json"
 # The chat template it was fine-tuned with goes with the export (what transformers' apply_chat_template uses).
 grep -q '"chat_template": "{{ bos_token }}.*<|im_start|>' "$work/merged/tokenizer_config.json" ||

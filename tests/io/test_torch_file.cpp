@@ -138,6 +138,17 @@ TEST_CASE("torch.save zips: zip64 directories, misaligned and compressed records
   auto damaged = torchfile::File::open(tmp / "damaged.bin");
   CHECK_THAT(error_of([&] { damaged->read(*damaged->find("f32")); }),
              Catch::Contains("damaged.bin: tensor 'f32'") && Catch::Contains("has a bad local header"));
+  // Its extra-field length grown (the signature intact): the bytes would start 64 KiB later, past
+  // the record's end; and its name changed: both refused, not read from elsewhere.
+  for (const size_t at : {local - 30 + 28, local}) {
+    std::string bad = test::read_file(fixture("torch-bin/odd.bin"));
+    bad[at] = at == local ? 'X' : '\xff';
+    bad[at + 1] = at == local ? bad[at + 1] : '\xff';
+    test::write_file(tmp / "moved-data.bin", bad);
+    auto f = torchfile::File::open(tmp / "moved-data.bin");
+    CHECK_THAT(error_of([&] { f->read(*f->find("f32")); }),
+               Catch::Contains("moved-data.bin: tensor 'f32'") && Catch::Contains("has a damaged local header"));
+  }
   // A zip cut short inside its central directory, and one whose directory points past its end.
   const std::string zip64 = test::read_file(fixture("torch-bin/zip64.bin"));
   test::write_file(tmp / "cut.bin", zip64.substr(0, zip64.size() - 30));

@@ -75,7 +75,10 @@ std::vector<std::pair<std::string, torch::Tensor>> merged_weights(Transformer& m
 // (peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, lora_dropout, target_modules, ...).
 // Built under a temporary name and renamed when complete; an existing `dir` is replaced only when
 // it is empty or an earlier adapter folder (write_folder_atomically). A model without adapters is an Error.
+// `more_files` (optional) writes more files into the folder under construction (its path given):
+// the tokenizer files an adapter is served with.
 void export_peft_adapter(Transformer& model, const LoraConfig& cfg, const std::string& dir,
-                         const std::string& base_model_name_or_path);
+                         const std::string& base_model_name_or_path,
+                         const std::function<void(const std::string&)>& more_files = {});
 
 }  // namespace libllm

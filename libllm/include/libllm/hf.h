@@ -59,7 +59,7 @@ const std::map<std::string, std::string>& export_metadata();
 // What write_folder_atomically writes, and so the only kind of folder it replaces.
 enum class FolderKind {
   hf_model,      // export_hf: config.json, model*.safetensors (+ index), generation_config.json, tokenizer files
-  peft_adapter,  // export_peft_adapter: adapter_config.json, adapter_model.safetensors
+  peft_adapter,  // export_peft_adapter: adapter_config.json, adapter_model.safetensors (tokenizer files)
 };
 // Builds a folder under a temporary name beside `dir` (fill() writes into it), then swaps it into
 // place (an atomic exchange where the filesystem has one); an existing `dir` is removed only after
@@ -179,8 +179,12 @@ void for_each_merged_weight(
     const std::function<void(const std::string&, const torch::Tensor&)>& store,
     const std::function<RowRange(const std::string&, const std::vector<int64_t>&)>& rows = nullptr);
 // export_peft_adapter for LoRA checkpoint folder `info`, reading only its adapters (the chain of
-// bases is checked, not read). A folder without adapters is an Error naming it.
-void export_peft_adapter(const Pretrained& info, const std::string& dir, const std::string& base_model_name_or_path);
+// bases is checked, not read). A folder without adapters is an Error naming it. With `tokenizer`
+// (its tokenizer_path set), the folder also gets the tokenizer files an export writes
+// (tokenizer.model, tokenizer.json, tokenizer_config.json with its chat_template), as a
+// fine-tune's tokenizer saved beside its adapter: what PEFT and vLLM users load it with.
+void export_peft_adapter(const Pretrained& info, const std::string& dir, const std::string& base_model_name_or_path,
+                         const ExportOptions* tokenizer = nullptr);
 
 // safetensors <-> torch element types (st_dtype_of throws for types safetensors cannot hold).
 torch::Dtype torch_dtype_of(safetensors::DType d);
