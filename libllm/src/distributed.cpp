@@ -54,26 +54,34 @@ int env_int(std::initializer_list<const char*> names, int fallback) {
 }
 
 #ifdef LIBLLM_GLOO
-// The network device a Gloo group listens on, as PyTorch chooses it: GLOO_SOCKET_IFNAME's (first)
-// interface when set; the loopback for a master on this machine (127.x, localhost: one node);
-// else the address this machine's hostname resolves to (loopback if it resolves to none usable).
-// Never the master's address: on any other node that is not a local address to bind.
-std::shared_ptr<::gloo::transport::Device> gloo_device(const std::string& master) {
-  if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname) {
-    std::string first = ifname;
-    first = first.substr(0, first.find(','));
-    try {
-      return c10d::ProcessGroupGloo::createDeviceForInterface(first);
-    } catch (const std::exception& e) {
-      const std::string why = e.what();
-      throw Error("GLOO_SOCKET_IFNAME",
-                  "cannot use the network interface '" + first + "': " + why.substr(0, why.find('\n')),
-                  "name an interface of this machine (ip -brief address), or unset it");
+// The network devices a Gloo group listens on, as PyTorch chooses them: one per interface that
+// GLOO_SOCKET_IFNAME lists (comma-separated) when set; the loopback for a master on this machine
+// (127.x, localhost: one node); else the address this machine's hostname resolves to (loopback if
+// it resolves to none usable). Never the master's address: on another node that is no local address.
+std::vector<std::shared_ptr<::gloo::transport::Device>> gloo_devices(const std::string& master) {
+  std::vector<std::shared_ptr<::gloo::transport::Device>> out;
+  if (const char* ifnames = std::getenv("GLOO_SOCKET_IFNAME"); ifnames && *ifnames) {
+    std::string rest = ifnames;
+    while (!rest.empty()) {
+      const std::string name = rest.substr(0, rest.find(','));
+      rest = rest.find(',') == std::string::npos ? "" : rest.substr(rest.find(',') + 1);
+      if (name.empty()) continue;
+      try {
+        out.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(name));
+      } catch (const std::exception& e) {
+        const std::string why = e.what();
+        throw Error("GLOO_SOCKET_IFNAME",
+                    "cannot use the network interface '" + name + "': " + why.substr(0, why.find('\n')),
+                    "name interfaces of this machine (ip -brief address), or unset it");
+      }
     }
+    if (!out.empty()) return out;
   }
   if (master == "localhost" || master.rfind("127.", 0) == 0 || master == "::1")
-    return c10d::ProcessGroupGloo::createDeviceForHostname(master);
-  return c10d::ProcessGroupGloo::createDefaultDevice();
+    out.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(master));
+  else
+    out.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+  return out;
 }
 #endif
 
@@ -185,7 +193,7 @@ Distributed Distributed::from_env(double timeout_s, const std::string& backend) 
     } else {
 #ifdef LIBLLM_GLOO
       auto pg_opts = c10d::ProcessGroupGloo::Options::create(timeout);
-      pg_opts->devices.push_back(gloo_device(impl->addr));
+      pg_opts->devices = gloo_devices(impl->addr);
       impl->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, d.rank_, d.world_, pg_opts);
 #endif
     }
@@ -227,7 +235,7 @@ Distributed Distributed::subgroup(const std::string& name, int rank, int size) c
 #ifdef LIBLLM_GLOO
     if (backend_ == "gloo") {
       auto pg_opts = c10d::ProcessGroupGloo::Options::create(impl_->timeout);
-      pg_opts->devices.push_back(gloo_device(impl->addr));
+      pg_opts->devices = gloo_devices(impl->addr);
       impl->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, pg_opts);
     }
 #endif

@@ -54,7 +54,8 @@ ModelConfig planned_model(const Recipe& recipe, bool* from_base) {
 // Buffers: 1 GiB of runtime (CUDA context, cuBLAS workspaces, NCCL channels), 2 gradient buckets
 // of 25 MiB, the fp32 gradient of the logits (4 bytes per vocabulary entry per token) or, fused,
 // the LM head's gradient from forward until backward (w bytes per head weight; 4 when fp32_grads
-// sums a bf16 one over its row chunks) and one chunk of
+// sums a bf16 one over its row chunks, with 2 more while autograd casts it at backward's start,
+// when the chunk buffers are gone) and one chunk of
 // max(tokens x h, 2^24) fp32 logits and their fp32 log-softmax (8 bytes per element), with bf16
 // gradients AdamW's 256 MiB chunk of them in fp32, and for ZeRO-3 / hybrid two gathered blocks (the one in
 // use and the prefetched next) in the weights' dtype, plus the root unit (embedding, final norm,
@@ -164,9 +165,13 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& cluster) {
   const double chunk = std::max(tokens * h, std::pow(2.0, 24));  // elements of one chunk's logits
   // The head's gradient: fp32 when fp32_grads sums a bf16 one over more than one chunk of rows
   // (with a block of the vocabulary's bf16 products, 2^24 elements), else in the weights' dtype.
-  const bool head32 = bf16 && t.fp32_grads && tokens > std::ceil(chunk / V);
-  const double head_grad = lora ? 0.0 : head32 ? 4.0 * V * h + 2.0 * std::pow(2.0, 24) : w * V * h;  // frozen: none
-  const double loss = fused ? head_grad + 8.0 * chunk : tokens * 4 * V;
+  // Summed in fp32 it is handed to autograd in fp32 and cast to bf16 there: both for a moment
+  // (6 bytes a head weight) at the start of backward, when the forward's chunk buffers are gone.
+  const bool head32 = bf16 && t.fp32_grads && !lora && tokens > std::ceil(chunk / V);
+  const double head_grad = lora ? 0.0 : w * V * h;  // a frozen head has none
+  const double loss = !fused   ? tokens * 4 * V
+                      : head32 ? std::max(4.0 * V * h + 2.0 * std::pow(2.0, 24) + 8.0 * chunk, 6.0 * V * h)
+                               : head_grad + 8.0 * chunk;
   const double act = tokens * (L * block + outside);
   const double act_ckpt = tokens * (L * w * h + block + outside);
   // AdamW's fp32 chunk of bf16 gradients (LoRA's adapters are fp32, and fp32_grads' too: none).

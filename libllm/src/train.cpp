@@ -65,7 +65,7 @@ void TrainConfig::fields(Fields& f) {
   f.add("fp32_grads", fp32_grads);
   f.add("sharding", sharding).one_of({"none", "zero1", "zero2", "zero3", "hybrid"});
   f.add("shard_group", shard_group).min(0);
-  f.add("dist_timeout_s", dist_timeout_s).min(1);
+  f.add("dist_timeout_s", dist_timeout_s).min(1).max(7 * 86400);
   f.add("seed", seed).min(0);
   f.add("threads", threads).min(0);
   f.add("log_every", log_every).min(1);
@@ -481,12 +481,12 @@ struct Run {
       if (checkpoint_name(s) < from.filename().string()) before = s;
     if (before < 0) return e;
     return Error(e.where(), e.problem(),
-                 e.hint() + (e.hint().empty() ? "" : "; ") + "or resume the checkpoint before it: checkpoint.resume=" +
+                 e.hint() + (e.hint().empty() ? "" : "; or ") + "resume the checkpoint before it: checkpoint.resume=" +
                      (fs::path(ckpt_root) / checkpoint_name(before)).string());
   }
 
   // An error resuming that an earlier checkpoint of the run would give too (this run's data or
-  // settings against the checkpoint's): no hint to resume the one before it.
+  // settings against the checkpoint's, another rank's failure): no hint to resume the one before it.
   struct Mismatch : Error {
     using Error::Error;
   };
@@ -509,7 +509,13 @@ struct Run {
     // file damaged in place: its size and names intact) would only show as skipped steps or NaN
     // weights, while saves prune the good checkpoints. Every rank checks its own and all agree.
     const std::string bad = adamw().invalid_state();
-    if (dist.mean(bad.empty() ? 1.0 : 0.0) < 1.0)
+    double all_valid = 0;
+    try {
+      all_valid = dist.mean(bad.empty() ? 1.0 : 0.0);
+    } catch (const Error& e) {  // (a peer that failed to load: its own error says why)
+      throw Mismatch(e.where(), e.problem(), e.hint());
+    }
+    if (all_valid < 1.0)
       throw Error(dir,
                   bad.empty() ? std::string("another rank's share of the weights or optimizer state is invalid")
                               : "holds " + bad,
@@ -537,10 +543,11 @@ struct Run {
         guard.load_state(x["guard"].get<std::string>());
       }
     } catch (const Error& e) {
-      // A cursor that does not fit this run's data or world (not a corrupt one) fits no earlier
-      // checkpoint of the run either.
+      // A cursor that does not fit this run's data or world (its hint says what to change; a
+      // corrupt one's says so, or says nothing) fits no earlier checkpoint of the run either.
       const std::string where = (fs::path(dir) / "trainer.json").string() + ": " + e.where();
-      if (e.hint().find("corrupt") == std::string::npos) throw Mismatch(where, e.problem(), e.hint());
+      if (!e.hint().empty() && e.hint().find("corrupt") == std::string::npos)
+        throw Mismatch(where, e.problem(), e.hint());
       throw Error(where, e.problem(), e.hint());
     } catch (const std::exception& e) {  // (a value of the wrong JSON type)
       throw Error((fs::path(dir) / "trainer.json").string(), e.what(), "the checkpoint is corrupt");
@@ -1084,9 +1091,13 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     if (tc.sharding == "hybrid" && tc.shard_group > 0) {
       group = tc.shard_group;
     } else if (tc.sharding == "hybrid") {  // one node: torchrun's LOCAL_WORLD_SIZE, else Slurm's tasks per node
-      const char* slurm = std::getenv("SLURM_NTASKS_PER_NODE");  // "8", or "8(x4)" for 4 nodes of 8
-      const int64_t per_node = slurm ? std::strtoll(slurm, nullptr, 10) : 0;
-      group = env_int("LOCAL_WORLD_SIZE", per_node > 0 ? per_node : group);
+      // (Slurm's only when Slurm made the world: ranks started with WORLD_SIZE inside an
+      // allocation are not its tasks. "8" or "8(x4)", 4 nodes of 8; a mix of sizes is no group.)
+      const char* slurm = std::getenv("WORLD_SIZE") ? nullptr : std::getenv("SLURM_NTASKS_PER_NODE");
+      char* rest = nullptr;
+      const int64_t per_node = slurm ? std::strtoll(slurm, &rest, 10) : 0;
+      const bool uniform = rest && (*rest == '\0' || (*rest == '(' && !std::strchr(rest, ',')));
+      group = env_int("LOCAL_WORLD_SIZE", per_node > 0 && uniform ? per_node : group);
     } else if (tc.shard_group > 0 && tc.shard_group != group)
       throw Error("train.shard_group", "is for train.sharding hybrid", "set train.sharding: hybrid, or remove shard_group");
     // Moves the weights to the device, sharded; a base's weights are read, not initialised first.

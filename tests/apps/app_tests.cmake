@@ -28,7 +28,7 @@ expect_output(apps.plan.llama-65b "total +65,285,660,672"
 expect_output(apps.plan.k2-65b "total +65,286,184,960"
               ${_bin}/llm-plan ${_src}/recipes/k2-65b.yaml)
 # (2040 sequences do not divide among 480 ranks: said, with GPU counts they divide among)
-expect_output(apps.plan.k2-65b-cluster "is not a multiple of 1 seq x 2048 tokens x 480 GPUs = 983040: llm-pretrain refuses.*GPU counts it divides among: 408 or 510.*fits: zero3 with activation checkpointing \\(24.1 of 80 GiB per GPU\\).*147,456 tokens/s.*111.1 days"
+expect_output(apps.plan.k2-65b-cluster "is not a multiple of 1 seq x 2048 tokens x 480 GPUs = 983040: llm-pretrain refuses.*GPU counts it divides among: 408 or 510.*fits: zero3 with activation checkpointing \\(24.5 of 80 GiB per GPU\\).*147,456 tokens/s.*111.1 days"
               ${_bin}/llm-plan ${_src}/recipes/k2-65b.yaml --gpus 480 --gpu-memory 80GiB --mfu 0.4)
 # A LoRA fine-tune of a 7B base on one 24 GiB card (the base folder is absent: the recipe's model).
 expect_output(apps.plan.amber-7b-lora "model: the recipe's model section \\(finetune.base models/Amber is not here\\).*39,976,960 adapter parameters train.*fits: none with activation checkpointing \\(18.1 of 24 GiB per GPU\\)"

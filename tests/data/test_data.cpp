@@ -408,7 +408,7 @@ TEST_CASE("write_shards: bad inputs and config are errors naming the file or key
   cfg.inputs = {tmp / "packed.txt"};
   CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }),
              Catch::Contains("packed.txt:2: holds a NUL byte") && Catch::Contains("check data_prep.inputs"));
-  write_text(tmp / "utf16.txt", "\xFF\xFEh\0i\0\n\0");  // (Windows Notepad's "Unicode")
+  write_text(tmp / "utf16.txt", std::string("\xFF\xFEh\0i\0\n\0", 8));  // (Windows Notepad's "Unicode": NULs too)
   cfg.inputs = {tmp / "utf16.txt"};
   CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }),
              Catch::Contains("utf16.txt: is UTF-16 text") && Catch::Contains("iconv -f UTF-16 -t UTF-8"));

@@ -47,12 +47,13 @@ struct TrainConfig {                 // recipe section `train`
   std::string sharding = "none";     // none (replicated data parallel) | zero1 (AdamW state divided over the ranks) |
                                      // zero2 (also the gradients) | zero3 (also the weights; needs activation_checkpointing) |
                                      // hybrid (zero3 inside groups of shard_group ranks, replicated across them); libllm/shard.h
-  int64_t shard_group = 0;           // hybrid: ranks per shard group (a divisor of the world size); 0 = the launcher's
-                            // LOCAL_WORLD_SIZE (one node), else Slurm's SLURM_NTASKS_PER_NODE, else the whole world
+  int64_t shard_group =
+      0;  // hybrid: ranks per shard group (a divisor of the world size); 0 = the launcher's
+          // LOCAL_WORLD_SIZE (one node), else Slurm's SLURM_NTASKS_PER_NODE (srun-started ranks), else the whole world
   // Seconds a rank waits for the others, at the start (every rank joining) and in each collective
   // (a checkpoint that rank 0 writes alone, a slow peer), before the job ends with an error naming
-  // the wait. Default 1800, PyTorch's; a 7B model's replicated checkpoint on network storage can
-  // take minutes.
+  // the wait. Default 1800, PyTorch's (at most 7 days); a 7B model's replicated checkpoint on
+  // network storage can take minutes.
   double dist_timeout_s = 1800;
   int64_t seed = 0;                  // seed of the weight initialisation and of sampling
   int64_t threads = 0;               // LibTorch intra-op CPU threads; 0 = automatic (compat::set_default_num_threads)
