@@ -33,23 +33,26 @@ static const char* config_yaml(const std::string& name) {
 
 int main(int argc, char** argv) {
   return cli::run("train-bench", [&] {
-    cli::Args args(argc, argv,
-                   "train-bench [--config tiny|100m|1b] [--device cpu|cuda] [--dtype fp32|bf16] [--micro-batch N] "
-                   "[--steps N] [--warmup N] [--peak-tflops X] [--checkpointing] [--seq-len N] [--packed L] "
-                   "[--packed-attention auto|bias|segments] [--plain-loss]",
-                   {{"--config", "model shape", true, "tiny"},
-                    {"--device", "cpu or cuda", true, "cpu"},
-                    {"--dtype", "fp32 or bf16", true, "fp32"},
-                    {"--micro-batch", "sequences per step (0 = the configuration's)", true, "0"},
-                    {"--steps", "timed optimizer steps", true, "20"},
-                    {"--warmup", "untimed steps first", true, "3"},
-                    {"--peak-tflops", "device peak for MFU (0 = skip)", true, "0"},
-                    {"--checkpointing", "recompute each block in backward", false, ""},
-                    {"--seq-len", "positions per row (0 = the configuration's)", true, "0"},
-                    {"--packed", "rows packed with documents of 1..2L-1 tokens (forward_packed; 0 = one sequence a row)", true, "0"},
-                    {"--packed-attention", "auto, bias or segments (Transformer::set_packed_attention)", true, "auto"},
-                    {"--plain-loss", "project all logits, then the cross-entropy (not train.fused_loss)", false, ""}},
-                   0);
+    cli::Args args(
+        argc, argv,
+        "train-bench [--config tiny|100m|1b] [--device cpu|cuda] [--dtype fp32|bf16] [--micro-batch N] "
+        "[--steps N] [--warmup N] [--peak-tflops X] [--checkpointing] [--seq-len N] [--packed L] "
+        "[--packed-attention auto|bias|segments] [--plain-loss] [--fp32-head-grad]",
+        {{"--config", "model shape", true, "tiny"},
+         {"--device", "cpu or cuda", true, "cpu"},
+         {"--dtype", "fp32 or bf16", true, "fp32"},
+         {"--micro-batch", "sequences per step (0 = the configuration's)", true, "0"},
+         {"--steps", "timed optimizer steps", true, "20"},
+         {"--warmup", "untimed steps first", true, "3"},
+         {"--peak-tflops", "device peak for MFU (0 = skip)", true, "0"},
+         {"--checkpointing", "recompute each block in backward", false, ""},
+         {"--seq-len", "positions per row (0 = the configuration's)", true, "0"},
+         {"--packed", "rows packed with documents of 1..2L-1 tokens (forward_packed; 0 = one sequence a row)", true,
+          "0"},
+         {"--packed-attention", "auto, bias or segments (Transformer::set_packed_attention)", true, "auto"},
+         {"--plain-loss", "project all logits, then the cross-entropy (not train.fused_loss)", false, ""},
+         {"--fp32-head-grad", "the fused loss sums a bf16 LM head's gradient in fp32 (train.fp32_grads)", false, ""}},
+        0);
     if (args.help()) return fmt::print("{}", args.usage()), 0;
     Recipe r = Recipe::parse(config_yaml(args.get("--config")), args.get("--config"));
     if (args.get_int("--seq-len") > 0) r.train.seq_len = args.get_int("--seq-len");
@@ -58,7 +61,8 @@ int main(int argc, char** argv) {
     const int64_t T = r.train.seq_len, steps = args.get_int("--steps"), warmup = args.get_int("--warmup");
     const int64_t packed = args.get_int("--packed");
     const std::string how = args.get("--packed-attention");
-    if (how != "auto" && how != "bias" && how != "segments") throw Error("--packed-attention", "expected auto, bias or segments");
+    if (how != "auto" && how != "bias" && how != "segments")
+      throw Error("--packed-attention", "expected auto, bias or segments");
     const bool cuda = args.get("--device") == "cuda";
     if (!cuda && args.get("--device") != "cpu") throw Error("--device", "expected cpu or cuda");
     if (cuda && !compat::cuda_available()) throw Error("--device", "no usable CUDA device in this LibTorch");
@@ -81,7 +85,7 @@ int main(int argc, char** argv) {
                at::get_num_threads());
     model->to(device, dtype);
     model->set_activation_checkpointing(args.has("--checkpointing"));
-    model->set_fused_loss(!args.has("--plain-loss"));
+    model->set_fused_loss(!args.has("--plain-loss"), 0, args.has("--fp32-head-grad"));
     model->set_packed_attention(how == "bias" ? PackedAttention::kBias
                                 : how == "segments" ? PackedAttention::kSegments : PackedAttention::kAuto);
     // Packed rows: documents of 1..2L-1 tokens (uniform, mean L) until the row is full.
@@ -155,16 +159,18 @@ int main(int argc, char** argv) {
     const double peak = std::stod(args.get("--peak-tflops"));
     rusage ru{};
     getrusage(RUSAGE_SELF, &ru);
-    fmt::print("{{\"impl\": \"{}\", \"config\": \"{}\", \"device\": \"{}\", \"dtype\": \"{}\", \"micro_batch\": {}, "
-               "\"params\": {}, \"tokens_per_s\": {:.1f}, \"mfu\": {:.4f}, \"peak_rss_mib\": {:.1f}, "
-               "\"gpu_peak_gib\": {:.2f}, \"threads\": {}, \"forward_ms\": {:.1f}, \"backward_ms\": {:.1f}, \"optimizer_ms\": {:.1f}, "
-               "\"seq_len\": {}, \"packed_documents\": {}, \"packed_attention\": \"{}\", \"fused_loss\": {}}}\n",
-               args.has("--plain-loss") ? "libllm-plain-loss" : "libllm", args.get("--config"), args.get("--device"),
-               args.get("--dtype"), B, pc.total, tok_s,
-               peak > 0 ? tok_s * flops / (peak * 1e12) : 0.0, ru.ru_maxrss / 1024.0,
-               cuda ? compat::cuda_peak_allocated_bytes(0) / double(1 << 30) : 0.0, at::get_num_threads(), split_ms[0],
-               split_ms[1], split_ms[2], T, n_documents, packed == 0 ? "none" : how,
-               args.has("--plain-loss") ? "false" : "true");
+    fmt::print(
+        "{{\"impl\": \"{}\", \"config\": \"{}\", \"device\": \"{}\", \"dtype\": \"{}\", \"micro_batch\": {}, "
+        "\"params\": {}, \"tokens_per_s\": {:.1f}, \"mfu\": {:.4f}, \"peak_rss_mib\": {:.1f}, "
+        "\"gpu_peak_gib\": {:.2f}, \"threads\": {}, \"forward_ms\": {:.1f}, \"backward_ms\": {:.1f}, \"optimizer_ms\": "
+        "{:.1f}, "
+        "\"seq_len\": {}, \"packed_documents\": {}, \"packed_attention\": \"{}\", \"fused_loss\": {}, "
+        "\"fp32_head_grad\": {}}}\n",
+        args.has("--plain-loss") ? "libllm-plain-loss" : "libllm", args.get("--config"), args.get("--device"),
+        args.get("--dtype"), B, pc.total, tok_s, peak > 0 ? tok_s * flops / (peak * 1e12) : 0.0, ru.ru_maxrss / 1024.0,
+        cuda ? compat::cuda_peak_allocated_bytes(0) / double(1 << 30) : 0.0, at::get_num_threads(), split_ms[0],
+        split_ms[1], split_ms[2], T, n_documents, packed == 0 ? "none" : how,
+        args.has("--plain-loss") ? "false" : "true", args.has("--fp32-head-grad") ? "true" : "false");
     return 0;
   });
 }
