@@ -107,6 +107,7 @@ int main(int argc, char** argv) {
     }
     const int64_t shard_mb = args.get_int("--max-shard-mb");
     if (shard_mb < 1) throw Error("--max-shard-mb", "must be >= 1");
+    dtype_from_name(args.get("--dtype"), "--dtype");  // (before any folder is written)
     // The chat template that serving tools (transformers' apply_chat_template) should use: the one
     // the checkpoint was fine-tuned with, else the one its base or source folder came with.
     std::string ours, system, chat_template, template_from;  // ours: a libllm template name
@@ -172,6 +173,10 @@ int main(int argc, char** argv) {
       const fs::path recipe = fs::path(b) / "recipe.yaml";
       b = !p.base.empty() ? p.base : fs::exists(recipe) ? Recipe::load(recipe.string()).finetune.base : "";
     }
+    export_hf(pre, args.get("--out"), opts);  // one weight at a time: the model is never in memory whole
+    fmt::print("wrote {} ({}, {}{}{})\n", args.get("--out"), pre.config.hf_architecture(), opts.dtype,
+               pre.has_lora ? ", LoRA merged" : "", chat_template.empty() ? "" : ", " + template_from);
+    // (after the merged export: a failure there, a non-finite weight say, leaves the adapter folder as it was)
     if (args.has("--adapter")) {
       if (pre.format != "libllm") base = dir;
       if (std::filesystem::is_directory(base)) {
@@ -194,9 +199,6 @@ int main(int argc, char** argv) {
       if (opts.tokenizer_path.empty())
         fmt::print("note: the adapter folder holds no tokenizer: serve it with its base's\n");
     }
-    export_hf(pre, args.get("--out"), opts);  // one weight at a time: the model is never in memory whole
-    fmt::print("wrote {} ({}, {}{}{})\n", args.get("--out"), pre.config.hf_architecture(), opts.dtype,
-               pre.has_lora ? ", LoRA merged" : "", chat_template.empty() ? "" : ", " + template_from);
     return 0;
   });
 }

@@ -757,7 +757,7 @@ namespace {
 
 // The tokenizer files of an export (or of a PEFT adapter folder) in folder `tmp`: tokenizer.model,
 // tokenizer.json where it can be written, and tokenizer_config.json with the chat template.
-void write_tokenizer_files(const fs::path& tmp, int64_t max_seq_len, const ExportOptions& opts) {
+void write_tokenizer_files(const fs::path& tmp, int64_t max_seq_len, const ExportOptions& opts, bool quiet = false) {
   std::error_code ec;
   const Tokenizer tok = Tokenizer::load(opts.tokenizer_path);
   fs::copy_file(opts.tokenizer_path, tmp / "tokenizer.model", ec);
@@ -767,7 +767,7 @@ void write_tokenizer_files(const fs::path& tmp, int64_t max_seq_len, const Expor
   const std::string fast = tok.hf_tokenizer_json(&why_not);
   if (!fast.empty())
     detail::write_file_atomic((tmp / "tokenizer.json").string(), fast);
-  else
+  else if (!quiet)
     fmt::print(stderr, "note: no tokenizer.json for {}: {}; transformers converts tokenizer.model itself\n",
                opts.tokenizer_path, why_not);
   // LlamaTokenizer in legacy mode: Tokenizer::encode_with_specials tokenizes as it does.
@@ -1293,7 +1293,9 @@ void export_peft_adapter(const Pretrained& info, const std::string& dir, const s
   Transformer m = FolderChain(info).adapters();
   std::function<void(const std::string&)> more;
   if (tokenizer && !tokenizer->tokenizer_path.empty())
-    more = [&](const std::string& tmp) { write_tokenizer_files(tmp, info.config.max_seq_len, *tokenizer); };
+    more = [&](const std::string& tmp) {  // (quiet: the merged export notes a missing tokenizer.json)
+      write_tokenizer_files(tmp, info.config.max_seq_len, *tokenizer, /*quiet=*/true);
+    };
   export_peft_adapter(m, info.lora, dir, base_model_name_or_path, more);
 }
 

@@ -169,9 +169,14 @@ TrainingPlan plan_training(const Recipe& r, const ClusterSpec& cluster) {
   // (6 bytes a head weight) at the start of backward, when the forward's chunk buffers are gone.
   const bool head32 = bf16 && t.fp32_grads && !lora && tokens > std::ceil(chunk / V);
   const double head_grad = lora ? 0.0 : w * V * h;  // a frozen head has none
+  // One chunk's logits: in bf16 the product (2 bytes), its fp32 copy and the log-softmax (4 + 4),
+  // then the log-softmax and its bf16 gradient (6) with, summing in fp32, a 2^24-element block of
+  // products; in fp32 the product and the log-softmax (8).
+  const double chunk_bytes =
+      bf16 ? std::max(10.0 * chunk, 6.0 * chunk + (head32 ? 2.0 * std::pow(2.0, 24) : 0.0)) : 8.0 * chunk;
   const double loss = !fused   ? tokens * 4 * V
-                      : head32 ? std::max(4.0 * V * h + 2.0 * std::pow(2.0, 24) + 8.0 * chunk, 6.0 * V * h)
-                               : head_grad + 8.0 * chunk;
+                      : head32 ? std::max(4.0 * V * h + chunk_bytes, 6.0 * V * h)
+                               : head_grad + chunk_bytes;
   const double act = tokens * (L * block + outside);
   const double act_ckpt = tokens * (L * w * h + block + outside);
   // AdamW's fp32 chunk of bf16 gradients (LoRA's adapters are fp32, and fp32_grads' too: none).

@@ -579,12 +579,21 @@ struct File::Impl {
     // The local header must name the record the central directory names, and the bytes must end
     // before the next record (or the central directory): a damaged header would otherwise move
     // the read elsewhere.
-    const uint64_t n = rd(h + 26, 2), begin = r.local + 30 + n + rd(h + 28, 2);
+    const uint64_t n = rd(h + 26, 2), m = rd(h + 28, 2), begin = r.local + 30 + n + m;
     const auto next_it = std::upper_bound(locals.begin(), locals.end(), r.local);
     const uint64_t next = next_it == locals.end() ? central : std::min(*next_it, central);
     const std::string full = prefix + name;
     const uint8_t* local_name = at(r.local + 30, n, "its record " + name + "'s local header", where);
-    if (n != full.size() || std::memcmp(local_name, full.data(), n) != 0 || begin > next || r.size > next - begin)
+    // (its extra field, torch.save's alignment padding, must be whole (id, length) entries that
+    // fill exactly its declared length: a length off by a few bytes breaks that)
+    bool extra_ok = true;
+    const uint8_t* x = at(r.local + 30 + n, m, "its record " + name + "'s local header", where);
+    for (uint64_t used = 0; extra_ok && used < m;) {
+      extra_ok = m - used >= 4 && rd(x + used + 2, 2) <= m - used - 4;
+      if (extra_ok) used += 4 + rd(x + used + 2, 2);
+    }
+    if (n != full.size() || std::memcmp(local_name, full.data(), n) != 0 || !extra_ok || begin > next ||
+        r.size > next - begin)
       throw Error(where, "its record " + name + " has a damaged local header", "the file is corrupt");
     return at(begin, r.size, "its record " + name, where);
   }

@@ -1092,8 +1092,10 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       group = tc.shard_group;
     } else if (tc.sharding == "hybrid") {  // one node: torchrun's LOCAL_WORLD_SIZE, else Slurm's tasks per node
       // (Slurm's only when Slurm made the world: ranks started with WORLD_SIZE inside an
-      // allocation are not its tasks. "8" or "8(x4)", 4 nodes of 8; a mix of sizes is no group.)
-      const char* slurm = std::getenv("WORLD_SIZE") ? nullptr : std::getenv("SLURM_NTASKS_PER_NODE");
+      // allocation are not its tasks. The step's tasks per node, "8" or "8(x4)" for 4 nodes of 8;
+      // a mix of sizes, "8,4", is no group.)
+      const char* slurm = std::getenv("WORLD_SIZE") ? nullptr : std::getenv("SLURM_STEP_TASKS_PER_NODE");
+      if (!slurm && !std::getenv("WORLD_SIZE")) slurm = std::getenv("SLURM_TASKS_PER_NODE");
       char* rest = nullptr;
       const int64_t per_node = slurm ? std::strtoll(slurm, &rest, 10) : 0;
       const bool uniform = rest && (*rest == '\0' || (*rest == '(' && !std::strchr(rest, ',')));

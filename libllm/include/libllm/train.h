@@ -47,9 +47,9 @@ struct TrainConfig {                 // recipe section `train`
   std::string sharding = "none";     // none (replicated data parallel) | zero1 (AdamW state divided over the ranks) |
                                      // zero2 (also the gradients) | zero3 (also the weights; needs activation_checkpointing) |
                                      // hybrid (zero3 inside groups of shard_group ranks, replicated across them); libllm/shard.h
-  int64_t shard_group =
-      0;  // hybrid: ranks per shard group (a divisor of the world size); 0 = the launcher's
-          // LOCAL_WORLD_SIZE (one node), else Slurm's SLURM_NTASKS_PER_NODE (srun-started ranks), else the whole world
+  int64_t shard_group = 0;           // hybrid: ranks per shard group (a divisor of the world size); 0 = the launcher's
+                            // LOCAL_WORLD_SIZE (one node), else Slurm's SLURM_STEP_TASKS_PER_NODE (srun-started ranks),
+                            // else the whole world
   // Seconds a rank waits for the others, at the start (every rank joining) and in each collective
   // (a checkpoint that rank 0 writes alone, a slow peer), before the job ends with an error naming
   // the wait. Default 1800, PyTorch's (at most 7 days); a 7B model's replicated checkpoint on
