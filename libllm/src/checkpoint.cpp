@@ -12,7 +12,6 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
-#include <sstream>
 #include <system_error>
 #include <thread>
 
@@ -31,15 +30,6 @@ using json = nlohmann::json;
 
 namespace libllm {
 namespace {
-
-// Copies `from` to `to` and flushes it to disk (as every other file of a checkpoint).
-void copy_synced(const std::string& from, const fs::path& to) {
-  std::ifstream in(from, std::ios::binary);
-  std::ostringstream bytes;
-  bytes << in.rdbuf();
-  if (!in) throw Error(from, "cannot be read", "check that the tokenizer file is still there");
-  detail::write_file_atomic(to.string(), bytes.str());
-}
 
 // torch's CPU generator ("rng.cpu") and, where CUDA is here, the current device's ("rng.cuda":
 // LoRA dropout on the GPU draws from it), so a resumed run draws the same masks.
@@ -298,7 +288,8 @@ std::string save_checkpoint(const std::string& root, Transformer& model, const A
     opt_state.insert(opt_state.end(), state.rank_rng.begin(), state.rank_rng.end());
     write_tensors((tmp / "optimizer.safetensors").string(), opt_state);
     detail::write_file_atomic((tmp / "recipe.yaml").string(), recipe_yaml);
-    if (!tokenizer_path.empty() && fs::exists(tokenizer_path)) copy_synced(tokenizer_path, tmp / "tokenizer.model");
+    if (!tokenizer_path.empty() && fs::exists(tokenizer_path))
+      detail::copy_file_atomic(tokenizer_path, (tmp / "tokenizer.model").string());
     detail::write_file_atomic((tmp / "trainer.json").string(), trainer_record(state).dump(1) + "\n");
     move_folder_into_place(tmp.string(), final_dir.string());  // the same step again (rollback): swapped
     detail::fsync_parent_dir(final_dir.string());              // (the rename survives a power loss)
@@ -462,7 +453,8 @@ std::string save_checkpoint_sharded(const std::string& root, const WeightStream&
       common.insert(common.end(), state.rank_rng.begin(), state.rank_rng.end());
       write_tensors((tmp / "optimizer.safetensors").string(), common);
       detail::write_file_atomic((tmp / "recipe.yaml").string(), recipe_yaml);
-      if (!tokenizer_path.empty() && fs::exists(tokenizer_path)) copy_synced(tokenizer_path, tmp / "tokenizer.model");
+      if (!tokenizer_path.empty() && fs::exists(tokenizer_path))
+        detail::copy_file_atomic(tokenizer_path, (tmp / "tokenizer.model").string());
       json trainer = trainer_record(state);
       trainer["optimizer_shards"] = world;
       detail::write_file_atomic((tmp / "trainer.json").string(), trainer.dump(1) + "\n");

@@ -21,6 +21,7 @@
 #include <numeric>
 #include <random>
 #include <regex>
+#include <sstream>
 #include <thread>
 #include <tuple>
 
@@ -152,6 +153,14 @@ int open_tmp(const std::string& tmp) {
 }
 
 }  // namespace
+
+void detail::copy_file_atomic(const std::string& from, const std::string& to) {
+  std::ifstream in(from, std::ios::binary);
+  std::ostringstream bytes;
+  bytes << in.rdbuf();
+  if (!in || in.bad()) throw Error(from, "cannot be read: " + errno_text(), "check that the file is still there");
+  write_file_atomic(to, bytes.str());
+}
 
 void detail::write_file_atomic(const std::string& path, const std::string& bytes) {
   const std::string tmp = tmp_name(path);

@@ -744,6 +744,7 @@ void write_folder_atomically(const std::string& dir, FolderKind kind,
     fs::remove(tmp / kPartialMarker);
     // Swap into place: the old folder (if any) is removed only after the new one is complete.
     move_folder_into_place(tmp.string(), final_dir.string());
+    detail::fsync_parent_dir(final_dir.string());  // (the rename survives a power loss, as every file in it)
   } catch (const fs::filesystem_error& e) {
     fs::remove_all(tmp, ec);
     throw Error(dir, std::string("writing failed: ") + e.what(), "check free disk space and permissions");
@@ -758,10 +759,8 @@ namespace {
 // The tokenizer files of an export (or of a PEFT adapter folder) in folder `tmp`: tokenizer.model,
 // tokenizer.json where it can be written, and tokenizer_config.json with the chat template.
 void write_tokenizer_files(const fs::path& tmp, int64_t max_seq_len, const ExportOptions& opts, bool quiet = false) {
-  std::error_code ec;
   const Tokenizer tok = Tokenizer::load(opts.tokenizer_path);
-  fs::copy_file(opts.tokenizer_path, tmp / "tokenizer.model", ec);
-  if (ec) throw Error(opts.tokenizer_path, "cannot copy tokenizer: " + ec.message());
+  detail::copy_file_atomic(opts.tokenizer_path, (tmp / "tokenizer.model").string());
   // tokenizer.json too: what fast tokenizers and servers (TGI's router) load without sentencepiece.
   std::string why_not;
   const std::string fast = tok.hf_tokenizer_json(&why_not);
