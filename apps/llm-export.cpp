@@ -108,6 +108,23 @@ int main(int argc, char** argv) {
     const int64_t shard_mb = args.get_int("--max-shard-mb");
     if (shard_mb < 1) throw Error("--max-shard-mb", "must be >= 1");
     dtype_from_name(args.get("--dtype"), "--dtype");  // (before any folder is written)
+    std::string adapter_base;  // the adapter's base_model_name_or_path, checked before anything is written
+    if (args.has("--adapter")) {
+      adapter_base = pre.format != "libllm" ? dir : base;
+      if (std::filesystem::is_directory(adapter_base)) {
+        const Pretrained b = inspect_pretrained(adapter_base);
+        if (b.has_lora)
+          throw Error(
+              "--adapter",
+              "the base " + adapter_base + " is itself a LoRA fine-tune, merged before this adapter was trained",
+              "export the merged model (--out) and use that");
+        if (b.format != "hf")
+          fmt::print(
+              "note: the adapter's base_model_name_or_path {} is a libllm folder; peft needs it in Hugging Face "
+              "form: llm-export --checkpoint {} --out DIR\n",
+              adapter_base, adapter_base);
+      }
+    }
     // The chat template that serving tools (transformers' apply_chat_template) should use: the one
     // the checkpoint was fine-tuned with, else the one its base or source folder came with.
     std::string ours, system, chat_template, template_from;  // ours: a libllm template name
@@ -178,20 +195,7 @@ int main(int argc, char** argv) {
                pre.has_lora ? ", LoRA merged" : "", chat_template.empty() ? "" : ", " + template_from);
     // (after the merged export: a failure there, a non-finite weight say, leaves the adapter folder as it was)
     if (args.has("--adapter")) {
-      if (pre.format != "libllm") base = dir;
-      if (std::filesystem::is_directory(base)) {
-        const Pretrained b = inspect_pretrained(base);
-        if (b.has_lora)
-          throw Error("--adapter",
-                      "the base " + base + " is itself a LoRA fine-tune, merged before this adapter was trained",
-                      "export the merged model (--out) and use that");
-        if (b.format != "hf")
-          fmt::print(
-              "note: the adapter's base_model_name_or_path {} is a libllm folder; peft needs it in Hugging Face "
-              "form: llm-export --checkpoint {} --out DIR\n",
-              base, base);
-      }
-      export_peft_adapter(pre, args.get("--adapter"), base, &opts);  // (with the tokenizer files, if any)
+      export_peft_adapter(pre, args.get("--adapter"), adapter_base, &opts);  // (with the tokenizer files, if any)
       std::string targets;
       for (const auto& t : pre.lora.targets) targets += (targets.empty() ? "" : ",") + t;
       fmt::print("wrote PEFT adapter {} (r={}, alpha={}, targets {})\n", args.get("--adapter"), pre.lora.rank,
