@@ -999,6 +999,17 @@ ShardSet ShardSet::open(const std::string& dir) {
   info.vocab_size = meta_get<int64_t>(meta, "vocab_size", meta_path);
   info.eos_id = meta_get<int64_t>(meta, "eos_id", meta_path);
   info.bos_id = meta.contains("bos_id") ? meta_get<int64_t>(meta, "bos_id", meta_path) : -1;
+  // (read() checks each token against vocab_size: the bound must be the one the writer used)
+  if (info.vocab_size < 1 || info.vocab_size > (impl->width == 2 ? 65536 : INT32_MAX))
+    throw Error(meta_path + ": vocab_size",
+                std::to_string(info.vocab_size) + " is outside [1, " + (impl->width == 2 ? "65536" : "2^31 - 1") +
+                    "] for " + dtype + " tokens",
+                kRerun);
+  if (info.eos_id < -1 || info.eos_id >= info.vocab_size || info.bos_id < -1 || info.bos_id >= info.vocab_size)
+    throw Error(meta_path,
+                "eos_id " + std::to_string(info.eos_id) + " or bos_id " + std::to_string(info.bos_id) +
+                    " is outside the vocabulary of " + std::to_string(info.vocab_size),
+                kRerun);
   info.tokenizer_sha256 = meta_get<std::string>(meta, "tokenizer_sha256", meta_path);
   info.tokenizer_path = meta_get<std::string>(meta, "tokenizer_path", meta_path);
   info.total_tokens = meta_get<int64_t>(meta, "total_tokens", meta_path);
@@ -1081,6 +1092,22 @@ void ShardSet::read(int64_t begin, int64_t n, int64_t* out) const {
   }
 }
 
+std::string ShardSet::fingerprint() const {
+  const Impl& m = *impl_;
+  std::string text =
+      "tokens " + std::to_string(m.info.total_tokens) + " documents " + std::to_string(m.info.total_documents) + "\n";
+  constexpr size_t kSample = 4096;
+  for (size_t i = 0; i < m.maps.size(); ++i) {
+    const size_t bytes = static_cast<size_t>(m.starts[i + 1] - m.starts[i]) * static_cast<size_t>(m.width);
+    text += "shard " + std::to_string(i) + " " + std::to_string(bytes) + "\n";
+    const unsigned char* p = m.maps[i]->data;
+    for (size_t at : {size_t{0}, bytes / 2, bytes > kSample ? bytes - kSample : size_t{0}})
+      text.append(reinterpret_cast<const char*>(p) + std::min(at, bytes),
+                  std::min(kSample, bytes - std::min(at, bytes)));
+  }
+  return sha256_hex(text).substr(0, 16);
+}
+
 std::string bos_mismatch(const ShardSetInfo& a, const ShardSetInfo& b) {
   auto how = [](const ShardSetInfo& i) {
     return i.bos_id >= 0 ? "starts documents with BOS (id " + std::to_string(i.bos_id) + ")"
@@ -1092,7 +1119,16 @@ std::string bos_mismatch(const ShardSetInfo& a, const ShardSetInfo& b) {
 void check_tokenizer(const ShardSet& s, const Tokenizer& tok) {
   const std::string sha = sha256_file(tok.path());
   const ShardSetInfo& info = s.info();
-  if (sha == info.tokenizer_sha256) return;
+  if (sha == info.tokenizer_sha256) {
+    // (the tokens are checked against meta.json's vocab_size as they are read: it must be the
+    // tokenizer's, which fits the model, so that no id reaches the embedding out of range)
+    if (info.vocab_size != tok.vocab_size())
+      throw Error((fs::path(info.dir) / "meta.json").string() + ": vocab_size",
+                  std::to_string(info.vocab_size) + " is not the vocabulary size of its tokenizer " + tok.path() +
+                      " (" + std::to_string(tok.vocab_size()) + ")",
+                  kRerun);
+    return;
+  }
   throw Error(info.dir, "the shard set was made with tokenizer " + info.tokenizer_path + " (sha256 " +
                             info.tokenizer_sha256.substr(0, 12) + "...) but this run's tokenizer is " + tok.path() +
                             " (sha256 " + sha.substr(0, 12) + "...)",
@@ -1113,6 +1149,7 @@ PackedDataset::PackedDataset(const DataConfig& cfg, int64_t seq_len, int64_t ran
     SetState st;
     st.shards = ShardSet::open(dir);
     st.dir = dir;
+    st.fingerprint = st.shards.fingerprint();
     st.windows = st.shards.n_tokens() / (seq_len + 1);
     if (st.windows == 0)
       throw Error(dir, "has " + std::to_string(st.shards.n_tokens()) + " tokens, less than one window of seq_len + 1 = " +
@@ -1252,8 +1289,12 @@ std::string PackedDataset::cursor() const {
   j["planned"] = planned_;
   j["sets"] = ojson::array();
   for (const auto& s : sets_)
-    j["sets"].push_back({{"dir", s.dir}, {"tokens", s.shards.n_tokens()}, {"windows", s.windows},
-                         {"epoch", s.epoch}, {"pos", s.pos}});
+    j["sets"].push_back({{"dir", s.dir},
+                         {"tokens", s.shards.n_tokens()},
+                         {"windows", s.windows},
+                         {"fingerprint", s.fingerprint},
+                         {"epoch", s.epoch},
+                         {"pos", s.pos}});
   j["deferred"] = ojson::array();  // per rank: [[set, window], ...]
   for (const auto& q : deferred_) {
     ojson mine = ojson::array();
@@ -1308,6 +1349,19 @@ void PackedDataset::restore(const std::string& text) {
                              : " (" + s.dir + ") has changed since the cursor was saved (" +
                                    std::to_string(get(sets[i], "tokens")) + " tokens then, " +
                                    std::to_string(s.shards.n_tokens()) + " now)"),
+                  fresh);
+    }
+    // The same size, other tokens (another data set of that size; the same documents made with other
+    // data_prep settings): a cursor from before fingerprints (no key) is taken as it is.
+    if (sets[i].contains("fingerprint") && sets[i]["fingerprint"] != s.fingerprint) {
+      const std::string then =
+          sets[i].contains("dir") && sets[i]["dir"].is_string() ? sets[i]["dir"].get<std::string>() : "";
+      throw Error(where,
+                  "train set " + std::to_string(i) + " (" + s.dir + ") holds other tokens than " +
+                      (then.empty() || then == s.dir ? std::string("it did") : then + " did") +
+                      " when the cursor was saved (the same " + std::to_string(s.shards.n_tokens()) +
+                      " tokens in number; fingerprint " + s.fingerprint + ", then " +
+                      detail::shown(sets[i]["fingerprint"]) + ")",
                   fresh);
     }
     const int64_t epoch = get(sets[i], "epoch"), pos = get(sets[i], "pos");

@@ -648,7 +648,9 @@ torch::Tensor TransformerImpl::hidden(const torch::Tensor& tokens, int64_t start
   std::vector<torch::Tensor> local;
   auto& rl = router_logits ? *router_logits : local;
   // Token ids outside the vocabulary: a libllm::Error (on the CPU, where the check is one cheap
-  // reduction; on a GPU it would wait for the device each forward, and the kernel asserts).
+  // reduction; on a GPU it would wait for the device each forward, and the kernel asserts). The
+  // apps' ids are checked before they reach a GPU: shard tokens as they are read, against the
+  // tokenizer's vocabulary (check_tokenizer), which Tokenizer::check_fits holds to the model's.
   if (tokens.device().is_cpu() && tokens.numel() > 0) {
     const auto [lo, hi] = torch::aminmax(tokens);
     if (lo.item<int64_t>() < 0 || hi.item<int64_t>() >= cfg_.vocab_size)

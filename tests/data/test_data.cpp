@@ -590,6 +590,22 @@ TEST_CASE("incomplete or damaged shard sets are errors that say to re-run", "[da
                Catch::Contains("shard-00001.bin: token 65535 (at token 3 of the shard) is outside the vocabulary of") &&
                    Catch::Contains("re-run"));
   }
+  SECTION("meta.json's vocab_size bounds read()'s check: outside the dtype's range, it is an error") {
+    auto meta = nlohmann::json::parse(read_bytes(tmp / "set/meta.json"));
+    for (int64_t bad : {int64_t{0}, int64_t{70000}}) {
+      meta["vocab_size"] = bad;
+      write_text(tmp / "set/meta.json", meta.dump());
+      CHECK_THAT(error_of([&] { ShardSet::open(tmp / "set"); }),
+                 Catch::Contains("meta.json: vocab_size: " + std::to_string(bad) +
+                                 " is outside [1, 65536] for uint16 tokens") &&
+                     Catch::Contains("re-run"));
+    }
+    meta["vocab_size"] = 3;  // (the eos id 2 fits; a bos id would not)
+    meta["bos_id"] = 5;
+    write_text(tmp / "set/meta.json", meta.dump());
+    CHECK_THAT(error_of([&] { ShardSet::open(tmp / "set"); }),
+               Catch::Contains("bos_id 5 is outside the vocabulary of 3"));
+  }
   SECTION("re-writing a folder replaces the old shard set, stale shards included") {
     const auto docs = synthetic_docs(5, 9);
     write_text(tmp / "set/shard-00099.bin", "stale");
@@ -625,6 +641,19 @@ TEST_CASE("check_tokenizer: another tokenizer file is an error naming both", "[d
   CHECK_NOTHROW(check_tokenizer(set, tokenizer()));
   fs::copy_file(fixture("tokenizer.model"), tmp / "same.model");
   CHECK_NOTHROW(check_tokenizer(set, Tokenizer::load(tmp / "same.model")));
+  {  // meta.json's vocab_size is the bound each token is checked against: it must be the tokenizer's
+    // (a larger one would let ids past the model's vocabulary through to a GPU's embedding)
+    auto meta = nlohmann::json::parse(read_bytes(tmp / "set/meta.json"));
+    const int64_t n = tokenizer().vocab_size();
+    meta["vocab_size"] = n + 1000;
+    write_text(tmp / "set/meta.json", meta.dump());
+    CHECK_THAT(error_of([&] { check_tokenizer(ShardSet::open(tmp / "set"), tokenizer()); }),
+               Catch::Contains("set/meta.json: vocab_size: " + std::to_string(n + 1000) +
+                               " is not the vocabulary size of its tokenizer") &&
+                   Catch::Contains("(" + std::to_string(n) + ")") && Catch::Contains("re-run"));
+    meta["vocab_size"] = n;
+    write_text(tmp / "set/meta.json", meta.dump());
+  }
 
   // Change one letter of a piece (keeps the file a valid model); try positions until one loads.
   const std::string bytes = read_bytes(fixture("tokenizer.model"));
@@ -799,6 +828,28 @@ TEST_CASE("PackedDataset: a cursor continues exactly in a fresh dataset: bad cur
   PackedDataset remade(cfg, L, 0, 1);
   CHECK_THAT(error_of([&] { remade.restore(good); }),
              Catch::Contains("train set 0 (" + (tmp / "a") + ") has changed since the cursor was saved"));
+  // The same numbers of tokens and windows, other tokens (its documents in reverse order): the
+  // fingerprint tells; another folder's likewise. The same data made again, or moved, fits.
+  auto reversed = synthetic_docs(60, 3);
+  std::reverse(reversed.begin(), reversed.end());
+  make_set(tmp, "a", reversed);
+  PackedDataset reordered(cfg, L, 0, 1);
+  CHECK_THAT(error_of([&] { reordered.restore(good); }),
+             Catch::Contains("data cursor: train set 0 (" + (tmp / "a") +
+                             ") holds other tokens than it did when the cursor was saved (the same ") &&
+                 Catch::Contains("resume with the data settings the run was saved with"));
+  fs::rename(tmp / "a", tmp / "a-reversed");
+  make_set(tmp, "a", synthetic_docs(60, 3));
+  DataConfig moved = cfg;
+  moved.train = {tmp / "a-reversed", tmp / "b"};
+  PackedDataset other_tokens(moved, L, 0, 1);
+  CHECK_THAT(error_of([&] { other_tokens.restore(good); }),
+             Catch::Contains("holds other tokens than " + (tmp / "a") + " did"));
+  fs::remove_all(tmp / "a-reversed");
+  fs::rename(tmp / "a", tmp / "a-moved");
+  moved.train = {tmp / "a-moved", tmp / "b"};
+  PackedDataset same_data(moved, L, 0, 1);
+  CHECK_NOTHROW(same_data.restore(good));
   CHECK(ds.cursor() == good);  // failed restores change nothing
 }
 

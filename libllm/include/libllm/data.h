@@ -121,6 +121,10 @@ class ShardSet {
   // Copies tokens [begin, begin + n) of the concatenated stream of all shards into out (as int64);
   // a range outside [0, n_tokens()) is an Error.
   void read(int64_t begin, int64_t n, int64_t* out) const;
+  // 16 hex digits of a SHA-256 over the set's token and document counts and a sample of its
+  // tokens (each shard's token count and up to 4 KiB at its start, middle and end): the same data
+  // made again or moved elsewhere keeps it; other data of the same size almost surely changes it.
+  std::string fingerprint() const;
 
  private:
   struct Impl;
@@ -185,7 +189,8 @@ class PackedDataset {
 
   // Everything needed to continue exactly where this rank is (global index, per-set epoch and
   // position, deferred windows, the planned end), as a JSON string. restore() takes a cursor from
-  // a dataset with the same seed, seq_len and sets (checked: an Error says what differs), or a
+  // a dataset with the same seed, seq_len and sets (checked, sets by size and fingerprint(): an
+  // Error says what differs; a set moved to another folder is the same set), or a
   // malformed cursor is an Error. Each rank saves and restores its own cursor. A cursor saved by
   // another number of ranks (a resume on another world size) deals its deferred windows out in the
   // order the saved ranks would have served them; a remainder that does not divide among this
@@ -230,6 +235,7 @@ class PackedDataset {
   struct SetState {
     ShardSet shards;
     std::string dir;
+    std::string fingerprint;  // shards.fingerprint(), saved in cursors and compared on restore
     int64_t windows = 0;
     int64_t epoch = 0, pos = 0;      // the next window is perm[pos] of epoch `epoch`
     std::vector<uint32_t> perm;      // Fisher-Yates permutation of epoch `perm_epoch`
