@@ -173,13 +173,14 @@ int main(int argc, char** argv) {
     opts.eos_id = eos;
     opts.chat_template = chat_template;
     // The source's generation settings: of the first folder in the chain (this one, its base, ...)
-    // that has them.
+    // that has them; its pad token likewise.
     int hops = 0;
     for (std::string b = dir; !b.empty() && std::filesystem::is_directory(b) && ++hops <= 64;) {
       // (and the stop ids of its config.json, a list there being what transformers stops at too)
       for (int64_t id : stop_token_ids(b))
         if (std::find(opts.stop_ids.begin(), opts.stop_ids.end(), id) == opts.stop_ids.end())
           opts.stop_ids.push_back(id);
+      if (opts.pad_token.empty()) opts.pad_token = pad_token_of(b);  // (a base's, which fine-tunes keep)
       if (std::filesystem::exists(std::filesystem::path(b) / "generation_config.json")) {
         opts.generation_config = (std::filesystem::path(b) / "generation_config.json").string();
         break;

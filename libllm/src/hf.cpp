@@ -415,6 +415,17 @@ HfConfig read_hf_config(const std::string& dir) {
   } else {
     out.eos_id = r.integer("eos_token_id", 2);
   }
+  // (ids outside the embedding would seed an evaluation, or stop nothing; on a GPU, an index assert)
+  if (out.bos_id < 0 || out.bos_id >= m.vocab_size)
+    throw Error(file + ": bos_token_id",
+                std::to_string(out.bos_id) + " is outside the vocabulary [0, " + std::to_string(m.vocab_size) + ")",
+                "the file is damaged, or its vocab_size is wrong");
+  for (const json& e : eos && eos->is_array() ? *eos : json::array({out.eos_id}))
+    if (e.get<int64_t>() < 0 || e.get<int64_t>() >= m.vocab_size)
+      throw Error(
+          file + ": eos_token_id",
+          std::to_string(e.get<int64_t>()) + " is outside the vocabulary [0, " + std::to_string(m.vocab_size) + ")",
+          "the file is damaged, or its vocab_size is wrong");
   for (auto [key, v] : {std::pair{"vocab_size", m.vocab_size}, {"hidden_size", m.dim},
                         {"intermediate_size", m.ffn_dim}, {"num_hidden_layers", m.n_layers},
                         {"num_attention_heads", m.n_heads}, {"num_key_value_heads", m.n_kv_heads},
@@ -598,7 +609,8 @@ std::string not_replaceable(const fs::path& dir, FolderKind kind) {
       "config.json",     "generation_config.json", "model.safetensors", "model.safetensors.index.json",
       "tokenizer.model", "tokenizer_config.json",  "tokenizer.json",    "special_tokens_map.json"};
   static const std::set<std::string> peft_files = {"adapter_config.json", "adapter_model.safetensors",
-                                                   "tokenizer.model", "tokenizer_config.json", "tokenizer.json"};
+                                                   "tokenizer.model",     "tokenizer_config.json",
+                                                   "tokenizer.json",      "special_tokens_map.json"};
   const std::string not_ours = std::string("is not empty and not an earlier ") + kind_name(kind);
   std::set<std::string> names;
   for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
@@ -786,8 +798,22 @@ void write_tokenizer_files(const fs::path& tmp, int64_t max_seq_len, const Expor
   if (auto bos = piece_of(opts.bos_id, tok.bos_id())) tc["bos_token"] = *bos;
   if (auto eos = piece_of(opts.eos_id, tok.eos_id())) tc["eos_token"] = *eos;
   if (tok.unk_id() >= 0) tc["unk_token"] = tok.piece(tok.unk_id());
+  if (!opts.pad_token.empty()) {  // only one of tokenizer.model's pieces: another would add a token
+    bool found = false;
+    for (int64_t id = 0; id < tok.vocab_size() && !found; ++id) found = tok.piece(id) == opts.pad_token;
+    if (found)
+      tc["pad_token"] = opts.pad_token;
+    else if (!quiet)
+      fmt::print(stderr, "note: the pad token {} is not a piece of {}: the export names no pad token\n",
+                 json(opts.pad_token).dump(), opts.tokenizer_path);
+  }
+  // special_tokens_map.json: the same tokens, for tools that read it rather than tokenizer_config.json.
+  json special = json::object();
+  for (const char* key : {"bos_token", "eos_token", "unk_token", "pad_token"})
+    if (tc.contains(key)) special[key] = tc[key];
   if (!opts.chat_template.empty()) tc["chat_template"] = opts.chat_template;
   detail::write_file_atomic((tmp / "tokenizer_config.json").string(), tc.dump(2) + "\n");
+  detail::write_file_atomic((tmp / "special_tokens_map.json").string(), special.dump(2) + "\n");
 }
 
 // export_hf's work; `checked`: the weights come converted to the export dtype and checked for
@@ -850,8 +876,6 @@ void write_hf_folder(const ModelConfig& config, const std::vector<LazyWeight>& w
       json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};
       detail::write_file_atomic((tmp / "model.safetensors.index.json").string(), index.dump(2) + "\n");
     }
-    detail::write_file_atomic((tmp / "config.json").string(),
-                              hf_config_json(config, dtype_name(dtype), opts.bos_id, opts.eos_id));
     gen["bos_token_id"] = opts.bos_id;
     // eos_id first, then the source's own stop ids (a chat base's end-of-turn token, which a
     // fine-tune of it still ends its turns with): what transformers and vLLM stop at.
@@ -867,6 +891,11 @@ void write_hf_folder(const ModelConfig& config, const std::vector<LazyWeight>& w
       if (e.is_number_integer()) add(e.get<int64_t>());
     for (int64_t id : opts.stop_ids) add(id);
     gen["eos_token_id"] = stops.size() == 1 ? json(stops[0]) : json(stops);
+    // config.json lists the same ids (as Llama 3's does): tools that read only config.json (and
+    // transformers without a generation_config.json) stop at each too.
+    json cj = json::parse(hf_config_json(config, dtype_name(dtype), opts.bos_id, opts.eos_id));
+    cj["eos_token_id"] = gen["eos_token_id"];
+    detail::write_file_atomic((tmp / "config.json").string(), cj.dump(2) + "\n");
     detail::write_file_atomic((tmp / "generation_config.json").string(), gen.dump(2) + "\n");
     if (!opts.tokenizer_path.empty()) write_tokenizer_files(tmp, config.max_seq_len, opts);
   });
@@ -938,6 +967,25 @@ std::vector<int64_t> stop_token_ids(const std::string& dir) {
       if (std::find(out.begin(), out.end(), id.get<int64_t>()) == out.end()) out.push_back(id.get<int64_t>());
   }
   return out;
+}
+
+std::string pad_token_of(const std::string& dir) {
+  for (const char* name : {"tokenizer_config.json", "special_tokens_map.json"}) {
+    std::ifstream in(fs::path(dir) / name);
+    if (!in) continue;
+    json j;
+    try {
+      j = detail::parse_json(in, (fs::path(dir) / name).string());
+    } catch (const json::exception&) {
+      continue;
+    }
+    if (!j.is_object() || !j.contains("pad_token")) continue;
+    const json& pad = j["pad_token"];
+    if (pad.is_string()) return pad.get<std::string>();
+    if (pad.is_object() && pad.contains("content") && pad["content"].is_string())
+      return pad["content"].get<std::string>();
+  }
+  return "";
 }
 
 std::vector<std::pair<int64_t, std::string>> added_tokens(const std::string& dir, const Tokenizer& tok) {
@@ -1085,7 +1133,9 @@ namespace {
 Pretrained checked_base(const Pretrained& info, int depth) {
   if (!info.base_missing.empty())
     throw Error(info.dir, info.base_missing,
-                "put the base model folder back there, or run from a folder where recipe.yaml's finetune.base is");
+                "put the base model folder back there; or, if it moved, set finetune.base in " +
+                    (fs::path(info.dir) / "recipe.yaml").string() +
+                    " to its new path (the base is checked to be the one the adapters were trained on)");
   if (depth > 32)
     throw Error(info.dir, "its chain of LoRA bases is over 32 deep (a cycle?)",
                 "export a merged model and fine-tune that");

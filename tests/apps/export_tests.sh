@@ -49,12 +49,12 @@ leftovers=$(find "$work" "$work/hf" -mindepth 1 -maxdepth 1 \( -name '*.partial.
 [ -z "$leftovers" ] || fail "left behind: $leftovers"
 
 # An HF source keeps its own end-of-sequence id (a chat model's end-of-turn token), not
-# tokenizer.model's 2: config.json its first one when it lists several, generation_config.json
-# all of them (transformers and vLLM stop at each).
+# tokenizer.model's 2: config.json and generation_config.json list all of them (transformers and
+# vLLM stop at each).
 python3 -c 'import json, sys; p = sys.argv[1]; c = json.load(open(p)); c["eos_token_id"] = [7, 2]; json.dump(c, open(p, "w"))' \
   "$work/model/config.json"
 "$bin/llm-export" --checkpoint "$work/model" --out "$work/eos" > "$work/eos.log" 2>&1 || fail "export with eos 7"
 python3 -c 'import json, sys
-for f, want in (("config.json", 7), ("generation_config.json", [7, 2])):
+for f, want in (("config.json", [7, 2]), ("generation_config.json", [7, 2])):
     assert json.load(open(sys.argv[1] + "/" + f))["eos_token_id"] == want, f' "$work/eos" || fail "the source's eos was not kept"
 echo "export folders ok"

@@ -262,9 +262,13 @@ TEST_CASE("export keeps the source's generation settings, with the exported bos 
   opts.eos_id = 3;
   opts.tokenizer_path = fixture("tiny-llama/tokenizer.model");
   export_hf(p.model, tmp / "b", opts);
-  // The exported eos first, then the source's stop ids (a chat base's end of turn).
+  // The exported eos first, then the source's stop ids (a chat base's end of turn); config.json
+  // lists the same ids, and reads back with eos 3.
   CHECK(nlohmann::json::parse(read_file(tmp / "b/generation_config.json"))["eos_token_id"] ==
         nlohmann::json({3, 5, 2}));
+  CHECK(nlohmann::json::parse(read_file(tmp / "b/config.json"))["eos_token_id"] == nlohmann::json({3, 5, 2}));
+  CHECK(read_hf_config(tmp / "b").eos_id == 3);
+  CHECK(stop_token_ids(tmp / "b") == std::vector<int64_t>{3, 5, 2});
   // tokenizer_config.json names the exported ids' pieces, so that tokenizer.eos_token_id agrees
   // with config.json; an id beyond tokenizer.model keeps its own piece.
   const Tokenizer tok = Tokenizer::load(opts.tokenizer_path);
@@ -272,14 +276,29 @@ TEST_CASE("export keeps the source's generation settings, with the exported bos 
   auto tc = nlohmann::json::parse(read_file(tmp / "b/tokenizer_config.json"));
   CHECK(tc["eos_token"] == tok.piece(3));
   CHECK(tc["bos_token"] == tok.piece(1));
+  CHECK_FALSE(tc.contains("pad_token"));
+  // special_tokens_map.json names the same tokens (some tools read it instead).
+  auto special = nlohmann::json::parse(read_file(tmp / "b/special_tokens_map.json"));
+  CHECK(special ==
+        nlohmann::json{{"bos_token", tok.piece(1)}, {"eos_token", tok.piece(3)}, {"unk_token", tok.piece(0)}});
   // The fast tokenizer's file beside it, as Tokenizer::hf_tokenizer_json writes it.
   CHECK(read_file(tmp / "b/tokenizer.json") == tok.hf_tokenizer_json());
   opts.eos_id = tok.vocab_size() + 5;
   export_hf(p.model, tmp / "b", opts);
   tc = nlohmann::json::parse(read_file(tmp / "b/tokenizer_config.json"));
   CHECK(tc["eos_token"] == tok.piece(tok.eos_id()));
-  write_file(tmp / "gen.json", R"({"eos_token_id": 9})");
+  // A pad token that is one of tokenizer.model's pieces is named; another is left out (a server
+  // would add it to the vocabulary).
   opts.eos_id = 3;
+  opts.pad_token = tok.piece(0);
+  export_hf(p.model, tmp / "b", opts);
+  CHECK(nlohmann::json::parse(read_file(tmp / "b/tokenizer_config.json"))["pad_token"] == tok.piece(0));
+  CHECK(nlohmann::json::parse(read_file(tmp / "b/special_tokens_map.json"))["pad_token"] == tok.piece(0));
+  opts.pad_token = "<pad-not-a-piece>";
+  export_hf(p.model, tmp / "b", opts);
+  CHECK_FALSE(nlohmann::json::parse(read_file(tmp / "b/tokenizer_config.json")).contains("pad_token"));
+  opts.pad_token.clear();
+  write_file(tmp / "gen.json", R"({"eos_token_id": 9})");
   export_hf(p.model, tmp / "b", opts);
   CHECK(nlohmann::json::parse(read_file(tmp / "b/generation_config.json"))["eos_token_id"] == nlohmann::json({3, 9}));
   write_file(tmp / "gen.json", R"({"eos_token_id": 3})");
@@ -545,6 +564,20 @@ TEST_CASE("the tokens an HF tokenizer adds beyond tokenizer.model are found by i
   CHECK(added_tokens(tmp.path.string(), tok) == Added{{385, "<pad>"}});
 }
 
+TEST_CASE("pad_token_of: tokenizer_config.json's pad token, as a text or an object, else special_tokens_map.json's",
+          "[io][hf]") {
+  test::TempDir tmp;
+  CHECK(pad_token_of(tmp.path.string()).empty());
+  write_file(tmp / "special_tokens_map.json", R"({"pad_token": {"content": "<pad>", "lstrip": false}})");
+  CHECK(pad_token_of(tmp.path.string()) == "<pad>");
+  write_file(tmp / "tokenizer_config.json", R"({"pad_token": "</s>"})");
+  CHECK(pad_token_of(tmp.path.string()) == "</s>");
+  write_file(tmp / "tokenizer_config.json", R"({"pad_token": null})");  // (Llama 2's: none)
+  CHECK(pad_token_of(tmp.path.string()) == "<pad>");
+  write_file(tmp / "special_tokens_map.json", "not json");
+  CHECK(pad_token_of(tmp.path.string()).empty());
+}
+
 TEST_CASE("a chat template in chat_template.jinja is read before tokenizer_config.json's", "[io][hf]") {
   test::TempDir tmp;
   CHECK(read_chat_template(tmp.path.string()) == "");
@@ -606,6 +639,15 @@ TEST_CASE("wrong-typed config.json values are errors naming the key, never trunc
   CHECK_THAT(err("eos_token_id", 2.5), Catch::Contains("config.json: eos_token_id: expected an integer, got 2.5"));
   CHECK_THAT(err("eos_token_id", nlohmann::json::array()), Catch::Contains("config.json: eos_token_id: is an empty list"));
   CHECK_THAT(err("eos_token_id", "</s>"), Catch::Contains("config.json: eos_token_id: expected an integer, got \"</s>\""));
+  // Ids outside the embedding (an evaluation would start with it; on a GPU, an index assert).
+  const int64_t vocab = read_hf_config(fixture("tiny-llama")).model.vocab_size;
+  CHECK_THAT(err("bos_token_id", vocab),
+             Catch::Contains("config.json: bos_token_id: " + std::to_string(vocab) + " is outside the vocabulary [0, " +
+                             std::to_string(vocab) + ")"));
+  CHECK_THAT(err("bos_token_id", -1), Catch::Contains("config.json: bos_token_id: -1 is outside the vocabulary"));
+  CHECK_THAT(err("eos_token_id", {2, vocab + 7}),
+             Catch::Contains("config.json: eos_token_id: " + std::to_string(vocab + 7) + " is outside the vocabulary"));
+  CHECK_THAT(err("eos_token_id", -2), Catch::Contains("config.json: eos_token_id: -2 is outside the vocabulary"));
   CHECK_THAT(err("bos_token_id", 1.5), Catch::Contains("config.json: bos_token_id: expected an integer, got 1.5"));
   CHECK_THAT(err("num_hidden_layers", 2.5), Catch::Contains("config.json: num_hidden_layers: expected an integer, got 2.5"));
   CHECK_THAT(err("max_position_embeddings", 48.0), Catch::Contains("max_position_embeddings: expected an integer"));

@@ -91,11 +91,19 @@ struct ExportOptions {
   // A generation_config.json whose settings (sampling defaults, max_length, ...) the export keeps
   // ("" = none): the source model's; bos_token_id is set to bos_id, eos_token_id to eos_id followed
   // by the file's own stop ids (a chat base's end-of-turn token; a list that holds eos_id stays).
+  // config.json's eos_token_id is the same id or list.
   std::string generation_config = "";
   // More ids generation stops at, after those (the source config.json's eos_token_id list, which
   // transformers also stops at when it has no generation_config.json; stop_token_ids()).
   std::vector<int64_t> stop_ids = {};
+  // The pad token's text written into tokenizer_config.json and special_tokens_map.json ("" =
+  // none), when it is one of tokenizer.model's pieces: the source's (pad_token_of).
+  std::string pad_token = "";
 };
+// The pad token an HF model folder's tokenizer names: tokenizer_config.json's "pad_token" (a text,
+// or an object with its "content"), else special_tokens_map.json's; "" when neither names one or
+// the files are unreadable.
+std::string pad_token_of(const std::string& dir);
 // DIR's chat template: DIR/chat_template.jinja (transformers >= 4.47 saves it there, and prefers
 // it), else the "chat_template" of DIR/tokenizer_config.json, of a list of named templates the
 // one named "default"; "" when there is none. A tokenizer_config.json that is not JSON, or whose
