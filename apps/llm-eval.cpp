@@ -56,6 +56,7 @@ int main(int argc, char** argv) {
     // Progress on stderr every 10 s: a small stride over long documents is many windows.
     const auto started = std::chrono::steady_clock::now();
     auto last = started;
+    bool hinted = false;
     const auto progress = [&](int64_t done, int64_t total) {
       const auto now = std::chrono::steady_clock::now();
       if (done == total || now - last < std::chrono::seconds(10)) return;
@@ -63,6 +64,13 @@ int main(int argc, char** argv) {
       const double s = std::chrono::duration<double>(now - started).count();
       fmt::print(stderr, "evaluating: {} of {} windows ({:.1f}%), {:.0f} s to go\n", done, total, 100.0 * done / total,
                  s / done * (total - done));
+      const int64_t window = opts.window > 0 ? opts.window : m.max_seq_len;
+      if (!hinted && opts.stride < window / 4)  // (once: the way to a shorter evaluation)
+        fmt::print(stderr,
+                   "hint: --stride {} scores {} tokens a window after the first, for about {}x fewer windows, "
+                   "each token still seeing at least {} tokens of context\n",
+                   window / 2, window / 2, window / 2 / opts.stride, window / 2);
+      hinted = true;
     };
     const EvalResult r = evaluate_perplexity(pre.model, tokenizer, docs, opts, progress);
     if (!std::isfinite(r.loss))

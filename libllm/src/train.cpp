@@ -252,11 +252,27 @@ bool wants_cuda(const TrainConfig& tc) {
 
 json parse_extra(const std::string& extra) {
   if (extra.empty()) return json::object();
+  json x;
   try {
-    return detail::parse_json(extra, "extra");
+    x = detail::parse_json(extra, "extra");
   } catch (const json::exception& e) {
     throw Error("extra", std::string("invalid JSON: ") + e.what(), "the checkpoint is corrupt");
   }
+  if (!x.is_object())
+    throw Error("extra", "is " + detail::shown(x) + ", not a JSON object", "the checkpoint is corrupt");
+  return x;
+}
+
+// extra's `key` (`fallback` where absent or null), which must be of JSON type `type` (an Error naming
+// the key otherwise, not nlohmann's type message).
+json extra_value(const json& x, const char* key, json::value_t type, json fallback) {
+  if (!x.contains(key) || x[key].is_null()) return fallback;
+  const json& v = x[key];
+  const bool ok = type == json::value_t::number_integer ? v.is_number_integer() : v.type() == type;
+  if (!ok)
+    throw Error(std::string("extra: ") + key, "is " + detail::shown(v) + ", expected " + json(type).type_name(),
+                "the checkpoint is corrupt");
+  return v;
 }
 
 struct Run {
@@ -533,10 +549,10 @@ struct Run {
         data->set_planned_samples(data->global_index() + std::max<int64_t>(0, recipe.train.steps - st.step) * per_step);
       }
       const json x = parse_extra(st.extra);
-      history = x.value("eval_history", json::array());
-      tokens = x.value("tokens", int64_t{-1});
-      applied_plan = x.value("applied_plan", json());
-      applied_rollback = x.value("applied_rollback", json());
+      history = extra_value(x, "eval_history", json::value_t::array, json::array());
+      tokens = extra_value(x, "tokens", json::value_t::number_integer, int64_t{-1}).get<int64_t>();
+      applied_plan = extra_value(x, "applied_plan", json::value_t::object, json());
+      applied_rollback = extra_value(x, "applied_rollback", json::value_t::object, json());
       guard = Guard(recipe.guard);
       if (x.contains("guard")) {
         if (!x["guard"].is_string()) throw Error("guard state", "is not a string");

@@ -172,6 +172,17 @@ TEST_CASE("a damaged checkpoint's errors name its file", "[train]") {
   extra["guard"] = "{\"losses\": 1}";
   CHECK_THAT(resume_with("extra", extra.dump()), Catch::Contains(ck + "/trainer.json: guard state"));
   CHECK_THAT(resume_with("extra", "{not json"), Catch::Contains(ck + "/trainer.json: extra: invalid JSON"));
+  // A value of the wrong JSON type: its key is named, not nlohmann's type message.
+  CHECK_THAT(resume_with("extra", "[1]"), Catch::Contains(ck + "/trainer.json: extra: is [1], not a JSON object"));
+  extra = nlohmann::json::parse(nlohmann::json::parse(good)["extra"].get<std::string>());
+  extra["tokens"] = "many";
+  CHECK_THAT(resume_with("extra", extra.dump()),
+             Catch::Contains(ck + "/trainer.json: extra: tokens: is \"many\", expected number") &&
+                 Catch::Contains("the checkpoint is corrupt"));
+  extra.erase("tokens");
+  extra["eval_history"] = 3;
+  CHECK_THAT(resume_with("extra", extra.dump()),
+             Catch::Contains(ck + "/trainer.json: extra: eval_history: is 3, expected array"));
   // An optimizer state of other parameters: the optimizer file is named.
   std::ofstream(ck + "/trainer.json") << good;
   {
