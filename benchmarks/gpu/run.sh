@@ -10,16 +10,21 @@ set -euo pipefail
 build=${1:?usage: run.sh BUILD_DIR [REPEATS] [STEPS] [MICRO_BATCH]} repeats=${2:-2} steps=${3:-10} mb=${4:-4}
 here=$(dirname "$0")
 out=${BENCH_OUT:-$(mktemp)}
+errors=${out%.jsonl}.errors.log
+: > "$errors"
+# One failed run (out of memory, a missing package) is reported and the others still run: its
+# errors go to $errors, and the summary counts the runs each median is of.
 for i in $(seq "$repeats"); do
   for loss in "" --plain-loss; do  # the fused LM head + loss (train.fused_loss), then the plain one
     "$build/bin/train-bench" --config 1b --device cuda --dtype bf16 --micro-batch "$mb" --steps "$steps" \
-      --peak-tflops 989 $loss | tail -1 | tee -a "$out"
+      --peak-tflops 989 $loss 2>>"$errors" | tail -1 | tee -a "$out" || echo "train-bench $loss failed: see $errors"
   done
   for run in ${HF_RUNS:-eager:bf16 compile:bf16 compile:amp}; do
     python3 "$here/hf_bench.py" --mode "${run%%:*}" --precision "${run##*:}" --micro-batch "$mb" --steps "$steps" \
-      2>/dev/null | tail -1 | tee -a "$out"
+      2>>"$errors" | tail -1 | tee -a "$out" || echo "hf_bench $run failed: see $errors"
   done
 done
+[ -s "$errors" ] && { echo "--- errors ($errors):"; grep -vE "^\s*$" "$errors" | tail -5; }
 python3 - "$out" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]

@@ -33,6 +33,11 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
   // With a mask, flash attention is out; the memory-efficient kernel takes masks but not
   // enable_gqa (only the math fallback, which materialises (B, H, T, S) scores, takes both).
   if (m && q.is_cuda()) return at::scaled_dot_product_attention(q, expand_kv(k), expand_kv(v), *m, 0.0, false);
+  // Flash attention (fp16/bf16 only) is the fused kernel that takes enable_gqa: fp32 on a GPU
+  // expands the keys/values for the memory-efficient kernel instead.
+  const bool half = q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kHalf;
+  if (q.is_cuda() && !half && H != Hkv)
+    return at::scaled_dot_product_attention(q, expand_kv(k), expand_kv(v), c10::nullopt, 0.0, true);
   if (m) return at::scaled_dot_product_attention(q, k, v, *m, 0.0, false, c10::nullopt, H != Hkv);
   return at::scaled_dot_product_attention(q, k, v, c10::nullopt, 0.0, true, c10::nullopt, H != Hkv);
 #elif LIBLLM_TORCH_AT_LEAST(2, 0)

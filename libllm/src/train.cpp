@@ -270,7 +270,11 @@ json extra_value(const json& x, const char* key, json::value_t type, json fallba
   const json& v = x[key];
   const bool ok = type == json::value_t::number_integer ? v.is_number_integer() : v.type() == type;
   if (!ok)
-    throw Error(std::string("extra: ") + key, "is " + detail::shown(v) + ", expected " + json(type).type_name(),
+    throw Error(std::string("extra: ") + key,
+                "is " + detail::shown(v) + ", expected " +
+                    (type == json::value_t::number_integer ? "an integer"
+                     : type == json::value_t::array        ? "a list"
+                                                           : "an object"),
                 "the checkpoint is corrupt");
   return v;
 }
@@ -1154,7 +1158,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     fmt::print("resolved recipe:\n{}\n", run.recipe_yaml);
     fmt::print("model: {:.2f} M parameters | {} steps x {} tokens ({} x {} x {} accumulation x {} ranks) | {} | {}\n",
                pc.total / 1e6, tc.steps, global, tc.micro_batch, tc.seq_len, run.accum, dist.world_size(),
-               run.cuda ? fmt::format("{} ({})", run.device.str(), compat::cuda_device_name(dist.local_rank()))
+               run.cuda ? fmt::format("{} ({})", run.device.str(), compat::cuda_device_name(run.device.index()))
                         : fmt::format("cpu, {} threads", at::get_num_threads()),
                dist.describe());
     fmt::print("host memory: peak {:.0f} MiB on rank 0 once the model was built{}\n", built_rss_mib,
@@ -1712,7 +1716,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     }
     if (mc.n_experts > 0) line["aux_loss"] = aux_sum / run.accum;
     if (tc.peak_tflops > 0) line["mfu"] = mfu;
-    if (run.cuda) line["gpu_peak_gib"] = compat::cuda_peak_allocated_bytes(dist.local_rank()) / double(1 << 30);
+    if (run.cuda) line["gpu_peak_gib"] = compat::cuda_peak_allocated_bytes(run.device.index()) / double(1 << 30);
     line["state_mib"] = held / 1048576.0;  // rank 0's parameters + gradients + optimizer state, at most, this step
     if (supervised) line["attempt"] = restart;  // which of the supervisor's jobs ran it
     if (main_rank && steps_this_run == 1)
