@@ -64,12 +64,16 @@ int main(int argc, char** argv) {
       const double s = std::chrono::duration<double>(now - started).count();
       fmt::print(stderr, "evaluating: {} of {} windows ({:.1f}%), {:.0f} s to go\n", done, total, 100.0 * done / total,
                  s / done * (total - done));
-      const int64_t window = opts.window > 0 ? opts.window : m.max_seq_len;
-      if (!hinted && opts.stride < window / 4)  // (once: the way to a shorter evaluation)
+      // (once: the way to a shorter evaluation, where documents are longer than a window: a document
+      // of n tokens is 1 + ceil(max(0, n - 1 - window) / stride) windows)
+      const int64_t window = opts.window > 0 ? opts.window : m.max_seq_len, wider = window / 2;
+      const double docs_n = static_cast<double>(docs.size());
+      const double fewer = static_cast<double>(total) / (docs_n + (total - docs_n) * opts.stride / wider);
+      if (!hinted && wider > opts.stride && fewer >= 2)
         fmt::print(stderr,
-                   "hint: --stride {} scores {} tokens a window after the first, for about {}x fewer windows, "
-                   "each token still seeing at least {} tokens of context\n",
-                   window / 2, window / 2, window / 2 / opts.stride, window / 2);
+                   "hint: --stride {} scores {} tokens a window after the first, for about {:.0f}x fewer windows "
+                   "here, each token still seeing at least {} tokens of context\n",
+                   wider, wider, fewer, window - wider + 1);
       hinted = true;
     };
     const EvalResult r = evaluate_perplexity(pre.model, tokenizer, docs, opts, progress);

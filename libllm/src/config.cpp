@@ -1,6 +1,10 @@
 #include "libllm/config.h"
 
 #include <yaml-cpp/yaml.h>
+#if __has_include(<yaml-cpp/depthguard.h>)  // (yaml-cpp >= 0.7)
+#include <yaml-cpp/depthguard.h>
+#define LIBLLM_YAML_DEPTH_GUARD 1
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -339,6 +343,12 @@ void Schema::load_string(const std::string& yaml, const std::string& source) {
                   "a second YAML document starts here (after a '---' line)",
                   "a recipe is one document: remove the '---'");
     if (!docs.empty()) root = docs[0];
+#ifdef LIBLLM_YAML_DEPTH_GUARD
+  } catch (const YAML::DeepRecursion& e) {  // (yaml-cpp's own message is "bad file")
+    throw Error(source + ":" + std::to_string(e.mark.line + 1),
+                "invalid YAML: nested deeper than yaml-cpp reads (" + std::to_string(e.depth()) + " levels)",
+                "a recipe's values are numbers, texts and short lists: the file is damaged");
+#endif
   } catch (const YAML::Exception& e) {
     throw Error(source + ":" + std::to_string(e.mark.line + 1), "invalid YAML: " + e.msg);
   }

@@ -1005,11 +1005,10 @@ ShardSet ShardSet::open(const std::string& dir) {
                 std::to_string(info.vocab_size) + " is outside [1, " + (impl->width == 2 ? "65536" : "2^31 - 1") +
                     "] for " + dtype + " tokens",
                 kRerun);
-  if (info.eos_id < -1 || info.eos_id >= info.vocab_size || info.bos_id < -1 || info.bos_id >= info.vocab_size)
-    throw Error(meta_path,
-                "eos_id " + std::to_string(info.eos_id) + " or bos_id " + std::to_string(info.bos_id) +
-                    " is outside the vocabulary of " + std::to_string(info.vocab_size),
-                kRerun);
+  for (auto [key, id] : {std::pair{"eos_id", info.eos_id}, {"bos_id", info.bos_id}})
+    if (id < -1 || id >= info.vocab_size)
+      throw Error(meta_path + ": " + key,
+                  std::to_string(id) + " is outside the vocabulary of " + std::to_string(info.vocab_size), kRerun);
   info.tokenizer_sha256 = meta_get<std::string>(meta, "tokenizer_sha256", meta_path);
   info.tokenizer_path = meta_get<std::string>(meta, "tokenizer_path", meta_path);
   info.total_tokens = meta_get<int64_t>(meta, "total_tokens", meta_path);
@@ -1093,17 +1092,18 @@ void ShardSet::read(int64_t begin, int64_t n, int64_t* out) const {
 }
 
 std::string ShardSet::fingerprint() const {
-  const Impl& m = *impl_;
+  // Of the token stream alone, not of its split into shards (another data_prep.shard_tokens makes
+  // the same stream): 16 reads of up to 2048 tokens, evenly spaced from its start to its end.
+  const int64_t total = impl_->info.total_tokens;
   std::string text =
-      "tokens " + std::to_string(m.info.total_tokens) + " documents " + std::to_string(m.info.total_documents) + "\n";
-  constexpr size_t kSample = 4096;
-  for (size_t i = 0; i < m.maps.size(); ++i) {
-    const size_t bytes = static_cast<size_t>(m.starts[i + 1] - m.starts[i]) * static_cast<size_t>(m.width);
-    text += "shard " + std::to_string(i) + " " + std::to_string(bytes) + "\n";
-    const unsigned char* p = m.maps[i]->data;
-    for (size_t at : {size_t{0}, bytes / 2, bytes > kSample ? bytes - kSample : size_t{0}})
-      text.append(reinterpret_cast<const char*>(p) + std::min(at, bytes),
-                  std::min(kSample, bytes - std::min(at, bytes)));
+      "tokens " + std::to_string(total) + " documents " + std::to_string(impl_->info.total_documents) + "\n";
+  constexpr int64_t kReads = 16, kRead = 2048;
+  std::vector<int64_t> tokens(static_cast<size_t>(kRead));
+  for (int64_t r = 0; r < kReads; ++r) {
+    const int64_t n = std::min(kRead, total);
+    const int64_t begin = (total - n) * r / (kReads - 1);
+    read(begin, n, tokens.data());
+    text.append(reinterpret_cast<const char*>(tokens.data()), static_cast<size_t>(n) * sizeof(int64_t));
   }
   return sha256_hex(text).substr(0, 16);
 }

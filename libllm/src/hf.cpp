@@ -415,11 +415,6 @@ HfConfig read_hf_config(const std::string& dir) {
   } else {
     out.eos_id = r.integer("eos_token_id", 2);
   }
-  // (ids outside the embedding would seed an evaluation, or stop nothing; on a GPU, an index assert)
-  if (out.bos_id < 0 || out.bos_id >= m.vocab_size)
-    throw Error(file + ": bos_token_id",
-                std::to_string(out.bos_id) + " is outside the vocabulary [0, " + std::to_string(m.vocab_size) + ")",
-                "the file is damaged, or its vocab_size is wrong");
   for (const json& e : eos && eos->is_array() ? *eos : json::array({out.eos_id}))
     if (e.get<int64_t>() < 0 || e.get<int64_t>() >= m.vocab_size)
       throw Error(
@@ -431,6 +426,11 @@ HfConfig read_hf_config(const std::string& dir) {
                         {"num_attention_heads", m.n_heads}, {"num_key_value_heads", m.n_kv_heads},
                         {"max_position_embeddings", m.max_seq_len}})
     if (v <= 0) throw Error(file + ": " + key, "must be positive, got " + std::to_string(v));
+  // (ids outside the embedding would seed an evaluation, or stop nothing; on a GPU, an index assert)
+  if (out.bos_id < 0 || out.bos_id >= m.vocab_size)
+    throw Error(file + ": bos_token_id",
+                std::to_string(out.bos_id) + " is outside the vocabulary [0, " + std::to_string(m.vocab_size) + ")",
+                "the file is damaged, or its vocab_size is wrong");
   m.validate(file);
   m.resolve();
   return out;
@@ -829,6 +829,11 @@ void write_hf_folder(const ModelConfig& config, const std::vector<LazyWeight>& w
     gen = read_json(opts.generation_config);
     if (!gen.is_object()) throw Error(opts.generation_config, "expected a JSON object");
   }
+  for (auto [name, id] : {std::pair{"bos", opts.bos_id}, {"eos", opts.eos_id}})
+    if (id < 0 || id >= config.vocab_size)
+      throw Error(dir,
+                  fmt::format("the {} id {} is outside the model's vocabulary [0, {})", name, id, config.vocab_size),
+                  "export with a tokenizer whose ids fit the model");
   write_folder_atomically(dir, FolderKind::hf_model, [&](const std::string& tmp_dir) {
     const fs::path tmp = tmp_dir;
     std::error_code ec;
@@ -887,9 +892,19 @@ void write_hf_folder(const ModelConfig& config, const std::vector<LazyWeight>& w
     };
     const bool listed = eos.is_array() && std::find(eos.begin(), eos.end(), json(opts.eos_id)) != eos.end();
     if (!listed) add(opts.eos_id);
+    std::vector<int64_t> outside;  // (a source's stop id past this model's vocabulary: never generated)
+    auto add_in_range = [&](int64_t id) {
+      if (id >= 0 && id < config.vocab_size)
+        add(id);
+      else if (std::find(outside.begin(), outside.end(), id) == outside.end())
+        outside.push_back(id);
+    };
     for (const json& e : eos.is_array() ? eos : json::array({eos}))
-      if (e.is_number_integer()) add(e.get<int64_t>());
-    for (int64_t id : opts.stop_ids) add(id);
+      if (e.is_number_integer()) add_in_range(e.get<int64_t>());
+    for (int64_t id : opts.stop_ids) add_in_range(id);
+    if (!outside.empty())
+      fmt::print(stderr, "note: stop id(s) {} of the source are outside the model's vocabulary of {}: not exported\n",
+                 json(outside).dump(), config.vocab_size);
     gen["eos_token_id"] = stops.size() == 1 ? json(stops[0]) : json(stops);
     // config.json lists the same ids (as Llama 3's does): tools that read only config.json (and
     // transformers without a generation_config.json) stop at each too.
@@ -970,7 +985,8 @@ std::vector<int64_t> stop_token_ids(const std::string& dir) {
 }
 
 std::string pad_token_of(const std::string& dir) {
-  for (const char* name : {"tokenizer_config.json", "special_tokens_map.json"}) {
+  // (transformers lets special_tokens_map.json's tokens override tokenizer_config.json's)
+  for (const char* name : {"special_tokens_map.json", "tokenizer_config.json"}) {
     std::ifstream in(fs::path(dir) / name);
     if (!in) continue;
     json j;
@@ -1133,9 +1149,8 @@ namespace {
 Pretrained checked_base(const Pretrained& info, int depth) {
   if (!info.base_missing.empty())
     throw Error(info.dir, info.base_missing,
-                "put the base model folder back there; or, if it moved, set finetune.base in " +
-                    (fs::path(info.dir) / "recipe.yaml").string() +
-                    " to its new path (the base is checked to be the one the adapters were trained on)");
+                "put the base model folder back there, or a symbolic link to its new place (ln -s NEW " + info.base +
+                    "): the base is checked to be the one the adapters were trained on");
   if (depth > 32)
     throw Error(info.dir, "its chain of LoRA bases is over 32 deep (a cycle?)",
                 "export a merged model and fine-tune that");

@@ -55,6 +55,10 @@ TEST_CASE("wrong types and out-of-range values name the key and what is allowed"
   CHECK_THAT(error_of("model:\n  dim: 60\n  n_heads: 8\n"), Catch::Contains("not divisible"));
   CHECK_THAT(error_of("model: [1]\n"), Catch::Contains("must be a mapping"));
   CHECK_THAT(error_of("model:\n  dim: 4\n dim: 3\n"), Catch::Contains("invalid YAML"));
+  // Nesting past yaml-cpp's depth guard (0.7: 500 levels) says so, not yaml-cpp's "bad file".
+  CHECK_THAT(error_of("model: " + std::string(100000, '[') + std::string(100000, ']') + "\n"),
+             Catch::Contains("r.yaml:1: invalid YAML: nested deeper than yaml-cpp reads") &&
+                 Catch::Contains("the file is damaged"));
   CHECK_THAT(error_of("model:\n  n_experts: 2\n  n_experts_per_token: 3\n"), Catch::Contains("exceeds n_experts"));
 }
 

@@ -604,7 +604,7 @@ TEST_CASE("incomplete or damaged shard sets are errors that say to re-run", "[da
     meta["bos_id"] = 5;
     write_text(tmp / "set/meta.json", meta.dump());
     CHECK_THAT(error_of([&] { ShardSet::open(tmp / "set"); }),
-               Catch::Contains("bos_id 5 is outside the vocabulary of 3"));
+               Catch::Contains("meta.json: bos_id: 5 is outside the vocabulary of 3"));
   }
   SECTION("re-writing a folder replaces the old shard set, stale shards included") {
     const auto docs = synthetic_docs(5, 9);
@@ -850,6 +850,15 @@ TEST_CASE("PackedDataset: a cursor continues exactly in a fresh dataset: bad cur
   moved.train = {tmp / "a-moved", tmp / "b"};
   PackedDataset same_data(moved, L, 0, 1);
   CHECK_NOTHROW(same_data.restore(good));
+  // The same stream in other shards (another data_prep.shard_tokens) keeps the fingerprint.
+  make_set(tmp, "a-moved", synthetic_docs(60, 3), 200);
+  REQUIRE(ShardSet::open(tmp / "a-moved").n_shards() > 1);
+  PackedDataset resplit(moved, L, 0, 1);
+  CHECK_NOTHROW(resplit.restore(good));
+  // A cursor from before fingerprints (no key) is taken as it is.
+  auto old = nlohmann::json::parse(good);
+  for (auto& set : old["sets"]) set.erase("fingerprint");
+  CHECK_NOTHROW(reordered.restore(old.dump()));
   CHECK(ds.cursor() == good);  // failed restores change nothing
 }
 

@@ -283,10 +283,27 @@ TEST_CASE("export keeps the source's generation settings, with the exported bos 
         nlohmann::json{{"bos_token", tok.piece(1)}, {"eos_token", tok.piece(3)}, {"unk_token", tok.piece(0)}});
   // The fast tokenizer's file beside it, as Tokenizer::hf_tokenizer_json writes it.
   CHECK(read_file(tmp / "b/tokenizer.json") == tok.hf_tokenizer_json());
+  // An id past this model's vocabulary is an error; past tokenizer.model's only (a padded model
+  // vocabulary), tokenizer_config.json names tokenizer.model's own eos.
   opts.eos_id = tok.vocab_size() + 5;
-  export_hf(p.model, tmp / "b", opts);
+  CHECK_THAT(error_of([&] { export_hf(p.model, tmp / "c", opts); }),
+             Catch::Contains("the eos id " + std::to_string(opts.eos_id) + " is outside the model's vocabulary [0, " +
+                             std::to_string(tok.vocab_size()) + ")"));
+  CHECK(!fs::exists(tmp / "c"));
+  ModelConfig padded = p.model->config();
+  padded.vocab_size = tok.vocab_size() + 16;
+  Transformer wide(padded);
+  export_hf(wide, tmp / "b", opts);
   tc = nlohmann::json::parse(read_file(tmp / "b/tokenizer_config.json"));
   CHECK(tc["eos_token"] == tok.piece(tok.eos_id()));
+  CHECK(read_hf_config(tmp / "b").eos_id == opts.eos_id);
+  // A source's stop id past the model's vocabulary is left out (the export must read back).
+  opts.eos_id = 3;
+  opts.stop_ids = {tok.vocab_size() + 100};
+  export_hf(p.model, tmp / "b", opts);
+  CHECK(read_hf_config(tmp / "b").eos_id == 3);
+  CHECK(stop_token_ids(tmp / "b") == std::vector<int64_t>{3, 5, 2});
+  opts.stop_ids.clear();
   // A pad token that is one of tokenizer.model's pieces is named; another is left out (a server
   // would add it to the vocabulary).
   opts.eos_id = 3;
@@ -305,10 +322,10 @@ TEST_CASE("export keeps the source's generation settings, with the exported bos 
   export_hf(p.model, tmp / "b", opts);
   CHECK(nlohmann::json::parse(read_file(tmp / "b/generation_config.json"))["eos_token_id"] == 3);
   // The source config.json's stop ids (stop_token_ids) follow: a list there is kept.
-  opts.stop_ids = {2, 450, 3};
+  opts.stop_ids = {2, 250, 3};
   export_hf(p.model, tmp / "b", opts);
   CHECK(nlohmann::json::parse(read_file(tmp / "b/generation_config.json"))["eos_token_id"] ==
-        nlohmann::json({3, 2, 450}));
+        nlohmann::json({3, 2, 250}));
   opts.stop_ids.clear();
   opts.tokenizer_path.clear();
   write_file(tmp / "gen.json", "[1]");
@@ -564,16 +581,18 @@ TEST_CASE("the tokens an HF tokenizer adds beyond tokenizer.model are found by i
   CHECK(added_tokens(tmp.path.string(), tok) == Added{{385, "<pad>"}});
 }
 
-TEST_CASE("pad_token_of: tokenizer_config.json's pad token, as a text or an object, else special_tokens_map.json's",
+TEST_CASE("pad_token_of: special_tokens_map.json's pad token, as a text or an object, else tokenizer_config.json's",
           "[io][hf]") {
   test::TempDir tmp;
   CHECK(pad_token_of(tmp.path.string()).empty());
-  write_file(tmp / "special_tokens_map.json", R"({"pad_token": {"content": "<pad>", "lstrip": false}})");
-  CHECK(pad_token_of(tmp.path.string()) == "<pad>");
   write_file(tmp / "tokenizer_config.json", R"({"pad_token": "</s>"})");
   CHECK(pad_token_of(tmp.path.string()) == "</s>");
+  write_file(tmp / "special_tokens_map.json", R"({"pad_token": {"content": "<pad>", "lstrip": false}})");
+  CHECK(pad_token_of(tmp.path.string()) == "<pad>");  // (it overrides tokenizer_config.json in transformers)
+  write_file(tmp / "special_tokens_map.json", R"({"pad_token": null})");
+  CHECK(pad_token_of(tmp.path.string()) == "</s>");
   write_file(tmp / "tokenizer_config.json", R"({"pad_token": null})");  // (Llama 2's: none)
-  CHECK(pad_token_of(tmp.path.string()) == "<pad>");
+  CHECK(pad_token_of(tmp.path.string()).empty());
   write_file(tmp / "special_tokens_map.json", "not json");
   CHECK(pad_token_of(tmp.path.string()).empty());
 }

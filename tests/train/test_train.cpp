@@ -177,12 +177,16 @@ TEST_CASE("a damaged checkpoint's errors name its file", "[train]") {
   extra = nlohmann::json::parse(nlohmann::json::parse(good)["extra"].get<std::string>());
   extra["tokens"] = "many";
   CHECK_THAT(resume_with("extra", extra.dump()),
-             Catch::Contains(ck + "/trainer.json: extra: tokens: is \"many\", expected number") &&
+             Catch::Contains(ck + "/trainer.json: extra: tokens: is \"many\", expected an integer") &&
                  Catch::Contains("the checkpoint is corrupt"));
   extra.erase("tokens");
   extra["eval_history"] = 3;
   CHECK_THAT(resume_with("extra", extra.dump()),
-             Catch::Contains(ck + "/trainer.json: extra: eval_history: is 3, expected array"));
+             Catch::Contains(ck + "/trainer.json: extra: eval_history: is 3, expected a list"));
+  extra["eval_history"] = nlohmann::json::array();
+  extra["tokens"] = 2.5;
+  CHECK_THAT(resume_with("extra", extra.dump()),
+             Catch::Contains(ck + "/trainer.json: extra: tokens: is 2.5, expected an integer"));
   // An optimizer state of other parameters: the optimizer file is named.
   std::ofstream(ck + "/trainer.json") << good;
   {

@@ -121,9 +121,9 @@ class ShardSet {
   // Copies tokens [begin, begin + n) of the concatenated stream of all shards into out (as int64);
   // a range outside [0, n_tokens()) is an Error.
   void read(int64_t begin, int64_t n, int64_t* out) const;
-  // 16 hex digits of a SHA-256 over the set's token and document counts and a sample of its
-  // tokens (each shard's token count and up to 4 KiB at its start, middle and end): the same data
-  // made again or moved elsewhere keeps it; other data of the same size almost surely changes it.
+  // 16 hex digits of a SHA-256 over the set's token and document counts and 16 reads of 2048
+  // tokens evenly spaced over its stream: the same data made again (with any shard size) or moved
+  // elsewhere keeps it; other data of the same size almost surely changes it.
   std::string fingerprint() const;
 
  private:
