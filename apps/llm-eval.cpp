@@ -53,7 +53,18 @@ int main(int argc, char** argv) {
                m.hf_architecture(), count_parameters(m).total / 1e6, dtype_name(dtype), device.str());
     fmt::print("data: {} ({} documents), tokenizer: {} ({} tokens)\n", args.get("--data"), docs.size(), tok_path,
                tokenizer.vocab_size());
-    // Progress on stderr every 10 s: a small stride over long documents is many windows.
+    std::vector<std::vector<int64_t>> tokens;
+    tokens.reserve(docs.size());
+    for (const auto& d : docs) tokens.push_back(tokenizer.encode(d));
+    // Progress on stderr every 10 s: a small stride over long documents is many windows. Where a
+    // stride of half the window would need at most half as many, the first line says so.
+    const int64_t window = opts.window > 0 ? opts.window : m.max_seq_len, wider = window / 2;
+    int64_t now_windows = 0, wider_windows = 0;
+    if (wider > opts.stride)
+      for (const auto& t : tokens) {
+        now_windows += eval_windows(static_cast<int64_t>(t.size()), window, opts.stride);
+        wider_windows += eval_windows(static_cast<int64_t>(t.size()), window, wider);
+      }
     const auto started = std::chrono::steady_clock::now();
     auto last = started;
     bool hinted = false;
@@ -64,19 +75,15 @@ int main(int argc, char** argv) {
       const double s = std::chrono::duration<double>(now - started).count();
       fmt::print(stderr, "evaluating: {} of {} windows ({:.1f}%), {:.0f} s to go\n", done, total, 100.0 * done / total,
                  s / done * (total - done));
-      // (once: the way to a shorter evaluation, where documents are longer than a window: a document
-      // of n tokens is 1 + ceil(max(0, n - 1 - window) / stride) windows)
-      const int64_t window = opts.window > 0 ? opts.window : m.max_seq_len, wider = window / 2;
-      const double docs_n = static_cast<double>(docs.size());
-      const double fewer = static_cast<double>(total) / (docs_n + (total - docs_n) * opts.stride / wider);
-      if (!hinted && wider > opts.stride && fewer >= 2)
+      if (!hinted && wider_windows > 0 && now_windows >= 2 * wider_windows)
         fmt::print(stderr,
-                   "hint: --stride {} scores {} tokens a window after the first, for about {:.0f}x fewer windows "
-                   "here, each token still seeing at least {} tokens of context\n",
-                   wider, wider, fewer, window - wider + 1);
+                   "hint: --stride {} scores {} tokens a window after the first: {} windows instead of {} ({:.1f}x "
+                   "fewer), each token still seeing at least {} tokens of context\n",
+                   wider, wider, wider_windows, now_windows, static_cast<double>(now_windows) / wider_windows,
+                   window - wider + 1);
       hinted = true;
     };
-    const EvalResult r = evaluate_perplexity(pre.model, tokenizer, docs, opts, progress);
+    const EvalResult r = evaluate_tokens(pre.model, tokens, opts, progress);
     if (!std::isfinite(r.loss))
       throw Error(args.get("--checkpoint"), fmt::format("the loss over {} tokens is {}", r.tokens, r.loss),
                   "the model's outputs are not finite: its weights hold NaN or infinite values, or overflow in " +

@@ -24,7 +24,10 @@ for i in $(seq "$repeats"); do
       2>>"$errors" | tail -1 | tee -a "$out" || echo "hf_bench $run failed: see $errors"
   done
 done
-[ -s "$errors" ] && { echo "--- errors ($errors):"; grep -vE "^\s*$" "$errors" | tail -5; }
+if [ -s "$errors" ]; then
+  echo "--- stderr of the runs ($errors; warnings too):"
+  grep -vE "^\s*$" "$errors" | tail -5 || true
+fi
 python3 - "$out" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]

@@ -1292,7 +1292,7 @@ std::string PackedDataset::cursor() const {
     j["sets"].push_back({{"dir", s.dir},
                          {"tokens", s.shards.n_tokens()},
                          {"windows", s.windows},
-                         {"fingerprint", s.fingerprint},
+                         {"stream_fingerprint", s.fingerprint},
                          {"epoch", s.epoch},
                          {"pos", s.pos}});
   j["deferred"] = ojson::array();  // per rank: [[set, window], ...]
@@ -1353,7 +1353,7 @@ void PackedDataset::restore(const std::string& text) {
     }
     // The same size, other tokens (another data set of that size; the same documents made with other
     // data_prep settings): a cursor from before fingerprints (no key) is taken as it is.
-    if (sets[i].contains("fingerprint") && sets[i]["fingerprint"] != s.fingerprint) {
+    if (sets[i].contains("stream_fingerprint") && sets[i]["stream_fingerprint"] != s.fingerprint) {
       const std::string then =
           sets[i].contains("dir") && sets[i]["dir"].is_string() ? sets[i]["dir"].get<std::string>() : "";
       throw Error(where,
@@ -1361,7 +1361,7 @@ void PackedDataset::restore(const std::string& text) {
                       (then.empty() || then == s.dir ? std::string("it did") : then + " did") +
                       " when the cursor was saved (the same " + std::to_string(s.shards.n_tokens()) +
                       " tokens in number; fingerprint " + s.fingerprint + ", then " +
-                      detail::shown(sets[i]["fingerprint"]) + ")",
+                      detail::shown(sets[i]["stream_fingerprint"]) + ")",
                   fresh);
     }
     const int64_t epoch = get(sets[i], "epoch"), pos = get(sets[i], "pos");

@@ -40,6 +40,12 @@ std::vector<Window> plan_windows(const std::vector<int64_t>& t, int64_t W, int64
 
 }  // namespace
 
+int64_t eval_windows(int64_t tokens, int64_t window, int64_t stride) {
+  if (tokens < 1) return 0;  // (BOS + tokens: n = tokens + 1, targets 1..n-1; plan_windows' count)
+  const int64_t past = std::max<int64_t>(0, tokens - window);
+  return 1 + (past + stride - 1) / stride;
+}
+
 EvalResult evaluate_perplexity(Transformer& model, const Tokenizer& tokenizer,
                                const std::vector<std::string>& documents, const EvalOptions& opts,
                                const std::function<void(int64_t, int64_t)>& progress) {

@@ -985,22 +985,29 @@ std::vector<int64_t> stop_token_ids(const std::string& dir) {
 }
 
 std::string pad_token_of(const std::string& dir) {
-  // (transformers lets special_tokens_map.json's tokens override tokenizer_config.json's)
-  for (const char* name : {"special_tokens_map.json", "tokenizer_config.json"}) {
+  auto parse = [&](const char* name) {
     std::ifstream in(fs::path(dir) / name);
-    if (!in) continue;
-    json j;
     try {
-      j = detail::parse_json(in, (fs::path(dir) / name).string());
+      const json j = in ? detail::parse_json(in, (fs::path(dir) / name).string()) : json();
+      return j.is_object() ? j : json::object();
     } catch (const json::exception&) {
-      continue;
+      return json::object();
     }
-    if (!j.is_object() || !j.contains("pad_token")) continue;
+  };
+  auto pad_of = [](const json& j) -> std::optional<std::string> {
+    if (!j.contains("pad_token")) return std::nullopt;
     const json& pad = j["pad_token"];
     if (pad.is_string()) return pad.get<std::string>();
     if (pad.is_object() && pad.contains("content") && pad["content"].is_string())
       return pad["content"].get<std::string>();
-  }
+    return std::nullopt;
+  };
+  // transformers (>= 4.34) takes tokenizer_config.json's tokens; special_tokens_map.json's
+  // override them only in a legacy folder, whose tokenizer_config.json has no added_tokens_decoder.
+  const json config = parse("tokenizer_config.json"), map = parse("special_tokens_map.json");
+  const bool legacy = !config.contains("added_tokens_decoder");
+  for (const json* j : legacy ? std::vector<const json*>{&map, &config} : std::vector<const json*>{&config, &map})
+    if (auto pad = pad_of(*j)) return *pad;
   return "";
 }
 

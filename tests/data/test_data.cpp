@@ -857,7 +857,7 @@ TEST_CASE("PackedDataset: a cursor continues exactly in a fresh dataset: bad cur
   CHECK_NOTHROW(resplit.restore(good));
   // A cursor from before fingerprints (no key) is taken as it is.
   auto old = nlohmann::json::parse(good);
-  for (auto& set : old["sets"]) set.erase("fingerprint");
+  for (auto& set : old["sets"]) set.erase("stream_fingerprint");
   CHECK_NOTHROW(reordered.restore(old.dump()));
   CHECK(ds.cursor() == good);  // failed restores change nothing
 }

@@ -79,9 +79,12 @@ TEST_CASE("every token is predicted once, whatever the batch size and stride", "
   const EvalResult many = evaluate_tokens(p.model, docs, opts);
   CHECK(many.tokens == one.tokens);
   CHECK(many.loss == Approx(one.loss).margin(1e-6));
-  for (int64_t stride : {7, 24, 48}) {
+  for (int64_t stride : {1, 7, 24, 48}) {
     opts.stride = stride;
-    const EvalResult s = evaluate_tokens(p.model, docs, opts);
+    int64_t total = -1, expected = 0;  // (eval_windows: what llm-eval's stride hint counts)
+    for (const auto& d : docs) expected += eval_windows(static_cast<int64_t>(d.size()), 48, stride);
+    const EvalResult s = evaluate_tokens(p.model, docs, opts, [&](int64_t, int64_t all) { total = all; });
+    CHECK(total == expected);
     CHECK(s.tokens == one.tokens);
     CHECK(s.loss == Approx(one.loss).margin(0.05));  // less context for some tokens, same tokens
   }

@@ -581,18 +581,20 @@ TEST_CASE("the tokens an HF tokenizer adds beyond tokenizer.model are found by i
   CHECK(added_tokens(tmp.path.string(), tok) == Added{{385, "<pad>"}});
 }
 
-TEST_CASE("pad_token_of: special_tokens_map.json's pad token, as a text or an object, else tokenizer_config.json's",
+TEST_CASE("pad_token_of: tokenizer_config.json's pad token, as a text or an object, else special_tokens_map.json's",
           "[io][hf]") {
   test::TempDir tmp;
   CHECK(pad_token_of(tmp.path.string()).empty());
-  write_file(tmp / "tokenizer_config.json", R"({"pad_token": "</s>"})");
-  CHECK(pad_token_of(tmp.path.string()) == "</s>");
   write_file(tmp / "special_tokens_map.json", R"({"pad_token": {"content": "<pad>", "lstrip": false}})");
-  CHECK(pad_token_of(tmp.path.string()) == "<pad>");  // (it overrides tokenizer_config.json in transformers)
-  write_file(tmp / "special_tokens_map.json", R"({"pad_token": null})");
+  CHECK(pad_token_of(tmp.path.string()) == "<pad>");
+  // A legacy folder (no added_tokens_decoder): the map overrides tokenizer_config.json.
+  write_file(tmp / "tokenizer_config.json", R"({"pad_token": "</s>"})");
+  CHECK(pad_token_of(tmp.path.string()) == "<pad>");
+  // A current one: tokenizer_config.json's, else the map's.
+  write_file(tmp / "tokenizer_config.json", R"({"pad_token": "</s>", "added_tokens_decoder": {}})");
   CHECK(pad_token_of(tmp.path.string()) == "</s>");
-  write_file(tmp / "tokenizer_config.json", R"({"pad_token": null})");  // (Llama 2's: none)
-  CHECK(pad_token_of(tmp.path.string()).empty());
+  write_file(tmp / "tokenizer_config.json", R"({"pad_token": null, "added_tokens_decoder": {}})");  // (Llama 2's)
+  CHECK(pad_token_of(tmp.path.string()) == "<pad>");
   write_file(tmp / "special_tokens_map.json", "not json");
   CHECK(pad_token_of(tmp.path.string()).empty());
 }

@@ -36,6 +36,9 @@ void check_eval_options(const EvalOptions& opts, int64_t max_seq_len);
 EvalResult evaluate_perplexity(Transformer& model, const Tokenizer& tokenizer,
                                const std::vector<std::string>& documents, const EvalOptions& opts,
                                const std::function<void(int64_t, int64_t)>& progress = {});
+// Forward windows of `window` tokens (0: not allowed here) that a document of `tokens` tokens (without
+// BOS) takes at `stride`: 0 when it is empty, else 1 + ceil(max(0, tokens - window) / stride).
+int64_t eval_windows(int64_t tokens, int64_t window, int64_t stride);
 // Same on already tokenized documents (without BOS).
 EvalResult evaluate_tokens(Transformer& model, const std::vector<std::vector<int64_t>>& documents,
                            const EvalOptions& opts, const std::function<void(int64_t, int64_t)>& progress = {});

@@ -100,9 +100,10 @@ struct ExportOptions {
   // none), when it is one of tokenizer.model's pieces: the source's (pad_token_of).
   std::string pad_token = "";
 };
-// The pad token an HF model folder's tokenizer names: special_tokens_map.json's "pad_token" (a
-// text, or an object with its "content"; it overrides the other in transformers), else
-// tokenizer_config.json's; "" when neither names one or the files are unreadable.
+// The pad token an HF model folder's tokenizer names: tokenizer_config.json's "pad_token" (a text,
+// or an object with its "content"), else special_tokens_map.json's, whose token comes first in a
+// legacy folder (no added_tokens_decoder), as in transformers; "" when neither names one or the
+// files are unreadable.
 std::string pad_token_of(const std::string& dir);
 // DIR's chat template: DIR/chat_template.jinja (transformers >= 4.47 saves it there, and prefers
 // it), else the "chat_template" of DIR/tokenizer_config.json, of a list of named templates the
