@@ -1,5 +1,6 @@
 #include "libllm/checkpoint.h"
 
+#include <fmt/core.h>
 #include <unistd.h>
 
 #include <yaml-cpp/yaml.h>
@@ -639,8 +640,18 @@ TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& op
 void prune_checkpoints(const std::string& root, const CheckpointConfig& cfg, int64_t keep_at_or_before) {
   std::error_code ec;
   if (!fs::is_directory(root, ec)) return;
+  // A folder that cannot be removed (another user's files in a shared run folder) is named once a
+  // process: it keeps its disk space until someone removes it.
+  static std::set<std::string> named;
+  auto remove = [](const fs::path& dir) {
+    std::error_code rm;
+    fs::remove_all(dir, rm);
+    if (rm && named.insert(dir.string()).second)
+      fmt::print(stderr, "note: cannot remove {} ({}): remove it by hand to free its space\n", dir.string(),
+                 rm.message());
+  };
   for (const auto& e : fs::directory_iterator(root, ec))  // partial folders of dead processes
-    if (e.path().filename().string().find(".tmp-") != std::string::npos) fs::remove_all(e.path(), ec);
+    if (e.path().filename().string().find(".tmp-") != std::string::npos) remove(e.path());
   const std::vector<int64_t> steps = checkpoint_steps(root);  // ascending
   int64_t needed = -1;
   for (int64_t s : steps)
@@ -670,7 +681,7 @@ void prune_checkpoints(const std::string& root, const CheckpointConfig& cfg, int
     const fs::path doomed =
         fs::path(root) / ("pruned-" + checkpoint_name(regular[i]) + ".tmp-" + std::to_string(::getpid()));
     fs::rename(dir, doomed, ec);
-    fs::remove_all(ec ? dir : doomed, ec);
+    remove(ec ? dir : doomed);
   }
 }
 

@@ -23,7 +23,11 @@ Args::Args(int argc, char** argv, std::string usage, std::vector<Option> options
   options_.push_back({"--help", "print this help", false});
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
-    if (a.rfind("--", 0) != 0 || a == "--") {
+    if (a == "--") {  // (the end of the options: a recipe named "--x.yaml" or "-x.yaml" follows)
+      for (++i; i < argc; ++i) positional_.push_back(argv[i]);
+      break;
+    }
+    if (a.rfind("--", 0) != 0) {
       positional_.push_back(a);
       continue;
     }

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <fmt/core.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -739,6 +740,7 @@ namespace {
 struct SetOutput {
   std::string dir;
   std::string stage;  // the staging folder inside `dir` the set is written to until it is whole
+  std::shared_ptr<void> lock;  // the flock on dir/.llm-data.lock for the run's life (one writer a set)
   std::function<bool(int64_t)> keep;
   ShardSetInfo info;
   std::unique_ptr<ShardWriter> writer;
@@ -841,6 +843,15 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
     fs::create_directories(o.dir, ec);
     if (ec || !fs::is_directory(o.dir))
       throw Error("data_prep.output", "cannot create folder " + o.dir + (ec ? ": " + ec.message() : ""));
+    // One writer a folder: a second llm-data on it would remove the first one's staging folder.
+    const std::string lock_path = (fs::path(o.dir) / ".llm-data.lock").string();
+    const int fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0)
+      throw Error(lock_path, "cannot create the lock: " + errno_text(), "check that " + o.dir + " is writable");
+    o.lock = std::shared_ptr<void>(nullptr, [fd](void*) { ::close(fd); });
+    if (::flock(fd, LOCK_EX | LOCK_NB) != 0)
+      throw Error(o.dir, "another llm-data is writing a shard set into this folder (it holds " + lock_path + ")",
+                  "wait for it to finish, or give this one another data_prep.output");
     const std::string stage = (fs::path(o.dir) / kStaging).string();
     fs::remove_all(stage, ec);  // (an interrupted run's)
     if (!ec) fs::create_directory(stage, ec);

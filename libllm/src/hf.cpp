@@ -597,6 +597,10 @@ const char* kind_name(FolderKind kind) {
   return kind == FolderKind::peft_adapter ? "PEFT adapter folder" : "Hugging Face export";
 }
 
+// The marker an export's temporary folder holds while it is written, and the folders it replaces
+// while they move: "<host> <pid>".
+constexpr const char* kPartialMarker = ".libllm-export-in-progress";
+
 // Why an existing `dir` must not be replaced by a folder of `kind`; "" when it may be: it is
 // empty, or it holds only what such a folder holds (an earlier export). Anything else (a run
 // folder, a checkpoint, the other kind of export, a file of the user's) is never deleted.
@@ -617,6 +621,7 @@ std::string not_replaceable(const fs::path& dir, FolderKind kind) {
     const std::string name = it->path().filename().string();
     std::error_code ec2;
     if (it->is_directory(ec2)) return not_ours + " (it holds the folder '" + name + "')";
+    if (name == kPartialMarker) continue;  // (an export killed while it moved in)
     const bool known = kind == FolderKind::peft_adapter ? peft_files.count(name) > 0
                                                         : hf_files.count(name) > 0 || is_weight_shard(name);
     if (!known) return not_ours + " (it holds '" + name + "')";
@@ -670,8 +675,6 @@ fs::path output_folder(const std::string& dir) {
   return final_dir;
 }
 
-// The marker an export's temporary folder holds while it is written: "<host> <pid>".
-constexpr const char* kPartialMarker = ".libllm-export-in-progress";
 std::string host_name() {
   char host[256] = {};
   ::gethostname(host, sizeof(host) - 1);
@@ -681,24 +684,44 @@ std::string host_name() {
 // Removes `<name>.partial.<pid>` folders beside `final_dir` that an export of this machine left
 // (their marker names this host and that pid) and whose process is gone (killed part-way, by
 // Ctrl-C or worse): they would otherwise stay, as large as the model. Another machine's (a shared
-// filesystem), a live process's and folders without the marker are left alone.
+// filesystem), a live process's and folders without the marker are left alone. The same for
+// `<name>.old.<pid>`, the earlier export a filesystem without RENAME_EXCHANGE (NFS) steps aside
+// while the new one moves in (move_folder_into_place): put back where `final_dir` is missing.
 void remove_dead_partials(const fs::path& final_dir) {
-  const std::string prefix = final_dir.filename().string() + ".partial.";
+  const std::string name = final_dir.filename().string();
   std::error_code ec;
+  std::vector<std::pair<fs::path, bool>> found;  // (folder, is an .old one)
   for (fs::directory_iterator it(final_dir.parent_path(), ec), end; !ec && it != end; it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    if (name.compare(0, prefix.size(), prefix) != 0) continue;
-    const std::string digits = name.substr(prefix.size());
-    const std::optional<int64_t> pid = parse_int(digits);
-    if (digits.find_first_not_of("0123456789") != std::string::npos || !pid || *pid <= 0 || *pid > INT_MAX) continue;
-    std::ifstream marker(it->path() / kPartialMarker);
-    std::string owner;
-    std::getline(marker, owner);
-    if (owner != host_name() + " " + digits) continue;
-    if (::kill(static_cast<pid_t>(*pid), 0) == 0 || errno != ESRCH) continue;  // (alive, or not ours to know)
+    const std::string entry = it->path().filename().string();
+    for (const std::string suffix : {".partial.", ".old."}) {
+      const std::string prefix = name + suffix;
+      if (entry.compare(0, prefix.size(), prefix) != 0) continue;
+      const std::string digits = entry.substr(prefix.size());
+      const std::optional<int64_t> pid = parse_int(digits);
+      if (digits.find_first_not_of("0123456789") != std::string::npos || !pid || *pid <= 0 || *pid > INT_MAX) continue;
+      std::ifstream marker(it->path() / kPartialMarker);
+      std::string owner;
+      std::getline(marker, owner);
+      if (owner != host_name() + " " + digits) continue;
+      if (::kill(static_cast<pid_t>(*pid), 0) == 0 || errno != ESRCH) continue;  // (alive, or not ours to know)
+      found.emplace_back(it->path(), suffix == ".old.");
+    }
+  }
+  std::sort(found.begin(), found.end(), [](const auto& a, const auto& b) { return a.second > b.second; });
+  for (const auto& [path, old] : found) {  // (the .old ones first: one may go back into place)
     std::error_code rm;
-    fs::remove_all(it->path(), rm);
-    if (!rm) fmt::print(stderr, "note: removed {}, left by an interrupted export\n", it->path().string());
+    if (old && !fs::exists(fs::symlink_status(final_dir, rm))) {
+      fs::rename(path, final_dir, rm);
+      if (!rm) {
+        fs::remove(final_dir / kPartialMarker, rm);
+        fmt::print(stderr, "note: put {} back as {}: an interrupted export had moved it aside\n", path.string(),
+                   final_dir.string());
+        continue;
+      }
+    }
+    rm.clear();
+    fs::remove_all(path, rm);
+    if (!rm) fmt::print(stderr, "note: removed {}, left by an interrupted export\n", path.string());
   }
 }
 
@@ -751,16 +774,22 @@ void write_folder_atomically(const std::string& dir, FolderKind kind,
   ec.clear();
   if (!fs::create_directories(tmp, ec) || ec) throw Error(tmp.string(), "cannot create folder: " + ec.message());
   try {
-    std::ofstream(tmp / kPartialMarker) << host_name() << " " << ::getpid() << "\n";
+    const std::string owner = host_name() + " " + std::to_string(::getpid()) + "\n";
+    std::ofstream(tmp / kPartialMarker) << owner;
     fill(tmp.string());
-    fs::remove(tmp / kPartialMarker);
-    // Swap into place: the old folder (if any) is removed only after the new one is complete.
+    // Swap into place: the old folder (if any) is removed only after the new one is complete. Both
+    // hold the marker while they move, so that whatever a kill leaves beside final_dir (the new
+    // folder not yet in, or the old one stepped aside) is known as ours to the next export.
+    if (fs::is_directory(fs::symlink_status(final_dir, ec))) std::ofstream(final_dir / kPartialMarker) << owner;
     move_folder_into_place(tmp.string(), final_dir.string());
+    fs::remove(final_dir / kPartialMarker);
     detail::fsync_parent_dir(final_dir.string());  // (the rename survives a power loss, as every file in it)
   } catch (const fs::filesystem_error& e) {
+    fs::remove(final_dir / kPartialMarker, ec);  // (the old folder's, if it stayed)
     fs::remove_all(tmp, ec);
     throw Error(dir, std::string("writing failed: ") + e.what(), "check free disk space and permissions");
   } catch (...) {
+    if (fs::exists(tmp / kPartialMarker, ec)) fs::remove(final_dir / kPartialMarker, ec);  // (not yet moved)
     fs::remove_all(tmp, ec);
     throw;
   }

@@ -3,6 +3,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -117,6 +118,8 @@ Tokenizer Tokenizer::load(const std::string& path) {
   if (!std::filesystem::is_regular_file(path))
     throw Error(path, "tokenizer file not found",
                 "give a sentencepiece tokenizer.model (tokenizer.path in the recipe)");
+  if (!std::ifstream(path, std::ios::binary))  // (not a model problem: the file cannot be read)
+    throw Error(path, std::string("cannot read the tokenizer file: ") + std::strerror(errno), "check its permissions");
   Tokenizer t;
   std::string error;
   t.impl_ = std::make_unique<Impl>();

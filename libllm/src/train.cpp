@@ -279,6 +279,23 @@ json extra_value(const json& x, const char* key, json::value_t type, json fallba
   return v;
 }
 
+// The run's logs (metrics.jsonl, data_sequence.jsonl, events.jsonl): opened for appending, and
+// each line written through, with a failure (a full disk, a file another user owns) an Error
+// naming the file, not the rest of the run's lines lost in silence.
+constexpr const char* kLogHint =
+    "free disk space (or make the file writable), then resume: the run's checkpoints are whole";
+void open_log(std::ofstream& out, const std::string& path) {
+  out.open(path, std::ios::app);
+  if (!out) throw Error(path, std::string("cannot open the log for appending: ") + std::strerror(errno), kLogHint);
+}
+void append_log(std::ofstream& out, const std::string& path, const std::string& line) {
+  errno = 0;
+  out << line << "\n" << std::flush;
+  if (!out)
+    throw Error(path, std::string("cannot write to the log: ") + (errno ? std::strerror(errno) : "write failed"),
+                kLogHint);
+}
+
 struct Run {
   Run(const Recipe& r, const TrainConfig& t, const TrainHooks& h)
       : recipe(r),
@@ -383,7 +400,7 @@ struct Run {
   int64_t accum = 1, global = 0, planned = 0;
   bool fp32_sums = false;  // bf16 gradients summed in fp32 (train.fp32_grads, when anything is summed)
   double flops_per_token = 0;
-  std::string recipe_yaml, ckpt_root, sequence_path;
+  std::string recipe_yaml, ckpt_root, sequence_path, events_path;
   // An in-loop rollback's record, written before anything moves and removed once the checkpoint
   // it re-saves is whole: a job that dies in between resumes at its target and applies it.
   std::string pending_path;
@@ -400,7 +417,7 @@ struct Run {
     // checkpoint moves an abandoned branch's events aside with its lines (truncate_log).
     if (e.contains("step") && !e.contains("branch")) e["branch"] = guard.rollbacks_total();
     e["time"] = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-    events << e.dump() << "\n" << std::flush;
+    append_log(events, events_path, e.dump());
   }
 
   std::string extra() const {
@@ -610,7 +627,7 @@ struct Run {
       const std::string kept = archive_rolled_back(to, through, e["branch"].get<int64_t>());
       if (!kept.empty()) e["data_sequence"] = kept;
       truncate_log(sequence_path, to);
-      sequence.open(sequence_path, std::ios::app);
+      open_log(sequence, sequence_path);
     }
     if (chat) e["examples"] = examples;  // "windows" counts rows (samples); packed rows hold several
     if (resumed) e["resumed"] = true;
@@ -1495,9 +1512,10 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       std::error_code ec;
       fs::remove(log_archive.parent_path(), ec);  // (fails, and stays, when it holds earlier archives)
     }
-    metrics.open(metrics_path, std::ios::app);
-    run.sequence.open(run.sequence_path, std::ios::app);
-    run.events.open((run_dir / "events.jsonl").string(), std::ios::app);
+    open_log(metrics, metrics_path);
+    open_log(run.sequence, run.sequence_path);
+    run.events_path = (run_dir / "events.jsonl").string();
+    open_log(run.events, run.events_path);
     // A rollback or restart plan completed by a job that died before logging it: logged now.
     if (pending_done)
       run.log_completed(pending.value("to_step", int64_t{-1}), pending.value("from_step", int64_t{-1}),
@@ -1734,7 +1752,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       run.history.push_back({{"step", n}, {"eval_loss", line["eval_loss"]}});
     }
     if (main_rank) {
-      metrics << line.dump() << "\n" << std::flush;
+      append_log(metrics, metrics_path, line.dump());
       json windows = json::array();  // per rank: [[set, window], ...] in the order the rank used them
       auto acc = step_refs.accessor<int64_t, 3>();
       for (int64_t r = 0; r < dist.world_size(); ++r) {
@@ -1744,7 +1762,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       }
       json seq = {{"step", n}, {"windows", windows}};
       if (d.action != GuardAction::Apply) seq["skipped"] = true;
-      run.sequence << seq.dump() << "\n" << std::flush;
+      append_log(run.sequence, run.sequence_path, seq.dump());
       if (n % tc.log_every == 0 || step == state.step || n == tc.steps || line.contains("eval_loss")) {
         std::string s = fmt::format("step {:>6}/{} | loss {:.4f} | lr {:.2e} | grad {:.3f} | {:.0f} tok/s", n,
                                     tc.steps, loss, lr, grad_norm, tok_s);

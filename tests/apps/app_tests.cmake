@@ -23,6 +23,8 @@ endfunction()
 # llm-plan prints the published exact counts.
 expect_output(apps.plan.llama-7b "total +6,738,415,616"
               ${_bin}/llm-plan ${_src}/recipes/llama-7b.yaml)
+# "--" ends the options: what follows is positional (a recipe whose name starts with a dash).
+expect_output(apps.plan.end-of-options "total +6,738,415,616" ${_bin}/llm-plan -- ${_src}/recipes/llama-7b.yaml)
 expect_output(apps.plan.llama-65b "total +65,285,660,672"
               ${_bin}/llm-plan ${_src}/recipes/llama-65b.yaml)
 expect_output(apps.plan.k2-65b "total +65,286,184,960"

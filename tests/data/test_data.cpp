@@ -2,6 +2,8 @@
 // determinism), and the mixed, resumable, rank-split window stream.
 #include "../catch_torch.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -483,6 +485,23 @@ TEST_CASE("write_shards: never into a folder holding other files: skipped file t
                                                             Catch::Contains("data_prep.txt_documents: fortune"));
 }
 
+TEST_CASE("write_shards: a second writer of the same folder is refused while the first runs", "[data]") {
+  // (it would remove the first one's staging folder; the lock is an flock, released with the process)
+  Scratch tmp;
+  make_set(tmp, "set", synthetic_docs(20));
+  const int fd = ::open((tmp / "set/.llm-data.lock").c_str(), O_RDWR | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  REQUIRE(::flock(fd, LOCK_EX | LOCK_NB) == 0);  // (another llm-data, as far as the folder can tell)
+  CHECK_THAT(error_of([&] { make_set(tmp, "set", synthetic_docs(30)); }),
+             Catch::Contains(tmp / "set") &&
+                 Catch::Contains("another llm-data is writing a shard set into this folder") &&
+                 Catch::Contains("give this one another data_prep.output"));
+  CHECK(ShardSet::open(tmp / "set").info().total_documents == 20);  // (untouched)
+  ::close(fd);
+  make_set(tmp, "set", synthetic_docs(30));
+  CHECK(ShardSet::open(tmp / "set").info().total_documents == 30);
+}
+
 TEST_CASE("write_shards: a failure part-way leaves the previous set whole and no temporary files", "[data]") {
   Scratch tmp;
   // More than one tokenizer batch (4 MiB per thread) of good lines, so a shard is open when the bad line comes.
@@ -509,8 +528,9 @@ TEST_CASE("write_shards: a failure part-way leaves the previous set whole and no
     CHECK(all_tokens(kept) == expected_stream(docs));
   }
   std::vector<std::string> left;  // nothing of the failed run: no temporaries, no staging folder
-  for (const auto& e : fs::directory_iterator(tmp / "out"))
-    if (e.path().filename().string().rfind("shard-", 0) != 0 && e.path().filename() != "meta.json")
+  for (const auto& e : fs::directory_iterator(tmp / "out"))  // (the writers' lock file stays, hidden)
+    if (e.path().filename().string().rfind("shard-", 0) != 0 && e.path().filename() != "meta.json" &&
+        e.path().filename() != ".llm-data.lock")
       left.push_back(e.path().filename().string());
   CHECK(left.empty());
 }

@@ -147,6 +147,27 @@ TEST_CASE("export replaces an existing folder only when complete", "[io][hf]") {
   CHECK(listing(tmp.path.string()) == left);
   CHECK_FALSE(fs::exists(out + "/.libllm-export-in-progress"));  // (the export itself holds no marker)
   for (size_t i = 1; i < left.size(); ++i) fs::remove_all(tmp / left[i]);
+  // A filesystem without RENAME_EXCHANGE (NFS): a kill between the two renames leaves the earlier
+  // export stepped aside and the new one beside it, both marked: the next export puts the earlier
+  // one back first, then replaces it.
+  const std::string aside = out + ".old." + std::to_string(child), marker = "/.libllm-export-in-progress";
+  fs::rename(out, aside);
+  write_file(aside + marker, std::string(host) + " " + std::to_string(child) + "\n");
+  fs::create_directories(dead);
+  write_file(dead + "/config.json", "{}");
+  write_file(dead + marker, std::string(host) + " " + std::to_string(child) + "\n");
+  note = test::stderr_of([&] { export_hf(p.model, out, f32); });
+  CHECK_THAT(note,
+             Catch::Contains("note: put " + aside + " back as " + out + ": an interrupted export had moved it aside") &&
+                 Catch::Contains("note: removed " + dead + ", left by an interrupted export"));
+  CHECK(listing(tmp.path.string()) == std::vector<std::string>{"model"});
+  CHECK(read_hf_config(out).torch_dtype == "float32");
+  CHECK_FALSE(fs::exists(out + marker));
+  // A marker left in place (a kill right after the move) does not make the folder someone else's.
+  write_file(out + marker, std::string(host) + " " + std::to_string(child) + "\n");
+  export_hf(p.model, out, ExportOptions{});
+  CHECK(read_hf_config(out).torch_dtype == "bfloat16");
+  CHECK_FALSE(fs::exists(out + marker));
   // An empty folder is replaced too.
   fs::create_directories(tmp / "empty");
   export_hf(p.model, tmp / "empty", f32);

@@ -4,6 +4,7 @@
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <csignal>
@@ -153,6 +154,38 @@ TEST_CASE("SIGINT / SIGTERM finish the step, save its checkpoint and stop: the r
   std::raise(SIGINT);
   CHECK(seen == 3);
   std::signal(SIGINT, previous);
+}
+
+TEST_CASE("a log line that cannot be written stops the run with an error naming the file", "[train]") {
+  // The disk fills in step 3: the log's open descriptor is pointed at /dev/full (every write fails
+  // with ENOSPC), as a full disk does to it. The run's checkpoints stay whole, and it resumes.
+  test::TempDir tmp;
+  const std::string shards = make_shards(tmp);
+  const std::string run = tmp / "r";
+  pretrain(tiny_recipe(shards, run, {"train.steps=2", "checkpoint.every=2"}));
+  for (const char* log : {"metrics.jsonl", "data_sequence.jsonl"}) {
+    INFO(log);
+    const std::string path = run + "/" + log;
+    TrainHooks fill;
+    fill.decide = [&](int64_t n, GuardDecision&) {
+      if (n != 3) return;
+      const int full = ::open("/dev/full", O_WRONLY | O_CLOEXEC);
+      for (const auto& fd : fs::directory_iterator("/proc/self/fd")) {
+        std::error_code ec;
+        if (fs::read_symlink(fd.path(), ec) == fs::path(path)) ::dup2(full, std::stoi(fd.path().filename().string()));
+      }
+      ::close(full);
+    };
+    CHECK_THAT(test::error_of([&] {
+                 pretrain(tiny_recipe(shards, run, {"train.steps=4", "checkpoint.every=2"}), fill);
+               }),
+               Catch::Contains(path + ": cannot write to the log: No space left on device") &&
+                   Catch::Contains("free disk space"));
+    CHECK(checkpoint_steps(run + "/checkpoints").back() == 2);
+  }
+  pretrain(tiny_recipe(shards, run, {"train.steps=4", "checkpoint.every=2"}));
+  CHECK(checkpoint_steps(run + "/checkpoints").back() == 4);
+  CHECK(test::jsonl(run + "/metrics.jsonl").size() == 4);
 }
 
 TEST_CASE("a damaged checkpoint's errors name its file", "[train]") {
