@@ -702,7 +702,9 @@ void remove_dead_partials(const fs::path& final_dir) {
       std::ifstream marker(it->path() / kPartialMarker);
       std::string owner;
       std::getline(marker, owner);
-      if (owner != host_name() + " " + digits) continue;
+      std::error_code empty_ec;  // (a .partial folder killed before its marker was written is empty)
+      const bool empty = suffix == ".partial." && fs::is_empty(it->path(), empty_ec) && !empty_ec;
+      if (owner != host_name() + " " + digits && !empty) continue;
       if (::kill(static_cast<pid_t>(*pid), 0) == 0 || errno != ESRCH) continue;  // (alive, or not ours to know)
       found.emplace_back(it->path(), suffix == ".old.");
     }
@@ -764,8 +766,8 @@ void write_folder_atomically(const std::string& dir, FolderKind kind,
   const fs::path final_dir = output_folder(dir);
   const fs::path parent = final_dir.parent_path();
   const std::string name = final_dir.filename().string();
-  check_replaceable(dir, kind);  // an Error before anything is written
-  remove_dead_partials(final_dir);
+  remove_dead_partials(final_dir);  // (first: an earlier export it puts back is checked too)
+  check_replaceable(dir, kind);     // an Error before anything is written
   std::error_code ec;
   const std::string suffix = "." + std::to_string(::getpid());
   const fs::path tmp = parent / (name + ".partial" + suffix);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -85,6 +86,27 @@ inline int64_t int_field(const std::string& line, std::string_view key, int64_t 
   char* end = nullptr;
   const long long v = std::strtoll(begin, &end, 10);
   return end == begin ? fallback : static_cast<int64_t>(v);
+}
+
+// Cuts a log's unfinished last line (what a failed or killed write left: bytes after the last
+// newline) so that the next line appended starts a line of its own. Returns the bytes cut; a
+// missing file, or one that ends with a newline, is left as it is.
+inline int64_t end_at_line(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) return 0;
+  const std::streamoff size = in.tellg();
+  std::streamoff keep = size;
+  char c = '\n';
+  for (std::streamoff at = size - 1; at >= 0; --at) {  // (backwards, to the last newline)
+    in.seekg(at);
+    if (!in.get(c)) return 0;
+    if (c == '\n') break;
+    keep = at;
+  }
+  if (keep == size) return 0;
+  in.close();
+  std::filesystem::resize_file(path, static_cast<std::uintmax_t>(keep));
+  return static_cast<int64_t>(size - keep);
 }
 
 }  // namespace libllm::detail

@@ -233,10 +233,22 @@ namespace {
 volatile std::sig_atomic_t g_signal = 0;
 void on_signal(int sig) { g_signal = sig; }
 
+// The supervisor's own events: a failed write (a full disk) is a warning, not the end of the
+// supervision, and leaves no unfinished line for the next one to be glued to.
 void append_event(const std::string& run_dir, json e) {
   e["time"] = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-  fs::create_directories(run_dir);
-  std::ofstream((fs::path(run_dir) / "events.jsonl").string(), std::ios::app) << e.dump() << "\n";
+  std::error_code ec;
+  fs::create_directories(run_dir, ec);
+  const std::string path = (fs::path(run_dir) / "events.jsonl").string();
+  try {
+    detail::end_at_line(path);
+  } catch (const std::exception&) {
+  }
+  std::ofstream out(path, std::ios::app);
+  out << e.dump() << "\n" << std::flush;
+  if (!out)
+    fmt::print(stderr, "llm-spike: warning: cannot write the {} event to {}: {}\n", e.value("event", "?"), path,
+               std::strerror(errno));
 }
 
 // (size, mtime) of the metrics log or the heartbeat file: any change is progress.

@@ -163,6 +163,21 @@ TEST_CASE("export replaces an existing folder only when complete", "[io][hf]") {
   CHECK(listing(tmp.path.string()) == std::vector<std::string>{"model"});
   CHECK(read_hf_config(out).torch_dtype == "float32");
   CHECK_FALSE(fs::exists(out + marker));
+  // The earlier export put back is checked as any folder it would replace: a PEFT adapter folder
+  // written there is refused, as it is when nothing was interrupted.
+  fs::rename(out, aside);
+  write_file(aside + marker, std::string(host) + " " + std::to_string(child) + "\n");
+  bool filled = false;
+  CHECK_THAT(error_of([&] {
+               write_folder_atomically(out, FolderKind::peft_adapter, [&](const std::string&) { filled = true; });
+             }),
+             Catch::Contains("is not empty and not an earlier PEFT adapter folder"));
+  CHECK_FALSE(filled);
+  CHECK(read_hf_config(out).torch_dtype == "float32");
+  // A .partial folder killed before its marker was written (empty) goes too.
+  fs::create_directories(dead);
+  test::stderr_of([&] { export_hf(p.model, out, f32); });
+  CHECK(listing(tmp.path.string()) == std::vector<std::string>{"model"});
   // A marker left in place (a kill right after the move) does not make the folder someone else's.
   write_file(out + marker, std::string(host) + " " + std::to_string(child) + "\n");
   export_hf(p.model, out, ExportOptions{});

@@ -186,6 +186,14 @@ TEST_CASE("a log line that cannot be written stops the run with an error naming 
   pretrain(tiny_recipe(shards, run, {"train.steps=4", "checkpoint.every=2"}));
   CHECK(checkpoint_steps(run + "/checkpoints").back() == 4);
   CHECK(test::jsonl(run + "/metrics.jsonl").size() == 4);
+  // An unfinished last line (a write that failed part-way) is cut when the log is opened: the next
+  // line is not glued to it.
+  std::ofstream(run + "/events.jsonl", std::ios::app) << R"({"branch":0,"event":"resume","p)";
+  pretrain(tiny_recipe(shards, run, {"train.steps=5", "checkpoint.every=2"}));
+  std::ifstream events(run + "/events.jsonl");
+  int lines = 0;
+  for (std::string line; std::getline(events, line); ++lines) CHECK_NOTHROW(nlohmann::json::parse(line));
+  CHECK(lines >= 3);
 }
 
 TEST_CASE("a damaged checkpoint's errors name its file", "[train]") {
