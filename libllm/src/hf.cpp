@@ -684,7 +684,8 @@ std::string host_name() {
 // Removes `<name>.partial.<pid>` folders beside `final_dir` that an export of this machine left
 // (their marker names this host and that pid) and whose process is gone (killed part-way, by
 // Ctrl-C or worse): they would otherwise stay, as large as the model. Another machine's (a shared
-// filesystem), a live process's and folders without the marker are left alone. The same for
+// filesystem), a live process's and folders without the marker (but for an empty `.partial.<pid>`,
+// killed before its marker was written) are left alone. The same for
 // `<name>.old.<pid>`, the earlier export a filesystem without RENAME_EXCHANGE (NFS) steps aside
 // while the new one moves in (move_folder_into_place): put back where `final_dir` is missing.
 void remove_dead_partials(const fs::path& final_dir) {
