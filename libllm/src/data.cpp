@@ -845,16 +845,19 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
       throw Error("data_prep.output", "cannot create folder " + o.dir + (ec ? ": " + ec.message() : ""));
     // One writer a folder: a second llm-data on it would remove the first one's staging folder.
     const std::string lock_path = (fs::path(o.dir) / ".llm-data.lock").string();
-    // (read-only, and writable by all where the umask allows: a shared data folder's next user
-    // must be able to open the lock another user made; flock needs no write access)
-    const int fd = ::open(lock_path.c_str(), O_RDONLY | O_CREAT | O_CLOEXEC, 0666);
+    // (for writing, as NFS's emulated flock needs; read-only where another user made it, which a
+    // local flock takes)
+    int fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+    if (fd < 0 && errno == EACCES) fd = ::open(lock_path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0)
       throw Error(lock_path, "cannot create the lock: " + errno_text(), "check that " + o.dir + " is writable");
     o.lock = std::shared_ptr<void>(nullptr, [fd](void*) { ::close(fd); });
-    if (::flock(fd, LOCK_EX | LOCK_NB) != 0)
+    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+      if (errno != EWOULDBLOCK) throw Error(lock_path, "cannot lock: " + errno_text());
       throw Error(o.dir, "another llm-data is writing a shard set into this folder (it holds " + lock_path + ")",
                   std::string("wait for it to finish, or give this one another ") +
                       (&o == &outs.front() ? "data_prep.output" : "data_prep.valid_output"));
+    }
     const std::string stage = (fs::path(o.dir) / kStaging).string();
     fs::remove_all(stage, ec);  // (an interrupted run's)
     if (!ec) fs::create_directory(stage, ec);

@@ -704,7 +704,8 @@ void remove_dead_partials(const fs::path& final_dir) {
       std::string owner;
       std::getline(marker, owner);
       std::error_code empty_ec;  // (a .partial folder killed before its marker was written is empty)
-      const bool empty = suffix == ".partial." && fs::is_empty(it->path(), empty_ec) && !empty_ec;
+      const bool empty = suffix == ".partial." && fs::is_directory(it->path(), empty_ec) &&
+                         fs::is_empty(it->path(), empty_ec) && !empty_ec;
       if (owner != host_name() + " " + digits && !empty) continue;
       if (::kill(static_cast<pid_t>(*pid), 0) == 0 || errno != ESRCH) continue;  // (alive, or not ours to know)
       found.emplace_back(it->path(), suffix == ".old.");
@@ -778,7 +779,9 @@ void write_folder_atomically(const std::string& dir, FolderKind kind,
   if (!fs::create_directories(tmp, ec) || ec) throw Error(tmp.string(), "cannot create folder: " + ec.message());
   try {
     const std::string owner = host_name() + " " + std::to_string(::getpid()) + "\n";
-    std::ofstream(tmp / kPartialMarker) << owner;
+    if (!(std::ofstream(tmp / kPartialMarker) << owner))
+      throw Error((tmp / kPartialMarker).string(), std::string("cannot write: ") + std::strerror(errno),
+                  "check free disk space and permissions");
     fill(tmp.string());
     // Swap into place: the old folder (if any) is removed only after the new one is complete. Both
     // hold the marker while they move, so that whatever a kill leaves beside final_dir (the new

@@ -2,6 +2,7 @@
 // library's sources.
 #pragma once
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -90,23 +91,31 @@ inline int64_t int_field(const std::string& line, std::string_view key, int64_t 
 
 // Cuts a log's unfinished last line (what a failed or killed write left: bytes after the last
 // newline) so that the next line appended starts a line of its own. Returns the bytes cut; a
-// missing file, or one that ends with a newline, is left as it is.
+// missing file, or one that ends with a newline, is left as it is. Only for a log no other process
+// appends to meanwhile (it shrinks the file). Errors: std::filesystem::filesystem_error.
 inline int64_t end_at_line(const std::string& path) {
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) return 0;
   const std::streamoff size = in.tellg();
-  std::streamoff keep = size;
-  char c = '\n';
-  for (std::streamoff at = size - 1; at >= 0; --at) {  // (backwards, to the last newline)
-    in.seekg(at);
-    if (!in.get(c)) return 0;
-    if (c == '\n') break;
-    keep = at;
+  std::streamoff end = size;  // the tail [end, size) holds no newline so far
+  std::vector<char> chunk(1 << 16);
+  while (end > 0) {  // (backwards, a chunk at a time, to the last newline)
+    const std::streamoff from = std::max<std::streamoff>(0, end - static_cast<std::streamoff>(chunk.size()));
+    in.seekg(from);
+    if (!in.read(chunk.data(), end - from)) return 0;
+    const std::streamoff n = end - from;
+    std::streamoff k = n;
+    while (k > 0 && chunk[static_cast<size_t>(k - 1)] != '\n') --k;
+    if (k > 0) {
+      end = from + k;
+      break;
+    }
+    end = from;
   }
-  if (keep == size) return 0;
+  if (end == size) return 0;
   in.close();
-  std::filesystem::resize_file(path, static_cast<std::uintmax_t>(keep));
-  return static_cast<int64_t>(size - keep);
+  std::filesystem::resize_file(path, static_cast<std::uintmax_t>(end));
+  return static_cast<int64_t>(size - end);
 }
 
 }  // namespace libllm::detail

@@ -234,21 +234,25 @@ volatile std::sig_atomic_t g_signal = 0;
 void on_signal(int sig) { g_signal = sig; }
 
 // The supervisor's own events: a failed write (a full disk) is a warning, not the end of the
-// supervision, and leaves no unfinished line for the next one to be glued to.
+// supervision. The log is never shrunk here (a remote rank 0 may still be appending): after an
+// unfinished last line, the event starts a line of its own.
 void append_event(const std::string& run_dir, json e) {
   e["time"] = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
   std::error_code ec;
   fs::create_directories(run_dir, ec);
   const std::string path = (fs::path(run_dir) / "events.jsonl").string();
-  try {
-    detail::end_at_line(path);
-  } catch (const std::exception&) {
+  bool unfinished = false;
+  if (std::ifstream in{path, std::ios::binary | std::ios::ate}; in && in.tellg() > 0) {
+    in.seekg(-1, std::ios::end);
+    char last = '\n';
+    unfinished = in.get(last) && last != '\n';
   }
   std::ofstream out(path, std::ios::app);
-  out << e.dump() << "\n" << std::flush;
+  errno = 0;
+  out << (unfinished ? "\n" : "") << e.dump() << "\n" << std::flush;
   if (!out)
     fmt::print(stderr, "llm-spike: warning: cannot write the {} event to {}: {}\n", e.value("event", "?"), path,
-               std::strerror(errno));
+               errno ? std::strerror(errno) : "write failed");
 }
 
 // (size, mtime) of the metrics log or the heartbeat file: any change is progress.

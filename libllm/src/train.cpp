@@ -286,8 +286,12 @@ constexpr const char* kLogHint =
     "free disk space (or make the file writable), then resume: the run's checkpoints are whole";
 void open_log(std::ofstream& out, const std::string& path) {
   std::error_code ec;
-  if (fs::exists(path, ec) && detail::end_at_line(path) > 0)  // (a line a failed write left unfinished)
-    fmt::print(stderr, "note: {} ended in an unfinished line (a write that failed or was killed): cut\n", path);
+  try {
+    if (fs::exists(path, ec) && detail::end_at_line(path) > 0)  // (a line a failed write left unfinished)
+      fmt::print(stderr, "note: {} ended in an unfinished line (a write that failed or was killed): cut\n", path);
+  } catch (const fs::filesystem_error& e) {
+    throw Error(path, std::string("cannot cut its unfinished last line: ") + e.code().message(), kLogHint);
+  }
   out.open(path, std::ios::app);
   if (!out) throw Error(path, std::string("cannot open the log for appending: ") + std::strerror(errno), kLogHint);
 }

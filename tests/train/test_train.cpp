@@ -189,6 +189,8 @@ TEST_CASE("a log line that cannot be written stops the run with an error naming 
   // An unfinished last line (a write that failed part-way) is cut when the log is opened: the next
   // line is not glued to it.
   std::ofstream(run + "/events.jsonl", std::ios::app) << R"({"branch":0,"event":"resume","p)";
+  // (and one longer than the 64 KiB chunks it is looked for in: NUL blocks after a power loss)
+  std::ofstream(run + "/events.jsonl", std::ios::app) << std::string(100000, '\0');
   pretrain(tiny_recipe(shards, run, {"train.steps=5", "checkpoint.every=2"}));
   std::ifstream events(run + "/events.jsonl");
   int lines = 0;
