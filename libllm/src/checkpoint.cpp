@@ -32,11 +32,12 @@ using json = nlohmann::json;
 namespace libllm {
 namespace {
 
-// torch's CPU generator ("rng.cpu") and, where CUDA is here, the current device's ("rng.cuda":
-// LoRA dropout on the GPU draws from it), so a resumed run draws the same masks.
+// torch's CPU generator ("rng.cpu") and, where this process uses CUDA, the current device's
+// ("rng.cuda": LoRA dropout on the GPU draws from it), so a resumed run draws the same masks. (A
+// CPU run on a GPU machine does not ask: that would make a CUDA context, and take GPU memory.)
 void add_rng_state(std::vector<std::pair<std::string, torch::Tensor>>& out) {
   out.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
-  if (compat::cuda_available())
+  if (compat::cuda_in_use())
     out.emplace_back("rng.cuda", at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, -1)).get_state());
 }
 
@@ -93,8 +94,10 @@ std::string trainer_string(const json& j, const std::string& path, const char* k
 // The optimizer state of a checkpoint, whole ("<param>.exp_avg" in optimizer.safetensors) or in
 // ZeRO-1 shards ("<param>@<offset>.exp_avg" in optimizer-shard-<r>-of-<W>.safetensors), read
 // piece by piece into whatever slots the loading optimizer has.
-// The stored tensor in place (read-only use: the file is mapped), or a copy of it.
+// The stored tensor in place (read-only use: the file is mapped), or a copy of it. A file is
+// checked against its checksum when first read from (a rank reads only the shards it needs).
 torch::Tensor view(const safetensors::File& f, const safetensors::TensorInfo& t) {
+  f.verify();
   return torch::from_blob(const_cast<uint8_t*>(f.data(t)), t.shape, torch_dtype_of(t.dtype));
 }
 torch::Tensor copy(const safetensors::File& f, const safetensors::TensorInfo& t) { return view(f, t).clone(); }
@@ -104,6 +107,7 @@ torch::Tensor copy(const safetensors::File& f, const safetensors::TensorInfo& t)
 void set_rng(at::Generator gen, const safetensors::File& f, const std::string& name) {
   const auto* t = f.find(name);
   if (!t) throw Error(f.path() + ": tensor '" + name + "'", "missing", "the checkpoint is corrupt");
+  f.verify();  // (its own error: not taken for a bad generator state below)
   try {
     if (t->dtype != safetensors::DType::U8) throw std::runtime_error("not U8 bytes");
     gen.set_state(copy(f, *t));

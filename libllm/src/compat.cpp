@@ -8,6 +8,7 @@
 #include "libllm/error.h"
 
 #ifdef LIBLLM_CUDA
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <cuda_runtime_api.h>
@@ -107,6 +108,10 @@ std::string torch_version() {
 
 #ifdef LIBLLM_CUDA
 bool cuda_available() { return torch::cuda::is_available(); }
+bool cuda_in_use() {
+  // (cudaGetDevice creates no context; asking for the device's generator would)
+  return cuda_available() && at::detail::getCUDAHooks().hasPrimaryContext(c10::cuda::current_device());
+}
 void cuda_synchronize() { c10::cuda::device_synchronize(); }
 int64_t cuda_peak_allocated_bytes(int device) {
   const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
@@ -120,6 +125,7 @@ std::string cuda_device_name(int device) {
 }
 #else
 bool cuda_available() { return false; }
+bool cuda_in_use() { return false; }
 void cuda_synchronize() {}
 int64_t cuda_peak_allocated_bytes(int) { return 0; }
 void cuda_set_device(int) {}

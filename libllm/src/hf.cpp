@@ -147,6 +147,12 @@ struct WeightIndex {
     const Entry& e = tensors.at(name);
     return e.pt ? e.pt_info->dtype : torch_dtype_of(e.st_info->dtype);
   }
+  // Checks each safetensors file against the checksum libllm's writer recorded (files of other
+  // tools have none; .bin files neither): after the headers, before the data is used.
+  void verify() const {
+    for (const auto& f : files) f->verify();
+  }
+
   // Done with a tensor: its mapped pages leave this process's memory.
   void release(const std::string& name) const {
     const Entry& e = tensors.at(name);
@@ -477,6 +483,7 @@ std::string hf_config_json(const ModelConfig& cfg, const std::string& torch_dtyp
 
 std::map<std::string, torch::Tensor> read_weights(const std::string& dir) {
   WeightIndex idx = open_weights(dir);
+  idx.verify();
   std::map<std::string, torch::Tensor> out;
   for (const auto& [name, entry] : idx.tensors) out[name] = idx.view(name).clone();
   return out;
@@ -517,6 +524,7 @@ void load_weights(const std::string& dir, const ParamShapes& params, bool tied,
                   const std::function<void(const std::string&, const torch::Tensor&)>& store) {
   WeightIndex idx = open_weights(dir);
   check_weights(idx, params, tied);
+  idx.verify();
   torch::NoGradGuard no_grad;
   for (const auto& [name, shape] : params) {
     store(name, idx.view(name));
@@ -1319,6 +1327,7 @@ class FolderChain {
         l.adapted[module + ".weight"] = a;
       }
     check_weights(l.idx, params, !m->lm_head);
+    l.idx.verify();
     levels_.push_back(std::move(l));
   }
 

@@ -102,6 +102,91 @@ std::string le64_bytes(uint64_t v) {
   return s;
 }
 
+// ---- XXH64 (the algorithm of https://github.com/Cyan4973/xxHash/blob/dev/doc/xxhash_spec.md) ----
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the checksum reads 64-bit words in host order");
+
+constexpr uint64_t kP1 = 0x9E3779B185EBCA87ULL, kP2 = 0xC2B2AE3D27D4EB4FULL, kP3 = 0x165667B19E3779F9ULL,
+                   kP4 = 0x85EBCA77C2B2AE63ULL, kP5 = 0x27D4EB2F165667C5ULL;
+
+inline uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+inline uint64_t word64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+inline uint64_t mix(uint64_t acc, uint64_t input) { return rotl(acc + input * kP2, 31) * kP1; }
+inline uint64_t merge(uint64_t acc, uint64_t lane) { return (acc ^ mix(0, lane)) * kP1 + kP4; }
+
+// XXH64 over bytes given in any number of pieces: the same digest as one call on all of them.
+class Xxh64 {
+ public:
+  explicit Xxh64(uint64_t seed = 0) : seed_(seed), lane_{seed + kP1 + kP2, seed + kP2, seed, seed - kP1} {}
+
+  void update(const void* data, size_t size) {
+    const auto* p = static_cast<const uint8_t*>(data);
+    total_ += size;
+    if (buffered_ + size < 32) {
+      if (size > 0) std::memcpy(buffer_ + buffered_, p, size);
+      buffered_ += size;
+      return;
+    }
+    if (buffered_ > 0) {  // complete the stripe begun by an earlier piece
+      const size_t fill = 32 - buffered_;
+      std::memcpy(buffer_ + buffered_, p, fill);
+      stripe(buffer_);
+      p += fill, size -= fill, buffered_ = 0;
+    }
+    uint64_t a = lane_[0], b = lane_[1], c = lane_[2], d = lane_[3];
+    for (; size >= 32; p += 32, size -= 32) {
+      a = mix(a, word64(p)), b = mix(b, word64(p + 8)), c = mix(c, word64(p + 16)), d = mix(d, word64(p + 24));
+    }
+    lane_[0] = a, lane_[1] = b, lane_[2] = c, lane_[3] = d;
+    if (size > 0) std::memcpy(buffer_, p, size);
+    buffered_ = size;
+  }
+
+  uint64_t digest() const {
+    uint64_t h =
+        total_ >= 32 ? rotl(lane_[0], 1) + rotl(lane_[1], 7) + rotl(lane_[2], 12) + rotl(lane_[3], 18) : seed_ + kP5;
+    if (total_ >= 32)
+      for (uint64_t lane : lane_) h = merge(h, lane);
+    h += total_;
+    const uint8_t* p = buffer_;
+    size_t n = buffered_;
+    for (; n >= 8; p += 8, n -= 8) h = rotl(h ^ mix(0, word64(p)), 27) * kP1 + kP4;
+    if (n >= 4) {
+      uint32_t k;
+      std::memcpy(&k, p, 4);
+      h = rotl(h ^ (uint64_t{k} * kP1), 23) * kP2 + kP3;
+      p += 4, n -= 4;
+    }
+    for (; n > 0; ++p, --n) h = rotl(h ^ (*p * kP5), 11) * kP1;
+    h ^= h >> 33;
+    h *= kP2;
+    h ^= h >> 29;
+    h *= kP3;
+    return h ^ (h >> 32);
+  }
+
+ private:
+  void stripe(const uint8_t* p) {
+    for (int i = 0; i < 4; ++i) lane_[i] = mix(lane_[i], word64(p + 8 * i));
+  }
+
+  uint64_t seed_;
+  uint64_t lane_[4];
+  uint64_t total_ = 0;
+  uint8_t buffer_[32] = {};
+  size_t buffered_ = 0;
+};
+
+std::string hex16(uint64_t v) {
+  char text[17];
+  std::snprintf(text, sizeof(text), "%016llx", static_cast<unsigned long long>(v));
+  return text;
+}
+
 // Closes a file descriptor on scope exit.
 struct FdCloser {
   int fd;
@@ -261,6 +346,8 @@ class TempFile {
   }
 
   void write_all(const void* data, uint64_t size);
+  // Overwrites `size` bytes at `offset` (inside what write_all wrote).
+  void write_at(uint64_t offset, const void* data, size_t size);
   void commit();
 
  private:
@@ -291,6 +378,16 @@ void TempFile::write_all(const void* data, uint64_t size) {
     if (n == 0) fail("write", EIO);  // no progress and no error: do not spin
     p += n;
     size -= static_cast<uint64_t>(n);
+  }
+}
+
+void TempFile::write_at(uint64_t offset, const void* data, size_t size) {
+  const char* p = static_cast<const char*>(data);
+  while (size > 0) {
+    const ssize_t n = ::pwrite(fd_, p, size, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) fail("write", n < 0 ? errno : EIO);
+    p += n, offset += static_cast<uint64_t>(n), size -= static_cast<size_t>(n);
   }
 }
 
@@ -386,6 +483,7 @@ void File::map_file() {
   const detail::Mapping m = detail::map_readonly(path_);
   base_ = m.base;
   size_ = m.size;
+  identity_ = {m.device, m.inode, m.mtime_ns, m.size};
   if (size_ < 8) {
     throw Error(path_, "file has " + std::to_string(size_) + " bytes, too few for a safetensors header (at least 8)",
                 "the file may be truncated; download or convert it again");
@@ -440,12 +538,51 @@ const uint8_t* File::data(const TensorInfo& t) const {
 
 void File::release(const TensorInfo& t) const { detail::release_pages(data(t), t.end - t.begin); }
 
+bool File::verify() const {
+  if (verified_ >= 0) return verified_ == 1;
+  const auto it = metadata_.find(kChecksumKey);
+  if (it == metadata_.end()) return (verified_ = 0) == 1;
+  // Files this process checked already (a checkpoint's optimizer.safetensors opened twice).
+  static std::mutex mutex;
+  static std::set<std::tuple<uint64_t, uint64_t, int64_t, uint64_t>> checked;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (checked.count(identity_)) return (verified_ = 1) == 1;
+  }
+  const char* hint =
+      "the file was damaged after it was written (a disk, copy or transfer error): restore it from a "
+      "copy, or use an earlier checkpoint";
+  const std::string& stored = it->second;
+  if (stored.size() != 16 || stored.find_first_not_of("0123456789abcdef") != std::string::npos)
+    throw Error(path_ + ": __metadata__." + kChecksumKey, "'" + stored + "' is no checksum (16 hex digits)", hint);
+  // In 64 MiB pieces: a heartbeat for each (a large file on a slow disk takes minutes), and the
+  // pages leave this process's resident memory once hashed.
+  Xxh64 checksum;
+  constexpr size_t kPiece = size_t{64} << 20;
+  for (uint64_t at = data_offset_; at < size_; at += kPiece) {
+    detail::heartbeat("verifying", path_);
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(kPiece, size_ - at));
+    checksum.update(base_ + at, n);
+    detail::release_pages(base_ + at, n);
+  }
+  const std::string computed = hex16(checksum.digest());
+  if (computed != stored)
+    throw Error(
+        path_, "the data does not match the checksum its writer recorded (" + stored + ", now " + computed + ")", hint);
+  std::lock_guard<std::mutex> lock(mutex);
+  checked.insert(identity_);
+  verified_ = 1;
+  return true;
+}
+
 struct StreamWriter::Impl {
   std::string path;
   std::vector<Entry> entries;
   std::vector<uint64_t> sizes;  // bytes of each entry
   size_t next = 0;              // the entry add() expects
   TempFile file;
+  Xxh64 checksum;            // of the data section so far
+  uint64_t checksum_at = 0;  // file offset of the checksum's 16 hex digits in the header
   Impl(const std::string& p, std::vector<Entry> e) : path(p), entries(std::move(e)), file(p, p + ".tmp-" + std::to_string(::getpid())) {}
 };
 
@@ -462,8 +599,15 @@ StreamWriter::StreamWriter(const std::string& path, std::vector<Entry> tensors,
   std::sort(names.begin(), names.end());
   for (size_t i = 1; i < names.size(); ++i)
     if (names[i] == names[i - 1]) throw Error(tensor_where(path, names[i]), "name is given twice");
-  const std::string header = build_header(path, tensors, metadata);
+  // The checksum's place is held by zeros until commit() knows it: a value of fixed width, and
+  // (the metadata coming first, and a key in quotes never matching inside an escaped string) the
+  // first match of its key. A value given for it (metadata copied from another file) is replaced.
+  auto with_checksum = metadata;
+  with_checksum[kChecksumKey] = std::string(16, '0');
+  const std::string header = build_header(path, tensors, with_checksum);
+  const std::string placeholder = std::string("\"") + kChecksumKey + "\":\"";
   impl_ = std::make_unique<Impl>(path, std::move(tensors));
+  impl_->checksum_at = 8 + header.find(placeholder) + placeholder.size();
   impl_->sizes = std::move(sizes);
   const std::string prefix = le64_bytes(header.size());
   impl_->file.write_all(prefix.data(), prefix.size());
@@ -481,6 +625,7 @@ void StreamWriter::add(const std::string& name, const void* data, uint64_t nbyte
     throw Error(tensor_where(w.path, name),
                 std::to_string(nbytes) + " bytes given, the header says " + std::to_string(w.sizes[w.next]));
   if (nbytes > 0 && data == nullptr) throw Error(tensor_where(w.path, name), "data pointer is null");
+  w.checksum.update(data, nbytes);
   w.file.write_all(data, nbytes);
   ++w.next;
 }
@@ -489,6 +634,8 @@ void StreamWriter::commit() {
   Impl& w = *impl_;
   if (w.next < w.entries.size())
     throw Error(tensor_where(w.path, w.entries[w.next].name), "was never added", "add every tensor before commit()");
+  const std::string digest = hex16(w.checksum.digest());
+  w.file.write_at(w.checksum_at, digest.data(), digest.size());
   w.file.commit();
 }
 
@@ -504,6 +651,12 @@ void write(const std::string& path, const std::vector<TensorView>& tensors,
   for (const TensorView* t : views)
     writer.add(t->name, t->data, checked_nbytes(t->shape, t->dtype, tensor_where(path, t->name)));
   writer.commit();
+}
+
+uint64_t xxh64(const void* data, size_t size, uint64_t seed) {
+  Xxh64 h(seed);
+  h.update(data, size);
+  return h.digest();
 }
 
 }  // namespace libllm::safetensors
@@ -598,6 +751,9 @@ Mapping map_readonly(const std::string& path) {
   if (!S_ISREG(st.st_mode)) throw Error(path, "is not a regular file");
   Mapping m;
   m.size = static_cast<size_t>(st.st_size);
+  m.device = static_cast<uint64_t>(st.st_dev);
+  m.inode = static_cast<uint64_t>(st.st_ino);
+  m.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
   if (m.size == 0) return m;
   void* p = ::mmap(nullptr, m.size, PROT_READ, MAP_PRIVATE, fd, 0);
   if (p == MAP_FAILED) throw Error(path, "cannot memory-map file: " + errno_text(errno));

@@ -8,6 +8,7 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -88,6 +89,16 @@ std::string entry(const std::string& dtype, const std::string& shape, const std:
 std::string open_error(const std::string& path) {
   try {
     st::File::open(path);
+  } catch (const libllm::Error& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
+// The message of the libllm::Error `fn` throws, or "<no error>".
+std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
   } catch (const libllm::Error& e) {
     return e.what();
   }
@@ -185,7 +196,10 @@ TEST_CASE("safetensors write/read round trip keeps dtypes, shapes and bytes", "[
   auto file = st::File::open(path);
   CHECK(file->path() == path);
   REQUIRE(file->tensors().size() == specs.size());
-  CHECK(file->metadata() == std::map<std::string, std::string>{{"format", "pt"}});
+  CHECK(file->metadata().size() == 2);
+  CHECK(file->metadata().at("format") == "pt");
+  CHECK(file->metadata().count(st::kChecksumKey));
+  CHECK(file->verify());
   for (size_t i = 0; i < specs.size(); ++i) {
     INFO("tensor " << specs[i].name);
     const st::TensorInfo& t = file->at(specs[i].name);
@@ -247,9 +261,11 @@ TEST_CASE("safetensors writer produces the exact expected bytes", "[io]") {
   TempDir dir;
   const std::string path = dir.file("x.safetensors");
   st::write(path, {{"x", st::DType::U8, {3}, data}}, {});
-  const std::string header = R"({"x":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}})";
-  REQUIRE(header.size() == 53);
-  const std::string expected = std::string("\x38\0\0\0\0\0\0\0", 8) + header + "   " + "\x01\x02\x03";
+  // The checksum: `printf '\1\2\3' | xxhsum -H64` (xxHash 0.8.1) prints 743e13ee0c4ee5a5.
+  const std::string header =
+      R"({"__metadata__":{"libllm.data_xxh64":"743e13ee0c4ee5a5"},"x":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}})";
+  REQUIRE(header.size() == 109);
+  const std::string expected = std::string("\x70\0\0\0\0\0\0\0", 8) + header + "   " + "\x01\x02\x03";
   CHECK(read_bytes(path) == expected);
 }
 
@@ -259,12 +275,20 @@ TEST_CASE("safetensors metadata round trip", "[io]") {
   const std::map<std::string, std::string> meta = {
       {"format", "pt"}, {"step", "1200"}, {"quote \" and \\", "ünïcødé\nline"}, {"empty", ""}};
   st::write(dir.file("a.safetensors"), {{"v", st::DType::F32, {}, &v}}, meta);
-  CHECK(st::File::open(dir.file("a.safetensors"))->metadata() == meta);
+  auto with_checksum = meta;
+  with_checksum[st::kChecksumKey] = "bb4b4897deb4a8a8";  // (`printf '\0\0\x20\x40' | xxhsum -H64`: 2.5f)
+  CHECK(st::File::open(dir.file("a.safetensors"))->metadata() == with_checksum);
 
-  // Empty metadata: no "__metadata__" entry at all.
+  // Empty metadata: the checksum alone.
   st::write(dir.file("b.safetensors"), {{"v", st::DType::F32, {}, &v}}, {});
-  CHECK(st::File::open(dir.file("b.safetensors"))->metadata().empty());
-  CHECK(read_bytes(dir.file("b.safetensors")).find("__metadata__") == std::string::npos);
+  CHECK(st::File::open(dir.file("b.safetensors"))->metadata().size() == 1);
+
+  // Metadata copied from another file: its checksum is replaced by this file's own.
+  const float w = 3.5f;
+  st::write(dir.file("d.safetensors"), {{"v", st::DType::F32, {}, &w}}, with_checksum);
+  auto d = st::File::open(dir.file("d.safetensors"));
+  CHECK(d->metadata().at(st::kChecksumKey) != "bb4b4897deb4a8a8");
+  CHECK(d->verify());
 
   // A file with metadata only and no tensors.
   st::write(dir.file("c.safetensors"), {}, {{"k", "v"}});
@@ -567,4 +591,83 @@ TEST_CASE("safetensors rejects bad data offsets, overlaps and duplicates", "[io]
   const std::string path = dir.file("x.safetensors");
   write_bytes(path, two(a_ok, entry("U8", "[4]", "[2,6]")));
   CHECK_THAT(open_error(path), Contains(path + ": tensor '"));
+}
+
+TEST_CASE("xxh64 gives xxhsum's digests, whole or in pieces", "[io]") {
+  // Bytes (31 i + 7) mod 256; each digest is `xxhsum -H64` of such a file (xxHash 0.8.1, Debian 12).
+  const std::vector<std::pair<size_t, uint64_t>> golden = {
+      {0, 0xef46db3751d8e999},     {1, 0xa96c7f0ce858bbb7},  {3, 0x56e6957632a487f9},   {4, 0xc60d15b1e3ff8f04},
+      {7, 0xafbefc3d6c6f9a8e},     {8, 0x3da5c7aa269683e0},  {31, 0x4a74f3a1a39ad4a1},  {32, 0x8d57d6a4671cc43d},
+      {33, 0x62c9fd21ed857664},    {64, 0x7bbabbc45729d17e}, {100, 0xefa0ad2d3e70c151}, {1000, 0x99594f4828043d35},
+      {100000, 0x3ac9cbc5a9b7f843}};
+  std::vector<uint8_t> bytes(100000);
+  for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<uint8_t>((31 * i + 7) & 255);
+  for (const auto& [n, digest] : golden) {
+    INFO("length " << n);
+    CHECK(st::xxh64(bytes.data(), n) == digest);
+  }
+  CHECK(st::xxh64("abc", 3) == 0x44bc2cf5ad770999);
+
+  // A file's checksum is the same however its bytes arrive: tensors of 1, 3, 33 and 1000 bytes
+  // streamed in order checksum as the 1037 bytes at once.
+  TempDir dir;
+  const std::string path = dir.file("s.safetensors");
+  {
+    st::StreamWriter w(path, {{"a", st::DType::U8, {1}},
+                              {"b", st::DType::U8, {3}},
+                              {"c", st::DType::U8, {33}},
+                              {"d", st::DType::U8, {1000}}});
+    size_t at = 0;
+    for (const auto& [name, n] :
+         std::vector<std::pair<std::string, size_t>>{{"a", 1}, {"b", 3}, {"c", 33}, {"d", 1000}}) {
+      w.add(name, bytes.data() + at, n);
+      at += n;
+    }
+    w.commit();
+  }
+  auto f = st::File::open(path);
+  char expected[17];
+  std::snprintf(expected, sizeof expected, "%016llx", static_cast<unsigned long long>(st::xxh64(bytes.data(), 1037)));
+  CHECK(f->metadata().at(st::kChecksumKey) == expected);
+  CHECK(f->verify());
+}
+
+TEST_CASE("safetensors verify finds bytes changed after writing, and passes files of other tools", "[io]") {
+  TempDir dir;
+  std::vector<float> values(50000);
+  for (size_t i = 0; i < values.size(); ++i) values[i] = static_cast<float>(i) * 0.25f;
+  const std::string path = dir.file("w.safetensors");
+  st::write(path, {{"w", st::DType::F32, {50000}, values.data()}});
+  CHECK(st::File::open(path)->verify());
+  const std::string good = read_bytes(path);
+
+  // One bit of one value flipped in place (a disk or transfer error): still finite, the header
+  // whole, found only by the checksum.
+  std::string bad = good;
+  bad[bad.size() - 4 * 1234] ^= 0x01;
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << bad;
+  auto damaged = st::File::open(path);
+  CHECK(damaged->tensors().size() == 1);
+  auto e = error_of([&] { damaged->verify(); });
+  CHECK_THAT(e, Contains(path + ": the data does not match the checksum its writer recorded") &&
+                    Contains("the file was damaged after it was written"));
+
+  // A checksum that is none.
+  std::string text = good;
+  const size_t at = text.find(st::kChecksumKey) + std::strlen(st::kChecksumKey) + 3;
+  text[at] = 'X';
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << text;
+  CHECK_THAT(error_of([&] { st::File::open(path)->verify(); }),
+             Contains(path + ": __metadata__.libllm.data_xxh64") && Contains("is no checksum"));
+
+  // A file without one (another tool's, or an earlier libllm's): nothing to check.
+  const std::string header = R"({"x":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}})";
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << std::string("\x38\0\0\0\0\0\0\0", 8) << header << "   "
+                                                          << "\x01\x02\x03";
+  CHECK_FALSE(st::File::open(path)->verify());
+
+  // The same file checked once a process: a second File of it is not read again.
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << good;
+  CHECK(st::File::open(path)->verify());
+  CHECK(st::File::open(path)->verify());
 }

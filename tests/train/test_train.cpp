@@ -1020,6 +1020,18 @@ void poke_f32(const std::string& path, const std::string& name, float value) {
   io.write(reinterpret_cast<const char*>(&value), sizeof value);
 }
 
+// Writes the file at `path` again with its tensors and metadata as they are now, so that its
+// checksum is theirs (damage done before the file was written, as by an older libllm).
+void rewrite(const std::string& path) {
+  {
+    const auto f = safetensors::File::open(path);
+    std::vector<safetensors::TensorView> views;
+    for (const auto& t : f->tensors()) views.push_back({t.name, t.dtype, t.shape, f->data(t)});
+    safetensors::write(path + ".new", views, f->metadata());
+  }
+  fs::rename(path + ".new", path);
+}
+
 }  // namespace
 
 TEST_CASE("a checkpoint damaged in place is refused, and a data mismatch gets no hint of the one before", "[train]") {
@@ -1039,14 +1051,27 @@ TEST_CASE("a checkpoint damaged in place is refused, and a data mismatch gets no
     fs::remove_all(newest);
     fs::copy(keep, newest);
   };
-  // A NaN weight (fp32 run: the weights are AdamW's parameters).
-  poke_f32(newest / "model.safetensors", "model.norm.weight", std::nanf(""));
+  // A value changed in place, in either file: found by the file's checksum.
+  poke_f32(newest / "model.safetensors", "model.norm.weight", 1.5f);
   std::string e = resume_error();
+  CHECK_THAT(e, Catch::Contains("step-00000006/model.safetensors: the data does not match the checksum") &&
+                    Catch::Contains("the file was damaged after it was written") && Catch::Contains(before));
+  restore();
+  poke_f32(newest / "optimizer.safetensors", "model.norm.weight.exp_avg", 0.5f);
+  CHECK_THAT(resume_error(),
+             Catch::Contains("step-00000006/optimizer.safetensors: the data does not match the checksum") &&
+                 Catch::Contains(before));
+  restore();
+  // A NaN weight in a file whose checksum agrees (fp32 run: the weights are AdamW's parameters).
+  poke_f32(newest / "model.safetensors", "model.norm.weight", std::nanf(""));
+  rewrite(newest / "model.safetensors");
+  e = resume_error();
   CHECK_THAT(e, Catch::Contains("step-00000006: holds a NaN or an infinity in model.norm.weight") &&
                     Catch::Contains("the checkpoint is damaged") && Catch::Contains(before));
   restore();
   // A negative second moment.
   poke_f32(newest / "optimizer.safetensors", "model.norm.weight.exp_avg_sq", -1.0f);
+  rewrite(newest / "optimizer.safetensors");
   e = resume_error();
   CHECK_THAT(
       e, Catch::Contains("holds a negative second moment in model.norm.weight.exp_avg_sq") && Catch::Contains(before));

@@ -48,6 +48,7 @@ std::string torch_version();
 // CUDA helpers; on a LibTorch without CUDA (Debian's) cuda_available() is false and the others
 // do nothing / return 0.
 bool cuda_available();                           // a CUDA device can be used
+bool cuda_in_use();  // this process has a context on the current device (a CPU run has none)
 bool nccl_available();                           // libllm was built with c10d's NCCL process group
 void cuda_synchronize();                         // waits for the current device's queued work
 int64_t cuda_peak_allocated_bytes(int device);   // the caching allocator's peak since the last reset

@@ -17,6 +17,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace libllm::safetensors {
@@ -46,6 +47,17 @@ struct TensorInfo {
   // Number of elements: the product of `shape` (1 for a scalar, 0 if any dimension is 0).
   int64_t numel() const;
 };
+
+// XXH64 (https://xxhash.com) of `size` bytes with `seed`: the hash of the files' checksums.
+// xxh64("abc", 3) == 0x44bc2cf5ad770999, as `printf abc | xxhsum -H64` prints.
+uint64_t xxh64(const void* data, size_t size, uint64_t seed = 0);
+
+// The "__metadata__" key under which write() and StreamWriter record the XXH64 (seed 0) of the
+// file's data section (every byte after the header) as 16 lowercase hex digits, so that damage
+// done to a file after it was written is found when it is read (File::verify). Outside libllm:
+// `tail -c +$((9 + N)) FILE | xxhsum -H64` prints it, N being the header length (the file's first
+// 8 bytes, little-endian).
+inline constexpr const char* kChecksumKey = "libllm.data_xxh64";
 
 // A read-only, memory-mapped safetensors file.
 //
@@ -85,6 +97,14 @@ class File {
   void release(const TensorInfo& t) const;
   // The "__metadata__" entry (empty if the file has none).
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  // Reads the whole data section and checks it against the checksum its writer recorded
+  // (kChecksumKey); true if it matched. False, reading nothing, for a file without one (written
+  // by another tool, or by libllm before 2026-11). A malformed or different checksum throws
+  // libllm::Error naming the file ("the file was damaged after it was written"). Read once a
+  // File, and once a process for a file of the same device, inode, modification time and size:
+  // later calls return the first answer. The pages read leave this process's resident
+  // memory as it goes (a file larger than memory can be checked).
+  bool verify() const;
 
  private:
   explicit File(std::string path) : path_(std::move(path)) {}
@@ -98,6 +118,8 @@ class File {
   std::vector<TensorInfo> tensors_;
   std::map<std::string, size_t> index_;  // name -> position in tensors_
   std::map<std::string, std::string> metadata_;
+  mutable int verified_ = -1;                                   // verify()'s answer once known (0 or 1)
+  std::tuple<uint64_t, uint64_t, int64_t, uint64_t> identity_;  // device, inode, mtime (ns), size
 };
 
 // A tensor to write. `data` points at numel * dtype_size bytes, row-major, little-endian; they are
@@ -114,9 +136,10 @@ struct TensorView {
 // previous file at `path` (if any) is left intact, and libllm::Error naming `path` is thrown
 // (a full disk is reported as "disk full while writing ...").
 //
-// The header lists "__metadata__" first (omitted if `metadata` is empty), then the tensors sorted
-// by name; their data is laid out contiguously in the same order. The header is padded with
-// spaces so that the data section starts at a multiple of 8 bytes.
+// The header lists "__metadata__" first, then the tensors sorted by name; their data is laid out
+// contiguously in the same order. The header is padded with spaces so that the data section
+// starts at a multiple of 8 bytes. The metadata is `metadata` plus the data's checksum
+// (kChecksumKey; a value `metadata` gives for it, as metadata copied from another file, is replaced).
 void write(const std::string& path, const std::vector<TensorView>& tensors,
            const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
 
@@ -125,8 +148,9 @@ void write(const std::string& path, const std::vector<TensorView>& tensors,
 // first, listing `tensors` in the order given, which is also their order in the data section; then
 // add() each tensor's bytes in that order, then commit(). Until commit() the bytes go to
 // `path + ".tmp-<pid>"`, which is removed if the writer is destroyed first; commit() fsyncs it
-// and renames it over `path`. Errors as write()'s, and a tensor out of order, of the wrong size,
-// or missing at commit() is an Error naming it.
+// and renames it over `path`. The checksum (kChecksumKey) is computed as the bytes arrive and
+// written into the header at commit(). Errors as write()'s, and a tensor out of order, of the
+// wrong size, or missing at commit() is an Error naming it.
 class StreamWriter {
  public:
   struct Entry {
