@@ -832,17 +832,26 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
                   "give the shard set a folder of its own (llm-data replaces the shard set in it)");
   }
   StagingGuard staging{outs};  // (before any staging folder exists)
-  for (SetOutput& o : outs) {
+  // Every folder is locked before anything is staged, in the order of their paths: two runs
+  // given the same two folders the other way round do not each take one and refuse the other.
+  std::vector<SetOutput*> by_path;
+  for (SetOutput& o : outs) by_path.push_back(&o);
+  std::sort(by_path.begin(), by_path.end(), [](const SetOutput* a, const SetOutput* b) {
+    return fs::absolute(a->dir).lexically_normal() < fs::absolute(b->dir).lexically_normal();
+  });
+  for (SetOutput* out : by_path) {
+    SetOutput& o = *out;
+    const char* key = &o == &outs.front() ? "data_prep.output" : "data_prep.valid_output";
+    std::error_code ec;
     o.info.dir = o.dir;
     o.info.vocab_size = tok.vocab_size();
     o.info.eos_id = tok.eos_id();
     o.info.bos_id = cfg.bos ? tok.bos_id() : -1;
     o.info.tokenizer_sha256 = sha;
     o.info.tokenizer_path = fs::absolute(tok.path()).lexically_normal().string();
-    std::error_code ec;
     fs::create_directories(o.dir, ec);
     if (ec || !fs::is_directory(o.dir))
-      throw Error("data_prep.output", "cannot create folder " + o.dir + (ec ? ": " + ec.message() : ""));
+      throw Error(key, "cannot create folder " + o.dir + (ec ? ": " + ec.message() : ""));
     // One writer a folder: a second llm-data on it would remove the first one's staging folder.
     const std::string lock_path = (fs::path(o.dir) / ".llm-data.lock").string();
     // (for writing, as NFS's emulated flock needs; read-only where another user made it, which a
@@ -855,9 +864,11 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
     if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
       if (errno != EWOULDBLOCK) throw Error(lock_path, "cannot lock: " + errno_text());
       throw Error(o.dir, "another llm-data is writing a shard set into this folder (it holds " + lock_path + ")",
-                  std::string("wait for it to finish, or give this one another ") +
-                      (&o == &outs.front() ? "data_prep.output" : "data_prep.valid_output"));
+                  std::string("wait for it to finish, or give this one another ") + key);
     }
+  }
+  for (SetOutput& o : outs) {
+    std::error_code ec;
     const std::string stage = (fs::path(o.dir) / kStaging).string();
     fs::remove_all(stage, ec);  // (an interrupted run's)
     if (!ec) fs::create_directory(stage, ec);

@@ -502,6 +502,30 @@ TEST_CASE("write_shards: a second writer of the same folder is refused while the
   CHECK(ShardSet::open(tmp / "set").info().total_documents == 30);
 }
 
+TEST_CASE("write_shards: the training and held-out folders are locked in the order of their paths", "[data]") {
+  // (two runs given the same folders the other way round: the second is refused at the first
+  // folder both want, not after taking the other)
+  Scratch tmp;
+  write_text(tmp / "src/corpus.txt", "one\ntwo\nthree\nfour\n");
+  fs::create_directories(tmp / "a-valid");
+  fs::create_directories(tmp / "z-train");
+  std::vector<int> fds;
+  for (const char* dir : {"a-valid", "z-train"}) {
+    fds.push_back(::open((tmp / (std::string(dir) + "/.llm-data.lock")).c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666));
+    REQUIRE(::flock(fds.back(), LOCK_EX | LOCK_NB) == 0);
+  }
+  DataPrepConfig cfg;
+  cfg.inputs = {tmp / "src"};
+  cfg.output = tmp / "z-train";
+  cfg.valid_output = tmp / "a-valid";
+  cfg.valid_every = 2;
+  cfg.threads = 1;
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }),
+             Catch::Contains(tmp / "a-valid") && Catch::Contains("give this one another data_prep.valid_output"));
+  for (const int fd : fds) ::close(fd);
+  CHECK(write_shards(cfg, tokenizer()).total_documents == 2);
+}
+
 TEST_CASE("write_shards: a failure part-way leaves the previous set whole and no temporary files", "[data]") {
   Scratch tmp;
   // More than one tokenizer batch (4 MiB per thread) of good lines, so a shard is open when the bad line comes.
