@@ -30,7 +30,6 @@ using ProcessGroupBase = c10d::ProcessGroup;
 #include <climits>
 #include <cstdlib>
 #include <cstring>
-#include <exception>
 
 #include "libllm/config.h"
 #include "libllm/error.h"
@@ -136,33 +135,22 @@ struct Distributed::Impl {
   }
 };
 
-// Ends the group as PyTorch's destroy_process_group does (2.6+; before, a dropped NCCL group
-// ends itself in silence): shutdown() when the scope ends normally, every rank doing the same
-// after its last collective; abort() while an exception unwinds (a peer may be gone: shutdown
-// waits for work in flight). Either way ProcessGroupNCCL's destructor then does not warn that the
-// group was never destroyed. Gloo's are no-ops.
+// Ends the group's communicators without waiting for the other ranks (2.6+; earlier, a dropped
+// NCCL group ends itself in silence): abort(), which is what ProcessGroupNCCL's destructor does
+// itself (2.6+) after warning that the group was never destroyed. Not shutdown(), which waits for
+// the peers' communicators: a rank that finished would hang if another died after its last
+// collective (rank 0's export or samples after the loop) under a launcher that does not kill the
+// rest. Every collective of ours was waited for. Gloo needs nothing.
 Distributed::~Distributed() {
   if (!impl_ || !impl_->pg) return;
-  const bool unwinding = std::uncaught_exceptions() > 0;
   try {
-#if LIBLLM_TORCH_AT_LEAST(2, 7)  // (abort and shutdown are virtual methods of Backend)
-    if (unwinding)
-      impl_->pg->abort();
-    else
-      impl_->pg->shutdown();
-#elif LIBLLM_TORCH_AT_LEAST(2, 6) && defined(LIBLLM_NCCL)
-    if (auto* nccl = dynamic_cast<c10d::ProcessGroupNCCL*>(impl_->pg.get())) {
-      if (unwinding)
-        nccl->abort();
-      else
-        nccl->shutdown();
-    }
+#if LIBLLM_TORCH_AT_LEAST(2, 6) && defined(LIBLLM_NCCL)  // (Backend::abort is virtual only since ~2.7)
+    if (auto* nccl = dynamic_cast<c10d::ProcessGroupNCCL*>(impl_->pg.get())) nccl->abort();
 #endif
   } catch (const std::exception& e) {  // (a destructor: say it, do not throw)
     fmt::print(stderr, "warning: ending the process group: {}\n",
                std::string(e.what()).substr(0, std::string(e.what()).find('\n')));
   }
-  (void)unwinding;
 }
 Distributed::Distributed(Distributed&&) noexcept = default;
 

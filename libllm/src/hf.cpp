@@ -521,10 +521,10 @@ void check_weights(const WeightIndex& idx, const ParamShapes& params, bool tied)
 }  // namespace
 
 void load_weights(const std::string& dir, const ParamShapes& params, bool tied,
-                  const std::function<void(const std::string&, const torch::Tensor&)>& store) {
+                  const std::function<void(const std::string&, const torch::Tensor&)>& store, bool verify) {
   WeightIndex idx = open_weights(dir);
   check_weights(idx, params, tied);
-  idx.verify();
+  if (verify) idx.verify();
   torch::NoGradGuard no_grad;
   for (const auto& [name, shape] : params) {
     store(name, idx.view(name));
@@ -1192,6 +1192,15 @@ std::string model_fingerprint(const std::string& dir) {
   return sha256_hex(text);
 }
 
+void verify_model_files(const std::string& dir) {
+  std::vector<fs::path> files;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec))
+    if (e.path().extension() == ".safetensors" && e.is_regular_file(ec)) files.push_back(e.path());
+  std::sort(files.begin(), files.end());
+  for (const auto& f : files) safetensors::File::open(f.string())->verify();
+}
+
 namespace {
 
 // The base of adapters-only checkpoint `info`, inspected, once it is found to be the one the
@@ -1204,12 +1213,14 @@ Pretrained checked_base(const Pretrained& info, int depth) {
   if (depth > 32)
     throw Error(info.dir, "its chain of LoRA bases is over 32 deep (a cycle?)",
                 "export a merged model and fine-tune that");
-  if (!info.base_fingerprint.empty() && model_fingerprint(info.base) != info.base_fingerprint)
+  if (!info.base_fingerprint.empty() && model_fingerprint(info.base) != info.base_fingerprint) {
+    verify_model_files(info.base);  // (a damaged file is said as such)
     throw Error(info.dir,
                 "its LoRA base " + info.base +
                     " has changed since the adapters were trained (another "
                     "model or revision at that path)",
                 "restore the base the adapters were trained on");
+  }
   Pretrained b = inspect_pretrained(info.base);
   if (count_parameters(b.config).total != count_parameters(info.config).total ||
       b.config.hf_architecture() != info.config.hf_architecture())
@@ -1242,11 +1253,12 @@ class FolderChain {
  public:
   // `merge_top` false: weight() leaves out the top folder's own adapters (a model that keeps them
   // as adapters reads its base this way).
-  explicit FolderChain(const Pretrained& top, bool merge_top = true) : merge_top_(merge_top) {
+  // `verify`: each folder's files are checked against their checksums (load_weights).
+  explicit FolderChain(const Pretrained& top, bool merge_top = true, bool verify = true) : merge_top_(merge_top) {
     KeepRng keep;
     std::vector<Pretrained> infos{top};  // top first; infos.size() - 1 adapters-only folders above the last
     while (!infos.back().base.empty()) infos.push_back(checked_base(infos.back(), static_cast<int>(infos.size())));
-    for (size_t k = infos.size(); k-- > 0;) add_level(infos[k], k + 1 == infos.size());
+    for (size_t k = infos.size(); k-- > 0;) add_level(infos[k], k + 1 == infos.size(), verify);
   }
 
   // The weights an HF export holds (no adapters), in the model's order.
@@ -1310,7 +1322,7 @@ class FolderChain {
     std::map<std::string, Adapter> adapted;  // "<module>.weight" -> its adapter in this folder
   };
 
-  void add_level(const Pretrained& info, bool root) {
+  void add_level(const Pretrained& info, bool root, bool verify) {
     Level l{info, open_weights(info.dir), {}};
     Transformer m(info.config, TransformerImpl::Deferred{torch::kFloat32});  // names and shapes only
     ParamShapes params;  // what the folder holds: the weights (root only), then the adapters
@@ -1327,7 +1339,7 @@ class FolderChain {
         l.adapted[module + ".weight"] = a;
       }
     check_weights(l.idx, params, !m->lm_head);
-    l.idx.verify();
+    if (verify) l.idx.verify();
     levels_.push_back(std::move(l));
   }
 
@@ -1386,8 +1398,9 @@ void export_hf(const Pretrained& info, const std::string& dir, const ExportOptio
 
 void for_each_merged_weight(const Pretrained& info, torch::Dtype dtype,
                             const std::function<void(const std::string&, const torch::Tensor&)>& store,
-                            const std::function<RowRange(const std::string&, const std::vector<int64_t>&)>& rows) {
-  const FolderChain chain(info);
+                            const std::function<RowRange(const std::string&, const std::vector<int64_t>&)>& rows,
+                            bool verify) {
+  const FolderChain chain(info, /*merge_top=*/true, verify);
   for (const auto& [name, shape] : chain.weights()) {
     const int64_t n = shape.empty() ? 1 : shape[0];  // (a scalar: one row)
     const RowRange r = rows ? rows(name, shape) : RowRange{0, n};

@@ -11,10 +11,11 @@ namespace libllm::detail {
 struct Mapping {
   const uint8_t* base = nullptr;  // start of the mapping; null for an empty file
   size_t size = 0;                // bytes (the file's size)
-  // The file's identity when mapped (st_dev, st_ino, st_mtim in ns): the same triple and size
-  // name the same contents, short of a writer that keeps the modification time.
+  // The file's identity when mapped (st_dev, st_ino, st_mtim and st_ctim in ns): the same four and
+  // size name the same contents (a write changes st_ctim, which no one sets by hand, at the
+  // kernel's timestamp granularity).
   uint64_t device = 0, inode = 0;
-  int64_t mtime_ns = 0;
+  int64_t mtime_ns = 0, ctime_ns = 0;
 };
 
 // Maps regular file `path` read-only. Errors (libllm::Error naming the path): it cannot be

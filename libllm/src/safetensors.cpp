@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -419,14 +420,20 @@ void TempFile::commit() {
   detail::fsync_parent_dir(path_);
 }
 
-// The header JSON for `views`, in data order, padded with spaces to a multiple of 8 bytes.
+// The header JSON for `views`, in data order, padded with spaces to a multiple of 8 bytes. Its
+// metadata begins with the checksum's entry, 16 zeros that `*checksum_at` locates (the writer puts
+// the checksum there once it knows it); then `metadata` (any value it gives for kChecksumKey left out).
 std::string build_header(const std::string& path, const std::vector<StreamWriter::Entry>& views,
-                         const std::map<std::string, std::string>& metadata) {
+                         const std::map<std::string, std::string>& metadata, size_t* checksum_at) {
   // Text is assembled by hand: a json object would sort "__metadata__" among the tensor names.
-  std::string header = "{";
+  std::string header = std::string("{\"__metadata__\":{\"") + kChecksumKey + "\":\"";
+  *checksum_at = header.size();
+  header += std::string(16, '0') + "\"";
   uint64_t offset = 0;
   try {
-    if (!metadata.empty()) header += "\"__metadata__\":" + json(metadata).dump();
+    for (const auto& [key, value] : metadata)
+      if (key != kChecksumKey) header += "," + json(key).dump() + ":" + json(value).dump();
+    header += "}";
     for (const StreamWriter::Entry& e : views) {
       const uint64_t nbytes = checked_nbytes(e.shape, e.dtype, tensor_where(path, e.name));
       if (__builtin_add_overflow(offset, nbytes, &offset)) {
@@ -483,7 +490,7 @@ void File::map_file() {
   const detail::Mapping m = detail::map_readonly(path_);
   base_ = m.base;
   size_ = m.size;
-  identity_ = {m.device, m.inode, m.mtime_ns, m.size};
+  identity_ = {m.device, m.inode, m.mtime_ns, m.ctime_ns, m.size};
   if (size_ < 8) {
     throw Error(path_, "file has " + std::to_string(size_) + " bytes, too few for a safetensors header (at least 8)",
                 "the file may be truncated; download or convert it again");
@@ -544,7 +551,7 @@ bool File::verify() const {
   if (it == metadata_.end()) return (verified_ = 0) == 1;
   // Files this process checked already (a checkpoint's optimizer.safetensors opened twice).
   static std::mutex mutex;
-  static std::set<std::tuple<uint64_t, uint64_t, int64_t, uint64_t>> checked;
+  static std::set<std::tuple<uint64_t, uint64_t, int64_t, int64_t, uint64_t>> checked;
   {
     std::lock_guard<std::mutex> lock(mutex);
     if (checked.count(identity_)) return (verified_ = 1) == 1;
@@ -552,9 +559,10 @@ bool File::verify() const {
   const char* hint =
       "the file was damaged after it was written (a disk, copy or transfer error): restore it from a "
       "copy, or use an earlier checkpoint";
-  const std::string& stored = it->second;
-  if (stored.size() != 16 || stored.find_first_not_of("0123456789abcdef") != std::string::npos)
+  std::string stored = it->second;
+  if (stored.size() != 16 || stored.find_first_not_of("0123456789abcdefABCDEF") != std::string::npos)
     throw Error(path_ + ": __metadata__." + kChecksumKey, "'" + stored + "' is no checksum (16 hex digits)", hint);
+  for (char& c : stored) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   // In 64 MiB pieces: a heartbeat for each (a large file on a slow disk takes minutes), and the
   // pages leave this process's resident memory once hashed.
   Xxh64 checksum;
@@ -599,15 +607,12 @@ StreamWriter::StreamWriter(const std::string& path, std::vector<Entry> tensors,
   std::sort(names.begin(), names.end());
   for (size_t i = 1; i < names.size(); ++i)
     if (names[i] == names[i - 1]) throw Error(tensor_where(path, names[i]), "name is given twice");
-  // The checksum's place is held by zeros until commit() knows it: a value of fixed width, and
-  // (the metadata coming first, and a key in quotes never matching inside an escaped string) the
-  // first match of its key. A value given for it (metadata copied from another file) is replaced.
-  auto with_checksum = metadata;
-  with_checksum[kChecksumKey] = std::string(16, '0');
-  const std::string header = build_header(path, tensors, with_checksum);
-  const std::string placeholder = std::string("\"") + kChecksumKey + "\":\"";
+  // The checksum's place is held by zeros until commit() knows it. A value given for it (metadata
+  // copied from another file) is replaced.
+  size_t checksum_at = 0;
+  const std::string header = build_header(path, tensors, metadata, &checksum_at);
   impl_ = std::make_unique<Impl>(path, std::move(tensors));
-  impl_->checksum_at = 8 + header.find(placeholder) + placeholder.size();
+  impl_->checksum_at = 8 + checksum_at;
   impl_->sizes = std::move(sizes);
   const std::string prefix = le64_bytes(header.size());
   impl_->file.write_all(prefix.data(), prefix.size());
@@ -754,6 +759,7 @@ Mapping map_readonly(const std::string& path) {
   m.device = static_cast<uint64_t>(st.st_dev);
   m.inode = static_cast<uint64_t>(st.st_ino);
   m.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+  m.ctime_ns = static_cast<int64_t>(st.st_ctim.tv_sec) * 1000000000 + st.st_ctim.tv_nsec;
   if (m.size == 0) return m;
   void* p = ::mmap(nullptr, m.size, PROT_READ, MAP_PRIVATE, fd, 0);
   if (p == MAP_FAILED) throw Error(path, "cannot memory-map file: " + errno_text(errno));

@@ -523,8 +523,11 @@ void FullySharded::load_weights(const Pretrained& base, Which which) {
     if (lo < hi)
       u->shard.narrow(0, lo - rank * u->chunk, hi - lo).copy_(flat.narrow(0, lo - u->offsets[i] - first, hi - lo));
   };
+  // Rank 0 alone checks the files' checksums: the others read their slices only (130 GB / N of a
+  // 65B model), and rank 0's error ends them.
+  const bool verify = dist_.rank() == 0;
   if (!base.has_lora && base.base.empty()) {
-    libllm::load_weights(base.dir, params, !model_->lm_head, store);
+    libllm::load_weights(base.dir, params, !model_->lm_head, store, verify);
   } else {  // adapters to merge: the plain model's weights, merged in fp32 (copy_ rounds to the unit's dtype)
     // Stage 3: only the rows holding this rank's elements are read and merged. Every rank checks
     // every weight's shape and presence (a rank that failed alone would leave the others waiting).
@@ -555,7 +558,7 @@ void FullySharded::load_weights(const Pretrained& base, Which which) {
           const int64_t first = ranges.at(name).first;
           store(name, w, w.dim() > 0 && w.size(0) > 0 ? first * (w.numel() / w.size(0)) : 0);
         },
-        rows);
+        rows, verify);
     for (const auto& [name, shape] : params)
       if (!ranges.count(name))
         throw Error(base.dir + ": tensor '" + name + "'", "is missing from the base",

@@ -507,10 +507,12 @@ struct Run {
     if (!ref.path.empty() && lora_base.empty())
       throw Error(dir, "holds only LoRA adapters, and this run trains every weight",
                   "resume it with finetune.method: lora, or fine-tune it as finetune.base");
-    if (!ref.path.empty() && !ref.fingerprint.empty() && ref.fingerprint != lora_base_fingerprint)
+    if (!ref.path.empty() && !ref.fingerprint.empty() && ref.fingerprint != lora_base_fingerprint) {
+      if (ref.path == lora_base) verify_model_files(lora_base);  // (damage is said as such)
       throw Error(dir, "its adapters were trained on the base " + ref.path + ", and this run's finetune.base " +
                            lora_base + " is " + (ref.path == lora_base ? "another model or revision now" : "another model"),
                   "set finetune.base to the base it was trained on");
+    }
     return ref;
   }
 

@@ -3,6 +3,8 @@
 # usage: failure_tests.sh BIN_DIR RECIPE WORK_DIR MODE -- [--set ...]
 #   full-disk  a checkpoint save hits the file-size limit (ulimit -f, as a full disk would): the
 #              run fails naming the checkpoint, the previous checkpoint is intact, no partial folder stays
+#   damaged-file  one data byte of a checkpoint file changed after it was written: a resume,
+#              llm-eval and llm-export refuse it naming the file; put back, the run resumes
 #   dead-peer  one of 2 Gloo ranks is killed (-9): the other fails with an error within 60 s (no hang)
 #   unshared-run-dir  2 ZeRO-1 Gloo ranks, each in a working directory of its own with a relative
 #              train.run_dir, so that their run folders differ (as on a filesystem that is not shared):
@@ -93,6 +95,45 @@ unshared-run-dir)
     [ -z "$left" ] || fail "$case: rank 0's checkpoints folder holds: $left"
   done
   echo "unshared-run-dir ok"
+  ;;
+damaged-file)
+  # One data byte of a checkpoint file changed after it was written (a disk or copy error): every
+  # program that reads the file refuses it, naming it; put back, the run resumes.
+  run="$work/run"
+  "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$run" --set train.steps=4 \
+    --set checkpoint.every=2 --set checkpoint.resume=none > "$work/first.log" 2>&1 || fail "first run"
+  ck="$run/checkpoints/step-00000004"
+  flip() {  # flip FILE: XORs the last byte (data: the header comes first) with 1
+    local size last
+    size=$(stat -c %s "$1")
+    last=$(od -An -t u1 -j $((size - 1)) -N 1 "$1" | tr -d ' ')
+    printf "\\$(printf %03o $((last ^ 1)))" | dd of="$1" bs=1 seek=$((size - 1)) conv=notrunc status=none
+  }
+  refused() {  # refused LOG FILE: one error line naming FILE's checksum
+    grep -q "error: $2: the data does not match the checksum its writer recorded" "$1" || fail "no checksum error in $1"
+  }
+  cp "$ck/model.safetensors" "$work/model.copy"
+  flip "$ck/model.safetensors"
+  ! cmp -s "$ck/model.safetensors" "$work/model.copy" || fail "the byte was not changed"
+  "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$run" --set train.steps=6 \
+    --set checkpoint.every=2 --set checkpoint.resume=auto > "$work/resume.log" 2>&1 && fail "resumed from a damaged file"
+  refused "$work/resume.log" "$ck/model.safetensors"
+  "$bin/llm-eval" --checkpoint "$ck" --data tests/fixtures/eval.txt > "$work/eval.log" 2>&1 && fail "evaluated a damaged file"
+  refused "$work/eval.log" "$ck/model.safetensors"
+  "$bin/llm-export" --checkpoint "$ck" --out "$work/export" > "$work/export.log" 2>&1 && fail "exported a damaged file"
+  refused "$work/export.log" "$ck/model.safetensors"
+  [ ! -e "$work/export" ] || fail "a failed export left its folder"
+  cp "$work/model.copy" "$ck/model.safetensors"
+  cp "$ck/optimizer.safetensors" "$work/optimizer.copy"
+  flip "$ck/optimizer.safetensors"
+  "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$run" --set train.steps=6 \
+    --set checkpoint.every=2 --set checkpoint.resume=auto > "$work/resume2.log" 2>&1 && fail "resumed from a damaged optimizer file"
+  refused "$work/resume2.log" "$ck/optimizer.safetensors"
+  cp "$work/optimizer.copy" "$ck/optimizer.safetensors"
+  "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$run" --set train.steps=6 \
+    --set checkpoint.every=2 --set checkpoint.resume=auto > "$work/resume3.log" 2>&1 || fail "no resume from the file put back"
+  grep -q "resumed from" "$work/resume3.log" || fail "did not resume"
+  echo "damaged-file ok"
   ;;
 *) echo "unknown mode $mode"; exit 2 ;;
 esac

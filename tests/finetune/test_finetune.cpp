@@ -482,6 +482,20 @@ TEST_CASE("fine-tuning resumes exactly (LoRA and full) and lowers the held-out l
                                    ", and this run's finetune.base " + ck.base + " is another model or revision now"));
         fs::remove_all(base);
         fs::rename(tmp / "base-orig", base);
+        // A byte of the base changed where its fingerprint samples (the middle of each file): the
+        // damaged file is named, not taken for another model.
+        {
+          const std::string weights = base + "/model.safetensors";
+          const std::string good = read_file(weights);
+          std::string bad = good;
+          bad[bad.size() / 2] ^= 0x10;
+          std::ofstream(weights, std::ios::binary | std::ios::trunc) << bad;
+          const std::string damaged = weights + ": the data does not match the checksum its writer recorded";
+          CHECK_THAT(test::error_of([&] { load_pretrained(a + "/checkpoints/step-00000008"); }),
+                     Catch::Contains(damaged));
+          CHECK_THAT(test::error_of([&] { finetune(ft_recipe(base, chat, a, set)); }), Catch::Contains(damaged));
+          std::ofstream(weights, std::ios::binary | std::ios::trunc) << good;
+        }
         // Its base gone: one error naming it.
         fs::rename(a, tmp / "lora-a-moved");
         CHECK_THAT(test::error_of([&] { load_pretrained(c + "/checkpoints/step-00000003"); }),

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cctype>
 #include <cstdint>
 #include <cstring>
 #include <ctime>
@@ -289,6 +290,14 @@ TEST_CASE("safetensors metadata round trip", "[io]") {
   auto d = st::File::open(dir.file("d.safetensors"));
   CHECK(d->metadata().at(st::kChecksumKey) != "bb4b4897deb4a8a8");
   CHECK(d->verify());
+
+  // A key that holds the checksum's key in quotes (sorted before it): the checksum still goes in its own place.
+  st::write(dir.file("e.safetensors"), {{"v", st::DType::F32, {}, &w}},
+            {{"a\"libllm.data_xxh64", "01234567890123456789"}, {"b", "\"libllm.data_xxh64\":\""}});
+  auto e = st::File::open(dir.file("e.safetensors"));
+  CHECK(e->metadata().at("a\"libllm.data_xxh64") == "01234567890123456789");
+  CHECK(e->metadata().at("b") == "\"libllm.data_xxh64\":\"");
+  CHECK(e->verify());
 
   // A file with metadata only and no tensors.
   st::write(dir.file("c.safetensors"), {}, {{"k", "v"}});
@@ -659,6 +668,12 @@ TEST_CASE("safetensors verify finds bytes changed after writing, and passes file
   std::ofstream(path, std::ios::binary | std::ios::trunc) << text;
   CHECK_THAT(error_of([&] { st::File::open(path)->verify(); }),
              Contains(path + ": __metadata__.libllm.data_xxh64") && Contains("is no checksum"));
+
+  // Upper-case hex digits (a hand-made file) are hex digits.
+  text = good;
+  for (size_t i = at; i < at + 16; ++i) text[i] = static_cast<char>(std::toupper(static_cast<unsigned char>(text[i])));
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << text;
+  CHECK(st::File::open(path)->verify());
 
   // A file without one (another tool's, or an earlier libllm's): nothing to check.
   const std::string header = R"({"x":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}})";

@@ -48,9 +48,12 @@ size_t load_adapter_weights(Transformer& model, const std::string& dir);
 // `params` lists every parameter's (name, shape); store(name, src) gets each stored tensor (a
 // read-only view of the file, in its stored dtype, valid during the call: store copies what it
 // keeps) once every shape is checked; its mapped pages leave the resident set after the call.
-// `tied`: the model has no lm_head (a stored one is ignored).
+// `tied`: the model has no lm_head (a stored one is ignored). `verify`: each file is checked
+// against its checksum first (safetensors::File::verify, a read of the whole file); a rank that
+// reads only its slice leaves that to one rank.
 void load_weights(const std::string& dir, const std::vector<std::pair<std::string, std::vector<int64_t>>>& params,
-                  bool tied, const std::function<void(const std::string&, const torch::Tensor&)>& store);
+                  bool tied, const std::function<void(const std::string&, const torch::Tensor&)>& store,
+                  bool verify = true);
 
 // The safetensors "__metadata__" of the weight files libllm's exports write ({"format": "pt",
 // "written_by": "libllm"}): a folder is replaced only when its weights carry it, so a model of the
@@ -162,6 +165,10 @@ std::string tokenizer_difference(const std::string& given, const std::string& ow
 // recipe.yaml) and, per weight file, its name, size and 64 KiB from its middle. Adapters record
 // their base's, so that a base replaced at the same path (a new revision, a rerun) is an error.
 std::string model_fingerprint(const std::string& dir);
+// Checks every safetensors file of model folder `dir` against the checksum its writer recorded
+// (safetensors::File::verify): an Error names a damaged one. For a fingerprint that no longer
+// matches: damage is said as such, not as another model.
+void verify_model_files(const std::string& dir);
 // Builds the model directly in `dtype` and loads its weights.
 Pretrained load_pretrained(const std::string& dir, torch::Dtype dtype = torch::kFloat32);
 void load_pretrained(Pretrained& info, torch::Dtype dtype);
@@ -183,10 +190,11 @@ void export_hf(const Pretrained& info, const std::string& dir, const ExportOptio
 // rows of the whole, and only they are read from the root folder. (A ZeRO-3 rank asks for the
 // rows holding its slice: a LoRA base is never in memory whole, nor read whole by every rank.)
 using RowRange = std::pair<int64_t, int64_t>;
+// `verify`: each folder's files are checked against their checksums first (load_weights).
 void for_each_merged_weight(
     const Pretrained& info, torch::Dtype dtype,
     const std::function<void(const std::string&, const torch::Tensor&)>& store,
-    const std::function<RowRange(const std::string&, const std::vector<int64_t>&)>& rows = nullptr);
+    const std::function<RowRange(const std::string&, const std::vector<int64_t>&)>& rows = nullptr, bool verify = true);
 // export_peft_adapter for LoRA checkpoint folder `info`, reading only its adapters (the chain of
 // bases is checked, not read). A folder without adapters is an Error naming it. With `tokenizer`
 // (its tokenizer_path set), the folder also gets the tokenizer files an export writes

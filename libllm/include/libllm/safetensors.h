@@ -55,8 +55,7 @@ uint64_t xxh64(const void* data, size_t size, uint64_t seed = 0);
 // The "__metadata__" key under which write() and StreamWriter record the XXH64 (seed 0) of the
 // file's data section (every byte after the header) as 16 lowercase hex digits, so that damage
 // done to a file after it was written is found when it is read (File::verify). Outside libllm:
-// `tail -c +$((9 + N)) FILE | xxhsum -H64` prints it, N being the header length (the file's first
-// 8 bytes, little-endian).
+// `N=$(od -An -t u8 -N 8 FILE); tail -c +$((9 + N)) FILE | xxhsum -H64` prints it.
 inline constexpr const char* kChecksumKey = "libllm.data_xxh64";
 
 // A read-only, memory-mapped safetensors file.
@@ -101,7 +100,8 @@ class File {
   // (kChecksumKey); true if it matched. False, reading nothing, for a file without one (written
   // by another tool, or by libllm before 2026-11). A malformed or different checksum throws
   // libllm::Error naming the file ("the file was damaged after it was written"). Read once a
-  // File, and once a process for a file of the same device, inode, modification time and size:
+  // File, and once a process for a file of the same device, inode, size and modification and
+  // status-change times:
   // later calls return the first answer. The pages read leave this process's resident
   // memory as it goes (a file larger than memory can be checked).
   bool verify() const;
@@ -119,7 +119,7 @@ class File {
   std::map<std::string, size_t> index_;  // name -> position in tensors_
   std::map<std::string, std::string> metadata_;
   mutable int verified_ = -1;                                   // verify()'s answer once known (0 or 1)
-  std::tuple<uint64_t, uint64_t, int64_t, uint64_t> identity_;  // device, inode, mtime (ns), size
+  std::tuple<uint64_t, uint64_t, int64_t, int64_t, uint64_t> identity_;  // device, inode, mtime, ctime (ns), size
 };
 
 // A tensor to write. `data` points at numel * dtype_size bytes, row-major, little-endian; they are
