@@ -558,7 +558,7 @@ bool File::verify() const {
   }
   const char* hint =
       "the file was damaged after it was written (a disk, copy or transfer error): restore it from a "
-      "copy, or use an earlier checkpoint";
+      "copy, or make it again";
   std::string stored = it->second;
   if (stored.size() != 16 || stored.find_first_not_of("0123456789abcdefABCDEF") != std::string::npos)
     throw Error(path_ + ": __metadata__." + kChecksumKey, "'" + stored + "' is no checksum (16 hex digits)", hint);

@@ -387,6 +387,11 @@ int supervise(const SuperviseOptions& opt) {
   append_event(opt.run_dir, {{"event", "supervise"}, {"command", cmdline}, {"max_restarts", opt.max_restarts},
                              {"hang_seconds", opt.hang_seconds}});
   double lr_factor = 1.0;
+  // The previous attempt's failure, when it crashed: how, and the first and last steps it ran. The
+  // same again (a full disk at the same checkpoint save, a bad file read at the same step) is no
+  // chance failure: another restart would fail the same way.
+  std::string last_how;
+  int64_t last_first = -1, last_last = -1;
   const auto wall = [] {
     return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
   };
@@ -443,8 +448,15 @@ int supervise(const SuperviseOptions& opt) {
     // Progress: a step this attempt ran (its metrics lines say which attempt ran them; the file
     // itself changes at every start, when the trainer rewrites it for the resumed step).
     bool progressed = false;
+    int64_t first_step = -1, last_step = -1;
     for (const auto& m : read_jsonl(metrics, false))
-      progressed = progressed || m.value("attempt", int64_t{-1}) == attempt;
+      if (m.value("attempt", int64_t{-1}) == attempt) {
+        progressed = true;
+        const int64_t s = m.value("step", int64_t{-1});
+        if (first_step < 0) first_step = s;
+        last_step = std::max(last_step, s);
+      }
+    std::string how;  // a crash's exit code or signal (empty: no crash)
     // A guard stop of this attempt: its "stop" event, whatever exit code the launcher passed on
     // (torchrun exits 1 when a worker exits 3).
     json stop;
@@ -487,7 +499,8 @@ int supervise(const SuperviseOptions& opt) {
                            stop.value("data", std::string("end")) == "end" ? "deferred to the end" : "dropped",
                            opt.lr_factor);
     } else if (WIFSIGNALED(status)) {
-      reason = fmt::format("crash: killed by signal {} ({})", WTERMSIG(status), strsignal(WTERMSIG(status)));
+      how = fmt::format("killed by signal {} ({})", WTERMSIG(status), strsignal(WTERMSIG(status)));
+      reason = "crash: " + how;
     } else {
       const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 1;
       if (!progressed) {
@@ -495,8 +508,19 @@ int supervise(const SuperviseOptions& opt) {
         append_event(opt.run_dir, {{"event", "give_up"}, {"reason", fmt::format("exit code {} without progress", code)}});
         return code;
       }
-      reason = fmt::format("crash: exit code {}", code);
+      how = fmt::format("exit code {}", code);
+      reason = "crash: " + how;
     }
+    if (!how.empty() && how == last_how && first_step == last_first && last_step == last_last) {
+      const std::string what = fmt::format("{} after steps {}..{}, as the attempt before", how, first_step, last_step);
+      fmt::print(stderr,
+                 "llm-spike: the job failed the same way twice ({}): not restarting (a failure that repeats, such "
+                 "as a full disk or a damaged file: its error is above)\n",
+                 what);
+      append_event(opt.run_dir, {{"event", "give_up"}, {"reason", "the same failure twice: " + what}});
+      return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+    }
+    last_how = how, last_first = first_step, last_last = last_step;
     // A plan stays until the trainer has applied it (it then renames it <plan>.applied), so a job
     // that dies while applying it gets it again; one that dies after its checkpoint's re-save
     // does not apply it twice (the checkpoint records it).

@@ -165,7 +165,7 @@ if(LIBLLM_CUDA)
 endif()
 
 # Loss spikes: supervisor restarts (kill -9, hang, guard stop) and analysis of injected spikes.
-foreach(_mode kill hang heartbeat stop analyze noprogress)
+foreach(_mode kill hang heartbeat stop analyze noprogress repeated)
   add_test(NAME apps.spike.${_mode}
            COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/apps/spike_tests.sh ${_bin} ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml
                    ${CMAKE_BINARY_DIR}/spike-test-${_mode} ${_mode} -- ${_sets}
