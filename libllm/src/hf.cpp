@@ -1193,12 +1193,13 @@ std::string model_fingerprint(const std::string& dir) {
 }
 
 void verify_model_files(const std::string& dir) {
-  std::vector<fs::path> files;
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(dir, ec))
-    if (e.path().extension() == ".safetensors" && e.is_regular_file(ec)) files.push_back(e.path());
-  std::sort(files.begin(), files.end());
-  for (const auto& f : files) safetensors::File::open(f.string())->verify();
+  WeightIndex idx;
+  try {  // the weight files a load reads (not a checkpoint's optimizer files, nor stray ones)
+    idx = open_weights(dir);
+  } catch (const Error&) {  // (unreadable headers: the caller's "changed" says enough)
+    return;
+  }
+  idx.verify();
 }
 
 namespace {

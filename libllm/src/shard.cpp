@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <optional>
 
 #include "libllm/compat.h"
 #include "libllm/distributed.h"
@@ -500,6 +501,22 @@ void FullySharded::load_weights(const std::string& dir, Which which) {
 }
 
 void FullySharded::load_weights(const Pretrained& base, Which which) {
+  // Every rank fails together: an error one rank alone meets (a damaged file that only its node's
+  // first rank checks) would leave the others waiting in their next collective.
+  std::optional<Error> failed;
+  try {
+    read_weights(base, which);
+  } catch (const Error& e) {
+    failed = e;
+  }
+  const double failures = dist_.mean(failed ? 1.0 : 0.0);
+  if (failed) throw *failed;
+  if (failures > 0)
+    throw Error(base.dir, "another rank could not read the weights (its error names the file)",
+                "see that rank's error");
+}
+
+void FullySharded::read_weights(const Pretrained& base, Which which) {
   torch::NoGradGuard no_grad;
   std::vector<std::pair<std::string, std::vector<int64_t>>> params;
   std::map<std::string, std::pair<Unit*, size_t>> where;
@@ -523,9 +540,9 @@ void FullySharded::load_weights(const Pretrained& base, Which which) {
     if (lo < hi)
       u->shard.narrow(0, lo - rank * u->chunk, hi - lo).copy_(flat.narrow(0, lo - u->offsets[i] - first, hi - lo));
   };
-  // Rank 0 alone checks the files' checksums: the others read their slices only (130 GB / N of a
-  // 65B model), and rank 0's error ends them.
-  const bool verify = dist_.rank() == 0;
+  // Each node's first rank checks the files' checksums (a node may read a copy of its own); under
+  // ZeRO-3 the others read their slices only (130 GB / N of a 65B model). ZeRO-2 reads them whole.
+  const bool verify = stage_ == 2 || dist_.local_rank() == 0;
   if (!base.has_lora && base.base.empty()) {
     libllm::load_weights(base.dir, params, !model_->lm_head, store, verify);
   } else {  // adapters to merge: the plain model's weights, merged in fp32 (copy_ rounds to the unit's dtype)

@@ -387,11 +387,12 @@ int supervise(const SuperviseOptions& opt) {
   append_event(opt.run_dir, {{"event", "supervise"}, {"command", cmdline}, {"max_restarts", opt.max_restarts},
                              {"hang_seconds", opt.hang_seconds}});
   double lr_factor = 1.0;
-  // The previous attempt's failure, when it crashed: how, and the first and last steps it ran. The
-  // same again (a full disk at the same checkpoint save, a bad file read at the same step) is no
-  // chance failure: another restart would fail the same way.
+  // The attempts' crashes in a row that were the same: how, and the first and last steps each ran.
+  // Three alike (a full disk at the same checkpoint save, a damaged file read at the same step) are
+  // no chance failures: another restart would fail the same way. (Two could be: "exit code 1" is
+  // any error, and a save is where passing storage and network faults strike.)
   std::string last_how;
-  int64_t last_first = -1, last_last = -1;
+  int64_t last_first = -1, last_last = -1, alike = 0;
   const auto wall = [] {
     return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
   };
@@ -452,9 +453,8 @@ int supervise(const SuperviseOptions& opt) {
     for (const auto& m : read_jsonl(metrics, false))
       if (m.value("attempt", int64_t{-1}) == attempt) {
         progressed = true;
-        const int64_t s = m.value("step", int64_t{-1});
-        if (first_step < 0) first_step = s;
-        last_step = std::max(last_step, s);
+        last_step = m.value("step", int64_t{-1});  // (the step it died after)
+        if (first_step < 0) first_step = last_step;
       }
     std::string how;  // a crash's exit code or signal (empty: no crash)
     // A guard stop of this attempt: its "stop" event, whatever exit code the launcher passed on
@@ -511,16 +511,20 @@ int supervise(const SuperviseOptions& opt) {
       how = fmt::format("exit code {}", code);
       reason = "crash: " + how;
     }
-    if (!how.empty() && how == last_how && first_step == last_first && last_step == last_last) {
-      const std::string what = fmt::format("{} after steps {}..{}, as the attempt before", how, first_step, last_step);
-      fmt::print(stderr,
-                 "llm-spike: the job failed the same way twice ({}): not restarting (a failure that repeats, such "
-                 "as a full disk or a damaged file: its error is above)\n",
-                 what);
-      append_event(opt.run_dir, {{"event", "give_up"}, {"reason", "the same failure twice: " + what}});
-      return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
-    }
+    // (an attempt that ran no step, killed while loading say, is never one of them)
+    const bool same =
+        !how.empty() && first_step >= 0 && how == last_how && first_step == last_first && last_step == last_last;
+    alike = same ? alike + 1 : (!how.empty() && first_step >= 0 ? 1 : 0);
     last_how = how, last_first = first_step, last_last = last_step;
+    if (alike >= 3) {
+      const std::string what = fmt::format("{} after steps {}..{}", how, first_step, last_step);
+      fmt::print(stderr,
+                 "llm-spike: the job failed the same way 3 times in a row ({}): not restarting (a failure that "
+                 "repeats, such as a full disk or a damaged file: its error is above)\n",
+                 what);
+      append_event(opt.run_dir, {{"event", "give_up"}, {"reason", "the same failure 3 times: " + what}});
+      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    }
     // A plan stays until the trainer has applied it (it then renames it <plan>.applied), so a job
     // that dies while applying it gets it again; one that dies after its checkpoint's re-save
     // does not apply it twice (the checkpoint records it).

@@ -3,7 +3,7 @@
 # usage: spike_tests.sh BIN_DIR RECIPE WORK_DIR MODE -- [--set ...]
 #   kill     kill -9 of the trainer under `llm-spike supervise`: restarted, same final weights as an uninterrupted run
 #   noprogress  a job whose restart runs no step is not restarted again
-#   repeated    a job that fails the same way twice (a checkpoint save over a file-size limit) is not restarted a third time
+#   repeated    a job that fails the same way 3 times in a row (a checkpoint save over a file-size limit) is not restarted again
 #   hang     an injected hang: the supervisor kills and restarts the job, which finishes
 #   heartbeat   a long phase that beats the heartbeat (as a slow checkpoint write does) is no hang;
 #            one that stops beating is, and the supervisor names what it was doing; a --set missing
@@ -62,15 +62,15 @@ noprogress)
   ;;
 repeated)
   # A checkpoint save that fails the same way on every attempt (a file-size limit, as a full disk
-  # would): the supervisor stops at the second identical failure, not after --max-restarts.
+  # would): the supervisor stops at the third identical failure, not after --max-restarts.
   "$bin/llm-spike" supervise "$recipe" "${common[@]}" --set train.steps=60 --set train.run_dir="$work/run" \
     -- sh -c 'trap "" XFSZ; ulimit -f 100; exec "$@"' launcher "$bin/llm-pretrain" "$recipe" "${common[@]}" \
     --set train.steps=60 --set train.run_dir="$work/run" > "$work/supervise.log" 2>&1 && fail "the supervisor did not fail"
-  grep -q "restarting (1/5)" "$work/supervise.log" || fail "no restart after the first failure"
-  grep -q "failed the same way twice (exit code 1 after steps 1..25, as the attempt before): not restarting" \
+  grep -q "restarting (2/5)" "$work/supervise.log" || fail "no restart after the second failure"
+  grep -q "failed the same way 3 times in a row (exit code 1 after steps 1..25): not restarting" \
     "$work/supervise.log" || fail "no stop at the repeated failure"
-  ! grep -q "restarting (2/5)" "$work/supervise.log" || fail "restarted again"
-  grep -q '"event":"give_up","reason":"the same failure twice' "$work/run/events.jsonl" || fail "no give_up event"
+  ! grep -q "restarting (3/5)" "$work/supervise.log" || fail "restarted again"
+  grep -q '"event":"give_up","reason":"the same failure 3 times' "$work/run/events.jsonl" || fail "no give_up event"
   ;;
 hang)
   "$bin/llm-spike" supervise "$recipe" "${common[@]}" --set train.steps=60 --set guard.inject_hang_step=30 \

@@ -165,9 +165,10 @@ std::string tokenizer_difference(const std::string& given, const std::string& ow
 // recipe.yaml) and, per weight file, its name, size and 64 KiB from its middle. Adapters record
 // their base's, so that a base replaced at the same path (a new revision, a rerun) is an error.
 std::string model_fingerprint(const std::string& dir);
-// Checks every safetensors file of model folder `dir` against the checksum its writer recorded
-// (safetensors::File::verify): an Error names a damaged one. For a fingerprint that no longer
-// matches: damage is said as such, not as another model.
+// Checks the weight files of model folder `dir` (those a load reads) against the checksums their
+// writer recorded (safetensors::File::verify): an Error names a damaged one; folders whose
+// weights cannot be opened pass. For a fingerprint that no longer matches: damage is said as
+// such, not as another model.
 void verify_model_files(const std::string& dir);
 // Builds the model directly in `dtype` and loads its weights.
 Pretrained load_pretrained(const std::string& dir, torch::Dtype dtype = torch::kFloat32);

@@ -127,7 +127,8 @@ class FullySharded : public BlockHooks {
   void load_weights(const std::string& dir, Which which = Which::all);
   // The same from model folder `base` (inspect_pretrained): a LoRA checkpoint's adapters, and
   // those of its chain of bases, are merged into each weight as it is read (for_each_merged_weight,
-  // one weight at a time), so a LoRA base is never whole in any rank's memory.
+  // one weight at a time), so a LoRA base is never whole in any rank's memory. A collective: an
+  // error on any rank is an error on every rank.
   void load_weights(const Pretrained& base, Which which);
 
   // Bytes of parameters + gradients + optimizer state this rank holds now, and the most it held
@@ -150,6 +151,7 @@ class FullySharded : public BlockHooks {
   void finish(Unit& u);             // waits for u's reduce-scatter and adds it to u's gradient shard
   void wait_reductions();
   void track(int64_t delta);
+  void read_weights(const Pretrained& base, Which which);  // load_weights on this rank alone
 
   Transformer model_;
   int stage_;

@@ -48,8 +48,9 @@ struct SuperviseOptions {
 };
 
 // Runs the job as a child (own process group) and restarts it when it crashes (killed or
-// non-zero exit after making progress; not when it crashed the same way as the attempt before,
-// having run the same steps: a failure that repeats, such as a full disk), hangs, or is stopped by the guard (exit code
+// non-zero exit after making progress; not after 3 crashes in a row alike, each the same exit
+// code or signal after the same first and last steps: a failure that repeats, such as a full
+// disk), hangs, or is stopped by the guard (exit code
 // 3, then with a restart plan: the newest healthy checkpoint, the data after it deferred, the LR lowered). Sets
 // LIBLLM_RESTART, LIBLLM_RESTART_PLAN and LIBLLM_HEARTBEAT (run_dir/heartbeat: rank 0 beats it while it writes or reads
 // checkpoints and evaluates) for the child. Every restart and its reason goes to run_dir/events.jsonl and the console.
