@@ -27,9 +27,13 @@ using ProcessGroupBase = c10d::ProcessGroup;
 
 #include <fmt/core.h>
 
+#include <atomic>
+#include <chrono>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <thread>
 
 #include "libllm/config.h"
 #include "libllm/error.h"
@@ -97,6 +101,13 @@ struct Distributed::Impl {
   torch::Device device = torch::kCPU;         // where the backend's tensors must live
   bool gloo = true;                           // Gloo cannot reduce bf16/fp16: they go through fp32
   std::chrono::milliseconds timeout{300000};  // of every collective (subgroups too)
+  int64_t serial = 0;                         // the group's number in this process (the same on every rank) and name
+  std::string name;                           // ("" for the world): its exit key
+
+  static int64_t next_serial() {
+    static std::atomic<int64_t> n{0};
+    return n++;
+  }
 
   // Sums t over ranks in place; a tensor on another device is staged through `device`.
   void allreduce(torch::Tensor& t) { allreduce_async(t).wait(); }
@@ -135,14 +146,25 @@ struct Distributed::Impl {
   }
 };
 
-// Ends the group's communicators without waiting for the other ranks (2.6+; earlier, a dropped
-// NCCL group ends itself in silence): abort(), which is what ProcessGroupNCCL's destructor does
-// itself (2.6+) after warning that the group was never destroyed. Not shutdown(), which waits for
-// the peers' communicators: a rank that finished would hang if another died after its last
-// collective (rank 0's export or samples after the loop) under a launcher that does not kill the
-// rest. Every collective of ours was waited for. Gloo needs nothing.
+// Ends the group. At a normal end, first every rank waits (60 s at most) until all have come
+// here, their device's work done: an NCCL rank's last collective may still be sending when its
+// wait() returns (the host only orders its stream), and ending its communicators then could cut
+// off a slower peer. Then, on LibTorch 2.6+ with NCCL, abort(): what ProcessGroupNCCL's
+// destructor does itself after warning that the group was never destroyed. Not shutdown(),
+// which waits for the peers' communicators without a limit: a rank that finished would hang if
+// another died after its last collective under a launcher that does not kill the rest. While an
+// exception unwinds (this rank failed), no waiting.
 Distributed::~Distributed() {
   if (!impl_ || !impl_->pg) return;
+  if (std::uncaught_exceptions() == 0 && world_ > 1) try {
+      if (!impl_->gloo) compat::cuda_synchronize();
+      const std::string key = "libllm/exit/" + std::to_string(impl_->serial) + "/" + impl_->name;
+      impl_->store->add(key, 1);
+      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+      while (impl_->store->add(key, 0) < world_ && std::chrono::steady_clock::now() < until)
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    } catch (const std::exception&) {  // (rank 0's store gone: every rank came, and it left)
+    }
   try {
 #if LIBLLM_TORCH_AT_LEAST(2, 6) && defined(LIBLLM_NCCL)  // (Backend::abort is virtual only since ~2.7)
     if (auto* nccl = dynamic_cast<c10d::ProcessGroupNCCL*>(impl_->pg.get())) nccl->abort();
@@ -179,6 +201,7 @@ Distributed Distributed::from_env(double timeout_s, const std::string& backend) 
   if (d.rank_ < 0 || d.rank_ >= d.world_)
     throw Error("RANK", fmt::format("rank {} outside a world of {}", d.rank_, d.world_));
   auto impl = std::make_unique<Impl>();
+  impl->serial = Impl::next_serial();
   const char* addr = env_first({"MASTER_ADDR"});
   impl->addr = addr ? addr : "127.0.0.1";
   impl->port = env_int({"MASTER_PORT"}, 29500);
@@ -234,6 +257,8 @@ Distributed Distributed::subgroup(const std::string& name, int rank, int size) c
   d.world_ = size;
   d.local_rank_ = local_rank_;
   auto impl = std::make_unique<Impl>();
+  impl->serial = Impl::next_serial();
+  impl->name = name;
   impl->store = impl_->store;
   impl->addr = impl_->addr;
   impl->port = impl_->port;
