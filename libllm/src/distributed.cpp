@@ -33,7 +33,6 @@ using ProcessGroupBase = c10d::ProcessGroup;
 #include <cstdlib>
 #include <cstring>
 #include <exception>
-#include <thread>
 
 #include "libllm/config.h"
 #include "libllm/error.h"
@@ -146,24 +145,29 @@ struct Distributed::Impl {
   }
 };
 
-// Ends the group. At a normal end, first every rank waits (60 s at most) until all have come
-// here, their device's work done: an NCCL rank's last collective may still be sending when its
-// wait() returns (the host only orders its stream), and ending its communicators then could cut
-// off a slower peer. Then, on LibTorch 2.6+ with NCCL, abort(): what ProcessGroupNCCL's
-// destructor does itself after warning that the group was never destroyed. Not shutdown(),
-// which waits for the peers' communicators without a limit: a rank that finished would hang if
-// another died after its last collective under a launcher that does not kill the rest. While an
-// exception unwinds (this rank failed), no waiting.
+// Ends the group. At a normal end, first every rank waits until all have come here, their
+// device's work done (60 s at most for all of a process's groups together; the last to come says
+// so through the store, which the others wait on; groups are matched by their order of creation
+// and name, the same on every rank as long as every rank makes the same groups): an NCCL rank's last collective may
+// still be sending when its wait() returns (the host only orders its stream), and ending its communicators then could
+// cut off a slower peer. Then, on LibTorch 2.6+ with NCCL, abort(): what ProcessGroupNCCL's destructor does itself
+// after warning that the group was never destroyed. Not shutdown(), which waits for the peers' communicators without a
+// limit: a rank that finished would hang if another died after its last collective under a launcher that does not kill
+// the rest. While an exception unwinds (this rank failed), no waiting.
 Distributed::~Distributed() {
   if (!impl_ || !impl_->pg) return;
   if (std::uncaught_exceptions() == 0 && world_ > 1) try {
       if (!impl_->gloo) compat::cuda_synchronize();
+      static const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
       const std::string key = "libllm/exit/" + std::to_string(impl_->serial) + "/" + impl_->name;
-      impl_->store->add(key, 1);
-      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-      while (impl_->store->add(key, 0) < world_ && std::chrono::steady_clock::now() < until)
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    } catch (const std::exception&) {  // (rank 0's store gone: every rank came, and it left)
+      if (impl_->store->add(key, 1) >= world_) {
+        impl_->store->set(key + "/all", std::vector<uint8_t>{1});
+      } else {
+        const auto left =
+            std::chrono::duration_cast<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
+        if (left.count() > 0) impl_->store->wait({key + "/all"}, left);
+      }
+    } catch (const std::exception&) {  // (the time is up, or rank 0's store is gone: it left)
     }
   try {
 #if LIBLLM_TORCH_AT_LEAST(2, 6) && defined(LIBLLM_NCCL)  // (Backend::abort is virtual only since ~2.7)

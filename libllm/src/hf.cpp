@@ -1196,7 +1196,7 @@ void verify_model_files(const std::string& dir) {
   WeightIndex idx;
   try {  // the weight files a load reads (not a checkpoint's optimizer files, nor stray ones)
     idx = open_weights(dir);
-  } catch (const Error&) {  // (unreadable headers: the caller's "changed" says enough)
+  } catch (const std::exception&) {  // (unreadable headers: the caller's "changed" says enough)
     return;
   }
   idx.verify();

@@ -508,6 +508,8 @@ void FullySharded::load_weights(const Pretrained& base, Which which) {
     read_weights(base, which);
   } catch (const Error& e) {
     failed = e;
+  } catch (const std::exception& e) {  // (a filesystem or torch error)
+    failed = Error(base.dir, e.what());
   }
   const double failures = dist_.mean(failed ? 1.0 : 0.0);
   if (failed) throw *failed;

@@ -541,16 +541,32 @@ struct Run {
   TrainState load(const std::string& dir) {
     TrainState st;
     const LoraBaseRef ref = check_resume(dir);
-    if (fsdp) {
+    if (fsdp)  // (a collective: a rank's failure is every rank's)
       fsdp->load_weights(dir, ref.path.empty() ? FullySharded::Which::all : FullySharded::Which::trainable);
-      st = load_checkpoint_state(dir, adamw(), fsdp->shard_rank());
-    } else {
-      st = load_checkpoint(dir, model, adamw(), dist.rank());
+    // What each rank reads alone (a file damaged on one node's copy, say): every rank learns of a
+    // failure here, before the collectives below would leave the others waiting.
+    std::optional<Error> failed;
+    try {
+      st = fsdp ? load_checkpoint_state(dir, adamw(), fsdp->shard_rank())
+                : load_checkpoint(dir, model, adamw(), dist.rank());
+      if (dist.rank() > 0) restore_rank_rng(dir, dist.rank());  // (a checkpoint of fewer ranks: rank 0's)
+    } catch (const Error& e) {
+      failed = e;
+    } catch (const std::exception& e) {
+      failed = Error(dir, e.what(), "the checkpoint is corrupt");
     }
+    double failures = 0;
+    try {
+      failures = dist.mean(failed ? 1.0 : 0.0);
+    } catch (const Error& e) {  // (a peer died)
+      if (failed) throw *failed;
+      throw Mismatch(e.where(), e.problem(), e.hint());
+    }
+    if (failed) throw *failed;
+    if (failures > 0) throw Mismatch(dir, "another rank could not read the checkpoint (its error names the file)");
     // (a bf16 run's masters resumed in fp32 set each rank's own elements only)
     if (fsdp) fsdp->share_weights();
     if (sharded) sharded->share_weights();
-    if (dist.rank() > 0) restore_rank_rng(dir, dist.rank());  // (a checkpoint of fewer ranks: rank 0's)
     // A weight, fp32 master or AdamW moment that is NaN or infinite, or a negative second moment (a
     // file damaged in place: its size and names intact) would only show as skipped steps or NaN
     // weights, while saves prune the good checkpoints. Every rank checks its own and all agree.
