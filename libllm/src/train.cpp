@@ -574,7 +574,7 @@ struct Run {
     double all_valid = 0;
     try {
       all_valid = dist.mean(bad.empty() ? 1.0 : 0.0);
-    } catch (const Error& e) {  // (a peer that failed to load: its own error says why)
+    } catch (const Error& e) {  // (a peer died while the weights were shared: its own error says why)
       throw Mismatch(e.where(), e.problem(), e.hint());
     }
     if (all_valid < 1.0)
