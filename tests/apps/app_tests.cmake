@@ -12,6 +12,12 @@ function(expect_error name regex)
            WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
 endfunction()
 
+# expect_run_error(NAME REGEX COMMAND...): expect_error for a training command, in a run folder of its own
+# (ctest -j runs them side by side, and a second job in a run folder is refused before its own error).
+function(expect_run_error name regex)
+  expect_error(${name} "${regex}" ${ARGN} --set train.run_dir=${CMAKE_BINARY_DIR}/app-test-run/error-${name})
+endfunction()
+
 # expect_output(NAME REGEX COMMAND...): exit 0 and output matching REGEX.
 function(expect_output name regex)
   string(REPLACE ";" "@@" _cmd "${ARGN}")
@@ -116,19 +122,19 @@ add_test(NAME apps.data.tokenizer
          WORKING_DIRECTORY ${_src})
 set_tests_properties(apps.data.tokenizer PROPERTIES PASS_REGULAR_EXPRESSION "tokenizer ok" TIMEOUT 120)
 if(NOT LIBLLM_CUDA)
-  expect_error(pretrain.cuda-without-cuda "train.device: is 'cuda' but no CUDA device is usable"
+  expect_run_error(pretrain.cuda-without-cuda "train.device: is 'cuda' but no CUDA device is usable"
                ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set train.device=cuda ${_sets})
 endif()
-expect_error(pretrain.bad-sharding "train.sharding=zero4: expected one of: none, zero1, zero2, zero3, hybrid"
+expect_run_error(pretrain.bad-sharding "train.sharding=zero4: expected one of: none, zero1, zero2, zero3, hybrid"
              ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set train.sharding=zero4)
-expect_error(pretrain.zero3-needs-checkpointing "train.activation_checkpointing: must be true with train.sharding zero3"
+expect_run_error(pretrain.zero3-needs-checkpointing "train.activation_checkpointing: must be true with train.sharding zero3"
              ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set train.sharding=zero3 ${_sets})
-expect_error(pretrain.bad-shard-group "train.shard_group: 2 ranks per shard group do not divide the 1 ranks"
+expect_run_error(pretrain.bad-shard-group "train.shard_group: 2 ranks per shard group do not divide the 1 ranks"
              ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set train.sharding=hybrid
              --set train.activation_checkpointing=true --set train.shard_group=2 ${_sets})
 set_tests_properties(apps.error.pretrain.zero3-needs-checkpointing apps.error.pretrain.bad-shard-group
                      PROPERTIES FIXTURES_REQUIRED tiny_shards)
-expect_error(pretrain.missing-shards "data.train: /nonexistent: shard-set folder not found"
+expect_run_error(pretrain.missing-shards "data.train: /nonexistent: shard-set folder not found"
              ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set data.train=[/nonexistent])
 
 # Data parallel over Gloo: 2 processes == 1 process with doubled accumulation (1e-6). Needs Gloo's
@@ -177,10 +183,10 @@ expect_error(spike.bad-command "llm-spike: error: llm-spike: unknown command 'an
 expect_error(spike.bad-lr-factor "--lr-factor: expected a number in \\(0, 1\\], got '2'"
              ${_bin}/llm-spike supervise ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --lr-factor 2)
 expect_error(spike.no-run "no-such-run: run folder not found" ${_bin}/llm-spike analyze no-such-run)
-expect_error(pretrain.guard-keep-last "checkpoint.keep_last: must be >= 2 with guard.enabled"
+expect_run_error(pretrain.guard-keep-last "checkpoint.keep_last: must be >= 2 with guard.enabled"
              ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set guard.enabled=true
              --set checkpoint.keep_last=1 ${_sets})
-expect_error(pretrain.guard-bad-defer "guard.defer=later: expected one of: end, drop, got 'later'"
+expect_run_error(pretrain.guard-bad-defer "guard.defer=later: expected one of: end, drop, got 'later'"
              ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set guard.defer=later)
 
 # Fine-tuning: llm-finetune (LoRA, chat data) -> llm-export (merged + PEFT) -> llm-eval -> llm-generate.
@@ -190,19 +196,19 @@ add_test(NAME apps.finetune.pipeline
          WORKING_DIRECTORY ${_src})
 set_tests_properties(apps.finetune.pipeline PROPERTIES FIXTURES_REQUIRED tiny_shards TIMEOUT 300
                      PASS_REGULAR_EXPRESSION "finetune pipeline ok")
-expect_error(finetune.no-base "finetune.base: is required for fine-tuning"
+expect_run_error(finetune.no-base "finetune.base: is required for fine-tuning"
              ${_bin}/llm-finetune ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml)
-expect_error(finetune.malformed-chat "bad-chat.jsonl:2: invalid JSON.*chat.malformed: skip"
+expect_run_error(finetune.malformed-chat "bad-chat.jsonl:2: invalid JSON.*chat.malformed: skip"
              ${_bin}/llm-finetune ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-finetune.yaml
              --set chat.files=[${_bad}/bad-chat.jsonl] --set train.seq_len=47)
-expect_error(finetune.bad-target "lora.targets: 'qkv' names no projection"
+expect_run_error(finetune.bad-target "lora.targets: 'qkv' names no projection"
              ${_bin}/llm-finetune ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-finetune.yaml
              --set finetune.method=lora --set lora.targets=[qkv] ${_sets})
 set_tests_properties(apps.error.finetune.bad-target PROPERTIES FIXTURES_REQUIRED tiny_shards)
 # A model section that contradicts the base (a pretraining recipe reused): the base decides.
-expect_error(finetune.model-conflict "model.dim: is 32, but the base .*tiny-llama has 64"
+expect_run_error(finetune.model-conflict "model.dim: is 32, but the base .*tiny-llama has 64"
              ${_bin}/llm-finetune ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set finetune.base=${_fx}/tiny-llama)
-expect_error(finetune.bad-method "finetune.method=qlora: expected one of: full, lora"
+expect_run_error(finetune.bad-method "finetune.method=qlora: expected one of: full, lora"
              ${_bin}/llm-finetune ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set finetune.method=qlora)
 expect_error(generate.no-set "llm-generate: error: unknown option '--set'"
              ${_bin}/llm-generate --checkpoint ${_fx}/tiny-llama --prompt hi --set chat.system_prompt=x)
@@ -211,9 +217,9 @@ expect_error(generate.flag-value "option --no-cache takes no value, got 'false'"
 expect_error(generate.no-prompt "--prompt: is required without --chat"
              ${_bin}/llm-generate --checkpoint ${_fx}/tiny-llama)
 expect_error(export.system-without-template "--system: sets the default system text of a libllm chat template.*--chat-template"
-             ${_bin}/llm-export --checkpoint ${_fx}/tiny-llama --out ${CMAKE_BINARY_DIR}/x-export --system hi)
+             ${_bin}/llm-export --checkpoint ${_fx}/tiny-llama --out ${CMAKE_BINARY_DIR}/x-export-system --system hi)
 expect_error(export.adapter-of-plain "--adapter: .* is not a LoRA fine-tuning checkpoint"
-             ${_bin}/llm-export --checkpoint ${_fx}/tiny-llama --out ${CMAKE_BINARY_DIR}/x-export --adapter ${CMAKE_BINARY_DIR}/x-adapter)
+             ${_bin}/llm-export --checkpoint ${_fx}/tiny-llama --out ${CMAKE_BINARY_DIR}/x-export-adapter --adapter ${CMAKE_BINARY_DIR}/x-adapter)
 # Output folders: never the checkpoint (or inside or around it), never each other, never a folder
 # that is not an earlier export (a run folder); "out/" names out; an earlier export is replaced.
 add_test(NAME apps.export.folders
