@@ -1,9 +1,13 @@
 // llm-data RECIPE [--set section.key=value]...: trains the recipe's tokenizer (when
 // tokenizer.path does not exist yet and tokenizer.vocab_size > 0), then tokenizes
 // data_prep.inputs into memory-mappable token shards (and a held-out set when asked).
+// llm-data verify SHARD_SET...: checks every file of the shard sets against the checksums
+// recorded when they were written (after copying them to another machine, say).
 #include <fmt/core.h>
 
+#include <chrono>
 #include <filesystem>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -53,9 +57,29 @@ static void train_tokenizer(const Recipe& r) {
   fmt::print("tokenizer: {}\n", t.path);
 }
 
+// Checks each shard set's files against their checksums; an Error names the first damaged file.
+static int verify(int argc, char** argv) {
+  cli::Args args(argc, argv, "llm-data verify SHARD_SET...", {}, -1);
+  if (args.help()) return fmt::print("{}", args.usage()), 0;
+  for (const std::string& dir : args.positional()) {
+    const auto start = std::chrono::steady_clock::now();
+    const ShardSet set = ShardSet::open(dir);
+    if (!set.has_checksums())
+      throw Error(dir, "records no checksums (made by an older llm-data)",
+                  "re-run llm-data into it to record them, or compare it with its source by other means");
+    const int64_t bytes = set.verify();
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    fmt::print("{}: {} shard(s), {} tokens, {:.1f} MB: the checksums match ({:.2f} s)\n", dir, set.n_shards(),
+               set.n_tokens(), bytes / 1e6, seconds);
+  }
+  return 0;
+}
+
 int main(int argc, char** argv) {
   return cli::run("llm-data", [&] {
-    cli::Args args(argc, argv, "llm-data RECIPE [--set section.key=value]...", {}, 1, /*recipe_overrides=*/true);
+    if (argc > 1 && std::string(argv[1]) == "verify") return verify(argc - 1, argv + 1);
+    cli::Args args(argc, argv, "llm-data RECIPE [--set section.key=value]...\n       llm-data verify SHARD_SET...", {},
+                   1, /*recipe_overrides=*/true);
     if (args.help()) return fmt::print("{}", args.usage()), 0;
     Recipe recipe = Recipe::load(args.positional()[0], args.overrides());
     const bool from_base = recipe.tokenizer.path.empty() && !recipe.finetune.base.empty();

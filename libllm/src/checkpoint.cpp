@@ -136,12 +136,12 @@ class OptimizerFiles {
     }
   }
 
-  // Restores torch's CPU generator and, where the checkpoint has it and CUDA is here, the current
-  // device's CUDA generator (dropout on the GPU), from `rank`'s file.
+  // Restores torch's CPU generator and, where the checkpoint has it and this process uses CUDA (its
+  // model is there by now), the current device's CUDA generator (dropout on the GPU), from `rank`'s file.
   void restore_rng(int rank) const {
     const auto& f = shards_.empty() ? main_ : shards_[static_cast<size_t>(rank) < shards_.size() ? rank : 0];
     set_rng(at::detail::getDefaultCPUGenerator(), *f, "rng.cpu");  // (a handle: sets the default generator)
-    if (f->find("rng.cuda") && compat::cuda_available())
+    if (f->find("rng.cuda") && compat::cuda_in_use())              // (a CPU resume of a GPU run makes no CUDA context)
       set_rng(at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, -1)), *f, "rng.cuda");
   }
 
@@ -581,7 +581,7 @@ bool restore_rank_rng(const std::string& dir, int rank) {
   const std::string prefix = "rng.rank" + std::to_string(rank);
   if (!f->find(prefix + ".cpu")) return false;
   set_rng(at::detail::getDefaultCPUGenerator(), *f, prefix + ".cpu");
-  if (f->find(prefix + ".cuda") && compat::cuda_available())
+  if (f->find(prefix + ".cuda") && compat::cuda_in_use())
     set_rng(at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, -1)), *f, prefix + ".cuda");
   return true;
 }

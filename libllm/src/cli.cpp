@@ -70,9 +70,12 @@ Args::Args(int argc, char** argv, std::string usage, std::vector<Option> options
       values_[name] = value;
     }
   }
-  if (!help_ && static_cast<int>(positional_.size()) != n_positional)
-    throw Error("", "expected " + std::to_string(n_positional) + " positional argument(s), got " +
-                           std::to_string(positional_.size()),
+  const int given = static_cast<int>(positional_.size());
+  if (!help_ && (n_positional >= 0 ? given != n_positional : given < -n_positional))
+    throw Error("",
+                "expected " +
+                    (n_positional >= 0 ? std::to_string(n_positional) : "at least " + std::to_string(-n_positional)) +
+                    " positional argument(s), got " + std::to_string(given),
                 "usage: " + usage_);
 }
 

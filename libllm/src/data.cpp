@@ -27,11 +27,13 @@
 #include <tuple>
 
 #include "atomic_file.h"
+#include "heartbeat.h"
 #include "jsonl.h"
 #include "libllm/config.h"
 #include "libllm/error.h"
 #include "libllm/tokenizer.h"
 #include "mapped_file.h"
+#include "xxh64.h"
 
 namespace libllm {
 namespace fs = std::filesystem;
@@ -436,6 +438,7 @@ std::vector<std::vector<int64_t>> tokenize_all(const Tokenizer& tok, const std::
 struct ShardRecord {
   std::string file, idx;
   int64_t tokens = 0, documents = 0;
+  std::string xxh64, idx_xxh64;  // checksums of the two files' bytes (16 hex digits)
 };
 
 // Appends documents to shard files, starting a new shard before a document that would overflow.
@@ -485,11 +488,13 @@ class ShardWriter {
     record_ = {shard_name(i, "bin"), shard_name(i, "idx"), 0, 0};
     tmp_ = tmp_name(path(record_.file));
     fd_ = open_tmp(tmp_);
+    hash_ = detail::Xxh64();
     tokens_ = 0;
     offsets_.clear();
   }
 
   void flush() {
+    hash_.update(buf_.data(), buf_.size());
     write_all(fd_, buf_.data(), buf_.size(), tmp_);
     buf_.clear();
   }
@@ -501,6 +506,8 @@ class ShardWriter {
     std::vector<unsigned char> idx;
     idx.reserve(offsets_.size() * 8);
     for (uint64_t o : offsets_) put_le(idx, o, 8);
+    record_.idx_xxh64 = detail::hex16(detail::Xxh64().update(idx.data(), idx.size()).digest());
+    record_.xxh64 = detail::hex16(hash_.digest());
     detail::write_file_atomic(path(record_.idx), std::string(idx.begin(), idx.end()));
     sync_close_rename(fd, tmp_, path(record_.file));
     record_.tokens = tokens_;
@@ -514,6 +521,7 @@ class ShardWriter {
   std::string tok_path_, tmp_;
   int fd_ = -1;
   int64_t tokens_ = 0;
+  detail::Xxh64 hash_;  // of the open shard's bytes so far
   ShardRecord record_;
   std::vector<uint64_t> offsets_;
   std::vector<unsigned char> buf_;
@@ -673,6 +681,7 @@ void DataConfig::fields(Fields& f) {
   f.add("weights", weights);
   f.add("valid", valid);
   f.add("seed", seed);
+  f.add("verify", verify);
   f.validate_with([this](const std::string& where) { parse_weights(*this, where); });
 }
 
@@ -921,8 +930,12 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
     ShardSetInfo& info = o.info;
     ojson shards = ojson::array();
     for (const auto& r : o.writer->finish()) {
-      shards.push_back(
-          {{"file", r.file}, {"tokens", r.tokens}, {"documents", r.documents}, {"doc_offsets_file", r.idx}});
+      shards.push_back({{"file", r.file},
+                        {"tokens", r.tokens},
+                        {"documents", r.documents},
+                        {"doc_offsets_file", r.idx},
+                        {"xxh64", r.xxh64},
+                        {"doc_offsets_xxh64", r.idx_xxh64}});
       info.total_tokens += r.tokens;
     }
     ojson meta;
@@ -980,7 +993,8 @@ ShardSetInfo write_shards(const DataPrepConfig& cfg, const Tokenizer& tok,
 struct ShardSet::Impl {
   ShardSetInfo info;
   int width = 2;
-  std::vector<std::string> files;
+  std::vector<std::string> files, idx_files;
+  std::vector<std::string> sums, idx_sums;  // meta.json's checksums of each file; "" = none recorded
   std::vector<int64_t> starts;  // token offset of each shard in the stream; starts.back() = total
   std::vector<std::unique_ptr<Mapping>> maps;
 };
@@ -1070,8 +1084,20 @@ ShardSet ShardSet::open(const std::string& dir) {
       throw Error(idx_path, "has " + std::to_string(size_of(idx_path)) + " bytes but meta.json says " +
                                 std::to_string(d) + " documents (" + std::to_string(d * 8) + " bytes)",
                   kRerun);
+    // (a set made before checksums were recorded has none: verify() skips its files)
+    auto checksum = [&](const char* key) {
+      if (!shards[i].contains(key)) return std::string();
+      std::string v = meta_get<std::string>(shards[i], key, where);
+      if (v.size() != 16 || v.find_first_not_of("0123456789abcdefABCDEF") != std::string::npos)
+        throw Error(where + ": " + key, "'" + v + "' is no checksum (16 hex digits)", kRerun);
+      for (char& c : v) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      return v;
+    };
+    impl->sums.push_back(checksum("xxh64"));
+    impl->idx_sums.push_back(checksum("doc_offsets_xxh64"));
     impl->maps.push_back(std::make_unique<Mapping>(path, static_cast<size_t>(n * impl->width)));
     impl->files.push_back(path);
+    impl->idx_files.push_back(idx_path);
     tokens += n, documents += d;
     impl->starts.push_back(tokens);
   }
@@ -1080,6 +1106,60 @@ ShardSet ShardSet::open(const std::string& dir) {
   ShardSet s;
   s.impl_ = std::move(impl);
   return s;
+}
+
+bool ShardSet::has_checksums() const {
+  for (size_t i = 0; i < impl_->sums.size(); ++i)
+    if (!impl_->sums[i].empty() || !impl_->idx_sums[i].empty()) return true;
+  return false;
+}
+
+int64_t ShardSet::verify(int64_t part, int64_t parts, int64_t offset) const {
+  const Impl& m = *impl_;
+  if (parts < 1 || part < 0 || part >= parts || offset < 0)
+    throw Error(m.info.dir, "verify: part " + std::to_string(part) + " of " + std::to_string(parts) + " is no part");
+  const char* hint =
+      "the file was damaged after llm-data wrote it (a disk, copy or transfer error): restore the shard set "
+      "from a copy, or re-run data preparation (llm-data) into this folder";
+  auto check = [&](const std::string& path, const std::string& stored, const detail::Xxh64& h) {
+    const std::string now = detail::hex16(h.digest());
+    if (now != stored)
+      throw Error(path, "the data does not match the checksum meta.json recorded (" + stored + ", now " + now + ")",
+                  hint);
+  };
+  // In 64 MiB pieces: a heartbeat for each, and the pages leave this process's resident memory.
+  constexpr size_t kPiece = size_t{64} << 20;
+  int64_t bytes = 0;
+  for (size_t i = 0; i < m.maps.size(); ++i) {
+    if ((offset + static_cast<int64_t>(i)) % parts != part) continue;
+    if (!m.sums[i].empty()) {
+      detail::Xxh64 h;
+      const Mapping& map = *m.maps[i];
+      for (size_t at = 0; at < map.size; at += kPiece) {
+        detail::heartbeat("verifying", m.files[i]);
+        const size_t n = std::min(kPiece, map.size - at);
+        h.update(map.data + at, n);
+        detail::release_pages(map.data + at, n);
+      }
+      check(m.files[i], m.sums[i], h);
+      bytes += static_cast<int64_t>(map.size);
+    }
+    if (!m.idx_sums[i].empty()) {
+      std::ifstream in(m.idx_files[i], std::ios::binary);
+      if (!in) throw Error(m.idx_files[i], "cannot open: " + errno_text(), kRerun);
+      detail::Xxh64 h;
+      std::vector<char> buf(size_t{1} << 20);
+      while (in) {
+        detail::heartbeat("verifying", m.idx_files[i]);
+        in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+        h.update(buf.data(), static_cast<size_t>(in.gcount()));
+        bytes += in.gcount();
+      }
+      if (in.bad()) throw Error(m.idx_files[i], "cannot read: " + errno_text(), kRerun);
+      check(m.idx_files[i], m.idx_sums[i], h);
+    }
+  }
+  return bytes;
 }
 
 const ShardSetInfo& ShardSet::info() const { return impl_->info; }

@@ -30,9 +30,11 @@ using ProcessGroupBase = c10d::ProcessGroup;
 #include <atomic>
 #include <chrono>
 #include <climits>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <optional>
 
 #include "libllm/config.h"
 #include "libllm/error.h"
@@ -417,6 +419,26 @@ double Distributed::mean(double value) {
   auto t = torch::tensor({value}, torch::kFloat64);  // staged through the device for NCCL
   impl_->allreduce(t);
   return t.item<double>() / world_;
+}
+
+int64_t Distributed::run_agreed(const std::function<void()>& work, const std::string& where, const std::string& hint) {
+  std::optional<Error> failed;
+  try {
+    work();
+  } catch (const Error& e) {
+    failed = e;
+  } catch (const std::exception& e) {  // (a filesystem or torch error)
+    failed = Error(where, e.what(), hint);
+  }
+  double share = 0;
+  try {
+    share = mean(failed ? 1.0 : 0.0);
+  } catch (const Error&) {  // (a peer died: this rank's own error says more, where it has one)
+    if (failed) throw *failed;
+    throw;
+  }
+  if (failed) throw *failed;
+  return std::llround(share * world_);
 }
 
 void Distributed::sum(torch::Tensor& t) {

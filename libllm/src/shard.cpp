@@ -503,17 +503,7 @@ void FullySharded::load_weights(const std::string& dir, Which which) {
 void FullySharded::load_weights(const Pretrained& base, Which which) {
   // Every rank fails together: an error one rank alone meets (a damaged file that only its node's
   // first rank checks) would leave the others waiting in their next collective.
-  std::optional<Error> failed;
-  try {
-    read_weights(base, which);
-  } catch (const Error& e) {
-    failed = e;
-  } catch (const std::exception& e) {  // (a filesystem or torch error)
-    failed = Error(base.dir, e.what());
-  }
-  const double failures = dist_.mean(failed ? 1.0 : 0.0);
-  if (failed) throw *failed;
-  if (failures > 0)
+  if (dist_.run_agreed([&] { read_weights(base, which); }, base.dir) > 0)
     throw Error(base.dir, "another rank could not read the weights (its error names the file)",
                 "see that rank's error");
 }

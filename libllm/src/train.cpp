@@ -408,6 +408,7 @@ struct Run {
   bool fp32_sums = false;  // bf16 gradients summed in fp32 (train.fp32_grads, when anything is summed)
   double flops_per_token = 0;
   std::string recipe_yaml, ckpt_root, sequence_path, events_path;
+  std::string verified_data;  // data.verify's report, printed with the run's summary (rank 0)
   // An in-loop rollback's record, written before anything moves and removed once the checkpoint
   // it re-saves is whole: a job that dies in between resumes at its target and applies it.
   std::string pending_path;
@@ -949,6 +950,42 @@ struct Run {
 bool contains(const std::vector<int64_t>& v, int64_t x) { return std::find(v.begin(), v.end(), x) != v.end(); }
 
 // The loop behind pretrain() and finetune(); `base` is the model to start from (fine-tuning) or null.
+// data.verify: every shard file against the checksum llm-data recorded (damage since, by a disk or
+// a copy to this machine, would train on wrong tokens in silence), the files divided over the
+// ranks: the data is read once in all, and a damaged file stops every rank.
+// Returns the lines to print on rank 0 ("" elsewhere).
+std::string verify_shards(const std::vector<std::pair<std::string, ShardSet>>& sets, Distributed& dist) {
+  const auto start = std::chrono::steady_clock::now();
+  int64_t bytes = 0;
+  const int64_t failures = dist.run_agreed(
+      [&] {
+        int64_t offset = 0;  // (shards numbered across the sets, so that one-shard sets spread too)
+        for (const auto& [key, set] : sets) {
+          try {
+            bytes += set.verify(dist.rank(), dist.world_size(), offset);
+          } catch (const Error& e) {
+            throw Error(key + ": " + e.where(), e.problem(), e.hint());
+          }
+          offset += set.n_shards();
+        }
+      },
+      "data.verify");
+  if (failures > 0)
+    throw Error("data.verify", "another rank found a damaged shard file (its error names it)", "see that rank's error");
+  const double total = dist.mean(static_cast<double>(bytes)) * dist.world_size();
+  if (!dist.is_main()) return "";
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::string out =
+      fmt::format("data: {} of shards match the checksums llm-data recorded ({:.2f} s over {} rank(s); data.verify)\n",
+                  total >= 1e9 ? fmt::format("{:.2f} GB", total / 1e9) : fmt::format("{:.2f} MB", total / 1e6), seconds,
+                  dist.world_size());
+  for (const auto& [key, set] : sets)
+    if (!set.has_checksums())
+      out += fmt::format("note: {} {} records no checksums (made by an older llm-data): not verified\n", key,
+                         set.info().dir);
+  return out;
+}
+
 double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* base) {
   detail::heartbeat("starting");  // (building, reading and resuming beat as they go)
   const TrainConfig& tc = recipe.train;
@@ -1013,14 +1050,17 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     }
   };
   std::optional<ShardSetInfo> first_train;  // (data.train[0]'s, for the held-out set's check)
+  std::vector<std::pair<std::string, ShardSet>> shard_sets;  // (recipe key, set): for data.verify
   for (const auto& dir : recipe.data.train) {
     const ShardSet set = open("data.train", dir);
     check_tokenizer(set, tok);
     if (!first_train) first_train = set.info();
+    shard_sets.emplace_back("data.train", set);
   }
   if (!recipe.data.valid.empty()) {
     const ShardSet valid = open("data.valid", recipe.data.valid);
     check_tokenizer(valid, tok);
+    shard_sets.emplace_back("data.valid", valid);
     if (first_train) {  // held-out windows like the training ones
       if (valid.info().bos_id != first_train->bos_id)
         throw Error("data.valid", recipe.data.valid + " " + bos_mismatch(valid.info(), *first_train),
@@ -1099,6 +1139,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       fmt::print("note: restored {} (its re-save was interrupted)\n",
                  (fs::path(run.ckpt_root) / checkpoint_name(s)).string());
   dist.barrier();
+  if (recipe.data.verify) run.verified_data = verify_shards(shard_sets, dist);  // (before the model is built)
   const int64_t restart = env_int("LIBLLM_RESTART", 0);
   const bool supervised = std::getenv("LIBLLM_RESTART") != nullptr;  // under llm-spike supervise
   std::string resume_from;
@@ -1206,6 +1247,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
     fmt::print("host memory: peak {:.0f} MiB on rank 0 once the model was built{}\n", built_rss_mib,
                !fully_sharded ? "" : tc.sharding == "zero2" ? " (ZeRO-2: built one unit at a time)"
                                                              : " (ZeRO-3: each rank initialised or read only its own shards)");
+    fmt::print("{}", run.verified_data);
     if (run.sharded)
       fmt::print("sharding zero1: rank 0 holds {:.1f} MiB of AdamW state, {:.1f}% of the unsharded {:.1f} MiB\n",
                  run.sharded->state_bytes() / 1048576.0, 100.0 * run.sharded->state_bytes() / run.sharded->unsharded_state_bytes(),

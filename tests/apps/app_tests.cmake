@@ -100,6 +100,10 @@ expect_error(data.vocab-too-high "tokenizer.vocab_size: Vocabulary size too high
              --set tokenizer.path=${CMAKE_BINARY_DIR}/app-test-vocab/never.model --set tokenizer.vocab_size=90000
              --set data_prep.output=${CMAKE_BINARY_DIR}/app-test-vocab/out --set data_prep.valid_every=0)
 
+expect_error(data.verify-nothing "llm-data: error: expected at least 1 positional argument\\(s\\), got 0.*llm-data verify SHARD_SET"
+             ${_bin}/llm-data verify)
+expect_error(data.verify-missing "/nonexistent: shard-set folder not found" ${_bin}/llm-data verify /nonexistent)
+
 # llm-data -> llm-pretrain on the fixture documents (seconds).
 set(_run ${CMAKE_BINARY_DIR}/app-test-run)
 set(_sets --set data_prep.output=${_run}/train --set data_prep.valid_output=${_run}/valid
@@ -229,9 +233,9 @@ set_tests_properties(apps.export.folders PROPERTIES TIMEOUT 120 PASS_REGULAR_EXP
 
 # Failures: a full disk while saving (previous checkpoint intact), a dead data-parallel peer (no hang),
 # sharded ranks whose run folders differ (an error on every rank, no incomplete checkpoint).
-set(_failure_modes full-disk damaged-file)
+set(_failure_modes full-disk damaged-file damaged-shard)
 if(LIBLLM_GLOO_INCLUDE)
-  list(APPEND _failure_modes dead-peer unshared-run-dir)
+  list(APPEND _failure_modes dead-peer unshared-run-dir damaged-shard-ranks)
 endif()
 foreach(_mode ${_failure_modes})
   add_test(NAME apps.failure.${_mode}

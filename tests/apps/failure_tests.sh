@@ -5,6 +5,10 @@
 #              run fails naming the checkpoint, the previous checkpoint is intact, no partial folder stays
 #   damaged-file  one data byte of a checkpoint file changed after it was written: a resume,
 #              llm-eval and llm-export refuse it naming the file; put back, the run resumes
+#   damaged-shard  one byte of a shard changed after llm-data wrote it: `llm-data verify` and a
+#              training run refuse it naming the file; with data.verify=false the run trusts it
+#   damaged-shard-ranks  the same on 2 Gloo ranks, which divide the files: the rank that checks the
+#              damaged one names it, the other says another rank found it; both exit at once
 #   dead-peer  one of 2 Gloo ranks is killed (-9): the other fails with an error within 60 s (no hang)
 #   unshared-run-dir  2 ZeRO-1 Gloo ranks, each in a working directory of its own with a relative
 #              train.run_dir, so that their run folders differ (as on a filesystem that is not shared):
@@ -17,6 +21,14 @@ bin=$1 recipe=$2 work=$3 mode=$4; shift 5
 rm -rf "$work" && mkdir -p "$work"
 common=(--set train.sample_prompts=[] --set train.plot=false --set train.eval_every=0 "$@")
 fail() { echo "FAILED: $*"; for f in "$work"/*.log; do echo "--- $f"; tail -20 "$f"; done; exit 1; }
+# flip FILE: XORs the file's last byte with 1 (a safetensors file's data: its header comes first; a
+# shard's last token, an EOS, becomes another token of the vocabulary)
+flip() {
+  local size last
+  size=$(stat -c %s "$1")
+  last=$(od -An -t u1 -j $((size - 1)) -N 1 "$1" | tr -d ' ')
+  printf "\\$(printf %03o $((last ^ 1)))" | dd of="$1" bs=1 seek=$((size - 1)) conv=notrunc status=none
+}
 
 case $mode in
 full-disk)
@@ -103,12 +115,6 @@ damaged-file)
   "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$run" --set train.steps=4 \
     --set checkpoint.every=2 --set checkpoint.resume=none > "$work/first.log" 2>&1 || fail "first run"
   ck="$run/checkpoints/step-00000004"
-  flip() {  # flip FILE: XORs the last byte (data: the header comes first) with 1
-    local size last
-    size=$(stat -c %s "$1")
-    last=$(od -An -t u1 -j $((size - 1)) -N 1 "$1" | tr -d ' ')
-    printf "\\$(printf %03o $((last ^ 1)))" | dd of="$1" bs=1 seek=$((size - 1)) conv=notrunc status=none
-  }
   refused() {  # refused LOG FILE: one error line naming FILE's checksum
     grep -q "error: $2: the data does not match the checksum its writer recorded" "$1" || fail "no checksum error in $1"
   }
@@ -134,6 +140,58 @@ damaged-file)
     --set checkpoint.every=2 --set checkpoint.resume=auto > "$work/resume3.log" 2>&1 || fail "no resume from the file put back"
   grep -q "resumed from" "$work/resume3.log" || fail "did not resume"
   echo "damaged-file ok"
+  ;;
+damaged-shard | damaged-shard-ranks)
+  train="" valid=""
+  for a in "$@"; do
+    case $a in
+      data.train=\[*\]) train=${a#data.train=[}; train=${train%]} ;;
+      data.valid=*) valid=${a#data.valid=} ;;
+    esac
+  done
+  [ -d "$train" ] && [ -d "$valid" ] || fail "no data.train / data.valid folders in the arguments"
+  damaged="the data does not match the checksum meta.json recorded"
+  cp -r "$train" "$work/train" && cp -r "$valid" "$work/valid"
+  if [ "$mode" = damaged-shard ]; then
+    "$bin/llm-data" verify "$train" "$valid" > "$work/verify-ok.log" 2>&1 || fail "llm-data verify refused good sets"
+    [ "$(grep -c "the checksums match" "$work/verify-ok.log")" -eq 2 ] || fail "llm-data verify did not report both sets"
+    flip "$work/train/shard-00000.bin"
+    "$bin/llm-data" verify "$work/train" > "$work/verify.log" 2>&1 && fail "llm-data verify passed a damaged shard"
+    grep -q "error: $work/train/shard-00000.bin: $damaged" "$work/verify.log" || fail "llm-data verify: no error naming the shard"
+    "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/run" --set train.steps=1 \
+      --set checkpoint.every=0 --set checkpoint.resume=none --set data.train=["$work/train"] > "$work/train.log" 2>&1 &&
+      fail "trained on a damaged shard"
+    [ "$(grep -c "error:" "$work/train.log")" -eq 1 ] || fail "expected one error line"
+    grep -q "error: data.train: $work/train/shard-00000.bin: $damaged" "$work/train.log" || fail "no error naming the shard"
+    "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/run" --set train.steps=1 \
+      --set checkpoint.every=0 --set checkpoint.resume=none --set data.train=["$work/train"] --set data.verify=false \
+      > "$work/trust.log" 2>&1 || fail "data.verify=false did not train"
+    grep -q "match the checksums" "$work/trust.log" && fail "data.verify=false verified"
+  else
+    flip "$work/valid/shard-00000.bin"
+    port=$(free_port)
+    for r in 0 1; do
+      WORLD_SIZE=2 RANK=$r LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+        timeout 120 "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/run" --set train.steps=1 \
+        --set checkpoint.every=0 --set checkpoint.resume=none --set data.train=["$work/train"] \
+        --set data.valid="$work/valid" > "$work/rank$r.log" 2>&1 &
+      pids[$r]=$!
+    done
+    named=0 others=0
+    for r in 0 1; do
+      set +e
+      wait "${pids[$r]}"
+      rc=$?
+      set -e
+      err=$(grep "error:" "$work/rank$r.log" | tail -n 1 || true)
+      echo "rank $r: exit $rc: $err"
+      [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "rank $r exited $rc (0 = trained, 124 = hung)"
+      if echo "$err" | grep -q "error: data.valid: $work/valid/shard-00000.bin: $damaged"; then named=$((named + 1)); fi
+      if echo "$err" | grep -q "another rank found a damaged shard file"; then others=$((others + 1)); fi
+    done
+    [ "$named" -eq 1 ] && [ "$others" -eq 1 ] || fail "expected one rank naming the file and one naming another rank"
+  fi
+  echo "$mode ok"
   ;;
 *) echo "unknown mode $mode"; exit 2 ;;
 esac

@@ -24,6 +24,7 @@
 #include "libllm/config.h"
 #include "libllm/data.h"
 #include "libllm/error.h"
+#include "libllm/safetensors.h"
 #include "libllm/tokenizer.h"
 
 #ifndef LIBLLM_FIXTURES
@@ -657,6 +658,77 @@ TEST_CASE("incomplete or damaged shard sets are errors that say to re-run", "[da
     CHECK_FALSE(fs::exists(tmp / "set/shard-00001.bin"));
     CHECK_FALSE(fs::exists(tmp / "set/shard-00099.bin"));
     CHECK(all_tokens(ShardSet::open(tmp / "set")) == expected_stream(docs));
+  }
+}
+
+TEST_CASE("shard sets record each file's XXH64: verify() finds a changed byte and names the file", "[data]") {
+  Scratch tmp;
+  make_set(tmp, "set", synthetic_docs(50), 200);
+  auto meta = nlohmann::json::parse(read_bytes(tmp / "set/meta.json"));
+  REQUIRE(meta["shards"].size() >= 3);
+  // The writer hashes as it writes; the reference is one call on each whole file (XXH64 itself is
+  // checked against xxhsum in the safetensors tests).
+  int64_t bytes = 0;
+  for (const auto& shard : meta["shards"]) {
+    for (const auto& [file, key] : {std::pair{"file", "xxh64"}, {"doc_offsets_file", "doc_offsets_xxh64"}}) {
+      const std::string data = read_bytes(tmp / ("set/" + shard[file].get<std::string>()));
+      char want[17];
+      std::snprintf(want, sizeof(want), "%016llx",
+                    static_cast<unsigned long long>(libllm::safetensors::xxh64(data.data(), data.size())));
+      CHECK(shard[key] == want);
+      bytes += static_cast<int64_t>(data.size());
+    }
+  }
+  const ShardSet set = ShardSet::open(tmp / "set");
+  CHECK(set.has_checksums());
+  CHECK(set.verify() == bytes);
+  // Parts (ranks) divide the shards between them: every file once.
+  for (int64_t offset : {0, 1, 5}) {
+    int64_t sum = 0;
+    for (int64_t part = 0; part < 3; ++part) sum += set.verify(part, 3, offset);
+    CHECK(sum == bytes);
+  }
+  CHECK_THAT(error_of([&] { set.verify(3, 3); }), Catch::Contains("is no part"));
+
+  auto flip = [&](const std::string& name, int64_t at) {
+    std::fstream f(tmp / ("set/" + name), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(at);
+    char c = 0;
+    f.get(c);
+    f.seekp(at);
+    f.put(static_cast<char>(c ^ 1));
+  };
+  const std::string damaged = "the data does not match the checksum meta.json recorded";
+  SECTION("a bit flipped in a shard: opens (sizes agree), and verify names the file") {
+    flip("shard-00001.bin", 5);
+    const ShardSet s = ShardSet::open(tmp / "set");
+    CHECK_THAT(error_of([&] { s.verify(); }), Catch::Contains((tmp / "set/shard-00001.bin") + ": " + damaged) &&
+                                                  Catch::Contains("restore the shard set from a copy"));
+    CHECK_NOTHROW(s.verify(0, 2));  // (shard 1 is part 1's)
+    CHECK_THROWS(s.verify(1, 2));
+  }
+  SECTION("a bit flipped in an offsets file") {
+    flip("shard-00002.idx", 8);
+    CHECK_THAT(error_of([&] { ShardSet::open(tmp / "set").verify(); }),
+               Catch::Contains((tmp / "set/shard-00002.idx") + ": " + damaged));
+  }
+  SECTION("a set made before checksums were recorded: opens, and nothing is checked") {
+    for (auto& shard : meta["shards"]) shard.erase("xxh64"), shard.erase("doc_offsets_xxh64");
+    write_text(tmp / "set/meta.json", meta.dump());
+    const ShardSet s = ShardSet::open(tmp / "set");
+    CHECK_FALSE(s.has_checksums());
+    CHECK(s.verify() == 0);
+  }
+  SECTION("a checksum in upper case is the same; one that is no checksum is an error") {
+    std::string upper = meta["shards"][0]["xxh64"];
+    for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    meta["shards"][0]["xxh64"] = upper;
+    write_text(tmp / "set/meta.json", meta.dump());
+    CHECK(ShardSet::open(tmp / "set").verify() == bytes);
+    meta["shards"][0]["xxh64"] = "0123";
+    write_text(tmp / "set/meta.json", meta.dump());
+    CHECK_THAT(error_of([&] { ShardSet::open(tmp / "set"); }),
+               Catch::Contains("shards[0]: xxh64: '0123' is no checksum (16 hex digits)") && Catch::Contains("re-run"));
   }
 }
 

@@ -19,8 +19,9 @@ struct Option {
 class Args {
  public:
   // Parses argv against `options` (plus --help, and repeated --set k=v for an app that reads a
-  // recipe: recipe_overrides). Unknown options, missing values and a value given to an on/off
-  // option (--chat=false) throw libllm::Error naming the option and the nearest known one.
+  // recipe: recipe_overrides); n_positional arguments exactly, or at least -n_positional when < 0. Unknown options,
+  // missing values and a value given to an on/off option (--chat=false) throw libllm::Error naming the option and the
+  // nearest known one.
   Args(int argc, char** argv, std::string usage, std::vector<Option> options, int n_positional,
        bool recipe_overrides = false);
   bool help() const { return help_; }

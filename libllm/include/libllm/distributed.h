@@ -64,6 +64,12 @@ class Distributed {
   // decided (a file, a checkpoint step), so that every rank acts on the same.
   int64_t from_main(int64_t value);
   std::string from_main(const std::string& value);
+  // For work each rank does alone (reading its own files) before collectives follow: runs `work`
+  // and agrees on its outcome, so that one rank's failure is an error on every rank at once, not
+  // a wait in the next collective. A rank whose work threw rethrows it (a std::exception other
+  // than libllm::Error as Error(where, what, hint)); the others return how many ranks failed
+  // (0: none). A peer that dies meanwhile is an Error. Collective.
+  int64_t run_agreed(const std::function<void()>& work, const std::string& where, const std::string& hint = "");
 
   // full (world * n elements) <- every rank's `shard` (n elements) in rank order. Asynchronous.
   Pending all_gather(const torch::Tensor& shard, const torch::Tensor& full);
