@@ -2,10 +2,9 @@
 
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
-// Gloo's headers come with Debian's libgloo-dev; a pip LibTorch may lack them (then only NCCL).
-#if __has_include(<gloo/config.h>)
-#define LIBLLM_GLOO 1
-#define USE_C10D_GLOO 1
+// Gloo's headers come with Debian's libgloo-dev; a pip LibTorch lacks them (then only NCCL).
+// libllm/CMakeLists.txt defines LIBLLM_GLOO where they lie beside LibTorch.
+#ifdef LIBLLM_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #endif
 #ifdef LIBLLM_NCCL

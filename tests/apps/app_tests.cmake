@@ -142,8 +142,8 @@ expect_run_error(pretrain.missing-shards "data.train: /nonexistent: shard-set fo
              ${_bin}/llm-pretrain ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml --set data.train=[/nonexistent])
 
 # Data parallel over Gloo: 2 processes == 1 process with doubled accumulation (1e-6). Needs Gloo's
-# headers (Debian: libgloo-dev; a pip LibTorch has none, and then libllm has NCCL only).
-find_path(LIBLLM_GLOO_INCLUDE gloo/config.h HINTS ${TORCH_INCLUDE_DIRS})
+# headers beside LibTorch (libllm/CMakeLists.txt; Debian: libgloo-dev; a pip LibTorch has none, and
+# then libllm has NCCL only).
 if(LIBLLM_GLOO_INCLUDE)
   add_test(NAME apps.pretrain.ddp-gloo
            COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/apps/ddp_equivalence.sh ${_bin} ${CMAKE_CURRENT_SOURCE_DIR}/apps/tiny-pretrain.yaml
