@@ -750,6 +750,8 @@ struct SetOutput {
   std::string dir;
   std::string stage;  // the staging folder inside `dir` the set is written to until it is whole
   std::shared_ptr<void> lock;  // the flock on dir/.llm-data.lock for the run's life (one writer a set)
+  bool locked = false;         // this run holds the lock
+  fs::path created;            // the outermost folder of `dir`'s path this run created ("" = none)
   std::function<bool(int64_t)> keep;
   ShardSetInfo info;
   std::unique_ptr<ShardWriter> writer;
@@ -760,14 +762,31 @@ struct SetOutput {
 constexpr const char* kStaging = ".llm-data-staging";
 
 // Removes the staging folders of `outs` unless released (a failed run leaves the old sets alone).
+// A folder's absolute path without a trailing separator ("out/" -> /cwd/out).
+fs::path folder_path(const std::string& dir) {
+  std::error_code ec;
+  fs::path p = fs::absolute(dir, ec).lexically_normal();
+  if (p.filename().empty() && p.has_parent_path()) p = p.parent_path();
+  return p;
+}
+
+// On a failure before the new sets are whole: removes their staging folders, and the folders this
+// run created (a run refused by another's lock, say), with their lock files, as far as they are empty.
 struct StagingGuard {
   std::vector<SetOutput>& outs;
   bool released = false;
   ~StagingGuard() {
     if (released) return;
     std::error_code ec;
-    for (const SetOutput& o : outs)
+    for (const SetOutput& o : outs) {
       if (!o.stage.empty()) fs::remove_all(o.stage, ec);
+      if (o.created.empty() || !o.locked) continue;  // (held: no one else's files are in it)
+      fs::remove(fs::path(o.dir) / ".llm-data.lock", ec);
+      for (fs::path p = folder_path(o.dir); !p.empty(); p = p.parent_path()) {
+        if (!fs::remove(p, ec)) break;  // (a folder that is not empty stays, and so do its parents)
+        if (p == o.created || p == p.parent_path()) break;
+      }
+    }
   }
 };
 
@@ -858,6 +877,10 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
     o.info.bos_id = cfg.bos ? tok.bos_id() : -1;
     o.info.tokenizer_sha256 = sha;
     o.info.tokenizer_path = fs::absolute(tok.path()).lexically_normal().string();
+    for (fs::path p = folder_path(o.dir); !p.empty() && !fs::exists(p, ec); p = p.parent_path()) {
+      o.created = p;
+      if (p == p.parent_path()) break;
+    }
     fs::create_directories(o.dir, ec);
     if (ec || !fs::is_directory(o.dir))
       throw Error(key, "cannot create folder " + o.dir + (ec ? ": " + ec.message() : ""));
@@ -875,6 +898,7 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
       throw Error(o.dir, "another llm-data is writing a shard set into this folder (it holds " + lock_path + ")",
                   std::string("wait for it to finish, or give this one another ") + key);
     }
+    o.locked = true;
   }
   for (SetOutput& o : outs) {
     std::error_code ec;

@@ -525,6 +525,19 @@ TEST_CASE("write_shards: the training and held-out folders are locked in the ord
              Catch::Contains(tmp / "a-valid") && Catch::Contains("give this one another data_prep.valid_output"));
   for (const int fd : fds) ::close(fd);
   CHECK(write_shards(cfg, tokenizer()).total_documents == 2);
+
+  // A run refused at its second folder removes the folders it created for the first.
+  REQUIRE(::flock(fds[0] = ::open((tmp / "a-valid/.llm-data.lock").c_str(), O_RDWR | O_CLOEXEC), LOCK_EX | LOCK_NB) ==
+          0);
+  cfg.output = tmp / "0-new/train/";
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains(tmp / "a-valid"));
+  CHECK_FALSE(fs::exists(tmp / "0-new"));
+  fs::create_directories(tmp / "1-old");  // (a folder that was there stays)
+  cfg.output = tmp / "1-old/train";
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains(tmp / "a-valid"));
+  CHECK(fs::is_directory(tmp / "1-old"));
+  CHECK_FALSE(fs::exists(tmp / "1-old/train"));
+  ::close(fds[0]);
 }
 
 TEST_CASE("write_shards: a failure part-way leaves the previous set whole and no temporary files", "[data]") {
@@ -538,9 +551,10 @@ TEST_CASE("write_shards: a failure part-way leaves the previous set whole and no
   cfg.inputs = {tmp / "big.jsonl"};
   cfg.output = tmp / "out";
   cfg.threads = 1;
-  SECTION("into a new folder: no set") {
+  SECTION("into a new folder: no set, and no folder") {
     CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("big.jsonl:"));
-    CHECK_THAT(error_of([&] { ShardSet::open(tmp / "out"); }), Catch::Contains("no meta.json"));
+    CHECK_FALSE(fs::exists(tmp / "out"));
+    return;
   }
   SECTION("over an earlier set: the earlier set, untouched") {
     const auto docs = synthetic_docs(7, 3);
