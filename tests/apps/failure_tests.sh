@@ -23,6 +23,18 @@ common=(--set train.sample_prompts=[] --set train.plot=false --set train.eval_ev
 fail() { echo "FAILED: $*"; for f in "$work"/*.log; do echo "--- $f"; tail -20 "$f"; done; exit 1; }
 # flip FILE: XORs the file's last byte with 1 (a safetensors file's data: its header comes first; a
 # shard's last token, an EOS, becomes another token of the vocabulary)
+# failed_rank PID LOG NAME: waits for PID, which must fail (not exit 0 having gone on, nor 124: hung
+# until its timeout); sets err to the last error line of LOG.
+failed_rank() {
+  local rc
+  set +e
+  wait "$1"
+  rc=$?
+  set -e
+  err=$(grep "error:" "$2" | tail -n 1 || true)
+  echo "$3: exit $rc: $err"
+  [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "$3 exited $rc (0 = it went on, 124 = hung)"
+}
 flip() {
   local size last
   size=$(stat -c %s "$1")
@@ -93,13 +105,7 @@ unshared-run-dir)
       pids[$r]=$!
     done
     for r in 0 1; do
-      set +e
-      wait "${pids[$r]}"
-      rc=$?
-      set -e
-      err=$(grep "error:" "$work/$case-rank$r.log" | tail -n 1 || true)
-      echo "$case: rank $r: exit $rc: $err"
-      [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "$case: rank $r exited $rc (0 = the checkpoint was completed, 124 = hung)"
+      failed_rank "${pids[$r]}" "$work/$case-rank$r.log" "$case: rank $r"
       echo "$err" | grep -q "step-00000002" || fail "$case: rank $r: the error does not name the checkpoint"
       echo "$err" | grep -q "every rank must see the same run folder" || fail "$case: rank $r: no shared-filesystem hint"
     done
@@ -179,13 +185,7 @@ damaged-shard | damaged-shard-ranks)
     done
     named=0 others=0
     for r in 0 1; do
-      set +e
-      wait "${pids[$r]}"
-      rc=$?
-      set -e
-      err=$(grep "error:" "$work/rank$r.log" | tail -n 1 || true)
-      echo "rank $r: exit $rc: $err"
-      [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "rank $r exited $rc (0 = trained, 124 = hung)"
+      failed_rank "${pids[$r]}" "$work/rank$r.log" "rank $r"
       if echo "$err" | grep -q "error: data.valid: $work/valid/shard-00000.bin: $damaged"; then named=$((named + 1)); fi
       if echo "$err" | grep -q "another rank found a damaged shard file"; then others=$((others + 1)); fi
     done
