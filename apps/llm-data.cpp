@@ -57,21 +57,32 @@ static void train_tokenizer(const Recipe& r) {
   fmt::print("tokenizer: {}\n", t.path);
 }
 
-// Checks each shard set's files against their checksums; an Error names the first damaged file.
+// Checks each shard set's files against their checksums: a line for each set, the error of a
+// damaged one (its first damaged file) on stderr, and exit code 1 if any is.
 static int verify(int argc, char** argv) {
   cli::Args args(argc, argv, "llm-data verify SHARD_SET...", {}, -1);
   if (args.help()) return fmt::print("{}", args.usage()), 0;
+  int failed = 0;
   for (const std::string& dir : args.positional()) {
-    const auto start = std::chrono::steady_clock::now();
-    const ShardSet set = ShardSet::open(dir);
-    if (!set.has_checksums())
-      throw Error(dir, "records no checksums (made by an older llm-data)",
-                  "re-run llm-data into it to record them, or compare it with its source by other means");
-    const int64_t bytes = set.verify();
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    fmt::print("{}: {} shard(s), {} tokens, {:.1f} MB: the checksums match ({:.2f} s)\n", dir, set.n_shards(),
-               set.n_tokens(), bytes / 1e6, seconds);
+    try {
+      const auto start = std::chrono::steady_clock::now();
+      const ShardSet set = ShardSet::open(dir);
+      if (!set.has_checksums())
+        throw Error(dir, "records no checksums (made by an older llm-data)",
+                    "re-run llm-data into it to record them, or compare it with its source by other means");
+      const int64_t bytes = set.verify();
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      fmt::print("{}: {} shard(s), {} tokens, {:.1f} MB: the checksums match ({:.2f} s)\n", dir, set.n_shards(),
+                 set.n_tokens(), bytes / 1e6, seconds);
+    } catch (const Error& e) {
+      if (args.positional().size() == 1) throw;
+      fmt::print(stderr, "llm-data: error: {}\n", e.what());
+      ++failed;
+    }
   }
+  if (failed > 0)
+    throw Error("llm-data verify",
+                fmt::format("{} of the {} shard sets failed (named above)", failed, args.positional().size()));
   return 0;
 }
 

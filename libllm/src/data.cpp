@@ -681,7 +681,7 @@ void DataConfig::fields(Fields& f) {
   f.add("weights", weights);
   f.add("valid", valid);
   f.add("seed", seed);
-  f.add("verify", verify);
+  f.add("verify", verify).one_of({"node", "shared", "none"});
   f.validate_with([this](const std::string& where) { parse_weights(*this, where); });
 }
 
@@ -1127,6 +1127,11 @@ ShardSet ShardSet::open(const std::string& dir) {
   }
   if (tokens != info.total_tokens || documents != info.total_documents)
     throw Error(meta_path, "total_tokens/total_documents do not match the shards' sums", kRerun);
+  // (all or none: a file without one where the others have theirs would go unchecked)
+  const auto none = [](const std::vector<std::string>& v) { return std::count(v.begin(), v.end(), ""); };
+  const auto missing = none(impl->sums) + none(impl->idx_sums);
+  if (missing > 0 && missing < static_cast<int64_t>(2 * impl->sums.size()))
+    throw Error(meta_path, "records checksums for some shard files and not for " + std::to_string(missing), kRerun);
   ShardSet s;
   s.impl_ = std::move(impl);
   return s;

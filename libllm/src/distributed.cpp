@@ -421,22 +421,22 @@ double Distributed::mean(double value) {
 }
 
 int64_t Distributed::run_agreed(const std::function<void()>& work, const std::string& where, const std::string& hint) {
-  std::optional<Error> failed;
+  std::exception_ptr failed;
   try {
     work();
-  } catch (const Error& e) {
-    failed = e;
-  } catch (const std::exception& e) {  // (a filesystem or torch error)
-    failed = Error(where, e.what(), hint);
+  } catch (const Error&) {
+    failed = std::current_exception();  // (as thrown: a subclass stays one)
+  } catch (const std::exception& e) {   // (a filesystem or torch error)
+    failed = std::make_exception_ptr(Error(where, e.what(), hint));
   }
   double share = 0;
   try {
     share = mean(failed ? 1.0 : 0.0);
   } catch (const Error&) {  // (a peer died: this rank's own error says more, where it has one)
-    if (failed) throw *failed;
+    if (failed) std::rethrow_exception(failed);
     throw;
   }
-  if (failed) throw *failed;
+  if (failed) std::rethrow_exception(failed);
   return std::llround(share * world_);
 }
 

@@ -950,19 +950,43 @@ struct Run {
 bool contains(const std::vector<int64_t>& v, int64_t x) { return std::find(v.begin(), v.end(), x) != v.end(); }
 
 // The loop behind pretrain() and finetune(); `base` is the model to start from (fine-tuning) or null.
+// This rank's index among the ranks of its machine, and their number: machines told apart by host
+// name and boot id (containers of one host with names of their own, which may hold copies of
+// their own, are machines of their own), with no launcher's variables needed. Collective.
+std::pair<int64_t, int64_t> machine_ranks(Distributed& dist) {
+  char host[256] = {};
+  ::gethostname(host, sizeof(host) - 1);
+  std::string id = host;
+  std::ifstream boot("/proc/sys/kernel/random/boot_id");
+  id += "\n" + std::string(std::istreambuf_iterator<char>(boot), std::istreambuf_iterator<char>());
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (unsigned char c : id) h = (h ^ c) * 1099511628211ull;
+  const int64_t mine = static_cast<int64_t>(h >> 1);
+  auto all = torch::zeros({dist.world_size()}, torch::kInt64);
+  all[dist.rank()] = mine;
+  dist.sum(all);  // (each rank fills its own slot)
+  int64_t index = 0, count = 0;
+  for (int64_t r = 0; r < dist.world_size(); ++r)
+    if (all[r].item<int64_t>() == mine) index += r < dist.rank(), ++count;
+  return {index, count};
+}
+
 // data.verify: every shard file against the checksum llm-data recorded (damage since, by a disk or
-// a copy to this machine, would train on wrong tokens in silence), the files divided over the
-// ranks: the data is read once in all, and a damaged file stops every rank.
+// a copy to the machines, would train on wrong tokens in silence), the files divided over each
+// machine's ranks ("node") or over all ranks ("shared"); a damaged file stops every rank.
 // Returns the lines to print on rank 0 ("" elsewhere).
-std::string verify_shards(const std::vector<std::pair<std::string, ShardSet>>& sets, Distributed& dist) {
+std::string verify_shards(const std::vector<std::pair<std::string, ShardSet>>& sets, const std::string& mode,
+                          Distributed& dist) {
   const auto start = std::chrono::steady_clock::now();
+  const auto [part, parts] =
+      mode == "shared" ? std::pair<int64_t, int64_t>{dist.rank(), dist.world_size()} : machine_ranks(dist);
   int64_t bytes = 0;
   const int64_t failures = dist.run_agreed(
-      [&] {
+      [&, part = part, parts = parts] {
         int64_t offset = 0;  // (shards numbered across the sets, so that one-shard sets spread too)
         for (const auto& [key, set] : sets) {
           try {
-            bytes += set.verify(dist.rank(), dist.world_size(), offset);
+            bytes += set.verify(part, parts, offset);
           } catch (const Error& e) {
             throw Error(key + ": " + e.where(), e.problem(), e.hint());
           }
@@ -971,14 +995,18 @@ std::string verify_shards(const std::vector<std::pair<std::string, ShardSet>>& s
       },
       "data.verify");
   if (failures > 0)
-    throw Error("data.verify", "another rank found a damaged shard file (its error names it)", "see that rank's error");
+    throw Error("data.verify",
+                fmt::format("{} other rank(s) found a damaged shard file (their errors name it)", failures),
+                "see those ranks' errors");
   const double total = dist.mean(static_cast<double>(bytes)) * dist.world_size();
   if (!dist.is_main()) return "";
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::string out =
-      fmt::format("data: {} of shards match the checksums llm-data recorded ({:.2f} s over {} rank(s); data.verify)\n",
-                  total >= 1e9 ? fmt::format("{:.2f} GB", total / 1e9) : fmt::format("{:.2f} MB", total / 1e6), seconds,
-                  dist.world_size());
+  std::string out;
+  if (total > 0)
+    out = fmt::format(
+        "data: {} of shards match the checksums llm-data recorded ({:.2f} s; data.verify: {}, {})\n",
+        total >= 1e9 ? fmt::format("{:.2f} GB", total / 1e9) : fmt::format("{:.2f} MB", total / 1e6), seconds, mode,
+        mode == "shared" ? fmt::format("{} ranks", dist.world_size()) : fmt::format("{} rank(s) a machine", parts));
   for (const auto& [key, set] : sets)
     if (!set.has_checksums())
       out += fmt::format("note: {} {} records no checksums (made by an older llm-data): not verified\n", key,
@@ -1051,16 +1079,22 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
   };
   std::optional<ShardSetInfo> first_train;  // (data.train[0]'s, for the held-out set's check)
   std::vector<std::pair<std::string, ShardSet>> shard_sets;  // (recipe key, set): for data.verify
+  const auto add_set = [&](const char* key, const ShardSet& set) {  // (a set named twice is read once)
+    std::error_code ec;
+    for (const auto& [k, s] : shard_sets)
+      if (fs::equivalent(s.info().dir, set.info().dir, ec)) return;
+    shard_sets.emplace_back(key, set);
+  };
   for (const auto& dir : recipe.data.train) {
     const ShardSet set = open("data.train", dir);
     check_tokenizer(set, tok);
     if (!first_train) first_train = set.info();
-    shard_sets.emplace_back("data.train", set);
+    add_set("data.train", set);
   }
   if (!recipe.data.valid.empty()) {
     const ShardSet valid = open("data.valid", recipe.data.valid);
     check_tokenizer(valid, tok);
-    shard_sets.emplace_back("data.valid", valid);
+    add_set("data.valid", valid);
     if (first_train) {  // held-out windows like the training ones
       if (valid.info().bos_id != first_train->bos_id)
         throw Error("data.valid", recipe.data.valid + " " + bos_mismatch(valid.info(), *first_train),
@@ -1139,8 +1173,12 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       fmt::print("note: restored {} (its re-save was interrupted)\n",
                  (fs::path(run.ckpt_root) / checkpoint_name(s)).string());
   dist.barrier();
-  if (recipe.data.verify) run.verified_data = verify_shards(shard_sets, dist);  // (before the model is built)
   const int64_t restart = env_int("LIBLLM_RESTART", 0);
+  if (recipe.data.verify != "none" && restart == 0)  // (before the model is built)
+    run.verified_data = verify_shards(shard_sets, recipe.data.verify, dist);
+  else if (recipe.data.verify != "none" && main_rank && !shard_sets.empty())
+    run.verified_data = "data: checked by this job's first attempt (data.verify)\n";
+  shard_sets.clear();                                                // (their mappings)
   const bool supervised = std::getenv("LIBLLM_RESTART") != nullptr;  // under llm-spike supervise
   std::string resume_from;
   if (recipe.checkpoint.resume == "auto" || restart > 0) {
@@ -1334,7 +1372,7 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       std::vector<std::string> changed;
       try {
         for (const auto& d : recipe_differences(text.str(), run.recipe_yaml))
-          if (d.rfind("checkpoint.resume:", 0) != 0) changed.push_back(d);
+          if (d.rfind("checkpoint.resume:", 0) != 0 && d.rfind("data.verify:", 0) != 0) changed.push_back(d);
       } catch (const std::exception& e) {
         changed.push_back(std::string("(the checkpoint's recipe.yaml does not parse: ") + e.what() + ")");
       }

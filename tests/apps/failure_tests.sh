@@ -6,9 +6,11 @@
 #   damaged-file  one data byte of a checkpoint file changed after it was written: a resume,
 #              llm-eval and llm-export refuse it naming the file; put back, the run resumes
 #   damaged-shard  one byte of a shard changed after llm-data wrote it: `llm-data verify` and a
-#              training run refuse it naming the file; with data.verify=false the run trusts it
-#   damaged-shard-ranks  the same on 2 Gloo ranks, which divide the files: the rank that checks the
-#              damaged one names it, the other says another rank found it; both exit at once
+#              training run refuse it naming the file; with data.verify=none, and in a supervisor's
+#              restart (checked by the first attempt), the run trusts it
+#   damaged-shard-ranks  the same on 2 Gloo ranks, which divide the files (data.verify node and
+#              shared): the rank that checks the damaged one names it, the other says another rank
+#              found it; both exit at once
 #   dead-peer  one of 2 Gloo ranks is killed (-9): the other fails with an error within 60 s (no hang)
 #   unshared-run-dir  2 ZeRO-1 Gloo ranks, each in a working directory of its own with a relative
 #              train.run_dir, so that their run folders differ (as on a filesystem that is not shared):
@@ -164,32 +166,42 @@ damaged-shard | damaged-shard-ranks)
     flip "$work/train/shard-00000.bin"
     "$bin/llm-data" verify "$work/train" > "$work/verify.log" 2>&1 && fail "llm-data verify passed a damaged shard"
     grep -q "error: $work/train/shard-00000.bin: $damaged" "$work/verify.log" || fail "llm-data verify: no error naming the shard"
+    # (several sets: each is checked, each damaged one named)
+    "$bin/llm-data" verify "$work/train" "$valid" > "$work/verify2.log" 2>&1 && fail "llm-data verify passed a damaged set"
+    grep -q "error: $work/train/shard-00000.bin: $damaged" "$work/verify2.log" &&
+      grep -q "$valid: 1 shard(s), .*the checksums match" "$work/verify2.log" &&
+      grep -q "error: llm-data verify: 1 of the 2 shard sets failed" "$work/verify2.log" || fail "llm-data verify of two sets"
     "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/run" --set train.steps=1 \
       --set checkpoint.every=0 --set checkpoint.resume=none --set data.train=["$work/train"] > "$work/train.log" 2>&1 &&
       fail "trained on a damaged shard"
     [ "$(grep -c "error:" "$work/train.log")" -eq 1 ] || fail "expected one error line"
     grep -q "error: data.train: $work/train/shard-00000.bin: $damaged" "$work/train.log" || fail "no error naming the shard"
     "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/run" --set train.steps=1 \
-      --set checkpoint.every=0 --set checkpoint.resume=none --set data.train=["$work/train"] --set data.verify=false \
-      > "$work/trust.log" 2>&1 || fail "data.verify=false did not train"
-    grep -q "match the checksums" "$work/trust.log" && fail "data.verify=false verified"
+      --set checkpoint.every=0 --set checkpoint.resume=none --set data.train=["$work/train"] --set data.verify=none \
+      > "$work/trust.log" 2>&1 || fail "data.verify=none did not train"
+    grep -q "match the checksums" "$work/trust.log" && fail "data.verify=none verified"
+    LIBLLM_RESTART=1 "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/run2" --set train.steps=1 \
+      --set checkpoint.every=0 --set data.train=["$work/train"] > "$work/restart.log" 2>&1 || fail "a restart did not train"
+    grep -q "data: checked by this job's first attempt" "$work/restart.log" || fail "a restart checked again"
   else
     flip "$work/valid/shard-00000.bin"
-    port=$(free_port)
-    for r in 0 1; do
-      WORLD_SIZE=2 RANK=$r LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
-        timeout 120 "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/run" --set train.steps=1 \
-        --set checkpoint.every=0 --set checkpoint.resume=none --set data.train=["$work/train"] \
-        --set data.valid="$work/valid" > "$work/rank$r.log" 2>&1 &
-      pids[$r]=$!
+    for how in node shared; do
+      port=$(free_port)
+      for r in 0 1; do
+        WORLD_SIZE=2 RANK=$r LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+          timeout 120 "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/run-$how" --set train.steps=1 \
+          --set checkpoint.every=0 --set checkpoint.resume=none --set data.train=["$work/train"] \
+          --set data.valid="$work/valid" --set data.verify=$how > "$work/$how-rank$r.log" 2>&1 &
+        pids[$r]=$!
+      done
+      named=0 others=0
+      for r in 0 1; do
+        failed_rank "${pids[$r]}" "$work/$how-rank$r.log" "$how: rank $r"
+        if echo "$err" | grep -q "error: data.valid: $work/valid/shard-00000.bin: $damaged"; then named=$((named + 1)); fi
+        if echo "$err" | grep -q "1 other rank(s) found a damaged shard file"; then others=$((others + 1)); fi
+      done
+      [ "$named" -eq 1 ] && [ "$others" -eq 1 ] || fail "$how: expected one rank naming the file and one naming the other"
     done
-    named=0 others=0
-    for r in 0 1; do
-      failed_rank "${pids[$r]}" "$work/rank$r.log" "rank $r"
-      if echo "$err" | grep -q "error: data.valid: $work/valid/shard-00000.bin: $damaged"; then named=$((named + 1)); fi
-      if echo "$err" | grep -q "another rank found a damaged shard file"; then others=$((others + 1)); fi
-    done
-    [ "$named" -eq 1 ] && [ "$others" -eq 1 ] || fail "expected one rank naming the file and one naming another rank"
   fi
   echo "$mode ok"
   ;;

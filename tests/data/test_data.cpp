@@ -733,6 +733,13 @@ TEST_CASE("shard sets record each file's XXH64: verify() finds a changed byte an
     CHECK_FALSE(s.has_checksums());
     CHECK(s.verify() == 0);
   }
+  SECTION("checksums for some files only: an error (the others would go unchecked)") {
+    meta["shards"][1].erase("doc_offsets_xxh64");
+    write_text(tmp / "set/meta.json", meta.dump());
+    CHECK_THAT(error_of([&] { ShardSet::open(tmp / "set"); }),
+               Catch::Contains("meta.json: records checksums for some shard files and not for 1") &&
+                   Catch::Contains("re-run"));
+  }
   SECTION("a checksum in upper case is the same; one that is no checksum is an error") {
     std::string upper = meta["shards"][0]["xxh64"];
     for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));

@@ -111,12 +111,12 @@ std::string latest_checkpoint(const std::string& root);
 // All complete checkpoint steps under root, ascending.
 std::vector<int64_t> checkpoint_steps(const std::string& root);
 // Restores model, optimizer, the RNG states (torch's CPU generator, and the current device's
-// CUDA generator where saved and available) and returns the state; from a LoRA checkpoint that
-// holds only adapters (lora_base), only the model's adapters (its base must be loaded already). A checkpoint of another model
-// shape is an error naming the tensor. The optimizer state is resharded as needed: a checkpoint
-// written unsharded or by any number of ZeRO-1 ranks loads into a whole-parameter AdamW or into
-// one over slices "<param>@<offset>" (each slot takes its elements from whichever files hold them);
-// `rank` picks the RNG of that rank's shard when there is one.
+// CUDA generator where saved and this process uses CUDA already: move the model to the GPU
+// first) and returns the state; from a LoRA checkpoint that
+// holds only adapters (lora_base), only the model's adapters (its base must be loaded already). A checkpoint of another
+// model shape is an error naming the tensor. The optimizer state is resharded as needed: a checkpoint written unsharded
+// or by any number of ZeRO-1 ranks loads into a whole-parameter AdamW or into one over slices "<param>@<offset>" (each
+// slot takes its elements from whichever files hold them); `rank` picks the RNG of that rank's shard when there is one.
 TrainState load_checkpoint(const std::string& dir, Transformer& model, AdamW& optim, int rank = 0);
 // The same without the weights (a ZeRO-3 engine reads its own elements of them): optimizer, RNG
 // and state. Load the weights first: a bf16 slot's restored master is copied into its parameter.
