@@ -5,7 +5,11 @@
 // recorded when they were written (after copying them to another machine, say).
 #include <fmt/core.h>
 
+#include <signal.h>
+
+#include <atomic>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <string>
 #include <utility>
@@ -35,6 +39,11 @@ static void train_tokenizer(const Recipe& r) {
   constexpr int64_t kMaxLineBytes = 4192;  // sentencepiece's max_sentence_length
   int64_t seen = 0;
   std::vector<std::string> lines = sample_lines(r.data_prep, t.input_sentence_size, kMaxLineBytes, &seen);
+  if (lines.empty())
+    throw Error("data_prep.inputs",
+                "hold no text to train a tokenizer on (every line is blank, or longer than " +
+                    std::to_string(kMaxLineBytes) + " bytes)",
+                "check the input files");
   fmt::print("training a {} tokenizer of {} pieces on {} of the corpus's {} lines\n", t.model_type, t.vocab_size,
              lines.size(), seen);
   std::fflush(stdout);
@@ -86,6 +95,17 @@ static int verify(int argc, char** argv) {
   return 0;
 }
 
+// Ctrl-C or SIGTERM while tokenizing: the next progress report ends the run with an error, so that
+// what it staged is removed and an earlier shard set stays as it was; a second signal ends the
+// process at once.
+std::atomic<int> g_signal{0};
+extern "C" void on_signal(int sig) {
+  if (g_signal.exchange(sig) != 0) {
+    ::signal(sig, SIG_DFL);
+    ::raise(sig);
+  }
+}
+
 int main(int argc, char** argv) {
   return cli::run("llm-data", [&] {
     if (argc > 1 && std::string(argv[1]) == "verify") return verify(argc - 1, argv + 1);
@@ -122,7 +142,12 @@ int main(int argc, char** argv) {
           recipe.tokenizer.path, tok.vocab_size(), recipe.tokenizer.vocab_size);
     tok.check_fits(recipe.model, "model.vocab_size");
     int last = -1;
+    std::fflush(stdout);  // (the lines above before the progress on stderr)
+    for (int sig : {SIGINT, SIGTERM}) ::signal(sig, on_signal);
     const auto progress = [&](int64_t done, int64_t total) {
+      if (const int sig = g_signal.load())
+        throw Error("", std::string("interrupted (") + ::strsignal(sig) + ")",
+                    "nothing was written: an earlier shard set in data_prep.output is as it was");
       const int pct = total > 0 ? static_cast<int>(100 * done / total) : 100;
       if (pct != last) fmt::print(stderr, "\rtokenizing: {:3d}% of {:.1f} MB", pct, total / 1e6), last = pct;
     };

@@ -45,6 +45,12 @@ namespace {
 constexpr const char* kFormat = "libllm-tokens-v1";
 constexpr const char* kCursorFormat = "libllm-data-cursor-v2";
 constexpr const char* kRerun = "re-run data preparation (llm-data / write_shards) into this folder";
+// The folder inside a shard-set folder where data preparation writes the new set.
+constexpr const char* kStaging = ".llm-data-staging";
+// A shard file whose size or bytes changed after llm-data wrote it.
+constexpr const char* kDamaged =
+    "the file changed after llm-data wrote it (a disk, copy or transfer error): restore the shard set from a copy, "
+    "or re-run data preparation (llm-data) into this folder";
 
 // ---- SHA-256 (FIPS 180-4) ---------------------------------------------------------------------
 
@@ -541,6 +547,14 @@ void remove_old_shards(const std::string& dir) {
   }
 }
 
+// An output folder as written to: as given, or resolved where it has a '..' (which the kernel takes
+// after the symbolic links before it: "docs/new/.." is docs, whose files must be seen).
+std::string output_path(const std::string& dir) {
+  for (const auto& part : fs::path(dir))
+    if (part == "..") return fs::weakly_canonical(fs::absolute(dir)).string();
+  return dir;
+}
+
 void check_prep_config(const DataPrepConfig& cfg) {
   if (cfg.inputs.empty())
     throw Error("data_prep.inputs", "no inputs", "list .txt, .md or .jsonl files or folders to tokenize");
@@ -553,8 +567,15 @@ void check_prep_config(const DataPrepConfig& cfg) {
                 "set 0 for no held-out set, or n >= 2 to hold out every n-th document");
   if (cfg.valid_every > 0 && cfg.valid_output.empty())
     throw Error("data_prep.valid_output", "valid_every is set but valid_output is empty", "name the held-out folder");
+  for (const auto& [key, dir] :
+       {std::pair{"data_prep.output", &cfg.output}, {"data_prep.valid_output", &cfg.valid_output}})
+    for (const auto& part : fs::path(output_path(*dir))) {  // (the staging folder is another run's)
+      if (part == kStaging)
+        throw Error(key, "'" + *dir + "' is inside llm-data's staging folder " + kStaging,
+                    "give the shard set a folder of its own");
+    }
   auto folder = [](const std::string& p) {  // (weakly_canonical keeps the "/" of "out/" when out does not exist)
-    fs::path c = fs::weakly_canonical(p);
+    fs::path c = fs::weakly_canonical(fs::absolute(p));
     return c.has_filename() ? c : c.parent_path();
   };
   if (cfg.valid_every > 0 && folder(cfg.valid_output) == folder(cfg.output))
@@ -751,15 +772,13 @@ struct SetOutput {
   std::string stage;  // the staging folder inside `dir` the set is written to until it is whole
   std::shared_ptr<void> lock;  // the flock on dir/.llm-data.lock for the run's life (one writer a set)
   bool locked = false;         // this run holds the lock
+  bool made_lock = false;      // and made its file
   fs::path created;            // the outermost folder of `dir`'s path this run created ("" = none)
   std::function<bool(int64_t)> keep;
   ShardSetInfo info;
   std::unique_ptr<ShardWriter> writer;
   std::vector<std::string> pending;  // documents to tokenize
 };
-
-// The folder inside a shard-set folder where data preparation writes the new set.
-constexpr const char* kStaging = ".llm-data-staging";
 
 // Removes the staging folders of `outs` unless released (a failed run leaves the old sets alone).
 // A folder's absolute path without a trailing separator ("out/" -> /cwd/out).
@@ -770,23 +789,29 @@ fs::path folder_path(const std::string& dir) {
   return p;
 }
 
-// On a failure before the new sets are whole: removes their staging folders, and the folders this
-// run created (a run refused by another's lock, say), with their lock files, as far as they are empty.
+// On a failure before the new sets are whole: removes their staging folders, the lock files this
+// run made (and held), and the folders it created (a run refused by another's lock, say) as far as
+// they are empty, deepest first (one set's new folder may hold the other's).
 struct StagingGuard {
   std::vector<SetOutput>& outs;
   bool released = false;
   ~StagingGuard() {
     if (released) return;
     std::error_code ec;
+    std::vector<fs::path> made;
     for (const SetOutput& o : outs) {
       if (!o.stage.empty()) fs::remove_all(o.stage, ec);
-      if (o.created.empty() || !o.locked) continue;  // (held: no one else's files are in it)
-      fs::remove(fs::path(o.dir) / ".llm-data.lock", ec);
+      if (o.locked && o.made_lock) fs::remove(fs::path(o.dir) / ".llm-data.lock", ec);
+      if (o.created.empty()) continue;
       for (fs::path p = folder_path(o.dir); !p.empty(); p = p.parent_path()) {
-        if (!fs::remove(p, ec)) break;  // (a folder that is not empty stays, and so do its parents)
+        made.push_back(p);
         if (p == o.created || p == p.parent_path()) break;
       }
     }
+    std::sort(made.begin(), made.end(), [](const fs::path& a, const fs::path& b) {
+      return std::distance(a.begin(), a.end()) > std::distance(b.begin(), b.end());
+    });
+    for (const fs::path& p : made) fs::remove(p, ec);  // (only an empty folder goes)
   }
 };
 
@@ -888,7 +913,9 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
     const std::string lock_path = (fs::path(o.dir) / ".llm-data.lock").string();
     // (for writing, as NFS's emulated flock needs; read-only where another user made it, which a
     // local flock takes)
-    int fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+    int fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    o.made_lock = fd >= 0;
+    if (fd < 0 && errno == EEXIST) fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
     if (fd < 0 && errno == EACCES) fd = ::open(lock_path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0)
       throw Error(lock_path, "cannot create the lock: " + errno_text(), "check that " + o.dir + " is writable");
@@ -1002,11 +1029,11 @@ ShardSetInfo write_shards(const DataPrepConfig& cfg, const Tokenizer& tok,
     throw Error(tok.path(), "the tokenizer defines no EOS token", "documents are separated by EOS; use a tokenizer with one");
   const int64_t n = cfg.valid_every;
   std::vector<SetOutput> outs(1);
-  outs[0].dir = cfg.output;
+  outs[0].dir = output_path(cfg.output);
   outs[0].keep = [n](int64_t i) { return n <= 0 || i % n != n - 1; };
   if (n > 0) {  // the held-out set, from the same pass
     outs.emplace_back();
-    outs[1].dir = cfg.valid_output;
+    outs[1].dir = output_path(cfg.valid_output);
     outs[1].keep = [n](int64_t i) { return i % n == n - 1; };
   }
   return write_shard_sets(cfg, outs, tok, progress).front();
@@ -1090,7 +1117,9 @@ ShardSet ShardSet::open(const std::string& dir) {
     const std::string idx = meta_get<std::string>(shards[i], "doc_offsets_file", where);
     const int64_t n = meta_get<int64_t>(shards[i], "tokens", where);
     const int64_t d = meta_get<int64_t>(shards[i], "documents", where);
-    if (file.find('/') != std::string::npos || idx.find('/') != std::string::npos || n < 0 || d < 0)
+    // (bounds that keep the byte counts below in int64_t)
+    if (file.find('/') != std::string::npos || idx.find('/') != std::string::npos || n < 0 || d < 0 ||
+        n > INT64_MAX / 8 || d > INT64_MAX / 8)
       throw Error(where, "invalid shard entry", kRerun);
     const std::string path = (fs::path(dir) / file).string(), idx_path = (fs::path(dir) / idx).string();
     auto size_of = [&](const std::string& p) {
@@ -1100,14 +1129,15 @@ ShardSet ShardSet::open(const std::string& dir) {
       return static_cast<int64_t>(s);
     };
     if (size_of(path) != n * impl->width)
-      throw Error(path, "has " + std::to_string(size_of(path)) + " bytes but meta.json says " + std::to_string(n) +
-                            " " + dtype + " tokens (" + std::to_string(n * impl->width) +
-                            " bytes): truncated or modified",
-                  kRerun);
+      throw Error(path,
+                  "has " + std::to_string(size_of(path)) + " bytes but meta.json says " + std::to_string(n) + " " +
+                      dtype + " tokens (" + std::to_string(n * impl->width) + " bytes): truncated or modified",
+                  kDamaged);
     if (size_of(idx_path) != d * 8)
-      throw Error(idx_path, "has " + std::to_string(size_of(idx_path)) + " bytes but meta.json says " +
-                                std::to_string(d) + " documents (" + std::to_string(d * 8) + " bytes)",
-                  kRerun);
+      throw Error(idx_path,
+                  "has " + std::to_string(size_of(idx_path)) + " bytes but meta.json says " + std::to_string(d) +
+                      " documents (" + std::to_string(d * 8) + " bytes)",
+                  kDamaged);
     // (a set made before checksums were recorded has none: verify() skips its files)
     auto checksum = [&](const char* key) {
       if (!shards[i].contains(key)) return std::string();
@@ -1147,9 +1177,7 @@ int64_t ShardSet::verify(int64_t part, int64_t parts, int64_t offset) const {
   const Impl& m = *impl_;
   if (parts < 1 || part < 0 || part >= parts || offset < 0)
     throw Error(m.info.dir, "verify: part " + std::to_string(part) + " of " + std::to_string(parts) + " is no part");
-  const char* hint =
-      "the file was damaged after llm-data wrote it (a disk, copy or transfer error): restore the shard set "
-      "from a copy, or re-run data preparation (llm-data) into this folder";
+  const char* hint = kDamaged;
   auto check = [&](const std::string& path, const std::string& stored, const detail::Xxh64& h) {
     const std::string now = detail::hex16(h.digest());
     if (now != stored)

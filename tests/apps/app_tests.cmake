@@ -233,7 +233,7 @@ set_tests_properties(apps.export.folders PROPERTIES TIMEOUT 120 PASS_REGULAR_EXP
 
 # Failures: a full disk while saving (previous checkpoint intact), a dead data-parallel peer (no hang),
 # sharded ranks whose run folders differ (an error on every rank, no incomplete checkpoint).
-set(_failure_modes full-disk damaged-file damaged-shard)
+set(_failure_modes full-disk damaged-file damaged-shard interrupted-data)
 if(LIBLLM_GLOO_INCLUDE)
   list(APPEND _failure_modes dead-peer unshared-run-dir damaged-shard-ranks)
 endif()

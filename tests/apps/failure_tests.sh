@@ -11,6 +11,8 @@
 #   damaged-shard-ranks  the same on 2 Gloo ranks, which divide the files (data.verify node and
 #              shared): the rank that checks the damaged one names it, the other says another rank
 #              found it; both exit at once
+#   interrupted-data  llm-data gets Ctrl-C (SIGINT) while it tokenizes into new folders: it ends
+#              with an error, and leaves nothing behind
 #   dead-peer  one of 2 Gloo ranks is killed (-9): the other fails with an error within 60 s (no hang)
 #   unshared-run-dir  2 ZeRO-1 Gloo ranks, each in a working directory of its own with a relative
 #              train.run_dir, so that their run folders differ (as on a filesystem that is not shared):
@@ -204,6 +206,22 @@ damaged-shard | damaged-shard-ranks)
     done
   fi
   echo "$mode ok"
+  ;;
+interrupted-data)
+  mkdir -p "$work/in"
+  awk 'BEGIN { for (i = 0; i < 300000; i++) print "a line of plain text that the tokenizer cuts into pieces", i }' \
+    > "$work/in/big.txt"
+  out="$work/new/sets"
+  "$bin/llm-data" "$recipe" "${common[@]}" --set data_prep.inputs=["$work/in"] --set data_prep.output="$out/train" \
+    --set data_prep.valid_output="$out/valid" --set data_prep.threads=1 > "$work/data.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 600); do [ -d "$out/train/.llm-data-staging" ] && break; sleep 0.05; done
+  [ -d "$out/train/.llm-data-staging" ] || fail "llm-data did not start tokenizing"
+  kill -INT "$pid"
+  failed_rank "$pid" "$work/data.log" "llm-data"
+  echo "$err" | grep -q "error: interrupted (Interrupt)" || fail "no error line saying it was interrupted"
+  [ ! -e "$work/new" ] || fail "left behind: $(find "$work/new")"
+  echo "interrupted-data ok"
   ;;
 *) echo "unknown mode $mode"; exit 2 ;;
 esac

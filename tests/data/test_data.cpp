@@ -440,6 +440,39 @@ TEST_CASE("write_shards: bad inputs and config are errors naming the file or key
   // The failed runs left the sets written before them as they were.
   CHECK(ShardSet::open(tmp / "fresh").info().total_documents == 2);
   CHECK(ShardSet::open(tmp / "valid").info().total_documents == 1);
+
+  // The same new folder spelled two ways (relative, absolute) is one folder.
+  cfg.valid_every = 2;
+  cfg.output = tmp / "same";
+  cfg.valid_output = fs::relative(tmp / "same").string();
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }),
+             Catch::Contains("data_prep.valid_output: is data_prep.output's folder"));
+  // A '..' is taken where the kernel takes it (a folder of documents named so is refused as such).
+  write_text(tmp / "docs/notes.txt", "mine\n");
+  cfg.valid_output = tmp / "docs/new/..";
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("holds 'notes.txt'"));
+  CHECK_FALSE(fs::exists(tmp / "docs/new"));
+  // Another run's staging folder is refused.
+  cfg.valid_output = tmp / "valid/.llm-data-staging/x";
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("is inside llm-data's staging folder"));
+  CHECK_FALSE(fs::exists(tmp / "same"));
+
+  // A failure part-way removes the folders the run created, deepest first (one new folder holds
+  // the other), and the lock file it made in an empty folder that was there; nothing else.
+  cfg.inputs = {tmp / "three.txt", tmp / "bad.jsonl"};
+  for (const auto& [out, valid] : {std::pair{"o/train", "o/valid"}, {"p", "p/valid"}, {"q/valid/train", "q/valid"}}) {
+    cfg.output = tmp / out;
+    cfg.valid_output = tmp / valid;
+    CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("bad.jsonl:2"));
+    CHECK_FALSE(fs::exists(tmp / std::string(out).substr(0, 1)));
+  }
+  fs::create_directories(tmp / "empty");
+  cfg.output = tmp / "empty";
+  cfg.valid_output = tmp / "empty-valid";
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("bad.jsonl:2"));
+  CHECK(fs::is_directory(tmp / "empty"));
+  CHECK(fs::is_empty(tmp / "empty"));
+  CHECK_FALSE(fs::exists(tmp / "empty-valid"));
 }
 
 TEST_CASE("write_shards: never into a folder holding other files: skipped file types are noted", "[data]") {
