@@ -6,6 +6,7 @@
 #include <fmt/core.h>
 
 #include <signal.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -33,7 +34,12 @@ static void train_tokenizer(const Recipe& r) {
   const TokenizerConfig& t = r.tokenizer;
   const fs::path out = t.path;
   if (out.extension() != ".model") throw Error("tokenizer.path", "must end in .model, got '" + t.path + "'");
-  fs::create_directories(out.parent_path().empty() ? fs::path(".") : out.parent_path());
+  // (its folder is made once the tokenizer is trained: here, that it can be)
+  fs::path existing = fs::absolute(out).parent_path();
+  while (!fs::exists(existing) && existing.has_relative_path()) existing = existing.parent_path();
+  if (!fs::is_directory(existing) || ::access(existing.c_str(), W_OK) != 0)
+    throw Error("tokenizer.path", t.path + ": " + existing.string() + " is not a folder this user can write",
+                "name a tokenizer.path under a writable folder");
   // A sample of the lines (sentencepiece's sentences) of the whole corpus, not its first ones
   // (one source's, when the inputs are folders of sources); sentencepiece then takes them all.
   constexpr int64_t kMaxLineBytes = 4192;  // sentencepiece's max_sentence_length

@@ -103,6 +103,11 @@ void train_sentencepiece(std::vector<std::string> lines, const std::string& args
   std::string model, error;
   if (!shim().train(&lines, &args, &model, &error))
     throw Error("sentencepiece trainer", error, "check the tokenizer training options");
+  // (only now: a failed training leaves no new folder)
+  const std::filesystem::path parent = std::filesystem::path(model_path).parent_path();
+  std::error_code ec;
+  if (!parent.empty()) std::filesystem::create_directories(parent, ec);
+  if (ec) throw Error(model_path, "cannot create its folder: " + ec.message(), "check the path and its permissions");
   detail::write_file_atomic(model_path, model);
 }
 

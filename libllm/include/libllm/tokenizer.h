@@ -80,7 +80,8 @@ class Tokenizer {
 // Trains a sentencepiece model on `lines` (its sentences; each is freed as the trainer takes it,
 // so pass them with std::move) with spm_train's flag string `args`
 // ("--vocab_size=8000 --model_type=bpe ..."; no --input or --model_prefix) and writes it to
-// `model_path` atomically. The file depends only on the lines and the flags (sentencepiece's
+// `model_path` atomically (making its folder, once trained). The file depends only on the lines and the flags
+// (sentencepiece's
 // --num_threads among them), not on file names or the time.
 void train_sentencepiece(std::vector<std::string> lines, const std::string& args, const std::string& model_path);
 
