@@ -101,12 +101,14 @@ static int verify(int argc, char** argv) {
   return 0;
 }
 
-// Ctrl-C or SIGTERM while tokenizing: the next progress report ends the run with an error, so that
-// what it staged is removed and an earlier shard set stays as it was; a second signal ends the
-// process at once.
+// Ctrl-C or SIGTERM while tokenizing: the next progress report ends the run with an error (exit
+// 128 + the signal), so that what it staged is removed and earlier shard sets stay as they were; a
+// second signal ends the process at once. Once tokenizing is done (the sets are being completed
+// and moved in, which a kill could leave half done) signals are only noted.
 std::atomic<int> g_signal{0};
+std::atomic<bool> g_finishing{false};
 extern "C" void on_signal(int sig) {
-  if (g_signal.exchange(sig) != 0) {
+  if (g_signal.exchange(sig) != 0 && !g_finishing.load()) {
     ::signal(sig, SIG_DFL);
     ::raise(sig);
   }
@@ -149,11 +151,16 @@ int main(int argc, char** argv) {
     tok.check_fits(recipe.model, "model.vocab_size");
     int last = -1;
     std::fflush(stdout);  // (the lines above before the progress on stderr)
-    for (int sig : {SIGINT, SIGTERM}) ::signal(sig, on_signal);
+    for (int sig : {SIGINT, SIGTERM}) {  // (not where the signal is ignored: a background job of a script)
+      struct sigaction was {};
+      if (::sigaction(sig, nullptr, &was) == 0 && was.sa_handler != SIG_IGN) ::signal(sig, on_signal);
+    }
     const auto progress = [&](int64_t done, int64_t total) {
       if (const int sig = g_signal.load())
-        throw Error("", std::string("interrupted (") + ::strsignal(sig) + ")",
-                    "nothing was written: an earlier shard set in data_prep.output is as it was");
+        throw Interrupted(
+            sig, "", std::string("interrupted (") + ::strsignal(sig) + ")",
+            "nothing was written: earlier shard sets in data_prep.output and valid_output are as they were");
+      if (done >= total) g_finishing = true;
       const int pct = total > 0 ? static_cast<int>(100 * done / total) : 100;
       if (pct != last) fmt::print(stderr, "\rtokenizing: {:3d}% of {:.1f} MB", pct, total / 1e6), last = pct;
     };
@@ -165,6 +172,9 @@ int main(int argc, char** argv) {
       throw;
     }
     fmt::print(stderr, "\n");
+    if (const int sig = g_signal.load())
+      fmt::print("note: {} came when the shard sets were whole but for moving them in: they were completed\n",
+                 ::strsignal(sig));
     for (const std::string& note : info.notes) fmt::print("note: {}\n", note);
     fmt::print("shards: {} ({} documents, {} tokens)\n", info.dir, info.total_documents, info.total_tokens);
     if (recipe.data_prep.valid_every > 0) {

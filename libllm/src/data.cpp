@@ -811,7 +811,8 @@ struct StagingGuard {
     std::sort(made.begin(), made.end(), [](const fs::path& a, const fs::path& b) {
       return std::distance(a.begin(), a.end()) > std::distance(b.begin(), b.end());
     });
-    for (const fs::path& p : made) fs::remove(p, ec);  // (only an empty folder goes)
+    for (const fs::path& p : made)  // (only an empty folder goes; never a symbolic link)
+      if (!fs::is_symlink(fs::symlink_status(p, ec))) fs::remove(p, ec);
   }
 };
 
@@ -902,30 +903,46 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
     o.info.bos_id = cfg.bos ? tok.bos_id() : -1;
     o.info.tokenizer_sha256 = sha;
     o.info.tokenizer_path = fs::absolute(tok.path()).lexically_normal().string();
-    for (fs::path p = folder_path(o.dir); !p.empty() && !fs::exists(p, ec); p = p.parent_path()) {
+    // (a symbolic link there, even one to nothing, is the user's: not made here)
+    for (fs::path p = folder_path(o.dir); !p.empty() && !fs::exists(fs::symlink_status(p, ec)); p = p.parent_path()) {
       o.created = p;
       if (p == p.parent_path()) break;
     }
-    fs::create_directories(o.dir, ec);
-    if (ec || !fs::is_directory(o.dir))
-      throw Error(key, "cannot create folder " + o.dir + (ec ? ": " + ec.message() : ""));
-    // One writer a folder: a second llm-data on it would remove the first one's staging folder.
+    // One writer a folder: a second llm-data on it would remove the first one's staging folder. The
+    // lock's path must still name the file locked: a failing run removes the lock file it made (and
+    // its new folder, if empty), and a run that opened them before tries again.
     const std::string lock_path = (fs::path(o.dir) / ".llm-data.lock").string();
-    // (for writing, as NFS's emulated flock needs; read-only where another user made it, which a
-    // local flock takes)
-    int fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-    o.made_lock = fd >= 0;
-    if (fd < 0 && errno == EEXIST) fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
-    if (fd < 0 && errno == EACCES) fd = ::open(lock_path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-      throw Error(lock_path, "cannot create the lock: " + errno_text(), "check that " + o.dir + " is writable");
-    o.lock = std::shared_ptr<void>(nullptr, [fd](void*) { ::close(fd); });
-    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
-      if (errno != EWOULDBLOCK) throw Error(lock_path, "cannot lock: " + errno_text());
-      throw Error(o.dir, "another llm-data is writing a shard set into this folder (it holds " + lock_path + ")",
-                  std::string("wait for it to finish, or give this one another ") + key);
+    for (int attempt = 1;; ++attempt) {
+      fs::create_directories(o.dir, ec);
+      if (ec || !fs::is_directory(o.dir))
+        throw Error(key, "cannot create folder " + o.dir + (ec ? ": " + ec.message() : ""));
+      // (for writing, as NFS's emulated flock needs; read-only where another user made it, which a
+      // local flock takes)
+      int fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+      const bool made = fd >= 0;
+      if (fd < 0 && errno == EEXIST) fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+      if (fd < 0 && errno == EACCES) fd = ::open(lock_path.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0 && errno == ENOENT && attempt < 100) continue;
+      if (fd < 0)
+        throw Error(lock_path, "cannot create the lock: " + errno_text(), "check that " + o.dir + " is writable");
+      o.lock = std::shared_ptr<void>(nullptr, [fd](void*) { ::close(fd); });
+      if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        if (errno != EWOULDBLOCK) throw Error(lock_path, "cannot lock: " + errno_text());
+        throw Error(o.dir, "another llm-data is writing a shard set into this folder (it holds " + lock_path + ")",
+                    std::string("wait for it to finish, or give this one another ") + key);
+      }
+      struct stat held {
+      }, named{};
+      if (::fstat(fd, &held) == 0 && ::stat(lock_path.c_str(), &named) == 0 && held.st_dev == named.st_dev &&
+          held.st_ino == named.st_ino) {
+        o.locked = true;
+        o.made_lock = made;
+        break;
+      }
+      o.lock.reset();  // (closed: a lock on a file that is gone from the folder locks nothing)
+      if (attempt >= 100)
+        throw Error(lock_path, "was removed or replaced each time it was locked", "run one llm-data at a time here");
     }
-    o.locked = true;
   }
   for (SetOutput& o : outs) {
     std::error_code ec;

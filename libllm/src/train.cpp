@@ -9,6 +9,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <sys/stat.h>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -949,44 +950,77 @@ struct Run {
 
 bool contains(const std::vector<int64_t>& v, int64_t x) { return std::find(v.begin(), v.end(), x) != v.end(); }
 
-// The loop behind pretrain() and finetune(); `base` is the model to start from (fine-tuning) or null.
-// This rank's index among the ranks of its machine, and their number: machines told apart by host
-// name and boot id (containers of one host with names of their own, which may hold copies of
-// their own, are machines of their own), with no launcher's variables needed. Collective.
-std::pair<int64_t, int64_t> machine_ranks(Distributed& dist) {
+// The ranks that read one copy of the shard sets: this rank's index among them, their number, and
+// the number of such groups. A group is one machine (host name and boot id) and one copy (the
+// device and inode of each set's meta.json): containers of one host with copies of their own are
+// groups of their own. No launcher's variables are needed. Collective.
+struct CopyGroup {
+  int64_t index = 0, size = 1, groups = 1;
+};
+CopyGroup copy_group(const std::vector<std::pair<std::string, ShardSet>>& sets, Distributed& dist) {
   char host[256] = {};
   ::gethostname(host, sizeof(host) - 1);
   std::string id = host;
   std::ifstream boot("/proc/sys/kernel/random/boot_id");
   id += "\n" + std::string(std::istreambuf_iterator<char>(boot), std::istreambuf_iterator<char>());
+  for (const auto& [key, set] : sets) {
+    struct stat st {};
+    ::stat((fs::path(set.info().dir) / "meta.json").c_str(), &st);
+    id += fmt::format("\n{} {}", static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino));
+  }
   uint64_t h = 1469598103934665603ull;  // FNV-1a
   for (unsigned char c : id) h = (h ^ c) * 1099511628211ull;
   const int64_t mine = static_cast<int64_t>(h >> 1);
   auto all = torch::zeros({dist.world_size()}, torch::kInt64);
   all[dist.rank()] = mine;
   dist.sum(all);  // (each rank fills its own slot)
-  int64_t index = 0, count = 0;
-  for (int64_t r = 0; r < dist.world_size(); ++r)
-    if (all[r].item<int64_t>() == mine) index += r < dist.rank(), ++count;
-  return {index, count};
+  const std::vector<int64_t> ids(all.data_ptr<int64_t>(), all.data_ptr<int64_t>() + dist.world_size());
+  CopyGroup g;
+  g.index = std::count(ids.begin(), ids.begin() + dist.rank(), mine);
+  g.size = std::count(ids.begin(), ids.end(), mine);
+  g.groups = static_cast<int64_t>(std::set<int64_t>(ids.begin(), ids.end()).size());
+  return g;
+}
+
+// What data.verify checked: the mode and each set's folder and meta.json (its checksums), for the
+// marker a supervisor's restart compares with.
+std::string verified_identity(const std::vector<std::pair<std::string, ShardSet>>& sets, const std::string& mode) {
+  std::string text = mode;
+  for (const auto& [key, set] : sets) {
+    std::error_code ec;
+    text += "\n" + fs::weakly_canonical(set.info().dir, ec).string() + "\n";
+    std::ifstream meta(fs::path(set.info().dir) / "meta.json", std::ios::binary);
+    text += std::string(std::istreambuf_iterator<char>(meta), std::istreambuf_iterator<char>());
+  }
+  return sha256_hex(text);
 }
 
 // data.verify: every shard file against the checksum llm-data recorded (damage since, by a disk or
-// a copy to the machines, would train on wrong tokens in silence), the files divided over each
-// machine's ranks ("node") or over all ranks ("shared"); a damaged file stops every rank.
-// Returns the lines to print on rank 0 ("" elsewhere).
+// a copy to the machines, would train on wrong tokens in silence), the files divided over the ranks
+// that read one copy ("node") or over all ranks ("shared"); a damaged file stops every rank. A
+// supervisor's restart skips it where the marker in the run folder says the job's earlier attempt
+// checked these sets (an attempt killed while checking left none). Returns the lines to print on
+// rank 0 ("" elsewhere).
 std::string verify_shards(const std::vector<std::pair<std::string, ShardSet>>& sets, const std::string& mode,
-                          Distributed& dist) {
+                          const std::string& run_dir, bool restart, Distributed& dist) {
+  if (sets.empty()) return "";
+  const fs::path marker = fs::path(run_dir) / ".data-verified";
+  const std::string identity = dist.is_main() ? verified_identity(sets, mode) : "";
+  if (restart) {
+    std::string was;
+    if (dist.is_main()) std::getline(std::ifstream(marker), was);
+    if (dist.from_main(static_cast<int64_t>(dist.is_main() && was == identity)) == 1)
+      return dist.is_main() ? "data: checked by this job's earlier attempt (data.verify)\n" : "";
+  }
   const auto start = std::chrono::steady_clock::now();
-  const auto [part, parts] =
-      mode == "shared" ? std::pair<int64_t, int64_t>{dist.rank(), dist.world_size()} : machine_ranks(dist);
+  const CopyGroup g = mode == "shared" ? CopyGroup{dist.rank(), dist.world_size(), 1} : copy_group(sets, dist);
   int64_t bytes = 0;
   const int64_t failures = dist.run_agreed(
-      [&, part = part, parts = parts] {
+      [&] {
         int64_t offset = 0;  // (shards numbered across the sets, so that one-shard sets spread too)
         for (const auto& [key, set] : sets) {
           try {
-            bytes += set.verify(part, parts, offset);
+            bytes += set.verify(g.index, g.size, offset);
           } catch (const Error& e) {
             throw Error(key + ": " + e.where(), e.problem(), e.hint());
           }
@@ -998,15 +1032,17 @@ std::string verify_shards(const std::vector<std::pair<std::string, ShardSet>>& s
     throw Error("data.verify",
                 fmt::format("{} other rank(s) found a damaged shard file (their errors name it)", failures),
                 "see those ranks' errors");
-  const double total = dist.mean(static_cast<double>(bytes)) * dist.world_size();
+  const double total = dist.mean(static_cast<double>(bytes)) * dist.world_size() / g.groups;  // (one copy's)
   if (!dist.is_main()) return "";
+  detail::write_file_atomic(marker.string(), identity + "\n");
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::string out;
   if (total > 0)
     out = fmt::format(
-        "data: {} of shards match the checksums llm-data recorded ({:.2f} s; data.verify: {}, {})\n",
-        total >= 1e9 ? fmt::format("{:.2f} GB", total / 1e9) : fmt::format("{:.2f} MB", total / 1e6), seconds, mode,
-        mode == "shared" ? fmt::format("{} ranks", dist.world_size()) : fmt::format("{} rank(s) a machine", parts));
+        "data: {} of shards match the checksums llm-data recorded{} ({:.2f} s; data.verify: {}, {})\n",
+        total >= 1e9 ? fmt::format("{:.2f} GB", total / 1e9) : fmt::format("{:.2f} MB", total / 1e6),
+        g.groups > 1 ? fmt::format(" in each of {} copies", g.groups) : "", seconds, mode,
+        mode == "shared" ? fmt::format("{} ranks", dist.world_size()) : fmt::format("{} rank(s) a copy", g.size));
   for (const auto& [key, set] : sets)
     if (!set.has_checksums())
       out += fmt::format("note: {} {} records no checksums (made by an older llm-data): not verified\n", key,
@@ -1014,6 +1050,7 @@ std::string verify_shards(const std::vector<std::pair<std::string, ShardSet>>& s
   return out;
 }
 
+// The loop behind pretrain() and finetune(); `base` is the model to start from (fine-tuning) or null.
 double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* base) {
   detail::heartbeat("starting");  // (building, reading and resuming beat as they go)
   const TrainConfig& tc = recipe.train;
@@ -1174,10 +1211,8 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
                  (fs::path(run.ckpt_root) / checkpoint_name(s)).string());
   dist.barrier();
   const int64_t restart = env_int("LIBLLM_RESTART", 0);
-  if (recipe.data.verify != "none" && restart == 0)  // (before the model is built)
-    run.verified_data = verify_shards(shard_sets, recipe.data.verify, dist);
-  else if (recipe.data.verify != "none" && main_rank && !shard_sets.empty())
-    run.verified_data = "data: checked by this job's first attempt (data.verify)\n";
+  if (recipe.data.verify != "none")  // (before the model is built)
+    run.verified_data = verify_shards(shard_sets, recipe.data.verify, tc.run_dir, restart > 0, dist);
   shard_sets.clear();                                                // (their mappings)
   const bool supervised = std::getenv("LIBLLM_RESTART") != nullptr;  // under llm-spike supervise
   std::string resume_from;

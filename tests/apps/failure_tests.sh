@@ -11,8 +11,8 @@
 #   damaged-shard-ranks  the same on 2 Gloo ranks, which divide the files (data.verify node and
 #              shared): the rank that checks the damaged one names it, the other says another rank
 #              found it; both exit at once
-#   interrupted-data  llm-data gets Ctrl-C (SIGINT) while it tokenizes into new folders: it ends
-#              with an error, and leaves nothing behind
+#   interrupted-data  llm-data gets SIGTERM (as Ctrl-C: a script's background job ignores SIGINT)
+#              while it tokenizes into new folders: it ends with an error, and leaves nothing behind
 #   dead-peer  one of 2 Gloo ranks is killed (-9): the other fails with an error within 60 s (no hang)
 #   unshared-run-dir  2 ZeRO-1 Gloo ranks, each in a working directory of its own with a relative
 #              train.run_dir, so that their run folders differ (as on a filesystem that is not shared):
@@ -28,9 +28,8 @@ fail() { echo "FAILED: $*"; for f in "$work"/*.log; do echo "--- $f"; tail -20 "
 # flip FILE: XORs the file's last byte with 1 (a safetensors file's data: its header comes first; a
 # shard's last token, an EOS, becomes another token of the vocabulary)
 # failed_rank PID LOG NAME: waits for PID, which must fail (not exit 0 having gone on, nor 124: hung
-# until its timeout); sets err to the last error line of LOG.
+# until its timeout); sets rc to its exit code and err to the last error line of LOG.
 failed_rank() {
-  local rc
   set +e
   wait "$1"
   rc=$?
@@ -182,9 +181,20 @@ damaged-shard | damaged-shard-ranks)
       --set checkpoint.every=0 --set checkpoint.resume=none --set data.train=["$work/train"] --set data.verify=none \
       > "$work/trust.log" 2>&1 || fail "data.verify=none did not train"
     grep -q "match the checksums" "$work/trust.log" && fail "data.verify=none verified"
-    LIBLLM_RESTART=1 "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/run2" --set train.steps=1 \
-      --set checkpoint.every=0 --set data.train=["$work/train"] > "$work/restart.log" 2>&1 || fail "a restart did not train"
-    grep -q "data: checked by this job's first attempt" "$work/restart.log" || fail "a restart checked again"
+    # A supervisor's restart (LIBLLM_RESTART > 0) does not check again what the job's earlier attempt
+    # checked (the marker in its run folder), and checks what it did not (no marker: killed first).
+    cp -r "$train" "$work/train2"
+    "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/run2" --set train.steps=1 \
+      --set checkpoint.every=0 --set checkpoint.resume=none --set data.train=["$work/train2"] > "$work/first.log" 2>&1 ||
+      fail "the first attempt did not train"
+    flip "$work/train2/shard-00000.idx"  # (not the tokens: the resume's data fingerprint would see those)
+    LIBLLM_RESTART=1 "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/run2" --set train.steps=2 \
+      --set checkpoint.every=0 --set data.train=["$work/train2"] > "$work/restart.log" 2>&1 || fail "a restart did not train"
+    grep -q "data: checked by this job's earlier attempt" "$work/restart.log" || fail "a restart checked again"
+    LIBLLM_RESTART=1 "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/run3" --set train.steps=1 \
+      --set checkpoint.every=0 --set data.train=["$work/train2"] > "$work/restart3.log" 2>&1 &&
+      fail "a restart with no earlier check trained on a damaged shard"
+    grep -q "error: data.train: $work/train2/shard-00000.idx: $damaged" "$work/restart3.log" || fail "restart: no error naming the file"
   else
     flip "$work/valid/shard-00000.bin"
     for how in node shared; do
@@ -217,9 +227,10 @@ interrupted-data)
   pid=$!
   for _ in $(seq 600); do [ -d "$out/train/.llm-data-staging" ] && break; sleep 0.05; done
   [ -d "$out/train/.llm-data-staging" ] || fail "llm-data did not start tokenizing"
-  kill -INT "$pid"
+  kill -TERM "$pid"
   failed_rank "$pid" "$work/data.log" "llm-data"
-  echo "$err" | grep -q "error: interrupted (Interrupt)" || fail "no error line saying it was interrupted"
+  [ "$rc" -eq 143 ] || fail "exit $rc, not 128 + SIGTERM"
+  grep -q "^llm-data: interrupted (Terminated)" "$work/data.log" || fail "no line saying it was interrupted"
   [ ! -e "$work/new" ] || fail "left behind: $(find "$work/new")"
   echo "interrupted-data ok"
   ;;

@@ -473,6 +473,14 @@ TEST_CASE("write_shards: bad inputs and config are errors naming the file or key
   CHECK(fs::is_directory(tmp / "empty"));
   CHECK(fs::is_empty(tmp / "empty"));
   CHECK_FALSE(fs::exists(tmp / "empty-valid"));
+  // A symbolic link on the way, even one to nothing, is the user's: a failed run leaves it.
+  fs::create_symlink(tmp / "nowhere", tmp / "link");
+  cfg.output = tmp / "link";
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("cannot create folder"));
+  cfg.output = tmp / "link/train";
+  CHECK_THAT(error_of([&] { write_shards(cfg, tokenizer()); }), Catch::Contains("cannot create folder"));
+  CHECK(fs::is_symlink(tmp / "link"));
+  CHECK_FALSE(fs::exists(tmp / "empty-valid"));
 }
 
 TEST_CASE("write_shards: never into a folder holding other files: skipped file types are noted", "[data]") {
