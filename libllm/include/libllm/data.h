@@ -170,13 +170,15 @@ struct DataConfig {
   int64_t seed = 1234;
   // Check every shard file of `train` and `valid` against the checksum llm-data recorded, before
   // training: damage since it was written (a disk, a copy to the machines) would otherwise train on
-  // wrong tokens in silence. "node" (default): the ranks of each machine divide the files, so that
-  // every machine reads its copy (or the shared filesystem's) once; "shared": all ranks divide
+  // wrong tokens in silence. "node" (default): the ranks of each machine (and copy: containers
+  // of one host with copies of their own) divide the files, so that every machine reads its copy
+  // (or the shared filesystem's) once; "shared": all ranks divide
   // them, so that the data is read once in all (a filesystem every machine shares: not for copies
   // of the data on each machine, whose damage on the others would go unseen); "none": trust the
   // files (`llm-data verify DIR` checks a set by hand). Hashing runs at about 10 GB/s a rank from
   // the page cache, disk speed otherwise. A supervisor's restart (LIBLLM_RESTART > 0) does not
-  // check again; sets made before libllm recorded checksums are not checked.
+  // check again what the job's earlier attempt checked (the run folder's .data-verified says so);
+  // sets made before libllm recorded checksums are not checked.
   std::string verify = "node";
 
   void fields(Fields& f);
