@@ -96,8 +96,7 @@ static int verify(int argc, char** argv) {
     }
   }
   if (failed > 0)
-    throw Error("llm-data verify",
-                fmt::format("{} of the {} shard sets failed (named above)", failed, args.positional().size()));
+    throw Error("", fmt::format("{} of the {} shard sets failed (named above)", failed, args.positional().size()));
   return 0;
 }
 

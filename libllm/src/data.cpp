@@ -1175,8 +1175,8 @@ ShardSet ShardSet::open(const std::string& dir) {
   if (tokens != info.total_tokens || documents != info.total_documents)
     throw Error(meta_path, "total_tokens/total_documents do not match the shards' sums", kRerun);
   // (all or none: a file without one where the others have theirs would go unchecked)
-  const auto none = [](const std::vector<std::string>& v) { return std::count(v.begin(), v.end(), ""); };
-  const auto missing = none(impl->sums) + none(impl->idx_sums);
+  const auto unrecorded = [](const std::vector<std::string>& v) { return std::count(v.begin(), v.end(), ""); };
+  const auto missing = unrecorded(impl->sums) + unrecorded(impl->idx_sums);
   if (missing > 0 && missing < static_cast<int64_t>(2 * impl->sums.size()))
     throw Error(meta_path, "records checksums for some shard files and not for " + std::to_string(missing), kRerun);
   ShardSet s;
@@ -1184,22 +1184,19 @@ ShardSet ShardSet::open(const std::string& dir) {
   return s;
 }
 
-bool ShardSet::has_checksums() const {
-  for (size_t i = 0; i < impl_->sums.size(); ++i)
-    if (!impl_->sums[i].empty() || !impl_->idx_sums[i].empty()) return true;
-  return false;
+bool ShardSet::has_checksums() const {  // (open() takes all or none)
+  return !impl_->sums.empty() && !impl_->sums.front().empty();
 }
 
 int64_t ShardSet::verify(int64_t part, int64_t parts, int64_t offset) const {
   const Impl& m = *impl_;
   if (parts < 1 || part < 0 || part >= parts || offset < 0)
     throw Error(m.info.dir, "verify: part " + std::to_string(part) + " of " + std::to_string(parts) + " is no part");
-  const char* hint = kDamaged;
-  auto check = [&](const std::string& path, const std::string& stored, const detail::Xxh64& h) {
+  auto check = [](const std::string& path, const std::string& stored, const detail::Xxh64& h) {
     const std::string now = detail::hex16(h.digest());
     if (now != stored)
       throw Error(path, "the data does not match the checksum meta.json recorded (" + stored + ", now " + now + ")",
-                  hint);
+                  kDamaged);
   };
   // In 64 MiB pieces: a heartbeat for each, and the pages leave this process's resident memory.
   constexpr size_t kPiece = size_t{64} << 20;

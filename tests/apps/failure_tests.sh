@@ -171,7 +171,7 @@ damaged-shard | damaged-shard-ranks)
     "$bin/llm-data" verify "$work/train" "$valid" > "$work/verify2.log" 2>&1 && fail "llm-data verify passed a damaged set"
     grep -q "error: $work/train/shard-00000.bin: $damaged" "$work/verify2.log" &&
       grep -q "$valid: 1 shard(s), .*the checksums match" "$work/verify2.log" &&
-      grep -q "error: llm-data verify: 1 of the 2 shard sets failed" "$work/verify2.log" || fail "llm-data verify of two sets"
+      grep -q "error: 1 of the 2 shard sets failed" "$work/verify2.log" || fail "llm-data verify of two sets"
     "$bin/llm-pretrain" "$recipe" "${common[@]}" --set train.run_dir="$work/run" --set train.steps=1 \
       --set checkpoint.every=0 --set checkpoint.resume=none --set data.train=["$work/train"] > "$work/train.log" 2>&1 &&
       fail "trained on a damaged shard"
