@@ -903,17 +903,20 @@ std::vector<ShardSetInfo> write_shard_sets(const DataPrepConfig& cfg, std::vecto
     o.info.bos_id = cfg.bos ? tok.bos_id() : -1;
     o.info.tokenizer_sha256 = sha;
     o.info.tokenizer_path = fs::absolute(tok.path()).lexically_normal().string();
-    // (a symbolic link there, even one to nothing, is the user's: not made here)
-    for (fs::path p = folder_path(o.dir); !p.empty() && !fs::exists(fs::symlink_status(p, ec)); p = p.parent_path()) {
-      o.created = p;
-      if (p == p.parent_path()) break;
-    }
     // One writer a folder: a second llm-data on it would remove the first one's staging folder. The
     // lock's path must still name the file locked: a failing run removes the lock file it made (and
     // its new folder, if empty), and a run that opened them before tries again.
     const std::string lock_path = (fs::path(o.dir) / ".llm-data.lock").string();
     for (int attempt = 1;; ++attempt) {
+      // The folders this run makes, the outermost kept over attempts (a symbolic link there, even
+      // one to nothing, is the user's: not made here).
+      for (fs::path p = folder_path(o.dir); !p.empty() && !fs::exists(fs::symlink_status(p, ec)); p = p.parent_path()) {
+        if (o.created.empty() || std::distance(p.begin(), p.end()) < std::distance(o.created.begin(), o.created.end()))
+          o.created = p;
+        if (p == p.parent_path()) break;
+      }
       fs::create_directories(o.dir, ec);
+      if (ec == std::errc::no_such_file_or_directory && attempt < 100) continue;  // (a failing run removed a parent)
       if (ec || !fs::is_directory(o.dir))
         throw Error(key, "cannot create folder " + o.dir + (ec ? ": " + ec.message() : ""));
       // (for writing, as NFS's emulated flock needs; read-only where another user made it, which a

@@ -956,6 +956,7 @@ bool contains(const std::vector<int64_t>& v, int64_t x) { return std::find(v.beg
 // groups of their own. No launcher's variables are needed. Collective.
 struct CopyGroup {
   int64_t index = 0, size = 1, groups = 1;
+  std::string layout;  // every rank's group, in rank order (for the marker: another machine or copy differs)
 };
 CopyGroup copy_group(const std::vector<std::pair<std::string, ShardSet>>& sets, Distributed& dist) {
   char host[256] = {};
@@ -979,13 +980,15 @@ CopyGroup copy_group(const std::vector<std::pair<std::string, ShardSet>>& sets, 
   g.index = std::count(ids.begin(), ids.begin() + dist.rank(), mine);
   g.size = std::count(ids.begin(), ids.end(), mine);
   g.groups = static_cast<int64_t>(std::set<int64_t>(ids.begin(), ids.end()).size());
+  for (int64_t id : ids) g.layout += std::to_string(id) + " ";
   return g;
 }
 
-// What data.verify checked: the mode and each set's folder and meta.json (its checksums), for the
-// marker a supervisor's restart compares with.
-std::string verified_identity(const std::vector<std::pair<std::string, ShardSet>>& sets, const std::string& mode) {
-  std::string text = mode;
+// What data.verify checked: the mode, the ranks' machines and copies, and each set's folder and
+// meta.json (its checksums), for the marker a supervisor's restart compares with.
+std::string verified_identity(const std::vector<std::pair<std::string, ShardSet>>& sets, const std::string& mode,
+                              const std::string& layout) {
+  std::string text = mode + "\n" + layout;
   for (const auto& [key, set] : sets) {
     std::error_code ec;
     text += "\n" + fs::weakly_canonical(set.info().dir, ec).string() + "\n";
@@ -999,13 +1002,14 @@ std::string verified_identity(const std::vector<std::pair<std::string, ShardSet>
 // a copy to the machines, would train on wrong tokens in silence), the files divided over the ranks
 // that read one copy ("node") or over all ranks ("shared"); a damaged file stops every rank. A
 // supervisor's restart skips it where the marker in the run folder says the job's earlier attempt
-// checked these sets (an attempt killed while checking left none). Returns the lines to print on
-// rank 0 ("" elsewhere).
+// checked these sets on these machines and copies (a first attempt removes an earlier job's marker,
+// and one killed while checking left none). Returns the lines to print on rank 0 ("" elsewhere).
 std::string verify_shards(const std::vector<std::pair<std::string, ShardSet>>& sets, const std::string& mode,
                           const std::string& run_dir, bool restart, Distributed& dist) {
   if (sets.empty()) return "";
   const fs::path marker = fs::path(run_dir) / ".data-verified";
-  const std::string identity = dist.is_main() ? verified_identity(sets, mode) : "";
+  const CopyGroup copies = copy_group(sets, dist);
+  const std::string identity = dist.is_main() ? verified_identity(sets, mode, copies.layout) : "";
   if (restart) {
     std::string was;
     if (dist.is_main()) std::getline(std::ifstream(marker), was);
@@ -1013,7 +1017,7 @@ std::string verify_shards(const std::vector<std::pair<std::string, ShardSet>>& s
       return dist.is_main() ? "data: checked by this job's earlier attempt (data.verify)\n" : "";
   }
   const auto start = std::chrono::steady_clock::now();
-  const CopyGroup g = mode == "shared" ? CopyGroup{dist.rank(), dist.world_size(), 1} : copy_group(sets, dist);
+  const CopyGroup g = mode == "shared" ? CopyGroup{dist.rank(), dist.world_size(), 1, ""} : copies;
   int64_t bytes = 0;
   const int64_t failures = dist.run_agreed(
       [&] {
@@ -1210,7 +1214,12 @@ double run_training(const Recipe& recipe, const TrainHooks& hooks, Pretrained* b
       fmt::print("note: restored {} (its re-save was interrupted)\n",
                  (fs::path(run.ckpt_root) / checkpoint_name(s)).string());
   dist.barrier();
-  const int64_t restart = env_int("LIBLLM_RESTART", 0);
+  // (rank 0's: ranks of a replaced machine, or under a supervisor each, could disagree)
+  const int64_t restart = dist.from_main(env_int("LIBLLM_RESTART", 0));
+  if (restart == 0 && main_rank) {  // (a marker of an earlier job in this folder vouches for nothing now)
+    std::error_code ec;
+    fs::remove(fs::path(tc.run_dir) / ".data-verified", ec);
+  }
   if (recipe.data.verify != "none")  // (before the model is built)
     run.verified_data = verify_shards(shard_sets, recipe.data.verify, tc.run_dir, restart > 0, dist);
   shard_sets.clear();                                                // (their mappings)
