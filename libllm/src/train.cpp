@@ -27,6 +27,7 @@
 #include <tuple>
 
 #include "atomic_file.h"
+#include "xxh64.h"
 #include "heartbeat.h"
 #include "jsonl.h"
 #include "libllm/chat.h"
@@ -969,9 +970,7 @@ CopyGroup copy_group(const std::vector<std::pair<std::string, ShardSet>>& sets, 
     ::stat((fs::path(set.info().dir) / "meta.json").c_str(), &st);
     id += fmt::format("\n{} {}", static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino));
   }
-  uint64_t h = 1469598103934665603ull;  // FNV-1a
-  for (unsigned char c : id) h = (h ^ c) * 1099511628211ull;
-  const int64_t mine = static_cast<int64_t>(h >> 1);
+  const int64_t mine = static_cast<int64_t>(detail::Xxh64().update(id.data(), id.size()).digest() >> 1);
   auto all = torch::zeros({dist.world_size()}, torch::kInt64);
   all[dist.rank()] = mine;
   dist.sum(all);  // (each rank fills its own slot)
